@@ -1,0 +1,393 @@
+//! JSON bodies of the coordinator's HTTP API (`/v1/*`), shared with the `swarm` CLI.
+//!
+//! Payloads and outputs are bytes. In JSON they appear as `payload`/`output` when they
+//! are valid UTF-8 and as `payload_base64`/`output_base64` otherwise. On submit, a JSON
+//! string `payload` is delivered as its UTF-8 text; any other JSON value is delivered as
+//! its compact serialization.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::TaskId;
+
+/// `POST /v1/tasks` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitTask {
+    /// Name of the agent to run (`echo`, `sleep`, or one from the worker's agents file).
+    pub agent: String,
+    /// The task's input as JSON (a string is delivered as its text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+    /// The task's input as base64 bytes; exclusive with `payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// Higher runs first. Default 0.
+    #[serde(default)]
+    pub priority: i32,
+    /// Per-attempt timeout. Default: the coordinator's `--default-timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Attempts before the task is given up. Default: the coordinator's `--default-max-attempts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Submitting twice with the same key yields one task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Labels a worker must carry to run this task.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SubmitTask {
+    /// The payload bytes the agent will receive.
+    pub fn payload_bytes(&self) -> Result<Vec<u8>, String> {
+        match (&self.payload, &self.payload_base64) {
+            (Some(_), Some(_)) => Err("give either `payload` or `payload_base64`, not both".into()),
+            (None, None) => Ok(Vec::new()),
+            (Some(serde_json::Value::String(s)), None) => Ok(s.clone().into_bytes()),
+            (Some(v), None) => Ok(v.to_string().into_bytes()),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| format!("`payload_base64` is not valid base64: {e}")),
+        }
+    }
+}
+
+/// `POST /v1/tasks/batch` body: up to the server's batch limit of tasks, committed together.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBatch {
+    pub tasks: Vec<SubmitTask>,
+}
+
+/// Reply to a submit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub id: TaskId,
+    /// True when an earlier task with the same idempotency key was returned instead.
+    pub duplicate: bool,
+    /// The task, when the submit asked to wait for it (`?wait=…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
+}
+
+/// Reply to a batch submit, in request order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitBatchResponse {
+    pub tasks: Vec<SubmitResponse>,
+}
+
+/// Lifecycle of a task. `succeeded`, `failed`, `cancelled` and `dead_lettered` are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Succeeded,
+    /// The agent failed on its last allowed attempt, or failed in a way no retry can fix.
+    Failed,
+    Cancelled,
+    /// Every allowed attempt was lost to infrastructure (worker lost, lease expired).
+    DeadLettered,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Cancelled,
+        TaskState::DeadLettered,
+    ];
+
+    /// True for states a task never leaves.
+    pub fn is_final(self) -> bool {
+        !matches!(self, TaskState::Queued | TaskState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::DeadLettered => "dead_lettered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// One attempt as recorded in the replicated state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub worker: String,
+    pub started_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    /// `succeeded`, `failed`, `lost`, `cancelled`; absent while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: TaskId,
+    pub agent: String,
+    pub state: TaskState,
+    pub priority: i32,
+    pub timeout_ms: u64,
+    pub max_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub payload: BytesView<PayloadField>,
+    pub attempts: Vec<AttemptView>,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<BytesView<OutputField>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+}
+
+/// Names of the two JSON fields a byte string is shown under.
+pub trait BytesFieldNames {
+    const TEXT: &'static str;
+    const BASE64: &'static str;
+}
+
+/// Field names for a task's input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PayloadField;
+impl BytesFieldNames for PayloadField {
+    const TEXT: &'static str = "payload";
+    const BASE64: &'static str = "payload_base64";
+}
+
+/// Field names for a task's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputField;
+impl BytesFieldNames for OutputField {
+    const TEXT: &'static str = "output";
+    const BASE64: &'static str = "output_base64";
+}
+
+/// Bytes shown as text when they are UTF-8 and as base64 otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BytesView<F> {
+    pub bytes: Vec<u8>,
+    _names: std::marker::PhantomData<F>,
+}
+
+impl<F> BytesView<F> {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        BytesView { bytes, _names: std::marker::PhantomData }
+    }
+
+    /// The bytes as text, if they are UTF-8.
+    pub fn as_text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.bytes).ok()
+    }
+}
+
+impl<F: BytesFieldNames> Serialize for BytesView<F> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1))?;
+        match std::str::from_utf8(&self.bytes) {
+            Ok(text) => m.serialize_entry(F::TEXT, text)?,
+            Err(_) => m.serialize_entry(
+                F::BASE64,
+                &base64::engine::general_purpose::STANDARD.encode(&self.bytes),
+            )?,
+        }
+        m.end()
+    }
+}
+
+impl<'de, F: BytesFieldNames> Deserialize<'de> for BytesView<F> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let map = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        if let Some(serde_json::Value::String(text)) = map.get(F::TEXT) {
+            return Ok(BytesView::new(text.clone().into_bytes()));
+        }
+        if let Some(serde_json::Value::String(b)) = map.get(F::BASE64) {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(D::Error::custom)?;
+            return Ok(BytesView::new(bytes));
+        }
+        Err(D::Error::custom(format!("missing `{}` or `{}`", F::TEXT, F::BASE64)))
+    }
+}
+
+/// `GET /v1/tasks` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskList {
+    pub tasks: Vec<TaskView>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<TaskId>,
+}
+
+/// A connected worker as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub id: String,
+    pub addr: String,
+    pub slots: u32,
+    pub running: u32,
+    pub labels: BTreeMap<String, String>,
+    pub agents: Vec<String>,
+    pub connected_at_ms: u64,
+    pub last_heartbeat_ms: u64,
+    /// Whether this connection began with accepted 0-RTT early data.
+    pub zero_rtt: bool,
+}
+
+/// `GET /v1/workers` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerView>,
+}
+
+/// One coordinator as seen by the node answering.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_addr: String,
+    /// `leader`, `follower`, `candidate`, `learner` or `unknown`.
+    pub role: String,
+    pub voter: bool,
+    /// Highest log index known replicated to this node (leader's view), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_index: Option<u64>,
+}
+
+/// Raft state of the answering node and its view of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub node_id: u64,
+    pub role: String,
+    pub term: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_log_index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_index: Option<u64>,
+    pub nodes: Vec<NodeView>,
+}
+
+/// Task counts by state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueCounts {
+    pub queued: u64,
+    pub running: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub dead_lettered: u64,
+}
+
+/// Recent throughput measured by the answering node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    /// Tasks that reached a final state in the last 60 s.
+    pub finished_last_minute: u64,
+    /// `finished_last_minute / 60`.
+    pub per_second: f64,
+}
+
+/// `GET /v1/status` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub cluster: ClusterView,
+    pub workers: Vec<WorkerView>,
+    pub queue: QueueCounts,
+    pub queue_limit: u64,
+    pub throughput: Throughput,
+}
+
+/// Every error reply: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// A stable machine-readable `code` and a human-readable `message`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    /// Where the leader's API is, for `not_leader` errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_api: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_string_is_delivered_as_text_and_objects_as_json() {
+        let mut t = SubmitTask { agent: "echo".into(), ..Default::default() };
+        t.payload = Some(serde_json::json!("hi"));
+        assert_eq!(t.payload_bytes().unwrap(), b"hi");
+        t.payload = Some(serde_json::json!({"a": 1}));
+        assert_eq!(t.payload_bytes().unwrap(), br#"{"a":1}"#);
+        t.payload_base64 = Some("aGk=".into());
+        assert!(t.payload_bytes().is_err());
+        t.payload = None;
+        assert_eq!(t.payload_bytes().unwrap(), b"hi");
+        t.payload_base64 = Some("***".into());
+        assert!(t.payload_bytes().unwrap_err().contains("base64"));
+    }
+
+    #[test]
+    fn unknown_submit_fields_are_rejected() {
+        let err = serde_json::from_str::<SubmitTask>(r#"{"agent":"echo","priorty":3}"#).unwrap_err();
+        assert!(err.to_string().contains("priorty"));
+    }
+
+    #[test]
+    fn bytes_view_round_trips_text_and_binary() {
+        let text: BytesView<OutputField> = BytesView::new(b"hello".to_vec());
+        let j = serde_json::to_value(&text).unwrap();
+        assert_eq!(j, serde_json::json!({"output": "hello"}));
+        let bin: BytesView<OutputField> = BytesView::new(vec![0xff, 0x00]);
+        let j = serde_json::to_value(&bin).unwrap();
+        assert_eq!(j, serde_json::json!({"output_base64": "/wA="}));
+        let back: BytesView<OutputField> = serde_json::from_value(j).unwrap();
+        assert_eq!(back.bytes, vec![0xff, 0x00]);
+    }
+
+    #[test]
+    fn task_state_names_round_trip() {
+        for st in TaskState::ALL {
+            assert_eq!(TaskState::parse(st.as_str()), Some(st));
+            let j = serde_json::to_string(&st).unwrap();
+            assert_eq!(j, format!("\"{}\"", st.as_str()));
+        }
+        assert_eq!(TaskState::parse("nope"), None);
+    }
+}

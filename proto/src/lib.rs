@@ -1,0 +1,23 @@
+//! Wire types: every message that crosses a process boundary between a worker, a
+//! coordinator and an operator's client lives here, and nothing else does.
+//!
+//! * [`worker`]: the QUIC protocol between a worker and the coordinator (bincode frames).
+//! * [`api`]: the JSON bodies of the HTTP API, shared by the server and the `swarm` CLI.
+//!
+//! The protocol is versioned explicitly by [`PROTOCOL_VERSION`], carried in the worker's
+//! `Hello`, and by the ALPN strings below; a peer speaking another version is refused
+//! with a message that names both versions.
+
+pub mod api;
+pub mod worker;
+
+/// Version of the worker ⇄ coordinator protocol. Bump on any incompatible change to [`worker`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN for worker ⇄ coordinator connections.
+pub const ALPN_WORKER: &[u8] = b"swarm-worker/1";
+/// ALPN for coordinator ⇄ coordinator Raft RPC connections.
+pub const ALPN_RAFT: &[u8] = b"swarm-raft/1";
+
+/// Task identifiers are assigned by the replicated state machine, in commit order.
+pub type TaskId = u64;

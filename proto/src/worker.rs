@@ -1,0 +1,134 @@
+//! Worker ⇄ coordinator messages, carried as length-delimited bincode frames on one
+//! bidirectional QUIC stream per worker connection.
+//!
+//! Only [`WorkerMsg::Hello`] and [`WorkerMsg::Heartbeat`] may be sent as 0-RTT early
+//! data: both are idempotent (replaying them changes nothing the coordinator would not
+//! also do for the original). Everything else waits for the handshake to complete.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::TaskId;
+
+/// One execution attempt of one task. Attempts are numbered from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AttemptRef {
+    pub task_id: TaskId,
+    pub attempt: u32,
+}
+
+/// First message of every worker connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The worker's [`crate::PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// Stable name of the worker (survives reconnects).
+    pub worker_id: String,
+    /// How many tasks the worker runs at once.
+    pub slots: u32,
+    /// Labels a task may require (`k=v`).
+    pub labels: BTreeMap<String, String>,
+    /// Agents this worker can run.
+    pub agents: Vec<String>,
+    /// Attempts still running on this worker (non-empty after a reconnect).
+    pub running: Vec<AttemptRef>,
+}
+
+/// Messages a worker sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerMsg {
+    Hello(Hello),
+    /// Liveness, and the attempts the worker is running right now.
+    Heartbeat { running: Vec<AttemptRef> },
+    /// An attempt ended. Re-sent after a reconnect until the coordinator acks it.
+    Finished(TaskReport),
+}
+
+/// The end of one attempt, as observed by the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub attempt: AttemptRef,
+    pub outcome: Outcome,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The agent succeeded; `output` is its result (stdout for `exec` agents).
+    Succeeded { output: Vec<u8> },
+    /// The agent failed; `message` is human-readable (stderr tail for `exec` agents).
+    Failed { kind: FailureKind, message: String },
+}
+
+/// Why an attempt failed. [`FailureKind::retryable`] decides whether another attempt is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The process exited with a non-zero status or was killed by a signal.
+    Exit,
+    /// The attempt ran past its timeout and was killed.
+    Timeout,
+    /// The attempt was cancelled on request.
+    Cancelled,
+    /// The worker has no agent of that name.
+    UnknownAgent,
+    /// The agent could not be started (missing binary, bad working dir, …).
+    Spawn,
+    /// The result exceeded the coordinator's result size limit.
+    OutputTooLarge,
+    /// The agent rejected its input (a built-in's payload did not parse).
+    BadPayload,
+}
+
+impl FailureKind {
+    /// Whether running the same task again could plausibly succeed.
+    pub fn retryable(self) -> bool {
+        matches!(self, FailureKind::Exit | FailureKind::Timeout | FailureKind::Spawn)
+    }
+
+    /// Stable lower-case name used in the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Exit => "exit",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Cancelled => "cancelled",
+            FailureKind::UnknownAgent => "unknown_agent",
+            FailureKind::Spawn => "spawn",
+            FailureKind::OutputTooLarge => "output_too_large",
+            FailureKind::BadPayload => "bad_payload",
+        }
+    }
+}
+
+/// Messages the coordinator sends to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMsg {
+    /// Reply to an accepted [`Hello`].
+    Welcome {
+        protocol: u32,
+        /// How often the worker must send a heartbeat.
+        heartbeat_interval_ms: u64,
+        /// Largest task output the coordinator will store.
+        max_output_bytes: u64,
+    },
+    /// The coordinator refuses this worker; the connection closes after it.
+    Rejected { code: String, message: String },
+    /// Start an attempt.
+    Run(TaskAssignment),
+    /// Stop an attempt (kill its process group).
+    Cancel(AttemptRef),
+    /// The attempt's report is committed: the worker may forget it.
+    Ack(AttemptRef),
+}
+
+/// Everything a worker needs to run one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskAssignment {
+    pub attempt: AttemptRef,
+    pub agent: String,
+    pub payload: Vec<u8>,
+    pub timeout_ms: u64,
+    pub idempotency_key: Option<String>,
+}
