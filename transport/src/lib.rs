@@ -1,0 +1,86 @@
+//! Mutual-TLS QUIC transport for swarm.
+//!
+//! The crate is message-agnostic: it moves any `serde` type between two authenticated
+//! peers and knows nothing about what the messages mean. It is layered bottom-up:
+//!
+//! * [`tls`]: the cluster PKI. [`tls::init_certs`] writes a cluster CA plus a
+//!   coordinator and a worker certificate; [`tls::Identity`] loads one of them; and
+//!   [`tls::server_config`] / [`tls::client_config`] turn an identity into quinn configs
+//!   that *require* a certificate from the cluster CA on both sides, speak TLS 1.3 only
+//!   and allow 0-RTT resumption. The peer's [`Role`] is carried in its certificate subject
+//!   and read back with [`tls::peer_role`].
+//! * [`endpoint`]: binding endpoints, dialing with 0-RTT ([`endpoint::dial`],
+//!   [`endpoint::open_session`]) and accepting connections ([`endpoint::accept`]).
+//! * [`frame`]: length-delimited frames (4-byte big-endian length + payload) on quinn
+//!   streams ([`FrameWriter`], [`FrameReader`]).
+//! * [`codec`]: the binary encoding of a frame's payload. It is the only module that
+//!   knows which encoding is used.
+//!
+//! Errors from the connection-level layers are reported as [`TransportError`]; errors on
+//! a single stream as [`FrameError`].
+
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod endpoint;
+pub mod frame;
+pub mod tls;
+
+pub use codec::CodecError;
+pub use endpoint::{
+    accept, accept_stream, client_endpoint, dial, open_session, server_endpoint, Accepted, Dialed,
+    Handshake, Session,
+};
+pub use frame::{FrameError, FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
+pub use tls::{
+    client_config, init_certs, peer_role, require_role, server_config, CertFiles, Identity, Role,
+};
+
+/// A failure to establish, authenticate or use a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The connection could not even be started (bad server name, endpoint stopping, ...).
+    #[error("cannot start connection: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed (includes TLS handshake failures, which quinn
+    /// reports as connection errors carrying the TLS alert).
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A stream failed or carried an invalid frame.
+    #[error("stream: {0}")]
+    Frame(FrameError),
+    /// The peer's certificate is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The peer authenticated with a certificate of the wrong role.
+    #[error("peer has role {got}, expected {expected}")]
+    WrongRole {
+        /// The role the caller required.
+        expected: Role,
+        /// The role in the peer's certificate.
+        got: Role,
+    },
+    /// Data sent as 0-RTT early data was rejected by the server and must be resent.
+    #[error("0-RTT data was rejected by the server")]
+    ZeroRttRejected,
+}
+
+impl From<FrameError> for TransportError {
+    /// Lifts 0-RTT rejection to its own variant so callers can match on it without
+    /// digging through stream errors.
+    fn from(e: FrameError) -> Self {
+        if e.is_zero_rtt_rejected() {
+            TransportError::ZeroRttRejected
+        } else {
+            TransportError::Frame(e)
+        }
+    }
+}
+
+impl TransportError {
+    /// Whether the error is the peer misbehaving on a stream (oversize, malformed or
+    /// truncated frame) rather than a network or local failure.
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, TransportError::Frame(e) if e.is_malformed())
+    }
+}
