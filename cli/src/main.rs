@@ -1,0 +1,716 @@
+//! `swarm`: run coordinators and workers, submit tasks, inspect a cluster.
+//!
+//! Flags can also come from `SWARM_*` environment variables and from a TOML file given
+//! by `--config` (see `config.rs`). Exit codes: 0 success, 1 error, 2 usage error (clap),
+//! 3 a waited-for task ended in a state other than succeeded, 4 a wait timed out.
+
+mod client;
+mod config;
+mod status;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use swarm_coordinator::api::parse_duration;
+use swarm_coordinator::raft::types::NodeAddr;
+use swarm_coordinator::scheduler::SchedulerConfig;
+use swarm_coordinator::{CoordinatorConfig, Limits, TaskDefaults};
+use swarm_proto::api::{SubmitTask, TaskState, TaskView};
+
+#[derive(Parser)]
+#[command(name = "swarm", version, about = "Run fleets of agents: a Raft-replicated coordinator dispatching tasks over QUIC")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "SWARM_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
+    /// TOML file of flag values (keys are long flag names).
+    #[arg(long, global = true, env = "SWARM_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a local swarm: one coordinator and N workers in this process.
+    Up(UpArgs),
+    /// Run a coordinator node.
+    Coordinator(Box<CoordinatorArgs>),
+    /// Run a worker.
+    Worker(WorkerArgs),
+    /// Manage cluster certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Submit a task.
+    Submit(SubmitArgs),
+    /// Inspect or cancel tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Show the cluster, its workers and its queue.
+    Status(StatusArgs),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write a cluster CA and coordinator and worker certificates.
+    Init {
+        /// Directory to write into.
+        #[arg(long, env = "SWARM_CERTS")]
+        dir: PathBuf,
+        /// Extra DNS names or IPs for the certificates (localhost and loopback are always in).
+        #[arg(long = "san", env = "SWARM_SAN", value_delimiter = ',')]
+        sans: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Where the API is and how to authenticate.
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// Base URL of a coordinator's HTTP API.
+    #[arg(long, env = "SWARM_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// API bearer token.
+    #[arg(long, env = "SWARM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API bearer token (default: ./swarm-data/api-token if present).
+    #[arg(long, env = "SWARM_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn client(&self) -> anyhow::Result<client::Client> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => read_token(f)?,
+            (None, None) => {
+                let default = Path::new("swarm-data/api-token");
+                if default.exists() {
+                    read_token(default)?
+                } else {
+                    bail!("no API token: pass --token, --token-file, SWARM_TOKEN or SWARM_TOKEN_FILE");
+                }
+            }
+        };
+        client::Client::new(&self.api, token)
+    }
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path).with_context(|| format!("read token file {}", path.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(t)
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Number of local workers.
+    #[arg(long, env = "SWARM_WORKERS", default_value_t = 2)]
+    workers: u32,
+    /// Slots per local worker.
+    #[arg(long, env = "SWARM_SLOTS", default_value_t = 4)]
+    slots: u32,
+    /// Where certificates, the API token and the Raft data go.
+    #[arg(long, env = "SWARM_DATA_DIR", default_value = "swarm-data")]
+    data_dir: PathBuf,
+    /// HTTP API address.
+    #[arg(long, env = "SWARM_API_LISTEN", default_value = "127.0.0.1:8080")]
+    api_listen: SocketAddr,
+    /// QUIC address.
+    #[arg(long, env = "SWARM_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Agents file for the local workers.
+    #[arg(long, env = "SWARM_AGENTS")]
+    agents: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// This node's Raft id (unique, never reused).
+    #[arg(long, env = "SWARM_NODE_ID", default_value_t = 1)]
+    id: u64,
+    /// Raft log and snapshots.
+    #[arg(long, env = "SWARM_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Certificates directory (`swarm certs init`).
+    #[arg(long, env = "SWARM_CERTS")]
+    certs: PathBuf,
+    /// QUIC address for workers and peers.
+    #[arg(long, env = "SWARM_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: SocketAddr,
+    /// host:port peers and workers use to reach --listen (a name in the certificate).
+    #[arg(long, env = "SWARM_ADVERTISE", default_value = "")]
+    advertise: String,
+    /// HTTP API address.
+    #[arg(long, env = "SWARM_API_LISTEN", default_value = "0.0.0.0:8080")]
+    api_listen: SocketAddr,
+    /// host:port clients use to reach the API.
+    #[arg(long, env = "SWARM_API_ADVERTISE", default_value = "")]
+    api_advertise: String,
+    /// API bearer token.
+    #[arg(long, env = "SWARM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API bearer token.
+    #[arg(long, env = "SWARM_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Initialise a new cluster (this node plus --peer nodes) if the data dir is empty.
+    #[arg(long, env = "SWARM_BOOTSTRAP")]
+    bootstrap: bool,
+    /// Another voter for --bootstrap: ID=RAFT_HOST:PORT,API_HOST:PORT (repeatable).
+    #[arg(long = "peer", env = "SWARM_PEERS", value_delimiter = ';')]
+    peers: Vec<String>,
+    /// Unfinished tasks allowed before submits get `queue_full`.
+    #[arg(long, env = "SWARM_QUEUE_LIMIT", default_value_t = 1_000_000)]
+    queue_limit: u64,
+    /// Largest task payload in bytes.
+    #[arg(long, env = "SWARM_MAX_PAYLOAD_BYTES", default_value_t = 1 << 20)]
+    max_payload_bytes: u64,
+    /// Largest stored task output in bytes.
+    #[arg(long, env = "SWARM_MAX_OUTPUT_BYTES", default_value_t = 1 << 20)]
+    max_output_bytes: u64,
+    /// Timeout of tasks that give none.
+    #[arg(long, env = "SWARM_DEFAULT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    default_timeout: Duration,
+    /// Attempts of tasks that give none.
+    #[arg(long, env = "SWARM_DEFAULT_MAX_ATTEMPTS", default_value_t = 3)]
+    default_max_attempts: u32,
+    /// Worker heartbeat interval.
+    #[arg(long, env = "SWARM_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// A worker silent this long is lost, and its tasks are retried.
+    #[arg(long, env = "SWARM_LEASE", default_value = "5s", value_parser = parse_duration)]
+    lease: Duration,
+    /// First retry delay (doubles per attempt).
+    #[arg(long, env = "SWARM_RETRY_BACKOFF", default_value = "200ms", value_parser = parse_duration)]
+    retry_backoff: Duration,
+    /// Longest retry delay.
+    #[arg(long, env = "SWARM_RETRY_BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
+    retry_backoff_max: Duration,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Coordinator QUIC address, HOST:PORT.
+    #[arg(long, env = "SWARM_COORDINATOR")]
+    coordinator: String,
+    /// Certificates directory (needs ca.pem, worker.pem, worker-key.pem).
+    #[arg(long, env = "SWARM_CERTS")]
+    certs: PathBuf,
+    /// Tasks run at once.
+    #[arg(long, env = "SWARM_SLOTS", default_value_t = 4)]
+    slots: u32,
+    /// Labels, k=v (comma-separated or repeated).
+    #[arg(long = "labels", env = "SWARM_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Agents file (TOML).
+    #[arg(long, env = "SWARM_AGENTS")]
+    agents: Option<PathBuf>,
+    /// Worker name, stable across restarts (default: hostname-pid).
+    #[arg(long = "id", env = "SWARM_WORKER_ID")]
+    id: Option<String>,
+    /// Name to verify in the coordinator's certificate (default: the host of --coordinator).
+    #[arg(long, env = "SWARM_SERVER_NAME")]
+    server_name: Option<String>,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Agent to run.
+    #[arg(long)]
+    agent: String,
+    /// Payload: JSON if it parses as JSON, else text.
+    #[arg(long, conflicts_with = "payload_file")]
+    payload: Option<String>,
+    /// Read the payload bytes from a file (`-` for stdin).
+    #[arg(long)]
+    payload_file: Option<PathBuf>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Per-attempt timeout (e.g. 30s).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Attempts before giving up.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Submitting twice with the same key yields one task.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Required worker label k=v (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Wait for the result (optionally how long, default 60s).
+    #[arg(long, num_args = 0..=1, default_missing_value = "60s")]
+    wait: Option<String>,
+    /// Print the whole JSON response.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// Show one task.
+    Get {
+        #[command(flatten)]
+        api: ApiArgs,
+        id: u64,
+        /// Wait until the task is final (e.g. 30s).
+        #[arg(long)]
+        wait: Option<String>,
+    },
+    /// List tasks.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only tasks in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Most tasks to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Show tasks with an id greater than this.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Cancel a task (stops it on its worker if running).
+    Cancel {
+        #[command(flatten)]
+        api: ApiArgs,
+        id: u64,
+    },
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Refresh every N seconds until interrupted.
+    #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_cli() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parse the command line, filling unset flags from the config file first.
+fn parse_cli() -> anyhow::Result<Cli> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let config_path = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .or_else(|| {
+            args.iter()
+                .filter_map(|a| a.to_str())
+                .find_map(|a| a.strip_prefix("--config=").map(PathBuf::from))
+        })
+        .or_else(|| std::env::var_os("SWARM_CONFIG").map(PathBuf::from));
+    let cmd = Cli::command();
+    if let Some(path) = config_path {
+        config::apply_config_file(&path, &config::known_env_vars(&cmd))?;
+    }
+    let matches = cmd.get_matches_from(args);
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SWARM_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Up(a) => up(a).await,
+        Cmd::Coordinator(a) => coordinator(*a).await,
+        Cmd::Worker(a) => worker(a).await,
+        Cmd::Certs(CertsCmd::Init { dir, sans, force }) => {
+            let files = swarm_transport::init_certs(&dir, &sans, force)?;
+            println!("wrote cluster CA and certificates to {}", files.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Submit(a) => submit(a).await,
+        Cmd::Task(t) => task(t).await,
+        Cmd::Status(a) => status_cmd(a).await,
+    }
+}
+
+fn parse_labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in items.iter().filter(|s| !s.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            bail!("label {item:?} must be key=value");
+        };
+        if k.is_empty() {
+            bail!("label {item:?} has an empty key");
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn parse_peer(s: &str) -> anyhow::Result<(u64, NodeAddr)> {
+    let err = || format!("--peer {s:?} must be ID=RAFT_HOST:PORT,API_HOST:PORT");
+    let (id, addrs) = s.split_once('=').with_context(err)?;
+    let (raft, api) = addrs.split_once(',').with_context(err)?;
+    let id: u64 = id.trim().parse().with_context(err)?;
+    Ok((id, NodeAddr { raft_addr: raft.trim().into(), api_addr: api.trim().into() }))
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+/// Generate a random API token file if missing; return the token.
+fn ensure_token(path: &Path) -> anyhow::Result<String> {
+    if path.exists() {
+        return read_token(path);
+    }
+    use rand::RngCore;
+    let mut bytes = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(path, token.as_bytes())?;
+    Ok(token)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
+    if a.workers == 0 || a.slots == 0 {
+        bail!("--workers and --slots must be at least 1");
+    }
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("create {}", a.data_dir.display()))?;
+    let certs = a.data_dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        swarm_transport::init_certs(&certs, &[], false)?;
+    }
+    let token_file = a.data_dir.join("api-token");
+    let token = ensure_token(&token_file)?;
+    let cfg = CoordinatorConfig {
+        node_id: 1,
+        data_dir: a.data_dir.join("coordinator"),
+        certs_dir: certs.clone(),
+        listen: a.listen,
+        advertise: format!("127.0.0.1:{}", a.listen.port()),
+        api_listen: a.api_listen,
+        api_advertise: String::new(),
+        api_token: token,
+        bootstrap: true,
+        peers: Vec::new(),
+        limits: Limits::default(),
+        defaults: TaskDefaults::default(),
+        heartbeat_interval_ms: 1000,
+        scheduler: SchedulerConfig::default(),
+    };
+    let coord = swarm_coordinator::start(cfg).await?;
+    let quic = coord.quic_addr;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for i in 1..=a.workers {
+        let wcfg = swarm_worker::WorkerConfig {
+            coordinator: format!("127.0.0.1:{}", quic.port()),
+            server_name: Some("localhost".into()),
+            certs_dir: certs.clone(),
+            worker_id: format!("local-{i}"),
+            slots: a.slots,
+            labels: BTreeMap::new(),
+            agents_file: a.agents.clone(),
+        };
+        let mut rx = stop_rx.clone();
+        workers.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.changed().await;
+            };
+            if let Err(e) = swarm_worker::run_worker(wcfg, stop).await {
+                eprintln!("worker local-{i}: {e:#}");
+            }
+        }));
+    }
+    let api = format!("http://{}", coord.api_addr);
+    println!("swarm is up: 1 coordinator, {} workers with {} slots each", a.workers, a.slots);
+    println!("  API      {api}   (token in {})", token_file.display());
+    println!("  QUIC     {quic}");
+    println!("  metrics  {api}/metrics");
+    println!();
+    println!("try, from this directory:");
+    println!("  swarm status");
+    println!("  swarm submit --agent echo --payload '{{\"hello\":\"swarm\"}}' --wait");
+    println!("  curl -H \"Authorization: Bearer $(cat {})\" {api}/v1/status", token_file.display());
+    println!("stop with Ctrl-C");
+    shutdown_signal().await;
+    println!("stopping");
+    let _ = stop_tx.send(true);
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+    }
+    coord.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    let token = match (a.token, &a.token_file) {
+        (Some(t), _) if !t.is_empty() => t,
+        (_, Some(f)) => read_token(f)?,
+        _ => bail!("the coordinator needs an API token: --token, --token-file, SWARM_TOKEN or SWARM_TOKEN_FILE"),
+    };
+    let peers = a.peers.iter().filter(|p| !p.is_empty()).map(|p| parse_peer(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    if peers.iter().any(|(id, _)| *id == a.id) {
+        bail!("--peer lists this node's own id {}", a.id);
+    }
+    if a.default_max_attempts == 0 {
+        bail!("--default-max-attempts must be at least 1");
+    }
+    if a.heartbeat_interval.is_zero() || a.lease <= a.heartbeat_interval {
+        bail!("--lease must be longer than --heartbeat-interval (and both non-zero)");
+    }
+    let cfg = CoordinatorConfig {
+        node_id: a.id,
+        data_dir: a.data_dir,
+        certs_dir: a.certs,
+        listen: a.listen,
+        advertise: a.advertise,
+        api_listen: a.api_listen,
+        api_advertise: a.api_advertise,
+        api_token: token,
+        bootstrap: a.bootstrap,
+        peers,
+        limits: Limits {
+            queue_limit: a.queue_limit,
+            max_payload_bytes: a.max_payload_bytes,
+            max_output_bytes: a.max_output_bytes,
+            ..Limits::default()
+        },
+        defaults: TaskDefaults { timeout_ms: ms(a.default_timeout), max_attempts: a.default_max_attempts },
+        heartbeat_interval_ms: ms(a.heartbeat_interval),
+        scheduler: SchedulerConfig {
+            lease_ms: ms(a.lease),
+            backoff_base_ms: ms(a.retry_backoff),
+            backoff_max_ms: ms(a.retry_backoff_max),
+        },
+    };
+    let handle = swarm_coordinator::start(cfg).await?;
+    println!("coordinator {} serving API on {} and QUIC on {}", a.id, handle.api_addr, handle.quic_addr);
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let id = a.id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let host = if host.is_empty() { "worker".to_string() } else { host };
+        format!("{host}-{}", std::process::id())
+    });
+    if a.slots == 0 {
+        bail!("--slots must be at least 1");
+    }
+    let cfg = swarm_worker::WorkerConfig {
+        coordinator: a.coordinator,
+        server_name: a.server_name,
+        certs_dir: a.certs,
+        worker_id: id,
+        slots: a.slots,
+        labels: parse_labels(&a.labels)?,
+        agents_file: a.agents,
+    };
+    swarm_worker::run_worker(cfg, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let client = a.api.client()?;
+    let mut task = SubmitTask {
+        agent: a.agent,
+        priority: a.priority,
+        timeout_ms: a.timeout.map(ms),
+        max_attempts: a.max_attempts,
+        idempotency_key: a.idempotency_key,
+        labels: parse_labels(&a.labels)?,
+        ..Default::default()
+    };
+    if let Some(p) = a.payload {
+        task.payload = Some(serde_json::from_str(&p).unwrap_or(serde_json::Value::String(p)));
+    } else if let Some(f) = a.payload_file {
+        use base64::Engine as _;
+        let bytes = if f.as_os_str() == "-" {
+            use std::io::Read;
+            let mut b = Vec::new();
+            std::io::stdin().read_to_end(&mut b).context("read payload from stdin")?;
+            b
+        } else {
+            std::fs::read(&f).with_context(|| format!("read payload file {}", f.display()))?
+        };
+        task.payload_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    let resp = client.submit(&task, a.wait.as_deref()).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+    }
+    let Some(view) = resp.task else {
+        if !a.json {
+            println!("{}{}", resp.id, if resp.duplicate { " (existing task with this idempotency key)" } else { "" });
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !a.json {
+        print_result(&view);
+    }
+    Ok(exit_for(&view))
+}
+
+fn print_result(t: &TaskView) {
+    match t.state {
+        TaskState::Succeeded => {
+            if let Some(o) = &t.output {
+                match o.as_text() {
+                    Some(text) => println!("{text}"),
+                    None => println!("({} bytes of binary output; use --json)", o.bytes.len()),
+                }
+            }
+        }
+        st if st.is_final() => {
+            eprintln!("task {} {}: {}", t.id, st.as_str(), t.error.as_deref().unwrap_or("no error recorded"));
+        }
+        st => eprintln!("task {} still {} when the wait ended", t.id, st.as_str()),
+    }
+}
+
+fn exit_for(t: &TaskView) -> ExitCode {
+    match t.state {
+        TaskState::Succeeded => ExitCode::SUCCESS,
+        st if st.is_final() => ExitCode::from(3),
+        _ => ExitCode::from(4),
+    }
+}
+
+async fn task(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TaskCmd::Get { api, id, wait } => {
+            let t = api.client()?.task(id, wait.as_deref()).await?;
+            println!("{}", serde_json::to_string_pretty(&t)?);
+            Ok(if wait.is_some() { exit_for(&t) } else { ExitCode::SUCCESS })
+        }
+        TaskCmd::List { api, state, limit, after } => {
+            let list = api.client()?.list(state.as_deref(), after, limit).await?;
+            println!("{:<10} {:<14} {:<16} {:>8}  ERROR", "ID", "STATE", "AGENT", "ATTEMPTS");
+            for t in &list.tasks {
+                println!(
+                    "{:<10} {:<14} {:<16} {:>8}  {}",
+                    t.id,
+                    t.state.as_str(),
+                    t.agent,
+                    t.attempts.len(),
+                    t.error.as_deref().unwrap_or("")
+                );
+            }
+            if let Some(next) = list.next_after {
+                println!("(more: --after {next})");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCmd::Cancel { api, id } => {
+            let t = api.client()?.cancel(id).await?;
+            println!("task {} is {}", t.id, t.state.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn status_cmd(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = a.api.client()?;
+    loop {
+        let s = client.status().await?;
+        let text = if a.json { serde_json::to_string_pretty(&s)? } else { status::render(&s) };
+        match a.watch {
+            None => {
+                println!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(secs) => {
+                // Clear the screen and home the cursor, then redraw.
+                print!("\x1b[2J\x1b[H{text}");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(secs.max(1))) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+    }
+}

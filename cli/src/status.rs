@@ -1,0 +1,143 @@
+//! `swarm status`: a readable summary of a cluster, its workers and its queue.
+
+use std::fmt::Write as _;
+
+use swarm_proto::api::StatusView;
+
+/// Render a status as aligned plain text (no colour codes, so it pipes cleanly).
+pub fn render(s: &StatusView) -> String {
+    let mut out = String::new();
+    let c = &s.cluster;
+    let leader = c.leader.map_or("none".to_string(), |l| l.to_string());
+    let _ = writeln!(
+        out,
+        "cluster     node {} is {}, term {}, leader {leader}, applied {} of log {}",
+        c.node_id,
+        c.role,
+        c.term,
+        c.applied_index.map_or("-".into(), |i| i.to_string()),
+        c.last_log_index.map_or("-".into(), |i| i.to_string()),
+    );
+    let mut rows = vec![vec!["NODE".into(), "ROLE".into(), "VOTER".into(), "RAFT".into(), "API".into(), "MATCHED".into()]];
+    for n in &c.nodes {
+        rows.push(vec![
+            n.id.to_string(),
+            n.role.clone(),
+            if n.voter { "yes" } else { "no" }.into(),
+            n.raft_addr.clone(),
+            n.api_addr.clone(),
+            n.matched_index.map_or("-".into(), |i| i.to_string()),
+        ]);
+    }
+    table(&mut out, &rows);
+
+    let slots: u64 = s.workers.iter().map(|w| w.slots as u64).sum();
+    let busy: u64 = s.workers.iter().map(|w| w.running as u64).sum();
+    let _ = writeln!(out, "workers     {} connected, {busy} of {slots} slots busy", s.workers.len());
+    if !s.workers.is_empty() {
+        let mut rows = vec![vec![
+            "WORKER".into(),
+            "SLOTS".into(),
+            "RUNNING".into(),
+            "LOAD".into(),
+            "0-RTT".into(),
+            "LABELS".into(),
+            "ADDRESS".into(),
+        ]];
+        for w in &s.workers {
+            let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            rows.push(vec![
+                w.id.clone(),
+                w.slots.to_string(),
+                w.running.to_string(),
+                load_bar(w.running, w.slots),
+                if w.zero_rtt { "yes" } else { "no" }.into(),
+                if labels.is_empty() { "-".into() } else { labels.join(",") },
+                w.addr.clone(),
+            ]);
+        }
+        table(&mut out, &rows);
+    }
+    let q = &s.queue;
+    let _ = writeln!(
+        out,
+        "queue       queued {}  running {}  succeeded {}  failed {}  cancelled {}  dead-lettered {}  (limit {})",
+        q.queued, q.running, q.succeeded, q.failed, q.cancelled, q.dead_lettered, s.queue_limit
+    );
+    let _ = writeln!(
+        out,
+        "throughput  {:.1} tasks/s ({} finished in the last minute)",
+        s.throughput.per_second, s.throughput.finished_last_minute
+    );
+    out
+}
+
+fn load_bar(running: u32, slots: u32) -> String {
+    const WIDTH: u32 = 10;
+    let filled = if slots == 0 { 0 } else { (running.min(slots) * WIDTH).div_ceil(slots) };
+    let pct = if slots == 0 { 0 } else { running * 100 / slots };
+    format!("[{}{}] {pct:>3}%", "#".repeat(filled as usize), ".".repeat((WIDTH - filled) as usize))
+}
+
+fn table(out: &mut String, rows: &[Vec<String>]) {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0)).collect();
+    for r in rows {
+        let mut line = String::from("  ");
+        for (i, cell) in r.iter().enumerate() {
+            let _ = write!(line, "{cell:<w$}  ", w = widths[i]);
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swarm_proto::api::*;
+
+    #[test]
+    fn renders_every_section() {
+        let s = StatusView {
+            cluster: ClusterView {
+                node_id: 1,
+                role: "leader".into(),
+                term: 2,
+                leader: Some(1),
+                last_log_index: Some(10),
+                committed_index: Some(10),
+                applied_index: Some(10),
+                nodes: vec![NodeView {
+                    id: 1,
+                    raft_addr: "127.0.0.1:7070".into(),
+                    api_addr: "127.0.0.1:8080".into(),
+                    role: "leader".into(),
+                    voter: true,
+                    matched_index: Some(10),
+                }],
+            },
+            workers: vec![WorkerView {
+                id: "w1".into(),
+                addr: "127.0.0.1:5000".into(),
+                slots: 4,
+                running: 2,
+                labels: [("gpu".to_string(), "yes".to_string())].into(),
+                agents: vec!["echo".into()],
+                connected_at_ms: 0,
+                last_heartbeat_ms: 0,
+                zero_rtt: true,
+            }],
+            queue: QueueCounts { queued: 3, succeeded: 7, ..Default::default() },
+            queue_limit: 100,
+            throughput: Throughput { finished_last_minute: 60, per_second: 1.0 },
+        };
+        let text = render(&s);
+        assert!(text.contains("node 1 is leader, term 2"), "{text}");
+        assert!(text.contains("1 connected, 2 of 4 slots busy"), "{text}");
+        assert!(text.contains("[#####.....]  50%"), "{text}");
+        assert!(text.contains("gpu=yes"), "{text}");
+        assert!(text.contains("queued 3"), "{text}");
+        assert!(text.contains("1.0 tasks/s"), "{text}");
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: real `swarm` processes on loopback.
+
+mod bad_input;
+mod faults;
+mod harness;
+mod lifecycle;

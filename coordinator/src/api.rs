@@ -1,0 +1,529 @@
+//! The HTTP API (axum): `/v1/*` behind a bearer token, plus `/health`, `/ready` and
+//! `/metrics` for orchestrators and Prometheus.
+//!
+//! Every error is JSON `{"error": {"code", "message"}}` with a stable `code`
+//! ([`ApiError::code`]); bad JSON, oversize bodies and unknown fields are errors, never
+//! panics, and a refused submit changes nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use swarm_proto::api::{
+    ClusterView, ErrorBody, ErrorDetail, NodeView, QueueCounts, StatusView, SubmitBatch, SubmitBatchResponse,
+    SubmitResponse, SubmitTask, TaskList, TaskState, TaskView, Throughput, WorkerList, WorkerView,
+};
+use swarm_proto::TaskId;
+
+use crate::node::{now_ms, Node};
+use crate::proposer::ProposeError;
+use crate::state::{Op, OpResult, TaskSpec};
+
+/// Why a request failed; each variant has a stable code and HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("queue full: {limit} unfinished tasks; retry later")]
+    QueueFull { limit: u64 },
+    #[error("this coordinator is not the leader")]
+    NotLeader { leader_api: Option<String> },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::QueueFull { .. } => "queue_full",
+            ApiError::NotLeader { .. } => "not_leader",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotLeader { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let leader_api = match &self {
+            ApiError::NotLeader { leader_api } => leader_api.clone(),
+            _ => None,
+        };
+        let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message: self.to_string(), leader_api } };
+        let mut resp = (self.status(), Json(body)).into_response();
+        if matches!(self, ApiError::Unauthorized(_)) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("request body too large: {}", r.body_text()))
+        } else {
+            ApiError::InvalidJson(r.body_text())
+        }
+    }
+}
+
+impl ApiError {
+    fn from_propose(node: &Node, e: ProposeError) -> Self {
+        match e {
+            ProposeError::NotLeader { leader } => ApiError::NotLeader {
+                leader_api: leader.or_else(|| node.leader()).map(|(_, n)| n.api_addr),
+            },
+            ProposeError::Raft(m) => ApiError::Unavailable(format!("could not commit: {m}")),
+        }
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Build the router. `/v1/*` requires `Authorization: Bearer <token>`.
+pub fn router(node: Arc<Node>) -> Router {
+    let limits = node.config().limits;
+    // Room for a full batch of maximum payloads would be huge; a batch gets 64 MiB.
+    let body_limit = (limits.max_payload_bytes as usize).saturating_mul(2).saturating_add(64 << 10).max(64 << 20);
+    let v1 = Router::new()
+        .route("/tasks", post(submit).get(list_tasks))
+        .route("/tasks/batch", post(submit_batch))
+        .route("/tasks/{id}", get(get_task))
+        .route("/tasks/{id}/cancel", post(cancel_task))
+        .route("/workers", get(workers))
+        .route("/status", get(status))
+        .layer(middleware::from_fn_with_state(node.clone(), require_token));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(node)
+}
+
+async fn require_token(State(node): State<Arc<Node>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return ApiError::Unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response();
+    };
+    let given = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
+    let expected = node.config().api_token.as_bytes();
+    if given.is_empty() || !bool::from(given.ct_eq(expected)) {
+        return ApiError::Unauthorized("invalid bearer token").into_response();
+    }
+    next.run(req).await
+}
+
+/// `?wait=5s` style query.
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    wait: Option<String>,
+}
+
+/// Parse `250ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 5s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn wait_of(node: &Node, q: &WaitQuery) -> Result<Option<Duration>, ApiError> {
+    let Some(w) = &q.wait else { return Ok(None) };
+    let d = parse_duration(w).map_err(ApiError::BadRequest)?;
+    let max = node.config().limits.max_wait;
+    if d > max {
+        return Err(ApiError::BadRequest(format!("wait {w} exceeds the maximum of {}s", max.as_secs())));
+    }
+    Ok(Some(d))
+}
+
+/// Turn a submit body into a spec, applying defaults and limits.
+fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
+    let limits = node.config().limits;
+    let defaults = node.config().defaults;
+    if t.agent.is_empty() || t.agent.len() > 128 {
+        return Err(ApiError::BadRequest("`agent` must be 1 to 128 bytes".into()));
+    }
+    let payload = t.payload_bytes().map_err(ApiError::BadRequest)?;
+    if payload.len() as u64 > limits.max_payload_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "payload of {} bytes exceeds the limit of {} bytes",
+            payload.len(),
+            limits.max_payload_bytes
+        )));
+    }
+    let timeout_ms = t.timeout_ms.unwrap_or(defaults.timeout_ms);
+    if timeout_ms == 0 || timeout_ms > 7 * 24 * 3600 * 1000 {
+        return Err(ApiError::BadRequest("`timeout_ms` must be between 1 and 604800000 (7 days)".into()));
+    }
+    let max_attempts = t.max_attempts.unwrap_or(defaults.max_attempts);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ApiError::BadRequest("`max_attempts` must be between 1 and 100".into()));
+    }
+    if t.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
+        return Err(ApiError::BadRequest("`idempotency_key` must be 1 to 256 bytes".into()));
+    }
+    if t.labels.len() > 32 || t.labels.iter().any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 256) {
+        return Err(ApiError::BadRequest("at most 32 `labels`, keys 1-64 bytes, values up to 256 bytes".into()));
+    }
+    Ok(TaskSpec {
+        agent: t.agent,
+        payload,
+        priority: t.priority,
+        timeout_ms,
+        max_attempts,
+        idempotency_key: t.idempotency_key,
+        labels: t.labels,
+    })
+}
+
+fn submit_ops(node: &Node, specs: Vec<TaskSpec>) -> Vec<Op> {
+    let now = now_ms();
+    let queue_limit = node.config().limits.queue_limit;
+    specs.into_iter().map(|spec| Op::Submit { spec, now_ms: now, queue_limit }).collect()
+}
+
+async fn submit(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<WaitQuery>,
+    body: Result<Json<SubmitTask>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(task) = body?;
+    let wait = wait_of(&node, &q)?;
+    let spec = to_spec(&node, task)?;
+    let results = node.propose(submit_ops(&node, vec![spec])).await.map_err(|e| ApiError::from_propose(&node, e))?;
+    node.count_results(&results);
+    let (id, duplicate) = match results.first() {
+        Some(OpResult::Submitted { id, duplicate }) => (*id, *duplicate),
+        Some(OpResult::QueueFull { limit }) => return Err(ApiError::QueueFull { limit: *limit }),
+        other => return Err(ApiError::Internal(format!("unexpected submit result {other:?}"))),
+    };
+    let mut task = None;
+    if let Some(wait) = wait {
+        node.wait_final(id, wait).await;
+        task = node.read_table(|t| t.get(id).map(|t| t.view()));
+    }
+    let status = if duplicate { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(SubmitResponse { id, duplicate, task })).into_response())
+}
+
+async fn submit_batch(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<SubmitBatch>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(batch) = body?;
+    let max = node.config().limits.max_batch;
+    if batch.tasks.is_empty() || batch.tasks.len() > max {
+        return Err(ApiError::BadRequest(format!("a batch holds 1 to {max} tasks, got {}", batch.tasks.len())));
+    }
+    let specs = batch
+        .tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            to_spec(&node, t).map_err(|e| match e {
+                ApiError::BadRequest(m) => ApiError::BadRequest(format!("tasks[{i}]: {m}")),
+                ApiError::PayloadTooLarge(m) => ApiError::PayloadTooLarge(format!("tasks[{i}]: {m}")),
+                other => other,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // All or nothing: refuse the whole batch if it does not fit the queue.
+    let room = node.read_table(|t| node.config().limits.queue_limit.saturating_sub(t.unfinished()));
+    if specs.len() as u64 > room {
+        metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full").increment(specs.len() as u64);
+        return Err(ApiError::QueueFull { limit: node.config().limits.queue_limit });
+    }
+    let results = node.propose(submit_ops(&node, specs)).await.map_err(|e| ApiError::from_propose(&node, e))?;
+    node.count_results(&results);
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            OpResult::Submitted { id, duplicate } => out.push(SubmitResponse { id, duplicate, task: None }),
+            // Another client filled the queue between the check and the commit: the tasks
+            // before this one are committed; report honestly which.
+            OpResult::QueueFull { limit } => {
+                let committed: Vec<String> = out.iter().map(|r| r.id.to_string()).collect();
+                return Err(ApiError::QueueFull { limit }).map_err(|e| {
+                    ApiError::Unavailable(format!("{e}; committed before the queue filled: [{}]", committed.join(",")))
+                });
+            }
+            other => return Err(ApiError::Internal(format!("unexpected submit result {other:?}"))),
+        }
+    }
+    Ok((StatusCode::CREATED, Json(SubmitBatchResponse { tasks: out })).into_response())
+}
+
+fn parse_id(s: &str) -> Result<TaskId, ApiError> {
+    s.parse().map_err(|_| ApiError::BadRequest(format!("task id must be a number, got {s:?}")))
+}
+
+async fn get_task(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<TaskView> {
+    let id = parse_id(&id)?;
+    if let Some(wait) = wait_of(&node, &q)? {
+        node.wait_final(id, wait).await;
+    }
+    node.read_table(|t| t.get(id).map(|t| t.view()))
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    after: Option<TaskId>,
+    limit: Option<usize>,
+}
+
+async fn list_tasks(State(node): State<Arc<Node>>, Query(q): Query<ListQuery>) -> ApiResult<TaskList> {
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
+            let names: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::BadRequest(format!("unknown state {s:?}; one of {}", names.join(", ")))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let tasks: Vec<TaskView> =
+        node.read_table(|t| t.list(state, q.after.unwrap_or(0), limit).into_iter().map(|t| t.view()).collect());
+    let next_after = if tasks.len() == limit { tasks.last().map(|t| t.id) } else { None };
+    Ok(Json(TaskList { tasks, next_after }))
+}
+
+async fn cancel_task(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult<TaskView> {
+    let id = parse_id(&id)?;
+    let result = node
+        .proposer
+        .propose_one(Op::Cancel { task_id: id, now_ms: now_ms() })
+        .await
+        .map_err(|e| ApiError::from_propose(&node, e))?;
+    node.count_results(std::slice::from_ref(&result));
+    match result {
+        OpResult::NotFound => return Err(ApiError::NotFound(format!("no task {id}"))),
+        OpResult::Cancelled { running: Some((worker, attempt)) } => {
+            node.send_to_worker(&worker, swarm_proto::worker::CoordinatorMsg::Cancel(attempt));
+        }
+        // Already final (cancel is idempotent) or cancelled while queued.
+        _ => {}
+    }
+    node.read_table(|t| t.get(id).map(|t| t.view()))
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))
+}
+
+fn worker_views(node: &Node) -> Vec<WorkerView> {
+    let d = node.lock_dispatch();
+    let mut v: Vec<WorkerView> = d
+        .sessions
+        .values()
+        .map(|s| {
+            let mut w = s.info.clone();
+            w.running = d.scheduler.workers().get(&w.id).map_or(w.running, |e| e.busy);
+            w
+        })
+        .collect();
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    v
+}
+
+async fn workers(State(node): State<Arc<Node>>) -> ApiResult<WorkerList> {
+    Ok(Json(WorkerList { workers: worker_views(&node) }))
+}
+
+fn role_name(state: openraft::ServerState) -> &'static str {
+    match state {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// The Raft view of the answering node.
+pub fn cluster_view(node: &Node) -> ClusterView {
+    let m = node.raft().metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let matched: BTreeMap<u64, u64> = m
+        .replication
+        .as_ref()
+        .map(|r| r.iter().map(|(id, l)| (*id, l.map_or(0, |l| l.index))).collect())
+        .unwrap_or_default();
+    let nodes = membership
+        .nodes()
+        .map(|(id, addr)| {
+            let role = if Some(*id) == m.current_leader {
+                "leader"
+            } else if *id == m.id {
+                role_name(m.state)
+            } else if voters.contains(id) {
+                "follower"
+            } else {
+                "learner"
+            };
+            NodeView {
+                id: *id,
+                raft_addr: addr.raft_addr.clone(),
+                api_addr: addr.api_addr.clone(),
+                role: role.into(),
+                voter: voters.contains(id),
+                matched_index: matched.get(id).copied(),
+            }
+        })
+        .collect();
+    ClusterView {
+        node_id: m.id,
+        role: role_name(m.state).into(),
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log_index: m.last_log_index,
+        committed_index: m.last_applied.map(|l| l.index),
+        applied_index: m.last_applied.map(|l| l.index),
+        nodes,
+    }
+}
+
+async fn status(State(node): State<Arc<Node>>) -> ApiResult<StatusView> {
+    let now = now_ms();
+    let (queue, finished) = node.read_table(|t| {
+        (
+            QueueCounts {
+                queued: t.count(TaskState::Queued),
+                running: t.count(TaskState::Running),
+                succeeded: t.count(TaskState::Succeeded),
+                failed: t.count(TaskState::Failed),
+                cancelled: t.count(TaskState::Cancelled),
+                dead_lettered: t.count(TaskState::DeadLettered),
+            },
+            t.finished_since(now),
+        )
+    });
+    Ok(Json(StatusView {
+        cluster: cluster_view(&node),
+        workers: worker_views(&node),
+        queue,
+        queue_limit: node.config().limits.queue_limit,
+        throughput: Throughput { finished_last_minute: finished, per_second: finished as f64 / 60.0 },
+    }))
+}
+
+/// Liveness: the process answers and its data dir accepts a durable write. Never
+/// depends on quorum.
+async fn health(State(node): State<Arc<Node>>) -> Response {
+    let running = node.raft().metrics().borrow().running_state.clone();
+    if let Err(e) = running {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}\n")).into_response();
+    }
+    let probe = node.data_dir.join(".health-probe");
+    let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&probe)?;
+        f.write_all(b"ok")?;
+        f.sync_all()
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}\n")).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage probe: {e}\n")).into_response(),
+    }
+}
+
+/// Readiness: a leader exists and this node has applied (almost) all of its log.
+async fn ready(State(node): State<Arc<Node>>) -> Response {
+    let m = node.raft().metrics().borrow().clone();
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let lag = m.last_log_index.unwrap_or(0).saturating_sub(applied);
+    let max_lag = node.config().limits.ready_max_lag;
+    match m.current_leader {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n").into_response(),
+        Some(_) if lag > max_lag => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("applied index trails the log by {lag}\n")).into_response()
+        }
+        Some(l) => (StatusCode::OK, format!("ready (leader {l}, applied {applied})\n")).into_response(),
+    }
+}
+
+async fn metrics_text() -> Response {
+    match crate::metrics::handle() {
+        Some(h) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response()
+        }
+        None => ApiError::Unavailable("metrics recorder not installed".into()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

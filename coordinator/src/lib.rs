@@ -1,0 +1,25 @@
+//! The swarm coordinator: a Raft-replicated task queue that dispatches work to workers
+//! over mutual-TLS QUIC and serves an HTTP API.
+//!
+//! Layers, top-down:
+//! * [`start`] wires one coordinator process together and returns a [`CoordinatorHandle`];
+//! * [`api`] (HTTP) and [`worker_session`] (QUIC) turn requests and frames into ops;
+//! * [`node`] runs the loops: applied-entry events, dispatch, gauges;
+//! * [`proposer`] group-commits ops into Raft entries;
+//! * [`raft`] is the openraft plumbing: durable log (redb), state machine store, network;
+//! * [`state`] (the replicated [`state::TaskTable`]) and [`scheduler`] are pure logic with
+//!   no I/O: everything that decides is testable without sockets or clocks.
+
+pub mod api;
+pub mod metrics;
+pub mod node;
+pub mod proposer;
+pub mod raft;
+pub mod scheduler;
+pub mod state;
+mod server;
+mod worker_session;
+
+pub use node::{CoordinatorConfig, Limits, Node, TaskDefaults};
+pub use server::{start, CoordinatorHandle};
+

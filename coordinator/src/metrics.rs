@@ -1,0 +1,64 @@
+//! Prometheus metrics: one process-wide recorder, rendered by `GET /metrics`.
+//!
+//! Metric names (all prefixed `swarm_`) are listed in README.md; counters are counted
+//! by the leader where an op's committed result is known, gauges are refreshed from the
+//! local replica once a second.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Buckets for latency histograms, 50 µs … 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Install the process-wide recorder (once) and return its handle. `None` if another
+/// recorder was installed first by the embedding program.
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("swarm_raft_batch_ops".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0],
+                )
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("swarm_tasks_submitted_total", "Tasks accepted (committed) by submit.");
+    describe_counter!("swarm_tasks_succeeded_total", "Tasks that ended succeeded.");
+    describe_counter!("swarm_tasks_failed_total", "Tasks that ended failed.");
+    describe_counter!("swarm_tasks_retried_total", "Attempts that ended and were queued again.");
+    describe_counter!("swarm_tasks_dead_lettered_total", "Tasks whose every attempt was lost.");
+    describe_counter!("swarm_tasks_cancelled_total", "Tasks cancelled on request.");
+    describe_counter!("swarm_submit_rejected_total", "Submits refused, by reason.");
+    describe_gauge!("swarm_queue_depth", "Tasks by state on this replica.");
+    describe_gauge!("swarm_tasks_running", "Tasks running on this replica's view.");
+    describe_gauge!("swarm_workers_connected", "Workers connected to this coordinator.");
+    describe_histogram!("swarm_dispatch_latency_seconds", Unit::Seconds, "Submit (or retry due) to dispatch.");
+    describe_histogram!("swarm_task_duration_seconds", Unit::Seconds, "Attempt run time reported by workers.");
+    describe_histogram!("swarm_raft_commit_seconds", Unit::Seconds, "Propose to applied, per Raft entry.");
+    describe_histogram!("swarm_raft_batch_ops", "Task-table ops per Raft entry.");
+    describe_gauge!("swarm_raft_term", "Current Raft term.");
+    describe_gauge!("swarm_raft_leader", "Id of the leader this node knows (0: none).");
+    describe_gauge!("swarm_raft_is_leader", "1 on the leader.");
+    describe_gauge!("swarm_raft_last_applied", "Last applied log index.");
+    describe_gauge!("swarm_raft_last_log", "Last log index.");
+    describe_counter!("swarm_worker_connections_total", "Worker connections accepted, by 0-RTT use.");
+    describe_counter!("swarm_protocol_errors_total", "Connections closed for malformed or unexpected frames.");
+}

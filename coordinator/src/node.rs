@@ -1,0 +1,459 @@
+//! One coordinator process: wires Raft, the task table, the scheduler, worker sessions
+//! and the HTTP API together, and runs the loops that move between them.
+//!
+//! Loops (each a tokio task):
+//! * **accept**: QUIC connections, routed by ALPN to Raft RPCs or a worker session;
+//! * **applied**: wakes on every applied Raft entry, drains [`TableEvent`]s, releases
+//!   waiters and in-flight attempts, and pokes the dispatcher;
+//! * **dispatch** (acts only on the leader): asks the [`Scheduler`] what to run and what
+//!   expired, sends `Run`/`Cancel` frames and proposes `Start`/`Lose` ops;
+//! * **gauges**: refreshes Prometheus gauges once a second.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::{Raft, ServerState};
+use swarm_proto::api::TaskState;
+use swarm_proto::worker::{AttemptRef, CoordinatorMsg, TaskAssignment};
+use swarm_proto::TaskId;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tracing::{debug, info, warn};
+
+use crate::proposer::{ProposeError, Proposer};
+use crate::raft::sm_store::TableHandle;
+use crate::raft::types::{NodeAddr, TypeConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::state::{Op, OpResult, TableEvent, TaskTable};
+
+/// Everything a coordinator needs to start.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// This node's Raft id (unique in the cluster, never reused).
+    pub node_id: u64,
+    /// Raft log, snapshots and the health probe live here.
+    pub data_dir: PathBuf,
+    /// Cluster certificates (`swarm certs init`).
+    pub certs_dir: PathBuf,
+    /// QUIC address for workers and peer coordinators.
+    pub listen: SocketAddr,
+    /// `host:port` peers use to reach `listen` (must match a name in the certificate).
+    pub advertise: String,
+    /// HTTP API address.
+    pub api_listen: SocketAddr,
+    /// `host:port` clients use to reach the API.
+    pub api_advertise: String,
+    /// Bearer token required on `/v1/*`.
+    pub api_token: String,
+    /// Initialise a new cluster whose voters are this node plus `peers` (ignored when the
+    /// data dir already holds Raft state).
+    pub bootstrap: bool,
+    /// Other voters to include when bootstrapping.
+    pub peers: Vec<(u64, NodeAddr)>,
+    pub limits: Limits,
+    pub defaults: TaskDefaults,
+    /// How often workers send heartbeats.
+    pub heartbeat_interval_ms: u64,
+    pub scheduler: SchedulerConfig,
+}
+
+/// Bounds on what clients may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Unfinished (queued + running) tasks allowed; further submits get `queue_full`.
+    pub queue_limit: u64,
+    /// Largest task payload, bytes.
+    pub max_payload_bytes: u64,
+    /// Largest task output stored, bytes; larger results fail with `output_too_large`.
+    pub max_output_bytes: u64,
+    /// Most tasks in one batch submit.
+    pub max_batch: usize,
+    /// Longest `?wait=` a client may ask for.
+    pub max_wait: Duration,
+    /// A node whose applied index trails its log by more than this is not ready.
+    pub ready_max_lag: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            queue_limit: 1_000_000,
+            max_payload_bytes: 1 << 20,
+            max_output_bytes: 1 << 20,
+            max_batch: 10_000,
+            max_wait: Duration::from_secs(300),
+            ready_max_lag: 10_000,
+        }
+    }
+}
+
+/// Values a submit gets when it leaves them out.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskDefaults {
+    pub timeout_ms: u64,
+    pub max_attempts: u32,
+}
+
+impl Default for TaskDefaults {
+    fn default() -> Self {
+        TaskDefaults { timeout_ms: 60_000, max_attempts: 3 }
+    }
+}
+
+/// Wall clock in ms since the Unix epoch; the only clock the coordinator reads.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A worker session as the dispatcher sees it.
+pub(crate) struct SessionHandle {
+    /// Distinguishes this connection from an earlier one of the same worker.
+    pub conn_id: u64,
+    pub tx: mpsc::UnboundedSender<CoordinatorMsg>,
+    pub info: swarm_proto::api::WorkerView,
+}
+
+/// Scheduler plus the live sessions it dispatches to: one lock, taken briefly.
+pub(crate) struct Dispatch {
+    pub scheduler: Scheduler,
+    pub sessions: HashMap<String, SessionHandle>,
+}
+
+/// Shared state of one coordinator.
+pub struct Node {
+    pub(crate) cfg: CoordinatorConfig,
+    pub(crate) raft: Raft<TypeConfig>,
+    pub(crate) table: TableHandle,
+    pub(crate) proposer: Proposer,
+    pub(crate) dispatch: Mutex<Dispatch>,
+    waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<()>>>>,
+    wake_dispatch: Notify,
+    pub(crate) data_dir: PathBuf,
+}
+
+impl Node {
+    pub(crate) fn new(
+        cfg: CoordinatorConfig,
+        raft: Raft<TypeConfig>,
+        table: TableHandle,
+    ) -> Arc<Node> {
+        let proposer = Proposer::spawn(raft.clone());
+        Arc::new(Node {
+            data_dir: cfg.data_dir.clone(),
+            dispatch: Mutex::new(Dispatch {
+                scheduler: Scheduler::new(cfg.scheduler),
+                sessions: HashMap::new(),
+            }),
+            cfg,
+            raft,
+            table,
+            proposer,
+            waiters: Mutex::new(HashMap::new()),
+            wake_dispatch: Notify::new(),
+        })
+    }
+
+    /// This node's Raft id.
+    pub fn id(&self) -> u64 {
+        self.cfg.node_id
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Read the local replica of the task table.
+    pub fn read_table<R>(&self, f: impl FnOnce(&TaskTable) -> R) -> R {
+        let guard = self.table.read();
+        f(&guard)
+    }
+
+    pub(crate) fn lock_dispatch(&self) -> std::sync::MutexGuard<'_, Dispatch> {
+        self.dispatch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this node is the Raft leader right now.
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.current_leader == Some(self.cfg.node_id)
+    }
+
+    /// The leader's id and address, if one is known.
+    pub fn leader(&self) -> Option<(u64, NodeAddr)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id).cloned()?;
+        Some((id, node))
+    }
+
+    /// Propose ops through the group-commit batcher.
+    pub async fn propose(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
+        self.proposer.propose(ops).await
+    }
+
+    /// Wake the dispatcher (new work, a free slot, a new worker).
+    pub(crate) fn poke(&self) {
+        self.wake_dispatch.notify_one();
+    }
+
+    /// Wait until `id` is final or `timeout` passes. Returns whether it is final.
+    pub async fn wait_final(&self, id: TaskId, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        // Register before looking, so a finalization in between is not missed.
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().push(tx);
+        let done = self.read_table(|t| t.get(id).is_none_or(|t| t.state.is_final()));
+        if done {
+            return true;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+    }
+
+    fn release_waiters(&self, id: TaskId) {
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(());
+        }
+    }
+
+    /// Drop waiters whose clients gave up (timeouts), so the map stays small.
+    fn prune_waiters(&self) {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, ws| {
+                ws.retain(|w| !w.is_closed());
+                !ws.is_empty()
+            });
+    }
+
+    /// Send a frame to a connected worker; false when it is not connected here.
+    pub(crate) fn send_to_worker(&self, worker: &str, msg: CoordinatorMsg) -> bool {
+        let d = self.lock_dispatch();
+        d.sessions.get(worker).is_some_and(|s| s.tx.send(msg).is_ok())
+    }
+
+    /// Count committed results of ops in Prometheus counters (called where results land,
+    /// which is on the leader).
+    pub(crate) fn count_results(&self, results: &[OpResult]) {
+        for r in results {
+            match r {
+                OpResult::Submitted { duplicate: false, .. } => {
+                    metrics::counter!("swarm_tasks_submitted_total").increment(1)
+                }
+                OpResult::QueueFull { .. } => {
+                    metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full").increment(1)
+                }
+                OpResult::Applied { state: TaskState::Succeeded } => {
+                    metrics::counter!("swarm_tasks_succeeded_total").increment(1)
+                }
+                OpResult::Applied { state: TaskState::Failed } => {
+                    metrics::counter!("swarm_tasks_failed_total").increment(1)
+                }
+                OpResult::Applied { state: TaskState::Queued } => {
+                    metrics::counter!("swarm_tasks_retried_total").increment(1)
+                }
+                OpResult::Applied { state: TaskState::DeadLettered } => {
+                    metrics::counter!("swarm_tasks_dead_lettered_total").increment(1)
+                }
+                OpResult::Cancelled { .. } => metrics::counter!("swarm_tasks_cancelled_total").increment(1),
+                _ => {}
+            }
+        }
+    }
+
+    /// Handle what the last applied entries changed.
+    fn on_applied(&self) {
+        let events = self.table.take_events();
+        if events.is_empty() {
+            return;
+        }
+        let leader = self.is_leader();
+        let mut cancels = Vec::new();
+        {
+            let mut d = self.lock_dispatch();
+            for ev in &events {
+                let (TableEvent::Finalized(id, _) | TableEvent::Queued(id)) = ev;
+                let forgotten = d.scheduler.forget(*id);
+                if let (TableEvent::Finalized(..), Some(f)) = (ev, forgotten) {
+                    // Finished elsewhere or cancelled: stop the attempt still running.
+                    if leader && !f.reported {
+                        cancels.push(f);
+                    }
+                }
+            }
+            for f in cancels {
+                if let Some(s) = d.sessions.get(&f.worker) {
+                    let _ = s.tx.send(CoordinatorMsg::Cancel(f.attempt));
+                }
+            }
+        }
+        for ev in events {
+            if let TableEvent::Finalized(id, _) = ev {
+                self.release_waiters(id);
+            }
+        }
+        self.poke();
+    }
+
+    /// On election: track every attempt the table says is running, so its worker gets a
+    /// lease's grace to reconnect and report before the attempt is declared lost.
+    fn adopt_running(&self) {
+        let now = now_ms();
+        let running: Vec<(String, AttemptRef, u64)> = self.read_table(|t| {
+            t.running()
+                .map(|(task, a)| {
+                    (a.worker.clone(), AttemptRef { task_id: task.id, attempt: a.number }, task.spec.timeout_ms)
+                })
+                .collect()
+        });
+        let mut d = self.lock_dispatch();
+        d.scheduler = Scheduler::new(self.cfg.scheduler);
+        for (worker, attempt, timeout) in running {
+            d.scheduler.adopt(&worker, attempt, timeout, now);
+        }
+        info!(node = self.cfg.node_id, adopted = d.scheduler.in_flight_count(), "became leader");
+    }
+
+    /// Lost leadership: forget dispatch state and turn workers away so they find the
+    /// new leader.
+    fn step_down(&self) {
+        let mut d = self.lock_dispatch();
+        d.scheduler = Scheduler::new(self.cfg.scheduler);
+        let leader = self.leader();
+        for (_, s) in d.sessions.drain() {
+            let _ = s.tx.send(not_leader_msg(self.cfg.node_id, leader.as_ref()));
+        }
+        info!(node = self.cfg.node_id, "no longer leader");
+    }
+
+    /// One round of dispatch on the leader. Returns when the next round is due.
+    async fn dispatch_round(self: &Arc<Self>) -> Option<u64> {
+        let now = now_ms();
+        let mut ops = Vec::new();
+        let next_due;
+        {
+            let table = self.table.read();
+            let mut d = self.lock_dispatch();
+            for e in d.scheduler.expire(now) {
+                warn!(task = e.attempt.task_id, attempt = e.attempt.attempt, worker = %e.worker, reason = %e.reason, "attempt lost");
+                if let Some(s) = d.sessions.get(&e.worker) {
+                    let _ = s.tx.send(CoordinatorMsg::Cancel(e.attempt));
+                }
+                let retry_at_ms = d.scheduler.retry_at(now, e.attempt);
+                ops.push(Op::Lose { attempt: e.attempt, reason: e.reason, now_ms: now, retry_at_ms });
+            }
+            let plan = d.scheduler.plan(table.queued(), now);
+            for p in plan {
+                let Some(task) = table.get(p.attempt.task_id) else { continue };
+                let ready_since = task.created_at_ms.max(task.not_before_ms);
+                metrics::histogram!("swarm_dispatch_latency_seconds")
+                    .record(now.saturating_sub(ready_since) as f64 / 1000.0);
+                let msg = CoordinatorMsg::Run(TaskAssignment {
+                    attempt: p.attempt,
+                    agent: task.spec.agent.clone(),
+                    payload: task.spec.payload.clone(),
+                    timeout_ms: task.spec.timeout_ms,
+                    idempotency_key: task.spec.idempotency_key.clone(),
+                });
+                if let Some(s) = d.sessions.get_mut(&p.worker) {
+                    let _ = s.tx.send(msg);
+                    s.info.running += 1;
+                }
+                debug!(task = p.attempt.task_id, attempt = p.attempt.attempt, worker = %p.worker, "dispatched");
+                ops.push(Op::Start { attempt: p.attempt, worker: p.worker, now_ms: now });
+            }
+            let next_retry = table.queued().map(|t| t.not_before_ms).filter(|&t| t > now).min();
+            next_due = [d.scheduler.next_expiry(), next_retry].into_iter().flatten().min();
+        }
+        if !ops.is_empty() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                match node.propose(ops).await {
+                    Ok(results) => node.count_results(&results),
+                    Err(e) => debug!(error = %e, "dispatch proposal not committed"),
+                }
+            });
+        }
+        next_due
+    }
+}
+
+/// The frame that turns a worker away from a follower.
+pub(crate) fn not_leader_msg(me: u64, leader: Option<&(u64, NodeAddr)>) -> CoordinatorMsg {
+    let message = match leader {
+        Some((id, addr)) if *id != me => format!("coordinator {me} is not the leader; the leader is {id} at {}", addr.raft_addr),
+        _ => format!("coordinator {me} is not the leader and knows no leader yet"),
+    };
+    CoordinatorMsg::Rejected { code: "not_leader".into(), message }
+}
+
+/// Watch applied entries and leadership changes; runs until shutdown.
+pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let mut metrics = node.raft.metrics();
+    let mut applied = node.table.subscribe_applied();
+    let mut was_leader = false;
+    let mut prune = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            r = applied.changed() => if r.is_err() { return },
+            _ = prune.tick() => node.prune_waiters(),
+            _ = shutdown.changed() => return,
+        }
+        let leader = node.is_leader();
+        if leader && !was_leader {
+            node.adopt_running();
+        } else if !leader && was_leader {
+            node.step_down();
+        }
+        was_leader = leader;
+        node.on_applied();
+    }
+}
+
+/// Dispatch whenever poked or due; acts only while this node leads.
+pub(crate) async fn dispatch_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let due = if node.is_leader() { node.dispatch_round().await } else { None };
+        // Never sleep long: leadership and clocks change without a poke.
+        let wait = due.map_or(250, |t| t.saturating_sub(now_ms()).clamp(1, 250));
+        tokio::select! {
+            _ = node.wake_dispatch.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Refresh gauges from the local replica once a second.
+pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        node.read_table(|t| {
+            for st in TaskState::ALL {
+                metrics::gauge!("swarm_queue_depth", "state" => st.as_str()).set(t.count(st) as f64);
+            }
+            metrics::gauge!("swarm_tasks_running").set(t.count(TaskState::Running) as f64);
+        });
+        let workers = node.lock_dispatch().sessions.len();
+        metrics::gauge!("swarm_workers_connected").set(workers as f64);
+        let m = node.raft.metrics().borrow().clone();
+        metrics::gauge!("swarm_raft_term").set(m.current_term as f64);
+        metrics::gauge!("swarm_raft_leader").set(m.current_leader.unwrap_or(0) as f64);
+        metrics::gauge!("swarm_raft_is_leader").set(if node.is_leader() { 1.0 } else { 0.0 });
+        metrics::gauge!("swarm_raft_last_applied").set(m.last_applied.map_or(0, |l| l.index) as f64);
+        metrics::gauge!("swarm_raft_last_log").set(m.last_log_index.unwrap_or(0) as f64);
+    }
+}

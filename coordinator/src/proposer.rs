@@ -1,0 +1,127 @@
+//! Group commit for task-table ops.
+//!
+//! Callers hand in ops and await their results; one loop packs whatever is waiting
+//! into a single [`Command`] (one Raft entry, one fsync) and splits the response back.
+//! Under load the batches grow by themselves; an idle system pays one commit per op.
+
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::Raft;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::raft::types::{NodeAddr, TypeConfig};
+use crate::state::{Command, Op, OpResult};
+
+/// Why a proposal did not commit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    /// This node is not the leader; `leader` is who is, if known.
+    #[error("this coordinator is not the leader")]
+    NotLeader { leader: Option<(u64, NodeAddr)> },
+    /// Raft is shutting down or failed.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+struct Pending {
+    ops: Vec<Op>,
+    done: oneshot::Sender<Result<Vec<OpResult>, ProposeError>>,
+}
+
+/// Handle for proposing ops; cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+/// Most ops packed into one Raft entry.
+pub const MAX_OPS_PER_ENTRY: usize = 4096;
+/// Entries in flight at once (openraft appends them together).
+const MAX_IN_FLIGHT: usize = 4;
+
+impl Proposer {
+    /// Start the batching loop for `raft`.
+    pub fn spawn(raft: Raft<TypeConfig>) -> Proposer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(raft, rx));
+        Proposer { tx }
+    }
+
+    /// Propose `ops` and wait until they are committed and applied.
+    pub async fn propose(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { ops, done })
+            .map_err(|_| ProposeError::Raft("proposer stopped".into()))?;
+        rx.await.map_err(|_| ProposeError::Raft("proposer stopped".into()))?
+    }
+
+    /// Propose one op.
+    pub async fn propose_one(&self, op: Op) -> Result<OpResult, ProposeError> {
+        let mut r = self.propose(vec![op]).await?;
+        r.pop().ok_or_else(|| ProposeError::Raft("empty response".into()))
+    }
+}
+
+async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        // Take everything that queued up meanwhile, up to the entry limit.
+        let mut batch = vec![first];
+        let mut n = batch[0].ops.len();
+        while n < MAX_OPS_PER_ENTRY {
+            match rx.try_recv() {
+                Ok(p) => {
+                    n += p.ops.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            commit(&raft, batch, n).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn commit(raft: &Raft<TypeConfig>, batch: Vec<Pending>, n: usize) {
+    let mut ops = Vec::with_capacity(n);
+    let mut sizes = Vec::with_capacity(batch.len());
+    let mut waiters = Vec::with_capacity(batch.len());
+    for p in batch {
+        sizes.push(p.ops.len());
+        ops.extend(p.ops);
+        waiters.push(p.done);
+    }
+    metrics::histogram!("swarm_raft_batch_ops").record(n as f64);
+    let started = std::time::Instant::now();
+    let result = raft.client_write(Command { ops }).await;
+    metrics::histogram!("swarm_raft_commit_seconds").record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(resp) => {
+            let mut results = resp.data.results.into_iter();
+            for (size, done) in sizes.into_iter().zip(waiters) {
+                let mine: Vec<OpResult> = results.by_ref().take(size).collect();
+                let _ = done.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            let err = match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node),
+                },
+                other => ProposeError::Raft(other.to_string()),
+            };
+            for done in waiters {
+                let _ = done.send(Err(err.clone()));
+            }
+        }
+    }
+}

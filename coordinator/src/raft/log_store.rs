@@ -1,0 +1,655 @@
+//! [`RedbLogStore`]: the durable Raft log (entries, vote, committed and purged pointers) in one
+//! redb database file.
+//!
+//! # Write path
+//!
+//! Every write goes to one dedicated writer thread over a FIFO channel, so writes reach the disk
+//! in exactly the order openraft issued them (openraft requires vote and log IO to be
+//! serialized). The writer takes everything that is queued, applies it in ONE redb write
+//! transaction with [`Durability::Immediate`] (one fsync), and only after `commit()` has returned
+//! does it complete the [`LogFlushed`] callbacks and wake the waiters. While a commit is in
+//! flight, new appends pile up in the channel and are committed together by the next
+//! transaction (group commit), so the fsync rate, not the entry rate, bounds throughput.
+//!
+//! # Read path
+//!
+//! [`RaftLogStorage::append`] must make entries readable before they are durable, and must not
+//! block on the fsync. So appended entries are first put, encoded, into an in-memory `pending`
+//! map and removed from it by the writer once committed. `pending` is always a contiguous suffix
+//! of the log, so a reader takes the pending part of its range first and then reads the rest
+//! from redb: anything missing from the pending snapshot was committed before it was taken and
+//! is therefore in redb.
+//!
+//! Vote, truncate and purge wait for their commit before returning: openraft relies on the vote
+//! being durable, and on truncated entries being gone, when the call returns. `save_committed`
+//! does not wait: the committed pointer only needs to be a lower bound after a crash, and it
+//! rides along with the next batch (or is flushed on its own after [`COMMITTED_FLUSH_DELAY`]).
+
+// The error type of every storage path is openraft's `StorageError`, fixed by its traits;
+// errors are the cold path, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    AnyError, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader, StorageError,
+    StorageIOError, Vote,
+};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use swarm_transport::codec::{decode, encode};
+use tokio::sync::oneshot;
+
+use super::types::{Entry, LogId, NodeId, TypeConfig};
+
+/// File name of the log database inside the data directory.
+pub const LOG_DB_FILE: &str = "raft-log.redb";
+
+/// Log entries: index → encoded [`Entry`].
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+/// Small records: vote, committed log id, last purged log id.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "last_purged";
+
+/// redb page cache. The log is mostly written and read back while still in `pending` or in the
+/// OS page cache, so a modest cache is enough.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Most write operations folded into one transaction; bounds the size of one commit.
+const MAX_BATCH_OPS: usize = 4096;
+
+/// How long a batch holding nothing but a committed-pointer update waits for a write that must
+/// be flushed anyway, so that a steady stream of commits does not cost an fsync of its own.
+pub const COMMITTED_FLUSH_DELAY: Duration = Duration::from_millis(20);
+
+type StoreResult<T> = Result<T, StorageError<NodeId>>;
+
+/// A durable, cheaply cloneable Raft log store backed by redb. See the module docs for the
+/// durability and visibility guarantees.
+#[derive(Clone)]
+pub struct RedbLogStore {
+    shared: Arc<Shared>,
+    writer: Arc<Writer>,
+}
+
+/// A read-only view of the log, used by openraft's replication tasks.
+#[derive(Clone)]
+pub struct RedbLogReader {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Database,
+    path: PathBuf,
+    mem: Mutex<Mem>,
+}
+
+/// In-memory state: the logical view of the log, ahead of or equal to what redb holds.
+struct Mem {
+    /// Encoded entries handed to the writer but not yet committed. Always a contiguous suffix of
+    /// the log.
+    pending: BTreeMap<u64, Arc<[u8]>>,
+    last_log_id: Option<LogId>,
+    last_purged: Option<LogId>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId>,
+}
+
+/// Owns the writer thread; dropping the last store clone closes the queue and joins the thread,
+/// so everything queued is on disk and the database file is released when the drop returns.
+struct Writer {
+    tx: Option<mpsc::Sender<WriteOp>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the channel makes the writer drain what is queued and exit.
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("raft log writer thread panicked");
+            }
+        }
+    }
+}
+
+type Done = oneshot::Sender<Result<(), AnyError>>;
+
+enum WriteOp {
+    Append {
+        entries: Vec<(u64, Arc<[u8]>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    Vote {
+        bytes: Vec<u8>,
+        done: Done,
+    },
+    Committed {
+        bytes: Vec<u8>,
+    },
+    Truncate {
+        since: u64,
+        done: Done,
+    },
+    Purge {
+        upto: u64,
+        bytes: Vec<u8>,
+        done: Done,
+    },
+}
+
+impl WriteOp {
+    /// Whether this op may wait for company before being committed.
+    fn deferrable(&self) -> bool {
+        matches!(self, WriteOp::Committed { .. })
+    }
+}
+
+impl Shared {
+    fn mem(&self) -> MutexGuard<'_, Mem> {
+        // A panic while holding this lock cannot leave `Mem` half-updated in a way that matters
+        // more than losing the store altogether, so recover the guard instead of panicking too.
+        self.mem.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RedbLogStore {
+    /// Open (or create) the log database in `dir` and start its writer thread.
+    ///
+    /// Blocking: reads the persisted vote, pointers and last entry. Fails if the database is
+    /// already open (also from this process) or a persisted record does not decode.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating raft data dir {}", dir.display()))?;
+        let path = dir.join(LOG_DB_FILE);
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .with_context(|| format!("opening raft log {}", path.display()))?;
+
+        // Create both tables up front so that readers never see a missing table.
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        {
+            txn.open_table(LOGS)?;
+            txn.open_table(META)?;
+        }
+        txn.commit()?;
+
+        let mem = load_mem(&db).with_context(|| format!("reading raft log {}", path.display()))?;
+        let shared = Arc::new(Shared {
+            db,
+            path,
+            mem: Mutex::new(mem),
+        });
+
+        let (tx, rx) = mpsc::channel();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer_loop(&thread_shared, rx))
+            .context("spawning raft log writer thread")?;
+
+        Ok(Self {
+            shared,
+            writer: Arc::new(Writer {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    fn send(&self, op: WriteOp) -> Result<(), AnyError> {
+        let tx = self
+            .writer
+            .tx
+            .as_ref()
+            .ok_or_else(|| AnyError::error("log writer closed"))?;
+        tx.send(op)
+            .map_err(|_| AnyError::error("log writer thread has stopped"))
+    }
+
+    /// Queue `op` and wait for the transaction holding it to be committed.
+    async fn send_and_wait(
+        &self,
+        op: WriteOp,
+        rx: oneshot::Receiver<Result<(), AnyError>>,
+    ) -> Result<(), AnyError> {
+        self.send(op)?;
+        rx.await
+            .map_err(|_| AnyError::error("log writer dropped the request"))?
+    }
+}
+
+fn load_mem(db: &Database) -> anyhow::Result<Mem> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    let vote = match meta.get(KEY_VOTE)? {
+        Some(v) => Some(decode::<Vote<NodeId>>(v.value()).context("corrupt vote record")?),
+        None => None,
+    };
+    let committed = match meta.get(KEY_COMMITTED)? {
+        Some(v) => decode::<Option<LogId>>(v.value()).context("corrupt committed record")?,
+        None => None,
+    };
+    let last_purged = match meta.get(KEY_PURGED)? {
+        Some(v) => Some(decode::<LogId>(v.value()).context("corrupt last-purged record")?),
+        None => None,
+    };
+    let logs = txn.open_table(LOGS)?;
+    let last_entry = match logs.last()? {
+        Some((k, v)) => Some(decode_entry(k.value(), v.value()).context("corrupt last log entry")?),
+        None => None,
+    };
+    // With no entry left (everything purged), the last log id is the last purged one.
+    let last_log_id = last_entry.map(|e| e.log_id).or(last_purged);
+    Ok(Mem {
+        pending: BTreeMap::new(),
+        last_log_id,
+        last_purged,
+        vote,
+        committed,
+    })
+}
+
+/// Decode a stored entry and check that it is the one its key says it is.
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, AnyError> {
+    let entry: Entry = decode(bytes).map_err(|e| AnyError::new(&e))?;
+    if entry.log_id.index != index {
+        return Err(AnyError::error(format!(
+            "log entry stored at index {index} has log id {}",
+            entry.log_id
+        )));
+    }
+    Ok(entry)
+}
+
+fn writer_loop(shared: &Shared, rx: mpsc::Receiver<WriteOp>) {
+    // After a failed commit the on-disk state may no longer match what openraft believes;
+    // refuse every later write rather than leave a hole in the log.
+    let mut failed: Option<AnyError> = None;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let mut closed = false;
+        while batch.len() < MAX_BATCH_OPS {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(mpsc::TryRecvError::Empty) => {
+                    if !batch.iter().all(WriteOp::deferrable) {
+                        break;
+                    }
+                    match rx.recv_timeout(COMMITTED_FLUSH_DELAY) {
+                        Ok(op) => batch.push(op),
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+
+        let result = match &failed {
+            Some(e) => Err(e.clone()),
+            None => write_batch(&shared.db, &batch),
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "raft log write failed; refusing further writes");
+            failed = Some(e.clone());
+        }
+        complete(shared, batch, result);
+        if closed {
+            break;
+        }
+    }
+}
+
+/// Apply a batch in one durable transaction. Returns only after the fsync.
+fn write_batch(db: &Database, batch: &[WriteOp]) -> Result<(), AnyError> {
+    let redb_err = |e: redb::Error| AnyError::new(&e);
+    let mut txn = db.begin_write().map_err(|e| redb_err(e.into()))?;
+    txn.set_durability(Durability::Immediate);
+    {
+        let mut logs = txn.open_table(LOGS).map_err(|e| redb_err(e.into()))?;
+        let mut meta = txn.open_table(META).map_err(|e| redb_err(e.into()))?;
+        for op in batch {
+            match op {
+                WriteOp::Append { entries, .. } => {
+                    for (index, bytes) in entries {
+                        logs.insert(*index, &bytes[..])
+                            .map_err(|e| redb_err(e.into()))?;
+                    }
+                }
+                WriteOp::Vote { bytes, .. } => {
+                    meta.insert(KEY_VOTE, &bytes[..])
+                        .map_err(|e| redb_err(e.into()))?;
+                }
+                WriteOp::Committed { bytes } => {
+                    meta.insert(KEY_COMMITTED, &bytes[..])
+                        .map_err(|e| redb_err(e.into()))?;
+                }
+                WriteOp::Truncate { since, .. } => {
+                    logs.retain_in(*since.., |_, _| false)
+                        .map_err(|e| redb_err(e.into()))?;
+                }
+                WriteOp::Purge { upto, bytes, .. } => {
+                    // The pointer first: if only part of this were applied the log would still
+                    // be consistent, but a transaction applies all or nothing anyway.
+                    meta.insert(KEY_PURGED, &bytes[..])
+                        .map_err(|e| redb_err(e.into()))?;
+                    logs.retain_in(..=*upto, |_, _| false)
+                        .map_err(|e| redb_err(e.into()))?;
+                }
+            }
+        }
+    }
+    txn.commit().map_err(|e| redb_err(e.into()))
+}
+
+/// Publish the outcome of a batch: drop committed entries from `pending`, then complete the
+/// callbacks in queue order. Runs strictly after `commit()` returned.
+fn complete(shared: &Shared, batch: Vec<WriteOp>, result: Result<(), AnyError>) {
+    if result.is_ok() {
+        let mut mem = shared.mem();
+        for op in &batch {
+            if let WriteOp::Append { entries, .. } = op {
+                for (index, bytes) in entries {
+                    // Only if it is still this very entry: a truncate may have replaced it.
+                    if mem
+                        .pending
+                        .get(index)
+                        .is_some_and(|p| Arc::ptr_eq(p, bytes))
+                    {
+                        mem.pending.remove(index);
+                    }
+                }
+            }
+        }
+    }
+    for op in batch {
+        match op {
+            WriteOp::Append { callback, .. } => callback
+                .log_io_completed(result.clone().map_err(|e| io::Error::other(e.to_string()))),
+            WriteOp::Vote { done, .. }
+            | WriteOp::Truncate { done, .. }
+            | WriteOp::Purge { done, .. } => {
+                // The waiter may have given up (its future dropped); nothing to do then.
+                let _ = done.send(result.clone());
+            }
+            WriteOp::Committed { .. } => {}
+        }
+    }
+}
+
+/// Normalize a range of log indexes to `[start, end)`, `end == None` meaning unbounded.
+fn to_half_open<RB: RangeBounds<u64>>(range: &RB) -> (u64, Option<u64>) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.checked_add(1),
+        Bound::Excluded(&e) => Some(e),
+        Bound::Unbounded => None,
+    };
+    (start, end)
+}
+
+/// Read `[start, end)`: the pending suffix from memory, the rest from redb.
+async fn read_entries(
+    shared: &Arc<Shared>,
+    start: u64,
+    end: Option<u64>,
+) -> StoreResult<Vec<Entry>> {
+    if end.is_some_and(|e| e <= start) {
+        return Ok(Vec::new());
+    }
+    // Snapshot the pending part BEFORE reading redb: an entry that leaves `pending` after this
+    // point has been committed, hence is visible to the read transaction started below.
+    let (pending, first_pending) = {
+        let mem = shared.mem();
+        let first = mem.pending.keys().next().copied();
+        let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+        let part: Vec<(u64, Arc<[u8]>)> = mem
+            .pending
+            .range((Bound::Included(start), upper))
+            .map(|(i, b)| (*i, b.clone()))
+            .collect();
+        (part, first)
+    };
+
+    let db_end = match (end, first_pending) {
+        (Some(e), Some(p)) => Some(e.min(p)),
+        (e, p) => e.or(p),
+    };
+    let mut out = if db_end.is_none_or(|e| start < e) {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || read_db_range(&shared.db, start, db_end))
+            .await
+            .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))??
+    } else {
+        Vec::new()
+    };
+    out.reserve(pending.len());
+    for (index, bytes) in pending {
+        let entry =
+            decode_entry(index, &bytes).map_err(|e| StorageIOError::read_log_at_index(index, e))?;
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+fn read_db_range(db: &Database, start: u64, end: Option<u64>) -> StoreResult<Vec<Entry>> {
+    let read_err =
+        |e: redb::Error| StorageError::from(StorageIOError::read_logs(AnyError::new(&e)));
+    let txn = db.begin_read().map_err(|e| read_err(e.into()))?;
+    let table = txn.open_table(LOGS).map_err(|e| read_err(e.into()))?;
+    let range = match end {
+        Some(end) => table.range(start..end),
+        None => table.range(start..),
+    }
+    .map_err(|e| read_err(e.into()))?;
+    let mut out = Vec::new();
+    for item in range {
+        let (k, v) = item.map_err(|e| read_err(e.into()))?;
+        let index = k.value();
+        let entry = decode_entry(index, v.value())
+            .map_err(|e| StorageIOError::read_log_at_index(index, e))?;
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// The id of the last entry stored in redb, if any (used after a truncate).
+fn read_db_last(db: &Database) -> StoreResult<Option<LogId>> {
+    let read_err =
+        |e: redb::Error| StorageError::from(StorageIOError::read_logs(AnyError::new(&e)));
+    let txn = db.begin_read().map_err(|e| read_err(e.into()))?;
+    let table = txn.open_table(LOGS).map_err(|e| read_err(e.into()))?;
+    let last = match table.last().map_err(|e| read_err(e.into()))? {
+        Some((k, v)) => {
+            let index = k.value();
+            let entry = decode_entry(index, v.value())
+                .map_err(|e| StorageIOError::read_log_at_index(index, e))?;
+            Some(entry.log_id)
+        }
+        None => None,
+    };
+    Ok(last)
+}
+
+impl RaftLogReader<TypeConfig> for RedbLogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StoreResult<Vec<Entry>> {
+        let (start, end) = to_half_open(&range);
+        read_entries(&self.shared, start, end).await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for RedbLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StoreResult<Vec<Entry>> {
+        let (start, end) = to_half_open(&range);
+        read_entries(&self.shared, start, end).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for RedbLogStore {
+    type LogReader = RedbLogReader;
+
+    async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
+        let mem = self.shared.mem();
+        Ok(LogState {
+            last_purged_log_id: mem.last_purged,
+            last_log_id: mem.last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        RedbLogReader {
+            shared: self.shared.clone(),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StoreResult<()> {
+        let bytes = encode(vote).map_err(|e| StorageIOError::write_vote(AnyError::new(&e)))?;
+        let (done, rx) = oneshot::channel();
+        self.send_and_wait(WriteOp::Vote { bytes, done }, rx)
+            .await
+            .map_err(StorageIOError::write_vote)?;
+        self.shared.mem().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StoreResult<Option<Vote<NodeId>>> {
+        Ok(self.shared.mem().vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> StoreResult<()> {
+        let bytes = encode(&committed).map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+        // Queued behind every append issued so far, so when it reaches the disk the entries it
+        // points at are there too.
+        self.send(WriteOp::Committed { bytes })
+            .map_err(StorageIOError::write)?;
+        self.shared.mem().committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StoreResult<Option<LogId>> {
+        Ok(self.shared.mem().committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut encoded = Vec::new();
+        let mut last = None;
+        for entry in entries {
+            let bytes = encode(&entry)
+                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))?;
+            encoded.push((entry.log_id.index, Arc::<[u8]>::from(bytes)));
+            last = Some(entry.log_id);
+        }
+        {
+            let mut mem = self.shared.mem();
+            for (index, bytes) in &encoded {
+                mem.pending.insert(*index, bytes.clone());
+            }
+            if last.is_some() {
+                mem.last_log_id = last;
+            }
+        }
+        // Even an empty append goes through the queue: its callback must not fire before the
+        // writes queued ahead of it are flushed.
+        self.send(WriteOp::Append {
+            entries: encoded,
+            callback,
+        })
+        .map_err(StorageIOError::write_logs)?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> StoreResult<()> {
+        let since = log_id.index;
+        // Hide the doomed entries at once; the queued appends that carry them are committed and
+        // then deleted, in order, by the writer.
+        self.shared.mem().pending.split_off(&since);
+        let (done, rx) = oneshot::channel();
+        let subject = || ErrorSubject::Log(log_id);
+        self.send_and_wait(WriteOp::Truncate { since, done }, rx)
+            .await
+            .map_err(|e| StorageIOError::new(subject(), ErrorVerb::Delete, e))?;
+
+        // Every append queued before the truncate is committed now, so redb holds the whole
+        // remaining log.
+        let shared = self.shared.clone();
+        let last = tokio::task::spawn_blocking(move || read_db_last(&shared.db))
+            .await
+            .map_err(|e| StorageIOError::new(subject(), ErrorVerb::Read, AnyError::new(&e)))??;
+        let mut mem = self.shared.mem();
+        let purged = mem.last_purged;
+        mem.last_log_id = last.or(purged);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> StoreResult<()> {
+        let bytes = encode(&log_id).map_err(|e| {
+            StorageIOError::new(
+                ErrorSubject::Log(log_id),
+                ErrorVerb::Delete,
+                AnyError::new(&e),
+            )
+        })?;
+        {
+            let mut mem = self.shared.mem();
+            let keep = mem.pending.split_off(&(log_id.index.saturating_add(1)));
+            mem.pending = keep;
+            mem.last_purged = Some(log_id);
+            if mem.last_log_id < Some(log_id) {
+                mem.last_log_id = Some(log_id);
+            }
+        }
+        let (done, rx) = oneshot::channel();
+        self.send_and_wait(
+            WriteOp::Purge {
+                upto: log_id.index,
+                bytes,
+                done,
+            },
+            rx,
+        )
+        .await
+        .map_err(|e| StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,65 @@
+//! Raft plumbing: type config, durable log store, state machine store, network.
+//!
+//! * [`types`]: the openraft [`TypeConfig`] and the node address type [`NodeAddr`].
+//! * [`log_store`]: [`RedbLogStore`], the durable log (redb, fsync per group commit).
+//! * [`sm_store`]: [`StateMachineStore`], the in-memory task table plus snapshot files.
+//! * [`network`]: Raft RPCs over mutual-TLS QUIC ([`QuicRaftNetwork`],
+//!   [`serve_raft_connection`]).
+
+pub mod log_store;
+pub mod network;
+pub mod sm_store;
+pub mod types;
+
+pub use log_store::{RedbLogReader, RedbLogStore};
+pub use network::{serve_raft_connection, QuicRaftClient, QuicRaftNetwork};
+pub use sm_store::{StateMachineStore, TableGuard, TableHandle};
+pub use types::{NodeAddr, NodeId, TypeConfig};
+
+/// A Raft node of the coordinator cluster.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Heartbeat interval. Elections start after 3–6 missed heartbeats, so a dead leader is
+/// replaced well within the 2 s failover target.
+pub const HEARTBEAT_MS: u64 = 100;
+/// Lower bound of the randomized election timeout.
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+/// Upper bound of the randomized election timeout.
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// Build a snapshot after this many applied entries (~6,700 tasks at 3 entries per task).
+pub const SNAPSHOT_EVERY_LOGS: u64 = 20_000;
+
+/// The openraft configuration of a coordinator node.
+///
+/// The values are constants known to pass [`openraft::Config::validate`] (a unit test checks
+/// it); `Raft::new` is still the place where a bad config would be reported.
+pub fn raft_config(cluster_name: &str) -> openraft::Config {
+    openraft::Config {
+        cluster_name: cluster_name.to_string(),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        // A full snapshot travels as one RPC; give it time to cross the network and be fsynced.
+        install_snapshot_timeout: 10_000,
+        // Bounds one AppendEntries message (and one follower fsync batch).
+        max_payload_entries: 512,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_LOGS),
+        // Must exceed the snapshot interval, or a snapshot may not cure the lag.
+        replication_lag_threshold: 2 * SNAPSHOT_EVERY_LOGS,
+        // Followers slightly behind catch up from the log instead of a whole snapshot.
+        max_in_snapshot_log_to_keep: 1_000,
+        // Purge in large steps: each purge is a write transaction with an fsync.
+        purge_batch_size: 1_024,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn raft_config_is_valid() {
+        let config = super::raft_config("test").validate().expect("valid config");
+        assert!(config.election_timeout_min > 2 * config.heartbeat_interval);
+        assert!(config.election_timeout_max < 2_000);
+    }
+}

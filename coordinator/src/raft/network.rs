@@ -1,0 +1,571 @@
+//! Raft RPCs between coordinators over mutual-TLS QUIC (ALPN `swarm-raft/1`).
+//!
+//! Each RPC is one bidirectional stream carrying one [`RaftRequest`] frame and one
+//! [`RaftResponse`] frame, on a single long-lived connection per peer. Streams are cheap in
+//! QUIC, so concurrent RPCs (a replication stream, votes, snapshot chunks) never queue behind
+//! each other.
+//!
+//! * Client: [`QuicRaftNetwork`] (the openraft network factory) shares one [`quinn::Connection`]
+//!   per peer among all the openraft clients for that peer; it dials lazily and redials when
+//!   the connection died or stopped answering.
+//! * Server: [`serve_raft_connection`] serves one accepted connection, for coordinators only.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use swarm_transport::{peer_role, FrameError, FrameReader, FrameWriter, Role, TransportError};
+use tokio::sync::Semaphore;
+
+use super::types::{NodeAddr, NodeId, TypeConfig};
+
+/// Largest Raft frame, either way. Above the transport default because an AppendEntries of
+/// `max_payload_entries` entries, or a snapshot chunk, can be large; still below the codec's
+/// decode limit. An AppendEntries that does not fit is reported to openraft as
+/// [`PayloadTooLarge`], which makes it retry with fewer entries.
+pub const RAFT_MAX_FRAME: usize = 48 * 1024 * 1024;
+
+/// Concurrent RPC streams served per peer connection; further streams wait (QUIC flow
+/// control then pushes back on the peer).
+pub const MAX_CONCURRENT_RPCS: usize = 64;
+
+/// Upper bound for dialing a peer, whatever the RPC's own timeout.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// After this many RPCs in a row failed or timed out on one connection, it is considered dead
+/// (e.g. the peer restarted: QUIC would only notice after its idle timeout) and is redialed.
+const MAX_CONSECUTIVE_FAILURES: u32 = 3;
+
+/// Application close code: the peer's certificate is not a coordinator's.
+pub const CLOSE_NOT_COORDINATOR: u32 = 0x5721;
+/// Application close code: the connection stopped answering and is being replaced.
+const CLOSE_UNRESPONSIVE: u32 = 0x5722;
+/// Stream error code: the request frame was malformed.
+const STREAM_MALFORMED: u32 = 0x5723;
+
+/// One Raft RPC request, as sent on the wire.
+#[derive(Serialize, Deserialize)]
+pub enum RaftRequest {
+    /// Log replication and heartbeats.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Leader election.
+    Vote(VoteRequest<NodeId>),
+    /// One chunk of a snapshot.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// The answer to a [`RaftRequest`]: the receiving Raft node's result, error included.
+#[derive(Serialize, Deserialize)]
+pub enum RaftResponse {
+    /// Answer to [`RaftRequest::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// Answer to [`RaftRequest::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// Answer to [`RaftRequest::InstallSnapshot`].
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+}
+
+impl RaftResponse {
+    fn kind(&self) -> &'static str {
+        match self {
+            RaftResponse::AppendEntries(_) => "AppendEntries",
+            RaftResponse::Vote(_) => "Vote",
+            RaftResponse::InstallSnapshot(_) => "InstallSnapshot",
+        }
+    }
+}
+
+/// A network-level failure, as text (openraft's error types want a `std::error::Error`).
+#[derive(Debug)]
+struct NetError(String);
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for NetError {}
+
+fn unreachable<E: StdError>(msg: String) -> RPCError<NodeId, NodeAddr, E> {
+    RPCError::Unreachable(Unreachable::new(&NetError(msg)))
+}
+
+fn network_error<E: StdError>(msg: String) -> RPCError<NodeId, NodeAddr, E> {
+    RPCError::Network(NetworkError::new(&NetError(msg)))
+}
+
+/// The openraft network factory: creates per-peer clients that share one QUIC connection per
+/// peer. Cheap to clone.
+#[derive(Clone)]
+pub struct QuicRaftNetwork {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    peers: Arc<Mutex<HashMap<NodeId, Arc<PeerConn>>>>,
+}
+
+impl QuicRaftNetwork {
+    /// Dial peers from `endpoint` (usually the coordinator's own server endpoint) with
+    /// `client`, a client config offering ALPN `swarm-raft/1` with a coordinator identity.
+    pub fn new(endpoint: quinn::Endpoint, client: quinn::ClientConfig) -> Self {
+        Self {
+            endpoint,
+            client,
+            peers: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn peers(&self) -> MutexGuard<'_, HashMap<NodeId, Arc<PeerConn>>> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for QuicRaftNetwork {
+    type Network = QuicRaftClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> QuicRaftClient {
+        let peer = {
+            let mut peers = self.peers();
+            match peers.get(&target) {
+                Some(p) if p.addr == node.raft_addr => p.clone(),
+                // New peer, or its address changed: start over with a fresh connection slot.
+                _ => {
+                    let p = Arc::new(PeerConn::new(target, node.raft_addr.clone()));
+                    if let Some(old) = peers.insert(target, p.clone()) {
+                        old.close(b"peer address changed");
+                    }
+                    p
+                }
+            }
+        };
+        QuicRaftClient {
+            endpoint: self.endpoint.clone(),
+            client: self.client.clone(),
+            peer,
+        }
+    }
+}
+
+/// The connection slot of one peer, shared by all clients for that peer.
+struct PeerConn {
+    target: NodeId,
+    addr: String,
+    conn: Mutex<Option<quinn::Connection>>,
+    /// Serializes dialing, so concurrent RPCs to a disconnected peer make one connection.
+    dial_lock: tokio::sync::Mutex<()>,
+    failures: AtomicU32,
+}
+
+impl PeerConn {
+    fn new(target: NodeId, addr: String) -> Self {
+        Self {
+            target,
+            addr,
+            conn: Mutex::new(None),
+            dial_lock: tokio::sync::Mutex::new(()),
+            failures: AtomicU32::new(0),
+        }
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<quinn::Connection>> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cached connection, if it is still alive.
+    fn live(&self) -> Option<quinn::Connection> {
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|c| c.close_reason().is_some()) {
+            *slot = None;
+        }
+        slot.clone()
+    }
+
+    /// Drop the connection with stable id `id` if it is still the cached one.
+    fn discard(&self, id: usize, reason: &[u8]) {
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|c| c.stable_id() == id) {
+            if let Some(conn) = slot.take() {
+                conn.close(quinn::VarInt::from_u32(CLOSE_UNRESPONSIVE), reason);
+            }
+        }
+    }
+
+    fn close(&self, reason: &[u8]) {
+        if let Some(conn) = self.slot().take() {
+            conn.close(quinn::VarInt::from_u32(CLOSE_UNRESPONSIVE), reason);
+        }
+    }
+
+    fn record_failure(&self, conn_id: usize) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= MAX_CONSECUTIVE_FAILURES {
+            tracing::info!(
+                target_node = self.target,
+                addr = %self.addr,
+                failures = n,
+                "raft connection stopped answering; will redial"
+            );
+            self.failures.store(0, Ordering::Relaxed);
+            self.discard(conn_id, b"unresponsive");
+        }
+    }
+}
+
+/// Counts an RPC as failed unless it is marked done: also when its future is dropped by
+/// openraft's timeout, which is exactly the case of a peer that silently went away.
+struct InFlight<'a> {
+    peer: &'a PeerConn,
+    conn_id: usize,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            self.peer.failures.store(0, Ordering::Relaxed);
+        } else {
+            self.peer.record_failure(self.conn_id);
+        }
+    }
+}
+
+/// `host` of `host:port` / `[v6]:port`, as the TLS server name to verify.
+fn server_name(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        if let Some((host, _)) = rest.split_once(']') {
+            return host;
+        }
+    }
+    addr.rsplit_once(':').map_or(addr, |(host, _)| host)
+}
+
+/// The openraft client for one peer.
+pub struct QuicRaftClient {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    peer: Arc<PeerConn>,
+}
+
+impl QuicRaftClient {
+    async fn connect(&self) -> Result<quinn::Connection, String> {
+        if let Some(conn) = self.peer.live() {
+            return Ok(conn);
+        }
+        let _dialing = self.peer.dial_lock.lock().await;
+        if let Some(conn) = self.peer.live() {
+            return Ok(conn);
+        }
+        let addr = &self.peer.addr;
+        let conn = tokio::time::timeout(DIAL_TIMEOUT, self.dial(addr))
+            .await
+            .map_err(|_| format!("dialing {addr}: timed out after {DIAL_TIMEOUT:?}"))??;
+        tracing::debug!(target_node = self.peer.target, %addr, "raft connection established");
+        self.peer.failures.store(0, Ordering::Relaxed);
+        *self.peer.slot() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, addr: &str) -> Result<quinn::Connection, String> {
+        let candidates: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| format!("resolving {addr}: {e}"))?
+            .collect();
+        // A socket bound to an IPv4 address cannot reach an IPv6 peer and vice versa.
+        let local_v4 = self
+            .endpoint
+            .local_addr()
+            .map(|a| a.is_ipv4())
+            .unwrap_or(true);
+        let sock = candidates
+            .iter()
+            .find(|a| a.is_ipv4() == local_v4)
+            .or(candidates.first())
+            .copied()
+            .ok_or_else(|| format!("{addr} resolves to no address"))?;
+        let mut dialed =
+            swarm_transport::dial(&self.endpoint, &self.client, sock, server_name(addr))
+                .await
+                .map_err(|e| format!("dialing {addr} ({sock}): {e}"))?;
+        // Raft RPCs wait for the full handshake: nothing is sent as replayable 0-RTT data.
+        dialed
+            .handshake()
+            .await
+            .map_err(|e| format!("handshake with {addr}: {e}"))?;
+        Ok(dialed.conn)
+    }
+
+    /// Send one request and read its response, within the RPC's soft deadline (openraft drops
+    /// the call at the hard one).
+    async fn call<E: StdError>(
+        &self,
+        req: &RaftRequest,
+        option: &RPCOption,
+    ) -> Result<RaftResponse, RPCError<NodeId, NodeAddr, E>> {
+        let ttl = option.soft_ttl();
+        let conn = match tokio::time::timeout(ttl, self.connect()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(unreachable(e)),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "connecting to {}: timed out",
+                    self.peer.addr
+                )))
+            }
+        };
+        let mut in_flight = InFlight {
+            peer: &self.peer,
+            conn_id: conn.stable_id(),
+            done: false,
+        };
+        let res = match tokio::time::timeout(ttl, exchange(&conn, req)).await {
+            Ok(res) => res,
+            Err(_) => {
+                return Err(network_error(format!(
+                    "no answer from {} within {ttl:?}",
+                    self.peer.addr
+                )))
+            }
+        };
+        match res {
+            Ok(resp) => {
+                in_flight.done = true;
+                Ok(resp)
+            }
+            Err(CallError::TooLarge(len)) => {
+                // Our own request was refused before sending; the connection is fine.
+                in_flight.done = true;
+                let hint = match req {
+                    RaftRequest::AppendEntries(r) => (r.entries.len() as u64 / 2).max(1),
+                    _ => 1,
+                };
+                Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(hint)
+                        .with_source_error(&NetError(format!("request of {len} bytes"))),
+                ))
+            }
+            Err(CallError::Connection(e)) => {
+                // The connection is gone: forget it, and let openraft back off before retrying.
+                self.peer.discard(conn.stable_id(), b"connection failed");
+                Err(unreachable(format!(
+                    "connection to {}: {e}",
+                    self.peer.addr
+                )))
+            }
+            Err(CallError::Stream(e)) => {
+                Err(network_error(format!("rpc to {}: {e}", self.peer.addr)))
+            }
+        }
+    }
+}
+
+enum CallError {
+    TooLarge(usize),
+    Connection(quinn::ConnectionError),
+    Stream(String),
+}
+
+async fn exchange(conn: &quinn::Connection, req: &RaftRequest) -> Result<RaftResponse, CallError> {
+    let (send, recv) = conn.open_bi().await.map_err(CallError::Connection)?;
+    let mut writer = FrameWriter::with_max_frame(send, RAFT_MAX_FRAME);
+    match writer.send(req).await {
+        Ok(()) => {}
+        Err(FrameError::TooLarge { len, .. }) => return Err(CallError::TooLarge(len)),
+        Err(e) => return Err(CallError::Stream(e.to_string())),
+    }
+    // Only one request per stream; finishing tells the server nothing else follows.
+    writer
+        .finish()
+        .map_err(|e| CallError::Stream(e.to_string()))?;
+    let mut reader = FrameReader::with_max_frame(recv, RAFT_MAX_FRAME);
+    match reader.recv::<RaftResponse>().await {
+        Ok(Some(resp)) => Ok(resp),
+        Ok(None) => Err(CallError::Stream(
+            "peer closed the stream without answering".into(),
+        )),
+        Err(e) => Err(CallError::Stream(e.to_string())),
+    }
+}
+
+fn unexpected<E: StdError>(want: &str, got: &RaftResponse) -> RPCError<NodeId, NodeAddr, E> {
+    network_error(format!("expected a {want} response, got {}", got.kind()))
+}
+
+impl RaftNetwork<TypeConfig> for QuicRaftClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+        match self.call(&RaftRequest::AppendEntries(rpc), &option).await? {
+            RaftResponse::AppendEntries(res) => {
+                res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.peer.target, e)))
+            }
+            other => Err(unexpected("AppendEntries", &other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, NodeAddr, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self
+            .call(&RaftRequest::InstallSnapshot(rpc), &option)
+            .await?
+        {
+            RaftResponse::InstallSnapshot(res) => {
+                res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.peer.target, e)))
+            }
+            other => Err(unexpected("InstallSnapshot", &other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+        match self.call(&RaftRequest::Vote(rpc), &option).await? {
+            RaftResponse::Vote(res) => {
+                res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.peer.target, e)))
+            }
+            other => Err(unexpected("Vote", &other)),
+        }
+    }
+}
+
+/// Serve Raft RPCs on an accepted connection until it closes.
+///
+/// Call it once the TLS handshake has completed (e.g. after
+/// `swarm_transport::Accepted::authenticate`): the peer must have authenticated with a
+/// coordinator certificate, otherwise — a worker, most importantly — the connection is closed
+/// with [`CLOSE_NOT_COORDINATOR`] and nothing is read from it. Each stream carries one request;
+/// a malformed one only costs its own stream.
+pub async fn serve_raft_connection(conn: quinn::Connection, raft: openraft::Raft<TypeConfig>) {
+    let remote = conn.remote_address();
+    match peer_role(&conn) {
+        Ok(Role::Coordinator) => {}
+        Ok(role) => {
+            tracing::warn!(%remote, %role, "refusing Raft RPCs from a non-coordinator peer");
+            conn.close(
+                quinn::VarInt::from_u32(CLOSE_NOT_COORDINATOR),
+                b"raft requires a coordinator certificate",
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "refusing Raft RPCs: cannot establish the peer's role");
+            conn.close(
+                quinn::VarInt::from_u32(CLOSE_NOT_COORDINATOR),
+                b"raft requires a coordinator certificate",
+            );
+            return;
+        }
+    }
+    serve_streams(conn, raft).await;
+}
+
+async fn serve_streams(conn: quinn::Connection, raft: openraft::Raft<TypeConfig>) {
+    let remote = conn.remote_address();
+    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_RPCS));
+    loop {
+        // Take a slot before accepting, so a peer cannot make us hold unbounded requests.
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::debug!(%remote, reason = %e, "raft connection closed");
+                return;
+            }
+        };
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            serve_stream(send, recv, raft, remote).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_stream(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    raft: openraft::Raft<TypeConfig>,
+    remote: SocketAddr,
+) {
+    let mut reader = FrameReader::with_max_frame(recv, RAFT_MAX_FRAME);
+    let mut writer = FrameWriter::with_max_frame(send, RAFT_MAX_FRAME);
+    let req = match reader.recv::<RaftRequest>().await {
+        Ok(Some(req)) => req,
+        Ok(None) => return,
+        Err(e) => {
+            if e.is_malformed() {
+                tracing::warn!(%remote, error = %e, "malformed Raft request; closing its stream");
+            } else {
+                tracing::debug!(%remote, error = %e, "Raft request stream failed");
+            }
+            let code = quinn::VarInt::from_u32(STREAM_MALFORMED);
+            // Already-closed streams are fine here: we are giving up on this one anyway.
+            let _ = reader.get_mut().stop(code);
+            let _ = writer.get_mut().reset(code);
+            return;
+        }
+    };
+    let resp = match req {
+        RaftRequest::AppendEntries(rpc) => {
+            RaftResponse::AppendEntries(raft.append_entries(rpc).await)
+        }
+        RaftRequest::Vote(rpc) => RaftResponse::Vote(raft.vote(rpc).await),
+        RaftRequest::InstallSnapshot(rpc) => {
+            RaftResponse::InstallSnapshot(raft.install_snapshot(rpc).await)
+        }
+    };
+    if let Err(e) = send_response(&mut writer, &resp).await {
+        tracing::debug!(%remote, error = %e, "could not send Raft response");
+    }
+}
+
+async fn send_response(
+    writer: &mut FrameWriter,
+    resp: &RaftResponse,
+) -> Result<(), TransportError> {
+    writer.send(resp).await?;
+    writer.finish()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_name;
+
+    #[test]
+    fn server_name_is_the_host_part() {
+        assert_eq!(server_name("127.0.0.1:7000"), "127.0.0.1");
+        assert_eq!(
+            server_name("coord-1.example.com:7000"),
+            "coord-1.example.com"
+        );
+        assert_eq!(server_name("[::1]:7000"), "::1");
+        assert_eq!(server_name("localhost"), "localhost");
+    }
+}

@@ -1,0 +1,493 @@
+//! Dispatch decisions, worker leases and retry backoff, as a plain state machine.
+//!
+//! The scheduler never touches a socket, a clock or the Raft log. The leader's
+//! dispatcher feeds it events (worker connected, heartbeat, report received, task
+//! finalized) with an explicit `now_ms`, asks it for a [`Scheduler::plan`] and for
+//! [`Scheduler::expire`]d attempts, and turns the answers into Raft proposals and frames.
+//!
+//! Bookkeeping: an attempt is *in flight* from the moment it is planned until the task
+//! table says the task moved on (finalized or re-queued). A worker's slot is busy from
+//! plan until the worker reports the attempt's end, which may be before the report is
+//! committed; the task stays in flight until then, so it is never planned twice.
+
+use std::collections::{BTreeMap, HashMap};
+
+use swarm_proto::worker::AttemptRef;
+use swarm_proto::TaskId;
+
+use crate::state::Task;
+
+/// Timing knobs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SchedulerConfig {
+    /// A worker not heard from for this long is lost, and so are its attempts.
+    pub lease_ms: u64,
+    /// First retry delay; doubles per attempt.
+    pub backoff_base_ms: u64,
+    /// Largest retry delay.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { lease_ms: 5_000, backoff_base_ms: 200, backoff_max_ms: 30_000 }
+    }
+}
+
+/// One worker as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerEntry {
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
+    pub connected: bool,
+    pub last_seen_ms: u64,
+    /// Attempts occupying a slot (planned, not yet reported).
+    pub busy: u32,
+    /// Attempts planned on this worker since it registered.
+    pub dispatched: u64,
+}
+
+impl WorkerEntry {
+    fn load(&self) -> f64 {
+        if self.slots == 0 {
+            return f64::INFINITY;
+        }
+        self.busy as f64 / self.slots as f64
+    }
+
+    fn has_labels(&self, wanted: &BTreeMap<String, String>) -> bool {
+        wanted.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// An attempt the scheduler is tracking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InFlight {
+    pub worker: String,
+    pub attempt: AttemptRef,
+    /// Past this time the attempt is given up even if its worker is alive.
+    pub deadline_ms: u64,
+    /// The worker reported the end; waiting for the report to commit.
+    pub reported: bool,
+}
+
+/// "Send this attempt to this worker."
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatch {
+    pub worker: String,
+    pub attempt: AttemptRef,
+}
+
+/// An attempt to give up, with a reason for the task's record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expired {
+    pub worker: String,
+    pub attempt: AttemptRef,
+    pub reason: String,
+}
+
+/// The leader's dispatch and lease state. Rebuilt from the task table on election.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    workers: BTreeMap<String, WorkerEntry>,
+    in_flight: HashMap<TaskId, InFlight>,
+    /// Rotates the starting point among equally loaded workers.
+    cursor: usize,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Scheduler { cfg, ..Default::default() }
+    }
+
+    /// A worker said hello. Its earlier slot bookkeeping is kept: attempts it still
+    /// runs stay in flight on it.
+    pub fn worker_connected(&mut self, id: &str, slots: u32, labels: BTreeMap<String, String>, now_ms: u64) {
+        let busy = self.in_flight.values().filter(|f| f.worker == id && !f.reported).count() as u32;
+        let dispatched = self.workers.get(id).map_or(0, |w| w.dispatched);
+        self.workers.insert(
+            id.to_string(),
+            WorkerEntry { slots, labels, connected: true, last_seen_ms: now_ms, busy, dispatched },
+        );
+    }
+
+    /// The worker's connection closed. Its attempts stay leased to it until the lease
+    /// runs out, so a quick reconnect loses nothing.
+    pub fn worker_disconnected(&mut self, id: &str) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.connected = false;
+        }
+    }
+
+    /// Any sign of life from the worker renews its lease.
+    pub fn worker_seen(&mut self, id: &str, now_ms: u64) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.last_seen_ms = w.last_seen_ms.max(now_ms);
+        }
+    }
+
+    /// Workers known to the scheduler.
+    pub fn workers(&self) -> &BTreeMap<String, WorkerEntry> {
+        &self.workers
+    }
+
+    /// The attempt in flight for `task`, if any.
+    pub fn in_flight(&self, task: TaskId) -> Option<&InFlight> {
+        self.in_flight.get(&task)
+    }
+
+    /// All attempts in flight on `worker`.
+    pub fn in_flight_on<'a>(&'a self, worker: &'a str) -> impl Iterator<Item = &'a InFlight> + 'a {
+        self.in_flight.values().filter(move |f| f.worker == worker)
+    }
+
+    /// Number of attempts in flight.
+    pub fn in_flight_count(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Track an attempt the scheduler did not plan: one a reconnecting worker reports, or
+    /// one the task table says is running after this node became leader.
+    pub fn adopt(&mut self, worker: &str, attempt: AttemptRef, timeout_ms: u64, now_ms: u64) {
+        if self.in_flight.get(&attempt.task_id).is_some_and(|f| f.attempt == attempt && f.worker == worker) {
+            return;
+        }
+        self.forget(attempt.task_id);
+        self.in_flight.insert(
+            attempt.task_id,
+            InFlight {
+                worker: worker.to_string(),
+                attempt,
+                deadline_ms: self.deadline(now_ms, timeout_ms),
+                reported: false,
+            },
+        );
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.busy += 1;
+        }
+    }
+
+    fn deadline(&self, now_ms: u64, timeout_ms: u64) -> u64 {
+        now_ms.saturating_add(timeout_ms).saturating_add(self.cfg.lease_ms)
+    }
+
+    /// The worker reported the end of `attempt`: its slot is free; the task stays in
+    /// flight until the report commits.
+    pub fn reported(&mut self, worker: &str, attempt: AttemptRef) {
+        let Some(f) = self.in_flight.get_mut(&attempt.task_id) else { return };
+        if f.attempt != attempt || f.worker != worker || f.reported {
+            return;
+        }
+        f.reported = true;
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.busy = w.busy.saturating_sub(1);
+        }
+    }
+
+    /// The task table says the task moved on (final, or queued for another attempt).
+    /// Returns what was in flight, so a still-running attempt can be stopped.
+    pub fn forget(&mut self, task: TaskId) -> Option<InFlight> {
+        let f = self.in_flight.remove(&task)?;
+        if !f.reported {
+            if let Some(w) = self.workers.get_mut(&f.worker) {
+                w.busy = w.busy.saturating_sub(1);
+            }
+        }
+        Some(f)
+    }
+
+    /// Choose attempts for queued tasks, best first, until workers are full. `queued`
+    /// must be in run order. Tasks in flight, waiting out a backoff, or matching no
+    /// connected worker's labels are skipped.
+    pub fn plan<'a>(&mut self, queued: impl Iterator<Item = &'a Task>, now_ms: u64) -> Vec<Dispatch> {
+        let mut free: u64 = self
+            .workers
+            .values()
+            .filter(|w| w.connected)
+            .map(|w| w.slots.saturating_sub(w.busy) as u64)
+            .sum();
+        let mut out = Vec::new();
+        if free == 0 {
+            return out;
+        }
+        let ids: Vec<String> = self.workers.keys().cloned().collect();
+        for task in queued {
+            if free == 0 {
+                break;
+            }
+            if task.not_before_ms > now_ms || self.in_flight.contains_key(&task.id) {
+                continue;
+            }
+            let Some(worker) = self.pick_worker(&ids, &task.spec.labels) else { continue };
+            let attempt = AttemptRef { task_id: task.id, attempt: task.next_attempt() };
+            let deadline_ms = self.deadline(now_ms, task.spec.timeout_ms);
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.busy += 1;
+                w.dispatched += 1;
+            }
+            self.in_flight.insert(
+                task.id,
+                InFlight { worker: worker.clone(), attempt, deadline_ms, reported: false },
+            );
+            free -= 1;
+            out.push(Dispatch { worker, attempt });
+        }
+        out
+    }
+
+    /// The least loaded connected worker with a free slot and the wanted labels; ties go
+    /// round-robin so equal workers share the work.
+    fn pick_worker(&mut self, ids: &[String], labels: &BTreeMap<String, String>) -> Option<String> {
+        let n = ids.len();
+        let mut best: Option<(f64, usize)> = None;
+        for k in 0..n {
+            let i = (self.cursor + k) % n;
+            let Some(w) = self.workers.get(&ids[i]) else { continue };
+            if !w.connected || w.busy >= w.slots || !w.has_labels(labels) {
+                continue;
+            }
+            let load = w.load();
+            if best.is_none_or(|(b, _)| load < b) {
+                best = Some((load, i));
+            }
+        }
+        let (_, i) = best?;
+        self.cursor = (i + 1) % n.max(1);
+        Some(ids[i].clone())
+    }
+
+    /// Attempts to give up at `now_ms`: those of workers whose lease ran out, and those
+    /// past their deadline. Expired workers are dropped. Each attempt is returned once
+    /// (it leaves the in-flight set); the caller proposes `Op::Lose` for it.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Expired> {
+        let lease = self.cfg.lease_ms;
+        let lost: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now_ms.saturating_sub(w.last_seen_ms) > lease)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (task, f) in &self.in_flight {
+            if f.reported {
+                continue;
+            }
+            let reason = if lost.contains(&f.worker) || !self.workers.contains_key(&f.worker) {
+                format!("worker {} lost: not heard from for over {lease} ms", f.worker)
+            } else if now_ms > f.deadline_ms {
+                format!("no report from worker {} by the attempt's deadline", f.worker)
+            } else {
+                continue;
+            };
+            out.push(Expired { worker: f.worker.clone(), attempt: f.attempt, reason });
+            gone.push(*task);
+        }
+        for task in gone {
+            self.forget(task);
+        }
+        for id in lost {
+            // A worker still connected but silent is dropped too; if it comes back it
+            // says hello again.
+            self.workers.remove(&id);
+        }
+        out.sort_by_key(|e| e.attempt);
+        out
+    }
+
+    /// When [`Scheduler::expire`] may next have something to do.
+    pub fn next_expiry(&self) -> Option<u64> {
+        let leases = self.workers.values().map(|w| w.last_seen_ms.saturating_add(self.cfg.lease_ms + 1));
+        let deadlines = self.in_flight.values().filter(|f| !f.reported).map(|f| f.deadline_ms + 1);
+        leases.chain(deadlines).min()
+    }
+
+    /// When a retry of `attempt` (the attempt that just ended) may run: exponential
+    /// backoff from the configured base, capped, with up to 25% jitter derived from the
+    /// task id so replays compute the same value.
+    pub fn retry_at(&self, now_ms: u64, attempt: AttemptRef) -> u64 {
+        let exp = attempt.attempt.saturating_sub(1).min(20);
+        let delay = self.cfg.backoff_base_ms.saturating_mul(1u64 << exp).min(self.cfg.backoff_max_ms);
+        let jitter = (attempt.task_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % (delay / 4 + 1);
+        now_ms.saturating_add(delay).saturating_add(jitter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, Op, TaskSpec, TaskTable};
+    use swarm_proto::api::TaskState;
+
+    fn cfg() -> SchedulerConfig {
+        SchedulerConfig { lease_ms: 1000, backoff_base_ms: 100, backoff_max_ms: 1000 }
+    }
+
+    fn table(n: usize, labels: &[(&str, &str)]) -> TaskTable {
+        let mut t = TaskTable::new();
+        let spec = TaskSpec {
+            agent: "echo".into(),
+            payload: vec![],
+            priority: 0,
+            timeout_ms: 500,
+            max_attempts: 3,
+            idempotency_key: None,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let ops = (0..n).map(|_| Op::Submit { spec: spec.clone(), now_ms: 0, queue_limit: 1000 }).collect();
+        t.apply(&Command { ops });
+        t
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn fills_free_slots_fairly_and_never_twice() {
+        let t = table(10, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 2, labels(&[]), 0);
+        s.worker_connected("b", 2, labels(&[]), 0);
+        let plan = s.plan(t.queued(), 0);
+        assert_eq!(plan.len(), 4);
+        let on_a = plan.iter().filter(|d| d.worker == "a").count();
+        assert_eq!(on_a, 2, "work is spread: {plan:?}");
+        // Nothing more fits, and nothing already planned is planned again.
+        assert!(s.plan(t.queued(), 0).is_empty());
+        s.reported("a", plan[0].attempt);
+        let again = s.plan(t.queued(), 0);
+        assert_eq!(again.len(), 1);
+        assert_ne!(again[0].attempt.task_id, plan[0].attempt.task_id);
+    }
+
+    #[test]
+    fn respects_labels_backoff_and_disconnects() {
+        let mut t = table(1, &[("gpu", "yes")]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("cpu", 4, labels(&[]), 0);
+        assert!(s.plan(t.queued(), 0).is_empty(), "no worker has the label");
+        s.worker_connected("gpu", 1, labels(&[("gpu", "yes"), ("zone", "x")]), 0);
+        s.worker_disconnected("gpu");
+        assert!(s.plan(t.queued(), 0).is_empty(), "disconnected workers get nothing");
+        s.worker_connected("gpu", 1, labels(&[("gpu", "yes")]), 0);
+        let plan = s.plan(t.queued(), 0);
+        assert_eq!(plan, vec![Dispatch { worker: "gpu".into(), attempt: AttemptRef { task_id: 1, attempt: 1 } }]);
+        // The attempt fails and the task is queued again with a backoff.
+        let retry_at = s.retry_at(10, plan[0].attempt);
+        t.apply(&Command {
+            ops: vec![
+                Op::Start { attempt: plan[0].attempt, worker: "gpu".into(), now_ms: 1 },
+                Op::Lose { attempt: plan[0].attempt, reason: "x".into(), now_ms: 10, retry_at_ms: retry_at },
+            ],
+        });
+        s.forget(1);
+        assert!(s.plan(t.queued(), retry_at - 1).is_empty(), "backoff is honoured");
+        let plan = s.plan(t.queued(), retry_at);
+        assert_eq!(plan[0].attempt.attempt, 2);
+    }
+
+    #[test]
+    fn priority_order_is_kept() {
+        let mut t = TaskTable::new();
+        for p in [1, 7, 3] {
+            let spec = TaskSpec {
+                agent: "echo".into(),
+                payload: vec![],
+                priority: p,
+                timeout_ms: 10,
+                max_attempts: 1,
+                idempotency_key: None,
+                labels: BTreeMap::new(),
+            };
+            t.apply(&Command { ops: vec![Op::Submit { spec, now_ms: 0, queue_limit: 10 }] });
+        }
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 1, labels(&[]), 0);
+        assert_eq!(s.plan(t.queued(), 0)[0].attempt.task_id, 2);
+    }
+
+    #[test]
+    fn silent_workers_lose_their_attempts_after_the_lease() {
+        let t = table(2, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 1, labels(&[]), 0);
+        s.worker_connected("b", 1, labels(&[]), 0);
+        let plan = s.plan(t.queued(), 0);
+        assert_eq!(plan.len(), 2);
+        s.worker_disconnected("a");
+        s.worker_seen("b", 900);
+        assert!(s.expire(1000).is_empty(), "lease not over yet");
+        let expired = s.expire(1001);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].worker, "a");
+        assert!(expired[0].reason.contains("lost"));
+        assert!(!s.workers().contains_key("a"));
+        assert!(s.expire(1002).is_empty(), "each attempt expires once");
+        assert_eq!(s.in_flight_count(), 1);
+    }
+
+    #[test]
+    fn deadline_expires_attempts_of_live_workers() {
+        let t = table(1, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 1, labels(&[]), 0);
+        s.plan(t.queued(), 0);
+        // timeout 500 + lease 1000
+        for now in (100..=1500).step_by(100) {
+            s.worker_seen("a", now);
+            assert!(s.expire(now).is_empty());
+        }
+        s.worker_seen("a", 1501);
+        let e = s.expire(1501);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].reason.contains("deadline"));
+        assert_eq!(s.workers()["a"].busy, 0);
+    }
+
+    #[test]
+    fn reported_attempts_are_not_expired_and_adopt_is_idempotent() {
+        let t = table(1, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 1, labels(&[]), 0);
+        let plan = s.plan(t.queued(), 0);
+        s.reported("a", plan[0].attempt);
+        assert!(s.expire(10_000).is_empty());
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 2, labels(&[]), 0);
+        let at = AttemptRef { task_id: 1, attempt: 1 };
+        s.adopt("a", at, 100, 0);
+        s.adopt("a", at, 100, 0);
+        assert_eq!(s.workers()["a"].busy, 1);
+        assert!(s.plan(t.queued(), 0).is_empty(), "adopted task is in flight");
+        assert_eq!(t.get(1).map(|t| t.state), Some(TaskState::Queued));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let s = Scheduler::new(cfg());
+        let at = |n| AttemptRef { task_id: 42, attempt: n };
+        let d1 = s.retry_at(0, at(1));
+        let d2 = s.retry_at(0, at(2));
+        let d9 = s.retry_at(0, at(9));
+        assert!((100..=125).contains(&d1), "{d1}");
+        assert!((200..=250).contains(&d2), "{d2}");
+        assert!((1000..=1250).contains(&d9), "{d9}");
+        assert_eq!(s.retry_at(0, at(2)), d2, "deterministic");
+    }
+
+    #[test]
+    fn many_workers_share_evenly() {
+        let t = table(1000, &[]);
+        let mut s = Scheduler::new(cfg());
+        for i in 0..10 {
+            s.worker_connected(&format!("w{i}"), 100, labels(&[]), 0);
+        }
+        let plan = s.plan(t.queued(), 0);
+        assert_eq!(plan.len(), 1000);
+        for w in s.workers().values() {
+            assert_eq!(w.busy, 100);
+        }
+    }
+}

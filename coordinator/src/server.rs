@@ -1,0 +1,167 @@
+//! Starting and stopping one coordinator process: storage, Raft, QUIC, HTTP.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use swarm_proto::{ALPN_RAFT, ALPN_WORKER};
+use swarm_transport::{client_config, server_config, server_endpoint, Identity, Role};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::node::{self, CoordinatorConfig, Node};
+use crate::{api, metrics, raft, worker_session};
+use raft::types::NodeAddr;
+use raft::{RedbLogStore, StateMachineStore};
+
+/// Most concurrent QUIC connections (workers plus peers) one coordinator serves.
+const MAX_CONNECTIONS: usize = 16_384;
+
+/// A running coordinator.
+pub struct CoordinatorHandle {
+    pub node: Arc<Node>,
+    /// Where the HTTP API listens.
+    pub api_addr: SocketAddr,
+    /// Where the QUIC endpoint (workers and Raft peers) listens.
+    pub quic_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl CoordinatorHandle {
+    /// Stop serving: API, worker sessions, Raft. Data on disk stays consistent.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+        if let Err(e) = self.node.raft().shutdown().await {
+            warn!(error = %e, "raft shutdown");
+        }
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.endpoint.wait_idle().await;
+    }
+
+    /// Resolves when shutdown has been requested elsewhere (never, unless `shutdown`).
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+}
+
+/// Replace a `:0` port in an advertised address with the bound one.
+fn advertised(given: &str, bound: SocketAddr) -> String {
+    if given.is_empty() {
+        return bound.to_string();
+    }
+    match given.rsplit_once(':') {
+        Some((host, "0")) => format!("{host}:{}", bound.port()),
+        _ => given.to_string(),
+    }
+}
+
+/// Start a coordinator: open storage, join or bootstrap Raft, serve QUIC and HTTP.
+pub async fn start(mut cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHandle> {
+    metrics::handle();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
+    let identity = Identity::load(&cfg.certs_dir, Role::Coordinator).context("load coordinator certificate")?;
+    let endpoint = server_endpoint(cfg.listen, server_config(&identity, &[ALPN_WORKER, ALPN_RAFT])?)
+        .with_context(|| format!("bind QUIC endpoint on {}", cfg.listen))?;
+    let quic_addr = endpoint.local_addr().context("QUIC local address")?;
+    let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| format!("bind HTTP API on {}", cfg.api_listen))?;
+    let api_addr = api_listener.local_addr().context("API local address")?;
+    cfg.advertise = advertised(&cfg.advertise, quic_addr);
+    cfg.api_advertise = advertised(&cfg.api_advertise, api_addr);
+
+    let raft_dir = cfg.data_dir.join("raft");
+    let log_store = RedbLogStore::open(&raft_dir).context("open raft log")?;
+    let sm = StateMachineStore::open(&raft_dir).context("open state machine")?;
+    let table = sm.table();
+    let network = raft::network::QuicRaftNetwork::new(endpoint.clone(), client_config(&identity, ALPN_RAFT)?);
+    let raft_cfg = Arc::new(raft::raft_config("swarm").validate().context("raft config")?);
+    let raft = openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm)
+        .await
+        .context("start raft")?;
+
+    if cfg.bootstrap && !raft.is_initialized().await.context("read raft state")? {
+        let mut members = BTreeMap::new();
+        members.insert(cfg.node_id, NodeAddr { raft_addr: cfg.advertise.clone(), api_addr: cfg.api_advertise.clone() });
+        members.extend(cfg.peers.iter().cloned());
+        info!(voters = ?members.keys().collect::<Vec<_>>(), "bootstrapping a new cluster");
+        if let Err(e) = raft.initialize(members).await {
+            // Another node may have initialised the same cluster first; that is fine.
+            warn!(error = %e, "raft initialize");
+        }
+    }
+
+    let node = Node::new(cfg, raft.clone(), table);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = vec![
+        tokio::spawn(node::applied_loop(node.clone(), shutdown_rx.clone())),
+        tokio::spawn(node::dispatch_loop(node.clone(), shutdown_rx.clone())),
+        tokio::spawn(node::gauges_loop(node.clone(), shutdown_rx.clone())),
+        tokio::spawn(accept_loop(node.clone(), endpoint.clone(), shutdown_rx.clone())),
+    ];
+    let mut api_shutdown = shutdown_rx.clone();
+    let app = api::router(node.clone());
+    tasks.push(tokio::spawn(async move {
+        let serve = axum::serve(api_listener, app).with_graceful_shutdown(async move {
+            let _ = api_shutdown.changed().await;
+        });
+        if let Err(e) = serve.await {
+            warn!(error = %e, "HTTP API stopped");
+        }
+    }));
+    info!(node = node.id(), quic = %quic_addr, api = %api_addr, "coordinator started");
+    Ok(CoordinatorHandle { node, api_addr, quic_addr, endpoint, shutdown, tasks })
+}
+
+/// Accept QUIC connections and route them by ALPN.
+async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint, mut shutdown: watch::Receiver<bool>) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!("connection limit reached; refusing {}", incoming.remote_address());
+            incoming.refuse();
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let remote = incoming.remote_address();
+            let mut accepted = match swarm_transport::accept(incoming).await {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(%remote, error = %e, "connection failed during handshake");
+                    return;
+                }
+            };
+            let alpn = accepted
+                .conn
+                .handshake_data()
+                .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|h| h.protocol);
+            match alpn.as_deref() {
+                Some(p) if p == ALPN_WORKER => worker_session::serve(node, accepted).await,
+                Some(p) if p == ALPN_RAFT => {
+                    if let Err(e) = accepted.authenticate_as(Role::Coordinator).await {
+                        warn!(%remote, error = %e, "refused raft connection");
+                        return;
+                    }
+                    raft::network::serve_raft_connection(accepted.conn, node.raft().clone()).await;
+                }
+                _ => accepted.conn.close(quinn::VarInt::from_u32(0x5704), b"unknown ALPN"),
+            }
+        });
+    }
+}

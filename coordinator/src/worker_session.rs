@@ -1,0 +1,343 @@
+//! One worker connection on the coordinator side.
+//!
+//! Order of a session: read `Hello` (it may arrive as 0-RTT early data, and is
+//! idempotent), refuse a wrong protocol version or a follower politely, wait for the
+//! handshake to authenticate the worker's certificate, reconcile what the worker says
+//! it still holds with what the scheduler thinks, send `Welcome`, then serve heartbeats
+//! and reports until the connection ends. A malformed frame ends the session with a log
+//! line; the worker reconnects and loses nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use swarm_proto::api::WorkerView;
+use swarm_proto::worker::{CoordinatorMsg, FailureKind, Hello, Outcome, TaskReport, WorkerMsg};
+use swarm_proto::PROTOCOL_VERSION;
+use swarm_transport::{Accepted, FrameReader, FrameWriter, Role, TransportError};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::node::{not_leader_msg, now_ms, Node, SessionHandle};
+use crate::state::{Op, OpResult};
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How long a new connection has to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serve one worker connection until it ends.
+pub(crate) async fn serve(node: Arc<Node>, mut accepted: Accepted) {
+    let remote = accepted.conn.remote_address();
+    match run(&node, &mut accepted).await {
+        Ok(()) => debug!(%remote, "worker connection closed"),
+        Err(SessionError::Transport(e)) if e.is_malformed() => {
+            metrics::counter!("swarm_protocol_errors_total").increment(1);
+            warn!(%remote, error = %e, "closing worker connection: malformed frame");
+            accepted.conn.close(quinn::VarInt::from_u32(0x5702), b"malformed frame");
+        }
+        Err(e) => {
+            info!(%remote, error = %e, "worker connection ended");
+            accepted.conn.close(quinn::VarInt::from_u32(0x5703), e.to_string().as_bytes());
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl From<swarm_transport::FrameError> for SessionError {
+    fn from(e: swarm_transport::FrameError) -> Self {
+        SessionError::Transport(e.into())
+    }
+}
+
+async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionError> {
+    let (mut writer, mut reader) = accepted.accept_stream().await?;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<WorkerMsg>())
+        .await
+        .map_err(|_| SessionError::Protocol("no hello within 10 s".into()))??;
+    let hello = match first {
+        Some(WorkerMsg::Hello(h)) => h,
+        Some(other) => {
+            metrics::counter!("swarm_protocol_errors_total").increment(1);
+            return Err(SessionError::Protocol(format!("expected Hello first, got {}", msg_name(&other))));
+        }
+        None => return Ok(()),
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let message = format!(
+            "worker speaks protocol version {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade one of them",
+            hello.protocol
+        );
+        reject(&mut writer, "protocol_version", &message).await;
+        return Err(SessionError::Protocol(message));
+    }
+    if let Err(e) = validate_hello(&hello) {
+        reject(&mut writer, "bad_hello", &e).await;
+        return Err(SessionError::Protocol(e));
+    }
+    if !node.is_leader() {
+        let msg = not_leader_msg(node.id(), node.leader().as_ref());
+        let _ = writer.send(&msg).await;
+        let _ = writer.finish();
+        return Err(SessionError::Protocol("turned away: not the leader".into()));
+    }
+    // Everything before this point was idempotent; from here on the worker must be
+    // authenticated and its data not a replay.
+    let zero_rtt = accepted.handshake.is_some() && reader.is_0rtt();
+    accepted.authenticate_as(Role::Worker).await?;
+    metrics::counter!("swarm_worker_connections_total", "zero_rtt" => if zero_rtt { "true" } else { "false" })
+        .increment(1);
+
+    let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::unbounded_channel();
+    register(node, &hello, conn_id, tx.clone(), &accepted.conn, zero_rtt);
+    info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, remote = %accepted.conn.remote_address(), "worker connected");
+
+    let _ = tx.send(CoordinatorMsg::Welcome {
+        protocol: PROTOCOL_VERSION,
+        heartbeat_interval_ms: node.config().heartbeat_interval_ms,
+        max_output_bytes: node.config().limits.max_output_bytes,
+    });
+    let writer_task = tokio::spawn(write_loop(writer, rx));
+    node.poke();
+
+    let result = read_loop(node, &hello.worker_id, &mut reader, &tx).await;
+    writer_task.abort();
+    unregister(node, &hello.worker_id, conn_id);
+    info!(worker = %hello.worker_id, "worker disconnected");
+    result
+}
+
+fn validate_hello(h: &Hello) -> Result<(), String> {
+    if h.worker_id.is_empty() || h.worker_id.len() > 128 {
+        return Err("worker id must be 1 to 128 bytes".into());
+    }
+    if h.slots == 0 || h.slots > 100_000 {
+        return Err(format!("slots must be 1 to 100000, got {}", h.slots));
+    }
+    Ok(())
+}
+
+async fn reject(writer: &mut FrameWriter, code: &str, message: &str) {
+    let msg = CoordinatorMsg::Rejected { code: code.into(), message: message.into() };
+    let _ = writer.send(&msg).await;
+    let _ = writer.finish();
+    // Give the frame a moment to leave before the connection is closed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn msg_name(m: &WorkerMsg) -> &'static str {
+    match m {
+        WorkerMsg::Hello(_) => "Hello",
+        WorkerMsg::Heartbeat { .. } => "Heartbeat",
+        WorkerMsg::Finished(_) => "Finished",
+    }
+}
+
+/// Add the session and reconcile the worker's view of its attempts with ours.
+fn register(
+    node: &Arc<Node>,
+    hello: &Hello,
+    conn_id: u64,
+    tx: mpsc::UnboundedSender<CoordinatorMsg>,
+    conn: &quinn::Connection,
+    zero_rtt: bool,
+) {
+    let now = now_ms();
+    let id = hello.worker_id.as_str();
+    // What the table says about the attempts the worker holds (read before locking
+    // dispatch: lock order is table, then dispatch).
+    let held: Vec<(swarm_proto::worker::AttemptRef, Option<(bool, u32, u64)>)> = node.read_table(|t| {
+        hello
+            .running
+            .iter()
+            .map(|a| {
+                let info = t.get(a.task_id).map(|task| {
+                    let adoptable = !task.state.is_final() && task.next_attempt() <= a.attempt
+                        || task.running_attempt().is_some_and(|r| r.number == a.attempt);
+                    (adoptable, task.next_attempt(), task.spec.timeout_ms)
+                });
+                (*a, info)
+            })
+            .collect()
+    });
+    let mut start_ops = Vec::new();
+    let mut lost = Vec::new();
+    {
+        let mut d = node.lock_dispatch();
+        if let Some(old) = d.sessions.remove(id) {
+            // A newer connection of the same worker wins; the old one is dead or dying.
+            drop(old);
+        }
+        d.scheduler.worker_connected(id, hello.slots, hello.labels.clone(), now);
+        for (attempt, info) in &held {
+            match info {
+                Some((true, _, timeout)) => {
+                    let tracked = d.scheduler.in_flight(attempt.task_id).is_some_and(|f| f.attempt == *attempt);
+                    if !tracked {
+                        // Dispatched by an earlier leader, or before our records caught up.
+                        d.scheduler.adopt(id, *attempt, *timeout, now);
+                        start_ops.push(Op::Start { attempt: *attempt, worker: id.to_string(), now_ms: now });
+                    }
+                }
+                // Unknown, final or superseded: the worker should stop it. A finished
+                // report for it will still be acknowledged.
+                _ => {
+                    let _ = tx.send(CoordinatorMsg::Cancel(*attempt));
+                }
+            }
+        }
+        // Attempts we think run there but the worker does not hold: it restarted.
+        for f in d.scheduler.in_flight_on(id) {
+            if !f.reported && !hello.running.contains(&f.attempt) {
+                lost.push(f.attempt);
+            }
+        }
+        for a in &lost {
+            d.scheduler.forget(a.task_id);
+        }
+        let running = d.scheduler.workers().get(id).map_or(0, |w| w.busy);
+        d.sessions.insert(
+            id.to_string(),
+            SessionHandle {
+                conn_id,
+                tx,
+                info: WorkerView {
+                    id: id.to_string(),
+                    addr: conn.remote_address().to_string(),
+                    slots: hello.slots,
+                    running,
+                    labels: hello.labels.clone(),
+                    agents: hello.agents.clone(),
+                    connected_at_ms: now,
+                    last_heartbeat_ms: now,
+                    zero_rtt,
+                },
+            },
+        );
+        for a in &lost {
+            let retry_at_ms = d.scheduler.retry_at(now, *a);
+            start_ops.push(Op::Lose {
+                attempt: *a,
+                reason: format!("worker {id} reconnected without it (restarted)"),
+                now_ms: now,
+                retry_at_ms,
+            });
+        }
+    }
+    if !start_ops.is_empty() {
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Ok(r) = node.propose(start_ops).await {
+                node.count_results(&r);
+            }
+        });
+    }
+}
+
+fn unregister(node: &Arc<Node>, worker: &str, conn_id: u64) {
+    let mut d = node.lock_dispatch();
+    if d.sessions.get(worker).is_some_and(|s| s.conn_id == conn_id) {
+        d.sessions.remove(worker);
+        d.scheduler.worker_disconnected(worker);
+    }
+}
+
+/// Frames to the worker leave through one task, batched: whatever queued up while the
+/// last write was in progress goes out in one write.
+async fn write_loop(mut writer: FrameWriter, mut rx: mpsc::UnboundedReceiver<CoordinatorMsg>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let closing = batch.iter().any(|m| matches!(m, CoordinatorMsg::Rejected { .. }));
+        if let Err(e) = writer.send_batch(&batch).await {
+            debug!(error = %e, "worker write failed");
+            return;
+        }
+        batch.clear();
+        if closing {
+            let _ = writer.finish();
+            return;
+        }
+    }
+}
+
+async fn read_loop(
+    node: &Arc<Node>,
+    worker: &str,
+    reader: &mut FrameReader,
+    tx: &mpsc::UnboundedSender<CoordinatorMsg>,
+) -> Result<(), SessionError> {
+    while let Some(msg) = reader.recv::<WorkerMsg>().await? {
+        let now = now_ms();
+        match msg {
+            WorkerMsg::Heartbeat { running } => {
+                let mut d = node.lock_dispatch();
+                d.scheduler.worker_seen(worker, now);
+                if let Some(s) = d.sessions.get_mut(worker) {
+                    s.info.last_heartbeat_ms = now;
+                    s.info.running = running.len() as u32;
+                }
+            }
+            WorkerMsg::Finished(report) => on_report(node, worker, report, tx.clone(), now),
+            WorkerMsg::Hello(_) => {
+                metrics::counter!("swarm_protocol_errors_total").increment(1);
+                return Err(SessionError::Protocol("second Hello on one connection".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn on_report(node: &Arc<Node>, worker: &str, report: TaskReport, tx: mpsc::UnboundedSender<CoordinatorMsg>, now: u64) {
+    let retry_at_ms = {
+        let mut d = node.lock_dispatch();
+        d.scheduler.worker_seen(worker, now);
+        d.scheduler.reported(worker, report.attempt);
+        if let Some(s) = d.sessions.get_mut(worker) {
+            s.info.running = s.info.running.saturating_sub(1);
+        }
+        d.scheduler.retry_at(now, report.attempt)
+    };
+    node.poke();
+    let run_ms = report.finished_at_ms.saturating_sub(report.started_at_ms);
+    metrics::histogram!("swarm_task_duration_seconds").record(run_ms as f64 / 1000.0);
+    let limit = node.config().limits.max_output_bytes;
+    let outcome = match report.outcome {
+        Outcome::Succeeded { output } if output.len() as u64 > limit => Outcome::Failed {
+            kind: FailureKind::OutputTooLarge,
+            message: format!("output of {} bytes exceeds the limit of {limit} bytes", output.len()),
+        },
+        o => o,
+    };
+    let attempt = report.attempt;
+    let op = Op::Finish {
+        attempt,
+        worker: worker.to_string(),
+        outcome,
+        started_at_ms: report.started_at_ms,
+        finished_at_ms: report.finished_at_ms,
+        retry_at_ms,
+    };
+    let node = node.clone();
+    tokio::spawn(async move {
+        match node.proposer.propose_one(op).await {
+            Ok(result) => {
+                if let OpResult::Ignored { state } = &result {
+                    debug!(task = attempt.task_id, attempt = attempt.attempt, ?state, "stale report ignored");
+                }
+                node.count_results(std::slice::from_ref(&result));
+                // Committed (or known stale): the worker may forget it.
+                let _ = tx.send(CoordinatorMsg::Ack(attempt));
+            }
+            // Not committed: no ack, so the worker re-sends it after reconnecting.
+            Err(e) => debug!(error = %e, "report not committed"),
+        }
+    });
+}
