@@ -31,7 +31,9 @@ pub struct Hello {
     pub labels: BTreeMap<String, String>,
     /// Agents this worker can run.
     pub agents: Vec<String>,
-    /// Attempts still running on this worker (non-empty after a reconnect).
+    /// Attempts this worker still holds (non-empty after a reconnect): running, queued
+    /// locally for a slot, or finished with the report not yet acknowledged. An attempt
+    /// the coordinator placed here that is missing from this list is treated as lost.
     pub running: Vec<AttemptRef>,
 }
 

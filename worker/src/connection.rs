@@ -1,0 +1,415 @@
+//! The connection loop: dial, `Hello`, `Welcome`, then shuttle messages between the
+//! coordinator and the [core](crate::core) until the connection fails; back off; repeat.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use rand::Rng;
+use swarm_proto::worker::{CoordinatorMsg, Hello, WorkerMsg};
+use swarm_proto::PROTOCOL_VERSION;
+use swarm_transport::{FrameError, FrameReader, FrameWriter};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::core::Command;
+use crate::{Backoff, WorkerStats};
+
+/// How long to wait for `Welcome` after `Hello`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most messages written with one stream write.
+const MAX_BATCH: usize = 4096;
+/// QUIC application close code: the coordinator sent something unparseable.
+pub(crate) const CLOSE_PROTOCOL_ERROR: u32 = 1;
+/// QUIC application close code: the worker is shutting down.
+pub(crate) const CLOSE_SHUTDOWN: u32 = 0;
+
+/// Where the coordinator is.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// A fixed address.
+    Addr(SocketAddr),
+    /// `HOST:PORT`, resolved again before every dial.
+    Host(String),
+}
+
+impl Target {
+    async fn resolve(&self) -> anyhow::Result<SocketAddr> {
+        match self {
+            Target::Addr(a) => Ok(*a),
+            Target::Host(h) => tokio::net::lookup_host(h.as_str())
+                .await
+                .with_context(|| format!("resolving {h}"))?
+                .next()
+                .ok_or_else(|| anyhow!("{h} resolved to no address")),
+        }
+    }
+}
+
+/// Connection state shared with [`crate::Worker::run`] for a graceful shutdown.
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub(crate) conn: Mutex<Option<quinn::Connection>>,
+    pub(crate) endpoint: Mutex<Option<quinn::Endpoint>>,
+}
+
+impl Shared {
+    fn set_conn(&self, conn: Option<quinn::Connection>) {
+        if let Ok(mut slot) = self.conn.lock() {
+            *slot = conn;
+        }
+    }
+}
+
+/// Everything the loop needs; lives for the whole life of the worker.
+pub(crate) struct ConnLoop {
+    pub(crate) client: quinn::ClientConfig,
+    pub(crate) target: Target,
+    pub(crate) server_name: String,
+    pub(crate) hello: Hello,
+    pub(crate) backoff: Backoff,
+    pub(crate) stats: watch::Sender<WorkerStats>,
+    pub(crate) core: mpsc::UnboundedSender<Command>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// How one session ended.
+enum End {
+    /// Try again after a backoff.
+    Retry(anyhow::Error),
+    /// Give up: retrying cannot help (protocol version mismatch).
+    Fatal(anyhow::Error),
+}
+
+/// Exponential backoff with jitter: each delay is uniform in `[d/2, d]`, `d` doubling
+/// from `initial` up to `max`.
+struct Delay {
+    cfg: Backoff,
+    next: Duration,
+}
+
+impl Delay {
+    fn new(cfg: Backoff) -> Self {
+        Delay {
+            cfg,
+            next: cfg.initial,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.cfg.initial;
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.next.min(self.cfg.max);
+        self.next = (d * 2).min(self.cfg.max);
+        let lo = d / 2;
+        lo + (d - lo).mul_f64(rand::thread_rng().gen::<f64>())
+    }
+}
+
+/// Whether a `Rejected` code means that retrying is pointless.
+fn fatal_reject(code: &str) -> bool {
+    code.to_ascii_lowercase().contains("protocol") || code.eq_ignore_ascii_case("version")
+}
+
+impl ConnLoop {
+    /// Runs until a fatal error (returned); the caller stops it by dropping the future.
+    pub(crate) async fn run(self) -> anyhow::Result<()> {
+        let mut delay = Delay::new(self.backoff);
+        loop {
+            let end = self.session(&mut delay).await;
+            let was_connected = self
+                .stats
+                .send_if_modified(|s| std::mem::replace(&mut s.connected, false));
+            self.shared.set_conn(None);
+            let _ = self.core.send(Command::Disconnected);
+            match end {
+                End::Fatal(e) => return Err(e),
+                End::Retry(e) => {
+                    let wait = delay.next();
+                    if was_connected {
+                        tracing::warn!(reconnect_in = ?wait, "disconnected from coordinator: {e:#}");
+                    } else {
+                        tracing::warn!(reconnect_in = ?wait, "cannot connect to coordinator: {e:#}");
+                    }
+                    self.stats
+                        .send_modify(|s| s.last_error = Some(format!("{e:#}")));
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    fn endpoint_for(&self, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+        let mut slot = self
+            .shared
+            .endpoint
+            .lock()
+            .map_err(|_| anyhow!("endpoint lock poisoned"))?;
+        if let Some(ep) = slot.as_ref() {
+            let same_family = ep
+                .local_addr()
+                .map(|l| l.is_ipv4() == addr.is_ipv4())
+                .unwrap_or(false);
+            if same_family {
+                return Ok(ep.clone());
+            }
+        }
+        let bind: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let ep = swarm_transport::client_endpoint(bind)?;
+        *slot = Some(ep.clone());
+        Ok(ep)
+    }
+
+    async fn session(&self, delay: &mut Delay) -> End {
+        let addr = match self.target.resolve().await {
+            Ok(a) => a,
+            Err(e) => return End::Retry(e),
+        };
+        let endpoint = match self.endpoint_for(addr) {
+            Ok(e) => e,
+            Err(e) => return End::Retry(e),
+        };
+
+        // The attempts we hold, for the coordinator to reconcile against.
+        let (tx, rx) = oneshot::channel();
+        if self.core.send(Command::Snapshot(tx)).is_err() {
+            return End::Fatal(anyhow!("worker core stopped"));
+        }
+        let Ok(running) = rx.await else {
+            return End::Fatal(anyhow!("worker core stopped"));
+        };
+        let n_running = running.len();
+        let hello = WorkerMsg::Hello(Hello {
+            running,
+            ..self.hello.clone()
+        });
+
+        let dialed = match swarm_transport::dial(&endpoint, &self.client, addr, &self.server_name)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => return End::Retry(anyhow::Error::new(e).context(format!("dialing {addr}"))),
+        };
+        let session = match swarm_transport::open_session(dialed, &hello).await {
+            Ok(s) => s,
+            Err(e) => {
+                return End::Retry(
+                    anyhow::Error::new(e).context(format!("opening session with {addr}")),
+                )
+            }
+        };
+        let swarm_transport::Session {
+            conn,
+            writer,
+            mut reader,
+            zero_rtt_accepted,
+        } = session;
+        self.shared.set_conn(Some(conn.clone()));
+
+        let end = self
+            .serve(
+                &conn,
+                writer,
+                &mut reader,
+                zero_rtt_accepted,
+                n_running,
+                addr,
+                delay,
+            )
+            .await;
+        // Harmless if already closed; otherwise tells the coordinator we are gone.
+        conn.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"reconnecting");
+        end
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve(
+        &self,
+        conn: &quinn::Connection,
+        writer: FrameWriter,
+        reader: &mut FrameReader,
+        zero_rtt: bool,
+        n_running: usize,
+        addr: SocketAddr,
+        delay: &mut Delay,
+    ) -> End {
+        let first =
+            match tokio::time::timeout(WELCOME_TIMEOUT, reader.recv::<CoordinatorMsg>()).await {
+                Err(_) => return End::Retry(anyhow!("no Welcome within {WELCOME_TIMEOUT:?}")),
+                Ok(r) => r,
+            };
+        let (heartbeat, max_output_bytes) = match first {
+            Ok(Some(CoordinatorMsg::Welcome {
+                protocol,
+                heartbeat_interval_ms,
+                max_output_bytes,
+            })) => {
+                if protocol != PROTOCOL_VERSION {
+                    return End::Fatal(anyhow!(
+                        "coordinator at {addr} speaks protocol version {protocol}, this worker speaks {PROTOCOL_VERSION}"
+                    ));
+                }
+                (
+                    Duration::from_millis(heartbeat_interval_ms),
+                    max_output_bytes,
+                )
+            }
+            Ok(Some(CoordinatorMsg::Rejected { code, message })) => {
+                let e = anyhow!("coordinator at {addr} rejected this worker: {code}: {message}");
+                return if fatal_reject(&code) {
+                    End::Fatal(e)
+                } else {
+                    End::Retry(e)
+                };
+            }
+            Ok(Some(other)) => {
+                conn.close(
+                    quinn::VarInt::from_u32(CLOSE_PROTOCOL_ERROR),
+                    b"expected Welcome",
+                );
+                let shown: String = format!("{other:?}").chars().take(200).collect();
+                return End::Retry(anyhow!(
+                    "protocol violation: {shown} before Welcome; connection dropped"
+                ));
+            }
+            Ok(None) => {
+                return End::Retry(anyhow!("coordinator closed the session before Welcome"))
+            }
+            Err(e) => return self.read_error(conn, e, "waiting for Welcome"),
+        };
+
+        delay.reset();
+        self.stats.send_modify(|s| {
+            s.connected = true;
+            s.connects += 1;
+            s.zero_rtt_accepted += u64::from(zero_rtt);
+            s.last_error = None;
+        });
+        tracing::info!(
+            coordinator = %addr,
+            zero_rtt_accepted = zero_rtt,
+            running = n_running,
+            heartbeat_ms = heartbeat.as_millis() as u64,
+            "connected to coordinator"
+        );
+
+        let (sink, rx) = mpsc::unbounded_channel();
+        let mut write_task = tokio::spawn(write_loop(writer, rx));
+        // Abort the writer however this function is left.
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _abort = AbortOnDrop(write_task.abort_handle());
+        if self
+            .core
+            .send(Command::Connected {
+                sink,
+                heartbeat,
+                max_output_bytes,
+            })
+            .is_err()
+        {
+            return End::Fatal(anyhow!("worker core stopped"));
+        }
+
+        loop {
+            tokio::select! {
+                r = reader.recv::<CoordinatorMsg>() => match r {
+                    Ok(Some(CoordinatorMsg::Rejected { code, message })) => {
+                        let e = anyhow!("coordinator rejected this worker: {code}: {message}");
+                        return if fatal_reject(&code) { End::Fatal(e) } else { End::Retry(e) };
+                    }
+                    Ok(Some(msg)) => {
+                        if self.core.send(Command::Coordinator(msg)).is_err() {
+                            return End::Fatal(anyhow!("worker core stopped"));
+                        }
+                    }
+                    Ok(None) => return End::Retry(anyhow!("coordinator closed the session")),
+                    Err(e) => return self.read_error(conn, e, "reading from coordinator"),
+                },
+                r = &mut write_task => {
+                    return End::Retry(match r {
+                        Ok(Ok(())) => anyhow!("writer stopped"),
+                        Ok(Err(e)) => anyhow::Error::new(e).context("writing to coordinator"),
+                        Err(e) => anyhow!("writer task failed: {e}"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Ends the session after a failed read. The error is logged once, by the caller
+    /// of [`ConnLoop::session`], with the reconnect delay.
+    fn read_error(&self, conn: &quinn::Connection, e: FrameError, context: &str) -> End {
+        if e.is_malformed() {
+            conn.close(
+                quinn::VarInt::from_u32(CLOSE_PROTOCOL_ERROR),
+                b"malformed frame",
+            );
+            End::Retry(anyhow::Error::new(e).context(format!(
+                "malformed frame while {context}; connection dropped"
+            )))
+        } else {
+            End::Retry(anyhow::Error::new(e).context(context.to_owned()))
+        }
+    }
+}
+
+/// The connection's only writer: sends whatever is queued as one batch per stream write.
+async fn write_loop(
+    mut writer: FrameWriter,
+    mut rx: mpsc::UnboundedReceiver<WorkerMsg>,
+) -> Result<(), FrameError> {
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            let _ = writer.finish();
+            return Ok(());
+        }
+        writer.send_batch(&batch).await?;
+        batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_jitters_and_resets() {
+        let cfg = Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+        };
+        let mut d = Delay::new(cfg);
+        let mut nominal = Duration::from_millis(50);
+        for _ in 0..20 {
+            let got = d.next();
+            assert!(
+                got >= nominal / 2 && got <= nominal,
+                "{got:?} vs {nominal:?}"
+            );
+            nominal = (nominal * 2).min(cfg.max);
+        }
+        assert_eq!(d.next, cfg.max);
+        d.reset();
+        assert!(d.next() <= cfg.initial);
+    }
+
+    #[test]
+    fn reject_codes() {
+        assert!(fatal_reject("protocol_version"));
+        assert!(fatal_reject("unsupported_protocol"));
+        assert!(fatal_reject("VERSION"));
+        assert!(!fatal_reject("duplicate_worker"));
+    }
+}

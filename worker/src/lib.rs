@@ -1,0 +1,363 @@
+//! The swarm worker: connects to the coordinator over mutual-TLS QUIC and runs the
+//! attempts it is assigned with local agents.
+//!
+//! * [`agents`]: the built-in agents and the agents file.
+//! * [`executor`]: runs one attempt (process groups, timeouts, cancellation, limits).
+//! * [`run_worker`] / [`Worker`]: the runtime — connect, `Hello`, `Welcome`, run what the
+//!   coordinator assigns, report, reconnect.
+//!
+//! # Runtime behaviour
+//!
+//! * Dials with 0-RTT when a resumable session exists; the first message is
+//!   [`WorkerMsg::Hello`](swarm_proto::worker::WorkerMsg::Hello), listing the attempts
+//!   the worker still holds. After `Welcome`, every report not yet acked is re-sent.
+//! * `Run` for an attempt that is running (or queued) is ignored; for an attempt that
+//!   finished but is not acked, its report is re-sent. An attempt never starts twice.
+//! * At most `slots` attempts run at once. If the coordinator assigns more, the extra
+//!   attempts are queued locally (in arrival order) and start as slots free up; they are
+//!   listed as running in `Hello` and heartbeats, since the worker has accepted them.
+//!   A `Cancel` of a queued attempt reports it `Cancelled` at once.
+//! * Attempts keep running while the connection is down; reconnects use exponential
+//!   backoff with jitter (see [`Backoff`]), reset by every `Welcome`.
+//! * All frames are written by one task per connection, which sends whatever is queued
+//!   as one batch per stream write.
+//! * A malformed frame from the coordinator drops the connection (then reconnects). A
+//!   `Rejected` whose code mentions `protocol` (or is `version`), or a `Welcome` with
+//!   another protocol version, stops the worker with an error; other rejections are
+//!   retried.
+//! * On shutdown, running attempts are killed (process groups included) without being
+//!   reported: the coordinator sees the worker leave and reschedules them.
+
+#![warn(missing_docs)]
+
+pub mod agents;
+pub mod cancel;
+mod connection;
+mod core;
+pub mod executor;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use swarm_proto::worker::Hello;
+use swarm_proto::{ALPN_WORKER, PROTOCOL_VERSION};
+use swarm_transport::tls::{client_config, Identity, Role};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use agents::{Agent, Agents, AgentsError, ExecSpec};
+pub use cancel::{cancel_pair, CancelHandle, CancelToken};
+pub use executor::Executor;
+
+use connection::{ConnLoop, Shared, Target, CLOSE_SHUTDOWN};
+
+/// Configuration of a worker process, as given on the command line.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The coordinator's QUIC address, `HOST:PORT` (resolved again on every reconnect).
+    pub coordinator: String,
+    /// Name the coordinator's certificate must be valid for; defaults to `HOST`.
+    pub server_name: Option<String>,
+    /// Directory holding the cluster CA and the worker certificate and key.
+    pub certs_dir: PathBuf,
+    /// Stable name of this worker.
+    pub worker_id: String,
+    /// How many attempts run at once (at least 1).
+    pub slots: u32,
+    /// Labels tasks may require.
+    pub labels: BTreeMap<String, String>,
+    /// Agents file (see [`agents`]); without one only the built-ins are offered.
+    pub agents_file: Option<PathBuf>,
+}
+
+/// Reconnect backoff: delays double from `initial` up to `max`, each one jittered down
+/// by up to half.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay after a failure.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    /// 50 ms, doubling up to 5 s.
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything a [`Worker`] needs, already loaded and resolved: lets tests and an
+/// in-process cluster start many workers without touching the disk or DNS.
+#[derive(Debug)]
+pub struct WorkerParams {
+    /// Stable name of this worker.
+    pub worker_id: String,
+    /// How many attempts run at once (at least 1).
+    pub slots: u32,
+    /// Labels tasks may require.
+    pub labels: BTreeMap<String, String>,
+    /// The agents offered.
+    pub agents: Agents,
+    /// TLS/QUIC client configuration (see [`swarm_transport::tls::client_config`]). Its
+    /// session cache is what makes reconnects 0-RTT.
+    pub client_config: quinn::ClientConfig,
+    /// The coordinator's address.
+    pub coordinator: SocketAddr,
+    /// Name the coordinator's certificate must be valid for.
+    pub server_name: String,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+}
+
+impl WorkerParams {
+    /// Parameters with one slot, no labels, the built-in agents and the default backoff.
+    pub fn new(
+        worker_id: impl Into<String>,
+        client_config: quinn::ClientConfig,
+        coordinator: SocketAddr,
+        server_name: impl Into<String>,
+    ) -> Self {
+        WorkerParams {
+            worker_id: worker_id.into(),
+            slots: 1,
+            labels: BTreeMap::new(),
+            agents: Agents::builtin(),
+            client_config,
+            coordinator,
+            server_name: server_name.into(),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// What a running worker is doing, for tests and status displays.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Whether a session is up (a `Welcome` was received and the connection still works).
+    pub connected: bool,
+    /// Sessions established (Welcome received) so far.
+    pub connects: u64,
+    /// How many of those had their `Hello` accepted as 0-RTT early data.
+    pub zero_rtt_accepted: u64,
+    /// Attempts started.
+    pub started: u64,
+    /// Attempts finished (reports produced).
+    pub finished: u64,
+    /// Reports acked by the coordinator.
+    pub acked: u64,
+    /// Attempts running now.
+    pub running: usize,
+    /// Attempts waiting for a slot.
+    pub queued: usize,
+    /// Reports not yet acked.
+    pub unacked: usize,
+    /// Why the last session ended or the last dial failed; cleared by a `Welcome`.
+    pub last_error: Option<String>,
+}
+
+/// A worker, ready to [`run`](Worker::run).
+#[derive(Debug)]
+pub struct Worker {
+    worker_id: String,
+    slots: u32,
+    labels: BTreeMap<String, String>,
+    agents: Agents,
+    client_config: quinn::ClientConfig,
+    target: Target,
+    server_name: String,
+    backoff: Backoff,
+    stats: watch::Sender<WorkerStats>,
+}
+
+impl Worker {
+    /// A worker from already-loaded parameters. Fails if `slots` is 0 or the id is empty.
+    pub fn new(params: WorkerParams) -> anyhow::Result<Self> {
+        Self::build(params, None)
+    }
+
+    fn build(p: WorkerParams, host: Option<String>) -> anyhow::Result<Self> {
+        if p.slots == 0 {
+            bail!("a worker needs at least one slot");
+        }
+        if p.worker_id.trim().is_empty() {
+            bail!("the worker id must not be empty");
+        }
+        Ok(Worker {
+            worker_id: p.worker_id,
+            slots: p.slots,
+            labels: p.labels,
+            agents: p.agents,
+            client_config: p.client_config,
+            target: host.map_or(Target::Addr(p.coordinator), Target::Host),
+            server_name: p.server_name,
+            backoff: p.backoff,
+            stats: watch::Sender::new(WorkerStats::default()),
+        })
+    }
+
+    /// A live view of the worker's [`WorkerStats`].
+    pub fn stats(&self) -> watch::Receiver<WorkerStats> {
+        self.stats.subscribe()
+    }
+
+    /// Runs until `shutdown` completes (then returns `Ok`) or a fatal error: the
+    /// coordinator speaks another protocol version. Connection failures are retried
+    /// forever. Running attempts are killed before this returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Worker {
+            worker_id,
+            slots,
+            labels,
+            agents,
+            client_config,
+            target,
+            server_name,
+            backoff,
+            stats,
+        } = self;
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            worker_id: worker_id.clone(),
+            slots,
+            labels,
+            agents: agents.names(),
+            running: Vec::new(),
+        };
+        tracing::info!(worker_id = %worker_id, slots, agents = ?hello.agents, "worker starting");
+        let (core_tx, core_rx) = mpsc::unbounded_channel();
+        let core = core::Core::new(Executor::new(agents), slots, stats.clone());
+        let core_task = tokio::spawn(core.run(core_rx));
+        let shared = Arc::new(Shared::default());
+        let conn_loop = ConnLoop {
+            client: client_config,
+            target,
+            server_name,
+            hello,
+            backoff,
+            stats: stats.clone(),
+            core: core_tx.clone(),
+            shared: shared.clone(),
+        };
+
+        let result = tokio::select! {
+            r = conn_loop.run() => r,
+            () = shutdown => {
+                tracing::info!(worker_id = %worker_id, "worker shutting down");
+                Ok(())
+            }
+        };
+
+        let conn = shared.conn.lock().ok().and_then(|mut c| c.take());
+        if let Some(conn) = conn {
+            conn.close(
+                quinn::VarInt::from_u32(CLOSE_SHUTDOWN),
+                b"worker shutting down",
+            );
+        }
+        stats.send_modify(|s| s.connected = false);
+        let (tx, rx) = oneshot::channel();
+        if core_tx.send(core::Command::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        drop(core_tx);
+        if let Err(e) = core_task.await {
+            tracing::error!("worker core task failed: {e}");
+        }
+        let endpoint = shared.endpoint.lock().ok().and_then(|mut e| e.take());
+        if let Some(endpoint) = endpoint {
+            // Give the close frame a chance to reach the coordinator.
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+        if let Err(e) = &result {
+            tracing::error!(worker_id = %worker_id, "worker stopped: {e:#}");
+        }
+        result
+    }
+}
+
+/// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals) into host (without brackets) and port.
+pub fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
+    let bad = || format!("invalid coordinator address {addr:?}: expected HOST:PORT");
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:").with_context(bad)?;
+        (h, p)
+    } else {
+        addr.rsplit_once(':').with_context(bad)?
+    };
+    if host.is_empty() || (host.contains(':') && !addr.starts_with('[')) {
+        bail!("{}", bad());
+    }
+    let port = port.parse::<u16>().with_context(bad)?;
+    Ok((host.to_owned(), port))
+}
+
+/// Loads certificates and agents per `cfg` and runs a worker until `shutdown` completes
+/// or a fatal error occurs (see [`Worker::run`]).
+pub async fn run_worker(
+    cfg: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (host, _port) = split_host_port(&cfg.coordinator)?;
+    let identity = Identity::load(&cfg.certs_dir, Role::Worker).with_context(|| {
+        format!(
+            "loading worker certificate from {}",
+            cfg.certs_dir.display()
+        )
+    })?;
+    let client = client_config(&identity, ALPN_WORKER)?;
+    let agents = match &cfg.agents_file {
+        Some(path) => Agents::load(path)?,
+        None => Agents::builtin(),
+    };
+    let params = WorkerParams {
+        worker_id: cfg.worker_id,
+        slots: cfg.slots,
+        labels: cfg.labels,
+        agents,
+        client_config: client,
+        // Unused: the host is resolved before every dial.
+        coordinator: SocketAddr::from(([0, 0, 0, 0], 0)),
+        server_name: cfg.server_name.unwrap_or(host),
+        backoff: Backoff::default(),
+    };
+    Worker::build(params, Some(cfg.coordinator))?
+        .run(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(
+            split_host_port("localhost:7000").unwrap(),
+            ("localhost".into(), 7000)
+        );
+        assert_eq!(
+            split_host_port("10.0.0.1:1").unwrap(),
+            ("10.0.0.1".into(), 1)
+        );
+        assert_eq!(split_host_port("[::1]:7000").unwrap(), ("::1".into(), 7000));
+        for bad in [
+            "localhost",
+            ":7000",
+            "host:port",
+            "::1:7000",
+            "[::1]",
+            "h:70000",
+        ] {
+            let err = split_host_port(bad).unwrap_err().to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+}
