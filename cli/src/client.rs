@@ -46,18 +46,27 @@ impl Client {
         let bytes = resp.bytes().await.context("read API response")?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => anyhow!(ApiError { status: status.as_u16(), code: b.error.code, message: b.error.message }),
+                Ok(b) => anyhow!(ApiError {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message
+                }),
                 Err(_) => anyhow!("API answered {status}: {}", String::from_utf8_lossy(&bytes)),
             });
         }
-        serde_json::from_slice(&bytes).with_context(|| format!("unexpected API response ({status})"))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("unexpected API response ({status})"))
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    pub async fn submit(&self, task: &SubmitTask, wait: Option<&str>) -> anyhow::Result<SubmitResponse> {
+    pub async fn submit(
+        &self,
+        task: &SubmitTask,
+        wait: Option<&str>,
+    ) -> anyhow::Result<SubmitResponse> {
         let mut req = self.http.post(self.url("/v1/tasks")).json(task);
         if let Some(w) = wait {
             req = req.query(&[("wait", w)]);
@@ -73,16 +82,23 @@ impl Client {
         self.send(req).await
     }
 
-    pub async fn list(&self, state: Option<&str>, after: u64, limit: usize) -> anyhow::Result<TaskList> {
+    pub async fn list(
+        &self,
+        state: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> anyhow::Result<TaskList> {
         let mut q = vec![("after", after.to_string()), ("limit", limit.to_string())];
         if let Some(s) = state {
             q.push(("state", s.to_string()));
         }
-        self.send(self.http.get(self.url("/v1/tasks")).query(&q)).await
+        self.send(self.http.get(self.url("/v1/tasks")).query(&q))
+            .await
     }
 
     pub async fn cancel(&self, id: u64) -> anyhow::Result<TaskView> {
-        self.send(self.http.post(self.url(&format!("/v1/tasks/{id}/cancel")))).await
+        self.send(self.http.post(self.url(&format!("/v1/tasks/{id}/cancel"))))
+            .await
     }
 
     pub async fn status(&self) -> anyhow::Result<StatusView> {

@@ -9,8 +9,11 @@ use anyhow::{bail, Context};
 /// Apply `path`'s keys to the environment. `known` lists the `SWARM_*` variables the
 /// command line understands; any other key is an error naming the file and the key.
 pub fn apply_config_file(path: &Path, known: &[String]) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("parse config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parse config file {}", path.display()))?;
     for (key, value) in table {
         let var = format!("SWARM_{}", key.to_ascii_uppercase().replace('-', "_"));
         if !known.contains(&var) {
@@ -26,11 +29,19 @@ pub fn apply_config_file(path: &Path, known: &[String]) -> anyhow::Result<()> {
                 .map(|v| match v {
                     toml::Value::String(s) => Ok(s),
                     toml::Value::Integer(i) => Ok(i.to_string()),
-                    other => bail!("config file {}: `{key}` holds an unsupported {}", path.display(), other.type_str()),
+                    other => bail!(
+                        "config file {}: `{key}` holds an unsupported {}",
+                        path.display(),
+                        other.type_str()
+                    ),
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?
                 .join(","),
-            other => bail!("config file {}: `{key}` must not be a {}", path.display(), other.type_str()),
+            other => bail!(
+                "config file {}: `{key}` must not be a {}",
+                path.display(),
+                other.type_str()
+            ),
         };
         if std::env::var_os(&var).is_none() {
             std::env::set_var(&var, text);
@@ -71,7 +82,10 @@ mod tests {
         let err = apply_config_file(&p, &["SWARM_SLOTS".into()]).unwrap_err();
         assert!(err.to_string().contains("unknown key `nope`"), "{err}");
         std::fs::write(&p, "slots = [\n").unwrap();
-        assert!(apply_config_file(&p, &[]).unwrap_err().to_string().contains("parse config file"));
+        assert!(apply_config_file(&p, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("parse config file"));
     }
 
     #[test]

@@ -23,10 +23,20 @@ use swarm_coordinator::{CoordinatorConfig, Limits, TaskDefaults};
 use swarm_proto::api::{SubmitTask, TaskState, TaskView};
 
 #[derive(Parser)]
-#[command(name = "swarm", version, about = "Run fleets of agents: a Raft-replicated coordinator dispatching tasks over QUIC")]
+#[command(
+    name = "swarm",
+    version,
+    about = "Run fleets of agents: a Raft-replicated coordinator dispatching tasks over QUIC"
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "SWARM_LOG_FORMAT", value_enum, default_value = "human")]
+    #[arg(
+        long,
+        global = true,
+        env = "SWARM_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
     log_format: LogFormat,
     /// TOML file of flag values (keys are long flag names).
     #[arg(long, global = true, env = "SWARM_CONFIG")]
@@ -101,7 +111,9 @@ impl ApiArgs {
                 if default.exists() {
                     read_token(default)?
                 } else {
-                    bail!("no API token: pass --token, --token-file, SWARM_TOKEN or SWARM_TOKEN_FILE");
+                    bail!(
+                        "no API token: pass --token, --token-file, SWARM_TOKEN or SWARM_TOKEN_FILE"
+                    );
                 }
             }
         };
@@ -110,7 +122,8 @@ impl ApiArgs {
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
-    let t = std::fs::read_to_string(path).with_context(|| format!("read token file {}", path.display()))?;
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("read token file {}", path.display()))?;
     let t = t.trim().to_string();
     if t.is_empty() {
         bail!("token file {} is empty", path.display());
@@ -319,7 +332,10 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start runtime: {e}");
@@ -359,9 +375,13 @@ fn parse_cli() -> anyhow::Result<Cli> {
 
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SWARM_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
+    let filter = EnvFilter::try_from_env("SWARM_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -375,7 +395,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Worker(a) => worker(a).await,
         Cmd::Certs(CertsCmd::Init { dir, sans, force }) => {
             let files = swarm_transport::init_certs(&dir, &sans, force)?;
-            println!("wrote cluster CA and certificates to {}", files.dir.display());
+            println!(
+                "wrote cluster CA and certificates to {}",
+                files.dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Submit(a) => submit(a).await,
@@ -403,7 +426,13 @@ fn parse_peer(s: &str) -> anyhow::Result<(u64, NodeAddr)> {
     let (id, addrs) = s.split_once('=').with_context(err)?;
     let (raft, api) = addrs.split_once(',').with_context(err)?;
     let id: u64 = id.trim().parse().with_context(err)?;
-    Ok((id, NodeAddr { raft_addr: raft.trim().into(), api_addr: api.trim().into() }))
+    Ok((
+        id,
+        NodeAddr {
+            raft_addr: raft.trim().into(),
+            api_addr: api.trim().into(),
+        },
+    ))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -441,7 +470,9 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -456,7 +487,8 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     if a.workers == 0 || a.slots == 0 {
         bail!("--workers and --slots must be at least 1");
     }
-    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("create {}", a.data_dir.display()))?;
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("create {}", a.data_dir.display()))?;
     let certs = a.data_dir.join("certs");
     if !certs.join("ca.pem").exists() {
         swarm_transport::init_certs(&certs, &[], false)?;
@@ -504,7 +536,10 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         }));
     }
     let api = format!("http://{}", coord.api_addr);
-    println!("swarm is up: 1 coordinator, {} workers with {} slots each", a.workers, a.slots);
+    println!(
+        "swarm is up: 1 coordinator, {} workers with {} slots each",
+        a.workers, a.slots
+    );
     println!("  API      {api}   (token in {})", token_file.display());
     println!("  QUIC     {quic}");
     println!("  metrics  {api}/metrics");
@@ -512,7 +547,10 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     println!("try, from this directory:");
     println!("  swarm status");
     println!("  swarm submit --agent echo --payload '{{\"hello\":\"swarm\"}}' --wait");
-    println!("  curl -H \"Authorization: Bearer $(cat {})\" {api}/v1/status", token_file.display());
+    println!(
+        "  curl -H \"Authorization: Bearer $(cat {})\" {api}/v1/status",
+        token_file.display()
+    );
     println!("stop with Ctrl-C");
     shutdown_signal().await;
     println!("stopping");
@@ -530,7 +568,12 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         (_, Some(f)) => read_token(f)?,
         _ => bail!("the coordinator needs an API token: --token, --token-file, SWARM_TOKEN or SWARM_TOKEN_FILE"),
     };
-    let peers = a.peers.iter().filter(|p| !p.is_empty()).map(|p| parse_peer(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let peers = a
+        .peers
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| parse_peer(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if peers.iter().any(|(id, _)| *id == a.id) {
         bail!("--peer lists this node's own id {}", a.id);
     }
@@ -557,16 +600,23 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             max_output_bytes: a.max_output_bytes,
             ..Limits::default()
         },
-        defaults: TaskDefaults { timeout_ms: ms(a.default_timeout), max_attempts: a.default_max_attempts },
+        defaults: TaskDefaults {
+            timeout_ms: ms(a.default_timeout),
+            max_attempts: a.default_max_attempts,
+        },
         heartbeat_interval_ms: ms(a.heartbeat_interval),
         scheduler: SchedulerConfig {
             lease_ms: ms(a.lease),
             backoff_base_ms: ms(a.retry_backoff),
             backoff_max_ms: ms(a.retry_backoff_max),
+            ..SchedulerConfig::default()
         },
     };
     let handle = swarm_coordinator::start(cfg).await?;
-    println!("coordinator {} serving API on {} and QUIC on {}", a.id, handle.api_addr, handle.quic_addr);
+    println!(
+        "coordinator {} serving API on {} and QUIC on {}",
+        a.id, handle.api_addr, handle.quic_addr
+    );
     shutdown_signal().await;
     handle.shutdown().await;
     Ok(ExitCode::SUCCESS)
@@ -574,8 +624,14 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
 
 async fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     let id = a.id.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-        let host = if host.is_empty() { "worker".to_string() } else { host };
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let host = if host.is_empty() {
+            "worker".to_string()
+        } else {
+            host
+        };
         format!("{host}-{}", std::process::id())
     });
     if a.slots == 0 {
@@ -612,7 +668,9 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
         let bytes = if f.as_os_str() == "-" {
             use std::io::Read;
             let mut b = Vec::new();
-            std::io::stdin().read_to_end(&mut b).context("read payload from stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("read payload from stdin")?;
             b
         } else {
             std::fs::read(&f).with_context(|| format!("read payload file {}", f.display()))?
@@ -625,7 +683,15 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     let Some(view) = resp.task else {
         if !a.json {
-            println!("{}{}", resp.id, if resp.duplicate { " (existing task with this idempotency key)" } else { "" });
+            println!(
+                "{}{}",
+                resp.id,
+                if resp.duplicate {
+                    " (existing task with this idempotency key)"
+                } else {
+                    ""
+                }
+            );
         }
         return Ok(ExitCode::SUCCESS);
     };
@@ -646,7 +712,12 @@ fn print_result(t: &TaskView) {
             }
         }
         st if st.is_final() => {
-            eprintln!("task {} {}: {}", t.id, st.as_str(), t.error.as_deref().unwrap_or("no error recorded"));
+            eprintln!(
+                "task {} {}: {}",
+                t.id,
+                st.as_str(),
+                t.error.as_deref().unwrap_or("no error recorded")
+            );
         }
         st => eprintln!("task {} still {} when the wait ended", t.id, st.as_str()),
     }
@@ -665,11 +736,23 @@ async fn task(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
         TaskCmd::Get { api, id, wait } => {
             let t = api.client()?.task(id, wait.as_deref()).await?;
             println!("{}", serde_json::to_string_pretty(&t)?);
-            Ok(if wait.is_some() { exit_for(&t) } else { ExitCode::SUCCESS })
+            Ok(if wait.is_some() {
+                exit_for(&t)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
-        TaskCmd::List { api, state, limit, after } => {
+        TaskCmd::List {
+            api,
+            state,
+            limit,
+            after,
+        } => {
             let list = api.client()?.list(state.as_deref(), after, limit).await?;
-            println!("{:<10} {:<14} {:<16} {:>8}  ERROR", "ID", "STATE", "AGENT", "ATTEMPTS");
+            println!(
+                "{:<10} {:<14} {:<16} {:>8}  ERROR",
+                "ID", "STATE", "AGENT", "ATTEMPTS"
+            );
             for t in &list.tasks {
                 println!(
                     "{:<10} {:<14} {:<16} {:>8}  {}",
@@ -697,7 +780,11 @@ async fn status_cmd(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let client = a.api.client()?;
     loop {
         let s = client.status().await?;
-        let text = if a.json { serde_json::to_string_pretty(&s)? } else { status::render(&s) };
+        let text = if a.json {
+            serde_json::to_string_pretty(&s)?
+        } else {
+            status::render(&s)
+        };
         match a.watch {
             None => {
                 println!("{text}");

@@ -18,7 +18,14 @@ pub fn render(s: &StatusView) -> String {
         c.applied_index.map_or("-".into(), |i| i.to_string()),
         c.last_log_index.map_or("-".into(), |i| i.to_string()),
     );
-    let mut rows = vec![vec!["NODE".into(), "ROLE".into(), "VOTER".into(), "RAFT".into(), "API".into(), "MATCHED".into()]];
+    let mut rows = vec![vec![
+        "NODE".into(),
+        "ROLE".into(),
+        "VOTER".into(),
+        "RAFT".into(),
+        "API".into(),
+        "MATCHED".into(),
+    ]];
     for n in &c.nodes {
         rows.push(vec![
             n.id.to_string(),
@@ -33,7 +40,11 @@ pub fn render(s: &StatusView) -> String {
 
     let slots: u64 = s.workers.iter().map(|w| w.slots as u64).sum();
     let busy: u64 = s.workers.iter().map(|w| w.running as u64).sum();
-    let _ = writeln!(out, "workers     {} connected, {busy} of {slots} slots busy", s.workers.len());
+    let _ = writeln!(
+        out,
+        "workers     {} connected, {busy} of {slots} slots busy",
+        s.workers.len()
+    );
     if !s.workers.is_empty() {
         let mut rows = vec![vec![
             "WORKER".into(),
@@ -52,7 +63,11 @@ pub fn render(s: &StatusView) -> String {
                 w.running.to_string(),
                 load_bar(w.running, w.slots),
                 if w.zero_rtt { "yes" } else { "no" }.into(),
-                if labels.is_empty() { "-".into() } else { labels.join(",") },
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels.join(",")
+                },
                 w.addr.clone(),
             ]);
         }
@@ -74,15 +89,29 @@ pub fn render(s: &StatusView) -> String {
 
 fn load_bar(running: u32, slots: u32) -> String {
     const WIDTH: u32 = 10;
-    let filled = if slots == 0 { 0 } else { (running.min(slots) * WIDTH).div_ceil(slots) };
-    let pct = if slots == 0 { 0 } else { running * 100 / slots };
-    format!("[{}{}] {pct:>3}%", "#".repeat(filled as usize), ".".repeat((WIDTH - filled) as usize))
+    let filled = if slots == 0 {
+        0
+    } else {
+        (running.min(slots) * WIDTH).div_ceil(slots)
+    };
+    let pct = (running * 100).checked_div(slots).unwrap_or(0);
+    format!(
+        "[{}{}] {pct:>3}%",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize)
+    )
 }
 
 fn table(out: &mut String, rows: &[Vec<String>]) {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..cols).map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     for r in rows {
         let mut line = String::from("  ");
         for (i, cell) in r.iter().enumerate() {
@@ -128,9 +157,16 @@ mod tests {
                 last_heartbeat_ms: 0,
                 zero_rtt: true,
             }],
-            queue: QueueCounts { queued: 3, succeeded: 7, ..Default::default() },
+            queue: QueueCounts {
+                queued: 3,
+                succeeded: 7,
+                ..Default::default()
+            },
             queue_limit: 100,
-            throughput: Throughput { finished_last_minute: 60, per_second: 1.0 },
+            throughput: Throughput {
+                finished_last_minute: 60,
+                per_second: 1.0,
+            },
         };
         let text = render(&s);
         assert!(text.contains("node 1 is leader, term 2"), "{text}");

@@ -19,8 +19,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use swarm_proto::api::{
-    ClusterView, ErrorBody, ErrorDetail, NodeView, QueueCounts, StatusView, SubmitBatch, SubmitBatchResponse,
-    SubmitResponse, SubmitTask, TaskList, TaskState, TaskView, Throughput, WorkerList, WorkerView,
+    ClusterView, ErrorBody, ErrorDetail, NodeView, QueueCounts, StatusView, SubmitBatch,
+    SubmitBatchResponse, SubmitResponse, SubmitTask, TaskList, TaskState, TaskView, Throughput,
+    WorkerList, WorkerView,
 };
 use swarm_proto::TaskId;
 
@@ -74,7 +75,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotLeader { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotLeader { .. } | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,10 +89,19 @@ impl IntoResponse for ApiError {
             ApiError::NotLeader { leader_api } => leader_api.clone(),
             _ => None,
         };
-        let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message: self.to_string(), leader_api } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code().into(),
+                message: self.to_string(),
+                leader_api,
+            },
+        };
         let mut resp = (self.status(), Json(body)).into_response();
         if matches!(self, ApiError::Unauthorized(_)) {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         resp
     }
@@ -122,7 +134,10 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(node: Arc<Node>) -> Router {
     let limits = node.config().limits;
     // Room for a full batch of maximum payloads would be huge; a batch gets 64 MiB.
-    let body_limit = (limits.max_payload_bytes as usize).saturating_mul(2).saturating_add(64 << 10).max(64 << 20);
+    let body_limit = (limits.max_payload_bytes as usize)
+        .saturating_mul(2)
+        .saturating_add(64 << 10)
+        .max(64 << 20);
     let v1 = Router::new()
         .route("/tasks", post(submit).get(list_tasks))
         .route("/tasks/batch", post(submit_batch))
@@ -141,9 +156,15 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-async fn require_token(State(node): State<Arc<Node>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn require_token(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return ApiError::Unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response();
+        return ApiError::Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+            .into_response();
     };
     let given = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
     let expected = node.config().api_token.as_bytes();
@@ -166,7 +187,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => (&s[..i], &s[i..]),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 5s, 2m"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 5s, 2m"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -174,7 +197,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("bad duration unit in {s:?}: use ms, s, m or h")),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("duration {s:?} out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -185,7 +208,10 @@ fn wait_of(node: &Node, q: &WaitQuery) -> Result<Option<Duration>, ApiError> {
     let d = parse_duration(w).map_err(ApiError::BadRequest)?;
     let max = node.config().limits.max_wait;
     if d > max {
-        return Err(ApiError::BadRequest(format!("wait {w} exceeds the maximum of {}s", max.as_secs())));
+        return Err(ApiError::BadRequest(format!(
+            "wait {w} exceeds the maximum of {}s",
+            max.as_secs()
+        )));
     }
     Ok(Some(d))
 }
@@ -195,7 +221,9 @@ fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
     let limits = node.config().limits;
     let defaults = node.config().defaults;
     if t.agent.is_empty() || t.agent.len() > 128 {
-        return Err(ApiError::BadRequest("`agent` must be 1 to 128 bytes".into()));
+        return Err(ApiError::BadRequest(
+            "`agent` must be 1 to 128 bytes".into(),
+        ));
     }
     let payload = t.payload_bytes().map_err(ApiError::BadRequest)?;
     if payload.len() as u64 > limits.max_payload_bytes {
@@ -207,17 +235,32 @@ fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
     }
     let timeout_ms = t.timeout_ms.unwrap_or(defaults.timeout_ms);
     if timeout_ms == 0 || timeout_ms > 7 * 24 * 3600 * 1000 {
-        return Err(ApiError::BadRequest("`timeout_ms` must be between 1 and 604800000 (7 days)".into()));
+        return Err(ApiError::BadRequest(
+            "`timeout_ms` must be between 1 and 604800000 (7 days)".into(),
+        ));
     }
     let max_attempts = t.max_attempts.unwrap_or(defaults.max_attempts);
     if !(1..=100).contains(&max_attempts) {
-        return Err(ApiError::BadRequest("`max_attempts` must be between 1 and 100".into()));
+        return Err(ApiError::BadRequest(
+            "`max_attempts` must be between 1 and 100".into(),
+        ));
     }
-    if t.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
-        return Err(ApiError::BadRequest("`idempotency_key` must be 1 to 256 bytes".into()));
+    if t.idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 256)
+    {
+        return Err(ApiError::BadRequest(
+            "`idempotency_key` must be 1 to 256 bytes".into(),
+        ));
     }
-    if t.labels.len() > 32 || t.labels.iter().any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 256) {
-        return Err(ApiError::BadRequest("at most 32 `labels`, keys 1-64 bytes, values up to 256 bytes".into()));
+    if t.labels.len() > 32
+        || t.labels
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 256)
+    {
+        return Err(ApiError::BadRequest(
+            "at most 32 `labels`, keys 1-64 bytes, values up to 256 bytes".into(),
+        ));
     }
     Ok(TaskSpec {
         agent: t.agent,
@@ -233,7 +276,14 @@ fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
 fn submit_ops(node: &Node, specs: Vec<TaskSpec>) -> Vec<Op> {
     let now = now_ms();
     let queue_limit = node.config().limits.queue_limit;
-    specs.into_iter().map(|spec| Op::Submit { spec, now_ms: now, queue_limit }).collect()
+    specs
+        .into_iter()
+        .map(|spec| Op::Submit {
+            spec,
+            now_ms: now,
+            queue_limit,
+        })
+        .collect()
 }
 
 async fn submit(
@@ -244,20 +294,39 @@ async fn submit(
     let Json(task) = body?;
     let wait = wait_of(&node, &q)?;
     let spec = to_spec(&node, task)?;
-    let results = node.propose(submit_ops(&node, vec![spec])).await.map_err(|e| ApiError::from_propose(&node, e))?;
+    let results = node
+        .propose(submit_ops(&node, vec![spec]))
+        .await
+        .map_err(|e| ApiError::from_propose(&node, e))?;
     node.count_results(&results);
     let (id, duplicate) = match results.first() {
         Some(OpResult::Submitted { id, duplicate }) => (*id, *duplicate),
         Some(OpResult::QueueFull { limit }) => return Err(ApiError::QueueFull { limit: *limit }),
-        other => return Err(ApiError::Internal(format!("unexpected submit result {other:?}"))),
+        other => {
+            return Err(ApiError::Internal(format!(
+                "unexpected submit result {other:?}"
+            )))
+        }
     };
     let mut task = None;
     if let Some(wait) = wait {
         node.wait_final(id, wait).await;
         task = node.read_table(|t| t.get(id).map(|t| t.view()));
     }
-    let status = if duplicate { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((status, Json(SubmitResponse { id, duplicate, task })).into_response())
+    let status = if duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(SubmitResponse {
+            id,
+            duplicate,
+            task,
+        }),
+    )
+        .into_response())
 }
 
 async fn submit_batch(
@@ -267,7 +336,10 @@ async fn submit_batch(
     let Json(batch) = body?;
     let max = node.config().limits.max_batch;
     if batch.tasks.is_empty() || batch.tasks.len() > max {
-        return Err(ApiError::BadRequest(format!("a batch holds 1 to {max} tasks, got {}", batch.tasks.len())));
+        return Err(ApiError::BadRequest(format!(
+            "a batch holds 1 to {max} tasks, got {}",
+            batch.tasks.len()
+        )));
     }
     let specs = batch
         .tasks
@@ -276,39 +348,68 @@ async fn submit_batch(
         .map(|(i, t)| {
             to_spec(&node, t).map_err(|e| match e {
                 ApiError::BadRequest(m) => ApiError::BadRequest(format!("tasks[{i}]: {m}")),
-                ApiError::PayloadTooLarge(m) => ApiError::PayloadTooLarge(format!("tasks[{i}]: {m}")),
+                ApiError::PayloadTooLarge(m) => {
+                    ApiError::PayloadTooLarge(format!("tasks[{i}]: {m}"))
+                }
                 other => other,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
     // All or nothing: refuse the whole batch if it does not fit the queue.
-    let room = node.read_table(|t| node.config().limits.queue_limit.saturating_sub(t.unfinished()));
+    let room = node.read_table(|t| {
+        node.config()
+            .limits
+            .queue_limit
+            .saturating_sub(t.unfinished())
+    });
     if specs.len() as u64 > room {
-        metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full").increment(specs.len() as u64);
-        return Err(ApiError::QueueFull { limit: node.config().limits.queue_limit });
+        metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full")
+            .increment(specs.len() as u64);
+        return Err(ApiError::QueueFull {
+            limit: node.config().limits.queue_limit,
+        });
     }
-    let results = node.propose(submit_ops(&node, specs)).await.map_err(|e| ApiError::from_propose(&node, e))?;
+    let results = node
+        .propose(submit_ops(&node, specs))
+        .await
+        .map_err(|e| ApiError::from_propose(&node, e))?;
     node.count_results(&results);
     let mut out = Vec::with_capacity(results.len());
     for r in results {
         match r {
-            OpResult::Submitted { id, duplicate } => out.push(SubmitResponse { id, duplicate, task: None }),
+            OpResult::Submitted { id, duplicate } => out.push(SubmitResponse {
+                id,
+                duplicate,
+                task: None,
+            }),
             // Another client filled the queue between the check and the commit: the tasks
             // before this one are committed; report honestly which.
             OpResult::QueueFull { limit } => {
                 let committed: Vec<String> = out.iter().map(|r| r.id.to_string()).collect();
                 return Err(ApiError::QueueFull { limit }).map_err(|e| {
-                    ApiError::Unavailable(format!("{e}; committed before the queue filled: [{}]", committed.join(",")))
+                    ApiError::Unavailable(format!(
+                        "{e}; committed before the queue filled: [{}]",
+                        committed.join(",")
+                    ))
                 });
             }
-            other => return Err(ApiError::Internal(format!("unexpected submit result {other:?}"))),
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "unexpected submit result {other:?}"
+                )))
+            }
         }
     }
-    Ok((StatusCode::CREATED, Json(SubmitBatchResponse { tasks: out })).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(SubmitBatchResponse { tasks: out }),
+    )
+        .into_response())
 }
 
 fn parse_id(s: &str) -> Result<TaskId, ApiError> {
-    s.parse().map_err(|_| ApiError::BadRequest(format!("task id must be a number, got {s:?}")))
+    s.parse()
+        .map_err(|_| ApiError::BadRequest(format!("task id must be a number, got {s:?}")))
 }
 
 async fn get_task(
@@ -332,7 +433,10 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_tasks(State(node): State<Arc<Node>>, Query(q): Query<ListQuery>) -> ApiResult<TaskList> {
+async fn list_tasks(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<TaskList> {
     let state = match q.state.as_deref() {
         None | Some("") => None,
         Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
@@ -341,9 +445,17 @@ async fn list_tasks(State(node): State<Arc<Node>>, Query(q): Query<ListQuery>) -
         })?),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let tasks: Vec<TaskView> =
-        node.read_table(|t| t.list(state, q.after.unwrap_or(0), limit).into_iter().map(|t| t.view()).collect());
-    let next_after = if tasks.len() == limit { tasks.last().map(|t| t.id) } else { None };
+    let tasks: Vec<TaskView> = node.read_table(|t| {
+        t.list(state, q.after.unwrap_or(0), limit)
+            .into_iter()
+            .map(|t| t.view())
+            .collect()
+    });
+    let next_after = if tasks.len() == limit {
+        tasks.last().map(|t| t.id)
+    } else {
+        None
+    };
     Ok(Json(TaskList { tasks, next_after }))
 }
 
@@ -351,14 +463,22 @@ async fn cancel_task(State(node): State<Arc<Node>>, Path(id): Path<String>) -> A
     let id = parse_id(&id)?;
     let result = node
         .proposer
-        .propose_one(Op::Cancel { task_id: id, now_ms: now_ms() })
+        .propose_one(Op::Cancel {
+            task_id: id,
+            now_ms: now_ms(),
+        })
         .await
         .map_err(|e| ApiError::from_propose(&node, e))?;
     node.count_results(std::slice::from_ref(&result));
     match result {
         OpResult::NotFound => return Err(ApiError::NotFound(format!("no task {id}"))),
-        OpResult::Cancelled { running: Some((worker, attempt)) } => {
-            node.send_to_worker(&worker, swarm_proto::worker::CoordinatorMsg::Cancel(attempt));
+        OpResult::Cancelled {
+            running: Some((worker, attempt)),
+        } => {
+            node.send_to_worker(
+                &worker,
+                swarm_proto::worker::CoordinatorMsg::Cancel(attempt),
+            );
         }
         // Already final (cancel is idempotent) or cancelled while queued.
         _ => {}
@@ -375,7 +495,11 @@ fn worker_views(node: &Node) -> Vec<WorkerView> {
         .values()
         .map(|s| {
             let mut w = s.info.clone();
-            w.running = d.scheduler.workers().get(&w.id).map_or(w.running, |e| e.busy);
+            w.running = d
+                .scheduler
+                .workers()
+                .get(&w.id)
+                .map_or(w.running, |e| e.busy);
             w
         })
         .collect();
@@ -384,7 +508,9 @@ fn worker_views(node: &Node) -> Vec<WorkerView> {
 }
 
 async fn workers(State(node): State<Arc<Node>>) -> ApiResult<WorkerList> {
-    Ok(Json(WorkerList { workers: worker_views(&node) }))
+    Ok(Json(WorkerList {
+        workers: worker_views(&node),
+    }))
 }
 
 fn role_name(state: openraft::ServerState) -> &'static str {
@@ -405,7 +531,11 @@ pub fn cluster_view(node: &Node) -> ClusterView {
     let matched: BTreeMap<u64, u64> = m
         .replication
         .as_ref()
-        .map(|r| r.iter().map(|(id, l)| (*id, l.map_or(0, |l| l.index))).collect())
+        .map(|r| {
+            r.iter()
+                .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
+                .collect()
+        })
         .unwrap_or_default();
     let nodes = membership
         .nodes()
@@ -461,7 +591,10 @@ async fn status(State(node): State<Arc<Node>>) -> ApiResult<StatusView> {
         workers: worker_views(&node),
         queue,
         queue_limit: node.config().limits.queue_limit,
-        throughput: Throughput { finished_last_minute: finished, per_second: finished as f64 / 60.0 },
+        throughput: Throughput {
+            finished_last_minute: finished,
+            per_second: finished as f64 / 60.0,
+        },
     }))
 }
 
@@ -470,7 +603,11 @@ async fn status(State(node): State<Arc<Node>>) -> ApiResult<StatusView> {
 async fn health(State(node): State<Arc<Node>>) -> Response {
     let running = node.raft().metrics().borrow().running_state.clone();
     if let Err(e) = running {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}\n")).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("raft stopped: {e}\n"),
+        )
+            .into_response();
     }
     let probe = node.data_dir.join(".health-probe");
     let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -483,7 +620,11 @@ async fn health(State(node): State<Arc<Node>>) -> Response {
     match res {
         Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}\n")).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage probe: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage probe: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -495,18 +636,26 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
     let max_lag = node.config().limits.ready_max_lag;
     match m.current_leader {
         None => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n").into_response(),
-        Some(_) if lag > max_lag => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("applied index trails the log by {lag}\n")).into_response()
-        }
-        Some(l) => (StatusCode::OK, format!("ready (leader {l}, applied {applied})\n")).into_response(),
+        Some(_) if lag > max_lag => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("applied index trails the log by {lag}\n"),
+        )
+            .into_response(),
+        Some(l) => (
+            StatusCode::OK,
+            format!("ready (leader {l}, applied {applied})\n"),
+        )
+            .into_response(),
     }
 }
 
 async fn metrics_text() -> Response {
     match crate::metrics::handle() {
-        Some(h) => {
-            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response()
-        }
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
         None => ApiError::Unavailable("metrics recorder not installed".into()).into_response(),
     }
 }

@@ -16,10 +16,9 @@ pub mod node;
 pub mod proposer;
 pub mod raft;
 pub mod scheduler;
-pub mod state;
 mod server;
+pub mod state;
 mod worker_session;
 
 pub use node::{CoordinatorConfig, Limits, Node, TaskDefaults};
 pub use server::{start, CoordinatorHandle};
-

@@ -26,7 +26,9 @@ pub fn handle() -> Option<PrometheusHandle> {
                 .ok()?
                 .set_buckets_for_metric(
                     Matcher::Full("swarm_raft_batch_ops".into()),
-                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0],
+                    &[
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+                    ],
                 )
                 .ok()?;
             let recorder = builder.build_recorder();
@@ -40,25 +42,66 @@ pub fn handle() -> Option<PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("swarm_tasks_submitted_total", "Tasks accepted (committed) by submit.");
+    describe_counter!(
+        "swarm_tasks_submitted_total",
+        "Tasks accepted (committed) by submit."
+    );
     describe_counter!("swarm_tasks_succeeded_total", "Tasks that ended succeeded.");
     describe_counter!("swarm_tasks_failed_total", "Tasks that ended failed.");
-    describe_counter!("swarm_tasks_retried_total", "Attempts that ended and were queued again.");
-    describe_counter!("swarm_tasks_dead_lettered_total", "Tasks whose every attempt was lost.");
+    describe_counter!(
+        "swarm_tasks_retried_total",
+        "Attempts that ended and were queued again."
+    );
+    describe_counter!(
+        "swarm_tasks_dead_lettered_total",
+        "Tasks whose every attempt was lost."
+    );
     describe_counter!("swarm_tasks_cancelled_total", "Tasks cancelled on request.");
     describe_counter!("swarm_submit_rejected_total", "Submits refused, by reason.");
     describe_gauge!("swarm_queue_depth", "Tasks by state on this replica.");
-    describe_gauge!("swarm_tasks_running", "Tasks running on this replica's view.");
-    describe_gauge!("swarm_workers_connected", "Workers connected to this coordinator.");
-    describe_histogram!("swarm_dispatch_latency_seconds", Unit::Seconds, "Submit (or retry due) to dispatch.");
-    describe_histogram!("swarm_task_duration_seconds", Unit::Seconds, "Attempt run time reported by workers.");
-    describe_histogram!("swarm_raft_commit_seconds", Unit::Seconds, "Propose to applied, per Raft entry.");
+    describe_gauge!(
+        "swarm_tasks_running",
+        "Tasks running on this replica's view."
+    );
+    describe_gauge!(
+        "swarm_workers_connected",
+        "Workers connected to this coordinator."
+    );
+    describe_histogram!(
+        "swarm_dispatch_latency_seconds",
+        Unit::Seconds,
+        "Submit (or retry due) to dispatch."
+    );
+    describe_histogram!(
+        "swarm_task_duration_seconds",
+        Unit::Seconds,
+        "Attempt run time reported by workers."
+    );
+    describe_histogram!(
+        "swarm_raft_commit_seconds",
+        Unit::Seconds,
+        "Propose to applied, per Raft entry."
+    );
     describe_histogram!("swarm_raft_batch_ops", "Task-table ops per Raft entry.");
+    describe_histogram!(
+        "swarm_raft_log_write_seconds",
+        Unit::Seconds,
+        "One durable (fsync'd) Raft log write transaction."
+    );
     describe_gauge!("swarm_raft_term", "Current Raft term.");
-    describe_gauge!("swarm_raft_leader", "Id of the leader this node knows (0: none).");
+    describe_gauge!(
+        "swarm_raft_leader",
+        "Id of the leader this node knows (0: none)."
+    );
     describe_gauge!("swarm_raft_is_leader", "1 on the leader.");
     describe_gauge!("swarm_raft_last_applied", "Last applied log index.");
     describe_gauge!("swarm_raft_last_log", "Last log index.");
-    describe_counter!("swarm_worker_connections_total", "Worker connections accepted, by 0-RTT use.");
-    describe_counter!("swarm_protocol_errors_total", "Connections closed for malformed or unexpected frames.");
+    describe_counter!(
+        "swarm_worker_connections_total",
+        "Worker connections accepted, by 0-RTT use."
+    );
+    describe_counter!(
+        "swarm_protocol_errors_total",
+        "Connections closed for malformed or unexpected frames."
+    );
 }

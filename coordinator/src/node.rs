@@ -98,13 +98,18 @@ pub struct TaskDefaults {
 
 impl Default for TaskDefaults {
     fn default() -> Self {
-        TaskDefaults { timeout_ms: 60_000, max_attempts: 3 }
+        TaskDefaults {
+            timeout_ms: 60_000,
+            max_attempts: 3,
+        }
     }
 }
 
 /// Wall clock in ms since the Unix epoch; the only clock the coordinator reads.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A worker session as the dispatcher sees it.
@@ -208,7 +213,12 @@ impl Node {
     pub async fn wait_final(&self, id: TaskId, timeout: Duration) -> bool {
         let (tx, rx) = oneshot::channel();
         // Register before looking, so a finalization in between is not missed.
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().push(tx);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .push(tx);
         let done = self.read_table(|t| t.get(id).is_none_or(|t| t.state.is_final()));
         if done {
             return true;
@@ -217,7 +227,11 @@ impl Node {
     }
 
     fn release_waiters(&self, id: TaskId) {
-        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let waiters = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         for w in waiters.into_iter().flatten() {
             let _ = w.send(());
         }
@@ -237,7 +251,9 @@ impl Node {
     /// Send a frame to a connected worker; false when it is not connected here.
     pub(crate) fn send_to_worker(&self, worker: &str, msg: CoordinatorMsg) -> bool {
         let d = self.lock_dispatch();
-        d.sessions.get(worker).is_some_and(|s| s.tx.send(msg).is_ok())
+        d.sessions
+            .get(worker)
+            .is_some_and(|s| s.tx.send(msg).is_ok())
     }
 
     /// Count committed results of ops in Prometheus counters (called where results land,
@@ -245,25 +261,28 @@ impl Node {
     pub(crate) fn count_results(&self, results: &[OpResult]) {
         for r in results {
             match r {
-                OpResult::Submitted { duplicate: false, .. } => {
-                    metrics::counter!("swarm_tasks_submitted_total").increment(1)
-                }
+                OpResult::Submitted {
+                    duplicate: false, ..
+                } => metrics::counter!("swarm_tasks_submitted_total").increment(1),
                 OpResult::QueueFull { .. } => {
-                    metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full").increment(1)
+                    metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full")
+                        .increment(1)
                 }
-                OpResult::Applied { state: TaskState::Succeeded } => {
-                    metrics::counter!("swarm_tasks_succeeded_total").increment(1)
+                OpResult::Applied {
+                    state: TaskState::Succeeded,
+                } => metrics::counter!("swarm_tasks_succeeded_total").increment(1),
+                OpResult::Applied {
+                    state: TaskState::Failed,
+                } => metrics::counter!("swarm_tasks_failed_total").increment(1),
+                OpResult::Applied {
+                    state: TaskState::Queued,
+                } => metrics::counter!("swarm_tasks_retried_total").increment(1),
+                OpResult::Applied {
+                    state: TaskState::DeadLettered,
+                } => metrics::counter!("swarm_tasks_dead_lettered_total").increment(1),
+                OpResult::Cancelled { .. } => {
+                    metrics::counter!("swarm_tasks_cancelled_total").increment(1)
                 }
-                OpResult::Applied { state: TaskState::Failed } => {
-                    metrics::counter!("swarm_tasks_failed_total").increment(1)
-                }
-                OpResult::Applied { state: TaskState::Queued } => {
-                    metrics::counter!("swarm_tasks_retried_total").increment(1)
-                }
-                OpResult::Applied { state: TaskState::DeadLettered } => {
-                    metrics::counter!("swarm_tasks_dead_lettered_total").increment(1)
-                }
-                OpResult::Cancelled { .. } => metrics::counter!("swarm_tasks_cancelled_total").increment(1),
                 _ => {}
             }
         }
@@ -310,7 +329,14 @@ impl Node {
         let running: Vec<(String, AttemptRef, u64)> = self.read_table(|t| {
             t.running()
                 .map(|(task, a)| {
-                    (a.worker.clone(), AttemptRef { task_id: task.id, attempt: a.number }, task.spec.timeout_ms)
+                    (
+                        a.worker.clone(),
+                        AttemptRef {
+                            task_id: task.id,
+                            attempt: a.number,
+                        },
+                        task.spec.timeout_ms,
+                    )
                 })
                 .collect()
         });
@@ -319,7 +345,11 @@ impl Node {
         for (worker, attempt, timeout) in running {
             d.scheduler.adopt(&worker, attempt, timeout, now);
         }
-        info!(node = self.cfg.node_id, adopted = d.scheduler.in_flight_count(), "became leader");
+        info!(
+            node = self.cfg.node_id,
+            adopted = d.scheduler.in_flight_count(),
+            "became leader"
+        );
     }
 
     /// Lost leadership: forget dispatch state and turn workers away so they find the
@@ -348,11 +378,18 @@ impl Node {
                     let _ = s.tx.send(CoordinatorMsg::Cancel(e.attempt));
                 }
                 let retry_at_ms = d.scheduler.retry_at(now, e.attempt);
-                ops.push(Op::Lose { attempt: e.attempt, reason: e.reason, now_ms: now, retry_at_ms });
+                ops.push(Op::Lose {
+                    attempt: e.attempt,
+                    reason: e.reason,
+                    now_ms: now,
+                    retry_at_ms,
+                });
             }
             let plan = d.scheduler.plan(table.queued(), now);
-            for p in plan {
-                let Some(task) = table.get(p.attempt.task_id) else { continue };
+            for p in plan.dispatches {
+                let Some(task) = table.get(p.attempt.task_id) else {
+                    continue;
+                };
                 let ready_since = task.created_at_ms.max(task.not_before_ms);
                 metrics::histogram!("swarm_dispatch_latency_seconds")
                     .record(now.saturating_sub(ready_since) as f64 / 1000.0);
@@ -368,10 +405,20 @@ impl Node {
                     s.info.running += 1;
                 }
                 debug!(task = p.attempt.task_id, attempt = p.attempt.attempt, worker = %p.worker, "dispatched");
-                ops.push(Op::Start { attempt: p.attempt, worker: p.worker, now_ms: now });
             }
-            let next_retry = table.queued().map(|t| t.not_before_ms).filter(|&t| t > now).min();
-            next_due = [d.scheduler.next_expiry(), next_retry].into_iter().flatten().min();
+            // Record the attempts that are still running after the start delay; short
+            // ones were recorded by their report instead.
+            for s in d.scheduler.due_starts(now) {
+                ops.push(Op::Start {
+                    attempt: s.attempt,
+                    worker: s.worker,
+                    now_ms: now,
+                });
+            }
+            next_due = [d.scheduler.next_expiry(), plan.next_ready_ms]
+                .into_iter()
+                .flatten()
+                .min();
         }
         if !ops.is_empty() {
             let node = self.clone();
@@ -389,10 +436,16 @@ impl Node {
 /// The frame that turns a worker away from a follower.
 pub(crate) fn not_leader_msg(me: u64, leader: Option<&(u64, NodeAddr)>) -> CoordinatorMsg {
     let message = match leader {
-        Some((id, addr)) if *id != me => format!("coordinator {me} is not the leader; the leader is {id} at {}", addr.raft_addr),
+        Some((id, addr)) if *id != me => format!(
+            "coordinator {me} is not the leader; the leader is {id} at {}",
+            addr.raft_addr
+        ),
         _ => format!("coordinator {me} is not the leader and knows no leader yet"),
     };
-    CoordinatorMsg::Rejected { code: "not_leader".into(), message }
+    CoordinatorMsg::Rejected {
+        code: "not_leader".into(),
+        message,
+    }
 }
 
 /// Watch applied entries and leadership changes; runs until shutdown.
@@ -422,7 +475,11 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
 /// Dispatch whenever poked or due; acts only while this node leads.
 pub(crate) async fn dispatch_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let due = if node.is_leader() { node.dispatch_round().await } else { None };
+        let due = if node.is_leader() {
+            node.dispatch_round().await
+        } else {
+            None
+        };
         // Never sleep long: leadership and clocks change without a poke.
         let wait = due.map_or(250, |t| t.saturating_sub(now_ms()).clamp(1, 250));
         tokio::select! {
@@ -443,7 +500,8 @@ pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
         }
         node.read_table(|t| {
             for st in TaskState::ALL {
-                metrics::gauge!("swarm_queue_depth", "state" => st.as_str()).set(t.count(st) as f64);
+                metrics::gauge!("swarm_queue_depth", "state" => st.as_str())
+                    .set(t.count(st) as f64);
             }
             metrics::gauge!("swarm_tasks_running").set(t.count(TaskState::Running) as f64);
         });
@@ -453,7 +511,8 @@ pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
         metrics::gauge!("swarm_raft_term").set(m.current_term as f64);
         metrics::gauge!("swarm_raft_leader").set(m.current_leader.unwrap_or(0) as f64);
         metrics::gauge!("swarm_raft_is_leader").set(if node.is_leader() { 1.0 } else { 0.0 });
-        metrics::gauge!("swarm_raft_last_applied").set(m.last_applied.map_or(0, |l| l.index) as f64);
+        metrics::gauge!("swarm_raft_last_applied")
+            .set(m.last_applied.map_or(0, |l| l.index) as f64);
         metrics::gauge!("swarm_raft_last_log").set(m.last_log_index.unwrap_or(0) as f64);
     }
 }

@@ -38,7 +38,7 @@ pub struct Proposer {
 /// Most ops packed into one Raft entry.
 pub const MAX_OPS_PER_ENTRY: usize = 4096;
 /// Entries in flight at once (openraft appends them together).
-const MAX_IN_FLIGHT: usize = 4;
+const MAX_IN_FLIGHT: usize = 1;
 
 impl Proposer {
     /// Start the batching loop for `raft`.
@@ -57,20 +57,24 @@ impl Proposer {
         self.tx
             .send(Pending { ops, done })
             .map_err(|_| ProposeError::Raft("proposer stopped".into()))?;
-        rx.await.map_err(|_| ProposeError::Raft("proposer stopped".into()))?
+        rx.await
+            .map_err(|_| ProposeError::Raft("proposer stopped".into()))?
     }
 
     /// Propose one op.
     pub async fn propose_one(&self, op: Op) -> Result<OpResult, ProposeError> {
         let mut r = self.propose(vec![op]).await?;
-        r.pop().ok_or_else(|| ProposeError::Raft("empty response".into()))
+        r.pop()
+            .ok_or_else(|| ProposeError::Raft("empty response".into()))
     }
 }
 
 async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         // Take everything that queued up meanwhile, up to the entry limit.
         let mut batch = vec![first];
         let mut n = batch[0].ops.len();
@@ -114,9 +118,11 @@ async fn commit(raft: &Raft<TypeConfig>, batch: Vec<Pending>, n: usize) {
         }
         Err(e) => {
             let err = match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader {
-                    leader: f.leader_id.zip(f.leader_node),
-                },
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    ProposeError::NotLeader {
+                        leader: f.leader_id.zip(f.leader_node),
+                    }
+                }
                 other => ProposeError::Raft(other.to_string()),
             };
             for done in waiters {

@@ -26,11 +26,20 @@ pub struct SchedulerConfig {
     pub backoff_base_ms: u64,
     /// Largest retry delay.
     pub backoff_max_ms: u64,
+    /// How long after dispatch an attempt's `Start` is recorded in the log, unless its
+    /// report came first (then the report records the attempt). Keeps a Raft commit off
+    /// the path of short tasks; a longer task shows as running this much later.
+    pub start_record_delay_ms: u64,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { lease_ms: 5_000, backoff_base_ms: 200, backoff_max_ms: 30_000 }
+        SchedulerConfig {
+            lease_ms: 5_000,
+            backoff_base_ms: 200,
+            backoff_max_ms: 30_000,
+            start_record_delay_ms: 10,
+        }
     }
 }
 
@@ -78,6 +87,14 @@ pub struct Dispatch {
     pub attempt: AttemptRef,
 }
 
+/// The result of [`Scheduler::plan`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub dispatches: Vec<Dispatch>,
+    /// Earliest backoff end among the queued tasks looked at and skipped for it.
+    pub next_ready_ms: Option<u64>,
+}
+
 /// An attempt to give up, with a reason for the task's record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Expired {
@@ -92,23 +109,46 @@ pub struct Scheduler {
     cfg: SchedulerConfig,
     workers: BTreeMap<String, WorkerEntry>,
     in_flight: HashMap<TaskId, InFlight>,
+    /// Dispatched attempts whose `Start` is not recorded yet, oldest first, with the time
+    /// it is due.
+    pending_starts: std::collections::VecDeque<(u64, Dispatch)>,
     /// Rotates the starting point among equally loaded workers.
     cursor: usize,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        Scheduler { cfg, ..Default::default() }
+        Scheduler {
+            cfg,
+            ..Default::default()
+        }
     }
 
     /// A worker said hello. Its earlier slot bookkeeping is kept: attempts it still
     /// runs stay in flight on it.
-    pub fn worker_connected(&mut self, id: &str, slots: u32, labels: BTreeMap<String, String>, now_ms: u64) {
-        let busy = self.in_flight.values().filter(|f| f.worker == id && !f.reported).count() as u32;
+    pub fn worker_connected(
+        &mut self,
+        id: &str,
+        slots: u32,
+        labels: BTreeMap<String, String>,
+        now_ms: u64,
+    ) {
+        let busy = self
+            .in_flight
+            .values()
+            .filter(|f| f.worker == id && !f.reported)
+            .count() as u32;
         let dispatched = self.workers.get(id).map_or(0, |w| w.dispatched);
         self.workers.insert(
             id.to_string(),
-            WorkerEntry { slots, labels, connected: true, last_seen_ms: now_ms, busy, dispatched },
+            WorkerEntry {
+                slots,
+                labels,
+                connected: true,
+                last_seen_ms: now_ms,
+                busy,
+                dispatched,
+            },
         );
     }
 
@@ -150,7 +190,11 @@ impl Scheduler {
     /// Track an attempt the scheduler did not plan: one a reconnecting worker reports, or
     /// one the task table says is running after this node became leader.
     pub fn adopt(&mut self, worker: &str, attempt: AttemptRef, timeout_ms: u64, now_ms: u64) {
-        if self.in_flight.get(&attempt.task_id).is_some_and(|f| f.attempt == attempt && f.worker == worker) {
+        if self
+            .in_flight
+            .get(&attempt.task_id)
+            .is_some_and(|f| f.attempt == attempt && f.worker == worker)
+        {
             return;
         }
         self.forget(attempt.task_id);
@@ -169,13 +213,17 @@ impl Scheduler {
     }
 
     fn deadline(&self, now_ms: u64, timeout_ms: u64) -> u64 {
-        now_ms.saturating_add(timeout_ms).saturating_add(self.cfg.lease_ms)
+        now_ms
+            .saturating_add(timeout_ms)
+            .saturating_add(self.cfg.lease_ms)
     }
 
     /// The worker reported the end of `attempt`: its slot is free; the task stays in
     /// flight until the report commits.
     pub fn reported(&mut self, worker: &str, attempt: AttemptRef) {
-        let Some(f) = self.in_flight.get_mut(&attempt.task_id) else { return };
+        let Some(f) = self.in_flight.get_mut(&attempt.task_id) else {
+            return;
+        };
         if f.attempt != attempt || f.worker != worker || f.reported {
             return;
         }
@@ -200,27 +248,39 @@ impl Scheduler {
     /// Choose attempts for queued tasks, best first, until workers are full. `queued`
     /// must be in run order. Tasks in flight, waiting out a backoff, or matching no
     /// connected worker's labels are skipped.
-    pub fn plan<'a>(&mut self, queued: impl Iterator<Item = &'a Task>, now_ms: u64) -> Vec<Dispatch> {
+    pub fn plan<'a>(&mut self, queued: impl Iterator<Item = &'a Task>, now_ms: u64) -> Plan {
         let mut free: u64 = self
             .workers
             .values()
             .filter(|w| w.connected)
             .map(|w| w.slots.saturating_sub(w.busy) as u64)
             .sum();
-        let mut out = Vec::new();
+        let mut plan = Plan::default();
         if free == 0 {
-            return out;
+            return plan;
         }
         let ids: Vec<String> = self.workers.keys().cloned().collect();
         for task in queued {
             if free == 0 {
                 break;
             }
-            if task.not_before_ms > now_ms || self.in_flight.contains_key(&task.id) {
+            if self.in_flight.contains_key(&task.id) {
                 continue;
             }
-            let Some(worker) = self.pick_worker(&ids, &task.spec.labels) else { continue };
-            let attempt = AttemptRef { task_id: task.id, attempt: task.next_attempt() };
+            if task.not_before_ms > now_ms {
+                plan.next_ready_ms = Some(
+                    plan.next_ready_ms
+                        .map_or(task.not_before_ms, |t| t.min(task.not_before_ms)),
+                );
+                continue;
+            }
+            let Some(worker) = self.pick_worker(&ids, &task.spec.labels) else {
+                continue;
+            };
+            let attempt = AttemptRef {
+                task_id: task.id,
+                attempt: task.next_attempt(),
+            };
             let deadline_ms = self.deadline(now_ms, task.spec.timeout_ms);
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.busy += 1;
@@ -228,10 +288,43 @@ impl Scheduler {
             }
             self.in_flight.insert(
                 task.id,
-                InFlight { worker: worker.clone(), attempt, deadline_ms, reported: false },
+                InFlight {
+                    worker: worker.clone(),
+                    attempt,
+                    deadline_ms,
+                    reported: false,
+                },
             );
             free -= 1;
-            out.push(Dispatch { worker, attempt });
+            let d = Dispatch { worker, attempt };
+            self.pending_starts.push_back((
+                now_ms.saturating_add(self.cfg.start_record_delay_ms),
+                d.clone(),
+            ));
+            plan.dispatches.push(d);
+        }
+        plan
+    }
+
+    /// Dispatched attempts whose `Start` should be recorded now: due, still in flight and
+    /// not reported (a report records the attempt itself).
+    pub fn due_starts(&mut self, now_ms: u64) -> Vec<Dispatch> {
+        let mut out = Vec::new();
+        while self
+            .pending_starts
+            .front()
+            .is_some_and(|(due, _)| *due <= now_ms)
+        {
+            let Some((_, d)) = self.pending_starts.pop_front() else {
+                break;
+            };
+            let live = self
+                .in_flight
+                .get(&d.attempt.task_id)
+                .is_some_and(|f| f.attempt == d.attempt && f.worker == d.worker && !f.reported);
+            if live {
+                out.push(d);
+            }
         }
         out
     }
@@ -243,7 +336,9 @@ impl Scheduler {
         let mut best: Option<(f64, usize)> = None;
         for k in 0..n {
             let i = (self.cursor + k) % n;
-            let Some(w) = self.workers.get(&ids[i]) else { continue };
+            let Some(w) = self.workers.get(&ids[i]) else {
+                continue;
+            };
             if !w.connected || w.busy >= w.slots || !w.has_labels(labels) {
                 continue;
             }
@@ -275,13 +370,23 @@ impl Scheduler {
                 continue;
             }
             let reason = if lost.contains(&f.worker) || !self.workers.contains_key(&f.worker) {
-                format!("worker {} lost: not heard from for over {lease} ms", f.worker)
+                format!(
+                    "worker {} lost: not heard from for over {lease} ms",
+                    f.worker
+                )
             } else if now_ms > f.deadline_ms {
-                format!("no report from worker {} by the attempt's deadline", f.worker)
+                format!(
+                    "no report from worker {} by the attempt's deadline",
+                    f.worker
+                )
             } else {
                 continue;
             };
-            out.push(Expired { worker: f.worker.clone(), attempt: f.attempt, reason });
+            out.push(Expired {
+                worker: f.worker.clone(),
+                attempt: f.attempt,
+                reason,
+            });
             gone.push(*task);
         }
         for task in gone {
@@ -298,9 +403,17 @@ impl Scheduler {
 
     /// When [`Scheduler::expire`] may next have something to do.
     pub fn next_expiry(&self) -> Option<u64> {
-        let leases = self.workers.values().map(|w| w.last_seen_ms.saturating_add(self.cfg.lease_ms + 1));
-        let deadlines = self.in_flight.values().filter(|f| !f.reported).map(|f| f.deadline_ms + 1);
-        leases.chain(deadlines).min()
+        let leases = self
+            .workers
+            .values()
+            .map(|w| w.last_seen_ms.saturating_add(self.cfg.lease_ms + 1));
+        let deadlines = self
+            .in_flight
+            .values()
+            .filter(|f| !f.reported)
+            .map(|f| f.deadline_ms + 1);
+        let starts = self.pending_starts.front().map(|(due, _)| *due);
+        leases.chain(deadlines).chain(starts).min()
     }
 
     /// When a retry of `attempt` (the attempt that just ended) may run: exponential
@@ -308,7 +421,11 @@ impl Scheduler {
     /// task id so replays compute the same value.
     pub fn retry_at(&self, now_ms: u64, attempt: AttemptRef) -> u64 {
         let exp = attempt.attempt.saturating_sub(1).min(20);
-        let delay = self.cfg.backoff_base_ms.saturating_mul(1u64 << exp).min(self.cfg.backoff_max_ms);
+        let delay = self
+            .cfg
+            .backoff_base_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.cfg.backoff_max_ms);
         let jitter = (attempt.task_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % (delay / 4 + 1);
         now_ms.saturating_add(delay).saturating_add(jitter)
     }
@@ -321,7 +438,12 @@ mod tests {
     use swarm_proto::api::TaskState;
 
     fn cfg() -> SchedulerConfig {
-        SchedulerConfig { lease_ms: 1000, backoff_base_ms: 100, backoff_max_ms: 1000 }
+        SchedulerConfig {
+            lease_ms: 1000,
+            backoff_base_ms: 100,
+            backoff_max_ms: 1000,
+            start_record_delay_ms: 10,
+        }
     }
 
     fn table(n: usize, labels: &[(&str, &str)]) -> TaskTable {
@@ -333,15 +455,26 @@ mod tests {
             timeout_ms: 500,
             max_attempts: 3,
             idempotency_key: None,
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
-        let ops = (0..n).map(|_| Op::Submit { spec: spec.clone(), now_ms: 0, queue_limit: 1000 }).collect();
+        let ops = (0..n)
+            .map(|_| Op::Submit {
+                spec: spec.clone(),
+                now_ms: 0,
+                queue_limit: 1000,
+            })
+            .collect();
         t.apply(&Command { ops });
         t
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -350,14 +483,14 @@ mod tests {
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 2, labels(&[]), 0);
         s.worker_connected("b", 2, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 0);
+        let plan = s.plan(t.queued(), 0).dispatches;
         assert_eq!(plan.len(), 4);
         let on_a = plan.iter().filter(|d| d.worker == "a").count();
         assert_eq!(on_a, 2, "work is spread: {plan:?}");
         // Nothing more fits, and nothing already planned is planned again.
-        assert!(s.plan(t.queued(), 0).is_empty());
+        assert!(s.plan(t.queued(), 0).dispatches.is_empty());
         s.reported("a", plan[0].attempt);
-        let again = s.plan(t.queued(), 0);
+        let again = s.plan(t.queued(), 0).dispatches;
         assert_eq!(again.len(), 1);
         assert_ne!(again[0].attempt.task_id, plan[0].attempt.task_id);
     }
@@ -367,24 +500,50 @@ mod tests {
         let mut t = table(1, &[("gpu", "yes")]);
         let mut s = Scheduler::new(cfg());
         s.worker_connected("cpu", 4, labels(&[]), 0);
-        assert!(s.plan(t.queued(), 0).is_empty(), "no worker has the label");
+        assert!(
+            s.plan(t.queued(), 0).dispatches.is_empty(),
+            "no worker has the label"
+        );
         s.worker_connected("gpu", 1, labels(&[("gpu", "yes"), ("zone", "x")]), 0);
         s.worker_disconnected("gpu");
-        assert!(s.plan(t.queued(), 0).is_empty(), "disconnected workers get nothing");
+        assert!(
+            s.plan(t.queued(), 0).dispatches.is_empty(),
+            "disconnected workers get nothing"
+        );
         s.worker_connected("gpu", 1, labels(&[("gpu", "yes")]), 0);
-        let plan = s.plan(t.queued(), 0);
-        assert_eq!(plan, vec![Dispatch { worker: "gpu".into(), attempt: AttemptRef { task_id: 1, attempt: 1 } }]);
+        let plan = s.plan(t.queued(), 0).dispatches;
+        assert_eq!(
+            plan,
+            vec![Dispatch {
+                worker: "gpu".into(),
+                attempt: AttemptRef {
+                    task_id: 1,
+                    attempt: 1
+                }
+            }]
+        );
         // The attempt fails and the task is queued again with a backoff.
         let retry_at = s.retry_at(10, plan[0].attempt);
         t.apply(&Command {
             ops: vec![
-                Op::Start { attempt: plan[0].attempt, worker: "gpu".into(), now_ms: 1 },
-                Op::Lose { attempt: plan[0].attempt, reason: "x".into(), now_ms: 10, retry_at_ms: retry_at },
+                Op::Start {
+                    attempt: plan[0].attempt,
+                    worker: "gpu".into(),
+                    now_ms: 1,
+                },
+                Op::Lose {
+                    attempt: plan[0].attempt,
+                    reason: "x".into(),
+                    now_ms: 10,
+                    retry_at_ms: retry_at,
+                },
             ],
         });
         s.forget(1);
-        assert!(s.plan(t.queued(), retry_at - 1).is_empty(), "backoff is honoured");
-        let plan = s.plan(t.queued(), retry_at);
+        let waiting = s.plan(t.queued(), retry_at - 1);
+        assert!(waiting.dispatches.is_empty(), "backoff is honoured");
+        assert_eq!(waiting.next_ready_ms, Some(retry_at));
+        let plan = s.plan(t.queued(), retry_at).dispatches;
         assert_eq!(plan[0].attempt.attempt, 2);
     }
 
@@ -401,11 +560,17 @@ mod tests {
                 idempotency_key: None,
                 labels: BTreeMap::new(),
             };
-            t.apply(&Command { ops: vec![Op::Submit { spec, now_ms: 0, queue_limit: 10 }] });
+            t.apply(&Command {
+                ops: vec![Op::Submit {
+                    spec,
+                    now_ms: 0,
+                    queue_limit: 10,
+                }],
+            });
         }
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 1, labels(&[]), 0);
-        assert_eq!(s.plan(t.queued(), 0)[0].attempt.task_id, 2);
+        assert_eq!(s.plan(t.queued(), 0).dispatches[0].attempt.task_id, 2);
     }
 
     #[test]
@@ -414,7 +579,7 @@ mod tests {
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 1, labels(&[]), 0);
         s.worker_connected("b", 1, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 0);
+        let plan = s.plan(t.queued(), 0).dispatches;
         assert_eq!(plan.len(), 2);
         s.worker_disconnected("a");
         s.worker_seen("b", 900);
@@ -451,23 +616,32 @@ mod tests {
         let t = table(1, &[]);
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 1, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 0);
+        let plan = s.plan(t.queued(), 0).dispatches;
         s.reported("a", plan[0].attempt);
         assert!(s.expire(10_000).is_empty());
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 2, labels(&[]), 0);
-        let at = AttemptRef { task_id: 1, attempt: 1 };
+        let at = AttemptRef {
+            task_id: 1,
+            attempt: 1,
+        };
         s.adopt("a", at, 100, 0);
         s.adopt("a", at, 100, 0);
         assert_eq!(s.workers()["a"].busy, 1);
-        assert!(s.plan(t.queued(), 0).is_empty(), "adopted task is in flight");
+        assert!(
+            s.plan(t.queued(), 0).dispatches.is_empty(),
+            "adopted task is in flight"
+        );
         assert_eq!(t.get(1).map(|t| t.state), Some(TaskState::Queued));
     }
 
     #[test]
     fn backoff_grows_and_is_capped() {
         let s = Scheduler::new(cfg());
-        let at = |n| AttemptRef { task_id: 42, attempt: n };
+        let at = |n| AttemptRef {
+            task_id: 42,
+            attempt: n,
+        };
         let d1 = s.retry_at(0, at(1));
         let d2 = s.retry_at(0, at(2));
         let d9 = s.retry_at(0, at(9));
@@ -478,13 +652,33 @@ mod tests {
     }
 
     #[test]
+    fn starts_are_recorded_after_the_delay_unless_reported_first() {
+        let t = table(3, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 3, labels(&[]), 0);
+        let plan = s.plan(t.queued(), 100).dispatches;
+        assert_eq!(plan.len(), 3);
+        assert_eq!(s.next_expiry(), Some(110));
+        assert!(s.due_starts(109).is_empty());
+        s.reported("a", plan[0].attempt);
+        s.forget(plan[1].attempt.task_id);
+        let due = s.due_starts(110);
+        assert_eq!(
+            due,
+            vec![plan[2].clone()],
+            "only the live, unreported attempt"
+        );
+        assert!(s.due_starts(1000).is_empty(), "each start is due once");
+    }
+
+    #[test]
     fn many_workers_share_evenly() {
         let t = table(1000, &[]);
         let mut s = Scheduler::new(cfg());
         for i in 0..10 {
             s.worker_connected(&format!("w{i}"), 100, labels(&[]), 0);
         }
-        let plan = s.plan(t.queued(), 0);
+        let plan = s.plan(t.queued(), 0).dispatches;
         assert_eq!(plan.len(), 1000);
         for w in s.workers().values() {
             assert_eq!(w.busy, 100);

@@ -36,7 +36,8 @@ impl CoordinatorHandle {
     /// Stop serving: API, worker sessions, Raft. Data on disk stays consistent.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
         if let Err(e) = self.node.raft().shutdown().await {
             warn!(error = %e, "raft shutdown");
         }
@@ -68,9 +69,13 @@ pub async fn start(mut cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHand
     metrics::handle();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
-    let identity = Identity::load(&cfg.certs_dir, Role::Coordinator).context("load coordinator certificate")?;
-    let endpoint = server_endpoint(cfg.listen, server_config(&identity, &[ALPN_WORKER, ALPN_RAFT])?)
-        .with_context(|| format!("bind QUIC endpoint on {}", cfg.listen))?;
+    let identity = Identity::load(&cfg.certs_dir, Role::Coordinator)
+        .context("load coordinator certificate")?;
+    let endpoint = server_endpoint(
+        cfg.listen,
+        server_config(&identity, &[ALPN_WORKER, ALPN_RAFT])?,
+    )
+    .with_context(|| format!("bind QUIC endpoint on {}", cfg.listen))?;
     let quic_addr = endpoint.local_addr().context("QUIC local address")?;
     let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
@@ -83,15 +88,26 @@ pub async fn start(mut cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHand
     let log_store = RedbLogStore::open(&raft_dir).context("open raft log")?;
     let sm = StateMachineStore::open(&raft_dir).context("open state machine")?;
     let table = sm.table();
-    let network = raft::network::QuicRaftNetwork::new(endpoint.clone(), client_config(&identity, ALPN_RAFT)?);
-    let raft_cfg = Arc::new(raft::raft_config("swarm").validate().context("raft config")?);
+    let network =
+        raft::network::QuicRaftNetwork::new(endpoint.clone(), client_config(&identity, ALPN_RAFT)?);
+    let raft_cfg = Arc::new(
+        raft::raft_config("swarm")
+            .validate()
+            .context("raft config")?,
+    );
     let raft = openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm)
         .await
         .context("start raft")?;
 
     if cfg.bootstrap && !raft.is_initialized().await.context("read raft state")? {
         let mut members = BTreeMap::new();
-        members.insert(cfg.node_id, NodeAddr { raft_addr: cfg.advertise.clone(), api_addr: cfg.api_advertise.clone() });
+        members.insert(
+            cfg.node_id,
+            NodeAddr {
+                raft_addr: cfg.advertise.clone(),
+                api_addr: cfg.api_advertise.clone(),
+            },
+        );
         members.extend(cfg.peers.iter().cloned());
         info!(voters = ?members.keys().collect::<Vec<_>>(), "bootstrapping a new cluster");
         if let Err(e) = raft.initialize(members).await {
@@ -106,7 +122,11 @@ pub async fn start(mut cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHand
         tokio::spawn(node::applied_loop(node.clone(), shutdown_rx.clone())),
         tokio::spawn(node::dispatch_loop(node.clone(), shutdown_rx.clone())),
         tokio::spawn(node::gauges_loop(node.clone(), shutdown_rx.clone())),
-        tokio::spawn(accept_loop(node.clone(), endpoint.clone(), shutdown_rx.clone())),
+        tokio::spawn(accept_loop(
+            node.clone(),
+            endpoint.clone(),
+            shutdown_rx.clone(),
+        )),
     ];
     let mut api_shutdown = shutdown_rx.clone();
     let app = api::router(node.clone());
@@ -119,11 +139,22 @@ pub async fn start(mut cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHand
         }
     }));
     info!(node = node.id(), quic = %quic_addr, api = %api_addr, "coordinator started");
-    Ok(CoordinatorHandle { node, api_addr, quic_addr, endpoint, shutdown, tasks })
+    Ok(CoordinatorHandle {
+        node,
+        api_addr,
+        quic_addr,
+        endpoint,
+        shutdown,
+        tasks,
+    })
 }
 
 /// Accept QUIC connections and route them by ALPN.
-async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    node: Arc<Node>,
+    endpoint: quinn::Endpoint,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let incoming = tokio::select! {
@@ -131,7 +162,10 @@ async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint, mut shutdown: w
             _ = shutdown.changed() => return,
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            warn!("connection limit reached; refusing {}", incoming.remote_address());
+            warn!(
+                "connection limit reached; refusing {}",
+                incoming.remote_address()
+            );
             incoming.refuse();
             continue;
         };
@@ -160,7 +194,9 @@ async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint, mut shutdown: w
                     }
                     raft::network::serve_raft_connection(accepted.conn, node.raft().clone()).await;
                 }
-                _ => accepted.conn.close(quinn::VarInt::from_u32(0x5704), b"unknown ALPN"),
+                _ => accepted
+                    .conn
+                    .close(quinn::VarInt::from_u32(0x5704), b"unknown ALPN"),
             }
         });
     }

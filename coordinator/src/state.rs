@@ -44,9 +44,17 @@ pub struct TaskSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// Add a task, unless its idempotency key is known or the queue is full.
-    Submit { spec: TaskSpec, now_ms: u64, queue_limit: u64 },
+    Submit {
+        spec: TaskSpec,
+        now_ms: u64,
+        queue_limit: u64,
+    },
     /// An attempt was handed to a worker.
-    Start { attempt: AttemptRef, worker: String, now_ms: u64 },
+    Start {
+        attempt: AttemptRef,
+        worker: String,
+        now_ms: u64,
+    },
     /// A worker reported the end of an attempt. `retry_at_ms` is when a retry may run.
     Finish {
         attempt: AttemptRef,
@@ -57,7 +65,12 @@ pub enum Op {
         retry_at_ms: u64,
     },
     /// An attempt was lost: its worker vanished or its lease expired.
-    Lose { attempt: AttemptRef, reason: String, now_ms: u64, retry_at_ms: u64 },
+    Lose {
+        attempt: AttemptRef,
+        reason: String,
+        now_ms: u64,
+        retry_at_ms: u64,
+    },
     /// Cancel a task that has not finished.
     Cancel { task_id: TaskId, now_ms: u64 },
 }
@@ -80,7 +93,9 @@ pub enum OpResult {
     /// The op was a no-op (stale attempt, task already final, replay); `state` is unchanged.
     Ignored { state: TaskState },
     /// A cancel took effect; `running` is the attempt to stop on its worker, if any.
-    Cancelled { running: Option<(String, AttemptRef)> },
+    Cancelled {
+        running: Option<(String, AttemptRef)>,
+    },
     /// No task with that id.
     NotFound,
 }
@@ -158,9 +173,10 @@ fn attempt_view(a: &Attempt) -> AttemptView {
     let (outcome, error) = match &a.end {
         None => (None, None),
         Some(AttemptEnd::Succeeded) => (Some("succeeded"), None),
-        Some(AttemptEnd::Failed { kind, message }) => {
-            (Some("failed"), Some(format!("{}: {message}", kind.as_str())))
-        }
+        Some(AttemptEnd::Failed { kind, message }) => (
+            Some("failed"),
+            Some(format!("{}: {message}", kind.as_str())),
+        ),
         Some(AttemptEnd::Lost { reason }) => (Some("lost"), Some(reason.clone())),
         Some(AttemptEnd::Cancelled) => (Some("cancelled"), None),
     };
@@ -183,7 +199,10 @@ pub struct QueueKey {
 
 impl QueueKey {
     fn of(task: &Task) -> Self {
-        QueueKey { neg_priority: -(task.spec.priority as i64), id: task.id }
+        QueueKey {
+            neg_priority: -(task.spec.priority as i64),
+            id: task.id,
+        }
     }
 
     /// The task this key orders.
@@ -229,19 +248,44 @@ impl TaskTable {
 
     /// Apply one committed command. Deterministic: same commands, same table.
     pub fn apply(&mut self, cmd: &Command) -> CommandResponse {
-        CommandResponse { results: cmd.ops.iter().map(|op| self.apply_op(op)).collect() }
+        CommandResponse {
+            results: cmd.ops.iter().map(|op| self.apply_op(op)).collect(),
+        }
     }
 
     fn apply_op(&mut self, op: &Op) -> OpResult {
         match op {
-            Op::Submit { spec, now_ms, queue_limit } => self.submit(spec, *now_ms, *queue_limit),
-            Op::Start { attempt, worker, now_ms } => self.start(*attempt, worker, *now_ms),
-            Op::Finish { attempt, worker, outcome, started_at_ms, finished_at_ms, retry_at_ms } => {
-                self.finish(*attempt, worker, outcome, *started_at_ms, *finished_at_ms, *retry_at_ms)
-            }
-            Op::Lose { attempt, reason, now_ms, retry_at_ms } => {
-                self.lose(*attempt, reason, *now_ms, *retry_at_ms)
-            }
+            Op::Submit {
+                spec,
+                now_ms,
+                queue_limit,
+            } => self.submit(spec, *now_ms, *queue_limit),
+            Op::Start {
+                attempt,
+                worker,
+                now_ms,
+            } => self.start(*attempt, worker, *now_ms),
+            Op::Finish {
+                attempt,
+                worker,
+                outcome,
+                started_at_ms,
+                finished_at_ms,
+                retry_at_ms,
+            } => self.finish(
+                *attempt,
+                worker,
+                outcome,
+                *started_at_ms,
+                *finished_at_ms,
+                *retry_at_ms,
+            ),
+            Op::Lose {
+                attempt,
+                reason,
+                now_ms,
+                retry_at_ms,
+            } => self.lose(*attempt, reason, *now_ms, *retry_at_ms),
             Op::Cancel { task_id, now_ms } => self.cancel(*task_id, *now_ms),
         }
     }
@@ -249,7 +293,10 @@ impl TaskTable {
     fn submit(&mut self, spec: &TaskSpec, now_ms: u64, queue_limit: u64) -> OpResult {
         if let Some(key) = &spec.idempotency_key {
             if let Some(&id) = self.by_key.get(key) {
-                return OpResult::Submitted { id, duplicate: true };
+                return OpResult::Submitted {
+                    id,
+                    duplicate: true,
+                };
             }
         }
         if self.unfinished() >= queue_limit {
@@ -272,10 +319,16 @@ impl TaskTable {
             self.by_key.insert(key.clone(), id);
         }
         self.queue.insert(QueueKey::of(&task));
-        self.by_state.entry(TaskState::Queued).or_default().insert(id);
+        self.by_state
+            .entry(TaskState::Queued)
+            .or_default()
+            .insert(id);
         self.tasks.insert(id, task);
         self.push_event(TableEvent::Queued(id));
-        OpResult::Submitted { id, duplicate: false }
+        OpResult::Submitted {
+            id,
+            duplicate: false,
+        }
     }
 
     fn start(&mut self, attempt: AttemptRef, worker: &str, now_ms: u64) -> OpResult {
@@ -299,7 +352,9 @@ impl TaskTable {
                 end: None,
             });
         }
-        OpResult::Applied { state: TaskState::Running }
+        OpResult::Applied {
+            state: TaskState::Running,
+        }
     }
 
     /// Record the end of `attempt`. Only the task's current attempt counts: an earlier
@@ -336,7 +391,11 @@ impl TaskTable {
                 end: None,
             });
         }
-        let Some(rec) = task.attempts.iter_mut().find(|a| a.number == attempt.attempt) else {
+        let Some(rec) = task
+            .attempts
+            .iter_mut()
+            .find(|a| a.number == attempt.attempt)
+        else {
             return OpResult::Ignored { state: task.state };
         };
         if rec.end.is_some() {
@@ -350,14 +409,19 @@ impl TaskTable {
                 task.output = Some(output.clone());
                 task.error = None;
                 self.finalize(id, TaskState::Succeeded, finished_at_ms);
-                OpResult::Applied { state: TaskState::Succeeded }
+                OpResult::Applied {
+                    state: TaskState::Succeeded,
+                }
             }
             Outcome::Failed { kind, message } => {
                 let error = format!("{}: {message}", kind.as_str());
                 rec.end = Some(if *kind == FailureKind::Cancelled {
                     AttemptEnd::Cancelled
                 } else {
-                    AttemptEnd::Failed { kind: *kind, message: message.clone() }
+                    AttemptEnd::Failed {
+                        kind: *kind,
+                        message: message.clone(),
+                    }
                 });
                 task.error = Some(error);
                 // A worker that cancels on its own (e.g. it is shutting down) did not
@@ -366,7 +430,9 @@ impl TaskTable {
                 let exhausted = attempt.attempt >= task.spec.max_attempts;
                 if retryable && !exhausted {
                     self.requeue(id, retry_at_ms);
-                    OpResult::Applied { state: TaskState::Queued }
+                    OpResult::Applied {
+                        state: TaskState::Queued,
+                    }
                 } else {
                     let end = if *kind == FailureKind::Cancelled {
                         TaskState::DeadLettered
@@ -380,27 +446,42 @@ impl TaskTable {
         }
     }
 
-    fn lose(&mut self, attempt: AttemptRef, reason: &str, now_ms: u64, retry_at_ms: u64) -> OpResult {
+    fn lose(
+        &mut self,
+        attempt: AttemptRef,
+        reason: &str,
+        now_ms: u64,
+        retry_at_ms: u64,
+    ) -> OpResult {
         let Some(task) = self.tasks.get_mut(&attempt.task_id) else {
             return OpResult::NotFound;
         };
         if task.state != TaskState::Running {
             return OpResult::Ignored { state: task.state };
         }
-        let Some(rec) = task.attempts.last_mut().filter(|a| a.number == attempt.attempt && a.end.is_none())
+        let Some(rec) = task
+            .attempts
+            .last_mut()
+            .filter(|a| a.number == attempt.attempt && a.end.is_none())
         else {
             return OpResult::Ignored { state: task.state };
         };
-        rec.end = Some(AttemptEnd::Lost { reason: reason.to_string() });
+        rec.end = Some(AttemptEnd::Lost {
+            reason: reason.to_string(),
+        });
         rec.finished_at_ms = Some(now_ms);
         task.error = Some(format!("attempt {} lost: {reason}", attempt.attempt));
         let id = attempt.task_id;
         if attempt.attempt >= task.spec.max_attempts {
             self.finalize(id, TaskState::DeadLettered, now_ms);
-            OpResult::Applied { state: TaskState::DeadLettered }
+            OpResult::Applied {
+                state: TaskState::DeadLettered,
+            }
         } else {
             self.requeue(id, retry_at_ms);
-            OpResult::Applied { state: TaskState::Queued }
+            OpResult::Applied {
+                state: TaskState::Queued,
+            }
         }
     }
 
@@ -413,7 +494,13 @@ impl TaskTable {
         }
         let mut running = None;
         if let Some(rec) = task.attempts.last_mut().filter(|a| a.end.is_none()) {
-            running = Some((rec.worker.clone(), AttemptRef { task_id, attempt: rec.number }));
+            running = Some((
+                rec.worker.clone(),
+                AttemptRef {
+                    task_id,
+                    attempt: rec.number,
+                },
+            ));
             rec.end = Some(AttemptEnd::Cancelled);
             rec.finished_at_ms = Some(now_ms);
         }
@@ -455,7 +542,9 @@ impl TaskTable {
     }
 
     fn set_state(&mut self, id: TaskId, state: TaskState) {
-        let Some(task) = self.tasks.get_mut(&id) else { return };
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
         let old = task.state;
         task.state = state;
         if let Some(set) = self.by_state.get_mut(&old) {
@@ -488,7 +577,10 @@ impl TaskTable {
     /// Tasks that reached a final state within the minute before `now_ms`.
     pub fn finished_since(&self, now_ms: u64) -> u64 {
         let horizon = now_ms.saturating_sub(RECENT_WINDOW_MS);
-        self.recent_finishes.iter().filter(|&&t| t >= horizon).count() as u64
+        self.recent_finishes
+            .iter()
+            .filter(|&&t| t >= horizon)
+            .count() as u64
     }
 
     /// One task.
@@ -515,7 +607,10 @@ impl TaskTable {
     }
 
     fn ids_in(&self, state: TaskState) -> impl Iterator<Item = TaskId> + '_ {
-        self.by_state.get(&state).into_iter().flat_map(|s| s.iter().copied())
+        self.by_state
+            .get(&state)
+            .into_iter()
+            .flat_map(|s| s.iter().copied())
     }
 
     /// Up to `limit` tasks with id greater than `after`, optionally only in `state`.
@@ -529,7 +624,12 @@ impl TaskTable {
                 .filter_map(|id| self.tasks.get(id))
                 .take(limit)
                 .collect(),
-            None => self.tasks.range(after.saturating_add(1)..).map(|(_, t)| t).take(limit).collect(),
+            None => self
+                .tasks
+                .range(after.saturating_add(1)..)
+                .map(|(_, t)| t)
+                .take(limit)
+                .collect(),
         }
     }
 
@@ -548,14 +648,27 @@ impl TaskTable {
     /// Verify the indexes agree with the tasks (a corrupt snapshot fails here, not later).
     pub fn check_indexes(&self) -> anyhow::Result<()> {
         for (id, task) in &self.tasks {
-            let indexed = self.by_state.get(&task.state).is_some_and(|s| s.contains(id));
+            let indexed = self
+                .by_state
+                .get(&task.state)
+                .is_some_and(|s| s.contains(id));
             anyhow::ensure!(indexed, "task {id} is {:?} but not indexed so", task.state);
             let queued = self.queue.contains(&QueueKey::of(task));
-            anyhow::ensure!(queued == (task.state == TaskState::Queued), "task {id}: queue index disagrees");
+            anyhow::ensure!(
+                queued == (task.state == TaskState::Queued),
+                "task {id}: queue index disagrees"
+            );
         }
         let indexed: usize = self.by_state.values().map(|s| s.len()).sum();
-        anyhow::ensure!(indexed == self.tasks.len(), "state index holds {indexed} ids for {} tasks", self.tasks.len());
-        anyhow::ensure!(self.queue.len() as u64 == self.count(TaskState::Queued), "queue index size disagrees");
+        anyhow::ensure!(
+            indexed == self.tasks.len(),
+            "state index holds {indexed} ids for {} tasks",
+            self.tasks.len()
+        );
+        anyhow::ensure!(
+            self.queue.len() as u64 == self.count(TaskState::Queued),
+            "queue index size disagrees"
+        );
         Ok(())
     }
 }
@@ -577,7 +690,13 @@ mod tests {
     }
 
     fn submit(t: &mut TaskTable, s: TaskSpec) -> OpResult {
-        let cmd = Command { ops: vec![Op::Submit { spec: s, now_ms: 1, queue_limit: 100 }] };
+        let cmd = Command {
+            ops: vec![Op::Submit {
+                spec: s,
+                now_ms: 1,
+                queue_limit: 100,
+            }],
+        };
         t.apply(&cmd).results.remove(0)
     }
 
@@ -590,11 +709,16 @@ mod tests {
     }
 
     fn ok(output: &[u8]) -> Outcome {
-        Outcome::Succeeded { output: output.to_vec() }
+        Outcome::Succeeded {
+            output: output.to_vec(),
+        }
     }
 
     fn fail(kind: FailureKind) -> Outcome {
-        Outcome::Failed { kind, message: "boom".into() }
+        Outcome::Failed {
+            kind,
+            message: "boom".into(),
+        }
     }
 
     fn finish(t: &mut TaskTable, a: AttemptRef, outcome: Outcome) -> OpResult {
@@ -612,22 +736,56 @@ mod tests {
     }
 
     fn start(t: &mut TaskTable, a: AttemptRef) -> OpResult {
-        one(t, Op::Start { attempt: a, worker: "w".into(), now_ms: 2 })
+        one(
+            t,
+            Op::Start {
+                attempt: a,
+                worker: "w".into(),
+                now_ms: 2,
+            },
+        )
     }
 
     #[test]
     fn happy_path_and_single_final_result() {
         let mut t = TaskTable::new();
-        assert_eq!(submit(&mut t, spec("echo")), OpResult::Submitted { id: 1, duplicate: false });
-        assert_eq!(start(&mut t, at(1, 1)), OpResult::Applied { state: TaskState::Running });
-        assert_eq!(finish(&mut t, at(1, 1), ok(b"out")), OpResult::Applied { state: TaskState::Succeeded });
+        assert_eq!(
+            submit(&mut t, spec("echo")),
+            OpResult::Submitted {
+                id: 1,
+                duplicate: false
+            }
+        );
+        assert_eq!(
+            start(&mut t, at(1, 1)),
+            OpResult::Applied {
+                state: TaskState::Running
+            }
+        );
+        assert_eq!(
+            finish(&mut t, at(1, 1), ok(b"out")),
+            OpResult::Applied {
+                state: TaskState::Succeeded
+            }
+        );
         // A second report (replay, or a stale duplicate) changes nothing.
-        assert_eq!(finish(&mut t, at(1, 1), ok(b"other")), OpResult::Ignored { state: TaskState::Succeeded });
+        assert_eq!(
+            finish(&mut t, at(1, 1), ok(b"other")),
+            OpResult::Ignored {
+                state: TaskState::Succeeded
+            }
+        );
         assert_eq!(t.get(1).unwrap().output.as_deref(), Some(&b"out"[..]));
         assert_eq!(t.count(TaskState::Succeeded), 1);
         t.check_indexes().unwrap();
         let events = t.take_events();
-        assert_eq!(events, vec![TableEvent::Queued(1), TableEvent::Finalized(1, TaskState::Succeeded)]);
+        assert_eq!(
+            events,
+            vec![
+                TableEvent::Queued(1),
+                TableEvent::Finalized(1, TaskState::Succeeded)
+            ]
+        );
     }
 
     #[test]
@@ -635,7 +793,16 @@ mod tests {
         let mut t = TaskTable::new();
         assert_eq!(finish(&mut t, at(9, 1), ok(b"x")), OpResult::NotFound);
         assert_eq!(start(&mut t, at(9, 1)), OpResult::NotFound);
-        assert_eq!(one(&mut t, Op::Cancel { task_id: 9, now_ms: 1 }), OpResult::NotFound);
+        assert_eq!(
+            one(
+                &mut t,
+                Op::Cancel {
+                    task_id: 9,
+                    now_ms: 1
+                }
+            ),
+            OpResult::NotFound
+        );
         assert!(t.get(9).is_none());
     }
 
@@ -644,20 +811,46 @@ mod tests {
         let mut t = TaskTable::new();
         let mut s = spec("echo");
         s.idempotency_key = Some("k".into());
-        assert_eq!(submit(&mut t, s.clone()), OpResult::Submitted { id: 1, duplicate: false });
-        assert_eq!(submit(&mut t, s), OpResult::Submitted { id: 1, duplicate: true });
+        assert_eq!(
+            submit(&mut t, s.clone()),
+            OpResult::Submitted {
+                id: 1,
+                duplicate: false
+            }
+        );
+        assert_eq!(
+            submit(&mut t, s),
+            OpResult::Submitted {
+                id: 1,
+                duplicate: true
+            }
+        );
         assert_eq!(t.count(TaskState::Queued), 1);
     }
 
     #[test]
     fn queue_limit_counts_unfinished_tasks() {
         let mut t = TaskTable::new();
-        let op = |n| Op::Submit { spec: spec("echo"), now_ms: n, queue_limit: 2 };
-        let r = t.apply(&Command { ops: vec![op(1), op(2), op(3)] }).results;
+        let op = |n| Op::Submit {
+            spec: spec("echo"),
+            now_ms: n,
+            queue_limit: 2,
+        };
+        let r = t
+            .apply(&Command {
+                ops: vec![op(1), op(2), op(3)],
+            })
+            .results;
         assert_eq!(r[2], OpResult::QueueFull { limit: 2 });
         start(&mut t, at(1, 1));
         finish(&mut t, at(1, 1), ok(b""));
-        assert_eq!(one(&mut t, op(4)), OpResult::Submitted { id: 3, duplicate: false });
+        assert_eq!(
+            one(&mut t, op(4)),
+            OpResult::Submitted {
+                id: 3,
+                duplicate: false
+            }
+        );
     }
 
     #[test]
@@ -666,11 +859,21 @@ mod tests {
         submit(&mut t, spec("x"));
         for n in 1..=2 {
             start(&mut t, at(1, n));
-            assert_eq!(finish(&mut t, at(1, n), fail(FailureKind::Exit)), OpResult::Applied { state: TaskState::Queued });
+            assert_eq!(
+                finish(&mut t, at(1, n), fail(FailureKind::Exit)),
+                OpResult::Applied {
+                    state: TaskState::Queued
+                }
+            );
             assert_eq!(t.get(1).unwrap().not_before_ms, 10);
         }
         start(&mut t, at(1, 3));
-        assert_eq!(finish(&mut t, at(1, 3), fail(FailureKind::Exit)), OpResult::Applied { state: TaskState::Failed });
+        assert_eq!(
+            finish(&mut t, at(1, 3), fail(FailureKind::Exit)),
+            OpResult::Applied {
+                state: TaskState::Failed
+            }
+        );
         assert_eq!(t.get(1).unwrap().attempts.len(), 3);
         t.check_indexes().unwrap();
     }
@@ -681,8 +884,19 @@ mod tests {
         submit(&mut t, spec("nope"));
         start(&mut t, at(1, 1));
         let r = finish(&mut t, at(1, 1), fail(FailureKind::UnknownAgent));
-        assert_eq!(r, OpResult::Applied { state: TaskState::Failed });
-        assert!(t.get(1).unwrap().error.as_deref().unwrap().starts_with("unknown_agent"));
+        assert_eq!(
+            r,
+            OpResult::Applied {
+                state: TaskState::Failed
+            }
+        );
+        assert!(t
+            .get(1)
+            .unwrap()
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("unknown_agent"));
     }
 
     #[test]
@@ -692,12 +906,32 @@ mod tests {
         s.max_attempts = 2;
         submit(&mut t, s);
         start(&mut t, at(1, 1));
-        let lose = |n| Op::Lose { attempt: at(1, n), reason: "worker lost".into(), now_ms: 5, retry_at_ms: 6 };
-        assert_eq!(one(&mut t, lose(1)), OpResult::Applied { state: TaskState::Queued });
+        let lose = |n| Op::Lose {
+            attempt: at(1, n),
+            reason: "worker lost".into(),
+            now_ms: 5,
+            retry_at_ms: 6,
+        };
+        assert_eq!(
+            one(&mut t, lose(1)),
+            OpResult::Applied {
+                state: TaskState::Queued
+            }
+        );
         // Losing the same attempt again is a no-op.
-        assert_eq!(one(&mut t, lose(1)), OpResult::Ignored { state: TaskState::Queued });
+        assert_eq!(
+            one(&mut t, lose(1)),
+            OpResult::Ignored {
+                state: TaskState::Queued
+            }
+        );
         start(&mut t, at(1, 2));
-        assert_eq!(one(&mut t, lose(2)), OpResult::Applied { state: TaskState::DeadLettered });
+        assert_eq!(
+            one(&mut t, lose(2)),
+            OpResult::Applied {
+                state: TaskState::DeadLettered
+            }
+        );
         t.check_indexes().unwrap();
     }
 
@@ -708,21 +942,54 @@ mod tests {
         submit(&mut t, spec("x"));
         for id in [1, 2] {
             start(&mut t, at(id, 1));
-            one(&mut t, Op::Lose { attempt: at(id, 1), reason: "lease".into(), now_ms: 5, retry_at_ms: 6 });
+            one(
+                &mut t,
+                Op::Lose {
+                    attempt: at(id, 1),
+                    reason: "lease".into(),
+                    now_ms: 5,
+                    retry_at_ms: 6,
+                },
+            );
             start(&mut t, at(id, 2));
         }
         // The lost attempt 1 reports after all: failure or success, it is stale.
-        assert_eq!(finish(&mut t, at(1, 1), fail(FailureKind::Exit)), OpResult::Ignored { state: TaskState::Running });
-        assert_eq!(finish(&mut t, at(2, 1), ok(b"late")), OpResult::Ignored { state: TaskState::Running });
-        assert_eq!(finish(&mut t, at(2, 2), ok(b"now")), OpResult::Applied { state: TaskState::Succeeded });
+        assert_eq!(
+            finish(&mut t, at(1, 1), fail(FailureKind::Exit)),
+            OpResult::Ignored {
+                state: TaskState::Running
+            }
+        );
+        assert_eq!(
+            finish(&mut t, at(2, 1), ok(b"late")),
+            OpResult::Ignored {
+                state: TaskState::Running
+            }
+        );
+        assert_eq!(
+            finish(&mut t, at(2, 2), ok(b"now")),
+            OpResult::Applied {
+                state: TaskState::Succeeded
+            }
+        );
     }
 
     #[test]
     fn report_before_start_is_recorded_and_start_after_is_ignored() {
         let mut t = TaskTable::new();
         submit(&mut t, spec("x"));
-        assert_eq!(finish(&mut t, at(1, 1), ok(b"r")), OpResult::Applied { state: TaskState::Succeeded });
-        assert_eq!(start(&mut t, at(1, 1)), OpResult::Ignored { state: TaskState::Succeeded });
+        assert_eq!(
+            finish(&mut t, at(1, 1), ok(b"r")),
+            OpResult::Applied {
+                state: TaskState::Succeeded
+            }
+        );
+        assert_eq!(
+            start(&mut t, at(1, 1)),
+            OpResult::Ignored {
+                state: TaskState::Succeeded
+            }
+        );
         assert_eq!(t.get(1).unwrap().attempts.len(), 1);
         t.check_indexes().unwrap();
     }
@@ -733,12 +1000,48 @@ mod tests {
         submit(&mut t, spec("x"));
         submit(&mut t, spec("x"));
         start(&mut t, at(1, 1));
-        let r = one(&mut t, Op::Cancel { task_id: 1, now_ms: 4 });
-        assert_eq!(r, OpResult::Cancelled { running: Some(("w".into(), at(1, 1))) });
-        assert_eq!(one(&mut t, Op::Cancel { task_id: 2, now_ms: 4 }), OpResult::Cancelled { running: None });
-        assert_eq!(one(&mut t, Op::Cancel { task_id: 2, now_ms: 4 }), OpResult::Ignored { state: TaskState::Cancelled });
+        let r = one(
+            &mut t,
+            Op::Cancel {
+                task_id: 1,
+                now_ms: 4,
+            },
+        );
+        assert_eq!(
+            r,
+            OpResult::Cancelled {
+                running: Some(("w".into(), at(1, 1)))
+            }
+        );
+        assert_eq!(
+            one(
+                &mut t,
+                Op::Cancel {
+                    task_id: 2,
+                    now_ms: 4
+                }
+            ),
+            OpResult::Cancelled { running: None }
+        );
+        assert_eq!(
+            one(
+                &mut t,
+                Op::Cancel {
+                    task_id: 2,
+                    now_ms: 4
+                }
+            ),
+            OpResult::Ignored {
+                state: TaskState::Cancelled
+            }
+        );
         // The cancelled attempt's late result does not resurrect the task.
-        assert_eq!(finish(&mut t, at(1, 1), ok(b"x")), OpResult::Ignored { state: TaskState::Cancelled });
+        assert_eq!(
+            finish(&mut t, at(1, 1), ok(b"x")),
+            OpResult::Ignored {
+                state: TaskState::Cancelled
+            }
+        );
         assert_eq!(t.queued().count(), 0);
         t.check_indexes().unwrap();
     }
@@ -767,7 +1070,11 @@ mod tests {
         let back = TaskTable::decode_snapshot(&bytes).unwrap();
         assert_eq!(back.get(2), t.get(2));
         assert_eq!(back.count(TaskState::Queued), 4);
-        let page: Vec<TaskId> = back.list(Some(TaskState::Queued), 1, 2).iter().map(|t| t.id).collect();
+        let page: Vec<TaskId> = back
+            .list(Some(TaskState::Queued), 1, 2)
+            .iter()
+            .map(|t| t.id)
+            .collect();
         assert_eq!(page, vec![3, 4]);
         assert!(TaskTable::decode_snapshot(&bytes[..bytes.len() / 2]).is_err());
     }
@@ -784,8 +1091,16 @@ mod tests {
                 let id = rng.gen_range(1..=8);
                 let n = rng.gen_range(1..=4);
                 let op = match rng.gen_range(0..6) {
-                    0 => Op::Submit { spec: spec("x"), now_ms: step, queue_limit: 6 },
-                    1 => Op::Start { attempt: at(id, n), worker: "w".into(), now_ms: step },
+                    0 => Op::Submit {
+                        spec: spec("x"),
+                        now_ms: step,
+                        queue_limit: 6,
+                    },
+                    1 => Op::Start {
+                        attempt: at(id, n),
+                        worker: "w".into(),
+                        now_ms: step,
+                    },
                     2 => Op::Finish {
                         attempt: at(id, n),
                         worker: "w".into(),
@@ -802,18 +1117,33 @@ mod tests {
                         finished_at_ms: step,
                         retry_at_ms: step,
                     },
-                    4 => Op::Lose { attempt: at(id, n), reason: "r".into(), now_ms: step, retry_at_ms: step },
-                    _ => Op::Cancel { task_id: id, now_ms: step },
+                    4 => Op::Lose {
+                        attempt: at(id, n),
+                        reason: "r".into(),
+                        now_ms: step,
+                        retry_at_ms: step,
+                    },
+                    _ => Op::Cancel {
+                        task_id: id,
+                        now_ms: step,
+                    },
                 };
                 one(&mut t, op);
-                t.check_indexes().unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+                t.check_indexes()
+                    .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
                 for (fid, (st, out)) in &finals {
                     let task = t.get(*fid).unwrap();
-                    assert_eq!((task.state, &task.output), (*st, out), "seed {seed}: final task {fid} changed");
+                    assert_eq!(
+                        (task.state, &task.output),
+                        (*st, out),
+                        "seed {seed}: final task {fid} changed"
+                    );
                 }
                 for task in t.list(None, 0, usize::MAX) {
                     if task.state.is_final() {
-                        finals.entry(task.id).or_insert((task.state, task.output.clone()));
+                        finals
+                            .entry(task.id)
+                            .or_insert((task.state, task.output.clone()));
                     }
                     assert!(task.attempts.len() as u32 <= 4);
                 }

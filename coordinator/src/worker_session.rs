@@ -34,11 +34,15 @@ pub(crate) async fn serve(node: Arc<Node>, mut accepted: Accepted) {
         Err(SessionError::Transport(e)) if e.is_malformed() => {
             metrics::counter!("swarm_protocol_errors_total").increment(1);
             warn!(%remote, error = %e, "closing worker connection: malformed frame");
-            accepted.conn.close(quinn::VarInt::from_u32(0x5702), b"malformed frame");
+            accepted
+                .conn
+                .close(quinn::VarInt::from_u32(0x5702), b"malformed frame");
         }
         Err(e) => {
             info!(%remote, error = %e, "worker connection ended");
-            accepted.conn.close(quinn::VarInt::from_u32(0x5703), e.to_string().as_bytes());
+            accepted
+                .conn
+                .close(quinn::VarInt::from_u32(0x5703), e.to_string().as_bytes());
         }
     }
 }
@@ -66,7 +70,10 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
         Some(WorkerMsg::Hello(h)) => h,
         Some(other) => {
             metrics::counter!("swarm_protocol_errors_total").increment(1);
-            return Err(SessionError::Protocol(format!("expected Hello first, got {}", msg_name(&other))));
+            return Err(SessionError::Protocol(format!(
+                "expected Hello first, got {}",
+                msg_name(&other)
+            )));
         }
         None => return Ok(()),
     };
@@ -126,7 +133,10 @@ fn validate_hello(h: &Hello) -> Result<(), String> {
 }
 
 async fn reject(writer: &mut FrameWriter, code: &str, message: &str) {
-    let msg = CoordinatorMsg::Rejected { code: code.into(), message: message.into() };
+    let msg = CoordinatorMsg::Rejected {
+        code: code.into(),
+        message: message.into(),
+    };
     let _ = writer.send(&msg).await;
     let _ = writer.finish();
     // Give the frame a moment to leave before the connection is closed.
@@ -152,19 +162,21 @@ fn register(
 ) {
     let now = now_ms();
     let id = hello.worker_id.as_str();
-    // What the table says about the attempts the worker holds (read before locking
-    // dispatch: lock order is table, then dispatch).
-    let held: Vec<(swarm_proto::worker::AttemptRef, Option<(bool, u32, u64)>)> = node.read_table(|t| {
+    // Which of the attempts the worker holds may carry on: `Some(timeout)` when the task
+    // still wants that attempt (read before locking dispatch: lock order is table, then
+    // dispatch).
+    let held: Vec<(swarm_proto::worker::AttemptRef, Option<u64>)> = node.read_table(|t| {
         hello
             .running
             .iter()
             .map(|a| {
-                let info = t.get(a.task_id).map(|task| {
-                    let adoptable = !task.state.is_final() && task.next_attempt() <= a.attempt
-                        || task.running_attempt().is_some_and(|r| r.number == a.attempt);
-                    (adoptable, task.next_attempt(), task.spec.timeout_ms)
+                let keep = t.get(a.task_id).filter(|task| {
+                    !task.state.is_final() && task.next_attempt() <= a.attempt
+                        || task
+                            .running_attempt()
+                            .is_some_and(|r| r.number == a.attempt)
                 });
-                (*a, info)
+                (*a, keep.map(|task| task.spec.timeout_ms))
             })
             .collect()
     });
@@ -176,15 +188,23 @@ fn register(
             // A newer connection of the same worker wins; the old one is dead or dying.
             drop(old);
         }
-        d.scheduler.worker_connected(id, hello.slots, hello.labels.clone(), now);
-        for (attempt, info) in &held {
-            match info {
-                Some((true, _, timeout)) => {
-                    let tracked = d.scheduler.in_flight(attempt.task_id).is_some_and(|f| f.attempt == *attempt);
+        d.scheduler
+            .worker_connected(id, hello.slots, hello.labels.clone(), now);
+        for (attempt, keep) in &held {
+            match keep {
+                Some(timeout) => {
+                    let tracked = d
+                        .scheduler
+                        .in_flight(attempt.task_id)
+                        .is_some_and(|f| f.attempt == *attempt);
                     if !tracked {
                         // Dispatched by an earlier leader, or before our records caught up.
                         d.scheduler.adopt(id, *attempt, *timeout, now);
-                        start_ops.push(Op::Start { attempt: *attempt, worker: id.to_string(), now_ms: now });
+                        start_ops.push(Op::Start {
+                            attempt: *attempt,
+                            worker: id.to_string(),
+                            now_ms: now,
+                        });
                     }
                 }
                 // Unknown, final or superseded: the worker should stop it. A finished
@@ -255,7 +275,9 @@ fn unregister(node: &Arc<Node>, worker: &str, conn_id: u64) {
 async fn write_loop(mut writer: FrameWriter, mut rx: mpsc::UnboundedReceiver<CoordinatorMsg>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
-        let closing = batch.iter().any(|m| matches!(m, CoordinatorMsg::Rejected { .. }));
+        let closing = batch
+            .iter()
+            .any(|m| matches!(m, CoordinatorMsg::Rejected { .. }));
         if let Err(e) = writer.send_batch(&batch).await {
             debug!(error = %e, "worker write failed");
             return;
@@ -288,14 +310,22 @@ async fn read_loop(
             WorkerMsg::Finished(report) => on_report(node, worker, report, tx.clone(), now),
             WorkerMsg::Hello(_) => {
                 metrics::counter!("swarm_protocol_errors_total").increment(1);
-                return Err(SessionError::Protocol("second Hello on one connection".into()));
+                return Err(SessionError::Protocol(
+                    "second Hello on one connection".into(),
+                ));
             }
         }
     }
     Ok(())
 }
 
-fn on_report(node: &Arc<Node>, worker: &str, report: TaskReport, tx: mpsc::UnboundedSender<CoordinatorMsg>, now: u64) {
+fn on_report(
+    node: &Arc<Node>,
+    worker: &str,
+    report: TaskReport,
+    tx: mpsc::UnboundedSender<CoordinatorMsg>,
+    now: u64,
+) {
     let retry_at_ms = {
         let mut d = node.lock_dispatch();
         d.scheduler.worker_seen(worker, now);
@@ -312,7 +342,10 @@ fn on_report(node: &Arc<Node>, worker: &str, report: TaskReport, tx: mpsc::Unbou
     let outcome = match report.outcome {
         Outcome::Succeeded { output } if output.len() as u64 > limit => Outcome::Failed {
             kind: FailureKind::OutputTooLarge,
-            message: format!("output of {} bytes exceeds the limit of {limit} bytes", output.len()),
+            message: format!(
+                "output of {} bytes exceeds the limit of {limit} bytes",
+                output.len()
+            ),
         },
         o => o,
     };
@@ -330,7 +363,12 @@ fn on_report(node: &Arc<Node>, worker: &str, report: TaskReport, tx: mpsc::Unbou
         match node.proposer.propose_one(op).await {
             Ok(result) => {
                 if let OpResult::Ignored { state } = &result {
-                    debug!(task = attempt.task_id, attempt = attempt.attempt, ?state, "stale report ignored");
+                    debug!(
+                        task = attempt.task_id,
+                        attempt = attempt.attempt,
+                        ?state,
+                        "stale report ignored"
+                    );
                 }
                 node.count_results(std::slice::from_ref(&result));
                 // Committed (or known stale): the worker may forget it.

@@ -712,33 +712,3 @@ mod network {
         node.kill().await;
     }
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "throughput probe; run by hand with --ignored --nocapture"]
-async fn tmp_probe_append_throughput() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = RedbLogStore::open(dir.path()).unwrap();
-    let t0 = std::time::Instant::now();
-    let tasks: Vec<_> = (0..256u64)
-        .map(|t| {
-            let mut log = log.clone();
-            tokio::spawn(async move {
-                for i in 0..100u64 {
-                    log.blocking_append([normal_ent(1, t * 1000 + i)]).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let el = t0.elapsed();
-    println!("25600 single-entry appends from 256 tasks: {el:?} = {:.0}/s", 25600.0 / el.as_secs_f64());
-    let mut log = log;
-    let t0 = std::time::Instant::now();
-    for b in 0..20u64 {
-        log.blocking_append((0..512).map(|i| normal_ent(2, 1_000_000 + b * 512 + i))).await.unwrap();
-    }
-    let el = t0.elapsed();
-    println!("20 x 512-entry appends sequential: {el:?} = {:.0} entries/s", 10240.0 / el.as_secs_f64());
-}

@@ -196,7 +196,10 @@ pub struct BytesView<F> {
 
 impl<F> BytesView<F> {
     pub fn new(bytes: Vec<u8>) -> Self {
-        BytesView { bytes, _names: std::marker::PhantomData }
+        BytesView {
+            bytes,
+            _names: std::marker::PhantomData,
+        }
     }
 
     /// The bytes as text, if they are UTF-8.
@@ -233,7 +236,11 @@ impl<'de, F: BytesFieldNames> Deserialize<'de> for BytesView<F> {
                 .map_err(D::Error::custom)?;
             return Ok(BytesView::new(bytes));
         }
-        Err(D::Error::custom(format!("missing `{}` or `{}`", F::TEXT, F::BASE64)))
+        Err(D::Error::custom(format!(
+            "missing `{}` or `{}`",
+            F::TEXT,
+            F::BASE64
+        )))
     }
 }
 
@@ -350,7 +357,10 @@ mod tests {
 
     #[test]
     fn payload_string_is_delivered_as_text_and_objects_as_json() {
-        let mut t = SubmitTask { agent: "echo".into(), ..Default::default() };
+        let mut t = SubmitTask {
+            agent: "echo".into(),
+            ..Default::default()
+        };
         t.payload = Some(serde_json::json!("hi"));
         assert_eq!(t.payload_bytes().unwrap(), b"hi");
         t.payload = Some(serde_json::json!({"a": 1}));
@@ -365,7 +375,8 @@ mod tests {
 
     #[test]
     fn unknown_submit_fields_are_rejected() {
-        let err = serde_json::from_str::<SubmitTask>(r#"{"agent":"echo","priorty":3}"#).unwrap_err();
+        let err =
+            serde_json::from_str::<SubmitTask>(r#"{"agent":"echo","priorty":3}"#).unwrap_err();
         assert!(err.to_string().contains("priorty"));
     }
 

@@ -42,7 +42,9 @@ pub struct Hello {
 pub enum WorkerMsg {
     Hello(Hello),
     /// Liveness, and the attempts the worker is running right now.
-    Heartbeat { running: Vec<AttemptRef> },
+    Heartbeat {
+        running: Vec<AttemptRef>,
+    },
     /// An attempt ended. Re-sent after a reconnect until the coordinator acks it.
     Finished(TaskReport),
 }
@@ -87,7 +89,10 @@ pub enum FailureKind {
 impl FailureKind {
     /// Whether running the same task again could plausibly succeed.
     pub fn retryable(self) -> bool {
-        matches!(self, FailureKind::Exit | FailureKind::Timeout | FailureKind::Spawn)
+        matches!(
+            self,
+            FailureKind::Exit | FailureKind::Timeout | FailureKind::Spawn
+        )
     }
 
     /// Stable lower-case name used in the API and metrics.

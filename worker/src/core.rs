@@ -193,7 +193,7 @@ impl Core {
                 self.heartbeat = None;
             }
             Command::Snapshot(reply) => {
-                let _ = reply.send(self.running_list());
+                let _ = reply.send(self.held_list());
             }
             Command::Coordinator(msg) => self.coordinator(msg),
             Command::Shutdown(_) => {}
@@ -306,13 +306,20 @@ impl Core {
 
     /// Attempts this worker holds: running ones, then queued ones (accepted, waiting for
     /// a slot, and certain to run unless cancelled).
-    /// Every attempt this worker still holds: running, queued locally, or finished with
-    /// its report not yet acknowledged. The coordinator treats an attempt it believes is
-    /// here but that is missing from this list as lost, so unacked ones must be in it.
+    /// Attempts running or queued locally for a slot (what heartbeats report).
     fn running_list(&self) -> Vec<AttemptRef> {
         let mut v: Vec<AttemptRef> = self.running.keys().copied().collect();
         v.sort();
         v.extend(self.queued.iter().map(|t| t.attempt));
+        v
+    }
+
+    /// Every attempt this worker still holds (what `Hello` reports): running, queued
+    /// locally, or finished with the report not yet acknowledged. The coordinator treats
+    /// an attempt it placed here that is missing from this list as lost, so unacked ones
+    /// must be in it.
+    fn held_list(&self) -> Vec<AttemptRef> {
+        let mut v = self.running_list();
         let mut done: Vec<AttemptRef> = self.unacked.keys().copied().collect();
         done.sort();
         v.extend(done);

@@ -254,7 +254,8 @@ async fn unacked_reports_are_resent_after_reconnect_with_0rtt() {
 
     p.drop_connection();
     let mut p2 = h.coord.accept().await;
-    assert!(p2.hello.running.is_empty());
+    // Hello lists what the worker still holds: the unacked attempt, not the acked one.
+    assert_eq!(p2.hello.running, vec![attempt(7, 1)]);
     assert!(p2.early, "reconnect should send Hello as 0-RTT");
     p2.send(welcome(60_000)).await;
     // Only the unacked report is re-sent, unchanged.

@@ -85,11 +85,22 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     let api = format!("http://{}", coord.api_addr);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency.max(8)).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency.max(8))
+        .build()?;
     wait_for_workers(&http, &api, &token, args.workers as usize).await?;
 
     // Warm up connections and code paths.
-    run_throughput(&http, &api, &token, &Args { tasks: 500, ..args.clone() }).await?;
+    run_throughput(
+        &http,
+        &api,
+        &token,
+        &Args {
+            tasks: 500,
+            ..args.clone()
+        },
+    )
+    .await?;
 
     println!("# swarm end-to-end benchmark (one coordinator, {} workers x {} slots, loopback, fsync'd Raft log)", args.workers, args.slots);
     let (elapsed, n) = run_throughput(&http, &api, &token, &args).await?;
@@ -133,6 +144,8 @@ async fn main() -> anyhow::Result<()> {
                 || l.starts_with("swarm_raft_batch_ops_count")
                 || l.starts_with("swarm_raft_commit_seconds_sum")
                 || l.starts_with("swarm_raft_commit_seconds_count")
+                || l.starts_with("swarm_raft_log_write_seconds_sum")
+                || l.starts_with("swarm_raft_log_write_seconds_count")
         }) {
             println!("  {l}");
         }
@@ -142,10 +155,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_workers(http: &reqwest::Client, api: &str, token: &str, n: usize) -> anyhow::Result<()> {
+async fn wait_for_workers(
+    http: &reqwest::Client,
+    api: &str,
+    token: &str,
+    n: usize,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v: serde_json::Value = http.get(format!("{api}/v1/workers")).bearer_auth(token).send().await?.json().await?;
+        let v: serde_json::Value = http
+            .get(format!("{api}/v1/workers"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
         if v["workers"].as_array().map_or(0, |a| a.len()) == n {
             return Ok(());
         }
@@ -212,14 +236,19 @@ async fn run_throughput(
     }
     // Await every result.
     let mut waits = Vec::new();
-    for id in ids.iter().copied() {
+    for &id in &ids {
         let permit = sem.clone().acquire_owned().await?;
         let http = http.clone();
         let (api, token) = (api.to_string(), token.to_string());
         waits.push(tokio::spawn(async move {
             let _permit = permit;
-            let v: serde_json::Value =
-                http.get(format!("{api}/v1/tasks/{id}?wait=60s")).bearer_auth(&token).send().await?.json().await?;
+            let v: serde_json::Value = http
+                .get(format!("{api}/v1/tasks/{id}?wait=60s"))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .json()
+                .await?;
             if v["state"] != "succeeded" {
                 bail!("task {id} ended {}", v["state"]);
             }

@@ -15,7 +15,9 @@ async fn task_of_a_killed_worker_completes_on_the_other() {
     c.wait_workers(&["w1"]).await;
 
     // Only w1 exists, so the task lands there.
-    let id = c.submit(json!({"agent": "sleep", "payload": "3000", "max_attempts": 3})).await;
+    let id = c
+        .submit(json!({"agent": "sleep", "payload": "3000", "max_attempts": 3}))
+        .await;
     let deadline = Instant::now() + WAIT;
     loop {
         let (_, t) = c.get(&format!("/v1/tasks/{id}")).await;
@@ -50,7 +52,9 @@ async fn restarted_coordinator_keeps_queued_and_finished_tasks() {
 
     let mut done = Vec::new();
     for i in 0..20 {
-        let id = c.submit(json!({"agent": "echo", "payload": format!("done-{i}")})).await;
+        let id = c
+            .submit(json!({"agent": "echo", "payload": format!("done-{i}")}))
+            .await;
         done.push(id);
     }
     for id in &done {
@@ -59,7 +63,11 @@ async fn restarted_coordinator_keeps_queued_and_finished_tasks() {
     // Queued tasks: only a label no worker has, so they stay queued.
     let mut queued = Vec::new();
     for i in 0..20 {
-        let id = c.submit(json!({"agent": "echo", "payload": format!("q-{i}"), "labels": {"zone": "mars"}})).await;
+        let id = c
+            .submit(
+                json!({"agent": "echo", "payload": format!("q-{i}"), "labels": {"zone": "mars"}}),
+            )
+            .await;
         queued.push(id);
     }
 
@@ -80,7 +88,9 @@ async fn restarted_coordinator_keeps_queued_and_finished_tasks() {
     }
     // The worker reconnects by itself, and new work still flows.
     c.wait_workers(&["w1"]).await;
-    let id = c.submit(json!({"agent": "echo", "payload": "after restart"})).await;
+    let id = c
+        .submit(json!({"agent": "echo", "payload": "after restart"}))
+        .await;
     assert_eq!(c.wait_final(id).await["output"], "after restart");
     // Ids keep increasing across the restart.
     assert!(id > *queued.last().unwrap());

@@ -17,11 +17,17 @@ pub fn bin() -> PathBuf {
 }
 
 fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free tcp port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free tcp port")
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
 }
 
 /// A coordinator and workers as child processes, killed on drop.
@@ -43,8 +49,16 @@ impl Cluster {
     pub fn new(extra_coordinator_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
-        let out = Command::new(bin()).args(["certs", "init", "--dir"]).arg(&certs).output().expect("run swarm certs init");
-        assert!(out.status.success(), "certs init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(bin())
+            .args(["certs", "init", "--dir"])
+            .arg(&certs)
+            .output()
+            .expect("run swarm certs init");
+        assert!(
+            out.status.success(),
+            "certs init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let token = "test-token-0123456789".to_string();
         std::fs::write(dir.path().join("token"), &token).expect("write token");
         let api_port = free_tcp_port();
@@ -55,7 +69,10 @@ impl Cluster {
             api: format!("http://127.0.0.1:{api_port}"),
             api_port,
             quic_port,
-            coordinator_args: extra_coordinator_args.iter().map(|s| s.to_string()).collect(),
+            coordinator_args: extra_coordinator_args
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             coordinator: None,
             workers: Vec::new(),
             http: reqwest::Client::new(),
@@ -86,7 +103,14 @@ impl Cluster {
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .arg("--token-file")
             .arg(self.dir.path().join("token"))
-            .args(["--heartbeat-interval", "200ms", "--lease", "1500ms", "--retry-backoff", "50ms"])
+            .args([
+                "--heartbeat-interval",
+                "200ms",
+                "--lease",
+                "1500ms",
+                "--retry-backoff",
+                "50ms",
+            ])
             .args(&self.coordinator_args)
             .env("SWARM_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
@@ -131,15 +155,26 @@ impl Cluster {
         }
     }
 
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.api)).bearer_auth(&self.token);
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.api))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.expect("API request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("API body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -167,7 +202,10 @@ impl Cluster {
             if !matches!(state, "queued" | "running") {
                 return v;
             }
-            assert!(Instant::now() < deadline, "task {id} not final in time: {v}");
+            assert!(
+                Instant::now() < deadline,
+                "task {id} not final in time: {v}"
+            );
         }
     }
 
@@ -181,7 +219,11 @@ impl Cluster {
                 }
             }
             self.assert_coordinator_alive();
-            assert!(Instant::now() < deadline, "coordinator not ready in time\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "coordinator not ready in time\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -194,7 +236,11 @@ impl Cluster {
             if status == 200 {
                 let mut got: Vec<String> = v["workers"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|w| w["id"].as_str().map(String::from)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|w| w["id"].as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 got.sort();
                 let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
@@ -203,7 +249,11 @@ impl Cluster {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "workers {ids:?} not connected in time\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "workers {ids:?} not connected in time\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -212,8 +262,11 @@ impl Cluster {
         if let Some(c) = &self.coordinator {
             // try_wait needs &mut; read the process state instead (a dead child that was
             // not reaped yet is a zombie, state Z).
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
             let alive = state.is_some_and(|s| s != "Z");
             assert!(alive, "coordinator process died\n{}", self.logs());
         }

@@ -14,10 +14,17 @@ async fn a_thousand_tasks_succeed_across_two_workers() {
     c.wait_workers(&["w1", "w2"]).await;
 
     // Half through the batch endpoint, half one by one, concurrently.
-    let batch: Vec<_> = (0..500).map(|i| json!({"agent": "echo", "payload": format!("task-{i}")})).collect();
+    let batch: Vec<_> = (0..500)
+        .map(|i| json!({"agent": "echo", "payload": format!("task-{i}")}))
+        .collect();
     let (status, v) = c.post("/v1/tasks/batch", json!({ "tasks": batch })).await;
     assert_eq!(status, 201, "{v}");
-    let mut ids: Vec<u64> = v["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    let mut ids: Vec<u64> = v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
     let singles = futures_join(&c, 500..1000).await;
     ids.extend(singles);
     assert_eq!(ids.len(), 1000);
@@ -31,7 +38,11 @@ async fn a_thousand_tasks_succeed_across_two_workers() {
         let t = c.wait_final(*id).await;
         assert_eq!(t["state"], "succeeded", "{t}");
         let payload = t["payload"].as_str().unwrap().to_string();
-        assert_eq!(t["output"].as_str(), Some(payload.as_str()), "echo returns its payload");
+        assert_eq!(
+            t["output"].as_str(),
+            Some(payload.as_str()),
+            "echo returns its payload"
+        );
         assert_eq!(t["attempts"].as_array().unwrap().len(), 1, "{t}");
         workers_used.insert(t["attempts"][0]["worker"].as_str().unwrap().to_string());
     }
@@ -42,11 +53,22 @@ async fn a_thousand_tasks_succeed_across_two_workers() {
     assert_eq!(s["queue"]["running"], 0);
 
     // Prometheus text reflects the work.
-    let metrics = reqwest::get(format!("{}/metrics", c.api)).await.unwrap().text().await.unwrap();
-    let line = metrics.lines().find(|l| l.starts_with("swarm_tasks_succeeded_total")).expect("counter present");
+    let metrics = reqwest::get(format!("{}/metrics", c.api))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("swarm_tasks_succeeded_total"))
+        .expect("counter present");
     let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n >= 1000.0, "{line}");
-    assert!(metrics.contains("swarm_dispatch_latency_seconds_bucket"), "histogram present");
+    assert!(
+        metrics.contains("swarm_dispatch_latency_seconds_bucket"),
+        "histogram present"
+    );
 }
 
 async fn futures_join(c: &Cluster, range: std::ops::Range<u32>) -> Vec<u64> {
@@ -54,7 +76,9 @@ async fn futures_join(c: &Cluster, range: std::ops::Range<u32>) -> Vec<u64> {
     // 50 requests in flight at a time.
     let all: Vec<u32> = range.collect();
     for chunk in all.chunks(50) {
-        let futs = chunk.iter().map(|i| c.submit(json!({"agent": "echo", "payload": format!("task-{i}")})));
+        let futs = chunk
+            .iter()
+            .map(|i| c.submit(json!({"agent": "echo", "payload": format!("task-{i}")})));
         for id in futures::future::join_all(futs).await {
             out.push(id);
         }
@@ -104,20 +128,26 @@ async fn cancel_timeout_idempotency_and_priority() {
     let gone = async {
         loop {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next().map(String::from));
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(String::from));
             if state.is_none() || state.as_deref() == Some("Z") {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     };
-    tokio::time::timeout(crate::harness::WAIT, gone).await.expect("agent process killed after cancel");
+    tokio::time::timeout(crate::harness::WAIT, gone)
+        .await
+        .expect("agent process killed after cancel");
     // Cancelling again is harmless and says so.
     let (status, t) = c.post(&format!("/v1/tasks/{id}/cancel"), json!({})).await;
     assert_eq!((status, t["state"].as_str()), (200, Some("cancelled")));
 
     // Timeout: killed, failed with a timeout error after its only attempt.
-    let id = c.submit(json!({"agent": "hang", "timeout_ms": 300, "max_attempts": 1})).await;
+    let id = c
+        .submit(json!({"agent": "hang", "timeout_ms": 300, "max_attempts": 1}))
+        .await;
     let t = c.wait_final(id).await;
     assert_eq!(t["state"], "failed", "{t}");
     assert!(t["error"].as_str().unwrap().starts_with("timeout"), "{t}");
@@ -127,7 +157,10 @@ async fn cancel_timeout_idempotency_and_priority() {
     let t = c.wait_final(id).await;
     assert_eq!(t["state"], "failed", "{t}");
     assert_eq!(t["attempts"].as_array().unwrap().len(), 2, "{t}");
-    assert!(t["error"].as_str().unwrap().contains("broken"), "stderr tail in error: {t}");
+    assert!(
+        t["error"].as_str().unwrap().contains("broken"),
+        "stderr tail in error: {t}"
+    );
 
     // Idempotency key: one task.
     let body = json!({"agent": "echo", "payload": "once", "idempotency_key": "k-1"});
@@ -138,7 +171,12 @@ async fn cancel_timeout_idempotency_and_priority() {
     assert_eq!(v2["duplicate"], true);
 
     // Submit and wait in one call.
-    let (status, v) = c.post("/v1/tasks?wait=30s", json!({"agent": "echo", "payload": {"x": 1}})).await;
+    let (status, v) = c
+        .post(
+            "/v1/tasks?wait=30s",
+            json!({"agent": "echo", "payload": {"x": 1}}),
+        )
+        .await;
     assert_eq!(status, 201);
     assert_eq!(v["task"]["state"], "succeeded");
     assert_eq!(v["task"]["output"], r#"{"x":1}"#);
@@ -164,13 +202,28 @@ async fn cli_submit_status_and_exit_codes() {
             .output()
             .expect("run swarm")
     };
-    let out = swarm(&["submit", "--agent", "echo", "--payload", "hi there", "--wait"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = swarm(&[
+        "submit",
+        "--agent",
+        "echo",
+        "--payload",
+        "hi there",
+        "--wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hi there");
 
     let out = swarm(&["submit", "--agent", "no-such-agent", "--wait", "30s"]);
     assert_eq!(out.status.code(), Some(3), "a failed task exits 3");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_agent"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown_agent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = swarm(&["status"]);
     assert!(out.status.success());
@@ -192,6 +245,18 @@ async fn cli_submit_status_and_exit_codes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
 
-    let out = swarm(&["worker", "--coordinator", "x", "--certs", "/nonexistent", "--slots", "zero"]);
-    assert_eq!(out.status.code(), Some(2), "bad flag value is a usage error");
+    let out = swarm(&[
+        "worker",
+        "--coordinator",
+        "x",
+        "--certs",
+        "/nonexistent",
+        "--slots",
+        "zero",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "bad flag value is a usage error"
+    );
 }

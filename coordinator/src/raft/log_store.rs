@@ -314,7 +314,13 @@ fn writer_loop(shared: &Shared, rx: mpsc::Receiver<WriteOp>) {
 
         let result = match &failed {
             Some(e) => Err(e.clone()),
-            None => write_batch(&shared.db, &batch),
+            None => {
+                let started = std::time::Instant::now();
+                let r = write_batch(&shared.db, &batch);
+                metrics::histogram!("swarm_raft_log_write_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                r
+            }
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft log write failed; refusing further writes");

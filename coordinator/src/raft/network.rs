@@ -168,7 +168,7 @@ struct PeerConn {
     addr: String,
     conn: Mutex<Option<quinn::Connection>>,
     /// Serializes dialing, so concurrent RPCs to a disconnected peer make one connection.
-    dial_lock: tokio::sync::Mutex<()>,
+    dial_lock: Arc<tokio::sync::Mutex<()>>,
     failures: AtomicU32,
 }
 
@@ -178,7 +178,7 @@ impl PeerConn {
             target,
             addr,
             conn: Mutex::new(None),
-            dial_lock: tokio::sync::Mutex::new(()),
+            dial_lock: Arc::new(tokio::sync::Mutex::new(())),
             failures: AtomicU32::new(0),
         }
     }
@@ -255,6 +255,35 @@ fn server_name(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(host, _)| host)
 }
 
+/// Resolve `addr`, connect, and complete the handshake.
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    addr: &str,
+) -> Result<quinn::Connection, String> {
+    let candidates: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("resolving {addr}: {e}"))?
+        .collect();
+    // A socket bound to an IPv4 address cannot reach an IPv6 peer and vice versa.
+    let local_v4 = endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
+    let sock = candidates
+        .iter()
+        .find(|a| a.is_ipv4() == local_v4)
+        .or(candidates.first())
+        .copied()
+        .ok_or_else(|| format!("{addr} resolves to no address"))?;
+    let mut dialed = swarm_transport::dial(endpoint, client, sock, server_name(addr))
+        .await
+        .map_err(|e| format!("dialing {addr} ({sock}): {e}"))?;
+    // Raft RPCs wait for the full handshake: nothing is sent as replayable 0-RTT data.
+    dialed
+        .handshake()
+        .await
+        .map_err(|e| format!("handshake with {addr}: {e}"))?;
+    Ok(dialed.conn)
+}
+
 /// The openraft client for one peer.
 pub struct QuicRaftClient {
     endpoint: quinn::Endpoint,
@@ -267,47 +296,33 @@ impl QuicRaftClient {
         if let Some(conn) = self.peer.live() {
             return Ok(conn);
         }
-        let _dialing = self.peer.dial_lock.lock().await;
+        // Whoever holds the lock is dialing; wait for it, then use its connection.
+        let dialing = self.peer.dial_lock.clone().lock_owned().await;
         if let Some(conn) = self.peer.live() {
             return Ok(conn);
         }
-        let addr = &self.peer.addr;
-        let conn = tokio::time::timeout(DIAL_TIMEOUT, self.dial(addr))
-            .await
-            .map_err(|_| format!("dialing {addr}: timed out after {DIAL_TIMEOUT:?}"))??;
-        tracing::debug!(target_node = self.peer.target, %addr, "raft connection established");
-        self.peer.failures.store(0, Ordering::Relaxed);
-        *self.peer.slot() = Some(conn.clone());
-        Ok(conn)
-    }
-
-    async fn dial(&self, addr: &str) -> Result<quinn::Connection, String> {
-        let candidates: Vec<SocketAddr> = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| format!("resolving {addr}: {e}"))?
-            .collect();
-        // A socket bound to an IPv4 address cannot reach an IPv6 peer and vice versa.
-        let local_v4 = self
-            .endpoint
-            .local_addr()
-            .map(|a| a.is_ipv4())
-            .unwrap_or(true);
-        let sock = candidates
-            .iter()
-            .find(|a| a.is_ipv4() == local_v4)
-            .or(candidates.first())
-            .copied()
-            .ok_or_else(|| format!("{addr} resolves to no address"))?;
-        let mut dialed =
-            swarm_transport::dial(&self.endpoint, &self.client, sock, server_name(addr))
+        // Dial in a task that owns the lock: openraft drops an RPC at its deadline (75 ms for
+        // a heartbeat), and a handshake abandoned at every deadline would never complete on a
+        // loaded machine. The task finishes the handshake and stores the connection for the
+        // next RPC even if this one gives up.
+        let (endpoint, client, peer) = (
+            self.endpoint.clone(),
+            self.client.clone(),
+            self.peer.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let _dialing = dialing;
+            let addr = peer.addr.as_str();
+            let conn = tokio::time::timeout(DIAL_TIMEOUT, dial(&endpoint, &client, addr))
                 .await
-                .map_err(|e| format!("dialing {addr} ({sock}): {e}"))?;
-        // Raft RPCs wait for the full handshake: nothing is sent as replayable 0-RTT data.
-        dialed
-            .handshake()
-            .await
-            .map_err(|e| format!("handshake with {addr}: {e}"))?;
-        Ok(dialed.conn)
+                .map_err(|_| format!("dialing {addr}: timed out after {DIAL_TIMEOUT:?}"))??;
+            tracing::debug!(target_node = peer.target, %addr, "raft connection established");
+            peer.failures.store(0, Ordering::Relaxed);
+            *peer.slot() = Some(conn.clone());
+            Ok(conn)
+        });
+        task.await
+            .map_err(|e| format!("dialing {}: {e}", self.peer.addr))?
     }
 
     /// Send one request and read its response, within the RPC's soft deadline (openraft drops
