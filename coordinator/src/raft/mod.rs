@@ -10,13 +10,11 @@ pub mod log_store;
 pub mod network;
 pub mod sm_store;
 pub mod types;
-pub mod wal_log;
 
 pub use log_store::{RedbLogReader, RedbLogStore};
 pub use network::{serve_raft_connection, QuicRaftClient, QuicRaftNetwork};
 pub use sm_store::{StateMachineStore, TableGuard, TableHandle};
 pub use types::{NodeAddr, NodeId, TypeConfig};
-pub use wal_log::{WalLogReader, WalLogStore, WalOptions};
 
 /// A Raft node of the coordinator cluster.
 pub type Raft = openraft::Raft<TypeConfig>;
