@@ -495,22 +495,13 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let token_file = a.data_dir.join("api-token");
     let token = ensure_token(&token_file)?;
-    let cfg = CoordinatorConfig {
-        node_id: 1,
-        data_dir: a.data_dir.join("coordinator"),
-        certs_dir: certs.clone(),
-        listen: a.listen,
-        advertise: format!("127.0.0.1:{}", a.listen.port()),
-        api_listen: a.api_listen,
-        api_advertise: String::new(),
-        api_token: token,
-        bootstrap: true,
-        peers: Vec::new(),
-        limits: Limits::default(),
-        defaults: TaskDefaults::default(),
-        heartbeat_interval_ms: 1000,
-        scheduler: SchedulerConfig::default(),
-    };
+    let cfg = CoordinatorConfig::single_node(
+        a.data_dir.join("coordinator"),
+        certs.clone(),
+        a.listen,
+        a.api_listen,
+        token,
+    );
     let coord = swarm_coordinator::start(cfg).await?;
     let quic = coord.quic_addr;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

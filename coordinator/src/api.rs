@@ -386,12 +386,11 @@ async fn submit_batch(
             // before this one are committed; report honestly which.
             OpResult::QueueFull { limit } => {
                 let committed: Vec<String> = out.iter().map(|r| r.id.to_string()).collect();
-                return Err(ApiError::QueueFull { limit }).map_err(|e| {
-                    ApiError::Unavailable(format!(
-                        "{e}; committed before the queue filled: [{}]",
-                        committed.join(",")
-                    ))
-                });
+                return Err(ApiError::Unavailable(format!(
+                    "queue full ({limit} unfinished tasks) part-way through the batch; \
+                     committed before it filled: [{}]",
+                    committed.join(",")
+                )));
             }
             other => {
                 return Err(ApiError::Internal(format!(

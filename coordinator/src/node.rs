@@ -59,6 +59,35 @@ pub struct CoordinatorConfig {
     pub scheduler: SchedulerConfig,
 }
 
+impl CoordinatorConfig {
+    /// A one-node cluster on loopback with default limits, as `swarm up` and the
+    /// benchmarks run it: bootstraps itself, advertises `127.0.0.1`.
+    pub fn single_node(
+        data_dir: PathBuf,
+        certs_dir: PathBuf,
+        listen: SocketAddr,
+        api_listen: SocketAddr,
+        api_token: String,
+    ) -> Self {
+        CoordinatorConfig {
+            node_id: 1,
+            data_dir,
+            certs_dir,
+            listen,
+            advertise: format!("127.0.0.1:{}", listen.port()),
+            api_listen,
+            api_advertise: String::new(),
+            api_token,
+            bootstrap: true,
+            peers: Vec::new(),
+            limits: Limits::default(),
+            defaults: TaskDefaults::default(),
+            heartbeat_interval_ms: 1000,
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
 /// Bounds on what clients may ask for.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -365,7 +394,7 @@ impl Node {
     }
 
     /// One round of dispatch on the leader. Returns when the next round is due.
-    async fn dispatch_round(self: &Arc<Self>) -> Option<u64> {
+    fn dispatch_round(self: &Arc<Self>) -> Option<u64> {
         let now = now_ms();
         let mut ops = Vec::new();
         let next_due;
@@ -476,7 +505,7 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
 pub(crate) async fn dispatch_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let due = if node.is_leader() {
-            node.dispatch_round().await
+            node.dispatch_round()
         } else {
             None
         };

@@ -47,7 +47,7 @@ impl CoordinatorHandle {
         self.endpoint.wait_idle().await;
     }
 
-    /// Resolves when shutdown has been requested elsewhere (never, unless `shutdown`).
+    /// The running node (its Raft handle, task table and configuration).
     pub fn node(&self) -> &Arc<Node> {
         &self.node
     }

@@ -158,7 +158,7 @@ impl FrameWriter {
 /// Appends `[len][payload]` for `msg` to `buf`, leaving `buf` unchanged on error.
 fn append_frame<T: Serialize>(buf: &mut Vec<u8>, msg: &T, max: usize) -> Result<(), FrameError> {
     let start = buf.len();
-    // Encode behind a placeholder header and patch the length in afterwards: the
+    // Encode behind a zeroed length header and patch the length in afterwards: the
     // encoded size is not known until the message has been encoded.
     buf.extend_from_slice(&[0; HEADER]);
     codec::encode_into(msg, buf).map_err(|e| {

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use swarm_coordinator::scheduler::SchedulerConfig;
-use swarm_coordinator::{CoordinatorConfig, Limits, TaskDefaults};
+use swarm_coordinator::CoordinatorConfig;
 use tokio::sync::Semaphore;
 
 #[derive(Parser, Clone)]
@@ -48,22 +47,13 @@ async fn main() -> anyhow::Result<()> {
     let certs = dir.path().join("certs");
     swarm_transport::init_certs(&certs, &[], false)?;
     let token = "bench-token".to_string();
-    let cfg = CoordinatorConfig {
-        node_id: 1,
-        data_dir: dir.path().join("coordinator"),
-        certs_dir: certs.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        advertise: String::new(),
-        api_listen: "127.0.0.1:0".parse()?,
-        api_advertise: String::new(),
-        api_token: token.clone(),
-        bootstrap: true,
-        peers: Vec::new(),
-        limits: Limits::default(),
-        defaults: TaskDefaults::default(),
-        heartbeat_interval_ms: 1000,
-        scheduler: SchedulerConfig::default(),
-    };
+    let cfg = CoordinatorConfig::single_node(
+        dir.path().join("coordinator"),
+        certs.clone(),
+        "127.0.0.1:0".parse()?,
+        "127.0.0.1:0".parse()?,
+        token.clone(),
+    );
     let coord = swarm_coordinator::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for i in 0..args.workers {
