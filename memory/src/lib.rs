@@ -1,0 +1,1 @@
+//! Vector memory and ReasoningBank for swarm.

@@ -1,0 +1,1 @@
+//! Swarm topologies as pure routing rules.
