@@ -1,11 +1,23 @@
-//! A small client for the coordinator's HTTP API, used by every CLI command that talks
+//! A small client for the coordinators' HTTP API, used by every CLI command that talks
 //! to a running cluster.
+//!
+//! It takes one or more API addresses of the same cluster. Any node answers any request
+//! (followers forward to the leader), so the client only moves on when a node cannot
+//! have done what was asked: it could not be reached at all, or it answered `not_leader`
+//! (then the leader it names is tried first). A request that may have reached the
+//! cluster is never sent twice, except reads.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use reqwest::Method;
 use serde::de::DeserializeOwned;
-use swarm_proto::api::{ErrorBody, StatusView, SubmitResponse, SubmitTask, TaskList, TaskView};
+use serde::Serialize;
+use swarm_proto::api::{
+    AddNode, ClusterView, ErrorBody, StatusView, SubmitResponse, SubmitTask, TaskList, TaskView,
+};
 
 /// An API error with its stable code, so callers can branch on it.
 #[derive(Debug, thiserror::Error)]
@@ -16,50 +28,174 @@ pub struct ApiError {
     pub message: String,
 }
 
-/// Talks to one coordinator's API.
+/// Talks to a cluster through any of its nodes' APIs.
 pub struct Client {
-    base: String,
+    bases: Mutex<Vec<String>>,
+    /// Index into `bases` of the node that answered last.
+    current: AtomicUsize,
     token: String,
     http: reqwest::Client,
 }
 
+/// One try's outcome.
+enum Try<T> {
+    Done(anyhow::Result<T>),
+    /// The request did not take effect here; try `next` (or the next base).
+    Elsewhere {
+        next: Option<String>,
+        why: anyhow::Error,
+    },
+}
+
+fn normalise(base: &str) -> anyhow::Result<String> {
+    let base = base.trim().trim_end_matches('/').to_string();
+    if !base.starts_with("http://") && !base.starts_with("https://") {
+        anyhow::bail!("--api must be an http:// or https:// URL, got {base:?}");
+    }
+    Ok(base)
+}
+
 impl Client {
-    pub fn new(base: &str, token: String) -> anyhow::Result<Client> {
-        let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") && !base.starts_with("https://") {
-            anyhow::bail!("--api must be an http:// or https:// URL, got {base:?}");
+    /// `bases`: comma-separated API URLs of nodes of one cluster.
+    pub fn new(bases: &str, token: String) -> anyhow::Result<Client> {
+        let bases = bases
+            .split(',')
+            .filter(|b| !b.trim().is_empty())
+            .map(normalise)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if bases.is_empty() {
+            anyhow::bail!("--api is empty");
         }
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(3))
             .build()
             .context("build HTTP client")?;
-        Ok(Client { base, token, http })
+        Ok(Client {
+            bases: Mutex::new(bases),
+            current: AtomicUsize::new(0),
+            token,
+            http,
+        })
     }
 
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the swarm API at {}", self.base))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.context("read API response")?;
-        if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => anyhow!(ApiError {
-                    status: status.as_u16(),
-                    code: b.error.code,
-                    message: b.error.message
-                }),
-                Err(_) => anyhow!("API answered {status}: {}", String::from_utf8_lossy(&bytes)),
-            });
+    fn bases(&self) -> Vec<String> {
+        self.bases.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    /// Send `method path?query` with an optional JSON body to the cluster.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
+        let bases = self.bases();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut order: Vec<String> = (0..bases.len())
+            .map(|i| bases[(start + i) % bases.len()].clone())
+            .collect();
+        let mut last_err = None;
+        let mut tried = 0usize;
+        while tried < order.len() && tried < 8 {
+            let base = order[tried].clone();
+            tried += 1;
+            match self
+                .try_once(&base, &method, path, query, body.clone())
+                .await
+            {
+                Try::Done(r) => {
+                    if let Some(i) = bases.iter().position(|b| *b == base) {
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    return r;
+                }
+                Try::Elsewhere { next, why } => {
+                    if let Some(n) = next.and_then(|n| normalise(&format!("http://{n}")).ok()) {
+                        if !order[..tried].contains(&n) {
+                            order.insert(tried, n);
+                        }
+                    }
+                    last_err = Some(why);
+                }
+            }
         }
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("unexpected API response ({status})"))
+        Err(last_err.unwrap_or_else(|| anyhow!("no API address to try")))
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    async fn try_once<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: &Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Try<T> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{base}{path}"))
+            .bearer_auth(&self.token);
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            // Not connected: the request never reached this node.
+            Err(e) if e.is_connect() || (method == Method::GET && e.is_timeout()) => {
+                return Try::Elsewhere {
+                    next: None,
+                    why: anyhow::Error::new(e)
+                        .context(format!("cannot reach the swarm API at {base}")),
+                }
+            }
+            Err(e) => {
+                return Try::Done(Err(anyhow::Error::new(e)
+                    .context(format!("request to the swarm API at {base} failed"))))
+            }
+        };
+        let status = resp.status();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Try::Done(Err(anyhow::Error::new(e).context("read API response"))),
+        };
+        if status.is_success() {
+            return Try::Done(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("unexpected API response ({status})")),
+            );
+        }
+        let err = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => b.error,
+            Err(_) => {
+                return Try::Done(Err(anyhow!(
+                    "API answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )))
+            }
+        };
+        let api_err = ApiError {
+            status: status.as_u16(),
+            code: err.code.clone(),
+            message: err.message.clone(),
+        };
+        // `not_leader` means nothing was done here; reads may also move on when a node
+        // cannot answer right now.
+        if err.code == "not_leader" || (method == Method::GET && err.code == "unavailable") {
+            return Try::Elsewhere {
+                next: err.leader_api,
+                why: anyhow!(api_err),
+            };
+        }
+        Try::Done(Err(anyhow!(api_err)))
+    }
+
+    fn json<B: Serialize>(body: &B) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(Some(serde_json::to_vec(body).context("encode request")?))
     }
 
     pub async fn submit(
@@ -67,19 +203,21 @@ impl Client {
         task: &SubmitTask,
         wait: Option<&str>,
     ) -> anyhow::Result<SubmitResponse> {
-        let mut req = self.http.post(self.url("/v1/tasks")).json(task);
+        let mut q = Vec::new();
         if let Some(w) = wait {
-            req = req.query(&[("wait", w)]);
+            q.push(("wait", w.to_string()));
         }
-        self.send(req).await
+        self.call(Method::POST, "/v1/tasks", &q, Self::json(task)?)
+            .await
     }
 
     pub async fn task(&self, id: u64, wait: Option<&str>) -> anyhow::Result<TaskView> {
-        let mut req = self.http.get(self.url(&format!("/v1/tasks/{id}")));
+        let mut q = Vec::new();
         if let Some(w) = wait {
-            req = req.query(&[("wait", w)]);
+            q.push(("wait", w.to_string()));
         }
-        self.send(req).await
+        self.call(Method::GET, &format!("/v1/tasks/{id}"), &q, None)
+            .await
     }
 
     pub async fn list(
@@ -92,16 +230,34 @@ impl Client {
         if let Some(s) = state {
             q.push(("state", s.to_string()));
         }
-        self.send(self.http.get(self.url("/v1/tasks")).query(&q))
-            .await
+        self.call(Method::GET, "/v1/tasks", &q, None).await
     }
 
     pub async fn cancel(&self, id: u64) -> anyhow::Result<TaskView> {
-        self.send(self.http.post(self.url(&format!("/v1/tasks/{id}/cancel"))))
+        self.call(Method::POST, &format!("/v1/tasks/{id}/cancel"), &[], None)
             .await
     }
 
     pub async fn status(&self) -> anyhow::Result<StatusView> {
-        self.send(self.http.get(self.url("/v1/status"))).await
+        self.call(Method::GET, "/v1/status", &[], None).await
+    }
+
+    pub async fn cluster(&self) -> anyhow::Result<ClusterView> {
+        self.call(Method::GET, "/v1/cluster", &[], None).await
+    }
+
+    pub async fn add_node(&self, add: &AddNode) -> anyhow::Result<ClusterView> {
+        self.call(Method::POST, "/v1/cluster/nodes", &[], Self::json(add)?)
+            .await
+    }
+
+    pub async fn remove_node(&self, id: u64) -> anyhow::Result<ClusterView> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/cluster/nodes/{id}"),
+            &[],
+            None,
+        )
+        .await
     }
 }

@@ -69,6 +69,59 @@ enum Cmd {
     Task(TaskCmd),
     /// Show the cluster, its workers and its queue.
     Status(StatusArgs),
+    /// Inspect and change the coordinator cluster's membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Check a coordinator's liveness or readiness (for container health checks).
+    Probe(ProbeArgs),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Every coordinator: role, term, leader, log indexes, replication lag, health.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a coordinator: it joins as a learner, catches up, then becomes a voter.
+    Add {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The new node's Raft id (unique, never reused).
+        id: u64,
+        /// host:port of the new node's QUIC endpoint (its --advertise).
+        #[arg(long)]
+        raft: String,
+        /// host:port of the new node's HTTP API (its --api-advertise).
+        #[arg(long = "node-api")]
+        node_api: String,
+        /// Leave it a learner (a non-voting replica).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a coordinator from the cluster.
+    Remove {
+        #[command(flatten)]
+        api: ApiArgs,
+        id: u64,
+    },
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// `live` (process and storage: GET /health) or `ready` (has a leader and is caught
+    /// up: GET /ready).
+    #[arg(value_parser = ["live", "ready"])]
+    what: String,
+    /// Base URL of the coordinator's HTTP API.
+    #[arg(long, env = "SWARM_PROBE_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -90,7 +143,8 @@ enum CertsCmd {
 /// Where the API is and how to authenticate.
 #[derive(Args, Clone)]
 struct ApiArgs {
-    /// Base URL of a coordinator's HTTP API.
+    /// Base URL of a coordinator's HTTP API; several (comma-separated) nodes of one
+    /// cluster are tried in turn when one cannot be reached.
     #[arg(long, env = "SWARM_API", default_value = "http://127.0.0.1:8080")]
     api: String,
     /// API bearer token.
@@ -188,6 +242,15 @@ struct CoordinatorArgs {
     /// Another voter for --bootstrap: ID=RAFT_HOST:PORT,API_HOST:PORT (repeatable).
     #[arg(long = "peer", env = "SWARM_PEERS", value_delimiter = ';')]
     peers: Vec<String>,
+    /// Join a running cluster through any of these API URLs (comma-separated): this node
+    /// asks to be added, catches up as a learner, then becomes a voter.
+    #[arg(
+        long,
+        env = "SWARM_JOIN",
+        value_delimiter = ',',
+        conflicts_with = "bootstrap"
+    )]
+    join: Vec<String>,
     /// Unfinished tasks allowed before submits get `queue_full`.
     #[arg(long, env = "SWARM_QUEUE_LIMIT", default_value_t = 1_000_000)]
     queue_limit: u64,
@@ -215,13 +278,22 @@ struct CoordinatorArgs {
     /// Longest retry delay.
     #[arg(long, env = "SWARM_RETRY_BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
     retry_backoff_max: Duration,
+    /// Snapshot the state and compact the Raft log after this many entries.
+    #[arg(long, env = "SWARM_SNAPSHOT_EVERY", default_value_t = swarm_coordinator::raft::SNAPSHOT_EVERY_LOGS)]
+    snapshot_every: u64,
 }
 
 #[derive(Args)]
 struct WorkerArgs {
-    /// Coordinator QUIC address, HOST:PORT.
-    #[arg(long, env = "SWARM_COORDINATOR")]
-    coordinator: String,
+    /// Coordinator QUIC addresses, HOST:PORT (comma-separated or repeated): the worker
+    /// finds the Raft leader among them and follows it.
+    #[arg(
+        long,
+        env = "SWARM_COORDINATOR",
+        value_delimiter = ',',
+        required = true
+    )]
+    coordinator: Vec<String>,
     /// Certificates directory (needs ca.pem, worker.pem, worker-key.pem).
     #[arg(long, env = "SWARM_CERTS")]
     certs: PathBuf,
@@ -237,7 +309,7 @@ struct WorkerArgs {
     /// Worker name, stable across restarts (default: hostname-pid).
     #[arg(long = "id", env = "SWARM_WORKER_ID")]
     id: Option<String>,
-    /// Name to verify in the coordinator's certificate (default: the host of --coordinator).
+    /// Name to verify in the coordinators' certificates (default: each host of --coordinator).
     #[arg(long, env = "SWARM_SERVER_NAME")]
     server_name: Option<String>,
 }
@@ -404,6 +476,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Submit(a) => submit(a).await,
         Cmd::Task(t) => task(t).await,
         Cmd::Status(a) => status_cmd(a).await,
+        Cmd::Cluster(c) => cluster_cmd(c).await,
+        Cmd::Probe(a) => probe(a).await,
     }
 }
 
@@ -508,7 +582,7 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let mut workers = Vec::new();
     for i in 1..=a.workers {
         let wcfg = swarm_worker::WorkerConfig {
-            coordinator: format!("127.0.0.1:{}", quic.port()),
+            coordinators: vec![format!("127.0.0.1:{}", quic.port())],
             server_name: Some("localhost".into()),
             certs_dir: certs.clone(),
             worker_id: format!("local-{i}"),
@@ -602,13 +676,33 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             backoff_max_ms: ms(a.retry_backoff_max),
             ..SchedulerConfig::default()
         },
+        snapshot_every: a.snapshot_every.max(1),
     };
+    let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();
     let handle = swarm_coordinator::start(cfg).await?;
     println!(
         "coordinator {} serving API on {} and QUIC on {}",
         a.id, handle.api_addr, handle.quic_addr
     );
+    let (stop_join, stop_join_rx) = tokio::sync::watch::channel(false);
+    if !join.is_empty() && !handle.node().raft().is_initialized().await? {
+        let cfg = handle.node().config();
+        let add = swarm_proto::api::AddNode {
+            id: cfg.node_id,
+            raft_addr: cfg.advertise.clone(),
+            api_addr: cfg.api_advertise.clone(),
+            voter: true,
+        };
+        tokio::spawn(swarm_coordinator::cluster::join(
+            reqwest::Client::new(),
+            join,
+            cfg.api_token.clone(),
+            add,
+            stop_join_rx,
+        ));
+    }
     shutdown_signal().await;
+    let _ = stop_join.send(true);
     handle.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -629,7 +723,11 @@ async fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         bail!("--slots must be at least 1");
     }
     let cfg = swarm_worker::WorkerConfig {
-        coordinator: a.coordinator,
+        coordinators: a
+            .coordinator
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .collect(),
         server_name: a.server_name,
         certs_dir: a.certs,
         worker_id: id,
@@ -763,6 +861,64 @@ async fn task(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             let t = api.client()?.cancel(id).await?;
             println!("task {} is {}", t.id, t.state.as_str());
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn cluster_cmd(c: ClusterCmd) -> anyhow::Result<ExitCode> {
+    let (view, json) = match c {
+        ClusterCmd::Status { api, json } => (api.client()?.cluster().await?, json),
+        ClusterCmd::Add {
+            api,
+            id,
+            raft,
+            node_api,
+            learner,
+        } => {
+            let add = swarm_proto::api::AddNode {
+                id,
+                raft_addr: raft,
+                api_addr: node_api,
+                voter: !learner,
+            };
+            (api.client()?.add_node(&add).await?, false)
+        }
+        ClusterCmd::Remove { api, id } => (api.client()?.remove_node(id).await?, false),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", status::render_cluster(&view));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn probe(a: ProbeArgs) -> anyhow::Result<ExitCode> {
+    let path = if a.what == "live" {
+        "/health"
+    } else {
+        "/ready"
+    };
+    let url = format!("{}{path}", a.api.trim_end_matches('/'));
+    let http = reqwest::Client::builder()
+        .timeout(a.timeout)
+        .build()
+        .context("build HTTP client")?;
+    match http.get(&url).send().await {
+        Ok(r) => {
+            let ok = r.status().is_success();
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            println!("{status} {}", body.trim());
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Err(e) => {
+            println!("cannot reach {url}: {e}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }

@@ -2,42 +2,11 @@
 
 use std::fmt::Write as _;
 
-use swarm_proto::api::StatusView;
+use swarm_proto::api::{ClusterView, StatusView};
 
 /// Render a status as aligned plain text (no colour codes, so it pipes cleanly).
 pub fn render(s: &StatusView) -> String {
-    let mut out = String::new();
-    let c = &s.cluster;
-    let leader = c.leader.map_or("none".to_string(), |l| l.to_string());
-    let _ = writeln!(
-        out,
-        "cluster     node {} is {}, term {}, leader {leader}, applied {} of log {}",
-        c.node_id,
-        c.role,
-        c.term,
-        c.applied_index.map_or("-".into(), |i| i.to_string()),
-        c.last_log_index.map_or("-".into(), |i| i.to_string()),
-    );
-    let mut rows = vec![vec![
-        "NODE".into(),
-        "ROLE".into(),
-        "VOTER".into(),
-        "RAFT".into(),
-        "API".into(),
-        "MATCHED".into(),
-    ]];
-    for n in &c.nodes {
-        rows.push(vec![
-            n.id.to_string(),
-            n.role.clone(),
-            if n.voter { "yes" } else { "no" }.into(),
-            n.raft_addr.clone(),
-            n.api_addr.clone(),
-            n.matched_index.map_or("-".into(), |i| i.to_string()),
-        ]);
-    }
-    table(&mut out, &rows);
-
+    let mut out = render_cluster(&s.cluster);
     let slots: u64 = s.workers.iter().map(|w| w.slots as u64).sum();
     let busy: u64 = s.workers.iter().map(|w| w.running as u64).sum();
     let _ = writeln!(
@@ -85,6 +54,83 @@ pub fn render(s: &StatusView) -> String {
         s.throughput.per_second, s.throughput.finished_last_minute
     );
     out
+}
+
+/// The coordinator cluster: one line for the answering node, one row per member.
+pub fn render_cluster(c: &ClusterView) -> String {
+    let mut out = String::new();
+    let leader = c.leader.map_or("none".to_string(), |l| l.to_string());
+    let _ = writeln!(
+        out,
+        "cluster     node {} is {}, term {}, leader {leader}, committed {}, applied {} of log {}",
+        c.node_id,
+        c.role,
+        c.term,
+        opt(c.committed_index),
+        opt(c.applied_index),
+        opt(c.last_log_index),
+    );
+    let mut rows = vec![vec![
+        "NODE".into(),
+        "ROLE".into(),
+        "VOTER".into(),
+        "TERM".into(),
+        "APPLIED".into(),
+        "LOG".into(),
+        "MATCHED".into(),
+        "LAG".into(),
+        "RAFT".into(),
+        "API".into(),
+        "HEALTH".into(),
+    ]];
+    for n in &c.nodes {
+        let (role, term, applied, log, health) = match (&n.status, &n.error) {
+            (Some(st), _) => (
+                st.role.clone(),
+                st.term.to_string(),
+                opt(st.applied_index),
+                opt(st.last_log_index),
+                match (st.healthy, st.ready) {
+                    (true, true) => "ok".to_string(),
+                    (true, false) => "not ready".to_string(),
+                    (false, _) => format!("UNHEALTHY: {}", st.health),
+                },
+            ),
+            (None, Some(e)) => (
+                n.role.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("DOWN: {e}"),
+            ),
+            (None, None) => (
+                n.role.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ),
+        };
+        rows.push(vec![
+            n.id.to_string(),
+            role,
+            if n.voter { "yes" } else { "no" }.into(),
+            term,
+            applied,
+            log,
+            opt(n.matched_index),
+            opt(n.lag),
+            n.raft_addr.clone(),
+            n.api_addr.clone(),
+            health,
+        ]);
+    }
+    table(&mut out, &rows);
+    out
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("-".into(), |i| i.to_string())
 }
 
 fn load_bar(running: u32, slots: u32) -> String {
@@ -144,6 +190,9 @@ mod tests {
                     role: "leader".into(),
                     voter: true,
                     matched_index: Some(10),
+                    lag: Some(0),
+                    status: None,
+                    error: Some("unreachable: connection refused".into()),
                 }],
             },
             workers: vec![WorkerView {
@@ -170,6 +219,7 @@ mod tests {
         };
         let text = render(&s);
         assert!(text.contains("node 1 is leader, term 2"), "{text}");
+        assert!(text.contains("DOWN: unreachable"), "{text}");
         assert!(text.contains("1 connected, 2 of 4 slots busy"), "{text}");
         assert!(text.contains("[#####.....]  50%"), "{text}");
         assert!(text.contains("gpu=yes"), "{text}");

@@ -5,7 +5,6 @@
 //! ([`ApiError::code`]); bad JSON, oversize bodies and unknown fields are errors, never
 //! panics, and a refused submit changes nothing.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,17 +13,19 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use swarm_proto::api::{
-    ClusterView, ErrorBody, ErrorDetail, NodeView, QueueCounts, StatusView, SubmitBatch,
-    SubmitBatchResponse, SubmitResponse, SubmitTask, TaskList, TaskState, TaskView, Throughput,
-    WorkerList, WorkerView,
+    ClusterView, ErrorBody, ErrorDetail, QueueCounts, StatusView, SubmitBatch, SubmitBatchResponse,
+    SubmitResponse, SubmitTask, TaskList, TaskState, TaskView, Throughput, WorkerList, WorkerView,
 };
 use swarm_proto::TaskId;
 
+use crate::cluster::{
+    self, cluster_view, forward_or_refuse, health_check, ready_check, FORWARDED_BY,
+};
 use crate::node::{now_ms, Node};
 use crate::proposer::ProposeError;
 use crate::state::{Op, OpResult, TaskSpec};
@@ -42,6 +43,8 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("queue full: {limit} unfinished tasks; retry later")]
     QueueFull { limit: u64 },
     #[error("this coordinator is not the leader")]
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::NotLeader { .. } => "not_leader",
             ApiError::Unavailable(_) => "unavailable",
@@ -74,6 +78,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotLeader { .. } | ApiError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -132,19 +137,25 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// Build the router. `/v1/*` requires `Authorization: Bearer <token>`.
 pub fn router(node: Arc<Node>) -> Router {
-    let limits = node.config().limits;
-    // Room for a full batch of maximum payloads would be huge; a batch gets 64 MiB.
-    let body_limit = (limits.max_payload_bytes as usize)
-        .saturating_mul(2)
-        .saturating_add(64 << 10)
-        .max(64 << 20);
-    let v1 = Router::new()
+    let body_limit = node.body_limit();
+    // Routes that need the leader; a follower forwards them.
+    let on_leader = Router::new()
         .route("/tasks", post(submit).get(list_tasks))
         .route("/tasks/batch", post(submit_batch))
         .route("/tasks/{id}", get(get_task))
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/workers", get(workers))
+        .route("/cluster/nodes", post(cluster::add_node))
+        .route("/cluster/nodes/{id}", delete(cluster::remove_node))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            cluster::leader_only,
+        ));
+    let v1 = Router::new()
         .route("/status", get(status))
+        .route("/node", get(cluster::get_node))
+        .route("/cluster", get(cluster::get_cluster))
+        .merge(on_leader)
         .layer(middleware::from_fn_with_state(node.clone(), require_token));
     Router::new()
         .nest("/v1", v1)
@@ -406,6 +417,25 @@ async fn submit_batch(
         .into_response())
 }
 
+/// Make the next read of the local table linearizable: confirm leadership with a quorum
+/// and wait until everything committed before this call is applied here.
+async fn linearizable(node: &Node) -> Result<(), ApiError> {
+    match node.raft().ensure_linearizable().await {
+        Ok(_) => Ok(()),
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::CheckIsLeaderError::ForwardToLeader(f),
+        )) => Err(ApiError::NotLeader {
+            leader_api: f
+                .leader_node
+                .map(|n| n.api_addr)
+                .or_else(|| node.leader().map(|(_, n)| n.api_addr)),
+        }),
+        Err(e) => Err(ApiError::Unavailable(format!(
+            "cannot confirm leadership for a linearizable read: {e}"
+        ))),
+    }
+}
+
 fn parse_id(s: &str) -> Result<TaskId, ApiError> {
     s.parse()
         .map_err(|_| ApiError::BadRequest(format!("task id must be a number, got {s:?}")))
@@ -420,6 +450,7 @@ async fn get_task(
     if let Some(wait) = wait_of(&node, &q)? {
         node.wait_final(id, wait).await;
     }
+    linearizable(&node).await?;
     node.read_table(|t| t.get(id).map(|t| t.view()))
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))
@@ -444,6 +475,7 @@ async fn list_tasks(
         })?),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    linearizable(&node).await?;
     let tasks: Vec<TaskView> = node.read_table(|t| {
         t.list(state, q.after.unwrap_or(0), limit)
             .into_iter()
@@ -512,65 +544,17 @@ async fn workers(State(node): State<Arc<Node>>) -> ApiResult<WorkerList> {
     }))
 }
 
-fn role_name(state: openraft::ServerState) -> &'static str {
-    match state {
-        openraft::ServerState::Leader => "leader",
-        openraft::ServerState::Follower => "follower",
-        openraft::ServerState::Candidate => "candidate",
-        openraft::ServerState::Learner => "learner",
-        openraft::ServerState::Shutdown => "shutdown",
+/// `GET /v1/status`: answered by the leader (forwarded there when one is known), since
+/// only the leader has the workers; without a leader, this node's own view says so.
+async fn status(State(node): State<Arc<Node>>, req: Request) -> Response {
+    if !node.is_leader() && !req.headers().contains_key(FORWARDED_BY) && node.leader().is_some() {
+        return forward_or_refuse(&node, req).await;
     }
+    let cluster = cluster_view(&node).await;
+    Json(status_view(&node, cluster)).into_response()
 }
 
-/// The Raft view of the answering node.
-pub fn cluster_view(node: &Node) -> ClusterView {
-    let m = node.raft().metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    let voters: Vec<u64> = membership.voter_ids().collect();
-    let matched: BTreeMap<u64, u64> = m
-        .replication
-        .as_ref()
-        .map(|r| {
-            r.iter()
-                .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let nodes = membership
-        .nodes()
-        .map(|(id, addr)| {
-            let role = if Some(*id) == m.current_leader {
-                "leader"
-            } else if *id == m.id {
-                role_name(m.state)
-            } else if voters.contains(id) {
-                "follower"
-            } else {
-                "learner"
-            };
-            NodeView {
-                id: *id,
-                raft_addr: addr.raft_addr.clone(),
-                api_addr: addr.api_addr.clone(),
-                role: role.into(),
-                voter: voters.contains(id),
-                matched_index: matched.get(id).copied(),
-            }
-        })
-        .collect();
-    ClusterView {
-        node_id: m.id,
-        role: role_name(m.state).into(),
-        term: m.current_term,
-        leader: m.current_leader,
-        last_log_index: m.last_log_index,
-        committed_index: m.last_applied.map(|l| l.index),
-        applied_index: m.last_applied.map(|l| l.index),
-        nodes,
-    }
-}
-
-async fn status(State(node): State<Arc<Node>>) -> ApiResult<StatusView> {
+fn status_view(node: &Node, cluster: ClusterView) -> StatusView {
     let now = now_ms();
     let (queue, finished) = node.read_table(|t| {
         (
@@ -585,66 +569,32 @@ async fn status(State(node): State<Arc<Node>>) -> ApiResult<StatusView> {
             t.finished_since(now),
         )
     });
-    Ok(Json(StatusView {
-        cluster: cluster_view(&node),
-        workers: worker_views(&node),
+    StatusView {
+        cluster,
+        workers: worker_views(node),
         queue,
         queue_limit: node.config().limits.queue_limit,
         throughput: Throughput {
             finished_last_minute: finished,
             per_second: finished as f64 / 60.0,
         },
-    }))
+    }
 }
 
-/// Liveness: the process answers and its data dir accepts a durable write. Never
-/// depends on quorum.
+/// Liveness: the process answers, Raft runs and the data dir accepts a durable write.
+/// Never depends on quorum.
 async fn health(State(node): State<Arc<Node>>) -> Response {
-    let running = node.raft().metrics().borrow().running_state.clone();
-    if let Err(e) = running {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("raft stopped: {e}\n"),
-        )
-            .into_response();
-    }
-    let probe = node.data_dir.join(".health-probe");
-    let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&probe)?;
-        f.write_all(b"ok")?;
-        f.sync_all()
-    })
-    .await;
-    match res {
-        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}\n")).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("storage probe: {e}\n"),
-        )
-            .into_response(),
+    match health_check(&node).await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
 }
 
 /// Readiness: a leader exists and this node has applied (almost) all of its log.
 async fn ready(State(node): State<Arc<Node>>) -> Response {
-    let m = node.raft().metrics().borrow().clone();
-    let applied = m.last_applied.map_or(0, |l| l.index);
-    let lag = m.last_log_index.unwrap_or(0).saturating_sub(applied);
-    let max_lag = node.config().limits.ready_max_lag;
-    match m.current_leader {
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n").into_response(),
-        Some(_) if lag > max_lag => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("applied index trails the log by {lag}\n"),
-        )
-            .into_response(),
-        Some(l) => (
-            StatusCode::OK,
-            format!("ready (leader {l}, applied {applied})\n"),
-        )
-            .into_response(),
+    match ready_check(&node) {
+        Ok(m) => (StatusCode::OK, format!("{m}\n")).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
 }
 

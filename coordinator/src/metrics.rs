@@ -96,6 +96,23 @@ fn describe() {
     describe_gauge!("swarm_raft_is_leader", "1 on the leader.");
     describe_gauge!("swarm_raft_last_applied", "Last applied log index.");
     describe_gauge!("swarm_raft_last_log", "Last log index.");
+    describe_gauge!(
+        "swarm_raft_replication_lag",
+        "Entries each node trails the leader's log by (on the leader)."
+    );
+    describe_gauge!(
+        "swarm_raft_snapshot_index",
+        "Last log index covered by this node's snapshot."
+    );
+    describe_gauge!(
+        "swarm_raft_purged_index",
+        "Log entries up to here were compacted away."
+    );
+    describe_gauge!("swarm_raft_members", "Coordinators in the membership.");
+    describe_counter!(
+        "swarm_api_forwarded_total",
+        "API requests this follower forwarded to the leader."
+    );
     describe_counter!(
         "swarm_worker_connections_total",
         "Worker connections accepted, by 0-RTT use."

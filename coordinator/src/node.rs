@@ -57,6 +57,8 @@ pub struct CoordinatorConfig {
     /// How often workers send heartbeats.
     pub heartbeat_interval_ms: u64,
     pub scheduler: SchedulerConfig,
+    /// Build a snapshot (and compact the log) after this many applied entries.
+    pub snapshot_every: u64,
 }
 
 impl CoordinatorConfig {
@@ -84,6 +86,7 @@ impl CoordinatorConfig {
             defaults: TaskDefaults::default(),
             heartbeat_interval_ms: 1000,
             scheduler: SchedulerConfig::default(),
+            snapshot_every: crate::raft::SNAPSHOT_EVERY_LOGS,
         }
     }
 }
@@ -165,6 +168,8 @@ pub struct Node {
     waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<()>>>>,
     wake_dispatch: Notify,
     pub(crate) data_dir: PathBuf,
+    /// HTTP client for forwarding to the leader and asking peers for their reports.
+    http: reqwest::Client,
 }
 
 impl Node {
@@ -186,6 +191,10 @@ impl Node {
             proposer,
             waiters: Mutex::new(HashMap::new()),
             wake_dispatch: Notify::new(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
         })
     }
 
@@ -197,6 +206,19 @@ impl Node {
     /// The node's configuration.
     pub fn config(&self) -> &CoordinatorConfig {
         &self.cfg
+    }
+
+    /// The shared HTTP client (peer APIs).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Largest request body the API reads: room for a batch, at least 64 MiB.
+    pub(crate) fn body_limit(&self) -> usize {
+        (self.cfg.limits.max_payload_bytes as usize)
+            .saturating_mul(2)
+            .saturating_add(64 << 10)
+            .max(64 << 20)
     }
 
     /// The Raft handle.
@@ -464,16 +486,18 @@ impl Node {
 
 /// The frame that turns a worker away from a follower.
 pub(crate) fn not_leader_msg(me: u64, leader: Option<&(u64, NodeAddr)>) -> CoordinatorMsg {
-    let message = match leader {
-        Some((id, addr)) if *id != me => format!(
-            "coordinator {me} is not the leader; the leader is {id} at {}",
-            addr.raft_addr
-        ),
-        _ => format!("coordinator {me} is not the leader and knows no leader yet"),
-    };
-    CoordinatorMsg::Rejected {
-        code: "not_leader".into(),
-        message,
+    match leader {
+        Some((id, addr)) if *id != me => CoordinatorMsg::NotLeader {
+            leader: Some(addr.raft_addr.clone()),
+            message: format!(
+                "coordinator {me} is not the leader; the leader is {id} at {}",
+                addr.raft_addr
+            ),
+        },
+        _ => CoordinatorMsg::NotLeader {
+            leader: None,
+            message: format!("coordinator {me} is not the leader and knows no leader yet"),
+        },
     }
 }
 
@@ -543,5 +567,17 @@ pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
         metrics::gauge!("swarm_raft_last_applied")
             .set(m.last_applied.map_or(0, |l| l.index) as f64);
         metrics::gauge!("swarm_raft_last_log").set(m.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("swarm_raft_snapshot_index").set(m.snapshot.map_or(0, |l| l.index) as f64);
+        metrics::gauge!("swarm_raft_purged_index").set(m.purged.map_or(0, |l| l.index) as f64);
+        metrics::gauge!("swarm_raft_members")
+            .set(m.membership_config.membership().nodes().count() as f64);
+        if let Some(repl) = &m.replication {
+            let last = m.last_log_index.unwrap_or(0);
+            for (id, matched) in repl.iter() {
+                let matched = matched.map_or(0, |l| l.index);
+                metrics::gauge!("swarm_raft_replication_lag", "node" => id.to_string())
+                    .set(last.saturating_sub(matched) as f64);
+            }
+        }
     }
 }

@@ -91,7 +91,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHand
     let network =
         raft::network::QuicRaftNetwork::new(endpoint.clone(), client_config(&identity, ALPN_RAFT)?);
     let raft_cfg = Arc::new(
-        raft::raft_config("swarm")
+        raft::raft_config("swarm", cfg.snapshot_every)
             .validate()
             .context("raft config")?,
     );

@@ -25,6 +25,8 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// How long a new connection has to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a turned-away worker gets to read its last frame before the connection closes.
+const LAST_FRAME_GRACE: Duration = Duration::from_secs(2);
 
 /// Serve one worker connection until it ends.
 pub(crate) async fn serve(node: Arc<Node>, mut accepted: Accepted) {
@@ -82,17 +84,16 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
             "worker speaks protocol version {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade one of them",
             hello.protocol
         );
-        reject(&mut writer, "protocol_version", &message).await;
+        reject(&mut writer, &accepted.conn, "protocol_version", &message).await;
         return Err(SessionError::Protocol(message));
     }
     if let Err(e) = validate_hello(&hello) {
-        reject(&mut writer, "bad_hello", &e).await;
+        reject(&mut writer, &accepted.conn, "bad_hello", &e).await;
         return Err(SessionError::Protocol(e));
     }
     if !node.is_leader() {
         let msg = not_leader_msg(node.id(), node.leader().as_ref());
-        let _ = writer.send(&msg).await;
-        let _ = writer.finish();
+        send_last(&mut writer, &accepted.conn, &msg).await;
         return Err(SessionError::Protocol("turned away: not the leader".into()));
     }
     // Everything before this point was idempotent; from here on the worker must be
@@ -104,14 +105,15 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
 
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel();
-    register(node, &hello, conn_id, tx.clone(), &accepted.conn, zero_rtt);
-    info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, remote = %accepted.conn.remote_address(), "worker connected");
-
+    // Welcome goes first: registering may already queue Cancels, and dispatch may queue
+    // Runs, as soon as the session is visible.
     let _ = tx.send(CoordinatorMsg::Welcome {
         protocol: PROTOCOL_VERSION,
         heartbeat_interval_ms: node.config().heartbeat_interval_ms,
         max_output_bytes: node.config().limits.max_output_bytes,
     });
+    register(node, &hello, conn_id, tx.clone(), &accepted.conn, zero_rtt);
+    info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, remote = %accepted.conn.remote_address(), "worker connected");
     let writer_task = tokio::spawn(write_loop(writer, rx));
     node.poke();
 
@@ -132,15 +134,21 @@ fn validate_hello(h: &Hello) -> Result<(), String> {
     Ok(())
 }
 
-async fn reject(writer: &mut FrameWriter, code: &str, message: &str) {
+async fn reject(writer: &mut FrameWriter, conn: &quinn::Connection, code: &str, message: &str) {
     let msg = CoordinatorMsg::Rejected {
         code: code.into(),
         message: message.into(),
     };
-    let _ = writer.send(&msg).await;
+    send_last(writer, conn, &msg).await;
+}
+
+/// Send a session's last frame and let it arrive: closing the connection at once could
+/// discard it in flight. The worker closes the connection when it reads the frame;
+/// a peer that does not is cut off after a short grace.
+async fn send_last(writer: &mut FrameWriter, conn: &quinn::Connection, msg: &CoordinatorMsg) {
+    let _ = writer.send(msg).await;
     let _ = writer.finish();
-    // Give the frame a moment to leave before the connection is closed.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = tokio::time::timeout(LAST_FRAME_GRACE, conn.closed()).await;
 }
 
 fn msg_name(m: &WorkerMsg) -> &'static str {

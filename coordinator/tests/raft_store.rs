@@ -441,7 +441,7 @@ mod network {
     }
 
     fn test_config() -> Arc<Config> {
-        let mut config = raft_config("test");
+        let mut config = raft_config("test", swarm_coordinator::raft::SNAPSHOT_EVERY_LOGS);
         // Let the test force a follower to need a snapshot.
         config.max_in_snapshot_log_to_keep = 0;
         config.purge_batch_size = 1;

@@ -286,6 +286,60 @@ pub struct NodeView {
     /// Highest log index known replicated to this node (leader's view), if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matched_index: Option<u64>,
+    /// Entries this node trails the leader's log by (leader's view), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// The node's own report (`GET /v1/node`), when it could be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<NodeStatus>,
+    /// Why the node could not be asked, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One coordinator's report on itself: `GET /v1/node`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    pub term: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_log_index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_index: Option<u64>,
+    /// Last log index covered by the node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_index: Option<u64>,
+    /// Log entries up to here have been compacted away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_index: Option<u64>,
+    /// Raft runs and the data directory takes a durable write (what `/health` checks).
+    pub healthy: bool,
+    /// `ok`, or why the node is unhealthy.
+    pub health: String,
+    /// A leader is known and the node has applied (almost) all of its log (`/ready`).
+    pub ready: bool,
+}
+
+/// `POST /v1/cluster/nodes`: add a coordinator (as a learner that catches up, then a voter).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddNode {
+    pub id: u64,
+    /// `host:port` of its QUIC endpoint.
+    pub raft_addr: String,
+    /// `host:port` of its HTTP API.
+    pub api_addr: String,
+    /// Make it a voter once caught up (default); `false` leaves it a learner.
+    #[serde(default = "yes")]
+    pub voter: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Raft state of the answering node and its view of the cluster.

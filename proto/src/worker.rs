@@ -128,6 +128,13 @@ pub enum CoordinatorMsg {
     Cancel(AttemptRef),
     /// The attempt's report is committed: the worker may forget it.
     Ack(AttemptRef),
+    /// This coordinator is not the Raft leader (or stopped being it): reconnect to
+    /// `leader`, the leader's QUIC `host:port`, or to another coordinator when it is not
+    /// known yet. The connection closes after it.
+    NotLeader {
+        leader: Option<String>,
+        message: String,
+    },
 }
 
 /// Everything a worker needs to run one attempt.

@@ -476,13 +476,30 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// QUIC transport parameters shared by both sides.
 fn transport_config() -> Arc<quinn::TransportConfig> {
+    liveness_transport(
+        KEEP_ALIVE,
+        Duration::from_millis(u64::from(IDLE_TIMEOUT_MS)),
+    )
+}
+
+fn liveness_transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
+    let idle = quinn::IdleTimeout::try_from(idle)
+        .unwrap_or_else(|_| quinn::VarInt::from_u32(IDLE_TIMEOUT_MS).into());
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_idle_timeout(Some(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS).into()))
-        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(keep_alive))
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(MAX_STREAMS));
     Arc::new(transport)
+}
+
+/// Make connections from `config` declare the peer gone after `idle` without a packet,
+/// pinging every `keep_alive` (well below `idle`) so a live but quiet peer is never
+/// dropped. The effective idle timeout is the smaller of both sides', so this is how a
+/// client detects a dead server quickly (the server's default is 30 s).
+pub fn set_liveness(config: &mut quinn::ClientConfig, keep_alive: Duration, idle: Duration) {
+    config.transport_config(liveness_transport(keep_alive, idle));
 }
 
 /// A quinn server configuration that accepts only clients presenting a certificate

@@ -2,6 +2,7 @@
 //! coordinator and the [core](crate::core) until the connection fails; back off; repeat.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +47,29 @@ impl Target {
     }
 }
 
+/// One coordinator the worker may connect to.
+#[derive(Debug, Clone)]
+pub(crate) struct Dest {
+    /// How the address was given (`HOST:PORT`); leader hints are matched against it.
+    pub(crate) label: String,
+    pub(crate) target: Target,
+    /// Name its certificate must be valid for.
+    pub(crate) server_name: String,
+}
+
+impl Dest {
+    /// `HOST:PORT`, resolved before every dial; the certificate must name `server_name`
+    /// or, without one, `HOST`.
+    pub(crate) fn host(addr: &str, server_name: Option<&str>) -> anyhow::Result<Dest> {
+        let (host, _) = crate::split_host_port(addr)?;
+        Ok(Dest {
+            label: addr.to_owned(),
+            target: Target::Host(addr.to_owned()),
+            server_name: server_name.map_or(host, str::to_owned),
+        })
+    }
+}
+
 /// Connection state shared with [`crate::Worker::run`] for a graceful shutdown.
 #[derive(Default)]
 pub(crate) struct Shared {
@@ -64,8 +88,11 @@ impl Shared {
 /// Everything the loop needs; lives for the whole life of the worker.
 pub(crate) struct ConnLoop {
     pub(crate) client: quinn::ClientConfig,
-    pub(crate) target: Target,
-    pub(crate) server_name: String,
+    /// The coordinators, in the order they are tried; a leader hint naming an unknown
+    /// address is appended.
+    pub(crate) targets: Mutex<Vec<Dest>>,
+    /// Index into `targets` of the coordinator to dial next.
+    pub(crate) current: AtomicUsize,
     pub(crate) hello: Hello,
     pub(crate) backoff: Backoff,
     pub(crate) stats: watch::Sender<WorkerStats>,
@@ -75,8 +102,10 @@ pub(crate) struct ConnLoop {
 
 /// How one session ended.
 enum End {
-    /// Try again after a backoff.
+    /// Try again after a backoff, with the next coordinator.
     Retry(anyhow::Error),
+    /// The coordinator is not the leader; `leader` is the leader's address if known.
+    Redirect(Option<String>, anyhow::Error),
     /// Give up: retrying cannot help (protocol version mismatch).
     Fatal(anyhow::Error),
 }
@@ -108,6 +137,11 @@ impl Delay {
     }
 }
 
+/// The host part of `HOST:PORT`, or the whole string if it has no port.
+fn host_of(addr: &str) -> String {
+    crate::split_host_port(addr).map_or_else(|_| addr.to_owned(), |(h, _)| h)
+}
+
 /// Whether a `Rejected` code means that retrying is pointless.
 fn fatal_reject(code: &str) -> bool {
     code.to_ascii_lowercase().contains("protocol") || code.eq_ignore_ascii_case("version")
@@ -124,21 +158,71 @@ impl ConnLoop {
                 .send_if_modified(|s| std::mem::replace(&mut s.connected, false));
             self.shared.set_conn(None);
             let _ = self.core.send(Command::Disconnected);
-            match end {
+            let e = match end {
                 End::Fatal(e) => return Err(e),
                 End::Retry(e) => {
-                    let wait = delay.next();
-                    if was_connected {
-                        tracing::warn!(reconnect_in = ?wait, "disconnected from coordinator: {e:#}");
-                    } else {
-                        tracing::warn!(reconnect_in = ?wait, "cannot connect to coordinator: {e:#}");
-                    }
-                    self.stats
-                        .send_modify(|s| s.last_error = Some(format!("{e:#}")));
-                    tokio::time::sleep(wait).await;
+                    self.advance(None);
+                    e
                 }
+                End::Redirect(leader, e) => {
+                    self.advance(leader.as_deref());
+                    e
+                }
+            };
+            let wait = delay.next();
+            if was_connected {
+                tracing::warn!(reconnect_in = ?wait, "disconnected from coordinator: {e:#}");
+            } else {
+                tracing::warn!(reconnect_in = ?wait, "cannot connect to coordinator: {e:#}");
             }
+            self.stats
+                .send_modify(|s| s.last_error = Some(format!("{e:#}")));
+            tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Choose the coordinator to dial next: the leader if named, else the next one.
+    fn advance(&self, leader: Option<&str>) {
+        let Ok(mut targets) = self.targets.lock() else {
+            return;
+        };
+        let next = match leader {
+            Some(l) => match targets.iter().position(|d| d.label == l) {
+                Some(i) => i,
+                None => match Dest::host(l, None) {
+                    Ok(mut d) => {
+                        // Keep the certificate name policy of the configured targets.
+                        if let Some(first) = targets.first() {
+                            if first.server_name != host_of(&first.label) {
+                                d.server_name = first.server_name.clone();
+                            }
+                        }
+                        targets.push(d);
+                        targets.len() - 1
+                    }
+                    Err(e) => {
+                        tracing::warn!("ignoring unusable leader address {l:?}: {e:#}");
+                        self.current.load(Ordering::Relaxed) + 1
+                    }
+                },
+            },
+            None => self.current.load(Ordering::Relaxed) + 1,
+        };
+        self.current
+            .store(next % targets.len().max(1), Ordering::Relaxed);
+    }
+
+    /// The coordinator to dial now.
+    fn dest(&self) -> anyhow::Result<Dest> {
+        let targets = self
+            .targets
+            .lock()
+            .map_err(|_| anyhow!("targets lock poisoned"))?;
+        let i = self.current.load(Ordering::Relaxed) % targets.len().max(1);
+        targets
+            .get(i)
+            .cloned()
+            .ok_or_else(|| anyhow!("no coordinator address"))
     }
 
     fn endpoint_for(&self, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
@@ -167,7 +251,11 @@ impl ConnLoop {
     }
 
     async fn session(&self, delay: &mut Delay) -> End {
-        let addr = match self.target.resolve().await {
+        let dest = match self.dest() {
+            Ok(d) => d,
+            Err(e) => return End::Fatal(e),
+        };
+        let addr = match dest.target.resolve().await {
             Ok(a) => a,
             Err(e) => return End::Retry(e),
         };
@@ -190,7 +278,7 @@ impl ConnLoop {
             ..self.hello.clone()
         });
 
-        let dialed = match swarm_transport::dial(&endpoint, &self.client, addr, &self.server_name)
+        let dialed = match swarm_transport::dial(&endpoint, &self.client, addr, &dest.server_name)
             .await
         {
             Ok(d) => d,
@@ -260,6 +348,9 @@ impl ConnLoop {
                     max_output_bytes,
                 )
             }
+            Ok(Some(CoordinatorMsg::NotLeader { leader, message })) => {
+                return End::Redirect(leader, anyhow!("coordinator at {addr}: {message}"));
+            }
             Ok(Some(CoordinatorMsg::Rejected { code, message })) => {
                 let e = anyhow!("coordinator at {addr} rejected this worker: {code}: {message}");
                 return if fatal_reject(&code) {
@@ -324,6 +415,9 @@ impl ConnLoop {
         loop {
             tokio::select! {
                 r = reader.recv::<CoordinatorMsg>() => match r {
+                    Ok(Some(CoordinatorMsg::NotLeader { leader, message })) => {
+                        return End::Redirect(leader, anyhow!("coordinator at {addr}: {message}"));
+                    }
                     Ok(Some(CoordinatorMsg::Rejected { code, message })) => {
                         let e = anyhow!("coordinator rejected this worker: {code}: {message}");
                         return if fatal_reject(&code) { End::Fatal(e) } else { End::Retry(e) };

@@ -253,7 +253,9 @@ impl Core {
                     tracing::debug!(?attempt, "Ack for an unknown report; ignored");
                 }
             }
-            CoordinatorMsg::Welcome { .. } | CoordinatorMsg::Rejected { .. } => {
+            CoordinatorMsg::Welcome { .. }
+            | CoordinatorMsg::Rejected { .. }
+            | CoordinatorMsg::NotLeader { .. } => {
                 tracing::warn!("unexpected session message after Welcome; ignored");
             }
         }

@@ -40,7 +40,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -53,14 +54,22 @@ pub use agents::{Agent, Agents, AgentsError, ExecSpec};
 pub use cancel::{cancel_pair, CancelHandle, CancelToken};
 pub use executor::Executor;
 
-use connection::{ConnLoop, Shared, Target, CLOSE_SHUTDOWN};
+use connection::{ConnLoop, Dest, Shared, Target, CLOSE_SHUTDOWN};
+
+/// Ping the coordinator this often when nothing else is sent.
+const KEEP_ALIVE: Duration = Duration::from_millis(300);
+/// A coordinator silent this long is gone: the worker moves on to another one. Together
+/// with the Raft election timeout this bounds how long a leader's death stalls dispatch.
+const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Configuration of a worker process, as given on the command line.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The coordinator's QUIC address, `HOST:PORT` (resolved again on every reconnect).
-    pub coordinator: String,
-    /// Name the coordinator's certificate must be valid for; defaults to `HOST`.
+    /// The coordinators' QUIC addresses, `HOST:PORT` (resolved again on every dial). The
+    /// worker connects to one; a follower redirects it to the Raft leader, and a failed
+    /// connection moves it on to the next address.
+    pub coordinators: Vec<String>,
+    /// Name the coordinators' certificates must be valid for; defaults to each `HOST`.
     pub server_name: Option<String>,
     /// Directory holding the cluster CA and the worker certificate and key.
     pub certs_dir: PathBuf,
@@ -113,6 +122,9 @@ pub struct WorkerParams {
     pub coordinator: SocketAddr,
     /// Name the coordinator's certificate must be valid for.
     pub server_name: String,
+    /// More coordinators of the same cluster (address, certificate name), tried in turn
+    /// after `coordinator`.
+    pub more_coordinators: Vec<(SocketAddr, String)>,
     /// Reconnect backoff.
     pub backoff: Backoff,
 }
@@ -133,6 +145,7 @@ impl WorkerParams {
             client_config,
             coordinator,
             server_name: server_name.into(),
+            more_coordinators: Vec::new(),
             backoff: Backoff::default(),
         }
     }
@@ -171,8 +184,7 @@ pub struct Worker {
     labels: BTreeMap<String, String>,
     agents: Agents,
     client_config: quinn::ClientConfig,
-    target: Target,
-    server_name: String,
+    targets: Vec<Dest>,
     backoff: Backoff,
     stats: watch::Sender<WorkerStats>,
 }
@@ -183,21 +195,30 @@ impl Worker {
         Self::build(params, None)
     }
 
-    fn build(p: WorkerParams, host: Option<String>) -> anyhow::Result<Self> {
+    fn build(mut p: WorkerParams, hosts: Option<Vec<Dest>>) -> anyhow::Result<Self> {
         if p.slots == 0 {
             bail!("a worker needs at least one slot");
         }
         if p.worker_id.trim().is_empty() {
             bail!("the worker id must not be empty");
         }
+        swarm_transport::set_liveness(&mut p.client_config, KEEP_ALIVE, IDLE_TIMEOUT);
         Ok(Worker {
             worker_id: p.worker_id,
             slots: p.slots,
             labels: p.labels,
             agents: p.agents,
             client_config: p.client_config,
-            target: host.map_or(Target::Addr(p.coordinator), Target::Host),
-            server_name: p.server_name,
+            targets: hosts.unwrap_or_else(|| {
+                std::iter::once((p.coordinator, p.server_name))
+                    .chain(p.more_coordinators)
+                    .map(|(addr, server_name)| Dest {
+                        label: addr.to_string(),
+                        target: Target::Addr(addr),
+                        server_name,
+                    })
+                    .collect()
+            }),
             backoff: p.backoff,
             stats: watch::Sender::new(WorkerStats::default()),
         })
@@ -218,8 +239,7 @@ impl Worker {
             labels,
             agents,
             client_config,
-            target,
-            server_name,
+            targets,
             backoff,
             stats,
         } = self;
@@ -238,8 +258,8 @@ impl Worker {
         let shared = Arc::new(Shared::default());
         let conn_loop = ConnLoop {
             client: client_config,
-            target,
-            server_name,
+            targets: Mutex::new(targets),
+            current: AtomicUsize::new(0),
             hello,
             backoff,
             stats: stats.clone(),
@@ -305,7 +325,14 @@ pub async fn run_worker(
     cfg: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let (host, _port) = split_host_port(&cfg.coordinator)?;
+    if cfg.coordinators.is_empty() {
+        bail!("no coordinator address given");
+    }
+    let targets = cfg
+        .coordinators
+        .iter()
+        .map(|c| Dest::host(c, cfg.server_name.as_deref()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let identity = Identity::load(&cfg.certs_dir, Role::Worker).with_context(|| {
         format!(
             "loading worker certificate from {}",
@@ -323,14 +350,13 @@ pub async fn run_worker(
         labels: cfg.labels,
         agents,
         client_config: client,
-        // Unused: the host is resolved before every dial.
+        // Unused: the hosts are resolved before every dial.
         coordinator: SocketAddr::from(([0, 0, 0, 0], 0)),
-        server_name: cfg.server_name.unwrap_or(host),
+        server_name: String::new(),
+        more_coordinators: Vec::new(),
         backoff: Backoff::default(),
     };
-    Worker::build(params, Some(cfg.coordinator))?
-        .run(shutdown)
-        .await
+    Worker::build(params, Some(targets))?.run(shutdown).await
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for i in 0..args.workers {
         let wcfg = swarm_worker::WorkerConfig {
-            coordinator: coord.quic_addr.to_string(),
+            coordinators: vec![coord.quic_addr.to_string()],
             server_name: Some("localhost".into()),
             certs_dir: certs.clone(),
             worker_id: format!("bench-{i}"),

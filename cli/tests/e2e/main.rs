@@ -4,3 +4,5 @@ mod bad_input;
 mod faults;
 mod harness;
 mod lifecycle;
+mod raft_cluster;
+mod replication;

@@ -33,7 +33,8 @@ pub const SNAPSHOT_EVERY_LOGS: u64 = 20_000;
 ///
 /// The values are constants known to pass [`openraft::Config::validate`] (a unit test checks
 /// it); `Raft::new` is still the place where a bad config would be reported.
-pub fn raft_config(cluster_name: &str) -> openraft::Config {
+pub fn raft_config(cluster_name: &str, snapshot_every: u64) -> openraft::Config {
+    let snapshot_every = snapshot_every.max(1);
     openraft::Config {
         cluster_name: cluster_name.to_string(),
         heartbeat_interval: HEARTBEAT_MS,
@@ -43,13 +44,13 @@ pub fn raft_config(cluster_name: &str) -> openraft::Config {
         install_snapshot_timeout: 10_000,
         // Bounds one AppendEntries message (and one follower fsync batch).
         max_payload_entries: 512,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_LOGS),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         // Must exceed the snapshot interval, or a snapshot may not cure the lag.
-        replication_lag_threshold: 2 * SNAPSHOT_EVERY_LOGS,
+        replication_lag_threshold: 2 * snapshot_every,
         // Followers slightly behind catch up from the log instead of a whole snapshot.
-        max_in_snapshot_log_to_keep: 1_000,
+        max_in_snapshot_log_to_keep: 1_000.min(snapshot_every / 2),
         // Purge in large steps: each purge is a write transaction with an fsync.
-        purge_batch_size: 1_024,
+        purge_batch_size: 1_024.min(snapshot_every),
         ..Default::default()
     }
 }
@@ -58,7 +59,9 @@ pub fn raft_config(cluster_name: &str) -> openraft::Config {
 mod tests {
     #[test]
     fn raft_config_is_valid() {
-        let config = super::raft_config("test").validate().expect("valid config");
+        let config = super::raft_config("test", super::SNAPSHOT_EVERY_LOGS)
+            .validate()
+            .expect("valid config");
         assert!(config.election_timeout_min > 2 * config.heartbeat_interval);
         assert!(config.election_timeout_max < 2_000);
     }
