@@ -7,7 +7,10 @@
 //!   requests in flight, one task each; or `--batch` tasks per request), then all awaited;
 //! * **latency**: `--rounds` sequential submit-and-wait round trips (p50/p90/p99).
 //!
-//! Run: `cargo run --release -p swarm-benches --bin throughput`
+//! `--nodes 3` runs the same against a three-coordinator Raft cluster (all in this
+//! process, so on a small machine the replicas compete with the leader for CPU).
+//!
+//! Run: `cargo run --release -p swarm-benches --bin throughput [-- --nodes 3]`
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +41,63 @@ struct Args {
     /// Slots per worker.
     #[arg(long, default_value_t = 64)]
     slots: u32,
+    /// Coordinators in the Raft cluster (1, 3 or 5), all in this process; the client
+    /// talks to the leader.
+    #[arg(long, default_value_t = 1)]
+    nodes: u64,
+}
+
+/// A loopback port that is free right now.
+fn free_port(udp: bool) -> anyhow::Result<u16> {
+    Ok(if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+    })
+}
+
+/// Start `n` coordinators forming one cluster; returns them and the leader's index.
+async fn start_cluster(
+    n: u64,
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+    token: &str,
+) -> anyhow::Result<(Vec<swarm_coordinator::CoordinatorHandle>, usize)> {
+    use swarm_coordinator::raft::NodeAddr;
+    let ports: Vec<(u16, u16)> = (0..n)
+        .map(|_| Ok((free_port(true)?, free_port(false)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let addr = |i: usize| NodeAddr {
+        raft_addr: format!("127.0.0.1:{}", ports[i].0),
+        api_addr: format!("127.0.0.1:{}", ports[i].1),
+    };
+    let mut handles = Vec::new();
+    for (i, (quic, api)) in ports.iter().enumerate() {
+        let mut cfg = CoordinatorConfig::single_node(
+            dir.join(format!("coordinator-{}", i + 1)),
+            certs.to_path_buf(),
+            format!("127.0.0.1:{quic}").parse()?,
+            format!("127.0.0.1:{api}").parse()?,
+            token.to_string(),
+        );
+        cfg.node_id = i as u64 + 1;
+        cfg.bootstrap = i == 0;
+        cfg.api_advertise = addr(i).api_addr;
+        if i == 0 {
+            cfg.peers = (1..n as usize).map(|j| (j as u64 + 1, addr(j))).collect();
+        }
+        handles.push(swarm_coordinator::start(cfg).await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(i) = handles.iter().position(|h| h.node().is_leader()) {
+            return Ok((handles, i));
+        }
+        if Instant::now() > deadline {
+            bail!("no leader elected");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::main]
@@ -47,18 +107,13 @@ async fn main() -> anyhow::Result<()> {
     let certs = dir.path().join("certs");
     swarm_transport::init_certs(&certs, &[], false)?;
     let token = "bench-token".to_string();
-    let cfg = CoordinatorConfig::single_node(
-        dir.path().join("coordinator"),
-        certs.clone(),
-        "127.0.0.1:0".parse()?,
-        "127.0.0.1:0".parse()?,
-        token.clone(),
-    );
-    let coord = swarm_coordinator::start(cfg).await?;
+    let (coords, leader) = start_cluster(args.nodes.max(1), dir.path(), &certs, &token).await?;
+    let coord = &coords[leader];
+    let quic: Vec<String> = coords.iter().map(|c| c.quic_addr.to_string()).collect();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for i in 0..args.workers {
         let wcfg = swarm_worker::WorkerConfig {
-            coordinators: vec![coord.quic_addr.to_string()],
+            coordinators: quic.clone(),
             server_name: Some("localhost".into()),
             certs_dir: certs.clone(),
             worker_id: format!("bench-{i}"),
@@ -92,7 +147,12 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
 
-    println!("# swarm end-to-end benchmark (one coordinator, {} workers x {} slots, loopback, fsync'd Raft log)", args.workers, args.slots);
+    println!(
+        "# swarm end-to-end benchmark ({} coordinator(s) in one Raft cluster, {} workers x {} slots, loopback, fsync'd Raft log)",
+        args.nodes.max(1),
+        args.workers,
+        args.slots
+    );
     let (elapsed, n) = run_throughput(&http, &api, &token, &args).await?;
     println!(
         "throughput: {n} no-op tasks submitted (concurrency {}, {} per request) then awaited in {:.3} s = {:.0} tasks/s",
@@ -141,7 +201,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    coord.shutdown().await;
+    for c in coords {
+        c.shutdown().await;
+    }
     Ok(())
 }
 
