@@ -194,7 +194,7 @@ impl Client {
         Try::Done(Err(anyhow!(api_err)))
     }
 
-    fn json<B: Serialize>(body: &B) -> anyhow::Result<Option<Vec<u8>>> {
+    fn encode<B: Serialize>(body: &B) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(Some(serde_json::to_vec(body).context("encode request")?))
     }
 
@@ -207,7 +207,7 @@ impl Client {
         if let Some(w) = wait {
             q.push(("wait", w.to_string()));
         }
-        self.call(Method::POST, "/v1/tasks", &q, Self::json(task)?)
+        self.call(Method::POST, "/v1/tasks", &q, Self::encode(task)?)
             .await
     }
 
@@ -238,6 +238,20 @@ impl Client {
             .await
     }
 
+    /// Any JSON endpoint (used by the memory and pattern commands).
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let body = match body {
+            Some(b) => Self::encode(b)?,
+            None => None,
+        };
+        self.call(method, path, &[], body).await
+    }
+
     pub async fn status(&self) -> anyhow::Result<StatusView> {
         self.call(Method::GET, "/v1/status", &[], None).await
     }
@@ -247,7 +261,7 @@ impl Client {
     }
 
     pub async fn add_node(&self, add: &AddNode) -> anyhow::Result<ClusterView> {
-        self.call(Method::POST, "/v1/cluster/nodes", &[], Self::json(add)?)
+        self.call(Method::POST, "/v1/cluster/nodes", &[], Self::encode(add)?)
             .await
     }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use swarm_coordinator::api::parse_duration;
+use swarm_coordinator::memory::DistillMode;
 use swarm_coordinator::raft::types::NodeAddr;
 use swarm_coordinator::scheduler::SchedulerConfig;
 use swarm_coordinator::{CoordinatorConfig, Limits, TaskDefaults};
@@ -74,6 +75,142 @@ enum Cmd {
     Cluster(ClusterCmd),
     /// Check a coordinator's liveness or readiness (for container health checks).
     Probe(ProbeArgs),
+    /// Vector memory: collections of embeddings with metadata, searched by similarity.
+    #[command(subcommand)]
+    Memory(MemoryCmd),
+    /// The ReasoningBank: strategies learnt from past successes and failures.
+    #[command(subcommand)]
+    Patterns(PatternsCmd),
+}
+
+#[derive(Subcommand)]
+enum MemoryCmd {
+    /// Create a collection.
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        #[arg(long)]
+        dimension: usize,
+        /// cosine, l2 or dot.
+        #[arg(long, default_value = "cosine")]
+        metric: String,
+    },
+    /// List collections.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one collection.
+    Info {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+    },
+    /// Insert or replace one point (or many with --file).
+    Upsert {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        #[arg(long, required_unless_present = "file")]
+        id: Option<String>,
+        /// Comma-separated components.
+        #[arg(long, conflicts_with = "text")]
+        vector: Option<String>,
+        /// Text for the built-in embedder (collections of its dimension, 256).
+        #[arg(long)]
+        text: Option<String>,
+        /// Metadata, a JSON object.
+        #[arg(long)]
+        metadata: Option<String>,
+        /// Expire after this long (e.g. 1h).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// A JSON file `{"points": [{"id", "vector" | "text", "metadata", "ttl_ms"}]}`.
+        #[arg(long, conflicts_with_all = ["id", "vector", "text", "metadata", "ttl"])]
+        file: Option<PathBuf>,
+    },
+    /// Search by a vector or a text.
+    Search {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        #[arg(long, conflicts_with = "text")]
+        vector: Option<String>,
+        #[arg(long)]
+        text: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        #[arg(long)]
+        ef: Option<usize>,
+        /// Metadata filter, a JSON object: `{"lang": "rust"}` or `{"lang": ["rust", "go"]}`.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Exact (brute-force) search.
+        #[arg(long)]
+        exact: bool,
+    },
+    /// Delete points.
+    Delete {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Drop a collection and all its points.
+    Drop {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PatternsCmd {
+    /// Add a pattern.
+    Add {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        title: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        content: String,
+        /// success or failure: what the pattern was learnt from.
+        #[arg(long)]
+        outcome: String,
+    },
+    /// Retrieve the patterns most useful for a query.
+    Retrieve {
+        #[command(flatten)]
+        api: ApiArgs,
+        query: String,
+        #[arg(long, default_value_t = 5)]
+        k: usize,
+    },
+    /// List every pattern with its counts and confidence.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Record an outcome against patterns.
+    Judge {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        outcome: String,
+        #[arg(long)]
+        task: Option<u64>,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Merge near-duplicates, flag contradictions, prune stale patterns.
+    Consolidate {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -278,6 +415,17 @@ struct CoordinatorArgs {
     /// Longest retry delay.
     #[arg(long, env = "SWARM_RETRY_BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
     retry_backoff_max: Duration,
+    /// How finished tasks become ReasoningBank patterns: `agent` (only `memory_items` an
+    /// agent returns), `rules` (plus a rule-based item per task), `llm` (plus items from
+    /// --llm-url), `off`.
+    #[arg(long, env = "SWARM_DISTILL", default_value = "agent", value_parser = ["agent", "rules", "llm", "off"])]
+    distill: String,
+    /// OpenAI-compatible base URL for `--distill llm` (POST {url}/v1/chat/completions).
+    #[arg(long, env = "SWARM_LLM_URL")]
+    llm_url: Option<String>,
+    /// Model name for `--distill llm`.
+    #[arg(long, env = "SWARM_LLM_MODEL", default_value = "gpt-4o-mini")]
+    llm_model: String,
     /// Snapshot the state and compact the Raft log after this many entries.
     #[arg(long, env = "SWARM_SNAPSHOT_EVERY", default_value_t = swarm_coordinator::raft::SNAPSHOT_EVERY_LOGS)]
     snapshot_every: u64,
@@ -342,6 +490,9 @@ struct SubmitArgs {
     /// Required worker label k=v (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
+    /// Hand the agent this many ReasoningBank patterns retrieved by the payload text.
+    #[arg(long, default_value_t = 0)]
+    patterns: u32,
     /// Wait for the result (optionally how long, default 60s).
     #[arg(long, num_args = 0..=1, default_missing_value = "60s")]
     wait: Option<String>,
@@ -478,6 +629,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Status(a) => status_cmd(a).await,
         Cmd::Cluster(c) => cluster_cmd(c).await,
         Cmd::Probe(a) => probe(a).await,
+        Cmd::Memory(c) => memory_cmd(c).await,
+        Cmd::Patterns(c) => patterns_cmd(c).await,
     }
 }
 
@@ -677,6 +830,15 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             ..SchedulerConfig::default()
         },
         snapshot_every: a.snapshot_every.max(1),
+        distill: match a.distill.as_str() {
+            "rules" => DistillMode::Rules,
+            "off" => DistillMode::Off,
+            "llm" => DistillMode::Llm {
+                base_url: a.llm_url.clone().context("--distill llm needs --llm-url")?,
+                model: a.llm_model.clone(),
+            },
+            _ => DistillMode::AgentItems,
+        },
     };
     let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();
     let handle = swarm_coordinator::start(cfg).await?;
@@ -748,6 +910,7 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
         max_attempts: a.max_attempts,
         idempotency_key: a.idempotency_key,
         labels: parse_labels(&a.labels)?,
+        patterns: a.patterns,
         ..Default::default()
     };
     if let Some(p) = a.payload {
@@ -890,6 +1053,184 @@ async fn cluster_cmd(c: ClusterCmd) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", status::render_cluster(&view));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_vector(s: &str) -> anyhow::Result<Vec<f32>> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<f32>()
+                .with_context(|| format!("vector component {x:?} is not a number"))
+        })
+        .collect()
+}
+
+fn parse_json_arg(what: &str, s: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(s).with_context(|| format!("{what} is not valid JSON"))
+}
+
+fn query_body(
+    vector: Option<String>,
+    text: Option<String>,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let mut m = serde_json::Map::new();
+    match (vector, text) {
+        (Some(v), None) => {
+            m.insert("vector".into(), serde_json::json!(parse_vector(&v)?));
+        }
+        (None, Some(t)) => {
+            m.insert("text".into(), serde_json::Value::String(t));
+        }
+        _ => bail!("give --vector or --text"),
+    }
+    Ok(m)
+}
+
+async fn memory_cmd(c: MemoryCmd) -> anyhow::Result<ExitCode> {
+    use reqwest::Method;
+    use serde_json::json;
+    let seg = |n: &str| n.replace('/', "%2F");
+    let (api, method, path, body) = match c {
+        MemoryCmd::Create {
+            api,
+            name,
+            dimension,
+            metric,
+        } => (
+            api,
+            Method::PUT,
+            format!("/v1/memory/{}", seg(&name)),
+            Some(json!({"dimension": dimension, "metric": metric})),
+        ),
+        MemoryCmd::List { api } => (api, Method::GET, "/v1/memory".to_string(), None),
+        MemoryCmd::Info { api, name } => {
+            (api, Method::GET, format!("/v1/memory/{}", seg(&name)), None)
+        }
+        MemoryCmd::Upsert {
+            api,
+            name,
+            id,
+            vector,
+            text,
+            metadata,
+            ttl,
+            file,
+        } => {
+            let body = match file {
+                Some(f) => parse_json_arg(
+                    "the points file",
+                    &std::fs::read_to_string(&f)
+                        .with_context(|| format!("read {}", f.display()))?,
+                )?,
+                None => {
+                    let mut p = query_body(vector, text)?;
+                    p.insert("id".into(), json!(id));
+                    if let Some(m) = metadata {
+                        p.insert("metadata".into(), parse_json_arg("--metadata", &m)?);
+                    }
+                    if let Some(t) = ttl {
+                        p.insert("ttl_ms".into(), json!(ms(t)));
+                    }
+                    json!({"points": [p]})
+                }
+            };
+            (
+                api,
+                Method::POST,
+                format!("/v1/memory/{}/points", seg(&name)),
+                Some(body),
+            )
+        }
+        MemoryCmd::Search {
+            api,
+            name,
+            vector,
+            text,
+            k,
+            ef,
+            filter,
+            exact,
+        } => {
+            let mut q = query_body(vector, text)?;
+            q.insert("k".into(), json!(k));
+            q.insert("exact".into(), json!(exact));
+            if let Some(ef) = ef {
+                q.insert("ef".into(), json!(ef));
+            }
+            if let Some(f) = filter {
+                q.insert("filter".into(), parse_json_arg("--filter", &f)?);
+            }
+            (
+                api,
+                Method::POST,
+                format!("/v1/memory/{}/search", seg(&name)),
+                Some(serde_json::Value::Object(q)),
+            )
+        }
+        MemoryCmd::Delete { api, name, ids } => (
+            api,
+            Method::POST,
+            format!("/v1/memory/{}/delete", seg(&name)),
+            Some(json!({ "ids": ids })),
+        ),
+        MemoryCmd::Drop { api, name } => (
+            api,
+            Method::DELETE,
+            format!("/v1/memory/{}", seg(&name)),
+            None,
+        ),
+    };
+    let v = api.client()?.json(method, &path, body.as_ref()).await?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn patterns_cmd(c: PatternsCmd) -> anyhow::Result<ExitCode> {
+    use reqwest::Method;
+    use serde_json::json;
+    let (api, method, path, body) = match c {
+        PatternsCmd::Add {
+            api,
+            title,
+            description,
+            content,
+            outcome,
+        } => (
+            api,
+            Method::POST,
+            "/v1/patterns",
+            Some(
+                json!({"items": [{"title": title, "description": description, "content": content, "outcome": outcome}]}),
+            ),
+        ),
+        PatternsCmd::Retrieve { api, query, k } => (
+            api,
+            Method::POST,
+            "/v1/patterns/retrieve",
+            Some(json!({"query": query, "k": k})),
+        ),
+        PatternsCmd::List { api } => (api, Method::GET, "/v1/patterns", None),
+        PatternsCmd::Judge {
+            api,
+            outcome,
+            task,
+            ids,
+        } => (
+            api,
+            Method::POST,
+            "/v1/patterns/judge",
+            Some(json!({"item_ids": ids, "outcome": outcome, "task_id": task})),
+        ),
+        PatternsCmd::Consolidate { api } => (
+            api,
+            Method::POST,
+            "/v1/patterns/consolidate",
+            Some(json!({})),
+        ),
+    };
+    let v = api.client()?.json(method, path, body.as_ref()).await?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::handler::Handler;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +27,7 @@ use swarm_proto::TaskId;
 use crate::cluster::{
     self, cluster_view, forward_or_refuse, health_check, ready_check, FORWARDED_BY,
 };
+use crate::memory;
 use crate::node::{now_ms, Node};
 use crate::proposer::ProposeError;
 use crate::state::{Op, OpResult, TaskSpec};
@@ -53,12 +55,20 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// A refused memory or ReasoningBank request, with the memory store's code.
+    #[error("{message}")]
+    Memory {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
 }
 
 impl ApiError {
     /// The stable machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
+            ApiError::Memory { code, .. } => code,
             ApiError::BadRequest(_) => "bad_request",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
@@ -74,6 +84,7 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match self {
+            ApiError::Memory { status, .. } => *status,
             ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -123,7 +134,7 @@ impl From<JsonRejection> for ApiError {
 }
 
 impl ApiError {
-    fn from_propose(node: &Node, e: ProposeError) -> Self {
+    pub(crate) fn from_propose(node: &Node, e: ProposeError) -> Self {
         match e {
             ProposeError::NotLeader { leader } => ApiError::NotLeader {
                 leader_api: leader.or_else(|| node.leader()).map(|(_, n)| n.api_addr),
@@ -139,23 +150,53 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(node: Arc<Node>) -> Router {
     let body_limit = node.body_limit();
     // Routes that need the leader; a follower forwards them.
-    let on_leader = Router::new()
-        .route("/tasks", post(submit).get(list_tasks))
-        .route("/tasks/batch", post(submit_batch))
-        .route("/tasks/{id}", get(get_task))
-        .route("/tasks/{id}/cancel", post(cancel_task))
-        .route("/workers", get(workers))
-        .route("/cluster/nodes", post(cluster::add_node))
-        .route("/cluster/nodes/{id}", delete(cluster::remove_node))
-        .route_layer(middleware::from_fn_with_state(
-            node.clone(),
-            cluster::leader_only,
-        ));
+    // Handlers that need the leader; on a follower the request is forwarded.
+    let lead = || middleware::from_fn_with_state(node.clone(), cluster::leader_only);
     let v1 = Router::new()
+        .route(
+            "/tasks",
+            post(submit.layer(lead())).get(list_tasks.layer(lead())),
+        )
+        .route("/tasks/batch", post(submit_batch.layer(lead())))
+        .route("/tasks/{id}", get(get_task.layer(lead())))
+        .route("/tasks/{id}/cancel", post(cancel_task.layer(lead())))
+        .route("/workers", get(workers.layer(lead())))
+        .route("/cluster/nodes", post(cluster::add_node.layer(lead())))
+        .route(
+            "/cluster/nodes/{id}",
+            delete(cluster::remove_node.layer(lead())),
+        )
+        // Status and cluster views forward by themselves (and answer locally without a
+        // leader); memory reads are served by this node's replica.
         .route("/status", get(status))
         .route("/node", get(cluster::get_node))
         .route("/cluster", get(cluster::get_cluster))
-        .merge(on_leader)
+        .route("/memory", get(memory::list_collections))
+        .route(
+            "/memory/{collection}",
+            get(memory::get_collection)
+                .put(memory::create_collection.layer(lead()))
+                .delete(memory::drop_collection.layer(lead())),
+        )
+        .route(
+            "/memory/{collection}/points",
+            post(memory::upsert.layer(lead())),
+        )
+        .route(
+            "/memory/{collection}/delete",
+            post(memory::delete_points.layer(lead())),
+        )
+        .route("/memory/{collection}/search", post(memory::search))
+        .route(
+            "/patterns",
+            get(memory::list_patterns).post(memory::add_patterns.layer(lead())),
+        )
+        .route("/patterns/retrieve", post(memory::retrieve))
+        .route("/patterns/judge", post(memory::judge.layer(lead())))
+        .route(
+            "/patterns/consolidate",
+            post(memory::consolidate.layer(lead())),
+        )
         .layer(middleware::from_fn_with_state(node.clone(), require_token));
     Router::new()
         .nest("/v1", v1)
@@ -273,6 +314,12 @@ fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
             "at most 32 `labels`, keys 1-64 bytes, values up to 256 bytes".into(),
         ));
     }
+    if t.patterns > MAX_TASK_PATTERNS {
+        return Err(ApiError::BadRequest(format!(
+            "`patterns` is at most {MAX_TASK_PATTERNS}, got {}",
+            t.patterns
+        )));
+    }
     Ok(TaskSpec {
         agent: t.agent,
         payload,
@@ -281,8 +328,12 @@ fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
         max_attempts,
         idempotency_key: t.idempotency_key,
         labels: t.labels,
+        patterns: t.patterns,
     })
 }
+
+/// Most ReasoningBank patterns one task may ask for.
+const MAX_TASK_PATTERNS: u32 = 64;
 
 fn submit_ops(node: &Node, specs: Vec<TaskSpec>) -> Vec<Op> {
     let now = now_ms();

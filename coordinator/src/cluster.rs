@@ -22,10 +22,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{OriginalUri, Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{self, header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use openraft::error::{ClientWriteError, RaftError};
 use swarm_proto::api::{AddNode, ClusterView, NodeStatus, NodeView};
 
@@ -83,40 +85,100 @@ async fn forward(node: &Node, leader_api: &str, req: Request) -> Response {
     let url = format!("http://{leader_api}{path}");
     // Long enough for the longest `?wait=` the leader allows.
     let timeout = node.config().limits.max_wait + Duration::from_secs(30);
-    let mut rb = node
-        .http()
-        .request(parts.method.clone(), &url)
-        .timeout(timeout)
-        .header(FORWARDED_BY, node.id().to_string())
-        .body(body);
+    let mut rb = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(&url)
+        .header(FORWARDED_BY, node.id().to_string());
     for h in [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(v) = parts.headers.get(&h) {
             rb = rb.header(h, v.clone());
         }
     }
-    metrics::counter!("swarm_api_forwarded_total").increment(1);
-    let resp = match rb.send().await {
+    let fwd = match rb.body(body) {
         Ok(r) => r,
-        Err(e) => return ApiError::Unavailable(format!(
+        Err(e) => {
+            return ApiError::Internal(format!("cannot forward to {url}: {e}")).into_response()
+        }
+    };
+    metrics::counter!("swarm_api_forwarded_total").increment(1);
+    let resp = match node.peer_http().send(fwd, timeout).await {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::Unavailable(format!(
             "this node is not the leader and forwarding to the leader at {leader_api} failed: {e}"
         ))
-        .into_response(),
-    };
-    let status = resp.status();
-    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    match resp.bytes().await {
-        Ok(bytes) => {
-            let mut out = Response::new(Body::from(bytes));
-            *out.status_mut() = status;
-            if let Some(ct) = content_type {
-                out.headers_mut().insert(header::CONTENT_TYPE, ct);
-            }
-            out
+            .into_response()
         }
-        Err(e) => ApiError::Unavailable(format!(
-            "the leader at {leader_api} did not finish its answer: {e}"
-        ))
-        .into_response(),
+    };
+    let (head, bytes) = resp.into_parts();
+    let mut out = Response::new(Body::from(bytes));
+    *out.status_mut() = head.status;
+    if let Some(ct) = head.headers.get(header::CONTENT_TYPE) {
+        out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
+    }
+    out
+}
+
+/// How a node talks HTTP to its peers' APIs: forwarding requests to the leader and asking
+/// nodes for their reports. The default ([`ReqwestPeers`]) uses real sockets; a
+/// deterministic simulation supplies one over its simulated network.
+pub trait PeerHttp: Send + Sync + 'static {
+    /// Send `req` (its URI is absolute: `http://host:port/path?query`) and read the whole
+    /// answer, giving up after `timeout`. `Err` when no complete answer arrived.
+    fn send(
+        &self,
+        req: http::Request<Bytes>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<http::Response<Bytes>, String>>;
+}
+
+/// [`PeerHttp`] over a [`reqwest::Client`].
+pub struct ReqwestPeers(pub reqwest::Client);
+
+impl ReqwestPeers {
+    /// A client with a short connect timeout, as coordinators use by default.
+    pub fn new() -> Self {
+        ReqwestPeers(
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+        )
+    }
+}
+
+impl Default for ReqwestPeers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PeerHttp for ReqwestPeers {
+    fn send(
+        &self,
+        req: http::Request<Bytes>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<http::Response<Bytes>, String>> {
+        let (parts, body) = req.into_parts();
+        let rb = self
+            .0
+            .request(parts.method, parts.uri.to_string())
+            .headers(parts.headers)
+            .timeout(timeout)
+            .body(body);
+        Box::pin(async move {
+            let resp = rb.send().await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| format!("the answer did not finish: {e}"))?;
+            let mut out = http::Response::new(bytes);
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            Ok(out)
+        })
     }
 }
 
@@ -312,20 +374,22 @@ pub async fn cluster_view(node: &Node) -> ClusterView {
 }
 
 async fn ask_node(node: &Node, api: &str) -> Result<NodeStatus, String> {
+    let req = http::Request::get(format!("http://{api}/v1/node"))
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", node.config().api_token),
+        )
+        .body(Bytes::new())
+        .map_err(|e| format!("bad request: {e}"))?;
     let resp = node
-        .http()
-        .get(format!("http://{api}/v1/node"))
-        .bearer_auth(&node.config().api_token)
-        .timeout(NODE_REPORT_TIMEOUT)
-        .send()
+        .peer_http()
+        .send(req, NODE_REPORT_TIMEOUT)
         .await
         .map_err(|e| format!("unreachable: {e}"))?;
     if !resp.status().is_success() {
         return Err(format!("answered {}", resp.status()));
     }
-    resp.json::<NodeStatus>()
-        .await
-        .map_err(|e| format!("bad report: {e}"))
+    serde_json::from_slice::<NodeStatus>(resp.body()).map_err(|e| format!("bad report: {e}"))
 }
 
 /// `GET /v1/cluster`: the leader's view with every node's report (forwarded to the leader

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod proposer;
@@ -22,4 +23,4 @@ pub mod state;
 mod worker_session;
 
 pub use node::{CoordinatorConfig, Limits, Node, TaskDefaults};
-pub use server::{start, CoordinatorHandle};
+pub use server::{coordinator_server_config, start, start_with, CoordinatorHandle, Parts};

@@ -9,10 +9,10 @@
 //!   expired, sends `Run`/`Cancel` frames and proposes `Start`/`Lose` ops;
 //! * **gauges**: refreshes Prometheus gauges once a second.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::{Raft, ServerState};
@@ -22,6 +22,7 @@ use swarm_proto::TaskId;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::cluster::PeerHttp;
 use crate::proposer::{ProposeError, Proposer};
 use crate::raft::sm_store::TableHandle;
 use crate::raft::types::{NodeAddr, TypeConfig};
@@ -59,6 +60,8 @@ pub struct CoordinatorConfig {
     pub scheduler: SchedulerConfig,
     /// Build a snapshot (and compact the log) after this many applied entries.
     pub snapshot_every: u64,
+    /// How finished tasks become ReasoningBank patterns.
+    pub distill: crate::memory::DistillMode,
 }
 
 impl CoordinatorConfig {
@@ -87,6 +90,7 @@ impl CoordinatorConfig {
             heartbeat_interval_ms: 1000,
             scheduler: SchedulerConfig::default(),
             snapshot_every: crate::raft::SNAPSHOT_EVERY_LOGS,
+            distill: crate::memory::DistillMode::default(),
         }
     }
 }
@@ -137,11 +141,25 @@ impl Default for TaskDefaults {
     }
 }
 
-/// Wall clock in ms since the Unix epoch; the only clock the coordinator reads.
+/// The clock installed by [`set_clock`], if any.
+static CLOCK: OnceLock<fn() -> u64> = OnceLock::new();
+
+/// Wall clock in ms since the Unix epoch; the only clock the coordinator reads (unless
+/// [`set_clock`] replaced it).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    match CLOCK.get() {
+        Some(clock) => clock(),
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+/// Replace the clock [`now_ms`] reads, for the whole process and for good: a
+/// deterministic simulation installs its simulated time here. Only the first call takes
+/// effect; returns whether it was this one.
+pub fn set_clock(clock: fn() -> u64) -> bool {
+    CLOCK.set(clock).is_ok()
 }
 
 /// A worker session as the dispatcher sees it.
@@ -155,7 +173,9 @@ pub(crate) struct SessionHandle {
 /// Scheduler plus the live sessions it dispatches to: one lock, taken briefly.
 pub(crate) struct Dispatch {
     pub scheduler: Scheduler,
-    pub sessions: HashMap<String, SessionHandle>,
+    /// Ordered by worker id, so everything done to all sessions happens in the same order
+    /// on every run.
+    pub sessions: BTreeMap<String, SessionHandle>,
 }
 
 /// Shared state of one coordinator.
@@ -168,8 +188,10 @@ pub struct Node {
     waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<()>>>>,
     wake_dispatch: Notify,
     pub(crate) data_dir: PathBuf,
-    /// HTTP client for forwarding to the leader and asking peers for their reports.
-    http: reqwest::Client,
+    /// HTTP to peers: forwarding to the leader and asking peers for their reports.
+    peer_http: Arc<dyn PeerHttp>,
+    /// Embedder and distillers for the ReasoningBank.
+    memory: crate::memory::MemoryService,
 }
 
 impl Node {
@@ -177,13 +199,16 @@ impl Node {
         cfg: CoordinatorConfig,
         raft: Raft<TypeConfig>,
         table: TableHandle,
+        peer_http: Arc<dyn PeerHttp>,
+        memory: crate::memory::MemoryService,
     ) -> Arc<Node> {
         let proposer = Proposer::spawn(raft.clone());
         Arc::new(Node {
+            memory,
             data_dir: cfg.data_dir.clone(),
             dispatch: Mutex::new(Dispatch {
                 scheduler: Scheduler::new(cfg.scheduler),
-                sessions: HashMap::new(),
+                sessions: BTreeMap::new(),
             }),
             cfg,
             raft,
@@ -191,10 +216,7 @@ impl Node {
             proposer,
             waiters: Mutex::new(HashMap::new()),
             wake_dispatch: Notify::new(),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            peer_http,
         })
     }
 
@@ -208,9 +230,14 @@ impl Node {
         &self.cfg
     }
 
-    /// The shared HTTP client (peer APIs).
-    pub(crate) fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The ReasoningBank's embedder and distillers.
+    pub(crate) fn memory_service(&self) -> &crate::memory::MemoryService {
+        &self.memory
+    }
+
+    /// HTTP to peer APIs.
+    pub(crate) fn peer_http(&self) -> &dyn PeerHttp {
+        &*self.peer_http
     }
 
     /// Largest request body the API reads: room for a batch, at least 64 MiB.
@@ -409,7 +436,7 @@ impl Node {
         let mut d = self.lock_dispatch();
         d.scheduler = Scheduler::new(self.cfg.scheduler);
         let leader = self.leader();
-        for (_, s) in d.sessions.drain() {
+        for (_, s) in std::mem::take(&mut d.sessions) {
             let _ = s.tx.send(not_leader_msg(self.cfg.node_id, leader.as_ref()));
         }
         info!(node = self.cfg.node_id, "no longer leader");
@@ -450,6 +477,7 @@ impl Node {
                     payload: task.spec.payload.clone(),
                     timeout_ms: task.spec.timeout_ms,
                     idempotency_key: task.spec.idempotency_key.clone(),
+                    patterns: task.spec.patterns,
                 });
                 if let Some(s) = d.sessions.get_mut(&p.worker) {
                     let _ = s.tx.send(msg);

@@ -459,6 +459,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            patterns: 0,
         };
         let ops = (0..n)
             .map(|_| Op::Submit {
@@ -559,6 +560,7 @@ mod tests {
                 max_attempts: 1,
                 idempotency_key: None,
                 labels: BTreeMap::new(),
+                patterns: 0,
             };
             t.apply(&Command {
                 ops: vec![Op::Submit {

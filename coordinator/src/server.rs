@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::cluster::{PeerHttp, ReqwestPeers};
 use crate::node::{self, CoordinatorConfig, Node};
 use crate::{api, metrics, raft, worker_session};
 use raft::types::NodeAddr;
@@ -64,28 +66,80 @@ fn advertised(given: &str, bound: SocketAddr) -> String {
     }
 }
 
+/// What [`start_with`] serves on and talks through, instead of binding real sockets.
+pub struct Parts<L> {
+    /// The QUIC endpoint for workers and Raft peers. It must accept connections with a
+    /// server configuration offering both ALPNs ([`coordinator_server_config`]); Raft RPCs
+    /// to peers are dialed from it too.
+    pub endpoint: quinn::Endpoint,
+    /// Where the HTTP API accepts connections.
+    pub api_listener: L,
+    /// HTTP to peer APIs (forwarding, node reports); `None` for [`ReqwestPeers`].
+    pub peer_http: Option<Arc<dyn PeerHttp>>,
+    /// Run the Raft log's disk I/O on the calling thread ([`RedbLogStore::open_inline`])
+    /// instead of a writer thread: for single-threaded deterministic simulations.
+    pub inline_storage: bool,
+}
+
+/// The QUIC server configuration of a coordinator: its certificate from `certs_dir`,
+/// worker and Raft ALPNs.
+pub fn coordinator_server_config(certs_dir: &Path) -> anyhow::Result<quinn::ServerConfig> {
+    let identity =
+        Identity::load(certs_dir, Role::Coordinator).context("load coordinator certificate")?;
+    server_config(&identity, &[ALPN_WORKER, ALPN_RAFT])
+}
+
 /// Start a coordinator: open storage, join or bootstrap Raft, serve QUIC and HTTP.
-pub async fn start(mut cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHandle> {
+pub async fn start(cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHandle> {
+    let endpoint = server_endpoint(cfg.listen, coordinator_server_config(&cfg.certs_dir)?)
+        .with_context(|| format!("bind QUIC endpoint on {}", cfg.listen))?;
+    let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| format!("bind HTTP API on {}", cfg.api_listen))?;
+    start_with(
+        cfg,
+        Parts {
+            endpoint,
+            api_listener,
+            peer_http: None,
+            inline_storage: false,
+        },
+    )
+    .await
+}
+
+/// Like [`start`], on a caller-supplied QUIC endpoint and HTTP listener (e.g. a
+/// simulated network); `cfg.listen` and `cfg.api_listen` are not used.
+pub async fn start_with<L>(
+    mut cfg: CoordinatorConfig,
+    parts: Parts<L>,
+) -> anyhow::Result<CoordinatorHandle>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let Parts {
+        endpoint,
+        api_listener,
+        peer_http,
+        inline_storage,
+    } = parts;
     metrics::handle();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
     let identity = Identity::load(&cfg.certs_dir, Role::Coordinator)
         .context("load coordinator certificate")?;
-    let endpoint = server_endpoint(
-        cfg.listen,
-        server_config(&identity, &[ALPN_WORKER, ALPN_RAFT])?,
-    )
-    .with_context(|| format!("bind QUIC endpoint on {}", cfg.listen))?;
     let quic_addr = endpoint.local_addr().context("QUIC local address")?;
-    let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
-        .await
-        .with_context(|| format!("bind HTTP API on {}", cfg.api_listen))?;
     let api_addr = api_listener.local_addr().context("API local address")?;
     cfg.advertise = advertised(&cfg.advertise, quic_addr);
     cfg.api_advertise = advertised(&cfg.api_advertise, api_addr);
 
     let raft_dir = cfg.data_dir.join("raft");
-    let log_store = RedbLogStore::open(&raft_dir).context("open raft log")?;
+    let log_store = if inline_storage {
+        RedbLogStore::open_inline(&raft_dir)
+    } else {
+        RedbLogStore::open(&raft_dir)
+    }
+    .context("open raft log")?;
     let sm = StateMachineStore::open(&raft_dir).context("open state machine")?;
     let table = sm.table();
     let network =
@@ -116,7 +170,9 @@ pub async fn start(mut cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHand
         }
     }
 
-    let node = Node::new(cfg, raft.clone(), table);
+    let peer_http = peer_http.unwrap_or_else(|| Arc::new(ReqwestPeers::new()));
+    let memory = crate::memory::MemoryService::new(&cfg.distill).context("memory service")?;
+    let node = Node::new(cfg, raft.clone(), table, peer_http, memory);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = vec![
         tokio::spawn(node::applied_loop(node.clone(), shutdown_rx.clone())),

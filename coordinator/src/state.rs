@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+use swarm_memory::{MemoryOp, MemoryStore, OpOutcome};
 use swarm_proto::api::{AttemptView, BytesView, TaskState, TaskView};
 use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
 use swarm_proto::TaskId;
@@ -38,6 +39,8 @@ pub struct TaskSpec {
     pub max_attempts: u32,
     pub idempotency_key: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// ReasoningBank patterns the worker retrieves for the agent before it runs.
+    pub patterns: u32,
 }
 
 /// One operation on the task table. Times are the proposing leader's wall clock (ms).
@@ -73,6 +76,9 @@ pub enum Op {
     },
     /// Cancel a task that has not finished.
     Cancel { task_id: TaskId, now_ms: u64 },
+    /// A write to the vector memory or the ReasoningBank (applied by the replica's
+    /// [`MemoryStore`], not the task table).
+    Memory(MemoryOp),
 }
 
 /// The result of applying one [`Command`]: one entry per op, in order.
@@ -98,6 +104,72 @@ pub enum OpResult {
     },
     /// No task with that id.
     NotFound,
+    /// What a memory op did, or why it was refused (identically on every replica).
+    Memory(Result<OpOutcome, MemoryFault>),
+}
+
+/// A refused memory op: the [`swarm_memory::MemoryError`] code and message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryFault {
+    pub code: String,
+    pub message: String,
+}
+
+impl From<swarm_memory::MemoryError> for MemoryFault {
+    fn from(e: swarm_memory::MemoryError) -> Self {
+        MemoryFault {
+            code: e.code().to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Apply one committed command to a replica's two state machines: memory ops go to the
+/// memory store, everything else to the task table. Deterministic.
+pub fn apply_command(
+    table: &mut TaskTable,
+    memory: &mut MemoryStore,
+    cmd: &Command,
+) -> CommandResponse {
+    CommandResponse {
+        results: cmd
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Memory(m) => {
+                    OpResult::Memory(memory.apply(m.clone()).map_err(MemoryFault::from))
+                }
+                other => table.apply_op(other),
+            })
+            .collect(),
+    }
+}
+
+/// A replica's snapshot: the task table and the memory store, each in its own encoding.
+#[derive(Debug, Serialize, Deserialize)]
+struct ReplicaSnapshot {
+    tasks: Vec<u8>,
+    memory: Vec<u8>,
+}
+
+/// Encode both state machines for a Raft snapshot.
+pub fn encode_replica(table: &TaskTable, memory: &MemoryStore) -> anyhow::Result<Vec<u8>> {
+    let snap = ReplicaSnapshot {
+        tasks: table.encode_snapshot()?,
+        memory: memory
+            .snapshot_bytes()
+            .map_err(|e| anyhow::anyhow!("encoding the memory store: {e}"))?,
+    };
+    Ok(swarm_transport::codec::encode(&snap)?)
+}
+
+/// Rebuild both state machines from [`encode_replica`] bytes.
+pub fn decode_replica(bytes: &[u8]) -> anyhow::Result<(TaskTable, MemoryStore)> {
+    let snap: ReplicaSnapshot = swarm_transport::codec::decode(bytes)?;
+    let table = TaskTable::decode_snapshot(&snap.tasks)?;
+    let memory = MemoryStore::restore_bytes(&snap.memory)
+        .map_err(|e| anyhow::anyhow!("decoding the memory store: {e}"))?;
+    Ok((table, memory))
 }
 
 /// How one attempt ended, as recorded.
@@ -159,6 +231,7 @@ impl Task {
             max_attempts: self.spec.max_attempts,
             idempotency_key: self.spec.idempotency_key.clone(),
             labels: self.spec.labels.clone(),
+            patterns: self.spec.patterns,
             payload: BytesView::new(self.spec.payload.clone()),
             attempts: self.attempts.iter().map(attempt_view).collect(),
             output: self.output.clone().map(BytesView::new),
@@ -255,6 +328,11 @@ impl TaskTable {
 
     fn apply_op(&mut self, op: &Op) -> OpResult {
         match op {
+            // Routed to the memory store by `apply_command`; a bare table has none.
+            Op::Memory(_) => OpResult::Memory(Err(MemoryFault {
+                code: "no_memory_store".into(),
+                message: "memory ops apply to a replica's memory store".into(),
+            })),
             Op::Submit {
                 spec,
                 now_ms,
@@ -686,6 +764,7 @@ mod tests {
             max_attempts: 3,
             idempotency_key: None,
             labels: BTreeMap::new(),
+            patterns: 0,
         }
     }
 

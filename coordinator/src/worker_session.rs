@@ -156,6 +156,7 @@ fn msg_name(m: &WorkerMsg) -> &'static str {
         WorkerMsg::Hello(_) => "Hello",
         WorkerMsg::Heartbeat { .. } => "Heartbeat",
         WorkerMsg::Finished(_) => "Finished",
+        WorkerMsg::Retrieve { .. } => "Retrieve",
     }
 }
 
@@ -228,6 +229,7 @@ fn register(
                 lost.push(f.attempt);
             }
         }
+        lost.sort();
         for a in &lost {
             d.scheduler.forget(a.task_id);
         }
@@ -316,6 +318,15 @@ async fn read_loop(
                 }
             }
             WorkerMsg::Finished(report) => on_report(node, worker, report, tx.clone(), now),
+            WorkerMsg::Retrieve {
+                request_id,
+                query,
+                k,
+            } => {
+                // Served from this replica's memory: a short read lock, no Raft round trip.
+                let result = crate::memory::retrieve_for_worker(node, &query, k);
+                let _ = tx.send(CoordinatorMsg::Retrieved { request_id, result });
+            }
             WorkerMsg::Hello(_) => {
                 metrics::counter!("swarm_protocol_errors_total").increment(1);
                 return Err(SessionError::Protocol(
@@ -358,6 +369,11 @@ fn on_report(
         o => o,
     };
     let attempt = report.attempt;
+    let patterns_used = report.patterns_used;
+    let (succeeded, output, error) = match &outcome {
+        Outcome::Succeeded { output } => (true, Some(output.clone()), None),
+        Outcome::Failed { message, .. } => (false, None, Some(message.clone())),
+    };
     let op = Op::Finish {
         attempt,
         worker: worker.to_string(),
@@ -381,6 +397,28 @@ fn on_report(
                 node.count_results(std::slice::from_ref(&result));
                 // Committed (or known stale): the worker may forget it.
                 let _ = tx.send(CoordinatorMsg::Ack(attempt));
+                // First time this result is recorded: feed the ReasoningBank.
+                if let OpResult::Applied { .. } = result {
+                    let task = node.read_table(|t| {
+                        t.get(attempt.task_id)
+                            .map(|t| (t.spec.agent.clone(), t.spec.payload.clone()))
+                    });
+                    if let Some((agent, payload)) = task {
+                        crate::memory::after_result(
+                            node.clone(),
+                            crate::memory::ResultForMemory {
+                                task_id: attempt.task_id,
+                                agent,
+                                payload,
+                                succeeded,
+                                output,
+                                error,
+                                patterns_used,
+                            },
+                        )
+                        .await;
+                    }
+                }
             }
             // Not committed: no ack, so the worker re-sends it after reconnecting.
             Err(e) => debug!(error = %e, "report not committed"),

@@ -1,1 +1,128 @@
 //! Vector memory and ReasoningBank for swarm.
+//!
+//! A library with no knowledge of Raft, QUIC or HTTP: the coordinator puts
+//! [`MemoryOp`]s into its replicated log and calls [`MemoryStore::apply`] on every
+//! replica; reads (`search`, `retrieve`, `get`) are plain `&self` calls.
+//!
+//! # Model
+//!
+//! * A [`MemoryStore`] holds named **collections** (namespaces) plus one
+//!   **ReasoningBank**. A collection's dimension, [`Metric`] (cosine, L2, dot) and HNSW
+//!   parameters are fixed at creation ([`CollectionSpec`]). Points have a string id, a
+//!   vector, a JSON-object metadata (stored as canonical JSON text, default limit
+//!   16 KiB) and an optional TTL.
+//! * Search ([`MemoryStore::search`]) is approximate k-NN over an HNSW graph
+//!   (`hnsw_rs`), with an optional [`MetadataFilter`] (all-of equality / one-of /
+//!   exists on top-level fields) evaluated *during* the graph search through hnsw_rs'
+//!   `FilterT`. If the graph search yields fewer than `k` visible matches, an exact scan
+//!   settles the answer, so a filtered search returns `min(k, #matching)` results.
+//! * The ReasoningBank stores [`MemoryItem`]s (title, description, content, outcome,
+//!   confidence, use/success/failure counts, created/last-used times, contradictions),
+//!   indexed by embedding in an internal cosine collection named [`PATTERN_COLLECTION`]
+//!   (its dimension is [`StoreConfig::pattern_dimension`]). [`MemoryStore::retrieve`]
+//!   scores HNSW candidates by `w_sim·similarity + w_rec·0.5^(age/half_life) +
+//!   w_conf·confidence` and diversifies them with MMR; it never mutates.
+//!   [`MemoryOp::PatternJudge`] updates counts, last-used time and confidence (the Beta
+//!   posterior mean `(α+s)/(α+β+s+f)`); [`MemoryOp::Consolidate`] merges near-duplicates,
+//!   flags contradictions and prunes stale items.
+//! * [`distill`] turns finished tasks into items (agent-supplied `memory_items`, rules,
+//!   or an LLM); [`embed`] provides the [`Embedder`] trait, a deterministic offline
+//!   [`HashEmbedder`] and an OpenAI-compatible [`HttpEmbedder`]. Neither touches the store.
+//!
+//! # Determinism contract
+//!
+//! Same ops in the same order ⇒ same state on every replica: same items, metadata,
+//! counters, ids, and byte-identical [`MemoryStore::snapshot_bytes`]. This holds because:
+//!
+//! * every op carries its `now_ms`; TTL expiry, `created_ms`/`last_used_ms` and pruning
+//!   ages use it, never a clock (reads take `now_ms` from the caller too);
+//! * all state lives in ordered containers (`BTreeMap`/`BTreeSet`/`Vec`); nothing
+//!   iterates a `HashMap`; pattern ids come from a replicated sequence (`pat-000000000001`);
+//! * `apply` validates the whole op before changing anything, so an op either applies
+//!   fully or fails identically everywhere;
+//! * the [`StoreConfig`] (limits, rebuild thresholds, priors) is part of the state and of
+//!   every snapshot;
+//! * **the HNSW graphs are derived but reproducible**: hnsw_rs draws node levels from an
+//!   RNG *seeded with a constant* (397) in every new `Hnsw`, we only ever insert serially,
+//!   and our distance kernels ([`kernel`]) use a fixed 16-lane summation order without
+//!   FMA, so the AVX2 build selected at run time and the baseline build return the same
+//!   bits on every platform. Hence the graph is a pure function of the sequence of
+//!   inserted slots. Snapshots keep every slot of the current
+//!   graph generation, tombstones included, and restore re-inserts them in order, so a
+//!   restored replica has exactly the same graph as one that never restarted, and returns
+//!   the same approximate results. Consolidation, which is a write, draws its candidate
+//!   pairs from the graph — this is why graph reproducibility matters beyond reads.
+//!
+//! Ops and snapshots are bincode-2-safe (no `serde_json::Value`, `untagged`, `flatten`
+//! or `skip_serializing_if`); see [`encode_bincode`] / [`decode_bincode`].
+//!
+//! # Deletes, tombstones and rebuilds
+//!
+//! hnsw_rs has no delete. Deleting or replacing a point (an upsert of an existing id with
+//! a different vector; same-vector upserts update metadata in place) tombstones its slot:
+//! the node stays in the graph as a waypoint but is never returned. Searches without a
+//! user filter over-fetch by the number of dead nodes when that is small (≤ 64) and
+//! otherwise filter inside the graph search. When a collection has at least
+//! `rebuild_min_tombstones` (default 256) tombstones and more than
+//! `rebuild_tombstone_ratio` (default 0.25) × its live count, the write that crossed the
+//! threshold rebuilds the graph from the live points, in slot order (deterministic, so
+//! every replica rebuilds at the same op). [`MemoryOp::RebuildIndex`] forces one.
+//! Expired points are swept (tombstoned) by any write to their collection and by
+//! [`MemoryOp::ExpireSweep`]; until then reads hide them by `now_ms`.
+//!
+//! # hnsw_rs limitations met
+//!
+//! * No delete API: tombstones + rebuild, above.
+//! * `Hnsw::new` calls `process::exit` if M > 256 — M is validated to 2..=128.
+//! * Its `DistDot`/`DistCosine` kernels `assert!` on inputs that are not unit-norm (they
+//!   would panic on user data), and every distance must be ≥ 0 (asserted in the search):
+//!   we use our own kernels — cosine is `1 − dot` on vectors normalised at insert, L2 is
+//!   squared L2, and dot (MIPS) ranks by a strictly increasing positive map of `−dot`,
+//!   which builds the same graph as ranking by `−dot` since HNSW only compares distances.
+//!   Vectors with NaN/∞ components or norm² > 1e36 are rejected so no distance is NaN.
+//! * `parallel_insert` races can leave points unreachable and graphs then depend on
+//!   thread timing: we insert serially only (deterministic). Graph connectivity is not
+//!   guaranteed even so; the exact fallback above covers short answers.
+//! * Filtered search never stops early while fewer than `ef` matches are held, so a very
+//!   selective filter degenerates into a walk over the whole reachable graph (correct,
+//!   O(n)); the upper-layer descent in `search_filter` is one greedy hop per layer.
+//! * hnsw_rs' search keeps its candidate heaps as `Arc`-allocated nodes and its visited
+//!   set in a hash map, so per-node overhead, not distance arithmetic, bounds queries/s at
+//!   low dimension; it cannot be changed from outside the crate.
+//! * Dropping an `Hnsw` (drop or rebuild of a collection) clears neighbour lists on the
+//!   global rayon pool (spawning it on first use); with info-level logging enabled for
+//!   `hnsw_rs` it also evaluates `SystemTime::elapsed().unwrap()`, which would panic if
+//!   the wall clock stepped backwards during the drop — keep `hnsw_rs` logging at `warn`.
+//! * The crate feature `anndists-simd` (for comparison benchmarks only) makes L2 graphs use
+//!   anndists' simdeez kernel instead of ours; its results depend on the CPU's features.
+
+#![warn(missing_docs)]
+
+pub mod collection;
+pub mod distill;
+pub mod embed;
+pub mod error;
+pub mod kernel;
+pub mod metadata;
+pub mod reasoning;
+pub mod store;
+pub mod synthetic;
+
+pub use collection::{
+    CollectionInfo, CollectionSpec, Metric, PointWrite, SearchHit, SearchRequest, StoredPoint,
+};
+pub use distill::{
+    classify_error, embed_items, AgentItemsDistiller, AgentMemoryItem, DistilledItem, Distiller,
+    LlmDistiller, LlmDistillerConfig, RuleDistiller, TaskSummary,
+};
+pub use embed::{BoxFuture, Embedder, HashEmbedder, HttpEmbedder, HttpEmbedderConfig};
+pub use error::MemoryError;
+pub use metadata::{Condition, MetadataFilter, Scalar};
+pub use reasoning::{
+    beta_confidence, ConsolidateParams, ConsolidationReport, MemoryItem, MergeRecord, NewPattern,
+    Outcome, RetrieveParams, RetrievedItem, PATTERN_COLLECTION,
+};
+pub use store::{
+    decode_bincode, encode_bincode, validate_collection_name, MemoryOp, MemoryStore, OpOutcome,
+    StoreConfig, StoreSnapshot, SNAPSHOT_FORMAT_VERSION,
+};

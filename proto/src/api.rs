@@ -39,6 +39,14 @@ pub struct SubmitTask {
     /// Labels a worker must carry to run this task.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Hand the agent this many ReasoningBank patterns retrieved by the payload text
+    /// (the outcome is then judged against them). Default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub patterns: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl SubmitTask {
@@ -153,6 +161,9 @@ pub struct TaskView {
     pub idempotency_key: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// ReasoningBank patterns handed to the agent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub patterns: u32,
     #[serde(flatten)]
     pub payload: BytesView<PayloadField>,
     pub attempts: Vec<AttemptView>,

@@ -47,6 +47,12 @@ pub enum WorkerMsg {
     },
     /// An attempt ended. Re-sent after a reconnect until the coordinator acks it.
     Finished(TaskReport),
+    /// Retrieve up to `k` ReasoningBank patterns for `query` (answered by `Retrieved`).
+    Retrieve {
+        request_id: u64,
+        query: String,
+        k: u32,
+    },
 }
 
 /// The end of one attempt, as observed by the worker.
@@ -56,6 +62,23 @@ pub struct TaskReport {
     pub outcome: Outcome,
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
+    /// ReasoningBank pattern ids handed to the agent; the outcome is judged against them.
+    pub patterns_used: Vec<String>,
+}
+
+/// A ReasoningBank pattern as handed to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatternHit {
+    pub id: String,
+    pub title: String,
+    pub description: String,
+    pub content: String,
+    /// `success` or `failure`: what the pattern was learnt from.
+    pub outcome: String,
+    /// Posterior mean of the pattern working, 0..1.
+    pub confidence: f64,
+    /// Retrieval score (similarity, recency and confidence combined).
+    pub score: f64,
 }
 
 /// How an attempt ended.
@@ -128,6 +151,11 @@ pub enum CoordinatorMsg {
     Cancel(AttemptRef),
     /// The attempt's report is committed: the worker may forget it.
     Ack(AttemptRef),
+    /// The answer to a `Retrieve`: the patterns, best first, or why there are none.
+    Retrieved {
+        request_id: u64,
+        result: Result<Vec<PatternHit>, String>,
+    },
     /// This coordinator is not the Raft leader (or stopped being it): reconnect to
     /// `leader`, the leader's QUIC `host:port`, or to another coordinator when it is not
     /// known yet. The connection closes after it.
@@ -145,4 +173,6 @@ pub struct TaskAssignment {
     pub payload: Vec<u8>,
     pub timeout_ms: u64,
     pub idempotency_key: Option<String>,
+    /// ReasoningBank patterns to retrieve (by the payload text) before running; 0: none.
+    pub patterns: u32,
 }

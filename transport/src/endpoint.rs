@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use anyhow::Context as _;
@@ -42,6 +43,23 @@ pub fn server_endpoint(
 /// called within a tokio runtime.
 pub fn client_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     quinn::Endpoint::client(bind).with_context(|| format!("binding QUIC client endpoint on {bind}"))
+}
+
+/// An endpoint over a caller-supplied socket instead of a bound UDP socket, driven by
+/// `runtime`: how a deterministic simulation runs QUIC over its simulated network. With
+/// `server` it accepts connections as well (like [`server_endpoint`]), and it can always
+/// dial out (like [`client_endpoint`]). `rng_seed` fixes the endpoint's own randomness
+/// (per-connection seeds, stateless-reset keys stay random), for replayable runs.
+pub fn endpoint_on(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    runtime: Arc<dyn quinn::Runtime>,
+    server: Option<quinn::ServerConfig>,
+    rng_seed: Option<[u8; 32]>,
+) -> anyhow::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    config.rng_seed(rng_seed);
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+        .context("creating QUIC endpoint on a supplied socket")
 }
 
 /// An outgoing connection, possibly still completing its handshake.

@@ -28,8 +28,8 @@ pub mod tls;
 
 pub use codec::CodecError;
 pub use endpoint::{
-    accept, accept_stream, client_endpoint, dial, open_session, server_endpoint, Accepted, Dialed,
-    Handshake, Session,
+    accept, accept_stream, client_endpoint, dial, endpoint_on, open_session, server_endpoint,
+    Accepted, Dialed, Handshake, Session,
 };
 pub use frame::{FrameError, FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
 pub use tls::{

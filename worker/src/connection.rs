@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use swarm_proto::worker::{CoordinatorMsg, Hello, WorkerMsg};
 use swarm_proto::PROTOCOL_VERSION;
 use swarm_transport::{FrameError, FrameReader, FrameWriter};
@@ -95,6 +96,8 @@ pub(crate) struct ConnLoop {
     pub(crate) current: AtomicUsize,
     pub(crate) hello: Hello,
     pub(crate) backoff: Backoff,
+    /// Seed of the backoff jitter; `None` seeds from the OS.
+    pub(crate) jitter_seed: Option<u64>,
     pub(crate) stats: watch::Sender<WorkerStats>,
     pub(crate) core: mpsc::UnboundedSender<Command>,
     pub(crate) shared: Arc<Shared>,
@@ -115,13 +118,15 @@ enum End {
 struct Delay {
     cfg: Backoff,
     next: Duration,
+    rng: StdRng,
 }
 
 impl Delay {
-    fn new(cfg: Backoff) -> Self {
+    fn new(cfg: Backoff, seed: Option<u64>) -> Self {
         Delay {
             cfg,
             next: cfg.initial,
+            rng: seed.map_or_else(StdRng::from_entropy, StdRng::seed_from_u64),
         }
     }
 
@@ -133,7 +138,7 @@ impl Delay {
         let d = self.next.min(self.cfg.max);
         self.next = (d * 2).min(self.cfg.max);
         let lo = d / 2;
-        lo + (d - lo).mul_f64(rand::thread_rng().gen::<f64>())
+        lo + (d - lo).mul_f64(self.rng.gen::<f64>())
     }
 }
 
@@ -150,7 +155,7 @@ fn fatal_reject(code: &str) -> bool {
 impl ConnLoop {
     /// Runs until a fatal error (returned); the caller stops it by dropping the future.
     pub(crate) async fn run(self) -> anyhow::Result<()> {
-        let mut delay = Delay::new(self.backoff);
+        let mut delay = Delay::new(self.backoff, self.jitter_seed);
         loop {
             let end = self.session(&mut delay).await;
             let was_connected = self
@@ -484,7 +489,7 @@ mod tests {
             initial: Duration::from_millis(50),
             max: Duration::from_secs(5),
         };
-        let mut d = Delay::new(cfg);
+        let mut d = Delay::new(cfg, None);
         let mut nominal = Duration::from_millis(50);
         for _ in 0..20 {
             let got = d.next();

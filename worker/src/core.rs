@@ -17,6 +17,10 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::cancel::{cancel_pair, CancelHandle};
 use crate::executor::Executor;
+use crate::retrieve::Retriever;
+
+/// How long an attempt waits for its patterns before running without them.
+const RETRIEVE_TIMEOUT: Duration = Duration::from_secs(2);
 use crate::WorkerStats;
 
 /// Largest output a report may carry whatever the coordinator allows: a report must fit
@@ -73,6 +77,7 @@ pub(crate) struct Core {
     max_output_bytes: u64,
     stats: watch::Sender<WorkerStats>,
     counts: Counts,
+    retriever: std::sync::Arc<Retriever>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -107,6 +112,7 @@ impl Core {
             max_output_bytes: 0,
             stats,
             counts: Counts::default(),
+            retriever: std::sync::Arc::new(Retriever::default()),
         }
     }
 
@@ -145,6 +151,7 @@ impl Core {
                                     },
                                     started_at_ms,
                                     finished_at_ms: now_ms(),
+                                    patterns_used: Vec::new(),
                                 }
                             }
                             None => continue,
@@ -169,6 +176,7 @@ impl Core {
                 heartbeat,
                 max_output_bytes,
             } => {
+                self.retriever.set_sink(Some(sink.clone()));
                 self.sink = Some(sink);
                 self.max_output_bytes = max_output_bytes;
                 let period = heartbeat.max(MIN_HEARTBEAT);
@@ -189,6 +197,7 @@ impl Core {
                 }
             }
             Command::Disconnected => {
+                self.retriever.set_sink(None);
                 self.sink = None;
                 self.heartbeat = None;
             }
@@ -241,6 +250,7 @@ impl Core {
                         },
                         started_at_ms: now,
                         finished_at_ms: now,
+                        patterns_used: Vec::new(),
                     });
                 } else {
                     tracing::debug!(?attempt, "Cancel for an attempt not running here; ignored");
@@ -252,6 +262,9 @@ impl Core {
                 } else {
                     tracing::debug!(?attempt, "Ack for an unknown report; ignored");
                 }
+            }
+            CoordinatorMsg::Retrieved { request_id, result } => {
+                self.retriever.complete(request_id, result);
             }
             CoordinatorMsg::Welcome { .. }
             | CoordinatorMsg::Rejected { .. }
@@ -268,13 +281,32 @@ impl Core {
         let max = self.max_output_bytes.min(FRAME_OUTPUT_LIMIT);
         let started_at_ms = now_ms();
         tracing::debug!(?attempt, agent = %task.agent, "starting attempt");
+        let retriever = self.retriever.clone();
         let handle = self.tasks.spawn(async move {
-            let outcome = executor.run(task, max, token).await;
+            let patterns = if task.patterns > 0 {
+                let query = String::from_utf8_lossy(&task.payload).into_owned();
+                match retriever
+                    .retrieve(query, task.patterns, RETRIEVE_TIMEOUT)
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(?attempt, "running without patterns: retrieval failed: {e}");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let outcome = executor
+                .run_with_patterns(task, &patterns, max, token)
+                .await;
             TaskReport {
                 attempt,
                 outcome,
                 started_at_ms,
                 finished_at_ms: now_ms(),
+                patterns_used: patterns.into_iter().map(|p| p.id).collect(),
             }
         });
         self.task_attempts

@@ -15,7 +15,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use swarm_proto::worker::{FailureKind, Outcome, TaskAssignment};
+use swarm_proto::worker::{FailureKind, Outcome, PatternHit, TaskAssignment};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -69,6 +69,20 @@ impl Executor {
         max_output_bytes: u64,
         cancel: CancelToken,
     ) -> Outcome {
+        self.run_with_patterns(task, &[], max_output_bytes, cancel)
+            .await
+    }
+
+    /// [`Executor::run`], handing `patterns` (ReasoningBank items retrieved for the task)
+    /// to `exec` agents as a JSON file named by `SWARM_PATTERNS_FILE`. Built-ins ignore
+    /// them.
+    pub async fn run_with_patterns(
+        &self,
+        task: TaskAssignment,
+        patterns: &[PatternHit],
+        max_output_bytes: u64,
+        cancel: CancelToken,
+    ) -> Outcome {
         let Some(agent) = self.agents.get(&task.agent) else {
             return failed(
                 FailureKind::UnknownAgent,
@@ -95,7 +109,26 @@ impl Executor {
                 }
             }
             Agent::Sleep => run_sleep(&task.payload, timeout, cancel).await,
-            Agent::Exec(spec) => run_exec(spec, task, max_output_bytes, timeout, cancel).await,
+            Agent::Exec(spec) => {
+                let file = match PatternsFile::write(&task, patterns) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        return failed(
+                            FailureKind::Spawn,
+                            format!("cannot write the patterns file: {e}"),
+                        )
+                    }
+                };
+                run_exec(
+                    spec,
+                    task,
+                    file.as_ref().map(|f| f.path.as_path()),
+                    max_output_bytes,
+                    timeout,
+                    cancel,
+                )
+                .await
+            }
         }
     }
 }
@@ -271,9 +304,50 @@ enum End {
     Cancelled,
 }
 
+/// The JSON file an `exec` agent finds its patterns in; removed when dropped.
+struct PatternsFile {
+    path: std::path::PathBuf,
+}
+
+impl PatternsFile {
+    /// `None` when there are no patterns to hand over.
+    fn write(task: &TaskAssignment, patterns: &[PatternHit]) -> std::io::Result<Option<Self>> {
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        let path = std::env::temp_dir().join(format!(
+            "swarm-patterns-{}-{}-{}.json",
+            task.attempt.task_id,
+            task.attempt.attempt,
+            std::process::id()
+        ));
+        let items: Vec<serde_json::Value> = patterns
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id, "title": p.title, "description": p.description,
+                    "content": p.content, "outcome": p.outcome,
+                    "confidence": p.confidence, "score": p.score,
+                })
+            })
+            .collect();
+        let body = serde_json::to_vec_pretty(&serde_json::json!({ "patterns": items }))
+            .map_err(std::io::Error::other)?;
+        std::fs::write(&path, body)?;
+        Ok(Some(PatternsFile { path }))
+    }
+}
+
+impl Drop for PatternsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 async fn run_exec(
     spec: &ExecSpec,
     task: TaskAssignment,
+    patterns_file: Option<&std::path::Path>,
     max_output_bytes: u64,
     timeout: Option<Duration>,
     mut cancel: CancelToken,
@@ -292,6 +366,10 @@ async fn run_exec(
     match &task.idempotency_key {
         Some(k) => cmd.env("SWARM_IDEMPOTENCY_KEY", k),
         None => cmd.env_remove("SWARM_IDEMPOTENCY_KEY"),
+    };
+    match patterns_file {
+        Some(p) => cmd.env("SWARM_PATTERNS_FILE", p),
+        None => cmd.env_remove("SWARM_PATTERNS_FILE"),
     };
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);

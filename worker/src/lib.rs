@@ -35,6 +35,7 @@ pub mod cancel;
 mod connection;
 mod core;
 pub mod executor;
+mod retrieve;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -127,6 +128,11 @@ pub struct WorkerParams {
     pub more_coordinators: Vec<(SocketAddr, String)>,
     /// Reconnect backoff.
     pub backoff: Backoff,
+    /// The QUIC endpoint to dial from (e.g. one over a simulated network); `None` binds a
+    /// UDP socket on the first dial.
+    pub endpoint: Option<quinn::Endpoint>,
+    /// Seed of the reconnect jitter, for replayable runs; `None` draws it from the OS.
+    pub jitter_seed: Option<u64>,
 }
 
 impl WorkerParams {
@@ -147,6 +153,8 @@ impl WorkerParams {
             server_name: server_name.into(),
             more_coordinators: Vec::new(),
             backoff: Backoff::default(),
+            endpoint: None,
+            jitter_seed: None,
         }
     }
 }
@@ -186,6 +194,8 @@ pub struct Worker {
     client_config: quinn::ClientConfig,
     targets: Vec<Dest>,
     backoff: Backoff,
+    endpoint: Option<quinn::Endpoint>,
+    jitter_seed: Option<u64>,
     stats: watch::Sender<WorkerStats>,
 }
 
@@ -220,6 +230,8 @@ impl Worker {
                     .collect()
             }),
             backoff: p.backoff,
+            endpoint: p.endpoint,
+            jitter_seed: p.jitter_seed,
             stats: watch::Sender::new(WorkerStats::default()),
         })
     }
@@ -241,6 +253,8 @@ impl Worker {
             client_config,
             targets,
             backoff,
+            endpoint,
+            jitter_seed,
             stats,
         } = self;
         let hello = Hello {
@@ -255,13 +269,17 @@ impl Worker {
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let core = core::Core::new(Executor::new(agents), slots, stats.clone());
         let core_task = tokio::spawn(core.run(core_rx));
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            conn: Mutex::new(None),
+            endpoint: Mutex::new(endpoint),
+        });
         let conn_loop = ConnLoop {
             client: client_config,
             targets: Mutex::new(targets),
             current: AtomicUsize::new(0),
             hello,
             backoff,
+            jitter_seed,
             stats: stats.clone(),
             core: core_tx.clone(),
             shared: shared.clone(),
@@ -355,6 +373,8 @@ pub async fn run_worker(
         server_name: String::new(),
         more_coordinators: Vec::new(),
         backoff: Backoff::default(),
+        endpoint: None,
+        jitter_seed: None,
     };
     Worker::build(params, Some(targets))?.run(shutdown).await
 }

@@ -18,6 +18,7 @@ fn task(agent: &str, payload: impl Into<Vec<u8>>, timeout_ms: u64) -> TaskAssign
         payload: payload.into(),
         timeout_ms,
         idempotency_key: None,
+        patterns: 0,
     }
 }
 
@@ -418,4 +419,59 @@ fn agents_file_errors() {
         panic!()
     };
     assert_eq!(spec.cwd.as_deref(), Some(dir.path().join("sub").as_path()));
+}
+
+#[tokio::test]
+async fn exec_agents_find_their_patterns_in_a_file_that_is_removed_afterwards() {
+    let ex = exec_with(
+        "p",
+        sh(
+            r#"test -n "$SWARM_PATTERNS_FILE" && cat "$SWARM_PATTERNS_FILE" && echo "$SWARM_PATTERNS_FILE" >&2"#,
+        ),
+    );
+    let patterns = vec![swarm_proto::worker::PatternHit {
+        id: "pat-000000000001".into(),
+        title: "Pin the toolchain".into(),
+        description: "CI broke on a new lint".into(),
+        content: "Use rust-toolchain.toml".into(),
+        outcome: "success".into(),
+        confidence: 0.75,
+        score: 0.9,
+    }];
+    let out = ex
+        .run_with_patterns(
+            task("p", "", 10_000),
+            &patterns,
+            1 << 20,
+            CancelToken::never(),
+        )
+        .await;
+    let Outcome::Succeeded { output } = out else {
+        panic!("agent failed: {out:?}");
+    };
+    let v: serde_json::Value = serde_json::from_slice(&output).expect("patterns JSON");
+    assert_eq!(v["patterns"][0]["id"], "pat-000000000001");
+    assert_eq!(v["patterns"][0]["content"], "Use rust-toolchain.toml");
+    let leftover: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("swarm-patterns-42-3-{}", std::process::id()))
+        })
+        .collect();
+    assert!(leftover.is_empty(), "patterns file left behind");
+
+    // Without patterns, no file and no variable.
+    let ex = exec_with("q", sh(r#"test -z "$SWARM_PATTERNS_FILE" && printf none"#));
+    let out = ex
+        .run(task("q", "", 10_000), 1 << 20, CancelToken::never())
+        .await;
+    assert_eq!(
+        out,
+        Outcome::Succeeded {
+            output: b"none".to_vec()
+        }
+    );
 }

@@ -138,6 +138,7 @@ fn run(a: AttemptRef, agent: &str, payload: &str) -> CoordinatorMsg {
         payload: payload.as_bytes().to_vec(),
         timeout_ms: 60_000,
         idempotency_key: None,
+        patterns: 0,
     })
 }
 

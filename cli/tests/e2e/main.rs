@@ -4,5 +4,6 @@ mod bad_input;
 mod faults;
 mod harness;
 mod lifecycle;
+mod memory;
 mod raft_cluster;
 mod replication;

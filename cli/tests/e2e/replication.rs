@@ -53,6 +53,55 @@ async fn three_coordinators_forward_report_and_follow_the_leader() {
     assert_eq!(st, 200, "{t}");
     assert_eq!(t["output"], "{\"x\":1}", "{t}");
 
+    // Memory writes go through Raft (here via a follower); every replica answers
+    // searches from its own copy, with the same result.
+    let (st, v) = c
+        .request(
+            follower,
+            Method::PUT,
+            "/v1/memory/notes",
+            Some(json!({"dimension": 2, "metric": "l2"})),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(st, 201, "{v}");
+    let points: Vec<Value> = (0..50)
+        .map(|i| json!({"id": format!("p{i}"), "vector": [i as f32, (i % 7) as f32]}))
+        .collect();
+    let (st, v) = c
+        .request(
+            follower,
+            Method::POST,
+            "/v1/memory/notes/points",
+            Some(json!({ "points": points })),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(st, 200, "{v}");
+    let target = c.node_status(leader).await.expect("leader")["last_log_index"]
+        .as_u64()
+        .expect("index");
+    let mut answers = Vec::new();
+    for id in 1..=3 {
+        c.wait_for(id, "/v1/node", "replica applied the memory writes", |v| {
+            v["applied_index"].as_u64() >= Some(target)
+        })
+        .await;
+        let (st, v) = c
+            .request(
+                id,
+                Method::POST,
+                "/v1/memory/notes/search",
+                Some(json!({"vector": [20.2, 6.0], "k": 3})),
+            )
+            .await
+            .expect("answers");
+        assert_eq!(st, 200, "{v}");
+        answers.push(v["hits"].clone());
+    }
+    assert_eq!(answers[0][0]["id"], "p20", "{:?}", answers[0]);
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+
     // `swarm status` through a follower: three healthy nodes, both workers.
     let (code, out, err) = c.cli(&["status", "--json", "--api", &c.nodes[&follower].api()]);
     assert_eq!(code, 0, "{err}");

@@ -24,6 +24,14 @@
 //! being durable, and on truncated entries being gone, when the call returns. `save_committed`
 //! does not wait: the committed pointer only needs to be a lower bound after a crash, and it
 //! rides along with the next batch (or is flushed on its own after [`COMMITTED_FLUSH_DELAY`]).
+//!
+//! # Inline mode
+//!
+//! [`RedbLogStore::open_inline`] has no writer thread: each write is committed (and fsynced)
+//! on the calling thread before the call returns, and reads run there too instead of on
+//! tokio's blocking pool. That is slower (no group commit, the executor blocks on the disk),
+//! but storage then completes at a point fixed by the program rather than by the OS
+//! scheduler, which a single-threaded deterministic simulation needs to replay a run exactly.
 
 // The error type of every storage path is openraft's `StorageError`, fixed by its traits;
 // errors are the cold path, so its size does not matter.
@@ -94,6 +102,8 @@ struct Shared {
     db: Database,
     path: PathBuf,
     mem: Mutex<Mem>,
+    /// Reads and writes run on the calling thread (see the module docs).
+    inline: bool,
 }
 
 /// In-memory state: the logical view of the log, ahead of or equal to what redb holds.
@@ -107,18 +117,28 @@ struct Mem {
     committed: Option<LogId>,
 }
 
-/// Owns the writer thread; dropping the last store clone closes the queue and joins the thread,
-/// so everything queued is on disk and the database file is released when the drop returns.
-struct Writer {
-    tx: Option<mpsc::Sender<WriteOp>>,
-    thread: Option<JoinHandle<()>>,
+/// Where writes go.
+enum Writer {
+    /// The writer thread; dropping the last store clone closes the queue and joins the thread,
+    /// so everything queued is on disk and the database file is released when the drop
+    /// returns.
+    Thread {
+        tx: Option<mpsc::Sender<WriteOp>>,
+        thread: Option<JoinHandle<()>>,
+    },
+    /// Inline mode: each write is committed by the caller. After a failed commit every later
+    /// write fails too (held here), as on the writer thread.
+    Inline { failed: Mutex<Option<AnyError>> },
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
+        let Writer::Thread { tx, thread } = self else {
+            return;
+        };
         // Closing the channel makes the writer drain what is queued and exit.
-        drop(self.tx.take());
-        if let Some(thread) = self.thread.take() {
+        drop(tx.take());
+        if let Some(thread) = thread.take() {
             if thread.join().is_err() {
                 tracing::error!("raft log writer thread panicked");
             }
@@ -172,6 +192,16 @@ impl RedbLogStore {
     /// Blocking: reads the persisted vote, pointers and last entry. Fails if the database is
     /// already open (also from this process) or a persisted record does not decode.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        Self::open_mode(dir, false)
+    }
+
+    /// Like [`RedbLogStore::open`], in inline mode (see the module docs): no writer thread,
+    /// every read and write happens on the calling thread.
+    pub fn open_inline(dir: &Path) -> anyhow::Result<Self> {
+        Self::open_mode(dir, true)
+    }
+
+    fn open_mode(dir: &Path, inline: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating raft data dir {}", dir.display()))?;
         let path = dir.join(LOG_DB_FILE);
@@ -194,7 +224,16 @@ impl RedbLogStore {
             db,
             path,
             mem: Mutex::new(mem),
+            inline,
         });
+        if inline {
+            return Ok(Self {
+                shared,
+                writer: Arc::new(Writer::Inline {
+                    failed: Mutex::new(None),
+                }),
+            });
+        }
 
         let (tx, rx) = mpsc::channel();
         let thread_shared = shared.clone();
@@ -205,7 +244,7 @@ impl RedbLogStore {
 
         Ok(Self {
             shared,
-            writer: Arc::new(Writer {
+            writer: Arc::new(Writer::Thread {
                 tx: Some(tx),
                 thread: Some(thread),
             }),
@@ -217,14 +256,20 @@ impl RedbLogStore {
         &self.shared.path
     }
 
+    /// Hand `op` to the writer thread, or commit it right here in inline mode.
     fn send(&self, op: WriteOp) -> Result<(), AnyError> {
-        let tx = self
-            .writer
-            .tx
-            .as_ref()
-            .ok_or_else(|| AnyError::error("log writer closed"))?;
-        tx.send(op)
-            .map_err(|_| AnyError::error("log writer thread has stopped"))
+        match &*self.writer {
+            Writer::Thread { tx, .. } => tx
+                .as_ref()
+                .ok_or_else(|| AnyError::error("log writer closed"))?
+                .send(op)
+                .map_err(|_| AnyError::error("log writer thread has stopped")),
+            Writer::Inline { failed } => {
+                let mut failed = failed.lock().unwrap_or_else(|e| e.into_inner());
+                commit(&self.shared, &mut failed, vec![op]);
+                Ok(())
+            }
+        }
     }
 
     /// Queue `op` and wait for the transaction holding it to be committed.
@@ -312,25 +357,44 @@ fn writer_loop(shared: &Shared, rx: mpsc::Receiver<WriteOp>) {
             }
         }
 
-        let result = match &failed {
-            Some(e) => Err(e.clone()),
-            None => {
-                let started = std::time::Instant::now();
-                let r = write_batch(&shared.db, &batch);
-                metrics::histogram!("swarm_raft_log_write_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                r
-            }
-        };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "raft log write failed; refusing further writes");
-            failed = Some(e.clone());
-        }
-        complete(shared, batch, result);
+        commit(shared, &mut failed, batch);
         if closed {
             break;
         }
     }
+}
+
+/// Commit `batch` in one transaction (unless an earlier commit failed) and complete its ops.
+fn commit(shared: &Shared, failed: &mut Option<AnyError>, batch: Vec<WriteOp>) {
+    let result = match &*failed {
+        Some(e) => Err(e.clone()),
+        None => {
+            let started = std::time::Instant::now();
+            let r = write_batch(&shared.db, &batch);
+            metrics::histogram!("swarm_raft_log_write_seconds")
+                .record(started.elapsed().as_secs_f64());
+            r
+        }
+    };
+    if let Err(e) = &result {
+        if failed.is_none() {
+            tracing::error!(error = %e, "raft log write failed; refusing further writes");
+            *failed = Some(e.clone());
+        }
+    }
+    complete(shared, batch, result);
+}
+
+/// Run blocking storage work on tokio's blocking pool, or right here in inline mode.
+async fn blocking<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&Shared) -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if shared.inline {
+        return Ok(f(shared));
+    }
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || f(&shared)).await
 }
 
 /// Apply a batch in one durable transaction. Returns only after the fsync.
@@ -453,8 +517,7 @@ async fn read_entries(
         (e, p) => e.or(p),
     };
     let mut out = if db_end.is_none_or(|e| start < e) {
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || read_db_range(&shared.db, start, db_end))
+        blocking(shared, move |s| read_db_range(&s.db, start, db_end))
             .await
             .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))??
     } else {
@@ -618,8 +681,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
 
         // Every append queued before the truncate is committed now, so redb holds the whole
         // remaining log.
-        let shared = self.shared.clone();
-        let last = tokio::task::spawn_blocking(move || read_db_last(&shared.db))
+        let last = blocking(&self.shared, |s| read_db_last(&s.db))
             .await
             .map_err(|e| StorageIOError::new(subject(), ErrorVerb::Read, AnyError::new(&e)))??;
         let mut mem = self.shared.mem();

@@ -14,7 +14,7 @@ pub mod types;
 pub use log_store::{RedbLogReader, RedbLogStore};
 pub use network::{serve_raft_connection, QuicRaftClient, QuicRaftNetwork};
 pub use sm_store::{StateMachineStore, TableGuard, TableHandle};
-pub use types::{NodeAddr, NodeId, TypeConfig};
+pub use types::{seed_thread_rng, NodeAddr, NodeId, SwarmRuntime, TypeConfig};
 
 /// A Raft node of the coordinator cluster.
 pub type Raft = openraft::Raft<TypeConfig>;

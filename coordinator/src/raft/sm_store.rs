@@ -11,7 +11,8 @@
 //! magic "SWSNAP01" | meta_len u64 LE | meta (codec) | data_len u64 LE | data | checksum u64 LE
 //! ```
 //!
-//! `data` is [`TaskTable::encode_snapshot`] output, exactly the bytes openraft ships to a
+//! `data` is [`crate::state::encode_replica`] output (the task table and the memory
+//! store), exactly the bytes openraft ships to a
 //! lagging follower. The checksum covers everything before it, so a torn or bit-rotted file is
 //! reported as corrupt instead of decoding into a wrong table. Files are replaced atomically:
 //! write a temp file, fsync it, rename it over the old one, fsync the directory.
@@ -38,12 +39,13 @@ use swarm_transport::codec::{decode, encode};
 use tokio::sync::watch;
 
 use super::types::{Entry, LogId, NodeAddr, NodeId, TypeConfig};
-use crate::state::{CommandResponse, TaskTable};
+use crate::state::{apply_command, decode_replica, encode_replica, CommandResponse, TaskTable};
+use swarm_memory::{MemoryStore, StoreConfig};
 
 /// File name of the current snapshot inside the data directory.
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 const SNAPSHOT_TMP_FILE: &str = "snapshot.bin.tmp";
-const MAGIC: &[u8; 8] = b"SWSNAP01";
+const MAGIC: &[u8; 8] = b"SWSNAP02";
 
 /// Snapshot metadata of this cluster's type configuration.
 pub type SnapshotMetaOf = SnapshotMeta<NodeId, NodeAddr>;
@@ -54,6 +56,7 @@ type StoreResult<T> = Result<T, StorageError<NodeId>>;
 /// (or a reader) never pairs a table with the wrong `last_applied`.
 struct Applied {
     table: TaskTable,
+    memory: MemoryStore,
     last_applied: Option<LogId>,
     last_membership: StoredMembership<NodeId, NodeAddr>,
 }
@@ -85,6 +88,13 @@ impl TableGuard<'_> {
 }
 
 impl TableHandle {
+    /// Read the replica's memory store (vector collections and ReasoningBank) under the
+    /// same read lock as the table; keep `f` short.
+    pub fn memory<R>(&self, f: impl FnOnce(&MemoryStore) -> R) -> R {
+        let guard = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+        f(&guard.memory)
+    }
+
     /// Lock the table for reading.
     pub fn read(&self) -> TableGuard<'_> {
         TableGuard(self.applied.read().unwrap_or_else(PoisonError::into_inner))
@@ -157,7 +167,7 @@ impl SmInner {
         // encoding directly avoids a full clone of the table.
         let (data, last_log_id, last_membership) = {
             let applied = self.read_applied();
-            let data = applied.table.encode_snapshot().map_err(|e| {
+            let data = encode_replica(&applied.table, &applied.memory).map_err(|e| {
                 StorageIOError::read_state_machine(AnyError::error(format!("{e:#}")))
             })?;
             (data, applied.last_applied, applied.last_membership.clone())
@@ -201,7 +211,7 @@ impl SmInner {
     fn install_snapshot_blocking(&self, meta: SnapshotMetaOf, data: Vec<u8>) -> StoreResult<()> {
         let sig = || Some(meta.signature());
         // Validate before persisting: never make a snapshot we cannot load the current one.
-        let table = TaskTable::decode_snapshot(&data)
+        let (table, memory) = decode_replica(&data)
             .map_err(|e| StorageIOError::read_snapshot(sig(), AnyError::error(format!("{e:#}"))))?;
         {
             let mut current = self.snapshot_lock();
@@ -214,6 +224,7 @@ impl SmInner {
         {
             let mut applied = self.write_applied();
             applied.table = table;
+            applied.memory = memory;
             applied.last_applied = meta.last_log_id;
             applied.last_membership = meta.last_membership.clone();
         }
@@ -270,10 +281,11 @@ impl StateMachineStore {
         let path = dir.join(SNAPSHOT_FILE);
         let (applied, meta) = match read_snapshot_file(&path)? {
             Some((meta, data)) => {
-                let table = TaskTable::decode_snapshot(&data)
-                    .with_context(|| format!("decoding the task table in {}", path.display()))?;
+                let (table, memory) = decode_replica(&data)
+                    .with_context(|| format!("decoding the replica state in {}", path.display()))?;
                 let applied = Applied {
                     table,
+                    memory,
                     last_applied: meta.last_log_id,
                     last_membership: meta.last_membership.clone(),
                 };
@@ -282,6 +294,8 @@ impl StateMachineStore {
             None => (
                 Applied {
                     table: TaskTable::new(),
+                    memory: MemoryStore::new(StoreConfig::default())
+                        .context("creating the memory store")?,
                     last_applied: None,
                     last_membership: StoredMembership::default(),
                 },
@@ -358,7 +372,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let mut applied = self.inner.write_applied();
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::default(),
-                EntryPayload::Normal(ref cmd) => applied.table.apply(cmd),
+                EntryPayload::Normal(ref cmd) => {
+                    let Applied { table, memory, .. } = &mut *applied;
+                    apply_command(table, memory, cmd)
+                }
                 EntryPayload::Membership(ref membership) => {
                     applied.last_membership =
                         StoredMembership::new(Some(entry.log_id), membership.clone());

@@ -1,0 +1,881 @@
+//! One vector collection: stored points (the replicated data) and its HNSW graph (derived).
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt;
+
+use hnsw_rs::filter::FilterT;
+use hnsw_rs::hnsw::Hnsw;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MemoryError, Result};
+use crate::kernel::{self, IndexDistance};
+use crate::metadata::{self, MetaMap, MetadataFilter};
+use crate::store::StoreConfig;
+
+/// Largest accepted squared L2 norm of a vector. Bounding norms keeps every dot product
+/// and distance finite (by Cauchy–Schwarz), so no distance is ever NaN or infinite.
+pub const MAX_NORM_SQUARED: f64 = 1e36;
+
+/// hnsw_rs supports at most 16 layers.
+const HNSW_MAX_LAYERS: usize = 16;
+
+/// Similarity metric of a collection, fixed at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Metric {
+    /// Cosine similarity. Vectors are L2-normalised on the way in; zero vectors are
+    /// rejected. Reported distance: `1 − cos`.
+    Cosine,
+    /// Euclidean distance. Reported distance: `‖a − b‖`.
+    L2,
+    /// Inner product (maximum-inner-product search). Reported distance: `−a·b`.
+    Dot,
+}
+
+impl Metric {
+    pub(crate) fn index_distance(self) -> IndexDistance {
+        match self {
+            Metric::Cosine => IndexDistance::CosineUnit,
+            Metric::L2 => IndexDistance::L2Squared,
+            Metric::Dot => IndexDistance::NegDot,
+        }
+    }
+
+    /// The user-facing distance between a (prepared) query and a stored vector.
+    pub(crate) fn distance(self, a: &[f32], b: &[f32]) -> f32 {
+        match self {
+            Metric::Cosine => 1.0 - kernel::dot(a, b),
+            Metric::L2 => kernel::l2_squared(a, b).sqrt(),
+            Metric::Dot => -kernel::dot(a, b),
+        }
+    }
+
+    /// Stable lowercase name (`cosine`, `l2`, `dot`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Cosine => "cosine",
+            Metric::L2 => "l2",
+            Metric::Dot => "dot",
+        }
+    }
+
+    /// Parses `cosine`, `l2`/`euclidean` or `dot`/`ip`.
+    pub fn parse(s: &str) -> Option<Metric> {
+        match s.to_ascii_lowercase().as_str() {
+            "cosine" | "cos" => Some(Metric::Cosine),
+            "l2" | "euclidean" => Some(Metric::L2),
+            "dot" | "ip" | "inner_product" => Some(Metric::Dot),
+            _ => None,
+        }
+    }
+}
+
+/// Shape and index parameters of a collection, fixed at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionSpec {
+    /// Vector dimension.
+    pub dimension: usize,
+    /// Similarity metric.
+    pub metric: Metric,
+    /// HNSW M: links per node per layer (layer 0 keeps 2·M). 2..=128.
+    pub m: usize,
+    /// HNSW ef at construction. 1..=4096.
+    pub ef_construction: usize,
+    /// Default ef at search when the request gives none.
+    pub ef_search: usize,
+}
+
+impl CollectionSpec {
+    /// A spec with default index parameters (M = 16, ef_construction = 200, ef_search = 64).
+    pub fn new(dimension: usize, metric: Metric) -> Self {
+        CollectionSpec {
+            dimension,
+            metric,
+            m: 16,
+            ef_construction: 200,
+            ef_search: 64,
+        }
+    }
+
+    pub(crate) fn validate(&self, cfg: &StoreConfig) -> Result<()> {
+        if self.dimension == 0 || self.dimension > cfg.max_dimension {
+            return Err(MemoryError::InvalidDimension {
+                dimension: self.dimension,
+                max: cfg.max_dimension,
+            });
+        }
+        if !(2..=128).contains(&self.m) {
+            return Err(MemoryError::InvalidParams(format!(
+                "m = {} must be between 2 and 128",
+                self.m
+            )));
+        }
+        if !(1..=4096).contains(&self.ef_construction) {
+            return Err(MemoryError::InvalidParams(format!(
+                "ef_construction = {} must be between 1 and 4096",
+                self.ef_construction
+            )));
+        }
+        if self.ef_search == 0 || self.ef_search > cfg.max_ef {
+            return Err(MemoryError::InvalidEf {
+                ef: self.ef_search,
+                max: cfg.max_ef,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One point to insert or replace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointWrite {
+    /// Caller-chosen id, unique within the collection (1..=`max_id_bytes` bytes, no
+    /// control characters). Writing an existing id replaces that point.
+    pub id: String,
+    /// The vector; must have the collection's dimension.
+    pub vector: Vec<f32>,
+    /// Metadata as JSON object text (`""` means `{}`).
+    pub metadata: String,
+    /// Time to live in ms from the op's `now_ms`; `None` means forever.
+    pub ttl_ms: Option<u64>,
+}
+
+/// A k-nearest-neighbour query against a collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchRequest {
+    /// Query vector (collection dimension).
+    pub vector: Vec<f32>,
+    /// Number of results, 1..=`max_k`.
+    pub k: usize,
+    /// Search breadth (default: the collection's `ef_search`); raised to `k` if smaller.
+    pub ef: Option<usize>,
+    /// Metadata filter, applied during the graph search.
+    pub filter: Option<MetadataFilter>,
+    /// Points with `expires_at_ms <= now_ms` are invisible.
+    pub now_ms: u64,
+}
+
+impl SearchRequest {
+    /// A plain top-k request with default ef and no filter.
+    pub fn new(vector: Vec<f32>, k: usize, now_ms: u64) -> Self {
+        SearchRequest {
+            vector,
+            k,
+            ef: None,
+            filter: None,
+            now_ms,
+        }
+    }
+}
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchHit {
+    /// Point id.
+    pub id: String,
+    /// Distance under the collection's metric (smaller is closer; see [`Metric`]).
+    pub distance: f32,
+    /// Metadata JSON object text (canonical form).
+    pub metadata: String,
+}
+
+/// A stored point as returned by `get`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredPoint {
+    /// Point id.
+    pub id: String,
+    /// Stored vector (L2-normalised for cosine collections).
+    pub vector: Vec<f32>,
+    /// Metadata JSON object text (canonical form).
+    pub metadata: String,
+    /// Absolute expiry time, if any.
+    pub expires_at_ms: Option<u64>,
+    /// `now_ms` of the op that last wrote this point.
+    pub updated_ms: u64,
+}
+
+/// Summary of a collection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionInfo {
+    /// Collection name.
+    pub name: String,
+    /// Its spec.
+    pub spec: CollectionSpec,
+    /// Live points (including ones whose TTL passed but that no write has swept yet).
+    pub live: usize,
+    /// Deleted or replaced points still in the graph.
+    pub tombstones: usize,
+    /// Number of index rebuilds so far.
+    pub generation: u64,
+    /// `now_ms` of the creating op.
+    pub created_ms: u64,
+}
+
+/// Counts of an upsert.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct UpsertStats {
+    pub inserted: u32,
+    pub replaced: u32,
+}
+
+/// A validated point ready to apply.
+#[derive(Debug, Clone)]
+pub(crate) struct PreparedPoint {
+    pub id: String,
+    pub vector: Vec<f32>,
+    pub metadata: String,
+    pub parsed: MetaMap,
+    pub expires_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    /// Empty for tombstones.
+    id: String,
+    /// Canonical JSON; empty for tombstones.
+    metadata: String,
+    /// Derived from `metadata`.
+    parsed: Option<MetaMap>,
+    expires_at_ms: Option<u64>,
+    updated_ms: u64,
+    live: bool,
+}
+
+/// Serialized form of a slot (part of the snapshot).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SlotRecord {
+    pub id: String,
+    pub vector: Vec<f32>,
+    pub metadata: String,
+    pub expires_at_ms: Option<u64>,
+    pub updated_ms: u64,
+    pub live: bool,
+}
+
+/// Serialized form of a collection (part of the snapshot).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct CollectionRecord {
+    pub name: String,
+    pub spec: CollectionSpec,
+    pub created_ms: u64,
+    pub generation: u64,
+    pub slots: Vec<SlotRecord>,
+}
+
+/// A vector collection.
+///
+/// Points live in *slots*, numbered in insertion order since the last index rebuild; the
+/// slot number is the id the HNSW graph knows a point by. Deleting or replacing a point
+/// turns its slot into a tombstone (hnsw_rs cannot delete); tombstones keep their vector
+/// so the graph can be rebuilt identically from the slot sequence, and are dropped when
+/// the index is rebuilt.
+pub(crate) struct Collection {
+    name: String,
+    spec: CollectionSpec,
+    created_ms: u64,
+    generation: u64,
+    slots: Vec<Slot>,
+    /// Slot-major vector arena: slot `s` is `vectors[s*dim..(s+1)*dim]`.
+    vectors: Vec<f32>,
+    by_id: BTreeMap<String, u32>,
+    expiry: BTreeSet<(u64, u32)>,
+    tombstones: usize,
+    index: Hnsw<'static, f32, IndexDistance>,
+}
+
+impl fmt::Debug for Collection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Collection")
+            .field("name", &self.name)
+            .field("spec", &self.spec)
+            .field("live", &self.by_id.len())
+            .field("tombstones", &self.tombstones)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+fn new_index(spec: &CollectionSpec, capacity: usize) -> Hnsw<'static, f32, IndexDistance> {
+    Hnsw::new(
+        spec.m,
+        capacity.max(1024),
+        HNSW_MAX_LAYERS,
+        spec.ef_construction,
+        spec.metric.index_distance(),
+    )
+}
+
+/// Validates a vector for a collection and returns its stored form (normalised for
+/// cosine). Norms are computed in f64 so tiny or large components neither underflow nor
+/// overflow.
+pub(crate) fn prepare_vector(v: &[f32], dimension: usize, metric: Metric) -> Result<Vec<f32>> {
+    if v.len() != dimension {
+        return Err(MemoryError::DimensionMismatch {
+            expected: dimension,
+            got: v.len(),
+        });
+    }
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(MemoryError::InvalidVector(format!(
+            "component {i} is {} (NaN and infinities are not allowed)",
+            v[i]
+        )));
+    }
+    let norm_sq: f64 = v.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+    if norm_sq > MAX_NORM_SQUARED {
+        return Err(MemoryError::InvalidVector(format!(
+            "squared norm {norm_sq:e} exceeds {MAX_NORM_SQUARED:e}"
+        )));
+    }
+    match metric {
+        Metric::Cosine => {
+            if norm_sq == 0.0 {
+                return Err(MemoryError::InvalidVector(
+                    "zero vector has no direction under the cosine metric".into(),
+                ));
+            }
+            let norm = norm_sq.sqrt();
+            Ok(v.iter().map(|x| (*x as f64 / norm) as f32).collect())
+        }
+        Metric::L2 | Metric::Dot => Ok(v.to_vec()),
+    }
+}
+
+/// Validates a point id.
+pub(crate) fn validate_id(id: &str, max_bytes: usize) -> Result<()> {
+    if id.is_empty() {
+        return Err(MemoryError::InvalidId("empty id".into()));
+    }
+    if id.len() > max_bytes {
+        return Err(MemoryError::InvalidId(format!(
+            "id is {} bytes, at most {max_bytes}",
+            id.len()
+        )));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(MemoryError::InvalidId("id contains control characters".into()));
+    }
+    Ok(())
+}
+
+/// Heap entry ordered by (distance, slot); used for exact top-k.
+#[derive(Clone, Copy)]
+struct Cand(f32, u32);
+impl PartialEq for Cand {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+    }
+}
+
+struct VisibleFilter<'a> {
+    coll: &'a Collection,
+    now_ms: u64,
+    filter: Option<&'a MetadataFilter>,
+}
+
+impl FilterT for VisibleFilter<'_> {
+    fn hnsw_filter(&self, id: &usize) -> bool {
+        self.coll.visible(*id, self.now_ms, self.filter)
+    }
+}
+
+/// Searches without a user filter post-filter dead points with over-fetching as long as
+/// at most this many points can be dead; beyond that the filter runs inside the search.
+const MAX_OVERFETCH: usize = 64;
+
+impl Collection {
+    pub(crate) fn new(name: String, spec: CollectionSpec, created_ms: u64) -> Self {
+        let index = new_index(&spec, 0);
+        Collection {
+            name,
+            spec,
+            created_ms,
+            generation: 0,
+            slots: Vec::new(),
+            vectors: Vec::new(),
+            by_id: BTreeMap::new(),
+            expiry: BTreeSet::new(),
+            tombstones: 0,
+            index,
+        }
+    }
+
+    pub(crate) fn spec(&self) -> &CollectionSpec {
+        &self.spec
+    }
+
+    pub(crate) fn live_len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub(crate) fn info(&self) -> CollectionInfo {
+        CollectionInfo {
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+            live: self.by_id.len(),
+            tombstones: self.tombstones,
+            generation: self.generation,
+            created_ms: self.created_ms,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn vector(&self, slot: u32) -> &[f32] {
+        let d = self.spec.dimension;
+        let s = slot as usize * d;
+        &self.vectors[s..s + d]
+    }
+
+    pub(crate) fn slot_id(&self, slot: u32) -> &str {
+        &self.slots[slot as usize].id
+    }
+
+    pub(crate) fn slot_of(&self, id: &str) -> Option<u32> {
+        self.by_id.get(id).copied()
+    }
+
+    /// Live ids in id order.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.by_id.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    #[inline]
+    fn visible(&self, slot: usize, now_ms: u64, filter: Option<&MetadataFilter>) -> bool {
+        let Some(s) = self.slots.get(slot) else {
+            return false;
+        };
+        s.live
+            && s.expires_at_ms.is_none_or(|e| e > now_ms)
+            && filter.is_none_or(|f| s.parsed.as_ref().is_some_and(|m| f.matches(m)))
+    }
+
+    pub(crate) fn get(&self, id: &str, now_ms: u64) -> Option<StoredPoint> {
+        let slot = *self.by_id.get(id)?;
+        if !self.visible(slot as usize, now_ms, None) {
+            return None;
+        }
+        let s = &self.slots[slot as usize];
+        Some(StoredPoint {
+            id: s.id.clone(),
+            vector: self.vector(slot).to_vec(),
+            metadata: s.metadata.clone(),
+            expires_at_ms: s.expires_at_ms,
+            updated_ms: s.updated_ms,
+        })
+    }
+
+    /// Validates a batch of writes without changing anything.
+    pub(crate) fn prepare_upsert(
+        &self,
+        points: &[PointWrite],
+        now_ms: u64,
+        cfg: &StoreConfig,
+    ) -> Result<Vec<PreparedPoint>> {
+        if points.len() > cfg.max_batch {
+            return Err(MemoryError::BatchTooLarge {
+                size: points.len(),
+                limit: cfg.max_batch,
+            });
+        }
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::with_capacity(points.len());
+        for p in points {
+            validate_id(&p.id, cfg.max_id_bytes)?;
+            if !seen.insert(p.id.as_str()) {
+                return Err(MemoryError::DuplicateId(p.id.clone()));
+            }
+            let vector = prepare_vector(&p.vector, self.spec.dimension, self.spec.metric)?;
+            let (metadata, parsed) = metadata::canonicalize(&p.metadata, cfg.max_metadata_bytes)?;
+            let expires_at_ms = match p.ttl_ms {
+                None => None,
+                Some(0) => return Err(MemoryError::InvalidTtl("ttl_ms must be positive".into())),
+                Some(t) => Some(now_ms.saturating_add(t)),
+            };
+            out.push(PreparedPoint {
+                id: p.id.clone(),
+                vector,
+                metadata,
+                parsed,
+                expires_at_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Applies prepared writes. Cannot fail.
+    pub(crate) fn apply_upsert(&mut self, points: Vec<PreparedPoint>, now_ms: u64) -> UpsertStats {
+        let mut stats = UpsertStats::default();
+        for p in points {
+            if let Some(&slot) = self.by_id.get(&p.id) {
+                stats.replaced += 1;
+                if self.vector(slot) == p.vector.as_slice() {
+                    // Same vector: update in place, the graph is unchanged.
+                    let s = &mut self.slots[slot as usize];
+                    if let Some(e) = s.expires_at_ms {
+                        self.expiry.remove(&(e, slot));
+                    }
+                    if let Some(e) = p.expires_at_ms {
+                        self.expiry.insert((e, slot));
+                    }
+                    s.metadata = p.metadata;
+                    s.parsed = Some(p.parsed);
+                    s.expires_at_ms = p.expires_at_ms;
+                    s.updated_ms = now_ms;
+                    continue;
+                }
+                self.tombstone(slot);
+            } else {
+                stats.inserted += 1;
+            }
+            self.push_slot(p, now_ms);
+        }
+        stats
+    }
+
+    fn push_slot(&mut self, p: PreparedPoint, now_ms: u64) {
+        let slot = self.slots.len() as u32;
+        self.index.insert_slice((&p.vector, slot as usize));
+        self.vectors.extend_from_slice(&p.vector);
+        if let Some(e) = p.expires_at_ms {
+            self.expiry.insert((e, slot));
+        }
+        self.by_id.insert(p.id.clone(), slot);
+        self.slots.push(Slot {
+            id: p.id,
+            metadata: p.metadata,
+            parsed: Some(p.parsed),
+            expires_at_ms: p.expires_at_ms,
+            updated_ms: now_ms,
+            live: true,
+        });
+    }
+
+    fn tombstone(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        if !s.live {
+            return;
+        }
+        s.live = false;
+        self.by_id.remove(&s.id);
+        if let Some(e) = s.expires_at_ms.take() {
+            self.expiry.remove(&(e, slot));
+        }
+        s.id = String::new();
+        s.metadata = String::new();
+        s.parsed = None;
+        self.tombstones += 1;
+    }
+
+    /// Deletes ids; returns (deleted, missing) in request order.
+    pub(crate) fn delete(&mut self, ids: &[String]) -> (u32, Vec<String>) {
+        let mut deleted = 0;
+        let mut missing = Vec::new();
+        for id in ids {
+            match self.by_id.get(id) {
+                Some(&slot) => {
+                    self.tombstone(slot);
+                    deleted += 1;
+                }
+                None => missing.push(id.clone()),
+            }
+        }
+        (deleted, missing)
+    }
+
+    /// Tombstones every point whose expiry is `<= now_ms`; returns how many.
+    pub(crate) fn purge_expired(&mut self, now_ms: u64) -> usize {
+        let mut n = 0;
+        while let Some(&(e, slot)) = self.expiry.first() {
+            if e > now_ms {
+                break;
+            }
+            self.tombstone(slot);
+            n += 1;
+        }
+        n
+    }
+
+    /// Rebuilds the graph if tombstones exceed the configured threshold. Returns whether
+    /// it did.
+    pub(crate) fn maybe_rebuild(&mut self, cfg: &StoreConfig) -> bool {
+        let live = self.by_id.len();
+        let t = self.tombstones;
+        if t == 0 {
+            return false;
+        }
+        if live == 0 || (t >= cfg.rebuild_min_tombstones && t as f64 > cfg.rebuild_tombstone_ratio * live as f64) {
+            self.rebuild();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops tombstones and rebuilds the graph from the live points, in slot order.
+    /// Returns the number of tombstones removed.
+    pub(crate) fn rebuild(&mut self) -> usize {
+        let removed = self.tombstones;
+        let old_slots = std::mem::take(&mut self.slots);
+        let old_vectors = std::mem::take(&mut self.vectors);
+        let d = self.spec.dimension;
+        self.by_id.clear();
+        self.expiry.clear();
+        self.tombstones = 0;
+        self.generation += 1;
+        let live = old_slots.iter().filter(|s| s.live).count();
+        self.index = new_index(&self.spec, live);
+        self.vectors.reserve(live * d);
+        for (i, s) in old_slots.into_iter().enumerate() {
+            if !s.live {
+                continue;
+            }
+            let slot = self.slots.len() as u32;
+            let v = &old_vectors[i * d..(i + 1) * d];
+            self.index.insert_slice((v, slot as usize));
+            self.vectors.extend_from_slice(v);
+            if let Some(e) = s.expires_at_ms {
+                self.expiry.insert((e, slot));
+            }
+            self.by_id.insert(s.id.clone(), slot);
+            self.slots.push(s);
+        }
+        removed
+    }
+
+    /// Approximate k-NN over visible points. `query` must be prepared (validated and, for
+    /// cosine, normalised). Returns (slot, index distance), closest first, ties by slot.
+    pub(crate) fn search_slots(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: Option<&MetadataFilter>,
+        now_ms: u64,
+    ) -> Vec<(u32, f32)> {
+        let live = self.by_id.len();
+        if live == 0 || k == 0 {
+            return Vec::new();
+        }
+        let ef = ef.max(k);
+        let filter = filter.filter(|f| !f.all.is_empty());
+        // Upper bound on graph nodes that are invisible without a user filter.
+        let expired = self
+            .expiry
+            .range(..(now_ms.saturating_add(1), 0))
+            .take(MAX_OVERFETCH + 1)
+            .count();
+        let dead = self.tombstones.saturating_add(expired);
+        let vis = VisibleFilter {
+            coll: self,
+            now_ms,
+            filter,
+        };
+        let neighbours = if filter.is_none() && dead == 0 {
+            self.index.search(query, k, ef)
+        } else if filter.is_none() && dead <= MAX_OVERFETCH {
+            let kk = k + dead;
+            self.index.search(query, kk, ef.max(kk))
+        } else {
+            self.index.search_filter(query, k, ef, Some(&vis))
+        };
+        let mut hits: Vec<(u32, f32)> = neighbours
+            .iter()
+            .filter(|n| vis.hnsw_filter(&n.d_id))
+            .map(|n| (n.d_id as u32, n.distance))
+            .collect();
+        hits.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        hits.dedup_by_key(|h| h.0);
+        hits.truncate(k);
+        if hits.len() < k && hits.len() < live {
+            // Fewer than k found: either fewer than k points match, or the graph search
+            // could not reach them (hnsw_rs graphs are not guaranteed connected, and a
+            // selective filter can strand the search). Settle it exactly.
+            let exact = self.exact_slots(query, k, filter, now_ms);
+            if exact.len() > hits.len() {
+                return exact;
+            }
+        }
+        hits
+    }
+
+    /// Exact k-NN by brute force over visible points; same output shape as `search_slots`.
+    pub(crate) fn exact_slots(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&MetadataFilter>,
+        now_ms: u64,
+    ) -> Vec<(u32, f32)> {
+        if k == 0 {
+            return Vec::new();
+        }
+        let dist = self.spec.metric.index_distance();
+        let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(k + 1);
+        for slot in 0..self.slots.len() {
+            if !self.visible(slot, now_ms, filter) {
+                continue;
+            }
+            let d = dist.eval_portable(query, self.vector(slot as u32));
+            let c = Cand(d, slot as u32);
+            if heap.len() < k {
+                heap.push(c);
+            } else if let Some(top) = heap.peek() {
+                if c < *top {
+                    heap.pop();
+                    heap.push(c);
+                }
+            }
+        }
+        heap.into_sorted_vec().into_iter().map(|c| (c.1, c.0)).collect()
+    }
+
+    /// Turns (slot, _) results into hits with user-facing distances, ordered by distance
+    /// then id.
+    pub(crate) fn to_hits(&self, query: &[f32], slots: &[(u32, f32)]) -> Vec<SearchHit> {
+        let mut hits: Vec<SearchHit> = slots
+            .iter()
+            .map(|(slot, _)| {
+                let s = &self.slots[*slot as usize];
+                SearchHit {
+                    id: s.id.clone(),
+                    distance: self.spec.metric.distance(query, self.vector(*slot)),
+                    metadata: s.metadata.clone(),
+                }
+            })
+            .collect();
+        hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then_with(|| a.id.cmp(&b.id)));
+        hits
+    }
+
+    pub(crate) fn to_record(&self) -> CollectionRecord {
+        let slots = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SlotRecord {
+                id: s.id.clone(),
+                vector: self.vector(i as u32).to_vec(),
+                metadata: s.metadata.clone(),
+                expires_at_ms: s.expires_at_ms,
+                updated_ms: s.updated_ms,
+                live: s.live,
+            })
+            .collect();
+        CollectionRecord {
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+            created_ms: self.created_ms,
+            generation: self.generation,
+            slots,
+        }
+    }
+
+    /// Rebuilds a collection from its record, re-inserting every slot (tombstones too)
+    /// in order, which reproduces the graph of the replica the record was taken from.
+    pub(crate) fn from_record(rec: CollectionRecord, cfg: &StoreConfig) -> Result<Collection> {
+        let bad = |m: String| MemoryError::InvalidSnapshot(format!("collection `{}`: {m}", rec.name));
+        rec.spec.validate(cfg).map_err(|e| bad(e.to_string()))?;
+        let d = rec.spec.dimension;
+        let mut c = Collection {
+            name: rec.name.clone(),
+            spec: rec.spec.clone(),
+            created_ms: rec.created_ms,
+            generation: rec.generation,
+            slots: Vec::with_capacity(rec.slots.len()),
+            vectors: Vec::with_capacity(rec.slots.len().saturating_mul(d)),
+            by_id: BTreeMap::new(),
+            expiry: BTreeSet::new(),
+            tombstones: 0,
+            index: new_index(&rec.spec, rec.slots.len()),
+        };
+        if rec.slots.len() > u32::MAX as usize {
+            return Err(bad("too many slots".into()));
+        }
+        for (i, s) in rec.slots.into_iter().enumerate() {
+            if s.vector.len() != d {
+                return Err(bad(format!("slot {i} has dimension {}", s.vector.len())));
+            }
+            if s.vector.iter().any(|x| !x.is_finite()) {
+                return Err(bad(format!("slot {i} has a non-finite component")));
+            }
+            let norm_sq: f64 = s.vector.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+            if norm_sq > MAX_NORM_SQUARED || (rec.spec.metric == Metric::Cosine && norm_sq == 0.0) {
+                return Err(bad(format!("slot {i} has an invalid norm")));
+            }
+            let slot = i as u32;
+            let parsed = if s.live {
+                validate_id(&s.id, cfg.max_id_bytes).map_err(|e| bad(e.to_string()))?;
+                let (canonical, parsed) = metadata::canonicalize(&s.metadata, cfg.max_metadata_bytes)
+                    .map_err(|e| bad(e.to_string()))?;
+                if canonical != s.metadata {
+                    return Err(bad(format!("slot {i} metadata is not canonical")));
+                }
+                if c.by_id.insert(s.id.clone(), slot).is_some() {
+                    return Err(bad(format!("duplicate live id `{}`", s.id)));
+                }
+                if let Some(e) = s.expires_at_ms {
+                    c.expiry.insert((e, slot));
+                }
+                Some(parsed)
+            } else {
+                c.tombstones += 1;
+                None
+            };
+            c.index.insert_slice((&s.vector, i));
+            c.vectors.extend_from_slice(&s.vector);
+            let live = s.live;
+            c.slots.push(Slot {
+                id: if live { s.id } else { String::new() },
+                metadata: if live { s.metadata } else { String::new() },
+                parsed,
+                expires_at_ms: if live { s.expires_at_ms } else { None },
+                updated_ms: s.updated_ms,
+                live,
+            });
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_vector_rejects_bad_input() {
+        assert_eq!(
+            prepare_vector(&[1.0, 2.0], 3, Metric::L2).unwrap_err().code(),
+            "dimension_mismatch"
+        );
+        assert_eq!(
+            prepare_vector(&[f32::NAN, 0.0], 2, Metric::L2).unwrap_err().code(),
+            "invalid_vector"
+        );
+        assert_eq!(
+            prepare_vector(&[f32::INFINITY, 0.0], 2, Metric::Dot).unwrap_err().code(),
+            "invalid_vector"
+        );
+        assert_eq!(
+            prepare_vector(&[0.0, 0.0], 2, Metric::Cosine).unwrap_err().code(),
+            "invalid_vector"
+        );
+        assert!(prepare_vector(&[0.0, 0.0], 2, Metric::L2).is_ok());
+        assert_eq!(
+            prepare_vector(&[3e38, 3e38], 2, Metric::L2).unwrap_err().code(),
+            "invalid_vector"
+        );
+        let v = prepare_vector(&[1e-30, 1e-30], 2, Metric::Cosine).unwrap();
+        assert!((kernel::norm_squared(&v) - 1.0).abs() < 1e-6);
+    }
+}
