@@ -82,7 +82,8 @@ impl Client {
         self.bases.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
-    /// Send `method path?query` with an optional JSON body to the cluster.
+    /// Send `method path?query` with an optional JSON body to the cluster; parse the
+    /// JSON answer.
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -90,6 +91,21 @@ impl Client {
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<T> {
+        let bytes = self
+            .call_raw(method, path, query, body, "application/json")
+            .await?;
+        serde_json::from_slice(&bytes).context("unexpected API response")
+    }
+
+    /// Like [`Client::call`], with a body of `content_type` and the raw answer.
+    async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+        content_type: &str,
+    ) -> anyhow::Result<Vec<u8>> {
         let bases = self.bases();
         let start = self.current.load(Ordering::Relaxed);
         let mut order: Vec<String> = (0..bases.len())
@@ -101,7 +117,7 @@ impl Client {
             let base = order[tried].clone();
             tried += 1;
             match self
-                .try_once(&base, &method, path, query, body.clone())
+                .try_once(&base, &method, path, query, body.clone(), content_type)
                 .await
             {
                 Try::Done(r) => {
@@ -123,14 +139,15 @@ impl Client {
         Err(last_err.unwrap_or_else(|| anyhow!("no API address to try")))
     }
 
-    async fn try_once<T: DeserializeOwned>(
+    async fn try_once(
         &self,
         base: &str,
         method: &Method,
         path: &str,
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
-    ) -> Try<T> {
+        content_type: &str,
+    ) -> Try<Vec<u8>> {
         let mut req = self
             .http
             .request(method.clone(), format!("{base}{path}"))
@@ -140,7 +157,7 @@ impl Client {
         }
         if let Some(b) = body {
             req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::CONTENT_TYPE, content_type)
                 .body(b);
         }
         let resp = match req.send().await {
@@ -164,10 +181,7 @@ impl Client {
             Err(e) => return Try::Done(Err(anyhow::Error::new(e).context("read API response"))),
         };
         if status.is_success() {
-            return Try::Done(
-                serde_json::from_slice(&bytes)
-                    .with_context(|| format!("unexpected API response ({status})")),
-            );
+            return Try::Done(Ok(bytes.to_vec()));
         }
         let err = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(b) => b.error,
@@ -250,6 +264,26 @@ impl Client {
             None => None,
         };
         self.call(method, path, &[], body).await
+    }
+
+    /// `GET /v1/backup`: the backup file's bytes.
+    pub async fn backup(&self) -> anyhow::Result<Vec<u8>> {
+        self.call_raw(Method::GET, "/v1/backup", &[], None, "application/json")
+            .await
+    }
+
+    /// `POST /v1/restore` with a backup file.
+    pub async fn restore(&self, file: Vec<u8>) -> anyhow::Result<serde_json::Value> {
+        let bytes = self
+            .call_raw(
+                Method::POST,
+                "/v1/restore",
+                &[],
+                Some(file),
+                "application/octet-stream",
+            )
+            .await?;
+        serde_json::from_slice(&bytes).context("unexpected API response")
     }
 
     pub async fn status(&self) -> anyhow::Result<StatusView> {

@@ -81,6 +81,22 @@ enum Cmd {
     /// The ReasoningBank: strategies learnt from past successes and failures.
     #[command(subcommand)]
     Patterns(PatternsCmd),
+    /// Write a consistent copy of a running cluster's tasks and memory to a file.
+    Backup {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Seed a new, empty cluster from a `swarm backup` file.
+    Restore {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -631,7 +647,37 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Probe(a) => probe(a).await,
         Cmd::Memory(c) => memory_cmd(c).await,
         Cmd::Patterns(c) => patterns_cmd(c).await,
+        Cmd::Backup { api, out } => {
+            let bytes = api.client()?.backup().await?;
+            write_durably(&out, &bytes)?;
+            println!("wrote {} bytes to {}", bytes.len(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restore { api, from } => {
+            let file = std::fs::read(&from).with_context(|| format!("read {}", from.display()))?;
+            let v = api.client()?.restore(file).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Write `bytes` to `path` via a temp file, fsync, rename: a crash leaves the old file or
+/// the new one, never half of one.
+fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 fn parse_labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {

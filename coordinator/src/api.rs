@@ -27,10 +27,10 @@ use swarm_proto::TaskId;
 use crate::cluster::{
     self, cluster_view, forward_or_refuse, health_check, ready_check, FORWARDED_BY,
 };
-use crate::memory;
 use crate::node::{now_ms, Node};
 use crate::proposer::ProposeError;
 use crate::state::{Op, OpResult, TaskSpec};
+use crate::{backup, memory};
 
 /// Why a request failed; each variant has a stable code and HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +193,8 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/patterns/retrieve", post(memory::retrieve))
         .route("/patterns/judge", post(memory::judge.layer(lead())))
+        .route("/backup", get(backup::backup.layer(lead())))
+        .route("/restore", post(backup::restore.layer(lead())))
         .route(
             "/patterns/consolidate",
             post(memory::consolidate.layer(lead())),
@@ -470,7 +472,7 @@ async fn submit_batch(
 
 /// Make the next read of the local table linearizable: confirm leadership with a quorum
 /// and wait until everything committed before this call is applied here.
-async fn linearizable(node: &Node) -> Result<(), ApiError> {
+pub(crate) async fn linearizable(node: &Node) -> Result<(), ApiError> {
     match node.raft().ensure_linearizable().await {
         Ok(_) => Ok(()),
         Err(openraft::error::RaftError::APIError(

@@ -11,6 +11,7 @@
 //!   no I/O: everything that decides is testable without sockets or clocks.
 
 pub mod api;
+pub mod backup;
 pub mod cluster;
 pub mod memory;
 pub mod metrics;

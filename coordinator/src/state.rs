@@ -79,6 +79,9 @@ pub enum Op {
     /// A write to the vector memory or the ReasoningBank (applied by the replica's
     /// [`MemoryStore`], not the task table).
     Memory(MemoryOp),
+    /// Seed an empty replica from a backup ([`encode_replica`] bytes): tasks and memory.
+    /// Refused unless both the task table and the memory store are empty.
+    Restore { data: Vec<u8> },
 }
 
 /// The result of applying one [`Command`]: one entry per op, in order.
@@ -106,6 +109,16 @@ pub enum OpResult {
     NotFound,
     /// What a memory op did, or why it was refused (identically on every replica).
     Memory(Result<OpOutcome, MemoryFault>),
+    /// A restore: how much it brought back, or why it was refused.
+    Restored(Result<RestoreSummary, String>),
+}
+
+/// What a restore brought back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    pub tasks: u64,
+    pub collections: u64,
+    pub patterns: u64,
 }
 
 /// A refused memory op: the [`swarm_memory::MemoryError`] code and message.
@@ -139,10 +152,37 @@ pub fn apply_command(
                 Op::Memory(m) => {
                     OpResult::Memory(memory.apply(m.clone()).map_err(MemoryFault::from))
                 }
+                Op::Restore { data } => OpResult::Restored(restore(table, memory, data)),
                 other => table.apply_op(other),
             })
             .collect(),
     }
+}
+
+/// Replace an empty replica's state with a backup's. Deterministic: every replica
+/// decodes the same bytes, or refuses for the same reason.
+fn restore(
+    table: &mut TaskTable,
+    memory: &mut MemoryStore,
+    data: &[u8],
+) -> Result<RestoreSummary, String> {
+    if !table.is_empty() || memory.pattern_count() > 0 || !memory.list_collections().is_empty() {
+        return Err(format!(
+            "the cluster already holds {} tasks, {} collections and {} patterns; restore seeds an empty cluster",
+            table.len(),
+            memory.list_collections().len(),
+            memory.pattern_count()
+        ));
+    }
+    let (t, m) = decode_replica(data).map_err(|e| format!("not a usable backup: {e:#}"))?;
+    let summary = RestoreSummary {
+        tasks: t.len() as u64,
+        collections: m.list_collections().len() as u64,
+        patterns: m.pattern_count() as u64,
+    };
+    *table = t;
+    *memory = m;
+    Ok(summary)
 }
 
 /// A replica's snapshot: the task table and the memory store, each in its own encoding.
@@ -328,11 +368,14 @@ impl TaskTable {
 
     fn apply_op(&mut self, op: &Op) -> OpResult {
         match op {
-            // Routed to the memory store by `apply_command`; a bare table has none.
+            // Routed by `apply_command`; a bare table has no memory store.
             Op::Memory(_) => OpResult::Memory(Err(MemoryFault {
                 code: "no_memory_store".into(),
                 message: "memory ops apply to a replica's memory store".into(),
             })),
+            Op::Restore { .. } => OpResult::Restored(Err(
+                "restores apply to a whole replica, not a bare task table".into(),
+            )),
             Op::Submit {
                 spec,
                 now_ms,
@@ -643,6 +686,16 @@ impl TaskTable {
     }
 
     /// Tasks not yet in a final state (what the queue limit counts).
+    /// Tasks in the table, in any state.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether the table holds no task at all.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
     pub fn unfinished(&self) -> u64 {
         self.count(TaskState::Queued) + self.count(TaskState::Running)
     }

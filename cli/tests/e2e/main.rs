@@ -1,5 +1,6 @@
 //! End-to-end tests: real `swarm` processes on loopback.
 
+mod backup;
 mod bad_input;
 mod faults;
 mod harness;

@@ -95,6 +95,16 @@ impl TableHandle {
         f(&guard.memory)
     }
 
+    /// The whole replica (tasks and memory) encoded as one consistent cut, and the log
+    /// position it reflects. Holds the read lock while encoding.
+    pub fn encode_replica(&self) -> anyhow::Result<(Option<LogId>, Vec<u8>)> {
+        let guard = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+        Ok((
+            guard.last_applied,
+            encode_replica(&guard.table, &guard.memory)?,
+        ))
+    }
+
     /// Lock the table for reading.
     pub fn read(&self) -> TableGuard<'_> {
         TableGuard(self.applied.read().unwrap_or_else(PoisonError::into_inner))
