@@ -69,6 +69,13 @@ async fn main() -> anyhow::Result<()> {
         token.clone(),
     );
     let coord = swarm_coordinator::start(cfg).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !coord.node().is_leader() {
+        if Instant::now() > deadline {
+            bail!("the coordinator did not become leader");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let api = format!("http://{}", coord.api_addr);
     let http = reqwest::Client::new();
 
