@@ -76,8 +76,11 @@ pub struct Parts<L> {
     pub api_listener: L,
     /// HTTP to peer APIs (forwarding, node reports); `None` for [`ReqwestPeers`].
     pub peer_http: Option<Arc<dyn PeerHttp>>,
-    /// Run the Raft log's disk I/O on the calling thread ([`RedbLogStore::open_inline`])
-    /// instead of a writer thread: for single-threaded deterministic simulations.
+    /// Keep storage I/O on the calling thread where possible: the Raft log's
+    /// ([`RedbLogStore::open_inline`]), and the snapshot lookup at startup
+    /// ([`raft::InlineStateMachine`]), instead of a writer thread and tokio's blocking
+    /// pool. For single-threaded deterministic simulations, where I/O must complete at a
+    /// point the program fixes.
     pub inline_storage: bool,
 }
 
@@ -149,9 +152,13 @@ where
             .validate()
             .context("raft config")?,
     );
-    let raft = openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm)
-        .await
-        .context("start raft")?;
+    let raft = if inline_storage {
+        let sm = raft::InlineStateMachine(sm);
+        openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm).await
+    } else {
+        openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm).await
+    }
+    .context("start raft")?;
 
     if cfg.bootstrap && !raft.is_initialized().await.context("read raft state")? {
         let mut members = BTreeMap::new();

@@ -11,7 +11,7 @@ use openraft::{
 };
 use swarm_coordinator::raft::sm_store::SNAPSHOT_FILE;
 use swarm_coordinator::raft::types::Entry;
-use swarm_coordinator::raft::{RedbLogStore, StateMachineStore, TypeConfig};
+use swarm_coordinator::raft::{InlineStateMachine, RedbLogStore, StateMachineStore, TypeConfig};
 use swarm_coordinator::state::{Command, CommandResponse, TaskTable};
 use tempfile::TempDir;
 
@@ -33,6 +33,54 @@ fn openraft_storage_suite() {
     if let Err(e) = Suite::test_all(TempStoreBuilder) {
         panic!("openraft storage suite failed: {e}");
     }
+}
+
+/// The same stores in inline mode, as deterministic simulations run them.
+struct InlineStoreBuilder;
+
+impl StoreBuilder<TypeConfig, RedbLogStore, InlineStateMachine, TempDir> for InlineStoreBuilder {
+    async fn build(
+        &self,
+    ) -> Result<(TempDir, RedbLogStore, InlineStateMachine), StorageError<u64>> {
+        let to_err = |e: String| StorageError::from(StorageIOError::write(AnyError::error(e)));
+        let dir = tempfile::tempdir().map_err(|e| to_err(e.to_string()))?;
+        let log = RedbLogStore::open_inline(dir.path()).map_err(|e| to_err(format!("{e:#}")))?;
+        let sm = StateMachineStore::open(dir.path()).map_err(|e| to_err(format!("{e:#}")))?;
+        Ok((dir, log, InlineStateMachine(sm)))
+    }
+}
+
+#[test]
+fn openraft_storage_suite_inline() {
+    if let Err(e) = Suite::test_all(InlineStoreBuilder) {
+        panic!("openraft storage suite failed in inline mode: {e}");
+    }
+}
+
+#[tokio::test]
+async fn inline_writes_are_durable_when_they_return() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = RedbLogStore::open_inline(dir.path()).unwrap();
+        log.blocking_append([
+            blank_ent::<TypeConfig>(1, 0, 0),
+            normal_ent(1, 1),
+            normal_ent(1, 2),
+        ])
+        .await
+        .unwrap();
+        log.save_vote(&Vote::new(1, 0)).await.unwrap();
+        log.save_committed(Some(log_id(1, 0, 1))).await.unwrap();
+        // The committed pointer is written with the next write that has to reach the disk...
+        log.blocking_append([normal_ent(1, 3)]).await.unwrap();
+        // ...so this one, with no write after it, is not (it only needs to be a lower bound).
+        log.save_committed(Some(log_id(1, 0, 3))).await.unwrap();
+    }
+    let mut log = RedbLogStore::open_inline(dir.path()).unwrap();
+    let entries = log.try_get_log_entries(0..).await.unwrap();
+    assert_eq!(index_of(&entries), vec![0, 1, 2, 3]);
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(1, 0)));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 0, 1)));
 }
 
 fn normal_ent(term: u64, index: u64) -> Entry {

@@ -28,10 +28,11 @@
 //! # Inline mode
 //!
 //! [`RedbLogStore::open_inline`] has no writer thread: each write is committed (and fsynced)
-//! on the calling thread before the call returns, and reads run there too instead of on
-//! tokio's blocking pool. That is slower (no group commit, the executor blocks on the disk),
-//! but storage then completes at a point fixed by the program rather than by the OS
-//! scheduler, which a single-threaded deterministic simulation needs to replay a run exactly.
+//! on the calling thread before the call returns (a committed-pointer update waits for the
+//! next write and goes with it), and reads run there too instead of on tokio's blocking
+//! pool. That is slower (no group commit, the executor blocks on the disk), but storage then
+//! completes at a point fixed by the program rather than by the OS scheduler, which a
+//! single-threaded deterministic simulation needs to replay a run exactly.
 
 // The error type of every storage path is openraft's `StorageError`, fixed by its traits;
 // errors are the cold path, so its size does not matter.
@@ -126,9 +127,18 @@ enum Writer {
         tx: Option<mpsc::Sender<WriteOp>>,
         thread: Option<JoinHandle<()>>,
     },
-    /// Inline mode: each write is committed by the caller. After a failed commit every later
-    /// write fails too (held here), as on the writer thread.
-    Inline { failed: Mutex<Option<AnyError>> },
+    /// Inline mode: each write is committed by the caller.
+    Inline(Mutex<Inline>),
+}
+
+/// State of inline mode.
+#[derive(Default)]
+struct Inline {
+    /// After a failed commit every later write fails too, as on the writer thread.
+    failed: Option<AnyError>,
+    /// The newest committed-pointer update, written with the next write that must reach the
+    /// disk anyway (the pointer only needs to be a lower bound).
+    committed: Option<WriteOp>,
 }
 
 impl Drop for Writer {
@@ -229,9 +239,7 @@ impl RedbLogStore {
         if inline {
             return Ok(Self {
                 shared,
-                writer: Arc::new(Writer::Inline {
-                    failed: Mutex::new(None),
-                }),
+                writer: Arc::new(Writer::Inline(Mutex::default())),
             });
         }
 
@@ -264,9 +272,14 @@ impl RedbLogStore {
                 .ok_or_else(|| AnyError::error("log writer closed"))?
                 .send(op)
                 .map_err(|_| AnyError::error("log writer thread has stopped")),
-            Writer::Inline { failed } => {
-                let mut failed = failed.lock().unwrap_or_else(|e| e.into_inner());
-                commit(&self.shared, &mut failed, vec![op]);
+            Writer::Inline(inline) => {
+                let mut inline = inline.lock().unwrap_or_else(|e| e.into_inner());
+                if op.deferrable() {
+                    inline.committed = Some(op);
+                    return Ok(());
+                }
+                let batch = inline.committed.take().into_iter().chain([op]).collect();
+                commit(&self.shared, &mut inline.failed, batch);
                 Ok(())
             }
         }

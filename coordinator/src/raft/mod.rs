@@ -2,15 +2,19 @@
 //!
 //! * [`types`]: the openraft [`TypeConfig`] and the node address type [`NodeAddr`].
 //! * [`log_store`]: [`RedbLogStore`], the durable log (redb, fsync per group commit).
-//! * [`sm_store`]: [`StateMachineStore`], the in-memory task table plus snapshot files.
+//! * [`sm_store`]: [`StateMachineStore`], the in-memory task table plus snapshot files;
+//!   [`inline_sm`]: a wrapper that skips the blocking pool when there is no snapshot
+//!   (deterministic simulations).
 //! * [`network`]: Raft RPCs over mutual-TLS QUIC ([`QuicRaftNetwork`],
 //!   [`serve_raft_connection`]).
 
+pub mod inline_sm;
 pub mod log_store;
 pub mod network;
 pub mod sm_store;
 pub mod types;
 
+pub use inline_sm::InlineStateMachine;
 pub use log_store::{RedbLogReader, RedbLogStore};
 pub use network::{serve_raft_connection, QuicRaftClient, QuicRaftNetwork};
 pub use sm_store::{StateMachineStore, TableGuard, TableHandle};

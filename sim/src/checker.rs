@@ -1,0 +1,407 @@
+//! Client histories and the checker that judges them.
+//!
+//! A [`History`] is what clients saw: every submit and every read with the (simulated)
+//! time it was invoked and completed and what came back, plus a final [`Audit`] of the
+//! whole task table taken after the faults healed. [`check`] returns every
+//! [`Violation`] of the guarantees swarm makes:
+//!
+//! * **durability** — an acknowledged submit names a task that exists at the end and has
+//!   reached a final state (nothing acknowledged is lost, and the cluster recovers);
+//! * **idempotency** — all acknowledgements of one idempotency key name one task, and
+//!   the table holds at most one task per key;
+//! * **integrity** — every task in the table was submitted by some client (its key was
+//!   sent), has at most one successful attempt, and a succeeded echo task's output is its
+//!   payload;
+//! * **linearizable reads** — a read invoked after a submit was acknowledged finds the
+//!   task, and once a read returned a final state, every read invoked after that read
+//!   completed (the audit included) returns the same state.
+//!
+//! Outcomes a client cannot know (timeouts, connection failures, 5xx answers) are recorded
+//! as unknown and never count as failures: an unknown submit may or may not have created
+//! its task, an unknown read says nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+/// Simulated time since the start of a run.
+pub type At = Duration;
+
+/// Final task states: once in one, a task never changes again.
+pub const FINAL_STATES: [&str; 4] = ["succeeded", "failed", "cancelled", "dead_lettered"];
+
+/// Whether `state` (as the API spells it) is final.
+pub fn is_final(state: &str) -> bool {
+    FINAL_STATES.contains(&state)
+}
+
+/// What a submit came back with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SubmitResult {
+    /// 2xx: the task with this id exists and is durable.
+    Acked { id: u64 },
+    /// 4xx: refused, nothing changed.
+    Refused { status: u16 },
+    /// Timeout, connection failure or 5xx: it may or may not have happened.
+    Unknown { reason: String },
+}
+
+/// One submit as a client saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Submit {
+    pub client: String,
+    pub key: String,
+    pub invoked: At,
+    pub completed: At,
+    pub result: SubmitResult,
+}
+
+/// What a read of one task came back with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ReadResult {
+    /// 200 with the task in this state.
+    Found { state: String },
+    /// 404.
+    NotFound,
+    /// Timeout, connection failure or any other answer.
+    Unknown { reason: String },
+}
+
+/// One read (`GET /v1/tasks/{id}`) as a client saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Read {
+    pub client: String,
+    pub id: u64,
+    pub invoked: At,
+    pub completed: At,
+    pub result: ReadResult,
+}
+
+/// A task as the final audit found it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskRecord {
+    pub id: u64,
+    pub key: Option<String>,
+    pub agent: String,
+    pub state: String,
+    /// The payload as text (`None` when shown as base64).
+    pub payload: Option<String>,
+    /// The result as text, if any.
+    pub output: Option<String>,
+    pub attempts: usize,
+    pub succeeded_attempts: usize,
+}
+
+/// The final look at the whole table, after the faults healed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Audit {
+    /// Every task, read (linearizably, from the leader) in a listing invoked at `invoked`
+    /// and completed at `completed`, once all acknowledged tasks were final.
+    Complete {
+        invoked: At,
+        completed: At,
+        tasks: Vec<TaskRecord>,
+    },
+    /// The cluster never answered with a table in which every acknowledged task is final.
+    Incomplete { reason: String },
+}
+
+/// Everything the clients saw in one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct History {
+    pub submits: Vec<Submit>,
+    pub reads: Vec<Read>,
+    pub audit: Option<Audit>,
+}
+
+/// A broken guarantee, with what shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    /// No audit could be taken, or it never showed every acknowledged task final.
+    NoAudit { reason: String },
+    /// An acknowledged task is missing from the final table.
+    LostAck { key: String, id: u64 },
+    /// An acknowledged task never reached a final state.
+    NotFinal { key: String, id: u64, state: String },
+    /// One idempotency key acknowledged as two tasks, or two tasks in the table for one key.
+    KeyTwoTasks { key: String, ids: Vec<u64> },
+    /// An acknowledgement names a task that carries another key.
+    WrongKey {
+        id: u64,
+        acked_key: String,
+        task_key: Option<String>,
+    },
+    /// A task in the table no client ever submitted.
+    Unsubmitted { id: u64, key: Option<String> },
+    /// More than one attempt of a task succeeded, or a succeeded task has none.
+    ResultCount {
+        id: u64,
+        state: String,
+        succeeded_attempts: usize,
+    },
+    /// A succeeded echo task whose output is not its payload.
+    WrongResult {
+        id: u64,
+        payload: Option<String>,
+        output: Option<String>,
+    },
+    /// A read invoked after the task's submit was acknowledged did not find it.
+    ReadMissedAck { id: u64, acked_at: At, read: Read },
+    /// A read invoked after another read saw a final state saw something else.
+    StaleRead { id: u64, earlier: Read, later: Read },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::NoAudit { reason } => {
+                write!(f, "the cluster did not recover after the faults healed: {reason}")
+            }
+            Violation::LostAck { key, id } => {
+                write!(f, "acknowledged task {id} (key {key}) is missing from the final table")
+            }
+            Violation::NotFinal { key, id, state } => write!(
+                f,
+                "acknowledged task {id} (key {key}) never became final: still {state}"
+            ),
+            Violation::KeyTwoTasks { key, ids } => {
+                write!(f, "idempotency key {key} names several tasks: {ids:?}")
+            }
+            Violation::WrongKey {
+                id,
+                acked_key,
+                task_key,
+            } => write!(
+                f,
+                "submit of key {acked_key} acknowledged as task {id}, which has key {task_key:?}"
+            ),
+            Violation::Unsubmitted { id, key } => {
+                write!(f, "task {id} (key {key:?}) was never submitted by any client")
+            }
+            Violation::ResultCount {
+                id,
+                state,
+                succeeded_attempts,
+            } => write!(
+                f,
+                "task {id} is {state} with {succeeded_attempts} succeeded attempts"
+            ),
+            Violation::WrongResult {
+                id,
+                payload,
+                output,
+            } => write!(
+                f,
+                "echo task {id} succeeded with output {output:?} for payload {payload:?}"
+            ),
+            Violation::ReadMissedAck { id, acked_at, read } => write!(
+                f,
+                "task {id} acknowledged at {acked_at:?}, but a read invoked at {:?} by {} got {:?}",
+                read.invoked, read.client, read.result
+            ),
+            Violation::StaleRead { id, earlier, later } => write!(
+                f,
+                "task {id}: a read completed at {:?} ({}) saw {:?}, a read invoked later at {:?} ({}) saw {:?}",
+                earlier.completed,
+                earlier.client,
+                earlier.result,
+                later.invoked,
+                later.client,
+                later.result
+            ),
+        }
+    }
+}
+
+/// Check `h` against every guarantee; empty when all hold.
+pub fn check(h: &History) -> Vec<Violation> {
+    let mut out = Vec::new();
+
+    // Idempotency across acknowledgements.
+    let mut acked: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    // Earliest completed acknowledgement of each id, with its key.
+    let mut first_ack: BTreeMap<u64, (At, &str)> = BTreeMap::new();
+    for s in &h.submits {
+        if let SubmitResult::Acked { id } = s.result {
+            acked.entry(&s.key).or_default().insert(id);
+            let e = first_ack.entry(id).or_insert((s.completed, &s.key));
+            if s.completed < e.0 {
+                *e = (s.completed, &s.key);
+            }
+        }
+    }
+    for (key, ids) in &acked {
+        if ids.len() > 1 {
+            out.push(Violation::KeyTwoTasks {
+                key: key.to_string(),
+                ids: ids.iter().copied().collect(),
+            });
+        }
+    }
+    for (id, (_, key)) in &first_ack {
+        let other: Vec<&str> = h
+            .submits
+            .iter()
+            .filter(|s| s.result == SubmitResult::Acked { id: *id } && s.key != *key)
+            .map(|s| s.key.as_str())
+            .collect();
+        if let Some(k) = other.first() {
+            out.push(Violation::WrongKey {
+                id: *id,
+                acked_key: k.to_string(),
+                task_key: Some(key.to_string()),
+            });
+        }
+    }
+
+    // Reads, with the audit's view of every task as one more read at its time.
+    let mut reads: BTreeMap<u64, Vec<Read>> = BTreeMap::new();
+    for r in &h.reads {
+        reads.entry(r.id).or_default().push(r.clone());
+    }
+
+    match &h.audit {
+        None => out.push(Violation::NoAudit {
+            reason: "no audit was taken".into(),
+        }),
+        Some(Audit::Incomplete { reason }) => out.push(Violation::NoAudit {
+            reason: reason.clone(),
+        }),
+        Some(Audit::Complete {
+            invoked,
+            completed,
+            tasks,
+        }) => {
+            check_table(h, &acked, tasks, &mut out);
+            let listed: BTreeSet<u64> = tasks.iter().map(|t| t.id).collect();
+            for t in tasks {
+                reads.entry(t.id).or_default().push(Read {
+                    client: "audit".into(),
+                    id: t.id,
+                    invoked: *invoked,
+                    completed: *completed,
+                    result: ReadResult::Found {
+                        state: t.state.clone(),
+                    },
+                });
+            }
+            // An acknowledged task the listing does not show is a read that missed it.
+            for id in first_ack.keys().filter(|id| !listed.contains(id)) {
+                reads.entry(*id).or_default().push(Read {
+                    client: "audit".into(),
+                    id: *id,
+                    invoked: *invoked,
+                    completed: *completed,
+                    result: ReadResult::NotFound,
+                });
+            }
+        }
+    }
+
+    for (id, rs) in &reads {
+        if let Some((acked_at, _)) = first_ack.get(id) {
+            for r in rs {
+                if r.invoked > *acked_at && r.result == ReadResult::NotFound && r.client != "audit"
+                {
+                    out.push(Violation::ReadMissedAck {
+                        id: *id,
+                        acked_at: *acked_at,
+                        read: r.clone(),
+                    });
+                }
+            }
+        }
+        for a in rs {
+            let ReadResult::Found { state } = &a.result else {
+                continue;
+            };
+            if !is_final(state) {
+                continue;
+            }
+            // The first later read that disagrees is enough to show the violation.
+            if let Some(b) = rs.iter().find(|b| {
+                b.invoked > a.completed
+                    && !matches!(&b.result, ReadResult::Unknown { .. })
+                    && b.result != a.result
+            }) {
+                out.push(Violation::StaleRead {
+                    id: *id,
+                    earlier: a.clone(),
+                    later: b.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The audit's table against the acknowledgements and the submitted keys.
+fn check_table(
+    h: &History,
+    acked: &BTreeMap<&str, BTreeSet<u64>>,
+    tasks: &[TaskRecord],
+    out: &mut Vec<Violation>,
+) {
+    let submitted: BTreeSet<&str> = h.submits.iter().map(|s| s.key.as_str()).collect();
+    let by_id: BTreeMap<u64, &TaskRecord> = tasks.iter().map(|t| (t.id, t)).collect();
+    let mut by_key: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for t in tasks {
+        match t.key.as_deref() {
+            Some(k) if submitted.contains(k) => by_key.entry(k).or_default().push(t.id),
+            _ => out.push(Violation::Unsubmitted {
+                id: t.id,
+                key: t.key.clone(),
+            }),
+        }
+        let expected = usize::from(t.state == "succeeded");
+        if t.succeeded_attempts > 1 || (t.state == "succeeded" && t.succeeded_attempts != expected)
+        {
+            out.push(Violation::ResultCount {
+                id: t.id,
+                state: t.state.clone(),
+                succeeded_attempts: t.succeeded_attempts,
+            });
+        }
+        if t.state == "succeeded" && t.agent == "echo" && t.output != t.payload {
+            out.push(Violation::WrongResult {
+                id: t.id,
+                payload: t.payload.clone(),
+                output: t.output.clone(),
+            });
+        }
+    }
+    for (key, ids) in &by_key {
+        if ids.len() > 1 {
+            out.push(Violation::KeyTwoTasks {
+                key: key.to_string(),
+                ids: ids.clone(),
+            });
+        }
+    }
+    for (key, ids) in acked {
+        for id in ids {
+            match by_id.get(id) {
+                None => out.push(Violation::LostAck {
+                    key: key.to_string(),
+                    id: *id,
+                }),
+                Some(t) => {
+                    if t.key.as_deref() != Some(*key) {
+                        out.push(Violation::WrongKey {
+                            id: *id,
+                            acked_key: key.to_string(),
+                            task_key: t.key.clone(),
+                        });
+                    }
+                    if !is_final(&t.state) {
+                        out.push(Violation::NotFinal {
+                            key: key.to_string(),
+                            id: *id,
+                            state: t.state.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The checker catches fabricated violations, and accepts what is allowed.
+
+use std::time::Duration;
+
+use swarm_sim::checker::{
+    check, Audit, History, Read, ReadResult, Submit, SubmitResult, TaskRecord, Violation,
+};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn submit(key: &str, invoked: u64, completed: u64, result: SubmitResult) -> Submit {
+    Submit {
+        client: "client".into(),
+        key: key.into(),
+        invoked: ms(invoked),
+        completed: ms(completed),
+        result,
+    }
+}
+
+fn acked(key: &str, invoked: u64, completed: u64, id: u64) -> Submit {
+    submit(key, invoked, completed, SubmitResult::Acked { id })
+}
+
+fn unknown(key: &str, invoked: u64, completed: u64) -> Submit {
+    submit(
+        key,
+        invoked,
+        completed,
+        SubmitResult::Unknown {
+            reason: "timed out".into(),
+        },
+    )
+}
+
+fn read(id: u64, invoked: u64, completed: u64, result: ReadResult) -> Read {
+    Read {
+        client: "reader".into(),
+        id,
+        invoked: ms(invoked),
+        completed: ms(completed),
+        result,
+    }
+}
+
+fn found(state: &str) -> ReadResult {
+    ReadResult::Found {
+        state: state.into(),
+    }
+}
+
+/// A succeeded echo task for `key`.
+fn task(id: u64, key: &str) -> TaskRecord {
+    let payload = format!("{{\"key\":\"{key}\"}}");
+    TaskRecord {
+        id,
+        key: Some(key.into()),
+        agent: "echo".into(),
+        state: "succeeded".into(),
+        payload: Some(payload.clone()),
+        output: Some(payload),
+        attempts: 1,
+        succeeded_attempts: 1,
+    }
+}
+
+fn audit(tasks: Vec<TaskRecord>) -> Option<Audit> {
+    Some(Audit::Complete {
+        invoked: ms(100_000),
+        completed: ms(100_100),
+        tasks,
+    })
+}
+
+/// Two keys, retries, an unknown outcome that did create its task, one that did not,
+/// reads during and after: everything allowed.
+fn good() -> History {
+    History {
+        submits: vec![
+            unknown("a", 0, 3000),
+            acked("a", 3100, 3200, 1),
+            acked("a", 3300, 3400, 1),
+            acked("b", 10, 20, 2),
+            unknown("c", 30, 3030),
+        ],
+        reads: vec![
+            read(1, 3500, 3510, found("queued")),
+            read(1, 3600, 3610, found("running")),
+            read(
+                1,
+                3700,
+                6710,
+                ReadResult::Unknown {
+                    reason: "timed out".into(),
+                },
+            ),
+            read(1, 4000, 4010, found("succeeded")),
+            read(1, 5000, 5010, found("succeeded")),
+            // Concurrent with the ack of task 2: may miss it.
+            read(2, 15, 25, ReadResult::NotFound),
+            read(2, 30, 40, found("queued")),
+        ],
+        audit: audit(vec![task(1, "a"), task(2, "b")]),
+    }
+}
+
+#[test]
+fn an_allowed_history_passes() {
+    assert_eq!(check(&good()), vec![]);
+}
+
+#[test]
+fn an_unknown_submit_may_have_created_its_task() {
+    let mut h = good();
+    if let Some(Audit::Complete { tasks, .. }) = &mut h.audit {
+        tasks.push(task(3, "c"));
+    }
+    assert_eq!(check(&h), vec![]);
+}
+
+#[test]
+fn a_lost_acknowledged_task_is_caught() {
+    let mut h = good();
+    h.audit = audit(vec![task(1, "a")]);
+    let v = check(&h);
+    assert!(
+        v.iter()
+            .any(|v| matches!(v, Violation::LostAck { id: 2, key } if key == "b")),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn an_acknowledged_task_that_never_finishes_is_caught() {
+    let mut h = good();
+    let mut t = task(2, "b");
+    t.state = "running".into();
+    t.output = None;
+    t.succeeded_attempts = 0;
+    h.audit = audit(vec![task(1, "a"), t]);
+    let v = check(&h);
+    assert!(
+        v.iter()
+            .any(|v| matches!(v, Violation::NotFinal { id: 2, .. })),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn no_audit_is_a_violation() {
+    let mut h = good();
+    h.audit = Some(Audit::Incomplete {
+        reason: "no leader".into(),
+    });
+    assert!(matches!(&check(&h)[..], [Violation::NoAudit { .. }]));
+    h.audit = None;
+    assert!(matches!(&check(&h)[..], [Violation::NoAudit { .. }]));
+}
+
+#[test]
+fn a_double_result_is_caught() {
+    let mut h = good();
+    let mut t = task(1, "a");
+    t.attempts = 2;
+    t.succeeded_attempts = 2;
+    h.audit = audit(vec![t, task(2, "b")]);
+    let v = check(&h);
+    assert!(
+        v.iter().any(|v| matches!(
+            v,
+            Violation::ResultCount {
+                id: 1,
+                succeeded_attempts: 2,
+                ..
+            }
+        )),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_wrong_result_is_caught() {
+    let mut h = good();
+    let mut t = task(1, "a");
+    t.output = Some("{\"key\":\"b\"}".into());
+    h.audit = audit(vec![t, task(2, "b")]);
+    let v = check(&h);
+    assert!(
+        v.iter()
+            .any(|v| matches!(v, Violation::WrongResult { id: 1, .. })),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_task_nobody_submitted_is_caught() {
+    let mut h = good();
+    h.audit = audit(vec![task(1, "a"), task(2, "b"), task(9, "zzz")]);
+    let v = check(&h);
+    assert!(
+        v.iter()
+            .any(|v| matches!(v, Violation::Unsubmitted { id: 9, .. })),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn one_key_two_tasks_is_caught() {
+    // Acknowledged twice with different ids.
+    let mut h = good();
+    h.submits.push(acked("a", 3500, 3600, 7));
+    let v = check(&h);
+    assert!(
+        v.iter().any(
+            |v| matches!(v, Violation::KeyTwoTasks { key, ids } if key == "a" && ids == &vec![1, 7])
+        ),
+        "{v:?}"
+    );
+    // Or two tasks with one key in the table.
+    let mut h = good();
+    h.audit = audit(vec![task(1, "a"), task(2, "b"), task(3, "a")]);
+    let v = check(&h);
+    assert!(
+        v.iter()
+            .any(|v| matches!(v, Violation::KeyTwoTasks { key, .. } if key == "a")),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_stale_read_is_caught() {
+    // After a read saw the task succeeded, a later read sees it queued again.
+    let mut h = good();
+    h.reads.push(read(1, 5100, 5110, found("queued")));
+    let v = check(&h);
+    assert!(
+        v.iter().any(|v| matches!(
+            v,
+            Violation::StaleRead { id: 1, earlier, later }
+                if earlier.result == found("succeeded") && later.result == found("queued")
+        )),
+        "{v:?}"
+    );
+    // Or the final audit disagrees with a final state a read saw.
+    let mut h = good();
+    let mut t = task(1, "a");
+    t.state = "failed".into();
+    t.succeeded_attempts = 0;
+    t.output = None;
+    h.audit = audit(vec![t, task(2, "b")]);
+    let v = check(&h);
+    assert!(
+        v.iter().any(
+            |v| matches!(v, Violation::StaleRead { id: 1, later, .. } if later.client == "audit")
+        ),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn overlapping_reads_may_disagree() {
+    // The second read started before the first completed: either order is linearizable.
+    let mut h = good();
+    h.reads.push(read(1, 3950, 4100, found("running")));
+    assert_eq!(check(&h), vec![]);
+}
+
+#[test]
+fn a_read_after_the_ack_that_misses_the_task_is_caught() {
+    let mut h = good();
+    h.reads.push(read(2, 21, 30, ReadResult::NotFound));
+    let v = check(&h);
+    assert!(
+        v.iter()
+            .any(|v| matches!(v, Violation::ReadMissedAck { id: 2, .. })),
+        "{v:?}"
+    );
+}
