@@ -1,6 +1,5 @@
 //! One vector collection: stored points (the replicated data) and its HNSW graph (derived).
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 
@@ -9,6 +8,7 @@ use hnsw_rs::hnsw::Hnsw;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MemoryError, Result};
+use crate::graph::{Cand, FlatGraph};
 use crate::kernel::{self, IndexDistance};
 use crate::metadata::{self, MetaMap, MetadataFilter};
 use crate::store::StoreConfig;
@@ -211,6 +211,23 @@ pub struct CollectionInfo {
     pub created_ms: u64,
 }
 
+/// Shape of a collection's HNSW graph (as last copied for search), for diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphStats {
+    /// Slots in the graph (live and tombstoned).
+    pub slots: usize,
+    /// Slots covered by the copy searched (the rest are scanned exactly).
+    pub copied_slots: usize,
+    /// Of those, how many a search starting at the entry point can reach on layer 0.
+    /// hnsw_rs does not guarantee connectivity; unreachable nodes are found only by the
+    /// exact fallback.
+    pub reachable: usize,
+    /// Directed layer-0 edges.
+    pub layer0_edges: usize,
+    /// Highest layer (0-based).
+    pub top_layer: usize,
+}
+
 /// Counts of an upsert.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct UpsertStats {
@@ -260,6 +277,8 @@ pub(crate) struct CollectionRecord {
     pub created_ms: u64,
     pub generation: u64,
     pub slots: Vec<SlotRecord>,
+    /// Slots covered by the flat graph copy when the snapshot was taken.
+    pub flat_slots: u64,
 }
 
 /// A vector collection.
@@ -269,6 +288,11 @@ pub(crate) struct CollectionRecord {
 /// turns its slot into a tombstone (hnsw_rs cannot delete); tombstones keep their vector
 /// so the graph can be rebuilt identically from the slot sequence, and are dropped when
 /// the index is rebuilt.
+///
+/// Searches run on `flat`, a copy of the graph's adjacency ([`FlatGraph`]), plus an exact
+/// scan of the slots inserted since the copy was taken. The write path refreshes the copy
+/// once that tail reaches [`delta_limit`] slots — a deterministic point in the op
+/// sequence, recorded in snapshots, so every replica searches the same copy.
 pub(crate) struct Collection {
     name: String,
     spec: CollectionSpec,
@@ -281,6 +305,7 @@ pub(crate) struct Collection {
     expiry: BTreeSet<(u64, u32)>,
     tombstones: usize,
     index: Hnsw<'static, f32, IndexDistance>,
+    flat: FlatGraph,
 }
 
 impl fmt::Debug for Collection {
@@ -293,6 +318,11 @@ impl fmt::Debug for Collection {
             .field("generation", &self.generation)
             .finish()
     }
+}
+
+/// Most slots searched by exact scan after the flat graph copy before it is refreshed.
+pub(crate) fn delta_limit(slots: usize) -> usize {
+    (slots / 32).clamp(128, 2048)
 }
 
 fn new_index(spec: &CollectionSpec, capacity: usize) -> Hnsw<'static, f32, IndexDistance> {
@@ -353,29 +383,11 @@ pub(crate) fn validate_id(id: &str, max_bytes: usize) -> Result<()> {
         )));
     }
     if id.chars().any(char::is_control) {
-        return Err(MemoryError::InvalidId("id contains control characters".into()));
+        return Err(MemoryError::InvalidId(
+            "id contains control characters".into(),
+        ));
     }
     Ok(())
-}
-
-/// Heap entry ordered by (distance, slot); used for exact top-k.
-#[derive(Clone, Copy)]
-struct Cand(f32, u32);
-impl PartialEq for Cand {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Cand {}
-impl PartialOrd for Cand {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Cand {
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
-    }
 }
 
 struct VisibleFilter<'a> {
@@ -390,8 +402,9 @@ impl FilterT for VisibleFilter<'_> {
     }
 }
 
-/// Searches without a user filter post-filter dead points with over-fetching as long as
-/// at most this many points can be dead; beyond that the filter runs inside the search.
+/// hnsw_rs' own search (reference path): without a user filter, dead points are
+/// post-filtered with over-fetching as long as at most this many can be dead; beyond that
+/// the filter runs inside hnsw_rs' search.
 const MAX_OVERFETCH: usize = 64;
 
 impl Collection {
@@ -408,6 +421,7 @@ impl Collection {
             expiry: BTreeSet::new(),
             tombstones: 0,
             index,
+            flat: FlatGraph::default(),
         }
     }
 
@@ -417,6 +431,17 @@ impl Collection {
 
     pub(crate) fn live_len(&self) -> usize {
         self.by_id.len()
+    }
+
+    pub(crate) fn graph_stats(&self) -> GraphStats {
+        let (layer0_edges, top_layer, reachable) = self.flat.stats();
+        GraphStats {
+            slots: self.slots.len(),
+            copied_slots: self.flat.slots(),
+            reachable,
+            layer0_edges,
+            top_layer,
+        }
     }
 
     pub(crate) fn info(&self) -> CollectionInfo {
@@ -540,7 +565,16 @@ impl Collection {
             }
             self.push_slot(p, now_ms);
         }
+        self.refresh_flat_if_due();
         stats
+    }
+
+    /// Re-copies the graph once the exactly-scanned tail reaches [`delta_limit`].
+    fn refresh_flat_if_due(&mut self) {
+        let n = self.slots.len();
+        if n - self.flat.slots() >= delta_limit(n) {
+            self.flat = FlatGraph::extract(&self.index, n);
+        }
     }
 
     fn push_slot(&mut self, p: PreparedPoint, now_ms: u64) {
@@ -614,7 +648,10 @@ impl Collection {
         if t == 0 {
             return false;
         }
-        if live == 0 || (t >= cfg.rebuild_min_tombstones && t as f64 > cfg.rebuild_tombstone_ratio * live as f64) {
+        if live == 0
+            || (t >= cfg.rebuild_min_tombstones
+                && t as f64 > cfg.rebuild_tombstone_ratio * live as f64)
+        {
             self.rebuild();
             true
         } else {
@@ -650,12 +687,78 @@ impl Collection {
             self.by_id.insert(s.id.clone(), slot);
             self.slots.push(s);
         }
+        self.flat = FlatGraph::extract(&self.index, self.slots.len());
         removed
     }
 
     /// Approximate k-NN over visible points. `query` must be prepared (validated and, for
     /// cosine, normalised). Returns (slot, index distance), closest first, ties by slot.
+    ///
+    /// Searches the flat graph copy (filter applied during the traversal), scans the slots
+    /// inserted since the copy exactly, and falls back to an exact scan if that yields
+    /// fewer than `k` visible points.
     pub(crate) fn search_slots(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: Option<&MetadataFilter>,
+        now_ms: u64,
+    ) -> Vec<(u32, f32)> {
+        let live = self.by_id.len();
+        if live == 0 || k == 0 {
+            return Vec::new();
+        }
+        let ef = ef.max(k);
+        let filter = filter.filter(|f| !f.all.is_empty());
+        let metric = self.spec.metric.index_distance();
+        let dist = |q: &[f32], slot: u32| metric.eval_portable(q, self.vector(slot));
+        let visible = |slot: u32| self.visible(slot as usize, now_ms, filter);
+        let d = self.spec.dimension;
+        let touch = |slot: u32| {
+            let v = &self.vectors[slot as usize * d..(slot as usize + 1) * d];
+            for x in v.iter().step_by(16) {
+                std::hint::black_box(*x);
+            }
+        };
+        let mut best = self.flat.search(query, ef, dist, visible, touch);
+        best.sort_unstable();
+        best.truncate(k);
+        // The tail not yet in the copy: keep the k best of graph results and tail.
+        let mut heap: BinaryHeap<Cand> = best.into_iter().collect();
+        for slot in self.flat.slots()..self.slots.len() {
+            let slot = slot as u32;
+            if !visible(slot) {
+                continue;
+            }
+            let c = Cand(dist(query, slot), slot);
+            if heap.len() < k {
+                heap.push(c);
+            } else if heap.peek().is_some_and(|top| c < *top) {
+                heap.pop();
+                heap.push(c);
+            }
+        }
+        let hits: Vec<(u32, f32)> = heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|c| (c.1, c.0))
+            .collect();
+        if hits.len() < k && hits.len() < live {
+            // Fewer than k found: either fewer than k points match, or the search could
+            // not reach them (HNSW graphs are not guaranteed connected, and a selective
+            // filter can strand the beam). Settle it exactly.
+            let exact = self.exact_slots(query, k, filter, now_ms);
+            if exact.len() > hits.len() {
+                return exact;
+            }
+        }
+        hits
+    }
+
+    /// The same query through hnsw_rs' own `search`/`search_filter` on the same graph —
+    /// the reference path the flat search is measured against. Same output shape.
+    pub(crate) fn search_slots_hnsw_rs(
         &self,
         query: &[f32],
         k: usize,
@@ -737,7 +840,10 @@ impl Collection {
                 }
             }
         }
-        heap.into_sorted_vec().into_iter().map(|c| (c.1, c.0)).collect()
+        heap.into_sorted_vec()
+            .into_iter()
+            .map(|c| (c.1, c.0))
+            .collect()
     }
 
     /// Turns (slot, _) results into hits with user-facing distances, ordered by distance
@@ -754,7 +860,11 @@ impl Collection {
                 }
             })
             .collect();
-        hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then_with(|| a.id.cmp(&b.id)));
+        hits.sort_by(|a, b| {
+            a.distance
+                .total_cmp(&b.distance)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         hits
     }
 
@@ -778,13 +888,15 @@ impl Collection {
             created_ms: self.created_ms,
             generation: self.generation,
             slots,
+            flat_slots: self.flat.slots() as u64,
         }
     }
 
     /// Rebuilds a collection from its record, re-inserting every slot (tombstones too)
     /// in order, which reproduces the graph of the replica the record was taken from.
     pub(crate) fn from_record(rec: CollectionRecord, cfg: &StoreConfig) -> Result<Collection> {
-        let bad = |m: String| MemoryError::InvalidSnapshot(format!("collection `{}`: {m}", rec.name));
+        let bad =
+            |m: String| MemoryError::InvalidSnapshot(format!("collection `{}`: {m}", rec.name));
         rec.spec.validate(cfg).map_err(|e| bad(e.to_string()))?;
         let d = rec.spec.dimension;
         let mut c = Collection {
@@ -798,10 +910,15 @@ impl Collection {
             expiry: BTreeSet::new(),
             tombstones: 0,
             index: new_index(&rec.spec, rec.slots.len()),
+            flat: FlatGraph::default(),
         };
         if rec.slots.len() > u32::MAX as usize {
             return Err(bad("too many slots".into()));
         }
+        if rec.flat_slots > rec.slots.len() as u64 {
+            return Err(bad("flat graph covers more slots than exist".into()));
+        }
+        let flat_slots = rec.flat_slots as usize;
         for (i, s) in rec.slots.into_iter().enumerate() {
             if s.vector.len() != d {
                 return Err(bad(format!("slot {i} has dimension {}", s.vector.len())));
@@ -816,8 +933,9 @@ impl Collection {
             let slot = i as u32;
             let parsed = if s.live {
                 validate_id(&s.id, cfg.max_id_bytes).map_err(|e| bad(e.to_string()))?;
-                let (canonical, parsed) = metadata::canonicalize(&s.metadata, cfg.max_metadata_bytes)
-                    .map_err(|e| bad(e.to_string()))?;
+                let (canonical, parsed) =
+                    metadata::canonicalize(&s.metadata, cfg.max_metadata_bytes)
+                        .map_err(|e| bad(e.to_string()))?;
                 if canonical != s.metadata {
                     return Err(bad(format!("slot {i} metadata is not canonical")));
                 }
@@ -833,6 +951,10 @@ impl Collection {
                 None
             };
             c.index.insert_slice((&s.vector, i));
+            if i + 1 == flat_slots {
+                // The replica this came from copied its graph at exactly this point.
+                c.flat = FlatGraph::extract(&c.index, flat_slots);
+            }
             c.vectors.extend_from_slice(&s.vector);
             let live = s.live;
             c.slots.push(Slot {
@@ -855,24 +977,34 @@ mod tests {
     #[test]
     fn prepare_vector_rejects_bad_input() {
         assert_eq!(
-            prepare_vector(&[1.0, 2.0], 3, Metric::L2).unwrap_err().code(),
+            prepare_vector(&[1.0, 2.0], 3, Metric::L2)
+                .unwrap_err()
+                .code(),
             "dimension_mismatch"
         );
         assert_eq!(
-            prepare_vector(&[f32::NAN, 0.0], 2, Metric::L2).unwrap_err().code(),
+            prepare_vector(&[f32::NAN, 0.0], 2, Metric::L2)
+                .unwrap_err()
+                .code(),
             "invalid_vector"
         );
         assert_eq!(
-            prepare_vector(&[f32::INFINITY, 0.0], 2, Metric::Dot).unwrap_err().code(),
+            prepare_vector(&[f32::INFINITY, 0.0], 2, Metric::Dot)
+                .unwrap_err()
+                .code(),
             "invalid_vector"
         );
         assert_eq!(
-            prepare_vector(&[0.0, 0.0], 2, Metric::Cosine).unwrap_err().code(),
+            prepare_vector(&[0.0, 0.0], 2, Metric::Cosine)
+                .unwrap_err()
+                .code(),
             "invalid_vector"
         );
         assert!(prepare_vector(&[0.0, 0.0], 2, Metric::L2).is_ok());
         assert_eq!(
-            prepare_vector(&[3e38, 3e38], 2, Metric::L2).unwrap_err().code(),
+            prepare_vector(&[3e38, 3e38], 2, Metric::L2)
+                .unwrap_err()
+                .code(),
             "invalid_vector"
         );
         let v = prepare_vector(&[1e-30, 1e-30], 2, Metric::Cosine).unwrap();

@@ -115,7 +115,9 @@ pub fn parse_memory_items(
     max_items: usize,
 ) -> Result<Vec<DistilledItem>> {
     let Value::Array(entries) = value else {
-        return Err(MemoryError::Distill("memory_items must be a JSON array".into()));
+        return Err(MemoryError::Distill(
+            "memory_items must be a JSON array".into(),
+        ));
     };
     let mut out = Vec::new();
     for (i, e) in entries.iter().take(max_items).enumerate() {
@@ -129,7 +131,9 @@ pub fn parse_memory_items(
         let outcome = match &item.outcome {
             None => default_outcome,
             Some(s) => Outcome::parse(s).ok_or_else(|| {
-                MemoryError::Distill(format!("memory_items[{i}]: outcome `{s}` is not success/failure"))
+                MemoryError::Distill(format!(
+                    "memory_items[{i}]: outcome `{s}` is not success/failure"
+                ))
             })?,
         };
         out.push(DistilledItem {
@@ -209,19 +213,61 @@ pub fn classify_error(error: &str) -> &'static str {
         "tls",
     ]) {
         "network"
-    } else if has(&["permission denied", "forbidden", "unauthorized", "access denied", "eacces"]) {
+    } else if has(&[
+        "permission denied",
+        "forbidden",
+        "unauthorized",
+        "access denied",
+        "eacces",
+    ]) {
         "permission"
-    } else if has(&["not found", "no such file", "enoent", "does not exist", "unknown command"]) {
+    } else if has(&[
+        "not found",
+        "no such file",
+        "enoent",
+        "does not exist",
+        "unknown command",
+    ]) {
         "not_found"
-    } else if has(&["out of memory", "oom-kill", "oomkilled", "no space left", "disk full", "resource exhausted", "too many open files"]) {
+    } else if has(&[
+        "out of memory",
+        "oom-kill",
+        "oomkilled",
+        "no space left",
+        "disk full",
+        "resource exhausted",
+        "too many open files",
+    ]) {
         "resource_exhausted"
-    } else if has(&["invalid", "parse error", "malformed", "unexpected token", "bad request", "schema"]) {
+    } else if has(&[
+        "invalid",
+        "parse error",
+        "malformed",
+        "unexpected token",
+        "bad request",
+        "schema",
+    ]) {
         "invalid_input"
-    } else if has(&["panic", "segfault", "segmentation fault", "core dumped", "abort", "killed by signal", "sigsegv", "sigkill"]) {
+    } else if has(&[
+        "panic",
+        "segfault",
+        "segmentation fault",
+        "core dumped",
+        "abort",
+        "killed by signal",
+        "sigsegv",
+        "sigkill",
+    ]) {
         "crash"
     } else if has(&["cancelled", "canceled", "interrupted"]) {
         "cancelled"
-    } else if has(&["exit code", "exit status", "exited with", "non-zero", "nonzero"]) {
+    } else if has(&[
+        "exit code",
+        "exit status",
+        "exited with",
+        "non-zero",
+        "nonzero",
+    ]) {
         "nonzero_exit"
     } else {
         "unknown"
@@ -245,7 +291,10 @@ fn advice(class: &str) -> &'static str {
 }
 
 fn first_line(s: &str) -> &str {
-    s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
+    s.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("")
 }
 
 /// Short text summary of a JSON result (strings as-is, other values compact).
@@ -274,22 +323,36 @@ impl RuleDistiller {
     /// Synchronous form of [`Distiller::distill`].
     pub fn distill_sync(&self, task: &TaskSummary) -> Vec<DistilledItem> {
         let agent = one_line(&task.agent);
-        let agent = if agent.is_empty() { "agent".to_string() } else { agent };
+        let agent = if agent.is_empty() {
+            "agent".to_string()
+        } else {
+            agent
+        };
         let summary = clip(&one_line(&task.payload_summary), 160);
-        let about = if summary.is_empty() { "task".to_string() } else { summary.clone() };
+        let about = if summary.is_empty() {
+            "task".to_string()
+        } else {
+            summary.clone()
+        };
         let item = match task.outcome {
             Outcome::Success => {
-                let result = task.result.as_ref().map(summarize_result).unwrap_or_default();
-                let mut content = format!(
-                    "What worked: agent `{agent}` completed this task.\nTask: {about}\n"
-                );
+                let result = task
+                    .result
+                    .as_ref()
+                    .map(summarize_result)
+                    .unwrap_or_default();
+                let mut content =
+                    format!("What worked: agent `{agent}` completed this task.\nTask: {about}\n");
                 if !result.is_empty() {
                     content.push_str(&format!("Result: {result}\n"));
                 }
                 content.push_str("Reuse the same agent and approach for similar tasks.");
                 DistilledItem {
                     title: clip(&format!("{agent}: what worked — {about}"), MAX_TITLE_CHARS),
-                    description: clip(&format!("Successful approach for: {about}"), MAX_DESCRIPTION_CHARS),
+                    description: clip(
+                        &format!("Successful approach for: {about}"),
+                        MAX_DESCRIPTION_CHARS,
+                    ),
                     content,
                     outcome: Outcome::Success,
                     source_task: Some(task.task_id),
@@ -307,8 +370,14 @@ impl RuleDistiller {
                 }
                 content.push_str(&format!("Avoid: {}", advice(class)));
                 DistilledItem {
-                    title: clip(&format!("{agent}: avoid {class} — {about}"), MAX_TITLE_CHARS),
-                    description: clip(&format!("Failure ({class}) on: {about}"), MAX_DESCRIPTION_CHARS),
+                    title: clip(
+                        &format!("{agent}: avoid {class} — {about}"),
+                        MAX_TITLE_CHARS,
+                    ),
+                    description: clip(
+                        &format!("Failure ({class}) on: {about}"),
+                        MAX_DESCRIPTION_CHARS,
+                    ),
                     content,
                     outcome: Outcome::Failure,
                     source_task: Some(task.task_id),
@@ -376,7 +445,9 @@ impl LlmDistiller {
     /// A client for the configured endpoint.
     pub fn new(cfg: LlmDistillerConfig) -> Result<Self> {
         if cfg.max_items == 0 {
-            return Err(MemoryError::InvalidParams("max_items must be positive".into()));
+            return Err(MemoryError::InvalidParams(
+                "max_items must be positive".into(),
+            ));
         }
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
@@ -414,7 +485,10 @@ impl LlmDistiller {
     }
 
     async fn distill_async(&self, task: &TaskSummary) -> Result<Vec<DistilledItem>> {
-        let mut req = self.client.post(&self.endpoint).json(&self.request_body(task));
+        let mut req = self
+            .client
+            .post(&self.endpoint)
+            .json(&self.request_body(task));
         if let Some(key) = &self.cfg.api_key {
             req = req.bearer_auth(key);
         }
@@ -428,36 +502,56 @@ impl LlmDistiller {
             .await
             .map_err(|e| MemoryError::Distill(format!("reading response: {e}")))?;
         if !status.is_success() {
-            return Err(MemoryError::Distill(format!("HTTP {status}: {}", snippet(&text))));
+            return Err(MemoryError::Distill(format!(
+                "HTTP {status}: {}",
+                snippet(&text)
+            )));
         }
-        let body: Value = serde_json::from_str(&text)
-            .map_err(|e| MemoryError::Distill(format!("bad response JSON ({e}): {}", snippet(&text))))?;
+        let body: Value = serde_json::from_str(&text).map_err(|e| {
+            MemoryError::Distill(format!("bad response JSON ({e}): {}", snippet(&text)))
+        })?;
         let content = body
             .pointer("/choices/0/message/content")
             .and_then(Value::as_str)
-            .ok_or_else(|| MemoryError::Distill("response has no choices[0].message.content".into()))?;
+            .ok_or_else(|| {
+                MemoryError::Distill("response has no choices[0].message.content".into())
+            })?;
         parse_llm_items(content, task, self.cfg.max_items)
     }
 }
 
 /// Extracts items from an LLM reply: strips Markdown code fences, takes the outermost
 /// JSON value, accepts a bare array or an object with `memory_items` (or `items`).
-pub fn parse_llm_items(content: &str, task: &TaskSummary, max_items: usize) -> Result<Vec<DistilledItem>> {
+pub fn parse_llm_items(
+    content: &str,
+    task: &TaskSummary,
+    max_items: usize,
+) -> Result<Vec<DistilledItem>> {
     let start = content.find(['{', '[']);
     let end = content.rfind(['}', ']']);
     let json = match (start, end) {
         (Some(s), Some(e)) if e > s => &content[s..=e],
-        _ => return Err(MemoryError::Distill(format!("no JSON in reply: {}", snippet(content)))),
+        _ => {
+            return Err(MemoryError::Distill(format!(
+                "no JSON in reply: {}",
+                snippet(content)
+            )))
+        }
     };
-    let v: Value = serde_json::from_str(json)
-        .map_err(|e| MemoryError::Distill(format!("reply is not valid JSON ({e}): {}", snippet(json))))?;
+    let v: Value = serde_json::from_str(json).map_err(|e| {
+        MemoryError::Distill(format!("reply is not valid JSON ({e}): {}", snippet(json)))
+    })?;
     let items = match &v {
         Value::Array(_) => &v,
         Value::Object(m) => m
             .get("memory_items")
             .or_else(|| m.get("items"))
             .ok_or_else(|| MemoryError::Distill("reply object has no memory_items".into()))?,
-        _ => return Err(MemoryError::Distill("reply is neither an array nor an object".into())),
+        _ => {
+            return Err(MemoryError::Distill(
+                "reply is neither an array nor an object".into(),
+            ))
+        }
     };
     parse_memory_items(items, task.outcome, Some(task.task_id), max_items)
 }
@@ -473,7 +567,10 @@ impl Distiller for LlmDistiller {
 
 /// Embeds distilled items (title, description and content) into [`NewPattern`]s ready
 /// for a [`crate::MemoryOp::PatternAdd`].
-pub async fn embed_items(embedder: &dyn Embedder, items: &[DistilledItem]) -> Result<Vec<NewPattern>> {
+pub async fn embed_items(
+    embedder: &dyn Embedder,
+    items: &[DistilledItem],
+) -> Result<Vec<NewPattern>> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -518,11 +615,23 @@ mod tests {
     #[test]
     fn classifies_errors() {
         assert_eq!(classify_error("operation timed out after 30s"), "timeout");
-        assert_eq!(classify_error("Connection refused (os error 111)"), "network");
-        assert_eq!(classify_error("open /etc/x: Permission denied"), "permission");
+        assert_eq!(
+            classify_error("Connection refused (os error 111)"),
+            "network"
+        );
+        assert_eq!(
+            classify_error("open /etc/x: Permission denied"),
+            "permission"
+        );
         assert_eq!(classify_error("No such file or directory"), "not_found");
-        assert_eq!(classify_error("thread 'main' panicked at src/x.rs"), "crash");
-        assert_eq!(classify_error("process exited with exit code 2"), "nonzero_exit");
+        assert_eq!(
+            classify_error("thread 'main' panicked at src/x.rs"),
+            "crash"
+        );
+        assert_eq!(
+            classify_error("process exited with exit code 2"),
+            "nonzero_exit"
+        );
         assert_eq!(classify_error("HTTP 429 Too Many Requests"), "rate_limited");
         assert_eq!(classify_error("something odd"), "unknown");
         for c in ERROR_CLASSES {
@@ -532,13 +641,21 @@ mod tests {
 
     #[test]
     fn rule_distiller_success_and_failure() {
-        let ok = RuleDistiller.distill_sync(&task(Outcome::Success, None, Some(serde_json::json!({"artifact": "target/release/swarm"}))));
+        let ok = RuleDistiller.distill_sync(&task(
+            Outcome::Success,
+            None,
+            Some(serde_json::json!({"artifact": "target/release/swarm"})),
+        ));
         assert_eq!(ok.len(), 1);
         assert_eq!(ok[0].outcome, Outcome::Success);
         assert!(ok[0].title.contains("what worked"));
         assert!(ok[0].content.contains("target/release/swarm"));
         assert_eq!(ok[0].source_task, Some(7));
-        let bad = RuleDistiller.distill_sync(&task(Outcome::Failure, Some("error: linker `cc` not found\nmore"), None));
+        let bad = RuleDistiller.distill_sync(&task(
+            Outcome::Failure,
+            Some("error: linker `cc` not found\nmore"),
+            None,
+        ));
         assert_eq!(bad[0].outcome, Outcome::Failure);
         assert!(bad[0].title.contains("avoid not_found"), "{}", bad[0].title);
         assert!(bad[0].content.contains("linker `cc` not found"));
@@ -560,14 +677,31 @@ mod tests {
         assert_eq!(items[0].outcome, Outcome::Success);
         assert_eq!(items[0].description, "multi line");
         assert_eq!(items[1].outcome, Outcome::Failure);
-        assert!(AgentItemsDistiller.distill_sync(&task(Outcome::Success, None, None)).unwrap().is_empty());
-        let bad = task(Outcome::Success, None, Some(serde_json::json!({"memory_items": [{"title": "x"}]})));
+        assert!(AgentItemsDistiller
+            .distill_sync(&task(Outcome::Success, None, None))
+            .unwrap()
+            .is_empty());
+        let bad = task(
+            Outcome::Success,
+            None,
+            Some(serde_json::json!({"memory_items": [{"title": "x"}]})),
+        );
         let err = AgentItemsDistiller.distill_sync(&bad).unwrap_err();
         assert_eq!(err.code(), "distill_failed");
         assert!(err.to_string().contains("memory_items[0]"));
-        let bad = task(Outcome::Success, None, Some(serde_json::json!({"memory_items": {"a": 1}})));
+        let bad = task(
+            Outcome::Success,
+            None,
+            Some(serde_json::json!({"memory_items": {"a": 1}})),
+        );
         assert!(AgentItemsDistiller.distill_sync(&bad).is_err());
-        let bad = task(Outcome::Success, None, Some(serde_json::json!({"memory_items": [{"title": "t", "content": "c", "outcome": "meh"}]})));
+        let bad = task(
+            Outcome::Success,
+            None,
+            Some(
+                serde_json::json!({"memory_items": [{"title": "t", "content": "c", "outcome": "meh"}]}),
+            ),
+        );
         assert!(AgentItemsDistiller.distill_sync(&bad).is_err());
     }
 
@@ -578,7 +712,8 @@ mod tests {
         let items = parse_llm_items(fenced, &t, 5).unwrap();
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].title, "T");
-        let bare = "[{\"title\": \"A\", \"content\": \"B\"}, {\"title\": \"C\", \"content\": \"D\"}]";
+        let bare =
+            "[{\"title\": \"A\", \"content\": \"B\"}, {\"title\": \"C\", \"content\": \"D\"}]";
         let items = parse_llm_items(bare, &t, 1).unwrap();
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].outcome, Outcome::Failure);

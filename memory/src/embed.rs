@@ -96,7 +96,10 @@ impl HashEmbedder {
         }
         for w in &words {
             self.add(&mut v, stable_hash(b'u', &[w]), self.w_unigram);
-            let chars: Vec<char> = std::iter::once('^').chain(w.chars()).chain(std::iter::once('$')).collect();
+            let chars: Vec<char> = std::iter::once('^')
+                .chain(w.chars())
+                .chain(std::iter::once('$'))
+                .collect();
             let mut buf = String::new();
             for tri in chars.windows(3) {
                 buf.clear();
@@ -105,9 +108,17 @@ impl HashEmbedder {
             }
         }
         for pair in words.windows(2) {
-            self.add(&mut v, stable_hash(b'b', &[pair[0], pair[1]]), self.w_bigram);
+            self.add(
+                &mut v,
+                stable_hash(b'b', &[pair[0], pair[1]]),
+                self.w_bigram,
+            );
         }
-        let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+        let norm = v
+            .iter()
+            .map(|x| (*x as f64) * (*x as f64))
+            .sum::<f64>()
+            .sqrt();
         if norm == 0.0 {
             // Every feature cancelled out (possible with signed hashing): fall back to the
             // empty-text direction so the vector stays valid under cosine.
@@ -201,7 +212,9 @@ impl HttpEmbedder {
     /// A client for the configured endpoint.
     pub fn new(cfg: HttpEmbedderConfig) -> Result<Self> {
         if cfg.dimension == 0 || cfg.max_batch == 0 {
-            return Err(MemoryError::InvalidParams("embedder dimension and max_batch must be positive".into()));
+            return Err(MemoryError::InvalidParams(
+                "embedder dimension and max_batch must be positive".into(),
+            ));
         }
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
@@ -235,10 +248,14 @@ impl HttpEmbedder {
             .await
             .map_err(|e| MemoryError::Embedding(format!("reading response: {e}")))?;
         if !status.is_success() {
-            return Err(MemoryError::Embedding(format!("HTTP {status}: {}", snippet(&text))));
+            return Err(MemoryError::Embedding(format!(
+                "HTTP {status}: {}",
+                snippet(&text)
+            )));
         }
-        let parsed: EmbeddingsResponse = serde_json::from_str(&text)
-            .map_err(|e| MemoryError::Embedding(format!("bad response JSON ({e}): {}", snippet(&text))))?;
+        let parsed: EmbeddingsResponse = serde_json::from_str(&text).map_err(|e| {
+            MemoryError::Embedding(format!("bad response JSON ({e}): {}", snippet(&text)))
+        })?;
         if parsed.data.len() != texts.len() {
             return Err(MemoryError::Embedding(format!(
                 "asked for {} embeddings, got {}",
@@ -250,7 +267,9 @@ impl HttpEmbedder {
         for (pos, d) in parsed.data.into_iter().enumerate() {
             let i = d.index.unwrap_or(pos);
             if i >= out.len() || out[i].is_some() {
-                return Err(MemoryError::Embedding(format!("bad or duplicate index {i}")));
+                return Err(MemoryError::Embedding(format!(
+                    "bad or duplicate index {i}"
+                )));
             }
             if d.embedding.len() != self.cfg.dimension {
                 return Err(MemoryError::Embedding(format!(
@@ -293,7 +312,10 @@ mod tests {
     fn hash_embedder_is_deterministic_and_normalised() {
         let e = HashEmbedder::default();
         let a = e.embed_one("Retry the flaky network call with exponential backoff");
-        assert_eq!(a, e.embed_one("Retry the flaky network call with exponential backoff"));
+        assert_eq!(
+            a,
+            e.embed_one("Retry the flaky network call with exponential backoff")
+        );
         assert_eq!(a.len(), 256);
         assert!((dot(&a, &a) - 1.0).abs() < 1e-5);
         let empty = e.embed_one("");
@@ -307,16 +329,23 @@ mod tests {
         // independent implementation (FNV-1a 64 + SplitMix64 finaliser) and must never
         // change, or stored pattern embeddings would stop matching new queries.
         assert_eq!(stable_hash(b'u', &["rust"]), 0xa1b6_a860_ad52_ceb5);
-        assert_eq!(stable_hash(b'b', &["hello", "world"]), 0x5558_c49c_17ba_cbfb);
+        assert_eq!(
+            stable_hash(b'b', &["hello", "world"]),
+            0x5558_c49c_17ba_cbfb
+        );
         let expected = [
-            -0.210295, 0.0, -0.600842, 0.210295, -0.210295, 0.0, 0.210295, 0.390547, 0.0, 0.0, -0.210295,
-            0.210295, 0.0, -0.420589, 0.0, -0.210295,
+            -0.210295, 0.0, -0.600842, 0.210295, -0.210295, 0.0, 0.210295, 0.390547, 0.0, 0.0,
+            -0.210295, 0.210295, 0.0, -0.420589, 0.0, -0.210295,
         ];
         let v = HashEmbedder::new(16).embed_one("hello world");
         for (got, want) in v.iter().zip(expected) {
             assert!((got - want).abs() < 1e-5, "{v:?}");
         }
-        assert_eq!(v, HashEmbedder::new(16).embed_one("HELLO, world!"), "case and punctuation are ignored");
+        assert_eq!(
+            v,
+            HashEmbedder::new(16).embed_one("HELLO, world!"),
+            "case and punctuation are ignored"
+        );
     }
 
     #[test]
@@ -325,12 +354,23 @@ mod tests {
         let a = e.embed_one("compile the rust crate with cargo build in release mode");
         let b = e.embed_one("build the rust crates using cargo in release mode");
         let c = e.embed_one("the quarterly marketing budget meeting moved to friday");
-        assert!(dot(&a, &b) > dot(&a, &c) + 0.2, "{} vs {}", dot(&a, &b), dot(&a, &c));
+        assert!(
+            dot(&a, &b) > dot(&a, &c) + 0.2,
+            "{} vs {}",
+            dot(&a, &b),
+            dot(&a, &c)
+        );
     }
 
     #[test]
     fn endpoint_building() {
-        assert_eq!(openai_endpoint("http://h:1", "embeddings"), "http://h:1/v1/embeddings");
-        assert_eq!(openai_endpoint("http://h:1/v1/", "embeddings"), "http://h:1/v1/embeddings");
+        assert_eq!(
+            openai_endpoint("http://h:1", "embeddings"),
+            "http://h:1/v1/embeddings"
+        );
+        assert_eq!(
+            openai_endpoint("http://h:1/v1/", "embeddings"),
+            "http://h:1/v1/embeddings"
+        );
     }
 }

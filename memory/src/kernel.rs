@@ -186,12 +186,26 @@ mod tests {
     #[test]
     fn kernels_match_naive_sums() {
         for n in [1usize, 7, 16, 17, 33, 128, 255, 784] {
-            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 13.0).collect();
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 13.0)
+                .collect();
             let d = dot(&a, &b) as f64;
-            assert!((d - naive_dot(&a, &b)).abs() < 1e-3 * (1.0 + d.abs()), "n={n}");
-            let l2: f64 = a.iter().zip(&b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
-            assert!((l2_squared(&a, &b) as f64 - l2).abs() < 1e-3 * (1.0 + l2), "n={n}");
+            assert!(
+                (d - naive_dot(&a, &b)).abs() < 1e-3 * (1.0 + d.abs()),
+                "n={n}"
+            );
+            let l2: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| ((*x - *y) as f64).powi(2))
+                .sum();
+            assert!(
+                (l2_squared(&a, &b) as f64 - l2).abs() < 1e-3 * (1.0 + l2),
+                "n={n}"
+            );
         }
     }
 
@@ -209,7 +223,11 @@ mod tests {
             for _ in 0..20 {
                 let a: Vec<f32> = (0..n).map(|_| next() * 100.0).collect();
                 let b: Vec<f32> = (0..n).map(|_| next()).collect();
-                assert_eq!(dot(&a, &b).to_bits(), dot_scalar(&a, &b).to_bits(), "dot n={n}");
+                assert_eq!(
+                    dot(&a, &b).to_bits(),
+                    dot_scalar(&a, &b).to_bits(),
+                    "dot n={n}"
+                );
                 assert_eq!(
                     l2_squared(&a, &b).to_bits(),
                     l2_squared_scalar(&a, &b).to_bits(),
@@ -221,7 +239,9 @@ mod tests {
 
     #[test]
     fn positive_monotone_is_increasing_and_positive() {
-        let xs = [-1e30f32, -1e6, -10.0, -1.0, -0.5, -1e-6, 0.0, 1e-6, 0.5, 1.0, 10.0, 1e6];
+        let xs = [
+            -1e30f32, -1e6, -10.0, -1.0, -0.5, -1e-6, 0.0, 1e-6, 0.5, 1.0, 10.0, 1e6,
+        ];
         for w in xs.windows(2) {
             assert!(positive_monotone(w[0]) < positive_monotone(w[1]), "{w:?}");
         }

@@ -131,9 +131,9 @@ pub enum Condition {
 impl Condition {
     fn field(&self) -> &str {
         match self {
-            Condition::Eq { field, .. } | Condition::In { field, .. } | Condition::Exists { field } => {
-                field
-            }
+            Condition::Eq { field, .. }
+            | Condition::In { field, .. }
+            | Condition::Exists { field } => field,
         }
     }
 
@@ -295,28 +295,41 @@ mod tests {
         assert!(!c.contains(' '));
         assert_eq!(m.len(), 2);
         assert_eq!(canonicalize("", 10).unwrap().0, "{}");
-        assert_eq!(canonicalize("[1]", 10).unwrap_err().code(), "invalid_metadata");
-        assert_eq!(canonicalize("{", 10).unwrap_err().code(), "invalid_metadata");
         assert_eq!(
-            canonicalize(r#"{"a":"0123456789"}"#, 10).unwrap_err().code(),
+            canonicalize("[1]", 10).unwrap_err().code(),
+            "invalid_metadata"
+        );
+        assert_eq!(
+            canonicalize("{", 10).unwrap_err().code(),
+            "invalid_metadata"
+        );
+        assert_eq!(
+            canonicalize(r#"{"a":"0123456789"}"#, 10)
+                .unwrap_err()
+                .code(),
             "metadata_too_large"
         );
     }
 
     #[test]
     fn filter_semantics() {
-        let meta: MetaMap = serde_json::from_str(r#"{"lang":"rust","n":2,"x":1.5,"z":null}"#).unwrap();
-        let f = MetadataFilter::from_json(&serde_json::json!({"lang": "rust", "n": [1, 2.0]})).unwrap();
+        let meta: MetaMap =
+            serde_json::from_str(r#"{"lang":"rust","n":2,"x":1.5,"z":null}"#).unwrap();
+        let f =
+            MetadataFilter::from_json(&serde_json::json!({"lang": "rust", "n": [1, 2.0]})).unwrap();
         assert!(f.matches(&meta));
         let f = MetadataFilter::from_json(&serde_json::json!({"lang": "go"})).unwrap();
         assert!(!f.matches(&meta));
-        let f = MetadataFilter::from_json(&serde_json::json!({"z": {"$exists": true}, "x": 1.5})).unwrap();
+        let f = MetadataFilter::from_json(&serde_json::json!({"z": {"$exists": true}, "x": 1.5}))
+            .unwrap();
         assert!(f.matches(&meta));
         let f = MetadataFilter::from_json(&serde_json::json!({"missing": null})).unwrap();
         assert!(!f.matches(&meta));
         assert!(MetadataFilter::default().matches(&meta));
         assert_eq!(
-            MetadataFilter::from_json(&serde_json::json!([1])).unwrap_err().code(),
+            MetadataFilter::from_json(&serde_json::json!([1]))
+                .unwrap_err()
+                .code(),
             "invalid_filter"
         );
         assert_eq!(
@@ -326,7 +339,10 @@ mod tests {
             "invalid_filter"
         );
         assert_eq!(
-            MetadataFilter::eq("a", Scalar::Float(f64::NAN)).validate().unwrap_err().code(),
+            MetadataFilter::eq("a", Scalar::Float(f64::NAN))
+                .validate()
+                .unwrap_err()
+                .code(),
             "invalid_filter"
         );
     }

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::collection::{prepare_vector, Collection, CollectionRecord, CollectionSpec, Metric, PreparedPoint};
+use crate::collection::{
+    prepare_vector, Collection, CollectionRecord, CollectionSpec, Metric, PreparedPoint,
+};
 use crate::error::{MemoryError, Result};
 use crate::kernel;
 use crate::metadata::{MetaMap, MetadataFilter, Scalar};
@@ -108,7 +110,8 @@ impl MemoryItem {
 
 /// Beta posterior mean with a prior.
 pub fn beta_confidence(successes: u64, failures: u64, prior_alpha: f64, prior_beta: f64) -> f64 {
-    (prior_alpha + successes as f64) / (prior_alpha + prior_beta + successes as f64 + failures as f64)
+    (prior_alpha + successes as f64)
+        / (prior_alpha + prior_beta + successes as f64 + failures as f64)
 }
 
 /// Tunables of [`crate::MemoryStore::retrieve`]. The defaults favour relevance:
@@ -183,7 +186,10 @@ impl RetrieveParams {
         }
         if let Some(ef) = self.ef {
             if ef == 0 || ef > cfg.max_ef {
-                return Err(MemoryError::InvalidEf { ef, max: cfg.max_ef });
+                return Err(MemoryError::InvalidEf {
+                    ef,
+                    max: cfg.max_ef,
+                });
             }
         }
         Ok(())
@@ -244,10 +250,14 @@ impl ConsolidateParams {
             ));
         }
         if self.neighbours == 0 || self.neighbours > 256 {
-            return Err(MemoryError::InvalidParams("neighbours must be between 1 and 256".into()));
+            return Err(MemoryError::InvalidParams(
+                "neighbours must be between 1 and 256".into(),
+            ));
         }
         if !self.prune_max_confidence.is_finite() {
-            return Err(MemoryError::InvalidParams("prune_max_confidence must be finite".into()));
+            return Err(MemoryError::InvalidParams(
+                "prune_max_confidence must be finite".into(),
+            ));
         }
         Ok(())
     }
@@ -311,12 +321,19 @@ impl std::fmt::Debug for ReasoningBank {
 
 fn outcome_meta(o: Outcome) -> (String, MetaMap) {
     let mut m = MetaMap::new();
-    m.insert("outcome".into(), serde_json::Value::String(o.as_str().into()));
+    m.insert(
+        "outcome".into(),
+        serde_json::Value::String(o.as_str().into()),
+    );
     (format!("{{\"outcome\":\"{}\"}}", o.as_str()), m)
 }
 
 fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string()
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 pub(crate) fn pattern_spec(cfg: &StoreConfig) -> CollectionSpec {
@@ -358,7 +375,11 @@ impl ReasoningBank {
         self.index.info()
     }
 
-    pub(crate) fn prepare_add(&self, items: &[NewPattern], cfg: &StoreConfig) -> Result<Vec<PreparedPattern>> {
+    pub(crate) fn prepare_add(
+        &self,
+        items: &[NewPattern],
+        cfg: &StoreConfig,
+    ) -> Result<Vec<PreparedPattern>> {
         if items.len() > cfg.max_batch {
             return Err(MemoryError::BatchTooLarge {
                 size: items.len(),
@@ -377,7 +398,10 @@ impl ReasoningBank {
                 return bad("empty content".into());
             }
             if title.len() > cfg.max_pattern_title_bytes {
-                return bad(format!("title longer than {} bytes", cfg.max_pattern_title_bytes));
+                return bad(format!(
+                    "title longer than {} bytes",
+                    cfg.max_pattern_title_bytes
+                ));
             }
             if description.len() > cfg.max_pattern_title_bytes * 4 {
                 return bad(format!(
@@ -386,7 +410,10 @@ impl ReasoningBank {
                 ));
             }
             if p.content.len() > cfg.max_pattern_content_bytes {
-                return bad(format!("content longer than {} bytes", cfg.max_pattern_content_bytes));
+                return bad(format!(
+                    "content longer than {} bytes",
+                    cfg.max_pattern_content_bytes
+                ));
             }
             let vector = prepare_vector(&p.embedding, cfg.pattern_dimension, Metric::Cosine)?;
             out.push(PreparedPattern {
@@ -401,7 +428,12 @@ impl ReasoningBank {
         Ok(out)
     }
 
-    pub(crate) fn apply_add(&mut self, items: Vec<PreparedPattern>, now_ms: u64, cfg: &StoreConfig) -> Vec<String> {
+    pub(crate) fn apply_add(
+        &mut self,
+        items: Vec<PreparedPattern>,
+        now_ms: u64,
+        cfg: &StoreConfig,
+    ) -> Vec<String> {
         let mut ids = Vec::with_capacity(items.len());
         let mut points = Vec::with_capacity(items.len());
         for p in items {
@@ -459,8 +491,12 @@ impl ReasoningBank {
                         Outcome::Success => item.success_count += 1,
                         Outcome::Failure => item.failure_count += 1,
                     }
-                    item.confidence =
-                        beta_confidence(item.success_count, item.failure_count, cfg.prior_alpha, cfg.prior_beta);
+                    item.confidence = beta_confidence(
+                        item.success_count,
+                        item.failure_count,
+                        cfg.prior_alpha,
+                        cfg.prior_beta,
+                    );
                     item.last_used_ms = Some(item.last_used_ms.map_or(now_ms, |t| t.max(now_ms)));
                     updated.push(id.clone());
                 }
@@ -511,7 +547,9 @@ impl ReasoningBank {
         let filter = params
             .outcome
             .map(|o| MetadataFilter::eq("outcome", Scalar::Str(o.as_str().into())));
-        let slots = self.index.search_slots(&q, n_cand, ef, filter.as_ref(), now_ms);
+        let slots = self
+            .index
+            .search_slots(&q, n_cand, ef, filter.as_ref(), now_ms);
 
         struct Cand<'a> {
             item: &'a MemoryItem,
@@ -529,7 +567,10 @@ impl ReasoningBank {
             if similarity < params.min_similarity {
                 continue;
             }
-            let last = item.last_used_ms.unwrap_or(item.created_ms).max(item.created_ms);
+            let last = item
+                .last_used_ms
+                .unwrap_or(item.created_ms)
+                .max(item.created_ms);
             let age = now_ms.saturating_sub(last) as f64;
             let recency = 0.5f64.powf(age / params.recency_half_life_ms as f64);
             let score = params.w_similarity * similarity
@@ -546,7 +587,11 @@ impl ReasoningBank {
                 score,
             });
         }
-        cands.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.item.id.cmp(&b.item.id)));
+        cands.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| a.item.id.cmp(&b.item.id))
+        });
 
         // MMR: greedily pick argmax λ·score − (1−λ)·max_sim_to_picked.
         let lambda = params.mmr_lambda;
@@ -559,7 +604,11 @@ impl ReasoningBank {
                 if taken[i] {
                     continue;
                 }
-                let penalty = if max_sim[i].is_finite() { max_sim[i] } else { 0.0 };
+                let penalty = if max_sim[i].is_finite() {
+                    max_sim[i]
+                } else {
+                    0.0
+                };
                 let mmr = lambda * c.score - (1.0 - lambda) * penalty;
                 // Candidates are in (score desc, id) order, so strict > keeps ties stable.
                 if best.is_none_or(|(_, b)| mmr > b) {
@@ -607,7 +656,9 @@ impl ReasoningBank {
         cfg: &StoreConfig,
     ) -> ConsolidationReport {
         let mut report = ConsolidationReport::default();
-        let threshold = params.duplicate_similarity.min(params.contradiction_similarity);
+        let threshold = params
+            .duplicate_similarity
+            .min(params.contradiction_similarity);
         // 1. Candidate pairs (a < b) from each item's graph neighbours, similarity exact.
         let mut pairs: BTreeMap<(String, String), f32> = BTreeMap::new();
         let kk = params.neighbours + 1;
@@ -650,7 +701,9 @@ impl ReasoningBank {
                 continue;
             }
             let (keep, drop) = if Self::better(ia, ib) { (a, b) } else { (b, a) };
-            let Some(gone) = self.items.get(drop).cloned() else { continue };
+            let Some(gone) = self.items.get(drop).cloned() else {
+                continue;
+            };
             if let Some(k) = self.items.get_mut(keep) {
                 k.success_count += gone.success_count;
                 k.failure_count += gone.failure_count;
@@ -661,7 +714,12 @@ impl ReasoningBank {
                     (Some(x), Some(y)) => Some(x.max(y)),
                     (x, y) => x.or(y),
                 };
-                k.confidence = beta_confidence(k.success_count, k.failure_count, cfg.prior_alpha, cfg.prior_beta);
+                k.confidence = beta_confidence(
+                    k.success_count,
+                    k.failure_count,
+                    cfg.prior_alpha,
+                    cfg.prior_beta,
+                );
                 let mut c: BTreeSet<String> = k.contradicts.iter().cloned().collect();
                 c.extend(gone.contradicts.iter().cloned());
                 c.remove(keep);
@@ -679,7 +737,10 @@ impl ReasoningBank {
         }
         // 3. Prune old, little-used, low-confidence items.
         for item in self.items.values() {
-            let last = item.last_used_ms.unwrap_or(item.created_ms).max(item.created_ms);
+            let last = item
+                .last_used_ms
+                .unwrap_or(item.created_ms)
+                .max(item.created_ms);
             if now_ms.saturating_sub(last) >= params.prune_idle_ms
                 && item.use_count <= params.prune_max_uses
                 && item.confidence <= params.prune_max_confidence
@@ -696,8 +757,10 @@ impl ReasoningBank {
             if *sim < params.contradiction_similarity {
                 continue;
             }
-            let (Some(oa), Some(ob)) = (self.items.get(a).map(|i| i.outcome), self.items.get(b).map(|i| i.outcome))
-            else {
+            let (Some(oa), Some(ob)) = (
+                self.items.get(a).map(|i| i.outcome),
+                self.items.get(b).map(|i| i.outcome),
+            ) else {
                 continue;
             };
             if oa.opposite() != ob {
@@ -743,7 +806,10 @@ impl ReasoningBank {
                 return Err(bad(format!("item `{}` has no embedding", item.id)));
             }
             if !item.confidence.is_finite() {
-                return Err(bad(format!("item `{}` has a non-finite confidence", item.id)));
+                return Err(bad(format!(
+                    "item `{}` has a non-finite confidence",
+                    item.id
+                )));
             }
             let id = item.id.clone();
             if items.insert(id.clone(), item).is_some() {

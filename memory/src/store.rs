@@ -6,13 +6,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::collection::{
-    prepare_vector, validate_id, Collection, CollectionInfo, CollectionRecord, CollectionSpec, PointWrite,
-    PreparedPoint, SearchHit, SearchRequest, StoredPoint,
+    prepare_vector, validate_id, Collection, CollectionInfo, CollectionRecord, CollectionSpec, GraphStats,
+    PointWrite, PreparedPoint, SearchHit, SearchRequest, StoredPoint,
 };
 use crate::error::{MemoryError, Result};
 use crate::reasoning::{
-    pattern_spec, BankRecord, ConsolidateParams, ConsolidationReport, MemoryItem, NewPattern, Outcome,
-    PreparedPattern, ReasoningBank, RetrieveParams, RetrievedItem,
+    pattern_spec, BankRecord, ConsolidateParams, ConsolidationReport, MemoryItem, NewPattern,
+    Outcome, PreparedPattern, ReasoningBank, RetrieveParams, RetrievedItem,
 };
 
 /// Limits and tunables of a store.
@@ -99,7 +99,10 @@ impl StoreConfig {
         if !self.rebuild_tombstone_ratio.is_finite() || self.rebuild_tombstone_ratio < 0.0 {
             return bad("rebuild_tombstone_ratio must be finite and >= 0");
         }
-        if !(self.prior_alpha.is_finite() && self.prior_alpha > 0.0 && self.prior_beta.is_finite() && self.prior_beta > 0.0)
+        if !(self.prior_alpha.is_finite()
+            && self.prior_alpha > 0.0
+            && self.prior_beta.is_finite()
+            && self.prior_beta > 0.0)
         {
             return bad("prior_alpha and prior_beta must be finite and > 0");
         }
@@ -327,7 +330,10 @@ pub fn validate_collection_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 64 {
         return bad("must be 1 to 64 characters");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
         return bad("only ASCII letters, digits, `_`, `-` and `.` are allowed");
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
@@ -337,7 +343,7 @@ pub fn validate_collection_name(name: &str) -> Result<()> {
 }
 
 /// Current snapshot format version.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SWMEMSNP";
 const SNAPSHOT_HEADER: usize = 8 + 4 + 8 + 8;
 
@@ -380,7 +386,8 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
 /// Encodes a serde value with bincode 2 (standard config), the encoding used for ops
 /// and snapshots.
 pub fn encode_bincode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| MemoryError::Encode(e.to_string()))
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| MemoryError::Encode(e.to_string()))
 }
 
 fn decode_with_limit<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T> {
@@ -409,7 +416,9 @@ pub fn decode_bincode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
         };
     }
     by_size!(12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40);
-    Err(MemoryError::InvalidSnapshot("input larger than 512 GiB".into()))
+    Err(MemoryError::InvalidSnapshot(
+        "input larger than 512 GiB".into(),
+    ))
 }
 
 /// The memory store: named vector collections plus the ReasoningBank.
@@ -493,7 +502,9 @@ impl MemoryStore {
                 let c = self.collection(collection)?;
                 Prepared::Upsert(collection.clone(), c.prepare_upsert(points, *now_ms, cfg)?)
             }
-            MemoryOp::Delete { collection, ids, .. } => {
+            MemoryOp::Delete {
+                collection, ids, ..
+            } => {
                 self.collection(collection)?;
                 check_batch(ids.len())?;
                 for id in ids {
@@ -506,8 +517,12 @@ impl MemoryStore {
                 self.collection(collection)?;
                 Prepared::Rebuild(collection.clone())
             }
-            MemoryOp::PatternAdd { items, .. } => Prepared::PatternAdd(self.bank.prepare_add(items, cfg)?),
-            MemoryOp::PatternJudge { item_ids, outcome, .. } => {
+            MemoryOp::PatternAdd { items, .. } => {
+                Prepared::PatternAdd(self.bank.prepare_add(items, cfg)?)
+            }
+            MemoryOp::PatternJudge {
+                item_ids, outcome, ..
+            } => {
                 check_batch(item_ids.len())?;
                 Prepared::Judge(item_ids.clone(), *outcome)
             }
@@ -542,7 +557,10 @@ impl MemoryStore {
                 OpOutcome::CollectionCreated { name }
             }
             Prepared::Drop(name) => {
-                let points = self.collections.remove(&name).map_or(0, |c| c.live_len() as u64);
+                let points = self
+                    .collections
+                    .remove(&name)
+                    .map_or(0, |c| c.live_len() as u64);
                 OpOutcome::CollectionDropped { name, points }
             }
             Prepared::Upsert(name, points) => {
@@ -602,18 +620,26 @@ impl MemoryStore {
                 let (deleted, missing) = self.bank.delete(&ids, cfg);
                 OpOutcome::PatternsDeleted { deleted, missing }
             }
-            Prepared::Consolidate(params) => OpOutcome::Consolidated(self.bank.consolidate(&params, now_ms, cfg)),
+            Prepared::Consolidate(params) => {
+                OpOutcome::Consolidated(self.bank.consolidate(&params, now_ms, cfg))
+            }
         })
     }
 
     fn check_search(&self, c: &Collection, req: &SearchRequest) -> Result<(Vec<f32>, usize)> {
         let cfg = &self.config;
         if req.k == 0 || req.k > cfg.max_k {
-            return Err(MemoryError::InvalidK { k: req.k, max: cfg.max_k });
+            return Err(MemoryError::InvalidK {
+                k: req.k,
+                max: cfg.max_k,
+            });
         }
         let ef = req.ef.unwrap_or(c.spec().ef_search);
         if ef == 0 || ef > cfg.max_ef {
-            return Err(MemoryError::InvalidEf { ef, max: cfg.max_ef });
+            return Err(MemoryError::InvalidEf {
+                ef,
+                max: cfg.max_ef,
+            });
         }
         if let Some(f) = &req.filter {
             f.validate()?;
@@ -630,6 +656,20 @@ impl MemoryStore {
         let c = self.collection(collection)?;
         let (q, ef) = self.check_search(c, req)?;
         let slots = c.search_slots(&q, req.k, ef, req.filter.as_ref(), req.now_ms);
+        Ok(c.to_hits(&q, &slots))
+    }
+
+    /// The same search answered by hnsw_rs' own `search`/`search_filter` over the same
+    /// graph instead of the flat copy — kept as the reference the default path is
+    /// benchmarked and tested against. Same validation and result shape as `search`.
+    pub fn search_via_hnsw_rs(
+        &self,
+        collection: &str,
+        req: &SearchRequest,
+    ) -> Result<Vec<SearchHit>> {
+        let c = self.collection(collection)?;
+        let (q, ef) = self.check_search(c, req)?;
+        let slots = c.search_slots_hnsw_rs(&q, req.k, ef, req.filter.as_ref(), req.now_ms);
         Ok(c.to_hits(&q, &slots))
     }
 
@@ -651,6 +691,11 @@ impl MemoryStore {
         Ok(self.collection(name)?.info())
     }
 
+    /// Shape and connectivity of a collection's graph (diagnostics; O(n)).
+    pub fn graph_stats(&self, name: &str) -> Result<GraphStats> {
+        Ok(self.collection(name)?.graph_stats())
+    }
+
     /// Summaries of all collections, by name.
     pub fn list_collections(&self) -> Vec<CollectionInfo> {
         self.collections.values().map(Collection::info).collect()
@@ -666,7 +711,8 @@ impl MemoryStore {
         now_ms: u64,
         params: &RetrieveParams,
     ) -> Result<Vec<RetrievedItem>> {
-        self.bank.retrieve(query_embedding, k, now_ms, params, &self.config)
+        self.bank
+            .retrieve(query_embedding, k, now_ms, params, &self.config)
     }
 
     /// A pattern by id.
@@ -699,7 +745,11 @@ impl MemoryStore {
         StoreSnapshot {
             format_version: SNAPSHOT_FORMAT_VERSION,
             config: self.config.clone(),
-            collections: self.collections.values().map(Collection::to_record).collect(),
+            collections: self
+                .collections
+                .values()
+                .map(Collection::to_record)
+                .collect(),
             bank: self.bank.to_record(),
         }
     }
@@ -718,11 +768,14 @@ impl MemoryStore {
         let config = snap.config;
         let mut collections = BTreeMap::new();
         for rec in snap.collections {
-            validate_collection_name(&rec.name).map_err(|e| MemoryError::InvalidSnapshot(e.to_string()))?;
+            validate_collection_name(&rec.name)
+                .map_err(|e| MemoryError::InvalidSnapshot(e.to_string()))?;
             let name = rec.name.clone();
             let c = Collection::from_record(rec, &config)?;
             if collections.insert(name.clone(), c).is_some() {
-                return Err(MemoryError::InvalidSnapshot(format!("duplicate collection `{name}`")));
+                return Err(MemoryError::InvalidSnapshot(format!(
+                    "duplicate collection `{name}`"
+                )));
             }
         }
         let bank = ReasoningBank::from_record(snap.bank, &config)?;
@@ -787,7 +840,11 @@ mod tests {
         }
         let long = "x".repeat(65);
         for bad in ["", "_patterns", "-a", "a b", "é", "a/b", long.as_str()] {
-            assert_eq!(validate_collection_name(bad).unwrap_err().code(), "invalid_collection_name", "{bad}");
+            assert_eq!(
+                validate_collection_name(bad).unwrap_err().code(),
+                "invalid_collection_name",
+                "{bad}"
+            );
         }
     }
 

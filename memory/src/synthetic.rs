@@ -44,7 +44,9 @@ pub fn gaussian_clusters(
         .collect();
     let point = |rng: &mut StdRng| -> Vec<f32> {
         let c = &centres[rng.gen_range(0..clusters)];
-        c.iter().map(|x| (x + spread * gaussian(rng)) as f32).collect()
+        c.iter()
+            .map(|x| (x + spread * gaussian(rng)) as f32)
+            .collect()
     };
     let base = (0..n_base).map(|_| point(&mut rng)).collect();
     let queries = (0..n_queries).map(|_| point(&mut rng)).collect();
@@ -95,7 +97,9 @@ pub fn low_rank_clusters(
                 *x += z * a;
             }
         }
-        v.iter().map(|x| (x + noise * gaussian(rng)) as f32).collect()
+        v.iter()
+            .map(|x| (x + noise * gaussian(rng)) as f32)
+            .collect()
     };
     let base = (0..n_base).map(|_| point(&mut rng)).collect();
     let queries = (0..n_queries).map(|_| point(&mut rng)).collect();
@@ -135,18 +139,32 @@ pub fn synthetic_pattern_bank(
                     content: format!("Synthetic strategy text number {i}."),
                     embedding: v.clone(),
                     source_task: Some(i as u64),
-                    outcome: if i % 3 == 0 { Outcome::Failure } else { Outcome::Success },
+                    outcome: if i % 3 == 0 {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    },
                 }
             })
             .collect();
         let now_ms = (b * batch) as u64;
-        if let OpOutcome::PatternsAdded { ids } = store.apply(MemoryOp::PatternAdd { items, now_ms })? {
+        if let OpOutcome::PatternsAdded { ids } =
+            store.apply(MemoryOp::PatternAdd { items, now_ms })?
+        {
             all_ids.extend(ids);
         }
     }
     for (t, chunk) in all_ids.chunks(64).enumerate() {
-        let used: Vec<String> = chunk.iter().filter(|_| rng.gen_bool(0.33)).cloned().collect();
-        let outcome = if rng.gen_bool(0.7) { Outcome::Success } else { Outcome::Failure };
+        let used: Vec<String> = chunk
+            .iter()
+            .filter(|_| rng.gen_bool(0.33))
+            .cloned()
+            .collect();
+        let outcome = if rng.gen_bool(0.7) {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
         store.apply(MemoryOp::PatternJudge {
             task_id: Some(t as u64),
             item_ids: used,
@@ -172,11 +190,17 @@ pub fn read_fvecs(path: &Path, limit: usize) -> io::Result<Vec<Vec<f32>>> {
         }
         let d = i32::from_le_bytes(dim_buf);
         if d <= 0 || d > 1 << 20 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad dimension {d}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad dimension {d}"),
+            ));
         }
         let d = d as usize;
         if *dim0.get_or_insert(d) != d {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "mixed dimensions"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "mixed dimensions",
+            ));
         }
         let mut buf = vec![0u8; d * 4];
         r.read_exact(&mut buf)?;
@@ -219,16 +243,25 @@ mod tests {
         assert_eq!(a.base, b.base);
         assert_eq!(a.base.len(), 50);
         assert_eq!(a.queries.len(), 5);
-        assert!(a.base.iter().all(|v| v.len() == 8 && v.iter().all(|x| x.is_finite())));
+        assert!(a
+            .base
+            .iter()
+            .all(|v| v.len() == 8 && v.iter().all(|x| x.is_finite())));
         assert_ne!(a.base, gaussian_clusters(50, 5, 8, 3, 0.5, 43).base);
     }
 
     #[test]
     fn low_rank_clusters_are_seeded_and_finite() {
         let a = low_rank_clusters(40, 4, 12, 3, 2, 0.5, 0.05, 9);
-        assert_eq!(a.base, low_rank_clusters(40, 4, 12, 3, 2, 0.5, 0.05, 9).base);
+        assert_eq!(
+            a.base,
+            low_rank_clusters(40, 4, 12, 3, 2, 0.5, 0.05, 9).base
+        );
         assert_eq!((a.base.len(), a.queries.len()), (40, 4));
-        assert!(a.base.iter().all(|v| v.len() == 12 && v.iter().all(|x| x.is_finite())));
+        assert!(a
+            .base
+            .iter()
+            .all(|v| v.len() == 12 && v.iter().all(|x| x.is_finite())));
     }
 
     #[test]
@@ -241,7 +274,9 @@ mod tests {
         assert_eq!(store.pattern_count(), 300);
         assert_eq!(queries.len(), 5);
         assert!(store.patterns().any(|p| p.use_count > 0));
-        assert!(store.patterns().any(|p| p.outcome == crate::Outcome::Failure));
+        assert!(store
+            .patterns()
+            .any(|p| p.outcome == crate::Outcome::Failure));
         let r = store
             .retrieve(&queries[0], 5, 10_000, &crate::RetrieveParams::default())
             .unwrap();

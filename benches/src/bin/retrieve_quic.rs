@@ -33,12 +33,22 @@ struct Args {
 }
 
 const TOPICS: &[&str] = &[
-    "cargo build cache", "flaky network download", "database migration lock",
-    "kubernetes rollout stuck", "memory leak in worker", "slow json parsing",
-    "tls certificate expired", "raft leader election", "quic handshake timeout",
-    "python dependency conflict", "docker image too large", "unit test flaky timing",
+    "cargo build cache",
+    "flaky network download",
+    "database migration lock",
+    "kubernetes rollout stuck",
+    "memory leak in worker",
+    "slow json parsing",
+    "tls certificate expired",
+    "raft leader election",
+    "quic handshake timeout",
+    "python dependency conflict",
+    "docker image too large",
+    "unit test flaky timing",
 ];
-const VERBS: &[&str] = &["fix", "avoid", "speed up", "debug", "retry", "cache", "pin", "split"];
+const VERBS: &[&str] = &[
+    "fix", "avoid", "speed up", "debug", "retry", "cache", "pin", "split",
+];
 
 fn text(i: usize) -> (String, String) {
     let topic = TOPICS[i % TOPICS.len()];
@@ -151,7 +161,9 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         let hits = loop {
             match session.reader.recv::<CoordinatorMsg>().await? {
-                Some(CoordinatorMsg::Retrieved { request_id, result }) if request_id == i as u64 => {
+                Some(CoordinatorMsg::Retrieved { request_id, result })
+                    if request_id == i as u64 =>
+                {
                     break result.map_err(|e| anyhow::anyhow!("retrieval failed: {e}"))?;
                 }
                 Some(_) => continue,

@@ -1,18 +1,17 @@
 //! Every op variant, every outcome variant and a snapshot survive bincode 2.0.1 (serde,
 //! standard config) — the encoding the coordinator uses for Raft entries and snapshots.
 
-
-
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use swarm_memory::{
-    CollectionSpec, ConsolidateParams, ConsolidationReport, MemoryOp, MemoryStore, MergeRecord, Metric, NewPattern,
-    OpOutcome, Outcome, PointWrite, StoreSnapshot,
+    CollectionSpec, ConsolidateParams, ConsolidationReport, MemoryOp, MemoryStore, MergeRecord,
+    Metric, NewPattern, OpOutcome, Outcome, PointWrite, StoreSnapshot,
 };
 
 fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
     let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap();
-    let (back, used): (T, usize) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    let (back, used): (T, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
     assert_eq!(used, bytes.len());
     assert_eq!(&back, value);
     // The crate's own helpers agree with plain bincode.
@@ -38,8 +37,15 @@ fn covered(op: &MemoryOp) -> usize {
 
 fn all_ops() -> Vec<MemoryOp> {
     vec![
-        MemoryOp::CreateCollection { name: "docs".into(), spec: CollectionSpec::new(3, Metric::Dot), now_ms: 1 },
-        MemoryOp::DropCollection { name: "docs".into(), now_ms: 2 },
+        MemoryOp::CreateCollection {
+            name: "docs".into(),
+            spec: CollectionSpec::new(3, Metric::Dot),
+            now_ms: 1,
+        },
+        MemoryOp::DropCollection {
+            name: "docs".into(),
+            now_ms: 2,
+        },
         MemoryOp::Upsert {
             collection: "docs".into(),
             points: vec![
@@ -49,13 +55,25 @@ fn all_ops() -> Vec<MemoryOp> {
                     metadata: r#"{"k":"v","n":[1,2.5,null]}"#.into(),
                     ttl_ms: Some(60_000),
                 },
-                PointWrite { id: "b".into(), vector: vec![0.0; 3], metadata: String::new(), ttl_ms: None },
+                PointWrite {
+                    id: "b".into(),
+                    vector: vec![0.0; 3],
+                    metadata: String::new(),
+                    ttl_ms: None,
+                },
             ],
             now_ms: u64::MAX,
         },
-        MemoryOp::Delete { collection: "docs".into(), ids: vec!["a".into(), "zz".into()], now_ms: 4 },
+        MemoryOp::Delete {
+            collection: "docs".into(),
+            ids: vec!["a".into(), "zz".into()],
+            now_ms: 4,
+        },
         MemoryOp::ExpireSweep { now_ms: 5 },
-        MemoryOp::RebuildIndex { collection: "docs".into(), now_ms: 6 },
+        MemoryOp::RebuildIndex {
+            collection: "docs".into(),
+            now_ms: 6,
+        },
         MemoryOp::PatternAdd {
             items: vec![NewPattern {
                 title: "t".into(),
@@ -67,9 +85,20 @@ fn all_ops() -> Vec<MemoryOp> {
             }],
             now_ms: 7,
         },
-        MemoryOp::PatternJudge { task_id: None, item_ids: vec!["pat-000000000001".into()], outcome: Outcome::Success, now_ms: 8 },
-        MemoryOp::PatternDelete { ids: vec![], now_ms: 9 },
-        MemoryOp::Consolidate { params: ConsolidateParams::default(), now_ms: 10 },
+        MemoryOp::PatternJudge {
+            task_id: None,
+            item_ids: vec!["pat-000000000001".into()],
+            outcome: Outcome::Success,
+            now_ms: 8,
+        },
+        MemoryOp::PatternDelete {
+            ids: vec![],
+            now_ms: 9,
+        },
+        MemoryOp::Consolidate {
+            params: ConsolidateParams::default(),
+            now_ms: 10,
+        },
     ]
 }
 
@@ -78,7 +107,11 @@ fn every_op_variant_roundtrips() {
     let ops = all_ops();
     let mut kinds: Vec<usize> = ops.iter().map(covered).collect();
     kinds.dedup();
-    assert_eq!(kinds, (0..10).collect::<Vec<_>>(), "one of each variant, in order");
+    assert_eq!(
+        kinds,
+        (0..10).collect::<Vec<_>>(),
+        "one of each variant, in order"
+    );
     for op in &ops {
         roundtrip(op);
     }
@@ -89,16 +122,44 @@ fn every_op_variant_roundtrips() {
 fn every_outcome_variant_roundtrips() {
     let outcomes = vec![
         OpOutcome::CollectionCreated { name: "x".into() },
-        OpOutcome::CollectionDropped { name: "x".into(), points: 3 },
-        OpOutcome::Upserted { inserted: 1, replaced: 2, expired: 3, rebuilt: true },
-        OpOutcome::Deleted { deleted: 1, missing: vec!["m".into()], expired: 0, rebuilt: false },
+        OpOutcome::CollectionDropped {
+            name: "x".into(),
+            points: 3,
+        },
+        OpOutcome::Upserted {
+            inserted: 1,
+            replaced: 2,
+            expired: 3,
+            rebuilt: true,
+        },
+        OpOutcome::Deleted {
+            deleted: 1,
+            missing: vec!["m".into()],
+            expired: 0,
+            rebuilt: false,
+        },
         OpOutcome::Swept { expired: 9 },
-        OpOutcome::Rebuilt { live: 5, tombstones_removed: 6 },
-        OpOutcome::PatternsAdded { ids: vec!["pat-000000000001".into()] },
-        OpOutcome::Judged { updated: vec!["a".into()], missing: vec![] },
-        OpOutcome::PatternsDeleted { deleted: 1, missing: vec![] },
+        OpOutcome::Rebuilt {
+            live: 5,
+            tombstones_removed: 6,
+        },
+        OpOutcome::PatternsAdded {
+            ids: vec!["pat-000000000001".into()],
+        },
+        OpOutcome::Judged {
+            updated: vec!["a".into()],
+            missing: vec![],
+        },
+        OpOutcome::PatternsDeleted {
+            deleted: 1,
+            missing: vec![],
+        },
         OpOutcome::Consolidated(ConsolidationReport {
-            merged: vec![MergeRecord { kept: "a".into(), removed: "b".into(), similarity: 0.97 }],
+            merged: vec![MergeRecord {
+                kept: "a".into(),
+                removed: "b".into(),
+                similarity: 0.97,
+            }],
             contradictions: vec![("a".into(), "c".into())],
             pruned: vec!["d".into()],
         }),
@@ -117,15 +178,31 @@ fn snapshot_roundtrips_and_restores() {
         let _ = s.apply(op);
     }
     super::common::create(&mut s, "docs2", 3, Metric::Cosine);
-    super::common::upsert(&mut s, "docs2", vec![super::common::point("p", vec![1.0, 2.0, 2.0], r#"{"a":{"b":[1]}}"#)], 20);
+    super::common::upsert(
+        &mut s,
+        "docs2",
+        vec![super::common::point(
+            "p",
+            vec![1.0, 2.0, 2.0],
+            r#"{"a":{"b":[1]}}"#,
+        )],
+        20,
+    );
     assert_eq!(s.pattern_count(), 1);
     let snap = s.snapshot();
     roundtrip(&snap);
     let bytes = bincode::serde::encode_to_vec(&snap, bincode::config::standard()).unwrap();
-    let (back, _): (StoreSnapshot, usize) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    let (back, _): (StoreSnapshot, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
     let restored = MemoryStore::from_snapshot(back).unwrap();
     assert_eq!(restored.snapshot(), snap);
-    assert_eq!(restored.snapshot_bytes().unwrap(), s.snapshot_bytes().unwrap());
-    assert_eq!(restored.get("docs2", "p", 20).unwrap(), s.get("docs2", "p", 20).unwrap());
+    assert_eq!(
+        restored.snapshot_bytes().unwrap(),
+        s.snapshot_bytes().unwrap()
+    );
+    assert_eq!(
+        restored.get("docs2", "p", 20).unwrap(),
+        s.get("docs2", "p", 20).unwrap()
+    );
     assert_eq!(snap.format_version(), swarm_memory::SNAPSHOT_FORMAT_VERSION);
 }

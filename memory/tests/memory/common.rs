@@ -1,6 +1,8 @@
 #![allow(dead_code)]
 
-use swarm_memory::{CollectionSpec, MemoryOp, MemoryStore, Metric, OpOutcome, PointWrite, StoreConfig};
+use swarm_memory::{
+    CollectionSpec, MemoryOp, MemoryStore, Metric, OpOutcome, PointWrite, StoreConfig,
+};
 
 pub fn store() -> MemoryStore {
     MemoryStore::new(StoreConfig::default()).unwrap()
@@ -31,7 +33,12 @@ pub fn point(id: impl Into<String>, vector: Vec<f32>, metadata: &str) -> PointWr
     }
 }
 
-pub fn upsert(store: &mut MemoryStore, coll: &str, points: Vec<PointWrite>, now_ms: u64) -> OpOutcome {
+pub fn upsert(
+    store: &mut MemoryStore,
+    coll: &str,
+    points: Vec<PointWrite>,
+    now_ms: u64,
+) -> OpOutcome {
     store
         .apply(MemoryOp::Upsert {
             collection: coll.into(),
@@ -42,7 +49,12 @@ pub fn upsert(store: &mut MemoryStore, coll: &str, points: Vec<PointWrite>, now_
 }
 
 /// Upserts `vectors` as ids `p{i}` in batches, metadata from `meta(i)`.
-pub fn load(store: &mut MemoryStore, coll: &str, vectors: &[Vec<f32>], meta: impl Fn(usize) -> String) {
+pub fn load(
+    store: &mut MemoryStore,
+    coll: &str,
+    vectors: &[Vec<f32>],
+    meta: impl Fn(usize) -> String,
+) {
     for (b, chunk) in vectors.chunks(500).enumerate() {
         let points = chunk
             .iter()

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use swarm_memory::{
-    embed_items, Distiller, Embedder, HttpEmbedder, HttpEmbedderConfig, LlmDistiller, LlmDistillerConfig, Outcome,
-    TaskSummary,
+    embed_items, Distiller, Embedder, HttpEmbedder, HttpEmbedderConfig, LlmDistiller,
+    LlmDistillerConfig, Outcome, TaskSummary,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -22,7 +22,10 @@ struct Seen {
 
 impl Seen {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -36,7 +39,9 @@ async fn mock_server(handler: Handler) -> (String, Arc<Mutex<Vec<Seen>>>) {
     let log = seen.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let handler = handler.clone();
             let log = log.clone();
             tokio::spawn(async move {
@@ -73,8 +78,14 @@ async fn mock_server(handler: Handler) -> (String, Arc<Mutex<Vec<Seen>>>) {
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
-                let body = serde_json::from_slice(&buf[header_end..header_end + len]).unwrap_or(Value::Null);
-                let req = Seen { method, path, headers, body };
+                let body = serde_json::from_slice(&buf[header_end..header_end + len])
+                    .unwrap_or(Value::Null);
+                let req = Seen {
+                    method,
+                    path,
+                    headers,
+                    body,
+                };
                 let (status, resp) = handler(&req);
                 log.lock().unwrap().push(req);
                 let out = format!(
@@ -99,7 +110,10 @@ fn embeddings_handler() -> Handler {
             .map(|(i, t)| json!({"object": "embedding", "index": i, "embedding": [t.as_str().unwrap().len() as f32, i as f32, 1.0]}))
             .collect();
         data.reverse();
-        (200, json!({"object": "list", "data": data, "model": req.body["model"]}).to_string())
+        (
+            200,
+            json!({"object": "list", "data": data, "model": req.body["model"]}).to_string(),
+        )
     })
 }
 
@@ -112,7 +126,10 @@ async fn http_embedder_talks_openai_embeddings() {
     let e = HttpEmbedder::new(cfg).unwrap();
     assert_eq!(e.endpoint(), format!("{url}/v1/embeddings"));
     assert_eq!(e.dimension(), 3);
-    let texts: Vec<String> = ["a", "bb", "ccc", "dddd", "eeeee"].iter().map(|s| s.to_string()).collect();
+    let texts: Vec<String> = ["a", "bb", "ccc", "dddd", "eeeee"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let out = e.embed(&texts).await.unwrap();
     assert_eq!(out.len(), 5);
     for (i, v) in out.iter().enumerate() {
@@ -121,7 +138,9 @@ async fn http_embedder_talks_openai_embeddings() {
     }
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3, "batches of 2");
-    assert!(seen.iter().all(|r| r.method == "POST" && r.path == "/v1/embeddings"));
+    assert!(seen
+        .iter()
+        .all(|r| r.method == "POST" && r.path == "/v1/embeddings"));
     assert_eq!(seen[0].body["model"], "text-embed-test");
     assert_eq!(seen[0].body["input"], json!(["a", "bb"]));
     assert_eq!(seen[0].header("authorization"), Some("Bearer sk-test"));
@@ -142,7 +161,10 @@ async fn http_embedder_reports_failures() {
     assert_eq!(code, "embedding_failed");
     assert!(msg.contains("dimension"), "{msg}");
     // Server error status.
-    let (url, _) = mock_server(Arc::new(|_: &Seen| (500, r#"{"error":"overloaded"}"#.to_string()))).await;
+    let (url, _) = mock_server(Arc::new(|_: &Seen| {
+        (500, r#"{"error":"overloaded"}"#.to_string())
+    }))
+    .await;
     let e = HttpEmbedder::new(HttpEmbedderConfig::new(url, "m", 3)).unwrap();
     let (code, msg) = err_code(e.embed(&texts).await);
     assert_eq!(code, "embedding_failed");
@@ -196,7 +218,11 @@ async fn llm_distiller_parses_chat_completion() {
     assert_eq!(items.len(), 2);
     assert_eq!(items[0].title, "Check docker socket access");
     assert_eq!(items[0].outcome, Outcome::Failure);
-    assert_eq!(items[1].outcome, Outcome::Failure, "defaults to the task outcome");
+    assert_eq!(
+        items[1].outcome,
+        Outcome::Failure,
+        "defaults to the task outcome"
+    );
     assert!(items.iter().all(|i| i.source_task == Some(42)));
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen[0].path, "/v1/chat/completions");
@@ -204,7 +230,10 @@ async fn llm_distiller_parses_chat_completion() {
     assert_eq!(seen[0].header("authorization"), Some("Bearer k"));
     let msgs = seen[0].body["messages"].as_array().unwrap();
     assert_eq!(msgs[0]["role"], "system");
-    assert!(msgs[1]["content"].as_str().unwrap().contains("permission denied"));
+    assert!(msgs[1]["content"]
+        .as_str()
+        .unwrap()
+        .contains("permission denied"));
 
     // Embedding the distilled items through the HTTP embedder yields patterns.
     let (eurl, _) = mock_server(embeddings_handler()).await;
@@ -223,12 +252,21 @@ async fn llm_distiller_reports_failures() {
     assert_eq!(e.code(), "distill_failed");
     assert!(e.to_string().contains("503"));
     let handler: Handler = Arc::new(|_: &Seen| {
-        (200, json!({"choices": [{"message": {"content": "I cannot help with that."}}]}).to_string())
+        (
+            200,
+            json!({"choices": [{"message": {"content": "I cannot help with that."}}]}).to_string(),
+        )
     });
     let (url, _) = mock_server(handler).await;
     let d = LlmDistiller::new(LlmDistillerConfig::new(url, "m")).unwrap();
-    assert_eq!(d.distill(&failed_task()).await.unwrap_err().code(), "distill_failed");
+    assert_eq!(
+        d.distill(&failed_task()).await.unwrap_err().code(),
+        "distill_failed"
+    );
     let (url, _) = mock_server(Arc::new(|_: &Seen| (200, "{}".to_string()))).await;
     let d = LlmDistiller::new(LlmDistillerConfig::new(url, "m")).unwrap();
-    assert_eq!(d.distill(&failed_task()).await.unwrap_err().code(), "distill_failed");
+    assert_eq!(
+        d.distill(&failed_task()).await.unwrap_err().code(),
+        "distill_failed"
+    );
 }

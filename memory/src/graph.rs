@@ -1,0 +1,228 @@
+//! A read-only, flat copy of an hnsw_rs graph, and the search over it.
+//!
+//! hnsw_rs builds the graph (its insertion algorithm, neighbour heuristic and seeded layer
+//! RNG), but its search keeps every candidate as an `Arc`-allocated heap node and its
+//! visited set in a hash map, which costs far more than the distance arithmetic below a
+//! few hundred dimensions. We therefore copy the adjacency lists out of the graph into
+//! compressed-sparse-row arrays of slot numbers ([`FlatGraph::extract`]) and search those
+//! with plain `(f32, u32)` heaps and a bitset, reading vectors from the collection's
+//! contiguous arena. The copy is refreshed by the write path at deterministic points (see
+//! [`crate::collection`]); slots inserted since the last refresh are scanned exactly.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BinaryHeap};
+
+use hnsw_rs::hnsw::Hnsw;
+
+use crate::kernel::IndexDistance;
+
+/// Heap entry ordered by (distance, slot).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cand(pub f32, pub u32);
+
+impl PartialEq for Cand {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+    }
+}
+
+/// Adjacency of an HNSW graph over slots `0..slots`.
+#[derive(Debug, Default)]
+pub(crate) struct FlatGraph {
+    /// Number of slots the copy covers (all slots inserted when it was taken).
+    slots: usize,
+    /// Layer 0 in CSR form: neighbours of slot `s` are `l0[l0_off[s]..l0_off[s + 1]]`.
+    l0_off: Vec<u32>,
+    l0: Vec<u32>,
+    /// `upper[l - 1]`: neighbours of the slots present on layer `l ≥ 1`.
+    upper: Vec<BTreeMap<u32, Vec<u32>>>,
+    /// hnsw_rs' entry point: the first point that reached the top layer.
+    entry: u32,
+    top: usize,
+}
+
+impl FlatGraph {
+    /// Copies the adjacency of `index`, which must contain exactly slots `0..slots`.
+    pub(crate) fn extract(index: &Hnsw<'static, f32, IndexDistance>, slots: usize) -> FlatGraph {
+        let top = index.get_max_level_observed() as usize;
+        let mut ranges = vec![(0u32, 0u32); slots];
+        let mut buf: Vec<u32> = Vec::with_capacity(slots * 20);
+        let mut upper: Vec<BTreeMap<u32, Vec<u32>>> = vec![BTreeMap::new(); top];
+        let mut entry = None;
+        if slots > 0 {
+            for point in index.get_point_indexation() {
+                let slot = point.get_origin_id();
+                if slot >= slots {
+                    continue;
+                }
+                let pid = point.get_point_id();
+                if pid.0 as usize == top && pid.1 == 0 {
+                    entry = Some(slot as u32);
+                }
+                for (layer, ns) in point.get_neighborhood_id().into_iter().enumerate() {
+                    if layer == 0 {
+                        let start = buf.len() as u32;
+                        buf.extend(
+                            ns.iter()
+                                .map(|n| n.d_id as u32)
+                                .filter(|&d| (d as usize) < slots),
+                        );
+                        ranges[slot] = (start, buf.len() as u32 - start);
+                    } else if layer <= top && !ns.is_empty() {
+                        upper[layer - 1].insert(
+                            slot as u32,
+                            ns.iter()
+                                .map(|n| n.d_id as u32)
+                                .filter(|&d| (d as usize) < slots)
+                                .collect(),
+                        );
+                    }
+                }
+            }
+        }
+        // Re-lay layer 0 in slot order.
+        let mut l0_off = Vec::with_capacity(slots + 1);
+        let mut l0 = Vec::with_capacity(buf.len());
+        l0_off.push(0u32);
+        for (start, len) in ranges {
+            l0.extend_from_slice(&buf[start as usize..(start + len) as usize]);
+            l0_off.push(l0.len() as u32);
+        }
+        let entry = entry
+            .or_else(|| upper.last().and_then(|m| m.keys().next().copied()))
+            .unwrap_or(0);
+        FlatGraph {
+            slots,
+            l0_off,
+            l0,
+            upper,
+            entry,
+            top,
+        }
+    }
+
+    /// Slots covered by the copy.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Layer-0 edge count, highest layer, and how many of the covered slots a search can
+    /// reach (descending from the entry point to layer 0, then following layer-0 edges).
+    pub(crate) fn stats(&self) -> (usize, usize, usize) {
+        if self.slots == 0 {
+            return (0, 0, 0);
+        }
+        let mut seen = vec![false; self.slots];
+        let mut stack = vec![self.entry];
+        seen[self.entry as usize] = true;
+        // Upper-layer nodes are all on layer 0 too, so layer-0 reachability from the
+        // entry point is what a search can reach.
+        let mut reached = 0;
+        while let Some(s) = stack.pop() {
+            reached += 1;
+            let (a, b) = (self.l0_off[s as usize] as usize, self.l0_off[s as usize + 1] as usize);
+            for &n in &self.l0[a..b] {
+                if !seen[n as usize] {
+                    seen[n as usize] = true;
+                    stack.push(n);
+                }
+            }
+        }
+        (self.l0.len(), self.top, reached)
+    }
+
+    /// Best-first search: greedy descent through the upper layers, then a beam of width
+    /// `ef` on layer 0. Every node is traversed, but only those for which `visible`
+    /// holds are collected, so filters act during the search; with fewer than `ef`
+    /// visible nodes found the beam does not stop early (it can then walk the whole
+    /// reachable graph). Returns up to `ef` visible (distance, slot), unordered.
+    pub(crate) fn search(
+        &self,
+        query: &[f32],
+        ef: usize,
+        dist: impl Fn(&[f32], u32) -> f32,
+        visible: impl Fn(u32) -> bool,
+        touch: impl Fn(u32),
+    ) -> Vec<Cand> {
+        if self.slots == 0 || ef == 0 {
+            return Vec::new();
+        }
+        let mut ep = self.entry;
+        let mut d_ep = dist(query, ep);
+        for layer in (1..=self.top).rev() {
+            let adj = &self.upper[layer - 1];
+            loop {
+                let mut moved = false;
+                if let Some(ns) = adj.get(&ep) {
+                    for &n in ns {
+                        let d = dist(query, n);
+                        if d < d_ep || (d == d_ep && n < ep) {
+                            d_ep = d;
+                            ep = n;
+                            moved = true;
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        let mut visited = vec![0u64; self.slots.div_ceil(64)];
+        let mut mark = |s: u32| {
+            let (w, b) = (s as usize / 64, 1u64 << (s % 64));
+            let seen = visited[w] & b != 0;
+            visited[w] |= b;
+            seen
+        };
+        let mut candidates: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(ef * 2);
+        let mut results: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef + 1);
+        mark(ep);
+        candidates.push(Reverse(Cand(d_ep, ep)));
+        if visible(ep) {
+            results.push(Cand(d_ep, ep));
+        }
+        let mut fresh: Vec<u32> = Vec::with_capacity(64);
+        while let Some(Reverse(c)) = candidates.pop() {
+            let bound = results.peek().map_or(f32::INFINITY, |w| w.0);
+            if results.len() >= ef && c.0 > bound {
+                break;
+            }
+            let (a, b) = (
+                self.l0_off[c.1 as usize] as usize,
+                self.l0_off[c.1 as usize + 1] as usize,
+            );
+            fresh.clear();
+            fresh.extend(self.l0[a..b].iter().copied().filter(|&n| !mark(n)));
+            // Start every miss before using any of them (memory-level parallelism).
+            for &n in &fresh {
+                touch(n);
+            }
+            for &n in &fresh {
+                let d = dist(query, n);
+                let bound = results.peek().map_or(f32::INFINITY, |w| w.0);
+                if results.len() < ef || d < bound {
+                    candidates.push(Reverse(Cand(d, n)));
+                    if visible(n) {
+                        results.push(Cand(d, n));
+                        if results.len() > ef {
+                            results.pop();
+                        }
+                    }
+                }
+            }
+        }
+        results.into_vec()
+    }
+}
