@@ -131,7 +131,10 @@ impl FlatGraph {
         let mut reached = 0;
         while let Some(s) = stack.pop() {
             reached += 1;
-            let (a, b) = (self.l0_off[s as usize] as usize, self.l0_off[s as usize + 1] as usize);
+            let (a, b) = (
+                self.l0_off[s as usize] as usize,
+                self.l0_off[s as usize + 1] as usize,
+            );
             for &n in &self.l0[a..b] {
                 if !seen[n as usize] {
                     seen[n as usize] = true;

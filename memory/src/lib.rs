@@ -128,7 +128,8 @@ pub mod store;
 pub mod synthetic;
 
 pub use collection::{
-    CollectionInfo, CollectionSpec, GraphStats, Metric, PointWrite, SearchHit, SearchRequest, StoredPoint,
+    CollectionInfo, CollectionSpec, GraphStats, Metric, PointWrite, SearchHit, SearchRequest,
+    StoredPoint,
 };
 pub use distill::{
     classify_error, embed_items, AgentItemsDistiller, AgentMemoryItem, DistilledItem, Distiller,

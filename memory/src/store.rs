@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::collection::{
-    prepare_vector, validate_id, Collection, CollectionInfo, CollectionRecord, CollectionSpec, GraphStats,
-    PointWrite, PreparedPoint, SearchHit, SearchRequest, StoredPoint,
+    prepare_vector, validate_id, Collection, CollectionInfo, CollectionRecord, CollectionSpec,
+    GraphStats, PointWrite, PreparedPoint, SearchHit, SearchRequest, StoredPoint,
 };
 use crate::error::{MemoryError, Result};
 use crate::reasoning::{
