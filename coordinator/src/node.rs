@@ -176,7 +176,12 @@ pub(crate) struct Dispatch {
     /// Ordered by worker id, so everything done to all sessions happens in the same order
     /// on every run.
     pub sessions: BTreeMap<String, SessionHandle>,
+    /// When the leader last checked that every running attempt is tracked.
+    pub last_reconcile_ms: u64,
 }
+
+/// How often the leader adopts running attempts its scheduler does not track.
+const RECONCILE_EVERY_MS: u64 = 1000;
 
 /// Shared state of one coordinator.
 pub struct Node {
@@ -209,6 +214,7 @@ impl Node {
             dispatch: Mutex::new(Dispatch {
                 scheduler: Scheduler::new(cfg.scheduler),
                 sessions: BTreeMap::new(),
+                last_reconcile_ms: 0,
             }),
             cfg,
             raft,
@@ -450,6 +456,35 @@ impl Node {
         {
             let table = self.table.read();
             let mut d = self.lock_dispatch();
+            // A leader elected before its state machine had re-applied the log (after a
+            // restart) adopted only the attempts it knew of then; attempts recorded as
+            // running later must get a lease too, or a dead worker's attempt would stay
+            // `running` forever. Found by the simulation (sim/, seed 1795236407001).
+            if now.saturating_sub(d.last_reconcile_ms) >= RECONCILE_EVERY_MS {
+                d.last_reconcile_ms = now;
+                let mut adopted = 0;
+                for (task, a) in table.running() {
+                    let attempt = AttemptRef {
+                        task_id: task.id,
+                        attempt: a.number,
+                    };
+                    let tracked = d
+                        .scheduler
+                        .in_flight(task.id)
+                        .is_some_and(|f| f.attempt == attempt);
+                    if !tracked {
+                        d.scheduler
+                            .adopt(&a.worker, attempt, task.spec.timeout_ms, now);
+                        adopted += 1;
+                    }
+                }
+                if adopted > 0 {
+                    info!(
+                        adopted,
+                        "adopted running attempts the scheduler did not track"
+                    );
+                }
+            }
             for e in d.scheduler.expire(now) {
                 warn!(task = e.attempt.task_id, attempt = e.attempt.attempt, worker = %e.worker, reason = %e.reason, "attempt lost");
                 if let Some(s) = d.sessions.get(&e.worker) {
