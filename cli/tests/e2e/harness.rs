@@ -30,6 +30,27 @@ fn free_udp_port() -> u16 {
         .expect("free udp port")
 }
 
+/// The last `lines` lines of every `*.log` file in `dir`, for failure messages.
+pub fn log_tails(dir: &Path, lines: usize) -> String {
+    let mut out = String::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|e| e.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    paths.sort();
+    for p in paths {
+        if p.extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            out.push_str(&format!("--- {} ---\n", p.display()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 /// A coordinator and workers as child processes, killed on drop.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -274,22 +295,7 @@ impl Cluster {
 
     /// Tail of every process log, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
-            for e in entries.flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                    out.push_str(&format!("--- {} ---\n", p.display()));
-                    for l in tail.into_iter().rev() {
-                        out.push_str(l);
-                        out.push('\n');
-                    }
-                }
-            }
-        }
-        out
+        log_tails(self.dir.path(), 40)
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{bin, WAIT};
+use crate::harness::{bin, log_tails, WAIT};
 
 /// A port that is free now, picked at random below Linux's ephemeral range (32768+), so
 /// that the short-lived sockets other processes bind to port 0 cannot take it between
@@ -329,23 +329,7 @@ impl RaftCluster {
 
     /// Tail of every process log, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
-            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-            paths.sort();
-            for p in paths {
-                if p.extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                    out.push_str(&format!("--- {} ---\n", p.display()));
-                    for l in tail.into_iter().rev() {
-                        out.push_str(l);
-                        out.push('\n');
-                    }
-                }
-            }
-        }
-        out
+        log_tails(self.dir.path(), 30)
     }
 }
 
