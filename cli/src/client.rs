@@ -286,6 +286,35 @@ impl Client {
         serde_json::from_slice(&bytes).context("unexpected API response")
     }
 
+    pub async fn swarms(&self) -> anyhow::Result<swarm_proto::api::SwarmList> {
+        self.call(Method::GET, "/v1/swarms", &[], None).await
+    }
+
+    pub async fn swarm(&self, name: &str) -> anyhow::Result<swarm_proto::api::SwarmView> {
+        self.call(Method::GET, &format!("/v1/swarms/{}", seg(name)), &[], None)
+            .await
+    }
+
+    pub async fn create_swarm(
+        &self,
+        req: &swarm_proto::api::CreateSwarm,
+    ) -> anyhow::Result<swarm_proto::api::SwarmView> {
+        self.call(Method::POST, "/v1/swarms", &[], Self::encode(req)?)
+            .await
+    }
+
+    pub async fn delete_swarm(&self, name: &str) -> anyhow::Result<()> {
+        self.call_raw(
+            Method::DELETE,
+            &format!("/v1/swarms/{}", seg(name)),
+            &[],
+            None,
+            "application/json",
+        )
+        .await
+        .map(|_| ())
+    }
+
     pub async fn status(&self) -> anyhow::Result<StatusView> {
         self.call(Method::GET, "/v1/status", &[], None).await
     }
@@ -308,4 +337,9 @@ impl Client {
         )
         .await
     }
+}
+
+/// A path segment with the characters that would change the path escaped.
+fn seg(s: &str) -> String {
+    s.replace('%', "%25").replace('/', "%2F").replace('?', "%3F").replace('#', "%23")
 }

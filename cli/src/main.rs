@@ -81,6 +81,9 @@ enum Cmd {
     /// The ReasoningBank: strategies learnt from past successes and failures.
     #[command(subcommand)]
     Patterns(PatternsCmd),
+    /// Swarms: named groups of workers with a topology (star, mesh, ring).
+    #[command(subcommand)]
+    Swarms(SwarmsCmd),
     /// Write a consistent copy of a running cluster's tasks and memory to a file.
     Backup {
         #[command(flatten)]
@@ -96,6 +99,64 @@ enum Cmd {
         /// The backup file.
         #[arg(long)]
         from: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SwarmsCmd {
+    /// Define a swarm.
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        /// star, mesh or ring (hierarchical is not implemented yet).
+        #[arg(long)]
+        topology: String,
+        /// Members: workers carrying all of these labels (k=v, repeatable or
+        /// comma-separated). Default: every worker.
+        #[arg(long = "labels", value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Mesh: most peer links per worker.
+        #[arg(long)]
+        max_degree: Option<u32>,
+        /// Hierarchical: workers per lead.
+        #[arg(long)]
+        fan_out: Option<u32>,
+        /// Ring: the stages in order, e.g. `coder,reviewer[lang=rust],tester`.
+        #[arg(long)]
+        stages: Option<String>,
+        /// Attempts a member may hold beyond its slots (default 0; mesh 4).
+        #[arg(long)]
+        queue_depth: Option<u32>,
+        /// Create it even if no connected worker is a member yet.
+        #[arg(long)]
+        allow_empty: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List swarms.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one swarm and draw its topology.
+    Show {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a swarm (refused while it has unfinished tasks).
+    Delete {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
     },
 }
 
@@ -482,8 +543,8 @@ struct WorkerArgs {
 struct SubmitArgs {
     #[command(flatten)]
     api: ApiArgs,
-    /// Agent to run.
-    #[arg(long)]
+    /// Agent to run (omit for a ring swarm: its stages name the agents).
+    #[arg(long, default_value = "")]
     agent: String,
     /// Payload: JSON if it parses as JSON, else text.
     #[arg(long, conflicts_with = "payload_file")]
@@ -509,6 +570,9 @@ struct SubmitArgs {
     /// Hand the agent this many ReasoningBank patterns retrieved by the payload text.
     #[arg(long, default_value_t = 0)]
     patterns: u32,
+    /// Run in this swarm (default: `default`, a star of every worker).
+    #[arg(long)]
+    swarm: Option<String>,
     /// Wait for the result (optionally how long, default 60s).
     #[arg(long, num_args = 0..=1, default_missing_value = "60s")]
     wait: Option<String>,
@@ -646,6 +710,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Cluster(c) => cluster_cmd(c).await,
         Cmd::Probe(a) => probe(a).await,
         Cmd::Memory(c) => memory_cmd(c).await,
+        Cmd::Swarms(c) => swarms_cmd(c).await,
         Cmd::Patterns(c) => patterns_cmd(c).await,
         Cmd::Backup { api, out } => {
             let bytes = api.client()?.backup().await?;
@@ -788,6 +853,9 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             slots: a.slots,
             labels: BTreeMap::new(),
             agents_file: a.agents.clone(),
+            peer_listen: None,
+            peer_advertise: None,
+            peer_server_name: None,
         };
         let mut rx = stop_rx.clone();
         workers.push(tokio::spawn(async move {
@@ -942,6 +1010,9 @@ async fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         slots: a.slots,
         labels: parse_labels(&a.labels)?,
         agents_file: a.agents,
+        peer_listen: None,
+        peer_advertise: None,
+        peer_server_name: None,
     };
     swarm_worker::run_worker(cfg, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -957,6 +1028,7 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
         idempotency_key: a.idempotency_key,
         labels: parse_labels(&a.labels)?,
         patterns: a.patterns,
+        swarm: a.swarm,
         ..Default::default()
     };
     if let Some(p) = a.payload {
@@ -1072,6 +1144,61 @@ async fn task(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn swarms_cmd(c: SwarmsCmd) -> anyhow::Result<ExitCode> {
+    match c {
+        SwarmsCmd::Create {
+            api,
+            name,
+            topology,
+            labels,
+            max_degree,
+            fan_out,
+            stages,
+            queue_depth,
+            allow_empty,
+            json,
+        } => {
+            let req = swarm_proto::api::CreateSwarm {
+                name,
+                topology,
+                labels: parse_labels(&labels)?,
+                fan_out,
+                max_degree,
+                stages: stages.into_iter().collect(),
+                queue_depth,
+                allow_empty,
+            };
+            let v = api.client()?.create_swarm(&req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", status::render_swarm(&v));
+            }
+        }
+        SwarmsCmd::List { api, json } => {
+            let l = api.client()?.swarms().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                print!("{}", status::render_swarm_list(&l.swarms));
+            }
+        }
+        SwarmsCmd::Show { api, name, json } => {
+            let v = api.client()?.swarm(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", status::render_swarm(&v));
+            }
+        }
+        SwarmsCmd::Delete { api, name } => {
+            api.client()?.delete_swarm(&name).await?;
+            println!("deleted swarm {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn cluster_cmd(c: ClusterCmd) -> anyhow::Result<ExitCode> {

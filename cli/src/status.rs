@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use swarm_proto::api::{ClusterView, StatusView};
+use swarm_proto::api::{ClusterView, StatusView, SwarmView};
 
 /// Render a status as aligned plain text (no colour codes, so it pipes cleanly).
 pub fn render(s: &StatusView) -> String {
@@ -53,7 +53,90 @@ pub fn render(s: &StatusView) -> String {
         "throughput  {:.1} tasks/s ({} finished in the last minute)",
         s.throughput.per_second, s.throughput.finished_last_minute
     );
+    for sw in &s.swarms {
+        out.push('\n');
+        out.push_str(&render_swarm(sw));
+    }
     out
+}
+
+/// One line per swarm.
+pub fn render_swarm_list(swarms: &[SwarmView]) -> String {
+    let mut rows = vec![vec![
+        "SWARM".into(),
+        "TOPOLOGY".into(),
+        "MEMBERS".into(),
+        "QUEUED".into(),
+        "RUNNING".into(),
+        "LABELS".into(),
+        "NOTE".into(),
+    ]];
+    for s in swarms {
+        rows.push(vec![
+            s.name.clone(),
+            describe_topology(s),
+            s.layout
+                .as_ref()
+                .map_or("-".to_string(), |l| l.workers.len().to_string()),
+            s.tasks.queued.to_string(),
+            s.tasks.running.to_string(),
+            selector(s),
+            s.problem.clone().unwrap_or_default(),
+        ]);
+    }
+    let mut out = String::new();
+    table(&mut out, &rows);
+    out
+}
+
+/// A swarm's header line and its topology drawing.
+pub fn render_swarm(s: &SwarmView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "swarm {}   {}   labels {}   queue depth {}   queued {}  running {}",
+        s.name,
+        describe_topology(s),
+        selector(s),
+        s.queue_depth,
+        s.tasks.queued,
+        s.tasks.running
+    );
+    match (&s.layout, &s.problem) {
+        (Some(l), _) => {
+            for line in l.render_text().lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        (None, Some(p)) => {
+            let _ = writeln!(out, "  no layout: {p}");
+        }
+        (None, None) => {
+            let _ = writeln!(out, "  no layout (ask the leader)");
+        }
+    }
+    out
+}
+
+fn describe_topology(s: &SwarmView) -> String {
+    match (s.topology.as_str(), s.fan_out, s.max_degree) {
+        ("hierarchical", Some(f), _) => format!("hierarchical (fan-out {f})"),
+        ("mesh", _, Some(d)) => format!("mesh (degree ≤ {d})"),
+        ("ring", _, _) => format!("ring ({})", s.stages.join(" → ")),
+        (t, _, _) => t.to_string(),
+    }
+}
+
+fn selector(s: &SwarmView) -> String {
+    if s.labels.is_empty() {
+        "*".to_string()
+    } else {
+        s.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// The coordinator cluster: one line for the answering node, one row per member.

@@ -55,9 +55,10 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
-    /// A refused memory or ReasoningBank request, with the memory store's code.
+    /// A refused request with its own stable code (memory, ReasoningBank and swarm
+    /// errors).
     #[error("{message}")]
-    Memory {
+    Coded {
         status: StatusCode,
         code: String,
         message: String,
@@ -68,7 +69,7 @@ impl ApiError {
     /// The stable machine-readable code.
     pub fn code(&self) -> &str {
         match self {
-            ApiError::Memory { code, .. } => code,
+            ApiError::Coded { code, .. } => code,
             ApiError::BadRequest(_) => "bad_request",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
@@ -84,7 +85,7 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::Memory { status, .. } => *status,
+            ApiError::Coded { status, .. } => *status,
             ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -193,6 +194,14 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/patterns/retrieve", post(memory::retrieve))
         .route("/patterns/judge", post(memory::judge.layer(lead())))
+        .route(
+            "/swarms",
+            get(crate::swarms::list.layer(lead())).post(crate::swarms::create.layer(lead())),
+        )
+        .route(
+            "/swarms/{name}",
+            get(crate::swarms::get.layer(lead())).delete(crate::swarms::delete.layer(lead())),
+        )
         .route("/backup", get(backup::backup.layer(lead())))
         .route("/restore", post(backup::restore.layer(lead())))
         .route(
@@ -274,7 +283,27 @@ fn wait_of(node: &Node, q: &WaitQuery) -> Result<Option<Duration>, ApiError> {
 fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
     let limits = node.config().limits;
     let defaults = node.config().defaults;
-    if t.agent.is_empty() || t.agent.len() > 128 {
+    let swarm = t
+        .swarm
+        .clone()
+        .unwrap_or_else(|| swarm_topology::DEFAULT_SWARM_NAME.to_string());
+    let Some(record) = node.read_table(|tb| tb.swarm(&swarm)) else {
+        return Err(crate::swarms::unknown_swarm(&swarm));
+    };
+    let stages = match &record.spec.topology {
+        swarm_topology::TopologySpec::Ring { stages } => stages.clone(),
+        _ => Vec::new(),
+    };
+    let mut agent = t.agent.clone();
+    if !stages.is_empty() {
+        if !agent.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "swarm {swarm:?} is a ring: its stages name the agents; omit `agent`"
+            )));
+        }
+        agent = stages[0].agent.clone();
+    }
+    if agent.is_empty() || agent.len() > 128 {
         return Err(ApiError::BadRequest(
             "`agent` must be 1 to 128 bytes".into(),
         ));
@@ -323,7 +352,9 @@ fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
         )));
     }
     Ok(TaskSpec {
-        agent: t.agent,
+        agent,
+        swarm,
+        stages,
         payload,
         priority: t.priority,
         timeout_ms,
@@ -366,6 +397,7 @@ async fn submit(
     let (id, duplicate) = match results.first() {
         Some(OpResult::Submitted { id, duplicate }) => (*id, *duplicate),
         Some(OpResult::QueueFull { limit }) => return Err(ApiError::QueueFull { limit: *limit }),
+        Some(OpResult::Swarm(Err(f))) => return Err(crate::swarms::fault(f)),
         other => {
             return Err(ApiError::Internal(format!(
                 "unexpected submit result {other:?}"
@@ -446,6 +478,15 @@ async fn submit_batch(
                 duplicate,
                 task: None,
             }),
+            // The swarm was deleted between the check and the commit.
+            OpResult::Swarm(Err(f)) => {
+                let committed: Vec<String> = out.iter().map(|r| r.id.to_string()).collect();
+                return Err(ApiError::Conflict(format!(
+                    "{} part-way through the batch; committed before it: [{}]",
+                    f.message,
+                    committed.join(",")
+                )));
+            }
             // Another client filled the queue between the check and the commit: the tasks
             // before this one are committed; report honestly which.
             OpResult::QueueFull { limit } => {
@@ -630,6 +671,14 @@ fn status_view(node: &Node, cluster: ClusterView) -> StatusView {
         throughput: Throughput {
             finished_last_minute: finished,
             per_second: finished as f64 / 60.0,
+        },
+        swarms: {
+            let names: Vec<String> =
+                node.read_table(|t| t.defined_swarms().keys().cloned().collect());
+            names
+                .iter()
+                .filter_map(|n| crate::swarms::swarm_view(node, n))
+                .collect()
         },
     }
 }

@@ -21,6 +21,7 @@ pub mod raft;
 pub mod scheduler;
 mod server;
 pub mod state;
+pub mod swarms;
 mod worker_session;
 
 pub use node::{CoordinatorConfig, Limits, Node, TaskDefaults};

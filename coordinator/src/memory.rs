@@ -86,7 +86,7 @@ fn fault(f: MemoryFault) -> ApiError {
         "metadata_too_large" | "batch_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::BAD_REQUEST,
     };
-    ApiError::Memory {
+    ApiError::Coded {
         status,
         code: f.code,
         message: f.message,

@@ -178,6 +178,8 @@ pub(crate) struct Dispatch {
     pub sessions: BTreeMap<String, SessionHandle>,
     /// When the leader last checked that every running attempt is tracked.
     pub last_reconcile_ms: u64,
+    /// Every swarm's live layout.
+    pub topologies: crate::swarms::Topologies,
 }
 
 /// How often the leader adopts running attempts its scheduler does not track.
@@ -215,6 +217,7 @@ impl Node {
                 scheduler: Scheduler::new(cfg.scheduler),
                 sessions: BTreeMap::new(),
                 last_reconcile_ms: 0,
+                topologies: Default::default(),
             }),
             cfg,
             raft,
@@ -441,6 +444,7 @@ impl Node {
     fn step_down(&self) {
         let mut d = self.lock_dispatch();
         d.scheduler = Scheduler::new(self.cfg.scheduler);
+        d.topologies.clear();
         let leader = self.leader();
         for (_, s) in std::mem::take(&mut d.sessions) {
             let _ = s.tx.send(not_leader_msg(self.cfg.node_id, leader.as_ref()));
@@ -498,7 +502,16 @@ impl Node {
                     retry_at_ms,
                 });
             }
-            let plan = d.scheduler.plan(table.queued(), now);
+            let d = &mut *d;
+            let out = d.topologies.refresh(&d.scheduler, &table);
+            crate::swarms::deliver(d, out);
+            let topologies = &d.topologies;
+            let plan = d.scheduler.plan_by(
+                table.queued(),
+                now,
+                topologies.max_queue_depth(),
+                |task, id, w| topologies.place(task, id, w),
+            );
             for p in plan.dispatches {
                 let Some(task) = table.get(p.attempt.task_id) else {
                     continue;
@@ -506,10 +519,14 @@ impl Node {
                 let ready_since = task.created_at_ms.max(task.not_before_ms);
                 metrics::histogram!("swarm_dispatch_latency_seconds")
                     .record(now.saturating_sub(ready_since) as f64 / 1000.0);
+                if task.spec.swarm != swarm_topology::DEFAULT_SWARM_NAME {
+                    metrics::counter!("swarm_swarm_dispatched_total", "swarm" => task.spec.swarm.clone())
+                        .increment(1);
+                }
                 let msg = CoordinatorMsg::Run(TaskAssignment {
                     attempt: p.attempt,
-                    agent: task.spec.agent.clone(),
-                    payload: task.spec.payload.clone(),
+                    agent: task.current_agent().to_string(),
+                    payload: task.current_input().to_vec(),
                     timeout_ms: task.spec.timeout_ms,
                     idempotency_key: task.spec.idempotency_key.clone(),
                     patterns: task.spec.patterns,

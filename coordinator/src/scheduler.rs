@@ -10,7 +10,7 @@
 //! plan until the worker reports the attempt's end, which may be before the report is
 //! committed; the task stays in flight until then, so it is never planned twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use swarm_proto::worker::AttemptRef;
 use swarm_proto::TaskId;
@@ -48,6 +48,10 @@ impl Default for SchedulerConfig {
 pub struct WorkerEntry {
     pub slots: u32,
     pub labels: BTreeMap<String, String>,
+    /// Agents the worker offers.
+    pub agents: BTreeSet<String>,
+    /// Where the worker accepts mesh peer links, if it does.
+    pub peer_addr: Option<String>,
     pub connected: bool,
     pub last_seen_ms: u64,
     /// Attempts occupying a slot (planned, not yet reported).
@@ -64,7 +68,8 @@ impl WorkerEntry {
         self.busy as f64 / self.slots as f64
     }
 
-    fn has_labels(&self, wanted: &BTreeMap<String, String>) -> bool {
+    /// Whether the worker carries every label in `wanted`.
+    pub fn has_labels(&self, wanted: &BTreeMap<String, String>) -> bool {
         wanted.iter().all(|(k, v)| self.labels.get(k) == Some(v))
     }
 }
@@ -114,6 +119,8 @@ pub struct Scheduler {
     pending_starts: std::collections::VecDeque<(u64, Dispatch)>,
     /// Rotates the starting point among equally loaded workers.
     cursor: usize,
+    /// Bumped whenever a worker joins, leaves or is dropped: topologies re-plan then.
+    membership_gen: u64,
 }
 
 impl Scheduler {
@@ -133,17 +140,33 @@ impl Scheduler {
         labels: BTreeMap<String, String>,
         now_ms: u64,
     ) {
+        self.worker_joined(id, slots, labels, BTreeSet::new(), None, now_ms);
+    }
+
+    /// [`Scheduler::worker_connected`] with the worker's agents and peer address.
+    pub fn worker_joined(
+        &mut self,
+        id: &str,
+        slots: u32,
+        labels: BTreeMap<String, String>,
+        agents: BTreeSet<String>,
+        peer_addr: Option<String>,
+        now_ms: u64,
+    ) {
         let busy = self
             .in_flight
             .values()
             .filter(|f| f.worker == id && !f.reported)
             .count() as u32;
         let dispatched = self.workers.get(id).map_or(0, |w| w.dispatched);
+        self.membership_gen += 1;
         self.workers.insert(
             id.to_string(),
             WorkerEntry {
                 slots,
                 labels,
+                agents,
+                peer_addr,
                 connected: true,
                 last_seen_ms: now_ms,
                 busy,
@@ -157,6 +180,7 @@ impl Scheduler {
     pub fn worker_disconnected(&mut self, id: &str) {
         if let Some(w) = self.workers.get_mut(id) {
             w.connected = false;
+            self.membership_gen += 1;
         }
     }
 
@@ -165,6 +189,11 @@ impl Scheduler {
         if let Some(w) = self.workers.get_mut(id) {
             w.last_seen_ms = w.last_seen_ms.max(now_ms);
         }
+    }
+
+    /// Changes whenever the set of workers (or their connectedness) changes.
+    pub fn membership_gen(&self) -> u64 {
+        self.membership_gen
     }
 
     /// Workers known to the scheduler.
@@ -249,11 +278,27 @@ impl Scheduler {
     /// must be in run order. Tasks in flight, waiting out a backoff, or matching no
     /// connected worker's labels are skipped.
     pub fn plan<'a>(&mut self, queued: impl Iterator<Item = &'a Task>, now_ms: u64) -> Plan {
+        self.plan_by(queued, now_ms, 0, |task, _, w| {
+            w.has_labels(&task.spec.labels).then_some(w.slots)
+        })
+    }
+
+    /// [`Scheduler::plan`] with placement decided by `place(task, worker id, worker)`:
+    /// how many attempts the worker may hold when it takes this task (its slots, plus a
+    /// queue it holds locally), or `None` if it may not take it. `max_extra` bounds what
+    /// any worker holds beyond its slots.
+    pub fn plan_by<'a>(
+        &mut self,
+        queued: impl Iterator<Item = &'a Task>,
+        now_ms: u64,
+        max_extra: u32,
+        mut place: impl FnMut(&Task, &str, &WorkerEntry) -> Option<u32>,
+    ) -> Plan {
         let mut free: u64 = self
             .workers
             .values()
             .filter(|w| w.connected)
-            .map(|w| w.slots.saturating_sub(w.busy) as u64)
+            .map(|w| (w.slots + max_extra).saturating_sub(w.busy) as u64)
             .sum();
         let mut plan = Plan::default();
         if free == 0 {
@@ -274,7 +319,7 @@ impl Scheduler {
                 );
                 continue;
             }
-            let Some(worker) = self.pick_worker(&ids, &task.spec.labels) else {
+            let Some(worker) = self.pick_worker(&ids, |id, w| place(task, id, w)) else {
                 continue;
             };
             let attempt = AttemptRef {
@@ -329,9 +374,13 @@ impl Scheduler {
         out
     }
 
-    /// The least loaded connected worker with a free slot and the wanted labels; ties go
+    /// The least loaded connected worker with room that `place` allows; ties go
     /// round-robin so equal workers share the work.
-    fn pick_worker(&mut self, ids: &[String], labels: &BTreeMap<String, String>) -> Option<String> {
+    fn pick_worker(
+        &mut self,
+        ids: &[String],
+        mut place: impl FnMut(&str, &WorkerEntry) -> Option<u32>,
+    ) -> Option<String> {
         let n = ids.len();
         let mut best: Option<(f64, usize)> = None;
         for k in 0..n {
@@ -339,8 +388,12 @@ impl Scheduler {
             let Some(w) = self.workers.get(&ids[i]) else {
                 continue;
             };
-            if !w.connected || w.busy >= w.slots || !w.has_labels(labels) {
+            if !w.connected {
                 continue;
+            }
+            match place(&ids[i], w) {
+                Some(cap) if w.busy < cap => {}
+                _ => continue,
             }
             let load = w.load();
             if best.is_none_or(|(b, _)| load < b) {
@@ -350,6 +403,27 @@ impl Scheduler {
         let (_, i) = best?;
         self.cursor = (i + 1) % n.max(1);
         Some(ids[i].clone())
+    }
+
+    /// `attempt`, in flight on `from`, moved to `to` (a mesh steal). Returns false, and
+    /// changes nothing, unless it is in flight on `from` and not yet reported.
+    pub fn moved(&mut self, attempt: AttemptRef, from: &str, to: &str) -> bool {
+        let Some(f) = self.in_flight.get_mut(&attempt.task_id) else {
+            return false;
+        };
+        if f.attempt != attempt || f.worker != from || f.reported {
+            return false;
+        }
+        f.worker = to.to_string();
+        if let Some(w) = self.workers.get_mut(from) {
+            w.busy = w.busy.saturating_sub(1);
+        }
+        if let Some(w) = self.workers.get_mut(to) {
+            w.busy += 1;
+        }
+        // A pending `Start` naming `from` is no longer due (see `due_starts`): the
+        // `Op::Move` proposed for this records the attempt on `to` instead.
+        true
     }
 
     /// Attempts to give up at `now_ms`: those of workers whose lease ran out, and those
@@ -396,6 +470,7 @@ impl Scheduler {
             // A worker still connected but silent is dropped too; if it comes back it
             // says hello again.
             self.workers.remove(&id);
+            self.membership_gen += 1;
         }
         out.sort_by_key(|e| e.attempt);
         out
@@ -460,6 +535,8 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             patterns: 0,
+            swarm: swarm_topology::DEFAULT_SWARM_NAME.to_string(),
+            stages: Vec::new(),
         };
         let ops = (0..n)
             .map(|_| Op::Submit {
@@ -561,6 +638,8 @@ mod tests {
                 idempotency_key: None,
                 labels: BTreeMap::new(),
                 patterns: 0,
+                swarm: swarm_topology::DEFAULT_SWARM_NAME.to_string(),
+                stages: Vec::new(),
             };
             t.apply(&Command {
                 ops: vec![Op::Submit {

@@ -19,6 +19,7 @@ use swarm_memory::{MemoryOp, MemoryStore, OpOutcome};
 use swarm_proto::api::{AttemptView, BytesView, TaskState, TaskView};
 use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
 use swarm_proto::TaskId;
+use swarm_topology::{StageSpec, SwarmSpec, DEFAULT_SWARM_NAME};
 
 /// One Raft log entry's payload: a batch of operations applied in order.
 ///
@@ -41,6 +42,62 @@ pub struct TaskSpec {
     pub labels: BTreeMap<String, String>,
     /// ReasoningBank patterns the worker retrieves for the agent before it runs.
     pub patterns: u32,
+    /// The swarm the task targets ([`DEFAULT_SWARM_NAME`]: a star of all workers).
+    pub swarm: String,
+    /// A ring swarm's stages, copied at submit (so a swarm changed later does not change
+    /// a task in flight); empty for other topologies. Stage `i` runs `stages[i].agent`.
+    pub stages: Vec<StageSpec>,
+}
+
+impl TaskSpec {
+    /// Number of stages the task passes through (1 unless it is a ring task).
+    pub fn stage_count(&self) -> u32 {
+        self.stages.len().max(1) as u32
+    }
+
+    /// The agent of `stage`.
+    pub fn agent_of(&self, stage: u32) -> &str {
+        self.stages
+            .get(stage as usize)
+            .map_or(self.agent.as_str(), |s| s.agent.as_str())
+    }
+}
+
+/// A swarm as stored: its spec plus the dispatch settings the coordinator applies to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmRecord {
+    pub spec: SwarmSpec,
+    /// Attempts a member may hold beyond its slots, queued on the worker (mesh peers
+    /// steal from these queues).
+    pub queue_depth: u32,
+    pub created_at_ms: u64,
+}
+
+impl SwarmRecord {
+    /// The implicit swarm of tasks that name none.
+    pub fn default_swarm() -> Self {
+        SwarmRecord {
+            spec: SwarmSpec::default_swarm(),
+            queue_depth: 0,
+            created_at_ms: 0,
+        }
+    }
+}
+
+/// Why a swarm op was refused (identically on every replica).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmFault {
+    pub code: String,
+    pub message: String,
+}
+
+impl SwarmFault {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        SwarmFault {
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
 }
 
 /// One operation on the task table. Times are the proposing leader's wall clock (ms).
@@ -82,6 +139,17 @@ pub enum Op {
     /// Seed an empty replica from a backup ([`encode_replica`] bytes): tasks and memory.
     /// Refused unless both the task table and the memory store are empty.
     Restore { data: Vec<u8> },
+    /// Define a swarm. Refused if the name is taken.
+    SwarmCreate { record: SwarmRecord },
+    /// Remove a swarm. Refused for the default swarm and while unfinished tasks target it.
+    SwarmDelete { name: String },
+    /// A running attempt moved from one worker to another (a mesh steal).
+    Move {
+        attempt: AttemptRef,
+        from: String,
+        to: String,
+        now_ms: u64,
+    },
 }
 
 /// The result of applying one [`Command`]: one entry per op, in order.
@@ -111,6 +179,8 @@ pub enum OpResult {
     Memory(Result<OpOutcome, MemoryFault>),
     /// A restore: how much it brought back, or why it was refused.
     Restored(Result<RestoreSummary, String>),
+    /// A swarm op took effect, or why it was refused (a submit to an unknown swarm too).
+    Swarm(Result<(), SwarmFault>),
 }
 
 /// What a restore brought back.
@@ -225,6 +295,8 @@ pub enum AttemptEnd {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
     pub number: u32,
+    /// The ring stage this attempt ran (0 for single-stage tasks).
+    pub stage: u32,
     pub worker: String,
     pub started_at_ms: u64,
     pub finished_at_ms: Option<u64>,
@@ -244,6 +316,14 @@ pub struct Task {
     pub finished_at_ms: Option<u64>,
     /// A queued retry may not start before this time.
     pub not_before_ms: u64,
+    /// The stage the task is at: the next attempt runs this stage.
+    pub stage: u32,
+    /// Attempts made before the current stage began (retries are counted per stage).
+    pub stage_base: u32,
+    /// Outputs of the completed stages, in order; stage `i + 1`'s input is `[i]`.
+    pub stage_outputs: Vec<Vec<u8>>,
+    /// Times the task's attempt moved between workers (mesh steals).
+    pub moves: u32,
 }
 
 impl Task {
@@ -260,11 +340,28 @@ impl Task {
         self.attempts.last().map_or(1, |a| a.number + 1)
     }
 
+    /// The agent the next (or current) attempt runs: the current stage's for a ring task.
+    pub fn current_agent(&self) -> &str {
+        self.spec.agent_of(self.stage)
+    }
+
+    /// The input of the next (or current) attempt: the previous stage's output for a
+    /// ring task past its first stage, the payload otherwise.
+    pub fn current_input(&self) -> &[u8] {
+        match (self.stage as usize).checked_sub(1) {
+            Some(prev) => self
+                .stage_outputs
+                .get(prev)
+                .map_or(&self.spec.payload[..], |o| &o[..]),
+            None => &self.spec.payload,
+        }
+    }
+
     /// The API view of this task.
     pub fn view(&self) -> TaskView {
         TaskView {
             id: self.id,
-            agent: self.spec.agent.clone(),
+            agent: self.current_agent().to_string(),
             state: self.state,
             priority: self.spec.priority,
             timeout_ms: self.spec.timeout_ms,
@@ -278,6 +375,15 @@ impl Task {
             error: self.error.clone(),
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
+            swarm: self.spec.swarm.clone(),
+            stages: self.spec.stages.iter().map(|s| s.to_string()).collect(),
+            stage: self.stage,
+            stage_outputs: self
+                .stage_outputs
+                .iter()
+                .map(|o| String::from_utf8_lossy(o).into_owned())
+                .collect(),
+            moves: self.moves,
         }
     }
 }
@@ -295,6 +401,7 @@ fn attempt_view(a: &Attempt) -> AttemptView {
     };
     AttemptView {
         attempt: a.number,
+        stage: a.stage,
         worker: a.worker.clone(),
         started_at_ms: a.started_at_ms,
         finished_at_ms: a.finished_at_ms,
@@ -346,6 +453,10 @@ pub struct TaskTable {
     by_state: BTreeMap<TaskState, BTreeSet<TaskId>>,
     /// Finish times (leader clock) of tasks finalized in the last minute.
     recent_finishes: VecDeque<u64>,
+    /// Defined swarms by name (the default swarm is implicit and not stored).
+    swarms: BTreeMap<String, SwarmRecord>,
+    /// Bumped by every swarm create and delete.
+    swarms_gen: u64,
     /// Events since the node last drained them; not part of the replicated state.
     #[serde(skip)]
     events: Vec<TableEvent>,
@@ -408,7 +519,136 @@ impl TaskTable {
                 retry_at_ms,
             } => self.lose(*attempt, reason, *now_ms, *retry_at_ms),
             Op::Cancel { task_id, now_ms } => self.cancel(*task_id, *now_ms),
+            Op::SwarmCreate { record } => OpResult::Swarm(self.create_swarm(record)),
+            Op::SwarmDelete { name } => OpResult::Swarm(self.delete_swarm(name)),
+            Op::Move {
+                attempt,
+                from,
+                to,
+                now_ms,
+            } => self.move_attempt(*attempt, from, to, *now_ms),
         }
+    }
+
+    fn create_swarm(&mut self, record: &SwarmRecord) -> Result<(), SwarmFault> {
+        let name = &record.spec.name;
+        record
+            .spec
+            .validate()
+            .map_err(|e| SwarmFault::new(e.code(), e.to_string()))?;
+        if name == DEFAULT_SWARM_NAME || self.swarms.contains_key(name) {
+            return Err(SwarmFault::new(
+                "swarm_exists",
+                format!("swarm {name:?} already exists"),
+            ));
+        }
+        self.swarms.insert(name.clone(), record.clone());
+        self.swarms_gen += 1;
+        Ok(())
+    }
+
+    fn delete_swarm(&mut self, name: &str) -> Result<(), SwarmFault> {
+        if name == DEFAULT_SWARM_NAME {
+            return Err(SwarmFault::new(
+                "default_swarm",
+                "the default swarm cannot be deleted",
+            ));
+        }
+        if !self.swarms.contains_key(name) {
+            return Err(SwarmFault::new(
+                "unknown_swarm",
+                format!("no swarm named {name:?}"),
+            ));
+        }
+        let busy = self
+            .ids_in(TaskState::Queued)
+            .chain(self.ids_in(TaskState::Running))
+            .filter(|id| self.tasks.get(id).is_some_and(|t| t.spec.swarm == name))
+            .count();
+        if busy > 0 {
+            return Err(SwarmFault::new(
+                "swarm_busy",
+                format!("swarm {name:?} still has {busy} unfinished tasks; cancel them or wait"),
+            ));
+        }
+        self.swarms.remove(name);
+        self.swarms_gen += 1;
+        Ok(())
+    }
+
+    /// Record that `attempt`, running on `from`, now runs on `to`.
+    fn move_attempt(&mut self, attempt: AttemptRef, from: &str, to: &str, now_ms: u64) -> OpResult {
+        let Some(task) = self.tasks.get_mut(&attempt.task_id) else {
+            return OpResult::NotFound;
+        };
+        // A Move may commit before the attempt's Start (both are proposed around the same
+        // time): then the attempt is recorded here, on its new worker.
+        if task.state == TaskState::Queued && attempt.attempt == task.next_attempt() {
+            let stage = task.stage;
+            let key = QueueKey::of(task);
+            task.attempts.push(Attempt {
+                number: attempt.attempt,
+                stage,
+                worker: to.to_string(),
+                started_at_ms: now_ms,
+                finished_at_ms: None,
+                end: None,
+            });
+            task.moves += 1;
+            self.queue.remove(&key);
+            self.set_state(attempt.task_id, TaskState::Running);
+            return OpResult::Applied {
+                state: TaskState::Running,
+            };
+        }
+        let state = task.state;
+        match task
+            .attempts
+            .last_mut()
+            .filter(|a| a.number == attempt.attempt && a.end.is_none() && a.worker == from)
+        {
+            Some(rec) if state == TaskState::Running => {
+                rec.worker = to.to_string();
+                task.moves += 1;
+                OpResult::Applied { state }
+            }
+            _ => OpResult::Ignored { state },
+        }
+    }
+
+    /// A defined swarm, or the implicit default one.
+    pub fn swarm(&self, name: &str) -> Option<SwarmRecord> {
+        if name == DEFAULT_SWARM_NAME {
+            return Some(SwarmRecord::default_swarm());
+        }
+        self.swarms.get(name).cloned()
+    }
+
+    /// Every swarm: the default one first, then the defined ones by name.
+    pub fn swarms(&self) -> Vec<SwarmRecord> {
+        std::iter::once(SwarmRecord::default_swarm())
+            .chain(self.swarms.values().cloned())
+            .collect()
+    }
+
+    /// Changes whenever a swarm is created or deleted.
+    pub fn swarms_gen(&self) -> u64 {
+        self.swarms_gen
+    }
+
+    /// Unfinished tasks of swarm `name`: (queued, running).
+    pub fn swarm_load(&self, name: &str) -> (u64, u64) {
+        let count = |state| {
+            self.ids_in(state)
+                .filter(|id| self.tasks.get(id).is_some_and(|t| t.spec.swarm == name))
+                .count() as u64
+        };
+        (count(TaskState::Queued), count(TaskState::Running))
+    }
+
+    /// The defined swarms (without the default one), by name.
+    pub fn defined_swarms(&self) -> &BTreeMap<String, SwarmRecord> {
+        &self.swarms
     }
 
     fn submit(&mut self, spec: &TaskSpec, now_ms: u64, queue_limit: u64) -> OpResult {
@@ -419,6 +659,12 @@ impl TaskTable {
                     duplicate: true,
                 };
             }
+        }
+        if spec.swarm != DEFAULT_SWARM_NAME && !self.swarms.contains_key(&spec.swarm) {
+            return OpResult::Swarm(Err(SwarmFault::new(
+                "unknown_swarm",
+                format!("no swarm named {:?}", spec.swarm),
+            )));
         }
         if self.unfinished() >= queue_limit {
             return OpResult::QueueFull { limit: queue_limit };
@@ -435,6 +681,10 @@ impl TaskTable {
             created_at_ms: now_ms,
             finished_at_ms: None,
             not_before_ms: 0,
+            stage: 0,
+            stage_base: 0,
+            stage_outputs: Vec::new(),
+            moves: 0,
         };
         if let Some(key) = &spec.idempotency_key {
             self.by_key.insert(key.clone(), id);
@@ -462,11 +712,13 @@ impl TaskTable {
             return OpResult::Ignored { state: task.state };
         }
         let key = QueueKey::of(task);
+        let stage = task.stage;
         self.set_state(attempt.task_id, TaskState::Running);
         self.queue.remove(&key);
         if let Some(task) = self.tasks.get_mut(&attempt.task_id) {
             task.attempts.push(Attempt {
                 number: attempt.attempt,
+                stage,
                 worker: worker.to_string(),
                 started_at_ms: now_ms,
                 finished_at_ms: None,
@@ -506,6 +758,7 @@ impl TaskTable {
             }
             task.attempts.push(Attempt {
                 number: attempt.attempt,
+                stage: task.stage,
                 worker: worker.to_string(),
                 started_at_ms,
                 finished_at_ms: None,
@@ -527,8 +780,22 @@ impl TaskTable {
         match outcome {
             Outcome::Succeeded { output } => {
                 rec.end = Some(AttemptEnd::Succeeded);
-                task.output = Some(output.clone());
                 task.error = None;
+                if task.stage + 1 < task.spec.stage_count() {
+                    // A ring stage is done: its output is the next stage's input, and the
+                    // task queues again for that stage at once.
+                    task.stage_outputs.push(output.clone());
+                    task.stage += 1;
+                    task.stage_base = attempt.attempt;
+                    self.requeue(id, 0);
+                    return OpResult::Applied {
+                        state: TaskState::Queued,
+                    };
+                }
+                if !task.spec.stages.is_empty() {
+                    task.stage_outputs.push(output.clone());
+                }
+                task.output = Some(output.clone());
                 self.finalize(id, TaskState::Succeeded, finished_at_ms);
                 OpResult::Applied {
                     state: TaskState::Succeeded,
@@ -548,7 +815,8 @@ impl TaskTable {
                 // A worker that cancels on its own (e.g. it is shutting down) did not
                 // run the task to an end: treat it like a lost attempt.
                 let retryable = kind.retryable() || *kind == FailureKind::Cancelled;
-                let exhausted = attempt.attempt >= task.spec.max_attempts;
+                let exhausted =
+                    attempt.attempt.saturating_sub(task.stage_base) >= task.spec.max_attempts;
                 if retryable && !exhausted {
                     self.requeue(id, retry_at_ms);
                     OpResult::Applied {
@@ -593,7 +861,7 @@ impl TaskTable {
         rec.finished_at_ms = Some(now_ms);
         task.error = Some(format!("attempt {} lost: {reason}", attempt.attempt));
         let id = attempt.task_id;
-        if attempt.attempt >= task.spec.max_attempts {
+        if attempt.attempt.saturating_sub(task.stage_base) >= task.spec.max_attempts {
             self.finalize(id, TaskState::DeadLettered, now_ms);
             OpResult::Applied {
                 state: TaskState::DeadLettered,
@@ -818,6 +1086,8 @@ mod tests {
             idempotency_key: None,
             labels: BTreeMap::new(),
             patterns: 0,
+            swarm: swarm_topology::DEFAULT_SWARM_NAME.to_string(),
+            stages: Vec::new(),
         }
     }
 
@@ -1281,5 +1551,181 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn ring_record(name: &str, stages: &[&str]) -> SwarmRecord {
+        SwarmRecord {
+            spec: SwarmSpec::new(
+                name,
+                swarm_topology::TopologySpec::Ring {
+                    stages: stages.iter().map(|a| StageSpec::new(*a)).collect(),
+                },
+                BTreeMap::new(),
+            )
+            .unwrap(),
+            queue_depth: 0,
+            created_at_ms: 1,
+        }
+    }
+
+    fn ring_spec(swarm: &str, stages: &[&str]) -> TaskSpec {
+        TaskSpec {
+            swarm: swarm.into(),
+            stages: stages.iter().map(|a| StageSpec::new(*a)).collect(),
+            agent: stages[0].into(),
+            ..spec("x")
+        }
+    }
+
+    #[test]
+    fn swarms_are_created_once_and_deleted_only_when_idle() {
+        let mut t = TaskTable::new();
+        let rec = ring_record("pipe", &["a", "b"]);
+        assert_eq!(
+            one(&mut t, Op::SwarmCreate { record: rec.clone() }),
+            OpResult::Swarm(Ok(()))
+        );
+        let again = one(&mut t, Op::SwarmCreate { record: rec });
+        assert!(matches!(&again, OpResult::Swarm(Err(f)) if f.code == "swarm_exists"), "{again:?}");
+        let default = one(
+            &mut t,
+            Op::SwarmCreate {
+                record: SwarmRecord::default_swarm(),
+            },
+        );
+        assert!(matches!(&default, OpResult::Swarm(Err(f)) if f.code == "swarm_exists"));
+        // A task in the swarm keeps it from being deleted.
+        assert!(matches!(
+            submit(&mut t, ring_spec("pipe", &["a", "b"])),
+            OpResult::Submitted { id: 1, .. }
+        ));
+        let busy = one(&mut t, Op::SwarmDelete { name: "pipe".into() });
+        assert!(matches!(&busy, OpResult::Swarm(Err(f)) if f.code == "swarm_busy"), "{busy:?}");
+        one(&mut t, Op::Cancel { task_id: 1, now_ms: 5 });
+        assert_eq!(
+            one(&mut t, Op::SwarmDelete { name: "pipe".into() }),
+            OpResult::Swarm(Ok(()))
+        );
+        let gone = one(&mut t, Op::SwarmDelete { name: "pipe".into() });
+        assert!(matches!(&gone, OpResult::Swarm(Err(f)) if f.code == "unknown_swarm"));
+        let dflt = one(&mut t, Op::SwarmDelete { name: "default".into() });
+        assert!(matches!(&dflt, OpResult::Swarm(Err(f)) if f.code == "default_swarm"));
+        // Submitting to a swarm that does not exist is refused, and creates nothing.
+        let unknown = submit(&mut t, ring_spec("pipe", &["a"]));
+        assert!(matches!(&unknown, OpResult::Swarm(Err(f)) if f.code == "unknown_swarm"));
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.swarms().len(), 1, "only the default swarm is left");
+    }
+
+    #[test]
+    fn a_ring_task_passes_each_stage_output_on_and_retries_per_stage() {
+        let mut t = TaskTable::new();
+        one(
+            &mut t,
+            Op::SwarmCreate {
+                record: ring_record("pipe", &["up", "rev", "wrap"]),
+            },
+        );
+        let mut s = ring_spec("pipe", &["up", "rev", "wrap"]);
+        s.max_attempts = 2;
+        submit(&mut t, s);
+        let task = t.get(1).unwrap();
+        assert_eq!((task.stage, task.current_agent(), task.current_input()), (0, "up", &b"p"[..]));
+        start(&mut t, at(1, 1));
+        assert_eq!(
+            finish(&mut t, at(1, 1), ok(b"P")),
+            OpResult::Applied {
+                state: TaskState::Queued
+            },
+            "stage 0 done: queued for stage 1"
+        );
+        let task = t.get(1).unwrap();
+        assert_eq!((task.stage, task.current_agent(), task.current_input()), (1, "rev", &b"P"[..]));
+        assert_eq!(task.not_before_ms, 0, "the next stage may start at once");
+        // Stage 1 fails once and is lost once: two attempts of this stage, the limit.
+        start(&mut t, at(1, 2));
+        assert_eq!(
+            finish(&mut t, at(1, 2), fail(FailureKind::Exit)),
+            OpResult::Applied {
+                state: TaskState::Queued
+            },
+            "stage attempts count from the stage's start, not the task's"
+        );
+        start(&mut t, at(1, 3));
+        assert_eq!(
+            finish(&mut t, at(1, 3), ok(b"P!")),
+            OpResult::Applied {
+                state: TaskState::Queued
+            }
+        );
+        start(&mut t, at(1, 4));
+        assert_eq!(
+            finish(&mut t, at(1, 4), ok(b"[P!]")),
+            OpResult::Applied {
+                state: TaskState::Succeeded
+            }
+        );
+        let task = t.get(1).unwrap();
+        assert_eq!(task.output.as_deref(), Some(&b"[P!]"[..]));
+        assert_eq!(task.stage_outputs, vec![b"P".to_vec(), b"P!".to_vec(), b"[P!]".to_vec()]);
+        let stages: Vec<u32> = task.attempts.iter().map(|a| a.stage).collect();
+        assert_eq!(stages, vec![0, 1, 1, 2]);
+        // A late report of stage 0's attempt changes nothing.
+        assert!(matches!(finish(&mut t, at(1, 1), ok(b"x")), OpResult::Ignored { .. }));
+        t.check_indexes().unwrap();
+        let v = t.get(1).unwrap().view();
+        assert_eq!(v.stages, vec!["up", "rev", "wrap"]);
+        assert_eq!(v.stage_outputs, vec!["P", "P!", "[P!]"]);
+    }
+
+    #[test]
+    fn a_ring_stage_lost_too_often_dead_letters_the_task() {
+        let mut t = TaskTable::new();
+        one(&mut t, Op::SwarmCreate { record: ring_record("pipe", &["a", "b"]) });
+        let mut s = ring_spec("pipe", &["a", "b"]);
+        s.max_attempts = 1;
+        submit(&mut t, s);
+        start(&mut t, at(1, 1));
+        finish(&mut t, at(1, 1), ok(b"1"));
+        start(&mut t, at(1, 2));
+        let r = one(
+            &mut t,
+            Op::Lose {
+                attempt: at(1, 2),
+                reason: "gone".into(),
+                now_ms: 9,
+                retry_at_ms: 10,
+            },
+        );
+        assert_eq!(r, OpResult::Applied { state: TaskState::DeadLettered });
+        assert_eq!(t.get(1).unwrap().stage_outputs, vec![b"1".to_vec()]);
+    }
+
+    #[test]
+    fn moves_are_recorded_only_from_the_current_holder() {
+        let mut t = TaskTable::new();
+        submit(&mut t, spec("echo"));
+        // Before its Start commits: the move records the attempt on the thief.
+        let mv = |from: &str, to: &str| Op::Move {
+            attempt: at(1, 1),
+            from: from.into(),
+            to: to.into(),
+            now_ms: 4,
+        };
+        assert_eq!(one(&mut t, mv("a", "b")), OpResult::Applied { state: TaskState::Running });
+        assert!(matches!(start(&mut t, at(1, 1)), OpResult::Ignored { .. }));
+        let task = t.get(1).unwrap();
+        assert_eq!((task.attempts.len(), task.attempts[0].worker.as_str(), task.moves), (1, "b", 1));
+        // From a worker that does not hold it: ignored.
+        assert!(matches!(one(&mut t, mv("a", "c")), OpResult::Ignored { .. }));
+        assert_eq!(one(&mut t, mv("b", "c")), OpResult::Applied { state: TaskState::Running });
+        assert_eq!(t.get(1).unwrap().attempts[0].worker, "c");
+        t.check_indexes().unwrap();
+        // A snapshot keeps swarms and moves.
+        one(&mut t, Op::SwarmCreate { record: ring_record("pipe", &["a"]) });
+        let back = TaskTable::decode_snapshot(&t.encode_snapshot().unwrap()).unwrap();
+        assert_eq!(back.get(1).unwrap().moves, 2);
+        assert!(back.swarm("pipe").is_some());
+        assert_eq!(back.swarms_gen(), t.swarms_gen());
     }
 }

@@ -157,6 +157,8 @@ fn msg_name(m: &WorkerMsg) -> &'static str {
         WorkerMsg::Heartbeat { .. } => "Heartbeat",
         WorkerMsg::Finished(_) => "Finished",
         WorkerMsg::Retrieve { .. } => "Retrieve",
+        WorkerMsg::Stole { .. } => "Stole",
+        WorkerMsg::PeerLost { .. } => "PeerLost",
     }
 }
 
@@ -197,8 +199,14 @@ fn register(
             // A newer connection of the same worker wins; the old one is dead or dying.
             drop(old);
         }
-        d.scheduler
-            .worker_connected(id, hello.slots, hello.labels.clone(), now);
+        d.scheduler.worker_joined(
+            id,
+            hello.slots,
+            hello.labels.clone(),
+            hello.agents.iter().cloned().collect(),
+            hello.peer_addr.clone(),
+            now,
+        );
         for (attempt, keep) in &held {
             match keep {
                 Some(timeout) => {
@@ -327,6 +335,13 @@ async fn read_loop(
                 let result = crate::memory::retrieve_for_worker(node, &query, k);
                 let _ = tx.send(CoordinatorMsg::Retrieved { request_id, result });
             }
+            WorkerMsg::Stole { attempt, from } => {
+                crate::swarms::on_stole(node, worker, attempt, &from);
+            }
+            WorkerMsg::PeerLost { peer } => {
+                metrics::counter!("swarm_peer_lost_total").increment(1);
+                debug!(worker, peer = %peer, "worker lost its peer link");
+            }
             WorkerMsg::Hello(_) => {
                 metrics::counter!("swarm_protocol_errors_total").increment(1);
                 return Err(SessionError::Protocol(
@@ -399,11 +414,34 @@ fn on_report(
                 let _ = tx.send(CoordinatorMsg::Ack(attempt));
                 // First time this result is recorded: feed the ReasoningBank.
                 if let OpResult::Applied { .. } = result {
+                    // The agent and input of the stage this attempt ran (a ring task has
+                    // moved on to its next stage if this one succeeded).
                     let task = node.read_table(|t| {
-                        t.get(attempt.task_id)
-                            .map(|t| (t.spec.agent.clone(), t.spec.payload.clone()))
+                        let t = t.get(attempt.task_id)?;
+                        let stage = t
+                            .attempts
+                            .iter()
+                            .find(|a| a.number == attempt.attempt)
+                            .map_or(t.stage, |a| a.stage);
+                        let input = match (stage as usize).checked_sub(1) {
+                            Some(prev) => t.stage_outputs.get(prev)?.clone(),
+                            None => t.spec.payload.clone(),
+                        };
+                        let ring = (!t.spec.stages.is_empty())
+                            .then(|| (t.spec.swarm.clone(), stage));
+                        Some((t.spec.agent_of(stage).to_string(), input, ring))
                     });
-                    if let Some((agent, payload)) = task {
+                    if let Some((_, _, Some((swarm, stage)))) = &task {
+                        if succeeded {
+                            metrics::histogram!(
+                                "swarm_ring_stage_seconds",
+                                "swarm" => swarm.clone(),
+                                "stage" => stage.to_string()
+                            )
+                            .record(run_ms as f64 / 1000.0);
+                        }
+                    }
+                    if let Some((agent, payload, _)) = task {
                         crate::memory::after_result(
                             node.clone(),
                             crate::memory::ResultForMemory {

@@ -17,7 +17,12 @@ use crate::TaskId;
 #[serde(deny_unknown_fields)]
 pub struct SubmitTask {
     /// Name of the agent to run (`echo`, `sleep`, or one from the worker's agents file).
+    /// Omitted for a ring swarm, whose stages name the agents.
+    #[serde(default)]
     pub agent: String,
+    /// The swarm to run in (default: `default`, a star of every worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<String>,
     /// The task's input as JSON (a string is delivered as its text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
@@ -137,6 +142,9 @@ impl TaskState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptView {
     pub attempt: u32,
+    /// The ring stage this attempt ran (0 for single-stage tasks).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stage: u32,
     pub worker: String,
     pub started_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +182,25 @@ pub struct TaskView {
     pub created_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
+    /// The swarm the task runs in.
+    #[serde(default = "default_swarm")]
+    pub swarm: String,
+    /// A ring task's stages (`agent` or `agent[k=v]`), in order; empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<String>,
+    /// The stage the task is at (a finished ring task: the last one).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stage: u32,
+    /// Outputs of a ring task's completed stages, in order (as text when UTF-8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_outputs: Vec<String>,
+    /// Times a running attempt moved to another worker (mesh steals).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub moves: u32,
+}
+
+fn default_swarm() -> String {
+    swarm_topology::DEFAULT_SWARM_NAME.to_string()
 }
 
 /// Names of the two JSON fields a byte string is shown under.
@@ -398,6 +425,9 @@ pub struct StatusView {
     pub queue: QueueCounts,
     pub queue_limit: u64,
     pub throughput: Throughput,
+    /// The defined swarms with their layouts (the default swarm is left out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swarms: Vec<SwarmView>,
 }
 
 /// Every error reply: `{"error": {"code": "...", "message": "..."}}`.
@@ -466,4 +496,70 @@ mod tests {
         }
         assert_eq!(TaskState::parse("nope"), None);
     }
+}
+
+/// `POST /v1/swarms` body: define a swarm.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CreateSwarm {
+    pub name: String,
+    /// `star`, `hierarchical`, `mesh` or `ring`.
+    pub topology: String,
+    /// Workers carrying all of these labels are members (empty: every worker).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Hierarchical: workers per lead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<u32>,
+    /// Mesh: most peer links per worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_degree: Option<u32>,
+    /// Ring: the stages in order, each `agent` or `agent[k=v,...]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<String>,
+    /// Attempts a member may hold beyond its slots, queued on the worker. Default: 0,
+    /// or 4 for a mesh (whose peers steal from these queues).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<u32>,
+    /// Create the swarm even if no connected worker is a member yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_empty: bool,
+}
+
+/// Task counts of one swarm.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwarmTaskCounts {
+    pub queued: u64,
+    pub running: u64,
+}
+
+/// A swarm as the API shows it: its definition, and its live layout over the workers
+/// connected to the leader right now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmView {
+    pub name: String,
+    pub topology: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_degree: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<String>,
+    pub queue_depth: u32,
+    pub created_at_ms: u64,
+    pub tasks: SwarmTaskCounts,
+    /// The layout over the connected members; absent when it cannot be planned (see
+    /// `problem`) or this node is not the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<swarm_topology::TopologyView>,
+    /// Why there is no layout (e.g. a ring stage no connected worker can serve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// `GET /v1/swarms` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmList {
+    pub swarms: Vec<SwarmView>,
 }

@@ -2,6 +2,7 @@
 //! coordinator and an operator's client lives here, and nothing else does.
 //!
 //! * [`worker`]: the QUIC protocol between a worker and the coordinator (bincode frames).
+//! * [`peer`]: the QUIC protocol between mesh peers (work stealing).
 //! * [`api`]: the JSON bodies of the HTTP API, shared by the server and the `swarm` CLI.
 //!
 //! The protocol is versioned explicitly by [`PROTOCOL_VERSION`], carried in the worker's
@@ -9,6 +10,7 @@
 //! with a message that names both versions.
 
 pub mod api;
+pub mod peer;
 pub mod worker;
 
 /// Version of the worker ⇄ coordinator protocol. Bump on any incompatible change to [`worker`].
@@ -18,6 +20,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const ALPN_WORKER: &[u8] = b"swarm-worker/1";
 /// ALPN for coordinator ⇄ coordinator Raft RPC connections.
 pub const ALPN_RAFT: &[u8] = b"swarm-raft/1";
+/// ALPN for worker ⇄ worker mesh peer links.
+pub const ALPN_PEER: &[u8] = b"swarm-peer/1";
 
 /// Task identifiers are assigned by the replicated state machine, in commit order.
 pub type TaskId = u64;

@@ -35,6 +35,9 @@ pub struct Hello {
     /// locally for a slot, or finished with the report not yet acknowledged. An attempt
     /// the coordinator placed here that is missing from this list is treated as lost.
     pub running: Vec<AttemptRef>,
+    /// Where this worker accepts peer links (`HOST:PORT`, QUIC with ALPN
+    /// [`crate::ALPN_PEER`]); `None` when it takes no part in a mesh.
+    pub peer_addr: Option<String>,
 }
 
 /// Messages a worker sends.
@@ -53,6 +56,12 @@ pub enum WorkerMsg {
         query: String,
         k: u32,
     },
+    /// This worker took `attempt` over from peer `from` (a mesh steal) and runs it now.
+    /// The coordinator records the move, or answers `Cancel` when the attempt is no
+    /// longer `from`'s to give.
+    Stole { attempt: AttemptRef, from: String },
+    /// The peer link to `peer` was lost (idle timeout or refused reconnects).
+    PeerLost { peer: String },
 }
 
 /// The end of one attempt, as observed by the worker.
@@ -163,6 +172,16 @@ pub enum CoordinatorMsg {
         leader: Option<String>,
         message: String,
     },
+    /// The peers this worker should hold links to in mesh swarm `swarm` (replaces any
+    /// earlier list for that swarm; an empty list drops the links).
+    Peers { swarm: String, peers: Vec<PeerInfo> },
+}
+
+/// A mesh peer: its worker id and where it accepts peer links.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub worker_id: String,
+    pub addr: String,
 }
 
 /// Everything a worker needs to run one attempt.

@@ -264,6 +264,7 @@ impl Worker {
             labels,
             agents: agents.names(),
             running: Vec::new(),
+            peer_addr: None,
         };
         tracing::info!(worker_id = %worker_id, slots, agents = ?hello.agents, "worker starting");
         let (core_tx, core_rx) = mpsc::unbounded_channel();

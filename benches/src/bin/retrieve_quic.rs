@@ -130,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         labels: BTreeMap::new(),
         agents: vec![],
         running: vec![],
+        peer_addr: None,
     });
     let dialed = dial(&endpoint, &client, coord.quic_addr, "localhost").await?;
     let mut session = open_session(dialed, &hello).await?;

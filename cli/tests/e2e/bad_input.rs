@@ -167,6 +167,7 @@ async fn malformed_frames_and_wrong_peers_are_refused_without_harm() {
             labels: Default::default(),
             agents: vec![],
             running: vec![],
+            peer_addr: None,
         })
     };
 

@@ -150,6 +150,17 @@ impl Cluster {
     }
 
     pub fn start_worker(&mut self, id: &str, slots: u32, agents: Option<&Path>) {
+        self.start_worker_with(id, slots, agents, &[]);
+    }
+
+    /// [`Cluster::start_worker`] with more command-line arguments (labels, peer links).
+    pub fn start_worker_with(
+        &mut self,
+        id: &str,
+        slots: u32,
+        agents: Option<&Path>,
+        extra: &[&str],
+    ) {
         let mut cmd = Command::new(bin());
         cmd.arg("worker")
             .args(["--coordinator", &format!("127.0.0.1:{}", self.quic_port)])
@@ -163,6 +174,7 @@ impl Cluster {
         if let Some(a) = agents {
             cmd.arg("--agents").arg(a);
         }
+        cmd.args(extra);
         let child = cmd.spawn().expect("spawn worker");
         self.workers.push((id.to_string(), child));
     }

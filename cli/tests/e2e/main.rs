@@ -8,3 +8,4 @@ mod lifecycle;
 mod memory;
 mod raft_cluster;
 mod replication;
+mod topology;

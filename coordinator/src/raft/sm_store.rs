@@ -45,7 +45,7 @@ use swarm_memory::{MemoryStore, StoreConfig};
 /// File name of the current snapshot inside the data directory.
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 const SNAPSHOT_TMP_FILE: &str = "snapshot.bin.tmp";
-const MAGIC: &[u8; 8] = b"SWSNAP02";
+const MAGIC: &[u8; 8] = b"SWSNAP03";
 
 /// Snapshot metadata of this cluster's type configuration.
 pub type SnapshotMetaOf = SnapshotMeta<NodeId, NodeAddr>;

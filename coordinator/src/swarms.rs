@@ -1,0 +1,527 @@
+//! Swarms inside the coordinator: definitions in the replicated state, live layouts on
+//! the leader, placement of queued tasks, and the HTTP API.
+//!
+//! * A swarm's definition ([`SwarmRecord`]) is replicated ([`Op::SwarmCreate`],
+//!   [`Op::SwarmDelete`]); a task names its swarm at submit and a ring task copies the
+//!   ring's stages then.
+//! * Its *layout* is leader-local: [`Topologies::refresh`] re-plans every swarm with
+//!   `swarm_topology::plan` whenever workers join or leave or swarms change, from the
+//!   connected workers that match the swarm's selector, keeping the previous plan where
+//!   it still holds (a ring keeps the workers of its surviving stages).
+//! * [`Topologies::place`] decides which workers may take a queued task and how many
+//!   attempts each may hold: a star or mesh member its slots plus the swarm's queue depth
+//!   (attempts queued on the worker; mesh peers steal from those queues), a ring task
+//!   only the worker serving the task's current stage.
+//! * Mesh members are sent their peers (`CoordinatorMsg::Peers`) after every re-plan; a
+//!   steal they report (`WorkerMsg::Stole`) is recorded as [`Op::Move`].
+//!
+//! Hierarchical swarms (leads relaying for their members) are planned by
+//! `swarm_topology` but not wired to the transport; creating one is refused.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use swarm_proto::api::{CreateSwarm, SwarmList, SwarmTaskCounts, SwarmView};
+use swarm_proto::worker::{AttemptRef, CoordinatorMsg, PeerInfo};
+use swarm_topology::{
+    parse_stages, plan, view, Load, Member, SwarmSpec, TopologyKind, TopologyOptions,
+    TopologyPlan, TopologySpec, DEFAULT_SWARM_NAME,
+};
+use tracing::{debug, info};
+
+use crate::api::ApiError;
+use crate::node::{now_ms, Dispatch, Node};
+use crate::scheduler::{Scheduler, WorkerEntry};
+use crate::state::{Op, OpResult, SwarmFault, SwarmRecord, Task, TaskTable};
+
+/// Queue depth of a mesh swarm when none is given: enough queued work per member for an
+/// idle peer to steal.
+pub const DEFAULT_MESH_QUEUE_DEPTH: u32 = 4;
+/// Largest queue depth accepted.
+pub const MAX_QUEUE_DEPTH: u32 = 1024;
+
+/// One swarm's live layout on the leader.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub record: SwarmRecord,
+    /// `None` when the topology cannot be planned over the current members.
+    pub plan: Option<TopologyPlan>,
+    /// Why there is no plan.
+    pub problem: Option<String>,
+}
+
+/// Every defined swarm's layout, re-planned when membership or definitions change.
+#[derive(Debug, Default)]
+pub(crate) struct Topologies {
+    layouts: BTreeMap<String, Layout>,
+    /// (scheduler membership generation, table swarm generation) last planned for.
+    planned_for: Option<(u64, u64)>,
+}
+
+/// Frames to send after a re-plan: (worker, message).
+pub(crate) type Outbox = Vec<(String, CoordinatorMsg)>;
+
+impl Topologies {
+    /// Forget every layout (on losing leadership): the next leader plans afresh.
+    pub fn clear(&mut self) {
+        self.layouts.clear();
+        self.planned_for = None;
+    }
+
+    /// The layout of swarm `name`, if it is defined (not the default swarm).
+    pub fn layout(&self, name: &str) -> Option<&Layout> {
+        self.layouts.get(name)
+    }
+
+    /// Largest queue depth of any swarm.
+    pub fn max_queue_depth(&self) -> u32 {
+        self.layouts
+            .values()
+            .map(|l| l.record.queue_depth)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Re-plan if workers or swarms changed since the last plan. Returns the `Peers`
+    /// frames mesh members must get.
+    pub fn refresh(&mut self, scheduler: &Scheduler, table: &TaskTable) -> Outbox {
+        let key = (scheduler.membership_gen(), table.swarms_gen());
+        if self.planned_for == Some(key) {
+            return Vec::new();
+        }
+        self.planned_for = Some(key);
+        let mut out = Vec::new();
+        let defined = table.defined_swarms();
+        // Deleted swarms: their mesh members drop the links.
+        let gone: Vec<String> = self
+            .layouts
+            .keys()
+            .filter(|n| !defined.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(Layout {
+                plan: Some(TopologyPlan::Mesh(m)),
+                ..
+            }) = self.layouts.remove(&name)
+            {
+                for w in m.peers.keys() {
+                    out.push((
+                        w.clone(),
+                        CoordinatorMsg::Peers {
+                            swarm: name.clone(),
+                            peers: Vec::new(),
+                        },
+                    ));
+                }
+            }
+        }
+        for (name, record) in defined {
+            let previous = self.layouts.get(name).and_then(|l| l.plan.clone());
+            let members = members_of(scheduler, &record.spec);
+            let planned = plan(&record.spec, &members, seed_of(name), previous.as_ref());
+            let layout = match planned {
+                Ok(p) => Layout {
+                    record: record.clone(),
+                    plan: Some(p),
+                    problem: None,
+                },
+                // Nothing is dispatched in this swarm until it can be planned again (e.g.
+                // a ring stage no connected worker can serve).
+                Err(e) => Layout {
+                    record: record.clone(),
+                    plan: None,
+                    problem: Some(e.to_string()),
+                },
+            };
+            metrics::gauge!("swarm_swarm_members", "swarm" => name.clone())
+                .set(members.len() as f64);
+            if let Some(TopologyPlan::Mesh(m)) = &layout.plan {
+                for (w, peers) in &m.peers {
+                    // Tell every member its peers after any change (a member that just
+                    // reconnected needs them even if its links did not change).
+                    let peers = peers
+                        .iter()
+                        .filter_map(|p| {
+                            let addr = scheduler.workers().get(p)?.peer_addr.clone()?;
+                            Some(PeerInfo {
+                                worker_id: p.clone(),
+                                addr,
+                            })
+                        })
+                        .collect();
+                    out.push((
+                        w.clone(),
+                        CoordinatorMsg::Peers {
+                            swarm: name.clone(),
+                            peers,
+                        },
+                    ));
+                }
+            }
+            if let Some(problem) = &layout.problem {
+                debug!(swarm = %name, %problem, "swarm has no layout");
+            }
+            self.layouts.insert(name.clone(), layout);
+        }
+        out
+    }
+
+    /// How many attempts worker `id` may hold when it takes `task`, or `None` if it may
+    /// not take it (see the module docs).
+    pub fn place(&self, task: &Task, id: &str, w: &WorkerEntry) -> Option<u32> {
+        if !w.has_labels(&task.spec.labels) {
+            return None;
+        }
+        if task.spec.swarm == DEFAULT_SWARM_NAME {
+            return Some(w.slots);
+        }
+        let layout = self.layouts.get(&task.spec.swarm)?;
+        if !w.has_labels(&layout.record.spec.selector) {
+            return None;
+        }
+        match layout.plan.as_ref()? {
+            TopologyPlan::Ring(r) => {
+                (r.worker_for(task.stage as usize)? == id).then_some(w.slots)
+            }
+            TopologyPlan::Mesh(m) => {
+                // Only workers in the plan (with a peer listener) take mesh work: a
+                // queued attempt elsewhere could never be stolen.
+                m.peers
+                    .contains_key(id)
+                    .then_some(w.slots + layout.record.queue_depth)
+            }
+            _ => Some(w.slots + layout.record.queue_depth),
+        }
+    }
+}
+
+/// Connected workers matching `spec`'s selector, as the planners see them. A mesh only
+/// counts workers that accept peer links.
+fn members_of(scheduler: &Scheduler, spec: &SwarmSpec) -> Vec<Member> {
+    let mesh = spec.topology.kind() == TopologyKind::Mesh;
+    scheduler
+        .workers()
+        .iter()
+        .filter(|(_, w)| w.connected && w.has_labels(&spec.selector))
+        .filter(|(_, w)| !mesh || w.peer_addr.is_some())
+        .map(|(id, w)| Member {
+            id: id.clone(),
+            labels: w.labels.clone(),
+            agents: w.agents.clone(),
+            slots: w.slots,
+            running: w.busy.min(w.slots),
+            queued_local: w.busy.saturating_sub(w.slots),
+        })
+        .collect()
+}
+
+/// A fixed seed per swarm name (FNV-1a), so every leader plans the same mesh.
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Send the frames a re-plan produced.
+pub(crate) fn deliver(d: &Dispatch, out: Outbox) {
+    for (worker, msg) in out {
+        if let Some(s) = d.sessions.get(&worker) {
+            let _ = s.tx.send(msg);
+        }
+    }
+}
+
+/// A worker stole `attempt` from `from`: move it in the scheduler and record the move,
+/// or tell the thief to drop it when it was not `from`'s to give.
+pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from: &str) {
+    let now = now_ms();
+    let swarm = node.read_table(|t| t.get(attempt.task_id).map(|t| t.spec.swarm.clone()));
+    let moved = {
+        let mut d = node.lock_dispatch();
+        let ok = d.scheduler.moved(attempt, from, thief);
+        if ok {
+            if let Some(s) = d.sessions.get_mut(from) {
+                s.info.running = s.info.running.saturating_sub(1);
+            }
+            if let Some(s) = d.sessions.get_mut(thief) {
+                s.info.running += 1;
+            }
+        } else if let Some(s) = d.sessions.get(thief) {
+            let _ = s.tx.send(CoordinatorMsg::Cancel(attempt));
+        }
+        ok
+    };
+    let swarm = swarm.unwrap_or_default();
+    if !moved {
+        metrics::counter!("swarm_swarm_steals_refused_total", "swarm" => swarm).increment(1);
+        debug!(task = attempt.task_id, thief, from, "steal refused: not in flight there");
+        return;
+    }
+    metrics::counter!("swarm_swarm_steals_total", "swarm" => swarm).increment(1);
+    let op = Op::Move {
+        attempt,
+        from: from.to_string(),
+        to: thief.to_string(),
+        now_ms: now,
+    };
+    let node = node.clone();
+    tokio::spawn(async move {
+        if let Err(e) = node.proposer.propose_one(op).await {
+            debug!(error = %e, "move not committed");
+        }
+    });
+}
+
+pub(crate) fn unknown_swarm(name: &str) -> ApiError {
+    ApiError::Coded {
+        status: StatusCode::NOT_FOUND,
+        code: "unknown_swarm".into(),
+        message: format!("no swarm named {name:?}"),
+    }
+}
+
+/// The API error for a refused swarm op.
+pub(crate) fn fault(f: &SwarmFault) -> ApiError {
+    let status = match f.code.as_str() {
+        "unknown_swarm" => StatusCode::NOT_FOUND,
+        "swarm_exists" | "swarm_busy" | "default_swarm" => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError::Coded {
+        status,
+        code: f.code.clone(),
+        message: f.message.clone(),
+    }
+}
+
+fn bad(code: &str, message: impl Into<String>) -> ApiError {
+    ApiError::Coded {
+        status: StatusCode::BAD_REQUEST,
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// Turn a create request into a record, or say what is wrong with it.
+fn to_record(req: &CreateSwarm) -> Result<SwarmRecord, ApiError> {
+    let kind: TopologyKind = req
+        .topology
+        .parse()
+        .map_err(|e: swarm_topology::TopologyError| bad(e.code(), e.to_string()))?;
+    if kind == TopologyKind::Hierarchical {
+        return Err(ApiError::Coded {
+            status: StatusCode::NOT_IMPLEMENTED,
+            code: "unsupported_topology".into(),
+            message: "hierarchical swarms (leads relaying for their members) are not \
+                      implemented yet; use star, mesh or ring"
+                .into(),
+        });
+    }
+    let stages = if req.stages.is_empty() {
+        Vec::new()
+    } else {
+        parse_stages(&req.stages.join(","))
+            .map_err(|e| bad(e.code(), e.to_string()))?
+    };
+    let topology = TopologySpec::build(
+        kind,
+        TopologyOptions {
+            fan_out: req.fan_out,
+            max_degree: req.max_degree,
+            stages,
+        },
+    )
+    .map_err(|e| bad(e.code(), e.to_string()))?;
+    let spec = SwarmSpec::new(req.name.clone(), topology, req.labels.clone())
+        .map_err(|e| bad(e.code(), e.to_string()))?;
+    let queue_depth = req.queue_depth.unwrap_or(match kind {
+        TopologyKind::Mesh => DEFAULT_MESH_QUEUE_DEPTH,
+        _ => 0,
+    });
+    if queue_depth > MAX_QUEUE_DEPTH {
+        return Err(bad(
+            "invalid_queue_depth",
+            format!("`queue_depth` is at most {MAX_QUEUE_DEPTH}, got {queue_depth}"),
+        ));
+    }
+    if kind == TopologyKind::Ring && req.queue_depth.is_some_and(|d| d > 0) {
+        return Err(bad(
+            "option_not_applicable",
+            "`queue_depth` does not apply to a ring: each stage runs on its own worker",
+        ));
+    }
+    Ok(SwarmRecord {
+        spec,
+        queue_depth,
+        created_at_ms: now_ms(),
+    })
+}
+
+/// `POST /v1/swarms`
+pub(crate) async fn create(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<CreateSwarm>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let record = to_record(&req)?;
+    if record.spec.name == DEFAULT_SWARM_NAME {
+        return Err(fault(&SwarmFault {
+            code: "swarm_exists".into(),
+            message: format!("swarm {DEFAULT_SWARM_NAME:?} is built in"),
+        }));
+    }
+    if !req.allow_empty {
+        // Plan it over the workers connected now: a selector matching nobody or a ring
+        // stage nobody can serve is a mistake to report now, not a silent stall later.
+        let members = {
+            let d = node.lock_dispatch();
+            members_of(&d.scheduler, &record.spec)
+        };
+        if members.is_empty() {
+            let err = if record.spec.selector.is_empty() {
+                swarm_topology::TopologyError::NoWorkers
+            } else {
+                swarm_topology::TopologyError::NoMatchingWorkers {
+                    selector: swarm_topology::format_selector(&record.spec.selector),
+                }
+            };
+            return Err(ApiError::Coded {
+                status: StatusCode::CONFLICT,
+                code: err.code().into(),
+                message: format!(
+                    "{err}{}; pass allow_empty to create it anyway",
+                    if record.spec.topology.kind() == TopologyKind::Mesh {
+                        " (a mesh counts only workers with a peer listener)"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
+        if let Err(e) = plan(&record.spec, &members, seed_of(&record.spec.name), None) {
+            return Err(ApiError::Coded {
+                status: StatusCode::CONFLICT,
+                code: e.code().into(),
+                message: format!("{e}; pass allow_empty to create it anyway"),
+            });
+        }
+    }
+    let name = record.spec.name.clone();
+    let result = node
+        .propose(vec![Op::SwarmCreate { record }])
+        .await
+        .map_err(|e| ApiError::from_propose(&node, e))?;
+    match result.first() {
+        Some(OpResult::Swarm(Ok(()))) => {}
+        Some(OpResult::Swarm(Err(f))) => return Err(fault(f)),
+        other => return Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+    }
+    info!(swarm = %name, "swarm created");
+    node.poke();
+    let v = swarm_view(&node, &name).ok_or_else(|| unknown_swarm(&name))?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// `GET /v1/swarms`
+pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<SwarmList> {
+    let names: Vec<String> = node.read_table(|t| t.swarms().into_iter().map(|r| r.spec.name).collect());
+    Json(SwarmList {
+        swarms: names.iter().filter_map(|n| swarm_view(&node, n)).collect(),
+    })
+}
+
+/// `GET /v1/swarms/{name}`
+pub(crate) async fn get(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<SwarmView>, ApiError> {
+    swarm_view(&node, &name)
+        .map(Json)
+        .ok_or_else(|| unknown_swarm(&name))
+}
+
+/// `DELETE /v1/swarms/{name}`
+pub(crate) async fn delete(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let result = node
+        .propose(vec![Op::SwarmDelete { name: name.clone() }])
+        .await
+        .map_err(|e| ApiError::from_propose(&node, e))?;
+    match result.first() {
+        Some(OpResult::Swarm(Ok(()))) => {
+            info!(swarm = %name, "swarm deleted");
+            node.poke();
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Some(OpResult::Swarm(Err(f))) => Err(fault(f)),
+        other => Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+    }
+}
+
+/// The API view of swarm `name` (with its layout when this node leads), or `None` if no
+/// such swarm exists.
+pub(crate) fn swarm_view(node: &Node, name: &str) -> Option<SwarmView> {
+    // Lock order: table, then dispatch.
+    let table = node.table.read();
+    let record = table.swarm(name)?;
+    let (queued, running) = table.swarm_load(name);
+    let mut d = node.lock_dispatch();
+    let d = &mut *d;
+    let (layout, problem) = if name == DEFAULT_SWARM_NAME {
+        let members = members_of(&d.scheduler, &record.spec);
+        (plan(&record.spec, &members, 0, None).ok(), None)
+    } else {
+        // Plan now if the dispatcher has not yet (e.g. just created).
+        let out = d.topologies.refresh(&d.scheduler, &table);
+        deliver(d, out);
+        match d.topologies.layout(name) {
+            Some(l) => (l.plan.clone(), l.problem.clone()),
+            None => (None, None),
+        }
+    };
+    drop(table);
+    let loads: BTreeMap<String, Load> = {
+        d.scheduler
+            .workers()
+            .iter()
+            .filter(|(_, w)| w.connected)
+            .map(|(id, w)| {
+                (
+                    id.clone(),
+                    Load {
+                        slots: w.slots,
+                        // Attempts held, queued ones included.
+                        running: w.busy,
+                    },
+                )
+            })
+            .collect()
+    };
+    let (fan_out, max_degree, stages) = match &record.spec.topology {
+        TopologySpec::Star => (None, None, Vec::new()),
+        TopologySpec::Hierarchical { fan_out } => (Some(*fan_out), None, Vec::new()),
+        TopologySpec::Mesh { max_degree } => (None, Some(*max_degree), Vec::new()),
+        TopologySpec::Ring { stages } => (None, None, stages.iter().map(|s| s.to_string()).collect()),
+    };
+    Some(SwarmView {
+        name: record.spec.name.clone(),
+        topology: record.spec.topology.kind().to_string(),
+        labels: record.spec.selector.clone(),
+        fan_out,
+        max_degree,
+        stages,
+        queue_depth: record.queue_depth,
+        created_at_ms: record.created_at_ms,
+        tasks: SwarmTaskCounts { queued, running },
+        layout: layout.map(|p| view(&record.spec, &p, &loads)),
+        problem,
+    })
+}
