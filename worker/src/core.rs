@@ -271,6 +271,8 @@ impl Core {
             | CoordinatorMsg::NotLeader { .. } => {
                 tracing::warn!("unexpected session message after Welcome; ignored");
             }
+            // This worker has no peer listener yet: it takes no part in a mesh.
+            CoordinatorMsg::Peers { .. } => {}
         }
     }
 
