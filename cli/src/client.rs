@@ -341,5 +341,8 @@ impl Client {
 
 /// A path segment with the characters that would change the path escaped.
 fn seg(s: &str) -> String {
-    s.replace('%', "%25").replace('/', "%2F").replace('?', "%3F").replace('#', "%23")
+    s.replace('%', "%25")
+        .replace('/', "%2F")
+        .replace('?', "%3F")
+        .replace('#', "%23")
 }

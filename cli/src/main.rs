@@ -537,6 +537,16 @@ struct WorkerArgs {
     /// Name to verify in the coordinators' certificates (default: each host of --coordinator).
     #[arg(long, env = "SWARM_SERVER_NAME")]
     server_name: Option<String>,
+    /// Accept mesh peer links on this UDP address (e.g. 0.0.0.0:7100, or 127.0.0.1:0 for
+    /// any free port). Without it the worker takes no part in mesh swarms.
+    #[arg(long, env = "SWARM_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
+    /// HOST:PORT peers should dial (default: the bound --peer-listen address).
+    #[arg(long, env = "SWARM_PEER_ADVERTISE")]
+    peer_advertise: Option<String>,
+    /// Name to verify in peers' certificates (default: localhost).
+    #[arg(long, env = "SWARM_PEER_SERVER_NAME")]
+    peer_server_name: Option<String>,
 }
 
 #[derive(Args)]
@@ -1010,9 +1020,9 @@ async fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         slots: a.slots,
         labels: parse_labels(&a.labels)?,
         agents_file: a.agents,
-        peer_listen: None,
-        peer_advertise: None,
-        peer_server_name: None,
+        peer_listen: a.peer_listen,
+        peer_advertise: a.peer_advertise,
+        peer_server_name: a.peer_server_name,
     };
     swarm_worker::run_worker(cfg, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

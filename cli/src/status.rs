@@ -24,6 +24,7 @@ pub fn render(s: &StatusView) -> String {
             "LABELS".into(),
             "ADDRESS".into(),
         ]];
+        let relayed = s.workers.iter().filter(|w| w.via.is_some()).count();
         for w in &s.workers {
             let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             rows.push(vec![
@@ -37,10 +38,20 @@ pub fn render(s: &StatusView) -> String {
                 } else {
                     labels.join(",")
                 },
-                w.addr.clone(),
+                match &w.via {
+                    Some(lead) => format!("via {lead}"),
+                    None => w.addr.clone(),
+                },
             ]);
         }
         table(&mut out, &rows);
+        if relayed > 0 {
+            let _ = writeln!(
+                out,
+                "            {} worker connections ({relayed} workers relayed by their leads)",
+                s.workers.len() - relayed
+            );
+        }
     }
     let q = &s.queue;
     let _ = writeln!(
@@ -288,6 +299,7 @@ mod tests {
                 connected_at_ms: 0,
                 last_heartbeat_ms: 0,
                 zero_rtt: true,
+                via: None,
             }],
             queue: QueueCounts {
                 queued: 3,
@@ -295,6 +307,7 @@ mod tests {
                 ..Default::default()
             },
             queue_limit: 100,
+            swarms: Vec::new(),
             throughput: Throughput {
                 finished_last_minute: 60,
                 per_second: 1.0,

@@ -503,7 +503,7 @@ impl Node {
                 });
             }
             let d = &mut *d;
-            let out = d.topologies.refresh(&d.scheduler, &table);
+            let out = d.topologies.refresh(&d.scheduler, &table, &d.sessions);
             crate::swarms::deliver(d, out);
             let topologies = &d.topologies;
             let plan = d.scheduler.plan_by(
@@ -638,8 +638,16 @@ pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
             }
             metrics::gauge!("swarm_tasks_running").set(t.count(TaskState::Running) as f64);
         });
-        let workers = node.lock_dispatch().sessions.len();
+        let (workers, relayed) = {
+            let d = node.lock_dispatch();
+            let relayed = d.sessions.values().filter(|s| s.info.via.is_some()).count();
+            (d.sessions.len(), relayed)
+        };
         metrics::gauge!("swarm_workers_connected").set(workers as f64);
+        // Worker QUIC connections the coordinator holds: relayed sessions share their
+        // lead's connection.
+        metrics::gauge!("swarm_worker_connections").set((workers - relayed) as f64);
+        metrics::gauge!("swarm_workers_relayed").set(relayed as f64);
         let m = node.raft.metrics().borrow().clone();
         metrics::gauge!("swarm_raft_term").set(m.current_term as f64);
         metrics::gauge!("swarm_raft_leader").set(m.current_leader.unwrap_or(0) as f64);

@@ -765,4 +765,53 @@ mod tests {
             assert_eq!(w.busy, 100);
         }
     }
+
+    #[test]
+    fn placement_bounds_each_worker_and_queue_depth_lets_it_hold_more() {
+        let t = table(10, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 2, labels(&[]), 0);
+        s.worker_connected("b", 2, labels(&[]), 0);
+        // Only "a" may take work, and may hold 3 beyond its 2 slots.
+        let plan = s.plan_by(t.queued(), 0, 3, |_, id, w| {
+            (id == "a").then_some(w.slots + 3)
+        });
+        assert_eq!(plan.dispatches.len(), 5);
+        assert!(plan.dispatches.iter().all(|d| d.worker == "a"));
+        assert_eq!(s.workers()["a"].busy, 5);
+        assert!(s
+            .plan_by(t.queued(), 0, 3, |_, id, w| (id == "a")
+                .then_some(w.slots + 3))
+            .dispatches
+            .is_empty());
+    }
+
+    #[test]
+    fn a_move_follows_the_attempt_and_its_slot() {
+        let t = table(1, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 1, labels(&[]), 0);
+        s.worker_connected("b", 1, labels(&[]), 0);
+        let d = s.plan(t.queued(), 0).dispatches.remove(0);
+        let (from, to) = if d.worker == "a" {
+            ("a", "b")
+        } else {
+            ("b", "a")
+        };
+        assert!(!s.moved(d.attempt, to, from), "only from the holder");
+        assert!(s.moved(d.attempt, from, to));
+        assert_eq!(s.in_flight(1).unwrap().worker, to);
+        assert_eq!((s.workers()[from].busy, s.workers()[to].busy), (0, 1));
+        // The start recorded later names no one: the move records the attempt.
+        assert!(s.due_starts(1_000).is_empty());
+        // The thief's lease now governs it.
+        s.worker_disconnected(to);
+        s.worker_seen(from, 1_500);
+        let lost = s.expire(1_500);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].worker, to);
+        let gen = s.membership_gen();
+        s.worker_connected("c", 1, labels(&[]), 2_000);
+        assert!(s.membership_gen() > gen);
+    }
 }

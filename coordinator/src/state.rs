@@ -1582,11 +1582,19 @@ mod tests {
         let mut t = TaskTable::new();
         let rec = ring_record("pipe", &["a", "b"]);
         assert_eq!(
-            one(&mut t, Op::SwarmCreate { record: rec.clone() }),
+            one(
+                &mut t,
+                Op::SwarmCreate {
+                    record: rec.clone()
+                }
+            ),
             OpResult::Swarm(Ok(()))
         );
         let again = one(&mut t, Op::SwarmCreate { record: rec });
-        assert!(matches!(&again, OpResult::Swarm(Err(f)) if f.code == "swarm_exists"), "{again:?}");
+        assert!(
+            matches!(&again, OpResult::Swarm(Err(f)) if f.code == "swarm_exists"),
+            "{again:?}"
+        );
         let default = one(
             &mut t,
             Op::SwarmCreate {
@@ -1599,16 +1607,45 @@ mod tests {
             submit(&mut t, ring_spec("pipe", &["a", "b"])),
             OpResult::Submitted { id: 1, .. }
         ));
-        let busy = one(&mut t, Op::SwarmDelete { name: "pipe".into() });
-        assert!(matches!(&busy, OpResult::Swarm(Err(f)) if f.code == "swarm_busy"), "{busy:?}");
-        one(&mut t, Op::Cancel { task_id: 1, now_ms: 5 });
+        let busy = one(
+            &mut t,
+            Op::SwarmDelete {
+                name: "pipe".into(),
+            },
+        );
+        assert!(
+            matches!(&busy, OpResult::Swarm(Err(f)) if f.code == "swarm_busy"),
+            "{busy:?}"
+        );
+        one(
+            &mut t,
+            Op::Cancel {
+                task_id: 1,
+                now_ms: 5,
+            },
+        );
         assert_eq!(
-            one(&mut t, Op::SwarmDelete { name: "pipe".into() }),
+            one(
+                &mut t,
+                Op::SwarmDelete {
+                    name: "pipe".into()
+                }
+            ),
             OpResult::Swarm(Ok(()))
         );
-        let gone = one(&mut t, Op::SwarmDelete { name: "pipe".into() });
+        let gone = one(
+            &mut t,
+            Op::SwarmDelete {
+                name: "pipe".into(),
+            },
+        );
         assert!(matches!(&gone, OpResult::Swarm(Err(f)) if f.code == "unknown_swarm"));
-        let dflt = one(&mut t, Op::SwarmDelete { name: "default".into() });
+        let dflt = one(
+            &mut t,
+            Op::SwarmDelete {
+                name: "default".into(),
+            },
+        );
         assert!(matches!(&dflt, OpResult::Swarm(Err(f)) if f.code == "default_swarm"));
         // Submitting to a swarm that does not exist is refused, and creates nothing.
         let unknown = submit(&mut t, ring_spec("pipe", &["a"]));
@@ -1630,7 +1667,10 @@ mod tests {
         s.max_attempts = 2;
         submit(&mut t, s);
         let task = t.get(1).unwrap();
-        assert_eq!((task.stage, task.current_agent(), task.current_input()), (0, "up", &b"p"[..]));
+        assert_eq!(
+            (task.stage, task.current_agent(), task.current_input()),
+            (0, "up", &b"p"[..])
+        );
         start(&mut t, at(1, 1));
         assert_eq!(
             finish(&mut t, at(1, 1), ok(b"P")),
@@ -1640,7 +1680,10 @@ mod tests {
             "stage 0 done: queued for stage 1"
         );
         let task = t.get(1).unwrap();
-        assert_eq!((task.stage, task.current_agent(), task.current_input()), (1, "rev", &b"P"[..]));
+        assert_eq!(
+            (task.stage, task.current_agent(), task.current_input()),
+            (1, "rev", &b"P"[..])
+        );
         assert_eq!(task.not_before_ms, 0, "the next stage may start at once");
         // Stage 1 fails once and is lost once: two attempts of this stage, the limit.
         start(&mut t, at(1, 2));
@@ -1667,11 +1710,17 @@ mod tests {
         );
         let task = t.get(1).unwrap();
         assert_eq!(task.output.as_deref(), Some(&b"[P!]"[..]));
-        assert_eq!(task.stage_outputs, vec![b"P".to_vec(), b"P!".to_vec(), b"[P!]".to_vec()]);
+        assert_eq!(
+            task.stage_outputs,
+            vec![b"P".to_vec(), b"P!".to_vec(), b"[P!]".to_vec()]
+        );
         let stages: Vec<u32> = task.attempts.iter().map(|a| a.stage).collect();
         assert_eq!(stages, vec![0, 1, 1, 2]);
         // A late report of stage 0's attempt changes nothing.
-        assert!(matches!(finish(&mut t, at(1, 1), ok(b"x")), OpResult::Ignored { .. }));
+        assert!(matches!(
+            finish(&mut t, at(1, 1), ok(b"x")),
+            OpResult::Ignored { .. }
+        ));
         t.check_indexes().unwrap();
         let v = t.get(1).unwrap().view();
         assert_eq!(v.stages, vec!["up", "rev", "wrap"]);
@@ -1681,7 +1730,12 @@ mod tests {
     #[test]
     fn a_ring_stage_lost_too_often_dead_letters_the_task() {
         let mut t = TaskTable::new();
-        one(&mut t, Op::SwarmCreate { record: ring_record("pipe", &["a", "b"]) });
+        one(
+            &mut t,
+            Op::SwarmCreate {
+                record: ring_record("pipe", &["a", "b"]),
+            },
+        );
         let mut s = ring_spec("pipe", &["a", "b"]);
         s.max_attempts = 1;
         submit(&mut t, s);
@@ -1697,7 +1751,12 @@ mod tests {
                 retry_at_ms: 10,
             },
         );
-        assert_eq!(r, OpResult::Applied { state: TaskState::DeadLettered });
+        assert_eq!(
+            r,
+            OpResult::Applied {
+                state: TaskState::DeadLettered
+            }
+        );
         assert_eq!(t.get(1).unwrap().stage_outputs, vec![b"1".to_vec()]);
     }
 
@@ -1712,17 +1771,42 @@ mod tests {
             to: to.into(),
             now_ms: 4,
         };
-        assert_eq!(one(&mut t, mv("a", "b")), OpResult::Applied { state: TaskState::Running });
+        assert_eq!(
+            one(&mut t, mv("a", "b")),
+            OpResult::Applied {
+                state: TaskState::Running
+            }
+        );
         assert!(matches!(start(&mut t, at(1, 1)), OpResult::Ignored { .. }));
         let task = t.get(1).unwrap();
-        assert_eq!((task.attempts.len(), task.attempts[0].worker.as_str(), task.moves), (1, "b", 1));
+        assert_eq!(
+            (
+                task.attempts.len(),
+                task.attempts[0].worker.as_str(),
+                task.moves
+            ),
+            (1, "b", 1)
+        );
         // From a worker that does not hold it: ignored.
-        assert!(matches!(one(&mut t, mv("a", "c")), OpResult::Ignored { .. }));
-        assert_eq!(one(&mut t, mv("b", "c")), OpResult::Applied { state: TaskState::Running });
+        assert!(matches!(
+            one(&mut t, mv("a", "c")),
+            OpResult::Ignored { .. }
+        ));
+        assert_eq!(
+            one(&mut t, mv("b", "c")),
+            OpResult::Applied {
+                state: TaskState::Running
+            }
+        );
         assert_eq!(t.get(1).unwrap().attempts[0].worker, "c");
         t.check_indexes().unwrap();
         // A snapshot keeps swarms and moves.
-        one(&mut t, Op::SwarmCreate { record: ring_record("pipe", &["a"]) });
+        one(
+            &mut t,
+            Op::SwarmCreate {
+                record: ring_record("pipe", &["a"]),
+            },
+        );
         let back = TaskTable::decode_snapshot(&t.encode_snapshot().unwrap()).unwrap();
         assert_eq!(back.get(1).unwrap().moves, 2);
         assert!(back.swarm("pipe").is_some());

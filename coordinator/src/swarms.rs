@@ -15,8 +15,11 @@
 //! * Mesh members are sent their peers (`CoordinatorMsg::Peers`) after every re-plan; a
 //!   steal they report (`WorkerMsg::Stole`) is recorded as [`Op::Move`].
 //!
-//! Hierarchical swarms (leads relaying for their members) are planned by
-//! `swarm_topology` but not wired to the transport; creating one is refused.
+//! * Hierarchy members are sent `CoordinatorMsg::Parent` whenever their session does not
+//!   take the planned route: a member connects to its lead's relay listener, and the lead
+//!   relays its session to the coordinator as a further stream on the lead's own
+//!   connection (`worker_session::accept_relayed`), so the coordinator holds one
+//!   connection per lead.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,13 +32,13 @@ use axum::Json;
 use swarm_proto::api::{CreateSwarm, SwarmList, SwarmTaskCounts, SwarmView};
 use swarm_proto::worker::{AttemptRef, CoordinatorMsg, PeerInfo};
 use swarm_topology::{
-    parse_stages, plan, view, Load, Member, SwarmSpec, TopologyKind, TopologyOptions,
-    TopologyPlan, TopologySpec, DEFAULT_SWARM_NAME,
+    parse_stages, plan, view, Load, Member, SwarmSpec, TopologyKind, TopologyOptions, TopologyPlan,
+    TopologySpec, DEFAULT_SWARM_NAME,
 };
 use tracing::{debug, info};
 
 use crate::api::ApiError;
-use crate::node::{now_ms, Dispatch, Node};
+use crate::node::{now_ms, Dispatch, Node, SessionHandle};
 use crate::scheduler::{Scheduler, WorkerEntry};
 use crate::state::{Op, OpResult, SwarmFault, SwarmRecord, Task, TaskTable};
 
@@ -87,9 +90,15 @@ impl Topologies {
             .unwrap_or(0)
     }
 
-    /// Re-plan if workers or swarms changed since the last plan. Returns the `Peers`
-    /// frames mesh members must get.
-    pub fn refresh(&mut self, scheduler: &Scheduler, table: &TaskTable) -> Outbox {
+    /// Re-plan if workers or swarms changed since the last plan. Returns the frames
+    /// members must get: `Peers` for mesh members, `Parent` for hierarchy members whose
+    /// session does not take the planned route yet.
+    pub fn refresh(
+        &mut self,
+        scheduler: &Scheduler,
+        table: &TaskTable,
+        sessions: &BTreeMap<String, SessionHandle>,
+    ) -> Outbox {
         let key = (scheduler.membership_gen(), table.swarms_gen());
         if self.planned_for == Some(key) {
             return Vec::new();
@@ -169,6 +178,50 @@ impl Topologies {
             }
             self.layouts.insert(name.clone(), layout);
         }
+        out.extend(self.parents(scheduler, sessions));
+        out
+    }
+
+    /// `Parent` frames for sessions whose route differs from the plan: a hierarchy member
+    /// goes through its lead, a lead (and any worker no hierarchy wants relayed) connects
+    /// directly. A worker in several hierarchies follows the first by swarm name.
+    fn parents(&self, scheduler: &Scheduler, sessions: &BTreeMap<String, SessionHandle>) -> Outbox {
+        let mut wanted: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+        for layout in self.layouts.values() {
+            let Some(TopologyPlan::Hierarchical(h)) = &layout.plan else {
+                continue;
+            };
+            for lead in &h.leads {
+                wanted.entry(lead.as_str()).or_insert(None);
+            }
+            for (child, lead) in &h.parent {
+                wanted.entry(child.as_str()).or_insert(Some(lead.as_str()));
+            }
+        }
+        let mut out = Vec::new();
+        for (id, s) in sessions {
+            let want = wanted.get(id.as_str()).copied().flatten();
+            if s.info.via.as_deref() == want {
+                continue;
+            }
+            let lead = match want {
+                Some(lead) => {
+                    let Some(addr) = scheduler
+                        .workers()
+                        .get(lead)
+                        .and_then(|w| w.peer_addr.clone())
+                    else {
+                        continue;
+                    };
+                    Some(PeerInfo {
+                        worker_id: lead.to_string(),
+                        addr,
+                    })
+                }
+                None => None,
+            };
+            out.push((id.clone(), CoordinatorMsg::Parent { lead }));
+        }
         out
     }
 
@@ -186,9 +239,7 @@ impl Topologies {
             return None;
         }
         match layout.plan.as_ref()? {
-            TopologyPlan::Ring(r) => {
-                (r.worker_for(task.stage as usize)? == id).then_some(w.slots)
-            }
+            TopologyPlan::Ring(r) => (r.worker_for(task.stage as usize)? == id).then_some(w.slots),
             TopologyPlan::Mesh(m) => {
                 // Only workers in the plan (with a peer listener) take mesh work: a
                 // queued attempt elsewhere could never be stolen.
@@ -201,10 +252,14 @@ impl Topologies {
     }
 }
 
-/// Connected workers matching `spec`'s selector, as the planners see them. A mesh only
-/// counts workers that accept peer links.
+/// Connected workers matching `spec`'s selector, as the planners see them. A mesh or a
+/// hierarchy only counts workers that accept peer links (a lead relays on its peer
+/// listener).
 fn members_of(scheduler: &Scheduler, spec: &SwarmSpec) -> Vec<Member> {
-    let mesh = spec.topology.kind() == TopologyKind::Mesh;
+    let mesh = matches!(
+        spec.topology.kind(),
+        TopologyKind::Mesh | TopologyKind::Hierarchical
+    );
     scheduler
         .workers()
         .iter()
@@ -237,43 +292,73 @@ pub(crate) fn deliver(d: &Dispatch, out: Outbox) {
     }
 }
 
-/// A worker stole `attempt` from `from`: move it in the scheduler and record the move,
-/// or tell the thief to drop it when it was not `from`'s to give.
+/// A worker stole `attempt` from `from`. Accepted when the attempt is in flight on
+/// `from`, its task belongs to a mesh swarm in which the two are peers, and the thief may
+/// run it: then the scheduler moves it and the move is recorded ([`Op::Move`]).
+/// Otherwise the thief is told to drop it, and — since `from` gave it away and no longer
+/// holds it — an attempt still in flight on `from` is given up at once ([`Op::Lose`]) so
+/// it runs again where it belongs.
 pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from: &str) {
     let now = now_ms();
-    let swarm = node.read_table(|t| t.get(attempt.task_id).map(|t| t.spec.swarm.clone()));
-    let moved = {
-        let mut d = node.lock_dispatch();
-        let ok = d.scheduler.moved(attempt, from, thief);
-        if ok {
-            if let Some(s) = d.sessions.get_mut(from) {
-                s.info.running = s.info.running.saturating_sub(1);
-            }
-            if let Some(s) = d.sessions.get_mut(thief) {
-                s.info.running += 1;
-            }
-        } else if let Some(s) = d.sessions.get(thief) {
+    let table = node.table.read();
+    let task = table.get(attempt.task_id);
+    let swarm = task.map(|t| t.spec.swarm.clone()).unwrap_or_default();
+    let mut d = node.lock_dispatch();
+    let d = &mut *d;
+    let peers = d.topologies.layout(&swarm).is_some_and(|l| match &l.plan {
+        Some(TopologyPlan::Mesh(m)) => m.peers.get(from).is_some_and(|p| p.contains(thief)),
+        _ => false,
+    });
+    let eligible = match (task, d.scheduler.workers().get(thief)) {
+        (Some(t), Some(w)) => d.topologies.place(t, thief, w).is_some(),
+        _ => false,
+    };
+    let in_flight_on_from = d
+        .scheduler
+        .in_flight(attempt.task_id)
+        .is_some_and(|f| f.attempt == attempt && f.worker == from && !f.reported);
+    let op = if peers && eligible && d.scheduler.moved(attempt, from, thief) {
+        if let Some(s) = d.sessions.get_mut(from) {
+            s.info.running = s.info.running.saturating_sub(1);
+        }
+        if let Some(s) = d.sessions.get_mut(thief) {
+            s.info.running += 1;
+        }
+        metrics::counter!("swarm_swarm_steals_total", "swarm" => swarm).increment(1);
+        Some(Op::Move {
+            attempt,
+            from: from.to_string(),
+            to: thief.to_string(),
+            now_ms: now,
+        })
+    } else {
+        if let Some(s) = d.sessions.get(thief) {
             let _ = s.tx.send(CoordinatorMsg::Cancel(attempt));
         }
-        ok
-    };
-    let swarm = swarm.unwrap_or_default();
-    if !moved {
         metrics::counter!("swarm_swarm_steals_refused_total", "swarm" => swarm).increment(1);
-        debug!(task = attempt.task_id, thief, from, "steal refused: not in flight there");
-        return;
-    }
-    metrics::counter!("swarm_swarm_steals_total", "swarm" => swarm).increment(1);
-    let op = Op::Move {
-        attempt,
-        from: from.to_string(),
-        to: thief.to_string(),
-        now_ms: now,
+        debug!(
+            task = attempt.task_id,
+            thief, from, peers, eligible, "steal refused"
+        );
+        in_flight_on_from.then(|| {
+            d.scheduler.forget(attempt.task_id);
+            Op::Lose {
+                attempt,
+                reason: format!(
+                    "worker {from} handed it to {thief}, which may not run it; running it again"
+                ),
+                now_ms: now,
+                retry_at_ms: now,
+            }
+        })
     };
+    drop(table);
+    let Some(op) = op else { return };
     let node = node.clone();
     tokio::spawn(async move {
-        if let Err(e) = node.proposer.propose_one(op).await {
-            debug!(error = %e, "move not committed");
+        match node.proposer.propose_one(op).await {
+            Ok(r) => node.count_results(std::slice::from_ref(&r)),
+            Err(e) => debug!(error = %e, "steal outcome not committed"),
         }
     });
 }
@@ -314,20 +399,10 @@ fn to_record(req: &CreateSwarm) -> Result<SwarmRecord, ApiError> {
         .topology
         .parse()
         .map_err(|e: swarm_topology::TopologyError| bad(e.code(), e.to_string()))?;
-    if kind == TopologyKind::Hierarchical {
-        return Err(ApiError::Coded {
-            status: StatusCode::NOT_IMPLEMENTED,
-            code: "unsupported_topology".into(),
-            message: "hierarchical swarms (leads relaying for their members) are not \
-                      implemented yet; use star, mesh or ring"
-                .into(),
-        });
-    }
     let stages = if req.stages.is_empty() {
         Vec::new()
     } else {
-        parse_stages(&req.stages.join(","))
-            .map_err(|e| bad(e.code(), e.to_string()))?
+        parse_stages(&req.stages.join(",")).map_err(|e| bad(e.code(), e.to_string()))?
     };
     let topology = TopologySpec::build(
         kind,
@@ -396,8 +471,11 @@ pub(crate) async fn create(
                 code: err.code().into(),
                 message: format!(
                     "{err}{}; pass allow_empty to create it anyway",
-                    if record.spec.topology.kind() == TopologyKind::Mesh {
-                        " (a mesh counts only workers with a peer listener)"
+                    if matches!(
+                        record.spec.topology.kind(),
+                        TopologyKind::Mesh | TopologyKind::Hierarchical
+                    ) {
+                        " (a mesh or a hierarchy counts only workers started with --peer-listen)"
                     } else {
                         ""
                     }
@@ -430,7 +508,8 @@ pub(crate) async fn create(
 
 /// `GET /v1/swarms`
 pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<SwarmList> {
-    let names: Vec<String> = node.read_table(|t| t.swarms().into_iter().map(|r| r.spec.name).collect());
+    let names: Vec<String> =
+        node.read_table(|t| t.swarms().into_iter().map(|r| r.spec.name).collect());
     Json(SwarmList {
         swarms: names.iter().filter_map(|n| swarm_view(&node, n)).collect(),
     })
@@ -480,7 +559,7 @@ pub(crate) fn swarm_view(node: &Node, name: &str) -> Option<SwarmView> {
         (plan(&record.spec, &members, 0, None).ok(), None)
     } else {
         // Plan now if the dispatcher has not yet (e.g. just created).
-        let out = d.topologies.refresh(&d.scheduler, &table);
+        let out = d.topologies.refresh(&d.scheduler, &table, &d.sessions);
         deliver(d, out);
         match d.topologies.layout(name) {
             Some(l) => (l.plan.clone(), l.problem.clone()),
@@ -509,7 +588,9 @@ pub(crate) fn swarm_view(node: &Node, name: &str) -> Option<SwarmView> {
         TopologySpec::Star => (None, None, Vec::new()),
         TopologySpec::Hierarchical { fan_out } => (Some(*fan_out), None, Vec::new()),
         TopologySpec::Mesh { max_degree } => (None, Some(*max_degree), Vec::new()),
-        TopologySpec::Ring { stages } => (None, None, stages.iter().map(|s| s.to_string()).collect()),
+        TopologySpec::Ring { stages } => {
+            (None, None, stages.iter().map(|s| s.to_string()).collect())
+        }
     };
     Some(SwarmView {
         name: record.spec.name.clone(),

@@ -102,7 +102,113 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
     accepted.authenticate_as(Role::Worker).await?;
     metrics::counter!("swarm_worker_connections_total", "zero_rtt" => if zero_rtt { "true" } else { "false" })
         .increment(1);
+    // Further streams on this connection are members' sessions the worker relays as
+    // their lead (a hierarchical swarm).
+    let conn = accepted.conn.clone();
+    let relays = tokio::spawn(accept_relayed(
+        node.clone(),
+        conn.clone(),
+        hello.worker_id.clone(),
+    ));
+    let result = session(node, &hello, writer, reader, &conn, zero_rtt, None).await;
+    relays.abort();
+    result
+}
 
+/// Accept the streams a lead opens for its members, each one worker session.
+async fn accept_relayed(node: Arc<Node>, conn: quinn::Connection, lead: String) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let node = node.clone();
+        let conn = conn.clone();
+        let lead = lead.clone();
+        tokio::spawn(async move {
+            let writer = FrameWriter::new(send);
+            let reader = FrameReader::new(recv);
+            match relayed(&node, writer, reader, &conn, &lead).await {
+                Ok(()) => debug!(%lead, "relayed session closed"),
+                Err(e) => info!(%lead, error = %e, "relayed session ended"),
+            }
+        });
+    }
+}
+
+/// One member's session, relayed by `lead` on a stream of the lead's connection. The
+/// connection is authenticated already; a refusal ends only this stream.
+async fn relayed(
+    node: &Arc<Node>,
+    mut writer: FrameWriter,
+    mut reader: FrameReader,
+    conn: &quinn::Connection,
+    lead: &str,
+) -> Result<(), SessionError> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<WorkerMsg>())
+        .await
+        .map_err(|_| SessionError::Protocol("no hello within 10 s".into()))??;
+    let hello = match first {
+        Some(WorkerMsg::Hello(h)) => h,
+        Some(other) => {
+            metrics::counter!("swarm_protocol_errors_total").increment(1);
+            return Err(SessionError::Protocol(format!(
+                "expected Hello first on a relayed stream, got {}",
+                msg_name(&other)
+            )));
+        }
+        None => return Ok(()),
+    };
+    let refusal = if hello.protocol != PROTOCOL_VERSION {
+        Some(CoordinatorMsg::Rejected {
+            code: "protocol_version".into(),
+            message: format!(
+                "worker speaks protocol version {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade one of them",
+                hello.protocol
+            ),
+        })
+    } else if let Err(e) = validate_hello(&hello) {
+        Some(CoordinatorMsg::Rejected {
+            code: "bad_hello".into(),
+            message: e,
+        })
+    } else if hello.worker_id == lead {
+        Some(CoordinatorMsg::Rejected {
+            code: "bad_hello".into(),
+            message: "a lead cannot relay its own session".into(),
+        })
+    } else if !node.is_leader() {
+        Some(not_leader_msg(node.id(), node.leader().as_ref()))
+    } else {
+        None
+    };
+    if let Some(msg) = refusal {
+        let _ = writer.send(&msg).await;
+        let _ = writer.finish();
+        return Err(SessionError::Protocol(format!(
+            "relayed session of {} refused",
+            hello.worker_id
+        )));
+    }
+    metrics::counter!("swarm_relayed_sessions_total").increment(1);
+    session(
+        node,
+        &hello,
+        writer,
+        reader,
+        conn,
+        false,
+        Some(lead.to_string()),
+    )
+    .await
+}
+
+/// A worker session after its `Hello` was accepted: register, serve, unregister.
+async fn session(
+    node: &Arc<Node>,
+    hello: &Hello,
+    writer: FrameWriter,
+    mut reader: FrameReader,
+    conn: &quinn::Connection,
+    zero_rtt: bool,
+    via: Option<String>,
+) -> Result<(), SessionError> {
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel();
     // Welcome goes first: registering may already queue Cancels, and dispatch may queue
@@ -112,8 +218,16 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
         heartbeat_interval_ms: node.config().heartbeat_interval_ms,
         max_output_bytes: node.config().limits.max_output_bytes,
     });
-    register(node, &hello, conn_id, tx.clone(), &accepted.conn, zero_rtt);
-    info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, remote = %accepted.conn.remote_address(), "worker connected");
+    register(
+        node,
+        hello,
+        conn_id,
+        tx.clone(),
+        conn,
+        zero_rtt,
+        via.clone(),
+    );
+    info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, via = ?via, remote = %conn.remote_address(), "worker connected");
     let writer_task = tokio::spawn(write_loop(writer, rx));
     node.poke();
 
@@ -170,6 +284,7 @@ fn register(
     tx: mpsc::UnboundedSender<CoordinatorMsg>,
     conn: &quinn::Connection,
     zero_rtt: bool,
+    via: Option<String>,
 ) {
     let now = now_ms();
     let id = hello.worker_id.as_str();
@@ -257,6 +372,7 @@ fn register(
                     connected_at_ms: now,
                     last_heartbeat_ms: now,
                     zero_rtt,
+                    via,
                 },
             },
         );
@@ -427,8 +543,8 @@ fn on_report(
                             Some(prev) => t.stage_outputs.get(prev)?.clone(),
                             None => t.spec.payload.clone(),
                         };
-                        let ring = (!t.spec.stages.is_empty())
-                            .then(|| (t.spec.swarm.clone(), stage));
+                        let ring =
+                            (!t.spec.stages.is_empty()).then(|| (t.spec.swarm.clone(), stage));
                         Some((t.spec.agent_of(stage).to_string(), input, ring))
                     });
                     if let Some((_, _, Some((swarm, stage)))) = &task {

@@ -304,6 +304,10 @@ pub struct WorkerView {
     pub last_heartbeat_ms: u64,
     /// Whether this connection began with accepted 0-RTT early data.
     pub zero_rtt: bool,
+    /// The lead whose connection relays this worker's session; absent for a worker
+    /// connected to the coordinator directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// `GET /v1/workers` reply.

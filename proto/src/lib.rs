@@ -22,6 +22,10 @@ pub const ALPN_WORKER: &[u8] = b"swarm-worker/1";
 pub const ALPN_RAFT: &[u8] = b"swarm-raft/1";
 /// ALPN for worker ⇄ worker mesh peer links.
 pub const ALPN_PEER: &[u8] = b"swarm-peer/1";
+/// ALPN for a member's link to its lead in a hierarchical swarm: the member speaks the
+/// worker protocol, and the lead relays the stream to the coordinator on its own
+/// connection.
+pub const ALPN_RELAY: &[u8] = b"swarm-relay/1";
 
 /// Task identifiers are assigned by the replicated state machine, in commit order.
 pub type TaskId = u64;

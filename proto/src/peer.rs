@@ -18,7 +18,11 @@ pub enum PeerMsg {
     /// First frame of each side: who is speaking, and its [`crate::PROTOCOL_VERSION`].
     Hello { protocol: u32, worker_id: String },
     /// The sender's load, sent when it changes and periodically as a keep-alive.
-    Load { running: u32, queued: u32, slots: u32 },
+    Load {
+        running: u32,
+        queued: u32,
+        slots: u32,
+    },
     /// Ask for up to `max` queued attempts; answered by exactly one `Given`.
     Steal { request_id: u64, max: u32 },
     /// The answer to `Steal`: attempts the sender gave up (possibly none).

@@ -59,9 +59,14 @@ pub enum WorkerMsg {
     /// This worker took `attempt` over from peer `from` (a mesh steal) and runs it now.
     /// The coordinator records the move, or answers `Cancel` when the attempt is no
     /// longer `from`'s to give.
-    Stole { attempt: AttemptRef, from: String },
+    Stole {
+        attempt: AttemptRef,
+        from: String,
+    },
     /// The peer link to `peer` was lost (idle timeout or refused reconnects).
-    PeerLost { peer: String },
+    PeerLost {
+        peer: String,
+    },
 }
 
 /// The end of one attempt, as observed by the worker.
@@ -175,6 +180,10 @@ pub enum CoordinatorMsg {
     /// The peers this worker should hold links to in mesh swarm `swarm` (replaces any
     /// earlier list for that swarm; an empty list drops the links).
     Peers { swarm: String, peers: Vec<PeerInfo> },
+    /// Reach the coordinator through this lead (a hierarchical swarm): connect to its
+    /// relay listener (ALPN [`crate::ALPN_RELAY`]) and say `Hello` there, on a stream the
+    /// lead relays to the coordinator. `None`: connect to the coordinator directly.
+    Parent { lead: Option<PeerInfo> },
 }
 
 /// A mesh peer: its worker id and where it accepts peer links.

@@ -33,8 +33,8 @@ pub use endpoint::{
 };
 pub use frame::{FrameError, FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
 pub use tls::{
-    client_config, init_certs, peer_role, require_role, server_config, set_liveness, CertFiles,
-    Identity, Role,
+    client_config, init_certs, peer_role, require_role, server_config, set_liveness,
+    set_server_liveness, CertFiles, Identity, Role,
 };
 
 /// A failure to establish, authenticate or use a connection.

@@ -502,6 +502,14 @@ pub fn set_liveness(config: &mut quinn::ClientConfig, keep_alive: Duration, idle
     config.transport_config(liveness_transport(keep_alive, idle));
 }
 
+/// The server-side counterpart of [`set_liveness`]: connections accepted with `config`
+/// ping every `keep_alive` and offer an idle timeout of `idle` (the effective timeout is
+/// the smaller of both sides'). Used where both ends must notice a dead peer quickly,
+/// e.g. worker peer links.
+pub fn set_server_liveness(config: &mut quinn::ServerConfig, keep_alive: Duration, idle: Duration) {
+    config.transport_config(liveness_transport(keep_alive, idle));
+}
+
 /// A quinn server configuration that accepts only clients presenting a certificate
 /// issued by `id`'s cluster CA, negotiates one of `alpns`, speaks TLS 1.3 only and
 /// accepts 0-RTT early data from resuming clients.

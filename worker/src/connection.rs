@@ -1,5 +1,9 @@
 //! The connection loop: dial, `Hello`, `Welcome`, then shuttle messages between the
 //! coordinator and the [core](crate::core) until the connection fails; back off; repeat.
+//!
+//! The session goes to a coordinator, or through a lead when the coordinator said so with
+//! `Parent` (hierarchical swarms, see the crate docs): then the loop dials the lead's
+//! relay listener instead and speaks the same protocol over it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,10 +13,11 @@ use std::time::Duration;
 use anyhow::{anyhow, Context as _};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swarm_proto::worker::{CoordinatorMsg, Hello, WorkerMsg};
+use swarm_proto::worker::{CoordinatorMsg, Hello, PeerInfo, WorkerMsg};
 use swarm_proto::PROTOCOL_VERSION;
 use swarm_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::core::Command;
 use crate::{Backoff, WorkerStats};
@@ -25,6 +30,8 @@ const MAX_BATCH: usize = 4096;
 pub(crate) const CLOSE_PROTOCOL_ERROR: u32 = 1;
 /// QUIC application close code: the worker is shutting down.
 pub(crate) const CLOSE_SHUTDOWN: u32 = 0;
+/// A session through a lead that lasted this long resets the lead backoff.
+const LEAD_STABLE: Duration = Duration::from_secs(10);
 
 /// Where the coordinator is.
 #[derive(Debug, Clone)]
@@ -72,10 +79,21 @@ impl Dest {
 }
 
 /// Connection state shared with [`crate::Worker::run`] for a graceful shutdown.
-#[derive(Default)]
 pub(crate) struct Shared {
     pub(crate) conn: Mutex<Option<quinn::Connection>>,
     pub(crate) endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// The current *direct* coordinator connection while its session is up (set after
+    /// `Welcome`, cleared when it ends): what the relay pipes members' streams into.
+    pub(crate) coordinator: watch::Sender<Option<quinn::Connection>>,
+}
+
+/// How to reach a lead's relay listener.
+#[derive(Debug, Clone)]
+pub(crate) struct RelayClient {
+    /// ALPN `ALPN_RELAY`, the worker's certificate; its session cache makes redials 0-RTT.
+    pub(crate) client: quinn::ClientConfig,
+    /// Name the lead's certificate must be valid for.
+    pub(crate) server_name: String,
 }
 
 impl Shared {
@@ -101,6 +119,8 @@ pub(crate) struct ConnLoop {
     pub(crate) stats: watch::Sender<WorkerStats>,
     pub(crate) core: mpsc::UnboundedSender<Command>,
     pub(crate) shared: Arc<Shared>,
+    /// `None`: `Parent` is ignored, sessions always go to a coordinator directly.
+    pub(crate) relay: Option<RelayClient>,
 }
 
 /// How one session ended.
@@ -111,18 +131,56 @@ enum End {
     Redirect(Option<String>, anyhow::Error),
     /// Give up: retrying cannot help (protocol version mismatch).
     Fatal(anyhow::Error),
+    /// The route changed (`Parent`): reconnect at once along the new one.
+    Reroute(String),
+}
+
+/// Where sessions go: to a coordinator directly, or through a lead.
+struct Route {
+    /// The lead the coordinator named in `Parent`; the next session dials it.
+    lead: Option<PeerInfo>,
+    /// A lead named while leads are backed off; adopted when `lead_ok_at` passes.
+    pending: Option<PeerInfo>,
+    /// After a session through a lead failed, no lead is dialed before this.
+    lead_ok_at: Option<Instant>,
+    /// Backoff between failures through leads (so a broken lead is not redialed in a
+    /// tight loop while the coordinator keeps naming it).
+    lead_delay: Delay,
+    /// When the current session got its `Welcome`.
+    up_since: Option<Instant>,
+}
+
+impl Route {
+    /// A session through a lead ended: go back to the coordinators, and keep away from
+    /// leads for a while.
+    fn lead_failed(&mut self) {
+        self.lead = None;
+        self.pending = None;
+        if self.up_since.is_some_and(|t| t.elapsed() >= LEAD_STABLE) {
+            self.lead_delay.reset();
+        }
+        self.lead_ok_at = Some(Instant::now() + self.lead_delay.next());
+    }
+
+    fn backed_off(&self) -> bool {
+        self.lead_ok_at.is_some_and(|t| t > Instant::now())
+    }
+}
+
+fn describe(lead: &PeerInfo) -> String {
+    format!("lead {} at {}", lead.worker_id, lead.addr)
 }
 
 /// Exponential backoff with jitter: each delay is uniform in `[d/2, d]`, `d` doubling
 /// from `initial` up to `max`.
-struct Delay {
+pub(crate) struct Delay {
     cfg: Backoff,
     next: Duration,
     rng: StdRng,
 }
 
 impl Delay {
-    fn new(cfg: Backoff, seed: Option<u64>) -> Self {
+    pub(crate) fn new(cfg: Backoff, seed: Option<u64>) -> Self {
         Delay {
             cfg,
             next: cfg.initial,
@@ -130,11 +188,11 @@ impl Delay {
         }
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.cfg.initial;
     }
 
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         let d = self.next.min(self.cfg.max);
         self.next = (d * 2).min(self.cfg.max);
         let lo = d / 2;
@@ -156,23 +214,49 @@ impl ConnLoop {
     /// Runs until a fatal error (returned); the caller stops it by dropping the future.
     pub(crate) async fn run(self) -> anyhow::Result<()> {
         let mut delay = Delay::new(self.backoff, self.jitter_seed);
+        let mut route = Route {
+            lead: None,
+            pending: None,
+            lead_ok_at: None,
+            lead_delay: Delay::new(self.backoff, self.jitter_seed.map(|s| s.rotate_left(17))),
+            up_since: None,
+        };
         loop {
-            let end = self.session(&mut delay).await;
-            let was_connected = self
-                .stats
-                .send_if_modified(|s| std::mem::replace(&mut s.connected, false));
+            let via = route.lead.clone().filter(|_| self.relay.is_some());
+            route.up_since = None;
+            let end = self.session(&mut delay, &mut route, via.as_ref()).await;
+            self.shared.coordinator.send_replace(None);
+            let was_connected = self.stats.send_if_modified(|s| {
+                s.via_lead = None;
+                std::mem::replace(&mut s.connected, false)
+            });
             self.shared.set_conn(None);
             let _ = self.core.send(Command::Disconnected);
             let e = match end {
                 End::Fatal(e) => return Err(e),
+                End::Reroute(why) => {
+                    tracing::info!("reconnecting: {why}");
+                    continue;
+                }
                 End::Retry(e) => {
-                    self.advance(None);
+                    match &via {
+                        // The lead failed, not the coordinator: back to the current one.
+                        Some(_) => route.lead_failed(),
+                        None => self.advance(None),
+                    }
                     e
                 }
                 End::Redirect(leader, e) => {
+                    if via.is_some() {
+                        route.lead_failed();
+                    }
                     self.advance(leader.as_deref());
                     e
                 }
+            };
+            let e = match &via {
+                Some(lead) => e.context(format!("through {}", describe(lead))),
+                None => e,
             };
             let wait = delay.next();
             if was_connected {
@@ -255,14 +339,26 @@ impl ConnLoop {
         Ok(ep)
     }
 
-    async fn session(&self, delay: &mut Delay) -> End {
-        let dest = match self.dest() {
-            Ok(d) => d,
-            Err(e) => return End::Fatal(e),
-        };
-        let addr = match dest.target.resolve().await {
-            Ok(a) => a,
-            Err(e) => return End::Retry(e),
+    async fn session(&self, delay: &mut Delay, route: &mut Route, via: Option<&PeerInfo>) -> End {
+        let (addr, server_name, client) = match (via, &self.relay) {
+            (Some(lead), Some(relay)) => {
+                let addr = match Target::Host(lead.addr.clone()).resolve().await {
+                    Ok(a) => a,
+                    Err(e) => return End::Retry(e),
+                };
+                (addr, relay.server_name.clone(), &relay.client)
+            }
+            _ => {
+                let dest = match self.dest() {
+                    Ok(d) => d,
+                    Err(e) => return End::Fatal(e),
+                };
+                let addr = match dest.target.resolve().await {
+                    Ok(a) => a,
+                    Err(e) => return End::Retry(e),
+                };
+                (addr, dest.server_name, &self.client)
+            }
         };
         let endpoint = match self.endpoint_for(addr) {
             Ok(e) => e,
@@ -283,9 +379,7 @@ impl ConnLoop {
             ..self.hello.clone()
         });
 
-        let dialed = match swarm_transport::dial(&endpoint, &self.client, addr, &dest.server_name)
-            .await
-        {
+        let dialed = match swarm_transport::dial(&endpoint, client, addr, &server_name).await {
             Ok(d) => d,
             Err(e) => return End::Retry(anyhow::Error::new(e).context(format!("dialing {addr}"))),
         };
@@ -314,6 +408,8 @@ impl ConnLoop {
                 n_running,
                 addr,
                 delay,
+                route,
+                via,
             )
             .await;
         // Harmless if already closed; otherwise tells the coordinator we are gone.
@@ -331,6 +427,8 @@ impl ConnLoop {
         n_running: usize,
         addr: SocketAddr,
         delay: &mut Delay,
+        route: &mut Route,
+        via: Option<&PeerInfo>,
     ) -> End {
         let first =
             match tokio::time::timeout(WELCOME_TIMEOUT, reader.recv::<CoordinatorMsg>()).await {
@@ -381,14 +479,21 @@ impl ConnLoop {
         };
 
         delay.reset();
+        route.up_since = Some(Instant::now());
+        if via.is_none() {
+            // Members may now relay their sessions through this connection.
+            self.shared.coordinator.send_replace(Some(conn.clone()));
+        }
         self.stats.send_modify(|s| {
             s.connected = true;
             s.connects += 1;
             s.zero_rtt_accepted += u64::from(zero_rtt);
             s.last_error = None;
+            s.via_lead = via.map(|l| l.worker_id.clone());
         });
         tracing::info!(
             coordinator = %addr,
+            via_lead = via.map(|l| l.worker_id.as_str()),
             zero_rtt_accepted = zero_rtt,
             running = n_running,
             heartbeat_ms = heartbeat.as_millis() as u64,
@@ -418,8 +523,22 @@ impl ConnLoop {
         }
 
         loop {
+            // A lead named while leads were backed off is adopted when the backoff ends.
+            let lead_ok_at = route.lead_ok_at.unwrap_or_else(Instant::now);
             tokio::select! {
+                () = tokio::time::sleep_until(lead_ok_at), if route.pending.is_some() => {
+                    if let Some(lead) = route.pending.take() {
+                        let why = format!("the coordinator routes this worker through {}", describe(&lead));
+                        route.lead = Some(lead);
+                        return End::Reroute(why);
+                    }
+                }
                 r = reader.recv::<CoordinatorMsg>() => match r {
+                    Ok(Some(CoordinatorMsg::Parent { lead })) => {
+                        if let Some(end) = self.parent(route, via, lead) {
+                            return end;
+                        }
+                    }
                     Ok(Some(CoordinatorMsg::NotLeader { leader, message })) => {
                         return End::Redirect(leader, anyhow!("coordinator at {addr}: {message}"));
                     }
@@ -444,6 +563,56 @@ impl ConnLoop {
                 }
             }
         }
+    }
+
+    /// Acts on `Parent`: `Some` when the session must end to take the new route.
+    fn parent(
+        &self,
+        route: &mut Route,
+        via: Option<&PeerInfo>,
+        lead: Option<PeerInfo>,
+    ) -> Option<End> {
+        let Some(lead) = lead else {
+            route.pending = None;
+            route.lead = None;
+            return via.map(|l| {
+                End::Reroute(format!(
+                    "the coordinator wants a direct connection instead of through {}",
+                    describe(l)
+                ))
+            });
+        };
+        if via == Some(&lead) {
+            route.pending = None;
+            return None;
+        }
+        if self.relay.is_none() {
+            tracing::warn!(
+                lead = %lead.worker_id,
+                "the coordinator routes this worker through a lead, but it has no relay client configuration; staying direct"
+            );
+            return None;
+        }
+        if lead.worker_id == self.hello.worker_id {
+            tracing::warn!("the coordinator named this worker as its own lead; ignored");
+            return None;
+        }
+        if let Err(e) = crate::split_host_port(&lead.addr) {
+            tracing::warn!(lead = %lead.worker_id, "ignoring a lead with an unusable address: {e:#}");
+            return None;
+        }
+        if route.backed_off() {
+            tracing::debug!(lead = %lead.worker_id, "a lead failed recently; switching later");
+            route.pending = Some(lead);
+            return None;
+        }
+        route.pending = None;
+        let why = format!(
+            "the coordinator routes this worker through {}",
+            describe(&lead)
+        );
+        route.lead = Some(lead);
+        Some(End::Reroute(why))
     }
 
     /// Ends the session after a failed read. The error is logged once, by the caller

@@ -4,6 +4,11 @@
 //! yet acked — and is driven by [`Command`]s from the connection loop. Attempts keep
 //! running while the worker is disconnected; their reports wait in the unacked map and
 //! are (re)sent on every new connection until the coordinator acks them.
+//!
+//! Mesh peers (see [`crate::peer`]) talk to the core through the same command channel:
+//! a peer stealing work takes attempts from the local queue ([`Command::TakeQueued`],
+//! then [`Command::Lent`]); attempts stolen from a peer arrive as [`Command::Stolen`].
+//! The core publishes its load ([`LocalLoad`]) for the peer links to gossip.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +22,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::cancel::{cancel_pair, CancelHandle};
 use crate::executor::Executor;
+use crate::peer::Ctl as PeerCtl;
 use crate::retrieve::Retriever;
 
 /// How long an attempt waits for its patterns before running without them.
@@ -46,6 +52,44 @@ pub(crate) enum Command {
     Snapshot(oneshot::Sender<Vec<AttemptRef>>),
     /// Kill every attempt, then reply.
     Shutdown(oneshot::Sender<()>),
+    /// A peer steals: take up to `max` attempts from the local queue (newest first) and
+    /// hold them as lent (still listed as held) until [`Command::Lent`] says whether the
+    /// hand-over went out. Never takes a running attempt.
+    TakeQueued {
+        max: usize,
+        reply: oneshot::Sender<Vec<TaskAssignment>>,
+    },
+    /// The outcome of a hand-over to peer `to`: `delivered` (the `Given` frame was
+    /// written) forgets the attempts; otherwise they go back into the local queue.
+    Lent {
+        to: String,
+        attempts: Vec<AttemptRef>,
+        delivered: bool,
+    },
+    /// Attempts taken over from peer `from`: each is announced to the coordinator with
+    /// `Stole`, then run exactly like a `Run`. Replies once they are accepted (and the
+    /// new load is published).
+    Stolen {
+        from: String,
+        assignments: Vec<TaskAssignment>,
+        reply: oneshot::Sender<()>,
+    },
+    /// The link to mesh peer `peer` was lost: tell the coordinator.
+    PeerLost { peer: String },
+}
+
+/// What the core reports to the mesh peer links: its load, and whether it can tell the
+/// coordinator about a steal right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LocalLoad {
+    /// Attempts running.
+    pub(crate) running: u32,
+    /// Attempts waiting for a slot (not counting ones being handed to a peer).
+    pub(crate) queued: u32,
+    /// Slots.
+    pub(crate) slots: u32,
+    /// Whether a coordinator session is up.
+    pub(crate) connected: bool,
 }
 
 /// The core's share of [`WorkerStats`].
@@ -57,6 +101,8 @@ struct Counts {
     running: usize,
     queued: usize,
     unacked: usize,
+    steals_in: u64,
+    steals_out: u64,
 }
 
 struct Running {
@@ -78,6 +124,17 @@ pub(crate) struct Core {
     stats: watch::Sender<WorkerStats>,
     counts: Counts,
     retriever: std::sync::Arc<Retriever>,
+    /// Attempts taken from the queue for a peer, not yet known to be handed over.
+    lending: HashMap<AttemptRef, TaskAssignment>,
+    /// Attempts stolen from peers that have not finished yet.
+    stolen: HashSet<AttemptRef>,
+    /// Stolen attempts the coordinator cancelled (a refused move): whatever they end
+    /// with, they are reported cancelled.
+    cancel_requested: HashSet<AttemptRef>,
+    /// `Stole` and `PeerLost` messages waiting for a session (sent first on connect).
+    pending: Vec<WorkerMsg>,
+    load: watch::Sender<LocalLoad>,
+    peer_ctl: Option<mpsc::UnboundedSender<PeerCtl>>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -113,7 +170,26 @@ impl Core {
             stats,
             counts: Counts::default(),
             retriever: std::sync::Arc::new(Retriever::default()),
+            lending: HashMap::new(),
+            stolen: HashSet::new(),
+            cancel_requested: HashSet::new(),
+            pending: Vec::new(),
+            load: watch::Sender::new(LocalLoad {
+                slots,
+                ..LocalLoad::default()
+            }),
+            peer_ctl: None,
         }
+    }
+
+    /// A live view of the load, for the mesh peer links.
+    pub(crate) fn load(&self) -> watch::Receiver<LocalLoad> {
+        self.load.subscribe()
+    }
+
+    /// Where `Peers` messages from the coordinator go; without one they are ignored.
+    pub(crate) fn set_peer_ctl(&mut self, ctl: mpsc::UnboundedSender<PeerCtl>) {
+        self.peer_ctl = Some(ctl);
     }
 
     /// Runs until a `Shutdown` command or until every command sender is gone.
@@ -183,6 +259,15 @@ impl Core {
                 let mut interval = tokio::time::interval_at(Instant::now() + period, period);
                 interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 self.heartbeat = Some(interval);
+                // Steals and lost peers first: a `Stole` must reach the coordinator
+                // before the report of the attempt it announces.
+                let held = std::mem::take(&mut self.pending);
+                if !held.is_empty() {
+                    tracing::info!(count = held.len(), "sending held mesh messages");
+                }
+                for m in held {
+                    self.send_or_hold(m);
+                }
                 let mut reports: Vec<&TaskReport> = self.unacked.values().collect();
                 reports.sort_by_key(|r| r.attempt);
                 if !reports.is_empty() {
@@ -206,6 +291,133 @@ impl Core {
             }
             Command::Coordinator(msg) => self.coordinator(msg),
             Command::Shutdown(_) => {}
+            Command::TakeQueued { max, reply } => self.take_queued(max, reply),
+            Command::Lent {
+                to,
+                attempts,
+                delivered,
+            } => self.lent(&to, attempts, delivered),
+            Command::Stolen {
+                from,
+                assignments,
+                reply,
+            } => {
+                self.stolen_in(&from, assignments);
+                // Publish before replying: the mesh decides its next steal on this load.
+                self.publish();
+                let _ = reply.send(());
+            }
+            Command::PeerLost { peer } => {
+                let dup = self
+                    .pending
+                    .iter()
+                    .any(|m| matches!(m, WorkerMsg::PeerLost { peer: p } if *p == peer));
+                if !dup {
+                    self.send_or_hold(WorkerMsg::PeerLost { peer });
+                }
+            }
+        }
+    }
+
+    /// Whether the attempt is here in any form: running, queued, being lent, or finished
+    /// and not acked.
+    fn holds(&self, attempt: &AttemptRef) -> bool {
+        self.running.contains_key(attempt)
+            || self.queued_set.contains(attempt)
+            || self.lending.contains_key(attempt)
+            || self.unacked.contains_key(attempt)
+    }
+
+    fn take_queued(&mut self, max: usize, reply: oneshot::Sender<Vec<TaskAssignment>>) {
+        let n = max.min(self.queued.len());
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let Some(task) = self.queued.pop_back() else {
+                break;
+            };
+            self.queued_set.remove(&task.attempt);
+            self.lending.insert(task.attempt, task.clone());
+            out.push(task);
+        }
+        // Publish before replying, so the load gossiped next no longer counts them.
+        self.publish();
+        if let Err(out) = reply.send(out) {
+            // The asking link is gone: nothing was handed over.
+            let attempts = out.iter().map(|t| t.attempt).collect();
+            self.lent("(link gone)", attempts, false);
+        }
+    }
+
+    fn lent(&mut self, to: &str, attempts: Vec<AttemptRef>, delivered: bool) {
+        if delivered {
+            let mut n = 0u64;
+            for a in &attempts {
+                if self.lending.remove(a).is_some() {
+                    n += 1;
+                }
+            }
+            self.counts.steals_out += n;
+            if n > 0 {
+                tracing::info!(peer = %to, count = n, "attempts handed over to a peer");
+            }
+            return;
+        }
+        // Taken newest first: put them back oldest first, restoring the queue order.
+        let mut back = 0usize;
+        for a in attempts.iter().rev() {
+            if let Some(task) = self.lending.remove(a) {
+                self.queued_set.insert(task.attempt);
+                self.queued.push_back(task);
+                back += 1;
+            }
+        }
+        if back > 0 {
+            tracing::info!(peer = %to, count = back, "hand-over to a peer failed; attempts requeued");
+        }
+        self.fill_slots();
+    }
+
+    fn stolen_in(&mut self, from: &str, assignments: Vec<TaskAssignment>) {
+        for task in assignments {
+            let attempt = task.attempt;
+            if self.holds(&attempt) {
+                tracing::warn!(?attempt, peer = %from, "peer gave an attempt this worker already holds; ignored");
+                continue;
+            }
+            tracing::debug!(?attempt, peer = %from, "took attempt over from a peer");
+            self.counts.steals_in += 1;
+            self.stolen.insert(attempt);
+            self.send_or_hold(WorkerMsg::Stole {
+                attempt,
+                from: from.to_owned(),
+            });
+            self.accept_run(task);
+        }
+    }
+
+    /// Starts queued attempts while slots are free.
+    fn fill_slots(&mut self) {
+        while self.running.len() < self.slots {
+            let Some(next) = self.queued.pop_front() else {
+                break;
+            };
+            self.queued_set.remove(&next.attempt);
+            self.start(next);
+        }
+    }
+
+    /// Runs `task` now if a slot is free, else queues it.
+    fn accept_run(&mut self, task: TaskAssignment) {
+        if self.running.len() < self.slots {
+            self.start(task);
+        } else {
+            tracing::debug!(
+                attempt = ?task.attempt,
+                queued = self.queued.len() + 1,
+                "all slots busy; queueing attempt"
+            );
+            self.queued_set.insert(task.attempt);
+            self.queued.push_back(task);
         }
     }
 
@@ -213,7 +425,10 @@ impl Core {
         match msg {
             CoordinatorMsg::Run(task) => {
                 let attempt = task.attempt;
-                if self.running.contains_key(&attempt) || self.queued_set.contains(&attempt) {
+                if self.running.contains_key(&attempt)
+                    || self.queued_set.contains(&attempt)
+                    || self.lending.contains_key(&attempt)
+                {
                     tracing::debug!(?attempt, "duplicate Run ignored: attempt already running");
                 } else if let Some(report) = self.unacked.get(&attempt) {
                     tracing::debug!(
@@ -222,23 +437,20 @@ impl Core {
                     );
                     let m = WorkerMsg::Finished(report.clone());
                     self.send(m);
-                } else if self.running.len() < self.slots {
-                    self.start(task);
                 } else {
-                    tracing::debug!(
-                        ?attempt,
-                        queued = self.queued.len() + 1,
-                        "all slots busy; queueing attempt"
-                    );
-                    self.queued_set.insert(attempt);
-                    self.queued.push_back(task);
+                    self.accept_run(task);
                 }
             }
             CoordinatorMsg::Cancel(attempt) => {
                 if let Some(r) = self.running.get(&attempt) {
                     tracing::debug!(?attempt, "cancelling attempt");
                     r.cancel.cancel();
-                } else if self.queued_set.remove(&attempt) {
+                    if self.stolen.contains(&attempt) {
+                        self.cancel_requested.insert(attempt);
+                    }
+                } else if self.queued_set.remove(&attempt)
+                    || self.lending.remove(&attempt).is_some()
+                {
                     tracing::debug!(?attempt, "cancelling queued attempt");
                     self.queued.retain(|t| t.attempt != attempt);
                     let now = now_ms();
@@ -266,13 +478,22 @@ impl Core {
             CoordinatorMsg::Retrieved { request_id, result } => {
                 self.retriever.complete(request_id, result);
             }
+            CoordinatorMsg::Peers { swarm, peers } => match &self.peer_ctl {
+                Some(ctl) => {
+                    let _ = ctl.send(PeerCtl::Peers { swarm, peers });
+                }
+                None => tracing::warn!(
+                    %swarm,
+                    "coordinator sent mesh peers, but this worker has no peer listener; ignored"
+                ),
+            },
+            // Handled by the connection loop, which never passes it on.
+            CoordinatorMsg::Parent { .. } => {}
             CoordinatorMsg::Welcome { .. }
             | CoordinatorMsg::Rejected { .. }
             | CoordinatorMsg::NotLeader { .. } => {
                 tracing::warn!("unexpected session message after Welcome; ignored");
             }
-            // This worker has no peer listener yet: it takes no part in a mesh.
-            CoordinatorMsg::Peers { .. } => {}
         }
     }
 
@@ -300,9 +521,17 @@ impl Core {
             } else {
                 Vec::new()
             };
-            let outcome = executor
-                .run_with_patterns(task, &patterns, max, token)
-                .await;
+            // A cancel that came while the patterns were being retrieved: do not start.
+            let outcome = if token.is_cancelled() {
+                Outcome::Failed {
+                    kind: FailureKind::Cancelled,
+                    message: "cancelled before it started".into(),
+                }
+            } else {
+                executor
+                    .run_with_patterns(task, &patterns, max, token)
+                    .await
+            };
             TaskReport {
                 attempt,
                 outcome,
@@ -317,9 +546,25 @@ impl Core {
         self.counts.started += 1;
     }
 
-    fn finished(&mut self, report: TaskReport) {
+    fn finished(&mut self, mut report: TaskReport) {
         let attempt = report.attempt;
         self.running.remove(&attempt);
+        self.stolen.remove(&attempt);
+        if self.cancel_requested.remove(&attempt)
+            && !matches!(
+                report.outcome,
+                Outcome::Failed {
+                    kind: FailureKind::Cancelled,
+                    ..
+                }
+            )
+        {
+            // The coordinator refused this steal: the result is not this worker's to give.
+            report.outcome = Outcome::Failed {
+                kind: FailureKind::Cancelled,
+                message: "cancelled by the coordinator".into(),
+            };
+        }
         match &report.outcome {
             Outcome::Succeeded { output } => {
                 tracing::debug!(?attempt, bytes = output.len(), "attempt succeeded")
@@ -331,13 +576,7 @@ impl Core {
         self.unacked.insert(attempt, report.clone());
         self.send(WorkerMsg::Finished(report));
         self.counts.finished += 1;
-        while self.running.len() < self.slots {
-            let Some(next) = self.queued.pop_front() else {
-                break;
-            };
-            self.queued_set.remove(&next.attempt);
-            self.start(next);
-        }
+        self.fill_slots();
     }
 
     /// Attempts this worker holds: running ones, then queued ones (accepted, waiting for
@@ -347,6 +586,10 @@ impl Core {
         let mut v: Vec<AttemptRef> = self.running.keys().copied().collect();
         v.sort();
         v.extend(self.queued.iter().map(|t| t.attempt));
+        // Being handed to a peer: still ours until the hand-over went out.
+        let mut lending: Vec<AttemptRef> = self.lending.keys().copied().collect();
+        lending.sort();
+        v.extend(lending);
         v
     }
 
@@ -363,13 +606,30 @@ impl Core {
     }
 
     fn send(&mut self, msg: WorkerMsg) {
-        if let Some(sink) = &self.sink {
-            if sink.send(msg).is_err() {
+        let _ = self.try_send(msg);
+    }
+
+    /// Sends `msg` if a session is up; otherwise hands it back.
+    fn try_send(&mut self, msg: WorkerMsg) -> Option<WorkerMsg> {
+        let Some(sink) = &self.sink else {
+            return Some(msg);
+        };
+        match sink.send(msg) {
+            Ok(()) => None,
+            Err(e) => {
                 // The writer is gone: the connection is going down; the connection loop
                 // will say so. Reports stay in `unacked`.
                 self.sink = None;
                 self.heartbeat = None;
+                Some(e.0)
             }
+        }
+    }
+
+    /// Sends `msg`, or keeps it for the next session.
+    fn send_or_hold(&mut self, msg: WorkerMsg) {
+        if let Some(msg) = self.try_send(msg) {
+            self.pending.push(msg);
         }
     }
 
@@ -381,6 +641,14 @@ impl Core {
             unacked: self.unacked.len(),
             ..self.counts
         };
+        let load = LocalLoad {
+            running: u32::try_from(c.running).unwrap_or(u32::MAX),
+            queued: u32::try_from(c.queued).unwrap_or(u32::MAX),
+            slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
+            connected: self.sink.is_some(),
+        };
+        self.load
+            .send_if_modified(|l| std::mem::replace(l, load) != load);
         self.stats.send_if_modified(|s| {
             let old = Counts {
                 started: s.started,
@@ -389,6 +657,8 @@ impl Core {
                 running: s.running,
                 queued: s.queued,
                 unacked: s.unacked,
+                steals_in: s.steals_in,
+                steals_out: s.steals_out,
             };
             s.started = c.started;
             s.finished = c.finished;
@@ -396,6 +666,8 @@ impl Core {
             s.running = c.running;
             s.queued = c.queued;
             s.unacked = c.unacked;
+            s.steals_in = c.steals_in;
+            s.steals_out = c.steals_out;
             old != c
         });
     }
@@ -409,7 +681,244 @@ impl Core {
         self.running.clear();
         self.queued.clear();
         self.queued_set.clear();
+        self.lending.clear();
+        self.stolen.clear();
+        self.cancel_requested.clear();
         self.sink = None;
         self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::Agents;
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    struct Harness {
+        tx: mpsc::UnboundedSender<Command>,
+        stats: watch::Receiver<WorkerStats>,
+        load: watch::Receiver<LocalLoad>,
+    }
+
+    fn start(slots: u32) -> Harness {
+        let stats = watch::Sender::new(WorkerStats::default());
+        let core = Core::new(Executor::new(Agents::builtin()), slots, stats.clone());
+        let load = core.load();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(core.run(rx));
+        Harness {
+            tx,
+            stats: stats.subscribe(),
+            load,
+        }
+    }
+
+    fn attempt(task_id: u64) -> AttemptRef {
+        AttemptRef {
+            task_id,
+            attempt: 1,
+        }
+    }
+
+    fn task(task_id: u64, agent: &str, payload: &str) -> TaskAssignment {
+        TaskAssignment {
+            attempt: attempt(task_id),
+            agent: agent.into(),
+            payload: payload.as_bytes().to_vec(),
+            timeout_ms: 600_000,
+            idempotency_key: None,
+            patterns: 0,
+        }
+    }
+
+    impl Harness {
+        fn send(&self, cmd: Command) {
+            self.tx.send(cmd).unwrap();
+        }
+
+        fn run(&self, t: TaskAssignment) {
+            self.send(Command::Coordinator(CoordinatorMsg::Run(t)));
+        }
+
+        fn connect(&self) -> mpsc::UnboundedReceiver<WorkerMsg> {
+            let (sink, rx) = mpsc::unbounded_channel();
+            self.send(Command::Connected {
+                sink,
+                heartbeat: Duration::from_secs(3600),
+                max_output_bytes: 1 << 20,
+            });
+            rx
+        }
+
+        async fn held(&self) -> Vec<AttemptRef> {
+            let (tx, rx) = oneshot::channel();
+            self.send(Command::Snapshot(tx));
+            rx.await.unwrap()
+        }
+
+        async fn take(&self, max: usize) -> Vec<AttemptRef> {
+            let (tx, rx) = oneshot::channel();
+            self.send(Command::TakeQueued { max, reply: tx });
+            rx.await.unwrap().into_iter().map(|t| t.attempt).collect()
+        }
+
+        async fn wait(&mut self, what: &str, pred: impl Fn(&WorkerStats) -> bool) {
+            tokio::time::timeout(LIMIT, self.stats.wait_for(|s| pred(s)))
+                .await
+                .unwrap_or_else(|_| panic!("timed out: {what}"))
+                .unwrap();
+        }
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<WorkerMsg>) -> WorkerMsg {
+        loop {
+            match tokio::time::timeout(LIMIT, rx.recv()).await.unwrap() {
+                Some(WorkerMsg::Heartbeat { .. }) => continue,
+                Some(m) => return m,
+                None => panic!("core stopped"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn lent_attempts_stay_held_until_handed_over_and_return_on_failure() {
+        let mut h = start(1);
+        let mut coord = h.connect();
+        h.run(task(1, "sleep", "600000"));
+        for id in 2..=4 {
+            h.run(task(id, "sleep", "1"));
+        }
+        h.wait("queued", |s| s.queued == 3).await;
+
+        // Newest first; the running attempt is never taken.
+        assert_eq!(h.take(2).await, vec![attempt(4), attempt(3)]);
+        assert_eq!(h.load.borrow().queued, 1);
+        // Not handed over yet: still listed.
+        let held = h.held().await;
+        assert_eq!(held.len(), 4, "{held:?}");
+
+        // The hand-over failed: back in the queue, in the original order.
+        h.send(Command::Lent {
+            to: "w-x".into(),
+            attempts: vec![attempt(4), attempt(3)],
+            delivered: false,
+        });
+        assert_eq!(
+            h.held().await,
+            vec![attempt(1), attempt(2), attempt(3), attempt(4)]
+        );
+        tokio::time::timeout(LIMIT, h.load.wait_for(|l| l.queued == 3))
+            .await
+            .expect("load published")
+            .unwrap();
+
+        // The asking link vanished before the answer: nothing is lost.
+        let (tx, rx) = oneshot::channel();
+        drop(rx);
+        h.send(Command::TakeQueued { max: 3, reply: tx });
+        assert_eq!(h.held().await.len(), 4);
+
+        // A cancel while lent reports it at once and keeps it from coming back.
+        assert_eq!(h.take(1).await, vec![attempt(4)]);
+        h.send(Command::Coordinator(CoordinatorMsg::Cancel(attempt(4))));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => {
+                assert_eq!(r.attempt, attempt(4));
+                assert!(matches!(
+                    r.outcome,
+                    Outcome::Failed {
+                        kind: FailureKind::Cancelled,
+                        ..
+                    }
+                ));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        h.send(Command::Lent {
+            to: "w-x".into(),
+            attempts: vec![attempt(4)],
+            delivered: false,
+        });
+        h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(4))));
+        assert_eq!(h.held().await, vec![attempt(1), attempt(2), attempt(3)]);
+
+        // Handed over: forgotten, counted, no report.
+        assert_eq!(h.take(8).await, vec![attempt(3), attempt(2)]);
+        h.send(Command::Lent {
+            to: "w-x".into(),
+            attempts: vec![attempt(3), attempt(2)],
+            delivered: true,
+        });
+        assert_eq!(h.held().await, vec![attempt(1)]);
+        h.wait("steals counted", |s| s.steals_out == 2 && s.queued == 0)
+            .await;
+        // A Run for an attempt being lent is a duplicate, not a second copy.
+        h.run(task(1, "sleep", "1"));
+        assert_eq!(h.held().await, vec![attempt(1)]);
+    }
+
+    #[tokio::test]
+    async fn steals_made_while_disconnected_are_announced_before_their_reports() {
+        let mut h = start(2);
+        let (tx, rx) = oneshot::channel();
+        h.send(Command::Stolen {
+            from: "w-x".into(),
+            assignments: vec![task(5, "echo", "hi"), task(6, "sleep", "600000")],
+            reply: tx,
+        });
+        rx.await.unwrap();
+        h.send(Command::PeerLost { peer: "w-y".into() });
+        h.send(Command::PeerLost { peer: "w-y".into() });
+        h.wait("echo finished", |s| s.finished == 1 && s.steals_in == 2)
+            .await;
+        // The stolen attempts are this worker's now.
+        let held = h.held().await;
+        assert!(
+            held.contains(&attempt(5)) && held.contains(&attempt(6)),
+            "{held:?}"
+        );
+
+        let mut coord = h.connect();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(next(&mut coord).await);
+        }
+        assert_eq!(
+            got[..3],
+            [
+                WorkerMsg::Stole {
+                    attempt: attempt(5),
+                    from: "w-x".into()
+                },
+                WorkerMsg::Stole {
+                    attempt: attempt(6),
+                    from: "w-x".into()
+                },
+                WorkerMsg::PeerLost { peer: "w-y".into() },
+            ]
+        );
+        assert!(
+            matches!(&got[3], WorkerMsg::Finished(r) if r.attempt == attempt(5)),
+            "{:?}",
+            got[3]
+        );
+
+        // A stolen attempt the coordinator refuses is cancelled.
+        h.send(Command::Coordinator(CoordinatorMsg::Cancel(attempt(6))));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => {
+                assert_eq!(r.attempt, attempt(6));
+                assert!(matches!(
+                    r.outcome,
+                    Outcome::Failed {
+                        kind: FailureKind::Cancelled,
+                        ..
+                    }
+                ));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

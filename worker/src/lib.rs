@@ -27,6 +27,86 @@
 //!   retried.
 //! * On shutdown, running attempts are killed (process groups included) without being
 //!   reported: the coordinator sees the worker leave and reschedules them.
+//!
+//! # Mesh peers and work stealing
+//!
+//! With a peer listener ([`WorkerConfig::peer_listen`] / [`WorkerParams::peer_listen`])
+//! the worker takes part in mesh swarms. It binds a QUIC endpoint (ALPN
+//! [`swarm_proto::ALPN_PEER`], mutual TLS; only peers with a *worker* certificate of the
+//! cluster CA are accepted, and a dialed peer must present one too) and advertises its
+//! address in `Hello::peer_addr` (the bound address, or `peer_advertise`).
+//!
+//! * `CoordinatorMsg::Peers { swarm, peers }` sets the peers of one swarm (an empty list
+//!   drops them); the worker links to the union over all swarms. Exactly one link exists
+//!   per pair: the worker with the smaller id dials (with `peer_server_name`, default
+//!   `localhost`, as the certificate name), the other accepts.
+//! * Each link exchanges `Hello`s (protocol version checked), then gossips the load
+//!   (`running`, `queued`, `slots`) on change and at least every 250 ms. Keep-alive
+//!   300 ms, idle timeout 1.5 s.
+//! * A worker connected to the coordinator with a free slot and an empty local queue
+//!   steals from the peer with the largest excess
+//!   ([`swarm_topology::steal_decision`]): at most one `Steal` is outstanding. The victim
+//!   hands over queued attempts only (newest first; never a running one, never one whose
+//!   patterns are being retrieved) in a `Given`; they stop being listed in its `Hello`
+//!   and heartbeats once the frame is written, and go back into its queue if it cannot
+//!   be. The thief sends `WorkerMsg::Stole { attempt, from }` for each (held until the
+//!   next session if the coordinator connection dropped meanwhile; always before the
+//!   attempt's report) and runs it like a `Run`. If the coordinator refuses the move
+//!   with `Cancel`, the attempt is stopped and reported cancelled, whatever it did.
+//! * A link that goes down is reported once with `WorkerMsg::PeerLost` (as is a peer
+//!   that cannot be dialed three times in a row); the dialing side redials with backoff
+//!   while the peer is listed. A malformed frame closes the link with an error.
+//! * [`WorkerStats`] counts `steals_in`, `steals_out`, `peers_connected` and
+//!   `peers_lost`.
+//!
+//! # Hierarchical swarms: leads and members
+//!
+//! In a hierarchical swarm a *lead* relays the sessions of its *members*, so the
+//! coordinator holds one QUIC connection per lead instead of one per worker. The lead
+//! never parses a relayed frame: it pipes bytes.
+//!
+//! **Member.** `CoordinatorMsg::Parent { lead }` is handled by the connection loop (the
+//! core never sees it):
+//!
+//! * `Some(lead)` naming another route than the current session's: the lead becomes the
+//!   route, the current connection is closed at once (nothing is lost: running
+//!   attempts, unacked reports and pending `Stole`s live in the core and are listed or
+//!   re-sent on the next session), and the worker dials `lead.addr` with ALPN
+//!   [`swarm_proto::ALPN_RELAY`] (its own worker certificate; the lead's certificate
+//!   must be valid for `peer_server_name`, default `localhost`; a session cache makes
+//!   redials 0-RTT), then runs the normal session over it: `Hello`, `Welcome`, ... The
+//!   relay client configuration is [`WorkerParams::relay_client_config`], else built
+//!   from `peer_identity`; a worker with neither ignores `Parent`.
+//! * `Some(lead)` equal to the current route: nothing. `None` while routed through a
+//!   lead: back to the coordinator directly, at once. A `Parent` naming this worker
+//!   itself, or an address that is not `HOST:PORT`, is ignored.
+//! * If dialing the lead fails, or a session through it ends for any reason (the lead
+//!   died or lost its coordinator connection, a malformed frame, a `NotLeader`, ...;
+//!   a fatal rejection still stops the worker), the route is cleared and the worker goes back to its coordinator list after the usual
+//!   reconnect backoff (a `NotLeader` redirects to the leader it names, directly, as
+//!   for a direct session). The coordinator sends `Parent` again when appropriate. For
+//!   a while after such a failure (a backoff of its own, reset only by a session through
+//!   a lead that lasted 10 s), a new `Parent` is held back and taken when that backoff
+//!   ends, so a broken lead is not redialed in a tight loop.
+//! * [`WorkerStats::via_lead`] is the lead of the current session (`None`: direct, or
+//!   no session).
+//!
+//! **Lead.** A worker with a peer listener is also a relay: the listener negotiates
+//! either [`swarm_proto::ALPN_PEER`] (mesh links) or [`swarm_proto::ALPN_RELAY`] and
+//! dispatches on it. A relay connection must present a *worker* certificate (else it is
+//! closed with `0x5701`). It is bound to the worker's current *direct* coordinator
+//! connection (published once a session is welcomed, withdrawn when it ends; a worker
+//! that is itself routed through a lead relays nothing): without one, the member's
+//! connection is closed at once with [`RELAY_CLOSE_NO_COORDINATOR`] and the reason
+//! "the lead has no coordinator connection", and the member falls back to the
+//! coordinator. Each bidirectional stream the member opens is piped onto a new
+//! bidirectional stream of that coordinator connection, both ways: a finish is passed
+//! on as a finish, a reset or failure as a reset ([`RELAY_STREAM_ABORTED`]), and a
+//! stopped receiver stops the other side. When the coordinator connection ends (or the
+//! lead shuts down), every relay connection bound to it is closed with the same code,
+//! which ends every relayed stream; the members then reconnect on their own.
+//! [`WorkerStats::relayed_sessions`] counts relayed streams open now,
+//! [`WorkerStats::relayed_total`] all so far.
 
 #![warn(missing_docs)]
 
@@ -35,6 +115,8 @@ pub mod cancel;
 mod connection;
 mod core;
 pub mod executor;
+mod peer;
+mod relay;
 mod retrieve;
 
 use std::collections::BTreeMap;
@@ -47,15 +129,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use swarm_proto::worker::Hello;
-use swarm_proto::{ALPN_WORKER, PROTOCOL_VERSION};
-use swarm_transport::tls::{client_config, Identity, Role};
+use swarm_proto::{ALPN_RELAY, ALPN_WORKER, PROTOCOL_VERSION};
+pub use swarm_transport::tls::Identity;
+use swarm_transport::tls::{client_config, Role};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use agents::{Agent, Agents, AgentsError, ExecSpec};
 pub use cancel::{cancel_pair, CancelHandle, CancelToken};
 pub use executor::Executor;
+pub use relay::{RELAY_CLOSE_NO_COORDINATOR, RELAY_STREAM_ABORTED};
 
-use connection::{ConnLoop, Dest, Shared, Target, CLOSE_SHUTDOWN};
+use connection::{ConnLoop, Dest, RelayClient, Shared, Target, CLOSE_SHUTDOWN};
 
 /// Ping the coordinator this often when nothing else is sent.
 const KEEP_ALIVE: Duration = Duration::from_millis(300);
@@ -82,6 +166,15 @@ pub struct WorkerConfig {
     pub labels: BTreeMap<String, String>,
     /// Agents file (see [`agents`]); without one only the built-ins are offered.
     pub agents_file: Option<PathBuf>,
+    /// Where to accept mesh peer links (e.g. `127.0.0.1:0`; port 0 picks one). `None`:
+    /// the worker takes no part in mesh swarms.
+    pub peer_listen: Option<SocketAddr>,
+    /// `HOST:PORT` peers should dial, advertised instead of the bound address (behind
+    /// NAT or in containers). Required when `peer_listen` is an unspecified address.
+    pub peer_advertise: Option<String>,
+    /// Name peers' certificates must be valid for when dialing them; default
+    /// `localhost`.
+    pub peer_server_name: Option<String>,
 }
 
 /// Reconnect backoff: delays double from `initial` up to `max`, each one jittered down
@@ -133,6 +226,22 @@ pub struct WorkerParams {
     pub endpoint: Option<quinn::Endpoint>,
     /// Seed of the reconnect jitter, for replayable runs; `None` draws it from the OS.
     pub jitter_seed: Option<u64>,
+    /// Where to accept mesh peer links (port 0 picks one); `None`: no mesh. Needs
+    /// `peer_identity`.
+    pub peer_listen: Option<SocketAddr>,
+    /// `HOST:PORT` advertised to peers instead of the bound address.
+    pub peer_advertise: Option<String>,
+    /// Name peers' certificates must be valid for; `None`: `localhost`.
+    pub peer_server_name: Option<String>,
+    /// The worker's credentials for peer links (a worker certificate); required with
+    /// `peer_listen`.
+    pub peer_identity: Option<Identity>,
+    /// Client configuration for reaching a lead's relay listener (ALPN
+    /// [`swarm_proto::ALPN_RELAY`], the worker's certificate; see
+    /// [`swarm_transport::tls::client_config`]). `None`: built from `peer_identity` when
+    /// that is given; without either, `Parent` is ignored and the worker always connects
+    /// to the coordinator directly.
+    pub relay_client_config: Option<quinn::ClientConfig>,
 }
 
 impl WorkerParams {
@@ -155,6 +264,11 @@ impl WorkerParams {
             backoff: Backoff::default(),
             endpoint: None,
             jitter_seed: None,
+            peer_listen: None,
+            peer_advertise: None,
+            peer_server_name: None,
+            peer_identity: None,
+            relay_client_config: None,
         }
     }
 }
@@ -182,6 +296,23 @@ pub struct WorkerStats {
     pub unacked: usize,
     /// Why the last session ended or the last dial failed; cleared by a `Welcome`.
     pub last_error: Option<String>,
+    /// The advertised peer listener address (`HOST:PORT`), once bound.
+    pub peer_addr: Option<String>,
+    /// Mesh peer links up now.
+    pub peers_connected: usize,
+    /// Peer losses reported to the coordinator.
+    pub peers_lost: u64,
+    /// Attempts taken over from peers.
+    pub steals_in: u64,
+    /// Attempts handed over to peers.
+    pub steals_out: u64,
+    /// The lead (worker id) the current session goes through; `None` when the session
+    /// is direct or down.
+    pub via_lead: Option<String>,
+    /// Members' sessions this worker relays to the coordinator now, as their lead.
+    pub relayed_sessions: usize,
+    /// Members' sessions relayed so far.
+    pub relayed_total: u64,
 }
 
 /// A worker, ready to [`run`](Worker::run).
@@ -196,6 +327,8 @@ pub struct Worker {
     backoff: Backoff,
     endpoint: Option<quinn::Endpoint>,
     jitter_seed: Option<u64>,
+    peer: Option<peer::PeerSetup>,
+    relay: Option<RelayClient>,
     stats: watch::Sender<WorkerStats>,
 }
 
@@ -213,6 +346,44 @@ impl Worker {
             bail!("the worker id must not be empty");
         }
         swarm_transport::set_liveness(&mut p.client_config, KEEP_ALIVE, IDLE_TIMEOUT);
+        let relay_client = match (p.relay_client_config.take(), &p.peer_identity) {
+            (Some(c), _) => Some(c),
+            (None, Some(id)) if id.role() == Role::Worker => Some(client_config(id, ALPN_RELAY)?),
+            (None, _) => None,
+        };
+        let relay = relay_client.map(|mut client| {
+            swarm_transport::set_liveness(&mut client, KEEP_ALIVE, IDLE_TIMEOUT);
+            RelayClient {
+                client,
+                server_name: p
+                    .peer_server_name
+                    .clone()
+                    .unwrap_or_else(|| "localhost".into()),
+            }
+        });
+        let peer = match (p.peer_listen, p.peer_identity) {
+            (None, _) => None,
+            (Some(_), None) => bail!("a peer listener needs the worker's identity"),
+            (Some(listen), Some(identity)) => {
+                if identity.role() != Role::Worker {
+                    bail!(
+                        "peer links need a worker certificate, not a {} one",
+                        identity.role()
+                    );
+                }
+                if let Some(a) = &p.peer_advertise {
+                    split_host_port(a).context("invalid peer advertise address")?;
+                }
+                Some(peer::PeerSetup {
+                    worker_id: p.worker_id.clone(),
+                    listen,
+                    advertise: p.peer_advertise,
+                    server_name: p.peer_server_name.unwrap_or_else(|| "localhost".into()),
+                    identity,
+                    backoff: p.backoff,
+                })
+            }
+        };
         Ok(Worker {
             worker_id: p.worker_id,
             slots: p.slots,
@@ -232,6 +403,8 @@ impl Worker {
             backoff: p.backoff,
             endpoint: p.endpoint,
             jitter_seed: p.jitter_seed,
+            peer,
+            relay,
             stats: watch::Sender::new(WorkerStats::default()),
         })
     }
@@ -255,24 +428,44 @@ impl Worker {
             backoff,
             endpoint,
             jitter_seed,
+            peer,
+            relay,
             stats,
         } = self;
+        let agent_names = agents.names();
+        let (core_tx, core_rx) = mpsc::unbounded_channel();
+        let mut core = core::Core::new(Executor::new(agents), slots, stats.clone());
+        // The current direct coordinator connection, for relaying members' sessions.
+        let coordinator = watch::Sender::new(None);
+        let peers = match peer {
+            Some(setup) => {
+                let service = peer::PeerService::start(
+                    setup,
+                    core_tx.clone(),
+                    core.load(),
+                    stats.clone(),
+                    coordinator.subscribe(),
+                )?;
+                core.set_peer_ctl(service.ctl());
+                Some(service)
+            }
+            None => None,
+        };
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             worker_id: worker_id.clone(),
             slots,
             labels,
-            agents: agents.names(),
+            agents: agent_names,
             running: Vec::new(),
-            peer_addr: None,
+            peer_addr: peers.as_ref().map(|p| p.advertised.clone()),
         };
         tracing::info!(worker_id = %worker_id, slots, agents = ?hello.agents, "worker starting");
-        let (core_tx, core_rx) = mpsc::unbounded_channel();
-        let core = core::Core::new(Executor::new(agents), slots, stats.clone());
         let core_task = tokio::spawn(core.run(core_rx));
         let shared = Arc::new(Shared {
             conn: Mutex::new(None),
             endpoint: Mutex::new(endpoint),
+            coordinator,
         });
         let conn_loop = ConnLoop {
             client: client_config,
@@ -284,6 +477,7 @@ impl Worker {
             stats: stats.clone(),
             core: core_tx.clone(),
             shared: shared.clone(),
+            relay,
         };
 
         let result = tokio::select! {
@@ -294,6 +488,8 @@ impl Worker {
             }
         };
 
+        // Members relayed through this worker go to the coordinator directly from now on.
+        shared.coordinator.send_replace(None);
         let conn = shared.conn.lock().ok().and_then(|mut c| c.take());
         if let Some(conn) = conn {
             conn.close(
@@ -301,7 +497,14 @@ impl Worker {
                 b"worker shutting down",
             );
         }
-        stats.send_modify(|s| s.connected = false);
+        stats.send_modify(|s| {
+            s.connected = false;
+            s.via_lead = None;
+        });
+        if let Some(peers) = peers {
+            // Before the core stops: no steal may start or finish half-way after it.
+            peers.shutdown().await;
+        }
         let (tx, rx) = oneshot::channel();
         if core_tx.send(core::Command::Shutdown(tx)).is_ok() {
             let _ = rx.await;
@@ -376,6 +579,11 @@ pub async fn run_worker(
         backoff: Backoff::default(),
         endpoint: None,
         jitter_seed: None,
+        peer_listen: cfg.peer_listen,
+        peer_advertise: cfg.peer_advertise,
+        peer_server_name: cfg.peer_server_name,
+        peer_identity: cfg.peer_listen.map(|_| identity.clone()),
+        relay_client_config: Some(client_config(&identity, ALPN_RELAY)?),
     };
     Worker::build(params, Some(targets))?.run(shutdown).await
 }

@@ -124,6 +124,9 @@ async fn main() -> anyhow::Result<()> {
             slots: args.slots,
             labels: BTreeMap::new(),
             agents_file: None,
+            peer_listen: None,
+            peer_advertise: None,
+            peer_server_name: None,
         };
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {
