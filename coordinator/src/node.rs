@@ -530,6 +530,7 @@ impl Node {
                     timeout_ms: task.spec.timeout_ms,
                     idempotency_key: task.spec.idempotency_key.clone(),
                     patterns: task.spec.patterns,
+                    swarm: task.spec.swarm.clone(),
                 });
                 if let Some(s) = d.sessions.get_mut(&p.worker) {
                     let _ = s.tx.send(msg);

@@ -225,6 +225,23 @@ impl Topologies {
         out
     }
 
+    /// Whether `task`, held by `from`, may move to `thief`: its swarm is a mesh in which
+    /// the two are peers, and the thief may take the task.
+    pub fn may_move(&self, scheduler: &Scheduler, task: &Task, from: &str, thief: &str) -> bool {
+        let peers = self
+            .layouts
+            .get(&task.spec.swarm)
+            .is_some_and(|l| match &l.plan {
+                Some(TopologyPlan::Mesh(m)) => m.peers.get(from).is_some_and(|p| p.contains(thief)),
+                _ => false,
+            });
+        peers
+            && scheduler
+                .workers()
+                .get(thief)
+                .is_some_and(|w| self.place(task, thief, w).is_some())
+    }
+
     /// How many attempts worker `id` may hold when it takes `task`, or `None` if it may
     /// not take it (see the module docs).
     pub fn place(&self, task: &Task, id: &str, w: &WorkerEntry) -> Option<u32> {
@@ -305,19 +322,12 @@ pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from:
     let swarm = task.map(|t| t.spec.swarm.clone()).unwrap_or_default();
     let mut d = node.lock_dispatch();
     let d = &mut *d;
-    let peers = d.topologies.layout(&swarm).is_some_and(|l| match &l.plan {
-        Some(TopologyPlan::Mesh(m)) => m.peers.get(from).is_some_and(|p| p.contains(thief)),
-        _ => false,
-    });
-    let eligible = match (task, d.scheduler.workers().get(thief)) {
-        (Some(t), Some(w)) => d.topologies.place(t, thief, w).is_some(),
-        _ => false,
-    };
+    let allowed = task.is_some_and(|t| d.topologies.may_move(&d.scheduler, t, from, thief));
     let in_flight_on_from = d
         .scheduler
         .in_flight(attempt.task_id)
         .is_some_and(|f| f.attempt == attempt && f.worker == from && !f.reported);
-    let op = if peers && eligible && d.scheduler.moved(attempt, from, thief) {
+    let op = if allowed && d.scheduler.moved(attempt, from, thief) {
         if let Some(s) = d.sessions.get_mut(from) {
             s.info.running = s.info.running.saturating_sub(1);
         }
@@ -338,7 +348,7 @@ pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from:
         metrics::counter!("swarm_swarm_steals_refused_total", "swarm" => swarm).increment(1);
         debug!(
             task = attempt.task_id,
-            thief, from, peers, eligible, "steal refused"
+            thief, from, allowed, "steal refused"
         );
         in_flight_on_from.then(|| {
             d.scheduler.forget(attempt.task_id);
@@ -605,4 +615,242 @@ pub(crate) fn swarm_view(node: &Node, name: &str) -> Option<SwarmView> {
         layout: layout.map(|p| view(&record.spec, &p, &loads)),
         problem,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, TaskSpec};
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn record(req: CreateSwarm) -> SwarmRecord {
+        to_record(&req).unwrap()
+    }
+
+    fn submit(t: &mut TaskTable, swarm: &str, agent: &str) {
+        let spec = TaskSpec {
+            agent: agent.into(),
+            payload: vec![],
+            priority: 0,
+            timeout_ms: 1000,
+            max_attempts: 1,
+            idempotency_key: None,
+            labels: BTreeMap::new(),
+            patterns: 0,
+            swarm: swarm.into(),
+            stages: match t.swarm(swarm).map(|r| r.spec.topology) {
+                Some(TopologySpec::Ring { stages }) => stages,
+                _ => Vec::new(),
+            },
+        };
+        t.apply(&Command {
+            ops: vec![Op::Submit {
+                spec,
+                now_ms: 0,
+                queue_limit: 100,
+            }],
+        });
+    }
+
+    /// Workers a, b (pool=x, peer listeners), c (pool=y, peer listener), d (pool=x, none).
+    fn scheduler() -> Scheduler {
+        let mut s = Scheduler::new(Default::default());
+        for (id, pool, peer) in [
+            ("a", "x", true),
+            ("b", "x", true),
+            ("c", "y", true),
+            ("d", "x", false),
+        ] {
+            s.worker_joined(
+                id,
+                1,
+                labels(&[("pool", pool)]),
+                ["echo".to_string(), "up".to_string()].into(),
+                peer.then(|| format!("127.0.0.1:{}", 7000 + id.as_bytes()[0] as u16)),
+                0,
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn placement_follows_each_topology() {
+        let mut t = TaskTable::new();
+        for req in [
+            CreateSwarm {
+                name: "m".into(),
+                topology: "mesh".into(),
+                labels: labels(&[("pool", "x")]),
+                ..Default::default()
+            },
+            CreateSwarm {
+                name: "r".into(),
+                topology: "ring".into(),
+                stages: vec!["up[pool=y]".into(), "echo[pool=x]".into()],
+                ..Default::default()
+            },
+        ] {
+            t.apply(&Command {
+                ops: vec![Op::SwarmCreate {
+                    record: record(req),
+                }],
+            });
+        }
+        submit(&mut t, "m", "echo");
+        submit(&mut t, "r", "up");
+        submit(&mut t, "default", "echo");
+        let s = scheduler();
+        let mut topo = Topologies::default();
+        let out = topo.refresh(&s, &t, &BTreeMap::new());
+        // Mesh members with a peer listener learn their peers: a and b.
+        let told: Vec<&str> = out
+            .iter()
+            .filter(|(_, m)| matches!(m, CoordinatorMsg::Peers { .. }))
+            .map(|(w, _)| w.as_str())
+            .collect();
+        assert_eq!(told, vec!["a", "b"]);
+        assert!(
+            topo.refresh(&s, &t, &BTreeMap::new()).is_empty(),
+            "nothing changed"
+        );
+        let w = s.workers();
+        let mesh = t.get(1).unwrap();
+        assert_eq!(
+            topo.place(mesh, "a", &w["a"]),
+            Some(1 + DEFAULT_MESH_QUEUE_DEPTH)
+        );
+        assert_eq!(topo.place(mesh, "c", &w["c"]), None, "not in the selector");
+        assert_eq!(topo.place(mesh, "d", &w["d"]), None, "no peer listener");
+        let ring = t.get(2).unwrap();
+        let takers: Vec<&str> = ["a", "b", "c", "d"]
+            .into_iter()
+            .filter(|id| topo.place(ring, id, &w[*id]).is_some())
+            .collect();
+        assert_eq!(takers, vec!["c"], "stage 0 runs only on its ring worker");
+        let default = t.get(3).unwrap();
+        assert!(["a", "b", "c", "d"]
+            .iter()
+            .all(|id| topo.place(default, id, &w[*id]) == Some(1)));
+        // Moves: only between peers of the task's mesh.
+        assert!(topo.may_move(&s, mesh, "a", "b"));
+        assert!(!topo.may_move(&s, mesh, "a", "c"), "c is not a member");
+        assert!(
+            !topo.may_move(&s, ring, "c", "a"),
+            "a ring task never moves"
+        );
+        assert!(!topo.may_move(&s, default, "a", "b"), "nor a star task");
+    }
+
+    #[test]
+    fn a_hierarchy_routes_members_through_leads() {
+        let mut t = TaskTable::new();
+        t.apply(&Command {
+            ops: vec![Op::SwarmCreate {
+                record: record(CreateSwarm {
+                    name: "h".into(),
+                    topology: "hierarchical".into(),
+                    labels: labels(&[("pool", "x")]),
+                    fan_out: Some(1),
+                    ..Default::default()
+                }),
+            }],
+        });
+        let s = scheduler();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let session = |via: Option<&str>| SessionHandle {
+            conn_id: 1,
+            tx: tx.clone(),
+            info: swarm_proto::api::WorkerView {
+                id: String::new(),
+                addr: String::new(),
+                slots: 1,
+                running: 0,
+                labels: BTreeMap::new(),
+                agents: vec![],
+                connected_at_ms: 0,
+                last_heartbeat_ms: 0,
+                zero_rtt: false,
+                via: via.map(String::from),
+            },
+        };
+        let sessions: BTreeMap<String, SessionHandle> = [
+            ("a".to_string(), session(None)),
+            ("b".to_string(), session(None)),
+            ("c".to_string(), session(Some("a"))),
+        ]
+        .into();
+        let mut topo = Topologies::default();
+        let out = topo.refresh(&s, &t, &sessions);
+        let parents: Vec<(String, Option<String>)> = out
+            .into_iter()
+            .filter_map(|(w, m)| match m {
+                CoordinatorMsg::Parent { lead } => Some((w, lead.map(|l| l.worker_id))),
+                _ => None,
+            })
+            .collect();
+        // a and b (with peer listeners) form the hierarchy at fan-out 1: one lead, one
+        // member. The member is told its lead; c, relayed but in no hierarchy, is told
+        // to connect directly.
+        let Some(TopologyPlan::Hierarchical(h)) = &topo.layout("h").unwrap().plan else {
+            panic!("not planned");
+        };
+        assert_eq!(h.leads.len(), 1);
+        let lead = h.leads[0].clone();
+        let member = if lead == "a" { "b" } else { "a" };
+        assert!(
+            parents.contains(&(member.to_string(), Some(lead.clone()))),
+            "{parents:?}"
+        );
+        assert!(parents.contains(&("c".to_string(), None)), "{parents:?}");
+        assert!(
+            !parents.iter().any(|(w, _)| *w == lead),
+            "the lead stays direct: {parents:?}"
+        );
+    }
+
+    #[test]
+    fn bad_definitions_are_refused_with_their_codes() {
+        let code = |req: CreateSwarm| match to_record(&req) {
+            Err(ApiError::Coded { code, .. }) => code,
+            other => panic!("{other:?}"),
+        };
+        let req = |topology: &str| CreateSwarm {
+            name: "s".into(),
+            topology: topology.into(),
+            ..Default::default()
+        };
+        assert_eq!(code(req("torus")), "unknown_topology");
+        assert_eq!(code(req("ring")), "empty_ring");
+        assert_eq!(
+            code(CreateSwarm {
+                stages: vec!["a".into()],
+                ..req("mesh")
+            }),
+            "option_not_applicable"
+        );
+        assert_eq!(
+            code(CreateSwarm {
+                queue_depth: Some(MAX_QUEUE_DEPTH + 1),
+                ..req("star")
+            }),
+            "invalid_queue_depth"
+        );
+        assert_eq!(
+            code(CreateSwarm {
+                stages: vec!["a".into()],
+                queue_depth: Some(2),
+                ..req("ring")
+            }),
+            "option_not_applicable"
+        );
+        assert_eq!(
+            to_record(&req("mesh")).unwrap().queue_depth,
+            DEFAULT_MESH_QUEUE_DEPTH
+        );
+    }
 }

@@ -203,4 +203,7 @@ pub struct TaskAssignment {
     pub idempotency_key: Option<String>,
     /// ReasoningBank patterns to retrieve (by the payload text) before running; 0: none.
     pub patterns: u32,
+    /// The swarm the task runs in. A worker lends a queued attempt to a mesh peer only if
+    /// this is one of its mesh swarms.
+    pub swarm: String,
 }

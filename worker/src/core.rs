@@ -86,6 +86,9 @@ pub(crate) struct LocalLoad {
     pub(crate) running: u32,
     /// Attempts waiting for a slot (not counting ones being handed to a peer).
     pub(crate) queued: u32,
+    /// Of those, the ones a mesh peer may take (their swarm is one of this worker's mesh
+    /// swarms): what peers are told.
+    pub(crate) stealable: u32,
     /// Slots.
     pub(crate) slots: u32,
     /// Whether a coordinator session is up.
@@ -126,6 +129,8 @@ pub(crate) struct Core {
     retriever: std::sync::Arc<Retriever>,
     /// Attempts taken from the queue for a peer, not yet known to be handed over.
     lending: HashMap<AttemptRef, TaskAssignment>,
+    /// Mesh swarms this worker has peers in: only their queued attempts may be lent.
+    mesh_swarms: HashSet<String>,
     /// Attempts stolen from peers that have not finished yet.
     stolen: HashSet<AttemptRef>,
     /// Stolen attempts the coordinator cancelled (a refused move): whatever they end
@@ -171,6 +176,7 @@ impl Core {
             counts: Counts::default(),
             retriever: std::sync::Arc::new(Retriever::default()),
             lending: HashMap::new(),
+            mesh_swarms: HashSet::new(),
             stolen: HashSet::new(),
             cancel_requested: HashSet::new(),
             pending: Vec::new(),
@@ -329,10 +335,16 @@ impl Core {
     }
 
     fn take_queued(&mut self, max: usize, reply: oneshot::Sender<Vec<TaskAssignment>>) {
-        let n = max.min(self.queued.len());
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            let Some(task) = self.queued.pop_back() else {
+        // Newest first, and only attempts of this worker's mesh swarms: a queued attempt
+        // of a star or hierarchy swarm stays where the coordinator put it.
+        let mut out = Vec::with_capacity(max.min(self.queued.len()));
+        let mut i = self.queued.len();
+        while out.len() < max && i > 0 {
+            i -= 1;
+            if !self.mesh_swarms.contains(&self.queued[i].swarm) {
+                continue;
+            }
+            let Some(task) = self.queued.remove(i) else {
                 break;
             };
             self.queued_set.remove(&task.attempt);
@@ -478,15 +490,25 @@ impl Core {
             CoordinatorMsg::Retrieved { request_id, result } => {
                 self.retriever.complete(request_id, result);
             }
-            CoordinatorMsg::Peers { swarm, peers } => match &self.peer_ctl {
-                Some(ctl) => {
-                    let _ = ctl.send(PeerCtl::Peers { swarm, peers });
+            CoordinatorMsg::Peers { swarm, peers } => {
+                // Queued attempts of a mesh swarm become lendable (and are gossiped as
+                // such) while the swarm lists peers for this worker.
+                if peers.is_empty() {
+                    self.mesh_swarms.remove(&swarm);
+                } else {
+                    self.mesh_swarms.insert(swarm.clone());
                 }
-                None => tracing::warn!(
-                    %swarm,
-                    "coordinator sent mesh peers, but this worker has no peer listener; ignored"
-                ),
-            },
+                self.publish();
+                match &self.peer_ctl {
+                    Some(ctl) => {
+                        let _ = ctl.send(PeerCtl::Peers { swarm, peers });
+                    }
+                    None => tracing::warn!(
+                        %swarm,
+                        "coordinator sent mesh peers, but this worker has no peer listener; ignored"
+                    ),
+                }
+            }
             // Handled by the connection loop, which never passes it on.
             CoordinatorMsg::Parent { .. } => {}
             CoordinatorMsg::Welcome { .. }
@@ -641,9 +663,15 @@ impl Core {
             unacked: self.unacked.len(),
             ..self.counts
         };
+        let stealable = self
+            .queued
+            .iter()
+            .filter(|t| self.mesh_swarms.contains(&t.swarm))
+            .count();
         let load = LocalLoad {
             running: u32::try_from(c.running).unwrap_or(u32::MAX),
             queued: u32::try_from(c.queued).unwrap_or(u32::MAX),
+            stealable: u32::try_from(stealable).unwrap_or(u32::MAX),
             slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
             connected: self.sink.is_some(),
         };
@@ -708,6 +736,15 @@ mod tests {
         let load = core.load();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(core.run(rx));
+        // The tasks below run in mesh swarm "mesh", in which this worker has a peer.
+        tx.send(Command::Coordinator(CoordinatorMsg::Peers {
+            swarm: "mesh".into(),
+            peers: vec![swarm_proto::worker::PeerInfo {
+                worker_id: "w-peer".into(),
+                addr: "127.0.0.1:1".into(),
+            }],
+        }))
+        .unwrap();
         Harness {
             tx,
             stats: stats.subscribe(),
@@ -730,6 +767,7 @@ mod tests {
             timeout_ms: 600_000,
             idempotency_key: None,
             patterns: 0,
+            swarm: "mesh".into(),
         }
     }
 
@@ -780,6 +818,41 @@ mod tests {
                 None => panic!("core stopped"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn only_attempts_of_a_mesh_swarm_are_lent() {
+        let h = start(1);
+        let _coord = h.connect();
+        h.run(task(1, "sleep", "600000"));
+        let mut star = task(2, "sleep", "1");
+        star.swarm = "flat".into();
+        h.run(star);
+        h.run(task(3, "sleep", "1"));
+        tokio::time::timeout(LIMIT, h.load.clone().wait_for(|l| l.queued == 2))
+            .await
+            .expect("queued")
+            .unwrap();
+        assert_eq!(
+            h.load.borrow().stealable,
+            1,
+            "only the mesh attempt is offered"
+        );
+        // Asked for everything: only the mesh swarm's attempt goes.
+        assert_eq!(h.take(5).await, vec![attempt(3)]);
+        assert_eq!(h.load.borrow().queued, 1);
+        // The swarm drops this worker's peers: nothing is lendable any more.
+        h.send(Command::Lent {
+            to: "w-x".into(),
+            attempts: vec![attempt(3)],
+            delivered: false,
+        });
+        h.send(Command::Coordinator(CoordinatorMsg::Peers {
+            swarm: "mesh".into(),
+            peers: vec![],
+        }));
+        assert!(h.take(5).await.is_empty());
+        assert_eq!(h.held().await.len(), 3);
     }
 
     #[tokio::test]

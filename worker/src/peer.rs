@@ -1082,7 +1082,8 @@ async fn send_load(
     let l = *local.borrow_and_update();
     let msg = PeerMsg::Load {
         running: l.running,
-        queued: l.queued,
+        // What this worker would give: queued attempts of its mesh swarms.
+        queued: l.stealable,
         slots: l.slots,
     };
     if force || last_sent.as_ref() != Some(&msg) {

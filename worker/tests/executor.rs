@@ -19,6 +19,7 @@ fn task(agent: &str, payload: impl Into<Vec<u8>>, timeout_ms: u64) -> TaskAssign
         timeout_ms,
         idempotency_key: None,
         patterns: 0,
+        swarm: "default".into(),
     }
 }
 

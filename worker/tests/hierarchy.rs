@@ -211,6 +211,7 @@ fn echo(task_id: u64, payload: &str) -> CoordinatorMsg {
         timeout_ms: 600_000,
         idempotency_key: None,
         patterns: 0,
+        swarm: "default".into(),
     })
 }
 

@@ -104,6 +104,7 @@ fn run(a: AttemptRef, agent: &str, payload: &str) -> CoordinatorMsg {
         timeout_ms: 600_000,
         idempotency_key: None,
         patterns: 0,
+        swarm: "mesh".into(),
     })
 }
 

@@ -139,6 +139,7 @@ fn run(a: AttemptRef, agent: &str, payload: &str) -> CoordinatorMsg {
         timeout_ms: 60_000,
         idempotency_key: None,
         patterns: 0,
+        swarm: "default".into(),
     })
 }
 
