@@ -45,6 +45,24 @@ struct Args {
     /// talks to the leader.
     #[arg(long, default_value_t = 1)]
     nodes: u64,
+    /// Run the tasks in a swarm of this topology over all workers: `star` (the default
+    /// swarm) or `hierarchical` (workers behind leads, which relay their sessions).
+    #[arg(long, default_value = "star", value_parser = ["star", "hierarchical"])]
+    topology: String,
+    /// Hierarchical: workers per lead.
+    #[arg(long, default_value_t = 4)]
+    fan_out: u32,
+}
+
+impl Args {
+    /// The swarm the tasks name.
+    fn swarm(&self) -> &'static str {
+        if self.topology == "hierarchical" {
+            "bench-tree"
+        } else {
+            "default"
+        }
+    }
 }
 
 /// A loopback port that is free right now.
@@ -124,7 +142,9 @@ async fn main() -> anyhow::Result<()> {
             slots: args.slots,
             labels: BTreeMap::new(),
             agents_file: None,
-            peer_listen: None,
+            peer_listen: (args.topology == "hierarchical")
+                .then(|| "127.0.0.1:0".parse())
+                .transpose()?,
             peer_advertise: None,
             peer_server_name: None,
         };
@@ -141,6 +161,13 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency.max(8))
         .build()?;
     wait_for_workers(&http, &api, &token, args.workers as usize).await?;
+    if args.topology == "hierarchical" {
+        let leads = hierarchy(&http, &api, &token, &args).await?;
+        println!(
+            "# hierarchical swarm: {} workers behind {leads} leads (fan-out {}): the coordinator holds {leads} worker connections",
+            args.workers, args.fan_out
+        );
+    }
 
     // Warm up connections and code paths.
     run_throughput(
@@ -175,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
         let resp: serde_json::Value = http
             .post(format!("{api}/v1/tasks?wait=10s"))
             .bearer_auth(&token)
-            .json(&serde_json::json!({"agent": "echo", "payload": i.to_string()}))
+            .json(&serde_json::json!({"agent": "echo", "swarm": args.swarm(), "payload": i.to_string()}))
             .send()
             .await?
             .json()
@@ -255,13 +282,14 @@ async fn run_throughput(
         let permit = sem.clone().acquire_owned().await?;
         let http = http.clone();
         let (api, token) = (api.to_string(), token.to_string());
+        let swarm = args.swarm();
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             let ids: Vec<u64> = if n == 1 {
                 let v: serde_json::Value = http
                     .post(format!("{api}/v1/tasks"))
                     .bearer_auth(&token)
-                    .json(&serde_json::json!({"agent": "echo", "payload": chunk_start.to_string()}))
+                    .json(&serde_json::json!({"agent": "echo", "swarm": swarm, "payload": chunk_start.to_string()}))
                     .send()
                     .await?
                     .json()
@@ -269,7 +297,7 @@ async fn run_throughput(
                 vec![v["id"].as_u64().with_context(|| format!("submit failed: {v}"))?]
             } else {
                 let tasks: Vec<_> = (0..n)
-                    .map(|i| serde_json::json!({"agent": "echo", "payload": (chunk_start + i).to_string()}))
+                    .map(|i| serde_json::json!({"agent": "echo", "swarm": swarm, "payload": (chunk_start + i).to_string()}))
                     .collect();
                 let v: serde_json::Value = http
                     .post(format!("{api}/v1/tasks/batch"))
@@ -318,4 +346,52 @@ async fn run_throughput(
         w.await??;
     }
     Ok((start.elapsed(), ids.len()))
+}
+
+/// Create the hierarchical swarm and wait until every member's session is relayed by a
+/// lead. Returns the number of leads (= worker connections the coordinator holds).
+async fn hierarchy(
+    http: &reqwest::Client,
+    api: &str,
+    token: &str,
+    args: &Args,
+) -> anyhow::Result<usize> {
+    let resp = http
+        .post(format!("{api}/v1/swarms"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"name": args.swarm(), "topology": "hierarchical", "fan_out": args.fan_out}))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("creating the swarm: {}", resp.text().await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s: serde_json::Value = http
+            .get(format!("{api}/v1/swarms/{}", args.swarm()))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let leads = s["layout"]["layout"]["leads"]
+            .as_array()
+            .map_or(0, Vec::len);
+        let w: serde_json::Value = http
+            .get(format!("{api}/v1/workers"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let workers = w["workers"].as_array().map_or(&[][..], |a| a.as_slice());
+        let relayed = workers.iter().filter(|w| w.get("via").is_some()).count();
+        if leads > 0 && workers.len() == args.workers as usize && relayed + leads == workers.len() {
+            return Ok(leads);
+        }
+        if Instant::now() > deadline {
+            bail!("members never moved behind their leads: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
