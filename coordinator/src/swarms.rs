@@ -56,6 +56,10 @@ pub(crate) struct Layout {
     pub plan: Option<TopologyPlan>,
     /// Why there is no plan.
     pub problem: Option<String>,
+    /// Mesh: the peer list last sent to each member, and the session it went to. A
+    /// member is sent its list again only when either changes, so a re-plan costs
+    /// messages only where links changed (or a member reconnected).
+    told: BTreeMap<String, (u64, Vec<PeerInfo>)>,
 }
 
 /// Every defined swarm's layout, re-planned when membership or definitions change.
@@ -132,13 +136,19 @@ impl Topologies {
         }
         for (name, record) in defined {
             let previous = self.layouts.get(name).and_then(|l| l.plan.clone());
+            let mut told = self
+                .layouts
+                .get_mut(name)
+                .map(|l| std::mem::take(&mut l.told))
+                .unwrap_or_default();
             let members = members_of(scheduler, &record.spec);
             let planned = plan(&record.spec, &members, seed_of(name), previous.as_ref());
-            let layout = match planned {
+            let mut layout = match planned {
                 Ok(p) => Layout {
                     record: record.clone(),
                     plan: Some(p),
                     problem: None,
+                    told: BTreeMap::new(),
                 },
                 // Nothing is dispatched in this swarm until it can be planned again (e.g.
                 // a ring stage no connected worker can serve).
@@ -146,15 +156,17 @@ impl Topologies {
                     record: record.clone(),
                     plan: None,
                     problem: Some(e.to_string()),
+                    told: BTreeMap::new(),
                 },
             };
             metrics::gauge!("swarm_swarm_members", "swarm" => name.clone())
                 .set(members.len() as f64);
             if let Some(TopologyPlan::Mesh(m)) = &layout.plan {
                 for (w, peers) in &m.peers {
-                    // Tell every member its peers after any change (a member that just
-                    // reconnected needs them even if its links did not change).
-                    let peers = peers
+                    let Some(session) = sessions.get(w).map(|s| s.conn_id) else {
+                        continue;
+                    };
+                    let peers: Vec<PeerInfo> = peers
                         .iter()
                         .filter_map(|p| {
                             let addr = scheduler.workers().get(p)?.peer_addr.clone()?;
@@ -164,13 +176,29 @@ impl Topologies {
                             })
                         })
                         .collect();
-                    out.push((
-                        w.clone(),
-                        CoordinatorMsg::Peers {
-                            swarm: name.clone(),
-                            peers,
-                        },
-                    ));
+                    let entry = (session, peers);
+                    if told.get(w) != Some(&entry) {
+                        out.push((
+                            w.clone(),
+                            CoordinatorMsg::Peers {
+                                swarm: name.clone(),
+                                peers: entry.1.clone(),
+                            },
+                        ));
+                    }
+                    layout.told.insert(w.clone(), entry);
+                }
+                // Members that left the mesh (but are still connected) drop its links.
+                for (w, _) in std::mem::take(&mut told) {
+                    if !m.peers.contains_key(&w) && sessions.contains_key(&w) {
+                        out.push((
+                            w,
+                            CoordinatorMsg::Peers {
+                                swarm: name.clone(),
+                                peers: Vec::new(),
+                            },
+                        ));
+                    }
                 }
             }
             if let Some(problem) = &layout.problem {
@@ -657,6 +685,40 @@ mod tests {
         });
     }
 
+    /// A session handle (the frames sent to it are dropped).
+    fn session(conn_id: u64, via: Option<&str>) -> SessionHandle {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        SessionHandle {
+            conn_id,
+            tx,
+            info: swarm_proto::api::WorkerView {
+                id: String::new(),
+                addr: String::new(),
+                slots: 1,
+                running: 0,
+                labels: BTreeMap::new(),
+                agents: vec![],
+                connected_at_ms: 0,
+                last_heartbeat_ms: 0,
+                zero_rtt: false,
+                via: via.map(String::from),
+            },
+        }
+    }
+
+    fn sessions(ids: &[(&str, u64, Option<&str>)]) -> BTreeMap<String, SessionHandle> {
+        ids.iter()
+            .map(|(id, conn, via)| (id.to_string(), session(*conn, *via)))
+            .collect()
+    }
+
+    fn peers_told(out: &Outbox) -> Vec<&str> {
+        out.iter()
+            .filter(|(_, m)| matches!(m, CoordinatorMsg::Peers { .. }))
+            .map(|(w, _)| w.as_str())
+            .collect()
+    }
+
     /// Workers a, b (pool=x, peer listeners), c (pool=y, peer listener), d (pool=x, none).
     fn scheduler() -> Scheduler {
         let mut s = Scheduler::new(Default::default());
@@ -704,20 +766,45 @@ mod tests {
         submit(&mut t, "m", "echo");
         submit(&mut t, "r", "up");
         submit(&mut t, "default", "echo");
-        let s = scheduler();
+        let mut s = scheduler();
         let mut topo = Topologies::default();
-        let out = topo.refresh(&s, &t, &BTreeMap::new());
+        let all = [
+            ("a", 1, None),
+            ("b", 2, None),
+            ("c", 3, None),
+            ("d", 4, None),
+        ];
+        let out = topo.refresh(&s, &t, &sessions(&all));
         // Mesh members with a peer listener learn their peers: a and b.
-        let told: Vec<&str> = out
-            .iter()
-            .filter(|(_, m)| matches!(m, CoordinatorMsg::Peers { .. }))
-            .map(|(w, _)| w.as_str())
-            .collect();
-        assert_eq!(told, vec!["a", "b"]);
+        assert_eq!(peers_told(&out), vec!["a", "b"]);
         assert!(
-            topo.refresh(&s, &t, &BTreeMap::new()).is_empty(),
+            topo.refresh(&s, &t, &sessions(&all)).is_empty(),
             "nothing changed"
         );
+        // A worker outside the mesh comes and goes: the members are not told again.
+        s.worker_disconnected("c");
+        let out = topo.refresh(&s, &t, &sessions(&all));
+        assert!(peers_told(&out).is_empty(), "{out:?}");
+        s.worker_joined(
+            "c",
+            1,
+            labels(&[("pool", "y")]),
+            ["echo".to_string(), "up".to_string()].into(),
+            Some("127.0.0.1:7099".into()),
+            0,
+        );
+        // A member reconnects (a new session): only it is told again.
+        let reconnected = [
+            ("a", 9, None),
+            ("b", 2, None),
+            ("c", 3, None),
+            ("d", 4, None),
+        ];
+        let out = topo.refresh(&s, &t, &sessions(&reconnected));
+        assert_eq!(peers_told(&out), vec!["a"]);
+        s.worker_disconnected("d");
+        let out = topo.refresh(&s, &t, &sessions(&reconnected));
+        assert!(peers_told(&out).is_empty(), "{out:?}");
         let w = s.workers();
         let mesh = t.get(1).unwrap();
         assert_eq!(
@@ -761,29 +848,7 @@ mod tests {
             }],
         });
         let s = scheduler();
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let session = |via: Option<&str>| SessionHandle {
-            conn_id: 1,
-            tx: tx.clone(),
-            info: swarm_proto::api::WorkerView {
-                id: String::new(),
-                addr: String::new(),
-                slots: 1,
-                running: 0,
-                labels: BTreeMap::new(),
-                agents: vec![],
-                connected_at_ms: 0,
-                last_heartbeat_ms: 0,
-                zero_rtt: false,
-                via: via.map(String::from),
-            },
-        };
-        let sessions: BTreeMap<String, SessionHandle> = [
-            ("a".to_string(), session(None)),
-            ("b".to_string(), session(None)),
-            ("c".to_string(), session(Some("a"))),
-        ]
-        .into();
+        let sessions = sessions(&[("a", 1, None), ("b", 2, None), ("c", 3, Some("a"))]);
         let mut topo = Topologies::default();
         let out = topo.refresh(&s, &t, &sessions);
         let parents: Vec<(String, Option<String>)> = out

@@ -607,15 +607,7 @@ async fn a_hierarchy_reaches_twenty_workers_through_five_connections_and_survive
     let leads = loop {
         let (_, w) = c.get("/v1/workers").await;
         let (_, s) = c.get("/v1/swarms/tree").await;
-        let mut leads: Vec<String> = s["layout"]["layout"]["leads"]
-            .as_array()
-            .map(|l| {
-                l.iter()
-                    .map(|l| l["id"].as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        leads.sort();
+        let leads = sorted_leads(&s);
         let d = direct(&w);
         if w["workers"].as_array().unwrap().len() == 20 && !leads.is_empty() && d == leads {
             break leads;
@@ -689,15 +681,7 @@ async fn a_hierarchy_reaches_twenty_workers_through_five_connections_and_survive
     loop {
         let (_, w) = c.get("/v1/workers").await;
         let (_, s) = c.get("/v1/swarms/tree").await;
-        let mut leads: Vec<String> = s["layout"]["layout"]["leads"]
-            .as_array()
-            .map(|l| {
-                l.iter()
-                    .map(|l| l["id"].as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        leads.sort();
+        let leads = sorted_leads(&s);
         if w["workers"].as_array().unwrap().len() == 19
             && direct(&w) == leads
             && !leads.contains(&victim)
@@ -709,4 +693,18 @@ async fn a_hierarchy_reaches_twenty_workers_through_five_connections_and_survive
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(metric(&c, "swarm_relayed_sessions_total").await >= 15.0);
+}
+
+/// The leads of a hierarchical swarm's layout (`GET /v1/swarms/{name}`), sorted.
+fn sorted_leads(swarm: &Value) -> Vec<String> {
+    let mut leads: Vec<String> = swarm["layout"]["layout"]["leads"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|l| l["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    leads.sort();
+    leads
 }
