@@ -320,6 +320,16 @@ impl fmt::Debug for Collection {
     }
 }
 
+/// Most links per node and layer in the flat copy (8·M): hnsw_rs keeps at most 2·M on
+/// layer 0 (M above), and restored reverse links may add more. In high dimension a few
+/// "hub" nodes are the single heuristic-selected neighbour of dozens of nodes; the cap
+/// must leave room for the hub's links back to them, or those nodes are unreachable
+/// (measured at 30k × 784, M = 16: hub in-degree up to 107; a cap of 4·M left 91 nodes
+/// unreachable, 8·M none).
+fn flat_degree(spec: &CollectionSpec) -> usize {
+    8 * spec.m
+}
+
 /// Most slots searched by exact scan after the flat graph copy before it is refreshed.
 pub(crate) fn delta_limit(slots: usize) -> usize {
     (slots / 32).clamp(128, 2048)
@@ -573,7 +583,7 @@ impl Collection {
     fn refresh_flat_if_due(&mut self) {
         let n = self.slots.len();
         if n - self.flat.slots() >= delta_limit(n) {
-            self.flat = FlatGraph::extract(&self.index, n);
+            self.flat = FlatGraph::extract(&self.index, n, flat_degree(&self.spec));
         }
     }
 
@@ -687,7 +697,7 @@ impl Collection {
             self.by_id.insert(s.id.clone(), slot);
             self.slots.push(s);
         }
-        self.flat = FlatGraph::extract(&self.index, self.slots.len());
+        self.flat = FlatGraph::extract(&self.index, self.slots.len(), flat_degree(&self.spec));
         removed
     }
 
@@ -712,16 +722,14 @@ impl Collection {
         let ef = ef.max(k);
         let filter = filter.filter(|f| !f.all.is_empty());
         let metric = self.spec.metric.index_distance();
-        let dist = |q: &[f32], slot: u32| metric.eval_portable(q, self.vector(slot));
+        let bounded =
+            |q: &[f32], slot: u32, bound: f32| metric.eval_bounded(q, self.vector(slot), bound);
         let visible = |slot: u32| self.visible(slot as usize, now_ms, filter);
-        let d = self.spec.dimension;
-        let touch = |slot: u32| {
-            let v = &self.vectors[slot as usize * d..(slot as usize + 1) * d];
-            for x in v.iter().step_by(16) {
-                std::hint::black_box(*x);
-            }
+        let prefetch = |slot: u32, floats: usize| {
+            let v = self.vector(slot);
+            kernel::prefetch(&v[..floats.min(v.len())]);
         };
-        let mut best = self.flat.search(query, ef, dist, visible, touch);
+        let mut best = self.flat.search(query, ef, bounded, visible, prefetch);
         best.sort_unstable();
         best.truncate(k);
         // The tail not yet in the copy: keep the k best of graph results and tail.
@@ -731,7 +739,14 @@ impl Collection {
             if !visible(slot) {
                 continue;
             }
-            let c = Cand(dist(query, slot), slot);
+            // A node at exactly the bound still competes on its slot number, and the
+            // bounded distance is exact up to the bound.
+            let bound = if heap.len() < k {
+                f32::INFINITY
+            } else {
+                heap.peek().map_or(f32::INFINITY, |top| top.0)
+            };
+            let c = Cand(bounded(query, slot, bound), slot);
             if heap.len() < k {
                 heap.push(c);
             } else if heap.peek().is_some_and(|top| c < *top) {
@@ -829,7 +844,13 @@ impl Collection {
             if !self.visible(slot, now_ms, filter) {
                 continue;
             }
-            let d = dist.eval_portable(query, self.vector(slot as u32));
+            // Exact up to the current k-th distance, which is all the heap compares.
+            let bound = if heap.len() < k {
+                f32::INFINITY
+            } else {
+                heap.peek().map_or(f32::INFINITY, |top| top.0)
+            };
+            let d = dist.eval_bounded(query, self.vector(slot as u32), bound);
             let c = Cand(d, slot as u32);
             if heap.len() < k {
                 heap.push(c);
@@ -953,7 +974,7 @@ impl Collection {
             c.index.insert_slice((&s.vector, i));
             if i + 1 == flat_slots {
                 // The replica this came from copied its graph at exactly this point.
-                c.flat = FlatGraph::extract(&c.index, flat_slots);
+                c.flat = FlatGraph::extract(&c.index, flat_slots, flat_degree(&c.spec));
             }
             c.vectors.extend_from_slice(&s.vector);
             let live = s.live;
@@ -1009,5 +1030,68 @@ mod tests {
         );
         let v = prepare_vector(&[1e-30, 1e-30], 2, Metric::Cosine).unwrap();
         assert!((kernel::norm_squared(&v) - 1.0).abs() < 1e-6);
+    }
+
+    /// The bounded L2 distance (early exit) and the prefetch hints change nothing: the
+    /// graph search returns the same (distance, slot) bits as with full distances, and
+    /// the exact scan the same as a plain brute force.
+    #[test]
+    fn bounded_distances_give_identical_searches() {
+        let data = crate::synthetic::gaussian_clusters(1500, 40, 200, 10, 0.5, 11);
+        let cfg = StoreConfig::default();
+        let mut c = Collection::new("c".into(), CollectionSpec::new(200, Metric::L2), 0);
+        let points: Vec<PointWrite> = data
+            .base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| PointWrite {
+                id: format!("p{i}"),
+                vector: v.clone(),
+                metadata: String::new(),
+                ttl_ms: None,
+            })
+            .collect();
+        for chunk in points.chunks(500) {
+            let prepared = c.prepare_upsert(chunk, 1, &cfg).unwrap();
+            c.apply_upsert(prepared, 1);
+        }
+        let metric = c.spec.metric.index_distance();
+        let early_exits = std::cell::Cell::new(0);
+        for q in &data.queries {
+            for ef in [10, 32] {
+                let full = |q: &[f32], s: u32, _bound: f32| metric.eval_portable(q, c.vector(s));
+                let bounded = |q: &[f32], s: u32, bound: f32| {
+                    let d = metric.eval_bounded(q, c.vector(s), bound);
+                    if d.to_bits() != metric.eval_portable(q, c.vector(s)).to_bits() {
+                        early_exits.set(early_exits.get() + 1);
+                    }
+                    d
+                };
+                let visible = |s: u32| c.visible(s as usize, 1, None);
+                let mut want = c.flat.search(q, ef, full, visible, |_, _| {});
+                let mut got = c.flat.search(q, ef, bounded, visible, |_, _| {});
+                want.sort_unstable();
+                got.sort_unstable();
+                let bits = |v: &[Cand]| v.iter().map(|c| (c.0.to_bits(), c.1)).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "ef={ef}");
+            }
+            let mut brute: Vec<(u32, f32)> = (0..c.slots.len() as u32)
+                .map(|s| (s, metric.eval_portable(q, c.vector(s))))
+                .collect();
+            brute.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            brute.truncate(10);
+            let exact = c.exact_slots(q, 10, None, 1);
+            assert_eq!(
+                exact
+                    .iter()
+                    .map(|h| (h.0, h.1.to_bits()))
+                    .collect::<Vec<_>>(),
+                brute
+                    .iter()
+                    .map(|h| (h.0, h.1.to_bits()))
+                    .collect::<Vec<_>>()
+            );
+        }
+        assert!(early_exits.get() > 0, "the bound was never used");
     }
 }

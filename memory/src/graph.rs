@@ -6,7 +6,7 @@
 //! few hundred dimensions. We therefore copy the adjacency lists out of the graph into
 //! compressed-sparse-row arrays of slot numbers ([`FlatGraph::extract`]) and search those
 //! with plain `(f32, u32)` heaps and a bitset, reading vectors from the collection's
-//! contiguous arena. The copy is refreshed by the write path at deterministic points (see
+//! contiguous arena, with a bounded distance once the beam is full ([`FlatGraph::search`]). The copy is refreshed by the write path at deterministic points (see
 //! [`crate::collection`]); slots inserted since the last refresh are scanned exactly.
 
 use std::cmp::{Ordering, Reverse};
@@ -53,13 +53,19 @@ pub(crate) struct FlatGraph {
 }
 
 impl FlatGraph {
-    /// Copies the adjacency of `index`, which must contain exactly slots `0..slots`.
-    pub(crate) fn extract(index: &Hnsw<'static, f32, IndexDistance>, slots: usize) -> FlatGraph {
+    /// Copies the adjacency of `index`, which must contain exactly slots `0..slots`, adding
+    /// missing reverse links up to `max_degree` links per node and layer.
+    pub(crate) fn extract(
+        index: &Hnsw<'static, f32, IndexDistance>,
+        slots: usize,
+        max_degree: usize,
+    ) -> FlatGraph {
         let top = index.get_max_level_observed() as usize;
         let mut ranges = vec![(0u32, 0u32); slots];
         let mut buf: Vec<u32> = Vec::with_capacity(slots * 20);
         let mut upper: Vec<BTreeMap<u32, Vec<u32>>> = vec![BTreeMap::new(); top];
         let mut entry = None;
+        let mut levels = vec![0u8; slots];
         if slots > 0 {
             for point in index.get_point_indexation() {
                 let slot = point.get_origin_id();
@@ -67,6 +73,7 @@ impl FlatGraph {
                     continue;
                 }
                 let pid = point.get_point_id();
+                levels[slot] = pid.0;
                 if pid.0 as usize == top && pid.1 == 0 {
                     entry = Some(slot as u32);
                 }
@@ -91,13 +98,62 @@ impl FlatGraph {
                 }
             }
         }
+        // Reverse links: hnsw_rs truncates a node's list to its closest entries when a new
+        // neighbour overflows it, which drops exactly the long links that connect clusters
+        // (and, in high dimension, the links out of "hub" nodes). Every edge u→v that lost
+        // its v→u twin gets it back here, in slot order, up to `max_degree` per node.
+        let forward = |v: usize| &buf[ranges[v].0 as usize..(ranges[v].0 + ranges[v].1) as usize];
+        let mut reverse: Vec<Vec<u32>> = vec![Vec::new(); slots];
+        for u in 0..slots {
+            for &v in forward(u) {
+                let v = v as usize;
+                if ranges[v].1 as usize + reverse[v].len() < max_degree
+                    && !forward(v).contains(&(u as u32))
+                {
+                    reverse[v].push(u as u32);
+                }
+            }
+        }
+        // A node nobody links to cannot be found by a search. Give each such node one way
+        // in — from its first (closest) neighbour — even past the cap.
+        let mut linked = vec![false; slots];
+        for (v, rev) in reverse.iter().enumerate() {
+            for &u in forward(v).iter().chain(rev) {
+                linked[u as usize] = true;
+            }
+        }
+        for (u, &is_linked) in linked.iter().enumerate() {
+            if !is_linked && u as u32 != entry.unwrap_or(u32::MAX) {
+                if let Some(&v) = forward(u).first() {
+                    reverse[v as usize].push(u as u32);
+                }
+            }
+        }
         // Re-lay layer 0 in slot order.
         let mut l0_off = Vec::with_capacity(slots + 1);
-        let mut l0 = Vec::with_capacity(buf.len());
+        let mut l0 = Vec::with_capacity(buf.len() * 3 / 2);
         l0_off.push(0u32);
-        for (start, len) in ranges {
-            l0.extend_from_slice(&buf[start as usize..(start + len) as usize]);
+        for (v, rev) in reverse.iter().enumerate() {
+            l0.extend_from_slice(forward(v));
+            l0.extend_from_slice(rev);
             l0_off.push(l0.len() as u32);
+        }
+        for (i, layer) in upper.iter_mut().enumerate() {
+            let level = i + 1;
+            let mut extra: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+            for (&u, ns) in layer.iter() {
+                for &v in ns {
+                    let has_back = layer.get(&v).is_some_and(|back| back.contains(&u));
+                    if !has_back && levels[v as usize] as usize >= level {
+                        extra.entry(v).or_default().push(u);
+                    }
+                }
+            }
+            for (v, more) in extra {
+                let ns = layer.entry(v).or_default();
+                let room = max_degree.saturating_sub(ns.len());
+                ns.extend(more.into_iter().take(room));
+            }
         }
         let entry = entry
             .or_else(|| upper.last().and_then(|m| m.keys().next().copied()))
@@ -150,26 +206,32 @@ impl FlatGraph {
     /// holds are collected, so filters act during the search; with fewer than `ef`
     /// visible nodes found the beam does not stop early (it can then walk the whole
     /// reachable graph). Returns up to `ef` visible (distance, slot), unordered.
+    ///
+    /// `dist(query, slot, bound)` must return the distance whenever it is below `bound`,
+    /// and otherwise any value `>= bound` (see [`crate::kernel::l2_squared_bounded`]):
+    /// once the beam is full a node is only kept if it beats the current worst, so that
+    /// is all the search asks. `prefetch(slot, floats)` hints that the first `floats`
+    /// components of a slot's vector will be read soon.
     pub(crate) fn search(
         &self,
         query: &[f32],
         ef: usize,
-        dist: impl Fn(&[f32], u32) -> f32,
+        dist: impl Fn(&[f32], u32, f32) -> f32,
         visible: impl Fn(u32) -> bool,
-        touch: impl Fn(u32),
+        prefetch: impl Fn(u32, usize),
     ) -> Vec<Cand> {
         if self.slots == 0 || ef == 0 {
             return Vec::new();
         }
         let mut ep = self.entry;
-        let mut d_ep = dist(query, ep);
+        let mut d_ep = dist(query, ep, f32::INFINITY);
         for layer in (1..=self.top).rev() {
             let adj = &self.upper[layer - 1];
             loop {
                 let mut moved = false;
                 if let Some(ns) = adj.get(&ep) {
                     for &n in ns {
-                        let d = dist(query, n);
+                        let d = dist(query, n, f32::INFINITY);
                         if d < d_ep || (d == d_ep && n < ep) {
                             d_ep = d;
                             ep = n;
@@ -208,14 +270,21 @@ impl FlatGraph {
             );
             fresh.clear();
             fresh.extend(self.l0[a..b].iter().copied().filter(|&n| !mark(n)));
-            // Start every miss before using any of them (memory-level parallelism).
+            // Start the first lines of every neighbour's vector loading before using any
+            // (memory-level parallelism): once the beam is full, most neighbours are
+            // rejected from those lines alone by the bounded distance. While computing
+            // one, extend the next one's prefetch.
             for &n in &fresh {
-                touch(n);
+                prefetch(n, PREFETCH_HEAD);
             }
-            for &n in &fresh {
-                let d = dist(query, n);
+            for (i, &n) in fresh.iter().enumerate() {
+                if let Some(&next) = fresh.get(i + 1) {
+                    prefetch(next, 2 * PREFETCH_HEAD);
+                }
+                let full = results.len() >= ef;
                 let bound = results.peek().map_or(f32::INFINITY, |w| w.0);
-                if results.len() < ef || d < bound {
+                let d = dist(query, n, if full { bound } else { f32::INFINITY });
+                if !full || d < bound {
                     candidates.push(Reverse(Cand(d, n)));
                     if visible(n) {
                         results.push(Cand(d, n));
@@ -229,3 +298,8 @@ impl FlatGraph {
         results.into_vec()
     }
 }
+
+/// Components of each neighbour's vector prefetched before any distance is computed: the
+/// bounded L2 kernel's first check (measured at 10k × 784: 128–256 are equally good; a
+/// whole-vector prefetch is slower, as it loads the rejected vectors' tails too).
+const PREFETCH_HEAD: usize = crate::kernel::CHECK_EVERY;

@@ -20,10 +20,16 @@
 //!   `hnsw_rs::Hnsw::insert_slice` (its neighbour heuristic and seeded level RNG). Queries
 //!   run on a compressed-sparse-row copy of its adjacency lists (`graph.rs`) with plain
 //!   `(f32, u32)` heaps, a bitset for visited nodes, vectors read from the collection's
-//!   contiguous arena and all of a node's unvisited neighbours' cache lines touched before
-//!   any distance is computed. Measured on the same graph this is 1.6–5× the queries/s of
-//!   hnsw_rs' own `search` at equal recall ([`MemoryStore::search_via_hnsw_rs`] keeps
-//!   that path for comparison). The copy is refreshed by the write that makes the
+//!   contiguous arena, and the first lines of all of a node's unvisited neighbours'
+//!   vectors prefetched before any distance is computed. Once the beam is full, L2
+//!   distances are computed with a bound ([`kernel::l2_squared_bounded`]): a neighbour
+//!   is dropped as soon as a partial sum exceeds the current worst result, which decides
+//!   exactly as the full distance would but reads a fraction of most vectors — in high
+//!   dimension the search is bound by memory traffic, not arithmetic. The copy also
+//!   restores reverse links hnsw_rs dropped (see limitations), which fixes nodes the
+//!   hnsw_rs graph leaves unreachable. [`MemoryStore::search_via_hnsw_rs`] keeps
+//!   hnsw_rs' own `search` on the same graph for comparison (`memory_recall
+//!   --compare-hnsw-rs`). The copy is refreshed by the write that makes the
 //!   not-yet-copied tail reach `clamp(slots/32, 128, 2048)` slots; that tail is scanned
 //!   exactly by every query, so new points are visible immediately.
 //! * The ReasoningBank stores [`MemoryItem`]s (title, description, content, outcome,
@@ -54,10 +60,11 @@
 //!   every snapshot;
 //! * **the HNSW graphs are derived but reproducible**: hnsw_rs draws node levels from an
 //!   RNG *seeded with a constant* (397) in every new `Hnsw`, we only ever insert serially,
-//!   and our distance kernels ([`kernel`]) use a fixed 16-lane summation order without
-//!   FMA, so the AVX2 build selected at run time and the baseline build return the same
-//!   bits on every platform. Hence the graph is a pure function of the sequence of
-//!   inserted slots. Snapshots keep every slot of the current graph generation,
+//!   and our distance kernels ([`kernel`]) use a fixed 32-lane summation order without
+//!   FMA, so the explicit AVX2 code selected at run time and the portable scalar code
+//!   return the same bits on every platform (and the early exit of the bounded L2
+//!   kernel never changes a decision, see above). Hence the graph is a pure function of
+//!   the sequence of inserted slots. Snapshots keep every slot of the current graph generation,
 //!   tombstones included, plus the number of slots the flat copy covered; restore
 //!   re-inserts the slots in order and takes the copy at that same point, so a restored
 //!   replica has exactly the same graph *and* copy as one that never restarted, and
@@ -104,6 +111,15 @@
 //!   searches), which bounds build speed; there is no public way to read one node's
 //!   neighbour list without iterating the layer, which is why the copy is refreshed in
 //!   bulk rather than per insert.
+//! * When a new link overflows a node's list, hnsw_rs keeps the closest entries (no
+//!   neighbour heuristic on reverse updates), which drops long links. In high dimension
+//!   "hub" nodes end up as the *only* neighbour the heuristic keeps for dozens of nodes,
+//!   and their own lists no longer link back: at 30k × 784 (M = 16, clustered data) 269
+//!   nodes were unreachable from the entry point and recall@10 plateaued at 0.88 even at
+//!   ef = 256 (hnsw_rs' own search: 0.81). The flat copy re-adds each missing reverse
+//!   link (up to 8·M links per node): all nodes reachable, recall 0.98
+//!   ([`MemoryStore::graph_stats`] reports reachability). `set_keeping_pruned(true)`
+//!   made it worse (hub in-degree 3793, 5127 unreachable), so it stays off.
 //! * Our filtered search shares the last property: while fewer than `ef` visible nodes
 //!   are held the beam keeps expanding, so a very selective filter walks the whole
 //!   reachable graph (correct, O(n)).

@@ -73,6 +73,14 @@ fn incremental_writes_search_the_tail_and_refresh_the_copy() {
     }
     let r = recall_at_k(&truth, &found, 10);
     assert!(r >= 0.97, "recall over incremental writes {r}");
+    let g = s.graph_stats("c").unwrap();
+    assert_eq!(g.slots, 700);
+    assert!(g.copied_slots <= 700 && 700 - g.copied_slots < 128, "{g:?}");
+    assert_eq!(
+        g.reachable, g.copied_slots,
+        "every copied node reachable: {g:?}"
+    );
+    assert!(g.layer0_edges >= g.copied_slots, "{g:?}");
     // The newest point is found immediately, whether or not the copy covers it yet.
     upsert(&mut s, "c", vec![point("fresh", vec![50.0; 16], "")], 3);
     let hits = s
