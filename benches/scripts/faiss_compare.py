@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""FAISS HNSW and swarm-memory on the same vectors, on this machine, one thread each.
+
+Writes clustered data (Gaussian clusters: centres N(0, 1), per-component spread 0.5, as
+`memory_recall` generates) to .fvecs files, measures FAISS's IndexHNSWFlat (M 16,
+efConstruction 200, one OpenMP thread) against exact ground truth, then runs
+`memory_recall --fvecs` on the same files and prints both.
+
+    pip install faiss-cpu numpy
+    cargo build --release -p swarm-benches --bin memory_recall
+    python3 benches/scripts/faiss_compare.py --recall-bin target/release/memory_recall
+
+Not part of the test suite (it needs faiss-cpu); rerun it to check the figures.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import faiss
+import numpy as np
+
+
+def write_fvecs(path, x):
+    n, d = x.shape
+    out = np.empty((n, d + 1), dtype=np.float32)
+    out[:, 0] = np.array([d], dtype=np.int32).view(np.float32)[0]
+    out[:, 1:] = x
+    out.tofile(path)
+
+
+def clustered(n, dim, clusters, spread, rng):
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    which = rng.integers(0, clusters, n)
+    return (centres[which] + spread * rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--dim", type=int, default=784)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--clusters", type=int, default=100)
+    ap.add_argument("--spread", type=float, default=0.5)
+    ap.add_argument("--efs", default="16,20,24,32,64,128")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--recall-bin", help="memory_recall binary to run on the same files")
+    args = ap.parse_args()
+    efs = [int(e) for e in args.efs.split(",")]
+
+    rng = np.random.default_rng(args.seed)
+    data = clustered(args.n + args.queries, args.dim, args.clusters, args.spread, rng)
+    base, queries = data[: args.n], data[args.n :]
+    k = 10
+
+    faiss.omp_set_num_threads(1)
+    flat = faiss.IndexFlatL2(args.dim)
+    flat.add(base)
+    _, truth = flat.search(queries, k)
+
+    index = faiss.IndexHNSWFlat(args.dim, 16)
+    index.hnsw.efConstruction = 200
+    t0 = time.perf_counter()
+    index.add(base)
+    build = time.perf_counter() - t0
+    print(f"# {args.n} x {args.dim}, {args.clusters} clusters, spread {args.spread}, "
+          f"{args.queries} queries, k {k}, one thread")
+    print(f"faiss {faiss.__version__} IndexHNSWFlat M 16 efC 200: build {build:.2f} s")
+    for ef in efs:
+        index.hnsw.efSearch = ef
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        found = np.empty((len(queries), k), dtype=np.int64)
+        for i in range(len(queries)):  # one query per call, as a server answers them
+            _, found[i : i + 1] = index.search(queries[i : i + 1], k)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        recall = np.mean([len(set(found[i]) & set(truth[i])) / k for i in range(len(queries))])
+        print(f"faiss ef {ef:4d}: recall@10 {recall:.4f}  {len(queries) / wall:8.0f} q/s wall"
+              f"  {len(queries) / cpu:8.0f} q/s cpu")
+    sys.stdout.flush()
+
+    if args.recall_bin:
+        with tempfile.TemporaryDirectory() as d:
+            b, q = os.path.join(d, "base.fvecs"), os.path.join(d, "queries.fvecs")
+            write_fvecs(b, base)
+            write_fvecs(q, queries)
+            subprocess.run(
+                [args.recall_bin, "--fvecs", b, "--fvecs-queries", q, "--efs", args.efs,
+                 "--queries", str(args.queries), "--sizes", str(args.n)],
+                check=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
