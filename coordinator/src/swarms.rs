@@ -228,7 +228,13 @@ impl Topologies {
         }
         let mut out = Vec::new();
         for (id, s) in sessions {
-            let want = wanted.get(id.as_str()).copied().flatten();
+            // A lead that is itself relayed (as a member of an earlier hierarchy) cannot
+            // relay: its members connect directly instead.
+            let want = wanted
+                .get(id.as_str())
+                .copied()
+                .flatten()
+                .filter(|lead| wanted.get(lead).copied().flatten().is_none());
             if s.info.via.as_deref() == want {
                 continue;
             }
@@ -917,5 +923,54 @@ mod tests {
             to_record(&req("mesh")).unwrap().queue_depth,
             DEFAULT_MESH_QUEUE_DEPTH
         );
+    }
+
+    #[test]
+    fn a_lead_relayed_by_another_hierarchy_does_not_relay() {
+        let mut t = TaskTable::new();
+        for (name, label) in [("a-tree", "t1"), ("b-tree", "t2")] {
+            t.apply(&Command {
+                ops: vec![Op::SwarmCreate {
+                    record: record(CreateSwarm {
+                        name: name.into(),
+                        topology: "hierarchical".into(),
+                        labels: labels(&[(label, "yes")]),
+                        fan_out: Some(1),
+                        ..Default::default()
+                    }),
+                }],
+            });
+        }
+        // Leads are the members with the most slots: a leads a-tree (a, b), b leads
+        // b-tree (b, c), but b is a member in a-tree, which comes first by name.
+        let mut s = Scheduler::new(Default::default());
+        for (id, slots, l) in [
+            ("a", 3, vec![("t1", "yes")]),
+            ("b", 2, vec![("t1", "yes"), ("t2", "yes")]),
+            ("c", 1, vec![("t2", "yes")]),
+        ] {
+            s.worker_joined(
+                id,
+                slots,
+                labels(&l),
+                Default::default(),
+                Some(format!("{id}:1")),
+                0,
+            );
+        }
+        let mut topo = Topologies::default();
+        let out = topo.refresh(
+            &s,
+            &t,
+            &sessions(&[("a", 1, None), ("b", 2, None), ("c", 3, None)]),
+        );
+        let parents: Vec<(String, Option<String>)> = out
+            .into_iter()
+            .filter_map(|(w, m)| match m {
+                CoordinatorMsg::Parent { lead } => Some((w, lead.map(|l| l.worker_id))),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(parents, vec![("b".to_string(), Some("a".to_string()))]);
     }
 }
