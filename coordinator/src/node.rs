@@ -168,6 +168,8 @@ pub(crate) struct SessionHandle {
     pub conn_id: u64,
     pub tx: mpsc::UnboundedSender<CoordinatorMsg>,
     pub info: swarm_proto::api::WorkerView,
+    /// Ends the session when sent to: a newer session of the same worker replaced it.
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Scheduler plus the live sessions it dispatches to: one lock, taken briefly.

@@ -141,7 +141,7 @@ impl Topologies {
                 .get_mut(name)
                 .map(|l| std::mem::take(&mut l.told))
                 .unwrap_or_default();
-            let members = members_of(scheduler, &record.spec);
+            let members = members_of(scheduler, &record.spec, previous.as_ref());
             let planned = plan(&record.spec, &members, seed_of(name), previous.as_ref());
             let mut layout = match planned {
                 Ok(p) => Layout {
@@ -306,15 +306,31 @@ impl Topologies {
 /// Connected workers matching `spec`'s selector, as the planners see them. A mesh or a
 /// hierarchy only counts workers that accept peer links (a lead relays on its peer
 /// listener).
-fn members_of(scheduler: &Scheduler, spec: &SwarmSpec) -> Vec<Member> {
+///
+/// A hierarchy (given its `previous` plan) also keeps members that are between two
+/// connections — a member moving to its lead drops its direct session before the relayed
+/// one arrives — until their lease runs out, so moving members do not reshuffle the
+/// leads. A lead that is not connected is dropped at once, so its members re-parent.
+fn members_of(
+    scheduler: &Scheduler,
+    spec: &SwarmSpec,
+    previous: Option<&TopologyPlan>,
+) -> Vec<Member> {
     let mesh = matches!(
         spec.topology.kind(),
         TopologyKind::Mesh | TopologyKind::Hierarchical
     );
+    let hierarchy = match previous {
+        Some(TopologyPlan::Hierarchical(h)) => Some(h),
+        _ => None,
+    };
+    let present = |id: &str, w: &WorkerEntry| {
+        w.connected || hierarchy.is_some_and(|h| !h.leads.iter().any(|l| l == id))
+    };
     scheduler
         .workers()
         .iter()
-        .filter(|(_, w)| w.connected && w.has_labels(&spec.selector))
+        .filter(|(id, w)| present(id, w) && w.has_labels(&spec.selector))
         .filter(|(_, w)| !mesh || w.peer_addr.is_some())
         .map(|(id, w)| Member {
             id: id.clone(),
@@ -500,7 +516,7 @@ pub(crate) async fn create(
         // stage nobody can serve is a mistake to report now, not a silent stall later.
         let members = {
             let d = node.lock_dispatch();
-            members_of(&d.scheduler, &record.spec)
+            members_of(&d.scheduler, &record.spec, None)
         };
         if members.is_empty() {
             let err = if record.spec.selector.is_empty() {
@@ -599,7 +615,7 @@ pub(crate) fn swarm_view(node: &Node, name: &str) -> Option<SwarmView> {
     let mut d = node.lock_dispatch();
     let d = &mut *d;
     let (layout, problem) = if name == DEFAULT_SWARM_NAME {
-        let members = members_of(&d.scheduler, &record.spec);
+        let members = members_of(&d.scheduler, &record.spec, None);
         (plan(&record.spec, &members, 0, None).ok(), None)
     } else {
         // Plan now if the dispatcher has not yet (e.g. just created).
@@ -697,6 +713,7 @@ mod tests {
         SessionHandle {
             conn_id,
             tx,
+            stop: None,
             info: swarm_proto::api::WorkerView {
                 id: String::new(),
                 addr: String::new(),
@@ -972,5 +989,50 @@ mod tests {
             })
             .collect();
         assert_eq!(parents, vec![("b".to_string(), Some("a".to_string()))]);
+    }
+
+    #[test]
+    fn members_in_transit_keep_the_hierarchy_and_a_lost_lead_is_replaced() {
+        let mut t = TaskTable::new();
+        t.apply(&Command {
+            ops: vec![Op::SwarmCreate {
+                record: record(CreateSwarm {
+                    name: "h".into(),
+                    topology: "hierarchical".into(),
+                    labels: labels(&[("pool", "x")]),
+                    fan_out: Some(1),
+                    ..Default::default()
+                }),
+            }],
+        });
+        let mut s = scheduler();
+        let mut topo = Topologies::default();
+        let none = BTreeMap::new();
+        topo.refresh(&s, &t, &none);
+        let plan = |topo: &Topologies| match &topo.layout("h").unwrap().plan {
+            Some(TopologyPlan::Hierarchical(h)) => h.clone(),
+            other => panic!("{other:?}"),
+        };
+        let first = plan(&topo);
+        let lead = first.leads[0].clone();
+        let member = first.parent.keys().next().unwrap().clone();
+        // The member drops its session to move behind its lead: nothing changes.
+        s.worker_disconnected(&member);
+        topo.refresh(&s, &t, &none);
+        assert_eq!(plan(&topo), first);
+        // The lead goes: the member (back, directly) becomes the lead.
+        s.worker_joined(
+            &member,
+            1,
+            labels(&[("pool", "x")]),
+            Default::default(),
+            Some("m:1".into()),
+            0,
+        );
+        s.worker_disconnected(&lead);
+        topo.refresh(&s, &t, &none);
+        let after = plan(&topo);
+        assert_eq!(after.leads, vec![member.clone()]);
+        assert!(after.parent.is_empty(), "{after:?}");
     }
 }

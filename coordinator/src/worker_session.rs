@@ -218,11 +218,13 @@ async fn session(
         heartbeat_interval_ms: node.config().heartbeat_interval_ms,
         max_output_bytes: node.config().limits.max_output_bytes,
     });
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     register(
         node,
         hello,
         conn_id,
         tx.clone(),
+        stop,
         conn,
         zero_rtt,
         via.clone(),
@@ -231,7 +233,14 @@ async fn session(
     let writer_task = tokio::spawn(write_loop(writer, rx));
     node.poke();
 
-    let result = read_loop(node, &hello.worker_id, &mut reader, &tx).await;
+    let result = tokio::select! {
+        r = read_loop(node, &hello.worker_id, &mut reader, &tx) => r,
+        // Replaced by a newer session of the same worker. (A dropped sender, e.g. when
+        // leadership is lost, does not end the session: its `NotLeader` must get out.)
+        Ok(()) = &mut stopped => Err(SessionError::Protocol(
+            "replaced by a newer session of the same worker".into(),
+        )),
+    };
     writer_task.abort();
     unregister(node, &hello.worker_id, conn_id);
     info!(worker = %hello.worker_id, "worker disconnected");
@@ -277,11 +286,13 @@ fn msg_name(m: &WorkerMsg) -> &'static str {
 }
 
 /// Add the session and reconcile the worker's view of its attempts with ours.
+#[allow(clippy::too_many_arguments)]
 fn register(
     node: &Arc<Node>,
     hello: &Hello,
     conn_id: u64,
     tx: mpsc::UnboundedSender<CoordinatorMsg>,
+    stop: tokio::sync::oneshot::Sender<()>,
     conn: &quinn::Connection,
     zero_rtt: bool,
     via: Option<String>,
@@ -311,8 +322,13 @@ fn register(
     {
         let mut d = node.lock_dispatch();
         if let Some(old) = d.sessions.remove(id) {
-            // A newer connection of the same worker wins; the old one is dead or dying.
-            drop(old);
+            // A newer session of the same worker wins. The old one is usually dead or
+            // dying; if it is not (the worker is still on it, and the newer one is a
+            // stray), ending it makes the worker reconnect instead of staying on a
+            // session the dispatcher no longer knows.
+            if let Some(stop) = old.stop {
+                let _ = stop.send(());
+            }
         }
         d.scheduler.worker_joined(
             id,
@@ -360,6 +376,7 @@ fn register(
         d.sessions.insert(
             id.to_string(),
             SessionHandle {
+                stop: Some(stop),
                 conn_id,
                 tx,
                 info: WorkerView {
