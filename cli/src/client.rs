@@ -340,7 +340,7 @@ impl Client {
 }
 
 /// A path segment with the characters that would change the path escaped.
-fn seg(s: &str) -> String {
+pub fn seg(s: &str) -> String {
     s.replace('%', "%25")
         .replace('/', "%2F")
         .replace('?', "%3F")

@@ -1273,7 +1273,7 @@ fn query_body(
 async fn memory_cmd(c: MemoryCmd) -> anyhow::Result<ExitCode> {
     use reqwest::Method;
     use serde_json::json;
-    let seg = |n: &str| n.replace('/', "%2F");
+    let seg = client::seg;
     let (api, method, path, body) = match c {
         MemoryCmd::Create {
             api,
