@@ -47,6 +47,10 @@ use crate::state::{Op, OpResult, SwarmFault, SwarmRecord, Task, TaskTable};
 pub const DEFAULT_MESH_QUEUE_DEPTH: u32 = 4;
 /// Largest queue depth accepted.
 pub const MAX_QUEUE_DEPTH: u32 = 1024;
+/// Most stages in a ring.
+pub const MAX_STAGES: usize = 64;
+/// Most labels in a swarm's selector.
+pub const MAX_SELECTOR_LABELS: usize = 32;
 
 /// One swarm's live layout on the leader.
 #[derive(Debug, Clone)]
@@ -459,11 +463,30 @@ fn to_record(req: &CreateSwarm) -> Result<SwarmRecord, ApiError> {
         .topology
         .parse()
         .map_err(|e: swarm_topology::TopologyError| bad(e.code(), e.to_string()))?;
-    let stages = if req.stages.is_empty() {
-        Vec::new()
-    } else {
-        parse_stages(&req.stages.join(",")).map_err(|e| bad(e.code(), e.to_string()))?
-    };
+    // Each element is one stage or a comma-separated list of them (as the CLI sends
+    // `--stages a,b[k=v],c`); an element never continues into the next.
+    let mut stages = Vec::new();
+    for element in &req.stages {
+        stages.extend(parse_stages(element).map_err(|e| bad(e.code(), e.to_string()))?);
+    }
+    if stages.len() > MAX_STAGES {
+        return Err(bad(
+            "invalid_stage",
+            format!(
+                "a ring has at most {MAX_STAGES} stages, got {}",
+                stages.len()
+            ),
+        ));
+    }
+    if req.labels.len() > MAX_SELECTOR_LABELS {
+        return Err(bad(
+            "invalid_label",
+            format!(
+                "a selector has at most {MAX_SELECTOR_LABELS} labels, got {}",
+                req.labels.len()
+            ),
+        ));
+    }
     let topology = TopologySpec::build(
         kind,
         TopologyOptions {
@@ -940,6 +963,24 @@ mod tests {
             to_record(&req("mesh")).unwrap().queue_depth,
             DEFAULT_MESH_QUEUE_DEPTH
         );
+        // Stages: one list string (the CLI's) or one stage per element; an element never
+        // continues into the next.
+        let stages = |list: &[&str]| {
+            to_record(&CreateSwarm {
+                stages: list.iter().map(|s| s.to_string()).collect(),
+                ..req("ring")
+            })
+        };
+        let from_list = stages(&["coder,reviewer[lang=rust,tier=2],tester"]).unwrap();
+        let from_items = stages(&["coder", "reviewer[lang=rust,tier=2]", "tester"]).unwrap();
+        assert_eq!(from_list.spec, from_items.spec);
+        match stages(&["a[x=1", "y=2]"]) {
+            Err(ApiError::Coded { code, .. }) => assert_eq!(code, "invalid_stage"),
+            other => panic!("{other:?}"),
+        }
+        let many: Vec<String> = (0..=MAX_STAGES).map(|i| format!("s{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(matches!(stages(&many), Err(ApiError::Coded { .. })));
     }
 
     #[test]
