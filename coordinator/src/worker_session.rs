@@ -65,19 +65,8 @@ impl From<swarm_transport::FrameError> for SessionError {
 
 async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionError> {
     let (mut writer, mut reader) = accepted.accept_stream().await?;
-    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<WorkerMsg>())
-        .await
-        .map_err(|_| SessionError::Protocol("no hello within 10 s".into()))??;
-    let hello = match first {
-        Some(WorkerMsg::Hello(h)) => h,
-        Some(other) => {
-            metrics::counter!("swarm_protocol_errors_total").increment(1);
-            return Err(SessionError::Protocol(format!(
-                "expected Hello first, got {}",
-                msg_name(&other)
-            )));
-        }
-        None => return Ok(()),
+    let Some(hello) = read_hello(&mut reader).await? else {
+        return Ok(());
     };
     if hello.protocol != PROTOCOL_VERSION {
         let message = format!(
@@ -141,19 +130,8 @@ async fn relayed(
     conn: &quinn::Connection,
     lead: &str,
 ) -> Result<(), SessionError> {
-    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<WorkerMsg>())
-        .await
-        .map_err(|_| SessionError::Protocol("no hello within 10 s".into()))??;
-    let hello = match first {
-        Some(WorkerMsg::Hello(h)) => h,
-        Some(other) => {
-            metrics::counter!("swarm_protocol_errors_total").increment(1);
-            return Err(SessionError::Protocol(format!(
-                "expected Hello first on a relayed stream, got {}",
-                msg_name(&other)
-            )));
-        }
-        None => return Ok(()),
+    let Some(hello) = read_hello(&mut reader).await? else {
+        return Ok(());
     };
     let refusal = if hello.protocol != PROTOCOL_VERSION {
         Some(CoordinatorMsg::Rejected {
@@ -245,6 +223,25 @@ async fn session(
     unregister(node, &hello.worker_id, conn_id);
     info!(worker = %hello.worker_id, "worker disconnected");
     result
+}
+
+/// A session's first frame, which must be `Hello` and arrive in time; `None` if the
+/// stream ended first.
+async fn read_hello(reader: &mut FrameReader) -> Result<Option<Hello>, SessionError> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<WorkerMsg>())
+        .await
+        .map_err(|_| SessionError::Protocol("no hello within 10 s".into()))??;
+    match first {
+        Some(WorkerMsg::Hello(h)) => Ok(Some(h)),
+        Some(other) => {
+            metrics::counter!("swarm_protocol_errors_total").increment(1);
+            Err(SessionError::Protocol(format!(
+                "expected Hello first, got {}",
+                msg_name(&other)
+            )))
+        }
+        None => Ok(None),
+    }
 }
 
 fn validate_hello(h: &Hello) -> Result<(), String> {
