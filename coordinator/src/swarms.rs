@@ -730,6 +730,23 @@ mod tests {
         });
     }
 
+    /// A table with one hierarchical swarm "h" over pool=x, fan-out 1.
+    fn hierarchy_table() -> TaskTable {
+        let mut t = TaskTable::new();
+        t.apply(&Command {
+            ops: vec![Op::SwarmCreate {
+                record: record(CreateSwarm {
+                    name: "h".into(),
+                    topology: "hierarchical".into(),
+                    labels: labels(&[("pool", "x")]),
+                    fan_out: Some(1),
+                    ..Default::default()
+                }),
+            }],
+        });
+        t
+    }
+
     /// A session handle (the frames sent to it are dropped).
     fn session(conn_id: u64, via: Option<&str>) -> SessionHandle {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
@@ -881,18 +898,7 @@ mod tests {
 
     #[test]
     fn a_hierarchy_routes_members_through_leads() {
-        let mut t = TaskTable::new();
-        t.apply(&Command {
-            ops: vec![Op::SwarmCreate {
-                record: record(CreateSwarm {
-                    name: "h".into(),
-                    topology: "hierarchical".into(),
-                    labels: labels(&[("pool", "x")]),
-                    fan_out: Some(1),
-                    ..Default::default()
-                }),
-            }],
-        });
+        let t = hierarchy_table();
         let s = scheduler();
         let sessions = sessions(&[("a", 1, None), ("b", 2, None), ("c", 3, Some("a"))]);
         let mut topo = Topologies::default();
@@ -1034,18 +1040,7 @@ mod tests {
 
     #[test]
     fn members_in_transit_keep_the_hierarchy_and_a_lost_lead_is_replaced() {
-        let mut t = TaskTable::new();
-        t.apply(&Command {
-            ops: vec![Op::SwarmCreate {
-                record: record(CreateSwarm {
-                    name: "h".into(),
-                    topology: "hierarchical".into(),
-                    labels: labels(&[("pool", "x")]),
-                    fan_out: Some(1),
-                    ..Default::default()
-                }),
-            }],
-        });
+        let t = hierarchy_table();
         let mut s = scheduler();
         let mut topo = Topologies::default();
         let none = BTreeMap::new();

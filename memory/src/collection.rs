@@ -759,16 +759,7 @@ impl Collection {
             .into_iter()
             .map(|c| (c.1, c.0))
             .collect();
-        if hits.len() < k && hits.len() < live {
-            // Fewer than k found: either fewer than k points match, or the search could
-            // not reach them (HNSW graphs are not guaranteed connected, and a selective
-            // filter can strand the beam). Settle it exactly.
-            let exact = self.exact_slots(query, k, filter, now_ms);
-            if exact.len() > hits.len() {
-                return exact;
-            }
-        }
-        hits
+        self.or_exact(hits, query, k, live, filter, now_ms)
     }
 
     /// The same query through hnsw_rs' own `search`/`search_filter` on the same graph —
@@ -815,10 +806,23 @@ impl Collection {
         hits.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
         hits.dedup_by_key(|h| h.0);
         hits.truncate(k);
+        self.or_exact(hits, query, k, live, filter, now_ms)
+    }
+
+    /// `hits` of a graph search, or the exact answer when the graph found fewer than `k`
+    /// of the `live` points: either fewer than `k` match, or the search could not reach
+    /// them (HNSW graphs are not guaranteed connected, and a selective filter can strand
+    /// the beam). Settled by brute force.
+    fn or_exact(
+        &self,
+        hits: Vec<(u32, f32)>,
+        query: &[f32],
+        k: usize,
+        live: usize,
+        filter: Option<&MetadataFilter>,
+        now_ms: u64,
+    ) -> Vec<(u32, f32)> {
         if hits.len() < k && hits.len() < live {
-            // Fewer than k found: either fewer than k points match, or the graph search
-            // could not reach them (hnsw_rs graphs are not guaranteed connected, and a
-            // selective filter can strand the search). Settle it exactly.
             let exact = self.exact_slots(query, k, filter, now_ms);
             if exact.len() > hits.len() {
                 return exact;

@@ -334,32 +334,7 @@ async fn inbound_handshake(
         }
         Ok(Ok(x)) => x,
     };
-    let peer = match first {
-        Ok(Some(PeerMsg::Hello {
-            protocol,
-            worker_id,
-        })) => {
-            if protocol != PROTOCOL_VERSION {
-                let msg = format!(
-                    "peer {worker_id} speaks protocol version {protocol}, this worker speaks {PROTOCOL_VERSION}"
-                );
-                close(&conn, CLOSE_VERSION, &msg);
-                bail!("{msg}");
-            }
-            worker_id
-        }
-        Ok(Some(other)) => {
-            close(&conn, CLOSE_PROTOCOL_ERROR, "expected Hello");
-            bail!("protocol violation: {} before Hello", msg_name(&other));
-        }
-        Ok(None) => bail!("the peer closed the stream before Hello"),
-        Err(e) => {
-            if e.is_malformed() {
-                close(&conn, CLOSE_PROTOCOL_ERROR, "malformed frame");
-            }
-            return Err(e).context("reading Hello");
-        }
-    };
+    let peer = hello_of(&conn, first, "the peer")?;
     events
         .send(Event::Inbound {
             peer,
@@ -975,34 +950,10 @@ async fn dial(
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv::<PeerMsg>())
         .await
         .map_err(|_| anyhow!("no Hello from {addr} within {HANDSHAKE_TIMEOUT:?}"))?;
-    match first {
-        Ok(Some(PeerMsg::Hello {
-            protocol,
-            worker_id,
-        })) => {
-            if protocol != PROTOCOL_VERSION {
-                let msg = format!(
-                    "peer {worker_id} speaks protocol version {protocol}, this worker speaks {PROTOCOL_VERSION}"
-                );
-                close(&conn, CLOSE_VERSION, &msg);
-                bail!("{msg}");
-            }
-            if worker_id != ctx.peer {
-                close(&conn, CLOSE_NOT_PEER, "unexpected worker");
-                bail!("{addr} is worker {worker_id:?}, expected {:?}", ctx.peer);
-            }
-        }
-        Ok(Some(other)) => {
-            close(&conn, CLOSE_PROTOCOL_ERROR, "expected Hello");
-            bail!("protocol violation: {} before Hello", msg_name(&other));
-        }
-        Ok(None) => bail!("{addr} closed the link before Hello"),
-        Err(e) => {
-            if e.is_malformed() {
-                close(&conn, CLOSE_PROTOCOL_ERROR, "malformed frame");
-            }
-            return Err(e).with_context(|| format!("reading Hello from {addr}"));
-        }
+    let worker_id = hello_of(&conn, first, addr)?;
+    if worker_id != ctx.peer {
+        close(&conn, CLOSE_NOT_PEER, "unexpected worker");
+        bail!("{addr} is worker {worker_id:?}, expected {:?}", ctx.peer);
     }
     guard.disarm();
     Ok((conn, writer, reader))
@@ -1110,6 +1061,42 @@ impl Drop for Lending<'_> {
                 attempts: std::mem::take(&mut self.attempts),
                 delivered: self.delivered,
             });
+        }
+    }
+}
+
+/// The worker id of a link's first frame, which must be a `Hello` of this protocol
+/// version; closes the link with the matching code otherwise. `who` names the other end
+/// in errors.
+fn hello_of(
+    conn: &quinn::Connection,
+    first: Result<Option<PeerMsg>, swarm_transport::FrameError>,
+    who: &str,
+) -> anyhow::Result<String> {
+    match first {
+        Ok(Some(PeerMsg::Hello {
+            protocol,
+            worker_id,
+        })) => {
+            if protocol != PROTOCOL_VERSION {
+                let msg = format!(
+                    "peer {worker_id} speaks protocol version {protocol}, this worker speaks {PROTOCOL_VERSION}"
+                );
+                close(conn, CLOSE_VERSION, &msg);
+                bail!("{msg}");
+            }
+            Ok(worker_id)
+        }
+        Ok(Some(other)) => {
+            close(conn, CLOSE_PROTOCOL_ERROR, "expected Hello");
+            bail!("protocol violation: {} before Hello", msg_name(&other));
+        }
+        Ok(None) => bail!("{who} closed the link before Hello"),
+        Err(e) => {
+            if e.is_malformed() {
+                close(conn, CLOSE_PROTOCOL_ERROR, "malformed frame");
+            }
+            Err(e).with_context(|| format!("reading Hello from {who}"))
         }
     }
 }
