@@ -32,6 +32,21 @@ def write_fvecs(path, x):
     out.tofile(path)
 
 
+def read_idx_images(path):
+    """Images of an IDX file (MNIST layout, optionally gzipped) as float32 rows."""
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    magic, n, rows, cols = np.frombuffer(raw[:16], dtype=">i4")
+    if magic != 2051:
+        raise SystemExit(f"{path}: not an IDX image file (magic {magic})")
+    pixels = np.frombuffer(raw[16:], dtype=np.uint8)
+    if pixels.size != n * rows * cols:
+        raise SystemExit(f"{path}: {pixels.size} pixels, expected {n * rows * cols}")
+    return pixels.reshape(n, rows * cols).astype(np.float32)
+
+
 def clustered(n, dim, clusters, spread, rng):
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     which = rng.integers(0, clusters, n)
@@ -47,13 +62,26 @@ def main():
     ap.add_argument("--spread", type=float, default=0.5)
     ap.add_argument("--efs", default="16,20,24,32,64,128")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--idx", metavar="DIR",
+                    help="real data instead: an MNIST-layout directory (e.g. Debian's "
+                         "dataset-fashion-mnist, /usr/share/datasets/fashion-mnist); base = "
+                         "the first --n training images, queries = the first --queries test "
+                         "images, pixels as 0..255 floats")
     ap.add_argument("--recall-bin", help="memory_recall binary to run on the same files")
     args = ap.parse_args()
     efs = [int(e) for e in args.efs.split(",")]
 
-    rng = np.random.default_rng(args.seed)
-    data = clustered(args.n + args.queries, args.dim, args.clusters, args.spread, rng)
-    base, queries = data[: args.n], data[args.n :]
+    if args.idx:
+        base = read_idx_images(os.path.join(args.idx, "train-images-idx3-ubyte.gz"))[: args.n]
+        queries = read_idx_images(os.path.join(args.idx, "t10k-images-idx3-ubyte.gz"))
+        queries = queries[: args.queries]
+        args.dim = base.shape[1]
+        what = f"{os.path.basename(args.idx.rstrip('/'))} (real images)"
+    else:
+        rng = np.random.default_rng(args.seed)
+        data = clustered(args.n + args.queries, args.dim, args.clusters, args.spread, rng)
+        base, queries = data[: args.n], data[args.n :]
+        what = f"{args.clusters} clusters, spread {args.spread}"
     k = 10
 
     faiss.omp_set_num_threads(1)
@@ -66,8 +94,7 @@ def main():
     t0 = time.perf_counter()
     index.add(base)
     build = time.perf_counter() - t0
-    print(f"# {args.n} x {args.dim}, {args.clusters} clusters, spread {args.spread}, "
-          f"{args.queries} queries, k {k}, one thread")
+    print(f"# {len(base)} x {args.dim}, {what}, {len(queries)} queries, k {k}, one thread")
     print(f"faiss {faiss.__version__} IndexHNSWFlat M 16 efC 200: build {build:.2f} s")
     for ef in efs:
         index.hnsw.efSearch = ef

@@ -25,7 +25,12 @@
 //!   distances are computed with a bound ([`kernel::l2_squared_bounded`]): a neighbour
 //!   is dropped as soon as a partial sum exceeds the current worst result, which decides
 //!   exactly as the full distance would but reads a fraction of most vectors — in high
-//!   dimension the search is bound by memory traffic, not arithmetic. The copy also
+//!   dimension the search is bound by memory traffic, not arithmetic. For the same
+//!   reason, from [`BF16_TRAVERSAL_MIN_DIMENSION`] dimensions up the walk evaluates a
+//!   node's new neighbours four at a time (interleaved loads, [`kernel`]'s batch
+//!   kernels) on a bfloat16 copy of the vectors (half the bytes), and the beam's `ef`
+//!   nodes are then ranked by their exact f32 distances — the distances returned are
+//!   always exact. The copy also
 //!   restores reverse links hnsw_rs dropped (see limitations), which fixes nodes the
 //!   hnsw_rs graph leaves unreachable. [`MemoryStore::search_via_hnsw_rs`] keeps
 //!   hnsw_rs' own `search` on the same graph for comparison (`memory_recall
@@ -60,10 +65,11 @@
 //!   every snapshot;
 //! * **the HNSW graphs are derived but reproducible**: hnsw_rs draws node levels from an
 //!   RNG *seeded with a constant* (397) in every new `Hnsw`, we only ever insert serially,
-//!   and our distance kernels ([`kernel`]) use a fixed 32-lane summation order without
-//!   FMA, so the explicit AVX2 code selected at run time and the portable scalar code
-//!   return the same bits on every platform (and the early exit of the bounded L2
-//!   kernel never changes a decision, see above). Hence the graph is a pure function of
+//!   and our distance kernels ([`kernel`]) use a fixed 32-lane summation order of fused
+//!   multiply-adds, so the explicit AVX2 code selected at run time and the portable
+//!   scalar code return the same bits on every platform (and neither the early exit of
+//!   the bounded L2 kernel nor batching ever changes a decision, see above; the bfloat16
+//!   copy is rounded the same way everywhere). Hence the graph is a pure function of
 //!   the sequence of inserted slots. Snapshots keep every slot of the current graph generation,
 //!   tombstones included, plus the number of slots the flat copy covered; restore
 //!   re-inserts the slots in order and takes the copy at that same point, so a restored
@@ -145,7 +151,7 @@ pub mod synthetic;
 
 pub use collection::{
     CollectionInfo, CollectionSpec, GraphStats, Metric, PointWrite, SearchHit, SearchRequest,
-    StoredPoint,
+    StoredPoint, BF16_TRAVERSAL_MIN_DIMENSION,
 };
 pub use distill::{
     classify_error, embed_items, AgentItemsDistiller, AgentMemoryItem, DistilledItem, Distiller,

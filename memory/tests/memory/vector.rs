@@ -49,6 +49,49 @@ fn recall_at_10_on_clustered_data_cosine_l2_dot() {
     }
 }
 
+/// Above [`swarm_memory::BF16_TRAVERSAL_MIN_DIMENSION`] the graph walk compares bfloat16
+/// copies, then ranks the beam by exact distance: recall holds for every metric, and every
+/// returned distance is the exact one (bit for bit what exact search returns for that id).
+#[test]
+fn bf16_walk_keeps_recall_and_returns_exact_distances() {
+    let dim = swarm_memory::BF16_TRAVERSAL_MIN_DIMENSION + 44;
+    for (metric, floor) in [
+        (Metric::Cosine, 0.95),
+        (Metric::L2, 0.95),
+        (Metric::Dot, 0.90),
+    ] {
+        let data = gaussian_clusters(1000, 60, dim, 40, 1.0, 31);
+        let mut s = store();
+        create(&mut s, "c", dim, metric);
+        load(&mut s, "c", &data.base, |_| String::new());
+        let (mut truth, mut found) = (Vec::new(), Vec::new());
+        for q in &data.queries {
+            let mut req = SearchRequest::new(q.clone(), 10, 0);
+            req.ef = Some(16);
+            let hits = s.search("c", &req).unwrap();
+            // Exact distances of every point, by id.
+            let all = s
+                .search_exact("c", &SearchRequest::new(q.clone(), 1000, 0))
+                .unwrap();
+            for h in &hits {
+                let e = all.iter().find(|e| e.id == h.id).unwrap();
+                assert_eq!(
+                    h.distance.to_bits(),
+                    e.distance.to_bits(),
+                    "{metric:?} {}",
+                    h.id
+                );
+            }
+            assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
+            truth.push(ids(&all[..10]));
+            found.push(ids(&hits));
+        }
+        let r = recall_at_k(&truth, &found, 10);
+        eprintln!("bf16 walk {metric:?} recall@10 {r:.4}");
+        assert!(r >= floor, "{metric:?} recall {r}");
+    }
+}
+
 /// Points written one small op at a time exercise the exactly-scanned tail and the
 /// periodic refresh of the graph copy; answers stay exact-quality throughout.
 #[test]
@@ -458,7 +501,18 @@ fn scripted_ops(data: &[Vec<f32>]) -> Vec<MemoryOp> {
 
 #[test]
 fn replicas_converge_and_snapshot_restore_answers_identically() {
-    let data = gaussian_clusters(600, 30, 16, 15, 1.0, 21);
+    replicas_converge(16);
+}
+
+/// The same at a dimension whose search walks the bfloat16 copy, which a restored or
+/// rebuilt collection re-derives.
+#[test]
+fn replicas_converge_and_restore_identically_with_the_bf16_walk() {
+    replicas_converge(swarm_memory::BF16_TRAVERSAL_MIN_DIMENSION + 44);
+}
+
+fn replicas_converge(dim: usize) {
+    let data = gaussian_clusters(600, 30, dim, 15, 1.0, 21);
     let ops = scripted_ops(&data.base);
     let mut a = store_with(|c| c.rebuild_min_tombstones = 100);
     let mut b = store_with(|c| c.rebuild_min_tombstones = 100);
@@ -474,7 +528,7 @@ fn replicas_converge_and_snapshot_restore_answers_identically() {
         collection: "docs".into(),
         points: vec![
             point("ok", data.base[0].clone(), ""),
-            point("bad", vec![f32::NAN; 16], ""),
+            point("bad", vec![f32::NAN; dim], ""),
         ],
         now_ms: 800,
     };
