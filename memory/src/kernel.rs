@@ -423,48 +423,47 @@ mod avx2 {
         reduce(v3, &acc)
     }
 
-    /// Steps `q[from..to]` against each active row into lanes `16h..16h + 16`
-    /// (registers `2h`, `2h + 1`) of that row's accumulators. Doing one half of the lanes
-    /// of all rows at a time keeps 8 accumulators live, which AVX2's 16 registers hold;
-    /// all four registers of four rows would be spilled to the stack on every block.
+    /// Steps `q[from..to]` against all `BATCH` rows, into lanes `16h..16h + 16`
+    /// (registers `2h`, `2h + 1`) of each row's accumulators. Doing one half of the lanes
+    /// of all rows at a time keeps 8 accumulators live, which AVX2's 16 registers hold,
+    /// and reading every row leaves no branch in the loop (a branch per row and block
+    /// made the compiler spill accumulators to the stack on every block).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn half_blocks<C: Component>(
         v3: V3,
         acc: &mut [[f32x8; REGS]; BATCH],
         q: &[f32],
         rows: &[&[C]; BATCH],
-        active: [bool; BATCH],
         (from, to): (usize, usize),
         h: usize,
         step: impl Fn(f32x8, f32x8, f32x8) -> f32x8 + Copy,
     ) {
         let mut a = [[v3.splat_f32x8(0.0); 2]; BATCH];
-        for k in 0..BATCH {
-            a[k] = [acc[k][2 * h], acc[k][2 * h + 1]];
+        for j in 0..BATCH {
+            a[j] = [acc[j][2 * h], acc[j][2 * h + 1]];
         }
         for at in (from..to).step_by(LANES) {
             let o = at + 16 * h;
             let (x0, x1) = (load(&q[o..]), load(&q[o + 8..]));
-            for k in 0..BATCH {
-                if active[k] {
-                    let r = &rows[k][o..o + 16];
-                    a[k][0] = step(a[k][0], x0, C::load8(v3, r));
-                    a[k][1] = step(a[k][1], x1, C::load8(v3, &r[8..]));
-                }
+            for j in 0..BATCH {
+                let r = &rows[j][o..o + 16];
+                a[j][0] = step(a[j][0], x0, C::load8(v3, r));
+                a[j][1] = step(a[j][1], x1, C::load8(v3, &r[8..]));
             }
         }
-        for k in 0..BATCH {
-            acc[k][2 * h] = a[k][0];
-            acc[k][2 * h + 1] = a[k][1];
+        for j in 0..BATCH {
+            acc[j][2 * h] = a[j][0];
+            acc[j][2 * h + 1] = a[j][1];
         }
     }
 
     /// The sums of `step` over `q` and each of `vs` (all of `q`'s length, at most
-    /// `BATCH`), interleaved: 32 floats of each vector in turn (in two halves of 16
-    /// lanes). With `BOUNDED`, a vector whose partial sum exceeds `bound` at a check
-    /// (every `CHECK_EVERY` floats, as in `l2_bounded_sum`) stops there with that partial
-    /// sum.
+    /// `BATCH`), interleaved 16 floats of each row at a time. With `BOUNDED`, a row whose
+    /// partial sum exceeds `bound` at a check (every `CHECK_EVERY` floats, as in
+    /// `l2_bounded_sum`) stops there with that partial sum. The loop always steps four
+    /// rows: a position without a row of its own (a short batch, or a row that stopped)
+    /// repeats a row still going, whose lines are being read anyway, and its sums are
+    /// ignored.
     #[inline(always)]
     pub(super) fn sum_batch<C: Component, const BOUNDED: bool>(
         v3: V3,
@@ -473,16 +472,18 @@ mod avx2 {
         bound: f32,
         step: impl Fn(f32x8, f32x8, f32x8) -> f32x8 + Copy,
     ) -> [f32; BATCH] {
+        let mut out = [0f32; BATCH];
+        let Some(first) = vs.first() else {
+            return out;
+        };
         let n = q.len();
-        let mut rows: [&[C]; BATCH] = [&[]; BATCH];
-        let mut active = [false; BATCH];
+        let mut rows: [&[C]; BATCH] = [&first[..n]; BATCH];
+        let mut live = [false; BATCH];
         for (k, v) in vs.iter().enumerate() {
             rows[k] = &v[..n];
-            active[k] = true;
+            live[k] = true;
         }
-        // Rows past `vs.len()` stay empty: only active rows are read.
         let mut acc = [[v3.splat_f32x8(0.0); REGS]; BATCH];
-        let mut out = [0f32; BATCH];
         let checked = if BOUNDED {
             n / CHECK_EVERY * CHECK_EVERY
         } else {
@@ -490,33 +491,40 @@ mod avx2 {
         };
         for start in (0..checked).step_by(CHECK_EVERY) {
             let span = (start, start + CHECK_EVERY);
-            half_blocks(v3, &mut acc, q, &rows, active, span, 0, step);
-            half_blocks(v3, &mut acc, q, &rows, active, span, 1, step);
+            half_blocks(v3, &mut acc, q, &rows, span, 0, step);
+            half_blocks(v3, &mut acc, q, &rows, span, 1, step);
+            let mut going = None;
             for k in 0..BATCH {
-                if active[k] {
+                if live[k] {
                     let partial = reduce(v3, &acc[k]);
                     if partial > bound {
                         out[k] = partial;
-                        active[k] = false;
+                        live[k] = false;
+                    } else {
+                        going = Some(rows[k]);
                     }
                 }
             }
-            if active == [false; BATCH] {
+            let Some(going) = going else {
                 return out;
+            };
+            for k in 0..BATCH {
+                if !live[k] {
+                    rows[k] = going;
+                }
             }
         }
         let whole = checked + (n - checked) / LANES * LANES;
-        half_blocks(v3, &mut acc, q, &rows, active, (checked, whole), 0, step);
-        half_blocks(v3, &mut acc, q, &rows, active, (checked, whole), 1, step);
+        half_blocks(v3, &mut acc, q, &rows, (checked, whole), 0, step);
+        half_blocks(v3, &mut acc, q, &rows, (checked, whole), 1, step);
         for k in 0..BATCH {
-            if active[k] {
+            if live[k] {
                 // The last < 32 components, widened to f32 (exactly) first.
                 let mut tail = [0f32; LANES];
                 for (t, c) in tail.iter_mut().zip(&rows[k][whole..]) {
                     *t = c.to_f32();
                 }
-                let len = n - whole;
-                partial_block(&mut acc[k], &q[whole..], &tail[..len], step);
+                partial_block(&mut acc[k], &q[whole..], &tail[..n - whole], step);
                 out[k] = reduce(v3, &acc[k]);
             }
         }
