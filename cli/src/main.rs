@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use swarm_coordinator::api::parse_duration;
-use swarm_coordinator::memory::DistillMode;
+use swarm_coordinator::memory::{DistillMode, EmbedderConfig, HttpEmbedderSettings};
 use swarm_coordinator::raft::types::NodeAddr;
 use swarm_coordinator::scheduler::SchedulerConfig;
 use swarm_coordinator::{CoordinatorConfig, Limits, TaskDefaults};
@@ -506,6 +506,32 @@ struct CoordinatorArgs {
     /// Snapshot the state and compact the Raft log after this many entries.
     #[arg(long, env = "SWARM_SNAPSHOT_EVERY", default_value_t = swarm_coordinator::raft::SNAPSHOT_EVERY_LOGS)]
     snapshot_every: u64,
+    /// What embeds pattern texts, `text` points and queries: `hash` (built-in, offline,
+    /// 256 dimensions) or `http` (an OpenAI-compatible /v1/embeddings endpoint, see
+    /// --embedder-url). Every node of a cluster needs the same embedder.
+    #[arg(long, env = "SWARM_EMBEDDER", default_value = "hash", value_parser = ["hash", "http"])]
+    embedder: String,
+    /// OpenAI-compatible base URL for `--embedder http` (POST {url}/v1/embeddings).
+    #[arg(long, env = "SWARM_EMBEDDER_URL")]
+    embedder_url: Option<String>,
+    /// Model name for `--embedder http`.
+    #[arg(
+        long,
+        env = "SWARM_EMBEDDER_MODEL",
+        default_value = "text-embedding-3-small"
+    )]
+    embedder_model: String,
+    /// Dimension of the model's vectors, required with `--embedder http`; it becomes the
+    /// ReasoningBank's pattern dimension and cannot change for an existing data dir.
+    #[arg(long, env = "SWARM_EMBEDDER_DIMENSION")]
+    embedder_dimension: Option<usize>,
+    /// Name of the environment variable holding the embedding endpoint's bearer token
+    /// (the token itself never goes on the command line).
+    #[arg(long, env = "SWARM_EMBEDDER_API_KEY_ENV")]
+    embedder_api_key_env: Option<String>,
+    /// Timeout of one embedding request.
+    #[arg(long, env = "SWARM_EMBEDDER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    embedder_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -905,6 +931,7 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    let embedder = embedder_config(&a)?;
     let token = match (a.token, &a.token_file) {
         (Some(t), _) if !t.is_empty() => t,
         (_, Some(f)) => read_token(f)?,
@@ -963,6 +990,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             },
             _ => DistillMode::AgentItems,
         },
+        embedder,
     };
     let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();
     let handle = swarm_coordinator::start(cfg).await?;
@@ -991,6 +1019,67 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let _ = stop_join.send(true);
     handle.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The embedder the `--embedder*` flags describe; bad combinations are errors.
+fn embedder_config(a: &CoordinatorArgs) -> anyhow::Result<EmbedderConfig> {
+    if a.embedder != "http" {
+        for (given, flag) in [
+            (a.embedder_url.is_some(), "--embedder-url"),
+            (a.embedder_dimension.is_some(), "--embedder-dimension"),
+            (a.embedder_api_key_env.is_some(), "--embedder-api-key-env"),
+        ] {
+            if given {
+                bail!(
+                    "{flag} is only used with --embedder http (the embedder is `{}`)",
+                    a.embedder
+                );
+            }
+        }
+        return Ok(EmbedderConfig::Hash);
+    }
+    let base_url = match a.embedder_url.as_deref().map(str::trim) {
+        Some(u) if !u.is_empty() => u.to_string(),
+        _ => bail!("--embedder http needs --embedder-url (or SWARM_EMBEDDER_URL): the base URL of an OpenAI-compatible embeddings endpoint"),
+    };
+    if base_url.starts_with("https://") {
+        // reqwest is built without TLS here (swarm-memory's `https` feature is off).
+        bail!("--embedder-url {base_url:?}: this swarm build speaks plain http:// to the embedder only (no TLS); put a local proxy in front of an https endpoint");
+    }
+    if !base_url.starts_with("http://") {
+        bail!("--embedder-url must be an http:// URL, got {base_url:?}");
+    }
+    let dimension = match a.embedder_dimension {
+        Some(d) if d > 0 => d,
+        Some(_) => bail!("--embedder-dimension must be greater than 0"),
+        None => bail!("--embedder http needs --embedder-dimension (or SWARM_EMBEDDER_DIMENSION): the dimension of the model's vectors"),
+    };
+    if a.embedder_model.trim().is_empty() {
+        bail!("--embedder-model must not be empty");
+    }
+    if a.embedder_timeout.is_zero() {
+        bail!("--embedder-timeout must be greater than 0");
+    }
+    let api_key = match a.embedder_api_key_env.as_deref().filter(|v| !v.is_empty()) {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(key) if !key.trim().is_empty() => Some(key.trim().to_string()),
+            Ok(_) => bail!("--embedder-api-key-env names {var}, which is empty"),
+            Err(std::env::VarError::NotPresent) => {
+                bail!("--embedder-api-key-env names {var}, which is not set")
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                bail!("--embedder-api-key-env names {var}, which is not valid UTF-8")
+            }
+        },
+    };
+    Ok(EmbedderConfig::Http(HttpEmbedderSettings {
+        base_url,
+        model: a.embedder_model.clone(),
+        api_key,
+        dimension,
+        timeout: a.embedder_timeout,
+    }))
 }
 
 async fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {

@@ -8,25 +8,38 @@
 //! * HTTP (`/v1/memory/*`, `/v1/patterns/*`): JSON in, memory ops or reads out.
 //! * Workers: a task submitted with `patterns: k` makes its worker send `Retrieve` over
 //!   its QUIC session before running the agent; [`retrieve_for_worker`] embeds the task's
-//!   payload text with the built-in embedder and answers from the local replica.
+//!   payload text with the configured embedder and answers from the local replica.
 //! * After a task's result commits, [`after_result`] judges the patterns the agent was
 //!   given against the outcome ([`MemoryOp::PatternJudge`]) and, when enabled, distils the
 //!   task into new patterns ([`MemoryOp::PatternAdd`]).
+//!
+//! Embedding ([`EmbedderConfig`]): the built-in hashing embedder (default) or an
+//! OpenAI-compatible endpoint. Texts are always embedded *before* an op is proposed, so
+//! a failed embedding writes nothing (HTTP 502 `embedder_unavailable`). The pattern
+//! bank's dimension is [`StoreConfig::pattern_dimension`], part of the replicated state:
+//! a new replica is created with the embedder's dimension, the data dir records it
+//! ([`pin_pattern_dimension`]) so a restart with another embedder fails at startup, and
+//! every pattern embedding checks the replica's dimension first
+//! (`embedder_dimension_mismatch`), which covers state that arrives later (a snapshot
+//! from the leader, a restore).
 
+use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use swarm_memory::{
-    embed_items, CollectionSpec, ConsolidateParams, Distiller, Embedder, HashEmbedder, MemoryOp,
-    MetadataFilter, Metric, NewPattern, OpOutcome, Outcome as PatternOutcome, PointWrite,
-    RetrieveParams, SearchRequest, TaskSummary,
+    embed_items, CollectionSpec, ConsolidateParams, Distiller, Embedder, HashEmbedder,
+    HttpEmbedder, HttpEmbedderConfig, MemoryOp, MetadataFilter, Metric, NewPattern, OpOutcome,
+    Outcome as PatternOutcome, PointWrite, RetrieveParams, SearchRequest, StoreConfig, TaskSummary,
 };
 use swarm_proto::worker::PatternHit;
 use tracing::{debug, warn};
@@ -49,14 +62,168 @@ pub enum DistillMode {
     Off,
 }
 
+/// What turns texts into vectors: pattern texts, `text` points, search and retrieval
+/// queries. Every node of a cluster must use the same embedder (at least the same
+/// dimension: it is the pattern bank's, which is replicated state).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EmbedderConfig {
+    /// The built-in deterministic hashing embedder (offline, 256 dimensions).
+    #[default]
+    Hash,
+    /// An OpenAI-compatible `POST {base_url}/v1/embeddings` endpoint.
+    Http(HttpEmbedderSettings),
+}
+
+/// Settings of [`EmbedderConfig::Http`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpEmbedderSettings {
+    /// Base URL (`/v1/embeddings` is appended as needed).
+    pub base_url: String,
+    /// Model name sent with every request.
+    pub model: String,
+    /// Bearer token, if the endpoint wants one (never printed by `Debug`).
+    pub api_key: Option<String>,
+    /// Dimension of the model's vectors; answers of another dimension are refused.
+    pub dimension: usize,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for HttpEmbedderSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpEmbedderSettings")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("dimension", &self.dimension)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl EmbedderConfig {
+    /// Dimension of every vector the embedder returns.
+    pub fn dimension(&self) -> usize {
+        match self {
+            EmbedderConfig::Hash => HashEmbedder::default().dimension(),
+            EmbedderConfig::Http(h) => h.dimension,
+        }
+    }
+
+    /// For log lines and error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            EmbedderConfig::Hash => format!("the hash embedder ({} dimensions)", self.dimension()),
+            EmbedderConfig::Http(h) => format!(
+                "the http embedder `{}` at {} ({} dimensions)",
+                h.model, h.base_url, h.dimension
+            ),
+        }
+    }
+
+    fn build(&self) -> anyhow::Result<Arc<dyn Embedder>> {
+        Ok(match self {
+            EmbedderConfig::Hash => Arc::new(HashEmbedder::default()),
+            EmbedderConfig::Http(h) => {
+                let mut cfg =
+                    HttpEmbedderConfig::new(h.base_url.clone(), h.model.clone(), h.dimension);
+                cfg.api_key = h.api_key.clone();
+                cfg.timeout = h.timeout;
+                Arc::new(HttpEmbedder::new(cfg).map_err(|e| anyhow::anyhow!("{e}"))?)
+            }
+        })
+    }
+}
+
+/// File in the Raft directory recording the pattern dimension this replica was created
+/// with.
+const PATTERN_DIMENSION_FILE: &str = "pattern-dimension";
+
+/// The memory store config of a new replica in `raft_dir`: the default one with the
+/// embedder's pattern dimension. Fails if the replica in `raft_dir` was created with
+/// another pattern dimension (recorded in a file next to the Raft log; a Raft directory
+/// from before that file existed was created with the hash embedder's 256). Call before
+/// the Raft log is opened (which creates the directory).
+pub(crate) fn pin_pattern_dimension(
+    raft_dir: &Path,
+    embedder: &EmbedderConfig,
+) -> anyhow::Result<StoreConfig> {
+    let dimension = embedder.dimension();
+    let store = StoreConfig {
+        pattern_dimension: dimension,
+        ..StoreConfig::default()
+    };
+    store
+        .validate()
+        .map_err(|e| anyhow::anyhow!("embedder dimension {dimension}: {e}"))?;
+    let path = raft_dir.join(PATTERN_DIMENSION_FILE);
+    let recorded =
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text.trim().parse::<usize>().with_context(|| {
+                format!("{} does not hold a dimension: {text:?}", path.display())
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let has_state = std::fs::read_dir(raft_dir)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false);
+                has_state.then_some(StoreConfig::default().pattern_dimension)
+            }
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+    match recorded {
+        Some(r) if r != dimension => bail!(
+            "this node's ReasoningBank holds {r}-dimensional pattern embeddings, but it was \
+             started with {}; start it with an embedder of dimension {r} \
+             (--embedder/--embedder-dimension), or give it a new --data-dir",
+            embedder.describe()
+        ),
+        Some(_) if path.exists() => {}
+        _ => {
+            std::fs::create_dir_all(raft_dir)
+                .with_context(|| format!("create {}", raft_dir.display()))?;
+            let tmp = raft_dir.join(format!("{PATTERN_DIMENSION_FILE}.tmp"));
+            let write = || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, format!("{dimension}\n").as_bytes())?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(raft_dir)?.sync_all()
+            };
+            write().with_context(|| format!("write {}", path.display()))?;
+        }
+    }
+    Ok(store)
+}
+
+/// Fails if the replica's pattern dimension (from a snapshot) is not the embedder's.
+pub(crate) fn check_replica_dimension(
+    replica: &StoreConfig,
+    embedder: &EmbedderConfig,
+) -> anyhow::Result<()> {
+    let p = replica.pattern_dimension;
+    if p != embedder.dimension() {
+        bail!(
+            "the replicated ReasoningBank has pattern dimension {p}, but this node was started \
+             with {}; every node of a cluster needs an embedder of dimension {p}",
+            embedder.describe()
+        );
+    }
+    Ok(())
+}
+
 /// What the coordinator uses to embed and distil.
 pub(crate) struct MemoryService {
-    pub(crate) embedder: HashEmbedder,
+    embedder: Arc<dyn Embedder>,
+    /// [`EmbedderConfig::describe`], for errors.
+    embedder_name: String,
     distillers: Vec<Box<dyn Distiller>>,
 }
 
 impl MemoryService {
-    pub(crate) fn new(mode: &DistillMode) -> anyhow::Result<MemoryService> {
+    pub(crate) fn new(
+        mode: &DistillMode,
+        embedder: &EmbedderConfig,
+    ) -> anyhow::Result<MemoryService> {
         let mut distillers: Vec<Box<dyn Distiller>> = Vec::new();
         if *mode != DistillMode::Off {
             distillers.push(Box::new(swarm_memory::AgentItemsDistiller));
@@ -73,10 +240,105 @@ impl MemoryService {
             _ => {}
         }
         Ok(MemoryService {
-            embedder: HashEmbedder::default(),
+            embedder: embedder.build().context("embedder")?,
+            embedder_name: embedder.describe(),
             distillers,
         })
     }
+}
+
+/// Why texts could not be embedded.
+#[derive(Debug)]
+enum EmbedError {
+    /// The embedder failed or answered something unusable (HTTP 502).
+    Unavailable(String),
+    /// The embedder's dimension is not the replica's pattern dimension.
+    DimensionMismatch(String),
+}
+
+impl EmbedError {
+    fn code(&self) -> &'static str {
+        match self {
+            EmbedError::Unavailable(_) => "embedder_unavailable",
+            EmbedError::DimensionMismatch(_) => "embedder_dimension_mismatch",
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            EmbedError::Unavailable(m) | EmbedError::DimensionMismatch(m) => m,
+        }
+    }
+}
+
+impl fmt::Display for EmbedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code(), self.message())
+    }
+}
+
+impl From<EmbedError> for ApiError {
+    fn from(e: EmbedError) -> Self {
+        let status = match e {
+            EmbedError::Unavailable(_) => StatusCode::BAD_GATEWAY,
+            EmbedError::DimensionMismatch(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::Coded {
+            status,
+            code: e.code().to_string(),
+            message: e.message().to_string(),
+        }
+    }
+}
+
+/// Embeds `texts` with the configured embedder: one vector of its dimension per text.
+async fn embed_texts(node: &Node, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    if texts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let service = node.memory_service();
+    let dimension = service.embedder.dimension();
+    let vectors = service
+        .embedder
+        .embed(texts)
+        .await
+        .map_err(|e| EmbedError::Unavailable(format!("{}: {e}", service.embedder_name)))?;
+    if vectors.len() != texts.len() {
+        return Err(EmbedError::Unavailable(format!(
+            "{} returned {} vectors for {} texts",
+            service.embedder_name,
+            vectors.len(),
+            texts.len()
+        )));
+    }
+    if let Some(v) = vectors.iter().find(|v| v.len() != dimension) {
+        return Err(EmbedError::Unavailable(format!(
+            "{} returned a vector of dimension {}, expected {dimension}",
+            service.embedder_name,
+            v.len()
+        )));
+    }
+    Ok(vectors)
+}
+
+/// Fails unless the embedder's vectors fit this replica's pattern bank.
+fn check_pattern_dimension(node: &Node) -> Result<(), EmbedError> {
+    let service = node.memory_service();
+    let bank = node.table.memory(|m| m.config().pattern_dimension);
+    if bank != service.embedder.dimension() {
+        return Err(EmbedError::DimensionMismatch(format!(
+            "the ReasoningBank's patterns have dimension {bank}, but this node embeds with {}; \
+             restart it with an embedder of dimension {bank}",
+            service.embedder_name
+        )));
+    }
+    Ok(())
+}
+
+/// [`embed_texts`] for the pattern bank: checks the dimension first.
+async fn embed_for_patterns(node: &Node, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    check_pattern_dimension(node)?;
+    embed_texts(node, texts).await
 }
 
 fn fault(f: MemoryFault) -> ApiError {
@@ -149,7 +411,7 @@ fn default_metric() -> String {
 
 pub(crate) async fn create_collection(
     State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
+    UrlPath(name): UrlPath<String>,
     body: Result<Json<CreateCollection>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(c) = body?;
@@ -190,7 +452,7 @@ pub(crate) async fn list_collections(State(node): State<Arc<Node>>) -> Json<Valu
 
 pub(crate) async fn get_collection(
     State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
+    UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let info = node
         .table
@@ -201,7 +463,7 @@ pub(crate) async fn get_collection(
 
 pub(crate) async fn drop_collection(
     State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
+    UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let o = write(
         &node,
@@ -214,7 +476,7 @@ pub(crate) async fn drop_collection(
     Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null)))
 }
 
-/// One point of an upsert: a vector, or a text the built-in embedder turns into one
+/// One point of an upsert: a vector, or a text the configured embedder turns into one
 /// (only for collections of its dimension).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -233,30 +495,44 @@ pub(crate) struct UpsertBody {
     points: Vec<PointIn>,
 }
 
-fn vector_of(
-    node: &Node,
-    vector: Option<Vec<f32>>,
-    text: Option<&str>,
-) -> Result<Vec<f32>, ApiError> {
+/// A given vector, or the text to embed into one.
+enum VectorIn {
+    Given(Vec<f32>),
+    Text(String),
+}
+
+fn vector_in(vector: Option<Vec<f32>>, text: Option<String>) -> Result<VectorIn, ApiError> {
     match (vector, text) {
-        (Some(v), None) => Ok(v),
-        (None, Some(t)) => Ok(node.memory_service().embedder.embed_one(t)),
+        (Some(v), None) => Ok(VectorIn::Given(v)),
+        (None, Some(t)) => Ok(VectorIn::Text(t)),
         _ => Err(ApiError::BadRequest(
-            "give either `vector` or `text` (embedded by the built-in embedder)".into(),
+            "give either `vector` or `text` (embedded by the configured embedder)".into(),
         )),
     }
 }
 
 pub(crate) async fn upsert(
     State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
+    UrlPath(name): UrlPath<String>,
     body: Result<Json<UpsertBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(b) = body?;
     let mut points = Vec::with_capacity(b.points.len());
+    // Texts to embed, and the points they belong to: embedded in one call, after every
+    // point passed the checks here and before anything is proposed.
+    let mut texts = Vec::new();
+    let mut text_points = Vec::new();
     for (i, p) in b.points.into_iter().enumerate() {
-        let vector = vector_of(&node, p.vector, p.text.as_deref())
-            .map_err(|e| ApiError::BadRequest(format!("points[{i}]: {e}")))?;
+        let vector = match vector_in(p.vector, p.text)
+            .map_err(|e| ApiError::BadRequest(format!("points[{i}]: {e}")))?
+        {
+            VectorIn::Given(v) => v,
+            VectorIn::Text(t) => {
+                texts.push(t);
+                text_points.push(i);
+                Vec::new()
+            }
+        };
         let metadata = match p.metadata {
             None | Some(Value::Null) => "{}".to_string(),
             Some(v @ Value::Object(_)) => v.to_string(),
@@ -272,6 +548,10 @@ pub(crate) async fn upsert(
             metadata,
             ttl_ms: p.ttl_ms,
         });
+    }
+    let vectors = embed_texts(&node, &texts).await?;
+    for (i, v) in text_points.into_iter().zip(vectors) {
+        points[i].vector = v;
     }
     let o = write(
         &node,
@@ -293,7 +573,7 @@ pub(crate) struct DeleteBody {
 
 pub(crate) async fn delete_points(
     State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
+    UrlPath(name): UrlPath<String>,
     body: Result<Json<DeleteBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(b) = body?;
@@ -330,14 +610,21 @@ fn default_k() -> usize {
 
 pub(crate) async fn search(
     State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
+    UrlPath(name): UrlPath<String>,
     body: Result<Json<SearchBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(b) = body?;
-    let vector = vector_of(&node, b.vector, b.text.as_deref())?;
+    let vector = vector_in(b.vector, b.text)?;
     let filter = match &b.filter {
         None | Some(Value::Null) => None,
         Some(v) => Some(MetadataFilter::from_json(v).map_err(mem_err)?),
+    };
+    let vector = match vector {
+        VectorIn::Given(v) => v,
+        VectorIn::Text(t) => embed_texts(&node, &[t])
+            .await?
+            .pop()
+            .ok_or_else(|| ApiError::Internal("no vector for the query".into()))?,
     };
     let req = SearchRequest {
         vector,
@@ -369,7 +656,7 @@ pub(crate) async fn search(
     Ok(Json(json!({ "hits": hits })))
 }
 
-/// `POST /v1/patterns` body: patterns to add (embedded by the built-in embedder).
+/// `POST /v1/patterns` body: patterns to add (embedded by the configured embedder).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AddPatterns {
@@ -392,12 +679,21 @@ pub(crate) async fn add_patterns(
     body: Result<Json<AddPatterns>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(b) = body?;
+    let outcomes = b
+        .items
+        .iter()
+        .map(|p| parse_outcome(&p.outcome))
+        .collect::<Result<Vec<_>, _>>()?;
+    let texts: Vec<String> = b
+        .items
+        .iter()
+        .map(|p| format!("{}\n{}\n{}", p.title, p.description, p.content))
+        .collect();
+    let embeddings = embed_for_patterns(&node, &texts).await?;
     let mut items = Vec::with_capacity(b.items.len());
-    for p in b.items {
-        let outcome = parse_outcome(&p.outcome)?;
-        let text = format!("{}\n{}\n{}", p.title, p.description, p.content);
+    for ((p, outcome), embedding) in b.items.into_iter().zip(outcomes).zip(embeddings) {
         items.push(NewPattern {
-            embedding: node.memory_service().embedder.embed_one(&text),
+            embedding,
             title: p.title,
             description: p.description,
             content: p.content,
@@ -461,7 +757,10 @@ pub(crate) async fn retrieve(
         params.min_similarity = s;
     }
     let started = Instant::now();
-    let q = node.memory_service().embedder.embed_one(&b.query);
+    let q = embed_for_patterns(&node, std::slice::from_ref(&b.query))
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::Internal("no vector for the query".into()))?;
     let items = node
         .table
         .memory(|m| m.retrieve(&q, b.k, now_ms(), &params))
@@ -541,14 +840,19 @@ pub(crate) async fn consolidate(
     Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null)))
 }
 
-/// Answer a worker's `Retrieve`: embed the query, read the local replica.
-pub(crate) fn retrieve_for_worker(
+/// Answer a worker's `Retrieve`: embed the query, read the local replica. Every failure
+/// (the embedder's included) is an error answer `"{code}: {message}"`.
+pub(crate) async fn retrieve_for_worker(
     node: &Node,
     query: &str,
     k: u32,
 ) -> Result<Vec<PatternHit>, String> {
     let started = Instant::now();
-    let q = node.memory_service().embedder.embed_one(query);
+    let q = embed_for_patterns(node, &[query.to_string()])
+        .await
+        .map_err(|e| e.to_string())?
+        .pop()
+        .ok_or_else(|| "internal: no vector for the query".to_string())?;
     let items = node
         .table
         .memory(|m| m.retrieve(&q, k as usize, now_ms(), &RetrieveParams::default()))
@@ -627,13 +931,23 @@ pub(crate) async fn after_result(node: Arc<Node>, r: ResultForMemory) {
                 }
             }
         }
-        match embed_items(&service.embedder as &dyn Embedder, &items).await {
-            Ok(patterns) if !patterns.is_empty() => ops.push(Op::Memory(MemoryOp::PatternAdd {
-                items: patterns,
-                now_ms: now,
-            })),
-            Ok(_) => {}
-            Err(e) => warn!(task = r.task_id, error = %e, "embedding distilled items failed"),
+        if !items.is_empty() {
+            let embedded = match check_pattern_dimension(&node) {
+                Ok(()) => embed_items(service.embedder.as_ref(), &items)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match embedded {
+                Ok(patterns) if !patterns.is_empty() => {
+                    ops.push(Op::Memory(MemoryOp::PatternAdd {
+                        items: patterns,
+                        now_ms: now,
+                    }))
+                }
+                Ok(_) => {}
+                Err(e) => warn!(task = r.task_id, error = %e, "embedding distilled items failed"),
+            }
         }
     }
     if ops.is_empty() {
@@ -648,5 +962,106 @@ pub(crate) async fn after_result(node: Arc<Node>, r: ResultForMemory) {
             }
         }
         Err(e) => debug!(task = r.task_id, error = %e, "memory ops after a result not committed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(dimension: usize) -> EmbedderConfig {
+        EmbedderConfig::Http(HttpEmbedderSettings {
+            base_url: "http://127.0.0.1:9".into(),
+            model: "m".into(),
+            api_key: Some("sk-secret".into()),
+            dimension,
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn pattern_dimension_is_pinned_to_the_raft_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let raft = dir.path().join("raft");
+        let cfg = pin_pattern_dimension(&raft, &http(16)).unwrap();
+        assert_eq!(cfg.pattern_dimension, 16);
+        assert_eq!(
+            StoreConfig {
+                pattern_dimension: StoreConfig::default().pattern_dimension,
+                ..cfg
+            },
+            StoreConfig::default(),
+            "only the pattern dimension differs from the default"
+        );
+        // Same embedder again: fine. Another dimension: refused, naming both.
+        assert_eq!(
+            pin_pattern_dimension(&raft, &http(16))
+                .unwrap()
+                .pattern_dimension,
+            16
+        );
+        let err = pin_pattern_dimension(&raft, &EmbedderConfig::Hash)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("16-dimensional") && err.contains("256 dimensions"),
+            "{err}"
+        );
+        assert!(pin_pattern_dimension(&raft, &http(32)).is_err());
+    }
+
+    #[test]
+    fn raft_dirs_from_before_the_record_are_the_hash_embedders() {
+        let dir = tempfile::tempdir().unwrap();
+        let raft = dir.path().join("raft");
+        std::fs::create_dir_all(&raft).unwrap();
+        std::fs::write(raft.join("log.redb"), b"x").unwrap();
+        assert!(pin_pattern_dimension(&raft, &http(16)).is_err());
+        let cfg = pin_pattern_dimension(&raft, &EmbedderConfig::Hash).unwrap();
+        assert_eq!(
+            cfg,
+            StoreConfig::default(),
+            "the hash embedder's store is unchanged"
+        );
+        assert_eq!(
+            std::fs::read_to_string(raft.join(PATTERN_DIMENSION_FILE)).unwrap(),
+            "256\n"
+        );
+    }
+
+    #[test]
+    fn unusable_dimensions_are_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let raft = dir.path().join("raft");
+        assert!(pin_pattern_dimension(&raft, &http(1_000_000)).is_err());
+        assert!(!raft.exists());
+    }
+
+    #[test]
+    fn replica_dimension_check_and_redacted_key() {
+        let replica = StoreConfig::default();
+        assert!(check_replica_dimension(&replica, &EmbedderConfig::Hash).is_ok());
+        let err = check_replica_dimension(&replica, &http(16))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pattern dimension 256"), "{err}");
+        let debug = format!("{:?}", http(16));
+        assert!(
+            !debug.contains("sk-secret") && debug.contains("<redacted>"),
+            "{debug}"
+        );
+    }
+
+    #[tokio::test]
+    async fn hash_embedder_through_the_trait_is_the_hash_embedder() {
+        let e = EmbedderConfig::Hash.build().unwrap();
+        let texts = vec!["retry the flaky download".to_string(), String::new()];
+        let got = e.embed(&texts).await.unwrap();
+        let direct = HashEmbedder::default();
+        assert_eq!(
+            got,
+            vec![direct.embed_one(&texts[0]), direct.embed_one(&texts[1])]
+        );
+        assert_eq!(e.dimension(), StoreConfig::default().pattern_dimension);
     }
 }

@@ -62,6 +62,9 @@ pub struct CoordinatorConfig {
     pub snapshot_every: u64,
     /// How finished tasks become ReasoningBank patterns.
     pub distill: crate::memory::DistillMode,
+    /// What embeds texts (patterns, `text` points, queries); its dimension is the pattern
+    /// bank's.
+    pub embedder: crate::memory::EmbedderConfig,
 }
 
 impl CoordinatorConfig {
@@ -91,6 +94,7 @@ impl CoordinatorConfig {
             scheduler: SchedulerConfig::default(),
             snapshot_every: crate::raft::SNAPSHOT_EVERY_LOGS,
             distill: crate::memory::DistillMode::default(),
+            embedder: crate::memory::EmbedderConfig::default(),
         }
     }
 }

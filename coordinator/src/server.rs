@@ -137,14 +137,18 @@ where
     cfg.api_advertise = advertised(&cfg.api_advertise, api_addr);
 
     let raft_dir = cfg.data_dir.join("raft");
+    // Before the log is opened: it creates the directory this looks at.
+    let store_cfg = crate::memory::pin_pattern_dimension(&raft_dir, &cfg.embedder)?;
     let log_store = if inline_storage {
         RedbLogStore::open_inline(&raft_dir)
     } else {
         RedbLogStore::open(&raft_dir)
     }
     .context("open raft log")?;
-    let sm = StateMachineStore::open(&raft_dir).context("open state machine")?;
+    let sm = StateMachineStore::open_with(&raft_dir, store_cfg).context("open state machine")?;
     let table = sm.table();
+    // A snapshot brings the replicated pattern dimension with it.
+    table.memory(|m| crate::memory::check_replica_dimension(m.config(), &cfg.embedder))?;
     let network =
         raft::network::QuicRaftNetwork::new(endpoint.clone(), client_config(&identity, ALPN_RAFT)?);
     let raft_cfg = Arc::new(
@@ -178,7 +182,9 @@ where
     }
 
     let peer_http = peer_http.unwrap_or_else(|| Arc::new(ReqwestPeers::new()));
-    let memory = crate::memory::MemoryService::new(&cfg.distill).context("memory service")?;
+    let memory =
+        crate::memory::MemoryService::new(&cfg.distill, &cfg.embedder).context("memory service")?;
+    info!(embedder = %cfg.embedder.describe(), "ReasoningBank embedder");
     let node = Node::new(cfg, raft.clone(), table, peer_http, memory);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = vec![

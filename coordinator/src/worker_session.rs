@@ -462,8 +462,18 @@ async fn read_loop(
                 k,
             } => {
                 // Served from this replica's memory: a short read lock, no Raft round trip.
-                let result = crate::memory::retrieve_for_worker(node, &query, k);
-                let _ = tx.send(CoordinatorMsg::Retrieved { request_id, result });
+                // Answered here when the embedder is immediate (the hash embedder);
+                // otherwise (an HTTP embedder) in its own task, so the session keeps
+                // reading heartbeats and reports meanwhile. Either way the worker gets an
+                // answer, an error one when embedding failed.
+                let (node, tx) = (node.clone(), tx.clone());
+                let mut answer = Box::pin(async move {
+                    let result = crate::memory::retrieve_for_worker(&node, &query, k).await;
+                    let _ = tx.send(CoordinatorMsg::Retrieved { request_id, result });
+                });
+                if futures::FutureExt::now_or_never(&mut answer).is_none() {
+                    tokio::spawn(answer);
+                }
             }
             WorkerMsg::Stole { attempt, from } => {
                 crate::swarms::on_stole(node, worker, attempt, &from);

@@ -216,8 +216,8 @@ impl FlatGraph {
     /// beam's worst distance at the start of the batch as the bound: the beam only
     /// tightens while the batch's results are taken in, so each neighbour is kept or
     /// dropped exactly as if it had been evaluated alone, against the beam of that
-    /// moment. `prefetch(slot, floats)` hints that the first `floats` components of a
-    /// slot's vector will be read soon.
+    /// moment. `prefetch(slot, n)` hints that the first `n` components of a slot's
+    /// vector (as `dist` reads it) will be read soon.
     pub(crate) fn search(
         &self,
         query: &[f32],

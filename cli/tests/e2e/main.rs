@@ -2,6 +2,7 @@
 
 mod backup;
 mod bad_input;
+mod embedder;
 mod faults;
 mod harness;
 mod lifecycle;

@@ -278,6 +278,12 @@ impl StateMachineStore {
     /// empty table. Blocking. A snapshot file that is corrupt or does not decode is an error
     /// (the node must not silently start from an empty table).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        Self::open_with(dir, StoreConfig::default())
+    }
+
+    /// [`StateMachineStore::open`], creating an empty memory store with `memory` (a
+    /// snapshot on disk brings its own config).
+    pub fn open_with(dir: &Path, memory: StoreConfig) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)
             .with_context(|| format!("creating raft data dir {}", dir.display()))?;
         // A leftover temp file is an interrupted snapshot write; the renamed file is the truth.
@@ -304,8 +310,7 @@ impl StateMachineStore {
             None => (
                 Applied {
                     table: TaskTable::new(),
-                    memory: MemoryStore::new(StoreConfig::default())
-                        .context("creating the memory store")?,
+                    memory: MemoryStore::new(memory).context("creating the memory store")?,
                     last_applied: None,
                     last_membership: StoredMembership::default(),
                 },
