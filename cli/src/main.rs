@@ -1042,12 +1042,8 @@ fn embedder_config(a: &CoordinatorArgs) -> anyhow::Result<EmbedderConfig> {
         Some(u) if !u.is_empty() => u.to_string(),
         _ => bail!("--embedder http needs --embedder-url (or SWARM_EMBEDDER_URL): the base URL of an OpenAI-compatible embeddings endpoint"),
     };
-    if base_url.starts_with("https://") {
-        // reqwest is built without TLS here (swarm-memory's `https` feature is off).
-        bail!("--embedder-url {base_url:?}: this swarm build speaks plain http:// to the embedder only (no TLS); put a local proxy in front of an https endpoint");
-    }
-    if !base_url.starts_with("http://") {
-        bail!("--embedder-url must be an http:// URL, got {base_url:?}");
+    if !base_url.starts_with("http://") && !base_url.starts_with("https://") {
+        bail!("--embedder-url must be an http:// or https:// URL, got {base_url:?}");
     }
     let dimension = match a.embedder_dimension {
         Some(d) if d > 0 => d,

@@ -144,7 +144,8 @@ impl Embedder for HashEmbedder {
 #[derive(Debug, Clone)]
 pub struct HttpEmbedderConfig {
     /// Base URL, e.g. `http://127.0.0.1:8080` or `http://host/v1`; `/v1/embeddings` is
-    /// appended as needed. (`http` only unless the crate feature `https` is enabled.)
+    /// appended as needed. (`https` needs the crate feature `https`, which the coordinator
+    /// enables: rustls with the ring provider and the bundled Mozilla roots.)
     pub base_url: String,
     /// Model name sent in the request.
     pub model: String,
