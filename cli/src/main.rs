@@ -999,6 +999,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         a.id, handle.api_addr, handle.quic_addr
     );
     let (stop_join, stop_join_rx) = tokio::sync::watch::channel(false);
+    let mut joining = None;
     if !join.is_empty() && !handle.node().raft().is_initialized().await? {
         let cfg = handle.node().config();
         let add = swarm_proto::api::AddNode {
@@ -1006,18 +1007,36 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             raft_addr: cfg.advertise.clone(),
             api_addr: cfg.api_advertise.clone(),
             voter: true,
+            pattern_dimension: Some(cfg.embedder.dimension()),
         };
-        tokio::spawn(swarm_coordinator::cluster::join(
+        joining = Some(tokio::spawn(swarm_coordinator::cluster::join(
             reqwest::Client::new(),
             join,
             cfg.api_token.clone(),
             add,
             stop_join_rx,
-        ));
+        )));
     }
-    shutdown_signal().await;
+    // A join the cluster refuses for good (another embedder) ends the process.
+    let refused = async {
+        match joining {
+            Some(task) => match task.await {
+                Ok(Err(why)) => why,
+                _ => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => None,
+        why = refused => Some(why),
+    };
     let _ = stop_join.send(true);
     handle.shutdown().await;
+    if let Some(why) = outcome {
+        eprintln!("swarm coordinator: {why}");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1311,6 +1330,7 @@ async fn cluster_cmd(c: ClusterCmd) -> anyhow::Result<ExitCode> {
                 raft_addr: raft,
                 api_addr: node_api,
                 voter: !learner,
+                pattern_dimension: None,
             };
             (api.client()?.add_node(&add).await?, false)
         }

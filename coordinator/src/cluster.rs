@@ -438,6 +438,21 @@ pub(crate) async fn add_node(
             )));
         }
     }
+    if let Some(theirs) = add.pattern_dimension {
+        let ours = node.table.memory(|m| m.config().pattern_dimension);
+        if theirs != ours {
+            return Err(ApiError::Coded {
+                status: StatusCode::CONFLICT,
+                code: "embedder_dimension_mismatch".into(),
+                message: format!(
+                    "node {} embeds patterns in {theirs} dimensions but this cluster's \
+                     ReasoningBank holds {ours}-dimensional embeddings; start it with the \
+                     cluster's embedder",
+                    add.id
+                ),
+            });
+        }
+    }
     let addr = NodeAddr {
         raft_addr: add.raft_addr.clone(),
         api_addr: add.api_addr.clone(),
@@ -512,14 +527,15 @@ pub(crate) async fn remove_node(
 }
 
 /// Ask the cluster behind `apis` (any member) to add this node; retried until it
-/// succeeds or `shutdown` fires. Used by `swarm coordinator --join`.
+/// succeeds or `shutdown` fires. Used by `swarm coordinator --join`. A refusal that no
+/// retry can change (the node's embedder disagrees with the cluster's) is returned.
 pub async fn join(
     http: reqwest::Client,
     apis: Vec<String>,
     token: String,
     add: AddNode,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+) -> Result<(), String> {
     let mut attempt = 0usize;
     loop {
         let api = &apis[attempt % apis.len()];
@@ -535,18 +551,21 @@ pub async fn join(
         match res {
             Ok(r) if r.status().is_success() => {
                 tracing::info!(via = %api, "joined the cluster");
-                return;
+                return Ok(());
             }
             Ok(r) => {
                 let status = r.status();
                 let body = r.text().await.unwrap_or_default();
+                if body.contains("embedder_dimension_mismatch") {
+                    return Err(format!("the cluster at {api} refused this node: {body}"));
+                }
                 tracing::warn!(via = %api, %status, %body, "join refused; retrying");
             }
             Err(e) => tracing::warn!(via = %api, error = %e, "join failed; retrying"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return Ok(()),
         }
     }
 }

@@ -378,6 +378,11 @@ pub struct AddNode {
     /// Make it a voter once caught up (default); `false` leaves it a learner.
     #[serde(default = "yes")]
     pub voter: bool,
+    /// Dimension of the joining node's pattern embedder, if it says: the cluster refuses
+    /// a node whose embedder disagrees with its ReasoningBank (`409
+    /// embedder_dimension_mismatch`), which would otherwise build a diverging replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern_dimension: Option<usize>,
 }
 
 fn yes() -> bool {

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::harness::{bin, Cluster, WAIT};
+use crate::harness::{bin, free_tcp_port, free_udp_port, Cluster, WAIT};
 
 /// Dimension of the mock's vectors.
 const DIM: usize = 16;
@@ -650,4 +650,50 @@ fn bad_embedder_flags_fail_at_startup_with_clear_messages() {
     assert!(err.contains("word2vec"), "{err}");
     // None of them created any state.
     assert!(!c.dir.path().join("coordinator").exists());
+}
+
+/// A node started with another embedder than the cluster's is refused when it asks to
+/// join (it would replay pattern ops into a ReasoningBank of another dimension and
+/// diverge): the process exits with the cluster's reason, and the cluster is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_embedder_is_refused_at_join() {
+    let mut c = Cluster::new(&[]);
+    c.start_coordinator();
+    c.wait_ready().await;
+    let (api_port, quic_port) = (free_tcp_port(), free_udp_port());
+    let mut joiner = Command::new(bin())
+        .arg("coordinator")
+        .args(["--id", "2", "--join", &c.api])
+        .arg("--data-dir")
+        .arg(c.dir.path().join("node2"))
+        .arg("--certs")
+        .arg(&c.certs)
+        .args(["--listen", &format!("127.0.0.1:{quic_port}")])
+        .args(["--advertise", &format!("localhost:{quic_port}")])
+        .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
+        .arg("--token-file")
+        .arg(c.dir.path().join("token"))
+        .args(["--embedder", "http", "--embedder-url", "http://127.0.0.1:9"])
+        .args(["--embedder-dimension", "16"])
+        .env("SWARM_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn joining coordinator");
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = joiner.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the refused node kept running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut joiner.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("embedder_dimension_mismatch"), "{err}");
+    assert!(err.contains("16 dimensions"), "{err}");
+    let (st, v) = c.get("/v1/cluster").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["nodes"].as_array().map(Vec::len), Some(1), "{v}");
 }
