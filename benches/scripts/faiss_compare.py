@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """FAISS HNSW and swarm-memory on the same vectors, on this machine, one thread each.
 
-Writes clustered data (Gaussian clusters: centres N(0, 1), per-component spread 0.5, as
-`memory_recall` generates) to .fvecs files, measures FAISS's IndexHNSWFlat (M 16,
-efConstruction 200, one OpenMP thread) against exact ground truth, then runs
+Writes the vectors to .fvecs files — clustered data (Gaussian clusters: centres N(0, 1),
+per-component spread 0.5, as `memory_recall` generates), or with `--idx DIR` real images
+(MNIST layout, e.g. Debian's dataset-fashion-mnist) — measures FAISS's IndexHNSWFlat
+(M 16, efConstruction 200, one OpenMP thread) against exact ground truth, then runs
 `memory_recall --fvecs` on the same files and prints both.
 
     pip install faiss-cpu numpy
+    apt-get install dataset-fashion-mnist        # for --idx
     cargo build --release -p swarm-benches --bin memory_recall
     python3 benches/scripts/faiss_compare.py --recall-bin target/release/memory_recall
+    python3 benches/scripts/faiss_compare.py --idx /usr/share/datasets/fashion-mnist \
+        --recall-bin target/release/memory_recall
 
 Not part of the test suite (it needs faiss-cpu); rerun it to check the figures.
 """
