@@ -167,19 +167,7 @@ fn partial_block<C: Component>(
 /// The lane sum of `step` over `a` and `b` (up to the shorter length).
 #[inline(always)]
 fn lane_sum<C: Component>(a: &[f32], b: &[C], step: impl Fn(f32, f32, f32) -> f32 + Copy) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; LANES];
-    let ca = a.chunks_exact(LANES);
-    let cb = b.chunks_exact(LANES);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] = step(acc[i], x[i], y[i].to_f32());
-        }
-    }
-    partial_block(&mut acc, ra, rb, step);
-    reduce(&acc)
+    checked_lane_sum(a, b, step, None)
 }
 
 /// [`lane_sum`] of the squared differences that returns early, with a value `> bound`
@@ -187,7 +175,18 @@ fn lane_sum<C: Component>(a: &[f32], b: &[C], step: impl Fn(f32, f32, f32) -> f3
 /// floats) exceeds `bound`. Otherwise returns exactly `lane_sum`'s result.
 #[inline(always)]
 fn l2_bounded_sum<C: Component>(a: &[f32], b: &[C], bound: f32) -> f32 {
-    let step = l2_step;
+    checked_lane_sum(a, b, l2_step, Some(bound))
+}
+
+/// The lane sum, and with a `bound` the check after every [`CHECK_EVERY`] floats (which
+/// reads the lanes without changing them).
+#[inline(always)]
+fn checked_lane_sum<C: Component>(
+    a: &[f32],
+    b: &[C],
+    step: impl Fn(f32, f32, f32) -> f32 + Copy,
+    bound: Option<f32>,
+) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; LANES];
@@ -200,9 +199,11 @@ fn l2_bounded_sum<C: Component>(a: &[f32], b: &[C], bound: f32) -> f32 {
                 acc[i] = step(acc[i], x[i], y[i].to_f32());
             }
         }
-        let partial = reduce(&acc);
-        if partial > bound {
-            return partial;
+        if let Some(bound) = bound {
+            let partial = reduce(&acc);
+            if partial > bound {
+                return partial;
+            }
         }
     }
     let (cx, cy) = (ra.chunks_exact(LANES), rb.chunks_exact(LANES));
@@ -410,17 +411,7 @@ mod avx2 {
         b: &[f32],
         step: impl Fn(f32x8, f32x8, f32x8) -> f32x8 + Copy,
     ) -> f32 {
-        let n = a.len().min(b.len());
-        let (a, b) = (&a[..n], &b[..n]);
-        let mut acc = [v3.splat_f32x8(0.0); REGS];
-        let ca = a.chunks_exact(LANES);
-        let cb = b.chunks_exact(LANES);
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            block(&mut acc, x, y, step);
-        }
-        partial_block(&mut acc, ra, rb, step);
-        reduce(v3, &acc)
+        checked_lane_sum(v3, a, b, step, None)
     }
 
     /// Steps `q[from..to]` against all `BATCH` rows, into lanes `16h..16h + 16`
@@ -533,7 +524,18 @@ mod avx2 {
 
     #[inline(always)]
     pub(super) fn l2_bounded_sum(v3: V3, a: &[f32], b: &[f32], bound: f32) -> f32 {
-        let step = l2_step(v3);
+        checked_lane_sum(v3, a, b, l2_step(v3), Some(bound))
+    }
+
+    /// `super::checked_lane_sum` on registers.
+    #[inline(always)]
+    fn checked_lane_sum(
+        v3: V3,
+        a: &[f32],
+        b: &[f32],
+        step: impl Fn(f32x8, f32x8, f32x8) -> f32x8 + Copy,
+        bound: Option<f32>,
+    ) -> f32 {
         let n = a.len().min(b.len());
         let (a, b) = (&a[..n], &b[..n]);
         let mut acc = [v3.splat_f32x8(0.0); REGS];
@@ -544,9 +546,11 @@ mod avx2 {
             for (x, y) in x.chunks_exact(LANES).zip(y.chunks_exact(LANES)) {
                 block(&mut acc, x, y, step);
             }
-            let partial = reduce(v3, &acc);
-            if partial > bound {
-                return partial;
+            if let Some(bound) = bound {
+                let partial = reduce(v3, &acc);
+                if partial > bound {
+                    return partial;
+                }
             }
         }
         let (cx, cy) = (ra.chunks_exact(LANES), rb.chunks_exact(LANES));
