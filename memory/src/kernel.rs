@@ -37,7 +37,7 @@
 //! evaluates a node's new neighbours in batches. The batch kernels also read rows of
 //! bfloat16 ([`Component`], [`to_bf16`]): widening a bf16 to f32 is exact (a shift), so
 //! such a distance is again the same on every platform, and it reads half the bytes
-//! (random 784-d rows among 10,000: about 80 ns per vector, four at a time).
+//! (random 784-d rows among 10,000: 80–110 ns per vector, four at a time).
 
 use anndists::dist::distances::Distance;
 

@@ -221,31 +221,8 @@ impl Drop for Coordinator {
 
 /// `swarm coordinator` as the harness runs it, with `args` and `env` added.
 fn coordinator_command(c: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(c.dir.path().join("coordinator.log"))
-        .expect("log file");
-    let mut cmd = Command::new(bin());
-    cmd.arg("coordinator")
-        .args(["--id", "1", "--bootstrap"])
-        .arg("--data-dir")
-        .arg(c.dir.path().join("coordinator"))
-        .arg("--certs")
-        .arg(&c.certs)
-        .args(["--listen", &format!("127.0.0.1:{}", c.quic_port)])
-        .args(["--advertise", &format!("localhost:{}", c.quic_port)])
-        .args(["--api-listen", &format!("127.0.0.1:{}", c.api_port)])
-        .arg("--token-file")
-        .arg(c.dir.path().join("token"))
-        .args(["--heartbeat-interval", "200ms", "--lease", "1500ms"])
-        .args(args)
-        .env("SWARM_LOG", "info,openraft=warn")
-        .stdout(Stdio::null())
-        .stderr(log);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    let mut cmd = c.coordinator_command();
+    cmd.args(args).envs(env.iter().copied());
     cmd
 }
 

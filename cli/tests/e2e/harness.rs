@@ -109,14 +109,14 @@ impl Cluster {
             .expect("log file")
     }
 
-    /// Start (or restart) the coordinator on the same ports and data dir.
-    pub fn start_coordinator(&mut self) {
-        let data = self.dir.path().join("coordinator");
-        let child = Command::new(bin())
-            .arg("coordinator")
+    /// `swarm coordinator` as this cluster runs it (node 1, bootstrapping, on the same
+    /// ports and data dir, logging to `coordinator.log`), not yet started.
+    pub fn coordinator_command(&self) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.arg("coordinator")
             .args(["--id", "1", "--bootstrap"])
             .arg("--data-dir")
-            .arg(&data)
+            .arg(self.dir.path().join("coordinator"))
             .arg("--certs")
             .arg(&self.certs)
             .args(["--listen", &format!("127.0.0.1:{}", self.quic_port)])
@@ -135,7 +135,14 @@ impl Cluster {
             .args(&self.coordinator_args)
             .env("SWARM_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
-            .stderr(self.log("coordinator"))
+            .stderr(self.log("coordinator"));
+        cmd
+    }
+
+    /// Start (or restart) the coordinator on the same ports and data dir.
+    pub fn start_coordinator(&mut self) {
+        let child = self
+            .coordinator_command()
             .spawn()
             .expect("spawn coordinator");
         self.coordinator = Some(child);
