@@ -102,6 +102,7 @@ def main():
     print(f"faiss {faiss.__version__} IndexHNSWFlat M 16 efC 200: build {build:.2f} s")
     for ef in efs:
         index.hnsw.efSearch = ef
+        faiss.cvar.hnsw_stats.reset()
         t0 = time.perf_counter()
         c0 = time.process_time()
         found = np.empty((len(queries), k), dtype=np.int64)
@@ -109,9 +110,11 @@ def main():
             _, found[i : i + 1] = index.search(queries[i : i + 1], k)
         wall = time.perf_counter() - t0
         cpu = time.process_time() - c0
+        stats = faiss.cvar.hnsw_stats
         recall = np.mean([len(set(found[i]) & set(truth[i])) / k for i in range(len(queries))])
         print(f"faiss ef {ef:4d}: recall@10 {recall:.4f}  {len(queries) / wall:8.0f} q/s wall"
-              f"  {len(queries) / cpu:8.0f} q/s cpu")
+              f"  {len(queries) / cpu:8.0f} q/s cpu"
+              f"  {stats.ndis / len(queries):5.0f} ndis/q  {stats.nhops / len(queries):5.1f} hops/q")
     sys.stdout.flush()
 
     if args.recall_bin:

@@ -1130,6 +1130,50 @@ mod tests {
         assert!((kernel::norm_squared(&v) - 1.0).abs() < 1e-6);
     }
 
+    /// hnsw_rs lists a point under layers above its own (see `FlatGraph::extract`); the
+    /// flat copy keeps the layering: only nodes on a layer, linked to nodes on it.
+    #[test]
+    fn flat_copy_keeps_nodes_on_their_layers() {
+        let data = crate::synthetic::gaussian_clusters(3000, 0, 32, 10, 0.5, 5);
+        let cfg = StoreConfig::default();
+        let mut c = Collection::new("c".into(), CollectionSpec::new(32, Metric::L2), 0);
+        let points: Vec<PointWrite> = data
+            .base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| PointWrite {
+                id: format!("p{i}"),
+                vector: v.clone(),
+                metadata: String::new(),
+                ttl_ms: None,
+            })
+            .collect();
+        let prepared = c.prepare_upsert(&points, 1, &cfg).unwrap();
+        c.apply_upsert(prepared, 1);
+        assert_eq!(c.flat.slots(), 3000);
+        let (_, top, reachable) = c.flat.stats();
+        assert!(top >= 1, "3000 points with M = 16 reach layer 1");
+        assert_eq!(reachable, 3000);
+        // What hnsw_rs itself lists out of layer: the case the copy must filter.
+        let misfiled = c
+            .index
+            .get_point_indexation()
+            .into_iter()
+            .filter(|p| {
+                let level = p.get_point_id().0 as usize;
+                p.get_neighborhood_id()
+                    .iter()
+                    .enumerate()
+                    .any(|(layer, ns)| layer > level && !ns.is_empty())
+            })
+            .count();
+        assert!(
+            misfiled > 0,
+            "hnsw_rs no longer misfiles lists; revisit extract"
+        );
+        assert_eq!(c.flat.layering_violations(&c.index), 0);
+    }
+
     /// The bounded L2 distance (early exit), one vector at a time or in batches, and the
     /// prefetch hints change nothing: the graph search returns the same (distance, slot)
     /// bits as with full distances, and the exact scan the same as a plain brute force.

@@ -13,10 +13,43 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use hnsw_rs::hnsw::Hnsw;
 
 use crate::kernel::{IndexDistance, BATCH};
+
+/// Work done by graph searches in this process so far: searches run, distances they
+/// evaluated (`upper_distances` of them in the greedy descent through layers ≥ 1) and
+/// layer-0 nodes they expanded — what FAISS reports as `hnsw_stats` (`ndis`, `nhops`),
+/// so the two can be compared per query at equal recall. A search adds its counts once,
+/// when it ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SearchTotals {
+    /// Graph searches run.
+    pub searches: u64,
+    /// Distances evaluated, all layers.
+    pub distances: u64,
+    /// Of `distances`, those evaluated in the descent through layers ≥ 1.
+    pub upper_distances: u64,
+    /// Layer-0 nodes whose neighbours were evaluated.
+    pub expanded: u64,
+}
+
+static SEARCHES: AtomicU64 = AtomicU64::new(0);
+static DISTANCES: AtomicU64 = AtomicU64::new(0);
+static UPPER_DISTANCES: AtomicU64 = AtomicU64::new(0);
+static EXPANDED: AtomicU64 = AtomicU64::new(0);
+
+/// This process's [`SearchTotals`] so far.
+pub fn search_totals() -> SearchTotals {
+    SearchTotals {
+        searches: SEARCHES.load(AtomicOrdering::Relaxed),
+        distances: DISTANCES.load(AtomicOrdering::Relaxed),
+        upper_distances: UPPER_DISTANCES.load(AtomicOrdering::Relaxed),
+        expanded: EXPANDED.load(AtomicOrdering::Relaxed),
+    }
+}
 
 /// Heap entry ordered by (distance, slot).
 #[derive(Clone, Copy, Debug)]
@@ -88,7 +121,7 @@ impl FlatGraph {
                                 .filter(|&d| (d as usize) < slots),
                         );
                         ranges[slot] = (start, buf.len() as u32 - start);
-                    } else if layer <= top && !ns.is_empty() {
+                    } else if layer <= pid.0 as usize && !ns.is_empty() {
                         upper[layer - 1].insert(
                             slot as u32,
                             ns.iter()
@@ -98,6 +131,20 @@ impl FlatGraph {
                         );
                     }
                 }
+            }
+        }
+        // hnsw_rs files a list under every layer its insertion descended through, not only
+        // the layers the point is on (`insert_slice` pushes the descent's closest node into
+        // the new point's list at each layer above the point's level). Those lists are
+        // skipped above; the links to nodes below a layer are dropped here. Left in, the
+        // reverse-link pass below turned them into links from the few true upper-layer
+        // nodes to thousands of layer-0 nodes (10k Fashion-MNIST images: layer 1 had 9,984
+        // listed nodes of which 634 are on it), and a query's descent evaluated 185
+        // distances instead of 64.
+        for (i, layer) in upper.iter_mut().enumerate() {
+            let level = i + 1;
+            for ns in layer.values_mut() {
+                ns.retain(|&v| levels[v as usize] as usize >= level);
             }
         }
         // Reverse links: hnsw_rs truncates a node's list to its closest entries when a new
@@ -170,6 +217,26 @@ impl FlatGraph {
         }
     }
 
+    /// Upper-layer entries that break the HNSW layering — a listed node, or a link to a
+    /// node, whose level (in `index`) is below the layer. Always zero after `extract`.
+    #[cfg(test)]
+    pub(crate) fn layering_violations(&self, index: &Hnsw<'static, f32, IndexDistance>) -> usize {
+        let mut levels = vec![0usize; self.slots];
+        for point in index.get_point_indexation() {
+            if point.get_origin_id() < self.slots {
+                levels[point.get_origin_id()] = point.get_point_id().0 as usize;
+            }
+        }
+        let mut bad = 0;
+        for (i, layer) in self.upper.iter().enumerate() {
+            for (&u, ns) in layer {
+                bad += usize::from(levels[u as usize] <= i);
+                bad += ns.iter().filter(|&&v| levels[v as usize] <= i).count();
+            }
+        }
+        bad
+    }
+
     /// Slots covered by the copy.
     pub(crate) fn slots(&self) -> usize {
         self.slots
@@ -229,6 +296,8 @@ impl FlatGraph {
         if self.slots == 0 || ef == 0 {
             return Vec::new();
         }
+        let mut distances = 1u64;
+        let mut expanded = 0u64;
         let mut ep = self.entry;
         let mut d_ep = dist(query, &[ep], f32::INFINITY)[0];
         for layer in (1..=self.top).rev() {
@@ -236,6 +305,7 @@ impl FlatGraph {
             loop {
                 let mut moved = false;
                 if let Some(ns) = adj.get(&ep) {
+                    distances += ns.len() as u64;
                     for batch in ns.chunks(BATCH) {
                         let ds = dist(query, batch, f32::INFINITY);
                         for (&n, &d) in batch.iter().zip(&ds) {
@@ -252,6 +322,7 @@ impl FlatGraph {
                 }
             }
         }
+        let upper_distances = distances;
         let mut visited = vec![0u64; self.slots.div_ceil(64)];
         let mut mark = |s: u32| {
             let (w, b) = (s as usize / 64, 1u64 << (s % 64));
@@ -278,6 +349,8 @@ impl FlatGraph {
             );
             fresh.clear();
             fresh.extend(self.l0[a..b].iter().copied().filter(|&n| !mark(n)));
+            expanded += 1;
+            distances += fresh.len() as u64;
             // Start the first lines of every new neighbour's vector loading before any is
             // used: once the beam is full most are rejected from those lines alone.
             for &n in &fresh {
@@ -302,6 +375,10 @@ impl FlatGraph {
                 }
             }
         }
+        SEARCHES.fetch_add(1, AtomicOrdering::Relaxed);
+        DISTANCES.fetch_add(distances, AtomicOrdering::Relaxed);
+        UPPER_DISTANCES.fetch_add(upper_distances, AtomicOrdering::Relaxed);
+        EXPANDED.fetch_add(expanded, AtomicOrdering::Relaxed);
         results.into_vec()
     }
 }

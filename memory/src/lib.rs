@@ -159,6 +159,7 @@ pub use distill::{
 };
 pub use embed::{BoxFuture, Embedder, HashEmbedder, HttpEmbedder, HttpEmbedderConfig};
 pub use error::MemoryError;
+pub use graph::{search_totals, SearchTotals};
 pub use metadata::{Condition, MetadataFilter, Scalar};
 pub use reasoning::{
     beta_confidence, ConsolidateParams, ConsolidationReport, MemoryItem, MergeRecord, NewPattern,

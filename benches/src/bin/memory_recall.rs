@@ -246,8 +246,8 @@ fn run(args: &Args, n: usize, dim: usize, metric: Metric) -> anyhow::Result<()> 
         graph.copied_slots
     );
     println!(
-        "{:>6} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "ef", "recall@k", "q/s", "q/s (cpu)", "p50 µs", "p99 µs"
+        "{:>6} {:>10} {:>10} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "ef", "recall@k", "q/s", "q/s (cpu)", "p50 µs", "p99 µs", "ndis/q", "upper/q", "hops/q"
     );
     let mut last: Vec<Vec<swarm_memory::SearchHit>> = Vec::new();
     for &ef in &args.efs {
@@ -268,6 +268,7 @@ fn run(args: &Args, n: usize, dim: usize, metric: Metric) -> anyhow::Result<()> 
         }
         let mut hist = Histogram::<u64>::new(3)?;
         let mut results = Vec::with_capacity(reqs.len());
+        let before = swarm_memory::search_totals();
         let t = Instant::now();
         let cpu = ThreadTime::now();
         for r in &reqs {
@@ -278,6 +279,8 @@ fn run(args: &Args, n: usize, dim: usize, metric: Metric) -> anyhow::Result<()> 
         }
         let elapsed = t.elapsed();
         let cpu = cpu.elapsed();
+        let after = swarm_memory::search_totals();
+        let per_query = |a: u64, b: u64| (a - b) as f64 / reqs.len() as f64;
         let found: Vec<Vec<String>> = results.iter().map(|h| ids(h)).collect();
         let recall = recall_at_k(&truth, &found, args.k);
         let reference = if args.compare_hnsw_rs {
@@ -296,13 +299,16 @@ fn run(args: &Args, n: usize, dim: usize, metric: Metric) -> anyhow::Result<()> 
             String::new()
         };
         println!(
-            "{:>6} {:>10.4} {:>10.0} {:>12.0} {:>10.1} {:>10.1}{}",
+            "{:>6} {:>10.4} {:>10.0} {:>12.0} {:>10.1} {:>10.1} {:>8.0} {:>8.0} {:>8.1}{}",
             ef,
             recall,
             reqs.len() as f64 / elapsed.as_secs_f64(),
             reqs.len() as f64 / cpu.as_secs_f64(),
             hist.value_at_quantile(0.5) as f64 / 1e3,
             hist.value_at_quantile(0.99) as f64 / 1e3,
+            per_query(after.distances, before.distances),
+            per_query(after.upper_distances, before.upper_distances),
+            per_query(after.expanded, before.expanded),
             reference
         );
         last = results;
