@@ -1130,15 +1130,9 @@ mod tests {
         assert!((kernel::norm_squared(&v) - 1.0).abs() < 1e-6);
     }
 
-    /// hnsw_rs lists a point under layers above its own (see `FlatGraph::extract`); the
-    /// flat copy keeps the layering: only nodes on a layer, linked to nodes on it.
-    #[test]
-    fn flat_copy_keeps_nodes_on_their_layers() {
-        let data = crate::synthetic::gaussian_clusters(3000, 0, 32, 10, 0.5, 5);
-        let cfg = StoreConfig::default();
-        let mut c = Collection::new("c".into(), CollectionSpec::new(32, Metric::L2), 0);
-        let points: Vec<PointWrite> = data
-            .base
+    /// Points `p0, p1, …` with the given vectors, no metadata, no TTL.
+    fn points(vectors: &[Vec<f32>]) -> Vec<PointWrite> {
+        vectors
             .iter()
             .enumerate()
             .map(|(i, v)| PointWrite {
@@ -1147,7 +1141,17 @@ mod tests {
                 metadata: String::new(),
                 ttl_ms: None,
             })
-            .collect();
+            .collect()
+    }
+
+    /// hnsw_rs lists a point under layers above its own (see `FlatGraph::extract`); the
+    /// flat copy keeps the layering: only nodes on a layer, linked to nodes on it.
+    #[test]
+    fn flat_copy_keeps_nodes_on_their_layers() {
+        let data = crate::synthetic::gaussian_clusters(3000, 0, 32, 10, 0.5, 5);
+        let cfg = StoreConfig::default();
+        let mut c = Collection::new("c".into(), CollectionSpec::new(32, Metric::L2), 0);
+        let points = points(&data.base);
         let prepared = c.prepare_upsert(&points, 1, &cfg).unwrap();
         c.apply_upsert(prepared, 1);
         assert_eq!(c.flat.slots(), 3000);
@@ -1182,17 +1186,7 @@ mod tests {
         let data = crate::synthetic::gaussian_clusters(1500, 40, 200, 10, 0.5, 11);
         let cfg = StoreConfig::default();
         let mut c = Collection::new("c".into(), CollectionSpec::new(200, Metric::L2), 0);
-        let points: Vec<PointWrite> = data
-            .base
-            .iter()
-            .enumerate()
-            .map(|(i, v)| PointWrite {
-                id: format!("p{i}"),
-                vector: v.clone(),
-                metadata: String::new(),
-                ttl_ms: None,
-            })
-            .collect();
+        let points = points(&data.base);
         for chunk in points.chunks(500) {
             let prepared = c.prepare_upsert(chunk, 1, &cfg).unwrap();
             c.apply_upsert(prepared, 1);
