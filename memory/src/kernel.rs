@@ -5,22 +5,22 @@
 //! `lane = fma(x − y, x − y, lane)` (L2) or `lane = fma(x, y, lane)` (dot), and the 32
 //! lanes are then summed by a fixed halving tree (`lane i + lane i+16`, then `i + i+8`,
 //! `i + i+4`, `i + i+2`, `0 + 1`). An IEEE-754 fused multiply-add has one rounding and so
-//! one result on every platform — the AVX2 and AVX-512 `vfmadd` instructions, an aarch64 `fmla`, and
-//! `f32::mul_add`'s software fallback (libm `fmaf`) on a CPU without FMA agree bit for bit.
-//! The result is therefore bit-identical on every platform and in every process, which is
-//! what makes the HNSW graph — and everything derived from it during `apply`, such as
-//! consolidation — identical on all replicas. (Changing this order changes graphs: every
-//! replica must run the same kernels.)
+//! one result on every platform — the AVX2 and AVX-512 `vfmadd` instructions, an aarch64
+//! `fmla`, and `f32::mul_add`'s software fallback (libm `fmaf`) on a CPU without FMA agree
+//! bit for bit. The result is therefore bit-identical on every platform and in every
+//! process, which is what makes the HNSW graph — and everything derived from it during
+//! `apply`, such as consolidation — identical on all replicas. (Changing this order
+//! changes graphs: every replica must run the same kernels.)
 //!
 //! On x86-64 CPUs with AVX2 and FMA the kernels run explicit 8-wide code (four registers
 //! hold the 32 lanes), and the batch kernels 16-wide code (two registers) where AVX-512 is
 //! there too; `pulp`'s safe runtime-dispatch wrappers (`pulp::x86::V3`, `V4`) select it at
-//! run time, and elsewhere the portable scalar source below runs. All perform the same per-lane operations in the
-//! same order and the same reduction, so they return the same bits — unlike kernels with
-//! a single accumulator of ISA-dependent width. Unit tests check every instruction set the
-//! CPU has bit for bit against the scalar source on random inputs of every length up to
-//! 300 and longer ones. 32 lanes are independent accumulators enough to hide the latency
-//! of the dependent adds at either width.
+//! run time, and elsewhere the portable scalar source below runs. All perform the same
+//! per-lane operations in the same order and the same reduction, so they return the same
+//! bits — unlike kernels with a single accumulator of ISA-dependent width. Unit tests
+//! check every instruction set the CPU has bit for bit against the scalar source on random
+//! inputs of every length up to 300 and longer ones. 32 lanes are enough independent
+//! accumulators to hide the latency of the dependent adds at either width.
 //!
 //! [`l2_squared_bounded`] is the same L2 sum that gives up once a partial sum exceeds a
 //! bound. Every term is non-negative and rounding is monotone, so a partial sum never
@@ -891,9 +891,9 @@ mod tests {
         (0..=300).chain([383, 511, 783, 784, 785, 1023, 1536, 3001])
     }
 
-    /// The runtime-selected (AVX-512 or AVX2 on x86-64 CPUs that have them) and the baseline build of
-    /// every kernel return identical bits, equal to the documented order, on random
-    /// inputs of every length up to 300 (odd ones included) and beyond.
+    /// The runtime-selected (AVX-512 or AVX2 on x86-64 CPUs that have them) and the
+    /// baseline build of every kernel return identical bits, equal to the documented
+    /// order, on random inputs of every length up to 300 (odd ones included) and beyond.
     #[test]
     fn dispatched_kernels_are_bit_identical_to_baseline() {
         let sq = |acc: f32, x: f32, y: f32| (x - y).mul_add(x - y, acc);
