@@ -472,30 +472,18 @@ args = ["-c", '''if [ -n "$SWARM_PATTERNS_FILE" ]; then cat "$SWARM_PATTERNS_FIL
     .expect("agents file");
     c.start_worker("w1", 2, Some(&agents));
     c.wait_workers(&["w1"]).await;
-    let (st, v) = c
-        .post(
-            "/v1/tasks?wait=30s",
-            json!({"agent": "reader", "payload": locks, "patterns": 1}),
-        )
+    let (_, out) = c
+        .run_json_task(json!({"agent": "reader", "payload": locks, "patterns": 1}))
         .await;
-    assert_eq!(st, 201, "{v}");
-    assert_eq!(v["task"]["state"], "succeeded", "{v}");
-    let out: Value = serde_json::from_str(v["task"]["output"].as_str().unwrap_or_default())
-        .expect("agent output is the patterns file");
     assert_eq!(out["patterns"][0]["title"], "Avoid global locks", "{out}");
     assert_eq!(mock.inputs().last(), Some(&locks));
 
     mock.set_mode(Mode::Fail);
-    let (st, v) = c
-        .post(
-            "/v1/tasks?wait=30s",
+    let (_, out) = c
+        .run_json_task(
             json!({"agent": "reader", "payload": "no patterns for this one", "patterns": 1}),
         )
         .await;
-    assert_eq!(st, 201, "{v}");
-    assert_eq!(v["task"]["state"], "succeeded", "{v}");
-    let out: Value = serde_json::from_str(v["task"]["output"].as_str().unwrap_or_default())
-        .expect("agent output");
     assert_eq!(out["patterns"], json!([]), "{out}");
     assert_eq!(
         mock.inputs().last().map(String::as_str),
@@ -574,57 +562,41 @@ fn coordinator_fails(c: &Cluster, args: &[&str]) -> String {
 fn bad_embedder_flags_fail_at_startup_with_clear_messages() {
     let c = Cluster::new(&[]);
     let url = "http://127.0.0.1:9";
-    let err = coordinator_fails(&c, &["--embedder", "http", "--embedder-dimension", "8"]);
-    assert!(
-        err.contains("--embedder http needs --embedder-url"),
-        "{err}"
-    );
-    let err = coordinator_fails(&c, &["--embedder", "http", "--embedder-url", url]);
-    assert!(
-        err.contains("--embedder http needs --embedder-dimension"),
-        "{err}"
-    );
-    let err = coordinator_fails(
-        &c,
-        &[
-            "--embedder",
-            "http",
-            "--embedder-url",
-            url,
-            "--embedder-dimension",
-            "0",
-        ],
-    );
-    assert!(
-        err.contains("--embedder-dimension must be greater than 0"),
-        "{err}"
-    );
-    let err = coordinator_fails(
-        &c,
-        &[
-            "--embedder",
-            "http",
-            "--embedder-url",
-            url,
-            "--embedder-dimension",
-            "8",
-            "--embedder-api-key-env",
-            KEY_VAR,
-        ],
-    );
-    assert!(
-        err.contains(&format!(
-            "--embedder-api-key-env names {KEY_VAR}, which is not set"
-        )),
-        "{err}"
-    );
-    let err = coordinator_fails(&c, &["--embedder-url", url]);
-    assert!(
-        err.contains("--embedder-url is only used with --embedder http"),
-        "{err}"
-    );
-    let err = coordinator_fails(&c, &["--embedder", "word2vec"]);
-    assert!(err.contains("word2vec"), "{err}");
+    let http = ["--embedder", "http", "--embedder-url", url];
+    let missing_key = format!("--embedder-api-key-env names {KEY_VAR}, which is not set");
+    let cases: [(Vec<&str>, &str); 6] = [
+        (
+            vec!["--embedder", "http", "--embedder-dimension", "8"],
+            "--embedder http needs --embedder-url",
+        ),
+        (http.to_vec(), "--embedder http needs --embedder-dimension"),
+        (
+            [&http[..], &["--embedder-dimension", "0"]].concat(),
+            "--embedder-dimension must be greater than 0",
+        ),
+        (
+            [
+                &http[..],
+                &[
+                    "--embedder-dimension",
+                    "8",
+                    "--embedder-api-key-env",
+                    KEY_VAR,
+                ],
+            ]
+            .concat(),
+            &missing_key,
+        ),
+        (
+            vec!["--embedder-url", url],
+            "--embedder-url is only used with --embedder http",
+        ),
+        (vec!["--embedder", "word2vec"], "word2vec"),
+    ];
+    for (args, want) in &cases {
+        let err = coordinator_fails(&c, args);
+        assert!(err.contains(want), "{args:?}: want {want:?} in {err}");
+    }
     // None of them created any state.
     assert!(!c.dir.path().join("coordinator").exists());
 }

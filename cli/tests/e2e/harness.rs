@@ -225,6 +225,17 @@ impl Cluster {
         self.request(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// Submits a task and waits for it (`?wait=30s`), asserting it succeeded; returns the
+    /// task's id and its output parsed as JSON (agents here answer with a JSON document).
+    pub async fn run_json_task(&self, body: Value) -> (u64, Value) {
+        let (status, v) = self.post("/v1/tasks?wait=30s", body).await;
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["task"]["state"], "succeeded", "{v}");
+        let output = serde_json::from_str(v["task"]["output"].as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("agent output is not JSON ({e}): {v}"));
+        (v["id"].as_u64().expect("task id"), output)
+    }
+
     /// Submit and return the task id, asserting the submit was accepted.
     pub async fn submit(&self, body: Value) -> u64 {
         let (status, v) = self.post("/v1/tasks", body).await;

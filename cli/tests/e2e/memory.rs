@@ -222,16 +222,11 @@ args = ["-c", '''ids=$(grep -o 'pat-[0-9]*' "$SWARM_PATTERNS_FILE" | sort -u | t
         "{v}"
     );
 
-    let (st, v) = c
-        .post(
-            "/v1/tasks?wait=30s",
+    let (task_id, output) = c
+        .run_json_task(
             json!({"agent": "learner", "payload": "make the cargo CI build faster", "patterns": 2}),
         )
         .await;
-    assert_eq!(st, 201, "{v}");
-    assert_eq!(v["task"]["state"], "succeeded", "{v}");
-    let output: Value =
-        serde_json::from_str(v["task"]["output"].as_str().unwrap()).expect("agent JSON");
     let used: Vec<String> = output["used"]
         .as_str()
         .unwrap()
@@ -252,7 +247,7 @@ args = ["-c", '''ids=$(grep -o 'pat-[0-9]*' "$SWARM_PATTERNS_FILE" | sort -u | t
             .collect::<Vec<_>>();
         let learnt = ps
             .iter()
-            .any(|p| p["title"] == "Retry flaky downloads" && p["source_task"] == v["id"]);
+            .any(|p| p["title"] == "Retry flaky downloads" && p["source_task"] == task_id);
         if judged.len() == 2 && learnt {
             let mut judged = judged;
             judged.sort();
