@@ -13,6 +13,7 @@
 pub mod api;
 pub mod backup;
 pub mod cluster;
+pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod node;

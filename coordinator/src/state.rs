@@ -275,7 +275,7 @@ pub fn encode_replica(table: &TaskTable, memory: &MemoryStore) -> anyhow::Result
 
 /// Rebuild both state machines from [`encode_replica`] bytes.
 pub fn decode_replica(bytes: &[u8]) -> anyhow::Result<(TaskTable, MemoryStore)> {
-    let snap: ReplicaSnapshot = swarm_transport::codec::decode(bytes)?;
+    let snap: ReplicaSnapshot = swarm_transport::codec::decode(bytes, bytes.len())?;
     let table = TaskTable::decode_snapshot(&snap.tasks)?;
     let memory = MemoryStore::restore_bytes(&snap.memory)
         .map_err(|e| anyhow::anyhow!("decoding the memory store: {e}"))?;
@@ -1039,7 +1039,7 @@ impl TaskTable {
 
     /// Rebuild a table from [`TaskTable::encode_snapshot`] bytes.
     pub fn decode_snapshot(bytes: &[u8]) -> anyhow::Result<Self> {
-        let table: TaskTable = swarm_transport::codec::decode(bytes)?;
+        let table: TaskTable = swarm_transport::codec::decode(bytes, bytes.len())?;
         table.check_indexes()?;
         Ok(table)
     }

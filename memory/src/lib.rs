@@ -78,8 +78,9 @@
 //!   candidate pairs from a search — this is why graph reproducibility matters beyond
 //!   reads.
 //!
-//! Ops and snapshots are bincode-2-safe (no `serde_json::Value`, `untagged`, `flatten`
-//! or `skip_serializing_if`); see [`encode_bincode`] / [`decode_bincode`].
+//! Ops and snapshots go through the workspace codec (`swarm-codec`, postcard), so they
+//! use no `serde_json::Value`, `untagged`, `flatten` or `skip_serializing_if`; see
+//! [`encode_value`] / [`decode_value`].
 //!
 //! # Deletes, tombstones and rebuilds
 //!
@@ -166,6 +167,6 @@ pub use reasoning::{
     Outcome, RetrieveParams, RetrievedItem, PATTERN_COLLECTION,
 };
 pub use store::{
-    decode_bincode, encode_bincode, validate_collection_name, MemoryOp, MemoryStore, OpOutcome,
+    decode_value, encode_value, validate_collection_name, MemoryOp, MemoryStore, OpOutcome,
     StoreConfig, StoreSnapshot, SNAPSHOT_FORMAT_VERSION,
 };

@@ -343,7 +343,7 @@ pub fn validate_collection_name(name: &str) -> Result<()> {
 }
 
 /// Current snapshot format version.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SWMEMSNP";
 const SNAPSHOT_HEADER: usize = 8 + 4 + 8 + 8;
 
@@ -383,42 +383,17 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Encodes a serde value with bincode 2 (standard config), the encoding used for ops
-/// and snapshots.
-pub fn encode_bincode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|e| MemoryError::Encode(e.to_string()))
+/// Encodes a serde value with the workspace codec (`swarm-codec`, postcard), the
+/// encoding used for ops and snapshots.
+pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    swarm_codec::encode(value).map_err(|e| MemoryError::Encode(e.to_string()))
 }
 
-fn decode_with_limit<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T> {
-    let cfg = bincode::config::standard().with_limit::<LIMIT>();
-    let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, cfg)
-        .map_err(|e| MemoryError::InvalidSnapshot(format!("decode: {e}")))?;
-    if used != bytes.len() {
-        return Err(MemoryError::InvalidSnapshot(format!(
-            "{} trailing bytes",
-            bytes.len() - used
-        )));
-    }
-    Ok(value)
-}
-
-/// Decodes a bincode 2 (standard config) value, refusing to allocate more for strings
-/// and byte buffers than twice the input size, so corrupt lengths cannot exhaust memory.
-pub fn decode_bincode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    macro_rules! by_size {
-        ($($shift:literal),*) => {
-            $(
-                if bytes.len() <= (1usize << $shift) / 2 {
-                    return decode_with_limit::<T, { 1usize << $shift }>(bytes);
-                }
-            )*
-        };
-    }
-    by_size!(12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40);
-    Err(MemoryError::InvalidSnapshot(
-        "input larger than 512 GiB".into(),
-    ))
+/// Decodes a [`encode_value`] value of at most `limit` bytes. The codec never allocates
+/// more than its input holds, so corrupt lengths cannot exhaust memory.
+pub fn decode_value<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T> {
+    swarm_codec::decode(bytes, limit)
+        .map_err(|e| MemoryError::InvalidSnapshot(format!("decode: {e}")))
 }
 
 /// The memory store: named vector collections plus the ReasoningBank.
@@ -787,10 +762,10 @@ impl MemoryStore {
     }
 
     /// The snapshot as bytes: an 8-byte magic, format version (u32 LE), payload length
-    /// (u64 LE), FNV-1a-64 of the payload (u64 LE), then the bincode-2 payload.
+    /// (u64 LE), FNV-1a-64 of the payload (u64 LE), then the payload (`swarm-codec`).
     /// Replicas with the same state produce identical bytes.
     pub fn snapshot_bytes(&self) -> Result<Vec<u8>> {
-        let payload = encode_bincode(&self.snapshot())?;
+        let payload = encode_value(&self.snapshot())?;
         let mut out = Vec::with_capacity(SNAPSHOT_HEADER + payload.len());
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
@@ -825,7 +800,7 @@ impl MemoryStore {
         if fnv1a64(payload) != word(20..28) {
             return bad("checksum mismatch");
         }
-        Self::from_snapshot(decode_bincode::<StoreSnapshot>(payload)?)
+        Self::from_snapshot(decode_value::<StoreSnapshot>(payload, payload.len())?)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Wire types: every message that crosses a process boundary between a worker, a
 //! coordinator and an operator's client lives here, and nothing else does.
 //!
-//! * [`worker`]: the QUIC protocol between a worker and the coordinator (bincode frames).
+//! * [`worker`]: the QUIC protocol between a worker and the coordinator (postcard frames).
 //! * [`peer`]: the QUIC protocol between mesh peers (work stealing).
 //! * [`api`]: the JSON bodies of the HTTP API, shared by the server and the `swarm` CLI.
 //!

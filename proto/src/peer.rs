@@ -1,4 +1,4 @@
-//! Worker ⇄ worker messages on a mesh peer link: length-delimited bincode frames on one
+//! Worker ⇄ worker messages on a mesh peer link: length-delimited codec (postcard) frames on one
 //! bidirectional QUIC stream, opened by the dialing worker, mutual TLS with worker
 //! certificates on both ends (ALPN [`crate::ALPN_PEER`]).
 //!

@@ -1,4 +1,4 @@
-//! Worker ⇄ coordinator messages, carried as length-delimited bincode frames on one
+//! Worker ⇄ coordinator messages, carried as length-delimited codec (postcard) frames on one
 //! bidirectional QUIC stream per worker connection.
 //!
 //! Only [`WorkerMsg::Hello`] and [`WorkerMsg::Heartbeat`] may be sent as 0-RTT early

@@ -14,7 +14,7 @@
 //! no async, no clocks (times are parameters), no hash-map iteration order, and only
 //! seeded randomness with a fixed hash, so every coordinator computes the same plan.
 //! The stored types ([`SwarmSpec`], [`TopologyPlan`] and its parts, [`RingProgress`])
-//! serialize with bincode 2 through serde; [`TopologyView`] is the JSON/terminal view.
+//! serialize with postcard through serde; [`TopologyView`] is the JSON/terminal view.
 
 mod error;
 mod hash;

@@ -1,5 +1,5 @@
 //! What `swarm status` draws and `GET /v1/swarms/{name}` returns. [`TopologyView`] is a
-//! JSON document (it is never bincode-encoded or stored); [`TopologyView::render_text`]
+//! JSON document (it is never binary-encoded or stored); [`TopologyView::render_text`]
 //! draws it, so the CLI can draw what it fetched over HTTP.
 
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! What a swarm is: a name, a label selector and a topology. These types are stored in
-//! Raft log entries (bincode 2 through serde), so they use only plain structs, enums,
+//! Raft log entries (postcard through serde), so they use only plain structs, enums,
 //! strings, integers and ordered maps: no untagged or flattened enums, no skipped fields,
 //! no `serde_json::Value`.
 

@@ -1,5 +1,4 @@
-//! The stored types survive the Raft log's encoding (bincode 2.0.1 in serde mode, the
-//! configuration `swarm-transport`'s codec uses).
+//! The stored types survive the Raft log's encoding (the workspace codec, `swarm-codec`).
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -8,16 +7,13 @@ use swarm_topology::{
 };
 
 fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
-    let config = bincode::config::standard().with_limit::<{ 64 * 1024 * 1024 }>();
-    let bytes = bincode::serde::encode_to_vec(value, config).expect("encodes");
-    let (back, used): (T, usize) =
-        bincode::serde::decode_from_slice(&bytes, config).expect("decodes");
-    assert_eq!(used, bytes.len());
+    let bytes = swarm_codec::encode(value).expect("encodes");
+    let back: T = swarm_codec::decode(&bytes, bytes.len()).expect("decodes");
     assert_eq!(&back, value);
 }
 
 #[test]
-fn specs_plans_and_progress_roundtrip_through_bincode() {
+fn specs_plans_and_progress_roundtrip_through_the_codec() {
     let workers: Vec<Member> = (0..12)
         .map(|i| {
             Member::new(format!("w{i}"), 2)

@@ -293,7 +293,7 @@ impl Decoder {
         let Some(payload) = self.buf.get(HEADER..HEADER.saturating_add(len)) else {
             return Ok(None);
         };
-        let decoded = codec::decode(payload);
+        let decoded = codec::decode(payload, self.max);
         // Consume the frame even if it is malformed: its boundaries are known, so the
         // caller may choose to carry on with the next one.
         self.buf.advance(HEADER + len);

@@ -21,17 +21,18 @@
 
 #![warn(missing_docs)]
 
-pub mod codec;
 pub mod endpoint;
 pub mod frame;
 pub mod tls;
 
-pub use codec::CodecError;
 pub use endpoint::{
     accept, accept_stream, client_endpoint, dial, endpoint_on, open_session, server_endpoint,
     Accepted, Dialed, Handshake, Session,
 };
 pub use frame::{FrameError, FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
+/// The binary encoding of every frame (the `swarm-codec` crate).
+pub use swarm_codec as codec;
+pub use swarm_codec::CodecError;
 pub use tls::{
     client_config, init_certs, peer_role, require_role, server_config, set_liveness,
     set_server_liveness, CertFiles, Identity, Role,

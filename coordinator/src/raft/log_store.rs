@@ -54,11 +54,12 @@ use openraft::{
     AnyError, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader, StorageError,
     StorageIOError, Vote,
 };
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use swarm_transport::codec::{decode, encode};
 use tokio::sync::oneshot;
 
 use super::types::{Entry, LogId, NodeId, TypeConfig};
+use crate::limits::{ENTRY_DECODE_LIMIT, RECORD_DECODE_LIMIT};
 
 /// File name of the log database inside the data directory.
 pub const LOG_DB_FILE: &str = "raft-log.redb";
@@ -71,6 +72,22 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
+const KEY_FORMAT: &str = "format";
+
+/// Version of what this store writes: the table layout above, entries and records
+/// encoded with `swarm-codec` (postcard). Version 1 (no stamp) was bincode 2.
+pub const LOG_FORMAT: u32 = 2;
+
+fn check_format(stamp: &[u8]) -> anyhow::Result<()> {
+    let version = <[u8; 4]>::try_from(stamp)
+        .map(u32::from_le_bytes)
+        .map_err(|_| anyhow::anyhow!("corrupt format stamp ({} bytes)", stamp.len()))?;
+    anyhow::ensure!(
+        version == LOG_FORMAT,
+        "log format {version}; this release reads format {LOG_FORMAT} only"
+    );
+    Ok(())
+}
 
 /// redb page cache. The log is mostly written and read back while still in `pending` or in the
 /// OS page cache, so a modest cache is enough.
@@ -220,12 +237,29 @@ impl RedbLogStore {
             .create(&path)
             .with_context(|| format!("opening raft log {}", path.display()))?;
 
-        // Create both tables up front so that readers never see a missing table.
+        // Create both tables up front so that readers never see a missing table, and stamp
+        // a new log with its format (an old one without a stamp is refused).
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate);
         {
-            txn.open_table(LOGS)?;
-            txn.open_table(META)?;
+            let logs = txn.open_table(LOGS)?;
+            let mut meta = txn.open_table(META)?;
+            let stamped = meta.get(KEY_FORMAT)?.map(|v| v.value().to_vec());
+            match stamped {
+                Some(v) => {
+                    check_format(&v).with_context(|| format!("raft log {}", path.display()))?
+                }
+                None if logs.is_empty()? && meta.is_empty()? => {
+                    meta.insert(KEY_FORMAT, &LOG_FORMAT.to_le_bytes()[..])?;
+                }
+                None => anyhow::bail!(
+                    "raft log {} was written by a swarm release before log format {LOG_FORMAT} \
+                     (bincode entries), which this release cannot read. Keep running the \
+                     release that wrote it, or move the data dir aside and start this node \
+                     empty (a cluster member then catches up from its peers)",
+                    path.display()
+                ),
+            }
         }
         txn.commit()?;
 
@@ -301,15 +335,22 @@ fn load_mem(db: &Database) -> anyhow::Result<Mem> {
     let txn = db.begin_read()?;
     let meta = txn.open_table(META)?;
     let vote = match meta.get(KEY_VOTE)? {
-        Some(v) => Some(decode::<Vote<NodeId>>(v.value()).context("corrupt vote record")?),
+        Some(v) => Some(
+            decode::<Vote<NodeId>>(v.value(), RECORD_DECODE_LIMIT)
+                .context("corrupt vote record")?,
+        ),
         None => None,
     };
     let committed = match meta.get(KEY_COMMITTED)? {
-        Some(v) => decode::<Option<LogId>>(v.value()).context("corrupt committed record")?,
+        Some(v) => decode::<Option<LogId>>(v.value(), RECORD_DECODE_LIMIT)
+            .context("corrupt committed record")?,
         None => None,
     };
     let last_purged = match meta.get(KEY_PURGED)? {
-        Some(v) => Some(decode::<LogId>(v.value()).context("corrupt last-purged record")?),
+        Some(v) => Some(
+            decode::<LogId>(v.value(), RECORD_DECODE_LIMIT)
+                .context("corrupt last-purged record")?,
+        ),
         None => None,
     };
     let logs = txn.open_table(LOGS)?;
@@ -330,7 +371,7 @@ fn load_mem(db: &Database) -> anyhow::Result<Mem> {
 
 /// Decode a stored entry and check that it is the one its key says it is.
 fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, AnyError> {
-    let entry: Entry = decode(bytes).map_err(|e| AnyError::new(&e))?;
+    let entry: Entry = decode(bytes, ENTRY_DECODE_LIMIT).map_err(|e| AnyError::new(&e))?;
     if entry.log_id.index != index {
         return Err(AnyError::error(format!(
             "log entry stored at index {index} has log id {}",

@@ -33,11 +33,10 @@ use tokio::sync::Semaphore;
 
 use super::types::{NodeAddr, NodeId, TypeConfig};
 
-/// Largest Raft frame, either way. Above the transport default because an AppendEntries of
-/// `max_payload_entries` entries, or a snapshot chunk, can be large; still below the codec's
-/// decode limit. An AppendEntries that does not fit is reported to openraft as
-/// [`PayloadTooLarge`], which makes it retry with fewer entries.
-pub const RAFT_MAX_FRAME: usize = 48 * 1024 * 1024;
+/// Largest Raft frame, either way ([`crate::limits`]). An AppendEntries that does not fit is
+/// reported to openraft as [`PayloadTooLarge`], which makes it retry with fewer entries; one
+/// entry always fits.
+pub use crate::limits::RAFT_MAX_FRAME;
 
 /// Concurrent RPC streams served per peer connection; further streams wait (QUIC flow
 /// control then pushes back on the peer).

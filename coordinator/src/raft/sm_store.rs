@@ -540,7 +540,7 @@ fn parse_snapshot(mut bytes: Vec<u8>) -> anyhow::Result<(SnapshotMetaOf, Vec<u8>
     anyhow::ensure!(stored == actual, "checksum mismatch");
 
     let meta: SnapshotMetaOf =
-        decode(&bytes[meta_start..meta_end]).context("decoding snapshot meta")?;
+        decode(&bytes[meta_start..meta_end], meta_len).context("decoding snapshot meta")?;
     // Reuse the buffer for the data rather than copying a possibly large table.
     bytes.truncate(data_end);
     bytes.drain(..data_start);

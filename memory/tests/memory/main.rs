@@ -1,7 +1,7 @@
 //! Integration tests of swarm-memory, one binary with a module per area.
 
 mod bank;
-mod bincode_roundtrip;
+mod codec_roundtrip;
 mod common;
 mod http;
 mod vector;

@@ -1,5 +1,6 @@
-//! Every op variant, every outcome variant and a snapshot survive bincode 2.0.1 (serde,
-//! standard config) — the encoding the coordinator uses for Raft entries and snapshots.
+//! Every op variant, every outcome variant and a snapshot survive the workspace codec
+//! (`swarm-codec`, postcard) — the encoding the coordinator uses for Raft entries and
+//! snapshots.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -9,14 +10,15 @@ use swarm_memory::{
 };
 
 fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
-    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap();
-    let (back, used): (T, usize) =
-        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
-    assert_eq!(used, bytes.len());
+    let bytes = swarm_codec::encode(value).unwrap();
+    let back: T = swarm_codec::decode(&bytes, bytes.len()).unwrap();
     assert_eq!(&back, value);
-    // The crate's own helpers agree with plain bincode.
-    assert_eq!(swarm_memory::encode_bincode(value).unwrap(), bytes);
-    assert_eq!(&swarm_memory::decode_bincode::<T>(&bytes).unwrap(), value);
+    // The crate's own helpers agree with the codec.
+    assert_eq!(swarm_memory::encode_value(value).unwrap(), bytes);
+    assert_eq!(
+        &swarm_memory::decode_value::<T>(&bytes, bytes.len()).unwrap(),
+        value
+    );
 }
 
 /// Fails to compile when a variant is added without extending `all_ops`.
@@ -191,9 +193,8 @@ fn snapshot_roundtrips_and_restores() {
     assert_eq!(s.pattern_count(), 1);
     let snap = s.snapshot();
     roundtrip(&snap);
-    let bytes = bincode::serde::encode_to_vec(&snap, bincode::config::standard()).unwrap();
-    let (back, _): (StoreSnapshot, usize) =
-        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    let bytes = swarm_codec::encode(&snap).unwrap();
+    let back: StoreSnapshot = swarm_codec::decode(&bytes, bytes.len()).unwrap();
     let restored = MemoryStore::from_snapshot(back).unwrap();
     assert_eq!(restored.snapshot(), snap);
     assert_eq!(
