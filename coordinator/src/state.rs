@@ -286,9 +286,19 @@ pub fn decode_replica(bytes: &[u8]) -> anyhow::Result<(TaskTable, MemoryStore)> 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AttemptEnd {
     Succeeded,
-    Failed { kind: FailureKind, message: String },
-    Lost { reason: String },
+    Failed {
+        kind: FailureKind,
+        message: String,
+    },
+    Lost {
+        reason: String,
+    },
     Cancelled,
+    /// Handed back by a draining worker (not started, or cut short at its drain timeout);
+    /// does not count against `max_attempts`.
+    Released {
+        reason: String,
+    },
 }
 
 /// One attempt of a task.
@@ -320,6 +330,9 @@ pub struct Task {
     pub stage: u32,
     /// Attempts made before the current stage began (retries are counted per stage).
     pub stage_base: u32,
+    /// Attempts of the current stage handed back by draining workers: they do not count
+    /// against `max_attempts`.
+    pub released: u32,
     /// Outputs of the completed stages, in order; stage `i + 1`'s input is `[i]`.
     pub stage_outputs: Vec<Vec<u8>>,
     /// Times the task's attempt moved between workers (mesh steals).
@@ -333,6 +346,14 @@ impl Task {
             return None;
         }
         self.attempts.last().filter(|a| a.end.is_none())
+    }
+
+    /// Attempts of the current stage up to `attempt` that count against `max_attempts`
+    /// (those handed back by draining workers do not).
+    pub fn attempts_counted(&self, attempt: u32) -> u32 {
+        attempt
+            .saturating_sub(self.stage_base)
+            .saturating_sub(self.released)
     }
 
     /// The number the next attempt will carry.
@@ -398,6 +419,7 @@ fn attempt_view(a: &Attempt) -> AttemptView {
         ),
         Some(AttemptEnd::Lost { reason }) => (Some("lost"), Some(reason.clone())),
         Some(AttemptEnd::Cancelled) => (Some("cancelled"), None),
+        Some(AttemptEnd::Released { reason }) => (Some("released"), Some(reason.clone())),
     };
     AttemptView {
         attempt: a.number,
@@ -683,6 +705,7 @@ impl TaskTable {
             not_before_ms: 0,
             stage: 0,
             stage_base: 0,
+            released: 0,
             stage_outputs: Vec::new(),
             moves: 0,
         };
@@ -787,6 +810,7 @@ impl TaskTable {
                     task.stage_outputs.push(output.clone());
                     task.stage += 1;
                     task.stage_base = attempt.attempt;
+                    task.released = 0;
                     self.requeue(id, 0);
                     return OpResult::Applied {
                         state: TaskState::Queued,
@@ -799,6 +823,21 @@ impl TaskTable {
                 self.finalize(id, TaskState::Succeeded, finished_at_ms);
                 OpResult::Applied {
                     state: TaskState::Succeeded,
+                }
+            }
+            Outcome::Failed {
+                kind: FailureKind::Drained,
+                message,
+            } => {
+                // Not the task's fault, nor a try at it: it queues again at once and the
+                // attempt is not counted.
+                rec.end = Some(AttemptEnd::Released {
+                    reason: message.clone(),
+                });
+                task.released += 1;
+                self.requeue(id, retry_at_ms);
+                OpResult::Applied {
+                    state: TaskState::Queued,
                 }
             }
             Outcome::Failed { kind, message } => {
@@ -815,8 +854,7 @@ impl TaskTable {
                 // A worker that cancels on its own (e.g. it is shutting down) did not
                 // run the task to an end: treat it like a lost attempt.
                 let retryable = kind.retryable() || *kind == FailureKind::Cancelled;
-                let exhausted =
-                    attempt.attempt.saturating_sub(task.stage_base) >= task.spec.max_attempts;
+                let exhausted = task.attempts_counted(attempt.attempt) >= task.spec.max_attempts;
                 if retryable && !exhausted {
                     self.requeue(id, retry_at_ms);
                     OpResult::Applied {
@@ -861,7 +899,7 @@ impl TaskTable {
         rec.finished_at_ms = Some(now_ms);
         task.error = Some(format!("attempt {} lost: {reason}", attempt.attempt));
         let id = attempt.task_id;
-        if attempt.attempt.saturating_sub(task.stage_base) >= task.spec.max_attempts {
+        if task.attempts_counted(attempt.attempt) >= task.spec.max_attempts {
             self.finalize(id, TaskState::DeadLettered, now_ms);
             OpResult::Applied {
                 state: TaskState::DeadLettered,
@@ -1277,6 +1315,38 @@ mod tests {
             }
         );
         assert_eq!(t.get(1).unwrap().attempts.len(), 3);
+        t.check_indexes().unwrap();
+    }
+
+    #[test]
+    fn attempts_handed_back_by_a_draining_worker_do_not_count() {
+        let mut t = TaskTable::new();
+        let mut s = spec("x");
+        s.max_attempts = 1;
+        submit(&mut t, s);
+        for n in 1..=5 {
+            start(&mut t, at(1, n));
+            assert_eq!(
+                finish(&mut t, at(1, n), fail(FailureKind::Drained)),
+                OpResult::Applied {
+                    state: TaskState::Queued
+                }
+            );
+        }
+        let task = t.get(1).unwrap();
+        assert_eq!(task.released, 5);
+        assert!(task
+            .attempts
+            .iter()
+            .all(|a| matches!(a.end, Some(AttemptEnd::Released { .. }))));
+        // The one counted attempt is still there to be made.
+        start(&mut t, at(1, 6));
+        assert_eq!(
+            finish(&mut t, at(1, 6), fail(FailureKind::Exit)),
+            OpResult::Applied {
+                state: TaskState::Failed
+            }
+        );
         t.check_indexes().unwrap();
     }
 

@@ -121,6 +121,10 @@ pub enum FailureKind {
     OutputTooLarge,
     /// The agent rejected its input (a built-in's payload did not parse).
     BadPayload,
+    /// The worker is draining (it is being stopped): it handed the attempt back before
+    /// starting it, or cut it short at its drain timeout. The task runs again elsewhere,
+    /// and the attempt does not count against `max_attempts`.
+    Drained,
 }
 
 impl FailureKind {
@@ -142,6 +146,7 @@ impl FailureKind {
             FailureKind::Spawn => "spawn",
             FailureKind::OutputTooLarge => "output_too_large",
             FailureKind::BadPayload => "bad_payload",
+            FailureKind::Drained => "drained",
         }
     }
 }
