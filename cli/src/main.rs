@@ -503,9 +503,17 @@ struct CoordinatorArgs {
     /// Model name for `--distill llm`.
     #[arg(long, env = "SWARM_LLM_MODEL", default_value = "gpt-4o-mini")]
     llm_model: String,
-    /// Snapshot the state and compact the Raft log after this many entries.
+    /// Snapshot the state and compact the Raft log after this many entries...
     #[arg(long, env = "SWARM_SNAPSHOT_EVERY", default_value_t = swarm_coordinator::raft::SNAPSHOT_EVERY_LOGS)]
     snapshot_every: u64,
+    /// ...or after this many bytes of log, or of changes held in memory, since the last
+    /// snapshot, whichever comes first.
+    #[arg(long, env = "SWARM_SNAPSHOT_BYTES", default_value_t = swarm_coordinator::raft::SNAPSHOT_EVERY_BYTES)]
+    snapshot_bytes: u64,
+    /// How long a finished task stays readable (and its idempotency key dedupes) before
+    /// it is purged, unless the task asked for its own `retain_ms`.
+    #[arg(long, env = "SWARM_RETAIN_FINISHED", default_value = "3d", value_parser = parse_duration)]
+    retain_finished: Duration,
     /// What embeds pattern texts, `text` points and queries: `hash` (built-in, offline,
     /// 256 dimensions) or `http` (an OpenAI-compatible /v1/embeddings endpoint, see
     /// --embedder-url). Every node of a cluster needs the same embedder.
@@ -952,6 +960,25 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if a.heartbeat_interval.is_zero() || a.lease <= a.heartbeat_interval {
         bail!("--lease must be longer than --heartbeat-interval (and both non-zero)");
     }
+    // A payload or an output travels in one op, which must fit one Raft entry.
+    let max_op = swarm_coordinator::limits::MAX_OP_BYTES as u64 - (64 << 10);
+    for (flag, v) in [
+        ("--max-payload-bytes", a.max_payload_bytes),
+        ("--max-output-bytes", a.max_output_bytes),
+    ] {
+        if v > max_op {
+            bail!(
+                "{flag} is at most {max_op} (one Raft entry holds {} bytes), got {v}",
+                swarm_coordinator::limits::ENTRY_BUDGET
+            );
+        }
+    }
+    if a.snapshot_bytes < 1 << 20 {
+        bail!(
+            "--snapshot-bytes must be at least 1 MiB, got {}",
+            a.snapshot_bytes
+        );
+    }
     let cfg = CoordinatorConfig {
         node_id: a.id,
         data_dir: a.data_dir,
@@ -981,6 +1008,8 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             ..SchedulerConfig::default()
         },
         snapshot_every: a.snapshot_every.max(1),
+        snapshot_bytes: a.snapshot_bytes,
+        retain_finished: a.retain_finished,
         distill: match a.distill.as_str() {
             "rules" => DistillMode::Rules,
             "off" => DistillMode::Off,

@@ -27,9 +27,10 @@ use swarm_proto::TaskId;
 use crate::cluster::{
     self, cluster_view, forward_or_refuse, health_check, ready_check, FORWARDED_BY,
 };
+use crate::limits::{ENTRY_BUDGET, MAX_OP_BYTES};
 use crate::node::{now_ms, Node};
 use crate::proposer::ProposeError;
-use crate::state::{Op, OpResult, TaskSpec};
+use crate::state::{Lookup, Op, OpResult, TaskSpec};
 use crate::{backup, memory};
 
 /// Why a request failed; each variant has a stable code and HTTP status.
@@ -141,6 +142,7 @@ impl ApiError {
                 leader_api: leader.or_else(|| node.leader()).map(|(_, n)| n.api_addr),
             },
             ProposeError::Raft(m) => ApiError::Unavailable(format!("could not commit: {m}")),
+            e @ ProposeError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
         }
     }
 }
@@ -153,6 +155,8 @@ pub fn router(node: Arc<Node>) -> Router {
     // Routes that need the leader; a follower forwards them.
     // Handlers that need the leader; on a follower the request is forwarded.
     let lead = || middleware::from_fn_with_state(node.clone(), cluster::leader_only);
+    // Streamed handlers run on the leader only; elsewhere the client is sent there.
+    let here = || middleware::from_fn_with_state(node.clone(), cluster::leader_here);
     let v1 = Router::new()
         .route(
             "/tasks",
@@ -202,8 +206,15 @@ pub fn router(node: Arc<Node>) -> Router {
             "/swarms/{name}",
             get(crate::swarms::get.layer(lead())).delete(crate::swarms::delete.layer(lead())),
         )
-        .route("/backup", get(backup::backup.layer(lead())))
-        .route("/restore", post(backup::restore.layer(lead())))
+        .route("/backup", get(backup::backup.layer(here())))
+        .route(
+            "/restore",
+            post(
+                backup::restore
+                    .layer(here())
+                    .layer(DefaultBodyLimit::disable()),
+            ),
+        )
         .route(
             "/patterns/consolidate",
             post(memory::consolidate.layer(lead())),
@@ -243,7 +254,7 @@ struct WaitQuery {
     wait: Option<String>,
 }
 
-/// Parse `250ms`, `5s`, `2m` or a bare number of seconds.
+/// Parse `250ms`, `5s`, `2m`, `3h`, `7d` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -252,13 +263,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 5s, 2m"))?;
+        .map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 5s, 2m, 7d"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("bad duration unit in {s:?}: use ms, s, m or h")),
+        "d" => n * 86400.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s, m, h or d")),
     };
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("duration {s:?} out of range"));
@@ -351,7 +363,15 @@ fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
             t.patterns
         )));
     }
-    Ok(TaskSpec {
+    let retain_ms = t
+        .retain_ms
+        .unwrap_or(node.config().retain_finished.as_millis() as u64);
+    if retain_ms > MAX_RETAIN_MS {
+        return Err(ApiError::BadRequest(format!(
+            "`retain_ms` is at most {MAX_RETAIN_MS} (10 years), got {retain_ms}"
+        )));
+    }
+    let spec = TaskSpec {
         agent,
         swarm,
         stages,
@@ -362,7 +382,48 @@ fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, ApiError> {
         idempotency_key: t.idempotency_key,
         labels: t.labels,
         patterns: t.patterns,
-    })
+        retain_ms,
+    };
+    if spec.size_hint() > MAX_OP_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the task takes {} bytes; one task is at most {MAX_OP_BYTES} bytes (a Raft entry holds {ENTRY_BUDGET})",
+            spec.size_hint()
+        )));
+    }
+    Ok(spec)
+}
+
+/// Longest retention a task may ask for.
+const MAX_RETAIN_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// The API view of task `id`, wherever it is; `404 task_expired` once purged.
+pub(crate) fn task_view(node: &Node, id: TaskId) -> Result<TaskView, ApiError> {
+    match node.table.lookup(id) {
+        Ok(Lookup::Found(t)) => Ok(t.view()),
+        Ok(Lookup::Expired) => Err(expired(id)),
+        Ok(Lookup::Unknown) => Err(ApiError::NotFound(format!("no task {id}"))),
+        Err(e) => Err(ApiError::Internal(e.to_string())),
+    }
+}
+
+fn expired(id: TaskId) -> ApiError {
+    ApiError::Coded {
+        status: StatusCode::NOT_FOUND,
+        code: "task_expired".into(),
+        message: format!(
+            "task {id} finished and was purged when its retention ended \
+             (`retain_ms` at submit, default --retain-finished)"
+        ),
+    }
+}
+
+/// The answer while a restore is in progress.
+pub(crate) fn restoring() -> ApiError {
+    ApiError::Coded {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "restore_in_progress".into(),
+        message: "a restore is in progress; the cluster takes no other change until it ends".into(),
+    }
 }
 
 /// Most ReasoningBank patterns one task may ask for.
@@ -398,6 +459,7 @@ async fn submit(
         Some(OpResult::Submitted { id, duplicate }) => (*id, *duplicate),
         Some(OpResult::QueueFull { limit }) => return Err(ApiError::QueueFull { limit: *limit }),
         Some(OpResult::Swarm(Err(f))) => return Err(crate::swarms::fault(f)),
+        Some(OpResult::Restoring) => return Err(restoring()),
         other => {
             return Err(ApiError::Internal(format!(
                 "unexpected submit result {other:?}"
@@ -407,7 +469,7 @@ async fn submit(
     let mut task = None;
     if let Some(wait) = wait {
         node.wait_final(id, wait).await;
-        task = node.read_table(|t| t.get(id).map(|t| t.view()));
+        task = Some(task_view(&node, id)?);
     }
     let status = if duplicate {
         StatusCode::OK
@@ -451,6 +513,13 @@ async fn submit_batch(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // One batch is one Raft entry (all or nothing), so it must fit one.
+    let bytes: usize = specs.iter().map(TaskSpec::size_hint).sum();
+    if bytes > MAX_OP_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the batch takes {bytes} bytes; a batch is at most {MAX_OP_BYTES} bytes (one Raft entry holds {ENTRY_BUDGET}): split it"
+        )));
+    }
     // All or nothing: refuse the whole batch if it does not fit the queue.
     let room = node.read_table(|t| {
         node.config()
@@ -478,6 +547,7 @@ async fn submit_batch(
                 duplicate,
                 task: None,
             }),
+            OpResult::Restoring => return Err(restoring()),
             // The swarm was deleted between the check and the commit.
             OpResult::Swarm(Err(f)) => {
                 let committed: Vec<String> = out.iter().map(|r| r.id.to_string()).collect();
@@ -545,9 +615,7 @@ async fn get_task(
         node.wait_final(id, wait).await;
     }
     linearizable(&node).await?;
-    node.read_table(|t| t.get(id).map(|t| t.view()))
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))
+    task_view(&node, id).map(Json)
 }
 
 #[derive(Debug, Deserialize)]
@@ -570,12 +638,13 @@ async fn list_tasks(
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     linearizable(&node).await?;
-    let tasks: Vec<TaskView> = node.read_table(|t| {
-        t.list(state, q.after.unwrap_or(0), limit)
-            .into_iter()
-            .map(|t| t.view())
-            .collect()
-    });
+    let tasks: Vec<TaskView> = node
+        .table
+        .list(state, q.after.unwrap_or(0), limit)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .iter()
+        .map(|t| t.view())
+        .collect();
     let next_after = if tasks.len() == limit {
         tasks.last().map(|t| t.id)
     } else {
@@ -597,6 +666,8 @@ async fn cancel_task(State(node): State<Arc<Node>>, Path(id): Path<String>) -> A
     node.count_results(std::slice::from_ref(&result));
     match result {
         OpResult::NotFound => return Err(ApiError::NotFound(format!("no task {id}"))),
+        OpResult::Expired => return Err(expired(id)),
+        OpResult::Restoring => return Err(restoring()),
         OpResult::Cancelled {
             running: Some((worker, attempt)),
         } => {
@@ -608,9 +679,7 @@ async fn cancel_task(State(node): State<Arc<Node>>, Path(id): Path<String>) -> A
         // Already final (cancel is idempotent) or cancelled while queued.
         _ => {}
     }
-    node.read_table(|t| t.get(id).map(|t| t.view()))
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))
+    task_view(&node, id).map(Json)
 }
 
 fn worker_views(node: &Node) -> Vec<WorkerView> {
@@ -722,6 +791,10 @@ mod tests {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(
+            parse_duration("3d").unwrap(),
+            Duration::from_secs(3 * 86400)
+        );
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());

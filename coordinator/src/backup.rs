@@ -1,88 +1,75 @@
 //! `swarm backup` / `swarm restore`: a consistent copy of a running cluster's state (tasks
-//! and memory) in one file, and seeding a new, empty cluster from it.
+//! and memory), streamed out as a dump ([`crate::raft::dump`], the format snapshots travel
+//! in), and seeding a new, empty cluster from one, streamed in.
 //!
-//! File format: `magic "SWBACKUP" | version u32 LE | data_len u64 LE | data | checksum u64
-//! LE`, where `data` is [`crate::state::encode_replica`] output (what Raft snapshots hold)
-//! and the checksum is FNV-1a 64 over `data`.
+//! A backup is taken on the leader after a linearizable barrier: a checkpoint at or
+//! after the barrier is taken (a Raft snapshot), and the dump is read from a redb view
+//! that stays at that checkpoint while it is sent, so it holds every write acknowledged
+//! before the request and is one consistent cut, of any size, in bounded memory.
 //!
-//! A backup is taken on the leader after a linearizable barrier, under the replica's read
-//! lock, so it holds every write acknowledged before the request and is one consistent
-//! cut. A restore is one Raft op ([`Op::Restore`]) applied by every replica of the new
-//! cluster, refused unless the cluster is empty.
+//! A restore arrives as a stream and is proposed as it is parsed: `RestoreBegin` (refused
+//! unless the cluster is empty), `RestoreChunk`s of tasks and memory bytes, each at most
+//! one op's size, then `RestoreCommit` once the dump's end record and checksum are
+//! verified. Until the commit the cluster refuses every other change and dispatches
+//! nothing. If the stream breaks, the dump is damaged, or leadership moves, the restore is
+//! aborted (by the leader that finds it undriven, see [`Node`]'s maintenance loop): the
+//! cluster returns to empty. Never half a backup.
 
+use std::io::{self, BufWriter, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
 
-use crate::api::{linearizable, ApiError};
-use crate::node::Node;
-use crate::state::{decode_replica, Op, OpResult};
+use crate::api::{restoring, ApiError};
+use crate::limits::MAX_OP_BYTES;
+use crate::node::{now_ms, Node};
+use crate::raft::dump::{DumpParser, Record};
+use crate::state::{Op, OpResult, RestoreSummary, RestoredMeta, Task};
 
-const MAGIC: &[u8; 8] = b"SWBACKUP";
-const VERSION: u32 = 1;
-/// Largest state a restore accepts: it travels as one Raft entry.
-pub const MAX_RESTORE_BYTES: usize = 32 << 20;
+/// How long a backup waits for the checkpoint it needs.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(120);
 
-fn fnv1a(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// Wrap replica bytes in the backup file format.
-pub fn encode_file(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 28);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(&fnv1a(data).to_le_bytes());
-    out
-}
-
-/// The replica bytes inside a backup file, after checking its framing and checksum.
-pub fn decode_file(file: &[u8]) -> Result<&[u8], String> {
-    if file.len() < 28 || &file[..8] != MAGIC {
-        return Err("not a swarm backup (bad magic)".into());
-    }
-    let version = u32::from_le_bytes(file[8..12].try_into().map_err(|_| "short header")?);
-    if version != VERSION {
-        return Err(format!(
-            "backup format version {version}, this build reads {VERSION}"
-        ));
-    }
-    let len = u64::from_le_bytes(file[12..20].try_into().map_err(|_| "short header")?) as usize;
-    if file.len() != 20usize.saturating_add(len).saturating_add(8) {
-        return Err(format!(
-            "truncated or padded backup: header says {len} bytes of state, file has {}",
-            file.len().saturating_sub(28)
-        ));
-    }
-    let data = &file[20..20 + len];
-    let sum = u64::from_le_bytes(file[20 + len..].try_into().map_err(|_| "short trailer")?);
-    if sum != fnv1a(data) {
-        return Err("backup checksum mismatch: the file is corrupt".into());
-    }
-    Ok(data)
-}
-
-/// `GET /v1/backup` (leader): the whole state as one file.
+/// `GET /v1/backup` (leader): the whole state, streamed.
 pub(crate) async fn backup(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
-    linearizable(&node).await?;
-    let table = node.table.clone();
-    let (applied, data) = tokio::task::spawn_blocking(move || table.encode_replica())
-        .await
-        .map_err(|e| ApiError::Internal(format!("backup task: {e}")))?
-        .map_err(|e| ApiError::Internal(format!("encoding the backup: {e:#}")))?;
-    let file = encode_file(&data);
-    let index = applied.map_or(0, |l| l.index);
+    if node.read_table(|t| t.restoring().is_some()) {
+        return Err(restoring());
+    }
+    let barrier = match node.raft().ensure_linearizable().await {
+        Ok(read) => read.map_or(0, |l| l.index),
+        Err(e) => {
+            return Err(ApiError::Unavailable(format!(
+                "cannot confirm leadership for a consistent backup: {e}"
+            )))
+        }
+    };
+    let view = checkpoint_at(&node, barrier).await?;
+    let (meta, view) = view;
+    let index = meta.last_log_id.map_or(0, |l| l.index);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, io::Error>>(4);
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let out = BufWriter::with_capacity(1 << 20, ChannelWriter { tx: tx.clone() });
+        match view.write_dump(out) {
+            Ok(bytes) => info!(bytes, index, elapsed = ?started.elapsed(), "backup sent"),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "backup stream failed");
+                // The client sees the stream break and no end record: never a short file
+                // taken for a whole one.
+                let _ = tx.blocking_send(Err(io::Error::other(format!("{e:#}"))));
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     Ok((
         StatusCode::OK,
         [
@@ -92,60 +79,274 @@ pub(crate) async fn backup(State(node): State<Arc<Node>>) -> Result<Response, Ap
                 index.to_string(),
             ),
         ],
-        file,
+        Body::from_stream(stream),
     )
         .into_response())
 }
 
-/// `POST /v1/restore` (leader): seed this empty cluster from a backup file.
-pub(crate) async fn restore(
-    State(node): State<Arc<Node>>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let data = decode_file(&body).map_err(ApiError::BadRequest)?;
-    if data.len() > MAX_RESTORE_BYTES {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "the backup holds {} bytes of state; a restore takes at most {MAX_RESTORE_BYTES}",
-            data.len()
-        )));
-    }
-    // Check it decodes before it takes a log entry.
-    decode_replica(data)
-        .map_err(|e| ApiError::BadRequest(format!("not a usable backup: {e:#}")))?;
-    let r = node
-        .propose(vec![Op::Restore {
-            data: data.to_vec(),
-        }])
-        .await
-        .map_err(|e| ApiError::from_propose(&node, e))?;
-    match r.into_iter().next() {
-        Some(OpResult::Restored(Ok(summary))) => {
-            Ok((StatusCode::OK, Json(summary)).into_response())
+/// A checkpoint at or after log index `index`: the current one, or a new one.
+async fn checkpoint_at(
+    node: &Node,
+    index: u64,
+) -> Result<
+    (
+        crate::raft::sm_store::SnapshotMetaOf,
+        Arc<crate::raft::checkpoint::StoreReader>,
+    ),
+    ApiError,
+> {
+    let deadline = tokio::time::Instant::now() + CHECKPOINT_WAIT;
+    let mut metrics = node.raft().metrics();
+    loop {
+        if let Some((meta, view)) = node.table.checkpoint() {
+            if meta.last_log_id.is_some_and(|l| l.index >= index) {
+                return Ok((meta, view));
+            }
         }
-        Some(OpResult::Restored(Err(reason))) => Err(ApiError::Conflict(reason)),
-        other => Err(ApiError::Internal(format!(
-            "unexpected restore result {other:?}"
-        ))),
+        node.raft()
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cannot take a checkpoint: {e}")))?;
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(ApiError::Unavailable("raft stopped".into())),
+            Err(_) => {
+                return Err(ApiError::Unavailable(format!(
+                    "no checkpoint at index {index} within {CHECKPOINT_WAIT:?}"
+                )))
+            }
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Hands what is written to an async body stream, a chunk at a time.
+struct ChannelWriter {
+    tx: mpsc::Sender<Result<Bytes, io::Error>>,
+}
 
-    #[test]
-    fn file_round_trip_and_corruption() {
-        let f = encode_file(b"state bytes");
-        assert_eq!(decode_file(&f).unwrap(), b"state bytes");
-        let mut bad = f.clone();
-        bad[22] ^= 1;
-        assert!(decode_file(&bad).unwrap_err().contains("checksum"));
-        assert!(decode_file(&f[..f.len() - 1])
-            .unwrap_err()
-            .contains("truncated"));
-        assert!(decode_file(b"garbage").unwrap_err().contains("magic"));
-        let mut v2 = f.clone();
-        v2[8] = 9;
-        assert!(decode_file(&v2).unwrap_err().contains("version"));
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tx
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Marks this node as driving a restore while the request runs; when it ends without a
+/// commit, the mark goes and the leader aborts the restore.
+struct Driving<'a> {
+    node: &'a Node,
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.node.set_restore_driver(None);
+    }
+}
+
+/// What a restore has parsed but not yet proposed.
+#[derive(Default)]
+struct Pending {
+    tasks: Vec<Task>,
+    bytes: usize,
+}
+
+/// `POST /v1/restore` (leader): seed this empty cluster from a streamed backup.
+pub(crate) async fn restore(
+    State(node): State<Arc<Node>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let restore_id = rand::random::<u64>() | 1;
+    node.set_restore_driver(Some(restore_id));
+    let _driving = Driving { node: &node };
+    let mut begun = false;
+    let result = run_restore(&node, restore_id, body, &mut begun).await;
+    if result.is_err() && begun {
+        // Give it up now rather than when the maintenance loop finds it undriven, so a
+        // retry can begin at once.
+        if let Err(e) = propose_restore(&node, Op::RestoreAbort { restore_id }).await {
+            warn!(error = %e, "aborting the failed restore");
+        }
+    }
+    result.map(|summary| (StatusCode::OK, Json(summary)).into_response())
+}
+
+async fn run_restore(
+    node: &Node,
+    restore_id: u64,
+    body: Body,
+    begun: &mut bool,
+) -> Result<RestoreSummary, ApiError> {
+    let started = std::time::Instant::now();
+    let mut stream = body.into_data_stream();
+    let mut parser = DumpParser::new();
+    let mut meta = None;
+    let mut seq = 0u64;
+    let mut tasks = 0u64;
+    let mut received = 0u64;
+    let mut pending = Pending::default();
+    loop {
+        let record = parser
+            .next_record()
+            .map_err(|e| ApiError::BadRequest(format!("not a usable backup: {e}")))?;
+        let Some(record) = record else {
+            if parser.ended() {
+                break;
+            }
+            match stream.next().await {
+                Some(Ok(bytes)) => {
+                    received += bytes.len() as u64;
+                    parser
+                        .push(&bytes)
+                        .map_err(|e| ApiError::BadRequest(format!("not a usable backup: {e}")))?;
+                    continue;
+                }
+                Some(Err(e)) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "the backup stream broke after {received} bytes: {e}"
+                    )))
+                }
+                None => {
+                    parser
+                        .finish()
+                        .map_err(|e| ApiError::BadRequest(format!("not a usable backup: {e}")))?;
+                    break;
+                }
+            }
+        };
+        match record {
+            Record::Header(h) => {
+                if h.meta.restore.is_some() {
+                    return Err(ApiError::BadRequest(
+                        "the backup was taken while a restore was in progress; it is not complete"
+                            .into(),
+                    ));
+                }
+                meta = Some(RestoredMeta {
+                    next_id: h.meta.next_id,
+                    swarms: h.meta.swarms.clone(),
+                });
+                info!(
+                    restore = format!("{restore_id:x}"),
+                    tasks = h.tasks,
+                    memory_bytes = h.memory_bytes,
+                    "restore started"
+                );
+                propose_restore(
+                    node,
+                    Op::RestoreBegin {
+                        restore_id,
+                        now_ms: now_ms(),
+                    },
+                )
+                .await?;
+                *begun = true;
+            }
+            Record::Tasks(batch) => {
+                for t in batch {
+                    let size = t.size_hint();
+                    if size > MAX_OP_BYTES {
+                        return Err(ApiError::PayloadTooLarge(format!(
+                            "task {} takes {size} bytes, more than one Raft entry holds ({MAX_OP_BYTES}); this cluster cannot restore it",
+                            t.id
+                        )));
+                    }
+                    if pending.bytes + size > MAX_OP_BYTES {
+                        tasks +=
+                            flush(node, restore_id, &mut seq, &mut pending, Vec::new()).await?;
+                    }
+                    pending.bytes += size;
+                    pending.tasks.push(t);
+                }
+            }
+            Record::Memory(bytes) => {
+                // Memory pieces are at most a few MiB; each goes with the tasks pending.
+                if pending.bytes + bytes.len() > MAX_OP_BYTES {
+                    tasks += flush(node, restore_id, &mut seq, &mut pending, Vec::new()).await?;
+                }
+                tasks += flush(node, restore_id, &mut seq, &mut pending, bytes).await?;
+            }
+            Record::Staged(_) => {
+                return Err(ApiError::BadRequest(
+                    "the backup holds a restore in progress; it is not complete".into(),
+                ))
+            }
+            Record::End { .. } => {}
+        }
+        if !*begun {
+            return Err(ApiError::BadRequest("the backup has no header".into()));
+        }
+    }
+    tasks += flush(node, restore_id, &mut seq, &mut pending, Vec::new()).await?;
+    let meta = meta.ok_or_else(|| ApiError::BadRequest("the backup has no header".into()))?;
+    let summary = propose_restore(
+        node,
+        Op::RestoreCommit {
+            restore_id,
+            chunks: seq,
+            tasks,
+            meta,
+        },
+    )
+    .await?;
+    info!(
+        restore = format!("{restore_id:x}"),
+        tasks = summary.tasks,
+        collections = summary.collections,
+        patterns = summary.patterns,
+        bytes = received,
+        elapsed = ?started.elapsed(),
+        "restore committed"
+    );
+    Ok(summary)
+}
+
+/// Propose the pending tasks (and `memory`) as the next chunk, if there is anything.
+async fn flush(
+    node: &Node,
+    restore_id: u64,
+    seq: &mut u64,
+    pending: &mut Pending,
+    memory: Vec<u8>,
+) -> Result<u64, ApiError> {
+    if pending.tasks.is_empty() && memory.is_empty() {
+        return Ok(0);
+    }
+    let tasks = std::mem::take(&mut pending.tasks);
+    pending.bytes = 0;
+    let n = tasks.len() as u64;
+    propose_restore(
+        node,
+        Op::RestoreChunk {
+            restore_id,
+            seq: *seq,
+            tasks,
+            memory,
+        },
+    )
+    .await?;
+    *seq += 1;
+    Ok(n)
+}
+
+async fn propose_restore(node: &Node, op: Op) -> Result<RestoreSummary, ApiError> {
+    let r = node
+        .proposer
+        .propose_one(op)
+        .await
+        .map_err(|e| ApiError::from_propose(node, e))?;
+    match r {
+        OpResult::Restored(Ok(summary)) => Ok(summary),
+        OpResult::Restored(Err(reason)) => Err(ApiError::Conflict(reason)),
+        OpResult::Restoring => Err(restoring()),
+        other => Err(ApiError::Internal(format!(
+            "unexpected restore result {other:?}"
+        ))),
     }
 }

@@ -53,6 +53,26 @@ pub(crate) async fn leader_only(
     forward_or_refuse(&node, req).await
 }
 
+/// For streamed requests (backups, restores): run here if leading, else refuse with
+/// `not_leader` naming the leader, where the client goes itself (a forward would hold
+/// the whole stream in this node's memory).
+pub(crate) async fn leader_here(
+    State(node): State<Arc<Node>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if node.is_leader() {
+        return next.run(req).await;
+    }
+    ApiError::NotLeader {
+        leader_api: node
+            .leader()
+            .filter(|(id, _)| *id != node.id())
+            .map(|(_, a)| a.api_addr),
+    }
+    .into_response()
+}
+
 /// Replay `req` against the leader, or refuse with `not_leader` when that is impossible
 /// or the request was forwarded already.
 pub(crate) async fn forward_or_refuse(node: &Node, req: Request) -> Response {

@@ -884,6 +884,27 @@ pub(crate) struct ResultForMemory {
     pub patterns_used: Vec<String>,
 }
 
+/// How often the leader checks the vector memory for points whose TTL passed.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// On the leader: if a point of any collection has expired, propose the sweep that
+/// tombstones every expired point (searches skip them already; the sweep frees them,
+/// and the rebuilds it triggers drop them from the graphs).
+pub(crate) async fn sweep_expired_points(node: &Node) {
+    let now = now_ms();
+    if node
+        .table
+        .memory(|m| m.next_point_expiry())
+        .is_none_or(|at| at > now)
+    {
+        return;
+    }
+    match write(node, MemoryOp::ExpireSweep { now_ms: now }).await {
+        Ok(outcome) => debug!(?outcome, "expired memory points swept"),
+        Err(e) => debug!(error = %e, "memory sweep not committed"),
+    }
+}
+
 /// After a result committed: judge the patterns the agent used and distil new ones.
 /// Best effort and at most once per committed result: a failure is logged, not retried.
 pub(crate) async fn after_result(node: Arc<Node>, r: ResultForMemory) {

@@ -27,7 +27,7 @@ use crate::proposer::{ProposeError, Proposer};
 use crate::raft::sm_store::TableHandle;
 use crate::raft::types::{NodeAddr, TypeConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::state::{Op, OpResult, TableEvent, TaskTable};
+use crate::state::{Op, OpResult, TableEvent, TaskTable, MAX_PURGE_PER_OP};
 
 /// Everything a coordinator needs to start.
 #[derive(Debug, Clone)]
@@ -60,6 +60,12 @@ pub struct CoordinatorConfig {
     pub scheduler: SchedulerConfig,
     /// Build a snapshot (and compact the log) after this many applied entries.
     pub snapshot_every: u64,
+    /// ...or after this many bytes of log (or of changes held in memory) since the last
+    /// one, whichever comes first.
+    pub snapshot_bytes: u64,
+    /// How long a finished task stays readable (and its idempotency key dedupes) unless
+    /// it asked for another retention at submit.
+    pub retain_finished: Duration,
     /// How finished tasks become ReasoningBank patterns.
     pub distill: crate::memory::DistillMode,
     /// What embeds texts (patterns, `text` points, queries); its dimension is the pattern
@@ -93,6 +99,8 @@ impl CoordinatorConfig {
             heartbeat_interval_ms: 1000,
             scheduler: SchedulerConfig::default(),
             snapshot_every: crate::raft::SNAPSHOT_EVERY_LOGS,
+            snapshot_bytes: crate::raft::SNAPSHOT_EVERY_BYTES,
+            retain_finished: DEFAULT_RETAIN_FINISHED,
             distill: crate::memory::DistillMode::default(),
             embedder: crate::memory::EmbedderConfig::default(),
         }
@@ -128,6 +136,9 @@ impl Default for Limits {
         }
     }
 }
+
+/// Default retention of finished tasks.
+pub const DEFAULT_RETAIN_FINISHED: Duration = Duration::from_secs(3 * 24 * 3600);
 
 /// Values a submit gets when it leaves them out.
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +216,8 @@ pub struct Node {
     peer_http: Arc<dyn PeerHttp>,
     /// Embedder and distillers for the ReasoningBank.
     memory: crate::memory::MemoryService,
+    /// The restore this node's API is driving, if any.
+    restore_driver: Mutex<Option<u64>>,
 }
 
 impl Node {
@@ -232,6 +245,7 @@ impl Node {
             waiters: Mutex::new(HashMap::new()),
             wake_dispatch: Notify::new(),
             peer_http,
+            restore_driver: Mutex::new(None),
         })
     }
 
@@ -295,6 +309,84 @@ impl Node {
     /// Propose ops through the group-commit batcher.
     pub async fn propose(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
         self.proposer.propose(ops).await
+    }
+
+    /// Propose purges of the finished tasks whose retention ended, as many ops as it takes.
+    async fn purge_expired(&self) {
+        loop {
+            let now = now_ms();
+            let ids = match self.table.expired(now, MAX_PURGE_PER_OP) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    warn!(error = %e, "listing expired tasks");
+                    return;
+                }
+            };
+            if ids.is_empty() {
+                return;
+            }
+            let n = ids.len();
+            match self
+                .proposer
+                .propose_one(Op::Purge { ids, now_ms: now })
+                .await
+            {
+                Ok(OpResult::Purged { purged }) => {
+                    metrics::counter!("swarm_tasks_purged_total").increment(purged);
+                    debug!(purged, "purged expired tasks");
+                    if n < MAX_PURGE_PER_OP || purged == 0 {
+                        return;
+                    }
+                }
+                Ok(other) => {
+                    debug!(result = ?other, "purge not applied");
+                    return;
+                }
+                Err(e) => {
+                    debug!(error = %e, "purge not committed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A restore is driven by the HTTP request that began it, on the leader then. If this
+    /// leader is not driving the one in progress (leadership moved, or the request
+    /// ended), nobody will finish it: abort it, so the cluster is empty again.
+    async fn abort_orphaned_restore(&self) {
+        let Some(r) = self.read_table(|t| t.restoring().cloned()) else {
+            return;
+        };
+        let driving = *self
+            .restore_driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if driving == Some(r.restore_id) {
+            return;
+        }
+        warn!(
+            restore = format!("{:x}", r.restore_id),
+            tasks = r.tasks,
+            "aborting a restore nobody drives"
+        );
+        match self
+            .proposer
+            .propose_one(Op::RestoreAbort {
+                restore_id: r.restore_id,
+            })
+            .await
+        {
+            Ok(result) => info!(?result, "restore aborted"),
+            Err(e) => debug!(error = %e, "restore abort not committed"),
+        }
+    }
+
+    /// Mark the restore this node is driving (`None`: none).
+    pub(crate) fn set_restore_driver(&self, id: Option<u64>) {
+        *self
+            .restore_driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = id;
     }
 
     /// Wake the dispatcher (new work, a free slot, a new worker).
@@ -509,6 +601,10 @@ impl Node {
                 });
             }
             let d = &mut *d;
+            if table.restoring().is_some() {
+                // Restored tasks run only once the whole restore has committed.
+                return d.scheduler.next_expiry();
+            }
             let out = d.topologies.refresh(&d.scheduler, &table, &d.sessions);
             crate::swarms::deliver(d, out);
             let topologies = &d.topologies;
@@ -626,6 +722,63 @@ pub(crate) async fn dispatch_loop(node: Arc<Node>, mut shutdown: watch::Receiver
             _ = node.wake_dispatch.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// How often the leader looks for finished tasks whose retention ended.
+const PURGE_EVERY: Duration = Duration::from_secs(5);
+
+/// Housekeeping that keeps the state bounded, once a second: checkpoints by size (the
+/// log bytes and the changes held in memory since the last one; openraft triggers them
+/// by entry count), and on the leader, purges of expired tasks, TTL sweeps of the
+/// vector memory, and aborting a restore nobody drives any more.
+pub(crate) async fn maintenance_loop(
+    node: Arc<Node>,
+    log_bytes: Arc<std::sync::atomic::AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut snapshot_seen = node.raft.metrics().borrow().snapshot;
+    let mut bytes_at_snapshot = log_bytes.load(Ordering::Relaxed);
+    let mut last_purge = tokio::time::Instant::now();
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let snapshot = node.raft.metrics().borrow().snapshot;
+        if snapshot != snapshot_seen {
+            snapshot_seen = snapshot;
+            bytes_at_snapshot = log_bytes.load(Ordering::Relaxed);
+        }
+        let log_since = log_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(bytes_at_snapshot);
+        let held = node.table.changes_bytes() as u64;
+        metrics::gauge!("swarm_state_changes_bytes").set(held as f64);
+        if log_since >= node.cfg.snapshot_bytes || held >= node.cfg.snapshot_bytes {
+            debug!(log_since, held, "snapshot by size");
+            // Counted from now: a snapshot already being built completes the trigger.
+            bytes_at_snapshot = log_bytes.load(Ordering::Relaxed);
+            if let Err(e) = node.raft.trigger().snapshot().await {
+                warn!(error = %e, "could not trigger a snapshot");
+            }
+        }
+        if !node.is_leader() {
+            continue;
+        }
+        node.abort_orphaned_restore().await;
+        let full = last_purge.elapsed() >= PURGE_EVERY;
+        if full {
+            last_purge = tokio::time::Instant::now();
+            node.purge_expired().await;
+        }
+        if last_sweep.elapsed() >= crate::memory::SWEEP_EVERY {
+            last_sweep = tokio::time::Instant::now();
+            crate::memory::sweep_expired_points(&node).await;
         }
     }
 }

@@ -3,6 +3,11 @@
 //! Callers hand in ops and await their results; one loop packs whatever is waiting
 //! into a single [`Command`] (one Raft entry, one fsync) and splits the response back.
 //! Under load the batches grow by themselves; an idle system pays one commit per op.
+//!
+//! An entry holds at most [`MAX_OPS_PER_ENTRY`] ops and [`ENTRY_BUDGET`] bytes (by
+//! [`Op::size_hint`]); one request's ops always stay in one entry, and a request larger
+//! than the budget is refused ([`ProposeError::TooLarge`]; the API refuses such requests
+//! with `413` before they get here).
 
 use std::sync::Arc;
 
@@ -10,6 +15,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::limits::ENTRY_BUDGET;
 use crate::raft::types::{NodeAddr, TypeConfig};
 use crate::state::{Command, Op, OpResult};
 
@@ -22,10 +28,14 @@ pub enum ProposeError {
     /// Raft is shutting down or failed.
     #[error("raft: {0}")]
     Raft(String),
+    /// The ops take more than one entry holds.
+    #[error("{bytes} bytes of ops exceed the {limit}-byte budget of one Raft entry")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 struct Pending {
     ops: Vec<Op>,
+    bytes: usize,
     done: oneshot::Sender<Result<Vec<OpResult>, ProposeError>>,
 }
 
@@ -53,9 +63,16 @@ impl Proposer {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
+        let bytes = ops.iter().map(Op::size_hint).sum();
+        if bytes > ENTRY_BUDGET {
+            return Err(ProposeError::TooLarge {
+                bytes,
+                limit: ENTRY_BUDGET,
+            });
+        }
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Pending { ops, done })
+            .send(Pending { ops, bytes, done })
             .map_err(|_| ProposeError::Raft("proposer stopped".into()))?;
         rx.await
             .map_err(|_| ProposeError::Raft("proposer stopped".into()))?
@@ -71,22 +88,38 @@ impl Proposer {
 
 async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    // A request that did not fit the previous entry; it starts the next one.
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        // Take everything that queued up meanwhile, up to the entry limit.
+        // Take everything that queued up meanwhile, up to the entry's limits.
+        let mut n = first.ops.len();
+        let mut bytes = first.bytes;
         let mut batch = vec![first];
-        let mut n = batch[0].ops.len();
-        while n < MAX_OPS_PER_ENTRY {
+        while n < MAX_OPS_PER_ENTRY && bytes < ENTRY_BUDGET {
             match rx.try_recv() {
                 Ok(p) => {
+                    if n + p.ops.len() > MAX_OPS_PER_ENTRY || bytes + p.bytes > ENTRY_BUDGET {
+                        carry = Some(p);
+                        break;
+                    }
                     n += p.ops.len();
+                    bytes += p.bytes;
                     batch.push(p);
                 }
                 Err(_) => break,
             }
         }
+        metrics::histogram!("swarm_raft_batch_bytes").record(bytes as f64);
         let raft = raft.clone();
         tokio::spawn(async move {
             commit(&raft, batch, n).await;

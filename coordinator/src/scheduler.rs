@@ -537,6 +537,7 @@ mod tests {
             patterns: 0,
             swarm: swarm_topology::DEFAULT_SWARM_NAME.to_string(),
             stages: Vec::new(),
+            retain_ms: 60_000,
         };
         let ops = (0..n)
             .map(|_| Op::Submit {
@@ -640,6 +641,7 @@ mod tests {
                 patterns: 0,
                 swarm: swarm_topology::DEFAULT_SWARM_NAME.to_string(),
                 stages: Vec::new(),
+                retain_ms: 60_000,
             };
             t.apply(&Command {
                 ops: vec![Op::Submit {

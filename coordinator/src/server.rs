@@ -77,9 +77,9 @@ pub struct Parts<L> {
     /// HTTP to peer APIs (forwarding, node reports); `None` for [`ReqwestPeers`].
     pub peer_http: Option<Arc<dyn PeerHttp>>,
     /// Keep storage I/O on the calling thread where possible: the Raft log's
-    /// ([`RedbLogStore::open_inline`]), and the snapshot lookup at startup
-    /// ([`raft::InlineStateMachine`]), instead of a writer thread and tokio's blocking
-    /// pool. For single-threaded deterministic simulations, where I/O must complete at a
+    /// ([`RedbLogStore::open_inline`]), and the state machine's checkpoints, dumps and
+    /// installs ([`StateMachineStore::open_inline`]), instead of a writer thread and
+    /// tokio's blocking pool. For single-threaded deterministic simulations, where I/O must complete at a
     /// point the program fixes.
     pub inline_storage: bool,
 }
@@ -145,7 +145,13 @@ where
         RedbLogStore::open(&raft_dir)
     }
     .context("open raft log")?;
-    let sm = StateMachineStore::open_with(&raft_dir, store_cfg).context("open state machine")?;
+    let log_bytes = log_store.appended_bytes();
+    let sm = if inline_storage {
+        StateMachineStore::open_inline(&raft_dir, store_cfg)
+    } else {
+        StateMachineStore::open_with(&raft_dir, store_cfg)
+    }
+    .context("open state machine")?;
     let table = sm.table();
     // A snapshot brings the replicated pattern dimension with it.
     table.memory(|m| crate::memory::check_replica_dimension(m.config(), &cfg.embedder))?;
@@ -156,13 +162,9 @@ where
             .validate()
             .context("raft config")?,
     );
-    let raft = if inline_storage {
-        let sm = raft::InlineStateMachine(sm);
-        openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm).await
-    } else {
-        openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm).await
-    }
-    .context("start raft")?;
+    let raft = openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm)
+        .await
+        .context("start raft")?;
 
     if cfg.bootstrap && !raft.is_initialized().await.context("read raft state")? {
         let mut members = BTreeMap::new();
@@ -191,6 +193,11 @@ where
         tokio::spawn(node::applied_loop(node.clone(), shutdown_rx.clone())),
         tokio::spawn(node::dispatch_loop(node.clone(), shutdown_rx.clone())),
         tokio::spawn(node::gauges_loop(node.clone(), shutdown_rx.clone())),
+        tokio::spawn(node::maintenance_loop(
+            node.clone(),
+            log_bytes,
+            shutdown_rx.clone(),
+        )),
         tokio::spawn(accept_loop(
             node.clone(),
             endpoint.clone(),

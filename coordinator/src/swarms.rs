@@ -720,6 +720,7 @@ mod tests {
                 Some(TopologySpec::Ring { stages }) => stages,
                 _ => Vec::new(),
             },
+            retain_ms: 60_000,
         };
         t.apply(&Command {
             ops: vec![Op::Submit {

@@ -9,10 +9,10 @@ use openraft::{
     AnyError, EntryPayload, LogState, RaftLogReader, RaftSnapshotBuilder, StorageError,
     StorageIOError, Vote,
 };
-use swarm_coordinator::raft::sm_store::SNAPSHOT_FILE;
+use swarm_coordinator::raft::sm_store::OLD_SNAPSHOT_FILE;
 use swarm_coordinator::raft::types::Entry;
-use swarm_coordinator::raft::{InlineStateMachine, RedbLogStore, StateMachineStore, TypeConfig};
-use swarm_coordinator::state::{Command, CommandResponse, TaskTable};
+use swarm_coordinator::raft::{RedbLogStore, StateMachineStore, TypeConfig};
+use swarm_coordinator::state::{Command, CommandResponse};
 use tempfile::TempDir;
 
 /// Builds a fresh log store + state machine in their own temp dir for each suite test.
@@ -38,15 +38,14 @@ fn openraft_storage_suite() {
 /// The same stores in inline mode, as deterministic simulations run them.
 struct InlineStoreBuilder;
 
-impl StoreBuilder<TypeConfig, RedbLogStore, InlineStateMachine, TempDir> for InlineStoreBuilder {
-    async fn build(
-        &self,
-    ) -> Result<(TempDir, RedbLogStore, InlineStateMachine), StorageError<u64>> {
+impl StoreBuilder<TypeConfig, RedbLogStore, StateMachineStore, TempDir> for InlineStoreBuilder {
+    async fn build(&self) -> Result<(TempDir, RedbLogStore, StateMachineStore), StorageError<u64>> {
         let to_err = |e: String| StorageError::from(StorageIOError::write(AnyError::error(e)));
         let dir = tempfile::tempdir().map_err(|e| to_err(e.to_string()))?;
         let log = RedbLogStore::open_inline(dir.path()).map_err(|e| to_err(format!("{e:#}")))?;
-        let sm = StateMachineStore::open(dir.path()).map_err(|e| to_err(format!("{e:#}")))?;
-        Ok((dir, log, InlineStateMachine(sm)))
+        let sm = StateMachineStore::open_inline(dir.path(), Default::default())
+            .map_err(|e| to_err(format!("{e:#}")))?;
+        Ok((dir, log, sm))
     }
 }
 
@@ -270,7 +269,7 @@ async fn apply_returns_one_response_per_entry_in_order() {
         ])
         .await
         .unwrap();
-    let expected = TaskTable::new().apply(&Command::default());
+    let expected = CommandResponse::default();
     assert_eq!(
         responses,
         vec![
@@ -289,114 +288,201 @@ async fn apply_returns_one_response_per_entry_in_order() {
     assert_eq!(sm.table().last_applied(), Some(log_id(1, 0, 4)));
 }
 
+/// A submit of one task, then its start and success: three ops in three entries.
+fn task_entries(term: u64, first_index: u64, task_id: u64) -> Vec<Entry> {
+    use swarm_coordinator::state::{Op, TaskSpec};
+    use swarm_proto::worker::{AttemptRef, Outcome};
+    let spec = TaskSpec {
+        agent: "echo".into(),
+        payload: format!("payload {task_id}").into_bytes(),
+        priority: 0,
+        timeout_ms: 1000,
+        max_attempts: 1,
+        idempotency_key: Some(format!("key-{task_id}")),
+        labels: Default::default(),
+        patterns: 0,
+        swarm: "default".into(),
+        stages: Vec::new(),
+        retain_ms: 3_600_000,
+    };
+    let attempt = AttemptRef {
+        task_id,
+        attempt: 1,
+    };
+    let ops = [
+        Op::Submit {
+            spec,
+            now_ms: 1,
+            queue_limit: 1 << 30,
+        },
+        Op::Start {
+            attempt,
+            worker: "w".into(),
+            now_ms: 2,
+        },
+        Op::Finish {
+            attempt,
+            worker: "w".into(),
+            outcome: Outcome::Succeeded {
+                output: format!("out {task_id}").into_bytes(),
+            },
+            started_at_ms: 2,
+            finished_at_ms: 3,
+            retry_at_ms: 3,
+        },
+    ];
+    ops.into_iter()
+        .enumerate()
+        .map(|(i, op)| Entry {
+            log_id: log_id(term, 0, first_index + i as u64),
+            payload: EntryPayload::Normal(Command { ops: vec![op] }),
+        })
+        .collect()
+}
+
+async fn read_all(data: &mut swarm_coordinator::raft::snapshot_data::SnapshotData) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    data.seek(std::io::SeekFrom::Start(0)).await.unwrap();
+    let mut out = Vec::new();
+    data.read_to_end(&mut out).await.unwrap();
+    out
+}
+
 #[tokio::test]
 async fn snapshot_survives_reopen_and_installs_elsewhere() {
+    use swarm_coordinator::state::Lookup;
+    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let built = {
+    let (built_meta, built_bytes) = {
         let mut sm = StateMachineStore::open(dir.path()).unwrap();
-        sm.apply([
-            membership_ent::<TypeConfig>(1, 0, 1, voters(&[1])),
-            normal_ent(1, 2),
-            normal_ent(1, 3),
-        ])
-        .await
-        .unwrap();
-        sm.get_snapshot_builder()
+        sm.apply([membership_ent::<TypeConfig>(1, 0, 1, voters(&[1]))])
+            .await
+            .unwrap();
+        for id in 1..=50u64 {
+            sm.apply(task_entries(1, 2 + 3 * (id - 1), id))
+                .await
+                .unwrap();
+        }
+        // One more task stays queued (live).
+        sm.apply(task_entries(1, 152, 51).into_iter().take(1))
+            .await
+            .unwrap();
+        let mut built = sm
+            .get_snapshot_builder()
             .await
             .build_snapshot()
             .await
-            .unwrap()
+            .unwrap();
+        (built.meta.clone(), read_all(&mut built.snapshot).await)
     };
     let mut sm = StateMachineStore::open(dir.path()).unwrap();
     let (last, membership) = sm.applied_state().await.unwrap();
-    assert_eq!(last, Some(log_id(1, 0, 3)));
-    assert_eq!(membership, built.meta.last_membership);
-    let current = sm
+    assert_eq!(last, Some(log_id(1, 0, 152)));
+    assert_eq!(membership, built_meta.last_membership);
+    let mut current = sm
         .get_current_snapshot()
         .await
         .unwrap()
         .expect("snapshot after reopen");
-    assert_eq!(current.meta, built.meta);
-    assert_eq!(current.snapshot.get_ref(), built.snapshot.get_ref());
+    assert_eq!(current.meta, built_meta);
+    let bytes = read_all(&mut current.snapshot).await;
+    assert_eq!(bytes, built_bytes, "same state, same dump");
 
-    // Install it on a fresh node: state swapped, file persisted, survives that node's reopen.
+    // Install it on a fresh node: state swapped, store persisted, survives that node's
+    // reopen, every task readable there.
     let other = tempfile::tempdir().unwrap();
     {
         let mut sm2 = StateMachineStore::open(other.path()).unwrap();
         let mut buf = sm2.begin_receiving_snapshot().await.unwrap();
-        *buf = *current.snapshot;
+        // In uneven pieces, as chunks arrive.
+        for piece in bytes.chunks(1000) {
+            buf.write_all(piece).await.unwrap();
+        }
         sm2.install_snapshot(&current.meta, buf).await.unwrap();
-        assert_eq!(sm2.applied_state().await.unwrap().0, Some(log_id(1, 0, 3)));
-        assert_eq!(sm2.table().last_applied(), Some(log_id(1, 0, 3)));
+        assert_eq!(
+            sm2.applied_state().await.unwrap().0,
+            Some(log_id(1, 0, 152))
+        );
+        assert_eq!(sm2.table().last_applied(), Some(log_id(1, 0, 152)));
     }
     let mut sm2 = StateMachineStore::open(other.path()).unwrap();
     assert_eq!(sm2.applied_state().await.unwrap(), (last, membership));
     assert_eq!(
         sm2.get_current_snapshot().await.unwrap().unwrap().meta,
-        built.meta
+        built_meta
+    );
+    let table = sm2.table();
+    for id in 1..=50 {
+        match table.lookup(id).unwrap() {
+            Lookup::Found(t) => {
+                assert_eq!(t.output.as_deref(), Some(format!("out {id}").as_bytes()))
+            }
+            other => panic!("task {id}: {other:?}"),
+        }
+        assert_eq!(
+            table.by_idempotency_key(&format!("key-{id}")).unwrap(),
+            Some(id)
+        );
+    }
+    assert!(
+        matches!(table.lookup(51).unwrap(), Lookup::Found(t) if t.state == swarm_proto::api::TaskState::Queued)
+    );
+    assert_eq!(
+        table.read().count(swarm_proto::api::TaskState::Succeeded),
+        50
     );
 }
 
 #[tokio::test]
-async fn install_of_undecodable_snapshot_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sm = StateMachineStore::open(dir.path()).unwrap();
-    let meta = openraft::SnapshotMeta {
-        last_log_id: Some(log_id(1, 0, 9)),
-        last_membership: Default::default(),
-        snapshot_id: "bogus".into(),
-    };
-    let mut buf = sm.begin_receiving_snapshot().await.unwrap();
-    buf.get_mut().extend_from_slice(&[0xff; 16]);
-    assert!(sm.install_snapshot(&meta, buf).await.is_err());
-    // Nothing was persisted or swapped in.
-    assert_eq!(sm.applied_state().await.unwrap().0, None);
-    assert!(sm.get_current_snapshot().await.unwrap().is_none());
-    assert!(!dir.path().join(SNAPSHOT_FILE).exists());
-}
-
-#[tokio::test]
-async fn corrupt_snapshot_file_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let mut sm = StateMachineStore::open(dir.path()).unwrap();
-        sm.apply([normal_ent(1, 1)]).await.unwrap();
-        sm.get_snapshot_builder()
+async fn install_of_a_damaged_snapshot_is_refused_and_changes_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let src = tempfile::tempdir().unwrap();
+    let (good, bytes) = {
+        let mut sm = StateMachineStore::open(src.path()).unwrap();
+        sm.apply(task_entries(1, 1, 1)).await.unwrap();
+        let mut good = sm
+            .get_snapshot_builder()
             .await
             .build_snapshot()
             .await
             .unwrap();
-    }
-    let path = dir.path().join(SNAPSHOT_FILE);
-    let good = std::fs::read(&path).unwrap();
-
-    // A flipped bit anywhere.
-    for at in [0, 9, good.len() / 2, good.len() - 1] {
-        let mut bad = good.clone();
-        bad[at] ^= 0x10;
-        std::fs::write(&path, &bad).unwrap();
-        let err = StateMachineStore::open(dir.path())
-            .err()
-            .expect("corrupt snapshot must fail");
-        assert!(
-            format!("{err:#}").contains("corrupt snapshot file"),
-            "{err:#}"
-        );
-    }
-    // A torn write.
-    std::fs::write(&path, &good[..good.len() - 3]).unwrap();
-    let err = StateMachineStore::open(dir.path())
-        .err()
-        .expect("truncated snapshot must fail");
-    assert!(
-        format!("{err:#}").contains("corrupt snapshot file"),
-        "{err:#}"
-    );
-
-    // And the intact file still loads.
-    std::fs::write(&path, &good).unwrap();
+        let bytes = read_all(&mut good.snapshot).await;
+        (good, bytes)
+    };
+    let dir = tempfile::tempdir().unwrap();
     let mut sm = StateMachineStore::open(dir.path()).unwrap();
-    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 0, 1)));
+    let mut damaged = vec![vec![0xff; 16], bytes[..bytes.len() - 3].to_vec()];
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 0x10;
+    damaged.push(flipped);
+    for bad in damaged {
+        let mut buf = sm.begin_receiving_snapshot().await.unwrap();
+        buf.write_all(&bad).await.unwrap();
+        assert!(sm.install_snapshot(&good.meta, buf).await.is_err());
+        // Nothing was persisted or swapped in.
+        assert_eq!(sm.applied_state().await.unwrap().0, None);
+        assert!(sm.get_current_snapshot().await.unwrap().is_none());
+    }
+    drop(sm);
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    assert_eq!(sm.applied_state().await.unwrap().0, None);
+    // The good one installs.
+    let mut buf = sm.begin_receiving_snapshot().await.unwrap();
+    buf.write_all(&bytes).await.unwrap();
+    sm.install_snapshot(&good.meta, buf).await.unwrap();
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 0, 3)));
+}
+
+#[test]
+fn a_data_dir_of_the_old_format_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(OLD_SNAPSHOT_FILE), b"SWSNAP03...").unwrap();
+    let err = StateMachineStore::open(dir.path()).err().expect("refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("format 1") && msg.contains("start this node"),
+        "{msg}"
+    );
 }
 
 /// Three Raft nodes talking over real mutual-TLS QUIC on loopback.

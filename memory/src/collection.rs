@@ -670,6 +670,11 @@ impl Collection {
         (deleted, missing)
     }
 
+    /// The earliest expiry of a live point, if any point has a TTL.
+    pub(crate) fn next_expiry(&self) -> Option<u64> {
+        self.expiry.first().map(|&(e, _)| e)
+    }
+
     /// Tombstones every point whose expiry is `<= now_ms`; returns how many.
     pub(crate) fn purge_expired(&mut self, now_ms: u64) -> usize {
         let mut n = 0;

@@ -775,6 +775,15 @@ impl MemoryStore {
         Ok(out)
     }
 
+    /// The earliest time a point of any collection expires (an [`MemoryOp::ExpireSweep`]
+    /// at or after it tombstones something).
+    pub fn next_point_expiry(&self) -> Option<u64> {
+        self.collections
+            .values()
+            .filter_map(Collection::next_expiry)
+            .min()
+    }
+
     /// Restores a store from [`MemoryStore::snapshot_bytes`] output.
     pub fn restore_bytes(bytes: &[u8]) -> Result<Self> {
         let bad = |m: &str| Err(MemoryError::InvalidSnapshot(m.to_string()));

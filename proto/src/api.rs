@@ -48,6 +48,10 @@ pub struct SubmitTask {
     /// (the outcome is then judged against them). Default 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub patterns: u32,
+    /// How long the finished task stays readable (and its idempotency key dedupes)
+    /// before it is purged. Default: the coordinator's `--retain-finished`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_ms: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -182,6 +186,9 @@ pub struct TaskView {
     pub created_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
+    /// When a finished task is purged (its retention ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
     /// The swarm the task runs in.
     #[serde(default = "default_swarm")]
     pub swarm: String,

@@ -43,6 +43,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -120,6 +121,8 @@ struct Shared {
     db: Database,
     path: PathBuf,
     mem: Mutex<Mem>,
+    /// Bytes of entries appended since the store was opened.
+    appended: Arc<AtomicU64>,
     /// Reads and writes run on the calling thread (see the module docs).
     inline: bool,
 }
@@ -268,6 +271,7 @@ impl RedbLogStore {
             db,
             path,
             mem: Mutex::new(mem),
+            appended: Arc::new(AtomicU64::new(0)),
             inline,
         });
         if inline {
@@ -296,6 +300,12 @@ impl RedbLogStore {
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// A counter of the bytes of entries appended since the store was opened (to trigger
+    /// snapshots by log size).
+    pub fn appended_bytes(&self) -> Arc<AtomicU64> {
+        self.shared.appended.clone()
     }
 
     /// Hand `op` to the writer thread, or commit it right here in inline mode.
@@ -700,6 +710,9 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         for entry in entries {
             let bytes = encode(&entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))?;
+            self.shared
+                .appended
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             encoded.push((entry.log_id.index, Arc::<[u8]>::from(bytes)));
             last = Some(entry.log_id);
         }

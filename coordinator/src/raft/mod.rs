@@ -2,19 +2,21 @@
 //!
 //! * [`types`]: the openraft [`TypeConfig`] and the node address type [`NodeAddr`].
 //! * [`log_store`]: [`RedbLogStore`], the durable log (redb, fsync per group commit).
-//! * [`sm_store`]: [`StateMachineStore`], the in-memory task table plus snapshot files;
-//!   [`inline_sm`]: a wrapper that skips the blocking pool when there is no snapshot
-//!   (deterministic simulations).
+//! * [`sm_store`]: [`StateMachineStore`], the replica (task table and memory store) and
+//!   its checkpoints; [`checkpoint`]: [`checkpoint::CheckpointStore`], the state at the
+//!   last checkpoint in redb; [`dump`]: the streamed format of snapshots and backups;
+//!   [`snapshot_data`]: snapshot bytes as files.
 //! * [`network`]: Raft RPCs over mutual-TLS QUIC ([`QuicRaftNetwork`],
 //!   [`serve_raft_connection`]).
 
-pub mod inline_sm;
+pub mod checkpoint;
+pub mod dump;
 pub mod log_store;
 pub mod network;
 pub mod sm_store;
+pub mod snapshot_data;
 pub mod types;
 
-pub use inline_sm::InlineStateMachine;
 pub use log_store::{RedbLogReader, RedbLogStore};
 pub use network::{serve_raft_connection, QuicRaftClient, QuicRaftNetwork};
 pub use sm_store::{StateMachineStore, TableGuard, TableHandle};
@@ -32,6 +34,10 @@ pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
 /// Build a snapshot after this many applied entries (~6,700 tasks at 3 entries per task).
 pub const SNAPSHOT_EVERY_LOGS: u64 = 20_000;
+/// ...or after this many bytes of log or of changes held in memory since the last one
+/// (group commit packs thousands of ops into an entry, so entries alone do not bound
+/// either).
+pub const SNAPSHOT_EVERY_BYTES: u64 = 64 << 20;
 
 /// The openraft configuration of a coordinator node.
 ///
@@ -44,8 +50,11 @@ pub fn raft_config(cluster_name: &str, snapshot_every: u64) -> openraft::Config 
         heartbeat_interval: HEARTBEAT_MS,
         election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
         election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
-        // A full snapshot travels as one RPC; give it time to cross the network and be fsynced.
-        install_snapshot_timeout: 10_000,
+        // A snapshot travels in chunks; the last one's answer waits for the follower to
+        // build its store from the whole snapshot, which takes minutes at tens of
+        // millions of tasks.
+        install_snapshot_timeout: 600_000,
+        snapshot_max_chunk_size: crate::limits::SNAPSHOT_CHUNK as u64,
         // Bounds one AppendEntries message (and one follower fsync batch).
         max_payload_entries: 512,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),

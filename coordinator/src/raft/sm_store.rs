@@ -1,33 +1,48 @@
-//! [`StateMachineStore`]: applies committed commands to the in-memory [`TaskTable`] and keeps
-//! it durable through snapshot files.
+//! [`StateMachineStore`]: applies committed commands to the replica (task table and memory
+//! store) and keeps it durable through checkpoints.
 //!
-//! The table lives in memory only. After a restart it is rebuilt from the latest snapshot
-//! (`<dir>/snapshot.bin`) plus the committed log entries after it, which openraft re-applies
-//! because [`RedbLogStore`](super::RedbLogStore) persists the committed log id.
+//! # Layout
 //!
-//! # Snapshot file format
+//! In memory: the [`TaskTable`] (live tasks, indexes, the changes since the last
+//! checkpoint) and the [`MemoryStore`]. On disk: the [`CheckpointStore`]
+//! (`raft/state.redb`), the state at the last checkpoint, finished tasks included. A
+//! checkpoint is what openraft calls building a snapshot: the table's changes are taken
+//! out (in O(changed tasks), under the lock) and written to the store in one fsynced
+//! transaction *outside* the lock, while entries keep being applied; the table reads
+//! them from the checkpoint in flight until it is written. After a restart the replica
+//! is the last checkpoint (live tasks and the memory store are loaded, finished tasks
+//! stay on disk) plus the committed log after it, which openraft re-applies because
+//! [`RedbLogStore`](super::RedbLogStore) persists the committed log id. So a restart
+//! costs the live state plus one checkpoint interval of log, whatever the history.
 //!
-//! ```text
-//! magic "SWSNAP01" | meta_len u64 LE | meta (codec) | data_len u64 LE | data | checksum u64 LE
-//! ```
+//! # Snapshots
 //!
-//! `data` is [`crate::state::encode_replica`] output (the task table and the memory
-//! store), exactly the bytes openraft ships to a
-//! lagging follower. The checksum covers everything before it, so a torn or bit-rotted file is
-//! reported as corrupt instead of decoding into a wrong table. Files are replaced atomically:
-//! write a temp file, fsync it, rename it over the old one, fsync the directory.
+//! The snapshot openraft sends to a lagging follower is a dump ([`super::dump`]) of the
+//! last checkpoint, read from a redb read transaction that stays at that checkpoint,
+//! written to `snapshot-<term>-<index>.dump` the first time a follower needs it and sent
+//! in [`SNAPSHOT_CHUNK`](crate::limits::SNAPSHOT_CHUNK) pieces. A follower receives it
+//! into a file, builds a complete new store from it next to the current one (checked
+//! whole: framing, counts, checksum), renames it into place and loads it. Neither side
+//! holds the state in memory whole.
+//!
+//! # Locks
+//!
+//! Order: checkpoint mutex, then memory store, then task table. Task reads and dispatch
+//! take only the table lock, memory reads only the memory lock; applying an entry takes
+//! the memory lock only if it holds memory ops, so a long memory write (an HNSW rebuild)
+//! never holds the lock task reads need. Nothing holds a lock across an `.await`.
 
 // The error type of every storage path is openraft's `StorageError`, fixed by its traits;
 // errors are the cold path, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
+use std::cell::OnceCell;
 use std::fs::{self, File};
-use std::io::{self, Cursor, Write as _};
+use std::io::{self, BufWriter};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use openraft::storage::RaftStateMachine;
@@ -35,42 +50,317 @@ use openraft::{
     AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
-use swarm_transport::codec::{decode, encode};
+use swarm_proto::api::TaskState;
+use swarm_proto::TaskId;
 use tokio::sync::watch;
 
+use super::checkpoint::{CheckpointStore, Membership, StoreReader, STATE_DB_FILE};
+use super::snapshot_data::SnapshotData;
 use super::types::{Entry, LogId, NodeAddr, NodeId, TypeConfig};
-use crate::state::{apply_command, decode_replica, encode_replica, CommandResponse, TaskTable};
+use crate::state::{
+    apply_command, Archive, ArchiveError, CommandResponse, Lookup, Task, TaskTable,
+};
 use swarm_memory::{MemoryStore, StoreConfig};
 
-/// File name of the current snapshot inside the data directory.
-pub const SNAPSHOT_FILE: &str = "snapshot.bin";
-const SNAPSHOT_TMP_FILE: &str = "snapshot.bin.tmp";
-const MAGIC: &[u8; 8] = b"SWSNAP03";
+/// The snapshot file of releases before the checkpoint store (format 1, bincode); its
+/// presence without a checkpoint store is refused.
+pub const OLD_SNAPSHOT_FILE: &str = "snapshot.bin";
+const INSTALL_FILE: &str = "state.redb.install";
 
 /// Snapshot metadata of this cluster's type configuration.
 pub type SnapshotMetaOf = SnapshotMeta<NodeId, NodeAddr>;
 
 type StoreResult<T> = Result<T, StorageError<NodeId>>;
 
-/// The table together with the log position it reflects, behind one lock so that a snapshot
-/// (or a reader) never pairs a table with the wrong `last_applied`.
+/// The task table with the log position it reflects, behind one lock so that a
+/// checkpoint (or a reader) never pairs a table with the wrong `last_applied`.
 struct Applied {
     table: TaskTable,
-    memory: MemoryStore,
     last_applied: Option<LogId>,
-    last_membership: StoredMembership<NodeId, NodeAddr>,
+    last_membership: Membership,
 }
 
-/// A read-only handle on the replicated task table, for the API and the scheduler: reads do not
-/// go through Raft (they see this node's applied state, which may lag the leader).
+/// What the last checkpoint was, for openraft and for backups.
+#[derive(Default)]
+struct Current {
+    meta: Option<SnapshotMetaOf>,
+    /// A read view that stays at that checkpoint.
+    view: Option<Arc<StoreReader>>,
+    /// The dump file of that checkpoint, once built.
+    dump: Option<PathBuf>,
+}
+
+struct SmInner {
+    dir: PathBuf,
+    /// The checkpoint store; replaced whole when a snapshot is installed.
+    store: RwLock<Arc<CheckpointStore>>,
+    applied: RwLock<Applied>,
+    memory: RwLock<MemoryStore>,
+    memory_config: StoreConfig,
+    applied_tx: watch::Sender<Option<u64>>,
+    /// Held while a checkpoint is taken or a snapshot installed (one at a time).
+    current: Mutex<Current>,
+    /// Held while a dump file is built (one at a time; later readers reuse it).
+    dumping: Mutex<()>,
+    /// Makes names of received snapshot files unique.
+    seq: AtomicU64,
+    /// Checkpoints, dumps and installs run on the calling thread (deterministic
+    /// simulations) instead of tokio's blocking pool.
+    inline: bool,
+}
+
+fn recover<T>(r: Result<T, PoisonError<T>>) -> T {
+    r.unwrap_or_else(PoisonError::into_inner)
+}
+
+impl SmInner {
+    fn write_applied(&self) -> RwLockWriteGuard<'_, Applied> {
+        recover(self.applied.write())
+    }
+
+    fn read_applied(&self) -> RwLockReadGuard<'_, Applied> {
+        recover(self.applied.read())
+    }
+
+    fn store(&self) -> Arc<CheckpointStore> {
+        recover(self.store.read()).clone()
+    }
+
+    fn current(&self) -> MutexGuard<'_, Current> {
+        recover(self.current.lock())
+    }
+
+    /// Take a checkpoint: see the module docs. Returns its snapshot meta.
+    fn checkpoint(&self) -> anyhow::Result<Option<SnapshotMetaOf>> {
+        let mut current = self.current();
+        let store = self.store();
+        let (delta, applied, membership, memory_bytes) = {
+            // The memory lock first: while it is held no memory op applies, so the bytes
+            // taken here match the table whatever it applies meanwhile.
+            let memory = recover(self.memory.read());
+            let changed = self.read_applied().table.has_memory_changes();
+            let bytes = match changed {
+                true => Some(
+                    memory
+                        .snapshot_bytes()
+                        .map_err(|e| anyhow::anyhow!("encoding the memory store: {e}"))?,
+                ),
+                false => None,
+            };
+            let mut applied = self.write_applied();
+            let delta = applied.table.begin_checkpoint()?;
+            (
+                delta,
+                applied.last_applied,
+                applied.last_membership.clone(),
+                bytes,
+            )
+        };
+        let started = std::time::Instant::now();
+        let written = store.write(&delta, applied, &membership, memory_bytes.as_deref());
+        drop(delta);
+        if let Err(e) = written {
+            self.write_applied().table.checkpoint_failed();
+            return Err(e.context("writing the checkpoint"));
+        }
+        let view = Arc::new(store.reader()?);
+        self.write_applied().table.checkpoint_written();
+        metrics::histogram!("swarm_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        let meta = snapshot_meta(applied, membership);
+        self.replace_current(&mut current, Some(meta.clone()), Some(view));
+        Ok(Some(meta))
+    }
+
+    /// Point at a new checkpoint; the old one's dump file goes.
+    fn replace_current(
+        &self,
+        current: &mut Current,
+        meta: Option<SnapshotMetaOf>,
+        view: Option<Arc<StoreReader>>,
+    ) {
+        if current.meta.as_ref().map(|m| &m.snapshot_id) != meta.as_ref().map(|m| &m.snapshot_id) {
+            if let Some(old) = current.dump.take() {
+                // Senders still reading it keep their open file.
+                let _ = fs::remove_file(old);
+            }
+        }
+        current.meta = meta;
+        current.view = view;
+    }
+
+    /// The current snapshot, its bytes built on first read.
+    fn current_snapshot(self: &Arc<Self>) -> Option<Snapshot<TypeConfig>> {
+        let current = self.current();
+        let meta = current.meta.clone()?;
+        let view = current.view.clone()?;
+        drop(current);
+        // A weak reference: a snapshot held on to (by a replication task) must not keep
+        // the whole state machine alive.
+        let inner = Arc::downgrade(self);
+        let id = meta.snapshot_id.clone();
+        let build = Box::new(move || match inner.upgrade() {
+            Some(inner) => inner.dump_file(&id, &view),
+            None => Err(io::Error::other("the state machine has shut down")),
+        });
+        Some(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotData::deferred(build, self.inline)),
+        })
+    }
+
+    /// The dump of checkpoint `id` as a file opened for reading, built if needed.
+    fn dump_file(&self, id: &str, view: &StoreReader) -> io::Result<File> {
+        let _one_at_a_time = recover(self.dumping.lock());
+        let path = self.dir.join(format!("snapshot-{id}.dump"));
+        if let Ok(f) = File::open(&path) {
+            return Ok(f);
+        }
+        let tmp = path.with_extension("dump.tmp");
+        let started = std::time::Instant::now();
+        let file = File::create(&tmp)?;
+        let bytes = view
+            .write_dump(BufWriter::with_capacity(1 << 20, file))
+            .map_err(|e| io::Error::other(format!("{e:#}")))?;
+        fs::rename(&tmp, &path)?;
+        tracing::info!(snapshot = id, bytes, elapsed = ?started.elapsed(), "snapshot dump written");
+        let mut current = self.current();
+        if current.meta.as_ref().is_some_and(|m| m.snapshot_id == id) {
+            current.dump = Some(path.clone());
+        } else {
+            // A newer checkpoint came meanwhile: this file is nobody's to clean up later.
+            let f = File::open(&path);
+            let _ = fs::remove_file(&path);
+            return f;
+        }
+        File::open(&path)
+    }
+
+    /// Install a snapshot received into `path`: build a new store from it, then swap.
+    fn install(&self, meta: &SnapshotMetaOf, path: &Path) -> anyhow::Result<()> {
+        let mut current = self.current();
+        let install = self.dir.join(INSTALL_FILE);
+        let input = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let started = std::time::Instant::now();
+        let (store, header) = CheckpointStore::build_from_dump(
+            &install,
+            io::BufReader::with_capacity(1 << 20, input),
+        )
+        .context("the snapshot does not load")?;
+        anyhow::ensure!(
+            header.applied == meta.last_log_id,
+            "the snapshot holds the state at {:?}, its metadata says {:?}",
+            header.applied,
+            meta.last_log_id
+        );
+        let loaded = store.load().context("loading the installed snapshot")?;
+        let memory = match loaded.memory {
+            Some(m) => m,
+            None => MemoryStore::new(self.memory_config.clone())
+                .map_err(|e| anyhow::anyhow!("creating the memory store: {e}"))?,
+        };
+        drop(store);
+        let live = self.dir.join(STATE_DB_FILE);
+        fs::rename(&install, &live)
+            .with_context(|| format!("renaming {} to {}", install.display(), live.display()))?;
+        sync_dir(&self.dir)?;
+        let store = Arc::new(CheckpointStore::open(&live)?);
+        let view = Arc::new(store.reader()?);
+        {
+            let mut mem = recover(self.memory.write());
+            let mut applied = self.write_applied();
+            *recover(self.store.write()) = store;
+            *mem = memory;
+            applied.table = loaded.table;
+            applied.last_applied = loaded.applied;
+            applied.last_membership = loaded.membership;
+        }
+        self.applied_tx
+            .send_replace(meta.last_log_id.map(|l| l.index));
+        self.replace_current(&mut current, Some(meta.clone()), Some(view));
+        let _ = fs::remove_file(path);
+        tracing::info!(snapshot = %meta.snapshot_id, elapsed = ?started.elapsed(), "snapshot installed");
+        Ok(())
+    }
+}
+
+fn snapshot_meta(applied: Option<LogId>, membership: Membership) -> SnapshotMetaOf {
+    SnapshotMeta {
+        last_log_id: applied,
+        last_membership: membership,
+        // The state at a log position is the same on every replica, so is its dump.
+        snapshot_id: match applied {
+            Some(l) => format!("{}-{}", l.leader_id.term, l.index),
+            None => "empty".into(),
+        },
+    }
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync directory {}", dir.display()))
+}
+
+/// The archive of one apply batch: a read view of the checkpoint store, opened on first
+/// use.
+struct LazyArchive {
+    store: Arc<CheckpointStore>,
+    reader: OnceCell<Result<StoreReader, ArchiveError>>,
+}
+
+impl LazyArchive {
+    fn new(store: Arc<CheckpointStore>) -> Self {
+        LazyArchive {
+            store,
+            reader: OnceCell::new(),
+        }
+    }
+
+    fn get(&self) -> Result<&StoreReader, ArchiveError> {
+        self.reader
+            .get_or_init(|| self.store.reader())
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+impl Archive for LazyArchive {
+    fn finished(&self, id: TaskId) -> Result<Option<Task>, ArchiveError> {
+        self.get()?.finished(id)
+    }
+
+    fn key(&self, key: &str) -> Result<Option<TaskId>, ArchiveError> {
+        self.get()?.key(key)
+    }
+
+    fn finished_after(
+        &self,
+        state: Option<TaskState>,
+        after: TaskId,
+        limit: usize,
+    ) -> Result<Vec<Task>, ArchiveError> {
+        self.get()?.finished_after(state, after, limit)
+    }
+
+    fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError> {
+        self.get()?.expired(now_ms, limit)
+    }
+
+    fn staged_memory(&self) -> Result<Vec<Vec<u8>>, ArchiveError> {
+        self.get()?.staged_memory()
+    }
+}
+
+/// A read handle on the replica, for the API and the scheduler: reads do not go through
+/// Raft (they see this node's applied state, which may lag the leader).
 #[derive(Clone)]
 pub struct TableHandle {
-    applied: Arc<RwLock<Applied>>,
+    inner: Arc<SmInner>,
     applied_rx: watch::Receiver<Option<u64>>,
 }
 
-/// A read lock on the task table. Holding it blocks the state machine from applying entries,
-/// so keep it short.
+/// A read lock on the task table. Holding it blocks the state machine from applying
+/// entries, so keep it short.
 pub struct TableGuard<'a>(RwLockReadGuard<'a, Applied>);
 
 impl Deref for TableGuard<'_> {
@@ -88,26 +378,61 @@ impl TableGuard<'_> {
 }
 
 impl TableHandle {
-    /// Read the replica's memory store (vector collections and ReasoningBank) under the
-    /// same read lock as the table; keep `f` short.
+    /// Read the replica's memory store (vector collections and ReasoningBank); keep `f`
+    /// short. Does not block task reads.
     pub fn memory<R>(&self, f: impl FnOnce(&MemoryStore) -> R) -> R {
-        let guard = self.applied.read().unwrap_or_else(PoisonError::into_inner);
-        f(&guard.memory)
-    }
-
-    /// The whole replica (tasks and memory) encoded as one consistent cut, and the log
-    /// position it reflects. Holds the read lock while encoding.
-    pub fn encode_replica(&self) -> anyhow::Result<(Option<LogId>, Vec<u8>)> {
-        let guard = self.applied.read().unwrap_or_else(PoisonError::into_inner);
-        Ok((
-            guard.last_applied,
-            encode_replica(&guard.table, &guard.memory)?,
-        ))
+        let memory = recover(self.inner.memory.read());
+        f(&memory)
     }
 
     /// Lock the table for reading.
     pub fn read(&self) -> TableGuard<'_> {
-        TableGuard(self.applied.read().unwrap_or_else(PoisonError::into_inner))
+        TableGuard(self.inner.read_applied())
+    }
+
+    /// Run `f` on the table with the archive of the same moment.
+    fn with_archive<R>(
+        &self,
+        f: impl FnOnce(&TaskTable, &dyn Archive) -> Result<R, ArchiveError>,
+    ) -> Result<R, ArchiveError> {
+        let guard = self.inner.read_applied();
+        // The store is taken under the table lock: an install swaps both under it.
+        let archive = LazyArchive::new(self.inner.store());
+        f(&guard.table, &archive)
+    }
+
+    /// One task, wherever it is (live, recently finished, or in the checkpoint store).
+    pub fn lookup(&self, id: TaskId) -> Result<Lookup, ArchiveError> {
+        self.with_archive(|t, a| t.lookup(id, a))
+    }
+
+    /// Up to `limit` tasks with ids above `after`, in id order, optionally in `state`.
+    pub fn list(
+        &self,
+        state: Option<TaskState>,
+        after: TaskId,
+        limit: usize,
+    ) -> Result<Vec<Arc<Task>>, ArchiveError> {
+        self.with_archive(|t, a| t.list(state, after, limit, a))
+    }
+
+    /// The retained task submitted under an idempotency key.
+    pub fn by_idempotency_key(&self, key: &str) -> Result<Option<TaskId>, ArchiveError> {
+        self.with_archive(|t, a| t.by_idempotency_key(key, a))
+    }
+
+    /// Finished tasks whose retention ended by `now_ms` (purge candidates), at most
+    /// `limit`.
+    pub fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError> {
+        self.with_archive(|t, a| {
+            let mut ids = t.expired_in_memory(now_ms, limit);
+            if ids.len() < limit {
+                ids.extend(t.expired_in_archive(now_ms, limit - ids.len(), a)?);
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            Ok(ids)
+        })
     }
 
     /// The id of the last log entry applied to the table.
@@ -124,11 +449,7 @@ impl TableHandle {
     /// Take the task-table events produced by entries applied since the last call (see
     /// [`crate::state::TableEvent`]). One consumer, the node's applied loop, drains them.
     pub fn take_events(&self) -> Vec<crate::state::TableEvent> {
-        self.applied
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .table
-            .take_events()
+        self.inner.write_applied().table.take_events()
     }
 
     /// Wait until the entry at `index` (or a later one) has been applied. Errors only when the
@@ -139,200 +460,114 @@ impl TableHandle {
             .await
             .map(|_| ())
     }
+
+    /// The last checkpoint: its snapshot meta and a read view that stays at it (for
+    /// backups: write it with [`StoreReader::write_dump`]).
+    pub fn checkpoint(&self) -> Option<(SnapshotMetaOf, Arc<StoreReader>)> {
+        let c = self.inner.current();
+        Some((c.meta.clone()?, c.view.clone()?))
+    }
+
+    /// Bytes of changes held in memory since the last checkpoint, roughly.
+    pub fn changes_bytes(&self) -> usize {
+        self.read().changes_bytes()
+    }
 }
 
-/// The Raft state machine: the task table plus the snapshot file. Cheap to clone; clones share
-/// everything (the snapshot builder is such a clone).
+/// The Raft state machine: the replica plus its checkpoint store. Cheap to clone; clones
+/// share everything (the snapshot builder is such a clone).
 #[derive(Clone)]
 pub struct StateMachineStore {
     inner: Arc<SmInner>,
 }
 
-struct SmInner {
-    dir: PathBuf,
-    applied: Arc<RwLock<Applied>>,
-    applied_tx: watch::Sender<Option<u64>>,
-    /// Held while `snapshot.bin` is written or read (in blocking threads); holds the meta of
-    /// the snapshot on disk.
-    snapshot: Mutex<Option<SnapshotMetaOf>>,
-    /// Makes snapshot ids unique among snapshots built by this process.
-    snapshot_seq: AtomicU64,
-}
-
-impl SmInner {
-    fn write_applied(&self) -> RwLockWriteGuard<'_, Applied> {
-        self.applied.write().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn read_applied(&self) -> RwLockReadGuard<'_, Applied> {
-        self.applied.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn snapshot_lock(&self) -> MutexGuard<'_, Option<SnapshotMetaOf>> {
-        self.snapshot.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn build_snapshot_blocking(&self) -> StoreResult<Snapshot<TypeConfig>> {
-        // Encode under the read lock: the table must match `last_applied` exactly, and
-        // encoding directly avoids a full clone of the table.
-        let (data, last_log_id, last_membership) = {
-            let applied = self.read_applied();
-            let data = encode_replica(&applied.table, &applied.memory).map_err(|e| {
-                StorageIOError::read_state_machine(AnyError::error(format!("{e:#}")))
-            })?;
-            (data, applied.last_applied, applied.last_membership.clone())
-        };
-        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let millis = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let snapshot_id = match last_log_id {
-            Some(l) => format!("{}-{}-{millis}-{seq}", l.leader_id.term, l.index),
-            None => format!("none-{millis}-{seq}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id,
-        };
-
-        let mut current = self.snapshot_lock();
-        // A snapshot installed from the leader while this one was being encoded is newer:
-        // never replace it with an older one.
-        let stale = current
-            .as_ref()
-            .is_some_and(|c| c.last_log_id > meta.last_log_id);
-        if !stale {
-            write_snapshot_file(&self.dir, &meta, &data).map_err(|e| {
-                StorageIOError::write_snapshot(
-                    Some(meta.signature()),
-                    AnyError::error(format!("{e:#}")),
-                )
-            })?;
-            *current = Some(meta.clone());
-        }
-        drop(current);
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
-    }
-
-    fn install_snapshot_blocking(&self, meta: SnapshotMetaOf, data: Vec<u8>) -> StoreResult<()> {
-        let sig = || Some(meta.signature());
-        // Validate before persisting: never make a snapshot we cannot load the current one.
-        let (table, memory) = decode_replica(&data)
-            .map_err(|e| StorageIOError::read_snapshot(sig(), AnyError::error(format!("{e:#}"))))?;
-        {
-            let mut current = self.snapshot_lock();
-            write_snapshot_file(&self.dir, &meta, &data).map_err(|e| {
-                StorageIOError::write_snapshot(sig(), AnyError::error(format!("{e:#}")))
-            })?;
-            *current = Some(meta.clone());
-        }
-        // Persisted; now swap the live state.
-        {
-            let mut applied = self.write_applied();
-            applied.table = table;
-            applied.memory = memory;
-            applied.last_applied = meta.last_log_id;
-            applied.last_membership = meta.last_membership.clone();
-        }
-        self.applied_tx
-            .send_replace(meta.last_log_id.map(|l| l.index));
-        Ok(())
-    }
-
-    fn current_snapshot_blocking(&self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
-        let current = self.snapshot_lock();
-        let Some(expected) = current.as_ref() else {
-            return Ok(None);
-        };
-        let path = self.dir.join(SNAPSHOT_FILE);
-        let (meta, data) = match read_snapshot_file(&path) {
-            Ok(Some(found)) => found,
-            Ok(None) => {
-                return Err(StorageIOError::read_snapshot(
-                    Some(expected.signature()),
-                    AnyError::error(format!("{} has disappeared", path.display())),
-                )
-                .into())
-            }
-            Err(e) => {
-                return Err(StorageIOError::read_snapshot(
-                    Some(expected.signature()),
-                    AnyError::error(format!("{e:#}")),
-                )
-                .into())
-            }
-        };
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
-    }
-}
-
 impl StateMachineStore {
-    /// Open the state machine in `dir`: load `snapshot.bin` if there is one, else start from an
-    /// empty table. Blocking. A snapshot file that is corrupt or does not decode is an error
+    /// Open the state machine in `dir`: load the last checkpoint if there is one, else
+    /// start empty. Blocking. A store that is corrupt or of another format is an error
     /// (the node must not silently start from an empty table).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         Self::open_with(dir, StoreConfig::default())
     }
 
     /// [`StateMachineStore::open`], creating an empty memory store with `memory` (a
-    /// snapshot on disk brings its own config).
+    /// checkpoint brings its own config).
     pub fn open_with(dir: &Path, memory: StoreConfig) -> anyhow::Result<Self> {
+        Self::open_mode(dir, memory, false)
+    }
+
+    /// [`StateMachineStore::open_with`] in inline mode: checkpoints, dumps and installs
+    /// run on the calling thread (deterministic simulations).
+    pub fn open_inline(dir: &Path, memory: StoreConfig) -> anyhow::Result<Self> {
+        Self::open_mode(dir, memory, true)
+    }
+
+    fn open_mode(dir: &Path, memory_config: StoreConfig, inline: bool) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)
             .with_context(|| format!("creating raft data dir {}", dir.display()))?;
-        // A leftover temp file is an interrupted snapshot write; the renamed file is the truth.
-        match fs::remove_file(dir.join(SNAPSHOT_TMP_FILE)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(e).context("removing stale snapshot temp file")
-            }
-            _ => {}
+        let path = dir.join(STATE_DB_FILE);
+        if !path.exists() && dir.join(OLD_SNAPSHOT_FILE).exists() {
+            anyhow::bail!(
+                "{} holds a snapshot in format 1 (bincode), written by a swarm release \
+                 before the checkpoint store, which this release cannot read. Keep running \
+                 the release that wrote it, or move the data dir aside and start this node \
+                 empty (a cluster member then catches up from its peers)",
+                dir.display()
+            );
         }
-
-        let path = dir.join(SNAPSHOT_FILE);
-        let (applied, meta) = match read_snapshot_file(&path)? {
-            Some((meta, data)) => {
-                let (table, memory) = decode_replica(&data)
-                    .with_context(|| format!("decoding the replica state in {}", path.display()))?;
-                let applied = Applied {
-                    table,
-                    memory,
-                    last_applied: meta.last_log_id,
-                    last_membership: meta.last_membership.clone(),
-                };
-                (applied, Some(meta))
+        // Leftovers of an interrupted install or dump: the store in place is the truth.
+        for entry in fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            let stale = name == INSTALL_FILE
+                || name.ends_with(".dump")
+                || name.ends_with(".dump.tmp")
+                || name.starts_with("incoming-");
+            if stale {
+                fs::remove_file(dir.join(&*name))
+                    .with_context(|| format!("removing stale {name}"))?;
             }
-            None => (
-                Applied {
-                    table: TaskTable::new(),
-                    memory: MemoryStore::new(memory).context("creating the memory store")?,
-                    last_applied: None,
-                    last_membership: StoredMembership::default(),
-                },
-                None,
-            ),
+        }
+        let store = CheckpointStore::open(&path)?;
+        let loaded = store
+            .load()
+            .with_context(|| format!("loading the checkpoint in {}", path.display()))?;
+        let memory = match loaded.memory {
+            Some(m) => m,
+            None => MemoryStore::new(memory_config.clone()).context("creating the memory store")?,
         };
-        let (applied_tx, _) = watch::channel(applied.last_applied.map(|l| l.index));
+        let meta = loaded
+            .checkpointed
+            .then(|| snapshot_meta(loaded.applied, loaded.membership.clone()));
+        let view = Arc::new(store.reader()?);
+        let (applied_tx, _) = watch::channel(loaded.applied.map(|l| l.index));
         Ok(Self {
             inner: Arc::new(SmInner {
                 dir: dir.to_path_buf(),
-                applied: Arc::new(RwLock::new(applied)),
+                store: RwLock::new(Arc::new(store)),
+                applied: RwLock::new(Applied {
+                    table: loaded.table,
+                    last_applied: loaded.applied,
+                    last_membership: loaded.membership,
+                }),
+                memory: RwLock::new(memory),
+                memory_config,
                 applied_tx,
-                snapshot: Mutex::new(meta),
-                snapshot_seq: AtomicU64::new(0),
+                current: Mutex::new(Current {
+                    meta,
+                    view: Some(view),
+                    dump: None,
+                }),
+                dumping: Mutex::new(()),
+                seq: AtomicU64::new(0),
+                inline,
             }),
         })
     }
 
-    /// A read handle on the task table, shared with the API and the scheduler.
+    /// A read handle on the replica, shared with the API and the scheduler.
     pub fn table(&self) -> TableHandle {
         TableHandle {
-            applied: self.inner.applied.clone(),
+            inner: self.inner.clone(),
             applied_rx: self.inner.applied_tx.subscribe(),
         }
     }
@@ -342,25 +577,50 @@ impl StateMachineStore {
         self.inner.applied_tx.subscribe()
     }
 
-    /// Meta of the snapshot currently on disk, if any.
+    /// Meta of the last checkpoint, if any.
     pub fn snapshot_meta(&self) -> Option<SnapshotMetaOf> {
-        self.inner.snapshot_lock().clone()
+        self.inner.current().meta.clone()
+    }
+
+    /// Run blocking storage work off the async executor (in place in inline mode).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Arc<SmInner>) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        if self.inner.inline {
+            return f(&self.inner);
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| {
+                StorageError::from(StorageIOError::write_state_machine(AnyError::new(&e)))
+            })?
     }
 }
 
-/// Run blocking snapshot work off the async executor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
-) -> StoreResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StorageError::from(StorageIOError::read_state_machine(AnyError::new(&e))))?
+fn sm_write_err(e: anyhow::Error) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(AnyError::error(format!("{e:#}"))).into()
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
-        let inner = self.inner.clone();
-        blocking(move || inner.build_snapshot_blocking()).await
+        self.blocking(|inner| {
+            inner.checkpoint().map_err(|e| {
+                StorageError::from(StorageIOError::write_snapshot(
+                    None,
+                    AnyError::error(format!("{e:#}")),
+                ))
+            })?;
+            inner.current_snapshot().ok_or_else(|| {
+                StorageIOError::write_snapshot(
+                    None,
+                    AnyError::error("the checkpoint just written is not current"),
+                )
+                .into()
+            })
+        })
+        .await
     }
 }
 
@@ -379,31 +639,49 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let inner = &self.inner;
+        let archive = LazyArchive::new(inner.store());
         let mut responses = Vec::new();
         let mut last_index = None;
         for entry in entries {
             // Lock per entry: each entry is applied atomically, and readers get a chance to
             // run between entries of a long batch.
-            let mut applied = self.inner.write_applied();
             let response = match entry.payload {
-                EntryPayload::Blank => CommandResponse::default(),
+                EntryPayload::Blank => {
+                    inner.write_applied().last_applied = Some(entry.log_id);
+                    CommandResponse::default()
+                }
                 EntryPayload::Normal(ref cmd) => {
-                    let Applied { table, memory, .. } = &mut *applied;
-                    apply_command(table, memory, cmd)
+                    let result = if cmd.touches_memory() {
+                        let mut memory = recover(inner.memory.write());
+                        let mut applied = inner.write_applied();
+                        applied.last_applied = Some(entry.log_id);
+                        apply_command(&mut applied.table, Some(&mut memory), cmd, &archive)
+                    } else {
+                        let mut applied = inner.write_applied();
+                        applied.last_applied = Some(entry.log_id);
+                        apply_command(&mut applied.table, None, cmd, &archive)
+                    };
+                    result.map_err(|e| {
+                        StorageError::from(StorageIOError::apply(
+                            entry.log_id,
+                            AnyError::error(e.to_string()),
+                        ))
+                    })?
                 }
                 EntryPayload::Membership(ref membership) => {
+                    let mut applied = inner.write_applied();
                     applied.last_membership =
                         StoredMembership::new(Some(entry.log_id), membership.clone());
+                    applied.last_applied = Some(entry.log_id);
                     CommandResponse::default()
                 }
             };
-            applied.last_applied = Some(entry.log_id);
-            drop(applied);
             responses.push(response);
             last_index = Some(entry.log_id.index);
         }
         if last_index.is_some() {
-            self.inner.applied_tx.send_replace(last_index);
+            inner.applied_tx.send_replace(last_index);
         }
         Ok(responses)
     }
@@ -412,162 +690,55 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<SnapshotData>> {
+        let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.inner.dir.join(format!("incoming-{n}.dump"));
+        let data = SnapshotData::receiving(&path).await.map_err(|e| {
+            StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e)))
+        })?;
+        Ok(Box::new(data))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMetaOf,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<SnapshotData>,
     ) -> StoreResult<()> {
-        let inner = self.inner.clone();
+        let sig = Some(meta.signature());
+        let write_err = |e: String| {
+            StorageError::from(StorageIOError::write_snapshot(
+                sig.clone(),
+                AnyError::error(e),
+            ))
+        };
+        if snapshot.path().is_none() {
+            // Not a received file (a snapshot built here, handed back): copy it into one.
+            let mut received = self.begin_receiving_snapshot().await?;
+            tokio::io::AsyncSeekExt::seek(&mut *snapshot, io::SeekFrom::Start(0))
+                .await
+                .map_err(|e| write_err(e.to_string()))?;
+            tokio::io::copy(&mut *snapshot, &mut *received)
+                .await
+                .map_err(|e| write_err(e.to_string()))?;
+            snapshot = received;
+        }
+        snapshot
+            .sync()
+            .await
+            .map_err(|e| write_err(e.to_string()))?;
+        let path = snapshot
+            .path()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| write_err("a received snapshot has no file".into()))?;
+        drop(snapshot);
         let meta = meta.clone();
-        let data = snapshot.into_inner();
-        blocking(move || inner.install_snapshot_blocking(meta, data)).await
+        let result = self
+            .blocking(move |inner| inner.install(&meta, &path).map_err(sm_write_err))
+            .await;
+        result.map_err(|e| write_err(e.to_string()))
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
-        let inner = self.inner.clone();
-        blocking(move || inner.current_snapshot_blocking()).await
-    }
-}
-
-/// A cheap integrity checksum (not a MAC): every step is a bijection of the state, so any
-/// single corrupted 8-byte word always changes the result.
-fn checksum(parts: &[&[u8]]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-    let mut len: u64 = 0;
-    for part in parts {
-        let mut words = part.chunks_exact(8);
-        for w in &mut words {
-            let mut buf = [0u8; 8];
-            buf.copy_from_slice(w);
-            h = (h ^ u64::from_le_bytes(buf))
-                .wrapping_mul(K)
-                .rotate_left(29);
-        }
-        let rest = words.remainder();
-        if !rest.is_empty() {
-            let mut buf = [0u8; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            h = (h ^ u64::from_le_bytes(buf))
-                .wrapping_mul(K)
-                .rotate_left(29);
-        }
-        len = len.wrapping_add(part.len() as u64);
-    }
-    (h ^ len).wrapping_mul(K)
-}
-
-fn write_snapshot_file(dir: &Path, meta: &SnapshotMetaOf, data: &[u8]) -> anyhow::Result<()> {
-    let meta_bytes = encode(meta)?;
-    let mut header = Vec::with_capacity(MAGIC.len() + 16 + meta_bytes.len());
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
-    header.extend_from_slice(&meta_bytes);
-    header.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    let sum = checksum(&[&header, data]);
-
-    let tmp = dir.join(SNAPSHOT_TMP_FILE);
-    let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(&header)?;
-    file.write_all(data)?;
-    file.write_all(&sum.to_le_bytes())?;
-    // Data on disk before the rename makes it visible, and the rename on disk before we report
-    // success (the directory fsync).
-    file.sync_all()
-        .with_context(|| format!("fsync {}", tmp.display()))?;
-    drop(file);
-    let path = dir.join(SNAPSHOT_FILE);
-    fs::rename(&tmp, &path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync directory {}", dir.display()))?;
-    Ok(())
-}
-
-/// Read and verify a snapshot file. `Ok(None)` if there is none.
-fn read_snapshot_file(path: &Path) -> anyhow::Result<Option<(SnapshotMetaOf, Vec<u8>)>> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    parse_snapshot(bytes)
-        .map(Some)
-        .with_context(|| format!("corrupt snapshot file {}", path.display()))
-}
-
-fn parse_snapshot(mut bytes: Vec<u8>) -> anyhow::Result<(SnapshotMetaOf, Vec<u8>)> {
-    fn take_u64(bytes: &[u8], at: usize) -> anyhow::Result<u64> {
-        let end = at.checked_add(8).context("bad length")?;
-        let word = bytes.get(at..end).context("file is truncated")?;
-        let mut buf = [0u8; 8];
-        buf.copy_from_slice(word);
-        Ok(u64::from_le_bytes(buf))
-    }
-    anyhow::ensure!(
-        bytes.len() >= MAGIC.len() + 24,
-        "file is truncated ({} bytes)",
-        bytes.len()
-    );
-    anyhow::ensure!(
-        &bytes[..MAGIC.len()] == MAGIC,
-        "bad magic, not a swarm snapshot"
-    );
-
-    let meta_len = usize::try_from(take_u64(&bytes, MAGIC.len())?)?;
-    let meta_start = MAGIC.len() + 8;
-    let meta_end = meta_start
-        .checked_add(meta_len)
-        .context("bad meta length")?;
-    let data_len = usize::try_from(take_u64(&bytes, meta_end)?)?;
-    let data_start = meta_end + 8;
-    let data_end = data_start
-        .checked_add(data_len)
-        .context("bad data length")?;
-    let sum_end = data_end.checked_add(8).context("bad data length")?;
-    anyhow::ensure!(
-        sum_end == bytes.len(),
-        "lengths in the header ({sum_end} bytes) do not match the file ({} bytes)",
-        bytes.len()
-    );
-    let stored = take_u64(&bytes, data_end)?;
-    let actual = checksum(&[&bytes[..data_start], &bytes[data_start..data_end]]);
-    anyhow::ensure!(stored == actual, "checksum mismatch");
-
-    let meta: SnapshotMetaOf =
-        decode(&bytes[meta_start..meta_end], meta_len).context("decoding snapshot meta")?;
-    // Reuse the buffer for the data rather than copying a possibly large table.
-    bytes.truncate(data_end);
-    bytes.drain(..data_start);
-    Ok((meta, bytes))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checksum_detects_single_word_change() {
-        let a = vec![7u8; 100];
-        let mut b = a.clone();
-        b[50] ^= 1;
-        assert_ne!(checksum(&[&a]), checksum(&[&b]));
-        // Trailing zero bytes change the length, hence the sum.
-        assert_ne!(checksum(&[&a[..99]]), checksum(&[&a[..99], &[0]]));
-    }
-
-    #[test]
-    fn parse_rejects_garbage() {
-        assert!(parse_snapshot(Vec::new()).is_err());
-        assert!(parse_snapshot(vec![0xff; 64]).is_err());
-        let mut fake = MAGIC.to_vec();
-        fake.extend_from_slice(&u64::MAX.to_le_bytes());
-        fake.extend_from_slice(&[0; 32]);
-        assert!(parse_snapshot(fake).is_err());
+        Ok(self.inner.current_snapshot())
     }
 }

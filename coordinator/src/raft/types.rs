@@ -3,7 +3,6 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
-use std::io::Cursor;
 use std::time::Duration;
 
 use openraft::{AsyncRuntime, OptionalSend, TokioRuntime};
@@ -16,14 +15,14 @@ use crate::state::{Command, CommandResponse};
 
 openraft::declare_raft_types!(
     /// The Raft type configuration: log payloads are task-table [`Command`]s, node ids are
-    /// `u64`, nodes carry their addresses, and snapshots are in-memory byte buffers.
+    /// `u64`, nodes carry their addresses, and snapshots are files (dumps of a checkpoint).
     pub TypeConfig:
         D = Command,
         R = CommandResponse,
         NodeId = u64,
         Node = NodeAddr,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = super::snapshot_data::SnapshotData,
         AsyncRuntime = SwarmRuntime,
 );
 

@@ -1,0 +1,594 @@
+//! [`CheckpointStore`]: the replicated state as of its last checkpoint, in one redb file
+//! (`raft/state.redb`).
+//!
+//! Only checkpoints write here, each in one transaction with an fsync, so the file always
+//! holds the state at exactly one log position (`applied`). Between checkpoints the
+//! task table keeps the changes in memory ([`crate::state::Changes`]) and reads older
+//! state through a [`StoreReader`] (the [`Archive`] of the task table).
+//!
+//! # Tables (format [`STATE_FORMAT`])
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `meta` | `format`, `applied`, `membership`, `table` | u32 LE; codec records |
+//! | `live` | task id | codec [`Task`] (queued, running) |
+//! | `done` | task id | codec [`Task`] (finished, retained) |
+//! | `done_by_state` | (state code, id) | () |
+//! | `expiry` | (expires at ms, id) | () |
+//! | `keys` | idempotency key | task id |
+//! | `memory` | chunk number | the memory store's snapshot bytes, in pieces |
+//! | `staged` | chunk number | memory bytes staged by a restore in progress |
+
+// The error type of every storage path is openraft's `StorageError`, fixed by its traits;
+// errors are the cold path, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use openraft::StoredMembership;
+use redb::{
+    Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use swarm_codec::{decode, encode};
+use swarm_memory::MemoryStore;
+use swarm_proto::api::TaskState;
+use swarm_proto::TaskId;
+
+use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
+use super::types::{LogId, NodeAddr, NodeId};
+use crate::limits::RECORD_DECODE_LIMIT;
+use crate::state::{Archive, ArchiveError, CheckpointDelta, TableMeta, Task, TaskTable};
+
+/// File name of the checkpoint store inside the Raft data directory.
+pub const STATE_DB_FILE: &str = "state.redb";
+/// Version of the tables and records this module writes.
+pub const STATE_FORMAT: u32 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const LIVE: TableDefinition<u64, &[u8]> = TableDefinition::new("live");
+const DONE: TableDefinition<u64, &[u8]> = TableDefinition::new("done");
+const DONE_BY_STATE: TableDefinition<(u8, u64), ()> = TableDefinition::new("done_by_state");
+const EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("expiry");
+const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
+const MEMORY: TableDefinition<u64, &[u8]> = TableDefinition::new("memory");
+const STAGED: TableDefinition<u64, &[u8]> = TableDefinition::new("staged");
+
+const KEY_FORMAT: &str = "format";
+const KEY_APPLIED: &str = "applied";
+const KEY_MEMBERSHIP: &str = "membership";
+const KEY_TABLE: &str = "table";
+
+/// Largest stored task: a task is bounded by its ops (payload, outputs of each ring
+/// stage), each below the entry budget.
+const TASK_DECODE_LIMIT: usize = 256 << 20;
+/// The memory store's bytes are stored in pieces of this size.
+const MEMORY_CHUNK: usize = 4 << 20;
+/// Page cache of the store: reads of old finished tasks, purges, dumps.
+const CACHE_BYTES: usize = 32 << 20;
+
+/// The membership a checkpoint records.
+pub type Membership = StoredMembership<NodeId, NodeAddr>;
+
+/// A state code for the `done_by_state` index (stable: part of the format).
+fn state_code(s: TaskState) -> u8 {
+    match s {
+        TaskState::Queued => 0,
+        TaskState::Running => 1,
+        TaskState::Succeeded => 2,
+        TaskState::Failed => 3,
+        TaskState::Cancelled => 4,
+        TaskState::DeadLettered => 5,
+    }
+}
+
+fn archive_err(e: impl std::fmt::Display) -> ArchiveError {
+    ArchiveError(e.to_string())
+}
+
+/// The state a checkpoint holds, loaded at startup.
+pub struct Loaded {
+    /// Whether a checkpoint was ever written (a new store has none).
+    pub checkpointed: bool,
+    pub applied: Option<LogId>,
+    pub membership: Membership,
+    pub table: TaskTable,
+    /// `None` when the store holds no memory store (a new replica): create one.
+    pub memory: Option<MemoryStore>,
+}
+
+/// The checkpoint store. See the module docs.
+pub struct CheckpointStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl CheckpointStore {
+    /// Open (or create) the store at `path`. A store of another format is refused.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut meta = txn.open_table(META)?;
+            let stamp = meta.get(KEY_FORMAT)?.map(|v| v.value().to_vec());
+            match stamp {
+                Some(v) => {
+                    let version = <[u8; 4]>::try_from(v.as_slice())
+                        .map(u32::from_le_bytes)
+                        .map_err(|_| anyhow::anyhow!("corrupt format stamp"))?;
+                    anyhow::ensure!(
+                        version == STATE_FORMAT,
+                        "{} is state format {version}; this release reads format {STATE_FORMAT}",
+                        path.display()
+                    );
+                }
+                None => {
+                    meta.insert(KEY_FORMAT, &STATE_FORMAT.to_le_bytes()[..])?;
+                }
+            }
+            // Create every table, so readers never meet a missing one.
+            txn.open_table(LIVE)?;
+            txn.open_table(DONE)?;
+            txn.open_table(DONE_BY_STATE)?;
+            txn.open_table(EXPIRY)?;
+            txn.open_table(KEYS)?;
+            txn.open_table(MEMORY)?;
+            txn.open_table(STAGED)?;
+        }
+        txn.commit()?;
+        Ok(CheckpointStore {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A consistent read view of the last checkpoint (it stays at that checkpoint for as
+    /// long as it is held).
+    pub fn reader(&self) -> Result<StoreReader, ArchiveError> {
+        Ok(StoreReader {
+            txn: self.db.begin_read().map_err(archive_err)?,
+        })
+    }
+
+    /// Load the checkpoint: metadata, live tasks and the memory store (not the finished
+    /// tasks: they stay on disk).
+    pub fn load(&self) -> anyhow::Result<Loaded> {
+        let r = self.reader()?;
+        let checkpointed = r.record::<Option<LogId>>(KEY_APPLIED)?.is_some();
+        let (applied, membership, meta) = r.header_parts()?;
+        let mut live = Vec::new();
+        r.for_each_task(LIVE, |t| {
+            live.push(t);
+            Ok(())
+        })?;
+        let table = TaskTable::from_checkpoint(meta, live)?;
+        let bytes = r.chunks(MEMORY)?;
+        let memory = if bytes.is_empty() {
+            None
+        } else {
+            Some(
+                MemoryStore::restore_bytes(&bytes.concat())
+                    .map_err(|e| anyhow::anyhow!("the memory store does not load: {e}"))?,
+            )
+        };
+        Ok(Loaded {
+            checkpointed,
+            applied,
+            membership,
+            table,
+            memory,
+        })
+    }
+
+    /// Write one checkpoint: the delta the table handed out, the log position and
+    /// membership it reflects, and the memory store's bytes if it changed. One
+    /// transaction, fsynced before this returns.
+    pub fn write(
+        &self,
+        delta: &CheckpointDelta,
+        applied: Option<LogId>,
+        membership: &Membership,
+        memory: Option<&[u8]>,
+    ) -> anyhow::Result<()> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        write_delta(&txn, delta, applied, membership, memory)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Build a new store at `path` from a dump (a snapshot sent by the leader), checking
+    /// it whole. The file is complete and fsynced when this returns; on error it is
+    /// removed.
+    pub fn build_from_dump(path: &Path, input: impl Read) -> anyhow::Result<(Self, Header)> {
+        let _ = std::fs::remove_file(path);
+        let built = Self::fill_from_dump(path, input);
+        if built.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        built
+    }
+
+    fn fill_from_dump(path: &Path, input: impl Read) -> anyhow::Result<(Self, Header)> {
+        let store = Self::open(path)?;
+        let mut reader = DumpReader::new(input);
+        let header = reader.header()?;
+        let mut memory_at = 0u64;
+        let mut staged_at = 0u64;
+        let mut tasks = 0u64;
+        // Commit in steps without fsync (the file is not in use until it is complete),
+        // so one transaction never holds a whole large state.
+        let mut txn = store.db.begin_write()?;
+        txn.set_durability(Durability::None);
+        let mut pending = 0usize;
+        while let Some(record) = reader.next_record()? {
+            match record {
+                Record::Header(_) => anyhow::bail!("a second header"),
+                Record::Tasks(batch) => {
+                    let mut live = txn.open_table(LIVE)?;
+                    let mut done = txn.open_table(DONE)?;
+                    let mut by_state = txn.open_table(DONE_BY_STATE)?;
+                    let mut expiry = txn.open_table(EXPIRY)?;
+                    let mut keys = txn.open_table(KEYS)?;
+                    for t in &batch {
+                        let bytes = encode(t)?;
+                        pending += bytes.len();
+                        if t.state.is_final() {
+                            done.insert(t.id, &bytes[..])?;
+                            by_state.insert((state_code(t.state), t.id), ())?;
+                            if let Some(at) = t.expires_at_ms {
+                                expiry.insert((at, t.id), ())?;
+                            }
+                        } else {
+                            live.insert(t.id, &bytes[..])?;
+                        }
+                        if let Some(k) = &t.spec.idempotency_key {
+                            keys.insert(k.as_str(), t.id)?;
+                        }
+                    }
+                    tasks += batch.len() as u64;
+                }
+                Record::Memory(bytes) => {
+                    pending += bytes.len();
+                    txn.open_table(MEMORY)?.insert(memory_at, &bytes[..])?;
+                    memory_at += 1;
+                }
+                Record::Staged(bytes) => {
+                    pending += bytes.len();
+                    txn.open_table(STAGED)?.insert(staged_at, &bytes[..])?;
+                    staged_at += 1;
+                }
+                Record::End { .. } => {}
+            }
+            if pending >= 64 << 20 {
+                txn.commit()?;
+                txn = store.db.begin_write()?;
+                txn.set_durability(Durability::None);
+                pending = 0;
+            }
+        }
+        anyhow::ensure!(
+            tasks == header.tasks,
+            "the dump's header announces {} tasks, it holds {tasks}",
+            header.tasks
+        );
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(KEY_APPLIED, &encode(&header.applied)?[..])?;
+            meta.insert(KEY_MEMBERSHIP, &encode(&header.membership)?[..])?;
+            meta.insert(KEY_TABLE, &encode(&header.meta)?[..])?;
+        }
+        txn.set_durability(Durability::Immediate);
+        txn.commit()?;
+        Ok((store, header))
+    }
+}
+
+fn clear<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> anyhow::Result<()> {
+    txn.delete_table(table)?;
+    txn.open_table(table)?;
+    Ok(())
+}
+
+fn write_delta(
+    txn: &WriteTransaction,
+    delta: &CheckpointDelta,
+    applied: Option<LogId>,
+    membership: &Membership,
+    memory: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    let c = &delta.changes;
+    if c.reset {
+        for t in [LIVE, DONE] {
+            clear(txn, t)?;
+        }
+        clear(txn, DONE_BY_STATE)?;
+        clear(txn, EXPIRY)?;
+        clear(txn, KEYS)?;
+    }
+    if c.staging_cleared {
+        clear(txn, STAGED)?;
+    }
+    {
+        let mut live = txn.open_table(LIVE)?;
+        let mut done = txn.open_table(DONE)?;
+        let mut by_state = txn.open_table(DONE_BY_STATE)?;
+        let mut expiry = txn.open_table(EXPIRY)?;
+        let mut keys = txn.open_table(KEYS)?;
+        for id in &c.purged {
+            let gone = done.remove(*id)?.map(|v| v.value().to_vec());
+            if let Some(bytes) = gone {
+                let t: Task = decode(&bytes, TASK_DECODE_LIMIT)?;
+                by_state.remove((state_code(t.state), *id))?;
+                if let Some(at) = t.expires_at_ms {
+                    expiry.remove((at, *id))?;
+                }
+            }
+        }
+        for id in &c.live_gone {
+            live.remove(*id)?;
+        }
+        for t in &delta.live {
+            live.insert(t.id, &encode(&**t)?[..])?;
+        }
+        for (id, t) in &c.finished {
+            done.insert(*id, &encode(&**t)?[..])?;
+            by_state.insert((state_code(t.state), *id), ())?;
+            if let Some(at) = t.expires_at_ms {
+                expiry.insert((at, *id), ())?;
+            }
+        }
+        for (k, v) in &c.keys {
+            match v {
+                Some(id) => keys.insert(k.as_str(), *id)?,
+                None => keys.remove(k.as_str())?,
+            };
+        }
+    }
+    if !c.staged_memory.is_empty() {
+        let mut staged = txn.open_table(STAGED)?;
+        let first = staged.last()?.map_or(0, |(k, _)| k.value() + 1);
+        for (n, piece) in (first..).zip(&c.staged_memory) {
+            staged.insert(n, &piece[..])?;
+        }
+    }
+    if let Some(bytes) = memory {
+        clear(txn, MEMORY)?;
+        let mut table = txn.open_table(MEMORY)?;
+        for (i, piece) in bytes.chunks(MEMORY_CHUNK).enumerate() {
+            table.insert(i as u64, piece)?;
+        }
+    }
+    let mut meta = txn.open_table(META)?;
+    meta.insert(KEY_APPLIED, &encode(&applied)?[..])?;
+    meta.insert(KEY_MEMBERSHIP, &encode(membership)?[..])?;
+    meta.insert(KEY_TABLE, &encode(&delta.meta)?[..])?;
+    Ok(())
+}
+
+/// A read view of one checkpoint: the task table's [`Archive`], and the source of dumps.
+pub struct StoreReader {
+    txn: ReadTransaction,
+}
+
+impl std::fmt::Debug for StoreReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreReader")
+    }
+}
+
+impl StoreReader {
+    fn record<T: serde::de::DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
+        let meta = self.txn.open_table(META)?;
+        let Some(v) = meta.get(key)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            decode(v.value(), RECORD_DECODE_LIMIT)
+                .with_context(|| format!("corrupt {key} record"))?,
+        ))
+    }
+
+    /// The log position, membership and table metadata of this checkpoint.
+    pub fn header_parts(&self) -> anyhow::Result<(Option<LogId>, Membership, TableMeta)> {
+        Ok((
+            self.record::<Option<LogId>>(KEY_APPLIED)?.flatten(),
+            self.record(KEY_MEMBERSHIP)?.unwrap_or_default(),
+            self.record(KEY_TABLE)?.unwrap_or_default(),
+        ))
+    }
+
+    fn for_each_task(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        mut f: impl FnMut(Task) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let t = self.txn.open_table(table)?;
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let task: Task = decode(v.value(), TASK_DECODE_LIMIT)
+                .with_context(|| format!("corrupt task {}", k.value()))?;
+            anyhow::ensure!(
+                task.id == k.value(),
+                "task {} stored under {}",
+                task.id,
+                k.value()
+            );
+            f(task)?;
+        }
+        Ok(())
+    }
+
+    fn chunks(&self, table: TableDefinition<u64, &[u8]>) -> anyhow::Result<Vec<Vec<u8>>> {
+        let t = self.txn.open_table(table)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            out.push(item?.1.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    fn count(&self, table: TableDefinition<u64, &[u8]>) -> anyhow::Result<u64> {
+        Ok(self.txn.open_table(table)?.len()?)
+    }
+
+    fn bytes_in(&self, table: TableDefinition<u64, &[u8]>) -> anyhow::Result<u64> {
+        let t = self.txn.open_table(table)?;
+        let mut n = 0;
+        for item in t.iter()? {
+            n += item?.1.value().len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// Write this checkpoint as a dump; returns the bytes written.
+    pub fn write_dump(&self, out: impl std::io::Write) -> anyhow::Result<u64> {
+        let (applied, membership, meta) = self.header_parts()?;
+        let header = Header {
+            applied,
+            membership,
+            meta,
+            tasks: self.count(LIVE)? + self.count(DONE)?,
+            memory_bytes: self.bytes_in(MEMORY)?,
+            staged_bytes: self.bytes_in(STAGED)?,
+        };
+        let mut w = DumpWriter::new(out, &header)?;
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for table in [LIVE, DONE] {
+            self.for_each_task(table, |t| {
+                size += t.size_hint();
+                batch.push(t);
+                if size >= BATCH_BYTES {
+                    w.write(&Record::Tasks(std::mem::take(&mut batch)))?;
+                    size = 0;
+                }
+                Ok(())
+            })?;
+        }
+        if !batch.is_empty() {
+            w.write(&Record::Tasks(batch))?;
+        }
+        for (table, wrap) in [
+            (MEMORY, Record::Memory as fn(Vec<u8>) -> Record),
+            (STAGED, Record::Staged as fn(Vec<u8>) -> Record),
+        ] {
+            let t = self.txn.open_table(table)?;
+            for item in t.iter()? {
+                w.write(&wrap(item?.1.value().to_vec()))?;
+            }
+        }
+        Ok(w.finish()?.1)
+    }
+}
+
+impl Archive for StoreReader {
+    fn finished(&self, id: TaskId) -> Result<Option<Task>, ArchiveError> {
+        let t = self.txn.open_table(DONE).map_err(archive_err)?;
+        let Some(v) = t.get(id).map_err(archive_err)? else {
+            return Ok(None);
+        };
+        decode(v.value(), TASK_DECODE_LIMIT)
+            .map(Some)
+            .map_err(|e| ArchiveError(format!("corrupt task {id}: {e}")))
+    }
+
+    fn key(&self, key: &str) -> Result<Option<TaskId>, ArchiveError> {
+        let t = self.txn.open_table(KEYS).map_err(archive_err)?;
+        Ok(t.get(key).map_err(archive_err)?.map(|v| v.value()))
+    }
+
+    fn finished_after(
+        &self,
+        state: Option<TaskState>,
+        after: TaskId,
+        limit: usize,
+    ) -> Result<Vec<Task>, ArchiveError> {
+        let from = after.saturating_add(1);
+        let mut out = Vec::new();
+        match state {
+            None => {
+                let t = self.txn.open_table(DONE).map_err(archive_err)?;
+                for item in t.range(from..).map_err(archive_err)?.take(limit) {
+                    let (_, v) = item.map_err(archive_err)?;
+                    out.push(decode(v.value(), TASK_DECODE_LIMIT).map_err(archive_err)?);
+                }
+            }
+            Some(s) => {
+                let code = state_code(s);
+                let idx = self.txn.open_table(DONE_BY_STATE).map_err(archive_err)?;
+                let ids: Vec<TaskId> = idx
+                    .range((code, from)..=(code, u64::MAX))
+                    .map_err(archive_err)?
+                    .take(limit)
+                    .map(|item| item.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()
+                    .map_err(archive_err)?;
+                for id in ids {
+                    if let Some(t) = self.finished(id)? {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError> {
+        let t = self.txn.open_table(EXPIRY).map_err(archive_err)?;
+        t.range((0, 0)..=(now_ms, u64::MAX))
+            .map_err(archive_err)?
+            .take(limit)
+            .map(|item| item.map(|(k, _)| k.value().1).map_err(archive_err))
+            .collect()
+    }
+
+    fn staged_memory(&self) -> Result<Vec<Vec<u8>>, ArchiveError> {
+        self.chunks(STAGED).map_err(archive_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_DB_FILE);
+        drop(CheckpointStore::open(&path).unwrap());
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(KEY_FORMAT, &9u32.to_le_bytes()[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = CheckpointStore::open(&path).unwrap_err().to_string();
+        assert!(err.contains("state format 9"), "{err}");
+    }
+}

@@ -1,0 +1,590 @@
+//! The replicated task table: the application half of the Raft state machine.
+//!
+//! Every coordinator applies the same [`Command`]s in the same order and ends with the
+//! same state. Nothing here reads a clock, a socket or a random number: times travel
+//! inside the ops (stamped by the leader that proposed them), so applying is a pure
+//! function of the log. The scheduler, leases and retries decide *what* to propose; this
+//! module only decides what a committed op *means*.
+//!
+//! # Layout: live work in memory, history on disk
+//!
+//! [`TaskTable`] holds in memory only what is *live* — queued and running tasks with their
+//! indexes — plus the [`Changes`] made since the last checkpoint (tasks that finished,
+//! tasks purged, idempotency keys). Everything older lives in the [`Archive`], the
+//! checkpoint store on disk (`raft/sm_store.rs`), which this module reads through a trait
+//! and never writes: a checkpoint takes the changes out of the table and writes them
+//! there. A lookup reads the layers newest first: the changes, the changes a checkpoint
+//! is writing right now ([`TaskTable::flushing`]), then the archive. So memory is bounded
+//! by live work plus one checkpoint interval of changes, whatever the history.
+//!
+//! Finished tasks stay readable until their retention ends (`TaskSpec::retain_ms`, fixed
+//! at submit); then the leader proposes [`Op::Purge`] with the ids it found expired, and
+//! every replica purges exactly those of them that are expired by the op's own time. An
+//! idempotency key names its task until that task is purged: the dedupe window is the
+//! task's retention.
+//!
+//! Invariants kept here (and tested):
+//! * a final task never changes again: at most one final result per task;
+//! * a result is only recorded for a task that was submitted;
+//! * an idempotency key maps to exactly one retained task;
+//! * the per-state indexes always agree with the tasks' states, and the finished counts
+//!   with the retained finished tasks.
+
+mod layers;
+mod table;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use swarm_memory::{MemoryOp, MemoryStore, OpOutcome};
+use swarm_proto::api::{AttemptView, BytesView, TaskState, TaskView};
+use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
+use swarm_proto::TaskId;
+use swarm_topology::{StageSpec, SwarmSpec};
+
+pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
+pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
+
+/// One Raft log entry's payload: a batch of operations applied in order.
+///
+/// The coordinator batches ops proposed at about the same time into one entry, so one
+/// fsync commits many submits, starts and results.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub ops: Vec<Op>,
+}
+
+impl Command {
+    /// Whether applying this command needs the memory store (memory and restore ops).
+    pub fn touches_memory(&self) -> bool {
+        self.ops.iter().any(Op::touches_memory)
+    }
+}
+
+/// What a task asks for; fixed at submit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub agent: String,
+    pub payload: Vec<u8>,
+    pub priority: i32,
+    pub timeout_ms: u64,
+    pub max_attempts: u32,
+    pub idempotency_key: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// ReasoningBank patterns the worker retrieves for the agent before it runs.
+    pub patterns: u32,
+    /// The swarm the task targets ([`swarm_topology::DEFAULT_SWARM_NAME`]: a star of all
+    /// workers).
+    pub swarm: String,
+    /// A ring swarm's stages, copied at submit (so a swarm changed later does not change
+    /// a task in flight); empty for other topologies. Stage `i` runs `stages[i].agent`.
+    pub stages: Vec<StageSpec>,
+    /// How long the task stays readable once finished (its idempotency key dedupes as
+    /// long); then it is purged.
+    pub retain_ms: u64,
+}
+
+impl TaskSpec {
+    /// Number of stages the task passes through (1 unless it is a ring task).
+    pub fn stage_count(&self) -> u32 {
+        self.stages.len().max(1) as u32
+    }
+
+    /// The agent of `stage`.
+    pub fn agent_of(&self, stage: u32) -> &str {
+        self.stages
+            .get(stage as usize)
+            .map_or(self.agent.as_str(), |s| s.agent.as_str())
+    }
+
+    /// Bytes this spec takes in a log entry, roughly (for packing entries by size).
+    pub fn size_hint(&self) -> usize {
+        let labels: usize = self.labels.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        let stages: usize = self.stages.iter().map(|s| s.agent.len() + 64).sum();
+        64 + self.agent.len()
+            + self.payload.len()
+            + self.idempotency_key.as_ref().map_or(0, String::len)
+            + labels
+            + self.swarm.len()
+            + stages
+    }
+}
+
+/// A swarm as stored: its spec plus the dispatch settings the coordinator applies to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmRecord {
+    pub spec: SwarmSpec,
+    /// Attempts a member may hold beyond its slots, queued on the worker (mesh peers
+    /// steal from these queues).
+    pub queue_depth: u32,
+    pub created_at_ms: u64,
+}
+
+impl SwarmRecord {
+    /// The implicit swarm of tasks that name none.
+    pub fn default_swarm() -> Self {
+        SwarmRecord {
+            spec: SwarmSpec::default_swarm(),
+            queue_depth: 0,
+            created_at_ms: 0,
+        }
+    }
+}
+
+/// Why a swarm op was refused (identically on every replica).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmFault {
+    pub code: String,
+    pub message: String,
+}
+
+impl SwarmFault {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        SwarmFault {
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One operation on the replicated state. Times are the proposing leader's wall clock (ms).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Add a task, unless its idempotency key is known or the queue is full.
+    Submit {
+        spec: TaskSpec,
+        now_ms: u64,
+        queue_limit: u64,
+    },
+    /// An attempt was handed to a worker.
+    Start {
+        attempt: AttemptRef,
+        worker: String,
+        now_ms: u64,
+    },
+    /// A worker reported the end of an attempt. `retry_at_ms` is when a retry may run.
+    Finish {
+        attempt: AttemptRef,
+        worker: String,
+        outcome: Outcome,
+        started_at_ms: u64,
+        finished_at_ms: u64,
+        retry_at_ms: u64,
+    },
+    /// An attempt was lost: its worker vanished or its lease expired.
+    Lose {
+        attempt: AttemptRef,
+        reason: String,
+        now_ms: u64,
+        retry_at_ms: u64,
+    },
+    /// Cancel a task that has not finished.
+    Cancel { task_id: TaskId, now_ms: u64 },
+    /// A write to the vector memory or the ReasoningBank (applied by the replica's
+    /// [`MemoryStore`], not the task table).
+    Memory(MemoryOp),
+    /// Define a swarm. Refused if the name is taken.
+    SwarmCreate { record: SwarmRecord },
+    /// Remove a swarm. Refused for the default swarm and while unfinished tasks target it.
+    SwarmDelete { name: String },
+    /// A running attempt moved from one worker to another (a mesh steal).
+    Move {
+        attempt: AttemptRef,
+        from: String,
+        to: String,
+        now_ms: u64,
+    },
+    /// Purge these finished tasks if their retention has ended by `now_ms` (the leader
+    /// lists candidates; each replica checks every one itself). At most
+    /// [`MAX_PURGE_PER_OP`] ids.
+    Purge { ids: Vec<TaskId>, now_ms: u64 },
+    /// Start seeding an empty replica from a backup; refused unless the replica holds no
+    /// task, collection or pattern. Until [`Op::RestoreCommit`] the replica refuses
+    /// every other change.
+    RestoreBegin { restore_id: u64, now_ms: u64 },
+    /// One piece of the backup, in order (`seq` from 0).
+    RestoreChunk {
+        restore_id: u64,
+        seq: u64,
+        tasks: Vec<Task>,
+        memory: Vec<u8>,
+    },
+    /// The backup arrived whole (`chunks` pieces, `tasks` tasks): the memory store is
+    /// decoded from the staged bytes and the restored state goes live.
+    RestoreCommit {
+        restore_id: u64,
+        chunks: u64,
+        tasks: u64,
+        meta: RestoredMeta,
+    },
+    /// Give the restore up: the replica returns to empty.
+    RestoreAbort { restore_id: u64 },
+}
+
+impl Op {
+    /// Whether applying this op needs the memory store.
+    pub fn touches_memory(&self) -> bool {
+        matches!(
+            self,
+            Op::Memory(_)
+                | Op::RestoreBegin { .. }
+                | Op::RestoreCommit { .. }
+                | Op::RestoreAbort { .. }
+        )
+    }
+
+    /// Bytes this op takes in a log entry, roughly (an upper estimate for the fields that
+    /// can be large; for packing entries by size).
+    pub fn size_hint(&self) -> usize {
+        const SMALL: usize = 96;
+        match self {
+            Op::Submit { spec, .. } => spec.size_hint(),
+            Op::Finish {
+                outcome, worker, ..
+            } => {
+                SMALL
+                    + worker.len()
+                    + match outcome {
+                        Outcome::Succeeded { output } => output.len(),
+                        Outcome::Failed { message, .. } => message.len(),
+                    }
+            }
+            Op::Start { worker, .. } => SMALL + worker.len(),
+            Op::Lose { reason, .. } => SMALL + reason.len(),
+            Op::Move { from, to, .. } => SMALL + from.len() + to.len(),
+            Op::Cancel { .. } | Op::RestoreBegin { .. } | Op::RestoreAbort { .. } => SMALL,
+            Op::Memory(m) => SMALL + swarm_codec::encoded_len(m).unwrap_or(usize::MAX / 4),
+            Op::SwarmCreate { record } => {
+                SMALL + swarm_codec::encoded_len(record).unwrap_or(usize::MAX / 4)
+            }
+            Op::SwarmDelete { name } => SMALL + name.len(),
+            Op::Purge { ids, .. } => SMALL + 10 * ids.len(),
+            Op::RestoreChunk { tasks, memory, .. } => {
+                SMALL + memory.len() + tasks.iter().map(Task::size_hint).sum::<usize>()
+            }
+            Op::RestoreCommit { meta, .. } => {
+                SMALL + swarm_codec::encoded_len(meta).unwrap_or(usize::MAX / 4)
+            }
+        }
+    }
+}
+
+/// The table-wide facts a backup carries besides its tasks and memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoredMeta {
+    pub next_id: TaskId,
+    pub swarms: BTreeMap<String, SwarmRecord>,
+}
+
+/// The result of applying one [`Command`]: one entry per op, in order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    pub results: Vec<OpResult>,
+}
+
+/// The result of applying one [`Op`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpResult {
+    /// The task exists now; `duplicate` when it already existed under the same key.
+    Submitted { id: TaskId, duplicate: bool },
+    /// Refused: `limit` unfinished tasks already.
+    QueueFull { limit: u64 },
+    /// The op changed the task; `state` is its state now.
+    Applied { state: TaskState },
+    /// The op was a no-op (stale attempt, task already final, replay); `state` is unchanged.
+    Ignored { state: TaskState },
+    /// A cancel took effect; `running` is the attempt to stop on its worker, if any.
+    Cancelled {
+        running: Option<(String, AttemptRef)>,
+    },
+    /// No task with that id was ever submitted.
+    NotFound,
+    /// The task finished and was purged after its retention.
+    Expired,
+    /// What a memory op did, or why it was refused (identically on every replica).
+    Memory(Result<OpOutcome, MemoryFault>),
+    /// A restore op: how much the restore brought back (on commit), or why it was refused.
+    Restored(Result<RestoreSummary, String>),
+    /// A swarm op took effect, or why it was refused (a submit to an unknown swarm too).
+    Swarm(Result<(), SwarmFault>),
+    /// How many of a purge's ids were purged.
+    Purged { purged: u64 },
+    /// Refused: a restore is in progress and the replica takes no other change.
+    Restoring,
+}
+
+/// What a restore brought back (so far, for a chunk; in all, for the commit).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    pub tasks: u64,
+    pub collections: u64,
+    pub patterns: u64,
+}
+
+/// A refused memory op: the [`swarm_memory::MemoryError`] code and message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryFault {
+    pub code: String,
+    pub message: String,
+}
+
+impl From<swarm_memory::MemoryError> for MemoryFault {
+    fn from(e: swarm_memory::MemoryError) -> Self {
+        MemoryFault {
+            code: e.code().to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Apply one committed command to a replica's two state machines: memory ops go to the
+/// memory store, everything else to the task table. Deterministic. `memory` may be
+/// `None` only for a command that does not [`Command::touches_memory`] (the caller then
+/// need not lock the memory store). `archive` is the replica's checkpoint store, read
+/// for finished tasks and keys; an error from it (a failing disk) stops the apply.
+pub fn apply_command(
+    table: &mut TaskTable,
+    mut memory: Option<&mut MemoryStore>,
+    cmd: &Command,
+    archive: &dyn Archive,
+) -> Result<CommandResponse, ArchiveError> {
+    let mut results = Vec::with_capacity(cmd.ops.len());
+    for op in &cmd.ops {
+        let result = match memory.as_deref_mut() {
+            Some(m) => apply_op(table, m, op, archive)?,
+            None if op.touches_memory() => {
+                return Err(ArchiveError(
+                    "a memory op was applied without the memory store".into(),
+                ))
+            }
+            None => table.apply_op(op, archive)?,
+        };
+        results.push(result);
+    }
+    Ok(CommandResponse { results })
+}
+
+fn apply_op(
+    table: &mut TaskTable,
+    memory: &mut MemoryStore,
+    op: &Op,
+    archive: &dyn Archive,
+) -> Result<OpResult, ArchiveError> {
+    Ok(match op {
+        Op::Memory(_) if table.restoring().is_some() => OpResult::Restoring,
+        Op::Memory(m) => {
+            table.note_memory_change();
+            OpResult::Memory(memory.apply(m.clone()).map_err(MemoryFault::from))
+        }
+        Op::RestoreBegin { restore_id, now_ms } => {
+            OpResult::Restored(table.restore_begin(*restore_id, *now_ms, memory))
+        }
+        Op::RestoreCommit {
+            restore_id,
+            chunks,
+            tasks,
+            meta,
+        } => {
+            let staged = match table.restore_commit_check(*restore_id, *chunks, *tasks) {
+                Ok(()) => table.staged_memory(archive)?,
+                Err(e) => return Ok(OpResult::Restored(Err(e))),
+            };
+            // A backup without a memory section restores an empty store.
+            let restored = if staged.is_empty() {
+                MemoryStore::new(memory.config().clone())
+                    .map_err(|e| format!("creating the memory store: {e}"))
+            } else {
+                MemoryStore::restore_bytes(&staged)
+                    .map_err(|e| format!("the backup's memory store does not load: {e}"))
+            };
+            match restored {
+                Ok(m) => {
+                    *memory = m;
+                    table.note_memory_change();
+                    let mut summary = table.restore_commit(meta);
+                    summary.collections = memory.list_collections().len() as u64;
+                    summary.patterns = memory.pattern_count() as u64;
+                    OpResult::Restored(Ok(summary))
+                }
+                Err(reason) => {
+                    // The backup is unusable: give the whole restore up, on every replica.
+                    let _ = table.restore_abort(*restore_id, memory);
+                    OpResult::Restored(Err(reason))
+                }
+            }
+        }
+        Op::RestoreAbort { restore_id } => {
+            OpResult::Restored(table.restore_abort(*restore_id, memory))
+        }
+        other => table.apply_op(other, archive)?,
+    })
+}
+
+/// How one attempt ended, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AttemptEnd {
+    Succeeded,
+    Failed {
+        kind: FailureKind,
+        message: String,
+    },
+    Lost {
+        reason: String,
+    },
+    Cancelled,
+    /// Handed back by a draining worker (not started, or cut short at its drain timeout);
+    /// does not count against `max_attempts`.
+    Released {
+        reason: String,
+    },
+}
+
+/// One attempt of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    /// The ring stage this attempt ran (0 for single-stage tasks).
+    pub stage: u32,
+    pub worker: String,
+    pub started_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub end: Option<AttemptEnd>,
+}
+
+/// A task and everything that happened to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    pub attempts: Vec<Attempt>,
+    pub output: Option<Vec<u8>>,
+    pub error: Option<String>,
+    pub created_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    /// When a finished task's retention ends and it may be purged.
+    pub expires_at_ms: Option<u64>,
+    /// A queued retry may not start before this time.
+    pub not_before_ms: u64,
+    /// The stage the task is at: the next attempt runs this stage.
+    pub stage: u32,
+    /// Attempts made before the current stage began (retries are counted per stage).
+    pub stage_base: u32,
+    /// Attempts of the current stage handed back by draining workers: they do not count
+    /// against `max_attempts`.
+    pub released: u32,
+    /// Outputs of the completed stages, in order; stage `i + 1`'s input is `[i]`.
+    pub stage_outputs: Vec<Vec<u8>>,
+    /// Times the task's attempt moved between workers (mesh steals).
+    pub moves: u32,
+}
+
+impl Task {
+    /// The attempt currently running, if the task is running.
+    pub fn running_attempt(&self) -> Option<&Attempt> {
+        if self.state != TaskState::Running {
+            return None;
+        }
+        self.attempts.last().filter(|a| a.end.is_none())
+    }
+
+    /// Attempts of the current stage up to `attempt` that count against `max_attempts`
+    /// (those handed back by draining workers do not).
+    pub fn attempts_counted(&self, attempt: u32) -> u32 {
+        attempt
+            .saturating_sub(self.stage_base)
+            .saturating_sub(self.released)
+    }
+
+    /// The number the next attempt will carry.
+    pub fn next_attempt(&self) -> u32 {
+        self.attempts.last().map_or(1, |a| a.number + 1)
+    }
+
+    /// The agent the next (or current) attempt runs: the current stage's for a ring task.
+    pub fn current_agent(&self) -> &str {
+        self.spec.agent_of(self.stage)
+    }
+
+    /// The input of the next (or current) attempt: the previous stage's output for a
+    /// ring task past its first stage, the payload otherwise.
+    pub fn current_input(&self) -> &[u8] {
+        match (self.stage as usize).checked_sub(1) {
+            Some(prev) => self
+                .stage_outputs
+                .get(prev)
+                .map_or(&self.spec.payload[..], |o| &o[..]),
+            None => &self.spec.payload,
+        }
+    }
+
+    /// Bytes this task takes in memory or in an encoding, roughly.
+    pub fn size_hint(&self) -> usize {
+        self.spec.size_hint()
+            + self.output.as_ref().map_or(0, Vec::len)
+            + self.error.as_ref().map_or(0, String::len)
+            + self
+                .attempts
+                .iter()
+                .map(|a| 48 + a.worker.len())
+                .sum::<usize>()
+            + self.stage_outputs.iter().map(Vec::len).sum::<usize>()
+            + 96
+    }
+
+    /// The API view of this task.
+    pub fn view(&self) -> TaskView {
+        TaskView {
+            id: self.id,
+            agent: self.current_agent().to_string(),
+            state: self.state,
+            priority: self.spec.priority,
+            timeout_ms: self.spec.timeout_ms,
+            max_attempts: self.spec.max_attempts,
+            idempotency_key: self.spec.idempotency_key.clone(),
+            labels: self.spec.labels.clone(),
+            patterns: self.spec.patterns,
+            payload: BytesView::new(self.spec.payload.clone()),
+            attempts: self.attempts.iter().map(attempt_view).collect(),
+            output: self.output.clone().map(BytesView::new),
+            error: self.error.clone(),
+            created_at_ms: self.created_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            swarm: self.spec.swarm.clone(),
+            stages: self.spec.stages.iter().map(|s| s.to_string()).collect(),
+            stage: self.stage,
+            stage_outputs: self
+                .stage_outputs
+                .iter()
+                .map(|o| String::from_utf8_lossy(o).into_owned())
+                .collect(),
+            moves: self.moves,
+        }
+    }
+}
+
+fn attempt_view(a: &Attempt) -> AttemptView {
+    let (outcome, error) = match &a.end {
+        None => (None, None),
+        Some(AttemptEnd::Succeeded) => (Some("succeeded"), None),
+        Some(AttemptEnd::Failed { kind, message }) => (
+            Some("failed"),
+            Some(format!("{}: {message}", kind.as_str())),
+        ),
+        Some(AttemptEnd::Lost { reason }) => (Some("lost"), Some(reason.clone())),
+        Some(AttemptEnd::Cancelled) => (Some("cancelled"), None),
+        Some(AttemptEnd::Released { reason }) => (Some("released"), Some(reason.clone())),
+    };
+    AttemptView {
+        attempt: a.number,
+        stage: a.stage,
+        worker: a.worker.clone(),
+        started_at_ms: a.started_at_ms,
+        finished_at_ms: a.finished_at_ms,
+        outcome: outcome.map(str::to_string),
+        error,
+    }
+}

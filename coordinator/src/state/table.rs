@@ -1,0 +1,1254 @@
+//! [`TaskTable`]: live tasks and their indexes in memory, the changes since the last
+//! checkpoint, and the rules every op follows.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use swarm_memory::MemoryStore;
+use swarm_proto::api::TaskState;
+use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
+use swarm_proto::TaskId;
+use swarm_topology::DEFAULT_SWARM_NAME;
+
+use super::layers::Layers;
+use super::{
+    Archive, ArchiveError, Attempt, AttemptEnd, Changes, Op, OpResult, RestoreState,
+    RestoreSummary, RestoredMeta, SwarmFault, SwarmRecord, TableMeta, Task, TaskSpec,
+};
+
+/// Most task ids one [`Op::Purge`] carries.
+pub const MAX_PURGE_PER_OP: usize = 4096;
+
+/// Order of the run queue: higher priority first, then older first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QueueKey {
+    neg_priority: i64,
+    id: TaskId,
+}
+
+impl QueueKey {
+    fn of(task: &Task) -> Self {
+        QueueKey {
+            neg_priority: -(task.spec.priority as i64),
+            id: task.id,
+        }
+    }
+
+    /// The task this key orders.
+    pub fn id(&self) -> TaskId {
+        self.id
+    }
+}
+
+/// Something a non-Raft component should react to, produced while applying.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableEvent {
+    /// The task reached a final state (wake waiters; stop any attempt still running).
+    Finalized(TaskId, TaskState),
+    /// The task (re-)entered the queue.
+    Queued(TaskId),
+}
+
+/// Events kept at most when nobody drains them (a bound, not a working size).
+const MAX_PENDING_EVENTS: usize = 1_000_000;
+
+/// What a lookup of one task found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    Found(Arc<Task>),
+    /// The task finished and was purged after its retention.
+    Expired,
+    /// No task with that id was ever submitted.
+    Unknown,
+}
+
+/// Live tasks (queued and running) with their indexes, the table-wide metadata, and the
+/// changes since the last checkpoint. See the [module docs](super) for the layout.
+#[derive(Debug, Default)]
+pub struct TaskTable {
+    live: BTreeMap<TaskId, Arc<Task>>,
+    queue: BTreeSet<QueueKey>,
+    /// Ids of live tasks by state (queued, running).
+    by_state: BTreeMap<TaskState, BTreeSet<TaskId>>,
+    meta: TableMeta,
+    changes: Changes,
+    /// The changes a checkpoint is writing to the archive right now.
+    flushing: Option<Arc<Changes>>,
+    /// Events since the node last drained them; not part of the replicated state.
+    events: Vec<TableEvent>,
+}
+
+/// What a checkpoint writes: the changes (now readable as [`TaskTable::flushing`] until
+/// [`TaskTable::checkpoint_written`]), the current value of every live task they name,
+/// and the metadata.
+#[derive(Debug)]
+pub struct CheckpointDelta {
+    pub changes: Arc<Changes>,
+    pub live: Vec<Arc<Task>>,
+    pub meta: TableMeta,
+}
+
+impl TaskTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rebuild a table from a checkpoint: its metadata and its live tasks.
+    pub fn from_checkpoint(meta: TableMeta, live: Vec<Task>) -> anyhow::Result<Self> {
+        let mut t = TaskTable {
+            meta,
+            ..Default::default()
+        };
+        for task in live {
+            anyhow::ensure!(
+                !task.state.is_final(),
+                "task {} is {:?} in the live table",
+                task.id,
+                task.state
+            );
+            anyhow::ensure!(
+                task.id <= t.meta.next_id,
+                "task {} is beyond the last id handed out ({})",
+                task.id,
+                t.meta.next_id
+            );
+            t.index_live(Arc::new(task));
+        }
+        t.check_indexes()?;
+        Ok(t)
+    }
+
+    fn index_live(&mut self, task: Arc<Task>) {
+        if task.state == TaskState::Queued {
+            self.queue.insert(QueueKey::of(&task));
+        }
+        self.by_state.entry(task.state).or_default().insert(task.id);
+        self.live.insert(task.id, task);
+    }
+
+    fn layers<'a>(&'a self, archive: &'a dyn Archive) -> Layers<'a> {
+        Layers {
+            changes: &self.changes,
+            flushing: self.flushing.as_deref(),
+            archive,
+        }
+    }
+
+    /// Apply one task-table op. Deterministic: same ops, same table. `archive` is read
+    /// for finished tasks and idempotency keys; it is never written.
+    pub fn apply_op(&mut self, op: &Op, archive: &dyn Archive) -> Result<OpResult, ArchiveError> {
+        if self.meta.restore.is_some() && !matches!(op, Op::RestoreChunk { .. }) {
+            return Ok(OpResult::Restoring);
+        }
+        Ok(match op {
+            Op::Submit {
+                spec,
+                now_ms,
+                queue_limit,
+            } => self.submit(spec, *now_ms, *queue_limit, archive)?,
+            Op::Start {
+                attempt,
+                worker,
+                now_ms,
+            } => match self.live.contains_key(&attempt.task_id) {
+                true => self.start(*attempt, worker, *now_ms),
+                false => self.not_live(attempt.task_id, archive)?,
+            },
+            Op::Finish {
+                attempt,
+                worker,
+                outcome,
+                started_at_ms,
+                finished_at_ms,
+                retry_at_ms,
+            } => match self.live.contains_key(&attempt.task_id) {
+                true => self.finish(
+                    *attempt,
+                    worker,
+                    outcome,
+                    *started_at_ms,
+                    *finished_at_ms,
+                    *retry_at_ms,
+                ),
+                false => self.not_live(attempt.task_id, archive)?,
+            },
+            Op::Lose {
+                attempt,
+                reason,
+                now_ms,
+                retry_at_ms,
+            } => match self.live.contains_key(&attempt.task_id) {
+                true => self.lose(*attempt, reason, *now_ms, *retry_at_ms),
+                false => self.not_live(attempt.task_id, archive)?,
+            },
+            Op::Cancel { task_id, now_ms } => match self.live.contains_key(task_id) {
+                true => self.cancel(*task_id, *now_ms),
+                false => self.not_live(*task_id, archive)?,
+            },
+            Op::Move {
+                attempt,
+                from,
+                to,
+                now_ms,
+            } => match self.live.contains_key(&attempt.task_id) {
+                true => self.move_attempt(*attempt, from, to, *now_ms),
+                false => self.not_live(attempt.task_id, archive)?,
+            },
+            Op::SwarmCreate { record } => OpResult::Swarm(self.create_swarm(record)),
+            Op::SwarmDelete { name } => OpResult::Swarm(self.delete_swarm(name)),
+            Op::Purge { ids, now_ms } => self.purge(ids, *now_ms, archive)?,
+            Op::RestoreChunk {
+                restore_id,
+                seq,
+                tasks,
+                memory,
+            } => OpResult::Restored(self.restore_chunk(*restore_id, *seq, tasks, memory)),
+            // Routed by `apply_command`: they need the memory store too.
+            Op::Memory(_)
+            | Op::RestoreBegin { .. }
+            | Op::RestoreCommit { .. }
+            | Op::RestoreAbort { .. } => OpResult::Restored(Err(
+                "memory and restore ops apply to a whole replica, not a bare task table".into(),
+            )),
+        })
+    }
+
+    /// Apply a command to a table that has never been checkpointed (tests).
+    #[cfg(test)]
+    pub(crate) fn apply(&mut self, cmd: &super::Command) -> super::CommandResponse {
+        let results = cmd
+            .ops
+            .iter()
+            .map(|op| {
+                self.apply_op(op, &super::NoArchive)
+                    .expect("an empty archive never fails")
+            })
+            .collect();
+        super::CommandResponse { results }
+    }
+
+    /// The answer to an op on a task that is not live: finished, purged, or unknown.
+    fn not_live(&self, id: TaskId, archive: &dyn Archive) -> Result<OpResult, ArchiveError> {
+        Ok(match self.lookup(id, archive)? {
+            Lookup::Found(t) => OpResult::Ignored { state: t.state },
+            Lookup::Expired => OpResult::Expired,
+            Lookup::Unknown => OpResult::NotFound,
+        })
+    }
+
+    /// A live task, to change: copied first if a checkpoint still holds this version.
+    fn live_mut(&mut self, id: TaskId) -> Option<&mut Task> {
+        let task = self.live.get_mut(&id)?;
+        self.changes.live_dirty.insert(id);
+        Some(Arc::make_mut(task))
+    }
+
+    fn create_swarm(&mut self, record: &SwarmRecord) -> Result<(), SwarmFault> {
+        let name = &record.spec.name;
+        record
+            .spec
+            .validate()
+            .map_err(|e| SwarmFault::new(e.code(), e.to_string()))?;
+        if name == DEFAULT_SWARM_NAME || self.meta.swarms.contains_key(name) {
+            return Err(SwarmFault::new(
+                "swarm_exists",
+                format!("swarm {name:?} already exists"),
+            ));
+        }
+        self.meta.swarms.insert(name.clone(), record.clone());
+        self.meta.swarms_gen += 1;
+        Ok(())
+    }
+
+    fn delete_swarm(&mut self, name: &str) -> Result<(), SwarmFault> {
+        if name == DEFAULT_SWARM_NAME {
+            return Err(SwarmFault::new(
+                "default_swarm",
+                "the default swarm cannot be deleted",
+            ));
+        }
+        if !self.meta.swarms.contains_key(name) {
+            return Err(SwarmFault::new(
+                "unknown_swarm",
+                format!("no swarm named {name:?}"),
+            ));
+        }
+        let busy = self.live.values().filter(|t| t.spec.swarm == name).count();
+        if busy > 0 {
+            return Err(SwarmFault::new(
+                "swarm_busy",
+                format!("swarm {name:?} still has {busy} unfinished tasks; cancel them or wait"),
+            ));
+        }
+        self.meta.swarms.remove(name);
+        self.meta.swarms_gen += 1;
+        Ok(())
+    }
+
+    /// Record that `attempt`, running on `from`, now runs on `to`.
+    fn move_attempt(&mut self, attempt: AttemptRef, from: &str, to: &str, now_ms: u64) -> OpResult {
+        let id = attempt.task_id;
+        let Some(task) = self.live.get(&id) else {
+            return OpResult::NotFound;
+        };
+        // A Move may commit before the attempt's Start (both are proposed around the same
+        // time): then the attempt is recorded here, on its new worker.
+        if task.state == TaskState::Queued && attempt.attempt == task.next_attempt() {
+            let key = QueueKey::of(task);
+            self.queue.remove(&key);
+            self.set_state(id, TaskState::Running);
+            if let Some(task) = self.live_mut(id) {
+                let stage = task.stage;
+                task.attempts.push(Attempt {
+                    number: attempt.attempt,
+                    stage,
+                    worker: to.to_string(),
+                    started_at_ms: now_ms,
+                    finished_at_ms: None,
+                    end: None,
+                });
+                task.moves += 1;
+            }
+            return OpResult::Applied {
+                state: TaskState::Running,
+            };
+        }
+        let state = task.state;
+        let holds = task
+            .attempts
+            .last()
+            .is_some_and(|a| a.number == attempt.attempt && a.end.is_none() && a.worker == from);
+        if !(holds && state == TaskState::Running) {
+            return OpResult::Ignored { state };
+        }
+        if let Some(task) = self.live_mut(id) {
+            if let Some(rec) = task.attempts.last_mut() {
+                rec.worker = to.to_string();
+            }
+            task.moves += 1;
+        }
+        OpResult::Applied { state }
+    }
+
+    /// A defined swarm, or the implicit default one.
+    pub fn swarm(&self, name: &str) -> Option<SwarmRecord> {
+        if name == DEFAULT_SWARM_NAME {
+            return Some(SwarmRecord::default_swarm());
+        }
+        self.meta.swarms.get(name).cloned()
+    }
+
+    /// Every swarm: the default one first, then the defined ones by name.
+    pub fn swarms(&self) -> Vec<SwarmRecord> {
+        std::iter::once(SwarmRecord::default_swarm())
+            .chain(self.meta.swarms.values().cloned())
+            .collect()
+    }
+
+    /// Changes whenever a swarm is created or deleted.
+    pub fn swarms_gen(&self) -> u64 {
+        self.meta.swarms_gen
+    }
+
+    /// Unfinished tasks of swarm `name`: (queued, running).
+    pub fn swarm_load(&self, name: &str) -> (u64, u64) {
+        let count = |state| {
+            self.ids_in(state)
+                .filter(|id| self.live.get(id).is_some_and(|t| t.spec.swarm == name))
+                .count() as u64
+        };
+        (count(TaskState::Queued), count(TaskState::Running))
+    }
+
+    /// The defined swarms (without the default one), by name.
+    pub fn defined_swarms(&self) -> &BTreeMap<String, SwarmRecord> {
+        &self.meta.swarms
+    }
+
+    fn submit(
+        &mut self,
+        spec: &TaskSpec,
+        now_ms: u64,
+        queue_limit: u64,
+        archive: &dyn Archive,
+    ) -> Result<OpResult, ArchiveError> {
+        if let Some(key) = &spec.idempotency_key {
+            if let Some(id) = self.layers(archive).key(key)? {
+                return Ok(OpResult::Submitted {
+                    id,
+                    duplicate: true,
+                });
+            }
+        }
+        if spec.swarm != DEFAULT_SWARM_NAME && !self.meta.swarms.contains_key(&spec.swarm) {
+            return Ok(OpResult::Swarm(Err(SwarmFault::new(
+                "unknown_swarm",
+                format!("no swarm named {:?}", spec.swarm),
+            ))));
+        }
+        if self.unfinished() >= queue_limit {
+            return Ok(OpResult::QueueFull { limit: queue_limit });
+        }
+        self.meta.next_id += 1;
+        let id = self.meta.next_id;
+        let task = Task {
+            id,
+            spec: spec.clone(),
+            state: TaskState::Queued,
+            attempts: Vec::new(),
+            output: None,
+            error: None,
+            created_at_ms: now_ms,
+            finished_at_ms: None,
+            expires_at_ms: None,
+            not_before_ms: 0,
+            stage: 0,
+            stage_base: 0,
+            released: 0,
+            stage_outputs: Vec::new(),
+            moves: 0,
+        };
+        if let Some(key) = &spec.idempotency_key {
+            self.changes.keys.insert(key.clone(), Some(id));
+        }
+        self.changes.live_dirty.insert(id);
+        self.index_live(Arc::new(task));
+        self.push_event(TableEvent::Queued(id));
+        Ok(OpResult::Submitted {
+            id,
+            duplicate: false,
+        })
+    }
+
+    fn start(&mut self, attempt: AttemptRef, worker: &str, now_ms: u64) -> OpResult {
+        let id = attempt.task_id;
+        let Some(task) = self.live.get(&id) else {
+            return OpResult::NotFound;
+        };
+        // Only the next attempt of a queued task starts; anything else is a replay or
+        // arrived after a newer fact (the task finished, or was re-queued and re-sent).
+        if task.state != TaskState::Queued || attempt.attempt != task.next_attempt() {
+            return OpResult::Ignored { state: task.state };
+        }
+        let key = QueueKey::of(task);
+        self.queue.remove(&key);
+        self.set_state(id, TaskState::Running);
+        if let Some(task) = self.live_mut(id) {
+            let stage = task.stage;
+            task.attempts.push(Attempt {
+                number: attempt.attempt,
+                stage,
+                worker: worker.to_string(),
+                started_at_ms: now_ms,
+                finished_at_ms: None,
+                end: None,
+            });
+        }
+        OpResult::Applied {
+            state: TaskState::Running,
+        }
+    }
+
+    /// Record the end of `attempt`. Only the task's current attempt counts: an earlier
+    /// attempt was already ended (lost or failed) before a newer one could start, so a
+    /// late report of it is ignored.
+    fn finish(
+        &mut self,
+        attempt: AttemptRef,
+        worker: &str,
+        outcome: &Outcome,
+        started_at_ms: u64,
+        finished_at_ms: u64,
+        retry_at_ms: u64,
+    ) -> OpResult {
+        let id = attempt.task_id;
+        let Some(task) = self.live.get(&id) else {
+            return OpResult::NotFound;
+        };
+        // A report may be committed before its Start (the two are proposed concurrently,
+        // or a new leader adopts an attempt a worker reports): record the attempt then.
+        let known = task.attempts.iter().any(|a| a.number == attempt.attempt);
+        let current = task.attempts.last().map_or(0, |a| a.number);
+        if !known && attempt.attempt <= current {
+            return OpResult::Ignored { state: task.state };
+        }
+        if known
+            && task
+                .attempts
+                .iter()
+                .any(|a| a.number == attempt.attempt && a.end.is_some())
+        {
+            return OpResult::Ignored { state: task.state };
+        }
+        // The task leaves the queue whatever comes next (it may re-enter it below).
+        if task.state == TaskState::Queued {
+            let key = QueueKey::of(task);
+            self.queue.remove(&key);
+        }
+        self.changes.live_dirty.insert(id);
+        let Some(task) = self.live.get_mut(&id).map(Arc::make_mut) else {
+            return OpResult::NotFound;
+        };
+        if !known {
+            task.attempts.push(Attempt {
+                number: attempt.attempt,
+                stage: task.stage,
+                worker: worker.to_string(),
+                started_at_ms,
+                finished_at_ms: None,
+                end: None,
+            });
+        }
+        let Some(rec) = task
+            .attempts
+            .iter_mut()
+            .find(|a| a.number == attempt.attempt)
+        else {
+            return OpResult::NotFound;
+        };
+        rec.finished_at_ms = Some(finished_at_ms);
+        match outcome {
+            Outcome::Succeeded { output } => {
+                rec.end = Some(AttemptEnd::Succeeded);
+                task.error = None;
+                if task.stage + 1 < task.spec.stage_count() {
+                    // A ring stage is done: its output is the next stage's input, and the
+                    // task queues again for that stage at once.
+                    task.stage_outputs.push(output.clone());
+                    task.stage += 1;
+                    task.stage_base = attempt.attempt;
+                    task.released = 0;
+                    self.requeue(id, 0);
+                    return OpResult::Applied {
+                        state: TaskState::Queued,
+                    };
+                }
+                if !task.spec.stages.is_empty() {
+                    task.stage_outputs.push(output.clone());
+                }
+                task.output = Some(output.clone());
+                self.finalize(id, TaskState::Succeeded, finished_at_ms);
+                OpResult::Applied {
+                    state: TaskState::Succeeded,
+                }
+            }
+            Outcome::Failed {
+                kind: FailureKind::Drained,
+                message,
+            } => {
+                // Not the task's fault, nor a try at it: it queues again at once and the
+                // attempt is not counted.
+                rec.end = Some(AttemptEnd::Released {
+                    reason: message.clone(),
+                });
+                task.released += 1;
+                self.requeue(id, retry_at_ms);
+                OpResult::Applied {
+                    state: TaskState::Queued,
+                }
+            }
+            Outcome::Failed { kind, message } => {
+                rec.end = Some(if *kind == FailureKind::Cancelled {
+                    AttemptEnd::Cancelled
+                } else {
+                    AttemptEnd::Failed {
+                        kind: *kind,
+                        message: message.clone(),
+                    }
+                });
+                task.error = Some(format!("{}: {message}", kind.as_str()));
+                // A worker that cancels on its own did not run the task to an end: treat
+                // it like a lost attempt.
+                let retryable = kind.retryable() || *kind == FailureKind::Cancelled;
+                let exhausted = task.attempts_counted(attempt.attempt) >= task.spec.max_attempts;
+                if retryable && !exhausted {
+                    self.requeue(id, retry_at_ms);
+                    OpResult::Applied {
+                        state: TaskState::Queued,
+                    }
+                } else {
+                    let end = if *kind == FailureKind::Cancelled {
+                        TaskState::DeadLettered
+                    } else {
+                        TaskState::Failed
+                    };
+                    self.finalize(id, end, finished_at_ms);
+                    OpResult::Applied { state: end }
+                }
+            }
+        }
+    }
+
+    fn lose(
+        &mut self,
+        attempt: AttemptRef,
+        reason: &str,
+        now_ms: u64,
+        retry_at_ms: u64,
+    ) -> OpResult {
+        let id = attempt.task_id;
+        let Some(task) = self.live.get(&id) else {
+            return OpResult::NotFound;
+        };
+        let current = task.state == TaskState::Running
+            && task
+                .attempts
+                .last()
+                .is_some_and(|a| a.number == attempt.attempt && a.end.is_none());
+        if !current {
+            return OpResult::Ignored { state: task.state };
+        }
+        let Some(task) = self.live_mut(id) else {
+            return OpResult::NotFound;
+        };
+        if let Some(rec) = task.attempts.last_mut() {
+            rec.end = Some(AttemptEnd::Lost {
+                reason: reason.to_string(),
+            });
+            rec.finished_at_ms = Some(now_ms);
+        }
+        task.error = Some(format!("attempt {} lost: {reason}", attempt.attempt));
+        if task.attempts_counted(attempt.attempt) >= task.spec.max_attempts {
+            self.finalize(id, TaskState::DeadLettered, now_ms);
+            OpResult::Applied {
+                state: TaskState::DeadLettered,
+            }
+        } else {
+            self.requeue(id, retry_at_ms);
+            OpResult::Applied {
+                state: TaskState::Queued,
+            }
+        }
+    }
+
+    fn cancel(&mut self, task_id: TaskId, now_ms: u64) -> OpResult {
+        let Some(task) = self.live.get(&task_id) else {
+            return OpResult::NotFound;
+        };
+        if task.state == TaskState::Queued {
+            let key = QueueKey::of(task);
+            self.queue.remove(&key);
+        }
+        let mut running = None;
+        if let Some(task) = self.live_mut(task_id) {
+            if let Some(rec) = task.attempts.last_mut().filter(|a| a.end.is_none()) {
+                running = Some((
+                    rec.worker.clone(),
+                    AttemptRef {
+                        task_id,
+                        attempt: rec.number,
+                    },
+                ));
+                rec.end = Some(AttemptEnd::Cancelled);
+                rec.finished_at_ms = Some(now_ms);
+            }
+            task.error = Some("cancelled on request".to_string());
+        }
+        self.finalize(task_id, TaskState::Cancelled, now_ms);
+        OpResult::Cancelled { running }
+    }
+
+    /// Put a live task (not in the queue index) back in the queue.
+    fn requeue(&mut self, id: TaskId, retry_at_ms: u64) {
+        self.set_state(id, TaskState::Queued);
+        if let Some(task) = self.live_mut(id) {
+            task.not_before_ms = retry_at_ms;
+            let key = QueueKey::of(task);
+            self.queue.insert(key);
+        }
+        self.push_event(TableEvent::Queued(id));
+    }
+
+    /// Move a live task (already out of the queue index) to the finished layer.
+    fn finalize(&mut self, id: TaskId, state: TaskState, now_ms: u64) {
+        let Some(mut task) = self.live.remove(&id) else {
+            return;
+        };
+        if let Some(set) = self.by_state.get_mut(&task.state) {
+            set.remove(&id);
+        }
+        let t = Arc::make_mut(&mut task);
+        t.state = state;
+        t.finished_at_ms = Some(now_ms);
+        t.expires_at_ms = Some(now_ms.saturating_add(t.spec.retain_ms));
+        self.changes.bytes += t.size_hint();
+        self.changes.live_dirty.remove(&id);
+        self.changes.live_gone.insert(id);
+        self.changes.finished.insert(id, task);
+        *self.meta.finished.entry(state).or_default() += 1;
+        self.meta.rate.record(now_ms);
+        self.push_event(TableEvent::Finalized(id, state));
+    }
+
+    /// Change the state of a live task between queued and running (indexes included,
+    /// except the queue, which callers keep).
+    fn set_state(&mut self, id: TaskId, state: TaskState) {
+        let Some(task) = self.live_mut(id) else {
+            return;
+        };
+        let old = task.state;
+        task.state = state;
+        if let Some(set) = self.by_state.get_mut(&old) {
+            set.remove(&id);
+        }
+        self.by_state.entry(state).or_default().insert(id);
+    }
+
+    fn purge(
+        &mut self,
+        ids: &[TaskId],
+        now_ms: u64,
+        archive: &dyn Archive,
+    ) -> Result<OpResult, ArchiveError> {
+        let mut purged = 0;
+        for &id in ids.iter().take(MAX_PURGE_PER_OP) {
+            let Some(task) = self.layers(archive).finished(id)? else {
+                continue;
+            };
+            if task.expires_at_ms.is_none_or(|at| at > now_ms) {
+                continue;
+            }
+            if let Some(key) = &task.spec.idempotency_key {
+                if self.layers(archive).key(key)? == Some(id) {
+                    self.changes.keys.insert(key.clone(), None);
+                }
+            }
+            if let Some(gone) = self.changes.finished.remove(&id) {
+                self.changes.bytes = self.changes.bytes.saturating_sub(gone.size_hint());
+            }
+            // An older layer may hold it too (written, or being written, to the archive).
+            self.changes.purged.insert(id);
+            if let Some(n) = self.meta.finished.get_mut(&task.state) {
+                *n = n.saturating_sub(1);
+            }
+            purged += 1;
+        }
+        Ok(OpResult::Purged { purged })
+    }
+
+    fn push_event(&mut self, ev: TableEvent) {
+        if self.events.len() < MAX_PENDING_EVENTS {
+            self.events.push(ev);
+        }
+    }
+
+    /// Take the events produced since the last call.
+    pub fn take_events(&mut self) -> Vec<TableEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Tasks not yet in a final state (what the queue limit counts).
+    pub fn unfinished(&self) -> u64 {
+        self.live.len() as u64
+    }
+
+    /// Whether the table holds no task at all: none live, none retained.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.meta.finished.values().all(|&n| n == 0)
+    }
+
+    /// Tasks held, live and retained finished ones.
+    pub fn len(&self) -> u64 {
+        self.unfinished() + self.meta.finished.values().sum::<u64>()
+    }
+
+    /// Number of tasks in `state` (finished states: retained ones).
+    pub fn count(&self, state: TaskState) -> u64 {
+        if state.is_final() {
+            return self.meta.finished.get(&state).copied().unwrap_or(0);
+        }
+        self.by_state.get(&state).map_or(0, |s| s.len() as u64)
+    }
+
+    /// Tasks that reached a final state within the minute before `now_ms`.
+    pub fn finished_since(&self, now_ms: u64) -> u64 {
+        self.meta.rate.since(now_ms)
+    }
+
+    /// The last task id handed out.
+    pub fn last_id(&self) -> TaskId {
+        self.meta.next_id
+    }
+
+    /// The restore in progress, if any.
+    pub fn restoring(&self) -> Option<&RestoreState> {
+        self.meta.restore.as_ref()
+    }
+
+    /// A task held in memory: live, or finished since the last checkpoint (or in the one
+    /// being written). Finished tasks older than that are in the archive: see
+    /// [`TaskTable::lookup`].
+    pub fn get(&self, id: TaskId) -> Option<&Task> {
+        if let Some(t) = self.live.get(&id) {
+            return Some(t);
+        }
+        if let Some(t) = self.changes.finished.get(&id) {
+            return Some(t);
+        }
+        if self.changes.purged.contains(&id) || self.changes.reset {
+            return None;
+        }
+        self.flushing
+            .as_ref()
+            .and_then(|f| f.finished.get(&id))
+            .map(|t| &**t)
+    }
+
+    /// One task, wherever it is.
+    pub fn lookup(&self, id: TaskId, archive: &dyn Archive) -> Result<Lookup, ArchiveError> {
+        if let Some(t) = self.live.get(&id) {
+            return Ok(Lookup::Found(t.clone()));
+        }
+        if let Some(t) = self.layers(archive).finished(id)? {
+            return Ok(Lookup::Found(t));
+        }
+        Ok(if id >= 1 && id <= self.meta.next_id {
+            Lookup::Expired
+        } else {
+            Lookup::Unknown
+        })
+    }
+
+    /// The task submitted under `key`, while it is retained.
+    pub fn by_idempotency_key(
+        &self,
+        key: &str,
+        archive: &dyn Archive,
+    ) -> Result<Option<TaskId>, ArchiveError> {
+        self.layers(archive).key(key)
+    }
+
+    /// Queued tasks in run order (priority, then age), including ones waiting out a
+    /// retry backoff: callers check [`Task::not_before_ms`].
+    pub fn queued(&self) -> impl Iterator<Item = &Task> {
+        self.queue
+            .iter()
+            .filter_map(|k| self.live.get(&k.id).map(|t| &**t))
+    }
+
+    /// Running tasks with their current attempt.
+    pub fn running(&self) -> impl Iterator<Item = (&Task, &Attempt)> {
+        self.ids_in(TaskState::Running)
+            .filter_map(|id| self.live.get(&id))
+            .filter_map(|t| t.running_attempt().map(|a| (&**t, a)))
+    }
+
+    fn ids_in(&self, state: TaskState) -> impl Iterator<Item = TaskId> + '_ {
+        self.by_state
+            .get(&state)
+            .into_iter()
+            .flat_map(|s| s.iter().copied())
+    }
+
+    /// Up to `limit` tasks with id greater than `after`, in id order, optionally only in
+    /// `state`: live ones from memory, finished ones from every layer.
+    pub fn list(
+        &self,
+        state: Option<TaskState>,
+        after: TaskId,
+        limit: usize,
+        archive: &dyn Archive,
+    ) -> Result<Vec<Arc<Task>>, ArchiveError> {
+        let from = after.saturating_add(1);
+        let wanted = |t: &Task| state.is_none_or(|s| t.state == s);
+        let mut found: BTreeMap<TaskId, Arc<Task>> = BTreeMap::new();
+        if state.is_none_or(|s| !s.is_final()) {
+            let live: Box<dyn Iterator<Item = &Arc<Task>>> = match state {
+                Some(s) => Box::new(
+                    self.by_state
+                        .get(&s)
+                        .into_iter()
+                        .flat_map(move |ids| ids.range(from..))
+                        .filter_map(|id| self.live.get(id)),
+                ),
+                None => Box::new(self.live.range(from..).map(|(_, t)| t)),
+            };
+            found.extend(live.take(limit).map(|t| (t.id, t.clone())));
+        }
+        if state.is_some_and(|s| !s.is_final()) {
+            return Ok(found.into_values().take(limit).collect());
+        }
+        let layers = self.layers(archive);
+        found.extend(
+            self.changes
+                .finished
+                .range(from..)
+                .filter(|(_, t)| wanted(t))
+                .take(limit)
+                .map(|(id, t)| (*id, t.clone())),
+        );
+        for layer in layers.older() {
+            // Skip what a newer layer purged since.
+            found.extend(
+                layer
+                    .finished
+                    .range(from..)
+                    .filter(|(id, t)| wanted(t) && !self.changes.purged.contains(id))
+                    .take(limit)
+                    .map(|(id, t)| (*id, t.clone())),
+            );
+        }
+        // Archive pages until `limit` visible ones are found (purged ones are skipped).
+        let mut cursor = after;
+        loop {
+            let page = archive.finished_after(state, cursor, limit)?;
+            let full = page.len() == limit;
+            for t in page {
+                cursor = t.id;
+                if layers.archived_visible(t.id) {
+                    found.entry(t.id).or_insert_with(|| Arc::new(t));
+                }
+            }
+            let enough = found.range(..=cursor).count() >= limit;
+            if !full || enough {
+                break;
+            }
+        }
+        Ok(found.into_values().take(limit).collect())
+    }
+
+    /// Finished tasks held in memory whose retention ended by `now_ms` (purge candidates
+    /// besides the archive's).
+    pub fn expired_in_memory(&self, now_ms: u64, limit: usize) -> Vec<TaskId> {
+        let flushing = self
+            .flushing
+            .as_deref()
+            .filter(|_| !self.changes.reset)
+            .into_iter()
+            .flat_map(|l| l.finished.values())
+            .filter(|t| !self.changes.purged.contains(&t.id));
+        let mut ids: Vec<TaskId> = self
+            .changes
+            .finished
+            .values()
+            .chain(flushing)
+            .filter(|t| t.expires_at_ms.is_some_and(|at| at <= now_ms))
+            .map(|t| t.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.truncate(limit);
+        ids
+    }
+
+    /// Archive purge candidates that are not already purged by a newer layer.
+    pub fn expired_in_archive(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        archive: &dyn Archive,
+    ) -> Result<Vec<TaskId>, ArchiveError> {
+        let layers = self.layers(archive);
+        Ok(archive
+            .expired(now_ms, limit)?
+            .into_iter()
+            .filter(|id| layers.archived_visible(*id))
+            .collect())
+    }
+
+    // ---- checkpoints ----
+
+    /// Bytes held by the changes since the last checkpoint, roughly.
+    pub fn changes_bytes(&self) -> usize {
+        self.changes.bytes
+    }
+
+    /// Whether there is anything to checkpoint.
+    pub fn has_changes(&self) -> bool {
+        !self.changes.is_empty()
+    }
+
+    /// Note that the memory store changed (it is checkpointed with the table).
+    pub fn note_memory_change(&mut self) {
+        self.changes.memory_changed = true;
+    }
+
+    /// Whether the memory store changed since the last checkpoint.
+    pub fn has_memory_changes(&self) -> bool {
+        self.changes.memory_changed
+    }
+
+    /// Start a checkpoint: take the changes out (they stay readable as the flushing
+    /// layer), with the live tasks they name and the metadata. Fails if a checkpoint is
+    /// already being written.
+    pub fn begin_checkpoint(&mut self) -> anyhow::Result<CheckpointDelta> {
+        anyhow::ensure!(
+            self.flushing.is_none(),
+            "a checkpoint is already being written"
+        );
+        let changes = Arc::new(std::mem::take(&mut self.changes));
+        let live = changes
+            .live_dirty
+            .iter()
+            .filter_map(|id| self.live.get(id).cloned())
+            .collect();
+        self.flushing = Some(changes.clone());
+        Ok(CheckpointDelta {
+            changes,
+            live,
+            meta: self.meta.clone(),
+        })
+    }
+
+    /// The checkpoint begun last is in the archive now.
+    pub fn checkpoint_written(&mut self) {
+        self.flushing = None;
+    }
+
+    /// The checkpoint begun last failed: its changes go back in front of the newer ones,
+    /// to be written by the next checkpoint.
+    pub fn checkpoint_failed(&mut self) {
+        let Some(failed) = self.flushing.take() else {
+            return;
+        };
+        let failed = Arc::try_unwrap(failed).unwrap_or_else(|shared| Changes {
+            finished: shared.finished.clone(),
+            purged: shared.purged.clone(),
+            live_dirty: shared.live_dirty.clone(),
+            live_gone: shared.live_gone.clone(),
+            keys: shared.keys.clone(),
+            staged_memory: shared.staged_memory.clone(),
+            staging_cleared: shared.staging_cleared,
+            reset: shared.reset,
+            memory_changed: shared.memory_changed,
+            bytes: shared.bytes,
+        });
+        let newer = std::mem::replace(&mut self.changes, failed);
+        merge_newer(&mut self.changes, newer);
+    }
+
+    // ---- restore ----
+
+    /// Begin a restore into this replica, which must hold nothing.
+    pub fn restore_begin(
+        &mut self,
+        restore_id: u64,
+        now_ms: u64,
+        memory: &MemoryStore,
+    ) -> Result<RestoreSummary, String> {
+        if let Some(r) = &self.meta.restore {
+            return Err(format!(
+                "restore {:x} is already in progress; it must end (commit or abort) first",
+                r.restore_id
+            ));
+        }
+        if !self.is_empty() || memory.pattern_count() > 0 || !memory.list_collections().is_empty() {
+            return Err(format!(
+                "the cluster already holds {} tasks, {} collections and {} patterns; restore seeds an empty cluster",
+                self.len(),
+                memory.list_collections().len(),
+                memory.pattern_count()
+            ));
+        }
+        self.meta.restore = Some(RestoreState {
+            restore_id,
+            next_seq: 0,
+            tasks: 0,
+            started_at_ms: now_ms,
+            prev_next_id: self.meta.next_id,
+        });
+        Ok(RestoreSummary::default())
+    }
+
+    fn restore_chunk(
+        &mut self,
+        restore_id: u64,
+        seq: u64,
+        tasks: &[Task],
+        memory: &[u8],
+    ) -> Result<RestoreSummary, String> {
+        let Some(r) = &self.meta.restore else {
+            return Err("no restore in progress".into());
+        };
+        if r.restore_id != restore_id || r.next_seq != seq {
+            return Err(format!(
+                "restore chunk {seq} of {restore_id:x} does not follow chunk {} of {:x}",
+                r.next_seq.wrapping_sub(1),
+                r.restore_id
+            ));
+        }
+        for task in tasks {
+            let held =
+                self.live.contains_key(&task.id) || self.changes.finished.contains_key(&task.id);
+            if task.id == 0 || held {
+                return Err(format!("the backup holds task {} twice", task.id));
+            }
+        }
+        for task in tasks {
+            let task = Arc::new(task.clone());
+            self.meta.next_id = self.meta.next_id.max(task.id);
+            if let Some(key) = &task.spec.idempotency_key {
+                self.changes.keys.insert(key.clone(), Some(task.id));
+            }
+            if task.state.is_final() {
+                *self.meta.finished.entry(task.state).or_default() += 1;
+                self.changes.bytes += task.size_hint();
+                self.changes.finished.insert(task.id, task);
+            } else {
+                self.changes.live_dirty.insert(task.id);
+                self.index_live(task);
+            }
+        }
+        if !memory.is_empty() {
+            self.changes.bytes += memory.len();
+            self.changes.staged_memory.push(memory.to_vec());
+        }
+        let Some(r) = self.meta.restore.as_mut() else {
+            return Err("no restore in progress".into());
+        };
+        r.next_seq += 1;
+        r.tasks += tasks.len() as u64;
+        Ok(RestoreSummary {
+            tasks: r.tasks,
+            ..Default::default()
+        })
+    }
+
+    /// Check that a commit closes the restore in progress with everything it announced.
+    pub fn restore_commit_check(
+        &self,
+        restore_id: u64,
+        chunks: u64,
+        tasks: u64,
+    ) -> Result<(), String> {
+        let Some(r) = &self.meta.restore else {
+            return Err("no restore in progress".into());
+        };
+        if r.restore_id != restore_id {
+            return Err(format!(
+                "restore {restore_id:x} is not the one in progress ({:x})",
+                r.restore_id
+            ));
+        }
+        if r.next_seq != chunks || r.tasks != tasks {
+            return Err(format!(
+                "the restore received {} chunks and {} tasks, the backup announced {chunks} and {tasks}",
+                r.next_seq, r.tasks
+            ));
+        }
+        Ok(())
+    }
+
+    /// The memory-store bytes the restore in progress staged.
+    pub fn staged_memory(&self, archive: &dyn Archive) -> Result<Vec<u8>, ArchiveError> {
+        self.layers(archive).staged_memory()
+    }
+
+    /// End a restore that [`TaskTable::restore_commit_check`] accepted: the restored
+    /// tasks go live (queued ones can be dispatched).
+    pub fn restore_commit(&mut self, meta: &RestoredMeta) -> RestoreSummary {
+        let tasks = self.meta.restore.take().map_or(0, |r| r.tasks);
+        self.meta.next_id = self.meta.next_id.max(meta.next_id);
+        self.meta.swarms = meta.swarms.clone();
+        self.meta.swarms_gen += 1;
+        self.changes.staged_memory.clear();
+        self.changes.staging_cleared = true;
+        let queued: Vec<TaskId> = self.queue.iter().map(QueueKey::id).collect();
+        for id in queued {
+            self.push_event(TableEvent::Queued(id));
+        }
+        RestoreSummary {
+            tasks,
+            ..Default::default()
+        }
+    }
+
+    /// Give a restore up: the replica is empty again, as before it began.
+    pub fn restore_abort(
+        &mut self,
+        restore_id: u64,
+        memory: &mut MemoryStore,
+    ) -> Result<RestoreSummary, String> {
+        let Some(r) = &self.meta.restore else {
+            return Err("no restore in progress".into());
+        };
+        if r.restore_id != restore_id {
+            return Err(format!(
+                "restore {restore_id:x} is not the one in progress ({:x})",
+                r.restore_id
+            ));
+        }
+        let prev_next_id = r.prev_next_id;
+        let gone: BTreeSet<TaskId> = self.live.keys().copied().collect();
+        self.live.clear();
+        self.queue.clear();
+        self.by_state.clear();
+        self.meta = TableMeta {
+            next_id: prev_next_id,
+            swarms: std::mem::take(&mut self.meta.swarms),
+            swarms_gen: self.meta.swarms_gen + 1,
+            ..TableMeta::default()
+        };
+        self.changes = Changes {
+            live_gone: gone,
+            reset: true,
+            staging_cleared: true,
+            memory_changed: true,
+            ..Changes::default()
+        };
+        if let Ok(empty) = MemoryStore::new(memory.config().clone()) {
+            *memory = empty;
+        }
+        Ok(RestoreSummary::default())
+    }
+
+    /// Verify the indexes agree with the live tasks (a corrupt checkpoint fails here, not
+    /// later).
+    pub fn check_indexes(&self) -> anyhow::Result<()> {
+        for (id, task) in &self.live {
+            anyhow::ensure!(*id == task.id, "task {} stored under id {id}", task.id);
+            anyhow::ensure!(!task.state.is_final(), "final task {id} is live");
+            let indexed = self
+                .by_state
+                .get(&task.state)
+                .is_some_and(|s| s.contains(id));
+            anyhow::ensure!(indexed, "task {id} is {:?} but not indexed so", task.state);
+            let queued = self.queue.contains(&QueueKey::of(task));
+            anyhow::ensure!(
+                queued == (task.state == TaskState::Queued),
+                "task {id}: queue index disagrees"
+            );
+        }
+        let indexed: usize = self.by_state.values().map(|s| s.len()).sum();
+        anyhow::ensure!(
+            indexed == self.live.len(),
+            "state index holds {indexed} ids for {} live tasks",
+            self.live.len()
+        );
+        anyhow::ensure!(
+            self.queue.len() as u64 == self.count(TaskState::Queued),
+            "queue index size disagrees"
+        );
+        Ok(())
+    }
+}
+
+/// Put `newer` changes on top of `base` (the older ones), as if both had been made in
+/// one interval.
+fn merge_newer(base: &mut Changes, newer: Changes) {
+    if newer.reset {
+        *base = newer;
+        return;
+    }
+    for id in &newer.purged {
+        if let Some(gone) = base.finished.remove(id) {
+            base.bytes = base.bytes.saturating_sub(gone.size_hint());
+        }
+    }
+    base.purged.extend(newer.purged);
+    base.finished.extend(newer.finished);
+    for id in &newer.live_gone {
+        base.live_dirty.remove(id);
+    }
+    base.live_dirty.extend(newer.live_dirty);
+    base.live_gone.extend(newer.live_gone);
+    base.keys.extend(newer.keys);
+    if newer.staging_cleared {
+        base.staged_memory.clear();
+        base.staging_cleared = true;
+    }
+    base.staged_memory.extend(newer.staged_memory);
+    base.memory_changed |= newer.memory_changed;
+    base.bytes += newer.bytes;
+}

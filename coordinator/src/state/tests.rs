@@ -1,0 +1,1286 @@
+//! Tests of the task table: the rules of every op over random histories, and the layers
+//! (changes, checkpoints, the archive, restarts) against a table that never checkpoints.
+
+use std::collections::BTreeMap;
+
+use swarm_proto::api::TaskState;
+use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
+use swarm_proto::TaskId;
+use swarm_topology::{StageSpec, SwarmSpec};
+
+use super::table::{CheckpointDelta, Lookup};
+use super::*;
+
+/// The archive as the checkpoint store keeps it, in memory: what a checkpoint writes, it
+/// holds (the same rules as `raft/sm_store.rs`'s redb tables).
+#[derive(Debug, Default, Clone)]
+struct MemArchive {
+    live: BTreeMap<TaskId, Task>,
+    done: BTreeMap<TaskId, Task>,
+    keys: BTreeMap<String, TaskId>,
+    staged: Vec<Vec<u8>>,
+    meta: TableMeta,
+}
+
+impl MemArchive {
+    fn write(&mut self, d: &CheckpointDelta) {
+        let c = &d.changes;
+        if c.reset {
+            self.live.clear();
+            self.done.clear();
+            self.keys.clear();
+        }
+        if c.staging_cleared {
+            self.staged.clear();
+        }
+        for id in &c.purged {
+            self.done.remove(id);
+        }
+        for id in &c.live_gone {
+            self.live.remove(id);
+        }
+        for t in &d.live {
+            self.live.insert(t.id, (**t).clone());
+        }
+        for (id, t) in &c.finished {
+            self.done.insert(*id, (**t).clone());
+        }
+        for (k, v) in &c.keys {
+            match v {
+                Some(id) => self.keys.insert(k.clone(), *id),
+                None => self.keys.remove(k),
+            };
+        }
+        self.staged.extend(c.staged_memory.iter().cloned());
+        self.meta = d.meta.clone();
+    }
+
+    /// A table restarted from this archive.
+    fn reload(&self) -> TaskTable {
+        TaskTable::from_checkpoint(self.meta.clone(), self.live.values().cloned().collect())
+            .unwrap()
+    }
+}
+
+impl Archive for MemArchive {
+    fn finished(&self, id: TaskId) -> Result<Option<Task>, ArchiveError> {
+        Ok(self.done.get(&id).cloned())
+    }
+
+    fn key(&self, key: &str) -> Result<Option<TaskId>, ArchiveError> {
+        Ok(self.keys.get(key).copied())
+    }
+
+    fn finished_after(
+        &self,
+        state: Option<TaskState>,
+        after: TaskId,
+        limit: usize,
+    ) -> Result<Vec<Task>, ArchiveError> {
+        Ok(self
+            .done
+            .range(after.saturating_add(1)..)
+            .map(|(_, t)| t)
+            .filter(|t| state.is_none_or(|s| t.state == s))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError> {
+        let mut by_expiry: Vec<(u64, TaskId)> = self
+            .done
+            .values()
+            .filter_map(|t| {
+                t.expires_at_ms
+                    .filter(|&at| at <= now_ms)
+                    .map(|at| (at, t.id))
+            })
+            .collect();
+        by_expiry.sort_unstable();
+        Ok(by_expiry
+            .into_iter()
+            .take(limit)
+            .map(|(_, id)| id)
+            .collect())
+    }
+
+    fn staged_memory(&self) -> Result<Vec<Vec<u8>>, ArchiveError> {
+        Ok(self.staged.clone())
+    }
+}
+
+/// Write a whole checkpoint.
+fn checkpoint(t: &mut TaskTable, archive: &mut MemArchive) {
+    let delta = t.begin_checkpoint().unwrap();
+    archive.write(&delta);
+    t.checkpoint_written();
+}
+
+fn spec(agent: &str) -> TaskSpec {
+    TaskSpec {
+        agent: agent.into(),
+        payload: b"p".to_vec(),
+        priority: 0,
+        timeout_ms: 1000,
+        max_attempts: 3,
+        idempotency_key: None,
+        labels: BTreeMap::new(),
+        patterns: 0,
+        swarm: swarm_topology::DEFAULT_SWARM_NAME.to_string(),
+        stages: Vec::new(),
+        retain_ms: 1_000,
+    }
+}
+
+fn submit(t: &mut TaskTable, s: TaskSpec) -> OpResult {
+    one(
+        t,
+        Op::Submit {
+            spec: s,
+            now_ms: 1,
+            queue_limit: 100,
+        },
+    )
+}
+
+fn one(t: &mut TaskTable, op: Op) -> OpResult {
+    t.apply_op(&op, &NoArchive).unwrap()
+}
+
+fn many(t: &mut TaskTable, ops: Vec<Op>) -> Vec<OpResult> {
+    ops.iter()
+        .map(|op| t.apply_op(op, &NoArchive).unwrap())
+        .collect()
+}
+
+fn at(task_id: TaskId, attempt: u32) -> AttemptRef {
+    AttemptRef { task_id, attempt }
+}
+
+fn ok(output: &[u8]) -> Outcome {
+    Outcome::Succeeded {
+        output: output.to_vec(),
+    }
+}
+
+fn fail(kind: FailureKind) -> Outcome {
+    Outcome::Failed {
+        kind,
+        message: "boom".into(),
+    }
+}
+
+fn finish(t: &mut TaskTable, a: AttemptRef, outcome: Outcome) -> OpResult {
+    one(
+        t,
+        Op::Finish {
+            attempt: a,
+            worker: "w".into(),
+            outcome,
+            started_at_ms: 2,
+            finished_at_ms: 3,
+            retry_at_ms: 10,
+        },
+    )
+}
+
+fn start(t: &mut TaskTable, a: AttemptRef) -> OpResult {
+    one(
+        t,
+        Op::Start {
+            attempt: a,
+            worker: "w".into(),
+            now_ms: 2,
+        },
+    )
+}
+
+#[test]
+fn happy_path_and_single_final_result() {
+    let mut t = TaskTable::new();
+    assert_eq!(
+        submit(&mut t, spec("echo")),
+        OpResult::Submitted {
+            id: 1,
+            duplicate: false
+        }
+    );
+    assert_eq!(
+        start(&mut t, at(1, 1)),
+        OpResult::Applied {
+            state: TaskState::Running
+        }
+    );
+    assert_eq!(
+        finish(&mut t, at(1, 1), ok(b"out")),
+        OpResult::Applied {
+            state: TaskState::Succeeded
+        }
+    );
+    // A second report (replay, or a stale duplicate) changes nothing.
+    assert_eq!(
+        finish(&mut t, at(1, 1), ok(b"other")),
+        OpResult::Ignored {
+            state: TaskState::Succeeded
+        }
+    );
+    assert_eq!(t.get(1).unwrap().output.as_deref(), Some(&b"out"[..]));
+    assert_eq!(t.count(TaskState::Succeeded), 1);
+    t.check_indexes().unwrap();
+    let events = t.take_events();
+    assert_eq!(
+        events,
+        vec![
+            TableEvent::Queued(1),
+            TableEvent::Finalized(1, TaskState::Succeeded)
+        ]
+    );
+}
+
+#[test]
+fn results_for_unknown_tasks_are_not_recorded() {
+    let mut t = TaskTable::new();
+    assert_eq!(finish(&mut t, at(9, 1), ok(b"x")), OpResult::NotFound);
+    assert_eq!(start(&mut t, at(9, 1)), OpResult::NotFound);
+    assert_eq!(
+        one(
+            &mut t,
+            Op::Cancel {
+                task_id: 9,
+                now_ms: 1
+            }
+        ),
+        OpResult::NotFound
+    );
+    assert!(t.get(9).is_none());
+}
+
+#[test]
+fn idempotency_key_yields_one_task() {
+    let mut t = TaskTable::new();
+    let mut s = spec("echo");
+    s.idempotency_key = Some("k".into());
+    assert_eq!(
+        submit(&mut t, s.clone()),
+        OpResult::Submitted {
+            id: 1,
+            duplicate: false
+        }
+    );
+    assert_eq!(
+        submit(&mut t, s),
+        OpResult::Submitted {
+            id: 1,
+            duplicate: true
+        }
+    );
+    assert_eq!(t.count(TaskState::Queued), 1);
+}
+
+#[test]
+fn queue_limit_counts_unfinished_tasks() {
+    let mut t = TaskTable::new();
+    let op = |n| Op::Submit {
+        spec: spec("echo"),
+        now_ms: n,
+        queue_limit: 2,
+    };
+    let r = many(&mut t, vec![op(1), op(2), op(3)]);
+    assert_eq!(r[2], OpResult::QueueFull { limit: 2 });
+    start(&mut t, at(1, 1));
+    finish(&mut t, at(1, 1), ok(b""));
+    assert_eq!(
+        one(&mut t, op(4)),
+        OpResult::Submitted {
+            id: 3,
+            duplicate: false
+        }
+    );
+}
+
+#[test]
+fn retryable_failures_requeue_until_max_attempts_then_fail() {
+    let mut t = TaskTable::new();
+    submit(&mut t, spec("x"));
+    for n in 1..=2 {
+        start(&mut t, at(1, n));
+        assert_eq!(
+            finish(&mut t, at(1, n), fail(FailureKind::Exit)),
+            OpResult::Applied {
+                state: TaskState::Queued
+            }
+        );
+        assert_eq!(t.get(1).unwrap().not_before_ms, 10);
+    }
+    start(&mut t, at(1, 3));
+    assert_eq!(
+        finish(&mut t, at(1, 3), fail(FailureKind::Exit)),
+        OpResult::Applied {
+            state: TaskState::Failed
+        }
+    );
+    assert_eq!(t.get(1).unwrap().attempts.len(), 3);
+    t.check_indexes().unwrap();
+}
+
+#[test]
+fn attempts_handed_back_by_a_draining_worker_do_not_count() {
+    let mut t = TaskTable::new();
+    let mut s = spec("x");
+    s.max_attempts = 1;
+    submit(&mut t, s);
+    for n in 1..=5 {
+        start(&mut t, at(1, n));
+        assert_eq!(
+            finish(&mut t, at(1, n), fail(FailureKind::Drained)),
+            OpResult::Applied {
+                state: TaskState::Queued
+            }
+        );
+    }
+    let task = t.get(1).unwrap();
+    assert_eq!(task.released, 5);
+    assert!(task
+        .attempts
+        .iter()
+        .all(|a| matches!(a.end, Some(AttemptEnd::Released { .. }))));
+    // The one counted attempt is still there to be made.
+    start(&mut t, at(1, 6));
+    assert_eq!(
+        finish(&mut t, at(1, 6), fail(FailureKind::Exit)),
+        OpResult::Applied {
+            state: TaskState::Failed
+        }
+    );
+    t.check_indexes().unwrap();
+}
+
+#[test]
+fn non_retryable_failure_is_final_at_once() {
+    let mut t = TaskTable::new();
+    submit(&mut t, spec("nope"));
+    start(&mut t, at(1, 1));
+    let r = finish(&mut t, at(1, 1), fail(FailureKind::UnknownAgent));
+    assert_eq!(
+        r,
+        OpResult::Applied {
+            state: TaskState::Failed
+        }
+    );
+    assert!(t
+        .get(1)
+        .unwrap()
+        .error
+        .as_deref()
+        .unwrap()
+        .starts_with("unknown_agent"));
+}
+
+#[test]
+fn lost_attempts_retry_then_dead_letter() {
+    let mut t = TaskTable::new();
+    let mut s = spec("x");
+    s.max_attempts = 2;
+    submit(&mut t, s);
+    start(&mut t, at(1, 1));
+    let lose = |n| Op::Lose {
+        attempt: at(1, n),
+        reason: "worker lost".into(),
+        now_ms: 5,
+        retry_at_ms: 6,
+    };
+    assert_eq!(
+        one(&mut t, lose(1)),
+        OpResult::Applied {
+            state: TaskState::Queued
+        }
+    );
+    // Losing the same attempt again is a no-op.
+    assert_eq!(
+        one(&mut t, lose(1)),
+        OpResult::Ignored {
+            state: TaskState::Queued
+        }
+    );
+    start(&mut t, at(1, 2));
+    assert_eq!(
+        one(&mut t, lose(2)),
+        OpResult::Applied {
+            state: TaskState::DeadLettered
+        }
+    );
+    t.check_indexes().unwrap();
+}
+
+#[test]
+fn late_reports_of_a_lost_attempt_are_ignored() {
+    let mut t = TaskTable::new();
+    submit(&mut t, spec("x"));
+    submit(&mut t, spec("x"));
+    for id in [1, 2] {
+        start(&mut t, at(id, 1));
+        one(
+            &mut t,
+            Op::Lose {
+                attempt: at(id, 1),
+                reason: "lease".into(),
+                now_ms: 5,
+                retry_at_ms: 6,
+            },
+        );
+        start(&mut t, at(id, 2));
+    }
+    // The lost attempt 1 reports after all: failure or success, it is stale.
+    assert_eq!(
+        finish(&mut t, at(1, 1), fail(FailureKind::Exit)),
+        OpResult::Ignored {
+            state: TaskState::Running
+        }
+    );
+    assert_eq!(
+        finish(&mut t, at(2, 1), ok(b"late")),
+        OpResult::Ignored {
+            state: TaskState::Running
+        }
+    );
+    assert_eq!(
+        finish(&mut t, at(2, 2), ok(b"now")),
+        OpResult::Applied {
+            state: TaskState::Succeeded
+        }
+    );
+}
+
+#[test]
+fn report_before_start_is_recorded_and_start_after_is_ignored() {
+    let mut t = TaskTable::new();
+    submit(&mut t, spec("x"));
+    assert_eq!(
+        finish(&mut t, at(1, 1), ok(b"r")),
+        OpResult::Applied {
+            state: TaskState::Succeeded
+        }
+    );
+    assert_eq!(
+        start(&mut t, at(1, 1)),
+        OpResult::Ignored {
+            state: TaskState::Succeeded
+        }
+    );
+    assert_eq!(t.get(1).unwrap().attempts.len(), 1);
+    t.check_indexes().unwrap();
+}
+
+#[test]
+fn cancel_running_names_the_attempt_and_is_final() {
+    let mut t = TaskTable::new();
+    submit(&mut t, spec("x"));
+    submit(&mut t, spec("x"));
+    start(&mut t, at(1, 1));
+    let r = one(
+        &mut t,
+        Op::Cancel {
+            task_id: 1,
+            now_ms: 4,
+        },
+    );
+    assert_eq!(
+        r,
+        OpResult::Cancelled {
+            running: Some(("w".into(), at(1, 1)))
+        }
+    );
+    assert_eq!(
+        one(
+            &mut t,
+            Op::Cancel {
+                task_id: 2,
+                now_ms: 4
+            }
+        ),
+        OpResult::Cancelled { running: None }
+    );
+    assert_eq!(
+        one(
+            &mut t,
+            Op::Cancel {
+                task_id: 2,
+                now_ms: 4
+            }
+        ),
+        OpResult::Ignored {
+            state: TaskState::Cancelled
+        }
+    );
+    // The cancelled attempt's late result does not resurrect the task.
+    assert_eq!(
+        finish(&mut t, at(1, 1), ok(b"x")),
+        OpResult::Ignored {
+            state: TaskState::Cancelled
+        }
+    );
+    assert_eq!(t.queued().count(), 0);
+    t.check_indexes().unwrap();
+}
+
+#[test]
+fn queue_order_is_priority_then_age() {
+    let mut t = TaskTable::new();
+    for p in [0, 5, 0, 9] {
+        let mut s = spec("x");
+        s.priority = p;
+        submit(&mut t, s);
+    }
+    let order: Vec<TaskId> = t.queued().map(|t| t.id).collect();
+    assert_eq!(order, vec![4, 2, 1, 3]);
+}
+
+#[test]
+fn checkpoint_round_trip_and_listing() {
+    let mut t = TaskTable::new();
+    let mut archive = MemArchive::default();
+    for _ in 0..5 {
+        submit(&mut t, spec("x"));
+    }
+    start(&mut t, at(2, 1));
+    finish(&mut t, at(2, 1), ok(b"y"));
+    checkpoint(&mut t, &mut archive);
+    assert!(
+        t.get(2).is_none(),
+        "a checkpointed finished task leaves memory"
+    );
+    let back = archive.reload();
+    assert_eq!(
+        back.lookup(2, &archive).unwrap(),
+        t.lookup(2, &archive).unwrap()
+    );
+    assert!(
+        matches!(back.lookup(2, &archive).unwrap(), Lookup::Found(ref f) if f.output.as_deref() == Some(&b"y"[..]))
+    );
+    assert_eq!(back.lookup(9, &archive).unwrap(), Lookup::Unknown);
+    assert_eq!(back.count(TaskState::Queued), 4);
+    assert_eq!(back.count(TaskState::Succeeded), 1);
+    let ids = |tasks: Vec<std::sync::Arc<Task>>| tasks.iter().map(|t| t.id).collect::<Vec<_>>();
+    let page = back.list(Some(TaskState::Queued), 1, 2, &archive).unwrap();
+    assert_eq!(ids(page), vec![3, 4]);
+    let all = back.list(None, 0, 10, &archive).unwrap();
+    assert_eq!(ids(all), vec![1, 2, 3, 4, 5]);
+    let done = back
+        .list(Some(TaskState::Succeeded), 0, 10, &archive)
+        .unwrap();
+    assert_eq!(ids(done), vec![2]);
+}
+
+/// Random op sequences never break the indexes or change a final task.
+#[test]
+fn random_histories_keep_invariants() {
+    use rand::{Rng, SeedableRng};
+    for seed in 0..200u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut t = TaskTable::new();
+        let mut finals: BTreeMap<TaskId, (TaskState, Option<Vec<u8>>)> = BTreeMap::new();
+        for step in 0..200u64 {
+            let id = rng.gen_range(1..=8);
+            let n = rng.gen_range(1..=4);
+            let op = match rng.gen_range(0..6) {
+                0 => Op::Submit {
+                    spec: spec("x"),
+                    now_ms: step,
+                    queue_limit: 6,
+                },
+                1 => Op::Start {
+                    attempt: at(id, n),
+                    worker: "w".into(),
+                    now_ms: step,
+                },
+                2 => Op::Finish {
+                    attempt: at(id, n),
+                    worker: "w".into(),
+                    outcome: ok(&step.to_le_bytes()),
+                    started_at_ms: step,
+                    finished_at_ms: step,
+                    retry_at_ms: step,
+                },
+                3 => Op::Finish {
+                    attempt: at(id, n),
+                    worker: "w".into(),
+                    outcome: fail(FailureKind::Exit),
+                    started_at_ms: step,
+                    finished_at_ms: step,
+                    retry_at_ms: step,
+                },
+                4 => Op::Lose {
+                    attempt: at(id, n),
+                    reason: "r".into(),
+                    now_ms: step,
+                    retry_at_ms: step,
+                },
+                _ => Op::Cancel {
+                    task_id: id,
+                    now_ms: step,
+                },
+            };
+            one(&mut t, op);
+            t.check_indexes()
+                .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+            for (fid, (st, out)) in &finals {
+                let task = t.get(*fid).unwrap();
+                assert_eq!(
+                    (task.state, &task.output),
+                    (*st, out),
+                    "seed {seed}: final task {fid} changed"
+                );
+            }
+            for task in t.list(None, 0, usize::MAX, &NoArchive).unwrap() {
+                if task.state.is_final() {
+                    finals
+                        .entry(task.id)
+                        .or_insert((task.state, task.output.clone()));
+                }
+                assert!(task.attempts.len() as u32 <= 4);
+            }
+        }
+    }
+}
+
+fn ring_record(name: &str, stages: &[&str]) -> SwarmRecord {
+    SwarmRecord {
+        spec: SwarmSpec::new(
+            name,
+            swarm_topology::TopologySpec::Ring {
+                stages: stages.iter().map(|a| StageSpec::new(*a)).collect(),
+            },
+            BTreeMap::new(),
+        )
+        .unwrap(),
+        queue_depth: 0,
+        created_at_ms: 1,
+    }
+}
+
+fn ring_spec(swarm: &str, stages: &[&str]) -> TaskSpec {
+    TaskSpec {
+        swarm: swarm.into(),
+        stages: stages.iter().map(|a| StageSpec::new(*a)).collect(),
+        agent: stages[0].into(),
+        ..spec("x")
+    }
+}
+
+#[test]
+fn swarms_are_created_once_and_deleted_only_when_idle() {
+    let mut t = TaskTable::new();
+    let rec = ring_record("pipe", &["a", "b"]);
+    assert_eq!(
+        one(
+            &mut t,
+            Op::SwarmCreate {
+                record: rec.clone()
+            }
+        ),
+        OpResult::Swarm(Ok(()))
+    );
+    let again = one(&mut t, Op::SwarmCreate { record: rec });
+    assert!(
+        matches!(&again, OpResult::Swarm(Err(f)) if f.code == "swarm_exists"),
+        "{again:?}"
+    );
+    let default = one(
+        &mut t,
+        Op::SwarmCreate {
+            record: SwarmRecord::default_swarm(),
+        },
+    );
+    assert!(matches!(&default, OpResult::Swarm(Err(f)) if f.code == "swarm_exists"));
+    // A task in the swarm keeps it from being deleted.
+    assert!(matches!(
+        submit(&mut t, ring_spec("pipe", &["a", "b"])),
+        OpResult::Submitted { id: 1, .. }
+    ));
+    let busy = one(
+        &mut t,
+        Op::SwarmDelete {
+            name: "pipe".into(),
+        },
+    );
+    assert!(
+        matches!(&busy, OpResult::Swarm(Err(f)) if f.code == "swarm_busy"),
+        "{busy:?}"
+    );
+    one(
+        &mut t,
+        Op::Cancel {
+            task_id: 1,
+            now_ms: 5,
+        },
+    );
+    assert_eq!(
+        one(
+            &mut t,
+            Op::SwarmDelete {
+                name: "pipe".into()
+            }
+        ),
+        OpResult::Swarm(Ok(()))
+    );
+    let gone = one(
+        &mut t,
+        Op::SwarmDelete {
+            name: "pipe".into(),
+        },
+    );
+    assert!(matches!(&gone, OpResult::Swarm(Err(f)) if f.code == "unknown_swarm"));
+    let dflt = one(
+        &mut t,
+        Op::SwarmDelete {
+            name: "default".into(),
+        },
+    );
+    assert!(matches!(&dflt, OpResult::Swarm(Err(f)) if f.code == "default_swarm"));
+    // Submitting to a swarm that does not exist is refused, and creates nothing.
+    let unknown = submit(&mut t, ring_spec("pipe", &["a"]));
+    assert!(matches!(&unknown, OpResult::Swarm(Err(f)) if f.code == "unknown_swarm"));
+    assert_eq!(t.len(), 1);
+    assert_eq!(t.swarms().len(), 1, "only the default swarm is left");
+}
+
+#[test]
+fn a_ring_task_passes_each_stage_output_on_and_retries_per_stage() {
+    let mut t = TaskTable::new();
+    one(
+        &mut t,
+        Op::SwarmCreate {
+            record: ring_record("pipe", &["up", "rev", "wrap"]),
+        },
+    );
+    let mut s = ring_spec("pipe", &["up", "rev", "wrap"]);
+    s.max_attempts = 2;
+    submit(&mut t, s);
+    let task = t.get(1).unwrap();
+    assert_eq!(
+        (task.stage, task.current_agent(), task.current_input()),
+        (0, "up", &b"p"[..])
+    );
+    start(&mut t, at(1, 1));
+    assert_eq!(
+        finish(&mut t, at(1, 1), ok(b"P")),
+        OpResult::Applied {
+            state: TaskState::Queued
+        },
+        "stage 0 done: queued for stage 1"
+    );
+    let task = t.get(1).unwrap();
+    assert_eq!(
+        (task.stage, task.current_agent(), task.current_input()),
+        (1, "rev", &b"P"[..])
+    );
+    assert_eq!(task.not_before_ms, 0, "the next stage may start at once");
+    // Stage 1 fails once and is lost once: two attempts of this stage, the limit.
+    start(&mut t, at(1, 2));
+    assert_eq!(
+        finish(&mut t, at(1, 2), fail(FailureKind::Exit)),
+        OpResult::Applied {
+            state: TaskState::Queued
+        },
+        "stage attempts count from the stage's start, not the task's"
+    );
+    start(&mut t, at(1, 3));
+    assert_eq!(
+        finish(&mut t, at(1, 3), ok(b"P!")),
+        OpResult::Applied {
+            state: TaskState::Queued
+        }
+    );
+    start(&mut t, at(1, 4));
+    assert_eq!(
+        finish(&mut t, at(1, 4), ok(b"[P!]")),
+        OpResult::Applied {
+            state: TaskState::Succeeded
+        }
+    );
+    let task = t.get(1).unwrap();
+    assert_eq!(task.output.as_deref(), Some(&b"[P!]"[..]));
+    assert_eq!(
+        task.stage_outputs,
+        vec![b"P".to_vec(), b"P!".to_vec(), b"[P!]".to_vec()]
+    );
+    let stages: Vec<u32> = task.attempts.iter().map(|a| a.stage).collect();
+    assert_eq!(stages, vec![0, 1, 1, 2]);
+    // A late report of stage 0's attempt changes nothing.
+    assert!(matches!(
+        finish(&mut t, at(1, 1), ok(b"x")),
+        OpResult::Ignored { .. }
+    ));
+    t.check_indexes().unwrap();
+    let v = t.get(1).unwrap().view();
+    assert_eq!(v.stages, vec!["up", "rev", "wrap"]);
+    assert_eq!(v.stage_outputs, vec!["P", "P!", "[P!]"]);
+}
+
+#[test]
+fn a_ring_stage_lost_too_often_dead_letters_the_task() {
+    let mut t = TaskTable::new();
+    one(
+        &mut t,
+        Op::SwarmCreate {
+            record: ring_record("pipe", &["a", "b"]),
+        },
+    );
+    let mut s = ring_spec("pipe", &["a", "b"]);
+    s.max_attempts = 1;
+    submit(&mut t, s);
+    start(&mut t, at(1, 1));
+    finish(&mut t, at(1, 1), ok(b"1"));
+    start(&mut t, at(1, 2));
+    let r = one(
+        &mut t,
+        Op::Lose {
+            attempt: at(1, 2),
+            reason: "gone".into(),
+            now_ms: 9,
+            retry_at_ms: 10,
+        },
+    );
+    assert_eq!(
+        r,
+        OpResult::Applied {
+            state: TaskState::DeadLettered
+        }
+    );
+    assert_eq!(t.get(1).unwrap().stage_outputs, vec![b"1".to_vec()]);
+}
+
+#[test]
+fn moves_are_recorded_only_from_the_current_holder() {
+    let mut t = TaskTable::new();
+    submit(&mut t, spec("echo"));
+    // Before its Start commits: the move records the attempt on the thief.
+    let mv = |from: &str, to: &str| Op::Move {
+        attempt: at(1, 1),
+        from: from.into(),
+        to: to.into(),
+        now_ms: 4,
+    };
+    assert_eq!(
+        one(&mut t, mv("a", "b")),
+        OpResult::Applied {
+            state: TaskState::Running
+        }
+    );
+    assert!(matches!(start(&mut t, at(1, 1)), OpResult::Ignored { .. }));
+    let task = t.get(1).unwrap();
+    assert_eq!(
+        (
+            task.attempts.len(),
+            task.attempts[0].worker.as_str(),
+            task.moves
+        ),
+        (1, "b", 1)
+    );
+    // From a worker that does not hold it: ignored.
+    assert!(matches!(
+        one(&mut t, mv("a", "c")),
+        OpResult::Ignored { .. }
+    ));
+    assert_eq!(
+        one(&mut t, mv("b", "c")),
+        OpResult::Applied {
+            state: TaskState::Running
+        }
+    );
+    assert_eq!(t.get(1).unwrap().attempts[0].worker, "c");
+    t.check_indexes().unwrap();
+    // A snapshot keeps swarms and moves.
+    one(
+        &mut t,
+        Op::SwarmCreate {
+            record: ring_record("pipe", &["a"]),
+        },
+    );
+    let mut archive = MemArchive::default();
+    checkpoint(&mut t, &mut archive);
+    let back = archive.reload();
+    assert_eq!(back.get(1).unwrap().moves, 2);
+    assert!(back.swarm("pipe").is_some());
+    assert_eq!(back.swarms_gen(), t.swarms_gen());
+}
+
+/// A random op for the layered-history test: submits (some with idempotency keys),
+/// starts, finishes, losses, cancels, drains and purges over a few dozen ids.
+fn random_op(rng: &mut rand::rngs::StdRng, step: u64) -> Op {
+    use rand::Rng;
+    let id = rng.gen_range(1..=40);
+    let n = rng.gen_range(1..=4);
+    match rng.gen_range(0..9) {
+        0 | 1 => {
+            let mut s = spec("x");
+            s.retain_ms = rng.gen_range(0..400);
+            if rng.gen_bool(0.3) {
+                s.idempotency_key = Some(format!("k{}", rng.gen_range(0..15)));
+            }
+            Op::Submit {
+                spec: s,
+                now_ms: step,
+                queue_limit: 25,
+            }
+        }
+        2 => Op::Start {
+            attempt: at(id, n),
+            worker: "w".into(),
+            now_ms: step,
+        },
+        3 | 4 => Op::Finish {
+            attempt: at(id, n),
+            worker: "w".into(),
+            outcome: match rng.gen_range(0..3) {
+                0 => fail(FailureKind::Exit),
+                1 => fail(FailureKind::Drained),
+                _ => ok(&step.to_le_bytes()),
+            },
+            started_at_ms: step,
+            finished_at_ms: step,
+            retry_at_ms: step,
+        },
+        5 => Op::Lose {
+            attempt: at(id, n),
+            reason: "r".into(),
+            now_ms: step,
+            retry_at_ms: step,
+        },
+        6 => Op::Cancel {
+            task_id: id,
+            now_ms: step,
+        },
+        _ => Op::Purge {
+            ids: (1..=40).filter(|_| rng.gen_bool(0.5)).collect(),
+            now_ms: step,
+        },
+    }
+}
+
+/// Checkpoints (with and without a restart from the archive, some of them left half
+/// done while more ops apply) change nothing anyone can observe: every op answers as it
+/// does on a table that never checkpoints, and so does every read.
+#[test]
+fn checkpoints_and_restarts_are_invisible() {
+    use rand::{Rng, SeedableRng};
+    for seed in 0..150u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut reference = TaskTable::new();
+        let mut t = TaskTable::new();
+        let mut archive = MemArchive::default();
+        // Every op applied, and how many of them the archive reflects.
+        let mut log: Vec<Op> = Vec::new();
+        let mut archived = 0;
+        // A checkpoint begun but not yet written (ops keep applying on top of it), with
+        // the number of ops it covers.
+        let mut in_flight: Option<(CheckpointDelta, usize)> = None;
+        for step in 0..400u64 {
+            let op = random_op(&mut rng, step);
+            let want = reference.apply_op(&op, &NoArchive).unwrap();
+            let got = t.apply_op(&op, &archive).unwrap();
+            assert_eq!(got, want, "seed {seed} step {step}: {op:?}");
+            log.push(op);
+            match rng.gen_range(0..20) {
+                0 if in_flight.is_none() => {
+                    in_flight = Some((t.begin_checkpoint().unwrap(), log.len()))
+                }
+                1 | 2 => {
+                    if let Some((d, covers)) = in_flight.take() {
+                        archive.write(&d);
+                        archived = covers;
+                        t.checkpoint_written();
+                    }
+                }
+                3 => {
+                    // A crash: a checkpoint in flight is lost; the replica restarts from
+                    // the archive and re-applies the log after it.
+                    in_flight = None;
+                    t = archive.reload();
+                    for op in &log[archived..] {
+                        t.apply_op(op, &archive).unwrap();
+                    }
+                }
+                4 if in_flight.take().is_some() => t.checkpoint_failed(),
+                _ => {}
+            }
+            t.check_indexes()
+                .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+        }
+        for id in 0..=42 {
+            assert_eq!(
+                t.lookup(id, &archive).unwrap(),
+                reference.lookup(id, &NoArchive).unwrap(),
+                "seed {seed}: task {id}"
+            );
+        }
+        for state in [None]
+            .into_iter()
+            .chain(TaskState::ALL.iter().copied().map(Some))
+        {
+            for (after, limit) in [(0, 1000), (3, 2), (10, 5)] {
+                let a = t.list(state, after, limit, &archive).unwrap();
+                let b = reference.list(state, after, limit, &NoArchive).unwrap();
+                let ids = |v: &[std::sync::Arc<Task>]| v.iter().map(|t| t.id).collect::<Vec<_>>();
+                assert_eq!(
+                    ids(&a),
+                    ids(&b),
+                    "seed {seed}: list {state:?} after {after} limit {limit}"
+                );
+                assert_eq!(a, b, "seed {seed}: list {state:?} after {after}");
+            }
+            if let Some(s) = state {
+                assert_eq!(t.count(s), reference.count(s), "seed {seed}: count {s:?}");
+            }
+        }
+        for k in 0..15 {
+            let key = format!("k{k}");
+            assert_eq!(
+                t.by_idempotency_key(&key, &archive).unwrap(),
+                reference.by_idempotency_key(&key, &NoArchive).unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn expired_tasks_are_purged_everywhere_and_their_keys_freed() {
+    let mut t = TaskTable::new();
+    let mut archive = MemArchive::default();
+    let run = |t: &mut TaskTable, a: &MemArchive, op: Op| t.apply_op(&op, a).unwrap();
+    let mut s = spec("x");
+    s.retain_ms = 100;
+    s.idempotency_key = Some("once".into());
+    run(
+        &mut t,
+        &archive,
+        Op::Submit {
+            spec: s.clone(),
+            now_ms: 1,
+            queue_limit: 100,
+        },
+    );
+    start(&mut t, at(1, 1));
+    // Finished at 3: expires at 103.
+    finish(&mut t, at(1, 1), ok(b"r"));
+    checkpoint(&mut t, &mut archive);
+    assert!(t.expired_in_archive(102, 10, &archive).unwrap().is_empty());
+    assert_eq!(t.expired_in_archive(103, 10, &archive).unwrap(), vec![1]);
+    // Too early for this replica's op: nothing happens.
+    assert_eq!(
+        run(
+            &mut t,
+            &archive,
+            Op::Purge {
+                ids: vec![1],
+                now_ms: 50
+            }
+        ),
+        OpResult::Purged { purged: 0 }
+    );
+    assert_eq!(
+        run(
+            &mut t,
+            &archive,
+            Op::Submit {
+                spec: s.clone(),
+                now_ms: 60,
+                queue_limit: 100
+            }
+        ),
+        OpResult::Submitted {
+            id: 1,
+            duplicate: true
+        },
+        "the key dedupes while its task is retained"
+    );
+    assert_eq!(
+        run(
+            &mut t,
+            &archive,
+            Op::Purge {
+                ids: vec![1, 7],
+                now_ms: 103
+            }
+        ),
+        OpResult::Purged { purged: 1 }
+    );
+    assert_eq!(t.lookup(1, &archive).unwrap(), Lookup::Expired);
+    assert_eq!(t.count(TaskState::Succeeded), 0);
+    assert!(t.expired_in_archive(200, 10, &archive).unwrap().is_empty());
+    // A late report of the purged task is answered, not recorded.
+    let late = Op::Finish {
+        attempt: at(1, 1),
+        worker: "w".into(),
+        outcome: ok(b"again"),
+        started_at_ms: 2,
+        finished_at_ms: 3,
+        retry_at_ms: 10,
+    };
+    assert_eq!(run(&mut t, &archive, late), OpResult::Expired);
+    // The key is free again: a new task.
+    assert_eq!(
+        run(
+            &mut t,
+            &archive,
+            Op::Submit {
+                spec: s,
+                now_ms: 110,
+                queue_limit: 100
+            }
+        ),
+        OpResult::Submitted {
+            id: 2,
+            duplicate: false
+        }
+    );
+    checkpoint(&mut t, &mut archive);
+    assert!(archive.done.is_empty());
+    assert_eq!(archive.keys.get("once"), Some(&2));
+    let back = archive.reload();
+    assert_eq!(back.lookup(1, &archive).unwrap(), Lookup::Expired);
+    assert_eq!(back.lookup(3, &archive).unwrap(), Lookup::Unknown);
+}
+
+fn restored_task(id: TaskId, state: TaskState) -> Task {
+    let mut s = spec("x");
+    s.idempotency_key = Some(format!("r{id}"));
+    Task {
+        id,
+        spec: s,
+        state,
+        attempts: Vec::new(),
+        output: None,
+        error: None,
+        created_at_ms: 1,
+        finished_at_ms: state.is_final().then_some(2),
+        expires_at_ms: state.is_final().then_some(10_000),
+        not_before_ms: 0,
+        stage: 0,
+        stage_base: 0,
+        released: 0,
+        stage_outputs: Vec::new(),
+        moves: 0,
+    }
+}
+
+#[test]
+fn a_restore_is_all_or_nothing_across_checkpoints() {
+    let config = swarm_memory::StoreConfig::default();
+    let mut memory = swarm_memory::MemoryStore::new(config.clone()).unwrap();
+    let source = swarm_memory::MemoryStore::new(config).unwrap();
+    let blob = source.snapshot_bytes().unwrap();
+    let (first, second) = blob.split_at(blob.len() / 2);
+    let mut t = TaskTable::new();
+    let mut archive = MemArchive::default();
+    let run = |t: &mut TaskTable, m: &mut swarm_memory::MemoryStore, a: &MemArchive, op: Op| {
+        apply_command(t, Some(m), &Command { ops: vec![op] }, a)
+            .unwrap()
+            .results
+            .remove(0)
+    };
+    let begin = Op::RestoreBegin {
+        restore_id: 7,
+        now_ms: 1,
+    };
+    assert!(matches!(
+        run(&mut t, &mut memory, &archive, begin.clone()),
+        OpResult::Restored(Ok(_))
+    ));
+    assert!(matches!(
+        run(&mut t, &mut memory, &archive, begin),
+        OpResult::Restored(Err(_))
+    ));
+    let chunk = |seq, tasks, memory: &[u8]| Op::RestoreChunk {
+        restore_id: 7,
+        seq,
+        tasks,
+        memory: memory.to_vec(),
+    };
+    let r = run(
+        &mut t,
+        &mut memory,
+        &archive,
+        chunk(
+            0,
+            vec![
+                restored_task(1, TaskState::Succeeded),
+                restored_task(4, TaskState::Queued),
+            ],
+            first,
+        ),
+    );
+    assert!(
+        matches!(r, OpResult::Restored(Ok(RestoreSummary { tasks: 2, .. }))),
+        "{r:?}"
+    );
+    // Nothing else changes the replica meanwhile.
+    assert_eq!(submit(&mut t, spec("x")), OpResult::Restoring);
+    checkpoint(&mut t, &mut archive);
+    // Out of order: refused.
+    assert!(matches!(
+        run(&mut t, &mut memory, &archive, chunk(5, vec![], b"")),
+        OpResult::Restored(Err(_))
+    ));
+    run(
+        &mut t,
+        &mut memory,
+        &archive,
+        chunk(1, vec![restored_task(2, TaskState::Failed)], second),
+    );
+    let mut aborted = t.begin_checkpoint().unwrap();
+    archive.write(&aborted);
+    t.checkpoint_written();
+    // An abort empties everything, however much was checkpointed.
+    let mut t2 = archive.reload();
+    let mut memory2 = memory
+        .snapshot_bytes()
+        .map(|b| swarm_memory::MemoryStore::restore_bytes(&b).unwrap())
+        .unwrap();
+    assert!(matches!(
+        run(
+            &mut t2,
+            &mut memory2,
+            &archive,
+            Op::RestoreAbort { restore_id: 7 }
+        ),
+        OpResult::Restored(Ok(_))
+    ));
+    assert!(t2.is_empty());
+    assert_eq!(t2.lookup(1, &archive).unwrap(), Lookup::Unknown);
+    assert_eq!(t2.by_idempotency_key("r1", &archive).unwrap(), None);
+    let mut archive2 = archive.clone();
+    checkpoint(&mut t2, &mut archive2);
+    assert!(archive2.done.is_empty() && archive2.live.is_empty() && archive2.staged.is_empty());
+    // The other branch: commit. The staged memory comes from the archive and memory.
+    let commit = Op::RestoreCommit {
+        restore_id: 7,
+        chunks: 2,
+        tasks: 3,
+        meta: RestoredMeta {
+            next_id: 9,
+            swarms: BTreeMap::new(),
+        },
+    };
+    aborted = t.begin_checkpoint().unwrap();
+    archive.write(&aborted);
+    t.checkpoint_written();
+    let r = run(&mut t, &mut memory, &archive, commit);
+    assert!(
+        matches!(r, OpResult::Restored(Ok(RestoreSummary { tasks: 3, .. }))),
+        "{r:?}"
+    );
+    assert_eq!(t.count(TaskState::Queued), 1);
+    assert_eq!(t.count(TaskState::Succeeded), 1);
+    assert_eq!(t.by_idempotency_key("r2", &archive).unwrap(), Some(2));
+    assert_eq!(
+        submit(&mut t, spec("x")),
+        OpResult::Submitted {
+            id: 10,
+            duplicate: false
+        },
+        "ids continue after the restored ones"
+    );
+    assert!(t.restoring().is_none());
+}
