@@ -266,23 +266,147 @@ impl Client {
         self.call(method, path, &[], body).await
     }
 
-    /// `GET /v1/backup`: the backup file's bytes.
-    pub async fn backup(&self) -> anyhow::Result<Vec<u8>> {
-        self.call_raw(Method::GET, "/v1/backup", &[], None, "application/json")
-            .await
+    /// Send a request whose body (if any) `body` makes afresh for every node tried, and
+    /// return the leader's response unread, for streaming. Moves on like
+    /// [`Client::call_raw`]: only when the request cannot have taken effect.
+    async fn open_stream(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Fn() -> anyhow::Result<Option<reqwest::Body>>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let bases = self.bases();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut order: Vec<String> = (0..bases.len())
+            .map(|i| bases[(start + i) % bases.len()].clone())
+            .collect();
+        let mut last_err = None;
+        let mut tried = 0usize;
+        while tried < order.len() && tried < 8 {
+            let base = order[tried].clone();
+            tried += 1;
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{base}{path}"))
+                .bearer_auth(&self.token);
+            if let Some(b) = body()? {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(b);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    last_err = Some(
+                        anyhow::Error::new(e)
+                            .context(format!("cannot reach the swarm API at {base}")),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("request to the swarm API at {base} failed")))
+                }
+            };
+            if resp.status().is_success() {
+                if let Some(i) = bases.iter().position(|b| *b == base) {
+                    self.current.store(i, Ordering::Relaxed);
+                }
+                return Ok(resp);
+            }
+            let status = resp.status();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let Ok(err) = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.error) else {
+                anyhow::bail!("API answered {status}: {}", String::from_utf8_lossy(&bytes));
+            };
+            let api_err = ApiError {
+                status: status.as_u16(),
+                code: err.code.clone(),
+                message: err.message.clone(),
+            };
+            if err.code != "not_leader" {
+                return Err(anyhow!(api_err));
+            }
+            if let Some(n) = err
+                .leader_api
+                .and_then(|n| normalise(&format!("http://{n}")).ok())
+            {
+                if !order[..tried].contains(&n) {
+                    order.insert(tried, n);
+                }
+            }
+            last_err = Some(anyhow!(api_err));
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("no API address to try")))
     }
 
-    /// `POST /v1/restore` with a backup file.
-    pub async fn restore(&self, file: Vec<u8>) -> anyhow::Result<serde_json::Value> {
-        let bytes = self
-            .call_raw(
-                Method::POST,
-                "/v1/restore",
-                &[],
-                Some(file),
-                "application/octet-stream",
-            )
+    /// `GET /v1/backup`, streamed into `out`; `progress` is told the bytes received so
+    /// far. Returns the bytes written and the log index the backup reflects.
+    pub async fn backup_into(
+        &self,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+        mut progress: impl FnMut(u64),
+    ) -> anyhow::Result<(u64, u64)> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut resp = self
+            .open_stream(Method::GET, "/v1/backup", || Ok(None))
             .await?;
+        let index = resp
+            .headers()
+            .get("x-swarm-backup-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut n = 0u64;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .context("the backup stream broke (the file is incomplete)")?
+        {
+            out.write_all(&chunk).await.context("writing the backup")?;
+            n += chunk.len() as u64;
+            progress(n);
+        }
+        Ok((n, index))
+    }
+
+    /// `POST /v1/restore`, streaming the backup file at `from`; `progress` is told the
+    /// bytes sent so far. Returns the cluster's summary of what was restored.
+    pub async fn restore_from(
+        &self,
+        from: &std::path::Path,
+        progress: impl Fn(u64) + Clone + Send + Sync + 'static,
+    ) -> anyhow::Result<serde_json::Value> {
+        let path = from.to_path_buf();
+        let body = move || -> anyhow::Result<Option<reqwest::Body>> {
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let file = tokio::fs::File::from_std(file);
+            let progress = progress.clone();
+            let stream = futures::stream::unfold((file, 0u64), move |(mut file, sent)| {
+                let progress = progress.clone();
+                async move {
+                    use tokio::io::AsyncReadExt as _;
+                    let mut buf = vec![0u8; 1 << 20];
+                    match file.read(&mut buf).await {
+                        Ok(0) => None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            let sent = sent + n as u64;
+                            progress(sent);
+                            Some((
+                                Ok::<_, std::io::Error>(bytes::Bytes::from(buf)),
+                                (file, sent),
+                            ))
+                        }
+                        Err(e) => Some((Err(e), (file, sent))),
+                    }
+                }
+            });
+            Ok(Some(reqwest::Body::wrap_stream(stream)))
+        };
+        let resp = self.open_stream(Method::POST, "/v1/restore", body).await?;
+        let bytes = resp.bytes().await.context("read API response")?;
         serde_json::from_slice(&bytes).context("unexpected API response")
     }
 

@@ -7,6 +7,7 @@
 mod client;
 mod config;
 mod status;
+mod transfer;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -617,6 +618,10 @@ struct SubmitArgs {
     /// Run in this swarm (default: `default`, a star of every worker).
     #[arg(long)]
     swarm: Option<String>,
+    /// Keep the finished task readable this long (default: the coordinator's
+    /// --retain-finished); its idempotency key dedupes as long.
+    #[arg(long, value_parser = parse_duration)]
+    retain: Option<Duration>,
     /// Wait for the result (optionally how long, default 60s).
     #[arg(long, num_args = 0..=1, default_missing_value = "60s")]
     wait: Option<String>,
@@ -756,37 +761,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Memory(c) => memory_cmd(c).await,
         Cmd::Swarms(c) => swarms_cmd(c).await,
         Cmd::Patterns(c) => patterns_cmd(c).await,
-        Cmd::Backup { api, out } => {
-            let bytes = api.client()?.backup().await?;
-            write_durably(&out, &bytes)?;
-            println!("wrote {} bytes to {}", bytes.len(), out.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Restore { api, from } => {
-            let file = std::fs::read(&from).with_context(|| format!("read {}", from.display()))?;
-            let v = api.client()?.restore(file).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Backup { api, out } => transfer::backup(&api.client()?, &out).await,
+        Cmd::Restore { api, from } => transfer::restore(&api.client()?, &from).await,
     }
-}
-
-/// Write `bytes` to `path` via a temp file, fsync, rename: a crash leaves the old file or
-/// the new one, never half of one.
-fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 fn parse_labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -1172,6 +1149,7 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
         labels: parse_labels(&a.labels)?,
         patterns: a.patterns,
         swarm: a.swarm,
+        retain_ms: a.retain.map(ms),
         ..Default::default()
     };
     if let Some(p) = a.payload {

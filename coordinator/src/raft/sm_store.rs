@@ -693,9 +693,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<SnapshotData>> {
         let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let path = self.inner.dir.join(format!("incoming-{n}.dump"));
-        let data = SnapshotData::receiving(&path).await.map_err(|e| {
-            StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e)))
-        })?;
+        let data = SnapshotData::receiving(&path, self.inner.inline)
+            .await
+            .map_err(|e| {
+                StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e)))
+            })?;
         Ok(Box::new(data))
     }
 

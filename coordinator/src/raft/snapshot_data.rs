@@ -25,6 +25,9 @@ enum State {
     /// Being built on the blocking pool.
     Building(JoinHandle<io::Result<std::fs::File>>),
     Ready(tokio::fs::File),
+    /// Inline mode: plain file I/O on the calling thread (tokio's files use the blocking
+    /// pool, whose timing a deterministic simulation cannot fix).
+    Inline(std::fs::File),
     Failed(io::ErrorKind, String),
 }
 
@@ -59,19 +62,19 @@ impl SnapshotData {
     }
 
     /// A new, empty file at `path` for a snapshot being received.
-    pub async fn receiving(path: &Path) -> io::Result<Self> {
-        let file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .await?;
+    pub async fn receiving(path: &Path, inline: bool) -> io::Result<Self> {
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(true);
+        let state = if inline {
+            State::Inline(options.open(path)?)
+        } else {
+            State::Ready(tokio::fs::OpenOptions::from(options).open(path).await?)
+        };
         Ok(SnapshotData {
-            state: State::Ready(file),
+            state,
             pending_seek: None,
             path: Some(path.to_path_buf()),
-            inline: false,
+            inline,
         })
     }
 
@@ -83,6 +86,9 @@ impl SnapshotData {
     /// Flush what was written and fsync it (a received snapshot, before it is read back).
     pub async fn sync(&mut self) -> io::Result<()> {
         use tokio::io::AsyncWriteExt;
+        if let State::Inline(f) = &mut self.state {
+            return f.sync_all();
+        }
         let file = std::future::poll_fn(|cx| self.poll_ready(cx).map_ok(|_| ())).await;
         file?;
         if let State::Ready(f) = &mut self.state {
@@ -92,10 +98,45 @@ impl SnapshotData {
         Ok(())
     }
 
+    /// Inline mode: the plain file, built first if needed (any seek asked for before it
+    /// existed is applied).
+    fn inline_file(&mut self) -> Option<io::Result<&mut std::fs::File>> {
+        use std::io::Seek as _;
+        if let State::Deferred(build) = &mut self.state {
+            if self.inline {
+                self.state = match build.take().map(|b| b()) {
+                    Some(Ok(f)) => State::Inline(f),
+                    Some(Err(e)) => State::Failed(e.kind(), e.to_string()),
+                    None => State::Failed(io::ErrorKind::Other, "snapshot build lost".into()),
+                };
+            }
+        }
+        match &mut self.state {
+            State::Inline(f) => {
+                if let Some(pos) = self.pending_seek.take() {
+                    if let Err(e) = f.seek(pos) {
+                        return Some(Err(e));
+                    }
+                }
+                Some(Ok(f))
+            }
+            State::Failed(kind, msg) if self.inline => {
+                Some(Err(io::Error::new(*kind, msg.clone())))
+            }
+            _ => None,
+        }
+    }
+
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut tokio::fs::File>> {
         loop {
             match &mut self.state {
                 State::Ready(_) => break,
+                // Inline files are served by `inline_file`, never through here.
+                State::Inline(_) => {
+                    return Poll::Ready(Err(io::Error::other(
+                        "an inline snapshot file polled as async",
+                    )))
+                }
                 State::Failed(kind, msg) => {
                     return Poll::Ready(Err(io::Error::new(*kind, msg.clone())))
                 }
@@ -105,14 +146,7 @@ impl SnapshotData {
                             State::Failed(io::ErrorKind::Other, "snapshot build lost".into());
                         continue;
                     };
-                    if self.inline {
-                        self.state = match build() {
-                            Ok(f) => State::Ready(tokio::fs::File::from_std(f)),
-                            Err(e) => State::Failed(e.kind(), e.to_string()),
-                        };
-                    } else {
-                        self.state = State::Building(tokio::task::spawn_blocking(build));
-                    }
+                    self.state = State::Building(tokio::task::spawn_blocking(build));
                 }
                 State::Building(job) => {
                     let done = match Pin::new(job).poll(cx) {
@@ -148,6 +182,12 @@ impl AsyncRead for SnapshotData {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(file) = this.inline_file() {
+            use std::io::Read as _;
+            let n = file?.read(buf.initialize_unfilled())?;
+            buf.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let had_seek = this.pending_seek.is_some();
         match this.poll_ready(cx) {
             Poll::Ready(Ok(file)) => {
@@ -173,7 +213,12 @@ impl AsyncWrite for SnapshotData {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().poll_ready(cx) {
+        let this = self.get_mut();
+        if let Some(file) = this.inline_file() {
+            use std::io::Write as _;
+            return Poll::Ready(file.and_then(|f| f.write(buf)));
+        }
+        match this.poll_ready(cx) {
             Poll::Ready(Ok(file)) => Pin::new(file).poll_write(cx, buf),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
@@ -181,7 +226,12 @@ impl AsyncWrite for SnapshotData {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().poll_ready(cx) {
+        let this = self.get_mut();
+        if let Some(file) = this.inline_file() {
+            use std::io::Write as _;
+            return Poll::Ready(file.and_then(|f| f.flush()));
+        }
+        match this.poll_ready(cx) {
             Poll::Ready(Ok(file)) => Pin::new(file).poll_flush(cx),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
@@ -189,7 +239,12 @@ impl AsyncWrite for SnapshotData {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().poll_ready(cx) {
+        let this = self.get_mut();
+        if let Some(file) = this.inline_file() {
+            use std::io::Write as _;
+            return Poll::Ready(file.and_then(|f| f.flush()));
+        }
+        match this.poll_ready(cx) {
             Poll::Ready(Ok(file)) => Pin::new(file).poll_shutdown(cx),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
@@ -210,7 +265,12 @@ impl AsyncSeek for SnapshotData {
     }
 
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        match self.get_mut().poll_ready(cx) {
+        let this = self.get_mut();
+        if let Some(file) = this.inline_file() {
+            use std::io::Seek as _;
+            return Poll::Ready(file.and_then(|f| f.stream_position()));
+        }
+        match this.poll_ready(cx) {
             Poll::Ready(Ok(file)) => Pin::new(file).poll_complete(cx),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
@@ -256,13 +316,15 @@ mod tests {
     async fn a_received_file_takes_writes_at_offsets() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in");
-        let mut s = SnapshotData::receiving(&path).await.unwrap();
-        s.write_all(b"abc").await.unwrap();
-        s.seek(SeekFrom::Start(1)).await.unwrap();
-        s.write_all(b"XY").await.unwrap();
-        s.sync().await.unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"aXY");
-        assert_eq!(s.path(), Some(path.as_path()));
+        for inline in [false, true] {
+            let mut s = SnapshotData::receiving(&path, inline).await.unwrap();
+            s.write_all(b"abc").await.unwrap();
+            s.seek(SeekFrom::Start(1)).await.unwrap();
+            s.write_all(b"XY").await.unwrap();
+            s.sync().await.unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"aXY");
+            assert_eq!(s.path(), Some(path.as_path()));
+        }
     }
 
     #[tokio::test]
