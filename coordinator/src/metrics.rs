@@ -5,8 +5,10 @@
 //! local replica once a second.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -16,12 +18,55 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// A series not updated for this long leaves `/metrics`: the label sets of deleted swarms
+/// go, so their number is bounded by the swarms in use, not by history. Counters with
+/// fixed labels are kept by [`keep_alive`].
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Counters whose label sets are fixed: they stay in `/metrics` (at their value) however
+/// long they go without an increment, so alerts on their increase always see them.
+const FIXED_COUNTERS: &[&str] = &[
+    "swarm_tasks_submitted_total",
+    "swarm_tasks_succeeded_total",
+    "swarm_tasks_failed_total",
+    "swarm_tasks_retried_total",
+    "swarm_tasks_dead_lettered_total",
+    "swarm_tasks_cancelled_total",
+    "swarm_tasks_purged_total",
+    "swarm_api_forwarded_total",
+    "swarm_relayed_sessions_total",
+    "swarm_protocol_errors_total",
+    "swarm_peer_lost_total",
+];
+
+/// Counters labelled by swarm: kept while the swarm is defined.
+const SWARM_COUNTERS: &[&str] = &[
+    "swarm_swarm_dispatched_total",
+    "swarm_swarm_steals_total",
+    "swarm_swarm_steals_refused_total",
+];
+
+/// Mark every fixed counter, and the per-swarm counters of `swarms`, as current (called
+/// once a second).
+pub(crate) fn keep_alive<'a>(swarms: impl IntoIterator<Item = &'a String>) {
+    for name in FIXED_COUNTERS {
+        metrics::counter!(*name).increment(0);
+    }
+    metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full").increment(0);
+    for swarm in swarms {
+        for name in SWARM_COUNTERS {
+            metrics::counter!(*name, "swarm" => swarm.clone()).increment(0);
+        }
+    }
+}
+
 /// Install the process-wide recorder (once) and return its handle. `None` if another
 /// recorder was installed first by the embedding program.
 pub fn handle() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
+                .idle_timeout(MetricKindMask::ALL, Some(IDLE_TIMEOUT))
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .ok()?
                 .set_buckets_for_metric(
@@ -66,6 +111,23 @@ fn describe() {
     describe_gauge!(
         "swarm_workers_connected",
         "Workers connected to this coordinator."
+    );
+    describe_histogram!(
+        "swarm_checkpoint_seconds",
+        Unit::Seconds,
+        "Time to write a checkpoint (a Raft snapshot) to the checkpoint store."
+    );
+    describe_gauge!(
+        "swarm_checkpoint_last_seconds",
+        "Time the last checkpoint took to write."
+    );
+    describe_gauge!(
+        "swarm_state_changes_bytes",
+        "Bytes of changes held in memory since the last checkpoint."
+    );
+    describe_counter!(
+        "swarm_tasks_purged_total",
+        "Finished tasks purged after their retention."
     );
     describe_histogram!(
         "swarm_dispatch_latency_seconds",

@@ -797,6 +797,7 @@ pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
                     .set(t.count(st) as f64);
             }
             metrics::gauge!("swarm_tasks_running").set(t.count(TaskState::Running) as f64);
+            crate::metrics::keep_alive(t.defined_swarms().keys());
         });
         let (workers, relayed) = {
             let d = node.lock_dispatch();

@@ -469,7 +469,33 @@ impl ReasoningBank {
             ids.push(id);
         }
         self.index.apply_upsert(points, now_ms);
+        if self.items.len() > cfg.max_patterns {
+            self.evict(cfg);
+        }
         ids
+    }
+
+    /// Bring the bank down to nine tenths of `max_patterns` (so eviction, which sorts
+    /// the bank, runs once per tenth of it added): the items unused the longest go first,
+    /// then the least confident, then the oldest ids. Deterministic.
+    fn evict(&mut self, cfg: &StoreConfig) {
+        let keep = cfg.max_patterns - cfg.max_patterns / 10;
+        let mut order: Vec<(u64, f64, &String)> = self
+            .items
+            .values()
+            .map(|i| (i.last_used_ms.unwrap_or(i.created_ms), i.confidence, &i.id))
+            .collect();
+        order.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then(a.1.total_cmp(&b.1))
+                .then_with(|| a.2.cmp(b.2))
+        });
+        let evict: Vec<String> = order
+            .iter()
+            .take(self.items.len().saturating_sub(keep))
+            .map(|(_, _, id)| (*id).clone())
+            .collect();
+        self.delete(&evict, cfg);
     }
 
     /// Records a task outcome against the items it used. Returns (updated, missing).

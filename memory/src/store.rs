@@ -53,6 +53,10 @@ pub struct StoreConfig {
     pub max_pattern_title_bytes: usize,
     /// Longest pattern content in bytes.
     pub max_pattern_content_bytes: usize,
+    /// Most ReasoningBank patterns held. An add that goes beyond it evicts the least
+    /// valuable tenth (longest unused, then least confident, then oldest id), so
+    /// distilling every finished task keeps the bank bounded.
+    pub max_patterns: usize,
     /// Beta prior α of pattern confidence.
     pub prior_alpha: f64,
     /// Beta prior β of pattern confidence.
@@ -77,6 +81,7 @@ impl Default for StoreConfig {
             pattern_ef_search: 64,
             max_pattern_title_bytes: 256,
             max_pattern_content_bytes: 16 * 1024,
+            max_patterns: 100_000,
             prior_alpha: 1.0,
             prior_beta: 1.0,
         }
@@ -105,6 +110,9 @@ impl StoreConfig {
             && self.prior_beta > 0.0)
         {
             return bad("prior_alpha and prior_beta must be finite and > 0");
+        }
+        if self.max_patterns < 10 {
+            return bad("max_patterns must be at least 10");
         }
         if self.max_pattern_title_bytes == 0 || self.max_pattern_content_bytes == 0 {
             return bad("pattern size limits must be positive");

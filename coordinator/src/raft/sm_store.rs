@@ -165,7 +165,9 @@ impl SmInner {
         }
         let view = Arc::new(store.reader()?);
         self.write_applied().table.checkpoint_written();
-        metrics::histogram!("swarm_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        metrics::histogram!("swarm_checkpoint_seconds").record(took);
+        metrics::gauge!("swarm_checkpoint_last_seconds").set(took);
         let meta = snapshot_meta(applied, membership);
         self.replace_current(&mut current, Some(meta.clone()), Some(view));
         Ok(Some(meta))

@@ -17,6 +17,11 @@ use super::{
     RestoreSummary, RestoredMeta, SwarmFault, SwarmRecord, TableMeta, Task, TaskSpec,
 };
 
+/// Attempts of one stage that draining workers may hand back without counting; past
+/// this, a drained attempt counts like a lost one (so a task's attempt list stays
+/// bounded however often its workers drain).
+pub const MAX_RELEASES_PER_STAGE: u32 = 100;
+
 /// Most task ids one [`Op::Purge`] carries.
 pub const MAX_PURGE_PER_OP: usize = 4096;
 
@@ -536,7 +541,7 @@ impl TaskTable {
             Outcome::Failed {
                 kind: FailureKind::Drained,
                 message,
-            } => {
+            } if task.released < MAX_RELEASES_PER_STAGE => {
                 // Not the task's fault, nor a try at it: it queues again at once and the
                 // attempt is not counted.
                 rec.end = Some(AttemptEnd::Released {
@@ -559,8 +564,9 @@ impl TaskTable {
                 });
                 task.error = Some(format!("{}: {message}", kind.as_str()));
                 // A worker that cancels on its own did not run the task to an end: treat
-                // it like a lost attempt.
-                let retryable = kind.retryable() || *kind == FailureKind::Cancelled;
+                // it like a lost attempt (so is a drain past the free ones).
+                let retryable = kind.retryable()
+                    || matches!(kind, FailureKind::Cancelled | FailureKind::Drained);
                 let exhausted = task.attempts_counted(attempt.attempt) >= task.spec.max_attempts;
                 if retryable && !exhausted {
                     self.requeue(id, retry_at_ms);

@@ -520,3 +520,59 @@ fn hash_embedded_patterns_retrieve_the_relevant_lesson() {
     let r = s.retrieve(&q, 1, 10, &RetrieveParams::default()).unwrap();
     assert_eq!(r[0].item.source_task, Some(3));
 }
+
+/// Distilling every finished task (`--distill rules`) must not grow the bank forever:
+/// past `max_patterns` the least valuable tenth goes, the same on every replica, and the
+/// ones in use stay.
+#[test]
+fn the_bank_is_bounded_and_evicts_the_unused_first() {
+    let mut s = store_with(|c| {
+        c.pattern_dimension = 8;
+        c.max_patterns = 100;
+    });
+    let mut twin = store_with(|c| {
+        c.pattern_dimension = 8;
+        c.max_patterns = 100;
+    });
+    let first = add(&mut s, vec![pat("keep me", v(&[1.0]), Outcome::Success)], 1);
+    add(
+        &mut twin,
+        vec![pat("keep me", v(&[1.0]), Outcome::Success)],
+        1,
+    );
+    for round in 0..30u64 {
+        let items: Vec<NewPattern> = (0..10)
+            .map(|i| {
+                let x = (round * 10 + i) as f32;
+                pat(
+                    &format!("p{round}-{i}"),
+                    v(&[x.sin(), x.cos(), 0.5]),
+                    Outcome::Success,
+                )
+            })
+            .collect();
+        add(&mut s, items.clone(), 10 + round);
+        add(&mut twin, items, 10 + round);
+        // The first pattern keeps being used.
+        judge(&mut s, &[first[0].as_str()], Outcome::Success, 10 + round);
+        judge(
+            &mut twin,
+            &[first[0].as_str()],
+            Outcome::Success,
+            10 + round,
+        );
+        assert!(
+            s.pattern_count() <= 100,
+            "round {round}: {}",
+            s.pattern_count()
+        );
+    }
+    assert!(
+        s.pattern(&first[0]).is_some(),
+        "a pattern in use is not evicted"
+    );
+    // Identical replicas evict identically.
+    assert_eq!(s.snapshot_bytes().unwrap(), twin.snapshot_bytes().unwrap());
+    // The oldest unused ones went.
+    assert!(s.pattern("pat-000000000002").is_none());
+}
