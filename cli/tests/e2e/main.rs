@@ -9,4 +9,5 @@ mod lifecycle;
 mod memory;
 mod raft_cluster;
 mod replication;
+mod scale;
 mod topology;

@@ -182,6 +182,11 @@ impl RaftCluster {
         self.procs.insert(id, child);
     }
 
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.procs.get(&id).map(Child::id)
+    }
+
     /// SIGKILL node `id`.
     pub fn kill_node(&mut self, id: u64) {
         if let Some(mut c) = self.procs.remove(&id) {
