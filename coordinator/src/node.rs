@@ -645,12 +645,14 @@ pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
             }
             metrics::gauge!("swarm_tasks_running").set(t.count(TaskState::Running) as f64);
         });
-        let (workers, relayed) = {
+        let (workers, relayed, draining) = {
             let d = node.lock_dispatch();
             let relayed = d.sessions.values().filter(|s| s.info.via.is_some()).count();
-            (d.sessions.len(), relayed)
+            let draining = d.sessions.values().filter(|s| s.info.draining).count();
+            (d.sessions.len(), relayed, draining)
         };
         metrics::gauge!("swarm_workers_connected").set(workers as f64);
+        metrics::gauge!("swarm_workers_draining").set(draining as f64);
         // Worker QUIC connections the coordinator holds: relayed sessions share their
         // lead's connection.
         metrics::gauge!("swarm_worker_connections").set((workers - relayed) as f64);

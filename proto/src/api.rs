@@ -308,6 +308,10 @@ pub struct WorkerView {
     /// connected to the coordinator directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// The worker is draining (being stopped): it gets no new work, finishes what it
+    /// runs and hands back what it has not started.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// `GET /v1/workers` reply.
