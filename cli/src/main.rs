@@ -1073,6 +1073,14 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         why = refused => Some(why),
     };
     let _ = stop_join.send(true);
+    if outcome.is_none() {
+        // A leader hands leadership to a caught-up voter first, so the cluster does not
+        // wait out an election timeout; a second signal skips that.
+        tokio::select! {
+            _ = handle.hand_off_leadership() => {}
+            () = signals.nth(2) => tracing::info!("second stop signal: leaving without a leadership hand-off"),
+        }
+    }
     handle.shutdown().await;
     if let Some(why) = outcome {
         eprintln!("swarm coordinator: {why}");

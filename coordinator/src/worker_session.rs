@@ -542,6 +542,16 @@ fn on_report(
     tx: mpsc::UnboundedSender<CoordinatorMsg>,
     now: u64,
 ) {
+    if node.handing_off() {
+        // This leader is handing leadership over and takes no more writes: without an
+        // Ack the worker re-sends the report to the next leader.
+        debug!(
+            worker,
+            task = report.attempt.task_id,
+            "report left for the next leader"
+        );
+        return;
+    }
     let retry_at_ms = {
         let mut d = node.lock_dispatch();
         d.scheduler.worker_seen(worker, now);
