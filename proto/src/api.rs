@@ -149,7 +149,8 @@ pub struct AttemptView {
     pub started_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
-    /// `succeeded`, `failed`, `lost`, `cancelled`; absent while running.
+    /// `succeeded`, `failed`, `lost`, `cancelled`, `released` (handed back by a draining
+    /// worker; not counted against `max_attempts`); absent while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -650,7 +650,7 @@ impl Core {
             running = self.running.len(),
             queued = self.queued.len(),
             unacked = self.unacked.len(),
-            "draining: running attempts finish, queued ones are handed back"
+            "drain: queued attempts handed back, running ones go on"
         );
         self.send(WorkerMsg::Draining);
         let queued: Vec<TaskAssignment> = self.queued.drain(..).collect();
