@@ -536,14 +536,14 @@ impl Worker {
                 tracing::info!(
                     worker_id = %worker_id,
                     drain_timeout = ?drain_timeout,
-                    "worker draining: running attempts finish, queued ones are handed back"
+                    "worker draining"
                 );
                 let _ = core_tx.send(core::Command::Drain);
                 let deadline = tokio::time::Instant::now() + drain_timeout;
                 let done = tokio::select! {
                     r = &mut conn => Some(r),
                     () = &mut stop => {
-                        tracing::info!(worker_id = %worker_id, "stopping at once: a second stop signal during the drain");
+                        tracing::info!(worker_id = %worker_id, "stopping at once during the drain");
                         Some(Ok(()))
                     }
                     r = drained.wait_for(|d| *d) => {
@@ -570,7 +570,7 @@ impl Worker {
                             () = tokio::time::sleep(DRAIN_REPORT_GRACE) => {
                                 tracing::warn!(
                                     worker_id = %worker_id,
-                                    "leaving with reports not acknowledged: the coordinator gives those attempts up after its lease"
+                                    "leaving before the drain was acknowledged: the coordinator gives up what it still counts on this worker after its lease"
                                 );
                                 Ok(())
                             }

@@ -89,26 +89,39 @@ async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones
     let mut c = Cluster::new(&[]);
     c.start_coordinator();
     c.wait_ready().await;
-    c.start_worker_with("w1", 2, Some(&agents), &["--labels", "pool=drain"]);
+    // Slots, and attempts queued beyond them on the worker.
+    const SLOTS: usize = 2;
+    const QUEUED: usize = 100;
+    c.start_worker_with(
+        "w1",
+        SLOTS as u32,
+        Some(&agents),
+        &["--labels", "pool=drain"],
+    );
     c.wait_workers(&["w1"]).await;
-    // A star swarm whose members hold two attempts beyond their slots, queued locally:
-    // w1 takes all four tasks, two running and two waiting for a slot.
+    // A star swarm whose members hold QUEUED attempts beyond their slots, queued locally:
+    // w1 takes every task, SLOTS running and the rest waiting for a slot.
     let (status, v) = c
         .post(
             "/v1/swarms",
-            json!({"name": "q", "topology": "star", "labels": {"pool": "drain"}, "queue_depth": 2}),
+            json!({"name": "q", "topology": "star", "labels": {"pool": "drain"}, "queue_depth": QUEUED}),
         )
         .await;
     assert_eq!(status, 201, "{v}");
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        ids.push(
-            c.submit(
-                json!({"agent": "gate", "swarm": "q", "max_attempts": 1, "timeout_ms": 600_000}),
-            )
-            .await,
-        );
-    }
+    let task = json!({"agent": "gate", "swarm": "q", "max_attempts": 1, "timeout_ms": 600_000});
+    let (status, v) = c
+        .post(
+            "/v1/tasks/batch",
+            json!({ "tasks": vec![task; SLOTS + QUEUED] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let ids: Vec<u64> = v["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| t["id"].as_u64().expect("id"))
+        .collect();
     for id in &ids {
         wait_until(&c, &format!("/v1/tasks/{id}"), "task on w1", |t| {
             t["state"] == "running" && attempts(t).first().is_some_and(|a| a["worker"] == "w1")
@@ -121,7 +134,7 @@ async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones
             .count()
     };
     let deadline = Instant::now() + WAIT;
-    while pid_files(1) < 2 {
+    while pid_files(1) < SLOTS {
         assert!(
             Instant::now() < deadline,
             "two attempts never started\n{}",
@@ -129,9 +142,14 @@ async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(pid_files(1), 2, "two run, two wait for a slot");
+    assert_eq!(pid_files(1), SLOTS, "the others wait for a slot");
     // Somewhere for the handed-back attempts to go.
-    c.start_worker_with("w2", 2, Some(&agents), &["--labels", "pool=drain"]);
+    c.start_worker_with(
+        "w2",
+        SLOTS as u32,
+        Some(&agents),
+        &["--labels", "pool=drain"],
+    );
     c.wait_workers(&["w1", "w2"]).await;
 
     c.term_worker("w1");
@@ -154,9 +172,9 @@ async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones
     assert!(out.status.success(), "{text}");
     assert!(text.contains("w1 (draining)"), "{text}");
     assert!(text.contains("(1 draining)"), "{text}");
-    // The two queued attempts are handed back and run on w2 (they wait at the gate too).
+    // The queued attempts are handed back and run on w2 (they wait at the gate too).
     let deadline = Instant::now() + WAIT;
-    while pid_files(2) < 2 {
+    while pid_files(2) < SLOTS {
         assert!(
             Instant::now() < deadline,
             "handed-back attempts never ran again\n{}",
@@ -210,8 +228,8 @@ async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones
         }
         assert_eq!(t["output"], format!("task {id} attempt {}", a.len()), "{t}");
     }
-    assert_eq!(released, 2, "the two queued attempts were handed back");
-    assert_eq!(drained_counter(&c).await, 2.0);
+    assert_eq!(released, QUEUED, "every queued attempt was handed back");
+    assert_eq!(drained_counter(&c).await, QUEUED as f64);
     let log = c.log_of("w1");
     assert!(log.contains("worker draining"), "{log}");
     assert!(!log.contains("killing running attempts"), "{log}");
