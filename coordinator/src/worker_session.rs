@@ -552,6 +552,9 @@ fn on_report(
         );
         return;
     }
+    // Handed back by a draining worker: not a try at the task (no backoff, not counted as
+    // a retry, nothing for the ReasoningBank to learn from).
+    let drained = is_drained(&report.outcome);
     let retry_at_ms = {
         let mut d = node.lock_dispatch();
         d.scheduler.worker_seen(worker, now);
@@ -559,25 +562,24 @@ fn on_report(
         if let Some(s) = d.sessions.get_mut(worker) {
             s.info.running = s.info.running.saturating_sub(1);
         }
-        if is_drained(&report.outcome) {
-            // Handed back by a draining worker: not a failure of the task, no backoff.
+        if drained {
             now
         } else {
             d.scheduler.retry_at(now, report.attempt)
         }
     };
-    if is_drained(&report.outcome) {
-        metrics::counter!("swarm_attempts_drained_total").increment(1);
+    node.poke();
+    let run_ms = report.finished_at_ms.saturating_sub(report.started_at_ms);
+    if drained {
         debug!(
             worker,
             task = report.attempt.task_id,
             attempt = report.attempt.attempt,
             "attempt handed back by a draining worker"
         );
+    } else {
+        metrics::histogram!("swarm_task_duration_seconds").record(run_ms as f64 / 1000.0);
     }
-    node.poke();
-    let run_ms = report.finished_at_ms.saturating_sub(report.started_at_ms);
-    metrics::histogram!("swarm_task_duration_seconds").record(run_ms as f64 / 1000.0);
     let limit = node.config().limits.max_output_bytes;
     let outcome = match report.outcome {
         Outcome::Succeeded { output } if output.len() as u64 > limit => Outcome::Failed {
@@ -615,8 +617,15 @@ fn on_report(
                         "stale report ignored"
                     );
                 }
-                node.count_results(std::slice::from_ref(&result));
                 // Committed (or known stale): the worker may forget it.
+                if drained {
+                    if let OpResult::Applied { .. } = result {
+                        metrics::counter!("swarm_attempts_drained_total").increment(1);
+                    }
+                    let _ = tx.send(CoordinatorMsg::Ack(attempt));
+                    return;
+                }
+                node.count_results(std::slice::from_ref(&result));
                 let _ = tx.send(CoordinatorMsg::Ack(attempt));
                 // First time this result is recorded: feed the ReasoningBank.
                 if let OpResult::Applied { .. } = result {
