@@ -805,8 +805,8 @@ mod tests {
         s
     }
 
-    #[test]
-    fn placement_follows_each_topology() {
+    /// Mesh swarm `m` (pool=x) and ring swarm `r` (stage 0 on pool=y, stage 1 on pool=x).
+    fn mesh_and_ring_table() -> TaskTable {
         let mut t = TaskTable::new();
         for req in [
             CreateSwarm {
@@ -828,6 +828,12 @@ mod tests {
                 }],
             });
         }
+        t
+    }
+
+    #[test]
+    fn placement_follows_each_topology() {
+        let mut t = mesh_and_ring_table();
         submit(&mut t, "m", "echo");
         submit(&mut t, "r", "up");
         submit(&mut t, "default", "echo");
@@ -900,27 +906,7 @@ mod tests {
 
     #[test]
     fn a_draining_worker_leaves_every_layout() {
-        let mut t = TaskTable::new();
-        for req in [
-            CreateSwarm {
-                name: "m".into(),
-                topology: "mesh".into(),
-                labels: labels(&[("pool", "x")]),
-                ..Default::default()
-            },
-            CreateSwarm {
-                name: "r".into(),
-                topology: "ring".into(),
-                stages: vec!["up[pool=y]".into(), "echo[pool=x]".into()],
-                ..Default::default()
-            },
-        ] {
-            t.apply(&Command {
-                ops: vec![Op::SwarmCreate {
-                    record: record(req),
-                }],
-            });
-        }
+        let mut t = mesh_and_ring_table();
         submit(&mut t, "m", "echo");
         let mut s = scheduler();
         let mut topo = Topologies::default();

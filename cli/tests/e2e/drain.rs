@@ -35,6 +35,27 @@ fn gate_agents(dir: &Path, gate: &Path) -> PathBuf {
     agents
 }
 
+/// A temp dir holding the `gate` agent (and where its gate and pid files go), the gate's
+/// path, the agents file, and a coordinator that is ready.
+async fn gated_cluster() -> (tempfile::TempDir, PathBuf, PathBuf, Cluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("open");
+    let agents = gate_agents(dir.path(), &gate);
+    let mut c = Cluster::new(&[]);
+    c.start_coordinator();
+    c.wait_ready().await;
+    (dir, gate, agents, c)
+}
+
+/// Wait until `ready` holds (files appearing), failing with `what` after [`WAIT`].
+async fn wait_files(c: &Cluster, what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
@@ -83,12 +104,7 @@ async fn drained_counter(c: &Cluster) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones_and_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("open");
-    let agents = gate_agents(dir.path(), &gate);
-    let mut c = Cluster::new(&[]);
-    c.start_coordinator();
-    c.wait_ready().await;
+    let (dir, gate, agents, mut c) = gated_cluster().await;
     // Slots, and attempts queued beyond them on the worker.
     const SLOTS: usize = 2;
     const QUEUED: usize = 100;
@@ -133,15 +149,10 @@ async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones
             .filter(|id| dir.path().join(format!("pid-{id}-{attempt}")).exists())
             .count()
     };
-    let deadline = Instant::now() + WAIT;
-    while pid_files(1) < SLOTS {
-        assert!(
-            Instant::now() < deadline,
-            "two attempts never started\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_files(&c, "the first attempts never started", || {
+        pid_files(1) >= SLOTS
+    })
+    .await;
     assert_eq!(pid_files(1), SLOTS, "the others wait for a slot");
     // Somewhere for the handed-back attempts to go.
     c.start_worker_with(
@@ -173,15 +184,10 @@ async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones
     assert!(text.contains("w1 (draining)"), "{text}");
     assert!(text.contains("(1 draining)"), "{text}");
     // The queued attempts are handed back and run on w2 (they wait at the gate too).
-    let deadline = Instant::now() + WAIT;
-    while pid_files(2) < SLOTS {
-        assert!(
-            Instant::now() < deadline,
-            "handed-back attempts never ran again\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_files(&c, "handed-back attempts never ran again", || {
+        pid_files(2) >= SLOTS
+    })
+    .await;
     assert!(
         worker(&c.get("/v1/workers").await.1, "w1").is_some(),
         "w1 stays while its attempts run"
@@ -237,27 +243,14 @@ async fn a_worker_given_sigterm_finishes_its_attempts_hands_back_the_queued_ones
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_timeout_cuts_an_attempt_short_and_it_succeeds_elsewhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("open");
-    let agents = gate_agents(dir.path(), &gate);
-    let mut c = Cluster::new(&[]);
-    c.start_coordinator();
-    c.wait_ready().await;
+    let (dir, gate, agents, mut c) = gated_cluster().await;
     c.start_worker_with("w1", 1, Some(&agents), &["--drain-timeout", "1s"]);
     c.wait_workers(&["w1"]).await;
     let id = c
         .submit(json!({"agent": "gate", "max_attempts": 1, "timeout_ms": 600_000}))
         .await;
     let first_pid = dir.path().join(format!("pid-{id}-1"));
-    let deadline = Instant::now() + WAIT;
-    while !first_pid.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "attempt never started\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_files(&c, "the attempt never started", || first_pid.exists()).await;
     c.start_worker_with("w2", 1, Some(&agents), &[]);
     c.wait_workers(&["w1", "w2"]).await;
 
