@@ -10,6 +10,8 @@ Usage:
   check-deploy.py bad-fixtures RENDERED.yaml OUTDIR
       write copies of one rendered overlay with one deliberate mistake each; schema
       validation must reject every one
+  check-deploy.py compose docker-compose.yml
+      the worker's stop_grace_period outlasts its --drain-timeout (see check_drain)
 
 Exits 1 with one line per problem.
 """
@@ -39,6 +41,48 @@ def adapter_rules(adapter_path):
     if unknown:
         raise SystemExit(f"{adapter_path}: unknown adapter config keys {sorted(unknown)}")
     return config
+
+
+# After its drain timeout a worker waits up to 2 s (swarm_worker::DRAIN_REPORT_GRACE) for
+# the reports of the attempts it cut short, then exits: a grace period must exceed the
+# drain timeout by at least this much, or the pod is SIGKILLed first.
+DRAIN_MARGIN_S = 3
+
+
+def duration_s(text):
+    """A duration in swarm's syntax (500ms, 30s, 2m, 1h; a bare number is seconds)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?\s*", str(text))
+    if m is None:
+        return None
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def check_drain(where, drain, grace):
+    """Problems with a worker's drain timeout `drain` and its grace period `grace`."""
+    d, g = duration_s(drain) if drain is not None else None, duration_s(grace)
+    if drain is None:
+        return [f"{where}: the worker's drain timeout is not set (its grace period is sized for it)"]
+    if d is None or g is None:
+        return [f"{where}: cannot read drain timeout {drain!r} or grace period {grace!r}"]
+    if g < d + DRAIN_MARGIN_S:
+        return [
+            f"{where}: grace period {g:g}s does not outlast the drain timeout {d:g}s by "
+            f"{DRAIN_MARGIN_S}s: a stopping worker would be killed mid-drain"
+        ]
+    return []
+
+
+def check_compose(path):
+    with open(path) as f:
+        services = yaml.safe_load(f)["services"]
+    worker = services["worker"]
+    drain = next(
+        (a.split("=", 1)[1] for a in worker.get("command", []) if a.startswith("--drain-timeout=")),
+        (worker.get("environment") or {}).get("SWARM_DRAIN_TIMEOUT"),
+    )
+    # Docker's default grace period is 10 s.
+    return check_drain(f"{path}: service worker", drain, worker.get("stop_grace_period", "10s"))
 
 
 def selector_matches(selector, labels):
@@ -107,6 +151,13 @@ def check_overlay(rendered, adapter_path, secrets_path):
         pdb["spec"]["selector"]["matchLabels"], pod_labels
     ):
         problems.append("the PodDisruptionBudget must allow 1 unavailable coordinator")
+
+    problems += check_drain(
+        "Deployment/swarm-worker",
+        wcm["data"].get("SWARM_DRAIN_TIMEOUT"),
+        # Kubernetes' default grace period is 30 s.
+        dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30),
+    )
 
     target = hpa["spec"]["scaleTargetRef"]
     if (target["kind"], target["name"]) != ("Deployment", dep["metadata"]["name"]):
@@ -215,6 +266,8 @@ def main():
         problems = promql_rules(*args[1:])
     elif args[:1] == ["bad-fixtures"] and len(args) == 3:
         problems = bad_fixtures(*args[1:])
+    elif args[:1] == ["compose"] and len(args) == 2:
+        problems = check_compose(args[1])
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@
 #   * self-check: copies of a rendered overlay with one deliberate mistake each must be
 #     rejected, each for that mistake;
 #   * cross-object checks (scripts/check-deploy.py k8s): names, replicas, probes, PDB,
-#     HPA metric served by the adapter rules, Secrets, security settings;
+#     HPA metric served by the adapter rules, Secrets, security settings, the worker's
+#     grace period against its drain timeout (and the same in docker-compose.yml);
 #   * Prometheus: `promtool check config` and `check rules`, the alert unit tests
 #     (deploy/prometheus/alerts_test.yml), and the PromQL of the Grafana dashboard and of
 #     the adapter rules; the dashboard and datasource files as JSON/YAML.
@@ -120,6 +121,8 @@ for overlay in dev prod; do
         k8s/secrets.example.yaml || fail "k8s/overlays/$overlay: cross-object checks"
     echo "ok: $overlay"
 done
+"$py" scripts/check-deploy.py compose docker-compose.yml || fail "docker-compose.yml: worker drain"
+echo "ok: docker-compose.yml worker drain timeout and stop_grace_period"
 
 # --- Prometheus, Grafana -----------------------------------------------------------------
 say "promtool ($("$promtool" --version 2>&1 | head -1))"

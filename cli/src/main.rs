@@ -582,6 +582,13 @@ struct WorkerArgs {
     /// Name to verify in peers' certificates (default: localhost).
     #[arg(long, env = "SWARM_PEER_SERVER_NAME")]
     peer_server_name: Option<String>,
+    /// On SIGTERM or Ctrl-C the worker drains: it takes no new work, hands back the
+    /// attempts it has not started, and lets running ones finish for up to this long
+    /// (then kills and hands back the rest). A second signal stops at once. Keep the
+    /// deployment's grace period (terminationGracePeriodSeconds, stop_grace_period)
+    /// a few seconds longer.
+    #[arg(long, env = "SWARM_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -825,21 +832,52 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+/// SIGTERM and Ctrl-C (SIGINT), counted from the moment [`StopSignals::listen`] is
+/// called: the first asks for a graceful stop (a worker drains, a leading coordinator
+/// hands leadership over), the second for an immediate one.
+struct StopSignals {
+    count: tokio::sync::watch::Receiver<u32>,
+}
+
+impl StopSignals {
+    fn listen() -> StopSignals {
+        let (tx, count) = tokio::sync::watch::channel(0u32);
+        #[cfg(unix)]
         {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            Some(()) = term.recv() => {}
+                            Some(()) = int.recv() => {}
+                            else => return,
+                        }
+                        tx.send_modify(|n| *n += 1);
+                    }
+                });
+                return StopSignals { count };
             }
-            return;
+        }
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        StopSignals { count }
+    }
+
+    /// Completes once `n` signals have arrived.
+    async fn nth(&self, n: u32) {
+        let mut count = self.count.clone();
+        if count.wait_for(|c| *c >= n).await.is_err() {
+            // No more signals can come.
+            std::future::pending::<()>().await;
         }
     }
-    let _ = ctrl_c.await;
 }
 
 async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
@@ -877,13 +915,15 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             peer_listen: None,
             peer_advertise: None,
             peer_server_name: None,
+            drain_timeout: Duration::ZERO,
         };
         let mut rx = stop_rx.clone();
         workers.push(tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.changed().await;
             };
-            if let Err(e) = swarm_worker::run_worker(wcfg, stop).await {
+            // The coordinator stops with the workers: nothing to drain towards.
+            if let Err(e) = swarm_worker::run_worker(wcfg, std::future::pending(), stop).await {
                 eprintln!("worker local-{i}: {e:#}");
             }
         }));
@@ -905,7 +945,7 @@ async fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         token_file.display()
     );
     println!("stop with Ctrl-C");
-    shutdown_signal().await;
+    StopSignals::listen().nth(1).await;
     println!("stopping");
     let _ = stop_tx.send(true);
     for w in workers {
@@ -999,6 +1039,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         embedder,
     };
     let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();
+    let signals = StopSignals::listen();
     let handle = swarm_coordinator::start(cfg).await?;
     println!(
         "coordinator {} serving API on {} and QUIC on {}",
@@ -1034,10 +1075,18 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let outcome = tokio::select! {
-        _ = shutdown_signal() => None,
+        () = signals.nth(1) => None,
         why = refused => Some(why),
     };
     let _ = stop_join.send(true);
+    if outcome.is_none() {
+        // A leader hands leadership to a caught-up voter first, so the cluster does not
+        // wait out an election timeout; a second signal skips that.
+        tokio::select! {
+            _ = handle.hand_off_leadership() => {}
+            () = signals.nth(2) => tracing::info!("second stop signal: leaving without a leadership hand-off"),
+        }
+    }
     handle.shutdown().await;
     if let Some(why) = outcome {
         eprintln!("swarm coordinator: {why}");
@@ -1133,8 +1182,10 @@ async fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         peer_listen: a.peer_listen,
         peer_advertise: a.peer_advertise,
         peer_server_name: a.peer_server_name,
+        drain_timeout: a.drain_timeout,
     };
-    swarm_worker::run_worker(cfg, shutdown_signal()).await?;
+    let signals = StopSignals::listen();
+    swarm_worker::run_worker(cfg, signals.nth(1), signals.nth(2)).await?;
     Ok(ExitCode::SUCCESS)
 }
 

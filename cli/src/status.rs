@@ -9,10 +9,16 @@ pub fn render(s: &StatusView) -> String {
     let mut out = render_cluster(&s.cluster);
     let slots: u64 = s.workers.iter().map(|w| w.slots as u64).sum();
     let busy: u64 = s.workers.iter().map(|w| w.running as u64).sum();
+    let draining = s.workers.iter().filter(|w| w.draining).count();
     let _ = writeln!(
         out,
-        "workers     {} connected, {busy} of {slots} slots busy",
-        s.workers.len()
+        "workers     {} connected{}, {busy} of {slots} slots busy",
+        s.workers.len(),
+        if draining > 0 {
+            format!(" ({draining} draining)")
+        } else {
+            String::new()
+        }
     );
     if !s.workers.is_empty() {
         let mut rows = vec![vec![
@@ -28,7 +34,12 @@ pub fn render(s: &StatusView) -> String {
         for w in &s.workers {
             let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             rows.push(vec![
-                w.id.clone(),
+                // A draining worker gets no new work and leaves once its attempts end.
+                if w.draining {
+                    format!("{} (draining)", w.id)
+                } else {
+                    w.id.clone()
+                },
                 w.slots.to_string(),
                 w.running.to_string(),
                 load_bar(w.running, w.slots),
@@ -289,18 +300,34 @@ mod tests {
                     error: Some("unreachable: connection refused".into()),
                 }],
             },
-            workers: vec![WorkerView {
-                id: "w1".into(),
-                addr: "127.0.0.1:5000".into(),
-                slots: 4,
-                running: 2,
-                labels: [("gpu".to_string(), "yes".to_string())].into(),
-                agents: vec!["echo".into()],
-                connected_at_ms: 0,
-                last_heartbeat_ms: 0,
-                zero_rtt: true,
-                via: None,
-            }],
+            workers: vec![
+                WorkerView {
+                    id: "w1".into(),
+                    addr: "127.0.0.1:5000".into(),
+                    slots: 4,
+                    running: 2,
+                    labels: [("gpu".to_string(), "yes".to_string())].into(),
+                    agents: vec!["echo".into()],
+                    connected_at_ms: 0,
+                    last_heartbeat_ms: 0,
+                    zero_rtt: true,
+                    via: None,
+                    draining: false,
+                },
+                WorkerView {
+                    id: "w2".into(),
+                    addr: "127.0.0.1:5001".into(),
+                    slots: 2,
+                    running: 1,
+                    labels: Default::default(),
+                    agents: vec!["echo".into()],
+                    connected_at_ms: 0,
+                    last_heartbeat_ms: 0,
+                    zero_rtt: false,
+                    via: None,
+                    draining: true,
+                },
+            ],
             queue: QueueCounts {
                 queued: 3,
                 succeeded: 7,
@@ -316,8 +343,13 @@ mod tests {
         let text = render(&s);
         assert!(text.contains("node 1 is leader, term 2"), "{text}");
         assert!(text.contains("DOWN: unreachable"), "{text}");
-        assert!(text.contains("1 connected, 2 of 4 slots busy"), "{text}");
+        assert!(
+            text.contains("2 connected (1 draining), 3 of 6 slots busy"),
+            "{text}"
+        );
         assert!(text.contains("[#####.....]  50%"), "{text}");
+        assert!(text.contains("w2 (draining)"), "{text}");
+        assert!(!text.contains("w1 (draining)"), "{text}");
         assert!(text.contains("gpu=yes"), "{text}");
         assert!(text.contains("queued 3"), "{text}");
         assert!(text.contains("1.0 tasks/s"), "{text}");

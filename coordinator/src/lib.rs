@@ -5,6 +5,7 @@
 //! * [`start`] wires one coordinator process together and returns a [`CoordinatorHandle`];
 //! * [`api`] (HTTP) and [`worker_session`] (QUIC) turn requests and frames into ops;
 //! * [`node`] runs the loops: applied-entry events, dispatch, gauges;
+//! * [`handoff`] hands leadership to a caught-up voter when a leader stops;
 //! * [`proposer`] group-commits ops into Raft entries;
 //! * [`raft`] is the openraft plumbing: durable log (redb), state machine store, network;
 //! * [`state`] (the replicated [`state::TaskTable`]) and [`scheduler`] are pure logic with
@@ -13,6 +14,7 @@
 pub mod api;
 pub mod backup;
 pub mod cluster;
+pub mod handoff;
 pub mod limits;
 pub mod memory;
 pub mod metrics;

@@ -112,6 +112,14 @@ fn describe() {
         "swarm_workers_connected",
         "Workers connected to this coordinator."
     );
+    describe_gauge!(
+        "swarm_workers_draining",
+        "Connected workers that are draining (being stopped; given no new work)."
+    );
+    describe_counter!(
+        "swarm_attempts_drained_total",
+        "Attempts handed back by draining workers (not started, or cut short at the drain timeout); they run again without counting against max_attempts."
+    );
     describe_histogram!(
         "swarm_checkpoint_seconds",
         Unit::Seconds,

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -218,6 +219,9 @@ pub struct Node {
     memory: crate::memory::MemoryService,
     /// The restore this node's API is driving, if any.
     restore_driver: Mutex<Option<u64>>,
+    /// Set once this leader started handing leadership over (it is stopping): it serves
+    /// no more as leader (see [`Node::is_leader`]).
+    handing_off: AtomicBool,
 }
 
 impl Node {
@@ -246,6 +250,7 @@ impl Node {
             wake_dispatch: Notify::new(),
             peer_http,
             restore_driver: Mutex::new(None),
+            handing_off: AtomicBool::new(false),
         })
     }
 
@@ -292,10 +297,28 @@ impl Node {
         self.dispatch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether this node is the Raft leader right now.
+    /// Whether this node is the Raft leader right now and serves as one: not once it
+    /// started handing leadership over. Then the API answers `not_leader`, dispatch stops,
+    /// new worker sessions are turned away and reports are left for the next leader.
     pub fn is_leader(&self) -> bool {
+        self.leads_raft() && !self.handing_off()
+    }
+
+    /// Whether this node is the Raft leader, handing over or not. Leadership changes
+    /// (adopting attempts, stepping down) follow this one.
+    pub(crate) fn leads_raft(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
         m.state == ServerState::Leader && m.current_leader == Some(self.cfg.node_id)
+    }
+
+    /// Whether a leadership hand-off started (see [`Node::is_leader`]).
+    pub(crate) fn handing_off(&self) -> bool {
+        self.handing_off.load(Ordering::Relaxed)
+    }
+
+    /// Stop serving as leader: the first step of a hand-off, for good (the node stops).
+    pub(crate) fn begin_handoff(&self) {
+        self.handing_off.store(true, Ordering::Relaxed);
     }
 
     /// The leader's id and address, if one is known.
@@ -479,7 +502,7 @@ impl Node {
         if events.is_empty() {
             return;
         }
-        let leader = self.is_leader();
+        let leader = self.leads_raft();
         let mut cancels = Vec::new();
         {
             let mut d = self.lock_dispatch();
@@ -697,7 +720,9 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
             _ = prune.tick() => node.prune_waiters(),
             _ = shutdown.changed() => return,
         }
-        let leader = node.is_leader();
+        // Raft leadership itself: a node handing leadership over still holds its worker
+        // sessions until another node leads, then turns them to it.
+        let leader = node.leads_raft();
         if leader && !was_leader {
             node.adopt_running();
         } else if !leader && was_leader {
@@ -799,12 +824,14 @@ pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
             metrics::gauge!("swarm_tasks_running").set(t.count(TaskState::Running) as f64);
             crate::metrics::keep_alive(t.defined_swarms().keys());
         });
-        let (workers, relayed) = {
+        let (workers, relayed, draining) = {
             let d = node.lock_dispatch();
             let relayed = d.sessions.values().filter(|s| s.info.via.is_some()).count();
-            (d.sessions.len(), relayed)
+            let draining = d.sessions.values().filter(|s| s.info.draining).count();
+            (d.sessions.len(), relayed, draining)
         };
         metrics::gauge!("swarm_workers_connected").set(workers as f64);
+        metrics::gauge!("swarm_workers_draining").set(draining as f64);
         // Worker QUIC connections the coordinator holds: relayed sessions share their
         // lead's connection.
         metrics::gauge!("swarm_worker_connections").set((workers - relayed) as f64);

@@ -53,6 +53,8 @@ pub struct WorkerEntry {
     /// Where the worker accepts mesh peer links, if it does.
     pub peer_addr: Option<String>,
     pub connected: bool,
+    /// The worker is draining (being stopped): nothing new is placed on it.
+    pub draining: bool,
     pub last_seen_ms: u64,
     /// Attempts occupying a slot (planned, not yet reported).
     pub busy: u32,
@@ -66,6 +68,11 @@ impl WorkerEntry {
             return f64::INFINITY;
         }
         self.busy as f64 / self.slots as f64
+    }
+
+    /// Whether new attempts may be placed on the worker: connected and not draining.
+    pub fn takes_work(&self) -> bool {
+        self.connected && !self.draining
     }
 
     /// Whether the worker carries every label in `wanted`.
@@ -168,6 +175,8 @@ impl Scheduler {
                 agents,
                 peer_addr,
                 connected: true,
+                // A new session starts undrained; a draining worker says so again first.
+                draining: false,
                 last_seen_ms: now_ms,
                 busy,
                 dispatched,
@@ -184,6 +193,20 @@ impl Scheduler {
         }
     }
 
+    /// The worker is draining: from now on nothing is placed on it (its attempts in
+    /// flight stay tracked until they are reported), and it leaves every swarm layout.
+    /// Returns whether this changed anything.
+    pub fn worker_draining(&mut self, id: &str) -> bool {
+        match self.workers.get_mut(id) {
+            Some(w) if !w.draining => {
+                w.draining = true;
+                self.membership_gen += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Any sign of life from the worker renews its lease.
     pub fn worker_seen(&mut self, id: &str, now_ms: u64) {
         if let Some(w) = self.workers.get_mut(id) {
@@ -191,7 +214,7 @@ impl Scheduler {
         }
     }
 
-    /// Changes whenever the set of workers (or their connectedness) changes.
+    /// Changes whenever the set of workers (or their connectedness, or drain) changes.
     pub fn membership_gen(&self) -> u64 {
         self.membership_gen
     }
@@ -276,7 +299,7 @@ impl Scheduler {
 
     /// Choose attempts for queued tasks, best first, until workers are full. `queued`
     /// must be in run order. Tasks in flight, waiting out a backoff, or matching no
-    /// connected worker's labels are skipped.
+    /// connected worker's labels are skipped; draining workers get nothing.
     pub fn plan<'a>(&mut self, queued: impl Iterator<Item = &'a Task>, now_ms: u64) -> Plan {
         self.plan_by(queued, now_ms, 0, |task, _, w| {
             w.has_labels(&task.spec.labels).then_some(w.slots)
@@ -297,7 +320,7 @@ impl Scheduler {
         let mut free: u64 = self
             .workers
             .values()
-            .filter(|w| w.connected)
+            .filter(|w| w.takes_work())
             .map(|w| (w.slots + max_extra).saturating_sub(w.busy) as u64)
             .sum();
         let mut plan = Plan::default();
@@ -388,7 +411,7 @@ impl Scheduler {
             let Some(w) = self.workers.get(&ids[i]) else {
                 continue;
             };
-            if !w.connected {
+            if !w.takes_work() {
                 continue;
             }
             match place(&ids[i], w) {
@@ -716,6 +739,52 @@ mod tests {
             "adopted task is in flight"
         );
         assert_eq!(t.get(1).map(|t| t.state), Some(TaskState::Queued));
+    }
+
+    #[test]
+    fn a_draining_worker_gets_nothing_new_and_keeps_what_it_runs() {
+        let t = table(6, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 2, labels(&[]), 0);
+        s.worker_connected("b", 2, labels(&[]), 0);
+        let first = s.plan(t.queued(), 0).dispatches;
+        let on_a: Vec<AttemptRef> = first
+            .iter()
+            .filter(|d| d.worker == "a")
+            .map(|d| d.attempt)
+            .collect();
+        assert_eq!(on_a.len(), 2, "{first:?}");
+        let gen = s.membership_gen();
+        assert!(s.worker_draining("a"));
+        assert!(!s.worker_draining("a"), "draining twice changes nothing");
+        assert!(!s.worker_draining("nobody"));
+        assert!(s.membership_gen() > gen, "layouts re-plan without it");
+        // Both of a's slots free up: still nothing goes there, while b takes more.
+        for a in &on_a {
+            s.reported("a", *a);
+            s.forget(a.task_id);
+        }
+        let b_done: Vec<AttemptRef> = first
+            .iter()
+            .filter(|d| d.worker == "b")
+            .map(|d| d.attempt)
+            .collect();
+        for a in &b_done {
+            s.reported("b", *a);
+        }
+        let next = s.plan(t.queued(), 0).dispatches;
+        assert!(!next.is_empty());
+        assert!(next.iter().all(|d| d.worker == "b"), "{next:?}");
+        // Queueing beyond slots (plan_by) never picks it either.
+        assert!(s
+            .plan_by(t.queued(), 0, 8, |_, _, w| Some(w.slots + 8))
+            .dispatches
+            .iter()
+            .all(|d| d.worker == "b"));
+        assert_eq!(s.workers()["a"].busy, 0);
+        // A new session of the worker starts undrained (it says Draining again).
+        s.worker_connected("a", 2, labels(&[]), 0);
+        assert!(s.workers()["a"].takes_work());
     }
 
     #[test]

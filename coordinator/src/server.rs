@@ -30,11 +30,22 @@ pub struct CoordinatorHandle {
     /// Where the QUIC endpoint (workers and Raft peers) listens.
     pub quic_addr: SocketAddr,
     endpoint: quinn::Endpoint,
+    /// Raft RPCs to peers outside openraft (the hand-off's `TimeoutNow`); shares its
+    /// connections with openraft's own copy.
+    network: raft::network::QuicRaftNetwork,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl CoordinatorHandle {
+    /// If this node leads, hand leadership to the voter whose log is furthest along
+    /// before stopping (see [`crate::handoff`]); bounded, and a failure only means the
+    /// cluster elects by itself. The node serves no more as leader afterwards: call
+    /// [`CoordinatorHandle::shutdown`] next.
+    pub async fn hand_off_leadership(&self) -> crate::handoff::Handoff {
+        crate::handoff::hand_off(&self.node, &self.network).await
+    }
+
     /// Stop serving: API, worker sessions, Raft. Data on disk stays consistent.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -157,6 +168,7 @@ where
     table.memory(|m| crate::memory::check_replica_dimension(m.config(), &cfg.embedder))?;
     let network =
         raft::network::QuicRaftNetwork::new(endpoint.clone(), client_config(&identity, ALPN_RAFT)?);
+    let handoff_network = network.clone();
     let raft_cfg = Arc::new(
         raft::raft_config("swarm", cfg.snapshot_every)
             .validate()
@@ -220,6 +232,7 @@ where
         api_addr,
         quic_addr,
         endpoint,
+        network: handoff_network,
         shutdown,
         tasks,
     })

@@ -307,9 +307,9 @@ impl Topologies {
     }
 }
 
-/// Connected workers matching `spec`'s selector, as the planners see them. A mesh or a
-/// hierarchy only counts workers that accept peer links (a lead relays on its peer
-/// listener).
+/// Connected workers matching `spec`'s selector, as the planners see them, draining ones
+/// left out. A mesh or a hierarchy only counts workers that accept peer links (a lead
+/// relays on its peer listener).
 ///
 /// A hierarchy (given its `previous` plan) also keeps members that are between two
 /// connections — a member moving to its lead drops its direct session before the relayed
@@ -328,8 +328,9 @@ fn members_of(
         Some(TopologyPlan::Hierarchical(h)) => Some(h),
         _ => None,
     };
+    // A draining worker takes no new work and is about to leave: it is in no layout.
     let present = |id: &str, w: &WorkerEntry| {
-        w.connected || hierarchy.is_some_and(|h| !h.leads.iter().any(|l| l == id))
+        !w.draining && (w.connected || hierarchy.is_some_and(|h| !h.leads.iter().any(|l| l == id)))
     };
     scheduler
         .workers()
@@ -766,6 +767,7 @@ mod tests {
                 last_heartbeat_ms: 0,
                 zero_rtt: false,
                 via: via.map(String::from),
+                draining: false,
             },
         }
     }
@@ -804,8 +806,8 @@ mod tests {
         s
     }
 
-    #[test]
-    fn placement_follows_each_topology() {
+    /// Mesh swarm `m` (pool=x) and ring swarm `r` (stage 0 on pool=y, stage 1 on pool=x).
+    fn mesh_and_ring_table() -> TaskTable {
         let mut t = TaskTable::new();
         for req in [
             CreateSwarm {
@@ -827,6 +829,12 @@ mod tests {
                 }],
             });
         }
+        t
+    }
+
+    #[test]
+    fn placement_follows_each_topology() {
+        let mut t = mesh_and_ring_table();
         submit(&mut t, "m", "echo");
         submit(&mut t, "r", "up");
         submit(&mut t, "default", "echo");
@@ -895,6 +903,59 @@ mod tests {
             "a ring task never moves"
         );
         assert!(!topo.may_move(&s, default, "a", "b"), "nor a star task");
+    }
+
+    #[test]
+    fn a_draining_worker_leaves_every_layout() {
+        let mut t = mesh_and_ring_table();
+        submit(&mut t, "m", "echo");
+        let mut s = scheduler();
+        let mut topo = Topologies::default();
+        let all = sessions(&[
+            ("a", 1, None),
+            ("b", 2, None),
+            ("c", 3, None),
+            ("d", 4, None),
+        ]);
+        topo.refresh(&s, &t, &all);
+        let stage_1 = |topo: &Topologies| match &topo.layout("r").and_then(|l| l.plan.clone()) {
+            Some(TopologyPlan::Ring(r)) => r.worker_for(1).cloned(),
+            _ => None,
+        };
+        let ring_worker = stage_1(&topo).expect("ring planned");
+        let mesh = t.get(1).unwrap();
+        assert!(topo.place(mesh, "a", &s.workers()["a"]).is_some());
+
+        // a drains: it leaves the mesh (its links are dropped, b's list loses it), so no
+        // mesh task is placed on it; a ring stage it served moves to another member.
+        assert!(s.worker_draining("a"));
+        let out = topo.refresh(&s, &t, &all);
+        let mut told: Vec<(&str, usize)> = out
+            .iter()
+            .filter_map(|(w, m)| match m {
+                CoordinatorMsg::Peers { swarm, peers } if swarm == "m" => {
+                    Some((w.as_str(), peers.len()))
+                }
+                _ => None,
+            })
+            .collect();
+        told.sort();
+        assert_eq!(told, vec![("a", 0), ("b", 0)], "{out:?}");
+        assert_eq!(topo.place(mesh, "a", &s.workers()["a"]), None);
+        let after = stage_1(&topo).expect("ring still planned");
+        assert_ne!(after, "a", "a draining worker serves no ring stage");
+        if ring_worker != "a" {
+            assert_eq!(
+                after, ring_worker,
+                "a stage off the draining worker stays put"
+            );
+        }
+        // Drain the ring's other candidates for stage 1 too: the swarm waits for members
+        // rather than placing work on a draining one.
+        s.worker_draining("b");
+        s.worker_draining("d");
+        topo.refresh(&s, &t, &all);
+        assert!(topo.layout("r").is_some_and(|l| l.plan.is_none()));
     }
 
     #[test]

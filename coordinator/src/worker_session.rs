@@ -6,6 +6,10 @@
 //! it still holds with what the scheduler thinks, send `Welcome`, then serve heartbeats
 //! and reports until the connection ends. A malformed frame ends the session with a log
 //! line; the worker reconnects and loses nothing.
+//!
+//! A worker that says `Draining` is marked so in the scheduler (nothing new is placed on
+//! it) and answered `DrainAck` behind every `Run` already sent; the attempts it hands
+//! back (`FailureKind::Drained`) queue again at once, without a retry backoff.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use std::time::Duration;
 
 use swarm_proto::api::WorkerView;
 use swarm_proto::worker::{CoordinatorMsg, FailureKind, Hello, Outcome, TaskReport, WorkerMsg};
-use swarm_proto::PROTOCOL_VERSION;
+use swarm_proto::{protocol_supported, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use swarm_transport::{Accepted, FrameReader, FrameWriter, Role, TransportError};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -68,9 +72,9 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
     let Some(hello) = read_hello(&mut reader).await? else {
         return Ok(());
     };
-    if hello.protocol != PROTOCOL_VERSION {
+    if !protocol_supported(hello.protocol) {
         let message = format!(
-            "worker speaks protocol version {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade one of them",
+            "worker speaks protocol version {}, this coordinator speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade one of them",
             hello.protocol
         );
         reject(&mut writer, &accepted.conn, "protocol_version", &message).await;
@@ -133,11 +137,11 @@ async fn relayed(
     let Some(hello) = read_hello(&mut reader).await? else {
         return Ok(());
     };
-    let refusal = if hello.protocol != PROTOCOL_VERSION {
+    let refusal = if !protocol_supported(hello.protocol) {
         Some(CoordinatorMsg::Rejected {
             code: "protocol_version".into(),
             message: format!(
-                "worker speaks protocol version {}, this coordinator speaks {PROTOCOL_VERSION}; upgrade one of them",
+                "worker speaks protocol version {}, this coordinator speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade one of them",
                 hello.protocol
             ),
         })
@@ -190,9 +194,10 @@ async fn session(
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel();
     // Welcome goes first: registering may already queue Cancels, and dispatch may queue
-    // Runs, as soon as the session is visible.
+    // Runs, as soon as the session is visible. It names the worker's own (supported)
+    // version: this session speaks that one.
     let _ = tx.send(CoordinatorMsg::Welcome {
-        protocol: PROTOCOL_VERSION,
+        protocol: hello.protocol,
         heartbeat_interval_ms: node.config().heartbeat_interval_ms,
         max_output_bytes: node.config().limits.max_output_bytes,
     });
@@ -279,6 +284,7 @@ fn msg_name(m: &WorkerMsg) -> &'static str {
         WorkerMsg::Retrieve { .. } => "Retrieve",
         WorkerMsg::Stole { .. } => "Stole",
         WorkerMsg::PeerLost { .. } => "PeerLost",
+        WorkerMsg::Draining => "Draining",
     }
 }
 
@@ -387,6 +393,7 @@ fn register(
                     last_heartbeat_ms: now,
                     zero_rtt,
                     via,
+                    draining: false,
                 },
             },
         );
@@ -482,6 +489,7 @@ async fn read_loop(
                 metrics::counter!("swarm_peer_lost_total").increment(1);
                 debug!(worker, peer = %peer, "worker lost its peer link");
             }
+            WorkerMsg::Draining => on_draining(node, worker, tx),
             WorkerMsg::Hello(_) => {
                 metrics::counter!("swarm_protocol_errors_total").increment(1);
                 return Err(SessionError::Protocol(
@@ -493,6 +501,40 @@ async fn read_loop(
     Ok(())
 }
 
+/// The worker is draining: place nothing more on it, and tell it so behind every `Run`
+/// already queued for it (both under the dispatch lock, which dispatch holds while it
+/// queues a `Run`).
+fn on_draining(node: &Arc<Node>, worker: &str, tx: &mpsc::UnboundedSender<CoordinatorMsg>) {
+    let (newly, running) = {
+        let mut d = node.lock_dispatch();
+        let newly = d.scheduler.worker_draining(worker);
+        if let Some(s) = d.sessions.get_mut(worker) {
+            s.info.draining = true;
+        }
+        let _ = tx.send(CoordinatorMsg::DrainAck);
+        let running = d.scheduler.workers().get(worker).map_or(0, |w| w.busy);
+        (newly, running)
+    };
+    if newly {
+        info!(
+            worker,
+            running, "worker draining: no new work goes to it; its swarms re-plan without it"
+        );
+        // Layouts drop it at the next dispatch round.
+        node.poke();
+    }
+}
+
+fn is_drained(outcome: &Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Failed {
+            kind: FailureKind::Drained,
+            ..
+        }
+    )
+}
+
 fn on_report(
     node: &Arc<Node>,
     worker: &str,
@@ -500,6 +542,19 @@ fn on_report(
     tx: mpsc::UnboundedSender<CoordinatorMsg>,
     now: u64,
 ) {
+    if node.handing_off() {
+        // This leader is handing leadership over and takes no more writes: without an
+        // Ack the worker re-sends the report to the next leader.
+        debug!(
+            worker,
+            task = report.attempt.task_id,
+            "report left for the next leader"
+        );
+        return;
+    }
+    // Handed back by a draining worker: not a try at the task (no backoff, not counted as
+    // a retry, nothing for the ReasoningBank to learn from).
+    let drained = is_drained(&report.outcome);
     let retry_at_ms = {
         let mut d = node.lock_dispatch();
         d.scheduler.worker_seen(worker, now);
@@ -507,11 +562,24 @@ fn on_report(
         if let Some(s) = d.sessions.get_mut(worker) {
             s.info.running = s.info.running.saturating_sub(1);
         }
-        d.scheduler.retry_at(now, report.attempt)
+        if drained {
+            now
+        } else {
+            d.scheduler.retry_at(now, report.attempt)
+        }
     };
     node.poke();
     let run_ms = report.finished_at_ms.saturating_sub(report.started_at_ms);
-    metrics::histogram!("swarm_task_duration_seconds").record(run_ms as f64 / 1000.0);
+    if drained {
+        debug!(
+            worker,
+            task = report.attempt.task_id,
+            attempt = report.attempt.attempt,
+            "attempt handed back by a draining worker"
+        );
+    } else {
+        metrics::histogram!("swarm_task_duration_seconds").record(run_ms as f64 / 1000.0);
+    }
     let limit = node.config().limits.max_output_bytes;
     let outcome = match report.outcome {
         Outcome::Succeeded { output } if output.len() as u64 > limit => Outcome::Failed {
@@ -549,8 +617,15 @@ fn on_report(
                         "stale report ignored"
                     );
                 }
-                node.count_results(std::slice::from_ref(&result));
                 // Committed (or known stale): the worker may forget it.
+                if drained {
+                    if let OpResult::Applied { .. } = result {
+                        metrics::counter!("swarm_attempts_drained_total").increment(1);
+                    }
+                    let _ = tx.send(CoordinatorMsg::Ack(attempt));
+                    return;
+                }
+                node.count_results(std::slice::from_ref(&result));
                 let _ = tx.send(CoordinatorMsg::Ack(attempt));
                 // First time this result is recorded: feed the ReasoningBank.
                 if let OpResult::Applied { .. } = result {

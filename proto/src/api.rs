@@ -153,7 +153,8 @@ pub struct AttemptView {
     pub started_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
-    /// `succeeded`, `failed`, `lost`, `cancelled`; absent while running.
+    /// `succeeded`, `failed`, `lost`, `cancelled`, `released` (handed back by a draining
+    /// worker; not counted against `max_attempts`); absent while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -315,6 +316,10 @@ pub struct WorkerView {
     /// connected to the coordinator directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// The worker is draining (being stopped): it gets no new work, finishes what it
+    /// runs and hands back what it has not started.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// `GET /v1/workers` reply.

@@ -14,7 +14,24 @@ pub mod peer;
 pub mod worker;
 
 /// Version of the worker ⇄ coordinator protocol. Bump on any incompatible change to [`worker`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// * 1: the first version.
+/// * 2: workers may send `WorkerMsg::Draining` and report `FailureKind::Drained`, which
+///   a version-1 coordinator cannot decode; the coordinator answers `Draining` with
+///   `CoordinatorMsg::DrainAck`. Nothing else a coordinator sends changed.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest worker protocol a coordinator still serves: version 1 is version 2 without
+/// the messages a version-1 worker never sends (and `DrainAck`, which only answers one of
+/// them), so old workers keep working while the coordinators are upgraded first. A
+/// coordinator answers `Welcome` with the worker's version.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Whether a peer speaking worker protocol `version` is served (coordinators) or linked
+/// to (mesh peers, whose messages are the same in every supported version).
+pub fn protocol_supported(version: u32) -> bool {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
 
 /// ALPN for worker ⇄ coordinator connections.
 pub const ALPN_WORKER: &[u8] = b"swarm-worker/1";

@@ -67,6 +67,12 @@ pub enum WorkerMsg {
     PeerLost {
         peer: String,
     },
+    /// The worker is draining (it is being stopped): place nothing new on it. It finishes
+    /// and reports what it runs, hands back what it has not started (`Finished` with
+    /// [`FailureKind::Drained`]) and hands back any `Run` that still arrives. Sent first
+    /// on every session from the moment the drain begins, since a new session starts
+    /// with a clean slate on the coordinator. Answered by [`CoordinatorMsg::DrainAck`].
+    Draining,
 }
 
 /// The end of one attempt, as observed by the worker.
@@ -185,6 +191,10 @@ pub enum CoordinatorMsg {
     /// The peers this worker should hold links to in mesh swarm `swarm` (replaces any
     /// earlier list for that swarm; an empty list drops the links).
     Peers { swarm: String, peers: Vec<PeerInfo> },
+    /// The answer to [`WorkerMsg::Draining`]: this session's worker is marked draining,
+    /// and no `Run` follows this frame on this session. A draining worker leaves only
+    /// after it, so no attempt can be on its way to a worker that is gone.
+    DrainAck,
     /// Reach the coordinator through this lead (a hierarchical swarm): connect to its
     /// relay listener (ALPN [`crate::ALPN_RELAY`]) and say `Hello` there, on a stream the
     /// lead relays to the coordinator. `None`: connect to the coordinator directly.

@@ -9,6 +9,16 @@
 //! a peer stealing work takes attempts from the local queue ([`Command::TakeQueued`],
 //! then [`Command::Lent`]); attempts stolen from a peer arrive as [`Command::Stolen`].
 //! The core publishes its load ([`LocalLoad`]) for the peer links to gossip.
+//!
+//! **Draining** ([`Command::Drain`]): the worker is being stopped. It says so to the
+//! coordinator (`WorkerMsg::Draining`, again first on every later session), hands back
+//! every attempt it accepted but has not started (reported `Failed` with
+//! `FailureKind::Drained`, through the usual report path: re-sent until acked), and
+//! hands back likewise any `Run` or stolen attempt that still arrives. Running attempts
+//! go on to their end. [`Command::CutShort`] (the drain timeout) kills the ones still
+//! running and reports them `Drained` too. [`Core::drained`] tells when the worker may
+//! leave: the coordinator acknowledged the drain on the current session (so no `Run` is
+//! on its way), nothing runs or waits, and every report is acknowledged.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,6 +46,11 @@ const FRAME_OUTPUT_LIMIT: u64 = (swarm_transport::DEFAULT_MAX_FRAME - 64 * 1024)
 /// Smallest heartbeat interval honoured, whatever the coordinator asks for.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
 
+/// The message of an attempt handed back unstarted by a draining worker.
+const HANDED_BACK: &str = "handed back unstarted: the worker is draining";
+/// The message of an attempt killed at the drain timeout.
+const CUT_SHORT: &str = "cut short by the drain timeout: the worker is stopping";
+
 /// Messages from the connection loop to the core.
 pub(crate) enum Command {
     /// A session is up: write frames to `sink`; heartbeat and output limit from Welcome.
@@ -52,6 +67,11 @@ pub(crate) enum Command {
     Snapshot(oneshot::Sender<Vec<AttemptRef>>),
     /// Kill every attempt, then reply.
     Shutdown(oneshot::Sender<()>),
+    /// Start draining (see the module docs); idempotent.
+    Drain,
+    /// The drain timeout passed: kill the attempts still running and report them
+    /// drained. Only while draining.
+    CutShort,
     /// A peer steals: take up to `max` attempts from the local queue (newest first) and
     /// hold them as lent (still listed as held) until [`Command::Lent`] says whether the
     /// hand-over went out. Never takes a running attempt.
@@ -93,6 +113,8 @@ pub(crate) struct LocalLoad {
     pub(crate) slots: u32,
     /// Whether a coordinator session is up.
     pub(crate) connected: bool,
+    /// Whether the worker is draining (it takes no new work, from peers neither).
+    pub(crate) draining: bool,
 }
 
 /// The core's share of [`WorkerStats`].
@@ -106,6 +128,7 @@ struct Counts {
     unacked: usize,
     steals_in: u64,
     steals_out: u64,
+    handed_back: u64,
 }
 
 struct Running {
@@ -140,6 +163,12 @@ pub(crate) struct Core {
     pending: Vec<WorkerMsg>,
     load: watch::Sender<LocalLoad>,
     peer_ctl: Option<mpsc::UnboundedSender<PeerCtl>>,
+    /// Draining: no attempt starts any more (see the module docs).
+    draining: bool,
+    /// The coordinator answered `Draining` with `DrainAck` on the current session.
+    drain_acked: bool,
+    /// Whether the drain is complete (see [`Core::drained`]).
+    drained: watch::Sender<bool>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -185,7 +214,17 @@ impl Core {
                 ..LocalLoad::default()
             }),
             peer_ctl: None,
+            draining: false,
+            drain_acked: false,
+            drained: watch::Sender::new(false),
         }
+    }
+
+    /// A live view of whether the drain is complete: draining, acknowledged by the
+    /// coordinator on the current session, no attempt running, queued or being lent, and
+    /// no report unacknowledged. Never true before [`Command::Drain`].
+    pub(crate) fn drained(&self) -> watch::Receiver<bool> {
+        self.drained.subscribe()
     }
 
     /// A live view of the load, for the mesh peer links.
@@ -208,38 +247,19 @@ impl Core {
                         break;
                     }
                     for cmd in cmds.drain(..) {
-                        if let Command::Shutdown(done) = cmd {
-                            self.shutdown().await;
-                            let _ = done.send(());
-                            return;
+                        match cmd {
+                            Command::Shutdown(done) => {
+                                self.shutdown().await;
+                                let _ = done.send(());
+                                return;
+                            }
+                            Command::CutShort => self.cut_short().await,
+                            cmd => self.handle(cmd),
                         }
-                        self.handle(cmd);
                     }
                 }
                 Some(res) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    let report = match res {
-                        Ok((id, report)) => {
-                            self.task_attempts.remove(&id);
-                            report
-                        }
-                        Err(e) => match self.task_attempts.remove(&e.id()) {
-                            Some((attempt, started_at_ms)) => {
-                                tracing::error!(?attempt, "attempt task failed: {e}");
-                                TaskReport {
-                                    attempt,
-                                    outcome: Outcome::Failed {
-                                        kind: FailureKind::Exit,
-                                        message: format!("worker internal error: {e}"),
-                                    },
-                                    started_at_ms,
-                                    finished_at_ms: now_ms(),
-                                    patterns_used: Vec::new(),
-                                }
-                            }
-                            None => continue,
-                        },
-                    };
-                    self.finished(report);
+                    self.joined(res);
                 }
                 _ = tick(&mut self.heartbeat) => {
                     let running = self.running_list();
@@ -251,6 +271,33 @@ impl Core {
         self.shutdown().await;
     }
 
+    /// An attempt's task ended: report what it returned (or that it failed).
+    fn joined(&mut self, res: Result<(tokio::task::Id, TaskReport), tokio::task::JoinError>) {
+        let report = match res {
+            Ok((id, report)) => {
+                self.task_attempts.remove(&id);
+                report
+            }
+            Err(e) => match self.task_attempts.remove(&e.id()) {
+                Some((attempt, started_at_ms)) => {
+                    tracing::error!(?attempt, "attempt task failed: {e}");
+                    TaskReport {
+                        attempt,
+                        outcome: Outcome::Failed {
+                            kind: FailureKind::Exit,
+                            message: format!("worker internal error: {e}"),
+                        },
+                        started_at_ms,
+                        finished_at_ms: now_ms(),
+                        patterns_used: Vec::new(),
+                    }
+                }
+                None => return,
+            },
+        };
+        self.finished(report);
+    }
+
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Connected {
@@ -260,11 +307,17 @@ impl Core {
             } => {
                 self.retriever.set_sink(Some(sink.clone()));
                 self.sink = Some(sink);
+                self.drain_acked = false;
                 self.max_output_bytes = max_output_bytes;
                 let period = heartbeat.max(MIN_HEARTBEAT);
                 let mut interval = tokio::time::interval_at(Instant::now() + period, period);
                 interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 self.heartbeat = Some(interval);
+                // A new session starts with a clean slate on the coordinator: say at once
+                // that nothing new may come here.
+                if self.draining {
+                    self.send(WorkerMsg::Draining);
+                }
                 // Steals and lost peers first: a `Stole` must reach the coordinator
                 // before the report of the attempt it announces.
                 let held = std::mem::take(&mut self.pending);
@@ -290,13 +343,16 @@ impl Core {
             Command::Disconnected => {
                 self.retriever.set_sink(None);
                 self.sink = None;
+                self.drain_acked = false;
                 self.heartbeat = None;
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send(self.held_list());
             }
             Command::Coordinator(msg) => self.coordinator(msg),
-            Command::Shutdown(_) => {}
+            Command::Drain => self.drain(),
+            // Handled by the run loop (they await).
+            Command::Shutdown(_) | Command::CutShort => {}
             Command::TakeQueued { max, reply } => self.take_queued(max, reply),
             Command::Lent {
                 to,
@@ -378,6 +434,11 @@ impl Core {
         let mut back = 0usize;
         for a in attempts.iter().rev() {
             if let Some(task) = self.lending.remove(a) {
+                if self.draining {
+                    // Not handed over, and not to be run here: back to the coordinator.
+                    self.hand_back(task.attempt, HANDED_BACK);
+                    continue;
+                }
                 self.queued_set.insert(task.attempt);
                 self.queued.push_back(task);
                 back += 1;
@@ -407,9 +468,9 @@ impl Core {
         }
     }
 
-    /// Starts queued attempts while slots are free.
+    /// Starts queued attempts while slots are free (none while draining).
     fn fill_slots(&mut self) {
-        while self.running.len() < self.slots {
+        while !self.draining && self.running.len() < self.slots {
             let Some(next) = self.queued.pop_front() else {
                 break;
             };
@@ -418,9 +479,12 @@ impl Core {
         }
     }
 
-    /// Runs `task` now if a slot is free, else queues it.
+    /// Runs `task` now if a slot is free, else queues it; hands it back while draining.
     fn accept_run(&mut self, task: TaskAssignment) {
-        if self.running.len() < self.slots {
+        if self.draining {
+            tracing::debug!(attempt = ?task.attempt, "draining: attempt handed back unstarted");
+            self.hand_back(task.attempt, HANDED_BACK);
+        } else if self.running.len() < self.slots {
             self.start(task);
         } else {
             tracing::debug!(
@@ -509,6 +573,14 @@ impl Core {
                     ),
                 }
             }
+            CoordinatorMsg::DrainAck => {
+                if self.draining {
+                    tracing::info!("the coordinator acknowledged the drain: no new work comes");
+                    self.drain_acked = true;
+                } else {
+                    tracing::warn!("DrainAck while not draining; ignored");
+                }
+            }
             // Handled by the connection loop, which never passes it on.
             CoordinatorMsg::Parent { .. } => {}
             CoordinatorMsg::Welcome { .. }
@@ -566,6 +638,81 @@ impl Core {
             .insert(handle.id(), (attempt, started_at_ms));
         self.running.insert(attempt, Running { cancel });
         self.counts.started += 1;
+    }
+
+    /// Begin draining: tell the coordinator, hand back everything queued.
+    fn drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        tracing::info!(
+            running = self.running.len(),
+            queued = self.queued.len(),
+            unacked = self.unacked.len(),
+            "drain: queued attempts handed back, running ones go on"
+        );
+        self.send(WorkerMsg::Draining);
+        let queued: Vec<TaskAssignment> = self.queued.drain(..).collect();
+        self.queued_set.clear();
+        for task in queued {
+            self.hand_back(task.attempt, HANDED_BACK);
+        }
+    }
+
+    /// Report `attempt`, never started here, drained: it runs again elsewhere without
+    /// counting against the task's attempts.
+    fn hand_back(&mut self, attempt: AttemptRef, message: &str) {
+        let now = now_ms();
+        self.counts.handed_back += 1;
+        self.finished(TaskReport {
+            attempt,
+            outcome: Outcome::Failed {
+                kind: FailureKind::Drained,
+                message: message.to_owned(),
+            },
+            started_at_ms: now,
+            finished_at_ms: now,
+            patterns_used: Vec::new(),
+        });
+    }
+
+    /// The drain timeout passed: kill what still runs (process groups included) and hand
+    /// it back. Attempts that ended meanwhile are reported as they ended.
+    async fn cut_short(&mut self) {
+        if !self.draining {
+            return;
+        }
+        while let Some(res) = self.tasks.try_join_next_with_id() {
+            self.joined(res);
+        }
+        if self.running.is_empty() {
+            return;
+        }
+        let mut cut: Vec<AttemptRef> = self.running.keys().copied().collect();
+        cut.sort();
+        tracing::warn!(
+            running = cut.len(),
+            "drain timeout: killing the attempts still running and handing them back"
+        );
+        let started: HashMap<AttemptRef, u64> = self.task_attempts.values().copied().collect();
+        // Aborting drops each executor future, whose guard kills the process group.
+        self.tasks.shutdown().await;
+        self.task_attempts.clear();
+        let now = now_ms();
+        for attempt in cut {
+            self.counts.handed_back += 1;
+            self.finished(TaskReport {
+                attempt,
+                outcome: Outcome::Failed {
+                    kind: FailureKind::Drained,
+                    message: CUT_SHORT.into(),
+                },
+                started_at_ms: started.get(&attempt).copied().unwrap_or(now),
+                finished_at_ms: now,
+                patterns_used: Vec::new(),
+            });
+        }
     }
 
     fn finished(&mut self, mut report: TaskReport) {
@@ -663,6 +810,15 @@ impl Core {
             unacked: self.unacked.len(),
             ..self.counts
         };
+        let drained = self.draining
+            && self.drain_acked
+            && self.sink.is_some()
+            && self.running.is_empty()
+            && self.queued.is_empty()
+            && self.lending.is_empty()
+            && self.unacked.is_empty();
+        self.drained
+            .send_if_modified(|d| std::mem::replace(d, drained) != drained);
         let stealable = self
             .queued
             .iter()
@@ -674,6 +830,7 @@ impl Core {
             stealable: u32::try_from(stealable).unwrap_or(u32::MAX),
             slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
             connected: self.sink.is_some(),
+            draining: self.draining,
         };
         self.load
             .send_if_modified(|l| std::mem::replace(l, load) != load);
@@ -687,7 +844,9 @@ impl Core {
                 unacked: s.unacked,
                 steals_in: s.steals_in,
                 steals_out: s.steals_out,
+                handed_back: s.handed_back,
             };
+            let was_draining = std::mem::replace(&mut s.draining, self.draining);
             s.started = c.started;
             s.finished = c.finished;
             s.acked = c.acked;
@@ -696,7 +855,8 @@ impl Core {
             s.unacked = c.unacked;
             s.steals_in = c.steals_in;
             s.steals_out = c.steals_out;
-            old != c
+            s.handed_back = c.handed_back;
+            old != c || was_draining != self.draining
         });
     }
 
@@ -728,12 +888,18 @@ mod tests {
         tx: mpsc::UnboundedSender<Command>,
         stats: watch::Receiver<WorkerStats>,
         load: watch::Receiver<LocalLoad>,
+        drained: watch::Receiver<bool>,
     }
 
     fn start(slots: u32) -> Harness {
+        start_with(slots, Agents::builtin())
+    }
+
+    fn start_with(slots: u32, agents: Agents) -> Harness {
         let stats = watch::Sender::new(WorkerStats::default());
-        let core = Core::new(Executor::new(Agents::builtin()), slots, stats.clone());
+        let core = Core::new(Executor::new(agents), slots, stats.clone());
         let load = core.load();
+        let drained = core.drained();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(core.run(rx));
         // The tasks below run in mesh swarm "mesh", in which this worker has a peer.
@@ -749,6 +915,7 @@ mod tests {
             tx,
             stats: stats.subscribe(),
             load,
+            drained,
         }
     }
 
@@ -993,5 +1160,158 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// The report of `id`, which must be the next message, and its failure message if it
+    /// was handed back as drained.
+    async fn drained_report(rx: &mut mpsc::UnboundedReceiver<WorkerMsg>, id: u64) -> String {
+        match next(rx).await {
+            WorkerMsg::Finished(TaskReport {
+                attempt: a,
+                outcome:
+                    Outcome::Failed {
+                        kind: FailureKind::Drained,
+                        message,
+                    },
+                ..
+            }) if a == attempt(id) => message,
+            other => panic!("expected attempt {id} handed back, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drain_hands_back_what_waits_and_lets_what_runs_finish() {
+        // `gate` runs until the test opens the gate: it is surely running during the drain.
+        let dir = tempfile::tempdir().unwrap();
+        let gate = dir.path().join("open");
+        let file = dir.path().join("agents.toml");
+        let agents = format!(
+            "[agents.gate]\ncommand = \"sh\"\nargs = [\"-c\", \"while [ ! -e '{}' ]; do sleep 0.02; done; printf finished\"]\n",
+            gate.display()
+        );
+        std::fs::write(&file, agents).unwrap();
+        let mut h = start_with(1, Agents::load(&file).unwrap());
+        let mut coord = h.connect();
+        h.run(task(1, "gate", ""));
+        h.run(task(2, "echo", "queued"));
+        h.wait("one running, one queued", |s| {
+            s.running == 1 && s.queued == 1
+        })
+        .await;
+
+        h.send(Command::Drain);
+        assert_eq!(next(&mut coord).await, WorkerMsg::Draining);
+        assert_eq!(drained_report(&mut coord, 2).await, HANDED_BACK);
+        // A Run that still arrives goes straight back, unstarted.
+        h.run(task(3, "echo", "late"));
+        assert_eq!(drained_report(&mut coord, 3).await, HANDED_BACK);
+        h.wait("draining, two handed back", |s| {
+            s.draining && s.handed_back == 2 && s.running == 1 && s.queued == 0
+        })
+        .await;
+        assert!(
+            h.load.borrow().draining,
+            "no steals from peers while draining"
+        );
+
+        // The running attempt ends as it would have, and is reported as usual.
+        std::fs::write(&gate, "").unwrap();
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => {
+                assert_eq!(r.attempt, attempt(1));
+                assert_eq!(
+                    r.outcome,
+                    Outcome::Succeeded {
+                        output: b"finished".to_vec()
+                    }
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            h.stats.borrow().started,
+            1,
+            "nothing handed back ever started"
+        );
+
+        // Done only once every report is acknowledged and so is the drain itself.
+        for id in 1..=3 {
+            h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(id))));
+        }
+        assert!(h.held().await.is_empty());
+        assert!(
+            !*h.drained.borrow(),
+            "the coordinator has not acknowledged the drain"
+        );
+        h.send(Command::Coordinator(CoordinatorMsg::DrainAck));
+        tokio::time::timeout(LIMIT, h.drained.wait_for(|d| *d))
+            .await
+            .expect("drained")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_drain_timeout_cuts_running_attempts_short_and_hands_them_back() {
+        let mut h = start(2);
+        let mut coord = h.connect();
+        h.run(task(1, "sleep", "600000"));
+        h.run(task(2, "sleep", "600000"));
+        h.wait("running", |s| s.running == 2).await;
+        // Cutting short before a drain does nothing.
+        h.send(Command::CutShort);
+        h.send(Command::Drain);
+        assert_eq!(next(&mut coord).await, WorkerMsg::Draining);
+        h.send(Command::Coordinator(CoordinatorMsg::DrainAck));
+        h.send(Command::CutShort);
+        assert_eq!(drained_report(&mut coord, 1).await, CUT_SHORT);
+        assert_eq!(drained_report(&mut coord, 2).await, CUT_SHORT);
+        h.wait("nothing runs", |s| s.running == 0 && s.handed_back == 2)
+            .await;
+        assert!(!*h.drained.borrow(), "reports not acknowledged yet");
+        h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(1))));
+        h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(2))));
+        tokio::time::timeout(LIMIT, h.drained.wait_for(|d| *d))
+            .await
+            .expect("drained")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_draining_worker_says_so_first_on_every_new_session() {
+        let mut h = start(1);
+        h.run(task(1, "sleep", "600000"));
+        h.run(task(2, "sleep", "1"));
+        h.wait("one running, one queued", |s| {
+            s.running == 1 && s.queued == 1
+        })
+        .await;
+        // Draining while disconnected: the hand-back waits for a session.
+        h.send(Command::Drain);
+        h.wait("handed back", |s| s.handed_back == 1).await;
+        let mut coord = h.connect();
+        assert_eq!(next(&mut coord).await, WorkerMsg::Draining);
+        assert_eq!(drained_report(&mut coord, 2).await, HANDED_BACK);
+        h.send(Command::Coordinator(CoordinatorMsg::DrainAck));
+        h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(2))));
+        assert_eq!(h.held().await, vec![attempt(1)]);
+
+        // A new session (e.g. another leader): Draining first again, and the drain must
+        // be acknowledged again before the worker may leave.
+        h.send(Command::Disconnected);
+        let mut coord = h.connect();
+        assert_eq!(next(&mut coord).await, WorkerMsg::Draining);
+        h.send(Command::Coordinator(CoordinatorMsg::Cancel(attempt(1))));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => assert_eq!(r.attempt, attempt(1)),
+            other => panic!("unexpected {other:?}"),
+        }
+        h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(1))));
+        assert!(h.held().await.is_empty());
+        assert!(!*h.drained.borrow(), "not acknowledged on this session");
+        h.send(Command::Coordinator(CoordinatorMsg::DrainAck));
+        tokio::time::timeout(LIMIT, h.drained.wait_for(|d| *d))
+            .await
+            .expect("drained")
+            .unwrap();
     }
 }

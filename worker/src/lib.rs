@@ -25,8 +25,21 @@
 //!   `Rejected` whose code mentions `protocol` (or is `version`), or a `Welcome` with
 //!   another protocol version, stops the worker with an error; other rejections are
 //!   retried.
-//! * On shutdown, running attempts are killed (process groups included) without being
-//!   reported: the coordinator sees the worker leave and reschedules them.
+//! * **Drain** ([`Worker::run_with_drain`], what `swarm worker` does on SIGTERM or
+//!   Ctrl-C): the worker sends [`WorkerMsg::Draining`](swarm_proto::worker::WorkerMsg::Draining)
+//!   (again first on every later session) and takes no new work: the coordinator places
+//!   nothing more on it, a `Run` that still arrives and every attempt queued locally are
+//!   handed back at once (reported `Failed` with `FailureKind::Drained`, which requeues
+//!   the task at once and does not count against its `max_attempts`), and it steals from
+//!   no mesh peer. Running attempts go on to their end and are reported as usual;
+//!   reconnects continue. The worker leaves once the coordinator acknowledged the drain
+//!   on the current session (`DrainAck`: no `Run` follows it), nothing runs and every
+//!   report is acknowledged. At the drain timeout the attempts still running are killed
+//!   (process groups included) and reported `Drained`; the worker waits up to
+//!   [`DRAIN_REPORT_GRACE`] for those reports to be acknowledged, then leaves.
+//! * A stop without a drain ([`Worker::run`]'s shutdown, or a second signal during a
+//!   drain) kills running attempts (process groups included) without reporting them: the
+//!   coordinator sees the worker leave and reschedules them after its lease.
 //!
 //! # Mesh peers and work stealing
 //!
@@ -146,6 +159,11 @@ const KEEP_ALIVE: Duration = Duration::from_millis(300);
 /// A coordinator silent this long is gone: the worker moves on to another one. Together
 /// with the Raft election timeout this bounds how long a leader's death stalls dispatch.
 const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a draining worker waits, after its drain timeout, for the reports of the
+/// attempts it cut short to be acknowledged. A deployment's grace period (Kubernetes
+/// `terminationGracePeriodSeconds`, Compose `stop_grace_period`) must exceed the drain
+/// timeout by more than this.
+pub const DRAIN_REPORT_GRACE: Duration = Duration::from_secs(2);
 
 /// Configuration of a worker process, as given on the command line.
 #[derive(Debug, Clone)]
@@ -175,6 +193,9 @@ pub struct WorkerConfig {
     /// Name peers' certificates must be valid for when dialing them; default
     /// `localhost`.
     pub peer_server_name: Option<String>,
+    /// How long a drain lets running attempts finish before it cuts them short (see
+    /// [`Worker::run_with_drain`]).
+    pub drain_timeout: Duration,
 }
 
 /// Reconnect backoff: delays double from `initial` up to `max`, each one jittered down
@@ -306,6 +327,12 @@ pub struct WorkerStats {
     pub steals_in: u64,
     /// Attempts handed over to peers.
     pub steals_out: u64,
+    /// Whether the worker is draining: it takes no new work and stops once what it runs
+    /// is finished and reported (see [`Worker::run_with_drain`]).
+    pub draining: bool,
+    /// Attempts handed back to the coordinator by the drain: never started here, or cut
+    /// short at the drain timeout.
+    pub handed_back: u64,
     /// The lead (worker id) the current session goes through; `None` when the session
     /// is direct or down.
     pub via_lead: Option<String>,
@@ -416,8 +443,24 @@ impl Worker {
 
     /// Runs until `shutdown` completes (then returns `Ok`) or a fatal error: the
     /// coordinator speaks another protocol version. Connection failures are retried
-    /// forever. Running attempts are killed before this returns.
+    /// forever. Running attempts are killed, unreported, before this returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.run_with_drain(std::future::pending(), Duration::ZERO, shutdown)
+            .await
+    }
+
+    /// Like [`Worker::run`], and when `drain` completes the worker drains (see the crate
+    /// docs): it takes no new work, hands back what it has not started, lets running
+    /// attempts finish for up to `drain_timeout` (then kills and hands back the rest),
+    /// and returns `Ok` once the coordinator has acknowledged the drain and every report.
+    /// `stop` completing, before or during the drain, stops at once as [`Worker::run`]
+    /// does.
+    pub async fn run_with_drain(
+        self,
+        drain: impl Future<Output = ()>,
+        drain_timeout: Duration,
+        stop: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let Worker {
             worker_id,
             slots,
@@ -461,6 +504,7 @@ impl Worker {
             peer_addr: peers.as_ref().map(|p| p.advertised.clone()),
         };
         tracing::info!(worker_id = %worker_id, slots, agents = ?hello.agents, "worker starting");
+        let mut drained = core.drained();
         let core_task = tokio::spawn(core.run(core_rx));
         let shared = Arc::new(Shared {
             conn: Mutex::new(None),
@@ -480,11 +524,59 @@ impl Worker {
             relay,
         };
 
+        let conn = conn_loop.run();
+        tokio::pin!(conn, drain, stop);
         let result = tokio::select! {
-            r = conn_loop.run() => r,
-            () = shutdown => {
+            r = &mut conn => r,
+            () = &mut stop => {
                 tracing::info!(worker_id = %worker_id, "worker shutting down");
                 Ok(())
+            }
+            () = &mut drain => {
+                tracing::info!(
+                    worker_id = %worker_id,
+                    drain_timeout = ?drain_timeout,
+                    "worker draining"
+                );
+                let _ = core_tx.send(core::Command::Drain);
+                let deadline = tokio::time::Instant::now() + drain_timeout;
+                let done = tokio::select! {
+                    r = &mut conn => Some(r),
+                    () = &mut stop => {
+                        tracing::info!(worker_id = %worker_id, "stopping at once during the drain");
+                        Some(Ok(()))
+                    }
+                    r = drained.wait_for(|d| *d) => {
+                        if r.is_ok() {
+                            tracing::info!(worker_id = %worker_id, "drained: every attempt finished and every report acknowledged");
+                        }
+                        Some(Ok(()))
+                    }
+                    () = tokio::time::sleep_until(deadline) => None,
+                };
+                match done {
+                    Some(r) => r,
+                    None => {
+                        let _ = core_tx.send(core::Command::CutShort);
+                        tokio::select! {
+                            r = &mut conn => r,
+                            () = &mut stop => Ok(()),
+                            r = drained.wait_for(|d| *d) => {
+                                if r.is_ok() {
+                                    tracing::info!(worker_id = %worker_id, "drained: the attempts cut short were handed back");
+                                }
+                                Ok(())
+                            }
+                            () = tokio::time::sleep(DRAIN_REPORT_GRACE) => {
+                                tracing::warn!(
+                                    worker_id = %worker_id,
+                                    "leaving before the drain was acknowledged: the coordinator gives up what it still counts on this worker after its lease"
+                                );
+                                Ok(())
+                            }
+                        }
+                    }
+                }
             }
         };
 
@@ -541,11 +633,13 @@ pub fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.to_owned(), port))
 }
 
-/// Loads certificates and agents per `cfg` and runs a worker until `shutdown` completes
-/// or a fatal error occurs (see [`Worker::run`]).
+/// Loads certificates and agents per `cfg` and runs a worker that drains when `drain`
+/// completes (for up to `cfg.drain_timeout`) and stops at once when `stop` does, or
+/// until a fatal error occurs (see [`Worker::run_with_drain`]).
 pub async fn run_worker(
     cfg: WorkerConfig,
-    shutdown: impl Future<Output = ()>,
+    drain: impl Future<Output = ()>,
+    stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     if cfg.coordinators.is_empty() {
         bail!("no coordinator address given");
@@ -585,7 +679,9 @@ pub async fn run_worker(
         peer_identity: cfg.peer_listen.map(|_| identity.clone()),
         relay_client_config: Some(client_config(&identity, ALPN_RELAY)?),
     };
-    Worker::build(params, Some(targets))?.run(shutdown).await
+    Worker::build(params, Some(targets))?
+        .run_with_drain(drain, cfg.drain_timeout, stop)
+        .await
 }
 
 #[cfg(test)]

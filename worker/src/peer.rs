@@ -15,8 +15,8 @@
 //!   version.
 //! * **Gossip.** Each side sends its load (`Load`) when it changes and at least every
 //!   250 ms. QUIC keep-alives (300 ms) and a 1.5 s idle timeout detect a dead peer.
-//! * **Stealing.** When this worker is connected to the coordinator, has a free slot and
-//!   nothing queued, it picks a victim among its linked peers with
+//! * **Stealing.** When this worker is connected to the coordinator, is not draining, has
+//!   a free slot and nothing queued, it picks a victim among its linked peers with
 //!   [`swarm_topology::steal_decision`] and sends `Steal`; one steal is outstanding at a
 //!   time (abandoned after 5 s or when the victim's link goes down). The victim takes up
 //!   to `max` attempts from its local queue (newest first; never a running attempt) and
@@ -42,7 +42,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use swarm_proto::peer::PeerMsg;
 use swarm_proto::worker::{AttemptRef, PeerInfo, TaskAssignment};
-use swarm_proto::{ALPN_PEER, ALPN_RELAY, PROTOCOL_VERSION};
+use swarm_proto::{protocol_supported, ALPN_PEER, ALPN_RELAY, PROTOCOL_VERSION};
 use swarm_topology::{steal_decision, Member, StealPolicy};
 use swarm_transport::endpoint::WRONG_ROLE_CODE;
 use swarm_transport::tls::{client_config, require_role, server_config, Identity, Role};
@@ -747,8 +747,9 @@ impl Manager {
             return;
         }
         let local = *self.local.borrow();
-        if !local.connected {
-            // A steal must be announced to the coordinator at once.
+        if !local.connected || local.draining {
+            // A steal must be announced to the coordinator at once; and a draining
+            // worker takes no new work, from peers neither.
             return;
         }
         let thief =
@@ -1078,7 +1079,7 @@ fn hello_of(
             protocol,
             worker_id,
         })) => {
-            if protocol != PROTOCOL_VERSION {
+            if !protocol_supported(protocol) {
                 let msg = format!(
                     "peer {worker_id} speaks protocol version {protocol}, this worker speaks {PROTOCOL_VERSION}"
                 );

@@ -147,13 +147,14 @@ async fn main() -> anyhow::Result<()> {
                 .transpose()?,
             peer_advertise: None,
             peer_server_name: None,
+            drain_timeout: Duration::ZERO,
         };
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {
-            let _ = swarm_worker::run_worker(wcfg, async move {
+            let stop = async move {
                 let _ = rx.changed().await;
-            })
-            .await;
+            };
+            let _ = swarm_worker::run_worker(wcfg, std::future::pending(), stop).await;
         });
     }
     let api = format!("http://{}", coord.api_addr);

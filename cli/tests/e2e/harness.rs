@@ -3,7 +3,7 @@
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -28,6 +28,24 @@ pub fn free_udp_port() -> u16 {
         .and_then(|s| s.local_addr())
         .map(|a| a.port())
         .expect("free udp port")
+}
+
+/// Send SIGTERM to a child process (what Kubernetes, Docker and systemd send to stop it).
+pub fn sigterm(child: &Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("send SIGTERM");
+}
+
+/// Wait, at most [`WAIT`], for a child process to exit, and reap it.
+pub async fn wait_exit(child: &mut Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The last `lines` lines of every `*.log` file in `dir`, for failure messages.
@@ -184,6 +202,33 @@ impl Cluster {
         cmd.args(extra);
         let child = cmd.spawn().expect("spawn worker");
         self.workers.push((id.to_string(), child));
+    }
+
+    /// SIGTERM one worker (it keeps running until it has drained).
+    pub fn term_worker(&self, id: &str) {
+        let (_, c) = self
+            .workers
+            .iter()
+            .find(|(w, _)| w == id)
+            .expect("no such worker");
+        sigterm(c);
+    }
+
+    /// Wait for worker `id` to exit (bounded), forget it, and return its exit status.
+    pub async fn wait_worker_exit(&mut self, id: &str) -> ExitStatus {
+        let pos = self
+            .workers
+            .iter()
+            .position(|(w, _)| w == id)
+            .expect("no such worker");
+        let status = wait_exit(&mut self.workers[pos].1, &format!("worker {id}")).await;
+        self.workers.remove(pos);
+        status
+    }
+
+    /// The worker's log so far.
+    pub fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
     /// SIGKILL one worker.

@@ -2,6 +2,7 @@
 
 mod backup;
 mod bad_input;
+mod drain;
 mod embedder;
 mod faults;
 mod harness;

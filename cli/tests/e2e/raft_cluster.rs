@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{bin, log_tails, WAIT};
+use crate::harness::{bin, log_tails, sigterm, wait_exit, WAIT};
 
 /// A port that is free now, picked at random below Linux's ephemeral range (32768+), so
 /// that the short-lived sockets other processes bind to port 0 cannot take it between
@@ -185,6 +185,26 @@ impl RaftCluster {
     /// The process id of node `id`, while it runs.
     pub fn pid(&self, id: u64) -> Option<u32> {
         self.procs.get(&id).map(Child::id)
+    }
+
+    /// SIGTERM node `id` (a graceful stop: a leader hands leadership over first).
+    pub fn term_node(&self, id: u64) {
+        sigterm(self.procs.get(&id).expect("no such node"));
+    }
+
+    /// Wait for node `id` to exit (bounded), forget it, and return its exit status.
+    pub async fn wait_node_exit(&mut self, id: u64) -> std::process::ExitStatus {
+        let status = {
+            let child = self.procs.get_mut(&id).expect("no such node");
+            wait_exit(child, &format!("node {id}")).await
+        };
+        self.procs.remove(&id);
+        status
+    }
+
+    /// Node `id`'s log so far.
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default()
     }
 
     /// SIGKILL node `id`.

@@ -155,8 +155,8 @@ async fn three_hundred_mb_of_state_survives_kills_catch_up_and_backup() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let log = std::fs::read_to_string(c.dir.path().join(format!("node-{down}.log")))
-        .unwrap_or_default();
+    let log =
+        std::fs::read_to_string(c.dir.path().join(format!("node-{down}.log"))).unwrap_or_default();
     assert!(
         log.contains("snapshot installed"),
         "node {down} caught up without installing a snapshot"
@@ -174,9 +174,14 @@ async fn three_hundred_mb_of_state_survives_kills_catch_up_and_backup() {
     check_every_task(&ids, |id| {
         let c = &c;
         async move {
-            c.request(leader, reqwest::Method::GET, &format!("/v1/tasks/{id}"), None)
-                .await
-                .expect("answer")
+            c.request(
+                leader,
+                reqwest::Method::GET,
+                &format!("/v1/tasks/{id}"),
+                None,
+            )
+            .await
+            .expect("answer")
         }
     })
     .await;
@@ -199,13 +204,23 @@ async fn three_hundred_mb_of_state_survives_kills_catch_up_and_backup() {
     fresh.start_coordinator();
     fresh.wait_ready().await;
     let out = std::process::Command::new(bin())
-        .args(["restore", "--api", &fresh.api, "--token", &fresh.token, "--from"])
+        .args([
+            "restore",
+            "--api",
+            &fresh.api,
+            "--token",
+            &fresh.token,
+            "--from",
+        ])
         .arg(&file)
         .output()
         .expect("run swarm restore");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "restore failed: {stderr}");
-    assert!(stderr.contains("100%"), "progress reaches the end: {stderr}");
+    assert!(
+        stderr.contains("100%"),
+        "progress reaches the end: {stderr}"
+    );
     let summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
     assert_eq!(summary["tasks"].as_u64(), Some(TASKS), "{summary}");
     check_every_task(&ids, |id| {
@@ -215,7 +230,14 @@ async fn three_hundred_mb_of_state_survives_kills_catch_up_and_backup() {
     .await;
     // A second restore into the now full cluster is refused and changes nothing.
     let out = std::process::Command::new(bin())
-        .args(["restore", "--api", &fresh.api, "--token", &fresh.token, "--from"])
+        .args([
+            "restore",
+            "--api",
+            &fresh.api,
+            "--token",
+            &fresh.token,
+            "--from",
+        ])
         .arg(&file)
         .output()
         .expect("run swarm restore");

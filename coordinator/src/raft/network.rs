@@ -9,6 +9,10 @@
 //!   per peer among all the openraft clients for that peer; it dials lazily and redials when
 //!   the connection died or stopped answering.
 //! * Server: [`serve_raft_connection`] serves one accepted connection, for coordinators only.
+//! * Besides openraft's RPCs the channel carries [`RaftRequest::TimeoutNow`], the last step
+//!   of a leadership hand-off (`crate::handoff`): the leader tells a caught-up voter to
+//!   start an election at once. It travels only here, between coordinator certificates,
+//!   never over the HTTP API.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -27,6 +31,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{LogId, ServerState, Vote};
 use serde::{Deserialize, Serialize};
 use swarm_transport::{peer_role, FrameError, FrameReader, FrameWriter, Role, TransportError};
 use tokio::sync::Semaphore;
@@ -65,6 +70,19 @@ pub enum RaftRequest {
     Vote(VoteRequest<NodeId>),
     /// One chunk of a snapshot.
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Leadership transfer: start an election now (Raft thesis §3.10).
+    TimeoutNow(TimeoutNowRequest),
+}
+
+/// A leader handing leadership over asks the receiver, a voter its log has caught up
+/// with, to start an election at once instead of waiting for an election timeout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimeoutNowRequest {
+    /// The sender's vote: the receiver acts only if it follows exactly this leadership
+    /// (same term, same leader, committed).
+    pub vote: Vote<NodeId>,
+    /// The sender's last log entry, which the receiver's log must hold.
+    pub last_log_id: Option<LogId<NodeId>>,
 }
 
 /// The answer to a [`RaftRequest`]: the receiving Raft node's result, error included.
@@ -78,6 +96,8 @@ pub enum RaftResponse {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
+    /// Answer to [`RaftRequest::TimeoutNow`]: the election started, or why not.
+    TimeoutNow(Result<(), String>),
 }
 
 impl RaftResponse {
@@ -86,6 +106,7 @@ impl RaftResponse {
             RaftResponse::AppendEntries(_) => "AppendEntries",
             RaftResponse::Vote(_) => "Vote",
             RaftResponse::InstallSnapshot(_) => "InstallSnapshot",
+            RaftResponse::TimeoutNow(_) => "TimeoutNow",
         }
     }
 }
@@ -132,6 +153,39 @@ impl QuicRaftNetwork {
 
     fn peers(&self) -> MutexGuard<'_, HashMap<NodeId, Arc<PeerConn>>> {
         self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl QuicRaftNetwork {
+    /// Send [`RaftRequest::TimeoutNow`] to node `target` at `node`, on the same shared
+    /// connection as its other RPCs; `Err` says why it did not start an election.
+    pub async fn timeout_now(
+        &self,
+        target: NodeId,
+        node: &NodeAddr,
+        req: TimeoutNowRequest,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let client = self.clone().new_client(target, node).await;
+        let answer = tokio::time::timeout(timeout, async {
+            let conn = client.connect().await?;
+            exchange(&conn, &RaftRequest::TimeoutNow(req))
+                .await
+                .map_err(|e| match e {
+                    CallError::TooLarge(len) => format!("request of {len} bytes too large"),
+                    CallError::Connection(e) => format!("connection: {e}"),
+                    CallError::Stream(e) => e,
+                })
+        })
+        .await
+        .map_err(|_| format!("no answer from {} within {timeout:?}", node.raft_addr))??;
+        match answer {
+            RaftResponse::TimeoutNow(res) => res.map_err(|e| format!("refused: {e}")),
+            other => Err(format!(
+                "expected a TimeoutNow response, got {}",
+                other.kind()
+            )),
+        }
     }
 }
 
@@ -553,10 +607,61 @@ async fn serve_stream(
         RaftRequest::InstallSnapshot(rpc) => {
             RaftResponse::InstallSnapshot(raft.install_snapshot(rpc).await)
         }
+        RaftRequest::TimeoutNow(req) => RaftResponse::TimeoutNow(timeout_now(&raft, req).await),
     };
     if let Err(e) = send_response(&mut writer, &resp).await {
         tracing::debug!(%remote, error = %e, "could not send Raft response");
     }
+}
+
+/// Start an election at once if `req` comes from the leader this node follows and this
+/// node's log holds the leader's last entry (a leadership hand-off), else say why not.
+async fn timeout_now(
+    raft: &openraft::Raft<TypeConfig>,
+    req: TimeoutNowRequest,
+) -> Result<(), String> {
+    let m = raft.metrics().borrow().clone();
+    check_timeout_now(&m, &req)?;
+    tracing::info!(
+        leader = %req.vote.leader_id(),
+        "the leader hands leadership over to this node: starting an election now"
+    );
+    raft.trigger()
+        .elect()
+        .await
+        .map_err(|e| format!("cannot start an election: {e}"))
+}
+
+/// Whether a node in state `m` may act on `req` (see [`timeout_now`]).
+fn check_timeout_now(
+    m: &openraft::RaftMetrics<NodeId, NodeAddr>,
+    req: &TimeoutNowRequest,
+) -> Result<(), String> {
+    if !req.vote.is_committed() || m.vote != req.vote {
+        return Err(format!(
+            "node {} follows {}, not the sender's leadership {}",
+            m.id, m.vote, req.vote
+        ));
+    }
+    if m.state != ServerState::Follower {
+        return Err(format!("node {} is {:?}, not a follower", m.id, m.state));
+    }
+    if !m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|v| v == m.id)
+    {
+        return Err(format!("node {} is not a voter", m.id));
+    }
+    let want = req.last_log_id.map(|l| l.index);
+    if m.last_log_index < want {
+        return Err(format!(
+            "node {}'s log ends at {:?}, before the leader's last entry {want:?}",
+            m.id, m.last_log_index
+        ));
+    }
+    Ok(())
 }
 
 async fn send_response(
@@ -570,7 +675,61 @@ async fn send_response(
 
 #[cfg(test)]
 mod tests {
-    use super::server_name;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    use openraft::{CommittedLeaderId, Membership, RaftMetrics, StoredMembership};
+
+    use super::*;
+
+    /// Node 2 following leader 1 in term 5, its log ending at 40; voters 1, 2, 3 and
+    /// learner 4.
+    fn follower() -> RaftMetrics<NodeId, NodeAddr> {
+        let mut m = RaftMetrics::new_initial(2);
+        m.vote = Vote::new_committed(5, 1);
+        m.state = ServerState::Follower;
+        m.current_leader = Some(1);
+        m.last_log_index = Some(40);
+        let nodes: BTreeMap<NodeId, NodeAddr> =
+            (1..=4).map(|id| (id, NodeAddr::default())).collect();
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        m.membership_config = Arc::new(StoredMembership::new(
+            None,
+            Membership::new(vec![voters], nodes),
+        ));
+        m
+    }
+
+    fn request(term: u64, leader: NodeId, last: u64) -> TimeoutNowRequest {
+        TimeoutNowRequest {
+            vote: Vote::new_committed(term, leader),
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(term, leader), last)),
+        }
+    }
+
+    #[test]
+    fn timeout_now_is_obeyed_only_from_the_current_leader_by_a_caught_up_voter() {
+        let m = follower();
+        assert_eq!(check_timeout_now(&m, &request(5, 1, 40)), Ok(()));
+        assert_eq!(check_timeout_now(&m, &request(5, 1, 39)), Ok(()));
+        let refused = |m: &RaftMetrics<NodeId, NodeAddr>, req: TimeoutNowRequest, why: &str| {
+            let e = check_timeout_now(m, &req).expect_err(why);
+            assert!(e.contains(why), "{e}");
+        };
+        refused(&m, request(4, 1, 40), "not the sender's leadership");
+        refused(&m, request(6, 1, 40), "not the sender's leadership");
+        refused(&m, request(5, 3, 40), "not the sender's leadership");
+        let mut uncommitted = request(5, 1, 40);
+        uncommitted.vote = Vote::new(5, 1);
+        refused(&m, uncommitted, "not the sender's leadership");
+        refused(&m, request(5, 1, 41), "before the leader's last entry");
+        let mut candidate = follower();
+        candidate.state = ServerState::Candidate;
+        refused(&candidate, request(5, 1, 40), "not a follower");
+        let mut learner = follower();
+        learner.id = 4;
+        refused(&learner, request(5, 1, 40), "not a voter");
+    }
 
     #[test]
     fn server_name_is_the_host_part() {
