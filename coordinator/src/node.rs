@@ -756,14 +756,16 @@ const PURGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Housekeeping that keeps the state bounded, once a second: checkpoints by size (the
 /// log bytes and the changes held in memory since the last one; openraft triggers them
-/// by entry count), and on the leader, purges of expired tasks, TTL sweeps of the
-/// vector memory, and aborting a restore nobody drives any more.
+/// by entry count), log purges by size (openraft keeps a number of entries behind a
+/// snapshot, and an entry can hold 8 MiB), and on the leader, purges of expired tasks,
+/// TTL sweeps of the vector memory, and aborting a restore nobody drives any more.
 pub(crate) async fn maintenance_loop(
     node: Arc<Node>,
-    log_bytes: Arc<std::sync::atomic::AtomicU64>,
+    log: crate::raft::RedbLogStore,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use std::sync::atomic::Ordering;
+    let log_bytes = log.appended_bytes();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut snapshot_seen = node.raft.metrics().borrow().snapshot;
     let mut bytes_at_snapshot = log_bytes.load(Ordering::Relaxed);
@@ -774,10 +776,16 @@ pub(crate) async fn maintenance_loop(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let snapshot = node.raft.metrics().borrow().snapshot;
+        let (snapshot, purged) = {
+            let m = node.raft.metrics().borrow().clone();
+            (m.snapshot, m.purged)
+        };
         if snapshot != snapshot_seen {
             snapshot_seen = snapshot;
             bytes_at_snapshot = log_bytes.load(Ordering::Relaxed);
+            if let Some(s) = snapshot {
+                purge_log_by_size(&node, &log, s.index, purged.map(|p| p.index)).await;
+            }
         }
         let log_since = log_bytes
             .load(Ordering::Relaxed)
@@ -805,6 +813,65 @@ pub(crate) async fn maintenance_loop(
             last_sweep = tokio::time::Instant::now();
             crate::memory::sweep_expired_points(&node).await;
         }
+    }
+}
+
+/// How long after its last chunk a snapshot transfer counts as under way.
+const SNAPSHOT_QUIET: Duration = Duration::from_secs(10);
+
+/// Keep this node from campaigning while a snapshot arrives or installs (see
+/// [`crate::raft::sm_store::Receiving`]); elections come back once it has been quiet
+/// for [`SNAPSHOT_QUIET`], so a leader that died mid-transfer is replaced as usual.
+pub(crate) async fn quiet_while_receiving(
+    raft: Raft<TypeConfig>,
+    mut receiving: watch::Receiver<crate::raft::sm_store::Receiving>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut electing = true;
+    loop {
+        let busy = receiving.borrow_and_update().busy(SNAPSHOT_QUIET);
+        if busy == electing {
+            electing = !busy;
+            raft.runtime_config().elect(electing);
+            info!(
+                electing,
+                "{}",
+                if busy {
+                    "receiving a snapshot: not campaigning"
+                } else {
+                    "campaigning allowed again"
+                }
+            );
+        }
+        tokio::select! {
+            r = receiving.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Keep at most `--snapshot-bytes` of log behind the snapshot at `upto` (followers that
+/// trail further catch up from the snapshot).
+async fn purge_log_by_size(
+    node: &Node,
+    log: &crate::raft::RedbLogStore,
+    upto: u64,
+    purged: Option<u64>,
+) {
+    let keep = node.cfg.snapshot_bytes;
+    let store = log.clone();
+    let point = tokio::task::spawn_blocking(move || store.byte_purge_point(upto, keep)).await;
+    match point {
+        Ok(Ok(Some(at))) if purged.is_none_or(|p| at > p) => {
+            debug!(upto = at, "purging the log by size");
+            if let Err(e) = node.raft.trigger().purge_log(at).await {
+                warn!(error = %e, "could not purge the log");
+            }
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "sizing the log for a purge"),
+        Err(e) => warn!(error = %e, "sizing the log for a purge"),
     }
 }
 

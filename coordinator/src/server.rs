@@ -156,7 +156,7 @@ where
         RedbLogStore::open(&raft_dir)
     }
     .context("open raft log")?;
-    let log_bytes = log_store.appended_bytes();
+    let log_for_maintenance = log_store.clone();
     let sm = if inline_storage {
         StateMachineStore::open_inline(&raft_dir, store_cfg)
     } else {
@@ -164,6 +164,7 @@ where
     }
     .context("open state machine")?;
     let table = sm.table();
+    let receiving = sm.subscribe_receiving();
     // A snapshot brings the replicated pattern dimension with it.
     table.memory(|m| crate::memory::check_replica_dimension(m.config(), &cfg.embedder))?;
     let network =
@@ -205,9 +206,14 @@ where
         tokio::spawn(node::applied_loop(node.clone(), shutdown_rx.clone())),
         tokio::spawn(node::dispatch_loop(node.clone(), shutdown_rx.clone())),
         tokio::spawn(node::gauges_loop(node.clone(), shutdown_rx.clone())),
+        tokio::spawn(node::quiet_while_receiving(
+            raft.clone(),
+            receiving,
+            shutdown_rx.clone(),
+        )),
         tokio::spawn(node::maintenance_loop(
             node.clone(),
-            log_bytes,
+            log_for_maintenance,
             shutdown_rx.clone(),
         )),
         tokio::spawn(accept_loop(

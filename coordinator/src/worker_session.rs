@@ -631,8 +631,12 @@ fn on_report(
                 if let OpResult::Applied { .. } = result {
                     // The agent and input of the stage this attempt ran (a ring task has
                     // moved on to its next stage if this one succeeded).
-                    let task = node.read_table(|t| {
-                        let t = t.get(attempt.task_id)?;
+                    // Wherever the task is now: a checkpoint may have moved it to disk.
+                    let task = match node.table.lookup(attempt.task_id) {
+                        Ok(crate::state::Lookup::Found(t)) => Some(t),
+                        _ => None,
+                    };
+                    let task = task.and_then(|t| {
                         let stage = t
                             .attempts
                             .iter()

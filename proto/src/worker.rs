@@ -105,7 +105,12 @@ pub struct PatternHit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {
     /// The agent succeeded; `output` is its result (stdout for `exec` agents).
-    Succeeded { output: Vec<u8> },
+    Succeeded {
+        /// Bytes encoded as one string, not a sequence of numbers: the same wire bytes,
+        /// copied instead of visited one by one.
+        #[serde(with = "serde_bytes")]
+        output: Vec<u8>,
+    },
     /// The agent failed; `message` is human-readable (stderr tail for `exec` agents).
     Failed { kind: FailureKind, message: String },
 }
@@ -213,6 +218,7 @@ pub struct PeerInfo {
 pub struct TaskAssignment {
     pub attempt: AttemptRef,
     pub agent: String,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     pub timeout_ms: u64,
     pub idempotency_key: Option<String>,
@@ -221,4 +227,32 @@ pub struct TaskAssignment {
     /// The swarm the task runs in. A worker lends a queued attempt to a mesh peer only if
     /// this is one of its mesh swarms.
     pub swarm: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte fields are encoded as one byte string; in postcard that is the same bytes as
+    /// the sequence of numbers serde makes of a plain `Vec<u8>`, so the change to
+    /// `serde_bytes` left the wire format as it was.
+    #[test]
+    fn byte_fields_keep_the_sequence_encoding() {
+        #[derive(Serialize)]
+        enum PlainOutcome {
+            Succeeded { output: Vec<u8> },
+        }
+        let output: Vec<u8> = (0..=255).chain(0..44).collect();
+        let ours = swarm_codec::encode(&Outcome::Succeeded {
+            output: output.clone(),
+        })
+        .unwrap();
+        let plain = swarm_codec::encode(&PlainOutcome::Succeeded {
+            output: output.clone(),
+        })
+        .unwrap();
+        assert_eq!(ours, plain);
+        let back: Outcome = swarm_codec::decode(&plain, plain.len()).unwrap();
+        assert_eq!(back, Outcome::Succeeded { output });
+    }
 }

@@ -302,6 +302,24 @@ impl RedbLogStore {
         &self.shared.path
     }
 
+    /// The highest log index up to which the log can be purged so that at most about
+    /// `keep_bytes` of entries remain up to `upto` (the entries after it are kept
+    /// anyway). `None` when everything up to `upto` fits in `keep_bytes`. Blocking: reads
+    /// the sizes of the stored entries from `upto` down.
+    pub fn byte_purge_point(&self, upto: u64, keep_bytes: u64) -> anyhow::Result<Option<u64>> {
+        let txn = self.shared.db.begin_read()?;
+        let logs = txn.open_table(LOGS)?;
+        let mut kept = 0u64;
+        for item in logs.range(..=upto)?.rev() {
+            let (k, v) = item?;
+            kept += v.value().len() as u64;
+            if kept > keep_bytes {
+                return Ok(Some(k.value()));
+            }
+        }
+        Ok(None)
+    }
+
     /// A counter of the bytes of entries appended since the store was opened (to trigger
     /// snapshots by log size).
     pub fn appended_bytes(&self) -> Arc<AtomicU64> {

@@ -31,7 +31,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{LogId, ServerState, Vote};
+use openraft::{EntryPayload, LogId, ServerState, Vote};
 use serde::{Deserialize, Serialize};
 use swarm_transport::{peer_role, FrameError, FrameReader, FrameWriter, Role, TransportError};
 use tokio::sync::Semaphore;
@@ -223,6 +223,73 @@ struct PeerConn {
     /// Serializes dialing, so concurrent RPCs to a disconnected peer make one connection.
     dial_lock: Arc<tokio::sync::Mutex<()>>,
     failures: AtomicU32,
+    /// The large AppendEntries being sent to this peer, if any (see [`BULK_APPEND_BYTES`]).
+    bulk: Mutex<Option<Bulk>>,
+}
+
+/// An AppendEntries carrying more than this many bytes of entries is sent by a task of
+/// its own, which outlives openraft's deadline for the call (one heartbeat interval,
+/// 100 ms): at the budget an entry holds 8 MiB, which a slow link or a loaded follower
+/// cannot take in that time, and a transfer cut at every deadline would never complete.
+/// openraft retries the same request after its deadline; the retry waits for the transfer
+/// already under way instead of starting over, and takes its answer.
+pub const BULK_APPEND_BYTES: usize = 256 << 10;
+
+/// Longest a bulk transfer may take (a dead peer is noticed by the connection long before).
+const BULK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What identifies an AppendEntries for its retries: same leader vote, same place in the
+/// log, same entries.
+#[derive(Debug, Clone, PartialEq)]
+struct BulkKey {
+    vote: Vote<NodeId>,
+    prev: Option<LogId<NodeId>>,
+    first: Option<LogId<NodeId>>,
+    last: Option<LogId<NodeId>>,
+    count: usize,
+}
+
+impl BulkKey {
+    fn of(rpc: &AppendEntriesRequest<TypeConfig>) -> Self {
+        BulkKey {
+            vote: rpc.vote,
+            prev: rpc.prev_log_id,
+            first: rpc.entries.first().map(|e| e.log_id),
+            last: rpc.entries.last().map(|e| e.log_id),
+            count: rpc.entries.len(),
+        }
+    }
+}
+
+/// A large AppendEntries under way, and where its answer will be.
+struct Bulk {
+    key: BulkKey,
+    /// Turns true when `answer` is in.
+    done: tokio::sync::watch::Receiver<bool>,
+    answer: Arc<Mutex<Option<Result<AppendAnswer, BulkError>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The follower's answer to an AppendEntries.
+type AppendAnswer = Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>;
+
+/// Why a bulk transfer failed.
+#[derive(Debug)]
+enum BulkError {
+    TooLarge(usize),
+    Connection(String),
+    Stream(String),
+}
+
+/// Bytes the entries of an AppendEntries take, roughly (by the ops' size hints).
+fn entries_bytes(rpc: &AppendEntriesRequest<TypeConfig>) -> usize {
+    rpc.entries
+        .iter()
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(cmd) => cmd.ops.iter().map(crate::state::Op::size_hint).sum(),
+            _ => 256,
+        })
+        .sum()
 }
 
 impl PeerConn {
@@ -233,6 +300,7 @@ impl PeerConn {
             conn: Mutex::new(None),
             dial_lock: Arc::new(tokio::sync::Mutex::new(())),
             failures: AtomicU32::new(0),
+            bulk: Mutex::new(None),
         }
     }
 
@@ -338,6 +406,7 @@ async fn dial(
 }
 
 /// The openraft client for one peer.
+#[derive(Clone)]
 pub struct QuicRaftClient {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
@@ -376,6 +445,125 @@ impl QuicRaftClient {
         });
         task.await
             .map_err(|e| format!("dialing {}: {e}", self.peer.addr))?
+    }
+
+    /// Send a large AppendEntries from a task of its own (see [`BULK_APPEND_BYTES`]), or join
+    /// the transfer of the same request already under way; wait for its answer until the
+    /// RPC's soft deadline.
+    async fn bulk_append(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        bytes: usize,
+        option: &RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+        let key = BulkKey::of(&rpc);
+        let count = rpc.entries.len();
+        if bytes > RAFT_MAX_FRAME && count > 1 {
+            // Cannot fit one frame: ask openraft for fewer entries before encoding any.
+            let fit =
+                (count as u64 * RAFT_MAX_FRAME as u64 / bytes as u64).clamp(1, count as u64 - 1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit).with_source_error(&NetError(format!(
+                    "{count} entries of about {bytes} bytes"
+                ))),
+            ));
+        }
+        let (mut done, answer) = {
+            let mut slot = self
+                .peer
+                .bulk
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match slot.as_ref() {
+                Some(b) if b.key == key => (b.done.clone(), b.answer.clone()),
+                _ => {
+                    // openraft moved on to another request: the old transfer is moot.
+                    if let Some(old) = slot.take() {
+                        old.task.abort();
+                    }
+                    let (tx, rx) = tokio::sync::watch::channel(false);
+                    let answer = Arc::new(Mutex::new(None));
+                    let client = self.clone();
+                    let put = answer.clone();
+                    let task = tokio::spawn(async move {
+                        let req = RaftRequest::AppendEntries(rpc);
+                        let sent = tokio::time::timeout(BULK_TIMEOUT, async {
+                            let conn = client.connect().await.map_err(BulkError::Connection)?;
+                            match exchange(&conn, &req).await {
+                                Ok(RaftResponse::AppendEntries(answer)) => Ok(answer),
+                                Ok(other) => Err(BulkError::Stream(format!(
+                                    "expected an AppendEntries response, got {}",
+                                    other.kind()
+                                ))),
+                                Err(CallError::TooLarge(n)) => Err(BulkError::TooLarge(n)),
+                                Err(CallError::Connection(e)) => {
+                                    client.peer.discard(conn.stable_id(), b"connection failed");
+                                    Err(BulkError::Connection(e.to_string()))
+                                }
+                                Err(CallError::Stream(e)) => Err(BulkError::Stream(e)),
+                            }
+                        })
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(BulkError::Stream(format!(
+                                "not sent within {BULK_TIMEOUT:?}"
+                            )))
+                        });
+                        *put.lock().unwrap_or_else(PoisonError::into_inner) = Some(sent);
+                        let _ = tx.send(true);
+                    });
+                    *slot = Some(Bulk {
+                        key: key.clone(),
+                        done: rx.clone(),
+                        answer: answer.clone(),
+                        task,
+                    });
+                    (rx, answer)
+                }
+            }
+        };
+        let ttl = option.soft_ttl();
+        let arrived = matches!(
+            tokio::time::timeout(ttl, done.wait_for(|d| *d)).await,
+            Ok(Ok(_))
+        );
+        let answer = match arrived {
+            true => answer.lock().unwrap_or_else(PoisonError::into_inner).take(),
+            false => None,
+        };
+        let Some(answer) = answer else {
+            return Err(network_error(format!(
+                "{count} entries ({bytes} bytes) still on their way to {}",
+                self.peer.addr
+            )));
+        };
+        // Answered: the next request, even an identical one, is sent afresh.
+        {
+            let mut slot = self
+                .peer
+                .bulk
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if slot.as_ref().is_some_and(|b| b.key == key) {
+                *slot = None;
+            }
+        }
+        match answer {
+            Ok(res) => {
+                res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.peer.target, e)))
+            }
+            Err(BulkError::TooLarge(len)) => Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint((count as u64 / 2).max(1))
+                    .with_source_error(&NetError(format!("request of {len} bytes"))),
+            )),
+            Err(BulkError::Connection(e)) => Err(unreachable(format!(
+                "connection to {}: {e}",
+                self.peer.addr
+            ))),
+            Err(BulkError::Stream(e)) => {
+                Err(network_error(format!("rpc to {}: {e}", self.peer.addr)))
+            }
+        }
     }
 
     /// Send one request and read its response, within the RPC's soft deadline (openraft drops
@@ -480,6 +668,10 @@ impl RaftNetwork<TypeConfig> for QuicRaftClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+        let bytes = entries_bytes(&rpc);
+        if bytes >= BULK_APPEND_BYTES {
+            return self.bulk_append(rpc, bytes, &option).await;
+        }
         match self.call(&RaftRequest::AppendEntries(rpc), &option).await? {
             RaftResponse::AppendEntries(res) => {
                 res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.peer.target, e)))

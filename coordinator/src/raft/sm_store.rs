@@ -104,9 +104,28 @@ struct SmInner {
     dumping: Mutex<()>,
     /// Makes names of received snapshot files unique.
     seq: AtomicU64,
+    /// Whether a snapshot is arriving or being installed (see [`Receiving`]).
+    receiving: watch::Sender<Receiving>,
     /// Checkpoints, dumps and installs run on the calling thread (deterministic
     /// simulations) instead of tokio's blocking pool.
     inline: bool,
+}
+
+/// A follower receiving or installing a snapshot: when its last chunk arrived, and
+/// whether the install runs. The node does not campaign meanwhile (the leader sends
+/// nothing else while a snapshot is under way, and a follower that timed out and
+/// campaigned would depose it, and restart the transfer, over and over).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Receiving {
+    pub last_chunk: Option<tokio::time::Instant>,
+    pub installing: bool,
+}
+
+impl Receiving {
+    /// Busy if installing, or if a chunk arrived within `quiet` of now.
+    pub fn busy(&self, quiet: std::time::Duration) -> bool {
+        self.installing || self.last_chunk.is_some_and(|t| t.elapsed() < quiet)
+    }
 }
 
 fn recover<T>(r: Result<T, PoisonError<T>>) -> T {
@@ -239,6 +258,16 @@ impl SmInner {
 
     /// Install a snapshot received into `path`: build a new store from it, then swap.
     fn install(&self, meta: &SnapshotMetaOf, path: &Path) -> anyhow::Result<()> {
+        self.receiving.send_modify(|r| r.installing = true);
+        let result = self.install_now(meta, path);
+        self.receiving.send_modify(|r| {
+            r.installing = false;
+            r.last_chunk = Some(tokio::time::Instant::now());
+        });
+        result
+    }
+
+    fn install_now(&self, meta: &SnapshotMetaOf, path: &Path) -> anyhow::Result<()> {
         let mut current = self.current();
         let install = self.dir.join(INSTALL_FILE);
         let input = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -561,6 +590,7 @@ impl StateMachineStore {
                 }),
                 dumping: Mutex::new(()),
                 seq: AtomicU64::new(0),
+                receiving: watch::channel(Receiving::default()).0,
                 inline,
             }),
         })
@@ -577,6 +607,11 @@ impl StateMachineStore {
     /// A receiver of the last applied log index (see [`TableHandle::subscribe_applied`]).
     pub fn subscribe_applied(&self) -> watch::Receiver<Option<u64>> {
         self.inner.applied_tx.subscribe()
+    }
+
+    /// Whether a snapshot is arriving or being installed, as it changes.
+    pub fn subscribe_receiving(&self) -> watch::Receiver<Receiving> {
+        self.inner.receiving.subscribe()
     }
 
     /// Meta of the last checkpoint, if any.
@@ -695,11 +730,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<SnapshotData>> {
         let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let path = self.inner.dir.join(format!("incoming-{n}.dump"));
+        let inner = self.inner.clone();
+        let note = move || {
+            inner
+                .receiving
+                .send_modify(|r| r.last_chunk = Some(tokio::time::Instant::now()))
+        };
+        note();
         let data = SnapshotData::receiving(&path, self.inner.inline)
             .await
             .map_err(|e| {
                 StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e)))
-            })?;
+            })?
+            .on_write(std::sync::Arc::new(note));
         Ok(Box::new(data))
     }
 

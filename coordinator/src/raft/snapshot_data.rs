@@ -40,6 +40,8 @@ pub struct SnapshotData {
     path: Option<PathBuf>,
     /// Build in place instead of on the blocking pool (deterministic simulations).
     inline: bool,
+    /// Told when bytes are written (a snapshot arriving).
+    on_write: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for SnapshotData {
@@ -58,6 +60,7 @@ impl SnapshotData {
             pending_seek: None,
             path: None,
             inline,
+            on_write: None,
         }
     }
 
@@ -75,7 +78,14 @@ impl SnapshotData {
             pending_seek: None,
             path: Some(path.to_path_buf()),
             inline,
+            on_write: None,
         })
+    }
+
+    /// Call `f` whenever bytes are written to this snapshot (each chunk that arrives).
+    pub fn on_write(mut self, f: std::sync::Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.on_write = Some(f);
+        self
     }
 
     /// Where a received snapshot is.
@@ -214,6 +224,9 @@ impl AsyncWrite for SnapshotData {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(f) = &this.on_write {
+            f();
+        }
         if let Some(file) = this.inline_file() {
             use std::io::Write as _;
             return Poll::Ready(file.and_then(|f| f.write(buf)));

@@ -67,6 +67,8 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskSpec {
     pub agent: String,
+    /// Encoded as one byte string (the same bytes as a sequence, copied at once).
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     pub priority: i32,
     pub timeout_ms: u64,
@@ -460,6 +462,7 @@ pub struct Task {
     pub spec: TaskSpec,
     pub state: TaskState,
     pub attempts: Vec<Attempt>,
+    #[serde(with = "serde_bytes")]
     pub output: Option<Vec<u8>>,
     pub error: Option<String>,
     pub created_at_ms: u64,
