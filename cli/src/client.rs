@@ -106,6 +106,24 @@ impl Client {
         body: Option<Vec<u8>>,
         content_type: &str,
     ) -> anyhow::Result<Vec<u8>> {
+        let body = || Ok(body.clone().map(|b| (reqwest::Body::from(b), content_type)));
+        let resp = self.route(&method, path, query, body).await?;
+        let bytes = resp.bytes().await.context("read API response")?;
+        Ok(bytes.to_vec())
+    }
+
+    /// Send the request to the nodes in turn, starting with the one that answered last,
+    /// until one answers: `make_body` makes the body afresh for every try. Moves on only
+    /// when the request cannot have taken effect (no connection, or `not_leader`, whose
+    /// leader is tried next; reads also on `unavailable` or a timeout). Returns the
+    /// successful response unread.
+    async fn route<'a>(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &[(&str, String)],
+        make_body: impl Fn() -> anyhow::Result<Option<(reqwest::Body, &'a str)>>,
+    ) -> anyhow::Result<reqwest::Response> {
         let bases = self.bases();
         let start = self.current.load(Ordering::Relaxed);
         let mut order: Vec<String> = (0..bases.len())
@@ -117,7 +135,7 @@ impl Client {
             let base = order[tried].clone();
             tried += 1;
             match self
-                .try_once(&base, &method, path, query, body.clone(), content_type)
+                .try_once(&base, method, path, query, make_body()?)
                 .await
             {
                 Try::Done(r) => {
@@ -145,9 +163,8 @@ impl Client {
         method: &Method,
         path: &str,
         query: &[(&str, String)],
-        body: Option<Vec<u8>>,
-        content_type: &str,
-    ) -> Try<Vec<u8>> {
+        body: Option<(reqwest::Body, &str)>,
+    ) -> Try<reqwest::Response> {
         let mut req = self
             .http
             .request(method.clone(), format!("{base}{path}"))
@@ -155,10 +172,8 @@ impl Client {
         if !query.is_empty() {
             req = req.query(query);
         }
-        if let Some(b) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .body(b);
+        if let Some((b, content_type)) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, content_type).body(b);
         }
         let resp = match req.send().await {
             Ok(r) => r,
@@ -176,13 +191,13 @@ impl Client {
             }
         };
         let status = resp.status();
+        if status.is_success() {
+            return Try::Done(Ok(resp));
+        }
         let bytes = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => return Try::Done(Err(anyhow::Error::new(e).context("read API response"))),
         };
-        if status.is_success() {
-            return Try::Done(Ok(bytes.to_vec()));
-        }
         let err = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(b) => b.error,
             Err(_) => {
@@ -266,80 +281,6 @@ impl Client {
         self.call(method, path, &[], body).await
     }
 
-    /// Send a request whose body (if any) `body` makes afresh for every node tried, and
-    /// return the leader's response unread, for streaming. Moves on like
-    /// [`Client::call_raw`]: only when the request cannot have taken effect.
-    async fn open_stream(
-        &self,
-        method: Method,
-        path: &str,
-        body: impl Fn() -> anyhow::Result<Option<reqwest::Body>>,
-    ) -> anyhow::Result<reqwest::Response> {
-        let bases = self.bases();
-        let start = self.current.load(Ordering::Relaxed);
-        let mut order: Vec<String> = (0..bases.len())
-            .map(|i| bases[(start + i) % bases.len()].clone())
-            .collect();
-        let mut last_err = None;
-        let mut tried = 0usize;
-        while tried < order.len() && tried < 8 {
-            let base = order[tried].clone();
-            tried += 1;
-            let mut req = self
-                .http
-                .request(method.clone(), format!("{base}{path}"))
-                .bearer_auth(&self.token);
-            if let Some(b) = body()? {
-                req = req
-                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                    .body(b);
-            }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if e.is_connect() => {
-                    last_err = Some(
-                        anyhow::Error::new(e)
-                            .context(format!("cannot reach the swarm API at {base}")),
-                    );
-                    continue;
-                }
-                Err(e) => {
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("request to the swarm API at {base} failed")))
-                }
-            };
-            if resp.status().is_success() {
-                if let Some(i) = bases.iter().position(|b| *b == base) {
-                    self.current.store(i, Ordering::Relaxed);
-                }
-                return Ok(resp);
-            }
-            let status = resp.status();
-            let bytes = resp.bytes().await.unwrap_or_default();
-            let Ok(err) = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.error) else {
-                anyhow::bail!("API answered {status}: {}", String::from_utf8_lossy(&bytes));
-            };
-            let api_err = ApiError {
-                status: status.as_u16(),
-                code: err.code.clone(),
-                message: err.message.clone(),
-            };
-            if err.code != "not_leader" {
-                return Err(anyhow!(api_err));
-            }
-            if let Some(n) = err
-                .leader_api
-                .and_then(|n| normalise(&format!("http://{n}")).ok())
-            {
-                if !order[..tried].contains(&n) {
-                    order.insert(tried, n);
-                }
-            }
-            last_err = Some(anyhow!(api_err));
-        }
-        Err(last_err.unwrap_or_else(|| anyhow!("no API address to try")))
-    }
-
     /// `GET /v1/backup`, streamed into `out`; `progress` is told the bytes received so
     /// far. Returns the bytes written and the log index the backup reflects.
     pub async fn backup_into(
@@ -349,7 +290,7 @@ impl Client {
     ) -> anyhow::Result<(u64, u64)> {
         use tokio::io::AsyncWriteExt as _;
         let mut resp = self
-            .open_stream(Method::GET, "/v1/backup", || Ok(None))
+            .route(&Method::GET, "/v1/backup", &[], || Ok(None))
             .await?;
         let index = resp
             .headers()
@@ -378,7 +319,7 @@ impl Client {
         progress: impl Fn(u64) + Clone + Send + Sync + 'static,
     ) -> anyhow::Result<serde_json::Value> {
         let path = from.to_path_buf();
-        let body = move || -> anyhow::Result<Option<reqwest::Body>> {
+        let body = move || -> anyhow::Result<Option<(reqwest::Body, &str)>> {
             let file = std::fs::File::open(&path)
                 .with_context(|| format!("opening {}", path.display()))?;
             let file = tokio::fs::File::from_std(file);
@@ -403,9 +344,14 @@ impl Client {
                     }
                 }
             });
-            Ok(Some(reqwest::Body::wrap_stream(stream)))
+            Ok(Some((
+                reqwest::Body::wrap_stream(stream),
+                "application/octet-stream",
+            )))
         };
-        let resp = self.open_stream(Method::POST, "/v1/restore", body).await?;
+        let resp = self
+            .route(&Method::POST, "/v1/restore", &[], body)
+            .await?;
         let bytes = resp.bytes().await.context("read API response")?;
         serde_json::from_slice(&bytes).context("unexpected API response")
     }

@@ -792,7 +792,9 @@ pub(crate) async fn maintenance_loop(
             .saturating_sub(bytes_at_snapshot);
         let held = node.table.changes_bytes() as u64;
         metrics::gauge!("swarm_state_changes_bytes").set(held as f64);
-        if log_since >= node.cfg.snapshot_bytes || held >= node.cfg.snapshot_bytes {
+        // Changes are held at a quarter of the log threshold: their memory (tasks with
+        // their strings, map nodes) is a few times their size hint.
+        if log_since >= node.cfg.snapshot_bytes || held >= node.cfg.snapshot_bytes / 4 {
             debug!(log_since, held, "snapshot by size");
             // Counted from now: a snapshot already being built completes the trigger.
             bytes_at_snapshot = log_bytes.load(Ordering::Relaxed);

@@ -5,8 +5,8 @@
 //!
 //! * coordinator RSS now and its peak (`/proc/<pid>/status`);
 //! * data-dir size, and of that the checkpoint store (`raft/state.redb`);
-//! * checkpoint (snapshot build) time: mean of the checkpoints taken since the previous
-//!   milestone (`swarm_checkpoint_seconds`) and the last one's;
+//! * checkpoints (snapshot builds) taken since the previous milestone, their mean time,
+//!   and the time of the one the backup below takes (`swarm_checkpoint_seconds`);
 //! * snapshot size and time: the dump a lagging follower would be sent (the same bytes
 //!   as a backup: `GET /v1/backup`, read to the end);
 //! * submit p50/p99: sequential single submits, acknowledged once durable;
@@ -51,6 +51,10 @@ struct Args {
     /// Pass `--retain-finished` to the coordinator (default: its own default).
     #[arg(long)]
     retain: Option<String>,
+    /// Most tasks submitted but not yet finished: the client waits for the queue to drain
+    /// below half of it (a steady state, rather than a queue as deep as the limit).
+    #[arg(long, default_value_t = 100_000)]
+    ahead: u64,
     /// Samples for each latency figure.
     #[arg(long, default_value_t = 300)]
     samples: usize,
@@ -298,18 +302,24 @@ async fn main() -> anyhow::Result<()> {
         args.retain.as_deref().unwrap_or("default")
     );
     println!(
-        "| tasks | RSS MiB (peak) | data dir MiB (state.redb) | checkpoint mean/last s | snapshot MiB / s | submit p50/p99 ms | old read p50/p99 ms | restart to ready s | run tasks/s |"
+        "| tasks | RSS MiB (peak) | data dir MiB (state.redb) | checkpoints: mean / last s | snapshot MiB / s | submit p50/p99 ms | old read p50/p99 ms | restart to ready s | run tasks/s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut submitted: u64 = 0;
-    let mut checkpoint_seen = (0.0, 0.0);
     for &target in &args.sizes {
         // Submit up to the milestone, `concurrency` batches at a time; back off on 429.
         let started = Instant::now();
         let from = submitted;
         let mut inflight = tokio::task::JoinSet::new();
         let mut last_max = Instant::now();
+        let mut checked_at = submitted;
         while submitted < target || !inflight.is_empty() {
+            if submitted - checked_at >= args.ahead / 4 {
+                checked_at = submitted;
+                while api.unfinished().await? > args.ahead {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             while submitted < target && inflight.len() < args.concurrency {
                 let (http, url, token, body) = (
                     api.http.clone(),
@@ -358,15 +368,14 @@ async fn main() -> anyhow::Result<()> {
         let (rss, peak) = rss_kib(cluster.pid())?;
         let data = dir_bytes(&dir.join("data"));
         let store = std::fs::metadata(dir.join("data/raft/state.redb")).map_or(0, |m| m.len());
-        let ck = (
-            api.metric("swarm_checkpoint_seconds_sum").await?,
-            api.metric("swarm_checkpoint_seconds_count").await?,
-        );
-        let ck_mean = (ck.0 - checkpoint_seen.0) / (ck.1 - checkpoint_seen.1).max(1.0);
-        checkpoint_seen = ck;
-        let ck_last = api.metric("swarm_checkpoint_last_seconds").await?;
+        // Checkpoints taken since the previous milestone (the coordinator restarted then,
+        // and its counters with it).
+        let ck_sum = api.metric("swarm_checkpoint_seconds_sum").await?;
+        let ck_runs = api.metric("swarm_checkpoint_seconds_count").await?;
+        let ck_mean = if ck_runs > 0.0 { ck_sum / ck_runs } else { 0.0 };
 
-        // The snapshot a follower would be sent (read to the end, not kept).
+        // The snapshot a follower would be sent (read to the end, not kept). The backup
+        // takes a checkpoint first: the last one is that checkpoint.
         let t0 = Instant::now();
         let mut resp = api.get("/v1/backup").await?.error_for_status()?;
         let mut snapshot_bytes = 0u64;
@@ -374,6 +383,7 @@ async fn main() -> anyhow::Result<()> {
             snapshot_bytes += c.len() as u64;
         }
         let snapshot_s = t0.elapsed().as_secs_f64();
+        let ck_last = api.metric("swarm_checkpoint_last_seconds").await?;
 
         let mut submit = Vec::new();
         for i in 0..args.samples {
@@ -429,7 +439,7 @@ async fn main() -> anyhow::Result<()> {
         let (s50, s99) = quantiles(submit);
         let (r50, r99) = quantiles(reads);
         println!(
-            "| {target} | {} ({}) | {} ({}) | {ck_mean:.2}/{ck_last:.2} | {} / {snapshot_s:.1} | {s50:.2}/{s99:.2} | {r50:.2}/{r99:.2} | {restart:.2} | {rate:.0} |",
+            "| {target} | {} ({}) | {} ({}) | {ck_runs:.0}: {ck_mean:.2} / {ck_last:.2} | {} / {snapshot_s:.1} | {s50:.2}/{s99:.2} | {r50:.2}/{r99:.2} | {restart:.2} | {rate:.0} |",
             rss / 1024,
             peak / 1024,
             data >> 20,

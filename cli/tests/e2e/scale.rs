@@ -49,6 +49,15 @@ where
     }
 }
 
+/// `swarm restore --from file` into `cluster`.
+fn restore(cluster: &Cluster, file: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(["restore", "--api", &cluster.api, "--token", &cluster.token, "--from"])
+        .arg(file)
+        .output()
+        .expect("run swarm restore")
+}
+
 fn rss_mib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -206,18 +215,7 @@ async fn three_hundred_mb_of_state_survives_kills_catch_up_and_backup() {
     let mut fresh = Cluster::new(&[]);
     fresh.start_coordinator();
     fresh.wait_ready().await;
-    let out = std::process::Command::new(bin())
-        .args([
-            "restore",
-            "--api",
-            &fresh.api,
-            "--token",
-            &fresh.token,
-            "--from",
-        ])
-        .arg(&file)
-        .output()
-        .expect("run swarm restore");
+    let out = restore(&fresh, &file);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "restore failed: {stderr}");
     assert!(
@@ -232,18 +230,7 @@ async fn three_hundred_mb_of_state_survives_kills_catch_up_and_backup() {
     })
     .await;
     // A second restore into the now full cluster is refused and changes nothing.
-    let out = std::process::Command::new(bin())
-        .args([
-            "restore",
-            "--api",
-            &fresh.api,
-            "--token",
-            &fresh.token,
-            "--from",
-        ])
-        .arg(&file)
-        .output()
-        .expect("run swarm restore");
+    let out = restore(&fresh, &file);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("conflict"),

@@ -300,19 +300,8 @@ impl TaskTable {
         // A Move may commit before the attempt's Start (both are proposed around the same
         // time): then the attempt is recorded here, on its new worker.
         if task.state == TaskState::Queued && attempt.attempt == task.next_attempt() {
-            let key = QueueKey::of(task);
-            self.queue.remove(&key);
-            self.set_state(id, TaskState::Running);
+            self.run_next_attempt(attempt, to, now_ms);
             if let Some(task) = self.live_mut(id) {
-                let stage = task.stage;
-                task.attempts.push(Attempt {
-                    number: attempt.attempt,
-                    stage,
-                    worker: to.to_string(),
-                    started_at_ms: now_ms,
-                    finished_at_ms: None,
-                    end: None,
-                });
                 task.moves += 1;
             }
             return OpResult::Applied {
@@ -436,8 +425,20 @@ impl TaskTable {
         if task.state != TaskState::Queued || attempt.attempt != task.next_attempt() {
             return OpResult::Ignored { state: task.state };
         }
-        let key = QueueKey::of(task);
-        self.queue.remove(&key);
+        self.run_next_attempt(attempt, worker, now_ms);
+        OpResult::Applied {
+            state: TaskState::Running,
+        }
+    }
+
+    /// A queued task's next attempt starts on `worker`: out of the queue, running, with
+    /// the attempt recorded.
+    fn run_next_attempt(&mut self, attempt: AttemptRef, worker: &str, now_ms: u64) {
+        let id = attempt.task_id;
+        if let Some(task) = self.live.get(&id) {
+            let key = QueueKey::of(task);
+            self.queue.remove(&key);
+        }
         self.set_state(id, TaskState::Running);
         if let Some(task) = self.live_mut(id) {
             let stage = task.stage;
@@ -449,9 +450,6 @@ impl TaskTable {
                 finished_at_ms: None,
                 end: None,
             });
-        }
-        OpResult::Applied {
-            state: TaskState::Running,
         }
     }
 
