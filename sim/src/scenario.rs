@@ -733,6 +733,7 @@ async fn coordinator(
             api_listener,
             peer_http: Some(Arc::new(SimPeerHttp)),
             inline_storage: true,
+            snapshot_chunk: None,
         },
     )
     .await
