@@ -67,12 +67,16 @@ const AFTER_HEAL: Duration = Duration::from_secs(3);
 const SETTLE_TIME: Duration = Duration::from_secs(15);
 /// Simulated wall-clock time at the start of every run (fixed, so runs replay).
 const EPOCH_SECS: u64 = 1_750_000_000;
-/// Default snapshot interval, entries. A run writes about 20 entries a second of load,
-/// so each node takes a snapshot every few seconds (6 to 8 a run), and the leader's log
-/// keeps only 32 entries before its last one: a node that misses more than a couple of
-/// seconds of log catches up from a snapshot.
+/// Default snapshot interval, entries. A run writes 15 to 20 entries a second of load,
+/// so each node takes a snapshot about every second (10 to 30 a run), and with
+/// `raft_config`'s `max_in_snapshot_log_to_keep` of half the interval and purges in
+/// batches of one interval, a leader keeps 8 to 24 entries of log: a node that misses a
+/// second or two of log usually catches up from a snapshot. (openraft postpones a purge
+/// while a follower's entries are in flight, so not every crash ends in an install.)
 pub const SNAPSHOT_EVERY: u64 = 16;
-/// Default size trigger.
+/// Default size trigger (`CoordinatorConfig::snapshot_bytes`): the changes held in memory
+/// between two snapshots by entries pass it now and then, so the maintenance loop's
+/// size-triggered snapshot runs a few times a run too, racing the entry-triggered ones.
 pub const SNAPSHOT_BYTES: u64 = 2 << 10;
 /// Default snapshot chunk: a run's snapshots are 5–15 KiB, so each travels in 5 to 15
 /// InstallSnapshot RPCs.

@@ -33,8 +33,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use swarm_sim::faults::{Episode, Fault, Target};
 use swarm_sim::scenario::{self, Options, Report};
 
-/// The seeds `seeded_faults` runs by default, with what each one's schedule does (from
-/// its fault log: `SWARM_SIM_SEED=s` prints it).
+/// The seeds `seeded_faults` runs by default, with what each one's run does, read from
+/// its fault log when the list was made (`SWARM_SIM_SEED=s` prints the log; a change to
+/// the coordinator or the schedule may shift what a seed does).
 const SEEDS: &[(u64, &str)] = &[
     // No membership change: snapshot installs after crashes and partitions.
     (1005, "a follower cut off from everyone, then from its peers, installs three snapshots in a row (the leader compacts while it catches up); the leader crashes and installs three more on restart, under message loss"),
@@ -388,6 +389,10 @@ fn seeded_faults() {
                 match run_in_child(seed) {
                     Ok(summary) => eprintln!("ok   {summary} ({:.1?} wall)", t.elapsed()),
                     Err(e) => {
+                        let e = match SEEDS.iter().find(|(s, _)| *s == seed) {
+                            Some((_, what)) => format!("seed {seed} ({what}):\n{e}"),
+                            None => e,
+                        };
                         eprintln!("FAIL {e}");
                         failures.lock().unwrap_or_else(|p| p.into_inner()).push(e);
                     }
