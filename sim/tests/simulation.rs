@@ -39,7 +39,6 @@ use swarm_sim::scenario::{self, Options, Report};
 const SEEDS: &[(u64, &str)] = &[
     // No membership change: snapshot installs after crashes and partitions.
     (1005, "a follower cut off from everyone, then from its peers, installs three snapshots in a row (the leader compacts while it catches up); the leader crashes and installs three more on restart, under message loss"),
-    (1015, "a follower cut off from its peers installs a snapshot; then the leader is cut off from its peers and installs one when it is back"),
     (1025, "one-way partition c3 -> c1 and message loss: c3 installs; the leader crashes while its link to c2 is held, and installs on restart"),
     // A node replaced by a brand-new one (new id, new host, empty).
     (1004, "a follower isolated from its peers installs; the leader n2 is replaced by n4 under a one-way partition and isolations, n4 and a lagging c3 install the same snapshot"),
@@ -47,7 +46,6 @@ const SEEDS: &[(u64, &str)] = &[
     (1014, "the crashed leader installs on restart; the leader n2 is replaced under a one-way partition; the new leader n4 is isolated from everyone just before the heal"),
     (1039, "a crashed follower installs three snapshots in a row while the leader n1 is replaced; the new leader n4 has its link to c3 held, c3 crashes and installs after the heal"),
     // A node wiped and added back as a new member (same host, new id).
-    (1000, "the leader crashes; n2 is wiped and added back across a crash of c1 and a one-way drop, completing after the heal"),
     (1018, "the leader n1 is wiped and added back under one-way drops, an isolation and 400 ms latency; it takes ten seconds and ends after the heal"),
     (1019, "a crashed follower installs; the leader crashes; n2 is wiped and added back while links are held and c3 isolated, completing after the heal"),
     (1036, "the leader n1 is wiped and added back while two other coordinators crash in turn (no quorum for a while); n4 installs twice"),
