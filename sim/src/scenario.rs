@@ -673,8 +673,11 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
         }
     }
     let sim_time = sim.elapsed();
-    // Every host's software goes with the simulation: no node holds its files any more.
+    // Every host's software goes with the simulation; and the Raft handles the operator
+    // used go too (a handle can keep its node's state machine, and so its files, open:
+    // an interrupted snapshot transfer stays in it). Then no node holds its files.
     drop(sim);
+    lock(&shared).rafts.clear();
 
     let (mut history, log, snapshots, settled, expected) = {
         let mut s = lock(&shared);
