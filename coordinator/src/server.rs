@@ -93,6 +93,10 @@ pub struct Parts<L> {
     /// tokio's blocking pool. For single-threaded deterministic simulations, where I/O must complete at a
     /// point the program fixes.
     pub inline_storage: bool,
+    /// Bytes per InstallSnapshot RPC instead of
+    /// [`SNAPSHOT_CHUNK`](crate::limits::SNAPSHOT_CHUNK) (`None`). A simulation's snapshots
+    /// are a few KiB: a small chunk makes each one travel in several RPCs, as large ones do.
+    pub snapshot_chunk: Option<u64>,
 }
 
 /// The QUIC server configuration of a coordinator: its certificate from `certs_dir`,
@@ -117,6 +121,7 @@ pub async fn start(cfg: CoordinatorConfig) -> anyhow::Result<CoordinatorHandle> 
             api_listener,
             peer_http: None,
             inline_storage: false,
+            snapshot_chunk: None,
         },
     )
     .await
@@ -136,6 +141,7 @@ where
         api_listener,
         peer_http,
         inline_storage,
+        snapshot_chunk,
     } = parts;
     metrics::handle();
     std::fs::create_dir_all(&cfg.data_dir)
@@ -170,11 +176,11 @@ where
     let network =
         raft::network::QuicRaftNetwork::new(endpoint.clone(), client_config(&identity, ALPN_RAFT)?);
     let handoff_network = network.clone();
-    let raft_cfg = Arc::new(
-        raft::raft_config("swarm", cfg.snapshot_every)
-            .validate()
-            .context("raft config")?,
-    );
+    let mut raft_cfg = raft::raft_config("swarm", cfg.snapshot_every);
+    if let Some(chunk) = snapshot_chunk {
+        raft_cfg.snapshot_max_chunk_size = chunk.max(1);
+    }
+    let raft_cfg = Arc::new(raft_cfg.validate().context("raft config")?);
     let raft = openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm)
         .await
         .context("start raft")?;

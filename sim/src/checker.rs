@@ -14,7 +14,13 @@
 //!   payload;
 //! * **linearizable reads** — a read invoked after a submit was acknowledged finds the
 //!   task, and once a read returned a final state, every read invoked after that read
-//!   completed (the audit included) returns the same state.
+//!   completed (the audit included) returns the same state;
+//! * **membership** — every membership change the run's operator started completed once
+//!   the faults healed, and the cluster's voters at the end are the ones those changes
+//!   leave;
+//! * **identical replicas** — at the end, every member of the cluster has applied the
+//!   leader's whole log and checkpointed it, and all their checkpoints hold the same state
+//!   (byte-equal dumps, read from each member's data dir after the run).
 //!
 //! Outcomes a client cannot know (timeouts, connection failures, 5xx answers) are recorded
 //! as unknown and never count as failures: an unknown submit may or may not have created
@@ -106,12 +112,65 @@ pub enum Audit {
     Incomplete { reason: String },
 }
 
+/// A membership change as the run's operator carried it out.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MembershipChange {
+    /// What was asked, e.g. `replace n2 (c2) with n4 (c4)`.
+    pub what: String,
+    pub started: At,
+    /// When the change was complete (new node a voter, old node out of the committed
+    /// membership); `None` if it never was.
+    pub completed: Option<At>,
+    /// Steps that failed and were retried (the first few), or why the operator gave up.
+    pub notes: Vec<String>,
+}
+
+/// One member's replica at the end of a run, as its data dir holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplicaState {
+    /// Raft node id.
+    pub node: u64,
+    /// Its host (`c1`, ...).
+    pub host: String,
+    /// Log index of its last checkpoint.
+    pub checkpoint_index: Option<u64>,
+    /// Size and hash of the dump of that checkpoint: the whole replicated state.
+    pub dump_bytes: u64,
+    pub dump_hash: u64,
+    /// Finished tasks the checkpoint holds, and the last task id handed out.
+    pub finished_tasks: u64,
+    pub last_task_id: u64,
+    /// Why the checkpoint could not be read, if it could not.
+    pub error: Option<String>,
+}
+
+/// The final comparison of the members' replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Replicas {
+    /// Every member (voter or learner) of the leader's membership applied the leader's log
+    /// up to `index` and checkpointed it; `nodes` are their checkpoints.
+    Settled {
+        index: u64,
+        voters: Vec<u64>,
+        /// The voters the operator's completed membership changes leave (`None` when a
+        /// change did not complete, so nobody knows).
+        expected_voters: Option<Vec<u64>>,
+        nodes: Vec<ReplicaState>,
+    },
+    /// The members never all caught up with the leader.
+    Unsettled { reason: String },
+}
+
 /// Everything the clients saw in one run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct History {
     pub submits: Vec<Submit>,
     pub reads: Vec<Read>,
     pub audit: Option<Audit>,
+    /// Membership changes, in the order the operator ran them.
+    pub membership: Vec<MembershipChange>,
+    /// The members' replicas at the end (`None`: not compared).
+    pub replicas: Option<Replicas>,
 }
 
 /// A broken guarantee, with what shows it.
@@ -149,6 +208,21 @@ pub enum Violation {
     ReadMissedAck { id: u64, acked_at: At, read: Read },
     /// A read invoked after another read saw a final state saw something else.
     StaleRead { id: u64, earlier: Read, later: Read },
+    /// A membership change never completed.
+    MembershipIncomplete { what: String, notes: Vec<String> },
+    /// The members never all applied the leader's log.
+    Unsettled { reason: String },
+    /// The cluster ended with other voters than the membership changes leave.
+    WrongVoters {
+        expected: Vec<u64>,
+        actual: Vec<u64>,
+    },
+    /// Members' checkpoints at the same log index hold different states (or one could
+    /// not be read, or is at another index).
+    ReplicasDiffer {
+        index: u64,
+        nodes: Vec<ReplicaState>,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -209,6 +283,37 @@ impl fmt::Display for Violation {
                 later.client,
                 later.result
             ),
+            Violation::MembershipIncomplete { what, notes } => {
+                write!(f, "membership change never completed: {what}; {}", notes.join("; "))
+            }
+            Violation::Unsettled { reason } => {
+                write!(f, "the members never all applied the leader's log: {reason}")
+            }
+            Violation::WrongVoters { expected, actual } => write!(
+                f,
+                "the cluster ended with voters {actual:?}, the membership changes leave {expected:?}"
+            ),
+            Violation::ReplicasDiffer { index, nodes } => {
+                write!(f, "replicas differ (all should be checkpointed at {index}):")?;
+                for n in nodes {
+                    write!(
+                        f,
+                        " n{} ({}) at {:?}: {} bytes, hash {:016x}, {} finished, last id {}{};",
+                        n.node,
+                        n.host,
+                        n.checkpoint_index,
+                        n.dump_bytes,
+                        n.dump_hash,
+                        n.finished_tasks,
+                        n.last_task_id,
+                        n.error
+                            .as_deref()
+                            .map(|e| format!(", error: {e}"))
+                            .unwrap_or_default()
+                    )?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -298,6 +403,8 @@ pub fn check(h: &History) -> Vec<Violation> {
         }
     }
 
+    check_membership(h, &mut out);
+
     for (id, rs) in &reads {
         if let Some((acked_at, _)) = first_ack.get(id) {
             for r in rs {
@@ -333,6 +440,50 @@ pub fn check(h: &History) -> Vec<Violation> {
         }
     }
     out
+}
+
+/// Membership changes completed, the voters they leave, and identical replicas.
+fn check_membership(h: &History, out: &mut Vec<Violation>) {
+    for c in &h.membership {
+        if c.completed.is_none() {
+            out.push(Violation::MembershipIncomplete {
+                what: c.what.clone(),
+                notes: c.notes.clone(),
+            });
+        }
+    }
+    match &h.replicas {
+        None => {}
+        Some(Replicas::Unsettled { reason }) => out.push(Violation::Unsettled {
+            reason: reason.clone(),
+        }),
+        Some(Replicas::Settled {
+            index,
+            voters,
+            expected_voters,
+            nodes,
+        }) => {
+            if let Some(expected) = expected_voters {
+                if expected != voters {
+                    out.push(Violation::WrongVoters {
+                        expected: expected.clone(),
+                        actual: voters.clone(),
+                    });
+                }
+            }
+            let states: BTreeSet<(u64, u64)> =
+                nodes.iter().map(|n| (n.dump_bytes, n.dump_hash)).collect();
+            let off = nodes
+                .iter()
+                .any(|n| n.error.is_some() || n.checkpoint_index != Some(*index));
+            if off || states.len() > 1 {
+                out.push(Violation::ReplicasDiffer {
+                    index: *index,
+                    nodes: nodes.clone(),
+                });
+            }
+        }
+    }
 }
 
 /// The audit's table against the acknowledgements and the submitted keys.

@@ -46,6 +46,24 @@ pub enum Fault {
     CrashCoordinator(Target),
     /// Crash a worker (its running attempts die with it); restart it at the end.
     CrashWorker(usize),
+    /// Replace a coordinator: a brand-new node (new id, empty data dir, a host of its own)
+    /// joins as a learner, catches up (from a snapshot, the log being compacted) and
+    /// becomes a voter; then the old node is removed from the cluster and its host shut
+    /// down for good. A membership change, not a timed fault: it starts at `start` (or
+    /// when the previous membership change is done) and takes as long as it takes.
+    Replace(Target),
+    /// Crash a coordinator, remove it from the cluster, wipe its data dir and bring its
+    /// host back as a new member (new id, same address) that catches up from a snapshot.
+    /// A membership change like [`Fault::Replace`].
+    Rejoin(Target),
+}
+
+impl Fault {
+    /// Whether this is a membership change (run by the simulation's operator, one at a
+    /// time) rather than a fault with an end.
+    pub fn is_membership(&self) -> bool {
+        matches!(self, Fault::Replace(_) | Fault::Rejoin(_))
+    }
 }
 
 impl fmt::Display for Target {
@@ -69,11 +87,14 @@ impl fmt::Display for Fault {
             Fault::Latency(ms) => write!(f, "latency up to {ms} ms"),
             Fault::CrashCoordinator(t) => write!(f, "crash {t}"),
             Fault::CrashWorker(w) => write!(f, "crash w{}", w + 1),
+            Fault::Replace(t) => write!(f, "replace {t} with a new node on a new host"),
+            Fault::Rejoin(t) => write!(f, "wipe {t} and bring it back as a new member"),
         }
     }
 }
 
-/// A fault active over `[start, end)`.
+/// A fault active over `[start, end)` (a membership change: starting at `start`; `end`
+/// is not used).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Episode {
     pub start: Duration,
@@ -83,13 +104,18 @@ pub struct Episode {
 
 /// Draw a schedule of episodes starting in `[from, until)` for `coordinators`
 /// coordinators and `workers` workers. At most one coordinator crash is active at a time,
-/// so crashes alone never take the majority down (partitions on top of one may).
+/// so crashes alone never take the majority down (partitions on top of one may). With
+/// `membership`, up to one [`Fault::Replace`] and one [`Fault::Rejoin`] are added, each
+/// starting at least [`MEMBERSHIP_NOT_BEFORE`] after `from` (so that the log has been
+/// compacted and a joining node must catch up from a snapshot) and ending well before
+/// `until`; the other faults go on around them.
 pub fn schedule(
     rng: &mut StdRng,
     from: Duration,
     until: Duration,
     coordinators: usize,
     workers: usize,
+    membership: bool,
 ) -> Vec<Episode> {
     let mut out: Vec<Episode> = Vec::new();
     let mut t = from;
@@ -145,8 +171,37 @@ pub fn schedule(
             len + Duration::from_millis(rng.gen_range(300..3_000))
         };
     }
+    let (lo, hi) = (
+        from + MEMBERSHIP_NOT_BEFORE,
+        until.saturating_sub(MEMBERSHIP_NOT_AFTER),
+    );
+    if membership && lo < hi {
+        for (p, kind) in [(0.55, 0), (0.45, 1)] {
+            if !rng.gen_bool(p) {
+                continue;
+            }
+            let start = Duration::from_millis(rng.gen_range(lo.as_millis()..hi.as_millis()) as u64);
+            let target = node(rng);
+            out.push(Episode {
+                start,
+                end: start,
+                fault: if kind == 0 {
+                    Fault::Replace(target)
+                } else {
+                    Fault::Rejoin(target)
+                },
+            });
+        }
+    }
     out
 }
+
+/// Membership changes start this long after the first fault may: by then the log has
+/// been compacted.
+pub const MEMBERSHIP_NOT_BEFORE: Duration = Duration::from_secs(5);
+/// ...and this long before the faults heal at the latest, so that most of the change
+/// happens under faults.
+pub const MEMBERSHIP_NOT_AFTER: Duration = Duration::from_secs(5);
 
 /// What one direction of a link should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -3,17 +3,25 @@
 //! Real coordinators (openraft over QUIC with mutual TLS, redb storage, the axum API)
 //! and real workers run as hosts of a [turmoil] simulation: one thread, simulated time,
 //! a simulated network whose latency, loss, partitions and host crashes are driven by a
-//! seed. Clients submit and read through the HTTP API and record what they saw; the
-//! [`checker`] judges that history.
+//! seed. Snapshots are on (checkpoints, chunked installs, all on the simulation's
+//! thread), and the cluster's membership changes while the faults run: a node replaced by
+//! a brand-new one, a node wiped and added back. Clients submit and read through the HTTP
+//! API and record what they saw; at the end every member's checkpoint is read from its
+//! data dir; the [`checker`] judges the history and compares the replicas.
 //!
 //! * [`net`]: quinn over turmoil UDP, axum and hyper over turmoil TCP.
 //! * [`certs`]: cluster certificates of a fixed size.
 //! * [`faults`]: fault schedules drawn from the seed, and turning them into link states.
+//! * [`driver`]: applying a schedule to the simulation between steps.
+//! * [`membership`]: the operator that adds and removes nodes under faults, and the
+//!   final comparison of the replicas.
 //! * [`scenario`]: one run of one seed.
 //! * [`checker`]: the history model and the checker.
 
 pub mod certs;
 pub mod checker;
+pub mod driver;
 pub mod faults;
+pub mod membership;
 pub mod net;
 pub mod scenario;

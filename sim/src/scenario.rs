@@ -1,22 +1,38 @@
 //! One seeded run: a cluster of coordinators and workers on turmoil's simulated network,
 //! clients submitting and reading through the HTTP API, a fault schedule drawn from the
-//! seed, then healing, draining, a final audit and the checker.
+//! seed (membership changes included), then healing, draining, a final audit, a
+//! comparison of the replicas and the checker.
 //!
 //! Time line of a run (simulated time):
 //! * `0 ..` — coordinators start (node 1 bootstraps the cluster), workers dial them;
 //! * `warmup ..` — clients submit (each key retried until acknowledged) and read;
-//!   faults start;
+//!   faults start; membership changes start after the log has been compacted, and the
+//!   operator carries them out one at a time while the other faults go on;
 //! * `warmup + load` — every fault heals: links repaired, held messages delivered,
-//!   crashed hosts restarted; clients stop starting new submits and finish the ones in
-//!   progress (giving up `drain` later); readers go on for a few seconds more;
+//!   crashed hosts restarted (not those removed from the cluster); a membership change in
+//!   progress goes on; clients stop starting new submits and finish the ones in progress
+//!   (giving up `drain` later); readers go on for a few seconds more;
 //! * once the submitters are done, the auditor lists the whole table through the API
-//!   until every task is final (giving up `audit_deadline` after the drain), and the run
-//!   ends.
+//!   until every task is final (giving up `audit_deadline` after the drain); once the
+//!   operator is done too, every member of the cluster applies the whole log and
+//!   checkpoints it, and the run ends. Each member's checkpoint is then read from its
+//!   data dir and the checker compares them.
+//!
+//! Snapshots are on: every node checkpoints every [`Options::snapshot_every`] entries,
+//! and a node that falls behind the compacted log (crashed, cut off, or new) installs the
+//! leader's snapshot, sent in [`Options::snapshot_chunk`]-byte chunks. All of it runs on
+//! the simulation's thread (`Parts::inline_storage`), so it replays with the seed. A
+//! run's [`Report`] counts the snapshots each node built and installed, as openraft's
+//! metrics show them: a snapshot is *installed* when the node's log was purged up to the
+//! snapshot's own index (openraft does that only when installing; after building one it
+//! keeps `max_in_snapshot_log_to_keep` entries).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,13 +41,16 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use swarm_coordinator::raft::{NodeAddr, Raft};
 use swarm_coordinator::{coordinator_server_config, CoordinatorConfig, Parts};
 use swarm_proto::ALPN_WORKER;
 use swarm_transport::{client_config, Identity, Role};
 use swarm_worker::{Backoff, Worker, WorkerParams};
 
 use crate::checker::{self, Audit, History, Read, ReadResult, Submit, SubmitResult, TaskRecord};
-use crate::faults::{self, Episode, Fault, Network, Target};
+use crate::driver::{Driver, Hosts};
+use crate::faults::{self, Episode};
+use crate::membership::{self, Operator, Settled};
 use crate::net::{http_exchange, quic_endpoint, SimListener, SimPeerHttp};
 
 /// QUIC port of every coordinator.
@@ -44,8 +63,24 @@ const TOKEN: &str = "sim-token";
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reads go on at least this long after the heal, and the audit waits as long.
 const AFTER_HEAL: Duration = Duration::from_secs(3);
+/// How long the members may take to settle after the audit (or its deadline).
+const SETTLE_TIME: Duration = Duration::from_secs(15);
 /// Simulated wall-clock time at the start of every run (fixed, so runs replay).
 const EPOCH_SECS: u64 = 1_750_000_000;
+/// Default snapshot interval, entries. A run writes 15 to 20 entries a second of load,
+/// so each node takes a snapshot about every second (10 to 30 a run), and with
+/// `raft_config`'s `max_in_snapshot_log_to_keep` of half the interval and purges in
+/// batches of one interval, a leader keeps 8 to 24 entries of log: a node that misses a
+/// second or two of log usually catches up from a snapshot. (openraft postpones a purge
+/// while a follower's entries are in flight, so not every crash ends in an install.)
+pub const SNAPSHOT_EVERY: u64 = 16;
+/// Default size trigger (`CoordinatorConfig::snapshot_bytes`): the changes held in memory
+/// between two snapshots by entries pass it now and then, so the maintenance loop's
+/// size-triggered snapshot runs a few times a run too, racing the entry-triggered ones.
+pub const SNAPSHOT_BYTES: u64 = 2 << 10;
+/// Default snapshot chunk: a run's snapshots are 5–15 KiB, so each travels in 5 to 15
+/// InstallSnapshot RPCs.
+pub const SNAPSHOT_CHUNK: u64 = 1024;
 
 /// The shape of a run; the seed decides everything else.
 #[derive(Debug, Clone)]
@@ -66,12 +101,24 @@ pub struct Options {
     pub audit_deadline: Duration,
     /// turmoil's step.
     pub tick: Duration,
-    /// Inject faults (off: a calm run, to see the plumbing work).
+    /// Inject faults drawn from the seed (off: a calm run, unless `script` says otherwise).
     pub faults: bool,
-    /// Raft snapshot interval (entries). Snapshots are built and installed on tokio's
-    /// blocking pool, which a simulation cannot order deterministically: a run that takes
-    /// one replays exactly only up to that point. The default is beyond what a run writes.
+    /// Draw membership changes with the faults.
+    pub membership: bool,
+    /// Run this schedule instead of one drawn from the seed.
+    pub script: Option<Vec<Episode>>,
+    /// Hosts kept for brand-new coordinators (`Fault::Replace`), beyond `coordinators`.
+    pub spare_hosts: usize,
+    /// Raft snapshot interval, entries (`CoordinatorConfig::snapshot_every`).
     pub snapshot_every: u64,
+    /// Snapshot when this many bytes of log or of held changes piled up since the last
+    /// one (`CoordinatorConfig::snapshot_bytes`, checked once a second).
+    pub snapshot_bytes: u64,
+    /// Bytes per InstallSnapshot RPC.
+    pub snapshot_chunk: u64,
+    /// How far the workers' clocks run ahead of the coordinators' (negative: behind), ms.
+    /// Workers stamp the attempts they report with their own clock.
+    pub worker_clock_skew_ms: i64,
 }
 
 impl Default for Options {
@@ -87,9 +134,27 @@ impl Default for Options {
             audit_deadline: Duration::from_secs(40),
             tick: Duration::from_millis(2),
             faults: true,
-            snapshot_every: 1_000_000,
+            membership: true,
+            script: None,
+            spare_hosts: 1,
+            snapshot_every: SNAPSHOT_EVERY,
+            snapshot_bytes: SNAPSHOT_BYTES,
+            snapshot_chunk: SNAPSHOT_CHUNK,
+            worker_clock_skew_ms: 0,
         }
     }
+}
+
+/// The snapshots one node took and installed in a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Snapshots {
+    /// The host it ran on (`c1`, ...).
+    pub host: String,
+    /// Snapshots it built, by log id (term, index). Not counted: the checkpoint every
+    /// node takes at the very end for the replica comparison.
+    pub built: BTreeSet<(u64, u64)>,
+    /// Snapshots it installed from a leader, by log id.
+    pub installed: BTreeSet<(u64, u64)>,
 }
 
 /// What one run produced.
@@ -98,16 +163,30 @@ pub struct Report {
     pub seed: u64,
     pub history: History,
     pub violations: Vec<checker::Violation>,
-    /// Faults as applied and what the coordinators reported about leadership, with times.
+    /// Faults as applied, membership changes, snapshot installs and what the coordinators
+    /// reported about leadership, with times.
     pub log: Vec<String>,
-    /// A hash of the history and the log: equal for two runs of one seed iff they replayed
-    /// identically (as far as clients and the fault driver can tell).
+    /// Snapshots by Raft node id.
+    pub snapshots: BTreeMap<u64, Snapshots>,
+    /// A hash of the history, the log and the snapshots: equal for two runs of one seed
+    /// iff they replayed identically (as far as clients, the fault driver and the final
+    /// replicas can tell).
     pub digest: u64,
     /// Simulated time the run took.
     pub sim_time: Duration,
 }
 
 impl Report {
+    /// Snapshots installed on any node.
+    pub fn installed(&self) -> usize {
+        self.snapshots.values().map(|s| s.installed.len()).sum()
+    }
+
+    /// Snapshots built on any node.
+    pub fn built(&self) -> usize {
+        self.snapshots.values().map(|s| s.built.len()).sum()
+    }
+
     /// One line of figures.
     pub fn summary(&self) -> String {
         let acked = self
@@ -133,11 +212,31 @@ impl Report {
             }
             _ => (0, 0, "no audit".into()),
         };
+        let snapshots: Vec<String> = self
+            .snapshots
+            .iter()
+            .map(|(id, s)| format!("n{id}@{} {}/{}", s.host, s.built.len(), s.installed.len()))
+            .collect();
+        let membership = self
+            .history
+            .membership
+            .iter()
+            .filter(|m| m.completed.is_some())
+            .count();
+        let replicas = match &self.history.replicas {
+            Some(checker::Replicas::Settled { index, nodes, .. }) => {
+                format!("{} replicas at {index}", nodes.len())
+            }
+            Some(checker::Replicas::Unsettled { .. }) => "replicas unsettled".into(),
+            None => "replicas not compared".into(),
+        };
         format!(
-            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, {} log lines, {:.1}s simulated, digest {:016x}",
+            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
             self.seed,
             self.history.submits.len(),
             self.history.reads.len(),
+            self.history.membership.len(),
+            snapshots.join(" "),
             self.log.len(),
             self.sim_time.as_secs_f64(),
             self.digest
@@ -145,33 +244,138 @@ impl Report {
     }
 }
 
-/// What the hosts and clients share with each other and with the driver. None of it
-/// reaches the system under test: it is the clients' notebook and the driver's view of
-/// who leads.
-#[derive(Default)]
-struct Shared {
-    history: History,
-    /// Acknowledged ids in the order they were acknowledged (readers pick from them).
-    acked: Vec<u64>,
-    /// Submitters that finished.
-    submitters_done: usize,
-    /// Per coordinator (0-based): (is leader, term), as it last reported.
-    roles: BTreeMap<usize, (bool, u64)>,
-    log: Vec<String>,
+/// A coordinator host's place in the cluster.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Slot {
+    /// The node it runs (`None`: a spare host, idle).
+    pub node: Option<u64>,
+    /// Whether clients use its API: its node is a member of the cluster.
+    pub member: bool,
+    /// Shut down for good.
+    pub retired: bool,
 }
 
-type SharedRef = Arc<Mutex<Shared>>;
+/// A membership change the driver set up for the operator.
+#[derive(Debug, Clone)]
+pub(crate) enum Job {
+    /// Add `new_id` (on the spare `new_host`, started empty), then remove `old_id`.
+    Replace {
+        old_host: usize,
+        old_id: u64,
+        new_host: usize,
+        new_id: u64,
+    },
+    /// Remove `old_id` (down), then add `new_id` on the same host, wiped.
+    Rejoin {
+        host: usize,
+        old_id: u64,
+        new_id: u64,
+    },
+}
 
-fn lock(s: &SharedRef) -> MutexGuard<'_, Shared> {
+impl fmt::Display for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Job::Replace {
+                old_host,
+                old_id,
+                new_host,
+                new_id,
+            } => write!(
+                f,
+                "replace n{old_id} (c{}) with n{new_id} (c{})",
+                old_host + 1,
+                new_host + 1
+            ),
+            Job::Rejoin {
+                host,
+                old_id,
+                new_id,
+            } => write!(
+                f,
+                "remove n{old_id} (c{}), wipe it, add it back as n{new_id}",
+                host + 1
+            ),
+        }
+    }
+}
+
+/// What the operator asks the driver to do to a host.
+#[derive(Debug, Clone)]
+pub(crate) enum Request {
+    /// Shut the host down for good (its node was removed).
+    Retire(usize),
+    /// Wipe the host's data dir and restart it as node `new_id`.
+    Rewire { host: usize, new_id: u64 },
+}
+
+/// Membership changes queued for the operator.
+#[derive(Debug, Default)]
+pub(crate) struct Admin {
+    pub jobs: VecDeque<(usize, Job)>,
+    /// A change is queued or being carried out.
+    pub busy: bool,
+    /// No more changes will come.
+    pub closed: bool,
+}
+
+/// What a node says about itself once the run is settling.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeReport {
+    pub host: usize,
+    pub leader: bool,
+    pub term: u64,
+    pub last_log: Option<u64>,
+    pub applied: Option<u64>,
+    pub snapshot: Option<u64>,
+    pub voters: BTreeSet<u64>,
+    pub learners: BTreeSet<u64>,
+}
+
+/// What the hosts and clients share with each other and with the driver. None of it
+/// reaches the system under test except through its public interfaces: it is the
+/// clients' notebook, the operator's console and the driver's view of the cluster.
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub history: History,
+    /// Acknowledged ids in the order they were acknowledged (readers pick from them).
+    pub acked: Vec<u64>,
+    /// Submitters that finished.
+    pub submitters_done: usize,
+    /// Per coordinator host: (is leader, term), as its node last reported.
+    pub roles: BTreeMap<usize, (bool, u64)>,
+    pub log: Vec<String>,
+    /// Every coordinator host, spares included.
+    pub slots: Vec<Slot>,
+    /// Raft handles of running nodes, by node id (for the operator).
+    pub rafts: BTreeMap<u64, Raft>,
+    /// Snapshots seen per node id.
+    pub snapshots: BTreeMap<u64, Snapshots>,
+    pub admin: Admin,
+    /// The operator's requests to the driver.
+    pub requests: Vec<Request>,
+    /// The voters the completed membership changes leave (`None` once one failed).
+    pub expected_voters: Option<BTreeSet<u64>>,
+    /// Nodes report themselves and checkpoint what they applied.
+    pub settle: bool,
+    pub reports: BTreeMap<u64, NodeReport>,
+    /// The auditor's verdict on the settling.
+    pub settled: Option<Result<Settled, String>>,
+}
+
+pub(crate) type SharedRef = Arc<Mutex<Shared>>;
+
+pub(crate) fn lock(s: &SharedRef) -> MutexGuard<'_, Shared> {
     s.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Simulated time since the start of the run.
-fn now() -> Duration {
+pub(crate) fn now() -> Duration {
     turmoil::sim_elapsed().unwrap_or_default()
 }
 
-/// The coordinators' clock: the simulation's, so leases and retries follow simulated time.
+/// The coordinators' and workers' clock: the simulation's, so leases, retries and every
+/// time recorded in the replicated state follow simulated time.
 fn sim_clock_ms() -> u64 {
     match turmoil::since_epoch() {
         Some(d) => d.as_millis() as u64,
@@ -181,12 +385,20 @@ fn sim_clock_ms() -> u64 {
     }
 }
 
+/// [`Options::worker_clock_skew_ms`] of the run in progress (a clock is a plain `fn`).
+static WORKER_CLOCK_SKEW_MS: AtomicI64 = AtomicI64::new(0);
+
+/// The workers' clock: the simulation's, skewed as the run asks.
+fn worker_clock_ms() -> u64 {
+    sim_clock_ms().saturating_add_signed(WORKER_CLOCK_SKEW_MS.load(Ordering::Relaxed))
+}
+
 fn err(e: impl std::fmt::Display) -> Box<dyn std::error::Error> {
     e.to_string().into()
 }
 
 /// A seed for one purpose of one run.
-fn sub_seed(seed: u64, purpose: u64) -> u64 {
+pub(crate) fn sub_seed(seed: u64, purpose: u64) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     (seed, purpose).hash(&mut h);
     h.finish()
@@ -199,10 +411,41 @@ fn scratch_root() -> Option<PathBuf> {
     shm.is_dir().then(|| shm.to_path_buf())
 }
 
+/// The data dir of node `node` on coordinator host `host` (0-based).
+pub(crate) fn data_dir(scratch: &Path, host: usize, node: u64) -> PathBuf {
+    scratch.join(format!("c{}-n{node}", host + 1))
+}
+
+/// The APIs of the cluster's members, as clients know them.
+fn member_apis(shared: &SharedRef, apis: &[SocketAddr]) -> Vec<SocketAddr> {
+    let s = lock(shared);
+    let members: Vec<SocketAddr> = s
+        .slots
+        .iter()
+        .zip(apis)
+        .filter(|(slot, _)| slot.member && !slot.retired)
+        .map(|(_, a)| *a)
+        .collect();
+    if members.is_empty() {
+        apis.to_vec()
+    } else {
+        members
+    }
+}
+
+/// A random member's API.
+pub(crate) fn pick_api(shared: &SharedRef, apis: &[SocketAddr], rng: &mut StdRng) -> SocketAddr {
+    let members = member_apis(shared, apis);
+    members[rng.gen_range(0..members.len())]
+}
+
 /// Run `seed` with `opts` and check the history. `Err` when the simulation itself broke
 /// (a host's software failed or panicked, or the run exceeded its time budget).
 pub fn run(seed: u64, opts: &Options) -> Result<Report, String> {
     swarm_coordinator::node::set_clock(sim_clock_ms);
+    // Workers stamp attempts with their clock, and the coordinator records those times.
+    WORKER_CLOCK_SKEW_MS.store(opts.worker_clock_skew_ms, Ordering::Relaxed);
+    swarm_worker::set_clock(worker_clock_ms);
     swarm_coordinator::raft::seed_thread_rng(Some(sub_seed(seed, 1)));
     let result = run_inner(seed, opts);
     swarm_coordinator::raft::seed_thread_rng(None);
@@ -225,7 +468,7 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
     let mut sim = turmoil::Builder::new()
         .rng_seed(sub_seed(seed, 2))
         .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
-        .simulation_duration(audit_until + Duration::from_secs(30))
+        .simulation_duration(audit_until + SETTLE_TIME + Duration::from_secs(15))
         .tick_duration(opts.tick)
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(20))
@@ -236,10 +479,11 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
         .build();
 
     // Names first, so every address is known (and in the certificates) before anything runs.
-    let coord_names: Vec<String> = (1..=opts.coordinators).map(|i| format!("c{i}")).collect();
+    let hosts_total = opts.coordinators + opts.spare_hosts;
+    let coord_names: Vec<String> = (1..=hosts_total).map(|i| format!("c{i}")).collect();
     let worker_names: Vec<String> = (1..=opts.workers).map(|i| format!("w{i}")).collect();
-    // Clients share two hosts (fewer hosts, fewer links: a cheaper step): the writers, and
-    // the readers with the auditor.
+    // Clients share two hosts (fewer hosts, fewer links: a cheaper step): the writers
+    // with the operator, and the readers with the auditor.
     let client_names: Vec<String> = vec!["writers".into(), "readers".into()];
     let coord_ips: Vec<IpAddr> = coord_names.iter().map(|n| sim.lookup(n.as_str())).collect();
     let worker_ips: Vec<IpAddr> = worker_names
@@ -261,49 +505,68 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
         .collect();
 
     let shared: SharedRef = Arc::default();
-
-    for (i, name) in coord_names.iter().enumerate() {
-        let mut cfg = CoordinatorConfig::single_node(
-            scratch.path().join(name),
-            certs_dir.clone(),
-            SocketAddr::from(([0, 0, 0, 0], QUIC_PORT)),
-            SocketAddr::from(([0, 0, 0, 0], API_PORT)),
-            TOKEN.into(),
-        );
-        cfg.node_id = i as u64 + 1;
-        cfg.advertise = quic[i].to_string();
-        cfg.api_advertise = apis[i].to_string();
-        cfg.bootstrap = i == 0;
-        cfg.peers = (0..opts.coordinators)
-            .filter(|j| *j != i)
-            .map(|j| {
-                (
-                    j as u64 + 1,
-                    swarm_coordinator::raft::NodeAddr {
-                        raft_addr: quic[j].to_string(),
-                        api_addr: apis[j].to_string(),
-                    },
-                )
+    {
+        let mut s = lock(&shared);
+        s.slots = (0..hosts_total)
+            .map(|i| Slot {
+                node: (i < opts.coordinators).then_some(i as u64 + 1),
+                member: i < opts.coordinators,
+                retired: false,
             })
             .collect();
-        cfg.snapshot_every = opts.snapshot_every;
-        let shared = shared.clone();
+        s.expected_voters = Some((1..=opts.coordinators as u64).collect());
+    }
+
+    let mut base = CoordinatorConfig::single_node(
+        PathBuf::new(),
+        certs_dir.clone(),
+        SocketAddr::from(([0, 0, 0, 0], QUIC_PORT)),
+        SocketAddr::from(([0, 0, 0, 0], API_PORT)),
+        TOKEN.into(),
+    );
+    base.snapshot_every = opts.snapshot_every;
+    base.snapshot_bytes = opts.snapshot_bytes;
+    let initial: Vec<(u64, NodeAddr)> = (0..opts.coordinators)
+        .map(|j| {
+            (
+                j as u64 + 1,
+                NodeAddr {
+                    raft_addr: quic[j].to_string(),
+                    api_addr: apis[j].to_string(),
+                },
+            )
+        })
+        .collect();
+    for (i, name) in coord_names.iter().enumerate() {
+        let mut cfg = base.clone();
+        cfg.advertise = quic[i].to_string();
+        cfg.api_advertise = apis[i].to_string();
+        let host = CoordinatorHost {
+            i,
+            cfg,
+            scratch: scratch.path().to_path_buf(),
+            initial: initial.clone(),
+            snapshot_chunk: opts.snapshot_chunk,
+            seed,
+            shared: shared.clone(),
+        };
         let boots = Arc::new(Mutex::new(0u64));
         sim.host(name.as_str(), move || {
-            let cfg = cfg.clone();
-            let shared = shared.clone();
+            let host = host.clone();
             let boot = {
                 let mut b = boots.lock().unwrap_or_else(PoisonError::into_inner);
                 *b += 1;
                 *b
             };
-            async move { coordinator(i, cfg, boot, seed, shared).await }
+            async move { coordinator(host, boot).await }
         });
     }
 
     for (i, name) in worker_names.iter().enumerate() {
         let certs_dir = certs_dir.clone();
-        let quic = quic.clone();
+        // Workers know the founding coordinators; a follower redirects them to a leader
+        // that joined later.
+        let quic = quic[..opts.coordinators].to_vec();
         let boots = Arc::new(Mutex::new(0u64));
         let name = name.clone();
         sim.host(name.as_str(), {
@@ -328,8 +591,15 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
             submitter(i, apis, shared, seed, opts.warmup, heal_at, drain_until)
         });
         let writers = futures::future::join_all(writers.collect::<Vec<_>>());
+        let operator = Operator::new(
+            shared.clone(),
+            quic.clone(),
+            apis.clone(),
+            seed,
+            drain_until,
+        );
         sim.client("writers", async move {
-            writers.await;
+            futures::join!(writers, operator.run());
             Ok(())
         });
     }
@@ -363,23 +633,30 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
     }
 
     let mut plan_rng = StdRng::seed_from_u64(sub_seed(seed, 3));
-    let episodes = if opts.faults {
-        faults::schedule(
+    let episodes = match &opts.script {
+        Some(script) => script.clone(),
+        None if opts.faults => faults::schedule(
             &mut plan_rng,
             opts.warmup + Duration::from_millis(500),
             heal_at,
             opts.coordinators,
             opts.workers,
-        )
-    } else {
-        Vec::new()
+            opts.membership && opts.spare_hosts > 0,
+        ),
+        None => Vec::new(),
     };
     let hosts = Hosts {
         coordinators: coord_ips,
         workers: worker_ips,
         clients: client_ips,
     };
-    let mut driver = Driver::new(episodes, hosts, shared.clone());
+    let mut driver = Driver::new(
+        episodes,
+        hosts,
+        shared.clone(),
+        scratch.path().to_path_buf(),
+        opts.coordinators as u64 + 1,
+    );
     loop {
         driver.tick(&mut sim, heal_at);
         match sim.step() {
@@ -396,22 +673,45 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
         }
     }
     let sim_time = sim.elapsed();
+    // Every host's software goes with the simulation; and the Raft handles the operator
+    // used go too (a handle can keep its node's state machine, and so its files, open:
+    // an interrupted snapshot transfer stays in it). Then no node holds its files.
     drop(sim);
+    lock(&shared).rafts.clear();
 
-    let (history, log) = {
+    let (mut history, log, snapshots, settled, expected) = {
         let mut s = lock(&shared);
-        (std::mem::take(&mut s.history), std::mem::take(&mut s.log))
+        (
+            std::mem::take(&mut s.history),
+            std::mem::take(&mut s.log),
+            std::mem::take(&mut s.snapshots),
+            s.settled.take(),
+            s.expected_voters.take(),
+        )
     };
+    history.replicas = Some(match settled {
+        Some(Ok(settled)) => membership::read_replicas(
+            scratch.path(),
+            &settled,
+            expected.map(|v| v.into_iter().collect()),
+        ),
+        Some(Err(reason)) => checker::Replicas::Unsettled { reason },
+        None => checker::Replicas::Unsettled {
+            reason: "the run ended before the members settled".into(),
+        },
+    });
     let violations = checker::check(&history);
     let mut h = std::hash::DefaultHasher::new();
     history.hash(&mut h);
     log.hash(&mut h);
+    snapshots.hash(&mut h);
     Ok(Report {
         seed,
         digest: h.finish(),
         history,
         violations,
         log,
+        snapshots,
         sim_time,
     })
 }
@@ -421,307 +721,52 @@ pub fn tail(log: &[String], n: usize) -> String {
     log[log.len().saturating_sub(n)..].join("\n")
 }
 
-struct Hosts {
-    coordinators: Vec<IpAddr>,
-    workers: Vec<IpAddr>,
-    clients: Vec<IpAddr>,
-}
-
-/// Applies the fault schedule between simulation steps.
-struct Driver {
-    /// Start and end events, in time order: (time, start?, episode index).
-    events: Vec<(Duration, bool, usize)>,
-    next: usize,
-    episodes: Vec<Episode>,
-    /// The coordinator each episode resolved its targets to, per target slot.
-    resolved: BTreeMap<usize, Vec<usize>>,
-    hosts: Hosts,
-    net: Network,
-    /// Crash reference counts per host.
-    crashed: BTreeMap<IpAddr, u32>,
-    loss: Vec<(usize, f64)>,
-    latency: Vec<(usize, u64)>,
-    shared: SharedRef,
-    healed: bool,
-}
-
-impl Driver {
-    fn new(episodes: Vec<Episode>, hosts: Hosts, shared: SharedRef) -> Self {
-        let mut events: Vec<(Duration, bool, usize)> = episodes
-            .iter()
-            .enumerate()
-            .flat_map(|(i, e)| [(e.start, true, i), (e.end, false, i)])
-            .collect();
-        // Ends before starts at the same instant; otherwise schedule order.
-        events.sort_by_key(|(t, start, i)| (*t, *start, *i));
-        Driver {
-            events,
-            next: 0,
-            episodes,
-            resolved: BTreeMap::new(),
-            hosts,
-            net: Network::default(),
-            crashed: BTreeMap::new(),
-            loss: Vec::new(),
-            latency: Vec::new(),
-            shared,
-            healed: false,
-        }
-    }
-
-    fn log(&self, at: Duration, line: String) {
-        lock(&self.shared)
-            .log
-            .push(format!("{:>8.3}s {line}", at.as_secs_f64()));
-    }
-
-    /// The coordinator that most recently claimed leadership (highest term) among those
-    /// running; if none does, the running one `pick` selects.
-    fn leader(&self, pick: usize) -> usize {
-        let roles = lock(&self.shared).roles.clone();
-        let running: Vec<usize> = (0..self.hosts.coordinators.len())
-            .filter(|i| !self.crashed.contains_key(&self.hosts.coordinators[*i]))
-            .collect();
-        roles
-            .iter()
-            .filter(|(i, (leader, _))| *leader && running.contains(i))
-            .max_by_key(|(_, (_, term))| *term)
-            .map(|(i, _)| *i)
-            .unwrap_or_else(|| {
-                running
-                    .get(pick % running.len().max(1))
-                    .copied()
-                    .unwrap_or(0)
-            })
-    }
-
-    /// The coordinator `t` means now, for episode `ep`.
-    fn resolve(&self, ep: usize, t: Target) -> usize {
-        match t {
-            Target::Node(i) => i,
-            Target::Leader => self.leader(ep),
-        }
-    }
-
-    fn tick(&mut self, sim: &mut turmoil::Sim<'_>, heal_at: Duration) {
-        let now = sim.elapsed();
-        if !self.healed && now >= heal_at {
-            self.heal(sim, now);
-            return;
-        }
-        while let Some(&(at, start, i)) = self.events.get(self.next) {
-            if at > now || self.healed {
-                break;
-            }
-            self.next += 1;
-            if start {
-                self.start(sim, i, now);
-            } else {
-                self.end(sim, i, now);
-            }
-        }
-    }
-
-    fn start(&mut self, sim: &mut turmoil::Sim<'_>, i: usize, now: Duration) {
-        let fault = self.episodes[i].fault;
-        let c = self.hosts.coordinators.clone();
-        let mut nodes = Vec::new();
-        match fault {
-            Fault::IsolateFromPeers(t) => {
-                let n = self.resolve(i, t);
-                nodes.push(n);
-                for (j, ip) in c.iter().enumerate() {
-                    if j != n {
-                        self.net.drop_dir(c[n], *ip, true);
-                        self.net.drop_dir(*ip, c[n], true);
-                    }
-                }
-            }
-            Fault::IsolateFully(t) => {
-                let n = self.resolve(i, t);
-                nodes.push(n);
-                for ip in self.all_hosts() {
-                    if ip != c[n] {
-                        self.net.drop_dir(c[n], ip, true);
-                        self.net.drop_dir(ip, c[n], true);
-                    }
-                }
-            }
-            Fault::OneWay { from, to } => {
-                let a = self.resolve(i, from);
-                let mut b = self.resolve(i, to);
-                if a == b {
-                    b = (a + 1) % c.len();
-                }
-                nodes.extend([a, b]);
-                self.net.drop_dir(c[a], c[b], true);
-            }
-            Fault::Hold(x, y) => {
-                let a = self.resolve(i, x);
-                let mut b = self.resolve(i, y);
-                if a == b {
-                    b = (a + 1) % c.len();
-                }
-                nodes.extend([a, b]);
-                self.net.hold(c[a], c[b], true);
-            }
-            Fault::HoldWorker(x, w) => {
-                let a = self.resolve(i, x);
-                nodes.push(a);
-                self.net.hold(c[a], self.hosts.workers[w], true);
-            }
-            Fault::Loss(p) => {
-                self.loss.push((i, p));
-                self.apply_loss(sim);
-            }
-            Fault::Latency(ms) => {
-                self.latency.push((i, ms));
-                self.apply_latency(sim);
-            }
-            Fault::CrashCoordinator(t) => {
-                let n = self.resolve(i, t);
-                nodes.push(n);
-                self.crash(sim, c[n]);
-                lock(&self.shared).roles.remove(&n);
-            }
-            Fault::CrashWorker(w) => {
-                let ip = self.hosts.workers[w];
-                self.crash(sim, ip);
-            }
-        }
-        let names: Vec<String> = nodes.iter().map(|n| format!("c{}", n + 1)).collect();
-        self.resolved.insert(i, nodes);
-        self.log(now, format!("start #{i}: {fault} {names:?}"));
-        for l in self.net.apply(sim) {
-            self.log(now, format!("  link {l}"));
-        }
-    }
-
-    fn end(&mut self, sim: &mut turmoil::Sim<'_>, i: usize, now: Duration) {
-        let fault = self.episodes[i].fault;
-        let nodes = self.resolved.remove(&i).unwrap_or_default();
-        let c = self.hosts.coordinators.clone();
-        match fault {
-            Fault::IsolateFromPeers(_) => {
-                let n = nodes[0];
-                for (j, ip) in c.iter().enumerate() {
-                    if j != n {
-                        self.net.drop_dir(c[n], *ip, false);
-                        self.net.drop_dir(*ip, c[n], false);
-                    }
-                }
-            }
-            Fault::IsolateFully(_) => {
-                let n = nodes[0];
-                for ip in self.all_hosts() {
-                    if ip != c[n] {
-                        self.net.drop_dir(c[n], ip, false);
-                        self.net.drop_dir(ip, c[n], false);
-                    }
-                }
-            }
-            Fault::OneWay { .. } => self.net.drop_dir(c[nodes[0]], c[nodes[1]], false),
-            Fault::Hold(..) => self.net.hold(c[nodes[0]], c[nodes[1]], false),
-            Fault::HoldWorker(_, w) => self.net.hold(c[nodes[0]], self.hosts.workers[w], false),
-            Fault::Loss(_) => {
-                self.loss.retain(|(e, _)| *e != i);
-                self.apply_loss(sim);
-            }
-            Fault::Latency(_) => {
-                self.latency.retain(|(e, _)| *e != i);
-                self.apply_latency(sim);
-            }
-            Fault::CrashCoordinator(_) => self.restart(sim, c[nodes[0]]),
-            Fault::CrashWorker(w) => {
-                let ip = self.hosts.workers[w];
-                self.restart(sim, ip);
-            }
-        }
-        self.log(now, format!("end #{i}: {fault}"));
-        for l in self.net.apply(sim) {
-            self.log(now, format!("  link {l}"));
-        }
-    }
-
-    fn all_hosts(&self) -> Vec<IpAddr> {
-        self.hosts
-            .coordinators
-            .iter()
-            .chain(&self.hosts.workers)
-            .chain(&self.hosts.clients)
-            .copied()
-            .collect()
-    }
-
-    fn crash(&mut self, sim: &mut turmoil::Sim<'_>, ip: IpAddr) {
-        let n = self.crashed.entry(ip).or_insert(0);
-        *n += 1;
-        if *n == 1 {
-            sim.crash(ip);
-        }
-    }
-
-    fn restart(&mut self, sim: &mut turmoil::Sim<'_>, ip: IpAddr) {
-        if let Some(n) = self.crashed.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.crashed.remove(&ip);
-                sim.bounce(ip);
-            }
-        }
-    }
-
-    fn apply_loss(&self, sim: &mut turmoil::Sim<'_>) {
-        let p = self.loss.iter().map(|(_, p)| *p).fold(0.0, f64::max);
-        sim.set_fail_rate(p);
-    }
-
-    fn apply_latency(&self, sim: &mut turmoil::Sim<'_>) {
-        let ms = self.latency.iter().map(|(_, ms)| *ms).max().unwrap_or(20);
-        sim.set_max_message_latency(Duration::from_millis(ms));
-    }
-
-    /// End every fault at once.
-    fn heal(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration) {
-        self.healed = true;
-        self.loss.clear();
-        self.latency.clear();
-        self.apply_loss(sim);
-        self.apply_latency(sim);
-        self.net.clear();
-        for l in self.net.apply(sim) {
-            self.log(now, format!("  link {l}"));
-        }
-        // Links broken by random loss are not in `net`; repair every pair.
-        let all = self.all_hosts();
-        for (k, a) in all.iter().enumerate() {
-            for b in &all[k + 1..] {
-                sim.repair(*a, *b);
-            }
-        }
-        for ip in std::mem::take(&mut self.crashed).into_keys() {
-            sim.bounce(ip);
-        }
-        self.log(
-            now,
-            "heal: all links repaired, crashed hosts restarted".into(),
-        );
-    }
-}
-
-/// A coordinator host: serve until crashed, reporting leadership to the driver.
-async fn coordinator(
+/// What a coordinator host's software needs; it runs the node its [`Slot`] names.
+#[derive(Clone)]
+struct CoordinatorHost {
+    /// Host index (0-based: `c1` is 0).
     i: usize,
+    /// Everything but the node id, data dir, bootstrap and peers.
     cfg: CoordinatorConfig,
-    boot: u64,
+    scratch: PathBuf,
+    /// The founding members, which node 1 bootstraps the cluster with.
+    initial: Vec<(u64, NodeAddr)>,
+    snapshot_chunk: u64,
     seed: u64,
     shared: SharedRef,
-) -> turmoil::Result {
+}
+
+/// A coordinator host: wait until it has a node to run (spare hosts wait until a
+/// membership change gives them one), then serve until crashed, reporting leadership and
+/// snapshots to the driver, and at the end its state.
+async fn coordinator(h: CoordinatorHost, boot: u64) -> turmoil::Result {
+    let id = loop {
+        if let Some(id) = lock(&h.shared).slots[h.i].node {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let name = format!("c{} (n{id})", h.i + 1);
+    let mut cfg = h.cfg.clone();
+    cfg.node_id = id;
+    cfg.data_dir = data_dir(&h.scratch, h.i, id);
+    // A founding member: node 1 bootstraps with the others (ignored once initialised).
+    // A later one starts empty and waits to be added.
+    cfg.bootstrap = id == 1;
+    cfg.peers = if h.initial.iter().any(|(n, _)| *n == id) {
+        h.initial
+            .iter()
+            .filter(|(n, _)| *n != id)
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     let server = coordinator_server_config(&cfg.certs_dir).map_err(err)?;
     let endpoint = quic_endpoint(
         SocketAddr::from(([0, 0, 0, 0], QUIC_PORT)),
         Some(server),
-        sub_seed(seed, 1000 + 100 * i as u64 + boot),
+        sub_seed(h.seed, 1000 + 100 * h.i as u64 + boot),
     )
     .await
     .map_err(err)?;
@@ -733,35 +778,88 @@ async fn coordinator(
             api_listener,
             peer_http: Some(Arc::new(SimPeerHttp)),
             inline_storage: true,
+            snapshot_chunk: Some(h.snapshot_chunk),
         },
     )
     .await
-    .map_err(|e| err(format!("c{} boot {boot}: {e:#}", i + 1)))?;
-    let mut metrics = handle.node().raft().metrics();
-    let mut last = (false, 0);
+    .map_err(|e| err(format!("{name} boot {boot}: {e:#}")))?;
+    let raft = handle.node().raft().clone();
+    lock(&h.shared).rafts.insert(id, raft.clone());
+    let mut metrics = raft.metrics();
+    let mut last_role = (false, 0);
+    let mut triggered = None;
     loop {
-        let role = {
-            let m = metrics.borrow_and_update();
-            (
-                m.state == openraft::ServerState::Leader && m.current_leader == Some(m.id),
-                m.current_term,
-            )
+        let m = metrics.borrow_and_update().clone();
+        let role = (
+            m.state == openraft::ServerState::Leader && m.current_leader == Some(id),
+            m.current_term,
+        );
+        let settle = {
+            let mut s = lock(&h.shared);
+            let at = now().as_secs_f64();
+            if role != last_role {
+                last_role = role;
+                s.roles.insert(h.i, role);
+                s.log.push(format!(
+                    "{at:>8.3}s {name} boot {boot}: term {} {}",
+                    role.1,
+                    if role.0 { "leader" } else { "not leader" }
+                ));
+            }
+            let settle = s.settle;
+            let seen = s.snapshots.entry(id).or_insert_with(|| Snapshots {
+                host: format!("c{}", h.i + 1),
+                ..Default::default()
+            });
+            if let Some(snap) = m.snapshot {
+                let key = (snap.leader_id.term, snap.index);
+                // Only an install purges the log up to the snapshot itself.
+                if m.purged == m.snapshot {
+                    if seen.installed.insert(key) {
+                        seen.built.remove(&key);
+                        s.log.push(format!(
+                            "{at:>8.3}s {name}: installed snapshot {}-{}",
+                            key.0, key.1
+                        ));
+                    }
+                } else if !settle && !seen.installed.contains(&key) {
+                    seen.built.insert(key);
+                }
+            }
+            if settle {
+                let membership = m.membership_config.membership();
+                s.reports.insert(
+                    id,
+                    NodeReport {
+                        host: h.i,
+                        leader: role.0,
+                        term: role.1,
+                        last_log: m.last_log_index,
+                        applied: m.last_applied.map(|l| l.index),
+                        snapshot: m.snapshot.map(|l| l.index),
+                        voters: membership.voter_ids().collect(),
+                        learners: membership.learner_ids().collect(),
+                    },
+                );
+            }
+            settle
         };
-        if role != last {
-            last = role;
-            let mut s = lock(&shared);
-            s.roles.insert(i, role);
-            let line = format!(
-                "{:>8.3}s c{} boot {boot}: term {} {}",
-                now().as_secs_f64(),
-                i + 1,
-                role.1,
-                if role.0 { "leader" } else { "not leader" }
-            );
-            s.log.push(line);
-        }
-        if metrics.changed().await.is_err() {
-            return Err(err(format!("c{}: raft stopped", i + 1)));
+        if settle {
+            // Checkpoint what is applied, once per applied index, so that every replica
+            // can be read whole from its data dir after the run.
+            if m.last_applied != m.snapshot && triggered != m.last_applied {
+                triggered = m.last_applied;
+                if let Err(e) = raft.trigger().snapshot().await {
+                    return Err(err(format!("{name}: raft stopped: {e}")));
+                }
+            }
+            if let Ok(Err(_)) =
+                tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await
+            {
+                return Err(err(format!("{name}: raft stopped")));
+            }
+        } else if metrics.changed().await.is_err() {
+            return Err(err(format!("{name}: raft stopped")));
         }
     }
 }
@@ -801,7 +899,7 @@ async fn worker(
 }
 
 /// One API call from a client: `Ok((status, body))`, or `Err` for an unknown outcome.
-async fn call(
+pub(crate) async fn call(
     api: SocketAddr,
     method: Method,
     path: &str,
@@ -861,7 +959,7 @@ async fn submitter(
         let mut tries = 0u32;
         loop {
             tries += 1;
-            let api = apis[rng.gen_range(0..apis.len())];
+            let api = pick_api(&shared, &apis, &mut rng);
             let invoked = now();
             let r = call(api, Method::POST, "/v1/tasks", Some(body.clone())).await;
             let completed = now();
@@ -945,7 +1043,7 @@ async fn reader(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let api = apis[rng.gen_range(0..apis.len())];
+        let api = pick_api(&shared, &apis, &mut rng);
         let invoked = now();
         let r = call(api, Method::GET, &format!("/v1/tasks/{id}"), None).await;
         let completed = now();
@@ -975,7 +1073,8 @@ async fn reader(
     }
 }
 
-/// After the submitters are done: list the whole table until every task is final.
+/// After the submitters are done: list the whole table until every task is final; then
+/// let the members settle (see the module docs).
 async fn auditor(
     apis: Vec<SocketAddr>,
     shared: SharedRef,
@@ -998,7 +1097,7 @@ async fn auditor(
                 reason: format!("not settled by {deadline:?}; last attempt: {last}"),
             };
         }
-        let api = apis[rng.gen_range(0..apis.len())];
+        let api = pick_api(&shared, &apis, &mut rng);
         match list_all(api).await {
             Ok((invoked, completed, tasks)) => {
                 let open: Vec<&TaskRecord> = tasks
@@ -1024,6 +1123,32 @@ async fn auditor(
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     lock(&shared).history.audit = Some(audit);
+
+    // Settle: once the operator is done, every node checkpoints what it applied; wait
+    // until every member has applied the leader's whole log and checkpointed it.
+    loop {
+        let operator_done = {
+            let s = lock(&shared);
+            s.admin.closed && !s.admin.busy
+        };
+        if operator_done || now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lock(&shared).settle = true;
+    // Its own time: even when the audit gave up, the replicas say what they hold.
+    let settle_by = now().max(deadline) + SETTLE_TIME;
+    let settled = loop {
+        match membership::settled(&shared) {
+            Ok(s) => break Ok(s),
+            Err(why) if now() > settle_by => {
+                break Err(format!("not settled by {settle_by:?}: {why}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    lock(&shared).settled = Some(settled);
 }
 
 /// Every task, page by page, from `api`.

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use swarm_sim::checker::{
-    check, Audit, History, Read, ReadResult, Submit, SubmitResult, TaskRecord, Violation,
+    check, Audit, History, MembershipChange, Read, ReadResult, ReplicaState, Replicas, Submit,
+    SubmitResult, TaskRecord, Violation,
 };
 
 fn ms(n: u64) -> Duration {
@@ -103,6 +104,42 @@ fn good() -> History {
             read(2, 30, 40, found("queued")),
         ],
         audit: audit(vec![task(1, "a"), task(2, "b")]),
+        membership: vec![MembershipChange {
+            what: "replace n2 (c2) with n4 (c4)".into(),
+            started: ms(2000),
+            completed: Some(ms(9000)),
+            notes: vec!["n4 did not catch up within 15s (via n1)".into()],
+        }],
+        replicas: Some(Replicas::Settled {
+            index: 120,
+            voters: vec![1, 3, 4],
+            expected_voters: Some(vec![1, 3, 4]),
+            nodes: [(1, "c1"), (3, "c3"), (4, "c4")]
+                .into_iter()
+                .map(|(node, host)| replica(node, host, 120))
+                .collect(),
+        }),
+    }
+}
+
+/// A member's checkpoint at `index`, holding the same state as every other one made here.
+fn replica(node: u64, host: &str, index: u64) -> ReplicaState {
+    ReplicaState {
+        node,
+        host: host.into(),
+        checkpoint_index: Some(index),
+        dump_bytes: 4096,
+        dump_hash: 0x5eed,
+        finished_tasks: 2,
+        last_task_id: 2,
+        error: None,
+    }
+}
+
+fn replicas(h: &mut History) -> &mut Vec<ReplicaState> {
+    match &mut h.replicas {
+        Some(Replicas::Settled { nodes, .. }) => nodes,
+        other => panic!("not settled: {other:?}"),
     }
 }
 
@@ -277,4 +314,61 @@ fn a_read_after_the_ack_that_misses_the_task_is_caught() {
             .any(|v| matches!(v, Violation::ReadMissedAck { id: 2, .. })),
         "{v:?}"
     );
+}
+
+#[test]
+fn an_unfinished_membership_change_is_caught() {
+    let mut h = good();
+    h.membership[0].completed = None;
+    h.membership[0].notes.push("gave up adding n4".into());
+    let v = check(&h);
+    assert!(
+        matches!(&v[..], [Violation::MembershipIncomplete { what, notes }]
+            if what.contains("n4") && notes.len() == 2),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn replicas_that_differ_are_caught() {
+    // Another state at the same index.
+    let mut h = good();
+    replicas(&mut h)[1].dump_hash = 0xbad;
+    assert!(
+        matches!(&check(&h)[..], [Violation::ReplicasDiffer { index: 120, nodes }] if nodes.len() == 3)
+    );
+    // A member checkpointed at another index.
+    let mut h = good();
+    replicas(&mut h)[2].checkpoint_index = Some(119);
+    assert!(matches!(&check(&h)[..], [Violation::ReplicasDiffer { .. }]));
+    // A member whose checkpoint cannot be read.
+    let mut h = good();
+    replicas(&mut h)[0].error = Some("opening state.redb: no such file".into());
+    assert!(matches!(&check(&h)[..], [Violation::ReplicasDiffer { .. }]));
+}
+
+#[test]
+fn members_that_never_caught_up_or_wrong_voters_are_caught() {
+    let mut h = good();
+    h.replicas = Some(Replicas::Unsettled {
+        reason: "n4 at applied 80 of 120".into(),
+    });
+    assert!(matches!(&check(&h)[..], [Violation::Unsettled { .. }]));
+
+    let mut h = good();
+    if let Some(Replicas::Settled { voters, .. }) = &mut h.replicas {
+        *voters = vec![1, 2, 3, 4];
+    }
+    assert!(matches!(
+        &check(&h)[..],
+        [Violation::WrongVoters { expected, actual }] if expected == &vec![1, 3, 4] && actual.len() == 4
+    ));
+    // Unknown expectations (a change did not complete) are not judged here.
+    if let Some(Replicas::Settled {
+        expected_voters, ..
+    }) = &mut h.replicas
+    {
+        *expected_voters = None;
+    }
+    assert_eq!(check(&h), vec![]);
 }

@@ -1,10 +1,17 @@
-//! Seeded simulations of a 3-coordinator cluster with workers and clients under faults.
+//! Seeded simulations of a 3-coordinator cluster with workers and clients under faults,
+//! snapshots on, and membership changes (a node replaced by a new one, a node wiped and
+//! added back) while the faults run.
 //!
-//! * `SWARM_SIM_SEEDS=n` runs `n` seeds (default 24) starting at `SWARM_SIM_SEED_BASE`
-//!   (default: drawn from the clock, printed);
+//! * by default `seeded_faults` runs the seeds of [`SEEDS`], chosen from the runs' fault
+//!   logs to cover crashes, partitions, snapshot installs and membership changes, plus one
+//!   seed drawn from the clock (printed with the command that replays it);
+//! * `SWARM_SIM_SEEDS=n` runs `n` seeds starting at `SWARM_SIM_SEED_BASE` (default: drawn
+//!   from the clock, printed) instead;
 //! * `SWARM_SIM_SEED=s` runs only seed `s` (a replay) and prints its fault log;
-//! * `SWARM_SIM_SNAPSHOT_EVERY=n` makes coordinators snapshot every `n` entries (off by
-//!   default: snapshot I/O is not replayable yet);
+//! * `SWARM_SIM_SNAPSHOT_EVERY=n` makes coordinators snapshot every `n` entries instead of
+//!   every [`scenario::SNAPSHOT_EVERY`];
+//! * `SWARM_SIM_WORKER_CLOCK_SKEW_MS=ms` runs the workers' clocks that far ahead of the
+//!   coordinators' (negative: behind);
 //! * `SWARM_SIM_LOG=<filter>` turns on tracing (e.g. `info`, `swarm_coordinator=debug`),
 //!   stamped with simulated time;
 //! * `SWARM_SIM_DUMP=<dir>` writes each seed's log and history to `<dir>/<seed>.txt`.
@@ -23,10 +30,41 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use swarm_sim::faults::{Episode, Fault, Target};
 use swarm_sim::scenario::{self, Options, Report};
 
-/// Seeds per run of `seeded_faults` unless `SWARM_SIM_SEEDS` says otherwise.
-const DEFAULT_SEEDS: u64 = 24;
+/// The seeds `seeded_faults` runs by default, with what each one's run does, read from
+/// its fault log when the list was made (`SWARM_SIM_SEED=s` prints the log; a change to
+/// the coordinator or the schedule may shift what a seed does).
+const SEEDS: &[(u64, &str)] = &[
+    // No membership change: snapshot installs after crashes and partitions.
+    (1005, "a follower cut off from everyone, then from its peers, installs three snapshots in a row (the leader compacts while it catches up); the leader crashes and installs three more on restart, under message loss"),
+    (1025, "one-way partition c3 -> c1 and message loss: c3 installs; the leader crashes while its link to c2 is held, and installs on restart"),
+    // A node replaced by a brand-new one (new id, new host, empty).
+    (1004, "a follower isolated from its peers installs; the leader n2 is replaced by n4 under a one-way partition and isolations, n4 and a lagging c3 install the same snapshot"),
+    (1010, "the leader cut off from its peers, then the next leader crashes; n1 is replaced while it is down; the crashed leader installs two snapshots after the heal"),
+    (1014, "the crashed leader installs on restart; the leader n2 is replaced under a one-way partition; the new leader n4 is isolated from everyone just before the heal"),
+    (1039, "a crashed follower installs three snapshots in a row while the leader n1 is replaced; the new leader n4 has its link to c3 held, c3 crashes and installs after the heal"),
+    // A node wiped and added back as a new member (same host, new id).
+    (1018, "the leader n1 is wiped and added back under one-way drops, an isolation and 400 ms latency; it takes ten seconds and ends after the heal"),
+    (1019, "a crashed follower installs; the leader crashes; n2 is wiped and added back while links are held and c3 isolated, completing after the heal"),
+    (1036, "the leader n1 is wiped and added back while two other coordinators crash in turn (no quorum for a while); n4 installs twice"),
+    // Both kinds of membership change in one run.
+    (1001, "a crashed follower installs; the leader n1 is replaced by n4, then n4 (leading) is wiped and added back as n5 under 400 ms latency and an isolated leader"),
+    (1013, "n2 is wiped and added back as n4; then n4 (added in this run) is replaced by n5 on c4 under a one-way partition"),
+    (1017, "n2 replaced by n4, which installs two snapshots in a row; c3 crashes; the leader n1 is wiped and added back as n5; n3 and n5 install the same snapshot"),
+    (1021, "one-way drop and held link between leader and c3, which installs twice; n2 wiped and added back while the leader is cut off; n1 replaced by n5, which crashes before the heal and installs again"),
+    (1022, "n3 wiped and added back over nine seconds of leader isolations and message loss; the leader n1 replaced across the heal"),
+    (1023, "n3 replaced under 400 ms latency (five seconds); the leader n1 wiped and added back while the new leader n4 crashes and messages are lost"),
+    (1031, "the leader crashes and is isolated; the new leader n2 is replaced by n4, which leads and crashes; n3 wiped and added back while n4 is cut off from its peers"),
+    (1032, "the leader n1 wiped and added back under 400 ms latency; the leader n3 replaced while n4 still catches up: both install snapshot after snapshot"),
+    (1033, "the leader crashes; the leader n3 replaced by n4, which crashes at once; n2 wiped and added back while c1 is isolated and held; c1 installs after the heal"),
+    (1035, "n2 replaced by n4; n4 crashes while leading, then is itself wiped and added back as n5 across the heal"),
+];
+
+/// The seed `a_seed_replays_exactly` runs twice unless `SWARM_SIM_REPLAY_SEED` says
+/// otherwise.
+const REPLAY_SEED: u64 = 1021;
 
 /// Whether this build is guaranteed to replay seeds exactly: tokio's `select!` draws from
 /// a per-runtime random generator that only `--cfg tokio_unstable` lets turmoil seed.
@@ -36,11 +74,19 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
-/// The default run, with `SWARM_SIM_SNAPSHOT_EVERY` applied.
+fn env_i64(name: &str) -> Option<i64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// The default run, with `SWARM_SIM_SNAPSHOT_EVERY` and `SWARM_SIM_WORKER_CLOCK_SKEW_MS`
+/// applied.
 fn options() -> Options {
     let mut opts = Options::default();
     if let Some(n) = env_u64("SWARM_SIM_SNAPSHOT_EVERY") {
         opts.snapshot_every = n;
+    }
+    if let Some(ms) = env_i64("SWARM_SIM_WORKER_CLOCK_SKEW_MS") {
+        opts.worker_clock_skew_ms = ms;
     }
     opts
 }
@@ -71,7 +117,10 @@ fn init_tracing() {
 fn replay_command(seed: u64) -> String {
     let snapshots = env_u64("SWARM_SIM_SNAPSHOT_EVERY")
         .map(|n| format!("SWARM_SIM_SNAPSHOT_EVERY={n} "))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + &env_i64("SWARM_SIM_WORKER_CLOCK_SKEW_MS")
+            .map(|n| format!("SWARM_SIM_WORKER_CLOCK_SKEW_MS={n} "))
+            .unwrap_or_default();
     let flags = if EXACT {
         "RUSTFLAGS=\"--cfg tokio_unstable\" "
     } else {
@@ -193,6 +242,116 @@ fn calm_cluster_serves_and_the_history_checks() {
         "too few acknowledged submits: {}",
         report.summary()
     );
+    // Snapshots are on: every node checkpointed several times.
+    assert_eq!(report.snapshots.len(), 3, "{}", report.summary());
+    for (node, s) in &report.snapshots {
+        assert!(
+            s.built.len() >= 3,
+            "n{node} built {} snapshots: {}",
+            s.built.len(),
+            report.summary()
+        );
+    }
+}
+
+/// A run designed to need snapshots: a follower down for five seconds, a node replaced by
+/// a brand-new one, then a node wiped and added back, all while clients write. Each of
+/// them catches up by installing a snapshot, sent in several chunks (the log is
+/// compacted), and the replicas end identical (`run_checked` fails otherwise).
+#[test]
+fn crashed_new_and_wiped_nodes_catch_up_from_snapshots() {
+    init_tracing();
+    let at = Duration::from_millis;
+    let opts = Options {
+        faults: false,
+        script: Some(vec![
+            Episode {
+                start: at(4_000),
+                end: at(9_000),
+                fault: Fault::CrashCoordinator(Target::Node(1)),
+            },
+            Episode {
+                start: at(11_000),
+                end: at(11_000),
+                fault: Fault::Replace(Target::Node(2)),
+            },
+            Episode {
+                start: at(14_000),
+                end: at(14_000),
+                fault: Fault::Rejoin(Target::Node(0)),
+            },
+        ]),
+        ..Options::default()
+    };
+    let started = Instant::now();
+    let report = run_checked(11, &opts).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{} ({:.1?} wall)", report.summary(), started.elapsed());
+    let installed = |node: u64| report.snapshots.get(&node).map_or(0, |s| s.installed.len());
+    // n2 was down while the leader compacted its log.
+    assert!(
+        installed(2) >= 1,
+        "n2 installed nothing: {}",
+        report.summary()
+    );
+    // n4 replaced n3 on the spare host c4; n5 is c1 wiped and added back.
+    assert!(
+        installed(4) >= 1,
+        "n4 installed nothing: {}",
+        report.summary()
+    );
+    assert!(
+        installed(5) >= 1,
+        "n5 installed nothing: {}",
+        report.summary()
+    );
+    assert_eq!(report.history.membership.len(), 2, "{}", report.summary());
+    match &report.history.replicas {
+        Some(swarm_sim::checker::Replicas::Settled { voters, nodes, .. }) => {
+            assert_eq!(voters, &vec![2, 4, 5], "{}", report.summary());
+            // Snapshots of a few KiB in 1 KiB chunks: several InstallSnapshot RPCs each.
+            assert!(
+                nodes
+                    .iter()
+                    .all(|n| n.dump_bytes >= 4 * opts.snapshot_chunk),
+                "{nodes:?}"
+            );
+        }
+        other => panic!("replicas not compared: {other:?}"),
+    }
+}
+
+/// The seeds to run: `SWARM_SIM_SEEDS` from `SWARM_SIM_SEED_BASE`, or [`SEEDS`] and one
+/// drawn from the clock.
+fn seeds() -> Vec<u64> {
+    let clock = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .wrapping_mul(1000)
+    };
+    match env_u64("SWARM_SIM_SEEDS") {
+        Some(count) => {
+            let base = env_u64("SWARM_SIM_SEED_BASE").unwrap_or_else(clock);
+            eprintln!(
+                "running {count} seeds from {base} (SWARM_SIM_SEED_BASE={base} repeats this set){}",
+                if EXACT {
+                    ""
+                } else {
+                    "; built without --cfg tokio_unstable, so exact replays are not guaranteed"
+                }
+            );
+            (0..count).map(|i| base.wrapping_add(i)).collect()
+        }
+        None => {
+            let random = clock();
+            eprintln!(
+                "running {} fixed seeds and seed {random}, drawn from the clock; replay it with:\n  {}",
+                SEEDS.len(),
+                replay_command(random)
+            );
+            SEEDS.iter().map(|(s, _)| *s).chain([random]).collect()
+        }
+    }
 }
 
 #[test]
@@ -212,37 +371,26 @@ fn seeded_faults() {
         }
         return;
     }
-    let count = env_u64("SWARM_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
-    let base = env_u64("SWARM_SIM_SEED_BASE").unwrap_or_else(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            .wrapping_mul(1000)
-    });
-    eprintln!(
-        "running {count} seeds from {base} (SWARM_SIM_SEED_BASE={base} repeats this set){}",
-        if EXACT {
-            ""
-        } else {
-            "; built without --cfg tokio_unstable, so exact replays are not guaranteed"
-        }
-    );
+    let seeds = seeds();
     let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
     let started = Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..parallel.min(count as usize) {
+        for _ in 0..parallel.min(seeds.len()) {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as u64;
-                if i >= count {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&seed) = seeds.get(i) else {
                     return;
-                }
-                let seed = base.wrapping_add(i);
+                };
                 let t = Instant::now();
                 match run_in_child(seed) {
                     Ok(summary) => eprintln!("ok   {summary} ({:.1?} wall)", t.elapsed()),
                     Err(e) => {
+                        let e = match SEEDS.iter().find(|(s, _)| *s == seed) {
+                            Some((_, what)) => format!("seed {seed} ({what}):\n{e}"),
+                            None => e,
+                        };
                         eprintln!("FAIL {e}");
                         failures.lock().unwrap_or_else(|p| p.into_inner()).push(e);
                     }
@@ -251,23 +399,25 @@ fn seeded_faults() {
         }
     });
     let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
-    eprintln!("{count} seeds in {:.1?}", started.elapsed());
+    eprintln!("{} seeds in {:.1?}", seeds.len(), started.elapsed());
     assert!(
         failures.is_empty(),
-        "{} of {count} seeds failed:\n\n{}",
+        "{} of {} seeds failed:\n\n{}",
         failures.len(),
+        seeds.len(),
         failures.join("\n\n")
     );
 }
 
-/// Two runs of one seed, each in a fresh process, see the same history. Guards against
-/// nondeterminism creeping into the simulated system (a thread, a wall clock, hash map
-/// order that reaches the network). Guaranteed only with `--cfg tokio_unstable` (see the
+/// Two runs of one seed, each in a fresh process, see the same history, log, snapshots
+/// and final replicas (their checkpoints, byte for byte). Guards against nondeterminism
+/// creeping into the simulated system (a thread, a wall clock, hash map order that
+/// reaches the network). The seed's run installs snapshots on old and new nodes and
+/// changes the membership twice. Guaranteed only with `--cfg tokio_unstable` (see the
 /// module docs); this seed has replayed exactly without it in every run so far.
 #[test]
 fn a_seed_replays_exactly() {
-    // A seed whose schedule crashes a coordinator and a worker and isolates the leader.
-    let seed = env_u64("SWARM_SIM_REPLAY_SEED").unwrap_or(9_000);
+    let seed = env_u64("SWARM_SIM_REPLAY_SEED").unwrap_or(REPLAY_SEED);
     let a = run_in_child(seed).unwrap_or_else(|e| panic!("{e}"));
     let b = run_in_child(seed).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{a}\n{b}");

@@ -171,7 +171,21 @@ pub(crate) struct Core {
     drained: watch::Sender<bool>,
 }
 
+static CLOCK: std::sync::OnceLock<fn() -> u64> = std::sync::OnceLock::new();
+
+/// Replace the clock attempts are stamped with (`started_at_ms`, `finished_at_ms` in
+/// reports), for the whole process and for good: a deterministic simulation installs its
+/// simulated time here, as it does for the coordinator. Only the first call takes effect;
+/// returns whether it was this one.
+pub fn set_clock(clock: fn() -> u64) -> bool {
+    CLOCK.set(clock).is_ok()
+}
+
+/// Milliseconds since the Unix epoch: the wall clock, or the one [`set_clock`] installed.
 pub(crate) fn now_ms() -> u64 {
+    if let Some(clock) = CLOCK.get() {
+        return clock();
+    }
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

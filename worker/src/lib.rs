@@ -147,6 +147,7 @@ pub use swarm_transport::tls::Identity;
 use swarm_transport::tls::{client_config, Role};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use crate::core::set_clock;
 pub use agents::{Agent, Agents, AgentsError, ExecSpec};
 pub use cancel::{cancel_pair, CancelHandle, CancelToken};
 pub use executor::Executor;
