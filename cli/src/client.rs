@@ -173,7 +173,9 @@ impl Client {
             req = req.query(query);
         }
         if let Some((b, content_type)) = body {
-            req = req.header(reqwest::header::CONTENT_TYPE, content_type).body(b);
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(b);
         }
         let resp = match req.send().await {
             Ok(r) => r,
@@ -349,9 +351,7 @@ impl Client {
                 "application/octet-stream",
             )))
         };
-        let resp = self
-            .route(&Method::POST, "/v1/restore", &[], body)
-            .await?;
+        let resp = self.route(&Method::POST, "/v1/restore", &[], body).await?;
         let bytes = resp.bytes().await.context("read API response")?;
         serde_json::from_slice(&bytes).context("unexpected API response")
     }

@@ -863,7 +863,11 @@ async fn purge_log_by_size(
 ) {
     let keep = node.cfg.snapshot_bytes;
     let store = log.clone();
-    let point = tokio::task::spawn_blocking(move || store.byte_purge_point(upto, keep)).await;
+    // In place in inline mode: a simulation cannot order the blocking pool.
+    let point = match store.is_inline() {
+        true => Ok(store.byte_purge_point(upto, keep)),
+        false => tokio::task::spawn_blocking(move || store.byte_purge_point(upto, keep)).await,
+    };
     match point {
         Ok(Ok(Some(at))) if purged.is_none_or(|p| at > p) => {
             debug!(upto = at, "purging the log by size");

@@ -128,6 +128,22 @@ async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     }
 }
 
+/// Completes once this node's term differs from `term` or it no longer leads.
+async fn leadership_changed(raft: &Raft<TypeConfig>, term: u64) {
+    let mut metrics = raft.metrics();
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if m.current_term != term || m.state != openraft::ServerState::Leader {
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn commit(raft: &Raft<TypeConfig>, batch: Vec<Pending>, n: usize) {
     let mut ops = Vec::with_capacity(n);
     let mut sizes = Vec::with_capacity(batch.len());
@@ -139,7 +155,21 @@ async fn commit(raft: &Raft<TypeConfig>, batch: Vec<Pending>, n: usize) {
     }
     metrics::histogram!("swarm_raft_batch_ops").record(n as f64);
     let started = std::time::Instant::now();
-    let result = raft.client_write(Command { ops }).await;
+    let term = raft.metrics().borrow().current_term;
+    // A write is answered by the leader that took it; if leadership changes first, it may
+    // never be (openraft 0.9 leaves a write unanswered when a snapshot installed later
+    // covers it), and this loop, one entry in flight at a time, would wait for good. The
+    // outcome is then unknown to the caller, as after any lost leadership.
+    let result = tokio::select! {
+        r = raft.client_write(Command { ops }) => r,
+        () = leadership_changed(raft, term) => {
+            let err = ProposeError::NotLeader { leader: None };
+            for done in waiters {
+                let _ = done.send(Err(err.clone()));
+            }
+            return;
+        }
+    };
     metrics::histogram!("swarm_raft_commit_seconds").record(started.elapsed().as_secs_f64());
     match result {
         Ok(resp) => {

@@ -603,6 +603,7 @@ fn on_report(
         outcome,
         started_at_ms: report.started_at_ms,
         finished_at_ms: report.finished_at_ms,
+        now_ms: now,
         retry_at_ms,
     };
     let node = node.clone();

@@ -328,6 +328,7 @@ fn task_entries(term: u64, first_index: u64, task_id: u64) -> Vec<Entry> {
             },
             started_at_ms: 2,
             finished_at_ms: 3,
+            now_ms: 3,
             retry_at_ms: 3,
         },
     ];

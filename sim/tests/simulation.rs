@@ -60,6 +60,11 @@ const SEEDS: &[(u64, &str)] = &[
     (1032, "the leader n1 wiped and added back under 400 ms latency; the leader n3 replaced while n4 still catches up: both install snapshot after snapshot"),
     (1033, "the leader crashes; the leader n3 replaced by n4, which crashes at once; n2 wiped and added back while c1 is isolated and held; c1 installs after the heal"),
     (1035, "n2 replaced by n4; n4 crashes while leading, then is itself wiped and added back as n5 across the heal"),
+    // Regressions: a write left unanswered by openraft 0.9 after a snapshot covered it
+    // wedged the proposer of the node that took it, so that node, leading again, committed
+    // nothing (the proposer now gives a write up when leadership changes).
+    (1012, "c3 leads term 2, is cut off with uncommitted entries up to 130, installs snapshot 4-146 and later leads again"),
+    (1038, "c1 restarts believing it leads term 1 for 12 ms, proposes, installs snapshot 2-47, and leads from 19 s"),
 ];
 
 /// The seed `a_seed_replays_exactly` runs twice unless `SWARM_SIM_REPLAY_SEED` says

@@ -52,7 +52,14 @@ where
 /// `swarm restore --from file` into `cluster`.
 fn restore(cluster: &Cluster, file: &std::path::Path) -> std::process::Output {
     std::process::Command::new(bin())
-        .args(["restore", "--api", &cluster.api, "--token", &cluster.token, "--from"])
+        .args([
+            "restore",
+            "--api",
+            &cluster.api,
+            "--token",
+            &cluster.token,
+            "--from",
+        ])
         .arg(file)
         .output()
         .expect("run swarm restore")

@@ -320,6 +320,11 @@ impl RedbLogStore {
         Ok(None)
     }
 
+    /// Whether this store runs its I/O on the calling thread (see the module docs).
+    pub fn is_inline(&self) -> bool {
+        self.shared.inline
+    }
+
     /// A counter of the bytes of entries appended since the store was opened (to trigger
     /// snapshots by log size).
     pub fn appended_bytes(&self) -> Arc<AtomicU64> {

@@ -105,7 +105,7 @@ struct SmInner {
     /// Makes names of received snapshot files unique.
     seq: AtomicU64,
     /// Whether a snapshot is arriving or being installed (see [`Receiving`]).
-    receiving: watch::Sender<Receiving>,
+    receiving: Arc<watch::Sender<Receiving>>,
     /// Checkpoints, dumps and installs run on the calling thread (deterministic
     /// simulations) instead of tokio's blocking pool.
     inline: bool,
@@ -590,7 +590,7 @@ impl StateMachineStore {
                 }),
                 dumping: Mutex::new(()),
                 seq: AtomicU64::new(0),
-                receiving: watch::channel(Receiving::default()).0,
+                receiving: Arc::new(watch::channel(Receiving::default()).0),
                 inline,
             }),
         })
@@ -730,12 +730,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<SnapshotData>> {
         let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let path = self.inner.dir.join(format!("incoming-{n}.dump"));
-        let inner = self.inner.clone();
-        let note = move || {
-            inner
-                .receiving
-                .send_modify(|r| r.last_chunk = Some(tokio::time::Instant::now()))
-        };
+        // Only the signal, not the state machine: a transfer openraft abandons may be
+        // held for a while, and must not keep the store open.
+        let receiving = self.inner.receiving.clone();
+        let note =
+            move || receiving.send_modify(|r| r.last_chunk = Some(tokio::time::Instant::now()));
         note();
         let data = SnapshotData::receiving(&path, self.inner.inline)
             .await

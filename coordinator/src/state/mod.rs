@@ -166,13 +166,17 @@ pub enum Op {
         worker: String,
         now_ms: u64,
     },
-    /// A worker reported the end of an attempt. `retry_at_ms` is when a retry may run.
+    /// A worker reported the end of an attempt. `started_at_ms` and `finished_at_ms` are
+    /// the worker's (kept on the attempt); `now_ms` is the leader's, which a task that ends
+    /// here is finished at and retained from (a worker's clock may be off by days);
+    /// `retry_at_ms` is when a retry may run.
     Finish {
         attempt: AttemptRef,
         worker: String,
         outcome: Outcome,
         started_at_ms: u64,
         finished_at_ms: u64,
+        now_ms: u64,
         retry_at_ms: u64,
     },
     /// An attempt was lost: its worker vanished or its lease expired.

@@ -166,14 +166,15 @@ impl TaskTable {
                 outcome,
                 started_at_ms,
                 finished_at_ms,
+                now_ms,
                 retry_at_ms,
             } => match self.live.contains_key(&attempt.task_id) {
                 true => self.finish(
                     *attempt,
                     worker,
                     outcome,
-                    *started_at_ms,
-                    *finished_at_ms,
+                    (*started_at_ms, *finished_at_ms),
+                    *now_ms,
                     *retry_at_ms,
                 ),
                 false => self.not_live(attempt.task_id, archive)?,
@@ -461,8 +462,8 @@ impl TaskTable {
         attempt: AttemptRef,
         worker: &str,
         outcome: &Outcome,
-        started_at_ms: u64,
-        finished_at_ms: u64,
+        (started_at_ms, finished_at_ms): (u64, u64),
+        now_ms: u64,
         retry_at_ms: u64,
     ) -> OpResult {
         let id = attempt.task_id;
@@ -531,7 +532,7 @@ impl TaskTable {
                     task.stage_outputs.push(output.clone());
                 }
                 task.output = Some(output.clone());
-                self.finalize(id, TaskState::Succeeded, finished_at_ms);
+                self.finalize(id, TaskState::Succeeded, now_ms);
                 OpResult::Applied {
                     state: TaskState::Succeeded,
                 }
@@ -577,7 +578,7 @@ impl TaskTable {
                     } else {
                         TaskState::Failed
                     };
-                    self.finalize(id, end, finished_at_ms);
+                    self.finalize(id, end, now_ms);
                     OpResult::Applied { state: end }
                 }
             }

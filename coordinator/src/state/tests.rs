@@ -180,6 +180,7 @@ fn finish(t: &mut TaskTable, a: AttemptRef, outcome: Outcome) -> OpResult {
             outcome,
             started_at_ms: 2,
             finished_at_ms: 3,
+            now_ms: 3,
             retry_at_ms: 10,
         },
     )
@@ -600,6 +601,7 @@ fn random_histories_keep_invariants() {
                     outcome: ok(&step.to_le_bytes()),
                     started_at_ms: step,
                     finished_at_ms: step,
+                    now_ms: step,
                     retry_at_ms: step,
                 },
                 3 => Op::Finish {
@@ -608,6 +610,7 @@ fn random_histories_keep_invariants() {
                     outcome: fail(FailureKind::Exit),
                     started_at_ms: step,
                     finished_at_ms: step,
+                    now_ms: step,
                     retry_at_ms: step,
                 },
                 4 => Op::Lose {
@@ -940,6 +943,7 @@ fn random_op(rng: &mut rand::rngs::StdRng, step: u64) -> Op {
             },
             started_at_ms: step,
             finished_at_ms: step,
+            now_ms: step,
             retry_at_ms: step,
         },
         5 => Op::Lose {
@@ -1116,6 +1120,7 @@ fn expired_tasks_are_purged_everywhere_and_their_keys_freed() {
         outcome: ok(b"again"),
         started_at_ms: 2,
         finished_at_ms: 3,
+        now_ms: 3,
         retry_at_ms: 10,
     };
     assert_eq!(run(&mut t, &archive, late), OpResult::Expired);
@@ -1283,4 +1288,40 @@ fn a_restore_is_all_or_nothing_across_checkpoints() {
         "ids continue after the restored ones"
     );
     assert!(t.restoring().is_none());
+}
+
+/// A worker whose clock is days behind does not make its tasks expire early: a task is
+/// finished at, and retained from, the leader's time.
+#[test]
+fn retention_counts_from_the_leaders_clock_not_the_workers() {
+    let mut t = TaskTable::new();
+    let mut s = spec("x");
+    s.retain_ms = 1_000;
+    one(
+        &mut t,
+        Op::Submit {
+            spec: s,
+            now_ms: 345_600_000,
+            queue_limit: 10,
+        },
+    );
+    start(&mut t, at(1, 1));
+    let four_days_behind = 1;
+    one(
+        &mut t,
+        Op::Finish {
+            attempt: at(1, 1),
+            worker: "w".into(),
+            outcome: ok(b"r"),
+            started_at_ms: four_days_behind,
+            finished_at_ms: four_days_behind,
+            now_ms: 345_600_500,
+            retry_at_ms: 345_600_500,
+        },
+    );
+    let task = t.get(1).unwrap();
+    assert_eq!(task.finished_at_ms, Some(345_600_500));
+    assert_eq!(task.expires_at_ms, Some(345_601_500));
+    assert_eq!(task.attempts[0].finished_at_ms, Some(four_days_behind));
+    assert!(t.expired_in_memory(345_601_499, 10).is_empty());
 }
