@@ -142,11 +142,12 @@ impl Write for ChannelWriter {
 /// commit, the mark goes and the leader aborts the restore.
 struct Driving<'a> {
     node: &'a Node,
+    restore_id: u64,
 }
 
 impl Drop for Driving<'_> {
     fn drop(&mut self) {
-        self.node.set_restore_driver(None);
+        self.node.clear_restore_driver(self.restore_id);
     }
 }
 
@@ -163,8 +164,11 @@ pub(crate) async fn restore(
     body: Body,
 ) -> Result<Response, ApiError> {
     let restore_id = rand::random::<u64>() | 1;
-    node.set_restore_driver(Some(restore_id));
-    let _driving = Driving { node: &node };
+    node.set_restore_driver(restore_id);
+    let _driving = Driving {
+        node: &node,
+        restore_id,
+    };
     let mut begun = false;
     let result = run_restore(&node, restore_id, body, &mut begun).await;
     if result.is_err() && begun {

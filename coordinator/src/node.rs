@@ -404,12 +404,23 @@ impl Node {
         }
     }
 
-    /// Mark the restore this node is driving (`None`: none).
-    pub(crate) fn set_restore_driver(&self, id: Option<u64>) {
+    /// Mark the restore this node is driving.
+    pub(crate) fn set_restore_driver(&self, id: u64) {
         *self
             .restore_driver
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = id;
+            .unwrap_or_else(|p| p.into_inner()) = Some(id);
+    }
+
+    /// This node no longer drives restore `id` (another request may have taken over).
+    pub(crate) fn clear_restore_driver(&self, id: u64) {
+        let mut driver = self
+            .restore_driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *driver == Some(id) {
+            *driver = None;
+        }
     }
 
     /// Wake the dispatcher (new work, a free slot, a new worker).
