@@ -831,10 +831,14 @@ pub(crate) async fn maintenance_loop(
 
 /// How long after its last chunk a snapshot transfer counts as under way.
 const SNAPSHOT_QUIET: Duration = Duration::from_secs(10);
+/// How long after a large append's answer the leader gets to resume its heartbeats
+/// (openraft backs a replication off for half a second after an RPC it gave up on).
+const APPEND_QUIET: Duration = Duration::from_secs(2);
 
-/// Keep this node from campaigning while a snapshot arrives or installs (see
-/// [`crate::raft::sm_store::Receiving`]); elections come back once it has been quiet
-/// for [`SNAPSHOT_QUIET`], so a leader that died mid-transfer is replaced as usual.
+/// Keep this node from campaigning while a snapshot or a large append arrives or is
+/// written (see [`crate::raft::sm_store::Receiving`]); elections come back once it has
+/// been quiet for [`SNAPSHOT_QUIET`] (or [`APPEND_QUIET`]), so a leader that died
+/// mid-transfer is replaced as usual.
 pub(crate) async fn quiet_while_receiving(
     raft: Raft<TypeConfig>,
     mut receiving: watch::Receiver<crate::raft::sm_store::Receiving>,
@@ -842,7 +846,9 @@ pub(crate) async fn quiet_while_receiving(
 ) {
     let mut electing = true;
     loop {
-        let busy = receiving.borrow_and_update().busy(SNAPSHOT_QUIET);
+        let busy = receiving
+            .borrow_and_update()
+            .busy(SNAPSHOT_QUIET, APPEND_QUIET);
         if busy == electing {
             electing = !busy;
             raft.runtime_config().elect(electing);
@@ -850,7 +856,7 @@ pub(crate) async fn quiet_while_receiving(
                 electing,
                 "{}",
                 if busy {
-                    "receiving a snapshot: not campaigning"
+                    "receiving a snapshot or large entries: not campaigning"
                 } else {
                     "campaigning allowed again"
                 }

@@ -171,6 +171,7 @@ where
     .context("open state machine")?;
     let table = sm.table();
     let receiving = sm.subscribe_receiving();
+    let arrivals = sm.arrivals();
     // A snapshot brings the replicated pattern dimension with it.
     table.memory(|m| crate::memory::check_replica_dimension(m.config(), &cfg.embedder))?;
     let network =
@@ -224,6 +225,7 @@ where
         )),
         tokio::spawn(accept_loop(
             node.clone(),
+            arrivals,
             endpoint.clone(),
             shutdown_rx.clone(),
         )),
@@ -253,6 +255,7 @@ where
 /// Accept QUIC connections and route them by ALPN.
 async fn accept_loop(
     node: Arc<Node>,
+    arrivals: raft::Arrivals,
     endpoint: quinn::Endpoint,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -271,6 +274,7 @@ async fn accept_loop(
             continue;
         };
         let node = node.clone();
+        let arrivals = arrivals.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let remote = incoming.remote_address();
@@ -293,7 +297,12 @@ async fn accept_loop(
                         warn!(%remote, error = %e, "refused raft connection");
                         return;
                     }
-                    raft::network::serve_raft_connection(accepted.conn, node.raft().clone()).await;
+                    raft::network::serve_raft_connection(
+                        accepted.conn,
+                        node.raft().clone(),
+                        arrivals,
+                    )
+                    .await;
                 }
                 _ => accepted
                     .conn

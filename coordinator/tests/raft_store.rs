@@ -542,10 +542,11 @@ mod network {
                 .await
                 .unwrap();
 
-            let (ep, r) = (endpoint.clone(), raft.clone());
+            let (ep, r, arrivals) = (endpoint.clone(), raft.clone(), sm.arrivals());
             tokio::spawn(async move {
                 while let Some(incoming) = ep.accept().await {
                     let raft = r.clone();
+                    let arrivals = arrivals.clone();
                     tokio::spawn(async move {
                         let Ok(mut accepted) = swarm_transport::accept(incoming).await else {
                             return;
@@ -555,7 +556,7 @@ mod network {
                         if accepted.authenticate().await.is_err() {
                             return;
                         }
-                        serve_raft_connection(accepted.conn, raft).await;
+                        serve_raft_connection(accepted.conn, raft, arrivals).await;
                     });
                 }
             });

@@ -228,6 +228,12 @@ impl FrameReader {
         self.decoder.max
     }
 
+    /// Bytes received but not yet returned as a frame (e.g. to tell a large frame that is
+    /// still arriving).
+    pub fn buffered(&self) -> usize {
+        self.decoder.buf.len()
+    }
+
     /// Bytes currently allocated for buffering received data. Diagnostic: it shows that
     /// an oversize length prefix was rejected without allocating room for the frame.
     pub fn buffer_capacity(&self) -> usize {

@@ -113,25 +113,37 @@ async fn three_hundred_mb_of_state_survives_kills_catch_up_and_backup() {
 
     let started = Instant::now();
     let mut ids = Vec::new();
+    let mut leader = leader;
     for b in 0..TASKS / BATCH + 1 {
         let range: Vec<u64> = (b * BATCH..((b + 1) * BATCH).min(TASKS)).collect();
         if range.is_empty() {
             break;
         }
+        // Keyed, so a batch sent again after a leader change is not taken twice.
         let tasks: Vec<Value> = range
             .iter()
-            .map(|&i| json!({"agent": "echo", "payload": payload(i)}))
+            .map(|&i| json!({"agent": "echo", "payload": payload(i), "idempotency_key": format!("scale-{i}")}))
             .collect();
-        let (st, v) = c
-            .request(
-                leader,
-                reqwest::Method::POST,
-                "/v1/tasks/batch",
-                Some(json!({ "tasks": tasks })),
-            )
-            .await
-            .expect("answer");
-        assert_eq!(st, 201, "batch {b}: {v}");
+        let mut tries = 0;
+        let v = loop {
+            let (st, v) = c
+                .request(
+                    leader,
+                    reqwest::Method::POST,
+                    "/v1/tasks/batch",
+                    Some(json!({ "tasks": tasks })),
+                )
+                .await
+                .expect("answer");
+            if st == 201 {
+                break v;
+            }
+            // As any client would: a leader change answers 503, and the batch is sent again.
+            tries += 1;
+            assert!(st == 503 && tries < 5, "batch {b}: {st} {v}");
+            eprintln!("batch {b}: {st} {v}; sending it again");
+            leader = c.wait_leader().await;
+        };
         for (t, &i) in v["tasks"].as_array().expect("tasks").iter().zip(&range) {
             ids.push((t["id"].as_u64().expect("id"), i));
         }

@@ -19,7 +19,7 @@ pub mod types;
 
 pub use log_store::{RedbLogReader, RedbLogStore};
 pub use network::{serve_raft_connection, QuicRaftClient, QuicRaftNetwork};
-pub use sm_store::{StateMachineStore, TableGuard, TableHandle};
+pub use sm_store::{Arrivals, StateMachineStore, TableGuard, TableHandle};
 pub use types::{seed_thread_rng, NodeAddr, NodeId, SwarmRuntime, TypeConfig};
 
 /// A Raft node of the coordinator cluster.

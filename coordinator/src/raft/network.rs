@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use swarm_transport::{peer_role, FrameError, FrameReader, FrameWriter, Role, TransportError};
 use tokio::sync::Semaphore;
 
+use super::sm_store::Arrivals;
 use super::types::{NodeAddr, NodeId, TypeConfig};
 
 /// Largest Raft frame, either way ([`crate::limits`]). An AppendEntries that does not fit is
@@ -720,7 +721,14 @@ impl RaftNetwork<TypeConfig> for QuicRaftClient {
 /// coordinator certificate, otherwise — a worker, most importantly — the connection is closed
 /// with [`CLOSE_NOT_COORDINATOR`] and nothing is read from it. Each stream carries one request;
 /// a malformed one only costs its own stream.
-pub async fn serve_raft_connection(conn: quinn::Connection, raft: openraft::Raft<TypeConfig>) {
+///
+/// `arrivals` is told while a large request is read or answered, so that this node does
+/// not campaign meanwhile (see [`super::sm_store::Receiving`]).
+pub async fn serve_raft_connection(
+    conn: quinn::Connection,
+    raft: openraft::Raft<TypeConfig>,
+    arrivals: Arrivals,
+) {
     let remote = conn.remote_address();
     match peer_role(&conn) {
         Ok(Role::Coordinator) => {}
@@ -741,10 +749,14 @@ pub async fn serve_raft_connection(conn: quinn::Connection, raft: openraft::Raft
             return;
         }
     }
-    serve_streams(conn, raft).await;
+    serve_streams(conn, raft, arrivals).await;
 }
 
-async fn serve_streams(conn: quinn::Connection, raft: openraft::Raft<TypeConfig>) {
+async fn serve_streams(
+    conn: quinn::Connection,
+    raft: openraft::Raft<TypeConfig>,
+    arrivals: Arrivals,
+) {
     let remote = conn.remote_address();
     let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_RPCS));
     loop {
@@ -760,8 +772,9 @@ async fn serve_streams(conn: quinn::Connection, raft: openraft::Raft<TypeConfig>
             }
         };
         let raft = raft.clone();
+        let arrivals = arrivals.clone();
         tokio::spawn(async move {
-            serve_stream(send, recv, raft, remote).await;
+            serve_stream(send, recv, raft, remote, arrivals).await;
             drop(permit);
         });
     }
@@ -772,10 +785,24 @@ async fn serve_stream(
     recv: quinn::RecvStream,
     raft: openraft::Raft<TypeConfig>,
     remote: SocketAddr,
+    arrivals: Arrivals,
 ) {
     let mut reader = FrameReader::with_max_frame(recv, RAFT_MAX_FRAME);
     let mut writer = FrameWriter::with_max_frame(send, RAFT_MAX_FRAME);
-    let req = match reader.recv::<RaftRequest>().await {
+    // Only the leader sends large requests (entries, snapshot chunks); while one arrives
+    // and until it is answered, the leader's heartbeats to this node wait behind it.
+    let mut under_way = None;
+    let received = loop {
+        tokio::select! {
+            r = reader.recv::<RaftRequest>() => break r,
+            _ = tokio::time::sleep(Duration::from_millis(50)), if under_way.is_none() => {
+                if reader.buffered() >= BULK_APPEND_BYTES {
+                    under_way = Some(arrivals.append());
+                }
+            }
+        }
+    };
+    let req = match received {
         Ok(Some(req)) => req,
         Ok(None) => return,
         Err(e) => {
@@ -793,6 +820,9 @@ async fn serve_stream(
     };
     let resp = match req {
         RaftRequest::AppendEntries(rpc) => {
+            if under_way.is_none() && entries_bytes(&rpc) >= BULK_APPEND_BYTES {
+                under_way = Some(arrivals.append());
+            }
             RaftResponse::AppendEntries(raft.append_entries(rpc).await)
         }
         RaftRequest::Vote(rpc) => RaftResponse::Vote(raft.vote(rpc).await),
@@ -804,6 +834,7 @@ async fn serve_stream(
     if let Err(e) = send_response(&mut writer, &resp).await {
         tracing::debug!(%remote, error = %e, "could not send Raft response");
     }
+    drop(under_way);
 }
 
 /// Start an election at once if `req` comes from the leader this node follows and this

@@ -111,20 +111,60 @@ struct SmInner {
     inline: bool,
 }
 
-/// A follower receiving or installing a snapshot: when its last chunk arrived, and
-/// whether the install runs. The node does not campaign meanwhile (the leader sends
-/// nothing else while a snapshot is under way, and a follower that timed out and
-/// campaigned would depose it, and restart the transfer, over and over).
+/// What a follower is receiving from the leader: a snapshot (when its last chunk arrived,
+/// whether the install runs) or large AppendEntries (how many are under way, when the
+/// last one was answered). The node does not campaign meanwhile: the leader's replication
+/// to it sends nothing else until they are answered, so its election timer runs out
+/// although the leader is alive, and a follower that campaigned would depose the leader
+/// and restart the transfer, over and over.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Receiving {
     pub last_chunk: Option<tokio::time::Instant>,
     pub installing: bool,
+    /// Large AppendEntries being read or appended now.
+    pub appends: u32,
+    /// When the last large AppendEntries was answered.
+    pub last_append: Option<tokio::time::Instant>,
 }
 
 impl Receiving {
-    /// Busy if installing, or if a chunk arrived within `quiet` of now.
-    pub fn busy(&self, quiet: std::time::Duration) -> bool {
-        self.installing || self.last_chunk.is_some_and(|t| t.elapsed() < quiet)
+    /// Busy while installing or appending, within `snapshot_quiet` of a snapshot's last
+    /// chunk, or within `append_quiet` of a large append's answer.
+    pub fn busy(
+        &self,
+        snapshot_quiet: std::time::Duration,
+        append_quiet: std::time::Duration,
+    ) -> bool {
+        self.installing
+            || self.appends > 0
+            || self
+                .last_chunk
+                .is_some_and(|t| t.elapsed() < snapshot_quiet)
+            || self.last_append.is_some_and(|t| t.elapsed() < append_quiet)
+    }
+}
+
+/// Lets the Raft server mark large AppendEntries as under way (see [`Receiving`]).
+#[derive(Clone, Default)]
+pub struct Arrivals(Arc<watch::Sender<Receiving>>);
+
+impl Arrivals {
+    /// Count one large append as under way until the guard is dropped.
+    pub fn append(&self) -> AppendUnderWay {
+        self.0.send_modify(|r| r.appends += 1);
+        AppendUnderWay(self.0.clone())
+    }
+}
+
+/// One large append under way (see [`Arrivals::append`]).
+pub struct AppendUnderWay(Arc<watch::Sender<Receiving>>);
+
+impl Drop for AppendUnderWay {
+    fn drop(&mut self) {
+        self.0.send_modify(|r| {
+            r.appends = r.appends.saturating_sub(1);
+            r.last_append = Some(tokio::time::Instant::now());
+        });
     }
 }
 
@@ -609,9 +649,14 @@ impl StateMachineStore {
         self.inner.applied_tx.subscribe()
     }
 
-    /// Whether a snapshot is arriving or being installed, as it changes.
+    /// Whether a snapshot or a large append is arriving, as it changes.
     pub fn subscribe_receiving(&self) -> watch::Receiver<Receiving> {
         self.inner.receiving.subscribe()
+    }
+
+    /// The handle with which the Raft server marks large appends as under way.
+    pub fn arrivals(&self) -> Arrivals {
+        Arrivals(self.inner.receiving.clone())
     }
 
     /// Meta of the last checkpoint, if any.
