@@ -60,6 +60,9 @@ pub(crate) fn keep_alive<'a>(swarms: impl IntoIterator<Item = &'a String>) {
     }
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Install the process-wide recorder (once) and return its handle. `None` if another
 /// recorder was installed first by the embedding program.
 pub fn handle() -> Option<PrometheusHandle> {
@@ -80,6 +83,18 @@ pub fn handle() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
+            // Histogram samples pile up in the recorder until a scrape or an upkeep drains
+            // them: without this, a node nobody scrapes grows by every latency it records.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start the metrics upkeep thread");
+            }
             Some(handle)
         })
         .clone()

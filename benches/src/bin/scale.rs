@@ -371,7 +371,8 @@ async fn main() -> anyhow::Result<()> {
         // Checkpoints taken since the previous milestone (the coordinator restarted then,
         // and its counters with it).
         let ck_sum = api.metric("swarm_checkpoint_seconds_sum").await?;
-        let ck_runs = api.metric("swarm_checkpoint_seconds_count").await?;
+        // `abs`: an empty sum reads as -0.
+        let ck_runs = api.metric("swarm_checkpoint_seconds_count").await?.abs();
         let ck_mean = if ck_runs > 0.0 { ck_sum / ck_runs } else { 0.0 };
 
         // The snapshot a follower would be sent (read to the end, not kept). The backup

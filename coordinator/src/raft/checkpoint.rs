@@ -67,7 +67,7 @@ const TASK_DECODE_LIMIT: usize = 256 << 20;
 /// The memory store's bytes are stored in pieces of this size.
 const MEMORY_CHUNK: usize = 4 << 20;
 /// Page cache of the store: reads of old finished tasks, purges, dumps.
-const CACHE_BYTES: usize = 32 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 
 /// The membership a checkpoint records.
 pub type Membership = StoredMembership<NodeId, NodeAddr>;
@@ -122,6 +122,8 @@ impl CheckpointStore {
             .with_context(|| format!("opening {}", path.display()))?;
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate);
+        // A crash then costs no walk of the whole file on the next open.
+        txn.set_quick_repair(true);
         {
             let mut meta = txn.open_table(META)?;
             let stamp = meta.get(KEY_FORMAT)?.map(|v| v.value().to_vec());
@@ -211,6 +213,8 @@ impl CheckpointStore {
     ) -> anyhow::Result<()> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate);
+        // A crash then costs no walk of the whole file on the next open.
+        txn.set_quick_repair(true);
         write_delta(&txn, delta, applied, membership, memory)?;
         txn.commit()?;
         Ok(())
@@ -298,6 +302,8 @@ impl CheckpointStore {
             meta.insert(KEY_TABLE, &encode(&header.meta)?[..])?;
         }
         txn.set_durability(Durability::Immediate);
+        // A crash then costs no walk of the whole file on the next open.
+        txn.set_quick_repair(true);
         txn.commit()?;
         Ok((store, header))
     }

@@ -92,7 +92,7 @@ fn check_format(stamp: &[u8]) -> anyhow::Result<()> {
 
 /// redb page cache. The log is mostly written and read back while still in `pending` or in the
 /// OS page cache, so a modest cache is enough.
-const CACHE_BYTES: usize = 64 * 1024 * 1024;
+const CACHE_BYTES: usize = 16 << 20;
 
 /// Most write operations folded into one transaction; bounds the size of one commit.
 const MAX_BATCH_OPS: usize = 4096;
