@@ -905,6 +905,23 @@ pub(crate) async fn sweep_expired_points(node: &Node) {
     }
 }
 
+/// On the leader: swap in every graph whose background rebuild has finished here (the
+/// followers swap at the same op, waiting for their own build if it is behind).
+pub(crate) async fn finish_rebuilds(node: &Node) {
+    let ready = node.table.memory(|m| m.ready_rebuilds());
+    for (collection, generation) in ready {
+        let op = MemoryOp::FinishRebuild {
+            collection: collection.clone(),
+            generation,
+            now_ms: now_ms(),
+        };
+        match write(node, op).await {
+            Ok(outcome) => debug!(?collection, ?outcome, "rebuilt graph swapped in"),
+            Err(e) => debug!(?collection, error = %e, "graph swap not committed"),
+        }
+    }
+}
+
 /// After a result committed: judge the patterns the agent used and distil new ones.
 /// Best effort and at most once per committed result: a failure is logged, not retried.
 pub(crate) async fn after_result(node: Arc<Node>, r: ResultForMemory) {

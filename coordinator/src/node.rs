@@ -769,7 +769,8 @@ const PURGE_EVERY: Duration = Duration::from_secs(5);
 /// log bytes and the changes held in memory since the last one; openraft triggers them
 /// by entry count), log purges by size (openraft keeps a number of entries behind a
 /// snapshot, and an entry can hold 8 MiB), and on the leader, purges of expired tasks,
-/// TTL sweeps of the vector memory, and aborting a restore nobody drives any more.
+/// TTL sweeps of the vector memory, swapping in graphs rebuilt in the background, and
+/// aborting a restore nobody drives any more.
 pub(crate) async fn maintenance_loop(
     node: Arc<Node>,
     log: crate::raft::RedbLogStore,
@@ -826,6 +827,7 @@ pub(crate) async fn maintenance_loop(
             last_sweep = tokio::time::Instant::now();
             crate::memory::sweep_expired_points(&node).await;
         }
+        crate::memory::finish_rebuilds(&node).await;
     }
 }
 

@@ -209,6 +209,9 @@ pub struct CollectionInfo {
     pub generation: u64,
     /// `now_ms` of the creating op.
     pub created_ms: u64,
+    /// A rebuild of the graph is under way in the background (searches use the current
+    /// graph until it is swapped in).
+    pub rebuilding: bool,
 }
 
 /// Shape of a collection's HNSW graph (as last copied for search), for diagnostics.
@@ -269,6 +272,38 @@ pub(crate) struct SlotRecord {
     pub live: bool,
 }
 
+/// Serialized form of a rebuild under way (part of the snapshot): enough to start the
+/// same build again on a replica that loads the snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RebuildRecord {
+    /// Slots when the rebuild began.
+    pub base: u64,
+    /// The slots below `base` that were live then, in order.
+    pub keep: Vec<u32>,
+}
+
+/// Collections of at most this many live points rebuild inside the op that triggers it
+/// (a few milliseconds); larger ones in the background ([`Collection::start_rebuild`]).
+pub const INLINE_REBUILD_MAX_POINTS: usize = 1000;
+
+/// A graph rebuild under way on its own thread.
+///
+/// It began at a deterministic op (the write that crossed the tombstone threshold, or
+/// [`crate::MemoryOp::RebuildIndex`]) and builds the graph of the slots live then, in
+/// slot order, from a copy of their vectors — holding no lock, so the op sequence goes on
+/// meanwhile (writes land in the current graph, searches use it). It is swapped in by
+/// [`crate::MemoryOp::FinishRebuild`], which the leader proposes once its own build has
+/// finished: every replica swaps at the same op (waiting for its build if it is behind),
+/// so the graphs stay identical.
+struct PendingRebuild {
+    /// Slots when it began: slots at or past it are not in the new graph yet.
+    base: u32,
+    /// Slots below `base` live when it began, in order: slot `i` of the new graph.
+    keep: Vec<u32>,
+    /// The build; `None` if no thread could be started (the swap builds it in place).
+    build: Option<std::thread::JoinHandle<Hnsw<'static, f32, IndexDistance>>>,
+}
+
 /// Serialized form of a collection (part of the snapshot).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct CollectionRecord {
@@ -311,6 +346,7 @@ pub(crate) struct Collection {
     tombstones: usize,
     index: Hnsw<'static, f32, IndexDistance>,
     flat: FlatGraph,
+    pending: Option<PendingRebuild>,
 }
 
 impl fmt::Debug for Collection {
@@ -321,6 +357,7 @@ impl fmt::Debug for Collection {
             .field("live", &self.by_id.len())
             .field("tombstones", &self.tombstones)
             .field("generation", &self.generation)
+            .field("rebuilding", &self.pending.is_some())
             .finish()
     }
 }
@@ -345,6 +382,18 @@ pub const BF16_TRAVERSAL_MIN_DIMENSION: usize = 256;
 /// Most slots searched by exact scan after the flat graph copy before it is refreshed.
 pub(crate) fn delta_limit(slots: usize) -> usize {
     (slots / 32).clamp(128, 2048)
+}
+
+/// The graph of `vectors` (slot-major, `spec.dimension` each), inserted in order as
+/// slots 0, 1, …: what a rebuild builds.
+fn build_index(spec: &CollectionSpec, vectors: &[f32]) -> Hnsw<'static, f32, IndexDistance> {
+    let d = spec.dimension;
+    let n = vectors.len() / d.max(1);
+    let index = new_index(spec, n);
+    for (slot, v) in vectors.chunks_exact(d).enumerate() {
+        index.insert_slice((v, slot));
+    }
+    index
 }
 
 fn new_index(spec: &CollectionSpec, capacity: usize) -> Hnsw<'static, f32, IndexDistance> {
@@ -445,6 +494,7 @@ impl Collection {
             tombstones: 0,
             index,
             flat: FlatGraph::default(),
+            pending: None,
         }
     }
 
@@ -475,6 +525,7 @@ impl Collection {
             tombstones: self.tombstones,
             generation: self.generation,
             created_ms: self.created_ms,
+            rebuilding: self.pending.is_some(),
         }
     }
 
@@ -688,59 +739,184 @@ impl Collection {
         n
     }
 
-    /// Rebuilds the graph if tombstones exceed the configured threshold. Returns whether
-    /// it did.
+    /// Starts a rebuild if tombstones exceed the configured threshold and none is under
+    /// way. Returns whether it did.
     pub(crate) fn maybe_rebuild(&mut self, cfg: &StoreConfig) -> bool {
         let live = self.by_id.len();
         let t = self.tombstones;
-        if t == 0 {
+        if t == 0 || self.pending.is_some() {
             return false;
         }
         if live == 0
             || (t >= cfg.rebuild_min_tombstones
                 && t as f64 > cfg.rebuild_tombstone_ratio * live as f64)
         {
-            self.rebuild();
+            self.start_rebuild();
             true
         } else {
             false
         }
     }
 
-    /// Drops tombstones and rebuilds the graph from the live points, in slot order.
-    /// Returns the number of tombstones removed.
-    pub(crate) fn rebuild(&mut self) -> usize {
+    /// Begins a rebuild of the graph from the live points, in slot order, dropping the
+    /// tombstones: at once for at most [`INLINE_REBUILD_MAX_POINTS`] live points, else
+    /// on a thread of its own ([`PendingRebuild`]). Returns the tombstones it drops (or
+    /// will); 0 if a rebuild is already under way.
+    pub(crate) fn start_rebuild(&mut self) -> usize {
+        if self.pending.is_some() {
+            return 0;
+        }
         let removed = self.tombstones;
+        let keep: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&s| self.slots[s as usize].live)
+            .collect();
+        let base = self.slots.len() as u32;
+        let inline = keep.len() <= INLINE_REBUILD_MAX_POINTS;
+        self.pending = Some(PendingRebuild {
+            build: if inline {
+                None
+            } else {
+                self.spawn_build(&keep)
+            },
+            base,
+            keep,
+        });
+        if inline {
+            self.finish_rebuild();
+        }
+        removed
+    }
+
+    /// Builds the graph of `keep` on a new thread, from a copy of their vectors.
+    fn spawn_build(
+        &self,
+        keep: &[u32],
+    ) -> Option<std::thread::JoinHandle<Hnsw<'static, f32, IndexDistance>>> {
+        let d = self.spec.dimension;
+        let mut vectors = Vec::with_capacity(keep.len() * d);
+        for &s in keep {
+            vectors.extend_from_slice(self.vector(s));
+        }
+        let spec = self.spec.clone();
+        std::thread::Builder::new()
+            .name(format!("hnsw-rebuild-{}", self.name))
+            .spawn(move || build_index(&spec, &vectors))
+            .ok()
+    }
+
+    /// Whether a rebuild is under way and its build has finished (the leader then
+    /// proposes [`crate::MemoryOp::FinishRebuild`]).
+    pub(crate) fn rebuild_ready(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.build.as_ref().is_none_or(|b| b.is_finished()))
+    }
+
+    /// Whether a rebuild is under way.
+    pub(crate) fn rebuilding(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// The generation of the collection.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Swaps in the graph of the rebuild under way (waiting for its build if it has not
+    /// finished, or building it here if it has no thread): the slots it kept, renumbered
+    /// in order, then the live slots written since it began, inserted now. Tombstones
+    /// made since it began stay tombstones. Returns the tombstones dropped; 0 if no
+    /// rebuild is under way.
+    pub(crate) fn finish_rebuild(&mut self) -> usize {
+        let Some(p) = self.pending.take() else {
+            return 0;
+        };
+        let d = self.spec.dimension;
+        let built = p.build.and_then(|b| b.join().ok());
+        let index = match built {
+            Some(index) => index,
+            None => {
+                let mut vectors = Vec::with_capacity(p.keep.len() * d);
+                for &s in &p.keep {
+                    vectors.extend_from_slice(self.vector(s));
+                }
+                build_index(&self.spec, &vectors)
+            }
+        };
         let old_slots = std::mem::take(&mut self.slots);
         let old_vectors = std::mem::take(&mut self.vectors);
+        let old_len = old_slots.len();
+        let mut old_slots: Vec<Option<Slot>> = old_slots.into_iter().map(Some).collect();
+        let since: Vec<u32> = (p.base..old_len as u32)
+            .filter(|&s| old_slots[s as usize].as_ref().is_some_and(|s| s.live))
+            .collect();
+        let order: Vec<u32> = p.keep.iter().copied().chain(since).collect();
         self.traversal = Vec::new();
-        let d = self.spec.dimension;
         self.by_id.clear();
         self.expiry.clear();
         self.tombstones = 0;
         self.generation += 1;
-        let live = old_slots.iter().filter(|s| s.live).count();
-        self.index = new_index(&self.spec, live);
-        self.vectors.reserve(live * d);
+        self.vectors.reserve(order.len() * d);
         if self.bf16_traversal() {
-            self.traversal.reserve(live * d);
+            self.traversal.reserve(order.len() * d);
         }
-        for (i, s) in old_slots.into_iter().enumerate() {
-            if !s.live {
-                continue;
+        for (new, &old) in order.iter().enumerate() {
+            let v = &old_vectors[old as usize * d..(old as usize + 1) * d];
+            if new >= p.keep.len() {
+                index.insert_slice((v, new));
             }
-            let slot = self.slots.len() as u32;
-            let v = &old_vectors[i * d..(i + 1) * d];
-            self.index.insert_slice((v, slot as usize));
             self.push_vector(v);
-            if let Some(e) = s.expires_at_ms {
-                self.expiry.insert((e, slot));
+            let Some(s) = old_slots[old as usize].take() else {
+                continue;
+            };
+            let slot = new as u32;
+            if s.live {
+                if let Some(e) = s.expires_at_ms {
+                    self.expiry.insert((e, slot));
+                }
+                self.by_id.insert(s.id.clone(), slot);
+            } else {
+                self.tombstones += 1;
             }
-            self.by_id.insert(s.id.clone(), slot);
             self.slots.push(s);
         }
+        self.index = index;
         self.flat = FlatGraph::extract(&self.index, self.slots.len(), flat_degree(&self.spec));
-        removed
+        old_len - order.len()
+    }
+
+    /// The rebuild under way, for the snapshot.
+    pub(crate) fn rebuild_record(&self) -> Option<RebuildRecord> {
+        self.pending.as_ref().map(|p| RebuildRecord {
+            base: p.base as u64,
+            keep: p.keep.clone(),
+        })
+    }
+
+    /// Starts again the rebuild a snapshot recorded (checked against the slots).
+    pub(crate) fn resume_rebuild(&mut self, rec: RebuildRecord) -> Result<()> {
+        let bad = |m: &str| {
+            Err(MemoryError::InvalidSnapshot(format!(
+                "collection `{}`: rebuild under way: {m}",
+                self.name
+            )))
+        };
+        if self.pending.is_some() {
+            return bad("recorded twice");
+        }
+        if rec.base > self.slots.len() as u64 {
+            return bad("begins past the last slot");
+        }
+        if rec.keep.windows(2).any(|w| w[0] >= w[1]) || rec.keep.last() >= Some(&(rec.base as u32))
+        {
+            return bad("kept slots out of order or out of range");
+        }
+        self.pending = Some(PendingRebuild {
+            build: self.spawn_build(&rec.keep),
+            base: rec.base as u32,
+            keep: rec.keep,
+        });
+        Ok(())
     }
 
     /// Approximate k-NN over visible points. `query` must be prepared (validated and, for
@@ -1035,6 +1211,7 @@ impl Collection {
             tombstones: 0,
             index: new_index(&rec.spec, rec.slots.len()),
             flat: FlatGraph::default(),
+            pending: None,
         };
         if rec.slots.len() > u32::MAX as usize {
             return Err(bad("too many slots".into()));

@@ -91,8 +91,12 @@
 //! traversal). When a collection has at least
 //! `rebuild_min_tombstones` (default 256) tombstones and more than
 //! `rebuild_tombstone_ratio` (default 0.25) × its live count, the write that crossed the
-//! threshold rebuilds the graph from the live points, in slot order (deterministic, so
-//! every replica rebuilds at the same op). [`MemoryOp::RebuildIndex`] forces one.
+//! threshold begins a rebuild of the graph from the live points, in slot order: at once
+//! for at most [`INLINE_REBUILD_MAX_POINTS`] of them, else on a thread of its own while
+//! writes and searches go on against the current graph, until
+//! [`MemoryOp::FinishRebuild`] swaps the new graph in (the caller proposes it once
+//! [`MemoryStore::ready_rebuilds`] lists the build; every replica swaps at that op, so
+//! the graphs stay identical). [`MemoryOp::RebuildIndex`] forces one.
 //! Expired points are swept (tombstoned) by any write to their collection and by
 //! [`MemoryOp::ExpireSweep`]; until then reads hide them by `now_ms`.
 //!
@@ -152,7 +156,7 @@ pub mod synthetic;
 
 pub use collection::{
     CollectionInfo, CollectionSpec, GraphStats, Metric, PointWrite, SearchHit, SearchRequest,
-    StoredPoint, BF16_TRAVERSAL_MIN_DIMENSION,
+    StoredPoint, BF16_TRAVERSAL_MIN_DIMENSION, INLINE_REBUILD_MAX_POINTS,
 };
 pub use distill::{
     classify_error, embed_items, AgentItemsDistiller, AgentMemoryItem, DistilledItem, Distiller,

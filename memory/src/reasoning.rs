@@ -371,6 +371,16 @@ impl ReasoningBank {
         self.index.slot_of(id).map(|s| self.index.vector(s))
     }
 
+    /// The pattern index.
+    pub(crate) fn index(&self) -> &Collection {
+        &self.index
+    }
+
+    /// The pattern index, to finish a background rebuild of it.
+    pub(crate) fn index_mut(&mut self) -> &mut Collection {
+        &mut self.index
+    }
+
     pub(crate) fn index_info(&self) -> crate::collection::CollectionInfo {
         self.index.info()
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::collection::{
     prepare_vector, validate_id, Collection, CollectionInfo, CollectionRecord, CollectionSpec,
-    GraphStats, PointWrite, PreparedPoint, SearchHit, SearchRequest, StoredPoint,
+    GraphStats, PointWrite, PreparedPoint, RebuildRecord, SearchHit, SearchRequest, StoredPoint,
 };
 use crate::error::{MemoryError, Result};
 use crate::reasoning::{
@@ -205,6 +205,17 @@ pub enum MemoryOp {
         /// Apply time (pruning ages are measured against it).
         now_ms: u64,
     },
+    /// Swap in the graph a background rebuild built (proposed by the leader once its
+    /// build has finished; see [`MemoryStore::ready_rebuilds`]). A no-op if that rebuild
+    /// is no longer under way.
+    FinishRebuild {
+        /// The collection; `None` for the ReasoningBank's pattern index.
+        collection: Option<String>,
+        /// The collection's generation when the rebuild began.
+        generation: u64,
+        /// Apply time.
+        now_ms: u64,
+    },
 }
 
 impl MemoryOp {
@@ -220,7 +231,8 @@ impl MemoryOp {
             | MemoryOp::PatternAdd { now_ms, .. }
             | MemoryOp::PatternJudge { now_ms, .. }
             | MemoryOp::PatternDelete { now_ms, .. }
-            | MemoryOp::Consolidate { now_ms, .. } => *now_ms,
+            | MemoryOp::Consolidate { now_ms, .. }
+            | MemoryOp::FinishRebuild { now_ms, .. } => *now_ms,
         }
     }
 
@@ -237,6 +249,7 @@ impl MemoryOp {
             MemoryOp::PatternJudge { .. } => "pattern_judge",
             MemoryOp::PatternDelete { .. } => "pattern_delete",
             MemoryOp::Consolidate { .. } => "consolidate",
+            MemoryOp::FinishRebuild { .. } => "finish_rebuild",
         }
     }
 }
@@ -283,11 +296,13 @@ pub enum OpOutcome {
         /// How many.
         expired: u64,
     },
-    /// A graph was rebuilt.
+    /// A graph rebuild began ([`MemoryOp::RebuildIndex`]; done at once for small
+    /// collections) or was swapped in ([`MemoryOp::FinishRebuild`]).
     Rebuilt {
-        /// Live points re-indexed.
+        /// Live points.
         live: u64,
-        /// Tombstones dropped.
+        /// Tombstones the rebuild drops (0 if one was already under way, or for a
+        /// finish that found none).
         tombstones_removed: u64,
     },
     /// Patterns were added.
@@ -321,6 +336,7 @@ enum Prepared {
     Delete(String, Vec<String>),
     Sweep,
     Rebuild(String),
+    FinishRebuild(Option<String>, u64),
     PatternAdd(Vec<PreparedPattern>),
     Judge(Vec<String>, Outcome),
     PatternDelete(Vec<String>),
@@ -350,8 +366,11 @@ pub fn validate_collection_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Current snapshot format version.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+/// Current snapshot format version. 4 added the rebuilds under way; 3 (without them)
+/// is still read.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
+/// The previous format, read and converted.
+const SNAPSHOT_FORMAT_V3: u32 = 3;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SWMEMSNP";
 const SNAPSHOT_HEADER: usize = 8 + 4 + 8 + 8;
 
@@ -363,6 +382,17 @@ const SNAPSHOT_HEADER: usize = 8 + 4 + 8 + 8;
 /// reproduces the graphs of the replica the snapshot was taken from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoreSnapshot {
+    format_version: u32,
+    config: StoreConfig,
+    collections: Vec<CollectionRecord>,
+    bank: BankRecord,
+    /// Background rebuilds under way: (collection, `None` for the pattern index).
+    rebuilds: Vec<(Option<String>, RebuildRecord)>,
+}
+
+/// Format 3: the same without the rebuilds (none could be under way).
+#[derive(Deserialize)]
+struct StoreSnapshotV3 {
     format_version: u32,
     config: StoreConfig,
     collections: Vec<CollectionRecord>,
@@ -500,6 +530,11 @@ impl MemoryStore {
                 self.collection(collection)?;
                 Prepared::Rebuild(collection.clone())
             }
+            MemoryOp::FinishRebuild {
+                collection,
+                generation,
+                ..
+            } => Prepared::FinishRebuild(collection.clone(), *generation),
             MemoryOp::PatternAdd { items, .. } => {
                 Prepared::PatternAdd(self.bank.prepare_add(items, cfg)?)
             }
@@ -586,10 +621,30 @@ impl MemoryStore {
                 let Some(c) = self.collections.get_mut(&name) else {
                     return Err(MemoryError::UnknownCollection(name));
                 };
-                let removed = c.rebuild();
+                let removed = c.start_rebuild();
                 OpOutcome::Rebuilt {
                     live: c.live_len() as u64,
                     tombstones_removed: removed as u64,
+                }
+            }
+            Prepared::FinishRebuild(name, generation) => {
+                let c = match &name {
+                    Some(name) => self.collections.get_mut(name),
+                    None => Some(self.bank.index_mut()),
+                };
+                match c {
+                    Some(c) if c.generation() == generation => {
+                        let removed = c.finish_rebuild();
+                        OpOutcome::Rebuilt {
+                            live: c.live_len() as u64,
+                            tombstones_removed: removed as u64,
+                        }
+                    }
+                    // Dropped, or rebuilt since: nothing of that rebuild is left.
+                    c => OpOutcome::Rebuilt {
+                        live: c.map_or(0, |c| c.live_len() as u64),
+                        tombstones_removed: 0,
+                    },
                 }
             }
             Prepared::PatternAdd(items) => OpOutcome::PatternsAdded {
@@ -734,7 +789,30 @@ impl MemoryStore {
                 .map(Collection::to_record)
                 .collect(),
             bank: self.bank.to_record(),
+            rebuilds: self
+                .collections
+                .iter()
+                .filter_map(|(name, c)| Some((Some(name.clone()), c.rebuild_record()?)))
+                .chain(self.bank.index().rebuild_record().map(|r| (None, r)))
+                .collect(),
         }
+    }
+
+    /// Background rebuilds whose build has finished on this replica, as (collection,
+    /// generation): the leader proposes a [`MemoryOp::FinishRebuild`] for each.
+    pub fn ready_rebuilds(&self) -> Vec<(Option<String>, u64)> {
+        self.collections
+            .iter()
+            .map(|(name, c)| (Some(name.clone()), c))
+            .chain(std::iter::once((None, self.bank.index())))
+            .filter(|(_, c)| c.rebuild_ready())
+            .map(|(name, c)| (name, c.generation()))
+            .collect()
+    }
+
+    /// Whether any background rebuild is under way.
+    pub fn rebuilding(&self) -> bool {
+        self.collections.values().any(Collection::rebuilding) || self.bank.index().rebuilding()
     }
 
     /// Restores a store from a snapshot value, validating it and rebuilding the graphs.
@@ -761,7 +839,16 @@ impl MemoryStore {
                 )));
             }
         }
-        let bank = ReasoningBank::from_record(snap.bank, &config)?;
+        let mut bank = ReasoningBank::from_record(snap.bank, &config)?;
+        for (name, rec) in snap.rebuilds {
+            let c = match &name {
+                Some(n) => collections.get_mut(n).ok_or_else(|| {
+                    MemoryError::InvalidSnapshot(format!("rebuild of unknown collection `{n}`"))
+                })?,
+                None => bank.index_mut(),
+            };
+            c.resume_rebuild(rec)?;
+        }
         Ok(MemoryStore {
             config,
             collections,
@@ -804,7 +891,7 @@ impl MemoryStore {
             u64::from_le_bytes(b)
         };
         let version = word(8..12);
-        if version != SNAPSHOT_FORMAT_VERSION as u64 {
+        if version != SNAPSHOT_FORMAT_VERSION as u64 && version != SNAPSHOT_FORMAT_V3 as u64 {
             return Err(MemoryError::InvalidSnapshot(format!(
                 "format version {version} (supported: {SNAPSHOT_FORMAT_VERSION})"
             )));
@@ -817,7 +904,22 @@ impl MemoryStore {
         if fnv1a64(payload) != word(20..28) {
             return bad("checksum mismatch");
         }
-        Self::from_snapshot(decode_value::<StoreSnapshot>(payload, payload.len())?)
+        let snap = if version == SNAPSHOT_FORMAT_V3 as u64 {
+            let v3 = decode_value::<StoreSnapshotV3>(payload, payload.len())?;
+            if v3.format_version != SNAPSHOT_FORMAT_V3 {
+                return bad("format version in the payload does not match the header");
+            }
+            StoreSnapshot {
+                format_version: SNAPSHOT_FORMAT_VERSION,
+                config: v3.config,
+                collections: v3.collections,
+                bank: v3.bank,
+                rebuilds: Vec::new(),
+            }
+        } else {
+            decode_value::<StoreSnapshot>(payload, payload.len())?
+        };
+        Self::from_snapshot(snap)
     }
 }
 

@@ -274,3 +274,123 @@ args = ["-c", '''ids=$(grep -o 'pat-[0-9]*' "$SWARM_PATTERNS_FILE" | sort -u | t
     c.wait_ready().await;
     assert_eq!(patterns(&c).await.len(), before);
 }
+
+/// Points of a unit-ish cloud, deterministic (a linear congruential generator).
+fn cloud(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            (0..dim)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A rebuild of a collection above 1,000 points runs beside the op stream: the delete
+/// that starts it is answered before the graph is rebuilt, tasks run meanwhile, a
+/// checkpoint taken meanwhile and a SIGKILL do not lose it, and the leader swaps the new
+/// graph in (generation 1, tombstones dropped, searches exact on a known point).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_rebuild_runs_beside_the_task_queue_and_survives_sigkill() {
+    let mut c = Cluster::new(&["--snapshot-every", "4"]);
+    c.start_coordinator();
+    c.wait_ready().await;
+    c.start_worker("w1", 4, None);
+    c.wait_workers(&["w1"]).await;
+    let dim = 16;
+    let points = cloud(4000, dim, 42);
+    let (st, v) = c
+        .request(
+            reqwest::Method::PUT,
+            "/v1/memory/big",
+            Some(json!({"dimension": dim, "metric": "l2"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    for (b, chunk) in points.chunks(500).enumerate() {
+        let batch: Vec<Value> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, p)| json!({"id": format!("p{}", b * 500 + i), "vector": p}))
+            .collect();
+        let (st, v) = c
+            .post("/v1/memory/big/points", json!({ "points": batch }))
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    // Half the points go: 2,000 tombstones against 2,000 live starts a rebuild of 2,000.
+    let ids: Vec<String> = (0..2000).map(|i| format!("p{}", 2 * i + 1)).collect();
+    let (st, v) = c.post("/v1/memory/big/delete", json!({ "ids": ids })).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["Deleted"]["deleted"], 2000, "{v}");
+    assert_eq!(v["Deleted"]["rebuilt"], true, "{v}");
+    let (_, info) = c.get("/v1/memory/big").await;
+    assert_eq!(
+        (
+            &info["generation"],
+            &info["tombstones"],
+            &info["rebuilding"]
+        ),
+        (&json!(0), &json!(2000), &json!(true)),
+        "the delete was answered before the graph was rebuilt: {info}"
+    );
+    // Tasks are taken and finished meanwhile.
+    for i in 0..5 {
+        let id = c
+            .submit(json!({"agent": "echo", "payload": {"n": i}}))
+            .await;
+        assert_eq!(c.wait_final(id).await["state"], "succeeded");
+    }
+    // A SIGKILL while it may still be under way: the node comes back with it (from
+    // the checkpoint that recorded it, or by applying the delete again) and finishes it.
+    c.kill_coordinator();
+    c.start_coordinator();
+    c.wait_ready().await;
+    let deadline = Instant::now() + WAIT;
+    let info = loop {
+        let (st, info) = c.get("/v1/memory/big").await;
+        assert_eq!(st, 200, "{info}");
+        if info["rebuilding"] == false {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rebuild never finished: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (&info["live"], &info["tombstones"], &info["generation"]),
+        (&json!(2000), &json!(0), &json!(1)),
+        "{info}"
+    );
+    // The rebuilt graph finds a kept point and never a deleted one.
+    let (st, v) = c
+        .post(
+            "/v1/memory/big/search",
+            json!({"vector": points[1234], "k": 3}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["hits"][0]["id"], "p1234", "{v}");
+    let (_, v) = c
+        .post(
+            "/v1/memory/big/search",
+            json!({"vector": points[1235], "k": 3}),
+        )
+        .await;
+    assert!(
+        v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["id"] != "p1235"),
+        "{v}"
+    );
+}

@@ -28,9 +28,12 @@
 //! # Locks
 //!
 //! Order: checkpoint mutex, then memory store, then task table. Task reads and dispatch
-//! take only the table lock, memory reads only the memory lock; applying an entry takes
-//! the memory lock only if it holds memory ops, so a long memory write (an HNSW rebuild)
-//! never holds the lock task reads need. Nothing holds a lock across an `.await`.
+//! take only the table lock, memory reads only the memory lock. Applying an entry takes
+//! the memory lock only if it holds memory ops, and then the table lock only for the
+//! table's part of each op, so a long memory write (an HNSW insert of a large batch)
+//! never holds the lock task reads and dispatch need; graph rebuilds run on threads of
+//! their own, outside every lock (`swarm_memory`'s background rebuilds). Nothing holds a
+//! lock across an `.await`.
 
 // The error type of every storage path is openraft's `StorageError`, fixed by its traits;
 // errors are the cold path, so its size does not matter.
@@ -58,7 +61,8 @@ use super::checkpoint::{CheckpointStore, Membership, StoreReader, STATE_DB_FILE}
 use super::snapshot_data::SnapshotData;
 use super::types::{Entry, LogId, NodeAddr, NodeId, TypeConfig};
 use crate::state::{
-    apply_command, Archive, ArchiveError, CommandResponse, Lookup, Task, TaskTable,
+    apply_command, apply_memory_command, Archive, ArchiveError, CommandResponse, Lookup, Task,
+    TaskTable,
 };
 use swarm_memory::{MemoryStore, StoreConfig};
 
@@ -78,6 +82,22 @@ struct Applied {
     table: TaskTable,
     last_applied: Option<LogId>,
     last_membership: Membership,
+}
+
+/// The task table of a locked [`Applied`].
+struct TableMut<'a>(RwLockWriteGuard<'a, Applied>);
+
+impl Deref for TableMut<'_> {
+    type Target = TaskTable;
+    fn deref(&self) -> &TaskTable {
+        &self.0.table
+    }
+}
+
+impl std::ops::DerefMut for TableMut<'_> {
+    fn deref_mut(&mut self) -> &mut TaskTable {
+        &mut self.0.table
+    }
 }
 
 /// What the last checkpoint was, for openraft and for backups.
@@ -735,10 +755,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
                 EntryPayload::Normal(ref cmd) => {
                     let result = if cmd.touches_memory() {
+                        // The memory store for the whole entry (a checkpoint takes it
+                        // first, so it never sees half an entry), the table only for
+                        // the table's part of each op.
                         let mut memory = recover(inner.memory.write());
-                        let mut applied = inner.write_applied();
-                        applied.last_applied = Some(entry.log_id);
-                        apply_command(&mut applied.table, Some(&mut memory), cmd, &archive)
+                        inner.write_applied().last_applied = Some(entry.log_id);
+                        apply_memory_command(
+                            || TableMut(inner.write_applied()),
+                            &mut memory,
+                            cmd,
+                            &archive,
+                        )
                     } else {
                         let mut applied = inner.write_applied();
                         applied.last_applied = Some(entry.log_id);

@@ -372,6 +372,41 @@ pub fn apply_command(
     Ok(CommandResponse { results })
 }
 
+/// Memory writes wait for a restore to end; swapping in a rebuilt graph does not (it
+/// changes no data, and the leader would otherwise propose it again every second).
+fn refused_while_restoring(m: &MemoryOp) -> bool {
+    !matches!(m, MemoryOp::FinishRebuild { .. })
+}
+
+/// Applies a command that holds memory ops like [`apply_command`], but takes the task
+/// table (`table` locks it) only for the table's part of each op: a memory op itself —
+/// an HNSW insert of a large batch, the swap of a rebuilt graph — runs with the table
+/// free, so task reads and dispatch go on meanwhile. The caller holds the memory store
+/// for the whole command. Same results as [`apply_command`].
+pub fn apply_memory_command<G: std::ops::DerefMut<Target = TaskTable>>(
+    mut table: impl FnMut() -> G,
+    memory: &mut MemoryStore,
+    cmd: &Command,
+    archive: &dyn Archive,
+) -> Result<CommandResponse, ArchiveError> {
+    let mut results = Vec::with_capacity(cmd.ops.len());
+    for op in &cmd.ops {
+        let result = match op {
+            Op::Memory(m) if refused_while_restoring(m) && table().restoring().is_some() => {
+                OpResult::Restoring
+            }
+            Op::Memory(m) => {
+                let r = memory.apply(m.clone()).map_err(MemoryFault::from);
+                table().note_memory_change();
+                OpResult::Memory(r)
+            }
+            other => apply_op(&mut table(), memory, other, archive)?,
+        };
+        results.push(result);
+    }
+    Ok(CommandResponse { results })
+}
+
 fn apply_op(
     table: &mut TaskTable,
     memory: &mut MemoryStore,
@@ -379,7 +414,9 @@ fn apply_op(
     archive: &dyn Archive,
 ) -> Result<OpResult, ArchiveError> {
     Ok(match op {
-        Op::Memory(_) if table.restoring().is_some() => OpResult::Restoring,
+        Op::Memory(m) if refused_while_restoring(m) && table.restoring().is_some() => {
+            OpResult::Restoring
+        }
         Op::Memory(m) => {
             table.note_memory_change();
             OpResult::Memory(memory.apply(m.clone()).map_err(MemoryFault::from))

@@ -34,6 +34,7 @@ fn covered(op: &MemoryOp) -> usize {
         MemoryOp::PatternJudge { .. } => 7,
         MemoryOp::PatternDelete { .. } => 8,
         MemoryOp::Consolidate { .. } => 9,
+        MemoryOp::FinishRebuild { .. } => 10,
     }
 }
 
@@ -101,6 +102,11 @@ fn all_ops() -> Vec<MemoryOp> {
             params: ConsolidateParams::default(),
             now_ms: 10,
         },
+        MemoryOp::FinishRebuild {
+            collection: Some("docs".into()),
+            generation: 3,
+            now_ms: 11,
+        },
     ]
 }
 
@@ -111,7 +117,7 @@ fn every_op_variant_roundtrips() {
     kinds.dedup();
     assert_eq!(
         kinds,
-        (0..10).collect::<Vec<_>>(),
+        (0..11).collect::<Vec<_>>(),
         "one of each variant, in order"
     );
     for op in &ops {

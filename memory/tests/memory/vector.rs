@@ -448,6 +448,150 @@ fn rebuild_drops_tombstones_past_threshold() {
     assert_eq!(s.collection_info("c").unwrap().generation, 2);
 }
 
+/// A collection above [`swarm_memory::INLINE_REBUILD_MAX_POINTS`] rebuilds on a thread
+/// of its own: the write that crossed the threshold returns at once, searches and writes
+/// go on against the current graph, a snapshot taken meanwhile restores into a replica
+/// that carries the same rebuild, and `FinishRebuild` swaps in identical graphs on both —
+/// keeping the writes made meanwhile (inserted into the new graph) and the deletes
+/// (tombstones in it).
+#[test]
+fn large_rebuilds_run_in_the_background_and_swap_in_at_one_op() {
+    let n = swarm_memory::INLINE_REBUILD_MAX_POINTS * 3;
+    let data = gaussian_clusters(n + 200, 20, 8, 20, 1.0, 11);
+    let mut s = store_with(|c| {
+        c.rebuild_min_tombstones = 50;
+        c.rebuild_tombstone_ratio = 0.25;
+    });
+    create(&mut s, "c", 8, Metric::L2);
+    load(&mut s, "c", &data.base[..n], |_| String::new());
+    // 1000 tombstones vs 2000 live: a rebuild of 2000 points, in the background.
+    let out = s
+        .apply(MemoryOp::Delete {
+            collection: "c".into(),
+            ids: (0..1000).map(|i| format!("p{i}")).collect(),
+            now_ms: 50,
+        })
+        .unwrap();
+    assert!(
+        matches!(out, OpOutcome::Deleted { rebuilt: true, .. }),
+        "{out:?}"
+    );
+    let info = s.collection_info("c").unwrap();
+    assert!(info.rebuilding);
+    assert_eq!(
+        (info.live, info.tombstones, info.generation),
+        (2000, 1000, 0)
+    );
+    // Meanwhile: new points, deletes of points the rebuild keeps, and searches.
+    let extra: Vec<PointWrite> = data.base[n..]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| point(format!("x{i}"), v.clone(), ""))
+        .collect();
+    s.apply(MemoryOp::Upsert {
+        collection: "c".into(),
+        points: extra,
+        now_ms: 60,
+    })
+    .unwrap();
+    s.apply(MemoryOp::Delete {
+        collection: "c".into(),
+        ids: (1000..1100).map(|i| format!("p{i}")).collect(),
+        now_ms: 61,
+    })
+    .unwrap();
+    let check = |s: &MemoryStore| {
+        for q in data.queries.iter().take(20) {
+            let req = SearchRequest::new(q.clone(), 10, 70);
+            let found = ids(&s.search("c", &req).unwrap());
+            let exact = ids(&s.search_exact("c", &req).unwrap());
+            assert!(recall_at_k(&[exact], &[found], 10) >= 0.9);
+        }
+    };
+    check(&s);
+    // A replica loaded from a snapshot taken now carries the same rebuild.
+    let bytes = s.snapshot_bytes().unwrap();
+    let mut r = MemoryStore::restore_bytes(&bytes).unwrap();
+    assert!(r.collection_info("c").unwrap().rebuilding);
+    assert_eq!(r.snapshot_bytes().unwrap(), bytes);
+    // A stale finish (another generation) changes nothing.
+    let stale = MemoryOp::FinishRebuild {
+        collection: Some("c".into()),
+        generation: 7,
+        now_ms: 80,
+    };
+    s.apply(stale.clone()).unwrap();
+    assert!(s.collection_info("c").unwrap().rebuilding);
+    // The leader sees its build finish and proposes the swap; both apply it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while s.ready_rebuilds().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(s.ready_rebuilds(), vec![(Some("c".to_string()), 0)]);
+    let finish = MemoryOp::FinishRebuild {
+        collection: Some("c".into()),
+        generation: 0,
+        now_ms: 90,
+    };
+    for store in [&mut s, &mut r] {
+        let out = store.apply(finish.clone()).unwrap();
+        assert_eq!(
+            out,
+            OpOutcome::Rebuilt {
+                live: 2100,
+                tombstones_removed: 1000
+            }
+        );
+        let info = store.collection_info("c").unwrap();
+        assert!(!info.rebuilding);
+        // The 100 kept points deleted meanwhile are the new graph's only tombstones.
+        assert_eq!(
+            (info.live, info.tombstones, info.generation),
+            (2100, 100, 1)
+        );
+        check(store);
+        // Applying it again is a no-op.
+        store.apply(finish.clone()).unwrap();
+        assert_eq!(store.collection_info("c").unwrap().generation, 1);
+    }
+    assert_eq!(s.snapshot_bytes().unwrap(), r.snapshot_bytes().unwrap());
+    assert!(s.ready_rebuilds().is_empty());
+    // And the swapped-in graph restores identically too.
+    let again = MemoryStore::restore_bytes(&s.snapshot_bytes().unwrap()).unwrap();
+    assert_eq!(again.snapshot_bytes().unwrap(), s.snapshot_bytes().unwrap());
+}
+
+/// A snapshot of format 3 (before rebuilds could be under way) still loads.
+#[test]
+fn format_3_snapshots_still_load() {
+    let data = gaussian_clusters(300, 10, 8, 5, 1.0, 3);
+    let mut s = store();
+    create(&mut s, "c", 8, Metric::L2);
+    load(&mut s, "c", &data.base, |_| String::new());
+    let v4 = s.snapshot_bytes().unwrap();
+    // Format 4 is format 3 plus a trailing list of rebuilds, empty here (one zero byte),
+    // and the version: the header's u32 at 8 and the payload's first varint.
+    let mut payload = v4[28..v4.len() - 1].to_vec();
+    assert_eq!((payload[0], *v4.last().unwrap()), (4, 0));
+    payload[0] = 3;
+    let mut v3 = b"SWMEMSNP".to_vec();
+    v3.extend_from_slice(&3u32.to_le_bytes());
+    v3.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in &payload {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    v3.extend_from_slice(&h.to_le_bytes());
+    v3.extend_from_slice(&payload);
+    let loaded = MemoryStore::restore_bytes(&v3).unwrap();
+    assert_eq!(loaded.snapshot_bytes().unwrap(), v4);
+}
+
 /// Ops exercising every write path, for replica and snapshot tests.
 fn scripted_ops(data: &[Vec<f32>]) -> Vec<MemoryOp> {
     let dim = data[0].len();
