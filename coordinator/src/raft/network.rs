@@ -790,14 +790,23 @@ async fn serve_stream(
     let mut reader = FrameReader::with_max_frame(recv, RAFT_MAX_FRAME);
     let mut writer = FrameWriter::with_max_frame(send, RAFT_MAX_FRAME);
     // Only the leader sends large requests (entries, snapshot chunks); while one arrives
-    // and until it is answered, the leader's heartbeats to this node wait behind it.
+    // and until it is answered, the leader's heartbeats to this node wait behind it. A
+    // request that stops arriving (a leader stopped or cut off mid-send) no longer
+    // counts, so this node campaigns again without waiting for the connection to die.
     let mut under_way = None;
+    let mut arrival = Arrival::default();
     let received = loop {
         tokio::select! {
             r = reader.recv::<RaftRequest>() => break r,
-            _ = tokio::time::sleep(Duration::from_millis(50)), if under_way.is_none() => {
-                if reader.buffered() >= BULK_APPEND_BYTES {
-                    under_way = Some(arrivals.append());
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                let now = tokio::time::Instant::now();
+                match arrival.observe(reader.buffered(), now.into_std()) {
+                    true if under_way.is_none() => under_way = Some(arrivals.append()),
+                    false if under_way.is_some() => {
+                        tracing::debug!(%remote, "a large Raft request stalled");
+                        under_way = None;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -835,6 +844,31 @@ async fn serve_stream(
         tracing::debug!(%remote, error = %e, "could not send Raft response");
     }
     drop(under_way);
+}
+
+/// How long a large request may receive nothing before it stops holding elections off.
+const APPEND_STALL: Duration = Duration::from_secs(1);
+
+/// Whether a request being read counts as a large append under way: at least
+/// [`BULK_APPEND_BYTES`] received and some of it within [`APPEND_STALL`].
+#[derive(Debug, Default)]
+struct Arrival {
+    buffered: usize,
+    since: Option<std::time::Instant>,
+}
+
+impl Arrival {
+    /// Note `buffered` bytes received at `now`; returns whether the request counts.
+    fn observe(&mut self, buffered: usize, now: std::time::Instant) -> bool {
+        if buffered != self.buffered || self.since.is_none() {
+            self.buffered = buffered;
+            self.since = Some(now);
+        }
+        buffered >= BULK_APPEND_BYTES
+            && self
+                .since
+                .is_some_and(|t| now.saturating_duration_since(t) < APPEND_STALL)
+    }
 }
 
 /// Start an election at once if `req` comes from the leader this node follows and this
@@ -904,6 +938,24 @@ mod tests {
     use openraft::{CommittedLeaderId, Membership, RaftMetrics, StoredMembership};
 
     use super::*;
+
+    /// A large request holds elections off while it arrives, not once it stalls, and
+    /// again once it moves on.
+    #[test]
+    fn a_stalled_large_request_stops_holding_elections_off() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut a = Arrival::default();
+        assert!(!a.observe(1000, at(0)), "small so far");
+        assert!(a.observe(BULK_APPEND_BYTES, at(50)));
+        assert!(a.observe(BULK_APPEND_BYTES + 10, at(100)));
+        // Nothing more arrives.
+        assert!(a.observe(BULK_APPEND_BYTES + 10, at(1050)));
+        assert!(!a.observe(BULK_APPEND_BYTES + 10, at(1100)), "stalled for 1 s");
+        assert!(!a.observe(BULK_APPEND_BYTES + 10, at(5000)));
+        // It moves again.
+        assert!(a.observe(BULK_APPEND_BYTES + 20, at(5050)));
+    }
 
     /// Node 2 following leader 1 in term 5, its log ending at 40; voters 1, 2, 3 and
     /// learner 4.
