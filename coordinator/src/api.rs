@@ -442,6 +442,32 @@ fn submit_ops(node: &Node, specs: Vec<TaskSpec>) -> Vec<Op> {
         .collect()
 }
 
+/// Longest a submit waits for checkpoints to catch up before it is refused.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
+
+/// Holds a submit while the changes held since the last checkpoint exceed half of
+/// `--snapshot-bytes` (twice what triggers a checkpoint): checkpoints are falling behind
+/// the applied stream, and the memory those changes take would otherwise grow with
+/// throughput × checkpoint time. Admission resumes as soon as a checkpoint lands; after
+/// [`CHECKPOINT_WAIT`] the submit is refused (503, nothing committed).
+async fn wait_for_checkpoints(node: &Node) -> Result<(), ApiError> {
+    let cap = (node.config().snapshot_bytes / 2) as usize;
+    if node.table.changes_bytes() <= cap {
+        return Ok(());
+    }
+    metrics::counter!("swarm_submit_held_total", "reason" => "checkpoint_behind").increment(1);
+    let deadline = tokio::time::Instant::now() + CHECKPOINT_WAIT;
+    while node.table.changes_bytes() > cap {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::Unavailable(format!(
+                "state checkpoints are behind (over {cap} bytes of changes held); retry later"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 async fn submit(
     State(node): State<Arc<Node>>,
     Query(q): Query<WaitQuery>,
@@ -450,6 +476,7 @@ async fn submit(
     let Json(task) = body?;
     let wait = wait_of(&node, &q)?;
     let spec = to_spec(&node, task)?;
+    wait_for_checkpoints(&node).await?;
     let results = node
         .propose(submit_ops(&node, vec![spec]))
         .await
@@ -534,6 +561,7 @@ async fn submit_batch(
             limit: node.config().limits.queue_limit,
         });
     }
+    wait_for_checkpoints(&node).await?;
     let results = node
         .propose(submit_ops(&node, specs))
         .await

@@ -9,7 +9,10 @@
 //!   and the time of the one the backup below takes (`swarm_checkpoint_seconds`);
 //! * snapshot size and time: the dump a lagging follower would be sent (the same bytes
 //!   as a backup: `GET /v1/backup`, read to the end);
-//! * submit p50/p99: sequential single submits, acknowledged once durable;
+//! * submit p50/p99: sequential single submits, acknowledged once durable; and beside it
+//!   the submit p50 of a reference node (a second coordinator holding `--reference`
+//!   tasks, 100k by default), sampled interleaved with the measured node's, one submit
+//!   each in turn, so growth is told apart from the machine's load;
 //! * old-task read p50: `GET /v1/tasks/{id}` of random tasks among the first 10%;
 //! * restart to ready: SIGKILL, start again, until `/ready` answers 200 (and an old task
 //!   reads back).
@@ -61,6 +64,12 @@ struct Args {
     /// Keep the data here (default: a temp dir, deleted at the end).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Tasks processed by the reference node: a second coordinator and worker, filled
+    /// once at the start and then left alone, whose submits are sampled interleaved with
+    /// the measured node's at every milestone (so both latencies see the same machine
+    /// load). 0: no reference node.
+    #[arg(long, default_value_t = 100_000)]
+    reference: u64,
 }
 
 fn free_port(udp: bool) -> anyhow::Result<u16> {
@@ -251,24 +260,100 @@ impl Api {
     }
 }
 
-fn quantiles(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    (q(0.5), q(0.99))
+/// Submits batches of `batch_body` (`args.batch` tasks each) until `submitted` reaches
+/// `target` and everything submitted has finished, at most `args.concurrency` in flight
+/// and `args.ahead` unfinished; backs off on 429. Returns the tasks processed per second.
+async fn fill(
+    api: &Api,
+    args: &Args,
+    batch_body: &bytes::Bytes,
+    submitted: &mut u64,
+    target: u64,
+    pid: u32,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let from = *submitted;
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut last_max = Instant::now();
+    let mut checked_at = *submitted;
+    while *submitted < target || !inflight.is_empty() {
+        if *submitted - checked_at >= args.ahead / 4 {
+            checked_at = *submitted;
+            while api.unfinished().await? > args.ahead {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        while *submitted < target && inflight.len() < args.concurrency {
+            let (http, url, token, body) = (
+                api.http.clone(),
+                format!("{}/v1/tasks/batch", api.base),
+                api.token.clone(),
+                batch_body.clone(),
+            );
+            *submitted += args.batch as u64;
+            inflight.spawn(async move {
+                loop {
+                    let r = http
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    match r.status().as_u16() {
+                        201 => return anyhow::Ok(()),
+                        429 => tokio::time::sleep(Duration::from_millis(50)).await,
+                        s => {
+                            bail!("batch answered {s}: {}", r.text().await.unwrap_or_default())
+                        }
+                    }
+                }
+            });
+        }
+        if let Some(r) = inflight.join_next().await {
+            r??;
+        }
+        if last_max.elapsed() > Duration::from_secs(30) {
+            last_max = Instant::now();
+            let (rss, _) = rss_kib(pid)?;
+            eprintln!(
+                "  {submitted} submitted, {:.0}/s, RSS {} MiB",
+                (*submitted - from) as f64 / started.elapsed().as_secs_f64(),
+                rss / 1024
+            );
+        }
+    }
+    while api.unfinished().await? > 0 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((*submitted - from) as f64 / started.elapsed().as_secs_f64())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let tmp = tempfile::tempdir()?;
-    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-    std::fs::create_dir_all(&dir)?;
+/// One single submit of a probe task, acknowledged once durable: its latency in ms.
+async fn probe(api: &Api, i: usize) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let r = api
+        .http
+        .post(format!("{}/v1/tasks", api.base))
+        .bearer_auth(&api.token)
+        .json(&serde_json::json!({"agent": "echo", "payload": format!("probe {i}")}))
+        .send()
+        .await?;
+    if r.status().as_u16() != 201 {
+        bail!("probe submit answered {}", r.status());
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// A coordinator and worker in `dir` (certificates and token made here), started.
+async fn start(args: &Args, dir: &Path) -> anyhow::Result<(Cluster, Api)> {
+    std::fs::create_dir_all(dir)?;
     swarm_transport::init_certs(&dir.join("certs"), &[], false)?;
     let token = format!("scale-{}", rand::thread_rng().gen::<u64>());
     std::fs::write(dir.join("token"), &token)?;
     let mut cluster = Cluster {
         swarm: args.swarm.clone(),
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         quic: free_port(true)?,
         api: free_port(false)?,
         retain: args.retain.clone(),
@@ -285,6 +370,21 @@ async fn main() -> anyhow::Result<()> {
     cluster.start_coordinator()?;
     api.wait_ready(Duration::from_secs(30)).await?;
     cluster.start_worker(args.slots)?;
+    Ok((cluster, api))
+}
+
+fn quantiles(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    (q(0.5), q(0.99))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let (mut cluster, api) = start(&args, &dir).await?;
     let payload = "x".repeat(args.payload);
     let batch_body = serde_json::to_vec(&serde_json::json!({
         "tasks": (0..args.batch)
@@ -292,78 +392,41 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     }))?;
     let batch_body = bytes::Bytes::from(batch_body);
+    // The reference node: filled once, then only sampled.
+    let reference = match args.reference {
+        0 => None,
+        n => {
+            let (c, api) = start(&args, &dir.join("reference")).await?;
+            let mut done = 0;
+            fill(&api, &args, &batch_body, &mut done, n, c.pid()).await?;
+            Some((c, api))
+        }
+    };
 
     println!(
-        "# swarm scale benchmark: 1 coordinator + 1 worker ({} slots) as processes, echo tasks of {} bytes, batches of {}, {} in flight, retain {}",
+        "# swarm scale benchmark: 1 coordinator + 1 worker ({} slots) as processes, echo tasks of {} bytes, batches of {}, {} in flight, retain {}; reference node: {} tasks",
         args.slots,
         args.payload,
         args.batch,
         args.concurrency,
-        args.retain.as_deref().unwrap_or("default")
+        args.retain.as_deref().unwrap_or("default"),
+        args.reference,
     );
     println!(
-        "| tasks | RSS MiB (peak) | data dir MiB (state.redb) | checkpoints: mean / last s | snapshot MiB / s | submit p50/p99 ms | old read p50/p99 ms | restart to ready s | run tasks/s |"
+        "| tasks | RSS MiB (peak) | data dir MiB (state.redb) | checkpoints: mean / last s | snapshot MiB / s | submit p50/p99 ms | reference p50 ms | old read p50/p99 ms | restart to ready s | run tasks/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut submitted: u64 = 0;
     for &target in &args.sizes {
-        // Submit up to the milestone, `concurrency` batches at a time; back off on 429.
-        let started = Instant::now();
-        let from = submitted;
-        let mut inflight = tokio::task::JoinSet::new();
-        let mut last_max = Instant::now();
-        let mut checked_at = submitted;
-        while submitted < target || !inflight.is_empty() {
-            if submitted - checked_at >= args.ahead / 4 {
-                checked_at = submitted;
-                while api.unfinished().await? > args.ahead {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-            while submitted < target && inflight.len() < args.concurrency {
-                let (http, url, token, body) = (
-                    api.http.clone(),
-                    format!("{}/v1/tasks/batch", api.base),
-                    api.token.clone(),
-                    batch_body.clone(),
-                );
-                submitted += args.batch as u64;
-                inflight.spawn(async move {
-                    loop {
-                        let r = http
-                            .post(&url)
-                            .bearer_auth(&token)
-                            .header("content-type", "application/json")
-                            .body(body.clone())
-                            .send()
-                            .await?;
-                        match r.status().as_u16() {
-                            201 => return anyhow::Ok(()),
-                            429 => tokio::time::sleep(Duration::from_millis(50)).await,
-                            s => {
-                                bail!("batch answered {s}: {}", r.text().await.unwrap_or_default())
-                            }
-                        }
-                    }
-                });
-            }
-            if let Some(r) = inflight.join_next().await {
-                r??;
-            }
-            if last_max.elapsed() > Duration::from_secs(30) {
-                last_max = Instant::now();
-                let (rss, _) = rss_kib(cluster.pid())?;
-                eprintln!(
-                    "  {submitted} submitted, {:.0}/s, RSS {} MiB",
-                    (submitted - from) as f64 / started.elapsed().as_secs_f64(),
-                    rss / 1024
-                );
-            }
-        }
-        while api.unfinished().await? > 0 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let rate = (submitted - from) as f64 / started.elapsed().as_secs_f64();
+        let rate = fill(
+            &api,
+            &args,
+            &batch_body,
+            &mut submitted,
+            target,
+            cluster.pid(),
+        )
+        .await?;
 
         let (rss, peak) = rss_kib(cluster.pid())?;
         let data = dir_bytes(&dir.join("data"));
@@ -386,20 +449,14 @@ async fn main() -> anyhow::Result<()> {
         let snapshot_s = t0.elapsed().as_secs_f64();
         let ck_last = api.metric("swarm_checkpoint_last_seconds").await?;
 
+        // Submits, one at a time, alternating with the reference node's.
         let mut submit = Vec::new();
+        let mut submit_ref = Vec::new();
         for i in 0..args.samples {
-            let t0 = Instant::now();
-            let r = api
-                .http
-                .post(format!("{}/v1/tasks", api.base))
-                .bearer_auth(&api.token)
-                .json(&serde_json::json!({"agent": "echo", "payload": format!("probe {i}")}))
-                .send()
-                .await?;
-            if r.status().as_u16() != 201 {
-                bail!("probe submit answered {}", r.status());
+            submit.push(probe(&api, i).await?);
+            if let Some((_, r)) = &reference {
+                submit_ref.push(probe(r, i).await?);
             }
-            submit.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
         submitted += args.samples as u64;
         let old_max = (target / 10).max(1);
@@ -438,9 +495,13 @@ async fn main() -> anyhow::Result<()> {
         }
 
         let (s50, s99) = quantiles(submit);
+        let ref50 = match submit_ref.is_empty() {
+            true => "-".to_string(),
+            false => format!("{:.2}", quantiles(submit_ref).0),
+        };
         let (r50, r99) = quantiles(reads);
         println!(
-            "| {target} | {} ({}) | {} ({}) | {ck_runs:.0}: {ck_mean:.2} / {ck_last:.2} | {} / {snapshot_s:.1} | {s50:.2}/{s99:.2} | {r50:.2}/{r99:.2} | {restart:.2} | {rate:.0} |",
+            "| {target} | {} ({}) | {} ({}) | {ck_runs:.0}: {ck_mean:.2} / {ck_last:.2} | {} / {snapshot_s:.1} | {s50:.2}/{s99:.2} | {ref50} | {r50:.2}/{r99:.2} | {restart:.2} | {rate:.0} |",
             rss / 1024,
             peak / 1024,
             data >> 20,

@@ -443,6 +443,8 @@ impl TaskTable {
         self.set_state(id, TaskState::Running);
         if let Some(task) = self.live_mut(id) {
             let stage = task.stage;
+            // Most tasks make one attempt: room for one, not the four a first push makes.
+            task.attempts.reserve_exact(1);
             task.attempts.push(Attempt {
                 number: attempt.attempt,
                 stage,
