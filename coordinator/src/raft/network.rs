@@ -951,7 +951,10 @@ mod tests {
         assert!(a.observe(BULK_APPEND_BYTES + 10, at(100)));
         // Nothing more arrives.
         assert!(a.observe(BULK_APPEND_BYTES + 10, at(1050)));
-        assert!(!a.observe(BULK_APPEND_BYTES + 10, at(1100)), "stalled for 1 s");
+        assert!(
+            !a.observe(BULK_APPEND_BYTES + 10, at(1100)),
+            "stalled for 1 s"
+        );
         assert!(!a.observe(BULK_APPEND_BYTES + 10, at(5000)));
         // It moves again.
         assert!(a.observe(BULK_APPEND_BYTES + 20, at(5050)));
