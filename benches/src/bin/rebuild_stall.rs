@@ -1,0 +1,621 @@
+//! How a vector-memory graph rebuild affects task dispatch: one coordinator and one
+//! worker as real processes (the `swarm` binary, default settings, a temp data dir), a
+//! collection of `--points` random vectors (`--dimension`, cosine, seeded), and a probe
+//! that submits one echo task at a time (`POST /v1/tasks?wait=…`, then
+//! `GET /v1/tasks/{id}?wait=…` until it is final) and records submit → finished latency.
+//!
+//! Phases, in order (a probe that overlaps the rebuild window counts as "rebuild", any
+//! other as the phase it finished in):
+//!
+//! * load: the points are upserted in batches of the memory store's `max_batch`, capped so
+//!   one upsert fits a Raft entry (`limits::MAX_OP_BYTES`); no probing;
+//! * baseline: `--baseline-secs` of probing with the memory idle;
+//! * deletes: the points a rebuild needs are deleted (random ids, seeded) in batches, all
+//!   but the last below the threshold (`StoreConfig`: tombstones ≥
+//!   `rebuild_min_tombstones` and > `rebuild_tombstone_ratio` × live);
+//! * rebuild: from the start of the last delete, which crosses the threshold, until the
+//!   collection's info (`GET /v1/memory/{collection}`, polled every 200 ms) shows a new
+//!   `generation` and no tombstones (bounded by `--timeout-secs`);
+//! * after: `--after-secs` more probing.
+//!
+//! Prints one table (probes, p50, p99, max per phase), the load time, each delete
+//! request's latency, the rebuild window and the load average at start and end. Both
+//! processes are killed at the end, also on error. Run in release, on an otherwise idle
+//! machine:
+//!
+//! `cargo build --release -p swarm-cli -p swarm-benches &&
+//!  target/release/rebuild_stall --swarm target/release/swarm`
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use swarm_memory::StoreConfig;
+
+#[derive(Parser)]
+struct Args {
+    /// The `swarm` binary.
+    #[arg(long, default_value = "target/release/swarm")]
+    swarm: PathBuf,
+    /// Points loaded into the collection.
+    #[arg(long, default_value_t = 100_000)]
+    points: usize,
+    /// Vector dimension.
+    #[arg(long, default_value_t = 384)]
+    dimension: usize,
+    /// Seed of the vectors and of the ids deleted.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Points in the last delete request, the one that crosses the rebuild threshold.
+    #[arg(long, default_value_t = 1000)]
+    tip_batch: usize,
+    /// Seconds of probing before the deletes.
+    #[arg(long, default_value_t = 10.0)]
+    baseline_secs: f64,
+    /// Seconds of probing after the rebuild.
+    #[arg(long, default_value_t = 5.0)]
+    after_secs: f64,
+    /// Bound of the load, of the rebuild wait and of any one request, seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+    /// Worker slots (default: the worker's own default).
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Keep the data and logs here (default: a temp dir, deleted at the end).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+const COLLECTION: &str = "rebuild-bench";
+
+fn free_port(udp: bool) -> anyhow::Result<u16> {
+    Ok(if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    })
+}
+
+/// The coordinator and the worker; both are killed when this is dropped.
+struct Cluster {
+    swarm: PathBuf,
+    dir: PathBuf,
+    quic: u16,
+    api: u16,
+    coordinator: Option<Child>,
+    worker: Option<Child>,
+}
+
+impl Cluster {
+    fn log(&self, name: &str) -> anyhow::Result<Stdio> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))?;
+        Ok(Stdio::from(f))
+    }
+
+    fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(&self.swarm)
+            .args(["coordinator", "--id", "1", "--bootstrap"])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--certs")
+            .arg(self.dir.join("certs"))
+            .arg("--token-file")
+            .arg(self.dir.join("token"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.quic)])
+            .args(["--advertise", &format!("127.0.0.1:{}", self.quic)])
+            .args(["--api-listen", &format!("127.0.0.1:{}", self.api)])
+            .stdout(self.log("coordinator")?)
+            .stderr(self.log("coordinator")?)
+            .spawn()
+            .with_context(|| format!("starting the coordinator {}", self.swarm.display()))?;
+        self.coordinator = Some(child);
+        Ok(())
+    }
+
+    fn start_worker(&mut self, slots: Option<u32>) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.swarm);
+        cmd.args([
+            "worker",
+            "--coordinator",
+            &format!("127.0.0.1:{}", self.quic),
+        ])
+        .arg("--certs")
+        .arg(self.dir.join("certs"))
+        .args(["--id", "rebuild-w1"]);
+        if let Some(s) = slots {
+            cmd.args(["--slots", &s.to_string()]);
+        }
+        let child = cmd
+            .stdout(self.log("worker")?)
+            .stderr(self.log("worker")?)
+            .spawn()
+            .context("starting the worker")?;
+        self.worker = Some(child);
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in [self.coordinator.take(), self.worker.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    /// Bound of any one request.
+    timeout: Duration,
+}
+
+impl Api {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Wait until `/ready` answers 200.
+    async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = self
+                .http
+                .get(self.url("/ready"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("not ready within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Send a JSON body (as text), expect a 2xx answer, return its JSON.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: String,
+    ) -> anyhow::Result<serde_json::Value> {
+        let r = self
+            .http
+            .request(method.clone(), self.url(path))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .with_context(|| format!("{method} {path}"))?;
+        let status = r.status();
+        let text = r.text().await?;
+        if !status.is_success() {
+            bail!("{method} {path} answered {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = r.status();
+        let text = r.text().await?;
+        if !status.is_success() {
+            bail!("GET {path} answered {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// The collection's (generation, tombstones, live).
+    async fn info(&self) -> anyhow::Result<(u64, u64, u64)> {
+        let i = self.get_json(&format!("/v1/memory/{COLLECTION}")).await?;
+        let field = |name: &str| {
+            i[name]
+                .as_u64()
+                .with_context(|| format!("collection info without `{name}`: {i}"))
+        };
+        Ok((field("generation")?, field("tombstones")?, field("live")?))
+    }
+
+    /// Submit one echo task and wait until it is final; fails unless it succeeded.
+    async fn probe(&self, n: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let body = serde_json::json!({"agent": "echo", "payload": format!("probe {n}")});
+        let submitted = self
+            .send(
+                reqwest::Method::POST,
+                "/v1/tasks?wait=60s",
+                body.to_string(),
+            )
+            .await?;
+        let id = submitted["id"]
+            .as_u64()
+            .with_context(|| format!("submit answered {submitted}"))?;
+        let mut state = submitted["task"]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        loop {
+            match state.as_str() {
+                "succeeded" => return Ok(()),
+                "failed" | "cancelled" | "dead_lettered" => bail!("probe task {id} {state}"),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!("probe task {id} not finished within {:?}", self.timeout);
+            }
+            let t = self.get_json(&format!("/v1/tasks/{id}?wait=60s")).await?;
+            state = t["state"].as_str().unwrap_or("").to_string();
+        }
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// One probe: when it was submitted and how long until its task was final.
+struct Probe {
+    start: Instant,
+    end: Instant,
+}
+
+/// Probe until `stop`, one task at a time.
+async fn probe_loop(api: Arc<Api>, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<Probe>> {
+    let mut probes = Vec::new();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        api.probe(n).await?;
+        probes.push(Probe {
+            start,
+            end: Instant::now(),
+        });
+        n += 1;
+    }
+    Ok(probes)
+}
+
+/// The smallest number of tombstones in a collection of `n` points that triggers a rebuild
+/// (`Collection::maybe_rebuild`).
+fn tombstones_to_rebuild(n: usize, cfg: &StoreConfig) -> anyhow::Result<usize> {
+    (cfg.rebuild_min_tombstones.max(1)..=n)
+        .find(|&t| t as f64 > cfg.rebuild_tombstone_ratio * (n - t) as f64)
+        .with_context(|| format!("no number of deletes out of {n} points triggers a rebuild"))
+}
+
+/// An upsert body: points `ids` with vectors from `rng`.
+fn upsert_body(ids: std::ops::Range<usize>, dimension: usize, rng: &mut StdRng) -> String {
+    let mut s = String::with_capacity(ids.len() * (dimension * 10 + 32));
+    s.push_str("{\"points\":[");
+    for (k, i) in ids.enumerate() {
+        if k > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{{\"id\":\"p{i}\",\"vector\":[");
+        for d in 0..dimension {
+            if d > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, "{:.6}", rng.gen_range(-1.0f32..1.0));
+        }
+        s.push_str("]}");
+    }
+    s.push_str("]}");
+    s
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let load_start = loadavg();
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    swarm_transport::init_certs(&dir.join("certs"), &[], false)?;
+    let token = format!("rebuild-{}", rand::thread_rng().gen::<u64>());
+    std::fs::write(dir.join("token"), &token)?;
+    let mut cluster = Cluster {
+        swarm: args.swarm.clone(),
+        dir: dir.clone(),
+        quic: free_port(true)?,
+        api: free_port(false)?,
+        coordinator: None,
+        worker: None,
+    };
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let api = Arc::new(Api {
+        http: reqwest::Client::builder().build()?,
+        base: format!("http://127.0.0.1:{}", cluster.api),
+        token,
+        timeout,
+    });
+    cluster.start_coordinator()?;
+    api.wait_ready(Duration::from_secs(30)).await?;
+    cluster.start_worker(args.slots)?;
+
+    let cfg = StoreConfig::default();
+    let n = args.points;
+    let dim = args.dimension;
+    // One upsert is one memory op, which must fit one Raft entry: 4 bytes a component
+    // plus the id and framing (an upper estimate).
+    let per_point = 4 * dim + 48;
+    let upsert_batch = cfg
+        .max_batch
+        .min((swarm_coordinator::limits::MAX_OP_BYTES - 4096) / per_point)
+        .max(1);
+    let deletes = tombstones_to_rebuild(n, &cfg)?;
+    let tip = args.tip_batch.clamp(1, deletes.min(cfg.max_batch));
+
+    println!(
+        "# rebuild_stall: 1 coordinator + 1 worker as processes (default settings), collection {dim}-d cosine of {n} random points (seed {}), probe: one echo task at a time, submit → finished",
+        args.seed
+    );
+
+    // Load.
+    api.send(
+        reqwest::Method::PUT,
+        &format!("/v1/memory/{COLLECTION}"),
+        serde_json::json!({"dimension": dim, "metric": "cosine"}).to_string(),
+    )
+    .await
+    .context("creating the collection")?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let t0 = Instant::now();
+    let mut upserts = 0;
+    let mut next_report = Instant::now() + Duration::from_secs(30);
+    for from in (0..n).step_by(upsert_batch) {
+        if t0.elapsed() > timeout {
+            bail!("loading took longer than {timeout:?} ({from} of {n} points)");
+        }
+        let body = upsert_body(from..(from + upsert_batch).min(n), dim, &mut rng);
+        api.send(
+            reqwest::Method::POST,
+            &format!("/v1/memory/{COLLECTION}/points"),
+            body,
+        )
+        .await
+        .context("upserting points")?;
+        upserts += 1;
+        if Instant::now() > next_report {
+            next_report += Duration::from_secs(30);
+            eprintln!(
+                "  loaded {} points in {:.0} s",
+                (from + upsert_batch).min(n),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let load_s = t0.elapsed().as_secs_f64();
+    let (gen0, tomb0, live0) = api.info().await?;
+    if live0 != n as u64 || tomb0 != 0 {
+        bail!("after the load the collection has {live0} live points and {tomb0} tombstones");
+    }
+    eprintln!("  loaded in {load_s:.1} s; baseline probing");
+
+    // Probe: baseline.
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = tokio::spawn(probe_loop(api.clone(), stop.clone()));
+    let check_prober = |prober: &tokio::task::JoinHandle<anyhow::Result<Vec<Probe>>>| {
+        if prober.is_finished() {
+            bail!("the probe loop stopped early");
+        }
+        Ok(())
+    };
+    tokio::time::sleep(Duration::from_secs_f64(args.baseline_secs)).await;
+    check_prober(&prober)?;
+
+    // Deletes: all but the last below the threshold; the last crosses it.
+    let mut ids: Vec<usize> = rand::seq::index::sample(&mut rng, n, deletes).into_vec();
+    let tip_ids = ids.split_off(deletes - tip);
+    let mut batches: Vec<Vec<usize>> = ids.chunks(cfg.max_batch).map(<[_]>::to_vec).collect();
+    batches.push(tip_ids);
+    let deletes_start = Instant::now();
+    let mut delete_report = Vec::new();
+    let mut rebuild_start = None;
+    let mut early = None;
+    for (k, batch) in batches.iter().enumerate() {
+        let last = k + 1 == batches.len();
+        if last {
+            let (g, t, _) = api.info().await?;
+            if g != gen0 {
+                early = Some(format!(
+                    "the generation changed before the last delete ({gen0} → {g}, {t} tombstones)"
+                ));
+            }
+            rebuild_start = Some(Instant::now());
+        }
+        let body = serde_json::json!({
+            "ids": batch.iter().map(|i| format!("p{i}")).collect::<Vec<_>>()
+        });
+        let t = Instant::now();
+        let r = api
+            .send(
+                reqwest::Method::POST,
+                &format!("/v1/memory/{COLLECTION}/delete"),
+                body.to_string(),
+            )
+            .await
+            .context("deleting points")?;
+        let took = t.elapsed();
+        let rebuilt = r["Deleted"]["rebuilt"].as_bool();
+        delete_report.push((batch.len(), took, rebuilt));
+        eprintln!(
+            "  delete {} points: {:.3} s, rebuilt in its apply: {rebuilt:?}",
+            batch.len(),
+            took.as_secs_f64()
+        );
+    }
+    let rebuild_start = rebuild_start.unwrap_or(deletes_start);
+    // Rebuild: until the info shows a new generation and no tombstones.
+    let (rebuilt_at, gen1, live1) = loop {
+        let (g, t, l) = api.info().await?;
+        if g > gen0 && t == 0 {
+            break (Instant::now(), g, l);
+        }
+        if rebuild_start.elapsed() > timeout {
+            bail!(
+                "no rebuild within {timeout:?}: generation {g} (was {gen0}), {t} tombstones, {l} live"
+            );
+        }
+        check_prober(&prober)?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let window = rebuilt_at - rebuild_start;
+    eprintln!(
+        "  rebuilt: window {:.1} s; probing after",
+        window.as_secs_f64()
+    );
+
+    // After.
+    tokio::time::sleep(Duration::from_secs_f64(args.after_secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let probes = tokio::time::timeout(timeout, prober)
+        .await
+        .context("the probe loop did not stop")???;
+    let load_end = loadavg();
+
+    // A probe overlapping the rebuild window is a rebuild probe; any other belongs to the
+    // phase it finished in.
+    let names = [
+        "baseline",
+        "deletes below the threshold",
+        "rebuild",
+        "after",
+    ];
+    let mut hists = Vec::new();
+    for _ in names {
+        hists.push(Histogram::<u64>::new(3)?);
+    }
+    // Exact maxima, µs (the histogram's are rounded up to its precision, 0.1%).
+    let mut maxes = [0u64; 4];
+    for p in &probes {
+        let phase = if p.end <= deletes_start {
+            0
+        } else if p.end <= rebuild_start {
+            1
+        } else if p.start <= rebuilt_at {
+            2
+        } else {
+            3
+        };
+        let us = (p.end - p.start).as_micros().max(1) as u64;
+        hists[phase].record(us)?;
+        maxes[phase] = maxes[phase].max(us);
+    }
+
+    println!(
+        "load: {n} points in {upserts} upserts of up to {upsert_batch}{} in {load_s:.1} s ({:.0} points/s)",
+        if upsert_batch < cfg.max_batch {
+            format!(" (max_batch {}, capped so one upsert fits a Raft entry)", cfg.max_batch)
+        } else {
+            String::new()
+        },
+        n as f64 / load_s
+    );
+    let threshold = format!(
+        "tombstones ≥ {} and > {} × live",
+        cfg.rebuild_min_tombstones, cfg.rebuild_tombstone_ratio
+    );
+    let mut deletes_line = String::new();
+    for (i, (points, took, rebuilt)) in delete_report.iter().enumerate() {
+        let _ = write!(
+            deletes_line,
+            "{}{points} points {:.1} ms{}",
+            if i > 0 { ", " } else { "" },
+            ms(*took),
+            match rebuilt {
+                Some(true) => " (rebuilt in its apply)",
+                Some(false) => "",
+                None => " (rebuilt: ?)",
+            }
+        );
+    }
+    println!(
+        "deletes: {deletes} points ({threshold}) in {} requests: {deletes_line}",
+        delete_report.len()
+    );
+    println!(
+        "rebuild window (last delete sent → info shows generation {gen0} → {gen1} and 0 tombstones, polled every 200 ms): {:.2} s, {live1} live points",
+        window.as_secs_f64()
+    );
+    if let Some(p) = probes.iter().max_by_key(|p| p.end - p.start) {
+        let rel = |a: Instant, b: Instant| {
+            if a >= b {
+                (a - b).as_secs_f64()
+            } else {
+                -(b - a).as_secs_f64()
+            }
+        };
+        println!(
+            "longest probe: {:.2} s, submitted {:+.2} s from the last delete's send, finished {:+.2} s from the rebuild's observation",
+            (p.end - p.start).as_secs_f64(),
+            rel(p.start, rebuild_start),
+            rel(p.end, rebuilt_at)
+        );
+    }
+    if let Some(e) = early {
+        println!("note: {e}");
+    }
+    println!();
+    println!("| phase | probes | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    for ((name, h), max) in names.iter().zip(&hists).zip(maxes) {
+        if h.is_empty() {
+            println!("| {name} | 0 | - | - | - |");
+            continue;
+        }
+        let q = |q: f64| h.value_at_quantile(q).min(max) as f64 / 1000.0;
+        println!(
+            "| {name} | {} | {:.2} | {:.2} | {:.2} |",
+            h.len(),
+            q(0.5),
+            q(0.99),
+            max as f64 / 1000.0
+        );
+    }
+    println!();
+    println!("load average (1/5/15 min): start {load_start}, end {load_end}");
+    drop(cluster);
+    Ok(())
+}
