@@ -481,7 +481,7 @@ async fn main() -> anyhow::Result<()> {
         let rebuilt = r["Deleted"]["rebuilt"].as_bool();
         delete_report.push((batch.len(), took, rebuilt));
         eprintln!(
-            "  delete {} points: {:.3} s, rebuilt in its apply: {rebuilt:?}",
+            "  delete {} points: {:.3} s, rebuild began in its apply: {rebuilt:?}",
             batch.len(),
             took.as_secs_f64()
         );
@@ -565,7 +565,7 @@ async fn main() -> anyhow::Result<()> {
             if i > 0 { ", " } else { "" },
             ms(*took),
             match rebuilt {
-                Some(true) => " (rebuilt in its apply)",
+                Some(true) => " (a rebuild began in its apply)",
                 Some(false) => "",
                 None => " (rebuilt: ?)",
             }
