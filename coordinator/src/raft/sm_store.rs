@@ -487,9 +487,28 @@ impl TableGuard<'_> {
 impl TableHandle {
     /// Read the replica's memory store (vector collections and ReasoningBank); keep `f`
     /// short. Does not block task reads.
+    ///
+    /// A memory write being applied (an HNSW insert of a large batch) can hold the store
+    /// for seconds. On a runtime worker thread such a wait would stall every task on it
+    /// — QUIC connections among them, which then time out — so if the store is busy the
+    /// wait moves off the runtime (`block_in_place`); uncontended reads take the fast path.
     pub fn memory<R>(&self, f: impl FnOnce(&MemoryStore) -> R) -> R {
-        let memory = recover(self.inner.memory.read());
-        f(&memory)
+        use std::sync::TryLockError;
+        match self.inner.memory.try_read() {
+            Ok(memory) => return f(&memory),
+            Err(TryLockError::Poisoned(p)) => return f(&p.into_inner()),
+            Err(TryLockError::WouldBlock) => {}
+        }
+        let read = move || {
+            let memory = recover(self.inner.memory.read());
+            f(&memory)
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(read)
+            }
+            _ => read(),
+        }
     }
 
     /// Lock the table for reading.
