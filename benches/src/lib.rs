@@ -1,1 +1,3 @@
+//! Helpers the benchmark binaries share.
 
+pub mod processes;

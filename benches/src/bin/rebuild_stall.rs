@@ -28,7 +28,6 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +37,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use swarm_benches::processes::Processes;
 use swarm_memory::StoreConfig;
 
 #[derive(Parser)]
@@ -75,93 +75,6 @@ struct Args {
 }
 
 const COLLECTION: &str = "rebuild-bench";
-
-fn free_port(udp: bool) -> anyhow::Result<u16> {
-    Ok(if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    })
-}
-
-/// The coordinator and the worker; both are killed when this is dropped.
-struct Cluster {
-    swarm: PathBuf,
-    dir: PathBuf,
-    quic: u16,
-    api: u16,
-    coordinator: Option<Child>,
-    worker: Option<Child>,
-}
-
-impl Cluster {
-    fn log(&self, name: &str) -> anyhow::Result<Stdio> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{name}.log")))?;
-        Ok(Stdio::from(f))
-    }
-
-    fn start_coordinator(&mut self) -> anyhow::Result<()> {
-        let child = Command::new(&self.swarm)
-            .args(["coordinator", "--id", "1", "--bootstrap"])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--certs")
-            .arg(self.dir.join("certs"))
-            .arg("--token-file")
-            .arg(self.dir.join("token"))
-            .args(["--listen", &format!("127.0.0.1:{}", self.quic)])
-            .args(["--advertise", &format!("127.0.0.1:{}", self.quic)])
-            .args(["--api-listen", &format!("127.0.0.1:{}", self.api)])
-            .stdout(self.log("coordinator")?)
-            .stderr(self.log("coordinator")?)
-            .spawn()
-            .with_context(|| format!("starting the coordinator {}", self.swarm.display()))?;
-        self.coordinator = Some(child);
-        Ok(())
-    }
-
-    fn start_worker(&mut self, slots: Option<u32>) -> anyhow::Result<()> {
-        let mut cmd = Command::new(&self.swarm);
-        cmd.args([
-            "worker",
-            "--coordinator",
-            &format!("127.0.0.1:{}", self.quic),
-        ])
-        .arg("--certs")
-        .arg(self.dir.join("certs"))
-        .args(["--id", "rebuild-w1"]);
-        if let Some(s) = slots {
-            cmd.args(["--slots", &s.to_string()]);
-        }
-        let child = cmd
-            .stdout(self.log("worker")?)
-            .stderr(self.log("worker")?)
-            .spawn()
-            .context("starting the worker")?;
-        self.worker = Some(child);
-        Ok(())
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in [self.coordinator.take(), self.worker.take()]
-            .into_iter()
-            .flatten()
-        {
-            let mut c = c;
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 struct Api {
     http: reqwest::Client,
@@ -355,14 +268,7 @@ async fn main() -> anyhow::Result<()> {
     swarm_transport::init_certs(&dir.join("certs"), &[], false)?;
     let token = format!("rebuild-{}", rand::thread_rng().gen::<u64>());
     std::fs::write(dir.join("token"), &token)?;
-    let mut cluster = Cluster {
-        swarm: args.swarm.clone(),
-        dir: dir.clone(),
-        quic: free_port(true)?,
-        api: free_port(false)?,
-        coordinator: None,
-        worker: None,
-    };
+    let mut cluster = Processes::new(&args.swarm, &dir, Vec::new())?;
     let timeout = Duration::from_secs(args.timeout_secs);
     let api = Arc::new(Api {
         http: reqwest::Client::builder().build()?,
@@ -372,7 +278,7 @@ async fn main() -> anyhow::Result<()> {
     });
     cluster.start_coordinator()?;
     api.wait_ready(Duration::from_secs(30)).await?;
-    cluster.start_worker(args.slots)?;
+    cluster.start_worker("rebuild-w1", args.slots)?;
 
     let cfg = StoreConfig::default();
     let n = args.points;

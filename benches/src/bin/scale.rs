@@ -24,12 +24,12 @@
 //!  target/release/scale --sizes 100000,1000000,10000000`
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use rand::Rng;
+use swarm_benches::processes::Processes;
 
 #[derive(Parser)]
 struct Args {
@@ -70,105 +70,6 @@ struct Args {
     /// load). 0: no reference node.
     #[arg(long, default_value_t = 100_000)]
     reference: u64,
-}
-
-fn free_port(udp: bool) -> anyhow::Result<u16> {
-    Ok(if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    })
-}
-
-struct Cluster {
-    swarm: PathBuf,
-    dir: PathBuf,
-    quic: u16,
-    api: u16,
-    retain: Option<String>,
-    coordinator: Option<Child>,
-    worker: Option<Child>,
-}
-
-impl Cluster {
-    fn log(&self, name: &str) -> anyhow::Result<Stdio> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{name}.log")))?;
-        Ok(Stdio::from(f))
-    }
-
-    fn start_coordinator(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(&self.swarm);
-        cmd.args(["coordinator", "--id", "1", "--bootstrap"])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--certs")
-            .arg(self.dir.join("certs"))
-            .arg("--token-file")
-            .arg(self.dir.join("token"))
-            .args(["--listen", &format!("127.0.0.1:{}", self.quic)])
-            .args(["--advertise", &format!("127.0.0.1:{}", self.quic)])
-            .args(["--api-listen", &format!("127.0.0.1:{}", self.api)]);
-        if let Some(r) = &self.retain {
-            cmd.args(["--retain-finished", r]);
-        }
-        let child = cmd
-            .stdout(self.log("coordinator")?)
-            .stderr(self.log("coordinator")?)
-            .spawn()
-            .context("starting the coordinator")?;
-        self.coordinator = Some(child);
-        Ok(())
-    }
-
-    fn start_worker(&mut self, slots: u32) -> anyhow::Result<()> {
-        let child = Command::new(&self.swarm)
-            .args([
-                "worker",
-                "--coordinator",
-                &format!("127.0.0.1:{}", self.quic),
-            ])
-            .arg("--certs")
-            .arg(self.dir.join("certs"))
-            .args(["--slots", &slots.to_string(), "--id", "scale-w1"])
-            .stdout(self.log("worker")?)
-            .stderr(self.log("worker")?)
-            .spawn()
-            .context("starting the worker")?;
-        self.worker = Some(child);
-        Ok(())
-    }
-
-    fn pid(&self) -> u32 {
-        self.coordinator.as_ref().map_or(0, Child::id)
-    }
-
-    fn kill_coordinator(&mut self) -> anyhow::Result<()> {
-        if let Some(mut c) = self.coordinator.take() {
-            c.kill()?; // SIGKILL
-            c.wait()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in [self.coordinator.take(), self.worker.take()]
-            .into_iter()
-            .flatten()
-        {
-            let mut c = c;
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// RSS and peak RSS of a process, KiB.
@@ -346,20 +247,16 @@ async fn probe(api: &Api, i: usize) -> anyhow::Result<f64> {
 }
 
 /// A coordinator and worker in `dir` (certificates and token made here), started.
-async fn start(args: &Args, dir: &Path) -> anyhow::Result<(Cluster, Api)> {
+async fn start(args: &Args, dir: &Path) -> anyhow::Result<(Processes, Api)> {
     std::fs::create_dir_all(dir)?;
     swarm_transport::init_certs(&dir.join("certs"), &[], false)?;
     let token = format!("scale-{}", rand::thread_rng().gen::<u64>());
     std::fs::write(dir.join("token"), &token)?;
-    let mut cluster = Cluster {
-        swarm: args.swarm.clone(),
-        dir: dir.to_path_buf(),
-        quic: free_port(true)?,
-        api: free_port(false)?,
-        retain: args.retain.clone(),
-        coordinator: None,
-        worker: None,
-    };
+    let retain = args
+        .retain
+        .iter()
+        .flat_map(|r| ["--retain-finished".to_string(), r.clone()]);
+    let mut cluster = Processes::new(&args.swarm, dir, retain.collect())?;
     let api = Api {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(args.concurrency + 4)
@@ -369,7 +266,7 @@ async fn start(args: &Args, dir: &Path) -> anyhow::Result<(Cluster, Api)> {
     };
     cluster.start_coordinator()?;
     api.wait_ready(Duration::from_secs(30)).await?;
-    cluster.start_worker(args.slots)?;
+    cluster.start_worker("scale-w1", Some(args.slots))?;
     Ok((cluster, api))
 }
 

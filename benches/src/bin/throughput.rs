@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use swarm_benches::processes::free_port;
 use swarm_coordinator::CoordinatorConfig;
 use tokio::sync::Semaphore;
 
@@ -63,19 +64,6 @@ impl Args {
             "default"
         }
     }
-}
-
-/// A loopback port that is free right now.
-fn free_port(udp: bool) -> anyhow::Result<u16> {
-    Ok(if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    })
 }
 
 /// Start `n` coordinators forming one cluster; returns them and the leader's index.
