@@ -792,16 +792,21 @@ impl Collection {
         &self,
         keep: &[u32],
     ) -> Option<std::thread::JoinHandle<Hnsw<'static, f32, IndexDistance>>> {
-        let d = self.spec.dimension;
-        let mut vectors = Vec::with_capacity(keep.len() * d);
-        for &s in keep {
-            vectors.extend_from_slice(self.vector(s));
-        }
+        let vectors = self.vectors_of(keep);
         let spec = self.spec.clone();
         std::thread::Builder::new()
             .name(format!("hnsw-rebuild-{}", self.name))
             .spawn(move || build_index(&spec, &vectors))
             .ok()
+    }
+
+    /// The vectors of `slots`, in order, slot-major (what a rebuild builds from).
+    fn vectors_of(&self, slots: &[u32]) -> Vec<f32> {
+        let mut vectors = Vec::with_capacity(slots.len() * self.spec.dimension);
+        for &s in slots {
+            vectors.extend_from_slice(self.vector(s));
+        }
+        vectors
     }
 
     /// Whether a rebuild is under way and its build has finished (the leader then
@@ -835,13 +840,7 @@ impl Collection {
         let built = p.build.and_then(|b| b.join().ok());
         let index = match built {
             Some(index) => index,
-            None => {
-                let mut vectors = Vec::with_capacity(p.keep.len() * d);
-                for &s in &p.keep {
-                    vectors.extend_from_slice(self.vector(s));
-                }
-                build_index(&self.spec, &vectors)
-            }
+            None => build_index(&self.spec, &self.vectors_of(&p.keep)),
         };
         let old_slots = std::mem::take(&mut self.slots);
         let old_vectors = std::mem::take(&mut self.vectors);

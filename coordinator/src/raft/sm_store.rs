@@ -804,7 +804,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     } else {
                         let mut applied = inner.write_applied();
                         applied.last_applied = Some(entry.log_id);
-                        apply_command(&mut applied.table, None, cmd, &archive)
+                        apply_command(&mut applied.table, cmd, &archive)
                     };
                     result.map_err(|e| {
                         StorageError::from(StorageIOError::apply(

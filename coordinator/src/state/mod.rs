@@ -345,29 +345,23 @@ impl From<swarm_memory::MemoryError> for MemoryFault {
     }
 }
 
-/// Apply one committed command to a replica's two state machines: memory ops go to the
-/// memory store, everything else to the task table. Deterministic. `memory` may be
-/// `None` only for a command that does not [`Command::touches_memory`] (the caller then
-/// need not lock the memory store). `archive` is the replica's checkpoint store, read
-/// for finished tasks and keys; an error from it (a failing disk) stops the apply.
+/// Apply one committed command that does not [`Command::touches_memory`] to a replica's
+/// task table (the caller need not lock the memory store; see [`apply_memory_command`]
+/// for the others). Deterministic. `archive` is the replica's checkpoint store, read for
+/// finished tasks and keys; an error from it (a failing disk) stops the apply.
 pub fn apply_command(
     table: &mut TaskTable,
-    mut memory: Option<&mut MemoryStore>,
     cmd: &Command,
     archive: &dyn Archive,
 ) -> Result<CommandResponse, ArchiveError> {
     let mut results = Vec::with_capacity(cmd.ops.len());
     for op in &cmd.ops {
-        let result = match memory.as_deref_mut() {
-            Some(m) => apply_op(table, m, op, archive)?,
-            None if op.touches_memory() => {
-                return Err(ArchiveError(
-                    "a memory op was applied without the memory store".into(),
-                ))
-            }
-            None => table.apply_op(op, archive)?,
-        };
-        results.push(result);
+        if op.touches_memory() {
+            return Err(ArchiveError(
+                "a memory op was applied without the memory store".into(),
+            ));
+        }
+        results.push(table.apply_op(op, archive)?);
     }
     Ok(CommandResponse { results })
 }
@@ -378,11 +372,12 @@ fn refused_while_restoring(m: &MemoryOp) -> bool {
     !matches!(m, MemoryOp::FinishRebuild { .. })
 }
 
-/// Applies a command that holds memory ops like [`apply_command`], but takes the task
-/// table (`table` locks it) only for the table's part of each op: a memory op itself —
-/// an HNSW insert of a large batch, the swap of a rebuilt graph — runs with the table
-/// free, so task reads and dispatch go on meanwhile. The caller holds the memory store
-/// for the whole command. Same results as [`apply_command`].
+/// Applies a command that [`Command::touches_memory`]: memory ops go to the memory store,
+/// restore ops to both, everything else to the task table. `table` locks the table, and
+/// is called only for the table's part of each op: a memory op itself — an HNSW insert
+/// of a large batch, the swap of a rebuilt graph — runs with the table free, so task
+/// reads and dispatch go on meanwhile. The caller holds the memory store for the whole
+/// command. Deterministic, like [`apply_command`].
 pub fn apply_memory_command<G: std::ops::DerefMut<Target = TaskTable>>(
     mut table: impl FnMut() -> G,
     memory: &mut MemoryStore,
@@ -400,27 +395,22 @@ pub fn apply_memory_command<G: std::ops::DerefMut<Target = TaskTable>>(
                 table().note_memory_change();
                 OpResult::Memory(r)
             }
-            other => apply_op(&mut table(), memory, other, archive)?,
+            other => apply_whole_replica_op(&mut table(), memory, other, archive)?,
         };
         results.push(result);
     }
     Ok(CommandResponse { results })
 }
 
-fn apply_op(
+/// A restore op (they need both state machines) or a task-table op; memory ops are
+/// [`apply_memory_command`]'s.
+fn apply_whole_replica_op(
     table: &mut TaskTable,
     memory: &mut MemoryStore,
     op: &Op,
     archive: &dyn Archive,
 ) -> Result<OpResult, ArchiveError> {
     Ok(match op {
-        Op::Memory(m) if refused_while_restoring(m) && table.restoring().is_some() => {
-            OpResult::Restoring
-        }
-        Op::Memory(m) => {
-            table.note_memory_change();
-            OpResult::Memory(memory.apply(m.clone()).map_err(MemoryFault::from))
-        }
         Op::RestoreBegin { restore_id, now_ms } => {
             OpResult::Restored(table.restore_begin(*restore_id, *now_ms, memory))
         }

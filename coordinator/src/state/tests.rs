@@ -1180,10 +1180,13 @@ fn a_restore_is_all_or_nothing_across_checkpoints() {
     let mut t = TaskTable::new();
     let mut archive = MemArchive::default();
     let run = |t: &mut TaskTable, m: &mut swarm_memory::MemoryStore, a: &MemArchive, op: Op| {
-        apply_command(t, Some(m), &Command { ops: vec![op] }, a)
+        let table = std::cell::RefCell::new(std::mem::take(t));
+        let r = apply_memory_command(|| table.borrow_mut(), m, &Command { ops: vec![op] }, a)
             .unwrap()
             .results
-            .remove(0)
+            .remove(0);
+        *t = table.into_inner();
+        r
     };
     let begin = Op::RestoreBegin {
         restore_id: 7,
