@@ -828,6 +828,7 @@ pub(crate) async fn maintenance_loop(
             crate::memory::sweep_expired_points(&node).await;
         }
         crate::memory::finish_rebuilds(&node).await;
+        crate::memory::advance_indexes(&node).await;
     }
 }
 

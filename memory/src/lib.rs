@@ -34,9 +34,16 @@
 //!   restores reverse links hnsw_rs dropped (see limitations), which fixes nodes the
 //!   hnsw_rs graph leaves unreachable. [`MemoryStore::search_via_hnsw_rs`] keeps
 //!   hnsw_rs' own `search` on the same graph for comparison (`memory_recall
-//!   --compare-hnsw-rs`). The copy is refreshed by the write that makes the
-//!   not-yet-copied tail reach `clamp(slots/32, 128, 2048)` slots; that tail is scanned
-//!   exactly by every query, so new points are visible immediately.
+//!   --compare-hnsw-rs`).
+//! * **Writes do not build the graph.** An upsert appends its points to the collection and
+//!   hands their vectors to the collection's indexer thread (`indexer.rs`), which inserts
+//!   them serially in slot order and takes a flat copy of the graph at *copy points*
+//!   (each time `clamp(slots/32, 128, 2048)` more slots are in). A copy is searched only
+//!   from the op that names it, [`MemoryOp::AdvanceIndex`], which the leader proposes once
+//!   its own indexer has it ([`MemoryStore::index_advances`]; a single process calls
+//!   [`MemoryStore::settle_indexes`]). Every query scans the slots after the copy exactly,
+//!   so new points are visible immediately; a replica whose indexer has not reached the
+//!   named copy yet (just restarted, or slower) scans everything exactly.
 //! * The ReasoningBank stores [`MemoryItem`]s (title, description, content, outcome,
 //!   confidence, use/success/failure counts, created/last-used times, contradictions),
 //!   indexed by embedding in an internal cosine collection named [`PATTERN_COLLECTION`]
@@ -70,13 +77,16 @@
 //!   scalar code return the same bits on every platform (and neither the early exit of
 //!   the bounded L2 kernel nor batching ever changes a decision, see above; the bfloat16
 //!   copy is rounded the same way everywhere). Hence the graph is a pure function of
-//!   the sequence of inserted slots. Snapshots keep every slot of the current graph generation,
-//!   tombstones included, plus the number of slots the flat copy covered; restore
-//!   re-inserts the slots in order and takes the copy at that same point, so a restored
-//!   replica has exactly the same graph *and* copy as one that never restarted, and
-//!   returns the same approximate results. Consolidation, which is a write, draws its
-//!   candidate pairs from a search — this is why graph reproducibility matters beyond
-//!   reads.
+//!   the sequence of inserted slots, and so is the copy taken at a given slot count.
+//!   Which copy is searched is replicated state (moved by [`MemoryOp::AdvanceIndex`]).
+//!   Snapshots keep every slot of the current graph generation, tombstones included,
+//!   plus the slots the copy in use covers; a restored replica's indexer re-inserts the
+//!   slots in order and takes the copy at that same point, so once it has, the replica
+//!   has exactly the same graph *and* copy as one that never restarted, and returns the
+//!   same approximate results. Until then it answers exactly: reads on a replica whose
+//!   indexer is behind may differ from the leader's (by being exact), never writes.
+//!   Consolidation, which is a write, draws its candidate pairs from a search, so it
+//!   waits for its replica's indexer to reach the named copy.
 //!
 //! Ops and snapshots go through the workspace codec (`swarm-codec`, postcard), so they
 //! use no `serde_json::Value`, `untagged`, `flatten` or `skip_serializing_if`; see
@@ -111,8 +121,8 @@
 //!   which builds the same graph as ranking by `−dot` since HNSW only compares distances.
 //!   Vectors with NaN/∞ components or norm² > 1e36 are rejected so no distance is NaN.
 //! * `parallel_insert` races can leave points unreachable and graphs then depend on
-//!   thread timing: we insert serially only (deterministic), at the price of build
-//!   throughput (one core). Graph connectivity is not guaranteed even so; the exact
+//!   thread timing: we insert serially only (deterministic, one indexer thread per
+//!   collection), at the price of build throughput (one core per collection). Graph connectivity is not guaranteed even so; the exact
 //!   fallback above covers short answers.
 //! * hnsw_rs' search keeps its candidate heaps as `Arc`-allocated nodes and its visited
 //!   set in a hash map, so per-node overhead, not distance arithmetic, bounds its
@@ -148,6 +158,7 @@ pub mod distill;
 pub mod embed;
 pub mod error;
 mod graph;
+mod indexer;
 pub mod kernel;
 pub mod metadata;
 pub mod reasoning;

@@ -699,6 +699,9 @@ impl ReasoningBank {
         let mut pairs: BTreeMap<(String, String), f32> = BTreeMap::new();
         let kk = params.neighbours + 1;
         let ef = (2 * kk).max(cfg.pattern_ef_search);
+        // The searches below decide what this write does: they must run on the graph copy
+        // every replica uses, not on how far this replica's indexer has got.
+        self.index.wait_for_copy();
         for (id, slot) in self.index.ids() {
             let v = self.index.vector(slot);
             for (other, _) in self.index.search_slots(v, kk, ef, None, now_ms) {

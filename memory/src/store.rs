@@ -216,6 +216,20 @@ pub enum MemoryOp {
         /// Apply time.
         now_ms: u64,
     },
+    /// Searches of a collection use its graph copy at `slots` from now on (proposed by
+    /// the leader once its own indexer has taken that copy; see
+    /// [`MemoryStore::index_advances`]). A no-op unless `slots` is a copy point after the
+    /// copy in use, in the same generation.
+    AdvanceIndex {
+        /// The collection; `None` for the ReasoningBank's pattern index.
+        collection: Option<String>,
+        /// The collection's generation the copy belongs to.
+        generation: u64,
+        /// Slots the copy covers.
+        slots: u64,
+        /// Apply time.
+        now_ms: u64,
+    },
 }
 
 impl MemoryOp {
@@ -232,7 +246,8 @@ impl MemoryOp {
             | MemoryOp::PatternJudge { now_ms, .. }
             | MemoryOp::PatternDelete { now_ms, .. }
             | MemoryOp::Consolidate { now_ms, .. }
-            | MemoryOp::FinishRebuild { now_ms, .. } => *now_ms,
+            | MemoryOp::FinishRebuild { now_ms, .. }
+            | MemoryOp::AdvanceIndex { now_ms, .. } => *now_ms,
         }
     }
 
@@ -250,6 +265,7 @@ impl MemoryOp {
             MemoryOp::PatternDelete { .. } => "pattern_delete",
             MemoryOp::Consolidate { .. } => "consolidate",
             MemoryOp::FinishRebuild { .. } => "finish_rebuild",
+            MemoryOp::AdvanceIndex { .. } => "advance_index",
         }
     }
 }
@@ -326,6 +342,11 @@ pub enum OpOutcome {
     },
     /// Consolidation ran.
     Consolidated(ConsolidationReport),
+    /// A graph copy was named ([`MemoryOp::AdvanceIndex`]).
+    IndexAdvanced {
+        /// Whether searches moved to it (false: stale or not a copy point).
+        advanced: bool,
+    },
 }
 
 /// Validated op, ready to commit without further failure.
@@ -337,6 +358,7 @@ enum Prepared {
     Sweep,
     Rebuild(String),
     FinishRebuild(Option<String>, u64),
+    AdvanceIndex(Option<String>, u64, u64),
     PatternAdd(Vec<PreparedPattern>),
     Judge(Vec<String>, Outcome),
     PatternDelete(Vec<String>),
@@ -535,6 +557,12 @@ impl MemoryStore {
                 generation,
                 ..
             } => Prepared::FinishRebuild(collection.clone(), *generation),
+            MemoryOp::AdvanceIndex {
+                collection,
+                generation,
+                slots,
+                ..
+            } => Prepared::AdvanceIndex(collection.clone(), *generation, *slots),
             MemoryOp::PatternAdd { items, .. } => {
                 Prepared::PatternAdd(self.bank.prepare_add(items, cfg)?)
             }
@@ -646,6 +674,24 @@ impl MemoryStore {
                         tombstones_removed: 0,
                     },
                 }
+            }
+            Prepared::AdvanceIndex(name, generation, slots) => {
+                let c = match &name {
+                    Some(name) => self.collections.get(name),
+                    None => Some(self.bank.index()),
+                };
+                let advanced = match c {
+                    Some(c)
+                        if c.generation() == generation
+                            && usize::try_from(slots).is_ok_and(|s| c.valid_copy(s)) =>
+                    {
+                        c.advance_index(slots as usize);
+                        true
+                    }
+                    // Dropped, rebuilt since, or not a copy point: nothing to do.
+                    _ => false,
+                };
+                OpOutcome::IndexAdvanced { advanced }
             }
             Prepared::PatternAdd(items) => OpOutcome::PatternsAdded {
                 ids: self.bank.apply_add(items, now_ms, cfg),
@@ -808,6 +854,59 @@ impl MemoryStore {
             .filter(|(_, c)| c.rebuild_ready())
             .map(|(name, c)| (name, c.generation()))
             .collect()
+    }
+
+    /// Graph copies this replica's indexers have taken past the ones in use, as
+    /// (collection, generation, slots): the leader proposes a [`MemoryOp::AdvanceIndex`]
+    /// for each.
+    pub fn index_advances(&self) -> Vec<(Option<String>, u64, u64)> {
+        self.collections
+            .iter()
+            .map(|(name, c)| (Some(name.clone()), c))
+            .chain(std::iter::once((None, self.bank.index())))
+            .filter_map(|(name, c)| Some((name, c.generation(), c.ready_copy()? as u64)))
+            .collect()
+    }
+
+    /// Points of `collection` written but not yet inserted into its graph here.
+    pub fn index_backlog(&self, collection: &str) -> Result<usize> {
+        Ok(self.collection(collection)?.index_backlog())
+    }
+
+    /// Waits until every indexer (rebuilds' too) has inserted all it was handed, or has
+    /// paused for an op to name its copies ([`MemoryStore::index_advances`]). For tests
+    /// and benchmarks; a replica never needs it.
+    pub fn wait_indexing(&self) {
+        for c in self.collections.values() {
+            c.wait_indexed();
+        }
+        self.bank.index().wait_indexed();
+    }
+
+    /// For a store used without replication (a single process, tests, benchmarks): what a
+    /// leader does in the background, done now. Waits for the indexers and applies the
+    /// [`MemoryOp::AdvanceIndex`] ops a leader would propose, until every point is in its
+    /// graph and searches use the latest copy. Returns the ops applied, in order (other
+    /// replicas apply the same).
+    pub fn settle_indexes(&mut self, now_ms: u64) -> Result<Vec<MemoryOp>> {
+        let mut applied = Vec::new();
+        loop {
+            self.wait_indexing();
+            let ready = self.index_advances();
+            if ready.is_empty() {
+                return Ok(applied);
+            }
+            for (collection, generation, slots) in ready {
+                let op = MemoryOp::AdvanceIndex {
+                    collection,
+                    generation,
+                    slots,
+                    now_ms,
+                };
+                self.apply(op.clone())?;
+                applied.push(op);
+            }
+        }
     }
 
     /// Whether any background rebuild is under way.

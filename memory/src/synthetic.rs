@@ -172,6 +172,7 @@ pub fn synthetic_pattern_bank(
             now_ms: n as u64 + t as u64,
         })?;
     }
+    store.settle_indexes(2 * n as u64)?;
     Ok((store, data.queries))
 }
 

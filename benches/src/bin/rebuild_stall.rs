@@ -8,7 +8,10 @@
 //! other as the phase it finished in):
 //!
 //! * load: the points are upserted in batches of the memory store's `max_batch`, capped so
-//!   one upsert fits a Raft entry (`limits::MAX_OP_BYTES`); no probing;
+//!   one upsert fits a Raft entry (`limits::MAX_OP_BYTES`), one request at a time;
+//! * indexing: from the last upsert's answer until the collection's info shows no point
+//!   waiting for the graph (`unindexed` 0; a coordinator without that field counts as
+//!   done at once);
 //! * baseline: `--baseline-secs` of probing with the memory idle;
 //! * deletes: the points a rebuild needs are deleted (random ids, seeded) in batches, all
 //!   but the last below the threshold (`StoreConfig`: tombstones ≥
@@ -16,7 +19,10 @@
 //! * rebuild: from the start of the last delete, which crosses the threshold, until the
 //!   collection's info (`GET /v1/memory/{collection}`, polled every 200 ms) shows a new
 //!   `generation` and no tombstones (bounded by `--timeout-secs`);
-//! * after: `--after-secs` more probing.
+//! * after: `--after-secs` more probing;
+//! * restart: the coordinator is SIGKILLed and started again: time to `/ready`, the
+//!   latency of a search right then, and the time until the collection's info shows no
+//!   point waiting for the graph.
 //!
 //! Prints one table (probes, p50, p99, max per phase), the load time, each delete
 //! request's latency, the rebuild window and the load average at start and end. Both
@@ -151,6 +157,12 @@ impl Api {
             bail!("GET {path} answered {status}: {text}");
         }
         Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Points of the collection not yet in its graph (0 if the info has no such field).
+    async fn unindexed(&self) -> anyhow::Result<u64> {
+        let i = self.get_json(&format!("/v1/memory/{COLLECTION}")).await?;
+        Ok(i["unindexed"].as_u64().unwrap_or(0))
     }
 
     /// The collection's (generation, tombstones, live).
@@ -307,6 +319,14 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("creating the collection")?;
     let mut rng = StdRng::seed_from_u64(args.seed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = tokio::spawn(probe_loop(api.clone(), stop.clone()));
+    let check_prober = |prober: &tokio::task::JoinHandle<anyhow::Result<Vec<Probe>>>| {
+        if prober.is_finished() {
+            bail!("the probe loop stopped early");
+        }
+        Ok(())
+    };
     let t0 = Instant::now();
     let mut upserts = 0;
     let mut next_report = Instant::now() + Duration::from_secs(30);
@@ -323,6 +343,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("upserting points")?;
         upserts += 1;
+        check_prober(&prober)?;
         if Instant::now() > next_report {
             next_report += Duration::from_secs(30);
             eprintln!(
@@ -332,22 +353,29 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let load_s = t0.elapsed().as_secs_f64();
+    let loaded_at = Instant::now();
+    let load_s = (loaded_at - t0).as_secs_f64();
     let (gen0, tomb0, live0) = api.info().await?;
     if live0 != n as u64 || tomb0 != 0 {
         bail!("after the load the collection has {live0} live points and {tomb0} tombstones");
     }
-    eprintln!("  loaded in {load_s:.1} s; baseline probing");
+    eprintln!("  loaded in {load_s:.1} s; waiting for the indexer");
+    let indexed_at = loop {
+        let left = api.unindexed().await?;
+        if left == 0 {
+            break Instant::now();
+        }
+        if t0.elapsed() > timeout {
+            bail!("{left} points still not indexed after {timeout:?}");
+        }
+        check_prober(&prober)?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let indexing_s = (indexed_at - loaded_at).as_secs_f64();
+    eprintln!("  indexed {indexing_s:.1} s after the last upsert; baseline probing");
 
     // Probe: baseline.
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = tokio::spawn(probe_loop(api.clone(), stop.clone()));
-    let check_prober = |prober: &tokio::task::JoinHandle<anyhow::Result<Vec<Probe>>>| {
-        if prober.is_finished() {
-            bail!("the probe loop stopped early");
-        }
-        Ok(())
-    };
+    let baseline_start = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(args.baseline_secs)).await;
     check_prober(&prober)?;
 
@@ -419,11 +447,52 @@ async fn main() -> anyhow::Result<()> {
     let probes = tokio::time::timeout(timeout, prober)
         .await
         .context("the probe loop did not stop")???;
+
+    // Restart: SIGKILL, start again; time to /ready, to a search's answer, and until the
+    // indexer has every point in the graph again.
+    let mut query_rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
+    let query: Vec<f32> = (0..dim)
+        .map(|_| query_rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let search_body = serde_json::json!({"vector": query, "k": 10}).to_string();
+    cluster.kill_coordinator()?;
+    let killed = Instant::now();
+    cluster.start_coordinator()?;
+    api.wait_ready(timeout).await?;
+    let ready_s = killed.elapsed().as_secs_f64();
+    let t = Instant::now();
+    api.send(
+        reqwest::Method::POST,
+        &format!("/v1/memory/{COLLECTION}/search"),
+        search_body.clone(),
+    )
+    .await
+    .context("searching after the restart")?;
+    let first_search_ms = ms(t.elapsed());
+    let reindexed_s = loop {
+        if api.unindexed().await? == 0 {
+            break killed.elapsed().as_secs_f64();
+        }
+        if killed.elapsed() > timeout {
+            bail!("not re-indexed within {timeout:?} of the restart");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let t = Instant::now();
+    api.send(
+        reqwest::Method::POST,
+        &format!("/v1/memory/{COLLECTION}/search"),
+        search_body,
+    )
+    .await?;
+    let indexed_search_ms = ms(t.elapsed());
     let load_end = loadavg();
 
     // A probe overlapping the rebuild window is a rebuild probe; any other belongs to the
     // phase it finished in.
     let names = [
+        "load",
+        "indexing",
         "baseline",
         "deletes below the threshold",
         "rebuild",
@@ -434,16 +503,20 @@ async fn main() -> anyhow::Result<()> {
         hists.push(Histogram::<u64>::new(3)?);
     }
     // Exact maxima, µs (the histogram's are rounded up to its precision, 0.1%).
-    let mut maxes = [0u64; 4];
+    let mut maxes = [0u64; 6];
     for p in &probes {
-        let phase = if p.end <= deletes_start {
+        let phase = if p.end <= loaded_at {
             0
-        } else if p.end <= rebuild_start {
+        } else if p.end <= baseline_start.max(indexed_at) {
             1
-        } else if p.start <= rebuilt_at {
+        } else if p.end <= deletes_start {
             2
-        } else {
+        } else if p.end <= rebuild_start {
             3
+        } else if p.start <= rebuilt_at {
+            4
+        } else {
+            5
         };
         let us = (p.end - p.start).as_micros().max(1) as u64;
         hists[phase].record(us)?;
@@ -458,6 +531,9 @@ async fn main() -> anyhow::Result<()> {
             String::new()
         },
         n as f64 / load_s
+    );
+    println!(
+        "indexing: the last point was in the graph {indexing_s:.1} s after the last upsert's answer"
     );
     let threshold = format!(
         "tombstones ≥ {} and > {} × live",
@@ -500,6 +576,9 @@ async fn main() -> anyhow::Result<()> {
             rel(p.end, rebuilt_at)
         );
     }
+    println!(
+        "restart after SIGKILL: ready in {ready_s:.2} s; first search {first_search_ms:.1} ms; every point back in the graph {reindexed_s:.1} s after the kill; a search then {indexed_search_ms:.1} ms"
+    );
     if let Some(e) = early {
         println!("note: {e}");
     }

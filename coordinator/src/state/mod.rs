@@ -366,10 +366,14 @@ pub fn apply_command(
     Ok(CommandResponse { results })
 }
 
-/// Memory writes wait for a restore to end; swapping in a rebuilt graph does not (it
-/// changes no data, and the leader would otherwise propose it again every second).
+/// Memory writes wait for a restore to end; swapping in a rebuilt graph or naming a graph
+/// copy does not (they change no data, and the leader would otherwise propose them again
+/// every second).
 fn refused_while_restoring(m: &MemoryOp) -> bool {
-    !matches!(m, MemoryOp::FinishRebuild { .. })
+    !matches!(
+        m,
+        MemoryOp::FinishRebuild { .. } | MemoryOp::AdvanceIndex { .. }
+    )
 }
 
 /// Applies a command that [`Command::touches_memory`]: memory ops go to the memory store,

@@ -35,6 +35,7 @@ fn covered(op: &MemoryOp) -> usize {
         MemoryOp::PatternDelete { .. } => 8,
         MemoryOp::Consolidate { .. } => 9,
         MemoryOp::FinishRebuild { .. } => 10,
+        MemoryOp::AdvanceIndex { .. } => 11,
     }
 }
 
@@ -107,6 +108,12 @@ fn all_ops() -> Vec<MemoryOp> {
             generation: 3,
             now_ms: 11,
         },
+        MemoryOp::AdvanceIndex {
+            collection: None,
+            generation: 1,
+            slots: 4096,
+            now_ms: 12,
+        },
     ]
 }
 
@@ -117,7 +124,7 @@ fn every_op_variant_roundtrips() {
     kinds.dedup();
     assert_eq!(
         kinds,
-        (0..11).collect::<Vec<_>>(),
+        (0..12).collect::<Vec<_>>(),
         "one of each variant, in order"
     );
     for op in &ops {

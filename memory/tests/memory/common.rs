@@ -66,4 +66,11 @@ pub fn load(
             .collect();
         upsert(store, coll, points, 10);
     }
+    catch_up(store);
+}
+
+/// What a leader does in the background, done now ([`MemoryStore::settle_indexes`]).
+/// Returns the ops applied, for other replicas.
+pub fn catch_up(store: &mut MemoryStore) -> Vec<MemoryOp> {
+    store.settle_indexes(10).unwrap()
 }

@@ -116,6 +116,7 @@ fn incremental_writes_search_the_tail_and_refresh_the_copy() {
     }
     let r = recall_at_k(&truth, &found, 10);
     assert!(r >= 0.97, "recall over incremental writes {r}");
+    catch_up(&mut s);
     let g = s.graph_stats("c").unwrap();
     assert_eq!(g.slots, 700);
     assert!(g.copied_slots <= 700 && 700 - g.copied_slots < 128, "{g:?}");
@@ -565,6 +566,80 @@ fn large_rebuilds_run_in_the_background_and_swap_in_at_one_op() {
     assert_eq!(again.snapshot_bytes().unwrap(), s.snapshot_bytes().unwrap());
 }
 
+/// An upsert only appends its points: the collection's indexer inserts them into the
+/// graph on its own thread. Until an op names a graph copy, searches scan the new points
+/// exactly (so they are exact); `AdvanceIndex` moves every replica to the same copy, and
+/// is a no-op for a stale generation, a point past the last slot, or a slot count that is
+/// not a copy point. A snapshot taken while points wait for the indexer restores
+/// byte-identically and converges to the same searches.
+#[test]
+fn upserts_leave_indexing_to_a_thread_and_copies_move_at_ops() {
+    let data = gaussian_clusters(3000, 20, 24, 20, 1.0, 5);
+    let mut a = store();
+    create(&mut a, "c", 24, Metric::L2);
+    let write = MemoryOp::Upsert {
+        collection: "c".into(),
+        points: data
+            .base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| point(format!("p{i}"), v.clone(), ""))
+            .collect(),
+        now_ms: 5,
+    };
+    a.apply(write.clone()).unwrap();
+    let snap = a.snapshot_bytes().unwrap();
+    let g = a.graph_stats("c").unwrap();
+    assert_eq!((g.slots, g.copied_slots), (3000, 0), "no copy named yet");
+    for q in data.queries.iter().take(5) {
+        let req = SearchRequest::new(q.clone(), 10, 6);
+        assert_eq!(
+            a.search("c", &req).unwrap(),
+            a.search_exact("c", &req).unwrap()
+        );
+    }
+    // Not copy points, or stale: nothing moves.
+    for (generation, slots) in [(0, 200), (0, 4096), (1, 128)] {
+        let out = a
+            .apply(MemoryOp::AdvanceIndex {
+                collection: Some("c".into()),
+                generation,
+                slots,
+                now_ms: 7,
+            })
+            .unwrap();
+        assert_eq!(out, OpOutcome::IndexAdvanced { advanced: false });
+    }
+    assert_eq!(a.snapshot_bytes().unwrap(), snap);
+    let named = catch_up(&mut a);
+    assert!(!named.is_empty());
+    let g = a.graph_stats("c").unwrap();
+    assert_eq!((g.indexed, g.copied_slots), (3000, 2944), "{g:?}");
+    assert_eq!(a.collection_info("c").unwrap().unindexed, 0);
+    // A replica applying the same ops, and one restored from the early snapshot that then
+    // applies the rest, search the same copy once their indexers have caught up.
+    let mut b = store();
+    create(&mut b, "c", 24, Metric::L2);
+    b.apply(write).unwrap();
+    let mut r = MemoryStore::restore_bytes(&snap).unwrap();
+    assert_eq!(r.snapshot_bytes().unwrap(), snap);
+    for op in &named {
+        b.apply(op.clone()).unwrap();
+        r.apply(op.clone()).unwrap();
+    }
+    b.wait_indexing();
+    r.wait_indexing();
+    assert_eq!(b.snapshot_bytes().unwrap(), a.snapshot_bytes().unwrap());
+    assert_eq!(r.snapshot_bytes().unwrap(), a.snapshot_bytes().unwrap());
+    for q in &data.queries {
+        let mut req = SearchRequest::new(q.clone(), 10, 8);
+        req.ef = Some(16);
+        let hits = a.search("c", &req).unwrap();
+        assert_eq!(hits, b.search("c", &req).unwrap());
+        assert_eq!(hits, r.search("c", &req).unwrap());
+    }
+}
+
 /// A snapshot of format 3 (before rebuilds could be under way) still loads.
 #[test]
 fn format_3_snapshots_still_load() {
@@ -666,6 +741,12 @@ fn replicas_converge(dim: usize) {
         assert_eq!(ra, rb);
         ra.unwrap();
     }
+    // The leader's indexer takes graph copies and names them; the follower applies the
+    // same ops, and its own indexer takes the same copies.
+    for op in catch_up(&mut a) {
+        b.apply(op).unwrap();
+    }
+    b.wait_indexing();
     // A failing op fails identically and changes nothing.
     let before = a.snapshot_bytes().unwrap();
     let bad = MemoryOp::Upsert {
@@ -690,6 +771,9 @@ fn replicas_converge(dim: usize) {
     );
 
     let c = MemoryStore::restore_bytes(&before).unwrap();
+    // Until its indexer has re-inserted the slots up to the copy in use, a restored
+    // replica scans exactly; then it searches the same copy as the others.
+    c.wait_indexing();
     assert_eq!(
         c.snapshot_bytes().unwrap(),
         before,
