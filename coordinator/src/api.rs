@@ -142,6 +142,9 @@ impl ApiError {
                 leader_api: leader.or_else(|| node.leader()).map(|(_, n)| n.api_addr),
             },
             ProposeError::Raft(m) => ApiError::Unavailable(format!("could not commit: {m}")),
+            e @ (ProposeError::Busy(_) | ProposeError::Timeout(_)) => {
+                ApiError::Unavailable(e.to_string())
+            }
             e @ ProposeError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
         }
     }
@@ -442,6 +445,21 @@ fn submit_ops(node: &Node, specs: Vec<TaskSpec>) -> Vec<Op> {
         .collect()
 }
 
+/// Refuses `n` submits (`429`, before anything is proposed) when the queue has no room
+/// for them. The queue limit is checked again when the submits apply (the authoritative,
+/// replicated check); this one keeps a refused submit from costing a Raft entry. A
+/// single submit with an idempotency key skips it: it may name a task that exists.
+fn admit_to_queue(node: &Node, n: usize) -> Result<(), ApiError> {
+    let limit = node.config().limits.queue_limit;
+    let room = node.read_table(|t| limit.saturating_sub(t.unfinished()));
+    if n as u64 > room {
+        metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full")
+            .increment(n as u64);
+        return Err(ApiError::QueueFull { limit });
+    }
+    Ok(())
+}
+
 /// Longest a submit waits for checkpoints to catch up before it is refused.
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 
@@ -476,9 +494,12 @@ async fn submit(
     let Json(task) = body?;
     let wait = wait_of(&node, &q)?;
     let spec = to_spec(&node, task)?;
+    if spec.idempotency_key.is_none() {
+        admit_to_queue(&node, 1)?;
+    }
     wait_for_checkpoints(&node).await?;
     let results = node
-        .propose(submit_ops(&node, vec![spec]))
+        .propose_client(submit_ops(&node, vec![spec]))
         .await
         .map_err(|e| ApiError::from_propose(&node, e))?;
     node.count_results(&results);
@@ -547,23 +568,11 @@ async fn submit_batch(
             "the batch takes {bytes} bytes; a batch is at most {MAX_OP_BYTES} bytes (one Raft entry holds {ENTRY_BUDGET}): split it"
         )));
     }
-    // All or nothing: refuse the whole batch if it does not fit the queue.
-    let room = node.read_table(|t| {
-        node.config()
-            .limits
-            .queue_limit
-            .saturating_sub(t.unfinished())
-    });
-    if specs.len() as u64 > room {
-        metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full")
-            .increment(specs.len() as u64);
-        return Err(ApiError::QueueFull {
-            limit: node.config().limits.queue_limit,
-        });
-    }
+    // Refuse the whole batch if it does not fit the queue.
+    admit_to_queue(&node, specs.len())?;
     wait_for_checkpoints(&node).await?;
     let results = node
-        .propose(submit_ops(&node, specs))
+        .propose_client(submit_ops(&node, specs))
         .await
         .map_err(|e| ApiError::from_propose(&node, e))?;
     node.count_results(&results);
@@ -684,13 +693,14 @@ async fn list_tasks(
 async fn cancel_task(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult<TaskView> {
     let id = parse_id(&id)?;
     let result = node
-        .proposer
-        .propose_one(Op::Cancel {
+        .propose_client(vec![Op::Cancel {
             task_id: id,
             now_ms: now_ms(),
-        })
+        }])
         .await
-        .map_err(|e| ApiError::from_propose(&node, e))?;
+        .map_err(|e| ApiError::from_propose(&node, e))?
+        .pop()
+        .ok_or_else(|| ApiError::Internal("empty cancel result".into()))?;
     node.count_results(std::slice::from_ref(&result));
     match result {
         OpResult::NotFound => return Err(ApiError::NotFound(format!("no task {id}"))),

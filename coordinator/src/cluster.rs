@@ -217,6 +217,17 @@ pub(crate) async fn health_check(node: &Node) -> Result<(), String> {
     if let Err(e) = &node.raft().metrics().borrow().running_state {
         return Err(format!("raft stopped: {e}"));
     }
+    let dead = node
+        .dead_loops
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if !dead.is_empty() {
+        return Err(format!(
+            "node loops stopped after repeated panics: {}",
+            dead.join(", ")
+        ));
+    }
     let probe = node.data_dir.join(".health-probe");
     let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;

@@ -359,14 +359,26 @@ fn mem_err(e: swarm_memory::MemoryError) -> ApiError {
     fault(MemoryFault::from(e))
 }
 
-/// Commit one memory op and return what it did.
+/// Commit one memory op of a client request and return what it did.
 async fn write(node: &Node, op: MemoryOp) -> Result<OpOutcome, ApiError> {
+    write_op(node, op, true).await
+}
+
+/// Commit one memory op the coordinator proposes itself (sweeps, index advances).
+async fn write_own(node: &Node, op: MemoryOp) -> Result<OpOutcome, ApiError> {
+    write_op(node, op, false).await
+}
+
+async fn write_op(node: &Node, op: MemoryOp, client: bool) -> Result<OpOutcome, ApiError> {
     // Refuse what would be refused anyway before it takes a log entry.
     node.table.memory(|m| m.validate(&op)).map_err(mem_err)?;
-    let r = node
-        .propose(vec![Op::Memory(op)])
-        .await
-        .map_err(|e| ApiError::from_propose(node, e))?;
+    let ops = vec![Op::Memory(op)];
+    let r = if client {
+        node.propose_client(ops).await
+    } else {
+        node.propose(ops).await
+    }
+    .map_err(|e| ApiError::from_propose(node, e))?;
     match r.into_iter().next() {
         Some(OpResult::Memory(Ok(o))) => Ok(o),
         Some(OpResult::Memory(Err(f))) => Err(fault(f)),
@@ -937,7 +949,7 @@ pub(crate) async fn sweep_expired_points(node: &Node) {
     {
         return;
     }
-    match write(node, MemoryOp::ExpireSweep { now_ms: now }).await {
+    match write_own(node, MemoryOp::ExpireSweep { now_ms: now }).await {
         Ok(outcome) => debug!(?outcome, "expired memory points swept"),
         Err(e) => debug!(error = %e, "memory sweep not committed"),
     }
@@ -953,7 +965,7 @@ pub(crate) async fn finish_rebuilds(node: &Node) {
             generation,
             now_ms: now_ms(),
         };
-        match write(node, op).await {
+        match write_own(node, op).await {
             Ok(outcome) => debug!(?collection, ?outcome, "rebuilt graph swapped in"),
             Err(e) => debug!(?collection, error = %e, "graph swap not committed"),
         }
@@ -971,7 +983,7 @@ pub(crate) async fn advance_indexes(node: &Node) {
             slots,
             now_ms: now_ms(),
         };
-        match write(node, op).await {
+        match write_own(node, op).await {
             Ok(outcome) => debug!(?collection, slots, ?outcome, "graph copy named"),
             Err(e) => debug!(?collection, error = %e, "graph copy not committed"),
         }

@@ -222,6 +222,8 @@ pub struct Node {
     /// Set once this leader started handing leadership over (it is stopping): it serves
     /// no more as leader (see [`Node::is_leader`]).
     handing_off: AtomicBool,
+    /// Node loops that panicked too often to be restarted again (`/health` names them).
+    pub(crate) dead_loops: DeadLoops,
 }
 
 impl Node {
@@ -251,6 +253,7 @@ impl Node {
             peer_http,
             restore_driver: Mutex::new(None),
             handing_off: AtomicBool::new(false),
+            dead_loops: DeadLoops::default(),
         })
     }
 
@@ -329,9 +332,15 @@ impl Node {
         Some((id, node))
     }
 
-    /// Propose ops through the group-commit batcher.
+    /// Propose the coordinator's own ops through the group-commit batcher.
     pub async fn propose(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
         self.proposer.propose(ops).await
+    }
+
+    /// Propose a client request's ops: refused when too much waits to commit, and
+    /// answered with a timeout when not committed in time.
+    pub async fn propose_client(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
+        self.proposer.propose_admitted(ops).await
     }
 
     /// Propose purges of the finished tasks whose retention ended, as many ops as it takes.
@@ -693,7 +702,12 @@ impl Node {
             tokio::spawn(async move {
                 match node.propose(ops).await {
                     Ok(results) => node.count_results(&results),
-                    Err(e) => debug!(error = %e, "dispatch proposal not committed"),
+                    // The attempts' `Start`/`Lose` stay unrecorded: the deadline and
+                    // heartbeat reconciliation give them up, or the next leader adopts them.
+                    Err(e) => {
+                        metrics::counter!("swarm_dispatch_proposals_failed_total").increment(1);
+                        warn!(error = %e, "dispatch proposal (Start/Lose) not committed")
+                    }
                 }
             });
         }
@@ -716,6 +730,62 @@ pub(crate) fn not_leader_msg(me: u64, leader: Option<&(u64, NodeAddr)>) -> Coord
             message: format!("coordinator {me} is not the leader and knows no leader yet"),
         },
     }
+}
+
+/// Names of node loops left stopped by [`supervise`].
+pub(crate) type DeadLoops = Arc<Mutex<Vec<&'static str>>>;
+
+/// Most restarts of one node loop within [`RESTART_WINDOW`] before it is left stopped.
+const MAX_LOOP_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// Runs a node loop (`make` starts it) and restarts it when it panics — the panic is
+/// logged by the panic hook and counted in `swarm_loop_panics_total{loop}` — a moment
+/// later. A loop that panics more than [`MAX_LOOP_RESTARTS`] times within
+/// [`RESTART_WINDOW`] is left stopped and named by `/health`, which then fails, so an
+/// orchestrator restarts the process. A loop that returns (at shutdown) is not restarted.
+pub(crate) fn supervise<F, Fut>(
+    dead: DeadLoops,
+    name: &'static str,
+    make: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut panics: std::collections::VecDeque<tokio::time::Instant> = Default::default();
+        loop {
+            match tokio::spawn(make()).await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => {}
+                // Cancelled: the runtime is shutting down.
+                Err(_) => return,
+            }
+            metrics::counter!("swarm_loop_panics_total", "loop" => name).increment(1);
+            let now = tokio::time::Instant::now();
+            panics.push_back(now);
+            while panics
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+            {
+                panics.pop_front();
+            }
+            if panics.len() > MAX_LOOP_RESTARTS {
+                tracing::error!(
+                    loop_name = name,
+                    "node loop panicked {} times within {RESTART_WINDOW:?}; left stopped, /health fails",
+                    panics.len()
+                );
+                dead.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(name);
+                return;
+            }
+            warn!(loop_name = name, "node loop panicked; restarting it");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
 }
 
 /// Watch applied entries and leadership changes; runs until shutdown.
@@ -948,5 +1018,52 @@ pub(crate) async fn gauges_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
                     .set(last.saturating_sub(matched) as f64);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// A loop that panics once is started again and runs to its end; one that keeps
+    /// panicking is left stopped after the allowed restarts and named as dead.
+    #[tokio::test]
+    async fn supervised_loops_restart_after_a_panic_and_stop_when_it_repeats() {
+        let dead = DeadLoops::default();
+        let runs = Arc::new(AtomicU32::new(0));
+        let once = {
+            let runs = runs.clone();
+            move || {
+                let runs = runs.clone();
+                async move {
+                    if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("first run panics");
+                    }
+                }
+            }
+        };
+        supervise(dead.clone(), "once", once).await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "restarted once, then ended");
+        assert!(dead.lock().unwrap().is_empty());
+
+        let tries = Arc::new(AtomicU32::new(0));
+        let always = {
+            let tries = tries.clone();
+            move || {
+                let tries = tries.clone();
+                async move {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    panic!("always panics");
+                }
+            }
+        };
+        supervise(dead.clone(), "always", always).await.unwrap();
+        assert_eq!(
+            tries.load(Ordering::SeqCst) as usize,
+            MAX_LOOP_RESTARTS + 1,
+            "started once and restarted the allowed number of times"
+        );
+        assert_eq!(*dead.lock().unwrap(), vec!["always"]);
     }
 }

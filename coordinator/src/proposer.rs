@@ -8,8 +8,17 @@
 //! [`Op::size_hint`]); one request's ops always stay in one entry, and a request larger
 //! than the budget is refused ([`ProposeError::TooLarge`]; the API refuses such requests
 //! with `413` before they get here).
+//!
+//! Client requests go through [`Proposer::propose_admitted`]: they are refused at once
+//! ([`ProposeError::Busy`], `503`) while more than [`QUEUE_BYTES`] or [`QUEUE_REQUESTS`]
+//! wait to commit, and answered [`ProposeError::Timeout`] after [`PROPOSE_TIMEOUT`], so
+//! while quorum is lost requests and their payloads do not pile up in memory. The
+//! coordinator's own ops (dispatch records, reports, sweeps) are small and bounded by the
+//! work in flight; they use [`Proposer::propose`], which neither refuses nor times out.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
@@ -31,18 +40,55 @@ pub enum ProposeError {
     /// The ops take more than one entry holds.
     #[error("{bytes} bytes of ops exceed the {limit}-byte budget of one Raft entry")]
     TooLarge { bytes: usize, limit: usize },
+    /// Too much is waiting to commit already; nothing was proposed.
+    #[error("the coordinator is overloaded ({0} waiting to commit); retry later")]
+    Busy(String),
+    /// Not committed within [`PROPOSE_TIMEOUT`]. It may still commit: the outcome is
+    /// unknown (retry with the same idempotency key).
+    #[error("not committed within {0:?} (is a quorum of coordinators up?); it may still take effect: retry with the same idempotency_key")]
+    Timeout(Duration),
 }
+
+/// Most bytes of client requests waiting to commit (eight full entries).
+pub const QUEUE_BYTES: usize = 8 * ENTRY_BUDGET;
+/// Most client requests waiting to commit.
+pub const QUEUE_REQUESTS: usize = 16_384;
+/// Longest a client request waits for its commit.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
 
 struct Pending {
     ops: Vec<Op>,
     bytes: usize,
     done: oneshot::Sender<Result<Vec<OpResult>, ProposeError>>,
+    /// Held while a client request waits (released however the request ends).
+    _queued: Option<Queued>,
+}
+
+/// What client requests waiting to commit take.
+#[derive(Default)]
+struct Queue {
+    bytes: AtomicUsize,
+    requests: AtomicUsize,
+}
+
+/// One client request's share of the [`Queue`], given back on drop.
+struct Queued {
+    queue: Arc<Queue>,
+    bytes: usize,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.queue.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.queue.requests.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Handle for proposing ops; cheap to clone.
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::UnboundedSender<Pending>,
+    queue: Arc<Queue>,
 }
 
 /// Most ops packed into one Raft entry.
@@ -55,11 +101,31 @@ impl Proposer {
     pub fn spawn(raft: Raft<TypeConfig>) -> Proposer {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(raft, rx));
-        Proposer { tx }
+        Proposer {
+            tx,
+            queue: Arc::default(),
+        }
     }
 
-    /// Propose `ops` and wait until they are committed and applied.
+    /// Propose `ops` and wait until they are committed and applied (the coordinator's
+    /// own ops: never refused for load, no timeout).
     pub async fn propose(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
+        self.enqueue(ops, false).await
+    }
+
+    /// Propose a client request's `ops`: refused with [`ProposeError::Busy`] when the
+    /// queue is full, [`ProposeError::Timeout`] when not committed in time.
+    pub async fn propose_admitted(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
+        match tokio::time::timeout(PROPOSE_TIMEOUT, self.enqueue(ops, true)).await {
+            Ok(r) => r,
+            Err(_) => {
+                metrics::counter!("swarm_proposals_timed_out_total").increment(1);
+                Err(ProposeError::Timeout(PROPOSE_TIMEOUT))
+            }
+        }
+    }
+
+    async fn enqueue(&self, ops: Vec<Op>, admit: bool) -> Result<Vec<OpResult>, ProposeError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
@@ -70,12 +136,49 @@ impl Proposer {
                 limit: ENTRY_BUDGET,
             });
         }
+        let queued = if admit {
+            Some(self.admit(bytes)?)
+        } else {
+            None
+        };
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Pending { ops, bytes, done })
+            .send(Pending {
+                ops,
+                bytes,
+                done,
+                _queued: queued,
+            })
             .map_err(|_| ProposeError::Raft("proposer stopped".into()))?;
         rx.await
             .map_err(|_| ProposeError::Raft("proposer stopped".into()))?
+    }
+
+    /// Takes `bytes` of the client queue, or refuses when it is full.
+    fn admit(&self, bytes: usize) -> Result<Queued, ProposeError> {
+        let q = &self.queue;
+        let total = q.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let requests = q.requests.fetch_add(1, Ordering::AcqRel) + 1;
+        let queued = Queued {
+            queue: q.clone(),
+            bytes,
+        };
+        if total > QUEUE_BYTES || requests > QUEUE_REQUESTS {
+            drop(queued);
+            metrics::counter!("swarm_proposals_refused_total").increment(1);
+            return Err(ProposeError::Busy(format!(
+                "{requests} requests, {total} bytes; at most {QUEUE_REQUESTS} and {QUEUE_BYTES}"
+            )));
+        }
+        Ok(queued)
+    }
+
+    /// Client requests waiting to commit, and their bytes.
+    pub fn queued(&self) -> (usize, usize) {
+        (
+            self.queue.requests.load(Ordering::Acquire),
+            self.queue.bytes.load(Ordering::Acquire),
+        )
     }
 
     /// Propose one op.
@@ -192,5 +295,68 @@ async fn commit(raft: &Raft<TypeConfig>, batch: Vec<Pending>, n: usize) {
                 let _ = done.send(Err(err.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proposer whose batching loop never runs: what it is handed waits for good, as
+    /// when a leader has lost its quorum.
+    fn stuck() -> (Proposer, mpsc::UnboundedReceiver<Pending>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let p = Proposer {
+            tx,
+            queue: Arc::default(),
+        };
+        (p, rx)
+    }
+
+    fn cancel(id: u64) -> Op {
+        Op::Cancel {
+            task_id: id,
+            now_ms: 0,
+        }
+    }
+
+    /// Client requests are refused once the queue is full by bytes or by count, and
+    /// their share is given back however they end; the coordinator's own ops are never
+    /// refused.
+    #[test]
+    fn the_client_queue_is_bounded_and_given_back() {
+        let (p, _rx) = stuck();
+        let big = p.admit(QUEUE_BYTES).expect("fits exactly");
+        assert!(matches!(p.admit(1), Err(ProposeError::Busy(_))));
+        assert_eq!(p.queued(), (1, QUEUE_BYTES), "a refusal takes nothing");
+        drop(big);
+        assert_eq!(p.queued(), (0, 0));
+        let held: Vec<Queued> = (0..QUEUE_REQUESTS).map(|_| p.admit(1).unwrap()).collect();
+        assert!(matches!(p.admit(1), Err(ProposeError::Busy(_))));
+        drop(held);
+        assert_eq!(p.queued(), (0, 0));
+    }
+
+    /// A client request not committed in time is answered `Timeout` and its share of
+    /// the queue given back; the coordinator's own proposals keep waiting.
+    #[tokio::test(start_paused = true)]
+    async fn client_requests_time_out_and_leave_the_queue() {
+        let (p, mut rx) = stuck();
+        let own = tokio::spawn({
+            let p = p.clone();
+            async move { p.propose(vec![cancel(1)]).await }
+        });
+        let r = p.propose_admitted(vec![cancel(2)]).await;
+        assert!(matches!(r, Err(ProposeError::Timeout(_))), "{r:?}");
+        // The request is still queued in the channel; its waiter is gone.
+        let (a, b) = (rx.recv().await.unwrap(), rx.recv().await.unwrap());
+        let (mine, client) = if a._queued.is_none() { (a, b) } else { (b, a) };
+        assert!(mine._queued.is_none() && client._queued.is_some());
+        assert_eq!(p.queued(), (1, client.bytes));
+        drop(client);
+        assert_eq!(p.queued(), (0, 0));
+        assert!(!own.is_finished(), "own ops do not time out");
+        let _ = mine.done.send(Ok(vec![OpResult::NotFound]));
+        assert!(matches!(own.await.unwrap(), Ok(r) if r.len() == 1));
     }
 }

@@ -90,6 +90,9 @@ pub struct InFlight {
     pub deadline_ms: u64,
     /// The worker reported the end; waiting for the report to commit.
     pub reported: bool,
+    /// Since when the worker's heartbeats have not listed it (see
+    /// [`Scheduler::heartbeat`]).
+    pub unlisted_since_ms: Option<u64>,
 }
 
 /// "Send this attempt to this worker."
@@ -257,6 +260,7 @@ impl Scheduler {
                 attempt,
                 deadline_ms: self.deadline(now_ms, timeout_ms),
                 reported: false,
+                unlisted_since_ms: None,
             },
         );
         if let Some(w) = self.workers.get_mut(worker) {
@@ -283,6 +287,53 @@ impl Scheduler {
         if let Some(w) = self.workers.get_mut(worker) {
             w.busy = w.busy.saturating_sub(1);
         }
+    }
+
+    /// A heartbeat of `worker` listed the attempts it holds, `running`. An attempt in
+    /// flight there that its heartbeats have not listed for longer than a lease is given
+    /// up: it leaves the in-flight set and is returned (the caller proposes `Op::Lose`).
+    /// The lease of grace covers a `Run` still on its way and a hand-over to a mesh peer
+    /// not yet reported by the taker; an attempt listed again is cleared.
+    pub fn heartbeat(
+        &mut self,
+        worker: &str,
+        running: &[AttemptRef],
+        now_ms: u64,
+    ) -> Vec<AttemptRef> {
+        let grace = self.cfg.lease_ms;
+        let listed: BTreeSet<AttemptRef> = running.iter().copied().collect();
+        let mut gone = Vec::new();
+        for f in self.in_flight.values_mut() {
+            if f.worker != worker || f.reported {
+                continue;
+            }
+            if listed.contains(&f.attempt) {
+                f.unlisted_since_ms = None;
+                continue;
+            }
+            let since = *f.unlisted_since_ms.get_or_insert(now_ms);
+            if now_ms.saturating_sub(since) > grace {
+                gone.push(f.attempt);
+            }
+        }
+        for a in &gone {
+            self.forget(a.task_id);
+        }
+        gone
+    }
+
+    /// Of the attempts `worker` says it holds, those not in flight on it here.
+    pub fn untracked(&self, worker: &str, running: &[AttemptRef]) -> Vec<AttemptRef> {
+        running
+            .iter()
+            .filter(|a| {
+                !self
+                    .in_flight
+                    .get(&a.task_id)
+                    .is_some_and(|f| f.attempt == **a && f.worker == worker)
+            })
+            .copied()
+            .collect()
     }
 
     /// The task table says the task moved on (final, or queued for another attempt).
@@ -361,6 +412,7 @@ impl Scheduler {
                     attempt,
                     deadline_ms,
                     reported: false,
+                    unlisted_since_ms: None,
                 },
             );
             free -= 1;
@@ -595,6 +647,46 @@ mod tests {
         let again = s.plan(t.queued(), 0).dispatches;
         assert_eq!(again.len(), 1);
         assert_ne!(again[0].attempt.task_id, plan[0].attempt.task_id);
+    }
+
+    /// Heartbeats reconcile: an attempt placed on a worker that its heartbeats stop
+    /// listing is given up once it has been unlisted for more than a lease (not before: a
+    /// `Run` may be on its way), one listed again is kept, and attempts a worker lists
+    /// that are not in flight on it are reported as untracked.
+    #[test]
+    fn heartbeats_give_up_unlisted_attempts_after_a_lease() {
+        let t = table(3, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 3, labels(&[]), 0);
+        let plan = s.plan(t.queued(), 0).dispatches;
+        let [x, y, z] = [plan[0].attempt, plan[1].attempt, plan[2].attempt];
+        // The first heartbeat was sent before the Runs arrived: nothing is lost yet.
+        assert!(s.heartbeat("a", &[], 100).is_empty());
+        // x and y arrive; z never does.
+        assert!(s.heartbeat("a", &[x, y], 600).is_empty());
+        assert!(
+            s.heartbeat("a", &[x], 1100).is_empty(),
+            "z unlisted for 1000 ms"
+        );
+        assert_eq!(s.heartbeat("a", &[x], 1101), vec![z]);
+        assert!(s.in_flight(z.task_id).is_none(), "given up");
+        assert_eq!(s.workers()["a"].busy, 2);
+        // y went unlisted at 1100; listed again at 1500, it is kept.
+        assert!(s.heartbeat("a", &[x, y], 1500).is_empty());
+        assert!(s.heartbeat("a", &[x, y], 3000).is_empty());
+        // A reported attempt is not expected in the list.
+        s.reported("a", x);
+        assert!(s.heartbeat("a", &[y], 5000).is_empty());
+        // Listed but not in flight here: untracked.
+        let stray = AttemptRef {
+            task_id: 99,
+            attempt: 1,
+        };
+        assert_eq!(s.untracked("a", &[y, stray, z]), vec![stray, z]);
+        assert!(
+            s.untracked("b", &[y]) == vec![y],
+            "in flight on another worker"
+        );
     }
 
     #[test]

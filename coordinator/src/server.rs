@@ -209,26 +209,33 @@ where
     info!(embedder = %cfg.embedder.describe(), "ReasoningBank embedder");
     let node = Node::new(cfg, raft.clone(), table, peer_http, memory);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    // Each loop restarts after a panic (see `node::supervise`).
     let mut tasks = vec![
-        tokio::spawn(node::applied_loop(node.clone(), shutdown_rx.clone())),
-        tokio::spawn(node::dispatch_loop(node.clone(), shutdown_rx.clone())),
-        tokio::spawn(node::gauges_loop(node.clone(), shutdown_rx.clone())),
-        tokio::spawn(node::quiet_while_receiving(
-            raft.clone(),
-            receiving,
-            shutdown_rx.clone(),
-        )),
-        tokio::spawn(node::maintenance_loop(
-            node.clone(),
-            log_for_maintenance,
-            shutdown_rx.clone(),
-        )),
-        tokio::spawn(accept_loop(
-            node.clone(),
-            arrivals,
-            endpoint.clone(),
-            shutdown_rx.clone(),
-        )),
+        node::supervise(node.dead_loops.clone(), "applied", {
+            let (node, rx) = (node.clone(), shutdown_rx.clone());
+            move || node::applied_loop(node.clone(), rx.clone())
+        }),
+        node::supervise(node.dead_loops.clone(), "dispatch", {
+            let (node, rx) = (node.clone(), shutdown_rx.clone());
+            move || node::dispatch_loop(node.clone(), rx.clone())
+        }),
+        node::supervise(node.dead_loops.clone(), "gauges", {
+            let (node, rx) = (node.clone(), shutdown_rx.clone());
+            move || node::gauges_loop(node.clone(), rx.clone())
+        }),
+        node::supervise(node.dead_loops.clone(), "quiet_while_receiving", {
+            let (raft, receiving, rx) = (raft.clone(), receiving, shutdown_rx.clone());
+            move || node::quiet_while_receiving(raft.clone(), receiving.clone(), rx.clone())
+        }),
+        node::supervise(node.dead_loops.clone(), "maintenance", {
+            let (node, log, rx) = (node.clone(), log_for_maintenance, shutdown_rx.clone());
+            move || node::maintenance_loop(node.clone(), log.clone(), rx.clone())
+        }),
+        node::supervise(node.dead_loops.clone(), "accept", {
+            let (node, rx) = (node.clone(), shutdown_rx.clone());
+            let endpoint = endpoint.clone();
+            move || accept_loop(node.clone(), arrivals.clone(), endpoint.clone(), rx.clone())
+        }),
     ];
     let mut api_shutdown = shutdown_rx.clone();
     let app = api::router(node.clone());

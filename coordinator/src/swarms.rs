@@ -35,7 +35,7 @@ use swarm_topology::{
     parse_stages, plan, view, Load, Member, SwarmSpec, TopologyKind, TopologyOptions, TopologyPlan,
     TopologySpec, DEFAULT_SWARM_NAME,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::api::ApiError;
 use crate::node::{now_ms, Dispatch, Node, SessionHandle};
@@ -423,7 +423,7 @@ pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from:
     tokio::spawn(async move {
         match node.proposer.propose_one(op).await {
             Ok(r) => node.count_results(std::slice::from_ref(&r)),
-            Err(e) => debug!(error = %e, "steal outcome not committed"),
+            Err(e) => warn!(error = %e, "steal outcome (Move/Lose) not committed"),
         }
     });
 }
@@ -576,7 +576,7 @@ pub(crate) async fn create(
     }
     let name = record.spec.name.clone();
     let result = node
-        .propose(vec![Op::SwarmCreate { record }])
+        .propose_client(vec![Op::SwarmCreate { record }])
         .await
         .map_err(|e| ApiError::from_propose(&node, e))?;
     match result.first() {
@@ -615,7 +615,7 @@ pub(crate) async fn delete(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let result = node
-        .propose(vec![Op::SwarmDelete { name: name.clone() }])
+        .propose_client(vec![Op::SwarmDelete { name: name.clone() }])
         .await
         .map_err(|e| ApiError::from_propose(&node, e))?;
     match result.first() {

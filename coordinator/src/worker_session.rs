@@ -213,11 +213,23 @@ async fn session(
         via.clone(),
     );
     info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, via = ?via, remote = %conn.remote_address(), "worker connected");
-    let writer_task = tokio::spawn(write_loop(writer, rx));
+    let mut writer_task = tokio::spawn(write_loop(writer, rx));
     node.poke();
 
     let result = tokio::select! {
         r = read_loop(node, &hello.worker_id, &mut reader, &tx) => r,
+        // A frame that cannot be written ends the session: left leased, every later
+        // `Run`, `Ack` and `Cancel` to the worker would be dropped unseen. The worker
+        // reconnects, and registration reconciles what it holds.
+        w = &mut writer_task => match w {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                metrics::counter!("swarm_worker_write_failures_total").increment(1);
+                warn!(worker = %hello.worker_id, error = %e, "ending the worker session: a write to it failed");
+                Err(SessionError::Transport(e.into()))
+            }
+            Err(e) => Err(SessionError::Protocol(format!("the session's writer stopped: {e}"))),
+        },
         // Replaced by a newer session of the same worker. (A dropped sender, e.g. when
         // leadership is lost, does not end the session: its `NotLeader` must get out.)
         Ok(()) = &mut stopped => Err(SessionError::Protocol(
@@ -410,8 +422,9 @@ fn register(
     if !start_ops.is_empty() {
         let node = node.clone();
         tokio::spawn(async move {
-            if let Ok(r) = node.propose(start_ops).await {
-                node.count_results(&r);
+            match node.propose(start_ops).await {
+                Ok(r) => node.count_results(&r),
+                Err(e) => warn!(error = %e, "recording a reconnected worker's attempts failed"),
             }
         });
     }
@@ -426,23 +439,25 @@ fn unregister(node: &Arc<Node>, worker: &str, conn_id: u64) {
 }
 
 /// Frames to the worker leave through one task, batched: whatever queued up while the
-/// last write was in progress goes out in one write.
-async fn write_loop(mut writer: FrameWriter, mut rx: mpsc::UnboundedReceiver<CoordinatorMsg>) {
+/// last write was in progress goes out in one write. Returns when the channel closes or
+/// after a closing frame (`Ok`), or at the first failed write (the session then ends).
+async fn write_loop(
+    mut writer: FrameWriter,
+    mut rx: mpsc::UnboundedReceiver<CoordinatorMsg>,
+) -> Result<(), swarm_transport::FrameError> {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let closing = batch
             .iter()
             .any(|m| matches!(m, CoordinatorMsg::Rejected { .. }));
-        if let Err(e) = writer.send_batch(&batch).await {
-            debug!(error = %e, "worker write failed");
-            return;
-        }
+        writer.send_batch(&batch).await?;
         batch.clear();
         if closing {
             let _ = writer.finish();
-            return;
+            return Ok(());
         }
     }
+    Ok(())
 }
 
 async fn read_loop(
@@ -454,14 +469,7 @@ async fn read_loop(
     while let Some(msg) = reader.recv::<WorkerMsg>().await? {
         let now = now_ms();
         match msg {
-            WorkerMsg::Heartbeat { running } => {
-                let mut d = node.lock_dispatch();
-                d.scheduler.worker_seen(worker, now);
-                if let Some(s) = d.sessions.get_mut(worker) {
-                    s.info.last_heartbeat_ms = now;
-                    s.info.running = running.len() as u32;
-                }
-            }
+            WorkerMsg::Heartbeat { running } => on_heartbeat(node, worker, &running, tx, now),
             WorkerMsg::Finished(report) => on_report(node, worker, report, tx.clone(), now),
             WorkerMsg::Retrieve {
                 request_id,
@@ -476,7 +484,7 @@ async fn read_loop(
                 let (node, tx) = (node.clone(), tx.clone());
                 let mut answer = Box::pin(async move {
                     let result = crate::memory::retrieve_for_worker(&node, &query, k).await;
-                    let _ = tx.send(CoordinatorMsg::Retrieved { request_id, result });
+                    let _ = tx.send(fit_frame(CoordinatorMsg::Retrieved { request_id, result }));
                 });
                 if futures::FutureExt::now_or_never(&mut answer).is_none() {
                     tokio::spawn(answer);
@@ -499,6 +507,110 @@ async fn read_loop(
         }
     }
     Ok(())
+}
+
+/// Reconciles a heartbeat's list of the attempts the worker holds with ours: attempts
+/// placed on it that it has stopped listing for over a lease are lost (and run again);
+/// attempts it lists that neither this leader placed there nor the table records as
+/// running there (final, superseded, given up) are cancelled on it. Attempts the table
+/// records as running there are left for the adoption scan.
+fn on_heartbeat(
+    node: &Arc<Node>,
+    worker: &str,
+    running: &[swarm_proto::worker::AttemptRef],
+    tx: &mpsc::UnboundedSender<CoordinatorMsg>,
+    now: u64,
+) {
+    let (lost, untracked) = {
+        let mut d = node.lock_dispatch();
+        d.scheduler.worker_seen(worker, now);
+        if let Some(s) = d.sessions.get_mut(worker) {
+            s.info.last_heartbeat_ms = now;
+            s.info.running = running.len() as u32;
+        }
+        let lost: Vec<_> = d
+            .scheduler
+            .heartbeat(worker, running, now)
+            .into_iter()
+            .map(|a| (a, d.scheduler.retry_at(now, a)))
+            .collect();
+        (lost, d.scheduler.untracked(worker, running))
+    };
+    if !untracked.is_empty() {
+        // Read after the dispatch lock is released (lock order: table, then dispatch).
+        let stale: Vec<_> = node.read_table(|t| {
+            untracked
+                .into_iter()
+                .filter(|a| {
+                    !t.get(a.task_id).is_some_and(|task| {
+                        task.running_attempt()
+                            .is_some_and(|r| r.number == a.attempt && r.worker == worker)
+                    })
+                })
+                .collect()
+        });
+        for a in stale {
+            debug!(
+                worker,
+                task = a.task_id,
+                attempt = a.attempt,
+                "cancelling an attempt the worker holds and nobody expects"
+            );
+            metrics::counter!("swarm_stale_attempts_cancelled_total").increment(1);
+            let _ = tx.send(CoordinatorMsg::Cancel(a));
+        }
+    }
+    if lost.is_empty() {
+        return;
+    }
+    let ops: Vec<Op> = lost
+        .iter()
+        .map(|(a, retry_at_ms)| {
+            warn!(
+                worker,
+                task = a.task_id,
+                attempt = a.attempt,
+                "attempt lost: the worker's heartbeats have not listed it for over a lease"
+            );
+            Op::Lose {
+                attempt: *a,
+                reason: format!("worker {worker} no longer holds it"),
+                now_ms: now,
+                retry_at_ms: *retry_at_ms,
+            }
+        })
+        .collect();
+    let node = node.clone();
+    tokio::spawn(async move {
+        match node.propose(ops).await {
+            Ok(r) => node.count_results(&r),
+            Err(e) => {
+                warn!(error = %e, "recording attempts lost from a heartbeat failed; their deadlines will")
+            }
+        }
+    });
+}
+
+/// A `Retrieved` answer too large for one frame becomes an error answer that says so
+/// (sent as it is, it would fail the session's write and end the session).
+fn fit_frame(msg: CoordinatorMsg) -> CoordinatorMsg {
+    let CoordinatorMsg::Retrieved { request_id, .. } = &msg else {
+        return msg;
+    };
+    let limit = swarm_transport::DEFAULT_MAX_FRAME - 1024;
+    match swarm_codec::encoded_len(&msg) {
+        Ok(n) if n <= limit => msg,
+        Ok(n) => CoordinatorMsg::Retrieved {
+            request_id: *request_id,
+            result: Err(format!(
+                "the patterns retrieved take {n} bytes, over the frame limit of {limit}; ask for fewer (a smaller k)"
+            )),
+        },
+        Err(e) => CoordinatorMsg::Retrieved {
+            request_id: *request_id,
+            result: Err(format!("the answer could not be encoded: {e}")),
+        },
+    }
 }
 
 /// The worker is draining: place nothing more on it, and tell it so behind every `Run`
@@ -626,7 +738,16 @@ fn on_report(
                     let _ = tx.send(CoordinatorMsg::Ack(attempt));
                     return;
                 }
-                node.count_results(std::slice::from_ref(&result));
+                match &result {
+                    // A ring stage succeeded and the task queued for its next stage: an
+                    // advance, not a retry.
+                    OpResult::Applied {
+                        state: swarm_proto::api::TaskState::Queued,
+                    } if succeeded => {
+                        metrics::counter!("swarm_ring_stages_advanced_total").increment(1)
+                    }
+                    _ => node.count_results(std::slice::from_ref(&result)),
+                }
                 let _ = tx.send(CoordinatorMsg::Ack(attempt));
                 // First time this result is recorded: feed the ReasoningBank.
                 if let OpResult::Applied { .. } = result {

@@ -538,7 +538,9 @@ impl Task {
 
     /// The number the next attempt will carry.
     pub fn next_attempt(&self) -> u32 {
-        self.attempts.last().map_or(1, |a| a.number + 1)
+        self.attempts
+            .last()
+            .map_or(1, |a| a.number.saturating_add(1))
     }
 
     /// The agent the next (or current) attempt runs: the current stage's for a ring task.
