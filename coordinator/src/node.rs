@@ -310,8 +310,15 @@ impl Node {
     /// Whether this node is the Raft leader, handing over or not. Leadership changes
     /// (adopting attempts, stepping down) follow this one.
     pub(crate) fn leads_raft(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader && m.current_leader == Some(self.cfg.node_id)
+        self.raft_term_led().is_some()
+    }
+
+    /// The Raft term this node leads in, if it leads (handing over or not).
+    pub(crate) fn raft_term_led(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.state == ServerState::Leader && m.current_leader == Some(self.cfg.node_id))
+            .then_some(m.current_term)
     }
 
     /// Whether a leadership hand-off started (see [`Node::is_leader`]).
@@ -551,8 +558,11 @@ impl Node {
     }
 
     /// On election: track every attempt the table says is running, so its worker gets a
-    /// lease's grace to reconnect and report before the attempt is declared lost.
-    fn adopt_running(&self) {
+    /// lease's grace to reconnect and report before the attempt is declared lost. The
+    /// scheduler's workers are kept: a worker that registered between the election and
+    /// this call stays placeable (the scheduler was emptied when this node last stepped
+    /// down).
+    fn adopt_running(&self, term: u64) {
         let now = now_ms();
         let running: Vec<(String, AttemptRef, u64)> = self.read_table(|t| {
             t.running()
@@ -569,12 +579,18 @@ impl Node {
                 .collect()
         });
         let mut d = self.lock_dispatch();
-        d.scheduler = Scheduler::new(self.cfg.scheduler);
         for (worker, attempt, timeout) in running {
-            d.scheduler.adopt(&worker, attempt, timeout, now);
+            let tracked = d
+                .scheduler
+                .in_flight(attempt.task_id)
+                .is_some_and(|f| f.attempt == attempt);
+            if !tracked {
+                d.scheduler.adopt(&worker, attempt, timeout, now);
+            }
         }
         info!(
             node = self.cfg.node_id,
+            term,
             adopted = d.scheduler.in_flight_count(),
             "became leader"
         );
@@ -792,7 +808,10 @@ where
 pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let mut metrics = node.raft.metrics();
     let mut applied = node.table.subscribe_applied();
-    let mut was_leader = false;
+    // The term this node leads in, if it does. Tracked by term, not as a flag: a node
+    // that lost and regained leadership between two looks here steps down and adopts
+    // again, so nothing dispatched in the old term survives into the new one.
+    let mut led_term: Option<u64> = None;
     let mut prune = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
@@ -803,13 +822,16 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
         }
         // Raft leadership itself: a node handing leadership over still holds its worker
         // sessions until another node leads, then turns them to it.
-        let leader = node.leads_raft();
-        if leader && !was_leader {
-            node.adopt_running();
-        } else if !leader && was_leader {
-            node.step_down();
+        let term = node.raft_term_led();
+        if term != led_term {
+            if led_term.is_some() {
+                node.step_down();
+            }
+            if let Some(t) = term {
+                node.adopt_running(t);
+            }
+            led_term = term;
         }
-        was_leader = leader;
         node.on_applied();
     }
 }
