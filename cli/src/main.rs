@@ -18,7 +18,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use swarm_coordinator::api::parse_duration;
-use swarm_coordinator::memory::{DistillMode, EmbedderConfig, HttpEmbedderSettings};
+use swarm_coordinator::memory::{
+    DistillMode, EmbedderConfig, HttpEmbedderSettings, LlmDistillSettings,
+};
 use swarm_coordinator::raft::types::NodeAddr;
 use swarm_coordinator::scheduler::SchedulerConfig;
 use swarm_coordinator::{CoordinatorConfig, Limits, TaskDefaults};
@@ -504,6 +506,14 @@ struct CoordinatorArgs {
     /// Model name for `--distill llm`.
     #[arg(long, env = "SWARM_LLM_MODEL", default_value = "gpt-4o-mini")]
     llm_model: String,
+    /// Name of the environment variable holding `--llm-url`'s bearer token (the token
+    /// itself never goes on the command line).
+    #[arg(long, env = "SWARM_LLM_API_KEY_ENV")]
+    llm_api_key_env: Option<String>,
+    /// Most `--distill llm` requests in flight at once; up to 16 results per slot wait
+    /// for one, results past that are not distilled by the LLM.
+    #[arg(long, env = "SWARM_LLM_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    llm_concurrency: u32,
     /// Snapshot the state and compact the Raft log after this many entries...
     #[arg(long, env = "SWARM_SNAPSHOT_EVERY", default_value_t = swarm_coordinator::raft::SNAPSHOT_EVERY_LOGS)]
     snapshot_every: u64,
@@ -1030,10 +1040,12 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         distill: match a.distill.as_str() {
             "rules" => DistillMode::Rules,
             "off" => DistillMode::Off,
-            "llm" => DistillMode::Llm {
+            "llm" => DistillMode::Llm(LlmDistillSettings {
                 base_url: a.llm_url.clone().context("--distill llm needs --llm-url")?,
                 model: a.llm_model.clone(),
-            },
+                api_key: api_key_from_env("--llm-api-key-env", a.llm_api_key_env.as_deref())?,
+                concurrency: a.llm_concurrency as usize,
+            }),
             _ => DistillMode::AgentItems,
         },
         embedder,
@@ -1130,19 +1142,7 @@ fn embedder_config(a: &CoordinatorArgs) -> anyhow::Result<EmbedderConfig> {
     if a.embedder_timeout.is_zero() {
         bail!("--embedder-timeout must be greater than 0");
     }
-    let api_key = match a.embedder_api_key_env.as_deref().filter(|v| !v.is_empty()) {
-        None => None,
-        Some(var) => match std::env::var(var) {
-            Ok(key) if !key.trim().is_empty() => Some(key.trim().to_string()),
-            Ok(_) => bail!("--embedder-api-key-env names {var}, which is empty"),
-            Err(std::env::VarError::NotPresent) => {
-                bail!("--embedder-api-key-env names {var}, which is not set")
-            }
-            Err(std::env::VarError::NotUnicode(_)) => {
-                bail!("--embedder-api-key-env names {var}, which is not valid UTF-8")
-            }
-        },
-    };
+    let api_key = api_key_from_env("--embedder-api-key-env", a.embedder_api_key_env.as_deref())?;
     Ok(EmbedderConfig::Http(HttpEmbedderSettings {
         base_url,
         model: a.embedder_model.clone(),
@@ -1150,6 +1150,21 @@ fn embedder_config(a: &CoordinatorArgs) -> anyhow::Result<EmbedderConfig> {
         dimension,
         timeout: a.embedder_timeout,
     }))
+}
+
+/// The bearer token in the environment variable `var` names (given by `flag`), if any.
+fn api_key_from_env(flag: &str, var: Option<&str>) -> anyhow::Result<Option<String>> {
+    let Some(var) = var.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
+        Ok(_) => bail!("{flag} names {var}, which is empty"),
+        Err(std::env::VarError::NotPresent) => bail!("{flag} names {var}, which is not set"),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            bail!("{flag} names {var}, which is not valid UTF-8")
+        }
+    }
 }
 
 async fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {

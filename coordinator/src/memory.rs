@@ -57,9 +57,38 @@ pub enum DistillMode {
     /// Agent items, plus one rule-based item per finished task.
     Rules,
     /// Agent items, plus items an OpenAI-compatible chat endpoint writes.
-    Llm { base_url: String, model: String },
+    Llm(LlmDistillSettings),
     /// Nothing is distilled.
     Off,
+}
+
+/// Settings of [`DistillMode::Llm`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct LlmDistillSettings {
+    /// Base URL (`/v1/chat/completions` is appended as needed).
+    pub base_url: String,
+    /// Model name sent with every request.
+    pub model: String,
+    /// Bearer token, if the endpoint wants one (never printed by `Debug`).
+    pub api_key: Option<String>,
+    /// Most distillation requests in flight at once; results beyond that wait, up to
+    /// [`LLM_WAITERS_PER_SLOT`] per slot, and past that are not distilled (counted in
+    /// `swarm_distill_skipped_total{reason="busy"}`).
+    pub concurrency: usize,
+}
+
+/// Results that may wait for an LLM distillation slot, per slot.
+pub const LLM_WAITERS_PER_SLOT: usize = 16;
+
+impl fmt::Debug for LlmDistillSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmDistillSettings")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
 }
 
 /// What turns texts into vectors: pattern texts, `text` points, search and retrieval
@@ -217,6 +246,15 @@ pub(crate) struct MemoryService {
     /// [`EmbedderConfig::describe`], for errors.
     embedder_name: String,
     distillers: Vec<Box<dyn Distiller>>,
+    /// Bounds the remote (LLM) distiller's requests, with the results waiting for one.
+    remote: Option<RemoteLimit>,
+}
+
+/// Slots of a remote distiller and how many results wait for one.
+struct RemoteLimit {
+    slots: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
 }
 
 impl MemoryService {
@@ -228,14 +266,26 @@ impl MemoryService {
         if *mode != DistillMode::Off {
             distillers.push(Box::new(swarm_memory::AgentItemsDistiller));
         }
+        let mut remote = None;
         match mode {
             DistillMode::Rules => distillers.push(Box::new(swarm_memory::RuleDistiller)),
-            DistillMode::Llm { base_url, model } => {
-                let cfg = swarm_memory::LlmDistillerConfig::new(base_url.clone(), model.clone());
+            DistillMode::Llm(llm) => {
+                anyhow::ensure!(
+                    llm.concurrency > 0,
+                    "LLM distiller: concurrency must be positive"
+                );
+                let mut cfg =
+                    swarm_memory::LlmDistillerConfig::new(llm.base_url.clone(), llm.model.clone());
+                cfg.api_key = llm.api_key.clone();
                 distillers.push(Box::new(
                     swarm_memory::LlmDistiller::new(cfg)
                         .map_err(|e| anyhow::anyhow!("LLM distiller: {e}"))?,
                 ));
+                remote = Some(RemoteLimit {
+                    slots: tokio::sync::Semaphore::new(llm.concurrency),
+                    waiting: Default::default(),
+                    max_waiting: llm.concurrency.saturating_mul(LLM_WAITERS_PER_SLOT),
+                });
             }
             _ => {}
         }
@@ -243,7 +293,25 @@ impl MemoryService {
             embedder: embedder.build().context("embedder")?,
             embedder_name: embedder.describe(),
             distillers,
+            remote,
         })
+    }
+}
+
+impl RemoteLimit {
+    /// A slot, or `None` when too many already wait for one.
+    async fn acquire(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        use std::sync::atomic::Ordering;
+        if let Ok(slot) = self.slots.try_acquire() {
+            return Some(slot);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let slot = self.slots.acquire().await.ok();
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        slot
     }
 }
 
@@ -1030,6 +1098,23 @@ pub(crate) async fn after_result(node: Arc<Node>, r: ResultForMemory) {
         };
         let mut items = Vec::new();
         for d in &service.distillers {
+            // The remote distiller runs within its slots; when too many results wait
+            // for one, this one is not distilled there.
+            let _slot = match (&service.remote, d.name()) {
+                (Some(limit), "llm") => match limit.acquire().await {
+                    Some(slot) => Some(slot),
+                    None => {
+                        metrics::counter!("swarm_distill_skipped_total", "reason" => "busy")
+                            .increment(1);
+                        debug!(
+                            task = r.task_id,
+                            "LLM distillation skipped: too many waiting"
+                        );
+                        continue;
+                    }
+                },
+                _ => None,
+            };
             match d.distill(&summary).await {
                 Ok(mut v) => items.append(&mut v),
                 Err(e) => {
