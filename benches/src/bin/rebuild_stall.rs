@@ -8,7 +8,9 @@
 //! other as the phase it finished in):
 //!
 //! * load: the points are upserted in batches of the memory store's `max_batch`, capped so
-//!   one upsert fits a Raft entry (`limits::MAX_OP_BYTES`), one request at a time;
+//!   one upsert fits a Raft entry (`limits::MAX_OP_BYTES`), one request at a time; an
+//!   upsert answered 503 (the coordinator holds upserts while too many points wait for
+//!   the indexer, and refuses them after a while) is sent again after 1 s;
 //! * indexing: from the last upsert's answer until the collection's info shows no point
 //!   waiting for the graph (`unindexed` 0; a coordinator without that field counts as
 //!   done at once);
@@ -124,6 +126,20 @@ impl Api {
         path: &str,
         body: String,
     ) -> anyhow::Result<serde_json::Value> {
+        match self.try_send(method.clone(), path, body).await? {
+            Ok(v) => Ok(v),
+            Err((status, text)) => bail!("{method} {path} answered {status}: {text}"),
+        }
+    }
+
+    /// Send a JSON body (as text): a 2xx answer's JSON, or the status and text of any
+    /// other answer.
+    async fn try_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: String,
+    ) -> anyhow::Result<Result<serde_json::Value, (reqwest::StatusCode, String)>> {
         let r = self
             .http
             .request(method.clone(), self.url(path))
@@ -137,9 +153,9 @@ impl Api {
         let status = r.status();
         let text = r.text().await?;
         if !status.is_success() {
-            bail!("{method} {path} answered {status}: {text}");
+            return Ok(Err((status, text)));
         }
-        Ok(serde_json::from_str(&text)?)
+        Ok(Ok(serde_json::from_str(&text)?))
     }
 
     async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
@@ -329,19 +345,33 @@ async fn main() -> anyhow::Result<()> {
     };
     let t0 = Instant::now();
     let mut upserts = 0;
+    let mut refused = 0;
     let mut next_report = Instant::now() + Duration::from_secs(30);
     for from in (0..n).step_by(upsert_batch) {
         if t0.elapsed() > timeout {
             bail!("loading took longer than {timeout:?} ({from} of {n} points)");
         }
         let body = upsert_body(from..(from + upsert_batch).min(n), dim, &mut rng);
-        api.send(
-            reqwest::Method::POST,
-            &format!("/v1/memory/{COLLECTION}/points"),
-            body,
-        )
-        .await
-        .context("upserting points")?;
+        // An upsert held past the coordinator's wait while the indexer is far behind is
+        // answered 503: back off and send it again, as a client should.
+        loop {
+            let sent = api
+                .try_send(
+                    reqwest::Method::POST,
+                    &format!("/v1/memory/{COLLECTION}/points"),
+                    body.clone(),
+                )
+                .await
+                .context("upserting points")?;
+            match sent {
+                Ok(_) => break,
+                Err((reqwest::StatusCode::SERVICE_UNAVAILABLE, _)) if t0.elapsed() < timeout => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err((status, text)) => bail!("upserting points answered {status}: {text}"),
+            }
+        }
         upserts += 1;
         check_prober(&prober)?;
         if Instant::now() > next_report {
@@ -532,6 +562,11 @@ async fn main() -> anyhow::Result<()> {
         },
         n as f64 / load_s
     );
+    if refused > 0 {
+        println!(
+            "  {refused} upsert answers were 503 (too many points waiting for the indexer), each sent again after 1 s"
+        );
+    }
     println!(
         "indexing: the last point was in the graph {indexing_s:.1} s after the last upsert's answer"
     );
