@@ -723,6 +723,7 @@ fn on_report(
         match node.proposer.propose_one(op).await {
             Ok(result) => {
                 if let OpResult::Ignored { state } = &result {
+                    metrics::counter!("swarm_stale_reports_total").increment(1);
                     debug!(
                         task = attempt.task_id,
                         attempt = attempt.attempt,

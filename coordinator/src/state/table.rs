@@ -479,11 +479,14 @@ impl TaskTable {
         if !known && attempt.attempt <= current {
             return OpResult::Ignored { state: task.state };
         }
+        // Ended already, or recorded on another worker: a report from a worker that does
+        // not hold the attempt (a stale `Run` of the same number after a failover, a
+        // hand-over whose `Move` never committed) is not the attempt's result.
         if known
             && task
                 .attempts
                 .iter()
-                .any(|a| a.number == attempt.attempt && a.end.is_some())
+                .any(|a| a.number == attempt.attempt && (a.end.is_some() || a.worker != worker))
         {
             return OpResult::Ignored { state: task.state };
         }

@@ -854,6 +854,53 @@ fn a_ring_stage_lost_too_often_dead_letters_the_task() {
     assert_eq!(t.get(1).unwrap().stage_outputs, vec![b"1".to_vec()]);
 }
 
+/// A report is the attempt's result only from the worker the attempt is recorded on:
+/// after a failover the same attempt number can have been sent to two workers, and the
+/// one whose `Start` committed is the one that counts.
+#[test]
+fn reports_count_only_from_the_worker_holding_the_attempt() {
+    let mut t = TaskTable::new();
+    submit(&mut t, spec("echo"));
+    // Started on `w` (the helper's worker).
+    start(&mut t, at(1, 1));
+    let from = |worker: &str, outcome: Outcome| Op::Finish {
+        attempt: at(1, 1),
+        worker: worker.into(),
+        outcome,
+        started_at_ms: 2,
+        finished_at_ms: 3,
+        now_ms: 3,
+        retry_at_ms: 10,
+    };
+    assert!(matches!(
+        one(&mut t, from("stale", ok(b"theirs"))),
+        OpResult::Ignored {
+            state: TaskState::Running
+        }
+    ));
+    assert!(matches!(
+        one(&mut t, from("stale", fail(FailureKind::Exit))),
+        OpResult::Ignored { .. }
+    ));
+    let task = t.get(1).unwrap();
+    assert_eq!(
+        (task.state, task.attempts[0].end.is_none()),
+        (TaskState::Running, true)
+    );
+    assert_eq!(
+        finish(&mut t, at(1, 1), ok(b"mine")),
+        OpResult::Applied {
+            state: TaskState::Succeeded
+        }
+    );
+    let task = t.get(1).unwrap();
+    assert_eq!(
+        (task.output.as_deref(), task.attempts[0].worker.as_str()),
+        (Some(&b"mine"[..]), "w")
+    );
+    t.check_indexes().unwrap();
+}
+
 #[test]
 fn moves_are_recorded_only_from_the_current_holder() {
     let mut t = TaskTable::new();
