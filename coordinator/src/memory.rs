@@ -999,7 +999,28 @@ pub(crate) struct ResultForMemory {
     pub succeeded: bool,
     pub output: Option<Vec<u8>>,
     pub error: Option<String>,
-    pub patterns_used: Vec<String>,
+}
+
+/// The judgement of the patterns an agent used, proposed with the report's `Finish` in
+/// one request: it applies only if that `Finish` is recorded
+/// (`state::apply_memory_command`), so each recorded result judges its patterns exactly
+/// once, whatever happens to the leader afterwards.
+pub(crate) fn judge_op(
+    task_id: u64,
+    patterns_used: Vec<String>,
+    succeeded: bool,
+    now_ms: u64,
+) -> Op {
+    Op::Memory(MemoryOp::PatternJudge {
+        task_id: Some(task_id),
+        item_ids: patterns_used,
+        outcome: if succeeded {
+            PatternOutcome::Success
+        } else {
+            PatternOutcome::Failure
+        },
+        now_ms,
+    })
 }
 
 /// How often the leader checks the vector memory for points whose TTL passed.
@@ -1058,8 +1079,9 @@ pub(crate) async fn advance_indexes(node: &Node) {
     }
 }
 
-/// After a result committed: judge the patterns the agent used and distil new ones.
-/// Best effort and at most once per committed result: a failure is logged, not retried.
+/// After a result committed: distil new patterns from it (the patterns the agent used
+/// were judged with the result, see [`judge_op`]). Best effort and at most once per
+/// committed result: a failure, or a leader change before it, loses it; not retried.
 pub(crate) async fn after_result(node: Arc<Node>, r: ResultForMemory) {
     let now = now_ms();
     let outcome = if r.succeeded {
@@ -1068,14 +1090,6 @@ pub(crate) async fn after_result(node: Arc<Node>, r: ResultForMemory) {
         PatternOutcome::Failure
     };
     let mut ops = Vec::new();
-    if !r.patterns_used.is_empty() {
-        ops.push(Op::Memory(MemoryOp::PatternJudge {
-            task_id: Some(r.task_id),
-            item_ids: r.patterns_used.clone(),
-            outcome,
-            now_ms: now,
-        }));
-    }
     let service = node.memory_service();
     if !service.distillers.is_empty() {
         // Parse the output only when it can carry `memory_items`: results are on the hot

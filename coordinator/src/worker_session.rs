@@ -709,7 +709,7 @@ fn on_report(
         Outcome::Succeeded { output } => (true, Some(output.clone()), None),
         Outcome::Failed { message, .. } => (false, None, Some(message.clone())),
     };
-    let op = Op::Finish {
+    let mut ops = vec![Op::Finish {
         attempt,
         worker: worker.to_string(),
         outcome,
@@ -717,10 +717,23 @@ fn on_report(
         finished_at_ms: report.finished_at_ms,
         now_ms: now,
         retry_at_ms,
-    };
+    }];
+    if !drained && !patterns_used.is_empty() {
+        ops.push(crate::memory::judge_op(
+            attempt.task_id,
+            patterns_used,
+            succeeded,
+            now,
+        ));
+    }
     let node = node.clone();
     tokio::spawn(async move {
-        match node.proposer.propose_one(op).await {
+        let committed = node.propose(ops).await.and_then(|r| {
+            r.into_iter()
+                .next()
+                .ok_or_else(|| crate::proposer::ProposeError::Raft("empty response".into()))
+        });
+        match committed {
             Ok(result) => {
                 if let OpResult::Ignored { state } = &result {
                     metrics::counter!("swarm_stale_reports_total").increment(1);
@@ -793,7 +806,6 @@ fn on_report(
                                 succeeded,
                                 output,
                                 error,
-                                patterns_used,
                             },
                         )
                         .await;

@@ -377,7 +377,10 @@ fn refused_while_restoring(m: &MemoryOp) -> bool {
 }
 
 /// Applies a command that [`Command::touches_memory`]: memory ops go to the memory store,
-/// restore ops to both, everything else to the task table. `table` locks the table, and
+/// restore ops to both, everything else to the task table. A `PatternJudge` of a task that
+/// comes right after that task's `Finish` (a worker's report and the judgement of the
+/// patterns its agent used, proposed together) applies only if the `Finish` did: the
+/// patterns are judged exactly once per recorded result, in the same entry. `table` locks the table, and
 /// is called only for the table's part of each op: a memory op itself — an HNSW insert
 /// of a large batch, the swap of a rebuilt graph — runs with the table free, so task
 /// reads and dispatch go on meanwhile. The caller holds the memory store for the whole
@@ -388,11 +391,20 @@ pub fn apply_memory_command<G: std::ops::DerefMut<Target = TaskTable>>(
     cmd: &Command,
     archive: &dyn Archive,
 ) -> Result<CommandResponse, ArchiveError> {
-    let mut results = Vec::with_capacity(cmd.ops.len());
-    for op in &cmd.ops {
+    let mut results: Vec<OpResult> = Vec::with_capacity(cmd.ops.len());
+    for (i, op) in cmd.ops.iter().enumerate() {
         let result = match op {
             Op::Memory(m) if refused_while_restoring(m) && table().restoring().is_some() => {
                 OpResult::Restoring
+            }
+            Op::Memory(MemoryOp::PatternJudge {
+                task_id: Some(task),
+                ..
+            }) if judges_an_unrecorded_finish(&cmd.ops, &results, i, *task) => {
+                OpResult::Memory(Ok(OpOutcome::Judged {
+                    updated: Vec::new(),
+                    missing: Vec::new(),
+                }))
             }
             Op::Memory(m) => {
                 let r = memory.apply(m.clone()).map_err(MemoryFault::from);
@@ -404,6 +416,16 @@ pub fn apply_memory_command<G: std::ops::DerefMut<Target = TaskTable>>(
         results.push(result);
     }
     Ok(CommandResponse { results })
+}
+
+/// Whether op `i`, a judgement of `task`, follows a `Finish` of that task that was not
+/// recorded (`results` holds the results of the ops before `i`).
+fn judges_an_unrecorded_finish(ops: &[Op], results: &[OpResult], i: usize, task: TaskId) -> bool {
+    let Some(prev) = i.checked_sub(1) else {
+        return false;
+    };
+    matches!(&ops[prev], Op::Finish { attempt, .. } if attempt.task_id == task)
+        && !matches!(results.get(prev), Some(OpResult::Applied { .. }))
 }
 
 /// A restore op (they need both state machines) or a task-table op; memory ops are

@@ -1375,3 +1375,60 @@ fn retention_counts_from_the_leaders_clock_not_the_workers() {
     assert_eq!(task.attempts[0].finished_at_ms, Some(four_days_behind));
     assert!(t.expired_in_memory(345_601_499, 10).is_empty());
 }
+
+/// A worker's report and the judgement of the patterns its agent used travel in one
+/// command: the judgement applies only when the report's `Finish` is recorded, so a
+/// pattern is judged once per recorded result (a stale report judges nothing).
+#[test]
+fn patterns_are_judged_only_with_a_recorded_result() {
+    let mut memory = swarm_memory::MemoryStore::new(swarm_memory::StoreConfig::default()).unwrap();
+    let archive = MemArchive::default();
+    let table = std::cell::RefCell::new(TaskTable::new());
+    submit(&mut table.borrow_mut(), spec("echo"));
+    start(&mut table.borrow_mut(), at(1, 1));
+    let finish_from = |worker: &str| Op::Finish {
+        attempt: at(1, 1),
+        worker: worker.into(),
+        outcome: ok(b"out"),
+        started_at_ms: 2,
+        finished_at_ms: 3,
+        now_ms: 3,
+        retry_at_ms: 10,
+    };
+    let judge = |task| {
+        Op::Memory(swarm_memory::MemoryOp::PatternJudge {
+            task_id: Some(task),
+            item_ids: vec!["pat-000000000042".into()],
+            outcome: swarm_memory::Outcome::Success,
+            now_ms: 3,
+        })
+    };
+    let mut run = |ops: Vec<Op>| {
+        apply_memory_command(
+            || table.borrow_mut(),
+            &mut memory,
+            &Command { ops },
+            &archive,
+        )
+        .unwrap()
+        .results
+    };
+    // What a judgement that applied says of an unknown pattern, and of a skipped one.
+    let judged = |r: &OpResult| match r {
+        OpResult::Memory(Ok(OpOutcome::Judged { missing, .. })) => !missing.is_empty(),
+        other => panic!("not a judgement: {other:?}"),
+    };
+    let r = run(vec![finish_from("stale"), judge(1)]);
+    assert!(matches!(r[0], OpResult::Ignored { .. }));
+    assert!(!judged(&r[1]), "a stale report judges nothing");
+    let r = run(vec![finish_from("w"), judge(1)]);
+    assert!(matches!(r[0], OpResult::Applied { .. }));
+    assert!(judged(&r[1]), "the recorded result is judged");
+    // The same report again (a retry after a lost Ack): recorded once, judged once.
+    let r = run(vec![finish_from("w"), judge(1)]);
+    assert!(matches!(r[0], OpResult::Ignored { .. }));
+    assert!(!judged(&r[1]));
+    // A judgement on its own (the API's) applies as before.
+    let r = run(vec![judge(1)]);
+    assert!(judged(&r[0]));
+}
