@@ -12,7 +12,9 @@
 //!    metrics; [`pick_target`]).
 //! 3. It waits, at most [`CATCH_UP_TIMEOUT`], until that voter's matching log id is its
 //!    own last log entry.
-//! 4. It sends the voter [`RaftRequest::TimeoutNow`](crate::raft::network::RaftRequest)
+//! 4. Right after an election it first waits until its own vote is older than the
+//!    leader lease (openraft 0.9 refuses vote requests before that). It sends the voter
+//!    [`RaftRequest::TimeoutNow`](crate::raft::network::RaftRequest)
 //!    on the Raft channel (coordinator certificates only). The voter checks that it
 //!    follows exactly this leadership and holds the leader's last entry, then calls
 //!    `raft.trigger().elect()`: its vote request reaches the other voters with a log as
@@ -166,6 +168,17 @@ async fn transfer(node: &Node, network: &QuicRaftNetwork, target: NodeId) -> Han
     let Some(addr) = m.membership_config.membership().get_node(&target).cloned() else {
         return Handoff::Failed(format!("node {target} has no address in the membership"));
     };
+    // openraft 0.9 refuses a vote request while the voter's committed vote is younger
+    // than the leader lease (`election_timeout_max`); this leader's own vote dates from
+    // its election, so right after one the target's election would find no vote here
+    // and fail (and this node would win the next term itself). Let it age first.
+    if let Some(led) = node.leading_for() {
+        let lease = Duration::from_millis(crate::raft::ELECTION_TIMEOUT_MAX_MS + 50);
+        if led < lease {
+            info!(node = me, wait = ?(lease - led), "leadership hand-off: waiting for this leader's vote to age past the leader lease");
+            tokio::time::sleep(lease - led).await;
+        }
+    }
     info!(
         node = me,
         target,

@@ -224,6 +224,10 @@ pub struct Node {
     handing_off: AtomicBool,
     /// Node loops that panicked too often to be restarted again (`/health` names them).
     pub(crate) dead_loops: DeadLoops,
+    /// The term whose leadership `applied_loop` last acted on (adopted attempts in), if
+    /// this node leads, and when it noticed; kept here so a restarted loop still steps
+    /// down.
+    led_term: Mutex<Option<(u64, std::time::Instant)>>,
 }
 
 impl Node {
@@ -254,6 +258,7 @@ impl Node {
             restore_driver: Mutex::new(None),
             handing_off: AtomicBool::new(false),
             dead_loops: DeadLoops::default(),
+            led_term: Mutex::new(None),
         })
     }
 
@@ -339,14 +344,22 @@ impl Node {
         Some((id, node))
     }
 
-    /// Propose the coordinator's own ops through the group-commit batcher.
+    /// Propose the coordinator's own ops through the group-commit batcher. Refused while
+    /// this node hands leadership over: an entry appended after the target caught up
+    /// would make the target's log too short to win its election.
     pub async fn propose(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
+        if self.handing_off() {
+            return Err(ProposeError::NotLeader { leader: None });
+        }
         self.proposer.propose(ops).await
     }
 
     /// Propose a client request's ops: refused when too much waits to commit, and
     /// answered with a timeout when not committed in time.
     pub async fn propose_client(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ProposeError> {
+        if self.handing_off() {
+            return Err(ProposeError::NotLeader { leader: None });
+        }
         self.proposer.propose_admitted(ops).await
     }
 
@@ -555,6 +568,31 @@ impl Node {
             }
         }
         self.poke();
+    }
+
+    /// Act on a change of the term this node leads in. Tracked by term, not as a flag: a
+    /// node that lost and regained leadership between two looks steps down and adopts
+    /// again, so nothing dispatched in the old term survives into the new one.
+    fn follow_leadership(&self) {
+        let term = self.raft_term_led();
+        let mut led = self.led_term.lock().unwrap_or_else(|p| p.into_inner());
+        if term == led.map(|(t, _)| t) {
+            return;
+        }
+        if led.is_some() {
+            self.step_down();
+        }
+        if let Some(t) = term {
+            self.adopt_running(t);
+        }
+        *led = term.map(|t| (t, std::time::Instant::now()));
+    }
+
+    /// How long this node has led in its current term, as far as `applied_loop` noticed
+    /// (`None` if it does not lead).
+    pub(crate) fn leading_for(&self) -> Option<Duration> {
+        let led = *self.led_term.lock().unwrap_or_else(|p| p.into_inner());
+        led.map(|(_, since)| since.elapsed())
     }
 
     /// On election: track every attempt the table says is running, so its worker gets a
@@ -808,10 +846,6 @@ where
 pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let mut metrics = node.raft.metrics();
     let mut applied = node.table.subscribe_applied();
-    // The term this node leads in, if it does. Tracked by term, not as a flag: a node
-    // that lost and regained leadership between two looks here steps down and adopts
-    // again, so nothing dispatched in the old term survives into the new one.
-    let mut led_term: Option<u64> = None;
     let mut prune = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
@@ -822,16 +856,7 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
         }
         // Raft leadership itself: a node handing leadership over still holds its worker
         // sessions until another node leads, then turns them to it.
-        let term = node.raft_term_led();
-        if term != led_term {
-            if led_term.is_some() {
-                node.step_down();
-            }
-            if let Some(t) = term {
-                node.adopt_running(t);
-            }
-            led_term = term;
-        }
+        node.follow_leadership();
         node.on_applied();
     }
 }

@@ -421,8 +421,8 @@ pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from:
     let Some(op) = op else { return };
     let node = node.clone();
     tokio::spawn(async move {
-        match node.proposer.propose_one(op).await {
-            Ok(r) => node.count_results(std::slice::from_ref(&r)),
+        match node.propose(vec![op]).await {
+            Ok(r) => node.count_results(&r),
             Err(e) => warn!(error = %e, "steal outcome (Move/Lose) not committed"),
         }
     });

@@ -333,7 +333,7 @@ async fn a_leader_given_sigterm_hands_leadership_over_and_the_cluster_keeps_comm
     let done = log
         .lines()
         .find(|l| l.contains("leadership hand-off: done"))
-        .unwrap_or_else(|| panic!("no completed hand-off in node {old}'s log:\n{log}"));
+        .unwrap_or_else(|| panic!("no completed hand-off in node {old}'s log:\n{}", c.logs()));
     assert!(done.contains(&format!("to={new}")), "{done}");
     assert!(log.contains("sending TimeoutNow"), "{log}");
     let target_log = c.log_of(new);
