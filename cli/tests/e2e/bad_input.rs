@@ -94,7 +94,16 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
                 .await,
         );
     }
-    let (status, v) = c.post("/v1/tasks", json!({"agent": "echo"})).await;
+    let (_, s) = c.get("/v1/status").await;
+    let log_before = s["cluster"]["last_log_index"].clone();
+    assert!(log_before.is_u64(), "{s}");
+    // Refused before anything is proposed: a payload at the limit costs no log entry.
+    let (status, v) = c
+        .post(
+            "/v1/tasks",
+            json!({"agent": "echo", "payload": "x".repeat(1024)}),
+        )
+        .await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
         (429, Some("queue_full")),
@@ -108,6 +117,10 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
     assert_eq!(
         s["queue"]["queued"], 5,
         "refused submits left nothing behind"
+    );
+    assert_eq!(
+        s["cluster"]["last_log_index"], log_before,
+        "refused submits took no Raft entry"
     );
 
     // Garbage on the QUIC port: the coordinator shrugs it off.
