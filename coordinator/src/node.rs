@@ -198,6 +198,10 @@ pub(crate) struct Dispatch {
     pub last_reconcile_ms: u64,
     /// Every swarm's live layout.
     pub topologies: crate::swarms::Topologies,
+    /// The Raft term the scheduler dispatches in: set when this node adopts the running
+    /// attempts as leader of that term, 0 while it does not lead. Every `Run` carries it,
+    /// so each execution's id ([`swarm_proto::worker::ExecutionId`]) is unique.
+    pub term: u64,
 }
 
 /// How often the leader adopts running attempts its scheduler does not track.
@@ -247,6 +251,7 @@ impl Node {
                 sessions: BTreeMap::new(),
                 last_reconcile_ms: 0,
                 topologies: Default::default(),
+                term: 0,
             }),
             cfg,
             raft,
@@ -617,6 +622,7 @@ impl Node {
                 .collect()
         });
         let mut d = self.lock_dispatch();
+        d.term = term;
         for (worker, attempt, timeout) in running {
             let tracked = d
                 .scheduler
@@ -640,6 +646,7 @@ impl Node {
         let mut d = self.lock_dispatch();
         d.scheduler = Scheduler::new(self.cfg.scheduler);
         d.topologies.clear();
+        d.term = 0;
         let leader = self.leader();
         for (_, s) in std::mem::take(&mut d.sessions) {
             let _ = s.tx.send(not_leader_msg(self.cfg.node_id, leader.as_ref()));
@@ -655,6 +662,11 @@ impl Node {
         {
             let table = self.table.read();
             let mut d = self.lock_dispatch();
+            if d.term == 0 {
+                // Leading, but the applied loop has not adopted this term yet: nothing is
+                // dispatched without a term to fence it by.
+                return Some(now + 10);
+            }
             // A leader elected before its state machine had re-applied the log (after a
             // restart) adopted only the attempts it knew of then; attempts recorded as
             // running later must get a lease too, or a dead worker's attempt would stay
@@ -730,6 +742,7 @@ impl Node {
                     idempotency_key: task.spec.idempotency_key.clone(),
                     patterns: task.spec.patterns,
                     swarm: task.spec.swarm.clone(),
+                    term: d.term,
                 });
                 if let Some(s) = d.sessions.get_mut(&p.worker) {
                     let _ = s.tx.send(msg);

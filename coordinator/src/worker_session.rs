@@ -200,6 +200,7 @@ async fn session(
         protocol: hello.protocol,
         heartbeat_interval_ms: node.config().heartbeat_interval_ms,
         max_output_bytes: node.config().limits.max_output_bytes,
+        term: node.raft_term_led().unwrap_or(0),
     });
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     register(
@@ -213,7 +214,7 @@ async fn session(
         via.clone(),
     );
     info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, via = ?via, remote = %conn.remote_address(), "worker connected");
-    let mut writer_task = tokio::spawn(write_loop(writer, rx));
+    let mut writer_task = tokio::spawn(write_loop(writer, rx, hello.protocol));
     node.poke();
 
     let result = tokio::select! {
@@ -439,18 +440,26 @@ fn unregister(node: &Arc<Node>, worker: &str, conn_id: u64) {
 }
 
 /// Frames to the worker leave through one task, batched: whatever queued up while the
-/// last write was in progress goes out in one write. Returns when the channel closes or
-/// after a closing frame (`Ok`), or at the first failed write (the session then ends).
+/// last write was in progress goes out in one write, in the frames of the worker's
+/// `protocol`. Returns when the channel closes or after a closing frame (`Ok`), or at the
+/// first failed write (the session then ends).
 async fn write_loop(
     mut writer: FrameWriter,
     mut rx: mpsc::UnboundedReceiver<CoordinatorMsg>,
+    protocol: u32,
 ) -> Result<(), swarm_transport::FrameError> {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let closing = batch
             .iter()
             .any(|m| matches!(m, CoordinatorMsg::Rejected { .. }));
-        writer.send_batch(&batch).await?;
+        if protocol < 3 {
+            let old: Vec<swarm_proto::worker::legacy::CoordinatorMsg> =
+                batch.drain(..).map(Into::into).collect();
+            writer.send_batch(&old).await?;
+        } else {
+            writer.send_batch(&batch).await?;
+        }
         batch.clear();
         if closing {
             let _ = writer.finish();

@@ -19,18 +19,30 @@ pub mod worker;
 /// * 2: workers may send `WorkerMsg::Draining` and report `FailureKind::Drained`, which
 ///   a version-1 coordinator cannot decode; the coordinator answers `Draining` with
 ///   `CoordinatorMsg::DrainAck`. Nothing else a coordinator sends changed.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// * 3: `Welcome` and `Run` carry the leader's Raft term, which makes each execution's
+///   id unique ([`worker::ExecutionId`]); a worker refuses a `Run` of a term older than
+///   the newest it was welcomed in. Nothing a worker sends changed; a coordinator sends
+///   older workers [`worker::legacy`] frames.
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// The oldest worker protocol a coordinator still serves: version 1 is version 2 without
-/// the messages a version-1 worker never sends (and `DrainAck`, which only answers one of
-/// them), so old workers keep working while the coordinators are upgraded first. A
+/// The oldest worker protocol a coordinator still serves: what an older worker sends is
+/// a subset of what a current one sends, and the coordinator writes it the frames of its
+/// version, so old workers keep working while the coordinators are upgraded first. A
 /// coordinator answers `Welcome` with the worker's version.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
-/// Whether a peer speaking worker protocol `version` is served (coordinators) or linked
-/// to (mesh peers, whose messages are the same in every supported version).
+/// The oldest protocol a mesh peer links to: from protocol 3 a stolen assignment carries
+/// its term, so earlier peers' `Given` frames differ.
+pub const MIN_PEER_PROTOCOL_VERSION: u32 = 3;
+
+/// Whether a worker speaking protocol `version` is served by a coordinator.
 pub fn protocol_supported(version: u32) -> bool {
     (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
+
+/// Whether a mesh peer speaking protocol `version` is linked to.
+pub fn peer_protocol_supported(version: u32) -> bool {
+    (MIN_PEER_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
 }
 
 /// ALPN for worker ⇄ coordinator connections.

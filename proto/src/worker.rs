@@ -18,6 +18,30 @@ pub struct AttemptRef {
     pub attempt: u32,
 }
 
+/// One execution: attempt `attempt` as dispatched by the leader of Raft term `term`.
+///
+/// A leader sends `Run` before the attempt's `Start` commits, so after a failover a new
+/// leader may dispatch the same attempt number again while an earlier leader's `Run` of
+/// it still runs somewhere; the term tells the two executions apart. Only the leader of
+/// `term` dispatches executions of that term, and it dispatches each attempt once, so an
+/// execution id is unique across the cluster's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExecutionId {
+    pub attempt: AttemptRef,
+    pub term: u64,
+}
+
+impl std::fmt::Display for ExecutionId {
+    /// `<task>.<attempt>.<term>`, as agents see it in `SWARM_EXECUTION_ID`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}",
+            self.attempt.task_id, self.attempt.attempt, self.term
+        )
+    }
+}
+
 /// First message of every worker connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -172,6 +196,10 @@ pub enum CoordinatorMsg {
         heartbeat_interval_ms: u64,
         /// Largest task output the coordinator will store.
         max_output_bytes: u64,
+        /// The Raft term this coordinator leads in (protocol 3). A worker refuses a `Run`
+        /// of an older term than the newest it was welcomed in: only a deposed leader
+        /// sends one. (Sent to older workers without it, see [`legacy`].)
+        term: u64,
     },
     /// The coordinator refuses this worker; the connection closes after it.
     Rejected { code: String, message: String },
@@ -227,11 +255,167 @@ pub struct TaskAssignment {
     /// The swarm the task runs in. A worker lends a queued attempt to a mesh peer only if
     /// this is one of its mesh swarms.
     pub swarm: String,
+    /// The Raft term of the leader that dispatched this execution (protocol 3).
+    pub term: u64,
+}
+
+impl TaskAssignment {
+    /// The execution this assignment starts.
+    pub fn execution(&self) -> ExecutionId {
+        ExecutionId {
+            attempt: self.attempt,
+            term: self.term,
+        }
+    }
+}
+
+/// What a coordinator sends a worker of protocol 1 or 2: the same messages, without the
+/// term in `Welcome` and `Run` (added in protocol 3). Such a worker does not fence stale
+/// `Run`s; everything the coordinator checks works as for a current worker.
+pub mod legacy {
+    use serde::Serialize;
+
+    use super::{AttemptRef, PatternHit, PeerInfo};
+
+    /// [`super::CoordinatorMsg`] as protocol 1 and 2 encode it (same variants, same
+    /// order).
+    #[derive(Debug, Clone, PartialEq, Serialize)]
+    pub enum CoordinatorMsg {
+        Welcome {
+            protocol: u32,
+            heartbeat_interval_ms: u64,
+            max_output_bytes: u64,
+        },
+        Rejected {
+            code: String,
+            message: String,
+        },
+        Run(TaskAssignment),
+        Cancel(AttemptRef),
+        Ack(AttemptRef),
+        Retrieved {
+            request_id: u64,
+            result: Result<Vec<PatternHit>, String>,
+        },
+        NotLeader {
+            leader: Option<String>,
+            message: String,
+        },
+        Peers {
+            swarm: String,
+            peers: Vec<PeerInfo>,
+        },
+        DrainAck,
+        Parent {
+            lead: Option<PeerInfo>,
+        },
+    }
+
+    /// [`super::TaskAssignment`] without the term.
+    #[derive(Debug, Clone, PartialEq, Serialize)]
+    pub struct TaskAssignment {
+        pub attempt: AttemptRef,
+        pub agent: String,
+        #[serde(with = "serde_bytes")]
+        pub payload: Vec<u8>,
+        pub timeout_ms: u64,
+        pub idempotency_key: Option<String>,
+        pub patterns: u32,
+        pub swarm: String,
+    }
+
+    impl From<super::CoordinatorMsg> for CoordinatorMsg {
+        fn from(m: super::CoordinatorMsg) -> Self {
+            use super::CoordinatorMsg as M;
+            match m {
+                M::Welcome {
+                    protocol,
+                    heartbeat_interval_ms,
+                    max_output_bytes,
+                    term: _,
+                } => CoordinatorMsg::Welcome {
+                    protocol,
+                    heartbeat_interval_ms,
+                    max_output_bytes,
+                },
+                M::Rejected { code, message } => CoordinatorMsg::Rejected { code, message },
+                M::Run(t) => CoordinatorMsg::Run(TaskAssignment {
+                    attempt: t.attempt,
+                    agent: t.agent,
+                    payload: t.payload,
+                    timeout_ms: t.timeout_ms,
+                    idempotency_key: t.idempotency_key,
+                    patterns: t.patterns,
+                    swarm: t.swarm,
+                }),
+                M::Cancel(a) => CoordinatorMsg::Cancel(a),
+                M::Ack(a) => CoordinatorMsg::Ack(a),
+                M::Retrieved { request_id, result } => {
+                    CoordinatorMsg::Retrieved { request_id, result }
+                }
+                M::NotLeader { leader, message } => CoordinatorMsg::NotLeader { leader, message },
+                M::Peers { swarm, peers } => CoordinatorMsg::Peers { swarm, peers },
+                M::DrainAck => CoordinatorMsg::DrainAck,
+                M::Parent { lead } => CoordinatorMsg::Parent { lead },
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an older worker is sent is the current frame without the term: every other
+    /// message is byte for byte the same, and `Run` and `Welcome` lose only their last
+    /// field (postcard writes fields in order, the term last).
+    #[test]
+    fn legacy_frames_are_current_frames_without_the_term() {
+        let a = AttemptRef {
+            task_id: 300,
+            attempt: 2,
+        };
+        let run = CoordinatorMsg::Run(TaskAssignment {
+            attempt: a,
+            agent: "echo".into(),
+            payload: b"hi".to_vec(),
+            timeout_ms: 1000,
+            idempotency_key: Some("k".into()),
+            patterns: 1,
+            swarm: "default".into(),
+            term: 1 << 40,
+        });
+        let welcome = CoordinatorMsg::Welcome {
+            protocol: 2,
+            heartbeat_interval_ms: 1000,
+            max_output_bytes: 1 << 20,
+            term: 1 << 40,
+        };
+        let term_len = swarm_codec::encode(&(1u64 << 40)).unwrap().len();
+        for m in [run, welcome] {
+            let now = swarm_codec::encode(&m).unwrap();
+            let old = swarm_codec::encode(&legacy::CoordinatorMsg::from(m)).unwrap();
+            assert_eq!(old[..], now[..now.len() - term_len]);
+        }
+        for m in [
+            CoordinatorMsg::Cancel(a),
+            CoordinatorMsg::Ack(a),
+            CoordinatorMsg::DrainAck,
+            CoordinatorMsg::Rejected {
+                code: "c".into(),
+                message: "m".into(),
+            },
+            CoordinatorMsg::NotLeader {
+                leader: None,
+                message: "m".into(),
+            },
+            CoordinatorMsg::Parent { lead: None },
+        ] {
+            let now = swarm_codec::encode(&m).unwrap();
+            let old = swarm_codec::encode(&legacy::CoordinatorMsg::from(m)).unwrap();
+            assert_eq!(old, now);
+        }
+    }
 
     /// Byte fields are encoded as one byte string; in postcard that is the same bytes as
     /// the sequence of numbers serde makes of a plain `Vec<u8>`, so the change to

@@ -435,11 +435,12 @@ impl ConnLoop {
                 Err(_) => return End::Retry(anyhow!("no Welcome within {WELCOME_TIMEOUT:?}")),
                 Ok(r) => r,
             };
-        let (heartbeat, max_output_bytes) = match first {
+        let (heartbeat, max_output_bytes, term) = match first {
             Ok(Some(CoordinatorMsg::Welcome {
                 protocol,
                 heartbeat_interval_ms,
                 max_output_bytes,
+                term,
             })) => {
                 if protocol != PROTOCOL_VERSION {
                     return End::Fatal(anyhow!(
@@ -449,6 +450,7 @@ impl ConnLoop {
                 (
                     Duration::from_millis(heartbeat_interval_ms),
                     max_output_bytes,
+                    term,
                 )
             }
             Ok(Some(CoordinatorMsg::NotLeader { leader, message })) => {
@@ -516,6 +518,7 @@ impl ConnLoop {
                 sink,
                 heartbeat,
                 max_output_bytes,
+                term,
             })
             .is_err()
         {

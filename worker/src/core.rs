@@ -24,7 +24,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use swarm_proto::worker::{
-    AttemptRef, CoordinatorMsg, FailureKind, Outcome, TaskAssignment, TaskReport, WorkerMsg,
+    AttemptRef, CoordinatorMsg, ExecutionId, FailureKind, Outcome, TaskAssignment, TaskReport,
+    WorkerMsg,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -58,6 +59,8 @@ pub(crate) enum Command {
         sink: mpsc::UnboundedSender<WorkerMsg>,
         heartbeat: Duration,
         max_output_bytes: u64,
+        /// The leader's term, from `Welcome`.
+        term: u64,
     },
     /// The session is gone; hold reports until the next one.
     Disconnected,
@@ -129,10 +132,37 @@ struct Counts {
     steals_in: u64,
     steals_out: u64,
     handed_back: u64,
+    stale_runs: u64,
 }
 
 struct Running {
     cancel: CancelHandle,
+}
+
+/// What happened to an execution on this worker, for an [`ExecutionJournal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionEvent {
+    /// The worker holds it (a `Run` or a steal accepted): from now it is listed in
+    /// heartbeats until it ends or is let go.
+    Held(ExecutionId),
+    /// Its agent started.
+    Started(ExecutionId),
+    /// Its agent ended (the report is made; the worker no longer lists it as running).
+    Ended(ExecutionId),
+    /// Let go without running here: handed to a mesh peer, cancelled or handed back
+    /// before it started.
+    Released(ExecutionId),
+}
+
+/// Called for every [`ExecutionEvent`] on the worker's core task (keep it quick): what an
+/// embedding program (the simulation) uses to check that no execution runs twice.
+#[derive(Clone)]
+pub struct ExecutionJournal(pub std::sync::Arc<dyn Fn(ExecutionEvent) + Send + Sync>);
+
+impl std::fmt::Debug for ExecutionJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExecutionJournal")
+    }
 }
 
 pub(crate) struct Core {
@@ -169,6 +199,12 @@ pub(crate) struct Core {
     drain_acked: bool,
     /// Whether the drain is complete (see [`Core::drained`]).
     drained: watch::Sender<bool>,
+    /// The newest leader term a `Welcome` named: a `Run` of an older term comes from a
+    /// deposed leader (its `Start` may never commit) and is refused.
+    fence_term: u64,
+    journal: Option<ExecutionJournal>,
+    /// The term of each execution held, while a journal is kept.
+    held_terms: HashMap<AttemptRef, u64>,
 }
 
 static CLOCK: std::sync::OnceLock<fn() -> u64> = std::sync::OnceLock::new();
@@ -231,6 +267,40 @@ impl Core {
             draining: false,
             drain_acked: false,
             drained: watch::Sender::new(false),
+            fence_term: 0,
+            journal: None,
+            held_terms: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn set_journal(&mut self, journal: Option<ExecutionJournal>) {
+        self.journal = journal;
+    }
+
+    /// Tell the journal, if any, what happened to the execution of `attempt`: `Started`
+    /// keeps it held, `Ended` and `Released` let it go.
+    fn note(&mut self, attempt: AttemptRef, event: fn(ExecutionId) -> ExecutionEvent) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let probe = event(ExecutionId { attempt, term: 0 });
+        let term = match probe {
+            ExecutionEvent::Held(_) | ExecutionEvent::Started(_) => {
+                self.held_terms.get(&attempt).copied()
+            }
+            ExecutionEvent::Ended(_) | ExecutionEvent::Released(_) => {
+                self.held_terms.remove(&attempt)
+            }
+        };
+        if let Some(term) = term {
+            (journal.0)(event(ExecutionId { attempt, term }));
+        }
+    }
+
+    fn note_held(&mut self, task: &TaskAssignment) {
+        if self.journal.is_some() {
+            self.held_terms.insert(task.attempt, task.term);
+            self.note(task.attempt, ExecutionEvent::Held);
         }
     }
 
@@ -318,7 +388,11 @@ impl Core {
                 sink,
                 heartbeat,
                 max_output_bytes,
+                term,
             } => {
+                if term > self.fence_term {
+                    self.fence_term = term;
+                }
                 self.retriever.set_sink(Some(sink.clone()));
                 self.sink = Some(sink);
                 self.drain_acked = false;
@@ -436,6 +510,7 @@ impl Core {
             for a in &attempts {
                 if self.lending.remove(a).is_some() {
                     n += 1;
+                    self.note(*a, ExecutionEvent::Released);
                 }
             }
             self.counts.steals_out += n;
@@ -495,6 +570,7 @@ impl Core {
 
     /// Runs `task` now if a slot is free, else queues it; hands it back while draining.
     fn accept_run(&mut self, task: TaskAssignment) {
+        self.note_held(&task);
         if self.draining {
             tracing::debug!(attempt = ?task.attempt, "draining: attempt handed back unstarted");
             self.hand_back(task.attempt, HANDED_BACK);
@@ -515,7 +591,19 @@ impl Core {
         match msg {
             CoordinatorMsg::Run(task) => {
                 let attempt = task.attempt;
-                if self.running.contains_key(&attempt)
+                if task.term < self.fence_term {
+                    // Sent by a leader deposed since: its `Start` may never commit, and
+                    // the current leader may run the attempt elsewhere. The current
+                    // leader learns from this worker's heartbeats that it does not hold
+                    // it.
+                    tracing::warn!(
+                        ?attempt,
+                        term = task.term,
+                        newest = self.fence_term,
+                        "Run from a deposed leader refused"
+                    );
+                    self.counts.stale_runs += 1;
+                } else if self.running.contains_key(&attempt)
                     || self.queued_set.contains(&attempt)
                     || self.lending.contains_key(&attempt)
                 {
@@ -652,6 +740,7 @@ impl Core {
             .insert(handle.id(), (attempt, started_at_ms));
         self.running.insert(attempt, Running { cancel });
         self.counts.started += 1;
+        self.note(attempt, ExecutionEvent::Started);
     }
 
     /// Begin draining: tell the coordinator, hand back everything queued.
@@ -731,7 +820,11 @@ impl Core {
 
     fn finished(&mut self, mut report: TaskReport) {
         let attempt = report.attempt;
-        self.running.remove(&attempt);
+        if self.running.remove(&attempt).is_some() {
+            self.note(attempt, ExecutionEvent::Ended);
+        } else {
+            self.note(attempt, ExecutionEvent::Released);
+        }
         self.stolen.remove(&attempt);
         if self.cancel_requested.remove(&attempt)
             && !matches!(
@@ -859,6 +952,7 @@ impl Core {
                 steals_in: s.steals_in,
                 steals_out: s.steals_out,
                 handed_back: s.handed_back,
+                stale_runs: s.stale_runs_refused,
             };
             let was_draining = std::mem::replace(&mut s.draining, self.draining);
             s.started = c.started;
@@ -870,6 +964,7 @@ impl Core {
             s.steals_in = c.steals_in;
             s.steals_out = c.steals_out;
             s.handed_back = c.handed_back;
+            s.stale_runs_refused = c.stale_runs;
             old != c || was_draining != self.draining
         });
     }
@@ -910,8 +1005,13 @@ mod tests {
     }
 
     fn start_with(slots: u32, agents: Agents) -> Harness {
+        start_journaled(slots, agents, None)
+    }
+
+    fn start_journaled(slots: u32, agents: Agents, journal: Option<ExecutionJournal>) -> Harness {
         let stats = watch::Sender::new(WorkerStats::default());
-        let core = Core::new(Executor::new(agents), slots, stats.clone());
+        let mut core = Core::new(Executor::new(agents), slots, stats.clone());
+        core.set_journal(journal);
         let load = core.load();
         let drained = core.drained();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -949,6 +1049,7 @@ mod tests {
             idempotency_key: None,
             patterns: 0,
             swarm: "mesh".into(),
+            term: 1,
         }
     }
 
@@ -962,11 +1063,17 @@ mod tests {
         }
 
         fn connect(&self) -> mpsc::UnboundedReceiver<WorkerMsg> {
+            self.connect_in(1)
+        }
+
+        /// A session whose `Welcome` named leader term `term`.
+        fn connect_in(&self, term: u64) -> mpsc::UnboundedReceiver<WorkerMsg> {
             let (sink, rx) = mpsc::unbounded_channel();
             self.send(Command::Connected {
                 sink,
                 heartbeat: Duration::from_secs(3600),
                 max_output_bytes: 1 << 20,
+                term,
             });
             rx
         }
@@ -999,6 +1106,54 @@ mod tests {
                 None => panic!("core stopped"),
             }
         }
+    }
+
+    /// A `Run` from a leader older than the newest that welcomed this worker is refused;
+    /// one of the current term runs, and the journal sees each execution held, started
+    /// and ended once, under its own id.
+    #[tokio::test]
+    async fn runs_of_a_deposed_leader_are_refused_and_executions_are_journaled() {
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let journal = ExecutionJournal(std::sync::Arc::new(move |e| {
+            sink.lock().unwrap().push(e);
+        }));
+        let mut h = start_journaled(2, Agents::builtin(), Some(journal));
+        let mut rx = h.connect_in(5);
+        let mut stale = task(1, "echo", "old");
+        stale.term = 4;
+        h.run(stale);
+        let mut current = task(2, "echo", "new");
+        current.term = 5;
+        h.run(current.clone());
+        // The duplicate of a held attempt is not a second execution.
+        h.run(current);
+        match next(&mut rx).await {
+            WorkerMsg::Finished(r) => assert_eq!(r.attempt, attempt(2)),
+            other => panic!("expected the current term's report, got {other:?}"),
+        }
+        h.wait("the stale run counted", |s| s.stale_runs_refused == 1)
+            .await;
+        assert_eq!(h.held().await, vec![attempt(2)], "unacked report held");
+        let ex = ExecutionId {
+            attempt: attempt(2),
+            term: 5,
+        };
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec![
+                ExecutionEvent::Held(ex),
+                ExecutionEvent::Started(ex),
+                ExecutionEvent::Ended(ex)
+            ]
+        );
+        assert_eq!(ex.to_string(), "2.1.5");
+        // A later session of an older leader does not lower the fence.
+        let _rx = h.connect_in(3);
+        let mut old = task(3, "echo", "older");
+        old.term = 4;
+        h.run(old);
+        h.wait("refused again", |s| s.stale_runs_refused == 2).await;
     }
 
     #[tokio::test]

@@ -357,6 +357,7 @@ async fn run_exec(
         .envs(&spec.env)
         .env("SWARM_TASK_ID", task.attempt.task_id.to_string())
         .env("SWARM_ATTEMPT", task.attempt.attempt.to_string())
+        .env("SWARM_EXECUTION_ID", task.execution().to_string())
         .env("SWARM_AGENT", &task.agent)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

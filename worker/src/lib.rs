@@ -147,7 +147,7 @@ pub use swarm_transport::tls::Identity;
 use swarm_transport::tls::{client_config, Role};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use crate::core::set_clock;
+pub use crate::core::{set_clock, ExecutionEvent, ExecutionJournal};
 pub use agents::{Agent, Agents, AgentsError, ExecSpec};
 pub use cancel::{cancel_pair, CancelHandle, CancelToken};
 pub use executor::Executor;
@@ -264,6 +264,9 @@ pub struct WorkerParams {
     /// that is given; without either, `Parent` is ignored and the worker always connects
     /// to the coordinator directly.
     pub relay_client_config: Option<quinn::ClientConfig>,
+    /// Told of every execution held, started, ended or let go here (see
+    /// [`ExecutionEvent`]); `None`: nothing is told.
+    pub journal: Option<ExecutionJournal>,
 }
 
 impl WorkerParams {
@@ -291,6 +294,7 @@ impl WorkerParams {
             peer_server_name: None,
             peer_identity: None,
             relay_client_config: None,
+            journal: None,
         }
     }
 }
@@ -334,6 +338,8 @@ pub struct WorkerStats {
     /// Attempts handed back to the coordinator by the drain: never started here, or cut
     /// short at the drain timeout.
     pub handed_back: u64,
+    /// `Run`s refused because a newer leader had already welcomed this worker.
+    pub stale_runs_refused: u64,
     /// The lead (worker id) the current session goes through; `None` when the session
     /// is direct or down.
     pub via_lead: Option<String>,
@@ -358,6 +364,7 @@ pub struct Worker {
     peer: Option<peer::PeerSetup>,
     relay: Option<RelayClient>,
     stats: watch::Sender<WorkerStats>,
+    journal: Option<ExecutionJournal>,
 }
 
 impl Worker {
@@ -413,6 +420,7 @@ impl Worker {
             }
         };
         Ok(Worker {
+            journal: p.journal,
             worker_id: p.worker_id,
             slots: p.slots,
             labels: p.labels,
@@ -475,10 +483,12 @@ impl Worker {
             peer,
             relay,
             stats,
+            journal,
         } = self;
         let agent_names = agents.names();
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let mut core = core::Core::new(Executor::new(agents), slots, stats.clone());
+        core.set_journal(journal);
         // The current direct coordinator connection, for relaying members' sessions.
         let coordinator = watch::Sender::new(None);
         let peers = match peer {
@@ -679,6 +689,7 @@ pub async fn run_worker(
         peer_server_name: cfg.peer_server_name,
         peer_identity: cfg.peer_listen.map(|_| identity.clone()),
         relay_client_config: Some(client_config(&identity, ALPN_RELAY)?),
+        journal: None,
     };
     Worker::build(params, Some(targets))?
         .run_with_drain(drain, cfg.drain_timeout, stop)

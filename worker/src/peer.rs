@@ -42,7 +42,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use swarm_proto::peer::PeerMsg;
 use swarm_proto::worker::{AttemptRef, PeerInfo, TaskAssignment};
-use swarm_proto::{protocol_supported, ALPN_PEER, ALPN_RELAY, PROTOCOL_VERSION};
+use swarm_proto::{
+    peer_protocol_supported, ALPN_PEER, ALPN_RELAY, MIN_PEER_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use swarm_topology::{steal_decision, Member, StealPolicy};
 use swarm_transport::endpoint::WRONG_ROLE_CODE;
 use swarm_transport::tls::{client_config, require_role, server_config, Identity, Role};
@@ -1079,9 +1081,9 @@ fn hello_of(
             protocol,
             worker_id,
         })) => {
-            if !protocol_supported(protocol) {
+            if !peer_protocol_supported(protocol) {
                 let msg = format!(
-                    "peer {worker_id} speaks protocol version {protocol}, this worker speaks {PROTOCOL_VERSION}"
+                    "peer {worker_id} speaks protocol version {protocol}, this worker links to {MIN_PEER_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
                 );
                 close(conn, CLOSE_VERSION, &msg);
                 bail!("{msg}");

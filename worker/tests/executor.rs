@@ -20,6 +20,7 @@ fn task(agent: &str, payload: impl Into<Vec<u8>>, timeout_ms: u64) -> TaskAssign
         idempotency_key: None,
         patterns: 0,
         swarm: "default".into(),
+        term: 1,
     }
 }
 

@@ -114,6 +114,7 @@ async fn welcome(
             protocol: PROTOCOL_VERSION,
             heartbeat_interval_ms: 200,
             max_output_bytes: 1 << 20,
+            term: 1,
         })
         .await
         .ok()?;
@@ -212,6 +213,7 @@ fn echo(task_id: u64, payload: &str) -> CoordinatorMsg {
         idempotency_key: None,
         patterns: 0,
         swarm: "default".into(),
+        term: 1,
     })
 }
 

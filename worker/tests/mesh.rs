@@ -105,6 +105,7 @@ fn run(a: AttemptRef, agent: &str, payload: &str) -> CoordinatorMsg {
         idempotency_key: None,
         patterns: 0,
         swarm: "mesh".into(),
+        term: 1,
     })
 }
 
@@ -137,6 +138,7 @@ async fn workers_link_and_the_idle_one_steals_through_the_coordinator_session() 
             protocol: PROTOCOL_VERSION,
             heartbeat_interval_ms: 50,
             max_output_bytes: 1 << 20,
+            term: 1,
         })
         .await;
     }

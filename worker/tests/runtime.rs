@@ -88,6 +88,7 @@ fn welcome(heartbeat_ms: u64) -> CoordinatorMsg {
         protocol: PROTOCOL_VERSION,
         heartbeat_interval_ms: heartbeat_ms,
         max_output_bytes: 1024 * 1024,
+        term: 1,
     }
 }
 
@@ -140,6 +141,7 @@ fn run(a: AttemptRef, agent: &str, payload: &str) -> CoordinatorMsg {
         idempotency_key: None,
         patterns: 0,
         swarm: "default".into(),
+        term: 1,
     })
 }
 
@@ -469,6 +471,7 @@ async fn protocol_mismatch_stops_the_worker() {
         protocol: PROTOCOL_VERSION + 1,
         heartbeat_interval_ms: 1000,
         max_output_bytes: 10,
+        term: 1,
     })
     .await;
     let err = within("worker exit", h.task)

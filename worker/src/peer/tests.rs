@@ -79,6 +79,7 @@ impl Node {
                 sink,
                 heartbeat: Duration::from_secs(3600),
                 max_output_bytes: 1 << 20,
+                term: 1,
             })
             .unwrap();
         Node {
@@ -170,6 +171,7 @@ fn run(a: AttemptRef, agent: &str, payload: &str) -> CoordinatorMsg {
         idempotency_key: None,
         patterns: 0,
         swarm: "mesh".into(),
+        term: 1,
     })
 }
 
