@@ -124,6 +124,11 @@ pub struct Scheduler {
     cfg: SchedulerConfig,
     workers: BTreeMap<String, WorkerEntry>,
     in_flight: HashMap<TaskId, InFlight>,
+    /// The tasks in flight on each worker: what a heartbeat, a reconnect or a lost
+    /// worker looks at, without walking every attempt in flight.
+    by_worker: HashMap<String, BTreeSet<TaskId>>,
+    /// Unreported attempts in flight by deadline: what `expire` looks at.
+    deadlines: BTreeSet<(u64, TaskId)>,
     /// Dispatched attempts whose `Start` is not recorded yet, oldest first, with the time
     /// it is due.
     pending_starts: std::collections::VecDeque<(u64, Dispatch)>,
@@ -163,11 +168,7 @@ impl Scheduler {
         peer_addr: Option<String>,
         now_ms: u64,
     ) {
-        let busy = self
-            .in_flight
-            .values()
-            .filter(|f| f.worker == id && !f.reported)
-            .count() as u32;
+        let busy = self.in_flight_on(id).filter(|f| !f.reported).count() as u32;
         let dispatched = self.workers.get(id).map_or(0, |w| w.dispatched);
         self.membership_gen += 1;
         self.workers.insert(
@@ -234,7 +235,36 @@ impl Scheduler {
 
     /// All attempts in flight on `worker`.
     pub fn in_flight_on<'a>(&'a self, worker: &'a str) -> impl Iterator<Item = &'a InFlight> + 'a {
-        self.in_flight.values().filter(move |f| f.worker == worker)
+        self.by_worker
+            .get(worker)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| self.in_flight.get(t))
+    }
+
+    /// Start tracking `f` (nothing is in flight for its task).
+    fn track(&mut self, task: TaskId, f: InFlight) {
+        self.by_worker
+            .entry(f.worker.clone())
+            .or_default()
+            .insert(task);
+        if !f.reported {
+            self.deadlines.insert((f.deadline_ms, task));
+        }
+        self.in_flight.insert(task, f);
+    }
+
+    /// Stop tracking what is in flight for `task`.
+    fn untrack(&mut self, task: TaskId) -> Option<InFlight> {
+        let f = self.in_flight.remove(&task)?;
+        if let Some(set) = self.by_worker.get_mut(&f.worker) {
+            set.remove(&task);
+            if set.is_empty() {
+                self.by_worker.remove(&f.worker);
+            }
+        }
+        self.deadlines.remove(&(f.deadline_ms, task));
+        Some(f)
     }
 
     /// Number of attempts in flight.
@@ -253,12 +283,13 @@ impl Scheduler {
             return;
         }
         self.forget(attempt.task_id);
-        self.in_flight.insert(
+        let deadline_ms = self.deadline(now_ms, timeout_ms);
+        self.track(
             attempt.task_id,
             InFlight {
                 worker: worker.to_string(),
                 attempt,
-                deadline_ms: self.deadline(now_ms, timeout_ms),
+                deadline_ms,
                 reported: false,
                 unlisted_since_ms: None,
             },
@@ -284,6 +315,8 @@ impl Scheduler {
             return;
         }
         f.reported = true;
+        let deadline = (f.deadline_ms, attempt.task_id);
+        self.deadlines.remove(&deadline);
         if let Some(w) = self.workers.get_mut(worker) {
             w.busy = w.busy.saturating_sub(1);
         }
@@ -303,8 +336,14 @@ impl Scheduler {
         let grace = self.cfg.lease_ms;
         let listed: BTreeSet<AttemptRef> = running.iter().copied().collect();
         let mut gone = Vec::new();
-        for f in self.in_flight.values_mut() {
-            if f.worker != worker || f.reported {
+        let Some(tasks) = self.by_worker.get(worker) else {
+            return gone;
+        };
+        for t in tasks {
+            let Some(f) = self.in_flight.get_mut(t) else {
+                continue;
+            };
+            if f.reported {
                 continue;
             }
             if listed.contains(&f.attempt) {
@@ -339,7 +378,7 @@ impl Scheduler {
     /// The task table says the task moved on (final, or queued for another attempt).
     /// Returns what was in flight, so a still-running attempt can be stopped.
     pub fn forget(&mut self, task: TaskId) -> Option<InFlight> {
-        let f = self.in_flight.remove(&task)?;
+        let f = self.untrack(task)?;
         if !f.reported {
             if let Some(w) = self.workers.get_mut(&f.worker) {
                 w.busy = w.busy.saturating_sub(1);
@@ -405,7 +444,7 @@ impl Scheduler {
                 w.busy += 1;
                 w.dispatched += 1;
             }
-            self.in_flight.insert(
+            self.track(
                 task.id,
                 InFlight {
                     worker: worker.clone(),
@@ -483,13 +522,18 @@ impl Scheduler {
     /// `attempt`, in flight on `from`, moved to `to` (a mesh steal). Returns false, and
     /// changes nothing, unless it is in flight on `from` and not yet reported.
     pub fn moved(&mut self, attempt: AttemptRef, from: &str, to: &str) -> bool {
-        let Some(f) = self.in_flight.get_mut(&attempt.task_id) else {
-            return false;
-        };
-        if f.attempt != attempt || f.worker != from || f.reported {
+        if !self
+            .in_flight
+            .get(&attempt.task_id)
+            .is_some_and(|f| f.attempt == attempt && f.worker == from && !f.reported)
+        {
             return false;
         }
+        let Some(mut f) = self.untrack(attempt.task_id) else {
+            return false;
+        };
         f.worker = to.to_string();
+        self.track(attempt.task_id, f);
         if let Some(w) = self.workers.get_mut(from) {
             w.busy = w.busy.saturating_sub(1);
         }
@@ -513,30 +557,46 @@ impl Scheduler {
             .map(|(id, _)| id.clone())
             .collect();
         let mut out = Vec::new();
-        let mut gone = Vec::new();
-        for (task, f) in &self.in_flight {
-            if f.reported {
-                continue;
+        let mut gone = BTreeSet::new();
+        // Attempts of lost workers, and of workers the scheduler no longer knows (an
+        // adopted attempt of a worker that never said hello to this leader).
+        let orphaned = self
+            .by_worker
+            .keys()
+            .filter(|w| !self.workers.contains_key(*w))
+            .cloned();
+        let lost_or_unknown: Vec<String> = lost.iter().cloned().chain(orphaned).collect();
+        for w in &lost_or_unknown {
+            for f in self.in_flight_on(w).filter(|f| !f.reported) {
+                out.push(Expired {
+                    worker: f.worker.clone(),
+                    attempt: f.attempt,
+                    reason: format!(
+                        "worker {} lost: not heard from for over {lease} ms",
+                        f.worker
+                    ),
+                });
+                gone.insert(f.attempt.task_id);
             }
-            let reason = if lost.contains(&f.worker) || !self.workers.contains_key(&f.worker) {
-                format!(
-                    "worker {} lost: not heard from for over {lease} ms",
-                    f.worker
-                )
-            } else if now_ms > f.deadline_ms {
-                format!(
-                    "no report from worker {} by the attempt's deadline",
-                    f.worker
-                )
-            } else {
-                continue;
-            };
-            out.push(Expired {
-                worker: f.worker.clone(),
-                attempt: f.attempt,
-                reason,
-            });
-            gone.push(*task);
+        }
+        let overdue = self
+            .deadlines
+            .range(..(now_ms, 0))
+            .map(|(_, t)| *t)
+            .filter(|t| !gone.contains(t))
+            .collect::<Vec<_>>();
+        for task in overdue {
+            if let Some(f) = self.in_flight.get(&task) {
+                out.push(Expired {
+                    worker: f.worker.clone(),
+                    attempt: f.attempt,
+                    reason: format!(
+                        "no report from worker {} by the attempt's deadline",
+                        f.worker
+                    ),
+                });
+                gone.insert(task);
+            }
         }
         for task in gone {
             self.forget(task);
@@ -557,11 +617,7 @@ impl Scheduler {
             .workers
             .values()
             .map(|w| w.last_seen_ms.saturating_add(self.cfg.lease_ms + 1));
-        let deadlines = self
-            .in_flight
-            .values()
-            .filter(|f| !f.reported)
-            .map(|f| f.deadline_ms + 1);
+        let deadlines = self.deadlines.first().map(|(d, _)| d + 1);
         let starts = self.pending_starts.front().map(|(due, _)| *due);
         leases.chain(deadlines).chain(starts).min()
     }
@@ -629,6 +685,91 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// The per-worker and deadline indexes hold exactly what a walk over every attempt
+    /// in flight finds.
+    fn assert_indexed(s: &Scheduler) {
+        let mut by_worker: HashMap<String, BTreeSet<TaskId>> = HashMap::new();
+        let mut deadlines = BTreeSet::new();
+        for (t, f) in &s.in_flight {
+            by_worker.entry(f.worker.clone()).or_default().insert(*t);
+            if !f.reported {
+                deadlines.insert((f.deadline_ms, *t));
+            }
+        }
+        assert_eq!(s.by_worker, by_worker);
+        assert_eq!(s.deadlines, deadlines);
+    }
+
+    /// Placing, moving, reporting, forgetting, heartbeats, reconnects and expiry keep the
+    /// indexes true, in a long seeded mix of them.
+    #[test]
+    fn indexes_follow_every_change() {
+        let mut t = table(400, &[]);
+        let mut s = Scheduler::new(cfg());
+        let workers = ["a", "b", "c", "d"];
+        for w in workers {
+            s.worker_connected(w, 8, labels(&[]), 0);
+        }
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut now = 0;
+        for step in 0..3000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            now += x % 40;
+            let w = workers[(x >> 8) as usize % workers.len()];
+            let on_w: Vec<InFlight> = s.in_flight_on(w).cloned().collect();
+            let pick = on_w.get((x >> 16) as usize % on_w.len().max(1)).cloned();
+            match x % 7 {
+                0 | 1 => {
+                    s.plan(t.queued(), now);
+                }
+                2 => {
+                    if let Some(f) = pick {
+                        let to = workers[(x >> 24) as usize % workers.len()];
+                        s.moved(f.attempt, &f.worker, to);
+                    }
+                }
+                3 => {
+                    if let Some(f) = pick {
+                        s.reported(&f.worker, f.attempt);
+                        if step % 2 == 0 {
+                            s.forget(f.attempt.task_id);
+                            // Finished for good: it leaves the queue.
+                            t.apply(&Command {
+                                ops: vec![Op::Cancel {
+                                    task_id: f.attempt.task_id,
+                                    now_ms: now,
+                                }],
+                            });
+                        }
+                    }
+                }
+                4 => {
+                    let listed: Vec<AttemptRef> = on_w.iter().skip(1).map(|f| f.attempt).collect();
+                    s.heartbeat(w, &listed, now);
+                    s.worker_seen(w, now);
+                }
+                5 => s.worker_connected(w, 8, labels(&[]), now),
+                _ => {
+                    for w in workers {
+                        if !(x >> 32).is_multiple_of(3) {
+                            s.worker_seen(w, now);
+                        }
+                    }
+                    s.expire(now);
+                    for w in workers {
+                        if !s.workers().contains_key(w) {
+                            s.worker_connected(w, 8, labels(&[]), now);
+                        }
+                    }
+                }
+            }
+            assert_indexed(&s);
+        }
+        assert!(s.in_flight_count() > 0 || t.queued().next().is_none());
     }
 
     #[test]

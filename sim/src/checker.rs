@@ -18,6 +18,12 @@
 //! * **membership** — every membership change the run's operator started completed once
 //!   the faults healed, and the cluster's voters at the end are the ones those changes
 //!   leave;
+//! * **unique executions** — no execution (one `Run` of one attempt by the leader of one
+//!   term, journaled by the workers) ran on two workers at overlapping times;
+//! * **no phantom attempts** — an attempt the table gave up as lost was not recorded as
+//!   running on a worker that did not hold it for longer than a lease (plus a heartbeat
+//!   and a second of slack): heartbeat reconciliation loses such an attempt within one
+//!   lease;
 //! * **identical replicas** — at the end, every member of the cluster has applied the
 //!   leader's whole log and checkpointed it, and all their checkpoints hold the same state
 //!   (byte-equal dumps, read from each member's data dir after the run).
@@ -96,6 +102,46 @@ pub struct TaskRecord {
     pub output: Option<String>,
     pub attempts: usize,
     pub succeeded_attempts: usize,
+    /// Every attempt as the table recorded it, in order.
+    pub attempt_log: Vec<AttemptRecord>,
+}
+
+/// One attempt of a task as the final audit found it (times on the leader's clock, which
+/// the simulation shares with the journal, except where a worker's report set them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AttemptRecord {
+    pub number: u32,
+    pub worker: String,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// `succeeded`, `failed`, `lost`, `cancelled`, `released`.
+    pub outcome: Option<String>,
+}
+
+/// What a worker journaled about one execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExecEvent {
+    /// The worker (re)started: whatever its earlier boot held is gone by now.
+    Boot,
+    Held,
+    Started,
+    Ended,
+    Released,
+}
+
+/// One line of a worker's execution journal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ExecRecord {
+    /// The worker's name (the same across its boots).
+    pub worker: String,
+    pub boot: u64,
+    /// On the simulation's clock (ms since the epoch, like the table's times).
+    pub at_ms: u64,
+    pub event: ExecEvent,
+    /// The execution (unused for `Boot`).
+    pub task: u64,
+    pub attempt: u32,
+    pub term: u64,
 }
 
 /// The final look at the whole table, after the faults healed.
@@ -171,6 +217,11 @@ pub struct History {
     pub membership: Vec<MembershipChange>,
     /// The members' replicas at the end (`None`: not compared).
     pub replicas: Option<Replicas>,
+    /// Every worker's execution journal, in the order events happened.
+    pub executions: Vec<ExecRecord>,
+    /// The coordinators' worker lease and heartbeat interval (ms), for the phantom check.
+    pub lease_ms: u64,
+    pub heartbeat_ms: u64,
 }
 
 /// A broken guarantee, with what shows it.
@@ -222,6 +273,19 @@ pub enum Violation {
     ReplicasDiffer {
         index: u64,
         nodes: Vec<ReplicaState>,
+    },
+    /// One execution ran on two workers (or twice) at overlapping times.
+    DuplicateExecution {
+        execution: String,
+        runs: Vec<(String, u64, u64, Option<u64>)>,
+    },
+    /// An attempt stayed recorded as running on a worker that did not hold it for longer
+    /// than a lease before it was given up.
+    Phantom {
+        id: u64,
+        attempt: u32,
+        worker: String,
+        unheld_ms: u64,
     },
 }
 
@@ -314,6 +378,143 @@ impl fmt::Display for Violation {
                 }
                 Ok(())
             }
+            Violation::DuplicateExecution { execution, runs } => {
+                write!(f, "execution {execution} ran more than once at a time:")?;
+                for (worker, boot, from, to) in runs {
+                    match to {
+                        Some(to) => write!(f, " on {worker} (boot {boot}) {from}..{to} ms;")?,
+                        None => write!(f, " on {worker} (boot {boot}) from {from} ms, no end;")?,
+                    }
+                }
+                Ok(())
+            }
+            Violation::Phantom {
+                id,
+                attempt,
+                worker,
+                unheld_ms,
+            } => write!(
+                f,
+                "attempt {attempt} of task {id} stayed recorded as running on {worker} for {unheld_ms} ms while {worker} did not hold it, longer than a lease"
+            ),
+        }
+    }
+}
+
+/// Every run of one execution: (worker, boot, started, ended), from the journal.
+type Runs = Vec<(String, u64, u64, Option<u64>)>;
+
+/// Executions that ran twice at overlapping times (an execution that never journaled an
+/// end runs until the end: its worker may have crashed, but then it must not run again).
+fn check_executions(h: &History, out: &mut Vec<Violation>) {
+    let mut runs: BTreeMap<(u64, u32, u64), Runs> = BTreeMap::new();
+    for e in &h.executions {
+        let key = (e.task, e.attempt, e.term);
+        match e.event {
+            ExecEvent::Started => {
+                runs.entry(key)
+                    .or_default()
+                    .push((e.worker.clone(), e.boot, e.at_ms, None))
+            }
+            ExecEvent::Ended => {
+                if let Some(r) = runs.get_mut(&key).and_then(|v| {
+                    v.iter_mut()
+                        .rev()
+                        .find(|r| r.0 == e.worker && r.1 == e.boot && r.3.is_none())
+                }) {
+                    r.3 = Some(e.at_ms);
+                }
+            }
+            _ => {}
+        }
+    }
+    for ((task, attempt, term), v) in runs {
+        let overlaps = v.iter().enumerate().any(|(i, a)| {
+            v[i + 1..]
+                .iter()
+                .any(|b| a.2 < b.3.unwrap_or(u64::MAX) && b.2 < a.3.unwrap_or(u64::MAX))
+        });
+        if overlaps {
+            out.push(Violation::DuplicateExecution {
+                execution: format!("{task}.{attempt}.{term}"),
+                runs: v,
+            });
+        }
+    }
+}
+
+/// When a worker held an attempt: from, until (`None`: to the end), and in which boot.
+type Held = (u64, Option<u64>, u64);
+
+/// Attempts given up as lost after being recorded on a worker that did not hold them for
+/// longer than a lease (with a heartbeat and a second of slack). A worker holds an
+/// attempt from `Held` until `Ended` or `Released`, or until it boots again.
+fn check_phantoms(h: &History, tasks: &[TaskRecord], out: &mut Vec<Violation>) {
+    let allowed = h.lease_ms + h.heartbeat_ms + 1000;
+    let mut boots: BTreeMap<(&str, u64), u64> = BTreeMap::new();
+    for e in &h.executions {
+        if e.event == ExecEvent::Boot {
+            boots.insert((&e.worker, e.boot), e.at_ms);
+        }
+    }
+    // (worker, task, attempt) -> held intervals (from, to, boot).
+    let mut held: BTreeMap<(&str, u64, u32), Vec<Held>> = BTreeMap::new();
+    for e in &h.executions {
+        let key = (e.worker.as_str(), e.task, e.attempt);
+        match e.event {
+            ExecEvent::Held => held.entry(key).or_default().push((e.at_ms, None, e.boot)),
+            ExecEvent::Ended | ExecEvent::Released => {
+                if let Some(iv) = held.get_mut(&key).and_then(|v| {
+                    v.iter_mut()
+                        .rev()
+                        .find(|iv| iv.1.is_none() && iv.2 == e.boot)
+                }) {
+                    iv.1 = Some(e.at_ms);
+                }
+            }
+            ExecEvent::Boot | ExecEvent::Started => {}
+        }
+    }
+    // What a boot still held is gone by the worker's next boot.
+    for ((worker, _, _), v) in held.iter_mut() {
+        for iv in v.iter_mut().filter(|iv| iv.1.is_none()) {
+            iv.1 = boots.get(&(*worker, iv.2 + 1)).copied();
+        }
+    }
+    for t in tasks {
+        for a in &t.attempt_log {
+            if a.outcome.as_deref() != Some("lost") {
+                continue;
+            }
+            let Some(lost_at) = a.finished_ms else {
+                continue;
+            };
+            let ivs = held
+                .get(&(a.worker.as_str(), t.id, a.number))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            // Held when given up (its worker was unreachable): the lease did its work.
+            if ivs
+                .iter()
+                .any(|(from, to, _)| *from <= lost_at && to.is_none_or(|to| to >= lost_at))
+            {
+                continue;
+            }
+            let let_go = ivs
+                .iter()
+                .filter_map(|(_, to, _)| *to)
+                .filter(|to| *to <= lost_at)
+                .max()
+                .unwrap_or(0);
+            let unheld_ms = lost_at.saturating_sub(a.started_ms.max(let_go));
+            if unheld_ms > allowed {
+                out.push(Violation::Phantom {
+                    id: t.id,
+                    attempt: a.number,
+                    worker: a.worker.clone(),
+                    unheld_ms,
+                });
+            }
         }
     }
 }
@@ -378,6 +579,7 @@ pub fn check(h: &History) -> Vec<Violation> {
             tasks,
         }) => {
             check_table(h, &acked, tasks, &mut out);
+            check_phantoms(h, tasks, &mut out);
             let listed: BTreeSet<u64> = tasks.iter().map(|t| t.id).collect();
             for t in tasks {
                 reads.entry(t.id).or_default().push(Read {
@@ -404,6 +606,7 @@ pub fn check(h: &History) -> Vec<Violation> {
     }
 
     check_membership(h, &mut out);
+    check_executions(h, &mut out);
 
     for (id, rs) in &reads {
         if let Some((acked_at, _)) = first_ack.get(id) {

@@ -43,11 +43,15 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use swarm_coordinator::raft::{NodeAddr, Raft};
 use swarm_coordinator::{coordinator_server_config, CoordinatorConfig, Parts};
+use swarm_proto::worker::{AttemptRef, ExecutionId};
 use swarm_proto::ALPN_WORKER;
 use swarm_transport::{client_config, Identity, Role};
-use swarm_worker::{Backoff, Worker, WorkerParams};
+use swarm_worker::{Backoff, ExecutionEvent, ExecutionJournal, Worker, WorkerParams};
 
-use crate::checker::{self, Audit, History, Read, ReadResult, Submit, SubmitResult, TaskRecord};
+use crate::checker::{
+    self, AttemptRecord, Audit, ExecEvent, ExecRecord, History, Read, ReadResult, Submit,
+    SubmitResult, TaskRecord,
+};
 use crate::driver::{Driver, Hosts};
 use crate::faults::{self, Episode};
 use crate::membership::{self, Operator, Settled};
@@ -231,10 +235,15 @@ impl Report {
             None => "replicas not compared".into(),
         };
         format!(
-            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
+            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, {} executions started, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
             self.seed,
             self.history.submits.len(),
             self.history.reads.len(),
+            self.history
+                .executions
+                .iter()
+                .filter(|e| e.event == checker::ExecEvent::Started)
+                .count(),
             self.history.membership.len(),
             snapshots.join(" "),
             self.log.len(),
@@ -526,6 +535,11 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
     );
     base.snapshot_every = opts.snapshot_every;
     base.snapshot_bytes = opts.snapshot_bytes;
+    {
+        let mut s = lock(&shared);
+        s.history.lease_ms = base.scheduler.lease_ms;
+        s.history.heartbeat_ms = base.heartbeat_interval_ms;
+    }
     let initial: Vec<(u64, NodeAddr)> = (0..opts.coordinators)
         .map(|j| {
             (
@@ -569,6 +583,7 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
         let quic = quic[..opts.coordinators].to_vec();
         let boots = Arc::new(Mutex::new(0u64));
         let name = name.clone();
+        let shared = shared.clone();
         sim.host(name.as_str(), {
             let name = name.clone();
             move || {
@@ -580,7 +595,8 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
                     *b += 1;
                     *b
                 };
-                async move { worker(i, name, certs_dir, quic, boot, seed).await }
+                let shared = shared.clone();
+                async move { worker(i, name, certs_dir, quic, boot, seed, shared).await }
             }
         });
     }
@@ -872,7 +888,30 @@ async fn worker(
     quic: Vec<SocketAddr>,
     boot: u64,
     seed: u64,
+    shared: SharedRef,
 ) -> turmoil::Result {
+    let journal = {
+        let (name, shared) = (name.clone(), shared.clone());
+        move |event: ExecEvent, e: Option<ExecutionId>| {
+            let e = e.unwrap_or(ExecutionId {
+                attempt: AttemptRef {
+                    task_id: 0,
+                    attempt: 0,
+                },
+                term: 0,
+            });
+            lock(&shared).history.executions.push(ExecRecord {
+                worker: name.clone(),
+                boot,
+                at_ms: sim_clock_ms(),
+                event,
+                task: e.attempt.task_id,
+                attempt: e.attempt.attempt,
+                term: e.term,
+            });
+        }
+    };
+    journal(ExecEvent::Boot, None);
     let endpoint = quic_endpoint(
         SocketAddr::from(([0, 0, 0, 0], 0)),
         None,
@@ -891,6 +930,12 @@ async fn worker(
     };
     params.endpoint = Some(endpoint);
     params.jitter_seed = Some(sub_seed(seed, 6000 + 100 * i as u64 + boot));
+    params.journal = Some(ExecutionJournal(Arc::new(move |e| match e {
+        ExecutionEvent::Held(x) => journal(ExecEvent::Held, Some(x)),
+        ExecutionEvent::Started(x) => journal(ExecEvent::Started, Some(x)),
+        ExecutionEvent::Ended(x) => journal(ExecEvent::Ended, Some(x)),
+        ExecutionEvent::Released(x) => journal(ExecEvent::Released, Some(x)),
+    })));
     Worker::new(params)
         .map_err(err)?
         .run(std::future::pending())
@@ -1194,5 +1239,15 @@ fn record(t: &Value) -> Result<TaskRecord, String> {
             .iter()
             .filter(|a| a["outcome"] == "succeeded")
             .count(),
+        attempt_log: attempts
+            .iter()
+            .map(|a| AttemptRecord {
+                number: a["attempt"].as_u64().unwrap_or_default() as u32,
+                worker: a["worker"].as_str().unwrap_or_default().to_string(),
+                started_ms: a["started_at_ms"].as_u64().unwrap_or_default(),
+                finished_ms: a["finished_at_ms"].as_u64(),
+                outcome: a["outcome"].as_str().map(str::to_string),
+            })
+            .collect(),
     })
 }

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use swarm_sim::checker::{
-    check, Audit, History, MembershipChange, Read, ReadResult, ReplicaState, Replicas, Submit,
-    SubmitResult, TaskRecord, Violation,
+    check, AttemptRecord, Audit, ExecEvent, ExecRecord, History, MembershipChange, Read,
+    ReadResult, ReplicaState, Replicas, Submit, SubmitResult, TaskRecord, Violation,
 };
 
 fn ms(n: u64) -> Duration {
@@ -64,7 +64,41 @@ fn task(id: u64, key: &str) -> TaskRecord {
         output: Some(payload),
         attempts: 1,
         succeeded_attempts: 1,
+        attempt_log: vec![AttemptRecord {
+            number: 1,
+            worker: "w1".into(),
+            started_ms: 3300,
+            finished_ms: Some(3400),
+            outcome: Some("succeeded".into()),
+        }],
     }
+}
+
+/// A journal line of worker `worker` (boot 1) about execution `task`.`attempt`.`term`.
+fn ev(
+    worker: &str,
+    at_ms: u64,
+    event: ExecEvent,
+    (task, attempt, term): (u64, u32, u64),
+) -> ExecRecord {
+    ExecRecord {
+        worker: worker.into(),
+        boot: 1,
+        at_ms,
+        event,
+        task,
+        attempt,
+        term,
+    }
+}
+
+/// An execution held, run and ended on `worker` from `from` to `to`.
+fn ran(worker: &str, from: u64, to: u64, exec: (u64, u32, u64)) -> Vec<ExecRecord> {
+    vec![
+        ev(worker, from, ExecEvent::Held, exec),
+        ev(worker, from, ExecEvent::Started, exec),
+        ev(worker, to, ExecEvent::Ended, exec),
+    ]
 }
 
 fn audit(tasks: Vec<TaskRecord>) -> Option<Audit> {
@@ -119,7 +153,99 @@ fn good() -> History {
                 .map(|(node, host)| replica(node, host, 120))
                 .collect(),
         }),
+        executions: [
+            ran("w1", 3300, 3400, (1, 1, 2)),
+            ran("w1", 30, 40, (2, 1, 2)),
+        ]
+        .concat(),
+        lease_ms: 5000,
+        heartbeat_ms: 1000,
     }
+}
+
+/// Task 1's first attempt was recorded on `w2` from 1000 ms and given up as lost at
+/// `lost_at`; attempt 2 succeeded on `w1`.
+fn lost_then_succeeded(h: &mut History, lost_at: u64) {
+    let Some(Audit::Complete { tasks, .. }) = &mut h.audit else {
+        unreachable!()
+    };
+    tasks[0].attempts = 2;
+    tasks[0].attempt_log.insert(
+        0,
+        AttemptRecord {
+            number: 1,
+            worker: "w2".into(),
+            started_ms: 1000,
+            finished_ms: Some(lost_at),
+            outcome: Some("lost".into()),
+        },
+    );
+    tasks[0].attempt_log[1].number = 2;
+}
+
+#[test]
+fn an_execution_run_twice_at_once_is_caught_and_attempts_of_other_terms_are_not() {
+    let mut h = good();
+    // The same attempt from two leaders (terms 2 and 3): the documented at-least-once case.
+    h.executions.extend(ran("w2", 3350, 3450, (1, 1, 3)));
+    assert_eq!(check(&h), vec![]);
+    // One execution on two workers at once.
+    h.executions.extend(ran("w3", 3390, 3500, (1, 1, 3)));
+    let v = check(&h);
+    assert!(
+        matches!(&v[..], [Violation::DuplicateExecution { execution, runs }] if execution == "1.1.3" && runs.len() == 2),
+        "{v:?}"
+    );
+    // One that never ended (its worker died) must not run again either.
+    let mut h = good();
+    h.executions
+        .push(ev("w2", 10, ExecEvent::Started, (2, 1, 2)));
+    let v = check(&h);
+    assert!(
+        matches!(&v[..], [Violation::DuplicateExecution { .. }]),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn an_attempt_recorded_on_a_worker_that_does_not_hold_it_is_caught_after_a_lease() {
+    // Lost within a lease (plus a heartbeat and slack) of being recorded: allowed.
+    let mut h = good();
+    lost_then_succeeded(&mut h, 1000 + 7000);
+    assert_eq!(check(&h), vec![]);
+    // Never held by w2, recorded there for 9 s.
+    let mut h = good();
+    lost_then_succeeded(&mut h, 10_000);
+    let v = check(&h);
+    assert!(
+        matches!(&v[..], [Violation::Phantom { id: 1, attempt: 1, worker, unheld_ms: 9000 }] if worker == "w2"),
+        "{v:?}"
+    );
+    // Held until w2 restarted at 2000: unheld from then.
+    let mut h = good();
+    lost_then_succeeded(&mut h, 12_000);
+    h.executions
+        .push(ev("w2", 1200, ExecEvent::Held, (1, 1, 2)));
+    let mut boot = ev("w2", 2000, ExecEvent::Boot, (0, 0, 0));
+    boot.boot = 2;
+    h.executions.push(boot);
+    let v = check(&h);
+    assert!(
+        matches!(
+            &v[..],
+            [Violation::Phantom {
+                unheld_ms: 10_000,
+                ..
+            }]
+        ),
+        "{v:?}"
+    );
+    // Held by w2 (unreachable) when given up: the lease did its work.
+    let mut h = good();
+    lost_then_succeeded(&mut h, 60_000);
+    h.executions
+        .push(ev("w2", 1200, ExecEvent::Held, (1, 1, 2)));
+    assert_eq!(check(&h), vec![]);
 }
 
 /// A member's checkpoint at `index`, holding the same state as every other one made here.

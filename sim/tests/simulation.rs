@@ -248,6 +248,24 @@ fn calm_cluster_serves_and_the_history_checks() {
         "too few acknowledged submits: {}",
         report.summary()
     );
+    // The workers' journals reached the checker: every task that succeeded ran.
+    let started = report
+        .history
+        .executions
+        .iter()
+        .filter(|e| e.event == swarm_sim::checker::ExecEvent::Started)
+        .count();
+    let succeeded = match &report.history.audit {
+        Some(swarm_sim::checker::Audit::Complete { tasks, .. }) => {
+            tasks.iter().filter(|t| t.state == "succeeded").count()
+        }
+        _ => 0,
+    };
+    assert!(
+        succeeded > 20 && started >= succeeded,
+        "{started} executions journaled for {succeeded} succeeded tasks: {}",
+        report.summary()
+    );
     // Snapshots are on: every node checkpointed several times.
     assert_eq!(report.snapshots.len(), 3, "{}", report.summary());
     for (node, s) in &report.snapshots {
