@@ -93,6 +93,10 @@ pub struct InFlight {
     /// Since when the worker's heartbeats have not listed it (see
     /// [`Scheduler::heartbeat`]).
     pub unlisted_since_ms: Option<u64>,
+    /// The mesh steals that brought it to `worker` (from, to), in order: the report's
+    /// proposal repeats their `Op::Move`s before its `Op::Finish`, so a report that
+    /// overtakes a steal's own proposal still finds the attempt on its worker.
+    pub moves: Vec<(String, String)>,
 }
 
 /// "Send this attempt to this worker."
@@ -292,6 +296,7 @@ impl Scheduler {
                 deadline_ms,
                 reported: false,
                 unlisted_since_ms: None,
+                moves: Vec::new(),
             },
         );
         if let Some(w) = self.workers.get_mut(worker) {
@@ -452,6 +457,7 @@ impl Scheduler {
                     deadline_ms,
                     reported: false,
                     unlisted_since_ms: None,
+                    moves: Vec::new(),
                 },
             );
             free -= 1;
@@ -532,6 +538,7 @@ impl Scheduler {
         let Some(mut f) = self.untrack(attempt.task_id) else {
             return false;
         };
+        f.moves.push((from.to_string(), to.to_string()));
         f.worker = to.to_string();
         self.track(attempt.task_id, f);
         if let Some(w) = self.workers.get_mut(from) {
@@ -1105,6 +1112,11 @@ mod tests {
         assert!(!s.moved(d.attempt, to, from), "only from the holder");
         assert!(s.moved(d.attempt, from, to));
         assert_eq!(s.in_flight(1).unwrap().worker, to);
+        // The report's proposal repeats the move (see `InFlight::moves`).
+        assert_eq!(
+            s.in_flight(1).unwrap().moves,
+            vec![(from.to_string(), to.to_string())]
+        );
         assert_eq!((s.workers()[from].busy, s.workers()[to].busy), (0, 1));
         // The start recorded later names no one: the move records the attempt.
         assert!(s.due_starts(1_000).is_empty());

@@ -676,18 +676,26 @@ fn on_report(
     // Handed back by a draining worker: not a try at the task (no backoff, not counted as
     // a retry, nothing for the ReasoningBank to learn from).
     let drained = is_drained(&report.outcome);
-    let retry_at_ms = {
+    let (retry_at_ms, moves) = {
         let mut d = node.lock_dispatch();
         d.scheduler.worker_seen(worker, now);
+        // Steals that brought the attempt here: their `Move`s go first in the proposal.
+        let moves = d
+            .scheduler
+            .in_flight(report.attempt.task_id)
+            .filter(|f| f.attempt == report.attempt && f.worker == worker)
+            .map(|f| f.moves.clone())
+            .unwrap_or_default();
         d.scheduler.reported(worker, report.attempt);
         if let Some(s) = d.sessions.get_mut(worker) {
             s.info.running = s.info.running.saturating_sub(1);
         }
-        if drained {
+        let retry_at_ms = if drained {
             now
         } else {
             d.scheduler.retry_at(now, report.attempt)
-        }
+        };
+        (retry_at_ms, moves)
     };
     node.poke();
     let run_ms = report.finished_at_ms.saturating_sub(report.started_at_ms);
@@ -718,7 +726,19 @@ fn on_report(
         Outcome::Succeeded { output } => (true, Some(output.clone()), None),
         Outcome::Failed { message, .. } => (false, None, Some(message.clone())),
     };
-    let mut ops = vec![Op::Finish {
+    // Each `Move` is a no-op if it already committed; the report's result is the first
+    // op's after them.
+    let first = moves.len();
+    let mut ops: Vec<Op> = moves
+        .into_iter()
+        .map(|(from, to)| Op::Move {
+            attempt,
+            from,
+            to,
+            now_ms: now,
+        })
+        .collect();
+    ops.push(Op::Finish {
         attempt,
         worker: worker.to_string(),
         outcome,
@@ -726,7 +746,7 @@ fn on_report(
         finished_at_ms: report.finished_at_ms,
         now_ms: now,
         retry_at_ms,
-    }];
+    });
     if !drained && !patterns_used.is_empty() {
         ops.push(crate::memory::judge_op(
             attempt.task_id,
@@ -739,7 +759,7 @@ fn on_report(
     tokio::spawn(async move {
         let committed = node.propose(ops).await.and_then(|r| {
             r.into_iter()
-                .next()
+                .nth(first)
                 .ok_or_else(|| crate::proposer::ProposeError::Raft("empty response".into()))
         });
         match committed {

@@ -956,6 +956,56 @@ fn moves_are_recorded_only_from_the_current_holder() {
     assert_eq!(back.swarms_gen(), t.swarms_gen());
 }
 
+/// A thief's report overtakes the steal's own `Move` proposal: the report is proposed
+/// with the steal's moves in front (as the leader's session does), so its result counts,
+/// and the steal's `Move`, arriving later, changes nothing.
+#[test]
+fn a_report_that_overtakes_its_steal_carries_the_move() {
+    let mut t = TaskTable::new();
+    submit(&mut t, spec("echo"));
+    start(&mut t, at(1, 1)); // on "w"
+    let mv = Op::Move {
+        attempt: at(1, 1),
+        from: "w".into(),
+        to: "thief".into(),
+        now_ms: 4,
+    };
+    let report = Op::Finish {
+        attempt: at(1, 1),
+        worker: "thief".into(),
+        outcome: ok(b"stolen"),
+        started_at_ms: 4,
+        finished_at_ms: 5,
+        now_ms: 5,
+        retry_at_ms: 10,
+    };
+    // Alone, the thief's report is not the attempt's result (it is recorded on "w").
+    let mut alone = TaskTable::new();
+    submit(&mut alone, spec("echo"));
+    start(&mut alone, at(1, 1));
+    assert!(matches!(
+        one(&mut alone, report.clone()),
+        OpResult::Ignored { .. }
+    ));
+    let r = many(&mut t, vec![mv.clone(), report]);
+    assert_eq!(
+        r[1],
+        OpResult::Applied {
+            state: TaskState::Succeeded
+        }
+    );
+    assert!(matches!(
+        one(&mut t, mv),
+        OpResult::NotFound | OpResult::Ignored { .. }
+    ));
+    let task = t.get(1).unwrap();
+    assert_eq!(
+        (task.output.as_deref(), task.attempts[0].worker.as_str()),
+        (Some(&b"stolen"[..]), "thief")
+    );
+    t.check_indexes().unwrap();
+}
+
 /// A random op for the layered-history test: submits (some with idempotency keys),
 /// starts, finishes, losses, cancels, drains and purges over a few dozen ids.
 fn random_op(rng: &mut rand::rngs::StdRng, step: u64) -> Op {
