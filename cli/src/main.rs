@@ -1030,6 +1030,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         heartbeat_interval_ms: ms(a.heartbeat_interval),
         scheduler: SchedulerConfig {
             lease_ms: ms(a.lease),
+            heartbeat_ms: ms(a.heartbeat_interval),
             backoff_base_ms: ms(a.retry_backoff),
             backoff_max_ms: ms(a.retry_backoff_max),
             ..SchedulerConfig::default()

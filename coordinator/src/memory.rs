@@ -71,14 +71,10 @@ pub struct LlmDistillSettings {
     pub model: String,
     /// Bearer token, if the endpoint wants one (never printed by `Debug`).
     pub api_key: Option<String>,
-    /// Most distillation requests in flight at once; results beyond that wait, up to
-    /// [`LLM_WAITERS_PER_SLOT`] per slot, and past that are not distilled (counted in
-    /// `swarm_distill_skipped_total{reason="busy"}`).
+    /// Most distillation requests in flight at once; the results beyond that wait in
+    /// the replicated outbox (see [`distill_loop`]).
     pub concurrency: usize,
 }
-
-/// Results that may wait for an LLM distillation slot, per slot.
-pub const LLM_WAITERS_PER_SLOT: usize = 16;
 
 impl fmt::Debug for LlmDistillSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -246,15 +242,8 @@ pub(crate) struct MemoryService {
     /// [`EmbedderConfig::describe`], for errors.
     embedder_name: String,
     distillers: Vec<Box<dyn Distiller>>,
-    /// Bounds the remote (LLM) distiller's requests, with the results waiting for one.
-    remote: Option<RemoteLimit>,
-}
-
-/// Slots of a remote distiller and how many results wait for one.
-struct RemoteLimit {
-    slots: tokio::sync::Semaphore,
-    waiting: std::sync::atomic::AtomicUsize,
-    max_waiting: usize,
+    /// Bounds the remote (LLM) distiller's requests in flight.
+    remote: Option<tokio::sync::Semaphore>,
 }
 
 impl MemoryService {
@@ -281,11 +270,7 @@ impl MemoryService {
                     swarm_memory::LlmDistiller::new(cfg)
                         .map_err(|e| anyhow::anyhow!("LLM distiller: {e}"))?,
                 ));
-                remote = Some(RemoteLimit {
-                    slots: tokio::sync::Semaphore::new(llm.concurrency),
-                    waiting: Default::default(),
-                    max_waiting: llm.concurrency.saturating_mul(LLM_WAITERS_PER_SLOT),
-                });
+                remote = Some(tokio::sync::Semaphore::new(llm.concurrency));
             }
             _ => {}
         }
@@ -295,23 +280,6 @@ impl MemoryService {
             distillers,
             remote,
         })
-    }
-}
-
-impl RemoteLimit {
-    /// A slot, or `None` when too many already wait for one.
-    async fn acquire(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        use std::sync::atomic::Ordering;
-        if let Ok(slot) = self.slots.try_acquire() {
-            return Some(slot);
-        }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        let slot = self.slots.acquire().await.ok();
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        slot
     }
 }
 
@@ -992,13 +960,29 @@ pub(crate) async fn retrieve_for_worker(
 }
 
 /// What a committed result means for the ReasoningBank.
-pub(crate) struct ResultForMemory {
-    pub task_id: u64,
-    pub agent: String,
-    pub payload: Vec<u8>,
-    pub succeeded: bool,
-    pub output: Option<Vec<u8>>,
-    pub error: Option<String>,
+struct ResultForMemory {
+    task_id: u64,
+    agent: String,
+    payload: Vec<u8>,
+    succeeded: bool,
+    output: Option<Vec<u8>>,
+    error: Option<String>,
+}
+
+/// Queues a recorded result for distillation: proposed with the report's `Finish` in one
+/// request, and applied only if that `Finish` is recorded (`state::apply_memory_command`),
+/// so each recorded result enters the outbox once.
+pub(crate) fn distill_queue_op(task_id: u64, attempt: u32, now_ms: u64) -> Op {
+    Op::Memory(MemoryOp::DistillQueue {
+        task_id,
+        attempt,
+        now_ms,
+    })
+}
+
+/// Whether this node distils anything (`--distill` is not `off`).
+pub(crate) fn distills(node: &Node) -> bool {
+    !node.memory_service().distillers.is_empty()
 }
 
 /// The judgement of the patterns an agent used, proposed with the report's `Finish` in
@@ -1079,94 +1063,210 @@ pub(crate) async fn advance_indexes(node: &Node) {
     }
 }
 
-/// After a result committed: distil new patterns from it (the patterns the agent used
-/// were judged with the result, see [`judge_op`]). Best effort and at most once per
-/// committed result: a failure, or a leader change before it, loses it; not retried.
-pub(crate) async fn after_result(node: Arc<Node>, r: ResultForMemory) {
-    let now = now_ms();
+/// Results the leader distils at once (the LLM distiller's requests are bounded by its
+/// own concurrency within these).
+const DISTILL_PARALLEL: usize = 16;
+/// How often the leader looks at the outbox.
+const DISTILL_EVERY: Duration = Duration::from_millis(100);
+
+/// On the leader: distil the results waiting in the replicated outbox and propose each
+/// one's patterns with its removal ([`MemoryOp::DistillDone`]), which adds them only if
+/// the result was still waiting. A leader change or a crash before that leaves the result
+/// in the outbox for the next leader, so every recorded result is distilled, and its
+/// patterns added exactly once, whatever happens to the leader. (The next leader may run
+/// a distiller a second time for a result whose first run never committed.)
+pub(crate) async fn distill_loop(
+    node: Arc<Node>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut running: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+    let mut in_flight: std::collections::HashMap<tokio::task::Id, u64> = Default::default();
+    let mut term = None;
+    let mut tick = tokio::time::interval(DISTILL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                in_flight.remove(&id);
+                continue;
+            }
+            _ = shutdown.changed() => return,
+        }
+        let led = node.raft_term_led();
+        if led != term {
+            // A new term (or none): what ran for the old one is not this leader's work.
+            running.abort_all();
+            in_flight.clear();
+            term = led;
+        }
+        if led.is_none() || node.handing_off() {
+            continue;
+        }
+        let room = DISTILL_PARALLEL.saturating_sub(running.len());
+        if room == 0 {
+            continue;
+        }
+        let busy: std::collections::HashSet<u64> = in_flight.values().copied().collect();
+        let waiting = node.table.memory(|m| m.distill_outbox(busy.len() + room));
+        metrics::gauge!("swarm_distill_outbox")
+            .set(node.table.memory(|m| m.distill_waiting()) as f64);
+        for (task, entry) in waiting
+            .into_iter()
+            .filter(|(t, _)| !busy.contains(t))
+            .take(room)
+        {
+            let node = node.clone();
+            let handle =
+                running.spawn(async move { distill_one(&node, task, entry.attempt).await });
+            in_flight.insert(handle.id(), task);
+        }
+    }
+}
+
+/// The result of attempt `attempt` of task `task_id` as the ReasoningBank sees it: the
+/// agent and input of the stage it ran (a ring task has moved on since), and its output
+/// or error. `None` if the task is gone (purged) or has no such attempt.
+fn result_for_memory(node: &Node, task_id: u64, attempt: u32) -> Option<ResultForMemory> {
+    // Wherever the task is now: a checkpoint may have moved it to disk.
+    let t = match node.table.lookup(task_id) {
+        Ok(crate::state::Lookup::Found(t)) => t,
+        _ => return None,
+    };
+    let rec = t.attempts.iter().find(|a| a.number == attempt)?;
+    let stage = rec.stage;
+    let input = match (stage as usize).checked_sub(1) {
+        Some(prev) => t.stage_outputs.get(prev)?.clone(),
+        None => t.spec.payload.clone(),
+    };
+    let (succeeded, output, error) = match &rec.end {
+        Some(crate::state::AttemptEnd::Succeeded) => (
+            true,
+            t.stage_outputs
+                .get(stage as usize)
+                .or(t.output.as_ref())
+                .cloned(),
+            None,
+        ),
+        Some(crate::state::AttemptEnd::Failed { kind, message }) => {
+            (false, None, Some(format!("{}: {message}", kind.as_str())))
+        }
+        Some(crate::state::AttemptEnd::Cancelled) => (false, None, Some("cancelled".to_string())),
+        // Not an outcome of the agent's work: nothing to learn.
+        _ => return None,
+    };
+    Some(ResultForMemory {
+        task_id,
+        agent: t.spec.agent_of(stage).to_string(),
+        payload: input,
+        succeeded,
+        output,
+        error,
+    })
+}
+
+/// Distil one result from the outbox and propose its removal with what it taught.
+/// Returns without proposing if this node stops leading or the proposal fails: the
+/// result stays in the outbox and is tried again.
+async fn distill_one(node: &Arc<Node>, task_id: u64, attempt: u32) {
+    let items = match result_for_memory(node, task_id, attempt) {
+        Some(r) => distill_result(node, &r).await,
+        None => Vec::new(),
+    };
+    let op = Op::Memory(MemoryOp::DistillDone {
+        task_id,
+        items,
+        now_ms: now_ms(),
+    });
+    match node.propose(vec![op]).await {
+        Ok(results) => match results.into_iter().next() {
+            Some(OpResult::Memory(Ok(OpOutcome::Distilled {
+                found,
+                ids,
+                refused,
+            }))) => {
+                if !ids.is_empty() {
+                    metrics::counter!("swarm_distilled_patterns_total").increment(ids.len() as u64);
+                }
+                if let Some(why) = refused {
+                    warn!(task = task_id, reason = %why, "distilled patterns refused");
+                }
+                if !found {
+                    debug!(
+                        task = task_id,
+                        "result already distilled by an earlier leader"
+                    );
+                }
+            }
+            other => debug!(task = task_id, result = ?other, "distillation outcome"),
+        },
+        Err(e) => {
+            debug!(task = task_id, error = %e, "distillation not committed; left in the outbox")
+        }
+    }
+}
+
+/// The patterns every distiller draws from `r`, embedded. A distiller or the embedder
+/// failing loses its items (logged), not the others'.
+async fn distill_result(node: &Node, r: &ResultForMemory) -> Vec<swarm_memory::NewPattern> {
     let outcome = if r.succeeded {
         PatternOutcome::Success
     } else {
         PatternOutcome::Failure
     };
-    let mut ops = Vec::new();
     let service = node.memory_service();
-    if !service.distillers.is_empty() {
-        // Parse the output only when it can carry `memory_items`: results are on the hot
-        // path and may be large.
-        let result = r
-            .output
-            .as_deref()
-            .filter(|o| o.windows(12).any(|w| w == b"memory_items"))
-            .and_then(|o| serde_json::from_slice::<Value>(o).ok());
-        let summary = TaskSummary {
-            task_id: r.task_id,
-            agent: r.agent.clone(),
-            payload_summary: String::from_utf8_lossy(&r.payload)
-                .chars()
-                .take(200)
-                .collect(),
-            outcome,
-            error: r.error.clone(),
-            result,
+    // Parse the output only when it can carry `memory_items`: outputs may be large.
+    let result = r
+        .output
+        .as_deref()
+        .filter(|o| o.windows(12).any(|w| w == b"memory_items"))
+        .and_then(|o| serde_json::from_slice::<Value>(o).ok());
+    let summary = TaskSummary {
+        task_id: r.task_id,
+        agent: r.agent.clone(),
+        payload_summary: String::from_utf8_lossy(&r.payload)
+            .chars()
+            .take(200)
+            .collect(),
+        outcome,
+        error: r.error.clone(),
+        result,
+    };
+    let mut items = Vec::new();
+    for d in &service.distillers {
+        // The remote distiller runs within its slots.
+        let _slot = match (&service.remote, d.name()) {
+            (Some(limit), "llm") => limit.acquire().await.ok(),
+            _ => None,
         };
-        let mut items = Vec::new();
-        for d in &service.distillers {
-            // The remote distiller runs within its slots; when too many results wait
-            // for one, this one is not distilled there.
-            let _slot = match (&service.remote, d.name()) {
-                (Some(limit), "llm") => match limit.acquire().await {
-                    Some(slot) => Some(slot),
-                    None => {
-                        metrics::counter!("swarm_distill_skipped_total", "reason" => "busy")
-                            .increment(1);
-                        debug!(
-                            task = r.task_id,
-                            "LLM distillation skipped: too many waiting"
-                        );
-                        continue;
-                    }
-                },
-                _ => None,
-            };
-            match d.distill(&summary).await {
-                Ok(mut v) => items.append(&mut v),
-                Err(e) => {
-                    warn!(task = r.task_id, distiller = d.name(), error = %e, "distillation failed")
-                }
-            }
-        }
-        if !items.is_empty() {
-            let embedded = match check_pattern_dimension(&node) {
-                Ok(()) => embed_items(service.embedder.as_ref(), &items)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match embedded {
-                Ok(patterns) if !patterns.is_empty() => {
-                    ops.push(Op::Memory(MemoryOp::PatternAdd {
-                        items: patterns,
-                        now_ms: now,
-                    }))
-                }
-                Ok(_) => {}
-                Err(e) => warn!(task = r.task_id, error = %e, "embedding distilled items failed"),
+        match d.distill(&summary).await {
+            Ok(mut v) => items.append(&mut v),
+            Err(e) => {
+                metrics::counter!("swarm_distill_failures_total", "distiller" => d.name())
+                    .increment(1);
+                warn!(task = r.task_id, distiller = d.name(), error = %e, "distillation failed")
             }
         }
     }
-    if ops.is_empty() {
-        return;
+    if items.is_empty() {
+        return Vec::new();
     }
-    match node.propose(ops).await {
-        Ok(results) => {
-            for res in results {
-                if let OpResult::Memory(Err(f)) = res {
-                    debug!(task = r.task_id, code = %f.code, message = %f.message, "memory op after a result refused");
-                }
-            }
+    let embedded = match check_pattern_dimension(node) {
+        Ok(()) => embed_items(service.embedder.as_ref(), &items)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match embedded {
+        Ok(patterns) => patterns,
+        Err(e) => {
+            warn!(task = r.task_id, error = %e, "embedding distilled items failed");
+            Vec::new()
         }
-        Err(e) => debug!(task = r.task_id, error = %e, "memory ops after a result not committed"),
     }
 }
 

@@ -22,6 +22,10 @@ use crate::state::Task;
 pub struct SchedulerConfig {
     /// A worker not heard from for this long is lost, and so are its attempts.
     pub lease_ms: u64,
+    /// How often workers send heartbeats: an attempt its worker's heartbeats stop
+    /// listing is given up two heartbeats inside a lease after the first one that did
+    /// not list it, so within a lease of the leader being able to know.
+    pub heartbeat_ms: u64,
     /// First retry delay; doubles per attempt.
     pub backoff_base_ms: u64,
     /// Largest retry delay.
@@ -36,6 +40,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             lease_ms: 5_000,
+            heartbeat_ms: 1_000,
             backoff_base_ms: 200,
             backoff_max_ms: 30_000,
             start_record_delay_ms: 10,
@@ -299,9 +304,24 @@ impl Scheduler {
                 moves: Vec::new(),
             },
         );
-        if let Some(w) = self.workers.get_mut(worker) {
-            w.busy += 1;
-        }
+        // A worker this leader has not heard from yet (the attempt was adopted from the
+        // table on election): known from now, disconnected, so its lease runs from now
+        // and it has that long to say hello before its attempts are given up.
+        let w = self
+            .workers
+            .entry(worker.to_string())
+            .or_insert_with(|| WorkerEntry {
+                slots: 0,
+                labels: BTreeMap::new(),
+                agents: BTreeSet::new(),
+                peer_addr: None,
+                connected: false,
+                draining: false,
+                last_seen_ms: now_ms,
+                busy: 0,
+                dispatched: 0,
+            });
+        w.busy += 1;
     }
 
     fn deadline(&self, now_ms: u64, timeout_ms: u64) -> u64 {
@@ -338,7 +358,13 @@ impl Scheduler {
         running: &[AttemptRef],
         now_ms: u64,
     ) -> Vec<AttemptRef> {
-        let grace = self.cfg.lease_ms;
+        // The first unlisting heartbeat can come a heartbeat after the attempt stopped
+        // being held, and the one that gives it up a heartbeat after the grace.
+        let grace = self
+            .cfg
+            .lease_ms
+            .saturating_sub(2 * self.cfg.heartbeat_ms)
+            .max(self.cfg.heartbeat_ms);
         let listed: BTreeSet<AttemptRef> = running.iter().copied().collect();
         let mut gone = Vec::new();
         let Some(tasks) = self.by_worker.get(worker) else {
@@ -653,6 +679,7 @@ mod tests {
     fn cfg() -> SchedulerConfig {
         SchedulerConfig {
             lease_ms: 1000,
+            heartbeat_ms: 100,
             backoff_base_ms: 100,
             backoff_max_ms: 1000,
             start_record_delay_ms: 10,
@@ -779,6 +806,33 @@ mod tests {
         assert!(s.in_flight_count() > 0 || t.queued().next().is_none());
     }
 
+    /// An attempt adopted on election for a worker that has not said hello to this
+    /// leader yet gets a lease for the worker to come back, not an instant loss.
+    #[test]
+    fn adopted_attempts_of_workers_not_yet_back_get_a_lease() {
+        let mut s = Scheduler::new(cfg());
+        let a = AttemptRef {
+            task_id: 1,
+            attempt: 1,
+        };
+        s.adopt("w", a, 60_000, 100);
+        assert!(
+            s.expire(200).is_empty(),
+            "the worker has a lease to come back"
+        );
+        assert!(!s.workers()["w"].takes_work());
+        s.worker_connected("w", 2, labels(&[]), 500);
+        assert_eq!(s.workers()["w"].busy, 1, "the adopted attempt holds a slot");
+        // Silent past the lease after its hello: lost.
+        let lost = s.expire(1_501);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].attempt, a);
+        // A worker that never comes back loses them a lease after the adoption.
+        s.adopt("gone", a, 60_000, 2_000);
+        assert!(s.expire(3_000).is_empty());
+        assert_eq!(s.expire(3_001).len(), 1);
+    }
+
     #[test]
     fn fills_free_slots_fairly_and_never_twice() {
         let t = table(10, &[]);
@@ -798,9 +852,9 @@ mod tests {
     }
 
     /// Heartbeats reconcile: an attempt placed on a worker that its heartbeats stop
-    /// listing is given up once it has been unlisted for more than a lease (not before: a
-    /// `Run` may be on its way), one listed again is kept, and attempts a worker lists
-    /// that are not in flight on it are reported as untracked.
+    /// listing is given up once it has been unlisted for more than a lease less two
+    /// heartbeats (not before: a `Run` may be on its way), one listed again is kept, and
+    /// attempts a worker lists that are not in flight on it are reported as untracked.
     #[test]
     fn heartbeats_give_up_unlisted_attempts_after_a_lease() {
         let t = table(3, &[]);
@@ -812,14 +866,15 @@ mod tests {
         assert!(s.heartbeat("a", &[], 100).is_empty());
         // x and y arrive; z never does.
         assert!(s.heartbeat("a", &[x, y], 600).is_empty());
+        // Lease 1000 ms, heartbeats every 100 ms: a grace of 800 ms.
         assert!(
-            s.heartbeat("a", &[x], 1100).is_empty(),
-            "z unlisted for 1000 ms"
+            s.heartbeat("a", &[x], 900).is_empty(),
+            "z unlisted for 800 ms"
         );
-        assert_eq!(s.heartbeat("a", &[x], 1101), vec![z]);
+        assert_eq!(s.heartbeat("a", &[x], 901), vec![z]);
         assert!(s.in_flight(z.task_id).is_none(), "given up");
         assert_eq!(s.workers()["a"].busy, 2);
-        // y went unlisted at 1100; listed again at 1500, it is kept.
+        // y went unlisted at 900; listed again at 1500, it is kept.
         assert!(s.heartbeat("a", &[x, y], 1500).is_empty());
         assert!(s.heartbeat("a", &[x, y], 3000).is_empty());
         // A reported attempt is not expected in the list.

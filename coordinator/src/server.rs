@@ -227,6 +227,10 @@ where
             let (raft, receiving, rx) = (raft.clone(), receiving, shutdown_rx.clone());
             move || node::quiet_while_receiving(raft.clone(), receiving.clone(), rx.clone())
         }),
+        node::supervise(node.dead_loops.clone(), "distill", {
+            let (node, rx) = (node.clone(), shutdown_rx.clone());
+            move || crate::memory::distill_loop(node.clone(), rx.clone())
+        }),
         node::supervise(node.dead_loops.clone(), "maintenance", {
             let (node, log, rx) = (node.clone(), log_for_maintenance, shutdown_rx.clone());
             move || node::maintenance_loop(node.clone(), log.clone(), rx.clone())

@@ -722,10 +722,7 @@ fn on_report(
     };
     let attempt = report.attempt;
     let patterns_used = report.patterns_used;
-    let (succeeded, output, error) = match &outcome {
-        Outcome::Succeeded { output } => (true, Some(output.clone()), None),
-        Outcome::Failed { message, .. } => (false, None, Some(message.clone())),
-    };
+    let succeeded = matches!(outcome, Outcome::Succeeded { .. });
     // Each `Move` is a no-op if it already committed; the report's result is the first
     // op's after them.
     let first = moves.len();
@@ -752,6 +749,14 @@ fn on_report(
             attempt.task_id,
             patterns_used,
             succeeded,
+            now,
+        ));
+    }
+    // Into the replicated outbox with the result (see `memory::distill_loop`).
+    if !drained && crate::memory::distills(node) {
+        ops.push(crate::memory::distill_queue_op(
+            attempt.task_id,
+            attempt.attempt,
             now,
         ));
     }
@@ -792,52 +797,24 @@ fn on_report(
                     _ => node.count_results(std::slice::from_ref(&result)),
                 }
                 let _ = tx.send(CoordinatorMsg::Ack(attempt));
-                // First time this result is recorded: feed the ReasoningBank.
-                if let OpResult::Applied { .. } = result {
-                    // The agent and input of the stage this attempt ran (a ring task has
-                    // moved on to its next stage if this one succeeded).
-                    // Wherever the task is now: a checkpoint may have moved it to disk.
-                    let task = match node.table.lookup(attempt.task_id) {
-                        Ok(crate::state::Lookup::Found(t)) => Some(t),
-                        _ => None,
-                    };
-                    let task = task.and_then(|t| {
+                if !succeeded {
+                    return;
+                }
+                // The stage time of a ring stage that succeeded (the task may have moved
+                // on to its next stage).
+                if let Ok(crate::state::Lookup::Found(t)) = node.table.lookup(attempt.task_id) {
+                    if !t.spec.stages.is_empty() {
                         let stage = t
                             .attempts
                             .iter()
                             .find(|a| a.number == attempt.attempt)
                             .map_or(t.stage, |a| a.stage);
-                        let input = match (stage as usize).checked_sub(1) {
-                            Some(prev) => t.stage_outputs.get(prev)?.clone(),
-                            None => t.spec.payload.clone(),
-                        };
-                        let ring =
-                            (!t.spec.stages.is_empty()).then(|| (t.spec.swarm.clone(), stage));
-                        Some((t.spec.agent_of(stage).to_string(), input, ring))
-                    });
-                    if let Some((_, _, Some((swarm, stage)))) = &task {
-                        if succeeded {
-                            metrics::histogram!(
-                                "swarm_ring_stage_seconds",
-                                "swarm" => swarm.clone(),
-                                "stage" => stage.to_string()
-                            )
-                            .record(run_ms as f64 / 1000.0);
-                        }
-                    }
-                    if let Some((agent, payload, _)) = task {
-                        crate::memory::after_result(
-                            node.clone(),
-                            crate::memory::ResultForMemory {
-                                task_id: attempt.task_id,
-                                agent,
-                                payload,
-                                succeeded,
-                                output,
-                                error,
-                            },
+                        metrics::histogram!(
+                            "swarm_ring_stage_seconds",
+                            "swarm" => t.spec.swarm.clone(),
+                            "stage" => stage.to_string()
                         )
-                        .await;
+                        .record(run_ms as f64 / 1000.0);
                     }
                 }
             }

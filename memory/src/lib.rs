@@ -182,6 +182,6 @@ pub use reasoning::{
     Outcome, RetrieveParams, RetrievedItem, PATTERN_COLLECTION,
 };
 pub use store::{
-    decode_value, encode_value, validate_collection_name, MemoryOp, MemoryStore, OpOutcome,
-    StoreConfig, StoreSnapshot, SNAPSHOT_FORMAT_VERSION,
+    decode_value, encode_value, validate_collection_name, DistillEntry, MemoryOp, MemoryStore,
+    OpOutcome, StoreConfig, StoreSnapshot, DISTILL_OUTBOX_LIMIT, SNAPSHOT_FORMAT_VERSION,
 };

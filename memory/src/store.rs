@@ -230,6 +230,44 @@ pub enum MemoryOp {
         /// Apply time.
         now_ms: u64,
     },
+    /// Put a committed result in the distillation outbox (proposed with the result, and
+    /// applied only if the result was recorded): the leader distils it later, and a leader
+    /// change or a crash before then leaves it in the outbox for the next leader. Refused
+    /// (not queued) while the outbox holds [`DISTILL_OUTBOX_LIMIT`] results.
+    DistillQueue {
+        /// The task whose result it is.
+        task_id: u64,
+        /// The attempt that produced it.
+        attempt: u32,
+        /// Apply time.
+        now_ms: u64,
+    },
+    /// The leader distilled the result of `task_id`: take it out of the outbox and add
+    /// what it taught. A no-op if the outbox no longer holds it (another leader already
+    /// did), so each queued result adds its patterns once. Items that do not validate
+    /// are dropped with the entry (an outcome says why), so a bad item cannot keep a
+    /// result in the outbox for ever.
+    DistillDone {
+        /// The task whose result it was.
+        task_id: u64,
+        /// Patterns distilled from it (possibly none), with embeddings.
+        items: Vec<NewPattern>,
+        /// Apply time (becomes the patterns' `created_ms`).
+        now_ms: u64,
+    },
+}
+
+/// Results the distillation outbox holds at most; more are not queued (counted as
+/// refused), so a distiller that is down cannot grow the replicated state without bound.
+pub const DISTILL_OUTBOX_LIMIT: usize = 100_000;
+
+/// A result waiting in the distillation outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DistillEntry {
+    /// The attempt that produced it.
+    pub attempt: u32,
+    /// When it was queued.
+    pub queued_ms: u64,
 }
 
 impl MemoryOp {
@@ -247,7 +285,9 @@ impl MemoryOp {
             | MemoryOp::PatternDelete { now_ms, .. }
             | MemoryOp::Consolidate { now_ms, .. }
             | MemoryOp::FinishRebuild { now_ms, .. }
-            | MemoryOp::AdvanceIndex { now_ms, .. } => *now_ms,
+            | MemoryOp::AdvanceIndex { now_ms, .. }
+            | MemoryOp::DistillQueue { now_ms, .. }
+            | MemoryOp::DistillDone { now_ms, .. } => *now_ms,
         }
     }
 
@@ -266,6 +306,8 @@ impl MemoryOp {
             MemoryOp::Consolidate { .. } => "consolidate",
             MemoryOp::FinishRebuild { .. } => "finish_rebuild",
             MemoryOp::AdvanceIndex { .. } => "advance_index",
+            MemoryOp::DistillQueue { .. } => "distill_queue",
+            MemoryOp::DistillDone { .. } => "distill_done",
         }
     }
 }
@@ -347,6 +389,24 @@ pub enum OpOutcome {
         /// Whether searches moved to it (false: stale or not a copy point).
         advanced: bool,
     },
+    /// A result went into the distillation outbox ([`MemoryOp::DistillQueue`]), or not:
+    /// already there, or the outbox is full.
+    DistillQueued {
+        /// Whether it was queued by this op.
+        queued: bool,
+        /// Results in the outbox now.
+        waiting: u64,
+    },
+    /// A distilled result left the outbox ([`MemoryOp::DistillDone`]).
+    Distilled {
+        /// Whether the outbox held it (false: another leader's op took it out first, and
+        /// nothing was added).
+        found: bool,
+        /// Ids of the patterns added.
+        ids: Vec<String>,
+        /// Why the items were not added, if they did not validate.
+        refused: Option<String>,
+    },
 }
 
 /// Validated op, ready to commit without further failure.
@@ -363,6 +423,8 @@ enum Prepared {
     Judge(Vec<String>, Outcome),
     PatternDelete(Vec<String>),
     Consolidate(ConsolidateParams),
+    DistillQueue(u64, DistillEntry),
+    DistillDone(u64, std::result::Result<Vec<PreparedPattern>, String>),
 }
 
 /// Validates a collection name.
@@ -388,10 +450,11 @@ pub fn validate_collection_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Current snapshot format version. 4 added the rebuilds under way; 3 (without them)
-/// is still read.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
-/// The previous format, read and converted.
+/// Current snapshot format version. 5 added the distillation outbox, 4 the rebuilds
+/// under way; 4 and 3 are still read.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
+/// Earlier formats, read and converted.
+const SNAPSHOT_FORMAT_V4: u32 = 4;
 const SNAPSHOT_FORMAT_V3: u32 = 3;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"SWMEMSNP";
 const SNAPSHOT_HEADER: usize = 8 + 4 + 8 + 8;
@@ -409,6 +472,18 @@ pub struct StoreSnapshot {
     collections: Vec<CollectionRecord>,
     bank: BankRecord,
     /// Background rebuilds under way: (collection, `None` for the pattern index).
+    rebuilds: Vec<(Option<String>, RebuildRecord)>,
+    /// The distillation outbox, by task id.
+    outbox: Vec<(u64, DistillEntry)>,
+}
+
+/// Format 4: the same without the outbox (it was empty).
+#[derive(Deserialize)]
+struct StoreSnapshotV4 {
+    format_version: u32,
+    config: StoreConfig,
+    collections: Vec<CollectionRecord>,
+    bank: BankRecord,
     rebuilds: Vec<(Option<String>, RebuildRecord)>,
 }
 
@@ -464,6 +539,8 @@ pub struct MemoryStore {
     config: StoreConfig,
     collections: BTreeMap<String, Collection>,
     bank: ReasoningBank,
+    /// Committed results waiting to be distilled, by task id.
+    outbox: BTreeMap<u64, DistillEntry>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -484,6 +561,7 @@ impl MemoryStore {
             config,
             collections: BTreeMap::new(),
             bank,
+            outbox: BTreeMap::new(),
         })
     }
 
@@ -580,6 +658,25 @@ impl MemoryStore {
                 params.validate()?;
                 Prepared::Consolidate(params.clone())
             }
+            MemoryOp::DistillQueue {
+                task_id,
+                attempt,
+                now_ms,
+            } => Prepared::DistillQueue(
+                *task_id,
+                DistillEntry {
+                    attempt: *attempt,
+                    queued_ms: *now_ms,
+                },
+            ),
+            MemoryOp::DistillDone { task_id, items, .. } => Prepared::DistillDone(
+                *task_id,
+                if items.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    self.bank.prepare_add(items, cfg).map_err(|e| e.to_string())
+                },
+            ),
         })
     }
 
@@ -706,6 +803,43 @@ impl MemoryStore {
             }
             Prepared::Consolidate(params) => {
                 OpOutcome::Consolidated(self.bank.consolidate(&params, now_ms, cfg))
+            }
+            Prepared::DistillQueue(task, entry) => {
+                let queued =
+                    self.outbox.len() < DISTILL_OUTBOX_LIMIT && !self.outbox.contains_key(&task);
+                if queued {
+                    self.outbox.insert(task, entry);
+                }
+                OpOutcome::DistillQueued {
+                    queued,
+                    waiting: self.outbox.len() as u64,
+                }
+            }
+            Prepared::DistillDone(task, items) => {
+                if self.outbox.remove(&task).is_none() {
+                    OpOutcome::Distilled {
+                        found: false,
+                        ids: Vec::new(),
+                        refused: None,
+                    }
+                } else {
+                    match items {
+                        Ok(items) => OpOutcome::Distilled {
+                            found: true,
+                            ids: if items.is_empty() {
+                                Vec::new()
+                            } else {
+                                self.bank.apply_add(items, now_ms, cfg)
+                            },
+                            refused: None,
+                        },
+                        Err(e) => OpOutcome::Distilled {
+                            found: true,
+                            ids: Vec::new(),
+                            refused: Some(e),
+                        },
+                    }
+                }
             }
         })
     }
@@ -841,7 +975,22 @@ impl MemoryStore {
                 .filter_map(|(name, c)| Some((Some(name.clone()), c.rebuild_record()?)))
                 .chain(self.bank.index().rebuild_record().map(|r| (None, r)))
                 .collect(),
+            outbox: self.outbox.iter().map(|(t, e)| (*t, *e)).collect(),
         }
+    }
+
+    /// Up to `max` results waiting in the distillation outbox, oldest task first.
+    pub fn distill_outbox(&self, max: usize) -> Vec<(u64, DistillEntry)> {
+        self.outbox
+            .iter()
+            .take(max)
+            .map(|(t, e)| (*t, *e))
+            .collect()
+    }
+
+    /// How many results wait in the distillation outbox.
+    pub fn distill_waiting(&self) -> usize {
+        self.outbox.len()
     }
 
     /// Background rebuilds whose build has finished on this replica, as (collection,
@@ -952,6 +1101,7 @@ impl MemoryStore {
             config,
             collections,
             bank,
+            outbox: snap.outbox.into_iter().collect(),
         })
     }
 
@@ -990,7 +1140,14 @@ impl MemoryStore {
             u64::from_le_bytes(b)
         };
         let version = word(8..12);
-        if version != SNAPSHOT_FORMAT_VERSION as u64 && version != SNAPSHOT_FORMAT_V3 as u64 {
+        if ![
+            SNAPSHOT_FORMAT_VERSION,
+            SNAPSHOT_FORMAT_V4,
+            SNAPSHOT_FORMAT_V3,
+        ]
+        .iter()
+        .any(|v| version == *v as u64)
+        {
             return Err(MemoryError::InvalidSnapshot(format!(
                 "format version {version} (supported: {SNAPSHOT_FORMAT_VERSION})"
             )));
@@ -1014,6 +1171,20 @@ impl MemoryStore {
                 collections: v3.collections,
                 bank: v3.bank,
                 rebuilds: Vec::new(),
+                outbox: Vec::new(),
+            }
+        } else if version == SNAPSHOT_FORMAT_V4 as u64 {
+            let v4 = decode_value::<StoreSnapshotV4>(payload, payload.len())?;
+            if v4.format_version != SNAPSHOT_FORMAT_V4 {
+                return bad("format version in the payload does not match the header");
+            }
+            StoreSnapshot {
+                format_version: SNAPSHOT_FORMAT_VERSION,
+                config: v4.config,
+                collections: v4.collections,
+                bank: v4.bank,
+                rebuilds: v4.rebuilds,
+                outbox: Vec::new(),
             }
         } else {
             decode_value::<StoreSnapshot>(payload, payload.len())?
@@ -1025,6 +1196,136 @@ impl MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pattern(dim: usize) -> NewPattern {
+        NewPattern {
+            title: "retry with backoff".into(),
+            description: "d".into(),
+            content: "c".into(),
+            embedding: vec![0.5; dim],
+            source_task: Some(7),
+            outcome: crate::Outcome::Success,
+        }
+    }
+
+    /// A queued result is distilled once: the first `DistillDone` adds its patterns, a
+    /// second (another leader's) adds nothing; duplicates and a full outbox queue
+    /// nothing; items that do not validate leave with their entry; the outbox survives a
+    /// snapshot.
+    #[test]
+    fn distillation_outbox_adds_each_result_once() {
+        let config = StoreConfig {
+            pattern_dimension: 4,
+            ..StoreConfig::default()
+        };
+        let mut s = MemoryStore::new(config).unwrap();
+        let queue = |task_id| MemoryOp::DistillQueue {
+            task_id,
+            attempt: 1,
+            now_ms: 10,
+        };
+        let done = |task_id, items| MemoryOp::DistillDone {
+            task_id,
+            items,
+            now_ms: 20,
+        };
+        assert_eq!(
+            s.apply(queue(7)).unwrap(),
+            OpOutcome::DistillQueued {
+                queued: true,
+                waiting: 1
+            }
+        );
+        assert_eq!(
+            s.apply(queue(7)).unwrap(),
+            OpOutcome::DistillQueued {
+                queued: false,
+                waiting: 1
+            }
+        );
+        s.apply(queue(8)).unwrap();
+        assert_eq!(s.distill_outbox(10).len(), 2);
+        // Survives a snapshot, byte for byte.
+        let bytes = s.snapshot_bytes().unwrap();
+        let back = MemoryStore::restore_bytes(&bytes).unwrap();
+        assert_eq!(back.distill_outbox(10), s.distill_outbox(10));
+        assert_eq!(back.snapshot_bytes().unwrap(), bytes);
+        let OpOutcome::Distilled { found, ids, .. } = s.apply(done(7, vec![pattern(4)])).unwrap()
+        else {
+            panic!("not a distill outcome")
+        };
+        assert!(found);
+        assert_eq!(ids.len(), 1);
+        assert_eq!(
+            s.apply(done(7, vec![pattern(4)])).unwrap(),
+            OpOutcome::Distilled {
+                found: false,
+                ids: vec![],
+                refused: None
+            }
+        );
+        assert_eq!(s.pattern_count(), 1);
+        // A wrong dimension: the entry leaves, nothing is added.
+        let OpOutcome::Distilled { found, refused, .. } =
+            s.apply(done(8, vec![pattern(3)])).unwrap()
+        else {
+            panic!("not a distill outcome")
+        };
+        assert!(found && refused.is_some());
+        assert_eq!((s.distill_waiting(), s.pattern_count()), (0, 1));
+        // Full: not queued.
+        for t in 0..DISTILL_OUTBOX_LIMIT as u64 {
+            s.outbox.insert(
+                1000 + t,
+                DistillEntry {
+                    attempt: 1,
+                    queued_ms: 0,
+                },
+            );
+        }
+        assert_eq!(
+            s.apply(queue(9)).unwrap(),
+            OpOutcome::DistillQueued {
+                queued: false,
+                waiting: DISTILL_OUTBOX_LIMIT as u64
+            }
+        );
+    }
+
+    /// A format-4 snapshot (before the outbox) still loads, with an empty outbox.
+    #[test]
+    fn format_4_snapshots_load() {
+        let config = StoreConfig {
+            pattern_dimension: 4,
+            ..StoreConfig::default()
+        };
+        let mut s = MemoryStore::new(config).unwrap();
+        s.apply(MemoryOp::PatternAdd {
+            items: vec![pattern(4)],
+            now_ms: 1,
+        })
+        .unwrap();
+        let snap = s.snapshot();
+        // Format 4's fields, in order: what postcard wrote for `StoreSnapshotV4`.
+        let payload = encode_value(&(
+            SNAPSHOT_FORMAT_V4,
+            &snap.config,
+            &snap.collections,
+            &snap.bank,
+            &snap.rebuilds,
+        ))
+        .unwrap();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(SNAPSHOT_MAGIC);
+        bytes.extend_from_slice(&SNAPSHOT_FORMAT_V4.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&fnv1a64(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let back = MemoryStore::restore_bytes(&bytes).unwrap();
+        assert_eq!(back.pattern_count(), 1);
+        assert_eq!(back.distill_waiting(), 0);
+        assert_eq!(back.snapshot_bytes().unwrap(), s.snapshot_bytes().unwrap());
+    }
 
     #[test]
     fn collection_names() {

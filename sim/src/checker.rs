@@ -22,8 +22,8 @@
 //!   term, journaled by the workers) ran on two workers at overlapping times;
 //! * **no phantom attempts** — an attempt the table gave up as lost was not recorded as
 //!   running on a worker that did not hold it for longer than a lease (plus a heartbeat
-//!   and a second of slack): heartbeat reconciliation loses such an attempt within one
-//!   lease;
+//!   and a second of slack) under the leader that gave it up: heartbeat reconciliation
+//!   loses such an attempt within one lease (while no leader is in office nobody can);
 //! * **identical replicas** — at the end, every member of the cluster has applied the
 //!   leader's whole log and checkpointed it, and all their checkpoints hold the same state
 //!   (byte-equal dumps, read from each member's data dir after the run).
@@ -219,6 +219,8 @@ pub struct History {
     pub replicas: Option<Replicas>,
     /// Every worker's execution journal, in the order events happened.
     pub executions: Vec<ExecRecord>,
+    /// When a coordinator became leader (on the clock of `executions`), in order.
+    pub elections: Vec<u64>,
     /// The coordinators' worker lease and heartbeat interval (ms), for the phantom check.
     pub lease_ms: u64,
     pub heartbeat_ms: u64,
@@ -286,6 +288,10 @@ pub enum Violation {
         attempt: u32,
         worker: String,
         unheld_ms: u64,
+        /// When the attempt stopped being held (or was recorded) and when it was given
+        /// up, in ms since the run began.
+        from: u64,
+        lost: u64,
     },
 }
 
@@ -393,9 +399,11 @@ impl fmt::Display for Violation {
                 attempt,
                 worker,
                 unheld_ms,
+                from,
+                lost,
             } => write!(
                 f,
-                "attempt {attempt} of task {id} stayed recorded as running on {worker} for {unheld_ms} ms while {worker} did not hold it, longer than a lease"
+                "attempt {attempt} of task {id} stayed recorded as running on {worker} for {unheld_ms} ms while {worker} did not hold it, longer than a lease ({from} ms to {lost} ms into the run)"
             ),
         }
     }
@@ -451,6 +459,8 @@ type Held = (u64, Option<u64>, u64);
 /// attempt from `Held` until `Ended` or `Released`, or until it boots again.
 fn check_phantoms(h: &History, tasks: &[TaskRecord], out: &mut Vec<Violation>) {
     let allowed = h.lease_ms + h.heartbeat_ms + 1000;
+    // The workers' first journal lines are their boots, as the run begins.
+    let start_ms = h.executions.first().map_or(0, |e| e.at_ms);
     let mut boots: BTreeMap<(&str, u64), u64> = BTreeMap::new();
     for e in &h.executions {
         if e.event == ExecEvent::Boot {
@@ -506,13 +516,24 @@ fn check_phantoms(h: &History, tasks: &[TaskRecord], out: &mut Vec<Violation>) {
                 .filter(|to| *to <= lost_at)
                 .max()
                 .unwrap_or(0);
-            let unheld_ms = lost_at.saturating_sub(a.started_ms.max(let_go));
+            // Counted from when the leader that gave it up took office, at the earliest.
+            let elected = h
+                .elections
+                .iter()
+                .copied()
+                .filter(|e| *e <= lost_at)
+                .max()
+                .unwrap_or(0);
+            let from = a.started_ms.max(let_go).max(elected);
+            let unheld_ms = lost_at.saturating_sub(from);
             if unheld_ms > allowed {
                 out.push(Violation::Phantom {
                     id: t.id,
                     attempt: a.number,
                     worker: a.worker.clone(),
                     unheld_ms,
+                    from: from.saturating_sub(start_ms),
+                    lost: lost_at.saturating_sub(start_ms),
                 });
             }
         }

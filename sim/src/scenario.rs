@@ -816,6 +816,9 @@ async fn coordinator(h: CoordinatorHost, boot: u64) -> turmoil::Result {
             if role != last_role {
                 last_role = role;
                 s.roles.insert(h.i, role);
+                if role.0 {
+                    s.history.elections.push(sim_clock_ms());
+                }
                 s.log.push(format!(
                     "{at:>8.3}s {name} boot {boot}: term {} {}",
                     role.1,

@@ -158,6 +158,7 @@ fn good() -> History {
             ran("w1", 30, 40, (2, 1, 2)),
         ]
         .concat(),
+        elections: vec![0],
         lease_ms: 5000,
         heartbeat_ms: 1000,
     }
@@ -218,7 +219,7 @@ fn an_attempt_recorded_on_a_worker_that_does_not_hold_it_is_caught_after_a_lease
     lost_then_succeeded(&mut h, 10_000);
     let v = check(&h);
     assert!(
-        matches!(&v[..], [Violation::Phantom { id: 1, attempt: 1, worker, unheld_ms: 9000 }] if worker == "w2"),
+        matches!(&v[..], [Violation::Phantom { id: 1, attempt: 1, worker, unheld_ms: 9000, .. }] if worker == "w2"),
         "{v:?}"
     );
     // Held until w2 restarted at 2000: unheld from then.

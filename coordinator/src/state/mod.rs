@@ -377,10 +377,11 @@ fn refused_while_restoring(m: &MemoryOp) -> bool {
 }
 
 /// Applies a command that [`Command::touches_memory`]: memory ops go to the memory store,
-/// restore ops to both, everything else to the task table. A `PatternJudge` of a task that
-/// comes right after that task's `Finish` (a worker's report and the judgement of the
-/// patterns its agent used, proposed together) applies only if the `Finish` did: the
-/// patterns are judged exactly once per recorded result, in the same entry. `table` locks the table, and
+/// restore ops to both, everything else to the task table. A `PatternJudge` or a
+/// `DistillQueue` of a task that comes after that task's `Finish` (a worker's report, the
+/// judgement of the patterns its agent used and its place in the distillation outbox,
+/// proposed together) applies only if the `Finish` did: each recorded result is judged
+/// and queued for distillation exactly once, in the same entry. `table` locks the table, and
 /// is called only for the table's part of each op: a memory op itself — an HNSW insert
 /// of a large batch, the swap of a rebuilt graph — runs with the table free, so task
 /// reads and dispatch go on meanwhile. The caller holds the memory store for the whole
@@ -400,10 +401,18 @@ pub fn apply_memory_command<G: std::ops::DerefMut<Target = TaskTable>>(
             Op::Memory(MemoryOp::PatternJudge {
                 task_id: Some(task),
                 ..
-            }) if judges_an_unrecorded_finish(&cmd.ops, &results, i, *task) => {
+            }) if follows_an_unrecorded_finish(&cmd.ops, &results, i, *task) => {
                 OpResult::Memory(Ok(OpOutcome::Judged {
                     updated: Vec::new(),
                     missing: Vec::new(),
+                }))
+            }
+            Op::Memory(MemoryOp::DistillQueue { task_id, .. })
+                if follows_an_unrecorded_finish(&cmd.ops, &results, i, *task_id) =>
+            {
+                OpResult::Memory(Ok(OpOutcome::DistillQueued {
+                    queued: false,
+                    waiting: memory.distill_waiting() as u64,
                 }))
             }
             Op::Memory(m) => {
@@ -418,14 +427,17 @@ pub fn apply_memory_command<G: std::ops::DerefMut<Target = TaskTable>>(
     Ok(CommandResponse { results })
 }
 
-/// Whether op `i`, a judgement of `task`, follows a `Finish` of that task that was not
-/// recorded (`results` holds the results of the ops before `i`).
-fn judges_an_unrecorded_finish(ops: &[Op], results: &[OpResult], i: usize, task: TaskId) -> bool {
-    let Some(prev) = i.checked_sub(1) else {
+/// Whether op `i`, about a result of `task` (a judgement, a distillation), comes after a
+/// `Finish` of that task in the same command that was not recorded (`results` holds the
+/// results of the ops before `i`): the op then belongs to a result that does not count.
+fn follows_an_unrecorded_finish(ops: &[Op], results: &[OpResult], i: usize, task: TaskId) -> bool {
+    let Some(prev) = ops[..i]
+        .iter()
+        .rposition(|op| matches!(op, Op::Finish { attempt, .. } if attempt.task_id == task))
+    else {
         return false;
     };
-    matches!(&ops[prev], Op::Finish { attempt, .. } if attempt.task_id == task)
-        && !matches!(results.get(prev), Some(OpResult::Applied { .. }))
+    !matches!(results.get(prev), Some(OpResult::Applied { .. }))
 }
 
 /// A restore op (they need both state machines) or a task-table op; memory ops are

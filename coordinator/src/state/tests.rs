@@ -1468,16 +1468,30 @@ fn patterns_are_judged_only_with_a_recorded_result() {
         OpResult::Memory(Ok(OpOutcome::Judged { missing, .. })) => !missing.is_empty(),
         other => panic!("not a judgement: {other:?}"),
     };
-    let r = run(vec![finish_from("stale"), judge(1)]);
+    // ... and whether a result was queued for distillation.
+    let queue = Op::Memory(swarm_memory::MemoryOp::DistillQueue {
+        task_id: 1,
+        attempt: 1,
+        now_ms: 3,
+    });
+    let queued = |r: &OpResult| match r {
+        OpResult::Memory(Ok(OpOutcome::DistillQueued { queued, .. })) => *queued,
+        other => panic!("not a distill queue: {other:?}"),
+    };
+    let r = run(vec![finish_from("stale"), judge(1), queue.clone()]);
     assert!(matches!(r[0], OpResult::Ignored { .. }));
     assert!(!judged(&r[1]), "a stale report judges nothing");
-    let r = run(vec![finish_from("w"), judge(1)]);
+    assert!(!queued(&r[2]), "nor is it distilled");
+    let r = run(vec![finish_from("w"), judge(1), queue.clone()]);
     assert!(matches!(r[0], OpResult::Applied { .. }));
     assert!(judged(&r[1]), "the recorded result is judged");
-    // The same report again (a retry after a lost Ack): recorded once, judged once.
-    let r = run(vec![finish_from("w"), judge(1)]);
+    assert!(queued(&r[2]), "and waits in the outbox");
+    // The same report again (a retry after a lost Ack): recorded once, judged once,
+    // queued once.
+    let r = run(vec![finish_from("w"), judge(1), queue]);
     assert!(matches!(r[0], OpResult::Ignored { .. }));
     assert!(!judged(&r[1]));
+    assert!(!queued(&r[2]));
     // A judgement on its own (the API's) applies as before.
     let r = run(vec![judge(1)]);
     assert!(judged(&r[0]));

@@ -36,6 +36,8 @@ fn covered(op: &MemoryOp) -> usize {
         MemoryOp::Consolidate { .. } => 9,
         MemoryOp::FinishRebuild { .. } => 10,
         MemoryOp::AdvanceIndex { .. } => 11,
+        MemoryOp::DistillQueue { .. } => 12,
+        MemoryOp::DistillDone { .. } => 13,
     }
 }
 
@@ -114,6 +116,16 @@ fn all_ops() -> Vec<MemoryOp> {
             slots: 4096,
             now_ms: 12,
         },
+        MemoryOp::DistillQueue {
+            task_id: 9,
+            attempt: 2,
+            now_ms: 13,
+        },
+        MemoryOp::DistillDone {
+            task_id: 9,
+            items: vec![],
+            now_ms: 14,
+        },
     ]
 }
 
@@ -124,7 +136,7 @@ fn every_op_variant_roundtrips() {
     kinds.dedup();
     assert_eq!(
         kinds,
-        (0..12).collect::<Vec<_>>(),
+        (0..14).collect::<Vec<_>>(),
         "one of each variant, in order"
     );
     for op in &ops {
@@ -178,6 +190,16 @@ fn every_outcome_variant_roundtrips() {
             contradictions: vec![("a".into(), "c".into())],
             pruned: vec!["d".into()],
         }),
+        OpOutcome::IndexAdvanced { advanced: true },
+        OpOutcome::DistillQueued {
+            queued: true,
+            waiting: 3,
+        },
+        OpOutcome::Distilled {
+            found: true,
+            ids: vec!["pat-000000000002".into()],
+            refused: Some("bad".into()),
+        },
     ];
     for o in &outcomes {
         roundtrip(o);
