@@ -763,6 +763,15 @@ fn on_report(
     let node = node.clone();
     tokio::spawn(async move {
         let committed = node.propose(ops).await.and_then(|r| {
+            if let Some(OpResult::Memory(Ok(swarm_memory::OpOutcome::DistillQueued {
+                queued: false,
+                waiting,
+            }))) = r.last()
+            {
+                if *waiting >= swarm_memory::DISTILL_OUTBOX_LIMIT as u64 {
+                    metrics::counter!("swarm_distill_dropped_total").increment(1);
+                }
+            }
             r.into_iter()
                 .nth(first)
                 .ok_or_else(|| crate::proposer::ProposeError::Raft("empty response".into()))
