@@ -552,12 +552,23 @@ impl Node {
         {
             let mut d = self.lock_dispatch();
             for ev in &events {
-                let (TableEvent::Finalized(id, _) | TableEvent::Queued(id)) = ev;
-                let forgotten = d.scheduler.forget(*id);
-                if let (TableEvent::Finalized(..), Some(f)) = (ev, forgotten) {
-                    // Finished elsewhere or cancelled: stop the attempt still running.
-                    if leader && !f.reported {
-                        cancels.push(f);
+                match ev {
+                    TableEvent::Finalized(id, _) => {
+                        // Finished elsewhere or cancelled: stop the attempt still running.
+                        if let Some(f) = d.scheduler.forget(*id) {
+                            if leader && !f.reported {
+                                cancels.push(f);
+                            }
+                        }
+                    }
+                    // Queued again for a later attempt: the one in flight has ended. An
+                    // attempt planned at that number was dispatched after this change
+                    // applied (the dispatcher reads the table as it is), and must stay
+                    // in flight, or the next round would send the same execution to a
+                    // second worker (found by the nemesis: a submit's event drained
+                    // after the first dispatch of its task).
+                    TableEvent::Queued(id, next) => {
+                        d.scheduler.forget_before(*id, *next);
                     }
                 }
             }

@@ -418,6 +418,20 @@ impl Scheduler {
         Some(f)
     }
 
+    /// [`Scheduler::forget`] the attempt in flight for `task` if its number is below
+    /// `next`: the task queued again for attempt `next`, so that one has ended.
+    pub fn forget_before(&mut self, task: TaskId, next: u32) -> Option<InFlight> {
+        if self
+            .in_flight
+            .get(&task)
+            .is_some_and(|f| f.attempt.attempt < next)
+        {
+            self.forget(task)
+        } else {
+            None
+        }
+    }
+
     /// Choose attempts for queued tasks, best first, until workers are full. `queued`
     /// must be in run order. Tasks in flight, waiting out a backoff, or matching no
     /// connected worker's labels are skipped; draining workers get nothing.
@@ -831,6 +845,24 @@ mod tests {
         s.adopt("gone", a, 60_000, 2_000);
         assert!(s.expire(3_000).is_empty());
         assert_eq!(s.expire(3_001).len(), 1);
+    }
+
+    /// A task queued again for attempt `next` ends the attempt in flight below it; an
+    /// attempt planned at `next` (dispatched after the change applied) stays, so it is not
+    /// dispatched a second time.
+    #[test]
+    fn requeue_events_forget_only_older_attempts() {
+        let t = table(1, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 2, labels(&[]), 0);
+        let d = s.plan(t.queued(), 0).dispatches.remove(0);
+        assert_eq!(d.attempt.attempt, 1);
+        // The submit's event, drained after the dispatch: the attempt stays in flight.
+        assert!(s.forget_before(1, 1).is_none());
+        assert!(s.plan(t.queued(), 0).dispatches.is_empty(), "not sent twice");
+        // Queued again for attempt 2: attempt 1 has ended.
+        assert_eq!(s.forget_before(1, 2).map(|f| f.attempt), Some(d.attempt));
+        assert_eq!(s.in_flight_count(), 0);
     }
 
     #[test]

@@ -51,8 +51,10 @@ impl QueueKey {
 pub enum TableEvent {
     /// The task reached a final state (wake waiters; stop any attempt still running).
     Finalized(TaskId, TaskState),
-    /// The task (re-)entered the queue.
-    Queued(TaskId),
+    /// The task (re-)entered the queue, waiting to run this attempt number: an attempt in
+    /// flight with a lower number has ended. (One planned at this number already was
+    /// dispatched after this change applied, and stays.)
+    Queued(TaskId, u32),
 }
 
 /// Events kept at most when nobody drains them (a bound, not a working size).
@@ -409,7 +411,7 @@ impl TaskTable {
         }
         self.changes.live_dirty.insert(id);
         self.index_live(Arc::new(task));
-        self.push_event(TableEvent::Queued(id));
+        self.push_event(TableEvent::Queued(id, 1));
         Ok(OpResult::Submitted {
             id,
             duplicate: false,
@@ -662,12 +664,14 @@ impl TaskTable {
     /// Put a live task (not in the queue index) back in the queue.
     fn requeue(&mut self, id: TaskId, retry_at_ms: u64) {
         self.set_state(id, TaskState::Queued);
+        let mut next = 1;
         if let Some(task) = self.live_mut(id) {
             task.not_before_ms = retry_at_ms;
+            next = task.next_attempt();
             let key = QueueKey::of(task);
             self.queue.insert(key);
         }
-        self.push_event(TableEvent::Queued(id));
+        self.push_event(TableEvent::Queued(id, next));
     }
 
     /// Move a live task (already out of the queue index) to the finished layer.
@@ -1154,9 +1158,16 @@ impl TaskTable {
         self.meta.swarms_gen += 1;
         self.changes.staged_memory.clear();
         self.changes.staging_cleared = true;
-        let queued: Vec<TaskId> = self.queue.iter().map(QueueKey::id).collect();
-        for id in queued {
-            self.push_event(TableEvent::Queued(id));
+        let queued: Vec<(TaskId, u32)> = self
+            .queue
+            .iter()
+            .map(|k| {
+                let id = k.id();
+                (id, self.live.get(&id).map_or(1, |t| t.next_attempt()))
+            })
+            .collect();
+        for (id, next) in queued {
+            self.push_event(TableEvent::Queued(id, next));
         }
         RestoreSummary {
             tasks,

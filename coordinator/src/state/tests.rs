@@ -233,7 +233,7 @@ fn happy_path_and_single_final_result() {
     assert_eq!(
         events,
         vec![
-            TableEvent::Queued(1),
+            TableEvent::Queued(1, 1),
             TableEvent::Finalized(1, TaskState::Succeeded)
         ]
     );
