@@ -207,6 +207,10 @@ pub(crate) struct Dispatch {
 /// How often the leader adopts running attempts its scheduler does not track.
 const RECONCILE_EVERY_MS: u64 = 1000;
 
+/// A leader no quorum has acknowledged for this long stops serving as leader: twice the
+/// longest election timeout, by which the others have elected a new one.
+pub(crate) const QUORUM_LOST_MS: u64 = 2 * crate::raft::ELECTION_TIMEOUT_MAX_MS;
+
 /// Shared state of one coordinator.
 pub struct Node {
     pub(crate) cfg: CoordinatorConfig,
@@ -314,7 +318,7 @@ impl Node {
     /// started handing leadership over. Then the API answers `not_leader`, dispatch stops,
     /// new worker sessions are turned away and reports are left for the next leader.
     pub fn is_leader(&self) -> bool {
-        self.leads_raft() && !self.handing_off()
+        self.leads_raft() && !self.handing_off() && self.quorum_fresh()
     }
 
     /// Whether this node is the Raft leader, handing over or not. Leadership changes
@@ -331,6 +335,20 @@ impl Node {
             .then_some(m.current_term)
     }
 
+    /// Whether a quorum acknowledged this leader within [`QUORUM_LOST_MS`] (true on a node
+    /// that does not lead). A leader cut off from its quorum does not step down in
+    /// openraft 0.9 (no check-quorum), and the workers that can still reach it would stay
+    /// with it while the others elect a new leader that gets none: past that bound it
+    /// stops serving as leader — no dispatch, no API writes, its workers turned away to
+    /// find the new one — while keeping its dispatch state, so if a quorum answers again
+    /// in the same term nothing it dispatched is dispatched twice.
+    pub(crate) fn quorum_fresh(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.millis_since_quorum_ack
+            .is_none_or(|ms| ms <= QUORUM_LOST_MS)
+    }
+
     /// Whether a leadership hand-off started (see [`Node::is_leader`]).
     pub(crate) fn handing_off(&self) -> bool {
         self.handing_off.load(Ordering::Relaxed)
@@ -341,10 +359,14 @@ impl Node {
         self.handing_off.store(true, Ordering::Relaxed);
     }
 
-    /// The leader's id and address, if one is known.
+    /// The leader's id and address, if one is known. Not this node while it does not
+    /// serve as leader for want of a quorum (see [`Node::raft_term_led`]).
     pub fn leader(&self) -> Option<(u64, NodeAddr)> {
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
+        if id == self.cfg.node_id && !self.quorum_fresh() {
+            return None;
+        }
         let node = m.membership_config.membership().get_node(&id).cloned()?;
         Some((id, node))
     }
@@ -591,6 +613,9 @@ impl Node {
     /// again, so nothing dispatched in the old term survives into the new one.
     fn follow_leadership(&self) {
         let term = self.raft_term_led();
+        if term.is_some() && !self.quorum_fresh() {
+            self.turn_workers_away();
+        }
         let mut led = self.led_term.lock().unwrap_or_else(|p| p.into_inner());
         if term == led.map(|(t, _)| t) {
             return;
@@ -602,6 +627,26 @@ impl Node {
             self.adopt_running(t);
         }
         *led = term.map(|t| (t, std::time::Instant::now()));
+    }
+
+    /// Leading without a quorum (see [`Node::quorum_fresh`]): end every worker session
+    /// with a `NotLeader` that names no leader, so the workers look for the one the
+    /// others elect. The scheduler keeps what is in flight (leases run on).
+    fn turn_workers_away(&self) {
+        let mut d = self.lock_dispatch();
+        if d.sessions.is_empty() {
+            return;
+        }
+        let sessions = std::mem::take(&mut d.sessions);
+        warn!(
+            node = self.cfg.node_id,
+            workers = sessions.len(),
+            "no quorum has acknowledged this leader for {QUORUM_LOST_MS} ms: turning its workers away"
+        );
+        for (id, s) in sessions {
+            d.scheduler.worker_disconnected(&id);
+            let _ = s.tx.send(not_leader_msg(self.cfg.node_id, None));
+        }
     }
 
     /// How long this node has led in its current term, as far as `applied_loop` noticed
