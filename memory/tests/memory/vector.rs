@@ -647,11 +647,12 @@ fn format_3_snapshots_still_load() {
     let mut s = store();
     create(&mut s, "c", 8, Metric::L2);
     load(&mut s, "c", &data.base, |_| String::new());
-    let v4 = s.snapshot_bytes().unwrap();
-    // Format 4 is format 3 plus a trailing list of rebuilds, empty here (one zero byte),
-    // and the version: the header's u32 at 8 and the payload's first varint.
-    let mut payload = v4[28..v4.len() - 1].to_vec();
-    assert_eq!((payload[0], *v4.last().unwrap()), (4, 0));
+    let now = s.snapshot_bytes().unwrap();
+    // Format 5 is format 3 plus two trailing lists, rebuilds and the distillation outbox,
+    // both empty here (a zero byte each), and the version: the header's u32 at 8 and the
+    // payload's first varint.
+    let mut payload = now[28..now.len() - 2].to_vec();
+    assert_eq!((payload[0], &now[now.len() - 2..]), (5, &[0u8, 0][..]));
     payload[0] = 3;
     let mut v3 = b"SWMEMSNP".to_vec();
     v3.extend_from_slice(&3u32.to_le_bytes());
@@ -664,7 +665,7 @@ fn format_3_snapshots_still_load() {
     v3.extend_from_slice(&h.to_le_bytes());
     v3.extend_from_slice(&payload);
     let loaded = MemoryStore::restore_bytes(&v3).unwrap();
-    assert_eq!(loaded.snapshot_bytes().unwrap(), v4);
+    assert_eq!(loaded.snapshot_bytes().unwrap(), now);
 }
 
 /// Ops exercising every write path, for replica and snapshot tests.
