@@ -1,4 +1,4 @@
 //! Helpers the benchmark binaries share.
 
-pub mod processes;
 pub mod nemesis;
+pub mod processes;

@@ -859,7 +859,10 @@ mod tests {
         assert_eq!(d.attempt.attempt, 1);
         // The submit's event, drained after the dispatch: the attempt stays in flight.
         assert!(s.forget_before(1, 1).is_none());
-        assert!(s.plan(t.queued(), 0).dispatches.is_empty(), "not sent twice");
+        assert!(
+            s.plan(t.queued(), 0).dispatches.is_empty(),
+            "not sent twice"
+        );
         // Queued again for attempt 2: attempt 1 has ended.
         assert_eq!(s.forget_before(1, 2).map(|f| f.attempt), Some(d.attempt));
         assert_eq!(s.in_flight_count(), 0);
