@@ -980,9 +980,22 @@ pub(crate) fn distill_queue_op(task_id: u64, attempt: u32, now_ms: u64) -> Op {
     })
 }
 
-/// Whether this node distils anything (`--distill` is not `off`).
-pub(crate) fn distills(node: &Node) -> bool {
-    !node.memory_service().distillers.is_empty()
+/// Whether a result with this outcome has anything to teach this node's distillers, so
+/// goes into the outbox: every result for the rules and LLM distillers; with only the
+/// agent's own items (`--distill agent`, the default), only a success whose output names
+/// `memory_items` — the common result costs no outbox entry and no second proposal.
+pub(crate) fn distills(node: &Node, outcome: &swarm_proto::worker::Outcome) -> bool {
+    let distillers = &node.memory_service().distillers;
+    distillers.iter().any(|d| d.name() != "agent_items")
+        || (!distillers.is_empty()
+            && matches!(outcome, swarm_proto::worker::Outcome::Succeeded { output }
+                if carries_memory_items(output)))
+}
+
+/// Whether an output can carry `memory_items` (a byte scan; outputs may be large and
+/// are parsed only when they can).
+fn carries_memory_items(output: &[u8]) -> bool {
+    output.windows(12).any(|w| w == b"memory_items")
 }
 
 /// The judgement of the patterns an agent used, proposed with the report's `Finish` in
@@ -1223,7 +1236,7 @@ async fn distill_result(node: &Node, r: &ResultForMemory) -> Vec<swarm_memory::N
     let result = r
         .output
         .as_deref()
-        .filter(|o| o.windows(12).any(|w| w == b"memory_items"))
+        .filter(|o| carries_memory_items(o))
         .and_then(|o| serde_json::from_slice::<Value>(o).ok());
     let summary = TaskSummary {
         task_id: r.task_id,

@@ -723,6 +723,7 @@ fn on_report(
     let attempt = report.attempt;
     let patterns_used = report.patterns_used;
     let succeeded = matches!(outcome, Outcome::Succeeded { .. });
+    let learn = !drained && crate::memory::distills(node, &outcome);
     // Each `Move` is a no-op if it already committed; the report's result is the first
     // op's after them.
     let first = moves.len();
@@ -753,7 +754,7 @@ fn on_report(
         ));
     }
     // Into the replicated outbox with the result (see `memory::distill_loop`).
-    if !drained && crate::memory::distills(node) {
+    if learn {
         ops.push(crate::memory::distill_queue_op(
             attempt.task_id,
             attempt.attempt,
