@@ -253,10 +253,16 @@ impl Scheduler {
 
     /// Start tracking `f` (nothing is in flight for its task).
     fn track(&mut self, task: TaskId, f: InFlight) {
-        self.by_worker
-            .entry(f.worker.clone())
-            .or_default()
-            .insert(task);
+        // No allocation per dispatch: a worker's set stays (empty) while it is known.
+        match self.by_worker.get_mut(&f.worker) {
+            Some(set) => {
+                set.insert(task);
+            }
+            None => {
+                self.by_worker
+                    .insert(f.worker.clone(), BTreeSet::from([task]));
+            }
+        }
         if !f.reported {
             self.deadlines.insert((f.deadline_ms, task));
         }
@@ -268,7 +274,7 @@ impl Scheduler {
         let f = self.in_flight.remove(&task)?;
         if let Some(set) = self.by_worker.get_mut(&f.worker) {
             set.remove(&task);
-            if set.is_empty() {
+            if set.is_empty() && !self.workers.contains_key(&f.worker) {
                 self.by_worker.remove(&f.worker);
             }
         }
@@ -652,6 +658,9 @@ impl Scheduler {
             // A worker still connected but silent is dropped too; if it comes back it
             // says hello again.
             self.workers.remove(&id);
+            if self.by_worker.get(&id).is_some_and(BTreeSet::is_empty) {
+                self.by_worker.remove(&id);
+            }
             self.membership_gen += 1;
         }
         out.sort_by_key(|e| e.attempt);
@@ -746,7 +755,18 @@ mod tests {
                 deadlines.insert((f.deadline_ms, *t));
             }
         }
-        assert_eq!(s.by_worker, by_worker);
+        let indexed: HashMap<String, BTreeSet<TaskId>> = s
+            .by_worker
+            .iter()
+            .filter(|(_, set)| !set.is_empty())
+            .map(|(w, set)| (w.clone(), set.clone()))
+            .collect();
+        assert_eq!(indexed, by_worker);
+        // Empty sets only for workers the scheduler knows.
+        assert!(s
+            .by_worker
+            .iter()
+            .all(|(w, set)| !set.is_empty() || s.workers.contains_key(w)));
         assert_eq!(s.deadlines, deadlines);
     }
 
