@@ -202,6 +202,8 @@ pub(crate) struct Dispatch {
     /// attempts as leader of that term, 0 while it does not lead. Every `Run` carries it,
     /// so each execution's id ([`swarm_proto::worker::ExecutionId`]) is unique.
     pub term: u64,
+    /// When the workers were last turned away for want of a quorum.
+    pub turned_away_ms: u64,
 }
 
 /// How often the leader adopts running attempts its scheduler does not track.
@@ -256,6 +258,7 @@ impl Node {
                 last_reconcile_ms: 0,
                 topologies: Default::default(),
                 term: 0,
+                turned_away_ms: 0,
             }),
             cfg,
             raft,
@@ -318,7 +321,7 @@ impl Node {
     /// started handing leadership over. Then the API answers `not_leader`, dispatch stops,
     /// new worker sessions are turned away and reports are left for the next leader.
     pub fn is_leader(&self) -> bool {
-        self.leads_raft() && !self.handing_off() && self.quorum_fresh()
+        self.leads_raft() && !self.handing_off()
     }
 
     /// Whether this node is the Raft leader, handing over or not. Leadership changes
@@ -339,9 +342,10 @@ impl Node {
     /// that does not lead). A leader cut off from its quorum does not step down in
     /// openraft 0.9 (no check-quorum), and the workers that can still reach it would stay
     /// with it while the others elect a new leader that gets none: past that bound it
-    /// stops serving as leader — no dispatch, no API writes, its workers turned away to
-    /// find the new one — while keeping its dispatch state, so if a quorum answers again
-    /// in the same term nothing it dispatched is dispatched twice.
+    /// turns its workers away (at most once per bound) so they look for the new one. It
+    /// goes on serving whatever still comes to it — the others may simply be slow (a
+    /// high-latency link), and then it is still the only leader — and keeps its dispatch
+    /// state, so nothing is dispatched twice.
     pub(crate) fn quorum_fresh(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
@@ -359,14 +363,10 @@ impl Node {
         self.handing_off.store(true, Ordering::Relaxed);
     }
 
-    /// The leader's id and address, if one is known. Not this node while it does not
-    /// serve as leader for want of a quorum (see [`Node::raft_term_led`]).
+    /// The leader's id and address, if one is known.
     pub fn leader(&self) -> Option<(u64, NodeAddr)> {
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
-        if id == self.cfg.node_id && !self.quorum_fresh() {
-            return None;
-        }
         let node = m.membership_config.membership().get_node(&id).cloned()?;
         Some((id, node))
     }
@@ -631,12 +631,15 @@ impl Node {
 
     /// Leading without a quorum (see [`Node::quorum_fresh`]): end every worker session
     /// with a `NotLeader` that names no leader, so the workers look for the one the
-    /// others elect. The scheduler keeps what is in flight (leases run on).
+    /// others elect (they come back here if there is none). At most once per
+    /// [`QUORUM_LOST_MS`]. The scheduler keeps what is in flight (leases run on).
     fn turn_workers_away(&self) {
         let mut d = self.lock_dispatch();
-        if d.sessions.is_empty() {
+        let now = now_ms();
+        if d.sessions.is_empty() || now.saturating_sub(d.turned_away_ms) < QUORUM_LOST_MS {
             return;
         }
+        d.turned_away_ms = now;
         let sessions = std::mem::take(&mut d.sessions);
         warn!(
             node = self.cfg.node_id,
