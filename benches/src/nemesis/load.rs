@@ -69,6 +69,18 @@ impl Api {
         ))
     }
 
+    /// Submits a task (`POST /v1/tasks`) at node `node`.
+    pub async fn submit(&self, node: usize, body: &Value) -> Result<(u16, Value), String> {
+        self.call(
+            node,
+            reqwest::Method::POST,
+            "/v1/tasks",
+            Some(body),
+            SUBMIT_TIMEOUT,
+        )
+        .await
+    }
+
     pub async fn get(
         &self,
         node: usize,
@@ -289,16 +301,7 @@ async fn submit_until_decided(
             return;
         }
         rec.tries += 1;
-        match api
-            .call(
-                node,
-                reqwest::Method::POST,
-                "/v1/tasks",
-                Some(body),
-                SUBMIT_TIMEOUT,
-            )
-            .await
-        {
+        match api.submit(node, body).await {
             Ok((200 | 201, v)) => {
                 if let Some(id) = v["id"].as_u64() {
                     rec.outcome = Outcome::Acked {
@@ -337,16 +340,7 @@ async fn repeat_submit(api: &Api, body: &Value, rec: &mut SubmitRecord, rng: &mu
     };
     for _ in 0..3 {
         let node = (first + rng.gen_range(1..api.urls.len())) % api.urls.len();
-        match api
-            .call(
-                node,
-                reqwest::Method::POST,
-                "/v1/tasks",
-                Some(body),
-                SUBMIT_TIMEOUT,
-            )
-            .await
-        {
+        match api.submit(node, body).await {
             Ok((200 | 201, v)) => {
                 if let Some(id) = v["id"].as_u64() {
                     rec.repeat_acks.push((node, id));
