@@ -6,8 +6,64 @@
 //! whole group gets `SIGKILL`, so background processes the agent left behind
 //! (grandchildren included) do not outlive the attempt. The direct child is always
 //! reaped before [`Executor::run`] returns.
+//!
+//! # What an `exec` agent sees
+//!
+//! **Environment.** The agent does not inherit the worker's environment: its process
+//! starts from an empty one (`env_clear`) and gets, in this order (a later entry replaces
+//! an earlier one of the same name):
+//!
+//! 1. a minimal base: `PATH` (the worker's `PATH`, or [`DEFAULT_PATH`] when the worker
+//!    has none — the worker's `PATH` names where programs are, not secrets, and keeps
+//!    agents started by bare command names working); `HOME` and `TMPDIR`, both the
+//!    attempt's private directory (below); `LANG`, `LC_ALL` and `TZ` only when set on the
+//!    worker;
+//! 2. the agent's `env` names ([`ExecSpec::pass_env`]), copied from the worker's
+//!    environment when set there;
+//! 3. the agent's `env_set` values ([`ExecSpec::env`]);
+//! 4. the attempt's variables: `SWARM_TASK_ID`, `SWARM_ATTEMPT`, `SWARM_EXECUTION_ID`,
+//!    `SWARM_AGENT`, `SWARM_IDEMPOTENCY_KEY` (when the task has one) and
+//!    `SWARM_PATTERNS_FILE` (when it has patterns).
+//!
+//! Nothing else: whatever configures the worker — `SWARM_CERTS`, `SWARM_TOKEN`, any
+//! other `SWARM_*` variable, the key paths they name — never reaches an agent. Names
+//! starting with `SWARM_` are refused by the agents file and skipped here too, whatever
+//! an embedder put in an [`ExecSpec`].
+//!
+//! **Private directory.** Every attempt gets a fresh directory named
+//! `swarm-agent-<32 random hex digits>` (128 bits from the thread-local CSPRNG) under the
+//! executor's private root ([`Executor::with_private_root`], by default
+//! [`std::env::temp_dir`]). It is made by one `mkdir` with mode 0700, which fails if
+//! anything — a symlink included — already has that name: a directory is never reused.
+//! With `run_as` it is owned by that user. The files written for the agent (the patterns
+//! file, `patterns.json`) are created inside it with `O_CREAT | O_EXCL` (`create_new`)
+//! and `O_NOFOLLOW`, mode 0600, through the directory's open handle
+//! (`/proc/self/fd/N/…` where `/proc` exists), so neither a planted symlink nor a
+//! directory swapped in under the same name can redirect a write. (`O_EXCL` alone already
+//! refuses an existing symlink; `O_NOFOLLOW` says so twice.) The directory is removed,
+//! without following symlinks, when the attempt ends — success, failure, timeout, cancel,
+//! or the attempt's future being dropped (how a drain's timeout and a worker stop end
+//! it) — after the agent's process group has been killed.
+//!
+//! **Working directory.** The agent's `cwd`; without one, the worker's own working
+//! directory — except that an agent with `run_as`, or one whose working directory would
+//! be the shared temp directory, starts in its private directory.
+//!
+//! **User.** With `run_as` ([`ExecSpec::run_as`]) the agent runs with that uid and gid;
+//! `std` then also clears the supplementary groups (it calls `setgroups(0)` before
+//! `setuid` when the worker may, i.e. as root), so the agent keeps none of the worker's.
+//! Without `run_as` the agent runs as the worker's user and can read whatever the worker
+//! can on disk (its key files included): the cleared environment keeps the worker's
+//! secrets out of the agent's environment, `run_as` keeps them out of its reach.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +75,21 @@ use swarm_proto::worker::{FailureKind, Outcome, PatternHit, TaskAssignment};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::agents::{Agent, Agents, ExecSpec};
+use crate::agents::{reserved_env_name, Agent, Agents, ExecSpec};
 use crate::cancel::CancelToken;
+
+/// The agent's `PATH` when the worker has none.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Variables copied from the worker's environment into every agent's, when set.
+const LOCALE_VARS: [&str; 3] = ["LANG", "LC_ALL", "TZ"];
+
+/// How the name of every per-attempt private directory starts (32 random hex digits
+/// follow).
+pub const PRIVATE_DIR_PREFIX: &str = "swarm-agent-";
+
+/// The name of the patterns file in the private directory.
+pub const PATTERNS_FILE_NAME: &str = "patterns.json";
 
 /// How much of an agent's stderr is kept for the failure message.
 pub const STDERR_TAIL_BYTES: usize = 4096;
@@ -39,13 +108,32 @@ const READ_CHUNK: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Executor {
     agents: Arc<Agents>,
+    private_root: Option<Arc<PathBuf>>,
 }
 
 impl Executor {
-    /// An executor offering `agents`.
+    /// An executor offering `agents`, making the attempts' private directories in
+    /// [`std::env::temp_dir`].
     pub fn new(agents: Agents) -> Self {
         Executor {
             agents: Arc::new(agents),
+            private_root: None,
+        }
+    }
+
+    /// Makes the attempts' private directories (see the [module docs](self)) in `root`
+    /// instead of [`std::env::temp_dir`]. `root` must exist, and agents with `run_as`
+    /// need to be able to traverse it.
+    pub fn with_private_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.private_root = Some(Arc::new(root.into()));
+        self
+    }
+
+    /// Where the attempts' private directories are made.
+    pub fn private_root(&self) -> PathBuf {
+        match &self.private_root {
+            Some(r) => r.as_ref().clone(),
+            None => std::env::temp_dir(),
         }
     }
 
@@ -74,8 +162,8 @@ impl Executor {
     }
 
     /// [`Executor::run`], handing `patterns` (ReasoningBank items retrieved for the task)
-    /// to `exec` agents as a JSON file named by `SWARM_PATTERNS_FILE`. Built-ins ignore
-    /// them.
+    /// to `exec` agents as a JSON file named by `SWARM_PATTERNS_FILE`, in the attempt's
+    /// private directory. Built-ins ignore them.
     pub async fn run_with_patterns(
         &self,
         task: TaskAssignment,
@@ -110,19 +198,11 @@ impl Executor {
             }
             Agent::Sleep => run_sleep(&task.payload, timeout, cancel).await,
             Agent::Exec(spec) => {
-                let file = match PatternsFile::write(&task, patterns) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        return failed(
-                            FailureKind::Spawn,
-                            format!("cannot write the patterns file: {e}"),
-                        )
-                    }
-                };
                 run_exec(
                     spec,
                     task,
-                    file.as_ref().map(|f| f.path.as_path()),
+                    patterns,
+                    &self.private_root(),
                     max_output_bytes,
                     timeout,
                     cancel,
@@ -304,88 +384,311 @@ enum End {
     Cancelled,
 }
 
-/// The JSON file an `exec` agent finds its patterns in; removed when dropped.
-struct PatternsFile {
-    path: std::path::PathBuf,
+/// The patterns file's content: `{"patterns": [{"id", "title", …}]}`.
+fn patterns_json(patterns: &[PatternHit]) -> std::io::Result<Vec<u8>> {
+    let items: Vec<serde_json::Value> = patterns
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "id": p.id, "title": p.title, "description": p.description,
+                "content": p.content, "outcome": p.outcome,
+                "confidence": p.confidence, "score": p.score,
+            })
+        })
+        .collect();
+    serde_json::to_vec_pretty(&serde_json::json!({ "patterns": items }))
+        .map_err(std::io::Error::other)
 }
 
-impl PatternsFile {
-    /// `None` when there are no patterns to hand over.
-    fn write(task: &TaskAssignment, patterns: &[PatternHit]) -> std::io::Result<Option<Self>> {
-        if patterns.is_empty() {
-            return Ok(None);
+/// An attempt's private directory (see the module docs); removed, with everything in it,
+/// when dropped.
+struct PrivateDir {
+    path: PathBuf,
+    /// Open on the directory itself: files are created through it.
+    handle: File,
+}
+
+impl PrivateDir {
+    /// A new directory with a random name under `root`.
+    fn create(root: &Path) -> std::io::Result<Self> {
+        let mut last = None;
+        // A clash of 128 random bits means someone planted the name: never reuse it.
+        for _ in 0..4 {
+            let name = format!("{PRIVATE_DIR_PREFIX}{:032x}", rand::random::<u128>());
+            match Self::create_named(root, &name) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                r => return r,
+            }
         }
-        let path = std::env::temp_dir().join(format!(
-            "swarm-patterns-{}-{}-{}.json",
-            task.attempt.task_id,
-            task.attempt.attempt,
-            std::process::id()
-        ));
-        let items: Vec<serde_json::Value> = patterns
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "id": p.id, "title": p.title, "description": p.description,
-                    "content": p.content, "outcome": p.outcome,
-                    "confidence": p.confidence, "score": p.score,
-                })
-            })
-            .collect();
-        let body = serde_json::to_vec_pretty(&serde_json::json!({ "patterns": items }))
-            .map_err(std::io::Error::other)?;
-        std::fs::write(&path, body)?;
-        Ok(Some(PatternsFile { path }))
+        Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
+    }
+
+    /// `root/name`, which must not exist yet (not even as a symlink).
+    fn create_named(root: &Path, name: &str) -> std::io::Result<Self> {
+        let path = root.join(name);
+        // mkdir(2) fails with EEXIST on any existing entry, symlinks included.
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        let opened = (|| {
+            let handle = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+                .open(&path)?;
+            // Exactly 0700, whatever the umask.
+            handle.set_permissions(Permissions::from_mode(0o700))?;
+            Ok(handle)
+        })();
+        match opened {
+            Ok(handle) => Ok(PrivateDir { path, handle }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&path);
+                Err(e)
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Gives the directory to `uid:gid` (the agent's `run_as` user), once the files for
+    /// the agent are written: so even a root worker without `CAP_DAC_OVERRIDE` can
+    /// write them.
+    fn hand_over(&self, uid: u32, gid: u32) -> std::io::Result<()> {
+        std::os::unix::fs::fchown(&self.handle, Some(uid), Some(gid))
+    }
+
+    /// Writes a new file `name` (mode 0600, owned by `owner` if given) holding `body`, and
+    /// returns its path. Fails if anything is already called `name`.
+    fn write_file(
+        &self,
+        name: &str,
+        body: &[u8],
+        owner: Option<(u32, u32)>,
+    ) -> std::io::Result<PathBuf> {
+        let proc_fd = Path::new("/proc/self/fd");
+        let target = if proc_fd.is_dir() {
+            // Through the directory's handle: the very directory made above, even if
+            // something else now has its name.
+            proc_fd.join(self.handle.as_raw_fd().to_string()).join(name)
+        } else {
+            self.path.join(name)
+        };
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&target)?;
+        file.set_permissions(Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
+        file.write_all(body)?;
+        Ok(self.path.join(name))
     }
 }
 
-impl Drop for PatternsFile {
+impl Drop for PrivateDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Err(e) = remove_tree(&self.path) {
+            tracing::warn!(dir = %self.path.display(), "cannot remove an agent's private directory: {e}");
+        }
+    }
+}
+
+/// Removes `path` and everything under it without following symlinks; if the agent took
+/// away permissions inside it (same user, no `run_as`), gives them back and tries again.
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    };
+    if gone(std::fs::remove_dir_all(path)).is_ok() {
+        return Ok(());
+    }
+    restore_dir_permissions(path, 0);
+    gone(std::fs::remove_dir_all(path))
+}
+
+/// Sets mode 0700 on `dir` and the directories under it (real directories only, never
+/// through a symlink; at most 256 levels deep).
+fn restore_dir_permissions(dir: &Path, depth: usize) {
+    if depth > 256 {
+        return;
+    }
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        _ => return,
+    }
+    let _ = std::fs::set_permissions(dir, Permissions::from_mode(0o700));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                restore_dir_permissions(&entry.path(), depth + 1);
+            }
+        }
+    }
+}
+
+/// The agent's whole environment (see the module docs). `worker_env` reads the worker's.
+fn agent_env(
+    spec: &ExecSpec,
+    task: &TaskAssignment,
+    private_dir: &Path,
+    patterns_file: Option<&Path>,
+    worker_env: &dyn Fn(&str) -> Option<OsString>,
+) -> BTreeMap<String, OsString> {
+    let mut env = BTreeMap::new();
+    let path = worker_env("PATH")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    env.insert("PATH".to_owned(), path);
+    env.insert("HOME".to_owned(), private_dir.into());
+    env.insert("TMPDIR".to_owned(), private_dir.into());
+    for name in LOCALE_VARS {
+        if let Some(v) = worker_env(name) {
+            env.insert(name.to_owned(), v);
+        }
+    }
+    for name in &spec.pass_env {
+        if reserved_env_name(name) {
+            tracing::warn!(agent = %task.agent, "not passing `{name}` to the agent: SWARM_* variables are reserved");
+            continue;
+        }
+        if let Some(v) = worker_env(name) {
+            env.insert(name.clone(), v);
+        }
+    }
+    for (name, value) in &spec.env {
+        if reserved_env_name(name) {
+            tracing::warn!(agent = %task.agent, "not setting `{name}` for the agent: SWARM_* variables are reserved");
+            continue;
+        }
+        env.insert(name.clone(), value.into());
+    }
+    let swarm = [
+        ("SWARM_TASK_ID", task.attempt.task_id.to_string()),
+        ("SWARM_ATTEMPT", task.attempt.attempt.to_string()),
+        ("SWARM_EXECUTION_ID", task.execution().to_string()),
+        ("SWARM_AGENT", task.agent.clone()),
+    ];
+    for (name, value) in swarm {
+        env.insert(name.to_owned(), value.into());
+    }
+    if let Some(k) = &task.idempotency_key {
+        env.insert("SWARM_IDEMPOTENCY_KEY".to_owned(), k.into());
+    }
+    if let Some(p) = patterns_file {
+        env.insert("SWARM_PATTERNS_FILE".to_owned(), p.into());
+    }
+    env
+}
+
+/// Whether `dir` is the shared temp directory.
+fn is_shared_temp_dir(dir: &Path) -> bool {
+    let tmp = std::env::temp_dir();
+    dir == tmp || matches!((dir.canonicalize(), tmp.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
+/// The agent's working directory (see the module docs); `None`: the worker's.
+fn agent_cwd(spec: &ExecSpec, private_dir: &Path) -> Option<PathBuf> {
+    match &spec.cwd {
+        Some(c) if is_shared_temp_dir(c) => Some(private_dir.to_owned()),
+        Some(c) => Some(c.clone()),
+        None if spec.run_as.is_some() => Some(private_dir.to_owned()),
+        None => match std::env::current_dir() {
+            Ok(d) if is_shared_temp_dir(&d) => Some(private_dir.to_owned()),
+            _ => None,
+        },
     }
 }
 
 async fn run_exec(
     spec: &ExecSpec,
     task: TaskAssignment,
-    patterns_file: Option<&std::path::Path>,
+    patterns: &[PatternHit],
+    private_root: &Path,
     max_output_bytes: u64,
     timeout: Option<Duration>,
     mut cancel: CancelToken,
 ) -> Outcome {
+    let owner = spec.run_as.as_ref().map(|r| (r.uid, r.gid));
+    // Declared first, so dropped last: after the process group is killed (GroupGuard),
+    // whether the attempt ends or its future is dropped.
+    let private = match PrivateDir::create(private_root) {
+        Ok(d) => d,
+        Err(e) => {
+            return failed(
+                FailureKind::Spawn,
+                format!(
+                    "cannot create the agent's private directory in {}: {e}",
+                    private_root.display()
+                ),
+            )
+        }
+    };
+    let patterns_file = if patterns.is_empty() {
+        None
+    } else {
+        match patterns_json(patterns)
+            .and_then(|body| private.write_file(PATTERNS_FILE_NAME, &body, owner))
+        {
+            Ok(p) => Some(p),
+            Err(e) => {
+                return failed(
+                    FailureKind::Spawn,
+                    format!("cannot write the patterns file: {e}"),
+                )
+            }
+        }
+    };
+    if let Some((uid, gid)) = owner {
+        if let Err(e) = private.hand_over(uid, gid) {
+            return failed(
+                FailureKind::Spawn,
+                format!("cannot give the agent's private directory to {uid}:{gid}: {e}"),
+            );
+        }
+    }
+    let env = agent_env(
+        spec,
+        &task,
+        private.path(),
+        patterns_file.as_deref(),
+        &|name| std::env::var_os(name),
+    );
+    let cwd = agent_cwd(spec, private.path());
     let mut cmd = tokio::process::Command::new(&spec.command);
     cmd.args(&spec.args)
-        .envs(&spec.env)
-        .env("SWARM_TASK_ID", task.attempt.task_id.to_string())
-        .env("SWARM_ATTEMPT", task.attempt.attempt.to_string())
-        .env("SWARM_EXECUTION_ID", task.execution().to_string())
-        .env("SWARM_AGENT", &task.agent)
+        .env_clear()
+        .envs(env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    match &task.idempotency_key {
-        Some(k) => cmd.env("SWARM_IDEMPOTENCY_KEY", k),
-        None => cmd.env_remove("SWARM_IDEMPOTENCY_KEY"),
-    };
-    match patterns_file {
-        Some(p) => cmd.env("SWARM_PATTERNS_FILE", p),
-        None => cmd.env_remove("SWARM_PATTERNS_FILE"),
-    };
-    if let Some(cwd) = &spec.cwd {
+    if let Some(r) = &spec.run_as {
+        // std clears the supplementary groups too when it sets the uid.
+        cmd.uid(r.uid).gid(r.gid);
+    }
+    if let Some(cwd) = &cwd {
         cmd.current_dir(cwd);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let cwd = spec
-                .cwd
+            let cwd = cwd
                 .as_ref()
                 .map(|c| format!(" in {}", c.display()))
                 .unwrap_or_default();
+            let user = spec
+                .run_as
+                .as_ref()
+                .map(|r| format!(" as {}", r.user))
+                .unwrap_or_default();
             return failed(
                 FailureKind::Spawn,
-                format!("cannot start `{}`{cwd}: {e}", spec.command),
+                format!("cannot start `{}`{cwd}{user}: {e}", spec.command),
             );
         }
     };
@@ -517,6 +820,222 @@ async fn run_exec(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+    use swarm_proto::worker::AttemptRef;
+
+    fn task(agent: &str) -> TaskAssignment {
+        TaskAssignment {
+            attempt: AttemptRef {
+                task_id: 42,
+                attempt: 3,
+            },
+            agent: agent.into(),
+            payload: Vec::new(),
+            timeout_ms: 0,
+            idempotency_key: None,
+            patterns: 0,
+            swarm: "default".into(),
+            term: 1,
+        }
+    }
+
+    fn worker_env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let vars: BTreeMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+            .collect();
+        move |name| vars.get(name).cloned()
+    }
+
+    fn strings(env: BTreeMap<String, OsString>) -> BTreeMap<String, String> {
+        env.into_iter()
+            .map(|(k, v)| (k, v.into_string().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn agent_env_is_the_base_the_allowlist_the_fixed_values_and_the_attempt() {
+        let worker = worker_env(&[
+            ("PATH", "/opt/worker/bin:/usr/bin"),
+            ("LANG", "C.UTF-8"),
+            ("TZ", "UTC"),
+            ("SWARM_CERTS", "/etc/swarm/certs"),
+            ("SWARM_TOKEN", "secret-token"),
+            ("SWARM_TASK_ID", "999"),
+            ("HOME", "/root"),
+            ("OPENAI_API_KEY", "sk-1"),
+            ("AWS_SECRET_ACCESS_KEY", "aws"),
+            ("MODEL", "from-worker"),
+        ]);
+        let mut spec = ExecSpec::new("x", Vec::<String>::new());
+        spec.pass_env = vec![
+            "OPENAI_API_KEY".into(),
+            "HTTP_PROXY".into(), // unset on the worker: absent
+            "MODEL".into(),
+            "SWARM_CERTS".into(), // only an embedder can put this here: skipped
+        ];
+        spec.env.insert("MODEL".into(), "small".into());
+        spec.env.insert("SWARM_TOKEN".into(), "x".into()); // skipped too
+        let mut t = task("a");
+        t.idempotency_key = Some("k-1".into());
+        let env = strings(agent_env(
+            &spec,
+            &t,
+            Path::new("/tmp/swarm-agent-0"),
+            Some(Path::new("/tmp/swarm-agent-0/patterns.json")),
+            &worker,
+        ));
+        let want: BTreeMap<String, String> = [
+            ("PATH", "/opt/worker/bin:/usr/bin"),
+            ("HOME", "/tmp/swarm-agent-0"),
+            ("TMPDIR", "/tmp/swarm-agent-0"),
+            ("LANG", "C.UTF-8"),
+            ("TZ", "UTC"),
+            ("OPENAI_API_KEY", "sk-1"),
+            ("MODEL", "small"),
+            ("SWARM_TASK_ID", "42"),
+            ("SWARM_ATTEMPT", "3"),
+            ("SWARM_EXECUTION_ID", &t.execution().to_string()),
+            ("SWARM_AGENT", "a"),
+            ("SWARM_IDEMPOTENCY_KEY", "k-1"),
+            ("SWARM_PATTERNS_FILE", "/tmp/swarm-agent-0/patterns.json"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(env, want);
+
+        // No PATH on the worker: the default one. Nothing optional.
+        let env = strings(agent_env(
+            &ExecSpec::new("x", Vec::<String>::new()),
+            &task("b"),
+            Path::new("/p"),
+            None,
+            &worker_env(&[("SWARM_CERTS", "/c")]),
+        ));
+        let keys: Vec<&str> = env.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "HOME",
+                "PATH",
+                "SWARM_AGENT",
+                "SWARM_ATTEMPT",
+                "SWARM_EXECUTION_ID",
+                "SWARM_TASK_ID",
+                "TMPDIR"
+            ]
+        );
+        assert_eq!(env["PATH"], DEFAULT_PATH);
+    }
+
+    #[test]
+    fn private_dirs_are_fresh_0700_and_never_reused() {
+        let root = tempfile::tempdir().unwrap();
+        let a = PrivateDir::create(root.path()).unwrap();
+        let b = PrivateDir::create(root.path()).unwrap();
+        assert_ne!(a.path(), b.path());
+        for d in [&a, &b] {
+            let name = d.path().file_name().unwrap().to_str().unwrap();
+            let hex = name.strip_prefix(PRIVATE_DIR_PREFIX).unwrap();
+            assert_eq!(hex.len(), 32, "{name}");
+            assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{name}");
+            let meta = std::fs::symlink_metadata(d.path()).unwrap();
+            assert!(meta.is_dir());
+            assert_eq!(meta.mode() & 0o7777, 0o700);
+        }
+
+        // Whatever already has the name, a symlink to a directory included, is refused.
+        let target = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(target.path(), root.path().join("planted")).unwrap();
+        std::fs::create_dir(root.path().join("existing")).unwrap();
+        for name in ["planted", "existing"] {
+            let err = PrivateDir::create_named(root.path(), name)
+                .err()
+                .unwrap_or_else(|| panic!("{name} reused"));
+            assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{name}");
+        }
+        assert!(root.path().join("existing").is_dir(), "not removed either");
+
+        let (pa, pb) = (a.path().to_owned(), b.path().to_owned());
+        drop(a);
+        drop(b);
+        assert!(!pa.exists() && !pb.exists());
+    }
+
+    #[test]
+    fn private_files_are_0600_and_never_written_through_a_symlink() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = PrivateDir::create(root.path()).unwrap();
+        let p = dir.write_file("patterns.json", b"{}", None).unwrap();
+        assert_eq!(p, dir.path().join("patterns.json"));
+        assert_eq!(std::fs::read(&p).unwrap(), b"{}");
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        // Not twice.
+        assert_eq!(
+            dir.write_file("patterns.json", b"again", None)
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"{}");
+
+        // A symlink planted in the directory, dangling or not, is never followed.
+        let victim_dir = tempfile::tempdir().unwrap();
+        let victim = victim_dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("x.json")).unwrap();
+        std::os::unix::fs::symlink(victim_dir.path().join("new"), dir.path().join("y.json"))
+            .unwrap();
+        for name in ["x.json", "y.json"] {
+            assert!(dir.write_file(name, b"evil", None).is_err(), "{name}");
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!victim_dir.path().join("new").exists());
+
+        // Removal does not follow the symlinks either.
+        let path = dir.path().to_owned();
+        drop(dir);
+        assert!(!path.exists());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn private_dirs_are_removed_even_when_the_agent_locked_them() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let dir = PrivateDir::create(root.path()).unwrap();
+        let locked = dir.path().join("a/b");
+        std::fs::create_dir_all(&locked).unwrap();
+        std::fs::write(locked.join("f"), b"x").unwrap();
+        std::fs::set_permissions(&locked, Permissions::from_mode(0o000)).unwrap();
+        std::fs::set_permissions(dir.path().join("a"), Permissions::from_mode(0o500)).unwrap();
+        let path = dir.path().to_owned();
+        drop(dir);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn cwd_rules() {
+        let private = Path::new("/tmp/swarm-agent-1");
+        let mut spec = ExecSpec::new("x", Vec::<String>::new());
+        spec.cwd = Some("/srv/agents".into());
+        assert_eq!(
+            agent_cwd(&spec, private).as_deref(),
+            Some(Path::new("/srv/agents"))
+        );
+        spec.cwd = Some(std::env::temp_dir());
+        assert_eq!(agent_cwd(&spec, private).as_deref(), Some(private));
+        spec.cwd = None;
+        spec.run_as = Some(crate::agents::RunAs {
+            user: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        });
+        assert_eq!(agent_cwd(&spec, private).as_deref(), Some(private));
+    }
 
     #[test]
     fn timeouts() {
