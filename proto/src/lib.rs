@@ -23,7 +23,11 @@ pub mod worker;
 ///   id unique ([`worker::ExecutionId`]); a worker refuses a `Run` of a term older than
 ///   the newest it was welcomed in. Nothing a worker sends changed; a coordinator sends
 ///   older workers [`worker::legacy`] frames.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// * 4: a session relayed by a lead proves the member's identity: the coordinator
+///   answers its `Hello` with `CoordinatorMsg::Prove`, the member signs with its
+///   certificate key (`WorkerMsg::Proof`). Direct sessions are unchanged; relayed
+///   sessions of older members are refused.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest worker protocol a coordinator still serves: what an older worker sends is
 /// a subset of what a current one sends, and the coordinator writes it the frames of its

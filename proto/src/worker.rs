@@ -97,6 +97,32 @@ pub enum WorkerMsg {
     /// on every session from the moment the drain begins, since a new session starts
     /// with a clean slate on the coordinator. Answered by [`CoordinatorMsg::DrainAck`].
     Draining,
+    /// The answer to [`CoordinatorMsg::Prove`] (protocol 4): the worker's certificate
+    /// chain and its signature over [`relay_proof_context`].
+    Proof(IdentityProof),
+}
+
+/// A signature by a worker's certificate key, proving who it is across a lead's relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityProof {
+    /// The certificate chain, leaf first, DER.
+    pub chain: Vec<Vec<u8>>,
+    /// TLS signature scheme code.
+    pub scheme: u16,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// What a relayed member signs to prove its identity: the coordinator's fresh nonce, the
+/// lead relaying it and the id it claims, so the proof is good for this one session
+/// through this one lead only.
+pub fn relay_proof_context(nonce: &[u8], lead: &str, member: &str) -> Vec<u8> {
+    let mut ctx = b"relay\0".to_vec();
+    for part in [nonce, lead.as_bytes(), member.as_bytes()] {
+        ctx.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        ctx.extend_from_slice(part);
+    }
+    ctx
 }
 
 /// The end of one attempt, as observed by the worker.
@@ -232,6 +258,13 @@ pub enum CoordinatorMsg {
     /// relay listener (ALPN [`crate::ALPN_RELAY`]) and say `Hello` there, on a stream the
     /// lead relays to the coordinator. `None`: connect to the coordinator directly.
     Parent { lead: Option<PeerInfo> },
+    /// Sent on a relayed session after `Hello` (protocol 4): prove you hold the
+    /// certificate of the id you claim by signing [`relay_proof_context`] with this
+    /// nonce (answered by [`WorkerMsg::Proof`]); `Welcome` follows a good proof.
+    Prove {
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+    },
 }
 
 /// A mesh peer: its worker id and where it accepts peer links.
@@ -357,6 +390,11 @@ pub mod legacy {
                 M::Peers { swarm, peers } => CoordinatorMsg::Peers { swarm, peers },
                 M::DrainAck => CoordinatorMsg::DrainAck,
                 M::Parent { lead } => CoordinatorMsg::Parent { lead },
+                // Only sent to protocol 4 workers; an older one is refused instead.
+                M::Prove { .. } => CoordinatorMsg::Rejected {
+                    code: "identity_proof_required".into(),
+                    message: "a relayed session must prove its identity (protocol 4)".into(),
+                },
             }
         }
     }

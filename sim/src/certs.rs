@@ -15,10 +15,13 @@ use rcgen::{
 };
 use swarm_transport::{CertFiles, Role};
 
-fn params(cn: &str, serial: u64) -> CertificateParams {
+fn params(unit: Option<&str>, cn: &str, serial: u64) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "swarm");
+    if let Some(unit) = unit {
+        dn.push(DnType::OrganizationalUnitName, unit);
+    }
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
     p.serial_number = Some(SerialNumber::from(serial));
@@ -33,7 +36,7 @@ pub fn write_certs(dir: &Path, ips: &[IpAddr]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let files = CertFiles::in_dir(dir);
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-    let mut ca = params("swarm cluster CA", 1);
+    let mut ca = params(None, "swarm cluster CA", 1);
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -45,7 +48,12 @@ pub fn write_certs(dir: &Path, ips: &[IpAddr]) -> anyhow::Result<()> {
     std::fs::write(&files.ca_key, ca_key.serialize_pem())?;
     for (serial, role) in [(2, Role::Coordinator), (3, Role::Worker)] {
         let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-        let mut p = params(role.common_name(), serial);
+        // A coordinator named `coordinator`, a worker pool certificate for any id.
+        let name = match role {
+            Role::Coordinator => "coordinator",
+            Role::Worker => "*",
+        };
+        let mut p = params(Some(role.common_name()), name, serial);
         p.subject_alt_names = std::iter::once(SanType::DnsName("localhost".try_into()?))
             .chain(ips.iter().map(|ip| SanType::IpAddress(*ip)))
             .collect();

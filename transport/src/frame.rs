@@ -258,6 +258,38 @@ impl FrameReader {
     }
 }
 
+/// Cuts a byte stream that arrives in `chunks` into frames exactly as a [`FrameReader`]
+/// with limit `max` does, without a QUIC stream (for fuzzing and property tests of the
+/// framing). Returns each frame's result in order: a [`FrameError::Malformed`] frame is
+/// skipped and decoding goes on, as a reader's caller may; any other error ends the
+/// stream. The end of input is checked like the end of a stream: input that stops inside
+/// a frame ends with [`FrameError::Truncated`].
+pub fn decode_frames<'a, T: DeserializeOwned>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    max: usize,
+) -> Vec<Result<T, FrameError>> {
+    let mut decoder = Decoder::new(max);
+    let mut out = Vec::new();
+    for chunk in chunks {
+        decoder.extend(chunk);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(msg)) => out.push(Ok(msg)),
+                Ok(None) => break,
+                Err(e @ FrameError::Malformed(_)) => out.push(Err(e)),
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+            }
+        }
+    }
+    if let Err(e) = decoder.finish() {
+        out.push(Err(e));
+    }
+    out
+}
+
 /// The stream-independent part of [`FrameReader`]: a buffer of received bytes cut into
 /// frames.
 struct Decoder {

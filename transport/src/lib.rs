@@ -3,12 +3,16 @@
 //! The crate is message-agnostic: it moves any `serde` type between two authenticated
 //! peers and knows nothing about what the messages mean. It is layered bottom-up:
 //!
-//! * [`tls`]: the cluster PKI. [`tls::init_certs`] writes a cluster CA plus a
-//!   coordinator and a worker certificate; [`tls::Identity`] loads one of them; and
-//!   [`tls::server_config`] / [`tls::client_config`] turn an identity into quinn configs
-//!   that *require* a certificate from the cluster CA on both sides, speak TLS 1.3 only
-//!   and allow 0-RTT resumption. The peer's [`Role`] is carried in its certificate subject
-//!   and read back with [`tls::peer_role`].
+//! * [`pki`]: the cluster PKI. [`pki::init_certs`] writes a cluster CA (plus a
+//!   coordinator and a worker pool certificate for one machine), [`pki::issue_cert`] a
+//!   certificate per node and [`pki::renew_cert`] renews one. A certificate's subject
+//!   names the holder's [`Role`] and name ([`CertSubject`]).
+//! * [`tls`]: [`tls::Identity`] loads a node's certificate; [`tls::server_config`] /
+//!   [`tls::client_config`] turn it into quinn configs that *require* a certificate from
+//!   the cluster CA on both sides (a dialer also requires the role it wants to reach),
+//!   speak TLS 1.3 only and allow 0-RTT resumption. [`tls::peer_subject`] reads who the
+//!   peer is; [`tls::Identity::prove`] / [`tls::Identity::verify_proof`] let a node prove
+//!   its identity across a relay.
 //! * [`endpoint`]: binding endpoints, dialing with 0-RTT ([`endpoint::dial`],
 //!   [`endpoint::open_session`]) and accepting connections ([`endpoint::accept`]).
 //! * [`frame`]: length-delimited frames (4-byte big-endian length + payload) on quinn
@@ -23,6 +27,7 @@
 
 pub mod endpoint;
 pub mod frame;
+pub mod pki;
 pub mod tls;
 
 pub use endpoint::{
@@ -34,8 +39,9 @@ pub use frame::{FrameError, FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
 pub use swarm_codec as codec;
 pub use swarm_codec::CodecError;
 pub use tls::{
-    client_config, init_certs, peer_role, require_role, server_config, set_liveness,
-    set_server_liveness, CertFiles, Identity, Role,
+    client_config, https_client_config, https_server_config, init_certs, issue_cert, peer_role,
+    peer_subject, renew_cert, require_role, server_config, set_liveness, set_server_liveness,
+    CertFiles, CertInfo, CertName, CertSubject, Identity, IdentityProof, Role,
 };
 
 /// A failure to establish, authenticate or use a connection.

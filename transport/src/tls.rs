@@ -1,45 +1,32 @@
-//! The cluster PKI and the TLS side of the quinn configuration.
+//! The TLS side of the quinn configuration: identities, verifiers, role checks.
 //!
-//! Every process in a cluster holds a certificate issued by one cluster CA. Both sides
-//! of every connection present a certificate and verify the other's against that CA, so
-//! a connection exists only between members of the same cluster. Which member a peer is
-//! ([`Role`]) is written into its certificate's subject common name.
+//! Every process in a cluster holds a certificate issued by one cluster CA (see
+//! [`crate::pki`]). Both sides of every connection present a certificate and verify the
+//! other's against that CA, so a connection exists only between members of the same
+//! cluster. Which member a peer is ([`CertSubject`]: role and name) is written in its
+//! certificate's subject. A dialer names the role it expects to reach and the handshake
+//! fails unless the server's certificate states it; an acceptor checks the client's role
+//! after the handshake ([`require_role`], [`crate::Accepted::authenticate_as`]).
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    Ia5String, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, DnsName, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
+pub use crate::pki::{
+    init_certs, issue_cert, renew_cert, CertFiles, CertInfo, CertName, CertSubject, Role,
+};
 use crate::TransportError;
-
-/// Common name of coordinator certificates.
-const CN_COORDINATOR: &str = "swarm-coordinator";
-/// Common name of worker certificates.
-const CN_WORKER: &str = "swarm-worker";
-/// Common name of the cluster CA.
-const CN_CA: &str = "swarm cluster CA";
-/// Organization of every certificate this module issues.
-const ORGANIZATION: &str = "swarm";
-
-/// How long generated certificates are valid. Long, because rotation is an explicit
-/// operator action (`init_certs` with `force`), not something the cluster does itself.
-const VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
-/// How far `not_before` is backdated, to tolerate clock skew between machines.
-const BACKDATE: Duration = Duration::from_secs(60 * 60);
 
 /// Resumption sessions a server remembers. Each reconnecting peer uses one, and a
 /// missing session only costs a full handshake, so this just needs to cover a large
@@ -55,309 +42,86 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Concurrent streams each side lets its peer open.
 const MAX_STREAMS: u32 = 1024;
 
-/// What a cluster member is, as stated by its certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// A coordinator (Raft member, dispatches tasks).
-    Coordinator,
-    /// A worker (runs tasks).
-    Worker,
-}
-
-impl Role {
-    /// The subject common name that marks a certificate as this role.
-    pub fn common_name(self) -> &'static str {
-        match self {
-            Role::Coordinator => CN_COORDINATOR,
-            Role::Worker => CN_WORKER,
-        }
-    }
-
-    /// The role a subject common name denotes, if any.
-    pub fn from_common_name(cn: &str) -> Option<Role> {
-        match cn {
-            CN_COORDINATOR => Some(Role::Coordinator),
-            CN_WORKER => Some(Role::Worker),
-            _ => None,
-        }
-    }
-
-    /// Reads the role from a DER-encoded certificate. Fails if the certificate does not
-    /// parse or its subject does not have exactly one common name naming a role.
-    pub fn from_cert_der(der: &[u8]) -> Result<Role, TransportError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| TransportError::Tls(format!("unparseable certificate: {e}")))?;
-        let mut names = cert.subject().iter_common_name();
-        let (Some(cn), None) = (names.next(), names.next()) else {
-            return Err(TransportError::Tls(format!(
-                "certificate subject {} must have exactly one common name",
-                cert.subject()
-            )));
-        };
-        let cn = cn
-            .as_str()
-            .map_err(|e| TransportError::Tls(format!("certificate common name: {e}")))?;
-        Role::from_common_name(cn).ok_or_else(|| {
-            TransportError::Tls(format!(
-                "certificate common name {cn:?} names no swarm role"
-            ))
-        })
-    }
-
-    /// File name stem of this role's certificate and key in a certificate directory.
-    fn file_stem(self) -> &'static str {
-        match self {
-            Role::Coordinator => "coordinator",
-            Role::Worker => "worker",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.file_stem())
-    }
-}
-
-/// The files of a certificate directory, as written by [`init_certs`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertFiles {
-    /// The directory holding the files.
-    pub dir: PathBuf,
-    /// Cluster CA certificate (`ca.pem`).
-    pub ca_cert: PathBuf,
-    /// Cluster CA private key (`ca-key.pem`); only needed to issue certificates.
-    pub ca_key: PathBuf,
-    /// Coordinator certificate (`coordinator.pem`).
-    pub coordinator_cert: PathBuf,
-    /// Coordinator private key (`coordinator-key.pem`).
-    pub coordinator_key: PathBuf,
-    /// Worker certificate (`worker.pem`).
-    pub worker_cert: PathBuf,
-    /// Worker private key (`worker-key.pem`).
-    pub worker_key: PathBuf,
-}
-
-impl CertFiles {
-    /// The standard file names inside `dir`.
-    pub fn in_dir(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            ca_cert: dir.join("ca.pem"),
-            ca_key: dir.join("ca-key.pem"),
-            coordinator_cert: dir.join("coordinator.pem"),
-            coordinator_key: dir.join("coordinator-key.pem"),
-            worker_cert: dir.join("worker.pem"),
-            worker_key: dir.join("worker-key.pem"),
-        }
-    }
-
-    /// The certificate file of `role`.
-    pub fn cert(&self, role: Role) -> &Path {
-        match role {
-            Role::Coordinator => &self.coordinator_cert,
-            Role::Worker => &self.worker_cert,
-        }
-    }
-
-    /// The private key file of `role`.
-    pub fn key(&self, role: Role) -> &Path {
-        match role {
-            Role::Coordinator => &self.coordinator_key,
-            Role::Worker => &self.worker_key,
-        }
-    }
-
-    /// Every file, each with whether it holds a private key.
-    fn all(&self) -> [(&Path, bool); 6] {
-        [
-            (&self.ca_cert, false),
-            (&self.ca_key, true),
-            (&self.coordinator_cert, false),
-            (&self.coordinator_key, true),
-            (&self.worker_cert, false),
-            (&self.worker_key, true),
-        ]
-    }
-}
-
-/// Creates a cluster CA and a coordinator and a worker certificate signed by it, in
-/// `dir` (created if missing).
-///
-/// Both leaf certificates are valid for `localhost`, `127.0.0.1`, `::1` and every entry
-/// of `extra_sans` (an IP address, optionally in brackets, or a DNS name), and for both
-/// TLS server and client authentication: coordinators dial each other, and workers will
-/// accept peer links. Private keys are written with mode 0600.
-///
-/// Refuses to replace any existing file unless `force` is set; in that case all six
-/// files are replaced.
-pub fn init_certs(dir: &Path, extra_sans: &[String], force: bool) -> anyhow::Result<CertFiles> {
-    let files = CertFiles::in_dir(dir);
-    // Validate input and generate everything before touching the disk, so a bad SAN or
-    // a generation failure leaves the directory as it was.
-    let sans = subject_alt_names(extra_sans)?;
-    let ca_key = KeyPair::generate().context("generating CA key")?;
-    let ca = ca_params()
-        .self_signed(&ca_key)
-        .context("self-signing CA certificate")?;
-    let mut pems = vec![ca.pem(), ca_key.serialize_pem()];
-    for role in [Role::Coordinator, Role::Worker] {
-        let key = KeyPair::generate().with_context(|| format!("generating {role} key"))?;
-        let cert = leaf_params(role, &sans)
-            .signed_by(&key, &ca, &ca_key)
-            .with_context(|| format!("signing {role} certificate"))?;
-        pems.push(cert.pem());
-        pems.push(key.serialize_pem());
-    }
-
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    if !force {
-        let existing: Vec<String> = files
-            .all()
-            .iter()
-            .filter(|(path, _)| fs::symlink_metadata(path).is_ok())
-            .map(|(path, _)| path.display().to_string())
-            .collect();
-        if !existing.is_empty() {
-            bail!(
-                "refusing to overwrite existing certificate files ({}); force replacing them \
-                 to issue a new cluster CA",
-                existing.join(", ")
-            );
-        }
-    }
-    for ((path, private), pem) in files.all().into_iter().zip(&pems) {
-        write_file(path, pem, private, force)?;
-    }
-    Ok(files)
-}
-
-/// The default SANs plus `extra`, each classified as IP address or DNS name.
-fn subject_alt_names(extra: &[String]) -> anyhow::Result<Vec<SanType>> {
-    let mut sans = vec![
-        SanType::DnsName(Ia5String::try_from("localhost")?),
-        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-    ];
-    for raw in extra {
-        let name = raw.trim();
-        // Accept the bracketed form too, since IPv6 addresses are often written that way.
-        let unbracketed = name
-            .strip_prefix('[')
-            .and_then(|n| n.strip_suffix(']'))
-            .unwrap_or(name);
-        let san = if let Ok(ip) = unbracketed.parse::<IpAddr>() {
-            SanType::IpAddress(ip)
-        } else {
-            // Certificate verification uses the same DNS-name rules, so a name rejected
-            // here could never be dialed anyway.
-            DnsName::try_from(name)
-                .map_err(|_| anyhow::anyhow!("{raw:?} is neither an IP address nor a DNS name"))?;
-            SanType::DnsName(Ia5String::try_from(name.to_ascii_lowercase())?)
-        };
-        if !sans.contains(&san) {
-            sans.push(san);
-        }
-    }
-    Ok(sans)
-}
-
-fn distinguished_name(cn: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, ORGANIZATION);
-    dn.push(DnType::CommonName, cn);
-    dn
-}
-
-fn set_validity(params: &mut CertificateParams) {
-    let now = SystemTime::now();
-    params.not_before = now.checked_sub(BACKDATE).unwrap_or(now).into();
-    params.not_after = now.checked_add(VALIDITY).unwrap_or(now).into();
-}
-
-fn ca_params() -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = distinguished_name(CN_CA);
-    // Path length 0: the CA signs leaf certificates only, never intermediate CAs.
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    set_validity(&mut params);
-    params
-}
-
-fn leaf_params(role: Role, sans: &[SanType]) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = distinguished_name(role.common_name());
-    params.subject_alt_names = sans.to_vec();
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params);
-    params
-}
-
-fn write_file(path: &Path, contents: &str, private: bool, force: bool) -> anyhow::Result<()> {
-    if force {
-        // Remove rather than truncate, so the new file gets the intended mode even if
-        // the old one was more permissive, and a symlink is replaced, not followed.
-        match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-        }
-    }
-    let mut options = fs::OpenOptions::new();
-    // create_new: never write through a file (or symlink) that appeared in the meantime.
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if private { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
-}
-
 /// A cluster member's credentials: the cluster CA to verify peers against, its own
-/// certificate chain and private key, and the role its certificate states.
+/// certificate chain and private key, and who its certificate says it is.
+///
+/// Clones share the certificate: [`Identity::reload`] (or the loop of
+/// [`Identity::spawn_reload`]) swaps in a renewed certificate and key for every
+/// configuration built from any clone, and the next handshake presents it; connections
+/// already up keep theirs.
+#[derive(Clone)]
 pub struct Identity {
     roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    role: Role,
+    slot: Arc<CertSlot>,
+    subject: CertSubject,
 }
 
-impl Clone for Identity {
-    fn clone(&self) -> Self {
-        Self {
-            roots: self.roots.clone(),
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-            role: self.role,
+/// The certificate and key a node presents, swappable while configurations that use it
+/// serve handshakes.
+struct CertSlot {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+    /// The PEM files it was loaded from, when it was, and their modification times.
+    files: std::sync::Mutex<Option<(std::path::PathBuf, Role, FileStamp)>>,
+}
+
+/// Modification times of a certificate and its key.
+type FileStamp = (Option<std::time::SystemTime>, Option<std::time::SystemTime>);
+
+impl fmt::Debug for CertSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertSlot").finish_non_exhaustive()
+    }
+}
+
+impl CertSlot {
+    fn get(&self) -> Arc<rustls::sign::CertifiedKey> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
+
+    fn set(&self, key: Arc<rustls::sign::CertifiedKey>) {
+        match self.current.write() {
+            Ok(mut c) => *c = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertSlot {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn stamp(files: &CertFiles, role: Role) -> FileStamp {
+    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    (modified(files.cert(role)), modified(files.key(role)))
 }
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the private key.
         f.debug_struct("Identity")
-            .field("role", &self.role)
-            .field("chain_len", &self.chain.len())
+            .field("subject", &self.subject)
             .field("roots", &self.roots.len())
             .finish_non_exhaustive()
     }
@@ -372,12 +136,82 @@ impl Identity {
             fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
         };
         let (ca, cert, key) = (&files.ca_cert, files.cert(role), files.key(role));
-        Self::build(
+        let before = stamp(&files, role);
+        let id = Self::build(
             (&read(ca)?, &ca.display().to_string()),
             (&read(cert)?, &cert.display().to_string()),
             (&read(key)?, &key.display().to_string()),
             role,
-        )
+        )?;
+        if let Ok(mut f) = id.slot.files.lock() {
+            *f = Some((dir.to_path_buf(), role, before));
+        }
+        Ok(id)
+    }
+
+    /// Loads the certificate and key again from the directory this identity was loaded
+    /// from, if either file changed since, and presents them from the next handshake on.
+    /// The new certificate must be valid under the same CA and name the same node.
+    /// Returns whether it changed anything; on an error the current certificate stays.
+    pub fn reload(&self) -> anyhow::Result<bool> {
+        let Some((dir, role, seen)) = self.slot.files.lock().ok().and_then(|f| f.clone()) else {
+            bail!("this identity was not loaded from a directory");
+        };
+        let files = CertFiles::in_dir(&dir);
+        let now = stamp(&files, role);
+        if now == seen {
+            return Ok(false);
+        }
+        let fresh = Identity::load(&dir, role)?;
+        if fresh.subject != self.subject {
+            bail!(
+                "{} names {}, not {}: a renewed certificate must name the same node",
+                files.cert(role).display(),
+                fresh.subject,
+                self.subject
+            );
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .context("building a verifier")?;
+        let certified = fresh.slot.get();
+        let (leaf, intermediates) = certified
+            .cert
+            .split_first()
+            .context("the new certificate chain is empty")?;
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .context("the new certificate is not valid under the cluster CA this node trusts")?;
+        self.slot.set(certified);
+        if let Ok(mut f) = self.slot.files.lock() {
+            *f = Some((dir, role, now));
+        }
+        Ok(true)
+    }
+
+    /// Runs [`Identity::reload`] every `every` until the returned handle is aborted (or
+    /// the runtime stops), logging each renewal and each failure. Must be called within a
+    /// tokio runtime.
+    pub fn spawn_reload(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let id = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match id.reload() {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        tracing::info!(subject = %id.subject, "certificate reloaded; new handshakes present it")
+                    }
+                    Err(e) => tracing::warn!(
+                        subject = %id.subject,
+                        "certificate not reloaded, the current one stays: {e:#}"
+                    ),
+                }
+            }
+        })
     }
 
     /// Builds an identity from PEM text: the CA certificate(s), the own certificate
@@ -419,13 +253,17 @@ impl Identity {
         let Some((leaf, intermediates)) = chain.split_first() else {
             bail!("{cert_label}: no certificate found");
         };
-        let got = Role::from_cert_der(leaf).with_context(|| cert_label.to_string())?;
-        if got != role {
-            bail!("{cert_label} is a {got} certificate, expected a {role} certificate");
+        let subject = CertSubject::from_cert_der(leaf).with_context(|| cert_label.to_string())?;
+        if subject.role != role {
+            bail!(
+                "{cert_label} is a {} certificate, expected a {role} certificate",
+                subject.role
+            );
         }
         let provider = provider();
-        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider)
-            .with_context(|| format!("{key_label} does not belong to {cert_label}"))?;
+        let certified =
+            rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider)
+                .with_context(|| format!("{key_label} does not belong to {cert_label}"))?;
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
             .build()
             .with_context(|| format!("{ca_label}: cannot verify certificates with it"))?;
@@ -435,26 +273,123 @@ impl Identity {
 
         Ok(Identity {
             roots,
-            chain,
-            key,
-            role,
+            slot: Arc::new(CertSlot {
+                current: std::sync::RwLock::new(Arc::new(certified)),
+                files: std::sync::Mutex::new(None),
+            }),
+            subject,
         })
     }
 
     /// The role this identity's certificate states.
     pub fn role(&self) -> Role {
-        self.role
+        self.subject.role
     }
 
-    /// The own certificate chain, leaf first.
-    pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
-        &self.chain
+    /// Who this identity's certificate says it is.
+    pub fn subject(&self) -> &CertSubject {
+        &self.subject
+    }
+
+    /// Signs `context` with this identity's key, proving to whoever checks it with
+    /// [`Identity::verify_proof`] that the holder of this certificate signed `context`.
+    /// The context should bind the proof to one use (e.g. a fresh nonce from the
+    /// verifier and what the proof is for), so it cannot be replayed elsewhere.
+    pub fn prove(&self, context: &[u8]) -> anyhow::Result<IdentityProof> {
+        let certified = self.slot.get();
+        let signer = certified
+            .key
+            .choose_scheme(PROOF_SCHEMES)
+            .context("the private key supports none of the proof signature schemes")?;
+        let signature = signer
+            .sign(&proof_message(context))
+            .context("signing an identity proof")?;
+        Ok(IdentityProof {
+            chain: certified.cert.iter().map(|c| c.to_vec()).collect(),
+            scheme: u16::from(signer.scheme()),
+            signature,
+        })
+    }
+
+    /// Checks a proof made with [`Identity::prove`] over `context`: its chain must be
+    /// valid under this identity's CA now, and its signature made by the chain's leaf
+    /// key. Returns who the leaf certificate names.
+    pub fn verify_proof(
+        &self,
+        proof: &IdentityProof,
+        context: &[u8],
+    ) -> Result<CertSubject, TransportError> {
+        let bad = |what: String| TransportError::Tls(format!("identity proof refused: {what}"));
+        let chain: Vec<CertificateDer<'static>> = proof
+            .chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(bad("no certificate".into()));
+        };
+        let provider = provider();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| bad(format!("no verifier: {e}")))?;
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|e| bad(format!("certificate not valid under the cluster CA: {e}")))?;
+        let scheme = SignatureScheme::from(proof.scheme);
+        if !PROOF_SCHEMES.contains(&scheme) {
+            return Err(bad(format!("signature scheme {scheme:?} not accepted")));
+        }
+        let alg = provider
+            .signature_verification_algorithms
+            .mapping
+            .iter()
+            .find(|(s, _)| *s == scheme)
+            .and_then(|(_, algs)| algs.first())
+            .ok_or_else(|| bad(format!("signature scheme {scheme:?} not supported")))?;
+        let cert = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| bad(format!("unusable certificate: {e}")))?;
+        cert.verify_signature(*alg, &proof_message(context), &proof.signature)
+            .map_err(|e| bad(format!("bad signature: {e}")))?;
+        CertSubject::from_cert_der(leaf)
+    }
+
+    /// The own certificate chain (the current one), leaf first.
+    pub fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.slot.get().cert.clone()
     }
 
     /// The trusted cluster CA certificates.
     pub fn roots(&self) -> &Arc<RootCertStore> {
         &self.roots
     }
+}
+
+/// Signature schemes an identity proof may use (the TLS 1.3 ones our keys can have).
+const PROOF_SCHEMES: &[SignatureScheme] = &[
+    SignatureScheme::ED25519,
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::RSA_PSS_SHA256,
+];
+
+/// What an identity proof signs: a fixed label, so a proof can never pass for a TLS
+/// handshake signature or anything else the key signs, then the caller's context.
+fn proof_message(context: &[u8]) -> Vec<u8> {
+    let mut m = b"swarm identity proof v1\0".to_vec();
+    m.extend_from_slice(context);
+    m
+}
+
+/// A signature by a certificate holder over a context (see [`Identity::prove`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityProof {
+    /// The holder's certificate chain, leaf first, DER.
+    pub chain: Vec<Vec<u8>>,
+    /// The TLS signature scheme code of `signature`.
+    pub scheme: u16,
+    /// The signature.
+    pub signature: Vec<u8>,
 }
 
 /// All certificates in `pem`; at least one.
@@ -526,8 +461,7 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> anyhow::Result<quinn::Se
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("enabling TLS 1.3")?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .context("installing server certificate")?;
+        .with_cert_resolver(id.slot.clone());
     tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     // QUIC allows only 0 or u32::MAX here; u32::MAX turns 0-RTT on.
     tls.max_early_data_size = u32::MAX;
@@ -544,16 +478,32 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> anyhow::Result<quinn::Se
 }
 
 /// A quinn client configuration that presents `id`'s certificate, verifies the server's
-/// certificate (including its name) against `id`'s cluster CA, offers `alpn`, and
-/// attempts 0-RTT. Sessions are cached inside the configuration, so later connections
-/// made with it (or a clone of it) to a server it already talked to can resume.
-pub fn client_config(id: &Identity, alpn: &[u8]) -> anyhow::Result<quinn::ClientConfig> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+/// certificate (including its name) against `id`'s cluster CA, requires the server's
+/// certificate to state `server_role` (so a worker's certificate can never pass for a
+/// coordinator's, whatever names it holds), offers `alpn`, and attempts 0-RTT. Sessions
+/// are cached inside the configuration, so later connections made with it (or a clone
+/// of it) to a server it already talked to can resume; a resumed session was verified
+/// by this same check when it was first made.
+pub fn client_config(
+    id: &Identity,
+    alpn: &[u8],
+    server_role: Role,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider.clone())
+        .build()
+        .context("building server certificate verifier")?;
+    let verifier = Arc::new(RoleVerifier {
+        inner,
+        role: server_role,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("enabling TLS 1.3")?
-        .with_root_certificates(id.roots.clone())
-        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-        .context("installing client certificate")?;
+        .dangerous()
+        // Not a weakening: the CA and name checks are `inner`'s, the role check is added.
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(id.slot.clone());
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.enable_early_data = true;
     tls.resumption = rustls::client::Resumption::in_memory_sessions(CLIENT_SESSION_CACHE);
@@ -564,12 +514,80 @@ pub fn client_config(id: &Identity, alpn: &[u8]) -> anyhow::Result<quinn::Client
     Ok(config)
 }
 
-/// The role stated by the certificate the peer of `conn` authenticated with.
+/// The standard WebPKI server check (chain to the cluster CA, name, validity) plus: the
+/// leaf certificate states the role the dialer wants to reach.
+#[derive(Debug)]
+struct RoleVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    role: Role,
+}
+
+impl ServerCertVerifier for RoleVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match CertSubject::from_cert_der(end_entity) {
+            Ok(s) if s.role == self.role => Ok(verified),
+            Ok(s) => {
+                tracing::warn!(
+                    server = ?server_name,
+                    "refusing a server whose certificate names a {}, not a {}",
+                    s.role,
+                    self.role
+                );
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(server = ?server_name, "refusing a server certificate: {e}");
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadEncoding,
+                ))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Who the certificate the peer of `conn` authenticated with says it is.
 ///
 /// On a server-side connection accepted with 0-RTT, call this only after the handshake
-/// has completed (see [`crate::endpoint::Accepted`]); before that the client may not
-/// have been authenticated yet.
-pub fn peer_role(conn: &quinn::Connection) -> Result<Role, TransportError> {
+/// has completed (see [`crate::endpoint::Accepted`]).
+pub fn peer_subject(conn: &quinn::Connection) -> Result<CertSubject, TransportError> {
     let identity = conn
         .peer_identity()
         .ok_or_else(|| TransportError::Tls("peer presented no certificate".into()))?;
@@ -581,7 +599,59 @@ pub fn peer_role(conn: &quinn::Connection) -> Result<Role, TransportError> {
     let leaf = chain
         .first()
         .ok_or_else(|| TransportError::Tls("peer presented an empty certificate chain".into()))?;
-    Role::from_cert_der(leaf)
+    CertSubject::from_cert_der(leaf)
+}
+
+/// A TLS configuration for an HTTPS API served with `id`'s certificate: TLS 1.2 and
+/// 1.3, ALPN `http/1.1`, and optional client authentication against the cluster CA (an
+/// operator's client sends a token instead; a coordinator forwarding a request presents
+/// its certificate, which the server reads back from the connection).
+pub fn https_server_config(id: &Identity) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .context("building client certificate verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("enabling TLS")?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(id.slot.clone());
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// A TLS configuration for HTTPS requests from `id` to a server of `server_role` (e.g.
+/// a coordinator forwarding a request to the leader): verifies the server against the
+/// cluster CA and its role, and presents `id`'s certificate.
+pub fn https_client_config(
+    id: &Identity,
+    server_role: Role,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider.clone())
+        .build()
+        .context("building server certificate verifier")?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("enabling TLS")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(RoleVerifier {
+            inner,
+            role: server_role,
+        }))
+        .with_client_cert_resolver(id.slot.clone());
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// The role stated by the certificate the peer of `conn` authenticated with.
+///
+/// On a server-side connection accepted with 0-RTT, call this only after the handshake
+/// has completed (see [`crate::endpoint::Accepted`]); before that the client may not
+/// have been authenticated yet.
+pub fn peer_role(conn: &quinn::Connection) -> Result<Role, TransportError> {
+    peer_subject(conn).map(|s| s.role)
 }
 
 /// Fails with [`TransportError::WrongRole`] unless the peer of `conn` has role `expected`.
@@ -589,69 +659,5 @@ pub fn require_role(conn: &quinn::Connection, expected: Role) -> Result<(), Tran
     match peer_role(conn)? {
         got if got == expected => Ok(()),
         got => Err(TransportError::WrongRole { expected, got }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sans_classify_ips_and_names_and_reject_junk() {
-        let extra: Vec<String> = [
-            "10.0.0.7",
-            "[fe80::1]",
-            "Coord-1.Example.com",
-            "localhost",
-            " node2 ",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let sans = subject_alt_names(&extra).unwrap();
-        assert!(sans.contains(&SanType::IpAddress("10.0.0.7".parse().unwrap())));
-        assert!(sans.contains(&SanType::IpAddress("fe80::1".parse().unwrap())));
-        assert!(sans.contains(&SanType::DnsName("coord-1.example.com".try_into().unwrap())));
-        assert!(sans.contains(&SanType::DnsName("node2".try_into().unwrap())));
-        // localhost is a default and is not duplicated.
-        assert_eq!(
-            sans.iter()
-                .filter(|s| matches!(s, SanType::DnsName(n) if n.as_str() == "localhost"))
-                .count(),
-            1
-        );
-
-        for bad in ["", "has space.example", "under_score!", "a..b"] {
-            assert!(
-                subject_alt_names(&[bad.to_string()]).is_err(),
-                "{bad:?} accepted"
-            );
-        }
-    }
-
-    #[test]
-    fn role_round_trips_through_a_certificate() {
-        for role in [Role::Coordinator, Role::Worker] {
-            let key = KeyPair::generate().unwrap();
-            let cert = leaf_params(role, &[]).self_signed(&key).unwrap();
-            assert_eq!(Role::from_cert_der(cert.der()).unwrap(), role);
-        }
-        let key = KeyPair::generate().unwrap();
-        let ca = ca_params().self_signed(&key).unwrap();
-        assert!(matches!(
-            Role::from_cert_der(ca.der()),
-            Err(TransportError::Tls(_))
-        ));
-        assert!(matches!(
-            Role::from_cert_der(b"not a certificate"),
-            Err(TransportError::Tls(_))
-        ));
-    }
-
-    #[test]
-    fn role_names() {
-        assert_eq!(Role::Coordinator.to_string(), "coordinator");
-        assert_eq!(Role::from_common_name("swarm-worker"), Some(Role::Worker));
-        assert_eq!(Role::from_common_name("swarm-Worker"), None);
     }
 }

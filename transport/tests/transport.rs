@@ -74,10 +74,15 @@ fn server(id: &Identity) -> (quinn::Endpoint, SocketAddr) {
     (ep, addr)
 }
 
+/// A client that expects to reach the other role (workers dial coordinators).
 fn client(id: &Identity) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let server_role = match id.role() {
+        Role::Worker => Role::Coordinator,
+        Role::Coordinator => Role::Worker,
+    };
     (
         client_endpoint(any_local()).unwrap(),
-        client_config(id, ALPN).unwrap(),
+        client_config(id, ALPN, server_role).unwrap(),
     )
 }
 
@@ -266,7 +271,7 @@ async fn coordinators_dial_each_other_from_their_server_endpoints() {
             w.send(&msg).await.unwrap();
             acc.conn.closed().await;
         });
-        let cfg = client_config(&coord, ALPN).unwrap();
+        let cfg = client_config(&coord, ALPN, Role::Coordinator).unwrap();
         let dialed = dial(&ep_a, &cfg, addr_b, "127.0.0.1").await.unwrap();
         let mut s = open_session(dialed, &Msg::Ack(7)).await.unwrap();
         assert_eq!(peer_role(&s.conn).unwrap(), Role::Coordinator);
@@ -720,12 +725,18 @@ fn init_certs_writes_a_usable_pki_and_refuses_to_overwrite() {
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_eq!(
             cert.subject()
-                .iter_common_name()
+                .iter_organizational_unit()
                 .next()
                 .unwrap()
                 .as_str()
                 .unwrap(),
             role.common_name()
+        );
+        assert_eq!(
+            swarm_transport::CertSubject::from_cert_der(&der)
+                .unwrap()
+                .role,
+            role
         );
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
@@ -899,6 +910,194 @@ async fn rejected_zero_rtt_is_resent_transparently() {
         let seen = srv.await.unwrap();
         assert_eq!(seen[0], (hello(1), false, Msg::Ack(100)));
         assert_eq!(seen[1], (hello(2), false, Msg::Ack(200)));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_dialer_refuses_a_server_of_the_wrong_role() {
+    bounded(async {
+        // A worker certificate carries `localhost` like a coordinator's: only the role
+        // check stops a worker key from posing as the coordinator to another worker.
+        let pki = Pki::new();
+        let (sep, addr) = server(&pki.identity(Role::Worker));
+        tokio::spawn(async move {
+            if let Some(incoming) = sep.accept().await {
+                if let Ok(acc) = accept(incoming).await {
+                    acc.conn.closed().await;
+                }
+            }
+        });
+        let worker = pki.identity(Role::Worker);
+        let cep = client_endpoint(any_local()).unwrap();
+        let cfg = client_config(&worker, ALPN, Role::Coordinator).unwrap();
+        let result = dial(&cep, &cfg, addr, "localhost").await;
+        let err = match result {
+            Err(e) => e.to_string(),
+            Ok(mut d) => match d.handshake().await {
+                Err(e) => e.to_string(),
+                Ok(_) => match open_session(d, &hello(1)).await {
+                    Err(e) => e.to_string(),
+                    Ok(_) => panic!("a worker certificate passed for a coordinator"),
+                },
+            },
+        };
+        assert!(
+            err.to_lowercase().contains("certificate"),
+            "unexpected error: {err}"
+        );
+    })
+    .await
+}
+
+#[test]
+fn identity_proofs_bind_the_signer_and_the_context() {
+    let pki = Pki::new();
+    let dir = pki.path();
+    let name = swarm_transport::CertName::Node("w1".into());
+    let w1 = dir.join("w1");
+    swarm_transport::issue_cert(
+        dir,
+        &w1,
+        Role::Worker,
+        &name,
+        &[],
+        swarm_transport::pki::DEFAULT_VALIDITY,
+        false,
+    )
+    .unwrap();
+    let member = Identity::load(&w1, Role::Worker).unwrap();
+    let coordinator = pki.identity(Role::Coordinator);
+    let proof = member.prove(b"nonce-1|lead-a").unwrap();
+    let subject = coordinator.verify_proof(&proof, b"nonce-1|lead-a").unwrap();
+    assert_eq!(subject.name, name);
+    assert_eq!(subject.role, Role::Worker);
+    // Another context (a replay elsewhere) fails.
+    assert!(coordinator.verify_proof(&proof, b"nonce-2|lead-a").is_err());
+    // A tampered signature fails.
+    let mut bad = proof.clone();
+    let last = bad.signature.len() - 1;
+    bad.signature[last] ^= 1;
+    assert!(coordinator.verify_proof(&bad, b"nonce-1|lead-a").is_err());
+    // Someone else's certificate with this signature fails.
+    let mut swapped = proof.clone();
+    swapped.chain = pki
+        .identity(Role::Worker)
+        .cert_chain()
+        .iter()
+        .map(|c| c.to_vec())
+        .collect();
+    assert!(coordinator
+        .verify_proof(&swapped, b"nonce-1|lead-a")
+        .is_err());
+    // A certificate from another cluster's CA fails.
+    let other = Pki::new();
+    let stranger = other
+        .identity(Role::Worker)
+        .prove(b"nonce-1|lead-a")
+        .unwrap();
+    assert!(coordinator
+        .verify_proof(&stranger, b"nonce-1|lead-a")
+        .is_err());
+    // Garbage fails cleanly.
+    let junk = swarm_transport::IdentityProof {
+        chain: vec![vec![0x30, 0x03, 1, 2, 3]],
+        scheme: 0xffff,
+        signature: vec![],
+    };
+    assert!(coordinator.verify_proof(&junk, b"x").is_err());
+}
+
+/// The serial of the certificate the server of `conn` presented.
+fn server_serial(conn: &quinn::Connection) -> String {
+    let chain = conn
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    cert.raw_serial_as_string()
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_presented_without_a_restart() {
+    bounded(async {
+        let pki = Pki::new();
+        let server_id = pki.identity(Role::Coordinator);
+        let (sep, addr) = server(&server_id);
+        // Echoes every message on each of two connections until the client closes it.
+        let srv = tokio::spawn(async move {
+            let mut echoes = Vec::new();
+            for _ in 0..2 {
+                let (acc, mut w, mut r) = accept_one(&sep).await;
+                echoes.push(tokio::spawn(async move {
+                    while let Ok(Some(msg)) = r.recv::<Msg>().await {
+                        w.send(&msg).await.unwrap();
+                    }
+                    drop(acc);
+                }));
+            }
+            for e in echoes {
+                e.await.unwrap();
+            }
+        });
+        let (cep, cfg) = client(&pki.identity(Role::Worker));
+        let mut first = open_session(
+            dial(&cep, &cfg, addr, "localhost").await.unwrap(),
+            &hello(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(first.reader.recv::<Msg>().await.unwrap(), Some(hello(1)));
+        let before = server_serial(&first.conn);
+
+        // Nothing changed on disk: nothing to reload.
+        assert!(!server_id.reload().unwrap());
+        swarm_transport::renew_cert(
+            pki.path(),
+            pki.path(),
+            Role::Coordinator,
+            swarm_transport::pki::DEFAULT_VALIDITY,
+        )
+        .unwrap();
+        assert!(server_id.reload().unwrap());
+
+        // A fresh client (no session to resume) sees the renewed certificate.
+        let (cep2, cfg2) = client(&pki.identity(Role::Worker));
+        let mut second = open_session(
+            dial(&cep2, &cfg2, addr, "localhost").await.unwrap(),
+            &hello(2),
+        )
+        .await
+        .unwrap();
+        assert_eq!(second.reader.recv::<Msg>().await.unwrap(), Some(hello(2)));
+        assert_ne!(server_serial(&second.conn), before);
+        // The first connection is untouched.
+        first.writer.send(&hello(3)).await.unwrap();
+        assert_eq!(first.reader.recv::<Msg>().await.unwrap(), Some(hello(3)));
+        second.writer.send(&hello(4)).await.unwrap();
+        assert_eq!(second.reader.recv::<Msg>().await.unwrap(), Some(hello(4)));
+        first.conn.close(0u32.into(), b"done");
+        second.conn.close(0u32.into(), b"done");
+        srv.await.unwrap();
+
+        // A certificate naming another node is not taken.
+        let other = pki.path().join("other");
+        swarm_transport::issue_cert(
+            pki.path(),
+            &other,
+            Role::Coordinator,
+            &swarm_transport::CertName::Node("node-9".into()),
+            &[],
+            swarm_transport::pki::DEFAULT_VALIDITY,
+            false,
+        )
+        .unwrap();
+        for f in ["coordinator.pem", "coordinator-key.pem"] {
+            std::fs::copy(other.join(f), pki.path().join(f)).unwrap();
+        }
+        let err = server_id.reload().unwrap_err();
+        assert!(format!("{err:#}").contains("same node"), "{err:#}");
     })
     .await
 }
