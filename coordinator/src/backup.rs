@@ -15,20 +15,17 @@
 //! aborted (by the leader that finds it undriven, see [`Node`]'s maintenance loop): the
 //! cluster returns to empty. Never half a backup.
 
+use std::fmt::Display;
 use std::io::{self, BufWriter, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use futures::StreamExt as _;
+use bytes::Bytes;
+use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::{restoring, ApiError};
+use crate::commit::CommitError;
 use crate::limits::MAX_OP_BYTES;
 use crate::node::{now_ms, Node};
 use crate::raft::dump::{DumpParser, Record};
@@ -37,20 +34,51 @@ use crate::state::{Op, OpResult, RestoreSummary, RestoredMeta, Task};
 /// How long a backup waits for the checkpoint it needs.
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(120);
 
-/// `GET /v1/backup` (leader): the whole state, streamed.
-pub(crate) async fn backup(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
+/// Why a backup or a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The stream is not a usable backup, or broke.
+    #[error("{0}")]
+    Invalid(String),
+    /// A task of the backup does not fit one Raft entry of this cluster.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The cluster refused the restore (it is not empty, or another restore runs).
+    #[error("{0}")]
+    Refused(String),
+    /// No consistent checkpoint could be had now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Not committed (not the leader, a restore in progress, ...).
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A result this code does not expect.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A backup being taken: the log index it holds everything up to, and its bytes as they
+/// are written (an error, and no end record, if writing fails part-way).
+pub(crate) struct BackupStream {
+    pub index: u64,
+    pub chunks: mpsc::Receiver<Result<Bytes, io::Error>>,
+}
+
+/// Take a backup (leader): after a linearizable barrier, a checkpoint at or after it is
+/// written out as a dump, in the background, into the returned stream.
+pub(crate) async fn backup(node: &Node) -> Result<BackupStream, BackupError> {
     if node.read_table(|t| t.restoring().is_some()) {
-        return Err(restoring());
+        return Err(CommitError::Restoring.into());
     }
     let barrier = match node.raft().ensure_linearizable().await {
         Ok(read) => read.map_or(0, |l| l.index),
         Err(e) => {
-            return Err(ApiError::Unavailable(format!(
+            return Err(BackupError::Unavailable(format!(
                 "cannot confirm leadership for a consistent backup: {e}"
             )))
         }
     };
-    let view = checkpoint_at(&node, barrier).await?;
+    let view = checkpoint_at(node, barrier).await?;
     let (meta, view) = view;
     let index = meta.last_log_id.map_or(0, |l| l.index);
     let (tx, rx) = mpsc::channel::<Result<Bytes, io::Error>>(4);
@@ -67,21 +95,7 @@ pub(crate) async fn backup(State(node): State<Arc<Node>>) -> Result<Response, Ap
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    Ok((
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (
-                header::HeaderName::from_static("x-swarm-backup-index"),
-                index.to_string(),
-            ),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(BackupStream { index, chunks: rx })
 }
 
 /// A checkpoint at or after log index `index`: the current one, or a new one.
@@ -93,7 +107,7 @@ async fn checkpoint_at(
         crate::raft::sm_store::SnapshotMetaOf,
         Arc<crate::raft::checkpoint::StoreReader>,
     ),
-    ApiError,
+    BackupError,
 > {
     let deadline = tokio::time::Instant::now() + CHECKPOINT_WAIT;
     let mut metrics = node.raft().metrics();
@@ -107,12 +121,12 @@ async fn checkpoint_at(
             .trigger()
             .snapshot()
             .await
-            .map_err(|e| ApiError::Unavailable(format!("cannot take a checkpoint: {e}")))?;
+            .map_err(|e| BackupError::Unavailable(format!("cannot take a checkpoint: {e}")))?;
         match tokio::time::timeout_at(deadline, metrics.changed()).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(ApiError::Unavailable("raft stopped".into())),
+            Ok(Err(_)) => return Err(BackupError::Unavailable("raft stopped".into())),
             Err(_) => {
-                return Err(ApiError::Unavailable(format!(
+                return Err(BackupError::Unavailable(format!(
                     "no checkpoint at index {index} within {CHECKPOINT_WAIT:?}"
                 )))
             }
@@ -158,37 +172,40 @@ struct Pending {
     bytes: usize,
 }
 
-/// `POST /v1/restore` (leader): seed this empty cluster from a streamed backup.
-pub(crate) async fn restore(
-    State(node): State<Arc<Node>>,
-    body: Body,
-) -> Result<Response, ApiError> {
+/// Seed this empty cluster (leader) from a streamed backup; any failure after the
+/// restore began gives it up (`RestoreAbort`), so the cluster is empty again.
+pub(crate) async fn restore<S, E>(node: &Node, body: S) -> Result<RestoreSummary, BackupError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: Display,
+{
     let restore_id = rand::random::<u64>() | 1;
     node.set_restore_driver(restore_id);
-    let _driving = Driving {
-        node: &node,
-        restore_id,
-    };
+    let _driving = Driving { node, restore_id };
     let mut begun = false;
-    let result = run_restore(&node, restore_id, body, &mut begun).await;
+    let result = run_restore(node, restore_id, body, &mut begun).await;
     if result.is_err() && begun {
         // Give it up now rather than when the maintenance loop finds it undriven, so a
         // retry can begin at once.
-        if let Err(e) = propose_restore(&node, Op::RestoreAbort { restore_id }).await {
+        if let Err(e) = propose_restore(node, Op::RestoreAbort { restore_id }).await {
             warn!(error = %e, "aborting the failed restore");
         }
     }
-    result.map(|summary| (StatusCode::OK, Json(summary)).into_response())
+    result
 }
 
-async fn run_restore(
+async fn run_restore<S, E>(
     node: &Node,
     restore_id: u64,
-    body: Body,
+    body: S,
     begun: &mut bool,
-) -> Result<RestoreSummary, ApiError> {
+) -> Result<RestoreSummary, BackupError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: Display,
+{
     let started = std::time::Instant::now();
-    let mut stream = body.into_data_stream();
+    let mut stream = std::pin::pin!(body);
     let mut parser = DumpParser::new();
     let mut meta = None;
     let mut seq = 0u64;
@@ -198,7 +215,7 @@ async fn run_restore(
     loop {
         let record = parser
             .next_record()
-            .map_err(|e| ApiError::BadRequest(format!("not a usable backup: {e}")))?;
+            .map_err(|e| BackupError::Invalid(format!("not a usable backup: {e}")))?;
         let Some(record) = record else {
             if parser.ended() {
                 break;
@@ -208,18 +225,18 @@ async fn run_restore(
                     received += bytes.len() as u64;
                     parser
                         .push(&bytes)
-                        .map_err(|e| ApiError::BadRequest(format!("not a usable backup: {e}")))?;
+                        .map_err(|e| BackupError::Invalid(format!("not a usable backup: {e}")))?;
                     continue;
                 }
                 Some(Err(e)) => {
-                    return Err(ApiError::BadRequest(format!(
+                    return Err(BackupError::Invalid(format!(
                         "the backup stream broke after {received} bytes: {e}"
                     )))
                 }
                 None => {
                     parser
                         .finish()
-                        .map_err(|e| ApiError::BadRequest(format!("not a usable backup: {e}")))?;
+                        .map_err(|e| BackupError::Invalid(format!("not a usable backup: {e}")))?;
                     break;
                 }
             }
@@ -227,7 +244,7 @@ async fn run_restore(
         match record {
             Record::Header(h) => {
                 if h.meta.restore.is_some() {
-                    return Err(ApiError::BadRequest(
+                    return Err(BackupError::Invalid(
                         "the backup was taken while a restore was in progress; it is not complete"
                             .into(),
                     ));
@@ -256,7 +273,7 @@ async fn run_restore(
                 for t in batch {
                     let size = t.size_hint();
                     if size > MAX_OP_BYTES {
-                        return Err(ApiError::PayloadTooLarge(format!(
+                        return Err(BackupError::TooLarge(format!(
                             "task {} takes {size} bytes, more than one Raft entry holds ({MAX_OP_BYTES}); this cluster cannot restore it",
                             t.id
                         )));
@@ -277,18 +294,18 @@ async fn run_restore(
                 tasks += flush(node, restore_id, &mut seq, &mut pending, bytes).await?;
             }
             Record::Staged(_) => {
-                return Err(ApiError::BadRequest(
+                return Err(BackupError::Invalid(
                     "the backup holds a restore in progress; it is not complete".into(),
                 ))
             }
             Record::End { .. } => {}
         }
         if !*begun {
-            return Err(ApiError::BadRequest("the backup has no header".into()));
+            return Err(BackupError::Invalid("the backup has no header".into()));
         }
     }
     tasks += flush(node, restore_id, &mut seq, &mut pending, Vec::new()).await?;
-    let meta = meta.ok_or_else(|| ApiError::BadRequest("the backup has no header".into()))?;
+    let meta = meta.ok_or_else(|| BackupError::Invalid("the backup has no header".into()))?;
     let summary = propose_restore(
         node,
         Op::RestoreCommit {
@@ -318,7 +335,7 @@ async fn flush(
     seq: &mut u64,
     pending: &mut Pending,
     memory: Vec<u8>,
-) -> Result<u64, ApiError> {
+) -> Result<u64, BackupError> {
     if pending.tasks.is_empty() && memory.is_empty() {
         return Ok(0);
     }
@@ -339,17 +356,17 @@ async fn flush(
     Ok(n)
 }
 
-async fn propose_restore(node: &Node, op: Op) -> Result<RestoreSummary, ApiError> {
+async fn propose_restore(node: &Node, op: Op) -> Result<RestoreSummary, BackupError> {
     let r = node
         .proposer
         .propose_one(op)
         .await
-        .map_err(|e| ApiError::from_propose(node, e))?;
+        .map_err(|e| CommitError::from_propose(node, e))?;
     match r {
         OpResult::Restored(Ok(summary)) => Ok(summary),
-        OpResult::Restored(Err(reason)) => Err(ApiError::Conflict(reason)),
-        OpResult::Restoring => Err(restoring()),
-        other => Err(ApiError::Internal(format!(
+        OpResult::Restored(Err(reason)) => Err(BackupError::Refused(reason)),
+        OpResult::Restoring => Err(CommitError::Restoring.into()),
+        other => Err(BackupError::Internal(format!(
             "unexpected restore result {other:?}"
         ))),
     }

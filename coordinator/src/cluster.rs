@@ -1,142 +1,53 @@
-//! The cluster side of the HTTP API: any node accepts any request (followers forward what
-//! needs the leader), each node reports on itself, the leader reports on everyone, and
-//! membership changes online.
+//! The cluster as the coordinators see it: each node reports on itself, the leader
+//! reports on everyone, membership changes online, and a new node asks to join.
 //!
-//! * **Forwarding** ([`leader_only`]): a request that needs the leader and arrives at a
-//!   follower is replayed against the leader's API with the same method, path, query,
-//!   token and body, and the leader's answer is returned as is. A forwarded request is
-//!   marked ([`FORWARDED_BY`]) and is never forwarded twice: a node that receives one
-//!   and is not the leader (leadership moved meanwhile) answers `503 not_leader` with
-//!   the leader it knows, and clients retry.
-//! * **Node reports** (`GET /v1/node`): the node's own Raft state and health.
-//! * **Cluster view** (`GET /v1/cluster`, and `cluster` in `/v1/status`): the leader's
-//!   membership with each node's replication lag and its own report, fetched in parallel
-//!   with a short timeout so one dead node does not stall the answer.
-//! * **Membership** (`POST /v1/cluster/nodes`, `DELETE /v1/cluster/nodes/{id}`): a new
-//!   node joins as a learner, is caught up (from a snapshot when far behind), then
-//!   becomes a voter; removal is one joint-consensus change.
+//! * **Node reports** ([`node_status`], `GET /v1/node`): the node's own Raft state and
+//!   health ([`health_check`], [`ready_check`]).
+//! * **Cluster view** ([`cluster_view`], `GET /v1/cluster`, and `cluster` in
+//!   `/v1/status`): the leader's membership with each node's replication lag and its own
+//!   report, fetched in parallel with a short timeout so one dead node does not stall the
+//!   answer.
+//! * **Membership** ([`add_node`], [`remove_node`]): a new node joins as a learner, is
+//!   caught up (from a snapshot when far behind), then becomes a voter; removal is one
+//!   joint-consensus change. Refusals are [`ClusterError`]s.
+//! * **Peers** ([`PeerHttp`]): how a node talks HTTP to the other nodes' APIs, for their
+//!   reports here and for forwarding requests to the leader (`http::forward`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{OriginalUri, Path, Request, State};
-use axum::http::{self, header, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use ::http::header;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use openraft::error::{ClientWriteError, RaftError};
 use swarm_proto::api::{AddNode, ClusterView, NodeStatus, NodeView};
 
-use crate::api::ApiError;
+use crate::commit::CommitError;
 use crate::node::Node;
 use crate::raft::types::{NodeAddr, NodeId};
-
-/// Header naming the node that forwarded a request to the leader.
-pub const FORWARDED_BY: &str = "x-swarm-forwarded-by";
 
 /// How long the leader waits for a node's own report.
 const NODE_REPORT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Middleware for routes that must run on the leader: run here if leading, else forward.
-pub(crate) async fn leader_only(
-    State(node): State<Arc<Node>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if node.is_leader() {
-        return next.run(req).await;
-    }
-    forward_or_refuse(&node, req).await
-}
-
-/// For streamed requests (backups, restores): run here if leading, else refuse with
-/// `not_leader` naming the leader, where the client goes itself (a forward would hold
-/// the whole stream in this node's memory).
-pub(crate) async fn leader_here(
-    State(node): State<Arc<Node>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if node.is_leader() {
-        return next.run(req).await;
-    }
-    ApiError::NotLeader {
-        leader_api: node
-            .leader()
-            .filter(|(id, _)| *id != node.id())
-            .map(|(_, a)| a.api_addr),
-    }
-    .into_response()
-}
-
-/// Replay `req` against the leader, or refuse with `not_leader` when that is impossible
-/// or the request was forwarded already.
-pub(crate) async fn forward_or_refuse(node: &Node, req: Request) -> Response {
-    let leader = node.leader().filter(|(id, _)| *id != node.id());
-    match leader {
-        Some((_, addr)) if !req.headers().contains_key(FORWARDED_BY) => {
-            forward(node, &addr.api_addr, req).await
-        }
-        other => ApiError::NotLeader {
-            leader_api: other.map(|(_, a)| a.api_addr),
-        }
-        .into_response(),
-    }
-}
-
-async fn forward(node: &Node, leader_api: &str, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let uri = parts
-        .extensions
-        .get::<OriginalUri>()
-        .map_or_else(|| parts.uri.clone(), |o| o.0.clone());
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let limit = node.body_limit();
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            return ApiError::PayloadTooLarge(format!("request body: {e}")).into_response();
-        }
-    };
-    let url = format!("http://{leader_api}{path}");
-    // Long enough for the longest `?wait=` the leader allows.
-    let timeout = node.config().limits.max_wait + Duration::from_secs(30);
-    let mut rb = http::Request::builder()
-        .method(parts.method.clone())
-        .uri(&url)
-        .header(FORWARDED_BY, node.id().to_string());
-    for h in [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT] {
-        if let Some(v) = parts.headers.get(&h) {
-            rb = rb.header(h, v.clone());
-        }
-    }
-    let fwd = match rb.body(body) {
-        Ok(r) => r,
-        Err(e) => {
-            return ApiError::Internal(format!("cannot forward to {url}: {e}")).into_response()
-        }
-    };
-    metrics::counter!("swarm_api_forwarded_total").increment(1);
-    let resp = match node.peer_http().send(fwd, timeout).await {
-        Ok(r) => r,
-        Err(e) => {
-            return ApiError::Unavailable(format!(
-            "this node is not the leader and forwarding to the leader at {leader_api} failed: {e}"
-        ))
-            .into_response()
-        }
-    };
-    let (head, bytes) = resp.into_parts();
-    let mut out = Response::new(Body::from(bytes));
-    *out.status_mut() = head.status;
-    if let Some(ct) = head.headers.get(header::CONTENT_TYPE) {
-        out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
-    }
-    out
+/// Why a membership change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such node in the cluster.
+    #[error("no node {0} in the cluster")]
+    UnknownNode(NodeId),
+    /// The change conflicts with the membership (or Raft refused it).
+    #[error("{0}")]
+    Conflict(String),
+    /// The joining node embeds patterns in another dimension than the cluster's
+    /// ReasoningBank holds; no retry changes that.
+    #[error("{0}")]
+    DimensionMismatch(String),
+    /// Not the leader, or Raft stopped.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
 }
 
 /// How a node talks HTTP to its peers' APIs: forwarding requests to the leader and asking
@@ -147,9 +58,9 @@ pub trait PeerHttp: Send + Sync + 'static {
     /// answer, giving up after `timeout`. `Err` when no complete answer arrived.
     fn send(
         &self,
-        req: http::Request<Bytes>,
+        req: ::http::Request<Bytes>,
         timeout: Duration,
-    ) -> BoxFuture<'static, Result<http::Response<Bytes>, String>>;
+    ) -> BoxFuture<'static, Result<::http::Response<Bytes>, String>>;
 }
 
 /// [`PeerHttp`] over a [`reqwest::Client`].
@@ -165,6 +76,18 @@ impl ReqwestPeers {
                 .unwrap_or_default(),
         )
     }
+
+    /// A client for peers serving HTTPS: `tls` verifies them against the cluster CA and
+    /// presents this coordinator's certificate (see
+    /// [`swarm_transport::https_client_config`]).
+    pub fn with_tls(tls: rustls::ClientConfig) -> Result<Self, String> {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .use_preconfigured_tls(tls)
+            .build()
+            .map(ReqwestPeers)
+            .map_err(|e| format!("building the HTTPS client for peers: {e}"))
+    }
 }
 
 impl Default for ReqwestPeers {
@@ -176,9 +99,9 @@ impl Default for ReqwestPeers {
 impl PeerHttp for ReqwestPeers {
     fn send(
         &self,
-        req: http::Request<Bytes>,
+        req: ::http::Request<Bytes>,
         timeout: Duration,
-    ) -> BoxFuture<'static, Result<http::Response<Bytes>, String>> {
+    ) -> BoxFuture<'static, Result<::http::Response<Bytes>, String>> {
         let (parts, body) = req.into_parts();
         let rb = self
             .0
@@ -194,7 +117,7 @@ impl PeerHttp for ReqwestPeers {
                 .bytes()
                 .await
                 .map_err(|e| format!("the answer did not finish: {e}"))?;
-            let mut out = http::Response::new(bytes);
+            let mut out = ::http::Response::new(bytes);
             *out.status_mut() = status;
             *out.headers_mut() = headers;
             Ok(out)
@@ -212,7 +135,8 @@ fn role_name(state: openraft::ServerState) -> &'static str {
     }
 }
 
-/// Raft runs and the data directory takes a durable write. Never depends on quorum.
+/// Raft runs and the data directory takes a durable write (probed at most every
+/// [`HEALTH_PROBE_EVERY`]). Never depends on quorum.
 pub(crate) async fn health_check(node: &Node) -> Result<(), String> {
     if let Err(e) = &node.raft().metrics().borrow().running_state {
         return Err(format!("raft stopped: {e}"));
@@ -228,6 +152,14 @@ pub(crate) async fn health_check(node: &Node) -> Result<(), String> {
             dead.join(", ")
         ));
     }
+    // One probe at a time, and its result reused for a while: `/health` needs no token,
+    // and a durable write per request would let anyone load the disk.
+    let mut last = node.storage_probe.lock().await;
+    if let Some((at, result)) = last.as_ref() {
+        if at.elapsed() < HEALTH_PROBE_EVERY {
+            return result.clone();
+        }
+    }
     let probe = node.data_dir.join(".health-probe");
     let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;
@@ -236,12 +168,18 @@ pub(crate) async fn health_check(node: &Node) -> Result<(), String> {
         f.sync_all()
     })
     .await;
-    match res {
+    let result = match res {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("storage: {e}")),
         Err(e) => Err(format!("storage probe: {e}")),
-    }
+    };
+    metrics::counter!("swarm_health_probes_total").increment(1);
+    *last = Some((std::time::Instant::now(), result.clone()));
+    result
 }
+
+/// How long a `/health` storage probe's result stands.
+pub(crate) const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// A leader is known and this node has applied (almost) all of its log.
 pub(crate) fn ready_check(node: &Node) -> Result<String, String> {
@@ -277,11 +215,6 @@ pub(crate) async fn node_status(node: &Node) -> NodeStatus {
         health: health.err().unwrap_or_else(|| "ok".into()),
         ready,
     }
-}
-
-/// `GET /v1/node`.
-pub(crate) async fn get_node(State(node): State<Arc<Node>>) -> Json<NodeStatus> {
-    Json(node_status(&node).await)
 }
 
 /// The highest index stored on a majority of voters (leader only; `None` elsewhere).
@@ -405,11 +338,11 @@ pub async fn cluster_view(node: &Node) -> ClusterView {
 }
 
 async fn ask_node(node: &Node, api: &str) -> Result<NodeStatus, String> {
-    let req = http::Request::get(format!("http://{api}/v1/node"))
-        .header(
-            header::AUTHORIZATION,
-            format!("Bearer {}", node.config().api_token),
-        )
+    let mut req = ::http::Request::get(node.peer_api_url(api, "/v1/node"));
+    if let Some(auth) = node.peer_api_auth() {
+        req = req.header(header::AUTHORIZATION, auth);
+    }
+    let req = req
         .body(Bytes::new())
         .map_err(|e| format!("bad request: {e}"))?;
     let resp = node
@@ -423,48 +356,36 @@ async fn ask_node(node: &Node, api: &str) -> Result<NodeStatus, String> {
     serde_json::from_slice::<NodeStatus>(resp.body()).map_err(|e| format!("bad report: {e}"))
 }
 
-/// `GET /v1/cluster`: the leader's view with every node's report (forwarded to the leader
-/// when one is known; otherwise this node's own view, which says there is no leader).
-pub(crate) async fn get_cluster(State(node): State<Arc<Node>>, req: Request) -> Response {
-    if !node.is_leader() && !req.headers().contains_key(FORWARDED_BY) && node.leader().is_some() {
-        return forward_or_refuse(&node, req).await;
-    }
-    Json(cluster_view(&node).await).into_response()
-}
-
 fn membership_error(
     node: &Node,
     e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>,
-) -> ApiError {
+) -> ClusterError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::NotLeader {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => CommitError::NotLeader {
             leader_api: f
                 .leader_node
                 .map(|n| n.api_addr)
                 .or_else(|| node.leader().map(|(_, n)| n.api_addr)),
-        },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-            ApiError::Conflict(format!("membership change refused: {c}"))
         }
-        RaftError::Fatal(f) => ApiError::Unavailable(format!("raft stopped: {f}")),
+        .into(),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            ClusterError::Conflict(format!("membership change refused: {c}"))
+        }
+        RaftError::Fatal(f) => CommitError::Unavailable(format!("raft stopped: {f}")).into(),
     }
 }
 
-/// `POST /v1/cluster/nodes` (leader): add a learner, wait until it has caught up, then
-/// make it a voter unless `voter` is false.
-pub(crate) async fn add_node(
-    State(node): State<Arc<Node>>,
-    body: Result<Json<AddNode>, axum::extract::rejection::JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(add) = body?;
+/// Add a node (leader): add it as a learner, wait until it has caught up, then make it a
+/// voter unless `voter` is false. Returns the cluster view afterwards.
+pub(crate) async fn add_node(node: &Node, add: AddNode) -> Result<ClusterView, ClusterError> {
     if add.id == 0 {
-        return Err(ApiError::BadRequest("node ids start at 1".into()));
+        return Err(ClusterError::Invalid("node ids start at 1".into()));
     }
     for (what, a) in [("raft_addr", &add.raft_addr), ("api_addr", &add.api_addr)] {
         if a.rsplit_once(':')
             .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
         {
-            return Err(ApiError::BadRequest(format!(
+            return Err(ClusterError::Invalid(format!(
                 "{what} must be host:port, got {a:?}"
             )));
         }
@@ -472,16 +393,12 @@ pub(crate) async fn add_node(
     if let Some(theirs) = add.pattern_dimension {
         let ours = node.table.memory(|m| m.config().pattern_dimension);
         if theirs != ours {
-            return Err(ApiError::Coded {
-                status: StatusCode::CONFLICT,
-                code: "embedder_dimension_mismatch".into(),
-                message: format!(
-                    "node {} embeds patterns in {theirs} dimensions but this cluster's \
-                     ReasoningBank holds {ours}-dimensional embeddings; start it with the \
-                     cluster's embedder",
-                    add.id
-                ),
-            });
+            return Err(ClusterError::DimensionMismatch(format!(
+                "node {} embeds patterns in {theirs} dimensions but this cluster's \
+                 ReasoningBank holds {ours}-dimensional embeddings; start it with the \
+                 cluster's embedder",
+                add.id
+            )));
         }
     }
     let addr = NodeAddr {
@@ -492,7 +409,7 @@ pub(crate) async fn add_node(
     let membership = m.membership_config.membership().clone();
     if let Some(existing) = membership.get_node(&add.id) {
         if *existing != addr {
-            return Err(ApiError::Conflict(format!(
+            return Err(ClusterError::Conflict(format!(
                 "node {} is already a member at {existing}; remove it first",
                 add.id
             )));
@@ -503,7 +420,7 @@ pub(crate) async fn add_node(
     node.raft()
         .add_learner(add.id, addr, true)
         .await
-        .map_err(|e| membership_error(&node, e))?;
+        .map_err(|e| membership_error(node, e))?;
     if add.voter {
         let mut voters: BTreeSet<NodeId> = node
             .raft()
@@ -518,20 +435,18 @@ pub(crate) async fn add_node(
             node.raft()
                 .change_membership(voters, false)
                 .await
-                .map_err(|e| membership_error(&node, e))?;
+                .map_err(|e| membership_error(node, e))?;
         }
     }
-    Ok((StatusCode::OK, Json(cluster_view(&node).await)).into_response())
+    Ok(cluster_view(node).await)
 }
 
-/// `DELETE /v1/cluster/nodes/{id}` (leader): remove a voter or learner.
-pub(crate) async fn remove_node(
-    State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+/// Remove node `id` (leader), a voter or a learner, as a client wrote it. Returns this
+/// node's view of the cluster afterwards.
+pub(crate) async fn remove_node(node: &Node, id: &str) -> Result<ClusterView, ClusterError> {
     let id: NodeId = id
         .parse()
-        .map_err(|_| ApiError::BadRequest(format!("node id must be a number, got {id:?}")))?;
+        .map_err(|_| ClusterError::Invalid(format!("node id must be a number, got {id:?}")))?;
     let membership = node
         .raft()
         .metrics()
@@ -540,11 +455,11 @@ pub(crate) async fn remove_node(
         .membership()
         .clone();
     if membership.get_node(&id).is_none() {
-        return Err(ApiError::NotFound(format!("no node {id} in the cluster")));
+        return Err(ClusterError::UnknownNode(id));
     }
     let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
     if voters.is_empty() {
-        return Err(ApiError::Conflict(
+        return Err(ClusterError::Conflict(
             "cannot remove the last voter of the cluster".into(),
         ));
     }
@@ -553,8 +468,8 @@ pub(crate) async fn remove_node(
     node.raft()
         .change_membership(voters, false)
         .await
-        .map_err(|e| membership_error(&node, e))?;
-    Ok((StatusCode::OK, Json(local_cluster_view(&node))).into_response())
+        .map_err(|e| membership_error(node, e))?;
+    Ok(local_cluster_view(node))
 }
 
 /// Ask the cluster behind `apis` (any member) to add this node; retried until it

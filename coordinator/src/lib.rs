@@ -3,7 +3,15 @@
 //!
 //! Layers, top-down:
 //! * [`start`] wires one coordinator process together and returns a [`CoordinatorHandle`];
-//! * [`api`] (HTTP) and [`worker_session`] (QUIC) turn requests and frames into ops;
+//! * [`http`] (the HTTP API) and [`worker_session`] (QUIC) turn requests and frames into
+//!   calls of the domain modules and answers; `http` is the only module that knows the
+//!   HTTP server framework and status codes, and nothing depends on it but [`start`];
+//! * the domain modules, which return their own errors and know nothing of the HTTP API:
+//!   [`tasks`] (submit checks and admission, reads, cancel), [`status`] (workers and the
+//!   status view), [`cluster`] (node reports, cluster views, membership, joining, the
+//!   [`cluster::PeerHttp`] client), [`memory`] (vector memory and the ReasoningBank),
+//!   [`swarms`] (definitions, layouts, placement), [`backup`] (backups and restores), and
+//!   [`commit`] (the commit and read-barrier failures they share);
 //! * [`node`] runs the loops: applied-entry events, dispatch, gauges;
 //! * [`handoff`] hands leadership to a caught-up voter when a leader stops;
 //! * [`proposer`] group-commits ops into Raft entries;
@@ -11,10 +19,11 @@
 //! * [`state`] (the replicated [`state::TaskTable`]) and [`scheduler`] are pure logic with
 //!   no I/O: everything that decides is testable without sockets or clocks.
 
-pub mod api;
 pub mod backup;
 pub mod cluster;
+pub mod commit;
 pub mod handoff;
+pub mod http;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
@@ -24,8 +33,10 @@ pub mod raft;
 pub mod scheduler;
 mod server;
 pub mod state;
+pub mod status;
 pub mod swarms;
+pub mod tasks;
 mod worker_session;
 
-pub use node::{CoordinatorConfig, Limits, Node, TaskDefaults};
+pub use node::{ApiEdges, CoordinatorConfig, Limits, Node, TaskDefaults};
 pub use server::{coordinator_server_config, start, start_with, CoordinatorHandle, Parts};

@@ -5,7 +5,9 @@
 //! durable, replicated and in every snapshot; reads (search, retrieve, list) are served
 //! from the local replica without a Raft round trip.
 //!
-//! * HTTP (`/v1/memory/*`, `/v1/patterns/*`): JSON in, memory ops or reads out.
+//! * Clients (`/v1/memory/*`, `/v1/patterns/*`, served by `http/memory.rs`): request
+//!   bodies become memory ops, reads come from the local replica; refusals are
+//!   [`MemError`]s.
 //! * Workers: a task submitted with `patterns: k` makes its worker send `Retrieve` over
 //!   its QUIC session before running the agent; [`retrieve_for_worker`] embeds the task's
 //!   payload text with the configured embedder and answers from the local replica.
@@ -15,7 +17,7 @@
 //!
 //! Embedding ([`EmbedderConfig`]): the built-in hashing embedder (default) or an
 //! OpenAI-compatible endpoint. Texts are always embedded *before* an op is proposed, so
-//! a failed embedding writes nothing (HTTP 502 `embedder_unavailable`). The pattern
+//! a failed embedding writes nothing (`embedder_unavailable`). The pattern
 //! bank's dimension is [`StoreConfig::pattern_dimension`], part of the replicated state:
 //! a new replica is created with the embedder's dimension, the data dir records it
 //! ([`pin_pattern_dimension`]) so a restart with another embedder fails at startup, and
@@ -29,22 +31,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use swarm_memory::{
-    embed_items, CollectionSpec, ConsolidateParams, Distiller, Embedder, HashEmbedder,
-    HttpEmbedder, HttpEmbedderConfig, MemoryOp, MetadataFilter, Metric, NewPattern, OpOutcome,
-    Outcome as PatternOutcome, PointWrite, RetrieveParams, SearchRequest, StoreConfig, TaskSummary,
+    embed_items, CollectionInfo, CollectionSpec, ConsolidateParams, Distiller, Embedder,
+    HashEmbedder, HttpEmbedder, HttpEmbedderConfig, MemoryOp, MetadataFilter, Metric, NewPattern,
+    OpOutcome, Outcome as PatternOutcome, PointWrite, RetrieveParams, RetrievedItem, SearchHit,
+    SearchRequest, StoreConfig, TaskSummary,
 };
 use swarm_proto::worker::PatternHit;
 use tracing::{debug, warn};
 
-use crate::api::ApiError;
+use crate::commit::CommitError;
 use crate::node::{now_ms, Node};
 use crate::state::{MemoryFault, Op, OpResult};
 
@@ -285,22 +283,24 @@ impl MemoryService {
 
 /// Why texts could not be embedded.
 #[derive(Debug)]
-enum EmbedError {
-    /// The embedder failed or answered something unusable (HTTP 502).
+pub enum EmbedError {
+    /// The embedder failed or answered something unusable.
     Unavailable(String),
     /// The embedder's dimension is not the replica's pattern dimension.
     DimensionMismatch(String),
 }
 
 impl EmbedError {
-    fn code(&self) -> &'static str {
+    /// The stable code: `embedder_unavailable` or `embedder_dimension_mismatch`.
+    pub fn code(&self) -> &'static str {
         match self {
             EmbedError::Unavailable(_) => "embedder_unavailable",
             EmbedError::DimensionMismatch(_) => "embedder_dimension_mismatch",
         }
     }
 
-    fn message(&self) -> &str {
+    /// What went wrong, without the code.
+    pub fn message(&self) -> &str {
         match self {
             EmbedError::Unavailable(m) | EmbedError::DimensionMismatch(m) => m,
         }
@@ -313,19 +313,7 @@ impl fmt::Display for EmbedError {
     }
 }
 
-impl From<EmbedError> for ApiError {
-    fn from(e: EmbedError) -> Self {
-        let status = match e {
-            EmbedError::Unavailable(_) => StatusCode::BAD_GATEWAY,
-            EmbedError::DimensionMismatch(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::Coded {
-            status,
-            code: e.code().to_string(),
-            message: e.message().to_string(),
-        }
-    }
-}
+impl std::error::Error for EmbedError {}
 
 /// Embeds `texts` with the configured embedder: one vector of its dimension per text.
 async fn embed_texts(node: &Node, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
@@ -377,67 +365,79 @@ async fn embed_for_patterns(node: &Node, texts: &[String]) -> Result<Vec<Vec<f32
     embed_texts(node, texts).await
 }
 
-fn fault(f: MemoryFault) -> ApiError {
-    let status = match f.code.as_str() {
-        "unknown_collection" | "unknown_pattern" => StatusCode::NOT_FOUND,
-        "collection_exists" => StatusCode::CONFLICT,
-        "metadata_too_large" | "batch_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    ApiError::Coded {
-        status,
-        code: f.code,
-        message: f.message,
+/// Why a memory or ReasoningBank request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store refused it, with its code (`unknown_collection`, `collection_exists`,
+    /// `metadata_too_large`, ...).
+    #[error("{}", .0.message)]
+    Fault(MemoryFault),
+    /// The texts could not be embedded; nothing was written.
+    #[error("{}", .0.message())]
+    Embed(#[from] EmbedError),
+    /// Not now: the collection's indexer is behind; nothing was written.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Not committed.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A result this code does not expect.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<swarm_memory::MemoryError> for MemError {
+    fn from(e: swarm_memory::MemoryError) -> Self {
+        MemError::Fault(MemoryFault::from(e))
     }
 }
 
-fn mem_err(e: swarm_memory::MemoryError) -> ApiError {
-    fault(MemoryFault::from(e))
-}
-
 /// Commit one memory op of a client request and return what it did.
-async fn write(node: &Node, op: MemoryOp) -> Result<OpOutcome, ApiError> {
+async fn write(node: &Node, op: MemoryOp) -> Result<OpOutcome, MemError> {
     write_op(node, op, true).await
 }
 
 /// Commit one memory op the coordinator proposes itself (sweeps, index advances).
-async fn write_own(node: &Node, op: MemoryOp) -> Result<OpOutcome, ApiError> {
+async fn write_own(node: &Node, op: MemoryOp) -> Result<OpOutcome, MemError> {
     write_op(node, op, false).await
 }
 
-async fn write_op(node: &Node, op: MemoryOp, client: bool) -> Result<OpOutcome, ApiError> {
+async fn write_op(node: &Node, op: MemoryOp, client: bool) -> Result<OpOutcome, MemError> {
     // Refuse what would be refused anyway before it takes a log entry.
-    node.table.memory(|m| m.validate(&op)).map_err(mem_err)?;
+    node.table.memory(|m| m.validate(&op))?;
     let ops = vec![Op::Memory(op)];
     let r = if client {
         node.propose_client(ops).await
     } else {
         node.propose(ops).await
     }
-    .map_err(|e| ApiError::from_propose(node, e))?;
+    .map_err(|e| CommitError::from_propose(node, e))?;
     match r.into_iter().next() {
         Some(OpResult::Memory(Ok(o))) => Ok(o),
-        Some(OpResult::Memory(Err(f))) => Err(fault(f)),
-        other => Err(ApiError::Internal(format!(
+        Some(OpResult::Memory(Err(f))) => Err(MemError::Fault(f)),
+        other => Err(MemError::Internal(format!(
             "unexpected memory result {other:?}"
         ))),
     }
 }
 
-fn parse_metric(s: &str) -> Result<Metric, ApiError> {
+fn parse_metric(s: &str) -> Result<Metric, MemError> {
     match s.to_ascii_lowercase().as_str() {
         "cosine" => Ok(Metric::Cosine),
         "l2" | "euclidean" => Ok(Metric::L2),
         "dot" | "ip" => Ok(Metric::Dot),
-        other => Err(ApiError::BadRequest(format!(
+        other => Err(MemError::Invalid(format!(
             "unknown metric {other:?}: one of cosine, l2, dot"
         ))),
     }
 }
 
-fn parse_outcome(s: &str) -> Result<PatternOutcome, ApiError> {
+fn parse_outcome(s: &str) -> Result<PatternOutcome, MemError> {
     PatternOutcome::parse(s).ok_or_else(|| {
-        ApiError::BadRequest(format!("outcome must be `success` or `failure`, got {s:?}"))
+        MemError::Invalid(format!("outcome must be `success` or `failure`, got {s:?}"))
     })
 }
 
@@ -457,12 +457,12 @@ fn default_metric() -> String {
     "cosine".into()
 }
 
+/// Create collection `name`; returns its description.
 pub(crate) async fn create_collection(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-    body: Result<Json<CreateCollection>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(c) = body?;
+    node: &Node,
+    name: String,
+    c: CreateCollection,
+) -> Result<CollectionInfo, MemError> {
     let mut spec = CollectionSpec::new(c.dimension, parse_metric(&c.metric)?);
     if let Some(m) = c.m {
         spec.m = m;
@@ -474,7 +474,7 @@ pub(crate) async fn create_collection(
         spec.ef_search = e;
     }
     write(
-        &node,
+        node,
         MemoryOp::CreateCollection {
             name: name.clone(),
             spec,
@@ -482,46 +482,29 @@ pub(crate) async fn create_collection(
         },
     )
     .await?;
-    let info = node
-        .table
-        .memory(|m| m.collection_info(&name))
-        .map_err(mem_err)?;
-    Ok((StatusCode::CREATED, Json(info_json(&info))).into_response())
+    Ok(node.table.memory(|m| m.collection_info(&name))?)
 }
 
-fn info_json(i: &swarm_memory::CollectionInfo) -> Value {
-    serde_json::to_value(i).unwrap_or(Value::Null)
+/// Every collection of this replica.
+pub(crate) fn list_collections(node: &Node) -> Vec<CollectionInfo> {
+    node.table.memory(|m| m.list_collections())
 }
 
-pub(crate) async fn list_collections(State(node): State<Arc<Node>>) -> Json<Value> {
-    let list = node.table.memory(|m| m.list_collections());
-    Json(json!({ "collections": list.iter().map(info_json).collect::<Vec<_>>() }))
+/// Collection `name` on this replica.
+pub(crate) fn get_collection(node: &Node, name: &str) -> Result<CollectionInfo, MemError> {
+    Ok(node.table.memory(|m| m.collection_info(name))?)
 }
 
-pub(crate) async fn get_collection(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    let info = node
-        .table
-        .memory(|m| m.collection_info(&name))
-        .map_err(mem_err)?;
-    Ok(Json(info_json(&info)))
-}
-
-pub(crate) async fn drop_collection(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    let o = write(
-        &node,
+/// Drop collection `name`.
+pub(crate) async fn drop_collection(node: &Node, name: String) -> Result<OpOutcome, MemError> {
+    write(
+        node,
         MemoryOp::DropCollection {
             name,
             now_ms: now_ms(),
         },
     )
-    .await?;
-    Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null)))
+    .await
 }
 
 /// One point of an upsert: a vector, or a text the configured embedder turns into one
@@ -537,6 +520,7 @@ pub(crate) struct PointIn {
     ttl_ms: Option<u64>,
 }
 
+/// `POST /v1/memory/{collection}/points` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpsertBody {
@@ -549,22 +533,23 @@ enum VectorIn {
     Text(String),
 }
 
-fn vector_in(vector: Option<Vec<f32>>, text: Option<String>) -> Result<VectorIn, ApiError> {
+fn vector_in(vector: Option<Vec<f32>>, text: Option<String>) -> Result<VectorIn, MemError> {
     match (vector, text) {
         (Some(v), None) => Ok(VectorIn::Given(v)),
         (None, Some(t)) => Ok(VectorIn::Text(t)),
-        _ => Err(ApiError::BadRequest(
+        _ => Err(MemError::Invalid(
             "give either `vector` or `text` (embedded by the configured embedder)".into(),
         )),
     }
 }
 
+/// Write points into collection `name`, embedding the texts first (a failed embedding
+/// writes nothing).
 pub(crate) async fn upsert(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-    body: Result<Json<UpsertBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Json(b) = body?;
+    node: &Node,
+    name: String,
+    b: UpsertBody,
+) -> Result<OpOutcome, MemError> {
     let mut points = Vec::with_capacity(b.points.len());
     // Texts to embed, and the points they belong to: embedded in one call, after every
     // point passed the checks here and before anything is proposed.
@@ -572,7 +557,7 @@ pub(crate) async fn upsert(
     let mut text_points = Vec::new();
     for (i, p) in b.points.into_iter().enumerate() {
         let vector = match vector_in(p.vector, p.text)
-            .map_err(|e| ApiError::BadRequest(format!("points[{i}]: {e}")))?
+            .map_err(|e| MemError::Invalid(format!("points[{i}]: {e}")))?
         {
             VectorIn::Given(v) => v,
             VectorIn::Text(t) => {
@@ -585,7 +570,7 @@ pub(crate) async fn upsert(
             None | Some(Value::Null) => "{}".to_string(),
             Some(v @ Value::Object(_)) => v.to_string(),
             Some(_) => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(MemError::Invalid(format!(
                     "points[{i}]: metadata must be a JSON object"
                 )))
             }
@@ -597,21 +582,20 @@ pub(crate) async fn upsert(
             ttl_ms: p.ttl_ms,
         });
     }
-    let vectors = embed_texts(&node, &texts).await?;
+    let vectors = embed_texts(node, &texts).await?;
     for (i, v) in text_points.into_iter().zip(vectors) {
         points[i].vector = v;
     }
-    wait_for_indexer(&node, &name).await?;
-    let o = write(
-        &node,
+    wait_for_indexer(node, &name).await?;
+    write(
+        node,
         MemoryOp::Upsert {
             collection: name,
             points,
             now_ms: now_ms(),
         },
     )
-    .await?;
-    Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null)))
+    .await
 }
 
 /// Most points of a collection written but not yet inserted into its graph on this node
@@ -623,9 +607,10 @@ const MAX_INDEX_BACKLOG: usize = 50_000;
 const INDEX_WAIT: Duration = Duration::from_secs(10);
 
 /// Holds an upsert while the collection's index backlog exceeds [`MAX_INDEX_BACKLOG`]
-/// (writes arrive faster than one core inserts them into the graph); refused with 503 after
-/// [`INDEX_WAIT`], nothing committed. An unknown collection passes (the write reports it).
-async fn wait_for_indexer(node: &Node, collection: &str) -> Result<(), ApiError> {
+/// (writes arrive faster than one core inserts them into the graph); refused
+/// ([`MemError::Unavailable`]) after [`INDEX_WAIT`], nothing committed. An unknown
+/// collection passes (the write reports it).
+async fn wait_for_indexer(node: &Node, collection: &str) -> Result<(), MemError> {
     let backlog = || {
         node.table
             .memory(|m| m.index_backlog(collection))
@@ -642,7 +627,7 @@ async fn wait_for_indexer(node: &Node, collection: &str) -> Result<(), ApiError>
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(ApiError::Unavailable(format!(
+            return Err(MemError::Unavailable(format!(
                 "collection `{collection}` has {n} points not yet indexed (limit \
                  {MAX_INDEX_BACKLOG}); retry later"
             )));
@@ -651,30 +636,31 @@ async fn wait_for_indexer(node: &Node, collection: &str) -> Result<(), ApiError>
     }
 }
 
+/// `POST /v1/memory/{collection}/delete` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DeleteBody {
     ids: Vec<String>,
 }
 
+/// Delete points of collection `name`.
 pub(crate) async fn delete_points(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-    body: Result<Json<DeleteBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Json(b) = body?;
-    let o = write(
-        &node,
+    node: &Node,
+    name: String,
+    b: DeleteBody,
+) -> Result<OpOutcome, MemError> {
+    write(
+        node,
         MemoryOp::Delete {
             collection: name,
             ids: b.ids,
             now_ms: now_ms(),
         },
     )
-    .await?;
-    Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null)))
+    .await
 }
 
+/// `POST /v1/memory/{collection}/search` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SearchBody {
@@ -694,23 +680,23 @@ fn default_k() -> usize {
     10
 }
 
+/// Search collection `name` on this replica (a text query is embedded first).
 pub(crate) async fn search(
-    State(node): State<Arc<Node>>,
-    UrlPath(name): UrlPath<String>,
-    body: Result<Json<SearchBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Json(b) = body?;
+    node: &Node,
+    name: &str,
+    b: SearchBody,
+) -> Result<Vec<SearchHit>, MemError> {
     let vector = vector_in(b.vector, b.text)?;
     let filter = match &b.filter {
         None | Some(Value::Null) => None,
-        Some(v) => Some(MetadataFilter::from_json(v).map_err(mem_err)?),
+        Some(v) => Some(MetadataFilter::from_json(v)?),
     };
     let vector = match vector {
         VectorIn::Given(v) => v,
-        VectorIn::Text(t) => embed_texts(&node, &[t])
+        VectorIn::Text(t) => embed_texts(node, &[t])
             .await?
             .pop()
-            .ok_or_else(|| ApiError::Internal("no vector for the query".into()))?,
+            .ok_or_else(|| MemError::Internal("no vector for the query".into()))?,
     };
     let req = SearchRequest {
         vector,
@@ -719,27 +705,13 @@ pub(crate) async fn search(
         filter,
         now_ms: now_ms(),
     };
-    let hits = node
-        .table
-        .memory(|m| {
-            if b.exact {
-                m.search_exact(&name, &req)
-            } else {
-                m.search(&name, &req)
-            }
-        })
-        .map_err(mem_err)?;
-    let hits: Vec<Value> = hits
-        .into_iter()
-        .map(|h| {
-            json!({
-                "id": h.id,
-                "distance": h.distance,
-                "metadata": serde_json::from_str::<Value>(&h.metadata).unwrap_or(Value::Null),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "hits": hits })))
+    Ok(node.table.memory(|m| {
+        if b.exact {
+            m.search_exact(name, &req)
+        } else {
+            m.search(name, &req)
+        }
+    })?)
 }
 
 /// `POST /v1/patterns` body: patterns to add (embedded by the configured embedder).
@@ -760,11 +732,8 @@ pub(crate) struct PatternIn {
     source_task: Option<u64>,
 }
 
-pub(crate) async fn add_patterns(
-    State(node): State<Arc<Node>>,
-    body: Result<Json<AddPatterns>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(b) = body?;
+/// Add patterns to the ReasoningBank, embedded first (a failed embedding writes nothing).
+pub(crate) async fn add_patterns(node: &Node, b: AddPatterns) -> Result<OpOutcome, MemError> {
     let outcomes = b
         .items
         .iter()
@@ -775,7 +744,7 @@ pub(crate) async fn add_patterns(
         .iter()
         .map(|p| format!("{}\n{}\n{}", p.title, p.description, p.content))
         .collect();
-    let embeddings = embed_for_patterns(&node, &texts).await?;
+    let embeddings = embed_for_patterns(node, &texts).await?;
     let mut items = Vec::with_capacity(b.items.len());
     for ((p, outcome), embedding) in b.items.into_iter().zip(outcomes).zip(embeddings) {
         items.push(NewPattern {
@@ -787,30 +756,26 @@ pub(crate) async fn add_patterns(
             outcome,
         });
     }
-    let o = write(
-        &node,
+    write(
+        node,
         MemoryOp::PatternAdd {
             items,
             now_ms: now_ms(),
         },
     )
-    .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::to_value(o).unwrap_or(Value::Null)),
-    )
-        .into_response())
+    .await
 }
 
-pub(crate) async fn list_patterns(State(node): State<Arc<Node>>) -> Json<Value> {
-    let items: Vec<Value> = node.table.memory(|m| {
+/// Every pattern of this replica's ReasoningBank, as JSON.
+pub(crate) fn list_patterns(node: &Node) -> Vec<Value> {
+    node.table.memory(|m| {
         m.patterns()
             .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
             .collect()
-    });
-    Json(json!({ "patterns": items }))
+    })
 }
 
+/// `POST /v1/patterns/retrieve` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RetrieveBody {
@@ -827,11 +792,8 @@ fn default_retrieve_k() -> usize {
     5
 }
 
-pub(crate) async fn retrieve(
-    State(node): State<Arc<Node>>,
-    body: Result<Json<RetrieveBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Json(b) = body?;
+/// The patterns of this replica that fit a query (embedded first).
+pub(crate) async fn retrieve(node: &Node, b: RetrieveBody) -> Result<Vec<RetrievedItem>, MemError> {
     let mut params = RetrieveParams::default();
     if let Some(o) = &b.outcome {
         params.outcome = Some(parse_outcome(o)?);
@@ -843,21 +805,19 @@ pub(crate) async fn retrieve(
         params.min_similarity = s;
     }
     let started = Instant::now();
-    let q = embed_for_patterns(&node, std::slice::from_ref(&b.query))
+    let q = embed_for_patterns(node, std::slice::from_ref(&b.query))
         .await?
         .pop()
-        .ok_or_else(|| ApiError::Internal("no vector for the query".into()))?;
+        .ok_or_else(|| MemError::Internal("no vector for the query".into()))?;
     let items = node
         .table
-        .memory(|m| m.retrieve(&q, b.k, now_ms(), &params))
-        .map_err(mem_err)?;
+        .memory(|m| m.retrieve(&q, b.k, now_ms(), &params))?;
     metrics::histogram!("swarm_memory_retrieve_seconds", "via" => "http")
         .record(started.elapsed().as_secs_f64());
-    Ok(Json(json!({
-        "items": items.iter().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).collect::<Vec<_>>()
-    })))
+    Ok(items)
 }
 
+/// `POST /v1/patterns/judge` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JudgeBody {
@@ -866,13 +826,10 @@ pub(crate) struct JudgeBody {
     task_id: Option<u64>,
 }
 
-pub(crate) async fn judge(
-    State(node): State<Arc<Node>>,
-    body: Result<Json<JudgeBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Json(b) = body?;
-    let o = write(
-        &node,
+/// Judge patterns against an outcome.
+pub(crate) async fn judge(node: &Node, b: JudgeBody) -> Result<OpOutcome, MemError> {
+    write(
+        node,
         MemoryOp::PatternJudge {
             task_id: b.task_id,
             item_ids: b.item_ids,
@@ -880,10 +837,10 @@ pub(crate) async fn judge(
             now_ms: now_ms(),
         },
     )
-    .await?;
-    Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null)))
+    .await
 }
 
+/// `POST /v1/patterns/consolidate` body.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ConsolidateBody {
@@ -894,11 +851,8 @@ pub(crate) struct ConsolidateBody {
     prune_max_confidence: Option<f64>,
 }
 
-pub(crate) async fn consolidate(
-    State(node): State<Arc<Node>>,
-    body: Result<Json<ConsolidateBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Json(b) = body?;
+/// Merge duplicates, settle contradictions and prune idle patterns.
+pub(crate) async fn consolidate(node: &Node, b: ConsolidateBody) -> Result<OpOutcome, MemError> {
     let mut params = ConsolidateParams::default();
     if let Some(v) = b.duplicate_similarity {
         params.duplicate_similarity = v;
@@ -915,15 +869,14 @@ pub(crate) async fn consolidate(
     if let Some(v) = b.prune_max_confidence {
         params.prune_max_confidence = v;
     }
-    let o = write(
-        &node,
+    write(
+        node,
         MemoryOp::Consolidate {
             params,
             now_ms: now_ms(),
         },
     )
-    .await?;
-    Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null)))
+    .await
 }
 
 /// Answer a worker's `Retrieve`: embed the query, read the local replica. Every failure

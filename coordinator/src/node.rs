@@ -72,6 +72,31 @@ pub struct CoordinatorConfig {
     /// What embeds texts (patterns, `text` points, queries); its dimension is the pattern
     /// bank's.
     pub embedder: crate::memory::EmbedderConfig,
+    /// How the HTTP API faces its clients: TLS, connection cap, header timeout.
+    pub api: ApiEdges,
+}
+
+/// How the HTTP API faces its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiEdges {
+    /// Serve HTTPS with this node's coordinator certificate (clients verify it against
+    /// the cluster CA); followers then forward to the leader over HTTPS with their own
+    /// certificate instead of the client's token.
+    pub tls: bool,
+    /// Most connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// Time a client has for its TLS handshake and for each request's headers.
+    pub header_timeout: Duration,
+}
+
+impl Default for ApiEdges {
+    fn default() -> Self {
+        ApiEdges {
+            tls: false,
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl CoordinatorConfig {
@@ -104,6 +129,7 @@ impl CoordinatorConfig {
             retain_finished: DEFAULT_RETAIN_FINISHED,
             distill: crate::memory::DistillMode::default(),
             embedder: crate::memory::EmbedderConfig::default(),
+            api: ApiEdges::default(),
         }
     }
 }
@@ -186,6 +212,9 @@ pub(crate) struct SessionHandle {
     pub info: swarm_proto::api::WorkerView,
     /// Ends the session when sent to: a newer session of the same worker replaced it.
     pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Whom the worker's certificate names: a session of a pool certificate never
+    /// replaces one of a certificate naming the worker.
+    pub cert: swarm_transport::CertName,
 }
 
 /// Scheduler plus the live sessions it dispatches to: one lock, taken briefly.
@@ -238,6 +267,12 @@ pub struct Node {
     /// this node leads, and when it noticed; kept here so a restarted loop still steps
     /// down.
     led_term: Mutex<Option<(u64, std::time::Instant)>>,
+    /// This coordinator's certificate and the cluster CA: checks relayed members'
+    /// identity proofs.
+    identity: swarm_transport::Identity,
+    /// The last storage probe of `/health` and when it ran: probes run at most every
+    /// [`crate::cluster::HEALTH_PROBE_EVERY`], one at a time, whatever the request rate.
+    pub(crate) storage_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
 }
 
 impl Node {
@@ -247,9 +282,12 @@ impl Node {
         table: TableHandle,
         peer_http: Arc<dyn PeerHttp>,
         memory: crate::memory::MemoryService,
+        identity: swarm_transport::Identity,
     ) -> Arc<Node> {
         let proposer = Proposer::spawn(raft.clone());
         Arc::new(Node {
+            identity,
+            storage_probe: tokio::sync::Mutex::new(None),
             memory,
             data_dir: cfg.data_dir.clone(),
             dispatch: Mutex::new(Dispatch {
@@ -279,7 +317,26 @@ impl Node {
         self.cfg.node_id
     }
 
-    /// The node's configuration.
+    /// The URL of `path` on a peer coordinator's API at `api_addr` (`host:port`): HTTPS
+    /// when this cluster's API serves it.
+    pub(crate) fn peer_api_url(&self, api_addr: &str, path: &str) -> String {
+        let scheme = if self.cfg.api.tls { "https" } else { "http" };
+        format!("{scheme}://{api_addr}{path}")
+    }
+
+    /// What a request to a peer's API authenticates with, besides the connection: over
+    /// HTTPS nothing (this coordinator's certificate does), over plain HTTP (loopback
+    /// only) the cluster token.
+    pub(crate) fn peer_api_auth(&self) -> Option<String> {
+        (!self.cfg.api.tls).then(|| format!("Bearer {}", self.cfg.api_token))
+    }
+
+    /// This coordinator's certificate and the cluster CA.
+    pub(crate) fn identity(&self) -> &swarm_transport::Identity {
+        &self.identity
+    }
+
+    /// This node's configuration.
     pub fn config(&self) -> &CoordinatorConfig {
         &self.cfg
     }

@@ -15,10 +15,12 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::{PeerHttp, ReqwestPeers};
 use crate::node::{self, CoordinatorConfig, Node};
-use crate::{api, metrics, raft, worker_session};
+use crate::{http, metrics, raft, worker_session};
 use raft::types::NodeAddr;
 use raft::{RedbLogStore, StateMachineStore};
 
+/// How often the certificate files are checked for a renewal.
+const CERT_RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most concurrent QUIC connections (workers plus peers) one coordinator serves.
 const MAX_CONNECTIONS: usize = 16_384;
 
@@ -134,7 +136,7 @@ pub async fn start_with<L>(
     parts: Parts<L>,
 ) -> anyhow::Result<CoordinatorHandle>
 where
-    L: axum::serve::Listener<Addr = SocketAddr>,
+    L: http::Listener<Addr = SocketAddr>,
 {
     let Parts {
         endpoint,
@@ -174,8 +176,10 @@ where
     let arrivals = sm.arrivals();
     // A snapshot brings the replicated pattern dimension with it.
     table.memory(|m| crate::memory::check_replica_dimension(m.config(), &cfg.embedder))?;
-    let network =
-        raft::network::QuicRaftNetwork::new(endpoint.clone(), client_config(&identity, ALPN_RAFT)?);
+    let network = raft::network::QuicRaftNetwork::new(
+        endpoint.clone(),
+        client_config(&identity, ALPN_RAFT, Role::Coordinator)?,
+    );
     let handoff_network = network.clone();
     let mut raft_cfg = raft::raft_config("swarm", cfg.snapshot_every);
     if let Some(chunk) = snapshot_chunk {
@@ -203,11 +207,27 @@ where
         }
     }
 
-    let peer_http = peer_http.unwrap_or_else(|| Arc::new(ReqwestPeers::new()));
+    let peer_http: Arc<dyn PeerHttp> = match peer_http {
+        Some(p) => p,
+        // Over HTTPS, peers are verified against the cluster CA and this node presents
+        // its coordinator certificate.
+        None if cfg.api.tls => Arc::new(
+            ReqwestPeers::with_tls(swarm_transport::https_client_config(
+                &identity,
+                Role::Coordinator,
+            )?)
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => Arc::new(ReqwestPeers::new()),
+    };
     let memory =
         crate::memory::MemoryService::new(&cfg.distill, &cfg.embedder).context("memory service")?;
     info!(embedder = %cfg.embedder.describe(), "ReasoningBank embedder");
-    let node = Node::new(cfg, raft.clone(), table, peer_http, memory);
+    // One identity drives the QUIC server, the Raft client and relayed members' proofs,
+    // so a renewed certificate reaches all of them.
+    endpoint.set_server_config(Some(server_config(&identity, &[ALPN_WORKER, ALPN_RAFT])?));
+    let reload = identity.spawn_reload(CERT_RELOAD_EVERY);
+    let node = Node::new(cfg, raft.clone(), table, peer_http, memory, identity);
     let (shutdown, shutdown_rx) = watch::channel(false);
     // Each loop restarts after a panic (see `node::supervise`).
     let mut tasks = vec![
@@ -235,18 +255,15 @@ where
             let (node, log, rx) = (node.clone(), log_for_maintenance, shutdown_rx.clone());
             move || node::maintenance_loop(node.clone(), log.clone(), rx.clone())
         }),
+        reload,
         node::supervise(node.dead_loops.clone(), "accept", {
             let (node, rx) = (node.clone(), shutdown_rx.clone());
             let endpoint = endpoint.clone();
             move || accept_loop(node.clone(), arrivals.clone(), endpoint.clone(), rx.clone())
         }),
     ];
-    let mut api_shutdown = shutdown_rx.clone();
-    let app = api::router(node.clone());
+    let serve = http::serve(api_listener, node.clone(), shutdown_rx.clone())?;
     tasks.push(tokio::spawn(async move {
-        let serve = axum::serve(api_listener, app).with_graceful_shutdown(async move {
-            let _ = api_shutdown.changed().await;
-        });
         if let Err(e) = serve.await {
             warn!(error = %e, "HTTP API stopped");
         }

@@ -1,5 +1,6 @@
 //! Swarms inside the coordinator: definitions in the replicated state, live layouts on
-//! the leader, placement of queued tasks, and the HTTP API.
+//! the leader, placement of queued tasks, and creating, reading and deleting swarms
+//! ([`create`], [`swarm_view`], [`delete`]; refusals are [`SwarmError`]s).
 //!
 //! * A swarm's definition ([`SwarmRecord`]) is replicated ([`Op::SwarmCreate`],
 //!   [`Op::SwarmDelete`]); a task names its swarm at submit and a ring task copies the
@@ -24,11 +25,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
 use swarm_proto::api::{CreateSwarm, SwarmList, SwarmTaskCounts, SwarmView};
 use swarm_proto::worker::{AttemptRef, CoordinatorMsg, PeerInfo};
 use swarm_topology::{
@@ -37,7 +33,7 @@ use swarm_topology::{
 };
 use tracing::{debug, info, warn};
 
-use crate::api::ApiError;
+use crate::commit::CommitError;
 use crate::node::{now_ms, Dispatch, Node, SessionHandle};
 use crate::scheduler::{Scheduler, WorkerEntry};
 use crate::state::{Op, OpResult, SwarmFault, SwarmRecord, Task, TaskTable};
@@ -428,38 +424,41 @@ pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from:
     });
 }
 
-pub(crate) fn unknown_swarm(name: &str) -> ApiError {
-    ApiError::Coded {
-        status: StatusCode::NOT_FOUND,
-        code: "unknown_swarm".into(),
-        message: format!("no swarm named {name:?}"),
-    }
+/// Why a swarm request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    /// No swarm of that name.
+    #[error("no swarm named {0:?}")]
+    Unknown(String),
+    /// The definition is malformed (`unknown_topology`, `empty_ring`, `invalid_stage`,
+    /// `invalid_label`, `invalid_queue_depth`, `option_not_applicable`, ...).
+    #[error("{message}")]
+    Invalid { code: String, message: String },
+    /// The swarm cannot be laid out over the workers connected now (and the request did
+    /// not allow that).
+    #[error("{message}")]
+    Unplaceable { code: String, message: String },
+    /// The replicated state refused the op (`unknown_swarm`, `swarm_exists`,
+    /// `swarm_busy`, `default_swarm`, ...).
+    #[error("{}", .0.message)]
+    Fault(SwarmFault),
+    /// Not committed.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A result this code does not expect.
+    #[error("{0}")]
+    Internal(String),
 }
 
-/// The API error for a refused swarm op.
-pub(crate) fn fault(f: &SwarmFault) -> ApiError {
-    let status = match f.code.as_str() {
-        "unknown_swarm" => StatusCode::NOT_FOUND,
-        "swarm_exists" | "swarm_busy" | "default_swarm" => StatusCode::CONFLICT,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    ApiError::Coded {
-        status,
-        code: f.code.clone(),
-        message: f.message.clone(),
-    }
-}
-
-fn bad(code: &str, message: impl Into<String>) -> ApiError {
-    ApiError::Coded {
-        status: StatusCode::BAD_REQUEST,
+fn bad(code: &str, message: impl Into<String>) -> SwarmError {
+    SwarmError::Invalid {
         code: code.into(),
         message: message.into(),
     }
 }
 
 /// Turn a create request into a record, or say what is wrong with it.
-fn to_record(req: &CreateSwarm) -> Result<SwarmRecord, ApiError> {
+fn to_record(req: &CreateSwarm) -> Result<SwarmRecord, SwarmError> {
     let kind: TopologyKind = req
         .topology
         .parse()
@@ -522,15 +521,12 @@ fn to_record(req: &CreateSwarm) -> Result<SwarmRecord, ApiError> {
     })
 }
 
-/// `POST /v1/swarms`
-pub(crate) async fn create(
-    State(node): State<Arc<Node>>,
-    body: Result<Json<CreateSwarm>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(req) = body?;
+/// Define a swarm (`POST /v1/swarms`). Unless `allow_empty`, it must be plannable over
+/// the workers connected now. Returns its view.
+pub(crate) async fn create(node: &Node, req: CreateSwarm) -> Result<SwarmView, SwarmError> {
     let record = to_record(&req)?;
     if record.spec.name == DEFAULT_SWARM_NAME {
-        return Err(fault(&SwarmFault {
+        return Err(SwarmError::Fault(SwarmFault {
             code: "swarm_exists".into(),
             message: format!("swarm {DEFAULT_SWARM_NAME:?} is built in"),
         }));
@@ -550,8 +546,7 @@ pub(crate) async fn create(
                     selector: swarm_topology::format_selector(&record.spec.selector),
                 }
             };
-            return Err(ApiError::Coded {
-                status: StatusCode::CONFLICT,
+            return Err(SwarmError::Unplaceable {
                 code: err.code().into(),
                 message: format!(
                     "{err}{}; pass allow_empty to create it anyway",
@@ -567,8 +562,7 @@ pub(crate) async fn create(
             });
         }
         if let Err(e) = plan(&record.spec, &members, seed_of(&record.spec.name), None) {
-            return Err(ApiError::Coded {
-                status: StatusCode::CONFLICT,
+            return Err(SwarmError::Unplaceable {
                 code: e.code().into(),
                 message: format!("{e}; pass allow_empty to create it anyway"),
             });
@@ -578,54 +572,47 @@ pub(crate) async fn create(
     let result = node
         .propose_client(vec![Op::SwarmCreate { record }])
         .await
-        .map_err(|e| ApiError::from_propose(&node, e))?;
+        .map_err(|e| CommitError::from_propose(node, e))?;
     match result.first() {
         Some(OpResult::Swarm(Ok(()))) => {}
-        Some(OpResult::Swarm(Err(f))) => return Err(fault(f)),
-        other => return Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+        Some(OpResult::Swarm(Err(f))) => return Err(SwarmError::Fault(f.clone())),
+        other => return Err(SwarmError::Internal(format!("unexpected result {other:?}"))),
     }
     info!(swarm = %name, "swarm created");
     node.poke();
-    let v = swarm_view(&node, &name).ok_or_else(|| unknown_swarm(&name))?;
-    Ok((StatusCode::CREATED, Json(v)).into_response())
+    swarm_view(node, &name).ok_or(SwarmError::Unknown(name))
 }
 
-/// `GET /v1/swarms`
-pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<SwarmList> {
+/// Every swarm's view (`GET /v1/swarms`), the default one included.
+pub(crate) fn list(node: &Node) -> SwarmList {
     let names: Vec<String> =
         node.read_table(|t| t.swarms().into_iter().map(|r| r.spec.name).collect());
-    Json(SwarmList {
-        swarms: names.iter().filter_map(|n| swarm_view(&node, n)).collect(),
-    })
+    SwarmList {
+        swarms: names.iter().filter_map(|n| swarm_view(node, n)).collect(),
+    }
 }
 
-/// `GET /v1/swarms/{name}`
-pub(crate) async fn get(
-    State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
-) -> Result<Json<SwarmView>, ApiError> {
-    swarm_view(&node, &name)
-        .map(Json)
-        .ok_or_else(|| unknown_swarm(&name))
+/// Swarm `name`'s view (`GET /v1/swarms/{name}`).
+pub(crate) fn get(node: &Node, name: &str) -> Result<SwarmView, SwarmError> {
+    swarm_view(node, name).ok_or_else(|| SwarmError::Unknown(name.to_string()))
 }
 
-/// `DELETE /v1/swarms/{name}`
-pub(crate) async fn delete(
-    State(node): State<Arc<Node>>,
-    Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+/// Delete swarm `name` (`DELETE /v1/swarms/{name}`).
+pub(crate) async fn delete(node: &Node, name: &str) -> Result<(), SwarmError> {
     let result = node
-        .propose_client(vec![Op::SwarmDelete { name: name.clone() }])
+        .propose_client(vec![Op::SwarmDelete {
+            name: name.to_string(),
+        }])
         .await
-        .map_err(|e| ApiError::from_propose(&node, e))?;
+        .map_err(|e| CommitError::from_propose(node, e))?;
     match result.first() {
         Some(OpResult::Swarm(Ok(()))) => {
             info!(swarm = %name, "swarm deleted");
             node.poke();
-            Ok(StatusCode::NO_CONTENT)
+            Ok(())
         }
-        Some(OpResult::Swarm(Err(f))) => Err(fault(f)),
-        other => Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+        Some(OpResult::Swarm(Err(f))) => Err(SwarmError::Fault(f.clone())),
+        other => Err(SwarmError::Internal(format!("unexpected result {other:?}"))),
     }
 }
 
@@ -756,6 +743,7 @@ mod tests {
             conn_id,
             tx,
             stop: None,
+            cert: swarm_transport::CertName::Pool(String::new()),
             info: swarm_proto::api::WorkerView {
                 id: String::new(),
                 addr: String::new(),
@@ -995,7 +983,7 @@ mod tests {
     #[test]
     fn bad_definitions_are_refused_with_their_codes() {
         let code = |req: CreateSwarm| match to_record(&req) {
-            Err(ApiError::Coded { code, .. }) => code,
+            Err(SwarmError::Invalid { code, .. }) => code,
             other => panic!("{other:?}"),
         };
         let req = |topology: &str| CreateSwarm {
@@ -1043,12 +1031,12 @@ mod tests {
         let from_items = stages(&["coder", "reviewer[lang=rust,tier=2]", "tester"]).unwrap();
         assert_eq!(from_list.spec, from_items.spec);
         match stages(&["a[x=1", "y=2]"]) {
-            Err(ApiError::Coded { code, .. }) => assert_eq!(code, "invalid_stage"),
+            Err(SwarmError::Invalid { code, .. }) => assert_eq!(code, "invalid_stage"),
             other => panic!("{other:?}"),
         }
         let many: Vec<String> = (0..=MAX_STAGES).map(|i| format!("s{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert!(matches!(stages(&many), Err(ApiError::Coded { .. })));
+        assert!(matches!(stages(&many), Err(SwarmError::Invalid { .. })));
     }
 
     #[test]

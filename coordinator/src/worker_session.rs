@@ -16,9 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use swarm_proto::api::WorkerView;
-use swarm_proto::worker::{CoordinatorMsg, FailureKind, Hello, Outcome, TaskReport, WorkerMsg};
+use swarm_proto::worker::{
+    relay_proof_context, CoordinatorMsg, FailureKind, Hello, Outcome, TaskReport, WorkerMsg,
+};
 use swarm_proto::{protocol_supported, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use swarm_transport::{Accepted, FrameReader, FrameWriter, Role, TransportError};
+use swarm_transport::{
+    peer_subject, Accepted, CertName, FrameReader, FrameWriter, IdentityProof, Role, TransportError,
+};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -31,6 +35,8 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a turned-away worker gets to read its last frame before the connection closes.
 const LAST_FRAME_GRACE: Duration = Duration::from_secs(2);
+/// The first worker protocol that proves a relayed member's identity.
+const PROOF_PROTOCOL: u32 = 4;
 
 /// Serve one worker connection until it ends.
 pub(crate) async fn serve(node: Arc<Node>, mut accepted: Accepted) {
@@ -93,6 +99,18 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
     // authenticated and its data not a replay.
     let zero_rtt = accepted.handshake.is_some() && reader.is_0rtt();
     accepted.authenticate_as(Role::Worker).await?;
+    // The id is the one the certificate names (or one its pool may use), never just
+    // what the `Hello` says.
+    let cert = peer_subject(&accepted.conn)?.name;
+    if !cert.allows(&hello.worker_id) {
+        metrics::counter!("swarm_worker_identity_refused_total", "how" => "direct").increment(1);
+        let message = format!(
+            "worker id {:?} is not the one this worker's certificate names ({cert})",
+            hello.worker_id
+        );
+        reject(&mut writer, &accepted.conn, "identity", &message).await;
+        return Err(SessionError::Protocol(message));
+    }
     metrics::counter!("swarm_worker_connections_total", "zero_rtt" => if zero_rtt { "true" } else { "false" })
         .increment(1);
     // Further streams on this connection are members' sessions the worker relays as
@@ -103,7 +121,7 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
         conn.clone(),
         hello.worker_id.clone(),
     ));
-    let result = session(node, &hello, writer, reader, &conn, zero_rtt, None).await;
+    let result = session(node, &hello, cert, writer, reader, &conn, zero_rtt, None).await;
     relays.abort();
     result
 }
@@ -155,23 +173,42 @@ async fn relayed(
             code: "bad_hello".into(),
             message: "a lead cannot relay its own session".into(),
         })
+    } else if hello.protocol < PROOF_PROTOCOL {
+        Some(CoordinatorMsg::Rejected {
+            code: "identity_proof_required".into(),
+            message: format!(
+                "a relayed member must prove its identity (worker protocol {PROOF_PROTOCOL}); this one speaks {}: upgrade it or let it connect directly",
+                hello.protocol
+            ),
+        })
     } else if !node.is_leader() {
         Some(not_leader_msg(node.id(), node.leader().as_ref()))
     } else {
         None
     };
     if let Some(msg) = refusal {
-        let _ = writer.send(&msg).await;
-        let _ = writer.finish();
-        return Err(SessionError::Protocol(format!(
-            "relayed session of {} refused",
-            hello.worker_id
-        )));
+        return refuse_relayed(writer, &hello, msg).await;
     }
+    // The lead's word is not enough: the member signs a fresh nonce, this lead's id and
+    // the id it claims with the key of its certificate, across the relay.
+    let cert = match prove_member(node, &mut writer, &mut reader, &hello, lead).await {
+        Ok(cert) => cert,
+        Err(message) => {
+            metrics::counter!("swarm_worker_identity_refused_total", "how" => "relayed")
+                .increment(1);
+            warn!(%lead, member = %hello.worker_id, "relayed session refused: {message}");
+            let msg = CoordinatorMsg::Rejected {
+                code: "identity".into(),
+                message,
+            };
+            return refuse_relayed(writer, &hello, msg).await;
+        }
+    };
     metrics::counter!("swarm_relayed_sessions_total").increment(1);
     session(
         node,
         &hello,
+        cert,
         writer,
         reader,
         conn,
@@ -181,10 +218,71 @@ async fn relayed(
     .await
 }
 
+async fn refuse_relayed(
+    mut writer: FrameWriter,
+    hello: &Hello,
+    msg: CoordinatorMsg,
+) -> Result<(), SessionError> {
+    let _ = writer.send(&msg).await;
+    let _ = writer.finish();
+    Err(SessionError::Protocol(format!(
+        "relayed session of {} refused",
+        hello.worker_id
+    )))
+}
+
+/// Asks a relayed member to prove who it is and checks the answer: a chain valid under
+/// the cluster CA, naming a worker the claimed id belongs to, whose key signed this
+/// session's nonce, lead and id. Returns the name its certificate gives.
+async fn prove_member(
+    node: &Node,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    hello: &Hello,
+    lead: &str,
+) -> Result<CertName, String> {
+    let nonce: [u8; 32] = rand::random();
+    writer
+        .send(&CoordinatorMsg::Prove {
+            nonce: nonce.to_vec(),
+        })
+        .await
+        .map_err(|e| format!("asking for a proof: {e}"))?;
+    let answer = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<WorkerMsg>())
+        .await
+        .map_err(|_| "no identity proof within 10 s".to_string())?
+        .map_err(|e| format!("reading the identity proof: {e}"))?;
+    let Some(WorkerMsg::Proof(proof)) = answer else {
+        return Err("expected an identity proof".into());
+    };
+    let proof = IdentityProof {
+        chain: proof.chain,
+        scheme: proof.scheme,
+        signature: proof.signature,
+    };
+    let context = relay_proof_context(&nonce, lead, &hello.worker_id);
+    let subject = node
+        .identity()
+        .verify_proof(&proof, &context)
+        .map_err(|e| e.to_string())?;
+    if subject.role != Role::Worker {
+        return Err(format!("the proof is by a {} certificate", subject.role));
+    }
+    if !subject.name.allows(&hello.worker_id) {
+        return Err(format!(
+            "worker id {:?} is not the one the member's certificate names ({})",
+            hello.worker_id, subject.name
+        ));
+    }
+    Ok(subject.name)
+}
+
 /// A worker session after its `Hello` was accepted: register, serve, unregister.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     node: &Arc<Node>,
     hello: &Hello,
+    cert: CertName,
     writer: FrameWriter,
     mut reader: FrameReader,
     conn: &quinn::Connection,
@@ -193,26 +291,31 @@ async fn session(
 ) -> Result<(), SessionError> {
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel();
-    // Welcome goes first: registering may already queue Cancels, and dispatch may queue
-    // Runs, as soon as the session is visible. It names the worker's own (supported)
-    // version: this session speaks that one.
-    let _ = tx.send(CoordinatorMsg::Welcome {
-        protocol: hello.protocol,
-        heartbeat_interval_ms: node.config().heartbeat_interval_ms,
-        max_output_bytes: node.config().limits.max_output_bytes,
-        term: node.raft_term_led().unwrap_or(0),
-    });
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-    register(
+    if let Err(message) = register(
         node,
         hello,
+        cert,
         conn_id,
         tx.clone(),
         stop,
         conn,
         zero_rtt,
         via.clone(),
-    );
+    ) {
+        metrics::counter!("swarm_worker_identity_refused_total", "how" => "pool").increment(1);
+        let _ = tx.send(CoordinatorMsg::Rejected {
+            code: "identity".into(),
+            message: message.clone(),
+        });
+        drop(tx);
+        let _ = write_loop(writer, rx, hello.protocol).await;
+        // Let the refusal arrive before the connection closes (see `send_last`).
+        if via.is_none() {
+            let _ = tokio::time::timeout(LAST_FRAME_GRACE, conn.closed()).await;
+        }
+        return Err(SessionError::Protocol(message));
+    }
     info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, via = ?via, remote = %conn.remote_address(), "worker connected");
     let mut writer_task = tokio::spawn(write_loop(writer, rx, hello.protocol));
     node.poke();
@@ -298,21 +401,26 @@ fn msg_name(m: &WorkerMsg) -> &'static str {
         WorkerMsg::Stole { .. } => "Stole",
         WorkerMsg::PeerLost { .. } => "PeerLost",
         WorkerMsg::Draining => "Draining",
+        WorkerMsg::Proof(_) => "Proof",
     }
 }
 
 /// Add the session and reconcile the worker's view of its attempts with ours.
+///
+/// Refused (nothing changes) when a worker of a pool certificate claims the id of a
+/// connected worker whose certificate names it.
 #[allow(clippy::too_many_arguments)]
 fn register(
     node: &Arc<Node>,
     hello: &Hello,
+    cert: CertName,
     conn_id: u64,
     tx: mpsc::UnboundedSender<CoordinatorMsg>,
     stop: tokio::sync::oneshot::Sender<()>,
     conn: &quinn::Connection,
     zero_rtt: bool,
     via: Option<String>,
-) {
+) -> Result<(), String> {
     let now = now_ms();
     let id = hello.worker_id.as_str();
     // Which of the attempts the worker holds may carry on: `Some(timeout)` when the task
@@ -337,6 +445,22 @@ fn register(
     let mut lost = Vec::new();
     {
         let mut d = node.lock_dispatch();
+        if let Some(old) = d.sessions.get(id) {
+            if matches!(old.cert, CertName::Node(_)) && !matches!(cert, CertName::Node(_)) {
+                return Err(format!(
+                    "worker {id} is connected with a certificate naming it; a pool certificate ({cert}) cannot take its place"
+                ));
+            }
+        }
+        // Welcome goes first: registering may already queue Cancels, and dispatch may
+        // queue Runs, as soon as the session is visible. It names the worker's own
+        // (supported) version: this session speaks that one.
+        let _ = tx.send(CoordinatorMsg::Welcome {
+            protocol: hello.protocol,
+            heartbeat_interval_ms: node.config().heartbeat_interval_ms,
+            max_output_bytes: node.config().limits.max_output_bytes,
+            term: node.raft_term_led().unwrap_or(0),
+        });
         if let Some(old) = d.sessions.remove(id) {
             // A newer session of the same worker wins. The old one is usually dead or
             // dying; if it is not (the worker is still on it, and the newer one is a
@@ -395,6 +519,7 @@ fn register(
                 stop: Some(stop),
                 conn_id,
                 tx,
+                cert,
                 info: WorkerView {
                     id: id.to_string(),
                     addr: conn.remote_address().to_string(),
@@ -429,6 +554,7 @@ fn register(
             }
         });
     }
+    Ok(())
 }
 
 fn unregister(node: &Arc<Node>, worker: &str, conn_id: u64) {
@@ -511,6 +637,12 @@ async fn read_loop(
                 metrics::counter!("swarm_protocol_errors_total").increment(1);
                 return Err(SessionError::Protocol(
                     "second Hello on one connection".into(),
+                ));
+            }
+            WorkerMsg::Proof(_) => {
+                metrics::counter!("swarm_protocol_errors_total").increment(1);
+                return Err(SessionError::Protocol(
+                    "an identity proof nobody asked for".into(),
                 ));
             }
         }
@@ -676,9 +808,48 @@ fn on_report(
     // Handed back by a draining worker: not a try at the task (no backoff, not counted as
     // a retry, nothing for the ReasoningBank to learn from).
     let drained = is_drained(&report.outcome);
+    // Whether the table records the attempt, and on this worker (read before locking
+    // dispatch: lock order is table, then dispatch). `None`: the task is not in memory
+    // (archived, so final: the report will be ignored as stale).
+    let recorded: Option<Option<bool>> = node.read_table(|t| {
+        t.get(report.attempt.task_id).map(|task| {
+            task.attempts
+                .iter()
+                .find(|a| a.number == report.attempt.attempt)
+                .map(|a| a.worker == worker)
+        })
+    });
     let (retry_at_ms, moves) = {
         let mut d = node.lock_dispatch();
         d.scheduler.worker_seen(worker, now);
+        // Only the worker that holds an attempt reports it: the one it is in flight on,
+        // or, when this leader does not track it, the one the table records it on. A
+        // report for an attempt that is neither (another worker's, or one never handed
+        // out) would let any worker decide any task.
+        let holder = d
+            .scheduler
+            .in_flight(report.attempt.task_id)
+            .filter(|f| f.attempt == report.attempt)
+            .map(|f| f.worker.clone());
+        let refused = match holder {
+            Some(h) => (h != worker).then(|| format!("it is held by worker {h}")),
+            None if recorded == Some(None) => Some("it was never handed to this worker".into()),
+            None => None,
+        };
+        if let Some(why) = refused {
+            drop(d);
+            metrics::counter!("swarm_reports_refused_total").increment(1);
+            warn!(
+                worker,
+                task = report.attempt.task_id,
+                attempt = report.attempt.attempt,
+                "report refused: {why}"
+            );
+            // Not this worker's to report: it may forget it and stop running it.
+            let _ = tx.send(CoordinatorMsg::Cancel(report.attempt));
+            let _ = tx.send(CoordinatorMsg::Ack(report.attempt));
+            return;
+        }
         // Steals that brought the attempt here: their `Move`s go first in the proposal.
         let moves = d
             .scheduler

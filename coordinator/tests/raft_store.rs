@@ -536,7 +536,7 @@ mod network {
             let sm = StateMachineStore::open(data).unwrap();
             let network = QuicRaftNetwork::new(
                 endpoint.clone(),
-                client_config(&identity, ALPN_RAFT).unwrap(),
+                client_config(&identity, ALPN_RAFT, swarm_transport::Role::Coordinator).unwrap(),
             );
             let raft = Raft::new(id, config, network, log, sm.clone())
                 .await
@@ -744,7 +744,7 @@ mod network {
         let ep = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let mut dialed = swarm_transport::dial(
             &ep,
-            &client_config(&worker, ALPN_RAFT).unwrap(),
+            &client_config(&worker, ALPN_RAFT, swarm_transport::Role::Coordinator).unwrap(),
             node.addr,
             "127.0.0.1",
         )
@@ -815,7 +815,7 @@ mod network {
         let ep = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let mut dialed = swarm_transport::dial(
             &ep,
-            &client_config(&coordinator, ALPN_RAFT).unwrap(),
+            &client_config(&coordinator, ALPN_RAFT, swarm_transport::Role::Coordinator).unwrap(),
             node.addr,
             "localhost",
         )

@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context as _};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swarm_proto::worker::{CoordinatorMsg, Hello, PeerInfo, WorkerMsg};
+use swarm_proto::worker::{
+    relay_proof_context, CoordinatorMsg, Hello, IdentityProof, PeerInfo, WorkerMsg,
+};
 use swarm_proto::PROTOCOL_VERSION;
 use swarm_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -94,6 +96,8 @@ pub(crate) struct RelayClient {
     pub(crate) client: quinn::ClientConfig,
     /// Name the lead's certificate must be valid for.
     pub(crate) server_name: String,
+    /// The worker's own credentials: a relayed session proves with them who it is.
+    pub(crate) identity: Option<swarm_transport::Identity>,
 }
 
 impl Shared {
@@ -421,7 +425,7 @@ impl ConnLoop {
     async fn serve(
         &self,
         conn: &quinn::Connection,
-        writer: FrameWriter,
+        mut writer: FrameWriter,
         reader: &mut FrameReader,
         zero_rtt: bool,
         n_running: usize,
@@ -430,11 +434,23 @@ impl ConnLoop {
         route: &mut Route,
         via: Option<&PeerInfo>,
     ) -> End {
-        let first =
+        let mut first =
             match tokio::time::timeout(WELCOME_TIMEOUT, reader.recv::<CoordinatorMsg>()).await {
                 Err(_) => return End::Retry(anyhow!("no Welcome within {WELCOME_TIMEOUT:?}")),
                 Ok(r) => r,
             };
+        // Through a lead, the coordinator first asks the member to prove who it is.
+        if let (Ok(Some(CoordinatorMsg::Prove { nonce })), Some(lead)) = (&first, via) {
+            if let Err(e) = self.prove(&mut writer, nonce, &lead.worker_id).await {
+                return End::Retry(e);
+            }
+            first = match tokio::time::timeout(WELCOME_TIMEOUT, reader.recv::<CoordinatorMsg>())
+                .await
+            {
+                Err(_) => return End::Retry(anyhow!("no Welcome within {WELCOME_TIMEOUT:?}")),
+                Ok(r) => r,
+            };
+        }
         let (heartbeat, max_output_bytes, term) = match first {
             Ok(Some(CoordinatorMsg::Welcome {
                 protocol,
@@ -566,6 +582,32 @@ impl ConnLoop {
                 }
             }
         }
+    }
+
+    /// Answers a relayed session's `Prove`: signs the nonce, the lead and this worker's id
+    /// with the worker's certificate key.
+    async fn prove(
+        &self,
+        writer: &mut FrameWriter,
+        nonce: &[u8],
+        lead: &str,
+    ) -> anyhow::Result<()> {
+        let identity = self
+            .relay
+            .as_ref()
+            .and_then(|r| r.identity.as_ref())
+            .ok_or_else(|| anyhow!("asked to prove its identity, but this worker has no certificate to prove it with"))?;
+        let context = relay_proof_context(nonce, lead, &self.hello.worker_id);
+        let proof = identity.prove(&context)?;
+        writer
+            .send(&WorkerMsg::Proof(IdentityProof {
+                chain: proof.chain,
+                scheme: proof.scheme,
+                signature: proof.signature,
+            }))
+            .await
+            .context("sending the identity proof")?;
+        Ok(())
     }
 
     /// Acts on `Parent`: `Some` when the session must end to take the new route.

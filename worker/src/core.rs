@@ -687,7 +687,8 @@ impl Core {
             CoordinatorMsg::Parent { .. } => {}
             CoordinatorMsg::Welcome { .. }
             | CoordinatorMsg::Rejected { .. }
-            | CoordinatorMsg::NotLeader { .. } => {
+            | CoordinatorMsg::NotLeader { .. }
+            | CoordinatorMsg::Prove { .. } => {
                 tracing::warn!("unexpected session message after Welcome; ignored");
             }
         }

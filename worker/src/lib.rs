@@ -267,6 +267,9 @@ pub struct WorkerParams {
     /// Told of every execution held, started, ended or let go here (see
     /// [`ExecutionEvent`]); `None`: nothing is told.
     pub journal: Option<ExecutionJournal>,
+    /// The worker's own credentials (its worker certificate): a session relayed by a lead
+    /// proves with them who this worker is. `None`: `peer_identity` is used.
+    pub identity: Option<Identity>,
 }
 
 impl WorkerParams {
@@ -295,6 +298,7 @@ impl WorkerParams {
             peer_identity: None,
             relay_client_config: None,
             journal: None,
+            identity: None,
         }
     }
 }
@@ -383,13 +387,16 @@ impl Worker {
         swarm_transport::set_liveness(&mut p.client_config, KEEP_ALIVE, IDLE_TIMEOUT);
         let relay_client = match (p.relay_client_config.take(), &p.peer_identity) {
             (Some(c), _) => Some(c),
-            (None, Some(id)) if id.role() == Role::Worker => Some(client_config(id, ALPN_RELAY)?),
+            (None, Some(id)) if id.role() == Role::Worker => {
+                Some(client_config(id, ALPN_RELAY, Role::Worker)?)
+            }
             (None, _) => None,
         };
         let relay = relay_client.map(|mut client| {
             swarm_transport::set_liveness(&mut client, KEEP_ALIVE, IDLE_TIMEOUT);
             RelayClient {
                 client,
+                identity: p.identity.clone().or_else(|| p.peer_identity.clone()),
                 server_name: p
                     .peer_server_name
                     .clone()
@@ -666,7 +673,7 @@ pub async fn run_worker(
             cfg.certs_dir.display()
         )
     })?;
-    let client = client_config(&identity, ALPN_WORKER)?;
+    let client = client_config(&identity, ALPN_WORKER, Role::Coordinator)?;
     let agents = match &cfg.agents_file {
         Some(path) => Agents::load(path)?,
         None => Agents::builtin(),
@@ -688,12 +695,17 @@ pub async fn run_worker(
         peer_advertise: cfg.peer_advertise,
         peer_server_name: cfg.peer_server_name,
         peer_identity: cfg.peer_listen.map(|_| identity.clone()),
-        relay_client_config: Some(client_config(&identity, ALPN_RELAY)?),
+        relay_client_config: Some(client_config(&identity, ALPN_RELAY, Role::Worker)?),
         journal: None,
+        identity: Some(identity.clone()),
     };
-    Worker::build(params, Some(targets))?
+    // A renewed certificate (`swarm certs renew`) is presented from the next handshake.
+    let reload = identity.spawn_reload(Duration::from_secs(10));
+    let result = Worker::build(params, Some(targets))?
         .run_with_drain(drain, cfg.drain_timeout, stop)
-        .await
+        .await;
+    reload.abort();
+    result
 }
 
 #[cfg(test)]

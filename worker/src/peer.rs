@@ -192,7 +192,7 @@ impl PeerService {
         }
         let mut server = server_config(&setup.identity, &[ALPN_PEER, ALPN_RELAY])?;
         swarm_transport::set_server_liveness(&mut server, KEEP_ALIVE, IDLE_TIMEOUT);
-        let mut client = client_config(&setup.identity, ALPN_PEER)?;
+        let mut client = client_config(&setup.identity, ALPN_PEER, Role::Worker)?;
         swarm_transport::set_liveness(&mut client, KEEP_ALIVE, IDLE_TIMEOUT);
         let endpoint = swarm_transport::server_endpoint(setup.listen, server)
             .context("binding the peer listener")?;

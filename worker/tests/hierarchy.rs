@@ -178,7 +178,7 @@ impl Running {
 
 fn start_worker(certs: &Path, coord: SocketAddr, id: &str) -> Running {
     let identity = Identity::load(certs, Role::Worker).unwrap();
-    let client = client_config(&identity, ALPN_WORKER).unwrap();
+    let client = client_config(&identity, ALPN_WORKER, swarm_transport::Role::Coordinator).unwrap();
     let mut params = WorkerParams::new(id, client, coord, "localhost");
     params.backoff = Backoff {
         initial: Duration::from_millis(20),
@@ -360,7 +360,7 @@ async fn a_relay_connection_with_a_coordinator_certificate_is_refused() {
     let lead_addr: SocketAddr = s.hello.peer_addr.clone().unwrap().parse().unwrap();
 
     let coord_id = Identity::load(certs.path(), Role::Coordinator).unwrap();
-    let client = client_config(&coord_id, ALPN_RELAY).unwrap();
+    let client = client_config(&coord_id, ALPN_RELAY, swarm_transport::Role::Worker).unwrap();
     let endpoint = swarm_transport::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
     let dialed = within(
         "dial",
@@ -392,7 +392,7 @@ async fn a_lead_without_a_coordinator_connection_closes_relay_connections_at_onc
         .parse()
         .unwrap();
     let worker_id = Identity::load(certs.path(), Role::Worker).unwrap();
-    let client = client_config(&worker_id, ALPN_RELAY).unwrap();
+    let client = client_config(&worker_id, ALPN_RELAY, swarm_transport::Role::Worker).unwrap();
     let endpoint = swarm_transport::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
     let dialed = within(
         "dial",

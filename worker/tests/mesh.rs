@@ -71,7 +71,7 @@ struct Running {
 
 fn start_worker(certs: &Path, coord: SocketAddr, id: &str, slots: u32) -> Running {
     let identity = Identity::load(certs, Role::Worker).unwrap();
-    let client = client_config(&identity, ALPN_WORKER).unwrap();
+    let client = client_config(&identity, ALPN_WORKER, swarm_transport::Role::Coordinator).unwrap();
     let mut params = WorkerParams::new(id, client, coord, "localhost");
     params.slots = slots;
     params.backoff = Backoff {
@@ -241,7 +241,7 @@ fn a_peer_listener_needs_a_worker_identity() {
     let certs = tempfile::tempdir().unwrap();
     init_certs(certs.path(), &[], false).unwrap();
     let worker = Identity::load(certs.path(), Role::Worker).unwrap();
-    let client = client_config(&worker, ALPN_WORKER).unwrap();
+    let client = client_config(&worker, ALPN_WORKER, swarm_transport::Role::Coordinator).unwrap();
     let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
 
     let mut p = WorkerParams::new("w", client.clone(), addr, "localhost");
@@ -267,7 +267,7 @@ async fn an_unspecified_listen_address_needs_an_advertised_one() {
     let certs = tempfile::tempdir().unwrap();
     init_certs(certs.path(), &[], false).unwrap();
     let worker = Identity::load(certs.path(), Role::Worker).unwrap();
-    let client = client_config(&worker, ALPN_WORKER).unwrap();
+    let client = client_config(&worker, ALPN_WORKER, swarm_transport::Role::Coordinator).unwrap();
     let mut p = WorkerParams::new("w", client, "127.0.0.1:1".parse().unwrap(), "localhost");
     p.peer_listen = Some("0.0.0.0:0".parse().unwrap());
     p.peer_identity = Some(worker);

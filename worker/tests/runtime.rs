@@ -159,7 +159,7 @@ impl Harness {
         init_certs(certs.path(), &[], false).unwrap();
         let coord = Coord::new(certs.path());
         let id = Identity::load(certs.path(), Role::Worker).unwrap();
-        let client = client_config(&id, ALPN_WORKER).unwrap();
+        let client = client_config(&id, ALPN_WORKER, swarm_transport::Role::Coordinator).unwrap();
         let mut params = WorkerParams::new("w-test", client, coord.addr, "localhost");
         params.slots = slots;
         params.agents = agents;

@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let identity = Identity::load(&certs, Role::Worker)?;
-    let client = client_config(&identity, ALPN_WORKER)?;
+    let client = client_config(&identity, ALPN_WORKER, swarm_transport::Role::Coordinator)?;
     let endpoint = client_endpoint("127.0.0.1:0".parse()?)?;
     let hello = WorkerMsg::Hello(Hello {
         protocol: PROTOCOL_VERSION,

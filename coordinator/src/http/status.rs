@@ -1,0 +1,62 @@
+//! What a node reports: `/v1/status`, `/v1/workers`, and for orchestrators and
+//! Prometheus `/health`, `/ready` and `/metrics` (outside `/v1`, no token).
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use swarm_proto::api::WorkerList;
+
+use super::forward::{forward_or_refuse, leader_answers};
+use super::ApiError;
+use crate::cluster::{cluster_view, health_check, ready_check};
+use crate::node::Node;
+use crate::status::{status_view, worker_views};
+
+/// `GET /v1/workers` (leader)
+pub(super) async fn workers(State(node): State<Arc<Node>>) -> Result<Json<WorkerList>, ApiError> {
+    Ok(Json(WorkerList {
+        workers: worker_views(&node),
+    }))
+}
+
+/// `GET /v1/status`: answered by the leader (forwarded there when one is known), since
+/// only the leader has the workers; without a leader, this node's own view says so.
+pub(super) async fn status(State(node): State<Arc<Node>>, req: Request) -> Response {
+    if leader_answers(&node, &req) {
+        return forward_or_refuse(&node, req).await;
+    }
+    let cluster = cluster_view(&node).await;
+    Json(status_view(&node, cluster)).into_response()
+}
+
+/// Liveness: the process answers, Raft runs and the data dir accepts a durable write.
+/// Never depends on quorum.
+pub(super) async fn health(State(node): State<Arc<Node>>) -> Response {
+    match health_check(&node).await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+/// Readiness: a leader exists and this node has applied (almost) all of its log.
+pub(super) async fn ready(State(node): State<Arc<Node>>) -> Response {
+    match ready_check(&node) {
+        Ok(m) => (StatusCode::OK, format!("{m}\n")).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `GET /metrics`: the Prometheus text format.
+pub(super) async fn metrics_text() -> Response {
+    match crate::metrics::handle() {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError::Unavailable("metrics recorder not installed".into()).into_response(),
+    }
+}
