@@ -55,9 +55,34 @@ fn normalise(base: &str) -> anyhow::Result<String> {
     Ok(base)
 }
 
+/// Finishes `builder`: trusts only the cluster CA in `ca` (no system roots: a swarm
+/// API's certificate is always the cluster's). An `https` API without a CA is an error.
+pub fn http_client(
+    builder: reqwest::ClientBuilder,
+    ca: Option<&std::path::Path>,
+    https: bool,
+) -> anyhow::Result<reqwest::Client> {
+    let builder = builder.tls_built_in_root_certs(false);
+    let builder = match ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the cluster CA {}", path.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} holds no usable CA certificate", path.display()))?;
+            builder.add_root_certificate(cert)
+        }
+        None if https => anyhow::bail!(
+            "an https:// API is verified against the cluster CA: pass --ca (or SWARM_CA) with its ca.pem"
+        ),
+        None => builder,
+    };
+    builder.build().context("build HTTP client")
+}
+
 impl Client {
-    /// `bases`: comma-separated API URLs of nodes of one cluster.
-    pub fn new(bases: &str, token: String) -> anyhow::Result<Client> {
+    /// `bases`: comma-separated API URLs of nodes of one cluster; `ca`: the cluster CA
+    /// certificate an `https://` API is verified against.
+    pub fn new(bases: &str, token: String, ca: Option<&std::path::Path>) -> anyhow::Result<Client> {
         let bases = bases
             .split(',')
             .filter(|b| !b.trim().is_empty())
@@ -66,10 +91,12 @@ impl Client {
         if bases.is_empty() {
             anyhow::bail!("--api is empty");
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .context("build HTTP client")?;
+        let https = bases.iter().any(|b| b.starts_with("https://"));
+        let http = http_client(
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(3)),
+            ca,
+            https,
+        )?;
         Ok(Client {
             bases: Mutex::new(bases),
             current: AtomicUsize::new(0),

@@ -158,7 +158,12 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
 /// Dial the coordinator's QUIC port with a real certificate of `role`.
 async fn dial(c: &Cluster, role: swarm_transport::Role) -> swarm_transport::Dialed {
     let id = swarm_transport::Identity::load(&c.certs, role).unwrap();
-    let cfg = swarm_transport::client_config(&id, swarm_proto::ALPN_WORKER).unwrap();
+    let cfg = swarm_transport::client_config(
+        &id,
+        swarm_proto::ALPN_WORKER,
+        swarm_transport::Role::Coordinator,
+    )
+    .unwrap();
     let ep = swarm_transport::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = format!("127.0.0.1:{}", c.quic_port).parse().unwrap();
     swarm_transport::dial(&ep, &cfg, addr, "localhost")

@@ -186,22 +186,38 @@ impl Cluster {
         agents: Option<&Path>,
         extra: &[&str],
     ) {
+        let certs = self.certs.clone();
+        self.start_worker_as(id, id, slots, agents, &certs, extra);
+    }
+
+    /// [`Cluster::start_worker_with`] under another `name` (its log is `<name>.log`, and
+    /// [`Cluster::kill_worker`] takes it), with the certificates in `certs` (e.g. a
+    /// certificate issued for this one worker).
+    pub fn start_worker_as(
+        &mut self,
+        name: &str,
+        id: &str,
+        slots: u32,
+        agents: Option<&Path>,
+        certs: &Path,
+        extra: &[&str],
+    ) {
         let mut cmd = Command::new(bin());
         cmd.arg("worker")
             .args(["--coordinator", &format!("127.0.0.1:{}", self.quic_port)])
             .args(["--server-name", "localhost"])
             .arg("--certs")
-            .arg(&self.certs)
+            .arg(certs)
             .args(["--slots", &slots.to_string(), "--id", id])
             .env("SWARM_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(self.log(id));
+            .stderr(self.log(name));
         if let Some(a) = agents {
             cmd.arg("--agents").arg(a);
         }
         cmd.args(extra);
         let child = cmd.spawn().expect("spawn worker");
-        self.workers.push((id.to_string(), child));
+        self.workers.push((name.to_string(), child));
     }
 
     /// SIGTERM one worker (it keeps running until it has drained).

@@ -6,6 +6,7 @@ mod drain;
 mod embedder;
 mod faults;
 mod harness;
+mod identity;
 mod lifecycle;
 mod memory;
 mod raft_cluster;

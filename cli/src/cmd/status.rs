@@ -1,8 +1,40 @@
-//! `swarm status`: a readable summary of a cluster, its workers and its queue.
+//! `swarm status`: a readable summary of a cluster, its workers and its queue; the
+//! cluster and swarm renderings are shared with `swarm cluster` and `swarm swarms`.
 
 use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use swarm_proto::api::{ClusterView, StatusView, SwarmView};
+
+use crate::args::StatusArgs;
+
+/// Print the status once, or redraw it every `--watch` seconds until Ctrl-C.
+pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = a.api.client()?;
+    loop {
+        let s = client.status().await?;
+        let text = if a.json {
+            serde_json::to_string_pretty(&s)?
+        } else {
+            render(&s)
+        };
+        match a.watch {
+            None => {
+                println!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(secs) => {
+                // Clear the screen and home the cursor, then redraw.
+                print!("\x1b[2J\x1b[H{text}");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(secs.max(1))) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+    }
+}
 
 /// Render a status as aligned plain text (no colour codes, so it pipes cleanly).
 pub fn render(s: &StatusView) -> String {

@@ -1,0 +1,61 @@
+//! `swarm swarms`: create, list, show and delete swarms.
+
+use std::process::ExitCode;
+
+use super::{parse_labels, status};
+use crate::args::SwarmsCmd;
+
+pub async fn run(c: SwarmsCmd) -> anyhow::Result<ExitCode> {
+    match c {
+        SwarmsCmd::Create {
+            api,
+            name,
+            topology,
+            labels,
+            max_degree,
+            fan_out,
+            stages,
+            queue_depth,
+            allow_empty,
+            json,
+        } => {
+            let req = swarm_proto::api::CreateSwarm {
+                name,
+                topology,
+                labels: parse_labels(&labels)?,
+                fan_out,
+                max_degree,
+                stages: stages.into_iter().collect(),
+                queue_depth,
+                allow_empty,
+            };
+            let v = api.client()?.create_swarm(&req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", status::render_swarm(&v));
+            }
+        }
+        SwarmsCmd::List { api, json } => {
+            let l = api.client()?.swarms().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                print!("{}", status::render_swarm_list(&l.swarms));
+            }
+        }
+        SwarmsCmd::Show { api, name, json } => {
+            let v = api.client()?.swarm(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", status::render_swarm(&v));
+            }
+        }
+        SwarmsCmd::Delete { api, name } => {
+            api.client()?.delete_swarm(&name).await?;
+            println!("deleted swarm {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

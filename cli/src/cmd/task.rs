@@ -1,0 +1,140 @@
+//! `swarm submit` and `swarm task`: submit tasks, show, list and cancel them.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use swarm_proto::api::{SubmitTask, TaskState, TaskView};
+
+use super::{ms, parse_labels};
+use crate::args::{SubmitArgs, TaskCmd};
+
+/// `swarm submit`, optionally waiting for the result.
+pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let client = a.api.client()?;
+    let mut task = SubmitTask {
+        agent: a.agent,
+        priority: a.priority,
+        timeout_ms: a.timeout.map(ms),
+        max_attempts: a.max_attempts,
+        idempotency_key: a.idempotency_key,
+        labels: parse_labels(&a.labels)?,
+        patterns: a.patterns,
+        swarm: a.swarm,
+        retain_ms: a.retain.map(ms),
+        ..Default::default()
+    };
+    if let Some(p) = a.payload {
+        task.payload = Some(serde_json::from_str(&p).unwrap_or(serde_json::Value::String(p)));
+    } else if let Some(f) = a.payload_file {
+        use base64::Engine as _;
+        let bytes = if f.as_os_str() == "-" {
+            use std::io::Read;
+            let mut b = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("read payload from stdin")?;
+            b
+        } else {
+            std::fs::read(&f).with_context(|| format!("read payload file {}", f.display()))?
+        };
+        task.payload_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    let resp = client.submit(&task, a.wait.as_deref()).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+    }
+    let Some(view) = resp.task else {
+        if !a.json {
+            println!(
+                "{}{}",
+                resp.id,
+                if resp.duplicate {
+                    " (existing task with this idempotency key)"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !a.json {
+        print_result(&view);
+    }
+    Ok(exit_for(&view))
+}
+
+fn print_result(t: &TaskView) {
+    match t.state {
+        TaskState::Succeeded => {
+            if let Some(o) = &t.output {
+                match o.as_text() {
+                    Some(text) => println!("{text}"),
+                    None => println!("({} bytes of binary output; use --json)", o.bytes.len()),
+                }
+            }
+        }
+        st if st.is_final() => {
+            eprintln!(
+                "task {} {}: {}",
+                t.id,
+                st.as_str(),
+                t.error.as_deref().unwrap_or("no error recorded")
+            );
+        }
+        st => eprintln!("task {} still {} when the wait ended", t.id, st.as_str()),
+    }
+}
+
+fn exit_for(t: &TaskView) -> ExitCode {
+    match t.state {
+        TaskState::Succeeded => ExitCode::SUCCESS,
+        st if st.is_final() => ExitCode::from(3),
+        _ => ExitCode::from(4),
+    }
+}
+
+/// `swarm task get|list|cancel`.
+pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TaskCmd::Get { api, id, wait } => {
+            let t = api.client()?.task(id, wait.as_deref()).await?;
+            println!("{}", serde_json::to_string_pretty(&t)?);
+            Ok(if wait.is_some() {
+                exit_for(&t)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        TaskCmd::List {
+            api,
+            state,
+            limit,
+            after,
+        } => {
+            let list = api.client()?.list(state.as_deref(), after, limit).await?;
+            println!(
+                "{:<10} {:<14} {:<16} {:>8}  ERROR",
+                "ID", "STATE", "AGENT", "ATTEMPTS"
+            );
+            for t in &list.tasks {
+                println!(
+                    "{:<10} {:<14} {:<16} {:>8}  {}",
+                    t.id,
+                    t.state.as_str(),
+                    t.agent,
+                    t.attempts.len(),
+                    t.error.as_deref().unwrap_or("")
+                );
+            }
+            if let Some(next) = list.next_after {
+                println!("(more: --after {next})");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCmd::Cancel { api, id } => {
+            let t = api.client()?.cancel(id).await?;
+            println!("task {} is {}", t.id, t.state.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

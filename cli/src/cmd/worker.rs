@@ -1,0 +1,47 @@
+//! `swarm worker`: a worker running tasks for the coordinators.
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+
+use super::parse_labels;
+use crate::args::WorkerArgs;
+use crate::signals::StopSignals;
+
+/// Run the worker until a stop signal (the first drains it).
+pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let id = a.id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let host = if host.is_empty() {
+            "worker".to_string()
+        } else {
+            host
+        };
+        format!("{host}-{}", std::process::id())
+    });
+    if a.slots == 0 {
+        bail!("--slots must be at least 1");
+    }
+    let cfg = swarm_worker::WorkerConfig {
+        coordinators: a
+            .coordinator
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .collect(),
+        server_name: a.server_name,
+        certs_dir: a.certs,
+        worker_id: id,
+        slots: a.slots,
+        labels: parse_labels(&a.labels)?,
+        agents_file: a.agents,
+        peer_listen: a.peer_listen,
+        peer_advertise: a.peer_advertise,
+        peer_server_name: a.peer_server_name,
+        drain_timeout: a.drain_timeout,
+    };
+    let signals = StopSignals::listen();
+    swarm_worker::run_worker(cfg, signals.nth(1), signals.nth(2)).await?;
+    Ok(ExitCode::SUCCESS)
+}
