@@ -923,7 +923,8 @@ async fn worker(
     .await
     .map_err(err)?;
     let identity = Identity::load(&certs_dir, Role::Worker).map_err(err)?;
-    let client = client_config(&identity, ALPN_WORKER).map_err(err)?;
+    let client =
+        client_config(&identity, ALPN_WORKER, swarm_transport::Role::Coordinator).map_err(err)?;
     let mut params = WorkerParams::new(name, client, quic[0], quic[0].ip().to_string());
     params.more_coordinators = quic[1..].iter().map(|a| (*a, a.ip().to_string())).collect();
     params.slots = 4;
