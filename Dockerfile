@@ -31,7 +31,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 swarm \
  && useradd --system --uid 10001 --gid swarm --home-dir /var/lib/swarm --shell /usr/sbin/nologin swarm \
- && install -d -o swarm -g swarm -m 0750 /var/lib/swarm /etc/swarm/certs /etc/swarm/token /etc/swarm/ca
+ && install -d -o swarm -g swarm -m 0750 /var/lib/swarm /etc/swarm/certs /etc/swarm/token /etc/swarm/ca \
+    /etc/swarm/issue/coordinator-1 /etc/swarm/issue/coordinator-2 /etc/swarm/issue/coordinator-3 \
+    /etc/swarm/issue/worker \
+ && install -d -o swarm -g swarm -m 0755 /etc/swarm/issue/ca-public
 COPY --from=build /out/swarm /usr/local/bin/swarm
 
 # Where things go (named volumes mounted here start out owned by the swarm user):
@@ -39,19 +42,21 @@ COPY --from=build /out/swarm /usr/local/bin/swarm
 #   /etc/swarm/certs      ca.pem and the coordinator or worker certificate and key
 #   /etc/swarm/token      api-token, the bearer token for /v1/*
 #   /etc/swarm/ca         ca-key.pem, only in docker-compose.yml's one-shot init service
+#   /etc/swarm/issue/*    where that init service writes each node's certificates
 ENV SWARM_DATA_DIR=/var/lib/swarm \
     SWARM_CERTS=/etc/swarm/certs \
     SWARM_TOKEN_FILE=/etc/swarm/token/api-token
 USER 10001:10001
 WORKDIR /var/lib/swarm
-# 7070/udp: QUIC for workers and Raft peers; 8080/tcp: HTTP API, /health, /ready, /metrics.
+# 7070/udp: QUIC for workers and Raft peers; 8080/tcp: HTTPS API, /health, /ready, /metrics.
 EXPOSE 7070/udp 8080/tcp
 
 # Liveness of a coordinator: the process answers and its data dir takes an fsync'd write
-# (/health never depends on quorum). Workers serve no HTTP: disable it for them
-# (docker-compose.yml does).
+# (/health never depends on quorum). The API listens beyond loopback, so it serves HTTPS
+# (`--api-tls auto`), verified with the cluster CA. Workers serve no HTTP: disable it for
+# them (docker-compose.yml does).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["/usr/local/bin/swarm", "probe", "live", "--api", "http://127.0.0.1:8080"]
+    CMD ["/usr/local/bin/swarm", "probe", "live", "--api", "https://127.0.0.1:8080", "--ca", "/etc/swarm/certs/ca.pem"]
 
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/swarm"]
 CMD ["--help"]

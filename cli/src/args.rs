@@ -142,6 +142,10 @@ pub struct CoordinatorArgs {
     /// Time an API client has for its TLS handshake and for each request's headers.
     #[arg(long, env = "SWARM_API_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub api_header_timeout: Duration,
+    /// Require the API token on `/metrics` too (Prometheus then sends it as a bearer
+    /// token).
+    #[arg(long, env = "SWARM_METRICS_AUTH")]
+    pub metrics_auth: bool,
     /// API bearer token.
     #[arg(long, env = "SWARM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -271,7 +275,8 @@ pub struct WorkerArgs {
     /// Agents file (TOML).
     #[arg(long, env = "SWARM_AGENTS")]
     pub agents: Option<PathBuf>,
-    /// Worker name, stable across restarts (default: hostname-pid).
+    /// Worker name, stable across restarts (default: the name its certificate gives; with
+    /// a pool certificate, the pool's prefix and hostname-pid).
     #[arg(long = "id", env = "SWARM_WORKER_ID")]
     pub id: Option<String>,
     /// Name to verify in the coordinators' certificates (default: each host of --coordinator).

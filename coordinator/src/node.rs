@@ -87,6 +87,8 @@ pub struct ApiEdges {
     pub max_connections: usize,
     /// Time a client has for its TLS handshake and for each request's headers.
     pub header_timeout: Duration,
+    /// `/metrics` needs the API token (or a coordinator certificate) too.
+    pub metrics_auth: bool,
 }
 
 impl Default for ApiEdges {
@@ -95,6 +97,7 @@ impl Default for ApiEdges {
             tls: false,
             max_connections: 4096,
             header_timeout: Duration::from_secs(10),
+            metrics_auth: false,
         }
     }
 }

@@ -489,7 +489,7 @@ proptest! {
     // Each case creates, writes and fsyncs redb files, about half a second in a debug
     // build: few cases here. The decoders behind them get thousands of cases above, and
     // the same install path is fuzzed in release by the `raft_snapshot` target.
-    #![proptest_config(config(20))]
+    #![proptest_config(config(12))]
 
     #[test]
     fn mutated_snapshots_install_cleanly(

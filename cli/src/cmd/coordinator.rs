@@ -109,6 +109,7 @@ pub async fn run(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             },
             max_connections: a.api_max_connections,
             header_timeout: a.api_header_timeout,
+            metrics_auth: a.metrics_auth,
         },
     };
     let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();

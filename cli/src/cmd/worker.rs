@@ -10,17 +10,7 @@ use crate::signals::StopSignals;
 
 /// Run the worker until a stop signal (the first drains it).
 pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let id = a.id.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
-        let host = if host.is_empty() {
-            "worker".to_string()
-        } else {
-            host
-        };
-        format!("{host}-{}", std::process::id())
-    });
+    let id = worker_id(a.id, &a.certs)?;
     if a.slots == 0 {
         bail!("--slots must be at least 1");
     }
@@ -44,4 +34,35 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     let signals = StopSignals::listen();
     swarm_worker::run_worker(cfg, signals.nth(1), signals.nth(2)).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The worker's id: the name its certificate gives; with a pool certificate `--id`, or
+/// else the pool's prefix followed by `HOSTNAME-PID`. An `--id` the certificate does not
+/// allow is refused here, before the coordinators refuse it.
+fn worker_id(given: Option<String>, certs: &std::path::Path) -> anyhow::Result<String> {
+    let files = swarm_transport::CertFiles::in_dir(certs);
+    let name = swarm_transport::CertInfo::read(files.cert(swarm_transport::Role::Worker))
+        .map(|info| info.subject.name);
+    match (given, name) {
+        (Some(id), Ok(name)) if !name.allows(&id) => bail!(
+            "--id {id} is not the worker its certificate names ({name}): the coordinators would refuse it"
+        ),
+        (Some(id), _) => Ok(id),
+        (None, Ok(swarm_transport::CertName::Node(name))) => Ok(name),
+        (None, name) => {
+            let prefix = match name {
+                Ok(swarm_transport::CertName::Pool(prefix)) => prefix,
+                _ => String::new(),
+            };
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            let host = if host.is_empty() {
+                "worker".to_string()
+            } else {
+                host
+            };
+            Ok(format!("{prefix}{host}-{}", std::process::id()))
+        }
+    }
 }

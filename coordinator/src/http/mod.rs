@@ -119,11 +119,20 @@ pub fn router(node: Arc<Node>) -> Router {
             node.clone(),
             auth::require_token,
         ));
+    // `/metrics` names workers, swarms and agents: behind the token when asked to be.
+    let metrics = if node.config().api.metrics_auth {
+        get(status::metrics_text.layer(middleware::from_fn_with_state(
+            node.clone(),
+            auth::require_token,
+        )))
+    } else {
+        get(status::metrics_text)
+    };
     Router::new()
         .nest("/v1", v1)
         .route("/health", get(status::health))
         .route("/ready", get(status::ready))
-        .route("/metrics", get(status::metrics_text))
+        .route("/metrics", metrics)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
