@@ -237,8 +237,14 @@ impl Indexer {
         };
         let (tx, rx) = mpsc::channel::<Vec<f32>>();
         let on_thread = inserter();
+        // A thread name may not hold a NUL (`Builder::name` panics on one); whatever
+        // reached here, the name is only for humans.
+        let thread_name: String = format!("hnsw-index-{name}")
+            .chars()
+            .filter(|c| *c != '\0')
+            .collect();
         let spawned = std::thread::Builder::new()
-            .name(format!("hnsw-index-{name}"))
+            .name(thread_name)
             .spawn(move || on_thread.run(rx));
         let (jobs, inline) = match spawned {
             Ok(_) => (Some(tx), None),

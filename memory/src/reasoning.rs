@@ -838,6 +838,12 @@ impl ReasoningBank {
         if rec.index.spec != pattern_spec(cfg) {
             return Err(bad("index spec does not match the store config".into()));
         }
+        if rec.index.name != PATTERN_COLLECTION {
+            return Err(bad(format!(
+                "its index is named {:?}, not {PATTERN_COLLECTION:?}",
+                rec.index.name
+            )));
+        }
         let index = Collection::from_record(rec.index, cfg)?;
         let mut items = BTreeMap::new();
         for item in rec.items {
