@@ -174,7 +174,7 @@ pub(crate) async fn health_check(node: &Node) -> Result<(), String> {
         Err(e) => Err(format!("storage probe: {e}")),
     };
     metrics::counter!("swarm_health_probes_total").increment(1);
-    *last = Some((std::time::Instant::now(), result.clone()));
+    *last = Some((tokio::time::Instant::now(), result.clone()));
     result
 }
 

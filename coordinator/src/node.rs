@@ -275,7 +275,8 @@ pub struct Node {
     identity: swarm_transport::Identity,
     /// The last storage probe of `/health` and when it ran: probes run at most every
     /// [`crate::cluster::HEALTH_PROBE_EVERY`], one at a time, whatever the request rate.
-    pub(crate) storage_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    pub(crate) storage_probe:
+        tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
 }
 
 impl Node {

@@ -19,8 +19,6 @@ use crate::{http, metrics, raft, worker_session};
 use raft::types::NodeAddr;
 use raft::{RedbLogStore, StateMachineStore};
 
-/// How often the certificate files are checked for a renewal.
-const CERT_RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most concurrent QUIC connections (workers plus peers) one coordinator serves.
 const MAX_CONNECTIONS: usize = 16_384;
 
@@ -46,6 +44,14 @@ impl CoordinatorHandle {
     /// [`CoordinatorHandle::shutdown`] next.
     pub async fn hand_off_leadership(&self) -> crate::handoff::Handoff {
         crate::handoff::hand_off(&self.node, &self.network).await
+    }
+
+    /// Check this node's certificate files every `every` and present a renewed
+    /// certificate from the next handshake on (QUIC, Raft, HTTPS), without a restart; see
+    /// [`swarm_transport::Identity::spawn_reload`]. The process runs it; a simulation,
+    /// whose files never change, does not.
+    pub fn spawn_cert_reload(&self, every: std::time::Duration) -> JoinHandle<()> {
+        self.node.identity().spawn_reload(every)
     }
 
     /// Stop serving: API, worker sessions, Raft. Data on disk stays consistent.
@@ -223,10 +229,10 @@ where
     let memory =
         crate::memory::MemoryService::new(&cfg.distill, &cfg.embedder).context("memory service")?;
     info!(embedder = %cfg.embedder.describe(), "ReasoningBank embedder");
-    // One identity drives the QUIC server, the Raft client and relayed members' proofs,
-    // so a renewed certificate reaches all of them.
+    // One identity drives the QUIC server, the Raft client, the HTTPS API and relayed
+    // members' proofs, so a renewed certificate reaches all of them (see
+    // `CoordinatorHandle::spawn_cert_reload`).
     endpoint.set_server_config(Some(server_config(&identity, &[ALPN_WORKER, ALPN_RAFT])?));
-    let reload = identity.spawn_reload(CERT_RELOAD_EVERY);
     let node = Node::new(cfg, raft.clone(), table, peer_http, memory, identity);
     let (shutdown, shutdown_rx) = watch::channel(false);
     // Each loop restarts after a panic (see `node::supervise`).
@@ -255,7 +261,6 @@ where
             let (node, log, rx) = (node.clone(), log_for_maintenance, shutdown_rx.clone());
             move || node::maintenance_loop(node.clone(), log.clone(), rx.clone())
         }),
-        reload,
         node::supervise(node.dead_loops.clone(), "accept", {
             let (node, rx) = (node.clone(), shutdown_rx.clone());
             let endpoint = endpoint.clone();

@@ -115,6 +115,8 @@ pub async fn run(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();
     let signals = StopSignals::listen();
     let handle = swarm_coordinator::start(cfg).await?;
+    // A renewed certificate (`swarm certs renew`) is presented from the next handshake.
+    let _reload = handle.spawn_cert_reload(std::time::Duration::from_secs(10));
     println!(
         "coordinator {} serving API on {} and QUIC on {}",
         a.id, handle.api_addr, handle.quic_addr

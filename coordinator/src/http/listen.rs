@@ -70,9 +70,11 @@ where
     let acceptor = edges.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     loop {
+        // Biased: a deterministic simulation replays this loop exactly.
         let (io, remote) = tokio::select! {
-            accepted = listener.accept() => accepted,
+            biased;
             _ = shutdown.changed() => break,
+            accepted = listener.accept() => accepted,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::counter!("swarm_http_connections_refused_total").increment(1);
@@ -120,6 +122,7 @@ where
     }
     drop(listener);
     tokio::select! {
+        biased;
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(DRAIN) => info!("API shutdown: requests still running were cut off"),
     }
@@ -224,12 +227,13 @@ mod tests {
             header_timeout: Duration::from_millis(500),
         })
         .await;
+        // 500 idle connections and 50 slowloris clients, as in the issue.
         let mut idle = Vec::new();
-        for _ in 0..100 {
+        for _ in 0..500 {
             idle.push(TcpStream::connect(addr).await.unwrap());
         }
         let mut slow = Vec::new();
-        for _ in 0..20 {
+        for _ in 0..50 {
             let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
             slow.push(s);
