@@ -295,6 +295,10 @@ impl Accepted {
 /// Application close code used when a peer has the wrong role.
 pub const WRONG_ROLE_CODE: u32 = 0x5701;
 
+/// Application close code used when a peer's certificate is revoked (see
+/// [`crate::tls::require_not_revoked`]).
+pub const REVOKED_CODE: u32 = 0x5702;
+
 /// Accepts the next bidirectional stream the peer of `conn` opens, as a framed pair.
 pub async fn accept_stream(
     conn: &quinn::Connection,

@@ -13,6 +13,10 @@
 //!   speak TLS 1.3 only and allow 0-RTT resumption. [`tls::peer_subject`] reads who the
 //!   peer is; [`tls::Identity::prove`] / [`tls::Identity::verify_proof`] let a node prove
 //!   its identity across a relay.
+//! * [`revocation`]: a deny list of revoked certificate serials ([`Revocations`]). Each
+//!   identity holds one and every handshake verifier built from it refuses a revoked
+//!   peer; since resumed sessions skip verification, acceptors also check
+//!   [`tls::peer_serial`] after the handshake ([`tls::require_not_revoked`]).
 //! * [`endpoint`]: binding endpoints, dialing with 0-RTT ([`endpoint::dial`],
 //!   [`endpoint::open_session`]) and accepting connections ([`endpoint::accept`]).
 //! * [`frame`]: length-delimited frames (4-byte big-endian length + payload) on quinn
@@ -28,6 +32,7 @@
 pub mod endpoint;
 pub mod frame;
 pub mod pki;
+pub mod revocation;
 pub mod tls;
 
 pub use endpoint::{
@@ -35,13 +40,15 @@ pub use endpoint::{
     Accepted, Dialed, Handshake, Session,
 };
 pub use frame::{FrameError, FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
+pub use revocation::Revocations;
 /// The binary encoding of every frame (the `swarm-codec` crate).
 pub use swarm_codec as codec;
 pub use swarm_codec::CodecError;
 pub use tls::{
-    client_config, https_client_config, https_server_config, init_certs, issue_cert, peer_role,
-    peer_subject, renew_cert, require_role, server_config, set_liveness, set_server_liveness,
-    CertFiles, CertInfo, CertName, CertSubject, Identity, IdentityProof, Role,
+    client_config, https_client_config, https_server_config, init_certs, is_peer_revoked,
+    issue_cert, peer_role, peer_serial, peer_subject, renew_cert, require_not_revoked,
+    require_role, serial_of_der, server_config, set_liveness, set_server_liveness, CertFiles,
+    CertInfo, CertName, CertSubject, Identity, IdentityProof, Role,
 };
 
 /// A failure to establish, authenticate or use a connection.
@@ -67,6 +74,13 @@ pub enum TransportError {
         expected: Role,
         /// The role in the peer's certificate.
         got: Role,
+    },
+    /// The peer authenticated with a certificate whose serial is on the deny list
+    /// ([`Revocations`]).
+    #[error("peer certificate {serial} is revoked")]
+    Revoked {
+        /// The certificate's serial, lower-case hex.
+        serial: String,
     },
     /// Data sent as 0-RTT early data was rejected by the server and must be resent.
     #[error("0-RTT data was rejected by the server")]

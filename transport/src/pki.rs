@@ -188,6 +188,21 @@ impl CertSubject {
     }
 }
 
+/// The serial number of a DER-encoded certificate as lower-case hex without separators
+/// (the DER integer's bytes, so a leading `00` sign byte is kept): the format of
+/// [`CertInfo::serial`], of `swarm certs show`, and of a
+/// [`Revocations`](crate::revocation::Revocations) deny list.
+pub fn serial_of_der(der: &[u8]) -> Result<String, TransportError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TransportError::Tls(format!("unparseable certificate: {e}")))?;
+    Ok(serial_of(&cert))
+}
+
+/// The one place the serial format is defined; see [`serial_of_der`].
+fn serial_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    cert.raw_serial_as_string().replace(':', "")
+}
+
 fn subject_of(
     cert: &x509_parser::certificate::X509Certificate<'_>,
 ) -> Result<CertSubject, TransportError> {
@@ -248,7 +263,7 @@ fn subject_of(
 pub struct CertInfo {
     /// Who it names.
     pub subject: CertSubject,
-    /// Serial number, lower-case hex.
+    /// Serial number, lower-case hex without separators (see [`serial_of_der`]).
     pub serial: String,
     /// End of validity, seconds since the Unix epoch.
     pub not_after_unix: i64,
@@ -290,7 +305,7 @@ impl CertInfo {
         }
         Ok(CertInfo {
             subject,
-            serial: cert.raw_serial_as_string().replace(':', ""),
+            serial: serial_of(&cert),
             not_after_unix: cert.validity().not_after.timestamp(),
             sans,
         })

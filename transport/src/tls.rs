@@ -7,6 +7,12 @@
 //! certificate's subject. A dialer names the role it expects to reach and the handshake
 //! fails unless the server's certificate states it; an acceptor checks the client's role
 //! after the handshake ([`require_role`], [`crate::Accepted::authenticate_as`]).
+//!
+//! Each identity also holds a deny list of revoked certificate serials
+//! ([`Identity::revocations`]): every verifier built from it refuses a revoked peer
+//! certificate in the handshake. Resumed sessions skip verification, so an acceptor (and
+//! a dialer) must also check the peer after the handshake with [`require_not_revoked`]
+//! (see [`crate::revocation`]).
 
 use std::fmt;
 use std::fs;
@@ -23,9 +29,12 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
+use crate::endpoint::REVOKED_CODE;
 pub use crate::pki::{
-    init_certs, issue_cert, renew_cert, CertFiles, CertInfo, CertName, CertSubject, Role,
+    init_certs, issue_cert, renew_cert, serial_of_der, CertFiles, CertInfo, CertName, CertSubject,
+    Role,
 };
+use crate::revocation::{client_sessions, server_sessions, DenyListClientVerifier, Revocations};
 use crate::TransportError;
 
 /// Resumption sessions a server remembers. Each reconnecting peer uses one, and a
@@ -34,6 +43,8 @@ use crate::TransportError;
 const SERVER_SESSION_CACHE: usize = 16 * 1024;
 /// Servers a client remembers resumption sessions for.
 const CLIENT_SESSION_CACHE: usize = 256;
+/// Resumption sessions an HTTPS server remembers (rustls' default).
+const HTTPS_SERVER_SESSION_CACHE: usize = 256;
 
 /// QUIC idle timeout: a peer silent for this long is considered gone.
 const IDLE_TIMEOUT_MS: u32 = 30_000;
@@ -49,11 +60,15 @@ const MAX_STREAMS: u32 = 1024;
 /// [`Identity::spawn_reload`]) swaps in a renewed certificate and key for every
 /// configuration built from any clone, and the next handshake presents it; connections
 /// already up keep theirs.
+///
+/// Clones also share the deny list of revoked certificates ([`Identity::revocations`],
+/// empty when loaded), which every configuration built from the identity enforces.
 #[derive(Clone)]
 pub struct Identity {
     roots: Arc<RootCertStore>,
     slot: Arc<CertSlot>,
     subject: CertSubject,
+    revocations: Revocations,
 }
 
 /// The certificate and key a node presents, swappable while configurations that use it
@@ -123,6 +138,7 @@ impl fmt::Debug for Identity {
         f.debug_struct("Identity")
             .field("subject", &self.subject)
             .field("roots", &self.roots.len())
+            .field("revoked", &self.revocations.len())
             .finish_non_exhaustive()
     }
 }
@@ -278,7 +294,22 @@ impl Identity {
                 files: std::sync::Mutex::new(None),
             }),
             subject,
+            revocations: Revocations::new(),
         })
+    }
+
+    /// The deny list of revoked certificate serials that every configuration built from
+    /// this identity (or a clone of it) enforces on peers, from the next handshake on.
+    /// Empty unless filled with [`Revocations::replace`].
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    /// This identity with `revocations` as its deny list instead, e.g. to share one list
+    /// between several identities. Configurations built before keep the old list.
+    pub fn with_revocations(mut self, revocations: Revocations) -> Identity {
+        self.revocations = revocations;
+        self
     }
 
     /// The role this identity's certificate states.
@@ -312,8 +343,9 @@ impl Identity {
     }
 
     /// Checks a proof made with [`Identity::prove`] over `context`: its chain must be
-    /// valid under this identity's CA now, and its signature made by the chain's leaf
-    /// key. Returns who the leaf certificate names.
+    /// valid under this identity's CA now, its leaf not revoked
+    /// ([`Identity::revocations`]; [`TransportError::Revoked`]), and its signature made by
+    /// the chain's leaf key. Returns who the leaf certificate names.
     pub fn verify_proof(
         &self,
         proof: &IdentityProof,
@@ -336,6 +368,11 @@ impl Identity {
         verifier
             .verify_client_cert(leaf, intermediates, UnixTime::now())
             .map_err(|e| bad(format!("certificate not valid under the cluster CA: {e}")))?;
+        if self.revocations.check(leaf, "proof signer").is_err() {
+            return Err(TransportError::Revoked {
+                serial: serial_of_der(leaf)?,
+            });
+        }
         let scheme = SignatureScheme::from(proof.scheme);
         if !PROOF_SCHEMES.contains(&scheme) {
             return Err(bad(format!("signature scheme {scheme:?} not accepted")));
@@ -446,17 +483,21 @@ pub fn set_server_liveness(config: &mut quinn::ServerConfig, keep_alive: Duratio
 }
 
 /// A quinn server configuration that accepts only clients presenting a certificate
-/// issued by `id`'s cluster CA, negotiates one of `alpns`, speaks TLS 1.3 only and
-/// accepts 0-RTT early data from resuming clients.
+/// issued by `id`'s cluster CA and not on its deny list ([`Identity::revocations`]),
+/// negotiates one of `alpns`, speaks TLS 1.3 only and accepts 0-RTT early data from
+/// resuming clients.
+///
+/// A resuming client is not verified again: its certificate is the one of the session
+/// it resumes. Stored sessions are forgotten whenever the deny list changes, but a
+/// session stored by a handshake that raced a change may survive it, so check
+/// [`require_not_revoked`] once the handshake has completed.
 pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> anyhow::Result<quinn::ServerConfig> {
     if alpns.is_empty() {
         // The ALPN is what versions the protocol; a server must insist on one.
         bail!("a server needs at least one ALPN protocol");
     }
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-        .build()
-        .context("building client certificate verifier")?;
+    let verifier = client_verifier(id, &provider, false)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("enabling TLS 1.3")?
@@ -467,8 +508,10 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> anyhow::Result<quinn::Se
     tls.max_early_data_size = u32::MAX;
     // rustls accepts early data only with stateful resumption: sessions stay in this
     // cache (each usable once, which is rustls' replay defence) and the stateless
-    // `ticketer` stays disabled. The tickets sent are lookup keys into this cache.
-    tls.session_storage = rustls::server::ServerSessionMemoryCache::new(SERVER_SESSION_CACHE);
+    // `ticketer` stays disabled. The tickets sent are lookup keys into this cache, which
+    // is emptied whenever the deny list changes, so a revoked client cannot skip the
+    // verifier by resuming a session from before its revocation.
+    tls.session_storage = server_sessions(&id.revocations, SERVER_SESSION_CACHE);
     tls.send_tls13_tickets = 2;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
@@ -483,7 +526,9 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> anyhow::Result<quinn::Se
 /// coordinator's, whatever names it holds), offers `alpn`, and attempts 0-RTT. Sessions
 /// are cached inside the configuration, so later connections made with it (or a clone
 /// of it) to a server it already talked to can resume; a resumed session was verified
-/// by this same check when it was first made.
+/// by this same check when it was first made. A server certificate on `id`'s deny list
+/// ([`Identity::revocations`]) is refused, and sessions are forgotten whenever the list
+/// changes.
 pub fn client_config(
     id: &Identity,
     alpn: &[u8],
@@ -496,6 +541,7 @@ pub fn client_config(
     let verifier = Arc::new(RoleVerifier {
         inner,
         role: server_role,
+        revocations: id.revocations.clone(),
     });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -506,7 +552,8 @@ pub fn client_config(
         .with_client_cert_resolver(id.slot.clone());
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.enable_early_data = true;
-    tls.resumption = rustls::client::Resumption::in_memory_sessions(CLIENT_SESSION_CACHE);
+    tls.resumption =
+        rustls::client::Resumption::store(client_sessions(&id.revocations, CLIENT_SESSION_CACHE));
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -514,12 +561,34 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The cluster's client certificate check: `id`'s CA (client certificates required
+/// unless `optional`), then `id`'s deny list.
+fn client_verifier(
+    id: &Identity,
+    provider: &Arc<CryptoProvider>,
+    optional: bool,
+) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone());
+    if optional {
+        builder = builder.allow_unauthenticated();
+    }
+    let inner = builder
+        .build()
+        .context("building client certificate verifier")?;
+    Ok(Arc::new(DenyListClientVerifier {
+        inner,
+        revocations: id.revocations.clone(),
+    }))
+}
+
 /// The standard WebPKI server check (chain to the cluster CA, name, validity) plus: the
-/// leaf certificate states the role the dialer wants to reach.
+/// leaf certificate states the role the dialer wants to reach and is not revoked.
 #[derive(Debug)]
 struct RoleVerifier {
     inner: Arc<WebPkiServerVerifier>,
     role: Role,
+    revocations: Revocations,
 }
 
 impl ServerCertVerifier for RoleVerifier {
@@ -538,6 +607,7 @@ impl ServerCertVerifier for RoleVerifier {
             ocsp_response,
             now,
         )?;
+        self.revocations.check(end_entity, "server")?;
         match CertSubject::from_cert_der(end_entity) {
             Ok(s) if s.role == self.role => Ok(verified),
             Ok(s) => {
@@ -581,6 +651,14 @@ impl ServerCertVerifier for RoleVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.inner.root_hint_subjects()
+    }
 }
 
 /// Who the certificate the peer of `conn` authenticated with says it is.
@@ -588,6 +666,60 @@ impl ServerCertVerifier for RoleVerifier {
 /// On a server-side connection accepted with 0-RTT, call this only after the handshake
 /// has completed (see [`crate::endpoint::Accepted`]).
 pub fn peer_subject(conn: &quinn::Connection) -> Result<CertSubject, TransportError> {
+    CertSubject::from_cert_der(&peer_leaf(conn)?)
+}
+
+/// The serial of the certificate the peer of `conn` authenticated with, in the format of
+/// [`CertInfo::serial`] (see [`serial_of_der`]). Also right for a resumed session: it is
+/// the certificate the session was first made with.
+///
+/// On a server-side connection accepted with 0-RTT, call this only after the handshake
+/// has completed (see [`crate::endpoint::Accepted`]).
+pub fn peer_serial(conn: &quinn::Connection) -> Result<String, TransportError> {
+    serial_of_der(&peer_leaf(conn)?)
+}
+
+/// Whether the certificate the peer of `conn` authenticated with is on `revocations`.
+/// Fails closed: a peer whose certificate cannot be read (none yet, before a 0-RTT
+/// handshake completed) counts as revoked.
+pub fn is_peer_revoked(conn: &quinn::Connection, revocations: &Revocations) -> bool {
+    match peer_serial(conn) {
+        Ok(serial) => revocations.is_revoked(&serial),
+        Err(_) => true,
+    }
+}
+
+/// Fails with [`TransportError::Revoked`], and closes `conn` with [`REVOKED_CODE`], if
+/// the peer's certificate is on `revocations`; fails without closing if the certificate
+/// cannot be read.
+///
+/// This is the authoritative revocation check: the handshake verifiers refuse revoked
+/// certificates, but a resumed session is not verified again (see
+/// [`crate::revocation`]). Call it once the handshake has completed (after
+/// [`crate::Accepted::authenticate`] on a server), and again for live connections when
+/// [`Revocations::subscribe`] reports a change.
+pub fn require_not_revoked(
+    conn: &quinn::Connection,
+    revocations: &Revocations,
+) -> Result<(), TransportError> {
+    let serial = peer_serial(conn)?;
+    if revocations.is_revoked(&serial) {
+        tracing::warn!(
+            %serial,
+            remote = %conn.remote_address(),
+            "closing a connection whose peer certificate is revoked"
+        );
+        conn.close(
+            quinn::VarInt::from_u32(REVOKED_CODE),
+            b"certificate revoked",
+        );
+        return Err(TransportError::Revoked { serial });
+    }
+    Ok(())
+}
+
+/// The leaf certificate the peer of `conn` authenticated with.
+fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, TransportError> {
     let identity = conn
         .peer_identity()
         .ok_or_else(|| TransportError::Tls("peer presented no certificate".into()))?;
@@ -596,34 +728,38 @@ pub fn peer_subject(conn: &quinn::Connection) -> Result<CertSubject, TransportEr
         .map_err(|_| {
             TransportError::Tls("peer identity is not an X.509 certificate chain".into())
         })?;
-    let leaf = chain
+    chain
         .first()
-        .ok_or_else(|| TransportError::Tls("peer presented an empty certificate chain".into()))?;
-    CertSubject::from_cert_der(leaf)
+        .cloned()
+        .ok_or_else(|| TransportError::Tls("peer presented an empty certificate chain".into()))
 }
 
 /// A TLS configuration for an HTTPS API served with `id`'s certificate: TLS 1.2 and
 /// 1.3, ALPN `http/1.1`, and optional client authentication against the cluster CA (an
 /// operator's client sends a token instead; a coordinator forwarding a request presents
-/// its certificate, which the server reads back from the connection).
+/// its certificate, which the server reads back from the connection). A client
+/// certificate on `id`'s deny list ([`Identity::revocations`]) fails the handshake.
+///
+/// As with [`server_config`], a resumed session is not verified again and sessions
+/// stored just as the deny list changed may survive the change: check the leaf
+/// certificate the connection reports ([`Revocations::is_revoked_der`]) before
+/// trusting it.
 pub fn https_server_config(id: &Identity) -> anyhow::Result<rustls::ServerConfig> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .context("building client certificate verifier")?;
+    let verifier = client_verifier(id, &provider, true)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("enabling TLS")?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(id.slot.clone());
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.session_storage = server_sessions(&id.revocations, HTTPS_SERVER_SESSION_CACHE);
     Ok(tls)
 }
 
 /// A TLS configuration for HTTPS requests from `id` to a server of `server_role` (e.g.
 /// a coordinator forwarding a request to the leader): verifies the server against the
-/// cluster CA and its role, and presents `id`'s certificate.
+/// cluster CA, its role and `id`'s deny list, and presents `id`'s certificate.
 pub fn https_client_config(
     id: &Identity,
     server_role: Role,
@@ -639,9 +775,12 @@ pub fn https_client_config(
         .with_custom_certificate_verifier(Arc::new(RoleVerifier {
             inner,
             role: server_role,
+            revocations: id.revocations.clone(),
         }))
         .with_client_cert_resolver(id.slot.clone());
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.resumption =
+        rustls::client::Resumption::store(client_sessions(&id.revocations, CLIENT_SESSION_CACHE));
     Ok(tls)
 }
 
