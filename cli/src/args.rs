@@ -69,6 +69,10 @@ pub enum Cmd {
     /// Swarms: named groups of workers with a topology (star, mesh, ring).
     #[command(subcommand)]
     Swarms(SwarmsCmd),
+    /// API tokens: scoped credentials for people and programs (`read`, `submit`,
+    /// `operate`, `admin`), optionally limited to swarms.
+    #[command(subcommand)]
+    Tokens(TokensCmd),
     /// Write a consistent copy of a running cluster's tasks and memory to a file.
     Backup {
         #[command(flatten)]
@@ -344,6 +348,27 @@ pub enum CertsCmd {
         /// Days the renewed certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u32,
+    },
+    /// Revoke a certificate: every coordinator refuses it from the next handshake and
+    /// cuts the sessions that use it.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The certificate file to revoke (its serial, name and expiry are read from it).
+        #[arg(required_unless_present = "serial", conflicts_with = "serial")]
+        path: Option<PathBuf>,
+        /// The serial to revoke (hex, as `swarm certs show` prints it), when the file is
+        /// gone.
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// List the revoked certificates.
+    Revoked {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show who a certificate names, its serial, expiry and addresses.
     Show {
@@ -694,6 +719,45 @@ pub enum SwarmsCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum TokensCmd {
+    /// Make a token; it is printed this once (the cluster keeps only its hash).
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// A unique name for it (letters, digits, `.`, `_`, `-`).
+        name: String,
+        /// `read`, `submit`, `operate` or `admin`; each includes the ones before it.
+        #[arg(long, value_parser = ["read", "submit", "operate", "admin"])]
+        scope: String,
+        /// Limit it to these swarms (comma-separated or repeated); default: all.
+        #[arg(long = "swarm", value_delimiter = ',')]
+        swarms: Vec<String>,
+        /// How long it is valid (`30d`, `12h`); default: until revoked.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by name or id; every node refuses it once the change applies.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Its name or id.
+        #[arg(value_name = "TOKEN")]
+        which: String,
+    },
+}
+
 /// Where the API is and how to authenticate.
 #[derive(Args, Clone)]
 pub struct ApiArgs {
@@ -710,4 +774,16 @@ pub struct ApiArgs {
     /// The cluster CA certificate (`ca.pem`) an `https://` API is verified against.
     #[arg(long, env = "SWARM_CA")]
     pub ca: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// clap's own consistency checks over every command (unique names, valid
+    /// requirements), which otherwise run only when a command is used.
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -412,6 +412,46 @@ impl Client {
         .map(|_| ())
     }
 
+    pub async fn create_token(
+        &self,
+        req: &swarm_proto::api::CreateToken,
+    ) -> anyhow::Result<swarm_proto::api::CreatedToken> {
+        self.call(Method::POST, "/v1/tokens", &[], Self::encode(req)?)
+            .await
+    }
+
+    pub async fn tokens(&self) -> anyhow::Result<swarm_proto::api::TokenList> {
+        self.call(Method::GET, "/v1/tokens", &[], None).await
+    }
+
+    pub async fn revoke_token(&self, token: &str) -> anyhow::Result<()> {
+        self.call_raw(
+            Method::DELETE,
+            &format!("/v1/tokens/{}", seg(token)),
+            &[],
+            None,
+            "application/json",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn revoke_cert(&self, req: &swarm_proto::api::RevokeCert) -> anyhow::Result<()> {
+        self.call_raw(
+            Method::POST,
+            "/v1/certs/revoked",
+            &[],
+            Self::encode(req)?,
+            "application/json",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn revoked_certs(&self) -> anyhow::Result<swarm_proto::api::RevokedList> {
+        self.call(Method::GET, "/v1/certs/revoked", &[], None).await
+    }
+
     pub async fn status(&self) -> anyhow::Result<StatusView> {
         self.call(Method::GET, "/v1/status", &[], None).await
     }

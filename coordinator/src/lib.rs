@@ -19,6 +19,7 @@
 //! * [`state`] (the replicated [`state::TaskTable`]) and [`scheduler`] are pure logic with
 //!   no I/O: everything that decides is testable without sockets or clocks.
 
+pub mod access;
 pub mod backup;
 pub mod cluster;
 pub mod commit;

@@ -980,6 +980,8 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
     let mut metrics = node.raft.metrics();
     let mut applied = node.table.subscribe_applied();
     let mut prune = tokio::time::interval(Duration::from_secs(5));
+    // The checkpoint loaded at start may list revoked certificates already.
+    crate::access::sync_revocations(&node);
     loop {
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return },
@@ -991,6 +993,7 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
         // sessions until another node leads, then turns them to it.
         node.follow_leadership();
         node.on_applied();
+        crate::access::sync_revocations(&node);
     }
 }
 

@@ -330,6 +330,13 @@ async fn accept_loop(
                         warn!(%remote, error = %e, "refused raft connection");
                         return;
                     }
+                    let revocations = node.identity().revocations().clone();
+                    if let Err(e) =
+                        swarm_transport::require_not_revoked(&accepted.conn, &revocations)
+                    {
+                        warn!(%remote, error = %e, "refused raft connection");
+                        return;
+                    }
                     raft::network::serve_raft_connection(
                         accepted.conn,
                         node.raft().clone(),

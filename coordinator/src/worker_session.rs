@@ -99,6 +99,9 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
     // authenticated and its data not a replay.
     let zero_rtt = accepted.handshake.is_some() && reader.is_0rtt();
     accepted.authenticate_as(Role::Worker).await?;
+    // A resumed (0-RTT) session skips certificate verification: check the deny list
+    // here as well as in the handshake.
+    swarm_transport::require_not_revoked(&accepted.conn, node.identity().revocations())?;
     // The id is the one the certificate names (or one its pool may use), never just
     // what the `Hello` says.
     let cert = peer_subject(&accepted.conn)?.name;
@@ -121,9 +124,26 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
         conn.clone(),
         hello.worker_id.clone(),
     ));
+    let cut = tokio::spawn(cut_when_revoked(
+        conn.clone(),
+        node.identity().revocations().clone(),
+    ));
     let result = session(node, &hello, cert, writer, reader, &conn, zero_rtt, None).await;
     relays.abort();
+    cut.abort();
     result
+}
+
+/// Close `conn` (and so every session on it, relayed ones included) as soon as its
+/// peer's certificate is revoked.
+async fn cut_when_revoked(conn: quinn::Connection, revocations: swarm_transport::Revocations) {
+    let mut changed = revocations.subscribe();
+    while changed.changed().await.is_ok() {
+        if swarm_transport::require_not_revoked(&conn, &revocations).is_err() {
+            metrics::counter!("swarm_sessions_revoked_total").increment(1);
+            return;
+        }
+    }
 }
 
 /// Accept the streams a lead opens for its members, each one worker session.
@@ -267,6 +287,13 @@ async fn prove_member(
         .map_err(|e| e.to_string())?;
     if subject.role != Role::Worker {
         return Err(format!("the proof is by a {} certificate", subject.role));
+    }
+    if proof
+        .chain
+        .first()
+        .is_some_and(|leaf| node.identity().revocations().is_revoked_der(leaf))
+    {
+        return Err("the member's certificate is revoked".into());
     }
     if !subject.name.allows(&hello.worker_id) {
         return Err(format!(

@@ -584,3 +584,124 @@ pub struct SwarmView {
 pub struct SwarmList {
     pub swarms: Vec<SwarmView>,
 }
+
+/// What an API token may do. Each scope includes the ones before it:
+/// `read` < `submit` < `operate` < `admin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Every `GET` view: tasks, status, workers, cluster, memory and pattern reads.
+    Read,
+    /// `read`, plus submitting tasks.
+    Submit,
+    /// `submit`, plus cancelling tasks and writing swarms, memory and patterns.
+    Operate,
+    /// Everything: cluster membership, backup and restore, tokens and certificates.
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, weakest first.
+    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Submit, Scope::Operate, Scope::Admin];
+
+    /// The scope's name in JSON and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Submit => "submit",
+            Scope::Operate => "operate",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// Parses a scope's name.
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Whether a token of this scope may do what `needed` allows.
+    pub fn allows(self, needed: Scope) -> bool {
+        self >= needed
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /v1/tokens` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// A unique name, for people (`ci`, `dashboard`): letters, digits, `.`, `_`, `-`.
+    pub name: String,
+    pub scope: Scope,
+    /// Limit the token to these swarms (its tasks and swarm definitions); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swarms: Vec<String>,
+    /// Seconds the token is valid for; absent: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub name: String,
+    pub scope: Scope,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swarms: Vec<String>,
+    pub created_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// `POST /v1/tokens` answer: the token itself, shown this once (the cluster keeps only a
+/// hash of its secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub view: TokenView,
+    pub token: String,
+}
+
+/// `GET /v1/tokens` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenView>,
+}
+
+/// `POST /v1/certs/revoked` body: refuse this certificate from the next handshake on,
+/// and cut the sessions that use it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeCert {
+    /// The certificate's serial, hex (`swarm certs show` prints it).
+    pub serial: String,
+    /// Who the certificate names (for the list; not checked).
+    #[serde(default)]
+    pub subject: String,
+    /// When the certificate expires (ms since the epoch): the entry is dropped after it,
+    /// as the certificate is refused anyway. Absent: kept until the list is full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<u64>,
+}
+
+/// A revoked certificate as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokedView {
+    pub serial: String,
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<u64>,
+    pub revoked_at_ms: u64,
+}
+
+/// `GET /v1/certs/revoked` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokedList {
+    pub revoked: Vec<RevokedView>,
+}

@@ -9,8 +9,53 @@ use swarm_transport::{CertInfo, CertName};
 
 use crate::args::CertsCmd;
 
-pub fn run(c: CertsCmd) -> anyhow::Result<ExitCode> {
+pub async fn run(c: CertsCmd) -> anyhow::Result<ExitCode> {
     match c {
+        CertsCmd::Revoke { api, path, serial } => {
+            let req = match (path, serial) {
+                (Some(path), _) => {
+                    let info = CertInfo::read(&path)?;
+                    swarm_proto::api::RevokeCert {
+                        serial: info.serial.clone(),
+                        subject: format!("{} {}", info.subject.role, info.subject.name),
+                        not_after_ms: u64::try_from(info.not_after_unix)
+                            .ok()
+                            .map(|s| s.saturating_mul(1000)),
+                    }
+                }
+                (None, Some(serial)) => swarm_proto::api::RevokeCert {
+                    serial,
+                    subject: String::new(),
+                    not_after_ms: None,
+                },
+                (None, None) => anyhow::bail!("name a certificate file or pass --serial"),
+            };
+            api.client()?.revoke_cert(&req).await?;
+            println!(
+                "revoked certificate {}{}; coordinators refuse it from the next handshake",
+                req.serial,
+                if req.subject.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", req.subject)
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CertsCmd::Revoked { api, json } => {
+            let list = api.client()?.revoked_certs().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.revoked.is_empty() {
+                println!("no revoked certificates");
+            } else {
+                println!("{:<42} SUBJECT", "SERIAL");
+                for r in &list.revoked {
+                    println!("{:<42} {}", r.serial, r.subject);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         CertsCmd::Init { dir, sans, force } => init(&dir, &sans, force),
         CertsCmd::Issue {
             ca_dir,

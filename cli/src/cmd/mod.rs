@@ -11,6 +11,7 @@ pub mod probe;
 pub mod status;
 pub mod swarms;
 pub mod task;
+pub mod tokens;
 pub mod transfer;
 pub mod up;
 pub mod worker;

@@ -1,5 +1,6 @@
 //! End-to-end tests: real `swarm` processes on loopback.
 
+mod access;
 mod backup;
 mod bad_input;
 mod drain;

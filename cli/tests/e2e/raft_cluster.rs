@@ -52,11 +52,13 @@ pub struct NodeSpec {
     pub api_port: u16,
     pub quic_port: u16,
     pub data_dir: PathBuf,
+    /// `https` when the cluster runs with `--api-tls on`.
+    pub scheme: &'static str,
 }
 
 impl NodeSpec {
     pub fn api(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.api_port)
     }
     pub fn raft_addr(&self) -> String {
         format!("localhost:{}", self.quic_port)
@@ -76,6 +78,7 @@ pub struct RaftCluster {
     procs: BTreeMap<u64, Child>,
     workers: Vec<(String, Child)>,
     pub http: reqwest::Client,
+    scheme: &'static str,
 }
 
 impl RaftCluster {
@@ -90,6 +93,15 @@ impl RaftCluster {
             .expect("run swarm certs init");
         assert!(out.status.success(), "certs init failed");
         let token = "cluster-token-0123456789".to_string();
+        let tls = extra.windows(2).any(|w| w == ["--api-tls", "on"]);
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(15));
+        if tls {
+            // The API is verified against this cluster's CA, as the CLI does.
+            let ca = std::fs::read(certs.join("ca.pem")).expect("ca.pem");
+            http = http
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"));
+        }
         std::fs::write(dir.path().join("token"), &token).expect("write token");
         let mut c = RaftCluster {
             certs,
@@ -98,10 +110,8 @@ impl RaftCluster {
             coordinator_args: extra.iter().map(|s| s.to_string()).collect(),
             procs: BTreeMap::new(),
             workers: Vec::new(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(15))
-                .build()
-                .expect("http client"),
+            http: http.build().expect("http client"),
+            scheme: if tls { "https" } else { "http" },
             dir,
         };
         for id in 1..=n {
@@ -117,6 +127,7 @@ impl RaftCluster {
             api_port: free_tcp_port(),
             quic_port: free_udp_port(),
             data_dir: self.dir.path().join(format!("node-{id}")),
+            scheme: self.scheme,
         };
         self.nodes.insert(id, spec.clone());
         spec
@@ -234,11 +245,24 @@ impl RaftCluster {
     }
 
     pub fn start_worker(&mut self, id: &str, slots: u32, agents: Option<&Path>) {
+        let certs = self.certs.clone();
+        self.start_worker_certs(id, slots, agents, &certs);
+    }
+
+    /// [`RaftCluster::start_worker`] with the certificates in `certs` (e.g. issued for
+    /// this one worker).
+    pub fn start_worker_certs(
+        &mut self,
+        id: &str,
+        slots: u32,
+        agents: Option<&Path>,
+        certs: &Path,
+    ) {
         let mut cmd = Command::new(bin());
         cmd.arg("worker")
             .args(["--coordinator", &self.quic_list()])
             .arg("--certs")
-            .arg(&self.certs)
+            .arg(certs)
             .args(["--slots", &slots.to_string(), "--id", id])
             .env("SWARM_LOG", "info")
             .stdout(Stdio::null())
@@ -255,6 +279,7 @@ impl RaftCluster {
         let out = Command::new(bin())
             .args(args)
             .env("SWARM_TOKEN", &self.token)
+            .env("SWARM_CA", self.certs.join("ca.pem"))
             .output()
             .expect("run swarm");
         (

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use swarm_proto::api::{ErrorBody, ErrorDetail};
 
+use crate::access::AccessError;
 use crate::backup::BackupError;
 use crate::cluster::ClusterError;
 use crate::commit::CommitError;
@@ -27,6 +28,9 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// Valid credentials that do not allow this (the message names the scope or swarm).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -58,6 +62,7 @@ impl ApiError {
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::QueueFull { .. } => "queue_full",
@@ -73,6 +78,7 @@ impl ApiError {
             ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -168,6 +174,25 @@ fn swarm_fault(f: SwarmFault) -> ApiError {
         _ => StatusCode::BAD_REQUEST,
     };
     ApiError::coded(status, f.code, f.message)
+}
+
+impl From<AccessError> for ApiError {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::Invalid(m) => ApiError::BadRequest(m),
+            AccessError::Fault(f) => {
+                let status = match f.code.as_str() {
+                    "not_found" => StatusCode::NOT_FOUND,
+                    "conflict" => StatusCode::CONFLICT,
+                    "limit" => StatusCode::INSUFFICIENT_STORAGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                ApiError::coded(status, f.code, f.message)
+            }
+            AccessError::Commit(e) => e.into(),
+            AccessError::Internal(m) => ApiError::Internal(m),
+        }
+    }
 }
 
 impl From<SwarmError> for ApiError {

@@ -2,7 +2,8 @@
 //!
 //! * **Forwarding** ([`leader_only`]): a request that needs the leader and arrives at a
 //!   follower is replayed against the leader's API with the same method, path, query,
-//!   token and body (through [`crate::cluster::PeerHttp`]), and the leader's answer is
+//!   body and principal (over HTTPS the follower's certificate vouches for the
+//!   principal it names; over loopback HTTP the client's token goes along) (through [`crate::cluster::PeerHttp`]), and the leader's answer is
 //!   returned as is. A forwarded request is marked ([`FORWARDED_BY`]) and is never
 //!   forwarded twice: a node that receives one and is not the leader (leadership moved
 //!   meanwhile) answers `503 not_leader` with the leader it knows, and clients retry.
@@ -107,6 +108,12 @@ async fn forward(node: &Node, leader_api: &str, req: Request) -> Response {
         if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
             rb = rb.header(header::AUTHORIZATION, v.clone());
         }
+    } else if let Some(v) = parts
+        .extensions
+        .get::<crate::access::Principal>()
+        .and_then(super::auth::encode)
+    {
+        rb = rb.header(super::auth::PRINCIPAL, v);
     }
     for h in [header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(v) = parts.headers.get(&h) {

@@ -11,12 +11,14 @@
 //! panics, and a refused submit changes nothing.
 //!
 //! * `error.rs` — [`ApiError`] and the mapping of every domain error into it;
-//! * `auth.rs` — the bearer-token middleware;
+//! * `auth.rs` — who the caller is (tokens, coordinator certificates) and what each
+//!   route needs ([`auth::RULES`]);
 //! * `forward.rs` — `leader_only` (followers forward to the leader, marked
 //!   [`FORWARDED_BY`]) and `leader_here` (streams: followers name the leader);
-//! * `tasks.rs`, `status.rs`, `cluster.rs`, `memory.rs`, `swarms.rs`, `backup.rs` — the
-//!   handlers of each resource.
+//! * `tasks.rs`, `status.rs`, `cluster.rs`, `memory.rs`, `swarms.rs`, `backup.rs`,
+//!   `access.rs` — the handlers of each resource.
 
+mod access;
 mod auth;
 mod backup;
 mod cluster;
@@ -39,6 +41,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use tokio::sync::watch;
 
+pub use auth::{rule_for, Rule, Swarms, RULES};
 pub use axum::serve::Listener;
 pub use error::ApiError;
 pub use forward::FORWARDED_BY;
@@ -114,6 +117,18 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(
             "/patterns/consolidate",
             post(memory::consolidate.layer(lead())),
+        )
+        .route(
+            "/tokens",
+            get(access::list_tokens).post(access::create_token.layer(lead())),
+        )
+        .route(
+            "/tokens/{token}",
+            delete(access::revoke_token.layer(lead())),
+        )
+        .route(
+            "/certs/revoked",
+            get(access::list_revoked).post(access::revoke_cert.layer(lead())),
         )
         .layer(middleware::from_fn_with_state(
             node.clone(),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +12,9 @@ use serde::Deserialize;
 use swarm_proto::api::{SubmitBatch, SubmitTask, TaskList, TaskView};
 use swarm_proto::TaskId;
 
+use super::auth::check_swarm;
 use super::ApiError;
+use crate::access::Principal;
 use crate::node::Node;
 use crate::tasks;
 
@@ -28,10 +30,12 @@ pub(super) struct WaitQuery {
 /// an existing one.
 pub(super) async fn submit(
     State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
     Query(q): Query<WaitQuery>,
     body: Result<Json<SubmitTask>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(task) = body?;
+    check_swarm(&p, task.swarm.as_deref().unwrap_or_default())?;
     let wait = tasks::wait_of(&node, q.wait.as_deref())?;
     let submitted = tasks::submit(&node, task, wait).await?;
     let status = if submitted.duplicate {
@@ -45,9 +49,13 @@ pub(super) async fn submit(
 /// `POST /v1/tasks/batch`: one Raft entry of submits.
 pub(super) async fn submit_batch(
     State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
     body: Result<Json<SubmitBatch>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(batch) = body?;
+    for t in &batch.tasks {
+        check_swarm(&p, t.swarm.as_deref().unwrap_or_default())?;
+    }
     let submitted = tasks::submit_batch(&node, batch).await?;
     Ok((StatusCode::CREATED, Json(submitted)).into_response())
 }
@@ -55,11 +63,16 @@ pub(super) async fn submit_batch(
 /// `GET /v1/tasks/{id}`
 pub(super) async fn get_task(
     State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> ApiResult<TaskView> {
     let id = tasks::parse_id(&id)?;
     let wait = tasks::wait_of(&node, q.wait.as_deref())?;
+    if p.swarms.is_some() {
+        // Not a wait on a task this token may not see.
+        check_swarm(&p, &tasks::get(&node, id, None).await?.swarm)?;
+    }
     Ok(Json(tasks::get(&node, id, wait).await?))
 }
 
@@ -71,20 +84,27 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/tasks`
+/// A token limited to swarms sees only their tasks: a page may then hold fewer than
+/// `limit` (`next_after` still leads on).
 pub(super) async fn list_tasks(
     State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<TaskList> {
-    Ok(Json(
-        tasks::list(&node, q.state.as_deref(), q.after, q.limit).await?,
-    ))
+    let mut list = tasks::list(&node, q.state.as_deref(), q.after, q.limit).await?;
+    list.tasks.retain(|t| p.may_use_swarm(&t.swarm));
+    Ok(Json(list))
 }
 
 /// `POST /v1/tasks/{id}/cancel`
 pub(super) async fn cancel_task(
     State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<TaskView> {
     let id = tasks::parse_id(&id)?;
+    if p.swarms.is_some() {
+        check_swarm(&p, &tasks::get(&node, id, None).await?.swarm)?;
+    }
     Ok(Json(tasks::cancel(&node, id).await?))
 }

@@ -40,7 +40,7 @@ use swarm_proto::TaskId;
 use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
 use super::types::{LogId, NodeAddr, NodeId};
 use crate::limits::RECORD_DECODE_LIMIT;
-use crate::state::{Archive, ArchiveError, CheckpointDelta, TableMeta, Task, TaskTable};
+use crate::state::{Access, Archive, ArchiveError, CheckpointDelta, TableMeta, Task, TaskTable};
 
 /// File name of the checkpoint store inside the Raft data directory.
 pub const STATE_DB_FILE: &str = "state.redb";
@@ -60,6 +60,9 @@ const KEY_FORMAT: &str = "format";
 const KEY_APPLIED: &str = "applied";
 const KEY_MEMBERSHIP: &str = "membership";
 const KEY_TABLE: &str = "table";
+/// The API tokens and revoked certificates ([`Access`]); absent in checkpoints written
+/// before they existed (read as none).
+const KEY_ACCESS: &str = "access";
 
 /// Largest stored task: a task is bounded by its ops (payload, outputs of each ring
 /// stage), each below the entry budget.
@@ -182,7 +185,8 @@ impl CheckpointStore {
             live.push(t);
             Ok(())
         })?;
-        let table = TaskTable::from_checkpoint(meta, live)?;
+        let access = r.record::<Access>(KEY_ACCESS)?.unwrap_or_default();
+        let table = TaskTable::from_checkpoint(meta, access, live)?;
         let bytes = r.chunks(MEMORY)?;
         let memory = if bytes.is_empty() {
             None
@@ -244,9 +248,11 @@ impl CheckpointStore {
         let mut txn = store.db.begin_write()?;
         txn.set_durability(Durability::None);
         let mut pending = 0usize;
+        let mut access = Access::default();
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Header(_) => anyhow::bail!("a second header"),
+                Record::Access(a) => access = *a,
                 Record::Tasks(batch) => {
                     let mut live = txn.open_table(LIVE)?;
                     let mut done = txn.open_table(DONE)?;
@@ -300,6 +306,7 @@ impl CheckpointStore {
             meta.insert(KEY_APPLIED, &encode(&header.applied)?[..])?;
             meta.insert(KEY_MEMBERSHIP, &encode(&header.membership)?[..])?;
             meta.insert(KEY_TABLE, &encode(&header.meta)?[..])?;
+            meta.insert(KEY_ACCESS, &encode(&access)?[..])?;
         }
         txn.set_durability(Durability::Immediate);
         // A crash then costs no walk of the whole file on the next open.
@@ -391,6 +398,7 @@ fn write_delta(
     meta.insert(KEY_APPLIED, &encode(&applied)?[..])?;
     meta.insert(KEY_MEMBERSHIP, &encode(membership)?[..])?;
     meta.insert(KEY_TABLE, &encode(&delta.meta)?[..])?;
+    meta.insert(KEY_ACCESS, &encode(&*delta.access)?[..])?;
     Ok(())
 }
 
@@ -481,6 +489,8 @@ impl StoreReader {
             staged_bytes: self.bytes_in(STAGED)?,
         };
         let mut w = DumpWriter::new(out, &header)?;
+        let access = self.record::<Access>(KEY_ACCESS)?.unwrap_or_default();
+        w.write(&Record::Access(Box::new(access)))?;
         let mut batch = Vec::new();
         let mut size = 0;
         for table in [LIVE, DONE] {
@@ -579,6 +589,45 @@ impl Archive for StoreReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::access::RevokedCert;
+    use crate::state::{AccessOp, Command, Op};
+
+    /// Tokens and revoked certificates reach the checkpoint, a restart, a dump and the
+    /// store a follower builds from that dump (a snapshot install).
+    #[test]
+    fn access_survives_checkpoints_dumps_and_installs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(&dir.path().join("a.redb")).unwrap();
+        let mut table = store.load().unwrap().table;
+        let revoke = Op::Access(AccessOp::CertRevoke {
+            cert: RevokedCert {
+                serial: "0abc".into(),
+                subject: "worker w1".into(),
+                not_after_ms: None,
+                revoked_at_ms: 1,
+            },
+            now_ms: 1,
+        });
+        let r = crate::state::apply_command(
+            &mut table,
+            &Command { ops: vec![revoke] },
+            &store.reader().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r.results, [crate::state::OpResult::Access(Ok(()))]);
+        let delta = table.begin_checkpoint().unwrap();
+        store
+            .write(&delta, None, &Membership::default(), None)
+            .unwrap();
+        table.checkpoint_written();
+        let loaded = store.load().unwrap().table;
+        assert!(loaded.access().is_revoked("0abc"));
+        let mut dump = Vec::new();
+        store.reader().unwrap().write_dump(&mut dump).unwrap();
+        let (installed, _) =
+            CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
+        assert_eq!(installed.load().unwrap().table.access(), loaded.access());
+    }
 
     #[test]
     fn another_format_is_refused() {

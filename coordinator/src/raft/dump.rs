@@ -19,11 +19,13 @@ use openraft::StoredMembership;
 use serde::{Deserialize, Serialize};
 
 use super::types::{LogId, NodeAddr, NodeId};
-use crate::state::{TableMeta, Task};
+use crate::state::{Access, TableMeta, Task};
 
 const MAGIC: &[u8; 8] = b"SWBACKUP";
 /// This format's version.
-pub const DUMP_FORMAT: u32 = 2;
+pub const DUMP_FORMAT: u32 = 3;
+/// The oldest format this release reads (format 2 has no [`Record::Access`]).
+pub const OLDEST_DUMP_FORMAT: u32 = 2;
 const PREAMBLE: usize = 12;
 /// Largest record body: a record holds one task of any size, or a batch of tasks and
 /// memory bytes up to [`BATCH_BYTES`].
@@ -59,6 +61,8 @@ pub enum Record {
         tasks: u64,
         checksum: u64,
     },
+    /// The API tokens and revoked certificates (format 3 on; absent: none).
+    Access(Box<Access>),
 }
 
 /// A running integrity checksum (not a MAC): FNV-1a over 8-byte words, so any single
@@ -277,8 +281,8 @@ impl DumpParser {
             }
             let version = u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]);
             match version {
-                DUMP_FORMAT => {}
-                v if v < DUMP_FORMAT => return Err(DumpError::OldFormat(v)),
+                OLDEST_DUMP_FORMAT..=DUMP_FORMAT => {}
+                v if v < OLDEST_DUMP_FORMAT => return Err(DumpError::OldFormat(v)),
                 v => return Err(DumpError::NewerFormat(v)),
             }
             let pre = pre.to_vec();
@@ -332,7 +336,7 @@ impl DumpParser {
                 self.ended = true;
             }
             Record::Tasks(t) => self.tasks += t.len() as u64,
-            Record::Memory(_) | Record::Staged(_) => {}
+            Record::Memory(_) | Record::Staged(_) | Record::Access(_) => {}
         }
         if !self.ended {
             let framed = &self.buf[self.at..self.at + 4 + len];

@@ -30,6 +30,7 @@
 //! * the per-state indexes always agree with the tasks' states, and the finished counts
 //!   with the retained finished tasks.
 
+pub mod access;
 mod layers;
 mod table;
 #[cfg(test)]
@@ -44,6 +45,7 @@ use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
 use swarm_proto::TaskId;
 use swarm_topology::{StageSpec, SwarmSpec};
 
+pub use access::{Access, AccessFault, AccessOp};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
 
@@ -227,6 +229,8 @@ pub enum Op {
     },
     /// Give the restore up: the replica returns to empty.
     RestoreAbort { restore_id: u64 },
+    /// A change to the API tokens or the revoked certificates.
+    Access(AccessOp),
 }
 
 impl Op {
@@ -273,6 +277,7 @@ impl Op {
             Op::RestoreCommit { meta, .. } => {
                 SMALL + swarm_codec::encoded_len(meta).unwrap_or(usize::MAX / 4)
             }
+            Op::Access(a) => SMALL + swarm_codec::encoded_len(a).unwrap_or(usize::MAX / 4),
         }
     }
 }
@@ -319,6 +324,8 @@ pub enum OpResult {
     Purged { purged: u64 },
     /// Refused: a restore is in progress and the replica takes no other change.
     Restoring,
+    /// An access op took effect, or why it was refused.
+    Access(Result<(), AccessFault>),
 }
 
 /// What a restore brought back (so far, for a chunk; in all, for the commit).

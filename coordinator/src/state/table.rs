@@ -11,6 +11,7 @@ use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
 use swarm_proto::TaskId;
 use swarm_topology::DEFAULT_SWARM_NAME;
 
+use super::access::Access;
 use super::layers::Layers;
 use super::{
     Archive, ArchiveError, Attempt, AttemptEnd, Changes, Op, OpResult, RestoreState,
@@ -79,6 +80,9 @@ pub struct TaskTable {
     /// Ids of live tasks by state (queued, running).
     by_state: BTreeMap<TaskState, BTreeSet<TaskId>>,
     meta: TableMeta,
+    /// API tokens and revoked certificates: small, copied on change, stored whole by
+    /// every checkpoint.
+    access: Arc<Access>,
     changes: Changes,
     /// The changes a checkpoint is writing to the archive right now.
     flushing: Option<Arc<Changes>>,
@@ -94,6 +98,7 @@ pub struct CheckpointDelta {
     pub changes: Arc<Changes>,
     pub live: Vec<Arc<Task>>,
     pub meta: TableMeta,
+    pub access: Arc<Access>,
 }
 
 impl TaskTable {
@@ -102,9 +107,14 @@ impl TaskTable {
     }
 
     /// Rebuild a table from a checkpoint: its metadata and its live tasks.
-    pub fn from_checkpoint(meta: TableMeta, live: Vec<Task>) -> anyhow::Result<Self> {
+    pub fn from_checkpoint(
+        meta: TableMeta,
+        access: Access,
+        live: Vec<Task>,
+    ) -> anyhow::Result<Self> {
         let mut t = TaskTable {
             meta,
+            access: Arc::new(access),
             ..Default::default()
         };
         for task in live {
@@ -145,7 +155,8 @@ impl TaskTable {
     /// Apply one task-table op. Deterministic: same ops, same table. `archive` is read
     /// for finished tasks and idempotency keys; it is never written.
     pub fn apply_op(&mut self, op: &Op, archive: &dyn Archive) -> Result<OpResult, ArchiveError> {
-        if self.meta.restore.is_some() && !matches!(op, Op::RestoreChunk { .. }) {
+        // Credentials stay manageable while a restore runs.
+        if self.meta.restore.is_some() && !matches!(op, Op::RestoreChunk { .. } | Op::Access(_)) {
             return Ok(OpResult::Restoring);
         }
         Ok(match op {
@@ -206,6 +217,7 @@ impl TaskTable {
             Op::SwarmCreate { record } => OpResult::Swarm(self.create_swarm(record)),
             Op::SwarmDelete { name } => OpResult::Swarm(self.delete_swarm(name)),
             Op::Purge { ids, now_ms } => self.purge(ids, *now_ms, archive)?,
+            Op::Access(op) => OpResult::Access(Arc::make_mut(&mut self.access).apply(op)),
             Op::RestoreChunk {
                 restore_id,
                 seq,
@@ -344,6 +356,11 @@ impl TaskTable {
     }
 
     /// Changes whenever a swarm is created or deleted.
+    /// The API tokens and revoked certificates (a shared copy: cheap to keep).
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
+    }
+
     pub fn swarms_gen(&self) -> u64 {
         self.meta.swarms_gen
     }
@@ -1002,6 +1019,7 @@ impl TaskTable {
             changes,
             live,
             meta: self.meta.clone(),
+            access: self.access.clone(),
         })
     }
 

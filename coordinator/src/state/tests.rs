@@ -20,6 +20,7 @@ struct MemArchive {
     keys: BTreeMap<String, TaskId>,
     staged: Vec<Vec<u8>>,
     meta: TableMeta,
+    access: super::Access,
 }
 
 impl MemArchive {
@@ -53,12 +54,17 @@ impl MemArchive {
         }
         self.staged.extend(c.staged_memory.iter().cloned());
         self.meta = d.meta.clone();
+        self.access = (*d.access).clone();
     }
 
     /// A table restarted from this archive.
     fn reload(&self) -> TaskTable {
-        TaskTable::from_checkpoint(self.meta.clone(), self.live.values().cloned().collect())
-            .unwrap()
+        TaskTable::from_checkpoint(
+            self.meta.clone(),
+            self.access.clone(),
+            self.live.values().cloned().collect(),
+        )
+        .unwrap()
     }
 }
 
@@ -1495,4 +1501,58 @@ fn patterns_are_judged_only_with_a_recorded_result() {
     // A judgement on its own (the API's) applies as before.
     let r = run(vec![judge(1)]);
     assert!(judged(&r[0]));
+}
+
+#[test]
+fn access_applies_in_order_and_survives_checkpoints() {
+    use super::access::{RevokedCert, TokenRecord};
+    use super::AccessOp;
+    let mut t = TaskTable::new();
+    let mut archive = MemArchive::default();
+    let token = TokenRecord {
+        id: "0a0b".into(),
+        name: "ci".into(),
+        scope: swarm_proto::api::Scope::Submit,
+        swarms: vec![],
+        hash: [1; 32],
+        created_at_ms: 5,
+        expires_at_ms: None,
+    };
+    let cmd = Command {
+        ops: vec![
+            Op::Access(AccessOp::TokenCreate {
+                record: token.clone(),
+                now_ms: 5,
+            }),
+            Op::Access(AccessOp::CertRevoke {
+                cert: RevokedCert {
+                    serial: "1f".into(),
+                    subject: "worker w9".into(),
+                    not_after_ms: None,
+                    revoked_at_ms: 5,
+                },
+                now_ms: 5,
+            }),
+        ],
+    };
+    let r = t.apply(&cmd);
+    assert_eq!(
+        r.results,
+        [OpResult::Access(Ok(())), OpResult::Access(Ok(()))]
+    );
+    checkpoint(&mut t, &mut archive);
+    let back = archive.reload();
+    assert_eq!(back.access().token("0a0b"), Some(&token));
+    assert!(back.access().is_revoked("1f"));
+    // The reloaded table goes on applying them.
+    let mut t = back;
+    let r = t.apply(&Command {
+        ops: vec![Op::Access(AccessOp::TokenRevoke {
+            token: "ci".into(),
+            now_ms: 6,
+        })],
+    });
+    assert_eq!(r.results, [OpResult::Access(Ok(()))]);
+    assert!(t.access().tokens.is_empty());
+    assert!(t.access().is_revoked("1f"));
 }

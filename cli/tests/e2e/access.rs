@@ -1,0 +1,508 @@
+//! Scoped API tokens and certificate revocation, end to end: each scope is allowed
+//! exactly its routes (over every route the API has), swarm-limited tokens see only their
+//! swarms, tokens and revocations take effect on every node without a restart, and a
+//! revoked worker certificate is cut off.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use swarm_coordinator::http::{Swarms, RULES};
+use swarm_proto::api::Scope;
+
+use crate::harness::{bin, Cluster, WAIT};
+use crate::raft_cluster::RaftCluster;
+
+/// `swarm <args>` against `api` with `token`: (exit code, stdout, stderr).
+fn swarm(
+    api: &str,
+    token: &str,
+    ca: Option<&std::path::Path>,
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args)
+        .env("SWARM_API", api)
+        .env("SWARM_TOKEN", token)
+        .env_remove("SWARM_CA");
+    if let Some(ca) = ca {
+        cmd.env("SWARM_CA", ca);
+    }
+    let out = cmd.output().expect("run swarm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `swarm tokens create NAME --scope S [extra]`: the token printed.
+fn create_token(api: &str, admin: &str, name: &str, scope: &str, extra: &[&str]) -> String {
+    let mut args = vec!["tokens", "create", name, "--scope", scope];
+    args.extend_from_slice(extra);
+    let (code, out, err) = swarm(api, admin, None, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains(&format!("scope {scope}")), "{err}");
+    let token = out.trim().to_string();
+    assert!(token.starts_with("swt_"), "{out}");
+    token
+}
+
+async fn call(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = http
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(30));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("API request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A concrete request for a routed path: parameters that name nothing, bodies that
+/// change nothing lasting (an unknown node, swarm, collection or token; an empty batch).
+fn concrete(method: &str, path: &str) -> (Method, String, Option<Value>) {
+    let p = path
+        .replace("/v1/cluster/nodes/{id}", "/v1/cluster/nodes/99")
+        .replace("{id}", "999999")
+        .replace("{name}", "nosuch")
+        .replace("{collection}", "nosuch")
+        .replace("{token}", "nosuch");
+    let body = match (method, path) {
+        ("POST", "/v1/tasks") => Some(json!({"agent": "echo", "payload": "scoped"})),
+        ("POST", "/v1/tasks/batch") => Some(json!({"tasks": []})),
+        ("POST", "/v1/restore") => None,
+        ("POST", _) | ("PUT", _) => Some(json!({})),
+        _ => None,
+    };
+    (
+        Method::from_bytes(method.as_bytes()).expect("method"),
+        p,
+        body,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_token_scope_is_allowed_exactly_its_routes() {
+    let mut c = Cluster::new(&["--metrics-auth"]);
+    c.start_coordinator();
+    c.wait_ready().await;
+    let http = reqwest::Client::new();
+    let tokens: Vec<(Scope, String)> = Scope::ALL
+        .iter()
+        .map(|s| {
+            let t = create_token(&c.api, &c.token, &format!("t-{s}"), s.as_str(), &[]);
+            (*s, t)
+        })
+        .collect();
+
+    // Every route, every scope: allowed ones never answer 401/403, the others answer 403
+    // naming the scope they need.
+    let mut checked = 0;
+    for rule in RULES {
+        for (scope, token) in &tokens {
+            let (method, path, body) = concrete(rule.method, rule.path);
+            let (status, v) = call(&http, &c.api, token, method, &path, body).await;
+            let what = format!(
+                "{} {} with a {scope} token: {status} {v}",
+                rule.method, rule.path
+            );
+            if scope.allows(rule.scope) {
+                assert!(status != 401 && status != 403, "allowed, but {what}");
+            } else {
+                assert_eq!(status, 403, "refused, but {what}");
+                assert_eq!(v["error"]["code"], "forbidden", "{what}");
+                let msg = v["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    msg.contains(&format!("needs scope {}", rule.scope)),
+                    "{what}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, RULES.len() * 4);
+
+    // Tokens are listed by name and scope, never with a secret.
+    let (code, out, err) = swarm(&c.api, &c.token, None, &["tokens", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).expect("token list");
+    let names: Vec<&str> = list["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t["name"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["t-admin", "t-operate", "t-read", "t-submit"]);
+    for (_, t) in &tokens {
+        assert!(!out.contains(t.as_str()), "a secret in the list: {out}");
+    }
+    // A name is taken once; a read token cannot make tokens.
+    let (code, _, err) = swarm(
+        &c.api,
+        &c.token,
+        None,
+        &["tokens", "create", "t-read", "--scope", "read"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("conflict"), "{err}");
+    let (code, _, err) = swarm(
+        &c.api,
+        &tokens[0].1,
+        None,
+        &["tokens", "create", "x", "--scope", "admin"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("needs scope admin"), "{err}");
+
+    // Wrong, revoked and expired tokens are all refused with 401.
+    let (status, _) = call(
+        &http,
+        &c.api,
+        "swt_0000_nope",
+        Method::GET,
+        "/v1/status",
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let read = &tokens[0].1;
+    assert_eq!(
+        call(&http, &c.api, read, Method::GET, "/v1/status", None)
+            .await
+            .0,
+        200
+    );
+    let (code, _, err) = swarm(&c.api, &c.token, None, &["tokens", "revoke", "t-read"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        call(&http, &c.api, read, Method::GET, "/v1/status", None)
+            .await
+            .0,
+        401
+    );
+    let short = create_token(&c.api, &c.token, "short", "read", &["--ttl", "1s"]);
+    assert_eq!(
+        call(&http, &c.api, &short, Method::GET, "/v1/status", None)
+            .await
+            .0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        call(&http, &c.api, &short, Method::GET, "/v1/status", None)
+            .await
+            .0,
+        401
+    );
+    c.assert_coordinator_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_limited_to_swarms_sees_and_changes_only_them() {
+    let mut c = Cluster::new(&[]);
+    c.start_coordinator();
+    c.wait_ready().await;
+    c.start_worker("w1", 2, None);
+    c.wait_workers(&["w1"]).await;
+    let http = reqwest::Client::new();
+    let (status, v) = c
+        .post("/v1/swarms", json!({"name": "team-a", "topology": "star"}))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let other = c
+        .submit(json!({"agent": "echo", "payload": "default's"}))
+        .await;
+    let limited = create_token(
+        &c.api,
+        &c.token,
+        "team-a-ci",
+        "operate",
+        &["--swarm", "team-a"],
+    );
+    let api = &c.api;
+
+    // Its own swarm: submit, read, list, cancel.
+    let (status, v) = call(
+        &http,
+        api,
+        &limited,
+        Method::POST,
+        "/v1/tasks?wait=30s",
+        Some(json!({"agent": "echo", "swarm": "team-a", "payload": "mine"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let mine = v["id"].as_u64().expect("id");
+    assert_eq!(v["task"]["state"], "succeeded", "{v}");
+    let (status, _) = call(
+        &http,
+        api,
+        &limited,
+        Method::GET,
+        &format!("/v1/tasks/{mine}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, v) = call(&http, api, &limited, Method::GET, "/v1/tasks", None).await;
+    assert_eq!(status, 200);
+    let seen: Vec<u64> = v["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .filter_map(|t| t["id"].as_u64())
+        .collect();
+    assert_eq!(seen, [mine], "{v}");
+    let (status, v) = call(&http, api, &limited, Method::GET, "/v1/swarms", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["swarms"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["swarms"][0]["name"], "team-a");
+
+    // Anything else: 403 naming the limit; nothing changes.
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/v1/tasks".to_string(),
+            Some(json!({"agent": "echo", "payload": "x"})),
+        ),
+        (
+            Method::POST,
+            "/v1/tasks/batch".to_string(),
+            Some(json!({"tasks": [{"agent": "echo", "swarm": "team-a"}, {"agent": "echo"}]})),
+        ),
+        (Method::GET, format!("/v1/tasks/{other}"), None),
+        (Method::POST, format!("/v1/tasks/{other}/cancel"), None),
+        (Method::GET, "/v1/swarms/default".to_string(), None),
+        (Method::GET, "/v1/workers".to_string(), None),
+        (Method::GET, "/v1/memory".to_string(), None),
+    ] {
+        let (status, v) = call(&http, api, &limited, method.clone(), &path, body).await;
+        assert_eq!(status, 403, "{method} {path}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("limited to swarms team-a"),
+            "{method} {path}: {v}"
+        );
+    }
+    // Cluster health views stay open to it.
+    assert_eq!(
+        call(&http, api, &limited, Method::GET, "/v1/status", None)
+            .await
+            .0,
+        200
+    );
+    let (_, v) = c.get(&format!("/v1/tasks/{other}")).await;
+    assert_ne!(v["state"], "cancelled", "{v}");
+    let (_, v) = c.get("/v1/status").await;
+    assert_eq!(
+        v["queue"]["succeeded"].as_u64().unwrap_or(0)
+            + v["queue"]["queued"].as_u64().unwrap_or(0)
+            + v["queue"]["running"].as_u64().unwrap_or(0),
+        2,
+        "{v}"
+    );
+    c.assert_coordinator_alive();
+}
+
+/// Three coordinators over HTTPS: a token made on one node works on the others at once
+/// (followers forward with their own certificate and the caller's principal, so a
+/// limited token stays limited at the leader); revoking it refuses it everywhere; a
+/// revoked worker certificate is cut off within seconds and refused on reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_revocations_reach_every_node_and_cut_off_a_worker() {
+    let mut c = RaftCluster::new(3, &["--api-tls", "on"]);
+    c.start_all();
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    let ca = c.certs.join("ca.pem");
+    let apis: std::collections::BTreeMap<u64, String> =
+        c.nodes.iter().map(|(id, n)| (*id, n.api())).collect();
+    let base = |id: u64| apis[&id].clone();
+    let (code, out, err) = swarm(
+        &base(follower),
+        &c.token,
+        Some(&ca),
+        &[
+            "tokens", "create", "ops", "--scope", "submit", "--swarm", "default",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let token = out.trim().to_string();
+    // Each node answers it (a follower forwards the submit to the leader).
+    for id in 1..=3u64 {
+        let mut status = 0;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while status != 200 && tokio::time::Instant::now() < deadline {
+            status = call(&c.http, &base(id), &token, Method::GET, "/v1/status", None)
+                .await
+                .0;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, 200, "node {id} does not know the token");
+    }
+    let (status, v) = call(
+        &c.http,
+        &base(follower),
+        &token,
+        Method::POST,
+        "/v1/tasks",
+        Some(json!({"agent": "echo", "payload": "via a follower"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    // Forwarded, the principal keeps its limits: not operate, not another swarm.
+    let id = v["id"].as_u64().expect("id");
+    let (status, v) = call(
+        &c.http,
+        &base(follower),
+        &token,
+        Method::POST,
+        &format!("/v1/tasks/{id}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{v}");
+    let (status, v) = call(
+        &c.http,
+        &base(follower),
+        &token,
+        Method::POST,
+        "/v1/tasks",
+        Some(json!({"agent": "echo", "swarm": "elsewhere"})),
+    )
+    .await;
+    assert_eq!(status, 403, "{v}");
+
+    // Revoked on the leader, refused on every node.
+    let (code, _, err) = swarm(
+        &base(leader),
+        &c.token,
+        Some(&ca),
+        &["tokens", "revoke", "ops"],
+    );
+    assert_eq!(code, 0, "{err}");
+    for id in 1..=3u64 {
+        let mut status = 200;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while status != 401 && tokio::time::Instant::now() < deadline {
+            status = call(&c.http, &base(id), &token, Method::GET, "/v1/status", None)
+                .await
+                .0;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, 401, "node {id} still takes the revoked token");
+    }
+
+    // A worker with a certificate of its own, connected, then revoked.
+    let ca_dir = c.certs.clone();
+    let wdir = c.dir.path().join("w-rev");
+    let out = std::process::Command::new(bin())
+        .args([
+            "certs", "issue", "--role", "worker", "--name", "w-rev", "--ca-dir",
+        ])
+        .arg(&ca_dir)
+        .arg("--out")
+        .arg(&wdir)
+        .output()
+        .expect("certs issue");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.start_worker_certs("w-rev", 1, None, &wdir);
+    wait_worker(&c, leader, "w-rev", true).await;
+    let (code, out, err) = swarm(
+        &base(follower),
+        &c.token,
+        Some(&ca),
+        &[
+            "certs",
+            "revoke",
+            wdir.join("worker.pem").to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // Cut off, and it stays off: every reconnect is refused in the handshake.
+    wait_worker(&c, leader, "w-rev", false).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, v) = c.get(leader, "/v1/workers").await.expect("workers");
+    assert!(
+        !v["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .any(|w| w["id"] == "w-rev"),
+        "{v}"
+    );
+    let (code, out, _) = swarm(
+        &base(leader),
+        &c.token,
+        Some(&ca),
+        &["certs", "revoked", "--json"],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("w-rev"), "{out}");
+    for id in 1..=3 {
+        assert!(
+            c.node_status(id).await.is_some(),
+            "node {id} stopped answering"
+        );
+    }
+}
+
+async fn wait_worker(c: &RaftCluster, leader: u64, id: &str, present: bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some((200, v)) = c.get(leader, "/v1/workers").await {
+            let there = v["workers"]
+                .as_array()
+                .is_some_and(|ws| ws.iter().any(|w| w["id"] == id));
+            if there == present {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker {id} {} in time",
+            if present {
+                "did not connect"
+            } else {
+                "was not cut off"
+            }
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn every_rule_names_a_route_once() {
+    let mut seen = std::collections::BTreeSet::new();
+    for r in RULES {
+        assert!(
+            seen.insert((r.method, r.path)),
+            "{} {} twice",
+            r.method,
+            r.path
+        );
+        assert!(r.path.starts_with("/v1/") || r.path == "/metrics");
+        // A limited token can never be more than the scope it was given.
+        if r.scope == Scope::Admin {
+            assert_eq!(r.swarms, Swarms::Unlimited, "{} {}", r.method, r.path);
+        }
+    }
+}
