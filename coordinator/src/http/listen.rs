@@ -6,7 +6,8 @@
 //!   idle sockets exhausts the process's file descriptors or memory.
 //! * A client has [`Edges::header_timeout`] to finish its TLS handshake, and the same to
 //!   send each request's headers (hyper's header-read timer, which axum's own `serve`
-//!   leaves off): a slowloris client is cut off; an idle keep-alive connection is closed.
+//!   leaves off) and between two pieces of a request body: a slowloris client is cut
+//!   off, in its headers or its body; an idle keep-alive connection is closed.
 //! * With TLS, a client may present a cluster certificate (optional client auth): a
 //!   coordinator forwarding a request to the leader proves itself that way, never with a
 //!   client's token. [`PeerCert`] tells the handlers who it is.
@@ -24,6 +25,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt as _;
+use tower_http::timeout::TimeoutBody;
 use tracing::{debug, info};
 
 /// How long in-flight requests get to finish once shutdown begins.
@@ -143,7 +145,10 @@ async fn serve_conn<I>(
         if let Some(p) = &peer {
             req.extensions_mut().insert(p.clone());
         }
-        app.clone().oneshot(req.map(axum::body::Body::new))
+        // A body must keep coming: a pause longer than the header timeout fails the
+        // read (the handler answers an error and the connection closes).
+        let req = req.map(|b| axum::body::Body::new(TimeoutBody::new(header_timeout, b)));
+        app.clone().oneshot(req)
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -217,6 +222,46 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_coming_is_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/",
+            axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        );
+        let (_stop, rx) = watch::channel(false);
+        let edges = Edges {
+            tls: None,
+            max_connections: 16,
+            header_timeout: Duration::from_millis(300),
+        };
+        tokio::spawn(serve_edges(listener, app, edges, rx));
+        // A whole body is read.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\nabcd",
+        )
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with('4'),
+            "{text}"
+        );
+        // One that announces 1,000 bytes, sends 10 and stalls, gets an error and is
+        // closed instead of holding the connection.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 4"),
+            "a stalled body was not refused: {text}"
+        );
     }
 
     #[tokio::test]
