@@ -21,6 +21,46 @@ use raft::{RedbLogStore, StateMachineStore};
 
 /// Most concurrent QUIC connections (workers plus peers) one coordinator serves.
 const MAX_CONNECTIONS: usize = 16_384;
+/// Most QUIC connections open at once from one IP address other than loopback (where
+/// `swarm up` runs all its workers): one host's connections, handshakes included,
+/// cannot take the whole of [`MAX_CONNECTIONS`].
+const MAX_CONNECTIONS_PER_IP: usize = 512;
+
+/// Open QUIC connections by remote IP; a [`PerIpPermit`] gives its slot back on drop.
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct PerIpPermit {
+    table: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn try_acquire(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PerIpPermit> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_IP && !ip.is_loopback() {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpPermit {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIpPermit {
+    fn drop(&mut self) {
+        let mut m = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// A running coordinator.
 pub struct CoordinatorHandle {
@@ -293,6 +333,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_ip = Arc::new(PerIp::default());
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i { Some(i) => i, None => return },
@@ -306,10 +347,20 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
+        let Some(ip_permit) = per_ip.try_acquire(incoming.remote_address().ip()) else {
+            ::metrics::counter!("swarm_quic_connections_refused_total", "reason" => "per_ip")
+                .increment(1);
+            debug!(
+                "{} has {MAX_CONNECTIONS_PER_IP} connections open; refusing another",
+                incoming.remote_address().ip()
+            );
+            incoming.refuse();
+            continue;
+        };
         let node = node.clone();
         let arrivals = arrivals.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, ip_permit);
             let remote = incoming.remote_address();
             let mut accepted = match swarm_transport::accept(incoming).await {
                 Ok(a) => a,
@@ -349,5 +400,28 @@ async fn accept_loop(
                     .close(quinn::VarInt::from_u32(0x5704), b"unknown ALPN"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_gets_its_share_and_loopback_is_not_capped() {
+        let t = Arc::new(PerIp::default());
+        let ip: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        let held: Vec<_> = (0..MAX_CONNECTIONS_PER_IP)
+            .map(|_| t.try_acquire(ip).expect("within the cap"))
+            .collect();
+        assert!(t.try_acquire(ip).is_none());
+        assert!(t.try_acquire("10.0.0.8".parse().unwrap()).is_some());
+        drop(held);
+        assert!(t.try_acquire(ip).is_some());
+        let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let many: Vec<_> = (0..MAX_CONNECTIONS_PER_IP + 10)
+            .map(|_| t.try_acquire(lo))
+            .collect();
+        assert!(many.iter().all(Option::is_some));
     }
 }

@@ -214,27 +214,10 @@ impl Topologies {
     /// goes through its lead, a lead (and any worker no hierarchy wants relayed) connects
     /// directly. A worker in several hierarchies follows the first by swarm name.
     fn parents(&self, scheduler: &Scheduler, sessions: &BTreeMap<String, SessionHandle>) -> Outbox {
-        let mut wanted: BTreeMap<&str, Option<&str>> = BTreeMap::new();
-        for layout in self.layouts.values() {
-            let Some(TopologyPlan::Hierarchical(h)) = &layout.plan else {
-                continue;
-            };
-            for lead in &h.leads {
-                wanted.entry(lead.as_str()).or_insert(None);
-            }
-            for (child, lead) in &h.parent {
-                wanted.entry(child.as_str()).or_insert(Some(lead.as_str()));
-            }
-        }
+        let wanted = self.wanted_routes();
         let mut out = Vec::new();
         for (id, s) in sessions {
-            // A lead that is itself relayed (as a member of an earlier hierarchy) cannot
-            // relay: its members connect directly instead.
-            let want = wanted
-                .get(id.as_str())
-                .copied()
-                .flatten()
-                .filter(|lead| wanted.get(lead).copied().flatten().is_none());
+            let want = route_of(&wanted, id);
             if s.info.via.as_deref() == want {
                 continue;
             }
@@ -257,6 +240,30 @@ impl Topologies {
             out.push((id.clone(), CoordinatorMsg::Parent { lead }));
         }
         out
+    }
+
+    /// Each worker a hierarchy places: `Some(lead)` for a member, `None` for a lead. A
+    /// worker in several hierarchies follows the first by swarm name.
+    fn wanted_routes(&self) -> BTreeMap<&str, Option<&str>> {
+        let mut wanted: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+        for layout in self.layouts.values() {
+            let Some(TopologyPlan::Hierarchical(h)) = &layout.plan else {
+                continue;
+            };
+            for lead in &h.leads {
+                wanted.entry(lead.as_str()).or_insert(None);
+            }
+            for (child, lead) in &h.parent {
+                wanted.entry(child.as_str()).or_insert(Some(lead.as_str()));
+            }
+        }
+        wanted
+    }
+
+    /// Whether the current plan routes `member`'s session through `lead` (what a lead
+    /// may relay).
+    pub fn relays_through(&self, member: &str, lead: &str) -> bool {
+        route_of(&self.wanted_routes(), member) == Some(lead)
     }
 
     /// Whether `task`, held by `from`, may move to `thief`: its swarm is a mesh in which
@@ -581,6 +588,16 @@ pub(crate) async fn create(node: &Node, req: CreateSwarm) -> Result<SwarmView, S
     info!(swarm = %name, "swarm created");
     node.poke();
     swarm_view(node, &name).ok_or(SwarmError::Unknown(name))
+}
+
+/// The lead `id`'s session goes through, if any. A lead that is itself relayed (as a
+/// member of an earlier hierarchy) cannot relay: its members connect directly instead.
+fn route_of<'a>(wanted: &BTreeMap<&'a str, Option<&'a str>>, id: &str) -> Option<&'a str> {
+    wanted
+        .get(id)
+        .copied()
+        .flatten()
+        .filter(|lead| wanted.get(lead).copied().flatten().is_none())
 }
 
 /// Every swarm's view (`GET /v1/swarms`), the default one included.

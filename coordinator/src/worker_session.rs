@@ -224,6 +224,24 @@ async fn relayed(
             return refuse_relayed(writer, &hello, msg).await;
         }
     };
+    // Only members the plan routes through this lead: a lead cannot gather workers it
+    // was not given (the member falls back to a direct session and is routed anew).
+    let routed_here = node
+        .lock_dispatch()
+        .topologies
+        .relays_through(&hello.worker_id, lead);
+    if !routed_here {
+        metrics::counter!("swarm_relayed_sessions_refused_total", "reason" => "not_assigned")
+            .increment(1);
+        let msg = CoordinatorMsg::Rejected {
+            code: "not_assigned".into(),
+            message: format!(
+                "worker {} is not a member the plan routes through {lead}",
+                hello.worker_id
+            ),
+        };
+        return refuse_relayed(writer, &hello, msg).await;
+    }
     metrics::counter!("swarm_relayed_sessions_total").increment(1);
     session(
         node,
