@@ -138,11 +138,16 @@ pub struct DumpWriter<W: Write> {
 
 impl<W: Write> DumpWriter<W> {
     /// Start a dump on `out` with its header.
-    pub fn new(mut out: W, header: &Header) -> io::Result<Self> {
+    pub fn new(out: W, header: &Header) -> io::Result<Self> {
+        Self::with_format(out, header, DUMP_FORMAT)
+    }
+
+    /// A dump stamped with `format` (tests write older formats).
+    fn with_format(mut out: W, header: &Header, format: u32) -> io::Result<Self> {
         let mut sum = Checksum::default();
         let mut pre = Vec::with_capacity(PREAMBLE);
         pre.extend_from_slice(MAGIC);
-        pre.extend_from_slice(&DUMP_FORMAT.to_le_bytes());
+        pre.extend_from_slice(&format.to_le_bytes());
         out.write_all(&pre)?;
         sum.update(&pre);
         let mut w = DumpWriter {
@@ -469,6 +474,16 @@ mod tests {
             }
             p.finish().unwrap();
             assert_eq!(n, 4);
+        }
+    }
+
+    #[test]
+    fn format_2_without_access_still_reads_and_format_1_does_not() {
+        for (format, ok) in [(2, true), (1, false), (DUMP_FORMAT + 1, false)] {
+            let mut w = DumpWriter::with_format(Vec::new(), &header(), format).unwrap();
+            w.write(&Record::Memory(vec![1, 2, 3])).unwrap();
+            let bytes = w.finish().unwrap().0;
+            assert_eq!(read_all(&bytes).is_ok(), ok, "format {format}");
         }
     }
 
