@@ -6,7 +6,10 @@
 //! * [`pki`]: the cluster PKI. [`pki::init_certs`] writes a cluster CA (plus a
 //!   coordinator and a worker pool certificate for one machine), [`pki::issue_cert`] a
 //!   certificate per node and [`pki::renew_cert`] renews one. A certificate's subject
-//!   names the holder's [`Role`] and name ([`CertSubject`]).
+//!   names the holder's [`Role`] and name ([`CertSubject`]). Enrollment keeps a node's
+//!   key on the node: [`pki::new_key_and_request`] makes a key and a signing request,
+//!   [`pki::Issuer::sign_request`] signs it at the CA and [`pki::install_enrolled`]
+//!   stores the answer.
 //! * [`tls`]: [`tls::Identity`] loads a node's certificate; [`tls::server_config`] /
 //!   [`tls::client_config`] turn it into quinn configs that *require* a certificate from
 //!   the cluster CA on both sides (a dialer also requires the role it wants to reach),
@@ -40,6 +43,7 @@ pub use endpoint::{
     Accepted, Dialed, Handshake, Session,
 };
 pub use frame::{FrameError, FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
+pub use pki::{install_enrolled, new_key_and_request, Issuer, MAX_CSR_LEN};
 pub use revocation::Revocations;
 /// The binary encoding of every frame (the `swarm-codec` crate).
 pub use swarm_codec as codec;

@@ -20,10 +20,12 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, Ia5String, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, Certificate, CertificateParams, CertificateSigningRequestParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, Ia5String, IsCa, KeyPair, KeyUsagePurpose,
+    PublicKeyData, SanType,
 };
-use rustls_pki_types::DnsName;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateSigningRequestDer, DnsName};
 use x509_parser::extensions::GeneralName;
 
 use crate::TransportError;
@@ -46,6 +48,9 @@ const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// How far `not_before` is backdated, to tolerate clock skew between machines.
 const BACKDATE: Duration = Duration::from_secs(60 * 60);
+/// Largest certificate signing request (PEM text) [`Issuer::sign_request`] reads. A
+/// request for a 4096-bit RSA key is under 2 KiB.
+pub const MAX_CSR_LEN: usize = 16 * 1024;
 
 /// What a cluster member is, as stated by its certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -426,7 +431,7 @@ pub fn issue_cert(
 ) -> anyhow::Result<CertFiles> {
     let sans = subject_alt_names(extra_sans, Some(name))?;
     let ca = CertFiles::in_dir(ca_dir);
-    let (ca_pem, issuer) = read_ca(&ca)?;
+    let (ca_pem, issuer) = read_ca(&ca.ca_cert, &ca.ca_key)?;
     let (cert, key) = sign_leaf(&issuer, role, name, &sans, validity)?;
     let out = CertFiles::in_dir(out_dir);
     fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -466,7 +471,8 @@ pub fn renew_cert(
         );
     }
     let sans = subject_alt_names(&old.sans, None)?;
-    let (_, issuer) = read_ca(&CertFiles::in_dir(ca_dir))?;
+    let ca = CertFiles::in_dir(ca_dir);
+    let (_, issuer) = read_ca(&ca.ca_cert, &ca.ca_key)?;
     let (cert, key) = sign_leaf(&issuer, role, &old.subject.name, &sans, validity)?;
     // Key first: a reader that sees the new certificate then finds its key. Loaders
     // check that the two match, so a reader between the renames fails and retries.
@@ -482,30 +488,190 @@ struct Ca {
 }
 
 /// The CA certificate's PEM text and the CA, ready to sign.
-fn read_ca(ca: &CertFiles) -> anyhow::Result<(String, Ca)> {
-    let ca_pem = fs::read_to_string(&ca.ca_cert)
-        .with_context(|| format!("reading the CA certificate {}", ca.ca_cert.display()))?;
-    let key_pem = fs::read_to_string(&ca.ca_key).with_context(|| {
+fn read_ca(ca_cert: &Path, ca_key: &Path) -> anyhow::Result<(String, Ca)> {
+    let ca_pem = fs::read_to_string(ca_cert)
+        .with_context(|| format!("reading the CA certificate {}", ca_cert.display()))?;
+    let key_pem = fs::read_to_string(ca_key).with_context(|| {
         format!(
             "reading the CA key {} (issuing needs the CA's directory)",
-            ca.ca_key.display()
+            ca_key.display()
         )
     })?;
     let key = KeyPair::from_pem(&key_pem)
-        .with_context(|| format!("{} holds no usable key", ca.ca_key.display()))?;
+        .with_context(|| format!("{} holds no usable key", ca_key.display()))?;
     // rcgen signs with a `Certificate`: rebuild the CA's from its parameters and key
     // (same name, same key, so the same key identifier the leaves point at).
     let cert = CertificateParams::from_ca_cert_pem(&ca_pem)
-        .with_context(|| format!("{} is not a usable CA certificate", ca.ca_cert.display()))?
+        .with_context(|| format!("{} is not a usable CA certificate", ca_cert.display()))?
         .self_signed(&key)
-        .with_context(|| {
-            format!(
-                "{} does not match {}",
-                ca.ca_key.display(),
-                ca.ca_cert.display()
-            )
-        })?;
+        .with_context(|| format!("{} does not match {}", ca_key.display(), ca_cert.display()))?;
     Ok((ca_pem, Ca { cert, key }))
+}
+
+/// The cluster CA, able to sign certificate requests of nodes that generated their own
+/// key ([`new_key_and_request`]), so the key never leaves the node: the node sends the
+/// request, the holder of the CA key answers with [`Issuer::sign_request`], and the node
+/// stores the answer with [`install_enrolled`].
+pub struct Issuer {
+    ca_pem: String,
+    ca: Ca,
+}
+
+impl fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the CA key.
+        f.debug_struct("Issuer").finish_non_exhaustive()
+    }
+}
+
+impl Issuer {
+    /// Loads the CA certificate and its private key (`ca.pem` and `ca-key.pem` of the
+    /// CA directory, see [`CertFiles`]). Fails if either is unreadable or they do not
+    /// belong together.
+    pub fn load(ca_cert: &Path, ca_key: &Path) -> anyhow::Result<Issuer> {
+        let (ca_pem, ca) = read_ca(ca_cert, ca_key)?;
+        Ok(Issuer { ca_pem, ca })
+    }
+
+    /// The CA certificate, PEM, as read: what a node needs as its `ca.pem`.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Signs the public key of a PKCS#10 certificate signing request (PEM) as a node
+    /// certificate for `name` of `role`, valid for `validity`, and returns it (PEM).
+    ///
+    /// Only the request's key is used: the certificate is exactly what [`issue_cert`]
+    /// would issue for the same role, name and `extra_sans` (subject, SANs including the
+    /// name when it is a DNS name, key usages, validity), whatever subject, names or
+    /// extensions the request asks for. Refuses a request longer than [`MAX_CSR_LEN`],
+    /// one that does not parse or whose signature does not verify (so its sender holds
+    /// the key), one with extensions other than key usages and names, and a key other
+    /// than ECDSA P-256 or P-384, Ed25519 or RSA of 2048 to 8192 bits.
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        role: Role,
+        name: &CertName,
+        extra_sans: &[String],
+        validity: Duration,
+    ) -> anyhow::Result<String> {
+        if csr_pem.len() > MAX_CSR_LEN {
+            bail!(
+                "certificate request of {} bytes refused: the limit is {MAX_CSR_LEN}",
+                csr_pem.len()
+            );
+        }
+        let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+            .context("no PEM certificate request (CERTIFICATE REQUEST) found")?;
+        let sans = subject_alt_names(extra_sans, Some(name))?;
+        // Verifies the request's signature with its own key; everything but the key is
+        // dropped below.
+        let request = CertificateSigningRequestParams::from_der(&der).map_err(|e| {
+            anyhow::anyhow!("certificate request refused (unparseable or bad signature): {e}")
+        })?;
+        let public_key = request.public_key;
+        let alg = public_key.algorithm();
+        if !USABLE_KEY_ALGORITHMS.contains(&alg) {
+            bail!("certificate request refused: its key type ({alg:?}) is not supported");
+        }
+        let cert = sign_leaf_key(&self.ca, role, name, &sans, validity, &public_key)?;
+        // rcgen derives the key's type from the request's signature algorithm; make sure
+        // the certificate carries the very key the request does (say, not a P-384 point
+        // labelled P-256 because the request was signed with SHA-256).
+        if spki_of_request(&der)? != spki_of_cert(cert.der())? {
+            bail!("certificate request refused: its key type and signature algorithm disagree");
+        }
+        Ok(cert.pem())
+    }
+}
+
+/// Key types a node key may have: what rcgen can sign for and rustls (ring) can use.
+/// RSA key sizes are held to 2048..=8192 bits by the request's signature check.
+static USABLE_KEY_ALGORITHMS: [&rcgen::SignatureAlgorithm; 6] = [
+    &rcgen::PKCS_ECDSA_P256_SHA256,
+    &rcgen::PKCS_ECDSA_P384_SHA384,
+    &rcgen::PKCS_ED25519,
+    &rcgen::PKCS_RSA_SHA256,
+    &rcgen::PKCS_RSA_SHA384,
+    &rcgen::PKCS_RSA_SHA512,
+];
+
+/// The DER of a certificate request's subject public key info.
+fn spki_of_request(der: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use x509_parser::prelude::FromDer;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+        .map_err(|e| anyhow::anyhow!("unparseable certificate request: {e}"))?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
+/// The DER of a certificate's subject public key info.
+fn spki_of_cert(der: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("unparseable certificate: {e}"))?;
+    Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+/// A new private key for a node of `role` named `name`, of the type [`issue_cert`]
+/// generates, and a certificate signing request for it: `(key PEM, request PEM)`. Send
+/// the request to the CA holder ([`Issuer::sign_request`]), keep the key, and store both
+/// with the answer using [`install_enrolled`]. The request's subject names the role and
+/// name, for the CA holder's information only: the signer decides them.
+pub fn new_key_and_request(role: Role, name: &CertName) -> anyhow::Result<(String, String)> {
+    check_name(name)?;
+    let key = KeyPair::generate().with_context(|| format!("generating {role} key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = leaf_dn(role, name);
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .with_context(|| format!("making the {role} certificate request"))?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// Stores an enrolled node's credentials in `dir` (created with mode 0700 if missing):
+/// `ca.pem`, `<role>.pem` and `<role>-key.pem` (0600), as [`issue_cert`] would.
+///
+/// Checks first that the certificate is a `role` certificate valid now under `ca_pem`
+/// and that `key_pem` is its key, and refuses to replace any existing file; either
+/// failure leaves the disk untouched.
+pub fn install_enrolled(
+    dir: &Path,
+    role: Role,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<CertFiles> {
+    crate::tls::Identity::from_pem(ca_pem, cert_pem, key_pem, role)
+        .context("the enrolled certificate is not usable")?;
+    let files = CertFiles::in_dir(dir);
+    let all = [
+        (files.ca_cert.as_path(), ca_pem, false),
+        (files.cert(role), cert_pem, false),
+        (files.key(role), key_pem, true),
+    ];
+    refuse_existing(all.iter().map(|(p, _, _)| *p))?;
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    for (i, (path, pem, private)) in all.iter().enumerate() {
+        if let Err(e) = write_file(path, pem, *private, false) {
+            // Take back what this call wrote (create_new: only its own files), so a
+            // retry starts from the same state.
+            for (written, _, _) in &all[..i] {
+                let _ = fs::remove_file(written);
+            }
+            return Err(e);
+        }
+    }
+    Ok(files)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -538,10 +704,34 @@ fn sign_leaf(
     validity: Duration,
 ) -> anyhow::Result<(String, String)> {
     let key = KeyPair::generate().with_context(|| format!("generating {role} key"))?;
-    let cert = leaf_params(role, name, sans, validity)
-        .signed_by(&key, &issuer.cert, &issuer.key)
-        .with_context(|| format!("signing {role} certificate"))?;
+    let cert = sign_leaf_key(issuer, role, name, sans, validity, &key)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A node certificate for `public_key`: the one place every leaf certificate (issued,
+/// renewed or enrolled) is signed.
+fn sign_leaf_key(
+    issuer: &Ca,
+    role: Role,
+    name: &CertName,
+    sans: &[SanType],
+    validity: Duration,
+    public_key: &impl PublicKeyData,
+) -> anyhow::Result<Certificate> {
+    check_name(name)?;
+    leaf_params(role, name, sans, validity)
+        .signed_by(public_key, &issuer.cert, &issuer.key)
+        .with_context(|| format!("signing {role} certificate"))
+}
+
+/// Refuses a name [`CertName::parse`] would not give back, which would make a
+/// certificate no reader accepts.
+fn check_name(name: &CertName) -> anyhow::Result<()> {
+    match CertName::parse(&name.to_string()) {
+        Ok(parsed) if parsed == *name => Ok(()),
+        Ok(_) => bail!("{name:?} is not a valid certificate name"),
+        Err(e) => bail!("invalid certificate name: {e}"),
+    }
 }
 
 /// The default SANs (plus `name` when it is a DNS name) and `extra`, each classified as
@@ -617,11 +807,7 @@ fn leaf_params(
     validity: Duration,
 ) -> CertificateParams {
     let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, ORGANIZATION);
-    dn.push(DnType::OrganizationalUnitName, role.common_name());
-    dn.push(DnType::CommonName, name.to_string());
-    params.distinguished_name = dn;
+    params.distinguished_name = leaf_dn(role, name);
     params.subject_alt_names = sans.to_vec();
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -632,6 +818,15 @@ fn leaf_params(
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, validity);
     params
+}
+
+/// A node's subject: organization `swarm`, unit = role marker, common name = name.
+fn leaf_dn(role: Role, name: &CertName) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, ORGANIZATION);
+    dn.push(DnType::OrganizationalUnitName, role.common_name());
+    dn.push(DnType::CommonName, name.to_string());
+    dn
 }
 
 fn open_options(private: bool) -> fs::OpenOptions {
@@ -855,5 +1050,294 @@ mod tests {
             false
         )
         .is_err());
+    }
+
+    /// A cluster CA (from `init_certs`) and an issuer loaded from it.
+    fn issuer() -> (tempfile::TempDir, Issuer) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = init_certs(dir.path(), &[], false).unwrap();
+        let issuer = Issuer::load(&files.ca_cert, &files.ca_key).unwrap();
+        (dir, issuer)
+    }
+
+    /// The extensions of a PEM certificate but the subject key identifier (which differs
+    /// with the key), as (oid, critical, value).
+    fn extensions(pem: &str) -> Vec<(String, bool, Vec<u8>)> {
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let mut exts: Vec<_> = cert
+            .extensions()
+            .iter()
+            .filter(|e| e.oid != x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+            .map(|e| (e.oid.to_id_string(), e.critical, e.value.to_vec()))
+            .collect();
+        exts.sort();
+        exts
+    }
+
+    /// (issuer, not_after - not_before in seconds) of a PEM certificate.
+    fn issuer_and_lifetime(pem: &str) -> (String, i64) {
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let v = cert.validity();
+        (
+            cert.issuer().to_string(),
+            v.not_after.timestamp() - v.not_before.timestamp(),
+        )
+    }
+
+    #[test]
+    fn a_signed_request_gets_the_signers_subject_not_the_requested_one() {
+        let (ca, issuer) = issuer();
+        // The request claims to be a coordinator named "evil", valid for another host,
+        // able to sign certificates.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = leaf_dn(Role::Coordinator, &CertName::Node("evil".into()));
+        params.subject_alt_names = vec![SanType::DnsName("evil.example".try_into().unwrap())];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+
+        let name = CertName::Node("w9".into());
+        let cert = issuer
+            .sign_request(
+                &csr,
+                Role::Worker,
+                &name,
+                &["10.9.9.9".into()],
+                DEFAULT_VALIDITY,
+            )
+            .unwrap();
+        let info = CertInfo::from_pem(&cert).unwrap();
+        assert_eq!(
+            info.subject,
+            CertSubject {
+                role: Role::Worker,
+                name: name.clone()
+            }
+        );
+        assert!(info.sans.contains(&"w9".to_string()));
+        assert!(info.sans.contains(&"10.9.9.9".to_string()));
+        assert!(!info.sans.contains(&"evil.example".to_string()));
+        // The requested key is the one certified, and it works with the CA.
+        let id = crate::tls::Identity::from_pem(
+            issuer.ca_pem(),
+            &cert,
+            &key.serialize_pem(),
+            Role::Worker,
+        )
+        .unwrap();
+        assert_eq!(id.subject().name, name);
+
+        // Exactly what issue_cert makes for the same role, name and SANs.
+        let out = tempfile::tempdir().unwrap();
+        let issued = issue_cert(
+            ca.path(),
+            out.path(),
+            Role::Worker,
+            &name,
+            &["10.9.9.9".into()],
+            DEFAULT_VALIDITY,
+            false,
+        )
+        .unwrap();
+        let issued = fs::read_to_string(&issued.worker_cert).unwrap();
+        let issued_info = CertInfo::from_pem(&issued).unwrap();
+        assert_eq!(issued_info.subject, info.subject);
+        assert_eq!(issued_info.sans, info.sans);
+        assert_eq!(extensions(&issued), extensions(&cert));
+        let (issued_by, issued_life) = issuer_and_lifetime(&issued);
+        let (signed_by, signed_life) = issuer_and_lifetime(&cert);
+        assert_eq!(issued_by, signed_by);
+        assert!(
+            (issued_life - signed_life).abs() <= 2,
+            "{issued_life} vs {signed_life}"
+        );
+    }
+
+    #[test]
+    fn new_key_and_request_make_a_request_the_issuer_signs() {
+        let (_ca, issuer) = issuer();
+        let name = CertName::Pool("k8s-".into());
+        let (key, csr) = new_key_and_request(Role::Worker, &name).unwrap();
+        // Same key type as issue_cert's.
+        assert_eq!(
+            KeyPair::from_pem(&key).unwrap().algorithm(),
+            KeyPair::generate().unwrap().algorithm()
+        );
+        let cert = issuer
+            .sign_request(&csr, Role::Worker, &name, &[], Duration::from_secs(3600))
+            .unwrap();
+        let id =
+            crate::tls::Identity::from_pem(issuer.ca_pem(), &cert, &key, Role::Worker).unwrap();
+        assert_eq!(id.subject().name, name);
+        // A pool name is no DNS name: only the defaults.
+        assert_eq!(
+            CertInfo::from_pem(&cert).unwrap().sans,
+            ["localhost", "127.0.0.1", "::1"]
+        );
+        assert!(new_key_and_request(Role::Worker, &CertName::Node("a b".into())).is_err());
+        assert!(issuer
+            .sign_request(
+                &csr,
+                Role::Worker,
+                &CertName::Node("x*".into()),
+                &[],
+                DEFAULT_VALIDITY
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn other_usable_key_types_are_signed() {
+        let (_ca, issuer) = issuer();
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap()
+                .pem()
+                .unwrap();
+            let cert = issuer
+                .sign_request(
+                    &csr,
+                    Role::Coordinator,
+                    &CertName::Node("c2".into()),
+                    &[],
+                    DEFAULT_VALIDITY,
+                )
+                .unwrap();
+            crate::tls::Identity::from_pem(
+                issuer.ca_pem(),
+                &cert,
+                &key.serialize_pem(),
+                Role::Coordinator,
+            )
+            .unwrap();
+        }
+    }
+
+    /// Standard base64 with padding (no dependency for one test).
+    fn base64(data: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn tampered_garbage_and_oversize_requests_are_refused() {
+        let (_ca, issuer) = issuer();
+        let name = CertName::Node("w1".into());
+        let sign = |csr: &str| issuer.sign_request(csr, Role::Worker, &name, &[], DEFAULT_VALIDITY);
+        let (_, csr) = new_key_and_request(Role::Worker, &name).unwrap();
+        sign(&csr).unwrap();
+
+        // Flip one byte of the DER: in the signature, then in the signed subject.
+        let der = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap();
+        let name_at = der
+            .windows(2)
+            .position(|w| w == b"w1")
+            .expect("the name is in the request");
+        for at in [der.len() - 1, name_at] {
+            let mut bad = der.to_vec();
+            bad[at] ^= 0x01;
+            let pem = format!(
+                "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+                base64(&bad)
+            );
+            // The encoding itself is right: the unflipped DER passes.
+            assert!(CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).is_ok());
+            let err = sign(&pem).unwrap_err();
+            assert!(format!("{err:#}").contains("refused"), "{err:#}");
+        }
+
+        for garbage in [
+            "",
+            "not a request",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            issuer.ca_pem(),
+        ] {
+            assert!(sign(garbage).is_err(), "{garbage:?} accepted");
+        }
+
+        // A real, validly signed request that is simply too large.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = (0..800)
+            .map(|i| SanType::DnsName(format!("host-{i}.example.com").try_into().unwrap()))
+            .collect();
+        let big = params.serialize_request(&key).unwrap().pem().unwrap();
+        assert!(big.len() > MAX_CSR_LEN);
+        assert!(CertificateSigningRequestParams::from_pem(&big).is_ok());
+        let err = sign(&big).unwrap_err();
+        assert!(err.to_string().contains("limit"), "{err:#}");
+    }
+
+    #[test]
+    fn install_enrolled_checks_before_writing() {
+        let (_ca, issuer) = issuer();
+        let name = CertName::Node("w5".into());
+        let (key, csr) = new_key_and_request(Role::Worker, &name).unwrap();
+        let cert = issuer
+            .sign_request(&csr, Role::Worker, &name, &[], DEFAULT_VALIDITY)
+            .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("node");
+
+        // Another key: refused, nothing written (not even the directory).
+        let (other_key, _) = new_key_and_request(Role::Worker, &name).unwrap();
+        assert!(install_enrolled(&dir, Role::Worker, issuer.ca_pem(), &cert, &other_key).is_err());
+        assert!(!dir.exists());
+        // Another CA: refused.
+        let (_other_ca, other_issuer) = self::issuer();
+        assert!(install_enrolled(&dir, Role::Worker, other_issuer.ca_pem(), &cert, &key).is_err());
+        // The wrong role: refused.
+        assert!(install_enrolled(&dir, Role::Coordinator, issuer.ca_pem(), &cert, &key).is_err());
+        assert!(!dir.exists());
+
+        let files = install_enrolled(&dir, Role::Worker, issuer.ca_pem(), &cert, &key).unwrap();
+        assert_eq!(files, CertFiles::in_dir(&dir));
+        assert_eq!(fs::read_to_string(&files.ca_cert).unwrap(), issuer.ca_pem());
+        assert_eq!(fs::read_to_string(&files.worker_cert).unwrap(), cert);
+        assert_eq!(fs::read_to_string(&files.worker_key).unwrap(), key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&files.worker_key), 0o600);
+            assert_eq!(mode(&dir) & 0o077, 0);
+        }
+        let id = crate::tls::Identity::load(&dir, Role::Worker).unwrap();
+        assert_eq!(id.subject().name, name);
+
+        // Existing files are never replaced, and stay as they were.
+        let (key2, csr2) = new_key_and_request(Role::Worker, &name).unwrap();
+        let cert2 = issuer
+            .sign_request(&csr2, Role::Worker, &name, &[], DEFAULT_VALIDITY)
+            .unwrap();
+        assert!(install_enrolled(&dir, Role::Worker, issuer.ca_pem(), &cert2, &key2).is_err());
+        assert_eq!(fs::read_to_string(&files.worker_key).unwrap(), key);
+        // Only the CA there (say a node that trusts the CA already): still refused.
+        let dir2 = root.path().join("node2");
+        fs::create_dir(&dir2).unwrap();
+        fs::write(dir2.join("ca.pem"), issuer.ca_pem()).unwrap();
+        assert!(install_enrolled(&dir2, Role::Worker, issuer.ca_pem(), &cert2, &key2).is_err());
+        assert!(!dir2.join("worker.pem").exists());
     }
 }
