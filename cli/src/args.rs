@@ -156,6 +156,19 @@ pub struct CoordinatorArgs {
     /// File holding the API bearer token.
     #[arg(long, env = "SWARM_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Enroll new workers (`swarm worker --enroll-api`): the cluster CA's key, to sign
+    /// their certificates with. Needs --enroll-token-file.
+    #[arg(long, env = "SWARM_ENROLL_CA_KEY")]
+    pub enroll_ca_key: Option<PathBuf>,
+    /// File holding the token new workers enroll with (it opens no other route).
+    #[arg(long, env = "SWARM_ENROLL_TOKEN_FILE")]
+    pub enroll_token_file: Option<PathBuf>,
+    /// Names of enrolled workers must start with this.
+    #[arg(long, env = "SWARM_ENROLL_PREFIX", default_value = "")]
+    pub enroll_prefix: String,
+    /// How long an enrolled worker's certificate is valid.
+    #[arg(long, env = "SWARM_ENROLL_VALIDITY", default_value = "365d", value_parser = parse_duration)]
+    pub enroll_validity: Duration,
     /// Initialise a new cluster (this node plus --peer nodes) if the data dir is empty.
     #[arg(long, env = "SWARM_BOOTSTRAP")]
     pub bootstrap: bool,
@@ -283,6 +296,18 @@ pub struct WorkerArgs {
     /// a pool certificate, the pool's prefix and hostname-pid).
     #[arg(long = "id", env = "SWARM_WORKER_ID")]
     pub id: Option<String>,
+    /// Enroll first if --certs holds no worker certificate yet: send a new key's signing
+    /// request to this coordinator API (comma-separated URLs of one cluster) and install
+    /// the certificate it signs for --id. Needs --enroll-token-file and --ca.
+    #[arg(long, env = "SWARM_ENROLL_API", value_delimiter = ',')]
+    pub enroll_api: Vec<String>,
+    /// File holding the cluster's enrollment token.
+    #[arg(long, env = "SWARM_ENROLL_TOKEN_FILE")]
+    pub enroll_token_file: Option<PathBuf>,
+    /// The cluster CA certificate: verifies the enrollment API and becomes the
+    /// certificates directory's `ca.pem`.
+    #[arg(long, env = "SWARM_CA")]
+    pub ca: Option<PathBuf>,
     /// Name to verify in the coordinators' certificates (default: each host of --coordinator).
     #[arg(long, env = "SWARM_SERVER_NAME")]
     pub server_name: Option<String>,
@@ -355,7 +380,7 @@ pub enum CertsCmd {
         #[command(flatten)]
         api: ApiArgs,
         /// The certificate file to revoke (its serial, name and expiry are read from it).
-        #[arg(required_unless_present = "serial", conflicts_with = "serial")]
+        #[arg(conflicts_with = "serial")]
         path: Option<PathBuf>,
         /// The serial to revoke (hex, as `swarm certs show` prints it), when the file is
         /// gone.

@@ -448,6 +448,14 @@ impl Client {
         .map(|_| ())
     }
 
+    pub async fn enroll(
+        &self,
+        req: &swarm_proto::api::EnrollRequest,
+    ) -> anyhow::Result<swarm_proto::api::EnrollResponse> {
+        self.call(Method::POST, "/v1/certs/enroll", &[], Self::encode(req)?)
+            .await
+    }
+
     pub async fn revoked_certs(&self) -> anyhow::Result<swarm_proto::api::RevokedList> {
         self.call(Method::GET, "/v1/certs/revoked", &[], None).await
     }

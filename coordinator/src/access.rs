@@ -9,13 +9,14 @@ use base64::Engine as _;
 use rand::RngCore as _;
 use subtle::ConstantTimeEq as _;
 use swarm_proto::api::{
-    CreateToken, CreatedToken, RevokeCert, RevokedList, Scope, TokenList, TokenView,
+    CreateToken, CreatedToken, EnrollRequest, EnrollResponse, RevokeCert, RevokedList, Scope,
+    TokenList, TokenView,
 };
 use tracing::info;
 
 use crate::commit::CommitError;
 use crate::node::{now_ms, Node};
-use crate::state::access::{check_name, normalize_serial, RevokedCert, TokenRecord};
+use crate::state::access::{check_name, normalize_serial, Enrolled, RevokedCert, TokenRecord};
 use crate::state::{AccessFault, AccessOp, Op, OpResult};
 
 /// Every token starts with this.
@@ -58,6 +59,9 @@ impl Principal {
 pub enum AccessError {
     #[error("{0}")]
     Invalid(String),
+    /// This node does not enroll workers, or the enrollment token is wrong.
+    #[error("{0}")]
+    Unauthorized(&'static str),
     /// Refused by the replicated state (`conflict`, `not_found`, `limit`, `invalid`).
     #[error("{}", .0.message)]
     Fault(AccessFault),
@@ -226,6 +230,87 @@ pub(crate) fn list_revoked(node: &Node) -> RevokedList {
     RevokedList {
         revoked: access.revoked.values().map(RevokedCert::view).collect(),
     }
+}
+
+/// Whether `token` is this node's enrollment token (constant time); `Err` says why not.
+pub fn check_enroll_token(node: &Node, token: &[u8]) -> Result<(), AccessError> {
+    let Some(cfg) = &node.config().enroll else {
+        return Err(AccessError::Unauthorized(
+            "this coordinator does not enroll workers (start it with --enroll-ca-key and --enroll-token-file)",
+        ));
+    };
+    if token.is_empty() || !bool::from(token.ct_eq(cfg.token.as_bytes())) {
+        return Err(AccessError::Unauthorized("invalid enrollment token"));
+    }
+    Ok(())
+}
+
+/// Sign a worker certificate for a new worker (`POST /v1/certs/enroll`, leader): the
+/// name must carry the enrollment prefix and never have been enrolled while a
+/// certificate for it is valid; the signature over the request's key is checked; the
+/// certificate is returned only once the enrollment is committed.
+pub(crate) async fn enroll(node: &Node, req: EnrollRequest) -> Result<EnrollResponse, AccessError> {
+    let Some(cfg) = node.config().enroll.clone() else {
+        return Err(AccessError::Unauthorized(
+            "this coordinator does not enroll workers",
+        ));
+    };
+    let name = swarm_transport::CertName::parse(&req.name).map_err(AccessError::Invalid)?;
+    let swarm_transport::CertName::Node(plain) = &name else {
+        return Err(AccessError::Invalid(format!(
+            "{:?} names a pool; enrollment signs one worker's name",
+            req.name
+        )));
+    };
+    if !plain.starts_with(&cfg.prefix) {
+        return Err(AccessError::Invalid(format!(
+            "worker names enrolled here start with {:?}; {plain:?} does not",
+            cfg.prefix
+        )));
+    }
+    if req.csr.len() > 16 * 1024 {
+        return Err(AccessError::Invalid(
+            "a signing request of over 16 KiB".into(),
+        ));
+    }
+    let ca = node.config().certs_dir.join("ca.pem");
+    let issuer = swarm_transport::Issuer::load(&ca, &cfg.ca_key)
+        .map_err(|e| AccessError::Internal(format!("the enrollment CA does not load: {e:#}")))?;
+    let pem = issuer
+        .sign_request(
+            &req.csr,
+            swarm_transport::Role::Worker,
+            &name,
+            &[],
+            cfg.validity,
+        )
+        .map_err(|e| AccessError::Invalid(format!("unusable signing request: {e:#}")))?;
+    let info = swarm_transport::CertInfo::from_pem(&pem)
+        .map_err(|e| AccessError::Internal(format!("reading the signed certificate: {e:#}")))?;
+    let not_after_ms = u64::try_from(info.not_after_unix)
+        .unwrap_or(0)
+        .saturating_mul(1000);
+    let now = now_ms();
+    propose(
+        node,
+        AccessOp::Enroll {
+            name: plain.clone(),
+            cert: Enrolled {
+                serial: info.serial.clone(),
+                not_after_ms,
+                enrolled_at_ms: now,
+            },
+            now_ms: now,
+        },
+    )
+    .await?;
+    info!(worker = %plain, serial = %info.serial, "worker enrolled");
+    metrics::counter!("swarm_workers_enrolled_total").increment(1);
+    Ok(EnrollResponse {
+        certificate: pem,
+        serial: info.serial,
+        not_after_ms,
+    })
 }
 
 /// Bring this node's handshake deny list up to the replicated one (after entries apply

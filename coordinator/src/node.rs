@@ -74,6 +74,33 @@ pub struct CoordinatorConfig {
     pub embedder: crate::memory::EmbedderConfig,
     /// How the HTTP API faces its clients: TLS, connection cap, header timeout.
     pub api: ApiEdges,
+    /// Sign worker certificates for new workers (`POST /v1/certs/enroll`); `None`: this
+    /// node does not enroll.
+    pub enroll: Option<EnrollConfig>,
+}
+
+/// Enrollment: a new worker sends a key's signing request with this token and gets a
+/// certificate for its name, signed with the cluster CA's key.
+#[derive(Clone)]
+pub struct EnrollConfig {
+    /// The CA's key (its certificate is `ca.pem` in the certificates directory).
+    pub ca_key: PathBuf,
+    /// The bearer token enrollment requires (and nothing else accepts).
+    pub token: String,
+    /// Names enrolled must start with this (e.g. `swarm-worker-`); may be empty.
+    pub prefix: String,
+    /// How long an enrolled certificate is valid.
+    pub validity: Duration,
+}
+
+impl std::fmt::Debug for EnrollConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollConfig")
+            .field("ca_key", &self.ca_key)
+            .field("prefix", &self.prefix)
+            .field("validity", &self.validity)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How the HTTP API faces its clients.
@@ -133,6 +160,7 @@ impl CoordinatorConfig {
             distill: crate::memory::DistillMode::default(),
             embedder: crate::memory::EmbedderConfig::default(),
             api: ApiEdges::default(),
+            enroll: None,
         }
     }
 }

@@ -196,6 +196,11 @@ where
         .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
     let identity = Identity::load(&cfg.certs_dir, Role::Coordinator)
         .context("load coordinator certificate")?;
+    if let Some(e) = &cfg.enroll {
+        // Refuse to start with an enrollment CA that cannot sign, not at the first worker.
+        swarm_transport::Issuer::load(&cfg.certs_dir.join("ca.pem"), &e.ca_key)
+            .context("--enroll-ca-key: the cluster CA's key, matching ca.pem")?;
+    }
     let quic_addr = endpoint.local_addr().context("QUIC local address")?;
     let api_addr = api_listener.local_addr().context("API local address")?;
     cfg.advertise = advertised(&cfg.advertise, quic_addr);

@@ -705,3 +705,23 @@ pub struct RevokedView {
 pub struct RevokedList {
     pub revoked: Vec<RevokedView>,
 }
+
+/// `POST /v1/certs/enroll` body (authorized by the cluster's enrollment token): sign
+/// a worker certificate for `name` over the key of `csr`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The worker's name (its id), starting with the cluster's enrollment prefix.
+    pub name: String,
+    /// A PKCS#10 certificate signing request, PEM. Only its public key is used.
+    pub csr: String,
+}
+
+/// `POST /v1/certs/enroll` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The signed worker certificate, PEM.
+    pub certificate: String,
+    pub serial: String,
+    pub not_after_ms: u64,
+}

@@ -111,6 +111,16 @@ pub async fn run(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             header_timeout: a.api_header_timeout,
             metrics_auth: a.metrics_auth,
         },
+        enroll: match (a.enroll_ca_key, a.enroll_token_file) {
+            (Some(ca_key), Some(token_file)) => Some(swarm_coordinator::node::EnrollConfig {
+                ca_key,
+                token: super::read_token(&token_file)?,
+                prefix: a.enroll_prefix,
+                validity: a.enroll_validity,
+            }),
+            (None, None) => None,
+            _ => bail!("--enroll-ca-key and --enroll-token-file go together"),
+        },
     };
     let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();
     let signals = StopSignals::listen();

@@ -10,6 +10,26 @@ use crate::signals::StopSignals;
 
 /// Run the worker until a stop signal (the first drains it).
 pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let enroll_api: Vec<String> = a
+        .enroll_api
+        .iter()
+        .filter(|u| !u.is_empty())
+        .cloned()
+        .collect();
+    let files = swarm_transport::CertFiles::in_dir(&a.certs);
+    if !enroll_api.is_empty() && !files.cert(swarm_transport::Role::Worker).exists() {
+        let (Some(id), Some(token_file), Some(ca)) = (&a.id, &a.enroll_token_file, &a.ca) else {
+            bail!("--enroll-api needs --id, --enroll-token-file and --ca");
+        };
+        enroll(
+            &enroll_api,
+            &super::read_token(token_file)?,
+            ca,
+            id,
+            &a.certs,
+        )
+        .await?;
+    }
     let id = worker_id(a.id, &a.certs)?;
     if a.slots == 0 {
         bail!("--slots must be at least 1");
@@ -34,6 +54,37 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     let signals = StopSignals::listen();
     swarm_worker::run_worker(cfg, signals.nth(1), signals.nth(2)).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Get a certificate for `id` from the cluster: a new key whose signing request goes to
+/// the enrollment API; the answer is checked against the key and the CA, then
+/// installed in `dir` (the key never leaves this machine).
+async fn enroll(
+    apis: &[String],
+    token: &str,
+    ca: &std::path::Path,
+    id: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let role = swarm_transport::Role::Worker;
+    let name = swarm_transport::CertName::parse(id)
+        .map_err(anyhow::Error::msg)
+        .context("--id")?;
+    let (key, csr) = swarm_transport::new_key_and_request(role, &name)?;
+    let client = crate::client::Client::new(&apis.join(","), token.to_string(), Some(ca))?;
+    let answer = client
+        .enroll(&swarm_proto::api::EnrollRequest {
+            name: id.to_string(),
+            csr,
+        })
+        .await
+        .context("enrolling with the cluster")?;
+    let ca_pem =
+        std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+    swarm_transport::install_enrolled(dir, role, &ca_pem, &answer.certificate, &key)?;
+    tracing::info!(worker = id, serial = %answer.serial, dir = %dir.display(), "enrolled: certificate installed");
+    Ok(())
 }
 
 /// The worker's id: the name its certificate gives; with a pool certificate `--id`, or

@@ -506,3 +506,167 @@ fn every_rule_names_a_route_once() {
         }
     }
 }
+
+/// A worker with no certificate enrolls: its key stays on its machine, the coordinator
+/// signs a certificate for its name, and it runs tasks under that name. A name is
+/// enrolled once; names without the prefix, wrong tokens and the enrollment token on any
+/// other route are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name() {
+    let mut c = Cluster::new(&[]);
+    let enroll_token = c.dir.path().join("enroll-token");
+    std::fs::write(&enroll_token, "enroll-secret-0123456789").unwrap();
+    let ca_key = c.certs.join("ca-key.pem");
+    c.coordinator_args.extend(
+        [
+            "--enroll-ca-key",
+            ca_key.to_str().unwrap(),
+            "--enroll-token-file",
+            enroll_token.to_str().unwrap(),
+            "--enroll-prefix",
+            "pod-",
+        ]
+        .map(String::from),
+    );
+    c.start_coordinator();
+    c.wait_ready().await;
+    let ca = c.certs.join("ca.pem");
+    let dir = c.dir.path().join("pod-a1-certs");
+    let api = c.api.clone();
+    let enroll_args = |dir: Option<&std::path::Path>| -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--enroll-api".into(),
+            api.clone(),
+            "--enroll-token-file".into(),
+            enroll_token.to_str().unwrap().into(),
+            "--ca".into(),
+            ca.to_str().unwrap().into(),
+        ];
+        if let Some(d) = dir {
+            args.extend(["--certs".into(), d.to_str().unwrap().into()]);
+        }
+        args
+    };
+    let args = enroll_args(None);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.start_worker_as("pod-a1", "pod-a1", 1, None, &dir, &args);
+    c.wait_workers(&["pod-a1"]).await;
+    let info = swarm_transport::CertInfo::read(&dir.join("worker.pem")).expect("installed");
+    assert_eq!(info.subject.name.to_string(), "pod-a1");
+    assert_eq!(info.subject.role, swarm_transport::Role::Worker);
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.join("worker-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the key is private: {mode:o}");
+    assert!(!dir.join("ca-key.pem").exists());
+    let (_, v) = c
+        .post(
+            "/v1/tasks?wait=30s",
+            json!({"agent": "echo", "payload": "enrolled"}),
+        )
+        .await;
+    assert_eq!(v["task"]["state"], "succeeded", "{v}");
+    assert_eq!(v["task"]["attempts"][0]["worker"], "pod-a1", "{v}");
+
+    // The same name again (another machine, empty directory): refused, nothing written.
+    let again = c.dir.path().join("again");
+    let out = std::process::Command::new(bin())
+        .arg("worker")
+        .args(enroll_args(Some(&again)))
+        .args([
+            "--id",
+            "pod-a1",
+            "--coordinator",
+            &format!("127.0.0.1:{}", c.quic_port),
+        ])
+        .output()
+        .expect("run worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("enrolled already"), "{err}");
+    assert!(!again.join("worker.pem").exists());
+    // A name without the prefix.
+    let out = std::process::Command::new(bin())
+        .arg("worker")
+        .args(enroll_args(Some(&again)))
+        .args([
+            "--id",
+            "w-other",
+            "--coordinator",
+            &format!("127.0.0.1:{}", c.quic_port),
+        ])
+        .output()
+        .expect("run worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("start with \"pod-\""), "{err}");
+
+    // The enrollment token opens nothing else; a wrong one does not enroll.
+    let http = reqwest::Client::new();
+    let (status, _) = call(
+        &http,
+        &c.api,
+        "enroll-secret-0123456789",
+        Method::GET,
+        "/v1/status",
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (key, csr) = swarm_transport::new_key_and_request(
+        swarm_transport::Role::Worker,
+        &swarm_transport::CertName::parse("pod-x").unwrap(),
+    )
+    .unwrap();
+    drop(key);
+    let body = json!({"name": "pod-x", "csr": csr});
+    let (status, v) = call(
+        &http,
+        &c.api,
+        "wrong",
+        Method::POST,
+        "/v1/certs/enroll",
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = call(
+        &http,
+        &c.api,
+        &c.token,
+        Method::POST,
+        "/v1/certs/enroll",
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 401, "the admin token does not enroll either: {v}");
+    // Garbage for a signing request: a clear 400.
+    let (status, v) = call(&http, &c.api, "enroll-secret-0123456789", Method::POST, "/v1/certs/enroll",
+        Some(json!({"name": "pod-y", "csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"}))).await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = call(
+        &http,
+        &c.api,
+        "enroll-secret-0123456789",
+        Method::POST,
+        "/v1/certs/enroll",
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["certificate"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("BEGIN CERTIFICATE"),
+        "{v}"
+    );
+    let log = c.log_of("coordinator");
+    assert_eq!(log.matches("worker enrolled").count(), 2, "{log}");
+    assert!(c
+        .log_of("pod-a1")
+        .contains("enrolled: certificate installed"));
+    c.assert_coordinator_alive();
+}

@@ -8,7 +8,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use swarm_proto::api::{CreateToken, RevokeCert, RevokedList, TokenList};
+use swarm_proto::api::{
+    CreateToken, EnrollRequest, EnrollResponse, RevokeCert, RevokedList, TokenList,
+};
 
 use super::ApiError;
 use crate::access;
@@ -51,4 +53,13 @@ pub(super) async fn revoke_cert(
 /// `GET /v1/certs/revoked`
 pub(super) async fn list_revoked(State(node): State<Arc<Node>>) -> Json<RevokedList> {
     Json(access::list_revoked(&node))
+}
+
+/// `POST /v1/certs/enroll` (enrollment token; leader): a certificate for a new worker.
+pub(super) async fn enroll(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<EnrollRequest>, JsonRejection>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    let Json(req) = body?;
+    Ok(Json(access::enroll(&node, req).await?))
 }

@@ -3,7 +3,8 @@
 //! `POST /v1/tokens` — or a coordinator certificate presented over HTTPS.
 //!
 //! Each route needs a [`Scope`], written once in [`RULES`]; a route missing from the
-//! table needs `admin` (deny by default). A token limited to swarms may use the routes
+//! table needs `admin` (deny by default). [`ENROLL`] alone takes the enrollment token
+//! instead, which opens nothing else. A token limited to swarms may use the routes
 //! whose handlers check the swarm ([`Swarms::Checked`]) and the cluster-wide health
 //! views ([`Swarms::Any`]), not the rest. The request's [`Principal`] goes into its
 //! extensions for the handlers.
@@ -28,6 +29,10 @@ use crate::node::Node;
 /// Header carrying the principal of a forwarded request (believed only from a
 /// coordinator's certificate).
 pub const PRINCIPAL: &str = "x-swarm-principal";
+
+/// The route new workers enroll on: authorized by the enrollment token alone, outside
+/// [`RULES`].
+pub const ENROLL: &str = "/v1/certs/enroll";
 
 /// What a route does with a token limited to swarms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +128,18 @@ pub(super) async fn require_token(
     mut req: Request,
     next: Next,
 ) -> Response {
+    let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str());
+    if matched == Some(ENROLL) {
+        // The enrollment token, and nothing else, signs up new workers; a follower
+        // checks it before forwarding under its own certificate.
+        if !from_coordinator(&req) {
+            let given = bearer(&req).unwrap_or_default();
+            if let Err(e) = access::check_enroll_token(&node, given) {
+                return ApiError::from(e).into_response();
+            }
+        }
+        return next.run(req).await;
+    }
     let principal = match principal_of(&node, &req) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -163,12 +180,22 @@ pub(super) async fn require_token(
     next.run(req).await
 }
 
-fn principal_of(node: &Node, req: &Request) -> Result<Principal, ApiError> {
-    if req
-        .extensions()
+/// Whether the request came over HTTPS with a coordinator's certificate.
+fn from_coordinator(req: &Request) -> bool {
+    req.extensions()
         .get::<PeerCert>()
         .is_some_and(|p| p.0.role == swarm_transport::Role::Coordinator)
-    {
+}
+
+/// The bearer token of `req`, if any.
+fn bearer(req: &Request) -> Option<&[u8]> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b""))
+}
+
+fn principal_of(node: &Node, req: &Request) -> Result<Principal, ApiError> {
+    if from_coordinator(req) {
         // A peer coordinator: a request it forwards carries its client's principal.
         return Ok(match req.headers().get(PRINCIPAL) {
             Some(v) => decode(v).ok_or(ApiError::BadRequest(format!(
@@ -177,12 +204,11 @@ fn principal_of(node: &Node, req: &Request) -> Result<Principal, ApiError> {
             None => Principal::admin("coordinator"),
         });
     }
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+    let Some(given) = bearer(req) else {
         return Err(ApiError::Unauthorized(
             "missing bearer token (Authorization: Bearer <token>)",
         ));
     };
-    let given = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
     access::authenticate(node, given).ok_or(ApiError::Unauthorized(
         "invalid, revoked or expired bearer token",
     ))

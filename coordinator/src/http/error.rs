@@ -180,6 +180,7 @@ impl From<AccessError> for ApiError {
     fn from(e: AccessError) -> Self {
         match e {
             AccessError::Invalid(m) => ApiError::BadRequest(m),
+            AccessError::Unauthorized(m) => ApiError::Unauthorized(m),
             AccessError::Fault(f) => {
                 let status = match f.code.as_str() {
                     "not_found" => StatusCode::NOT_FOUND,

@@ -130,6 +130,7 @@ pub fn router(node: Arc<Node>) -> Router {
             "/certs/revoked",
             get(access::list_revoked).post(access::revoke_cert.layer(lead())),
         )
+        .route("/certs/enroll", post(access::enroll.layer(lead())))
         .layer(middleware::from_fn_with_state(
             node.clone(),
             auth::require_token,

@@ -1,6 +1,9 @@
 //! Who may use the cluster, replicated like the tasks: the API tokens (their secrets'
 //! hashes, never the secrets) and the certificates refused in every handshake.
 //!
+//! Enrolled names (worker certificates coordinators signed) are kept until their
+//! certificates expire, so no name is signed twice.
+//!
 //! A token is `swt_<id>_<secret>`: `id` finds the record, the SHA-256 of the whole token
 //! must match the record's hash (compared in constant time). Secrets are 256 random bits,
 //! so a fast hash is enough; nothing here can recover a token.
@@ -21,6 +24,8 @@ pub const MAX_TOKENS: usize = 10_000;
 pub const MAX_REVOKED: usize = 100_000;
 /// Longest token name.
 pub const MAX_NAME: usize = 64;
+/// Most enrolled worker certificates valid at once.
+pub const MAX_ENROLLED: usize = 1_000_000;
 /// Most swarms one token may be limited to.
 pub const MAX_TOKEN_SWARMS: usize = 64;
 
@@ -76,6 +81,15 @@ impl RevokedCert {
     }
 }
 
+/// A worker certificate a coordinator signed for a name (enrollment): that name is never
+/// signed again while the certificate is valid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub serial: String,
+    pub not_after_ms: u64,
+    pub enrolled_at_ms: u64,
+}
+
 /// A change to [`Access`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AccessOp {
@@ -85,6 +99,12 @@ pub enum AccessOp {
     TokenRevoke { token: String, now_ms: u64 },
     /// Refuse a certificate from now on (a no-op if it is listed already).
     CertRevoke { cert: RevokedCert, now_ms: u64 },
+    /// A worker certificate was signed for `name`; refused if that name holds a valid one.
+    Enroll {
+        name: String,
+        cert: Enrolled,
+        now_ms: u64,
+    },
 }
 
 /// Why an [`AccessOp`] was refused: a stable code and a message for people.
@@ -110,6 +130,8 @@ pub struct Access {
     pub tokens: BTreeMap<String, TokenRecord>,
     /// By serial.
     pub revoked: BTreeMap<String, RevokedCert>,
+    /// Names enrolled, with their certificates, until those expire.
+    pub enrolled: BTreeMap<String, Enrolled>,
 }
 
 /// Checks a token name: 1 to [`MAX_NAME`] letters, digits, `.`, `_` or `-`.
@@ -210,6 +232,27 @@ impl Access {
                 self.revoked.insert(cert.serial.clone(), cert.clone());
                 Ok(())
             }
+            AccessOp::Enroll { name, cert, now_ms } => {
+                self.prune(*now_ms);
+                if let Some(e) = self.enrolled.get(name) {
+                    return Err(AccessFault::new(
+                        "conflict",
+                        format!(
+                            "worker {name:?} was enrolled already (certificate {}); a name is \
+                             enrolled once: revoke and retire it, or use a new name",
+                            e.serial
+                        ),
+                    ));
+                }
+                if self.enrolled.len() >= MAX_ENROLLED {
+                    return Err(AccessFault::new(
+                        "limit",
+                        format!("{MAX_ENROLLED} enrolled certificates are still valid"),
+                    ));
+                }
+                self.enrolled.insert(name.clone(), cert.clone());
+                Ok(())
+            }
         }
     }
 
@@ -218,6 +261,7 @@ impl Access {
         self.tokens.retain(|_, t| !t.expired(now_ms));
         self.revoked
             .retain(|_, c| c.not_after_ms.is_none_or(|t| t > now_ms));
+        self.enrolled.retain(|_, e| e.not_after_ms > now_ms);
     }
 
     /// The token with this id, if any.
@@ -323,6 +367,25 @@ mod tests {
         assert!(a.tokens.is_empty());
         assert!(!a.is_revoked("0a"));
         assert!(a.is_revoked("0b"));
+    }
+
+    #[test]
+    fn a_name_is_enrolled_once_until_its_certificate_expires() {
+        let mut a = Access::default();
+        let enroll = |serial: &str, now_ms| AccessOp::Enroll {
+            name: "worker-abc".into(),
+            cert: Enrolled {
+                serial: serial.into(),
+                not_after_ms: 1_000,
+                enrolled_at_ms: now_ms,
+            },
+            now_ms,
+        };
+        a.apply(&enroll("01", 10)).unwrap();
+        assert_eq!(a.apply(&enroll("02", 20)).unwrap_err().code, "conflict");
+        // Once the first certificate has expired, the name may be enrolled again.
+        a.apply(&enroll("03", 1_000)).unwrap();
+        assert_eq!(a.enrolled["worker-abc"].serial, "03");
     }
 
     #[test]
