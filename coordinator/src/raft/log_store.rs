@@ -619,6 +619,37 @@ async fn read_entries(
     Ok(out)
 }
 
+/// The entries of `out` that run without a gap from index `start`; none if `start`
+/// itself is missing. Only the reader replication uses ([`RedbLogReader`]) applies it:
+/// openraft's other reads (e.g. the last membership since an index) may start before the
+/// first entry, and its storage suite holds the store to that.
+///
+/// openraft 0.9's replication sends what this returns after `prev_log_id = start - 1`
+/// without checking where it begins. A request planned before a purge (the leader drops
+/// a failed request's in-flight mark, so purging goes ahead, while the replication task
+/// still holds the request and sends it after its backoff) would otherwise reach the
+/// follower with entries that do not follow `prev_log_id` — an assertion in a debug
+/// build and a log with a hole in a release one (found by the simulation, seed 1035).
+/// Nothing is a heartbeat to openraft; the follower's answer makes the leader plan again
+/// from the log as it is (a snapshot, here).
+fn consecutive_from(start: u64, mut out: Vec<Entry>) -> Vec<Entry> {
+    let run = out
+        .iter()
+        .enumerate()
+        .take_while(|(i, e)| e.log_id.index == start + *i as u64)
+        .count();
+    if run < out.len() {
+        tracing::debug!(
+            start,
+            returned = out.len(),
+            consecutive = run,
+            "log read stops at a gap (purged or truncated meanwhile)"
+        );
+        out.truncate(run);
+    }
+    out
+}
+
 fn read_db_range(db: &Database, start: u64, end: Option<u64>) -> StoreResult<Vec<Entry>> {
     let read_err =
         |e: redb::Error| StorageError::from(StorageIOError::read_logs(AnyError::new(&e)));
@@ -664,7 +695,9 @@ impl RaftLogReader<TypeConfig> for RedbLogReader {
         range: RB,
     ) -> StoreResult<Vec<Entry>> {
         let (start, end) = to_half_open(&range);
-        read_entries(&self.shared, start, end).await
+        read_entries(&self.shared, start, end)
+            .await
+            .map(|out| consecutive_from(start, out))
     }
 }
 
@@ -809,5 +842,33 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         .await
         .map_err(|e| StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Blank,
+        }
+    }
+
+    #[test]
+    fn reads_stop_at_the_first_gap_and_never_start_late() {
+        let idx = |v: Vec<Entry>| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+        let run = |start, ids: &[u64]| {
+            idx(consecutive_from(
+                start,
+                ids.iter().map(|i| entry(*i)).collect(),
+            ))
+        };
+        assert_eq!(run(5, &[5, 6, 7]), [5, 6, 7]);
+        assert_eq!(run(5, &[5, 6, 8, 9]), [5, 6]);
+        // The head was purged meanwhile: nothing, not entries after a hole.
+        assert!(run(5, &[7, 8]).is_empty());
+        assert!(run(5, &[]).is_empty());
     }
 }

@@ -828,6 +828,18 @@ async fn serve_stream(
         }
     };
     let resp = match req {
+        RaftRequest::AppendEntries(rpc) if !consecutive(&rpc) => {
+            // openraft would append it after the wrong entry; the sender retries anew.
+            tracing::warn!(
+                %remote,
+                prev = ?rpc.prev_log_id,
+                first = ?rpc.entries.first().map(|e| e.log_id),
+                "refusing an AppendEntries whose entries do not follow its prev_log_id"
+            );
+            let code = quinn::VarInt::from_u32(STREAM_MALFORMED);
+            let _ = writer.get_mut().reset(code);
+            return;
+        }
         RaftRequest::AppendEntries(rpc) => {
             if under_way.is_none() && entries_bytes(&rpc) >= BULK_APPEND_BYTES {
                 under_way = Some(arrivals.append());
@@ -844,6 +856,15 @@ async fn serve_stream(
         tracing::debug!(%remote, error = %e, "could not send Raft response");
     }
     drop(under_way);
+}
+
+/// Whether an AppendEntries' entries run without a gap from just after `prev_log_id`.
+fn consecutive(rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+    let first = rpc.prev_log_id.map_or(0, |p| p.index + 1);
+    rpc.entries
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.log_id.index == first + i as u64)
 }
 
 /// How long a large request may receive nothing before it stops holding elections off.
@@ -938,6 +959,29 @@ mod tests {
     use openraft::{CommittedLeaderId, Membership, RaftMetrics, StoredMembership};
 
     use super::*;
+
+    #[test]
+    fn only_entries_that_follow_prev_log_id_are_taken() {
+        let lid = |i| openraft::LogId::new(CommittedLeaderId::new(2, 2), i);
+        let rpc = |prev: Option<u64>, ids: &[u64]| AppendEntriesRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(2, 2),
+            prev_log_id: prev.map(lid),
+            leader_commit: None,
+            entries: ids
+                .iter()
+                .map(|i| openraft::Entry {
+                    log_id: lid(*i),
+                    payload: openraft::EntryPayload::Blank,
+                })
+                .collect(),
+        };
+        assert!(consecutive(&rpc(Some(105), &[106, 107])));
+        assert!(consecutive(&rpc(None, &[0, 1])));
+        assert!(consecutive(&rpc(Some(105), &[])));
+        // Seed 1035: prev 105, entries from 130 (the leader had purged 106..129).
+        assert!(!consecutive(&rpc(Some(105), &[130, 131])));
+        assert!(!consecutive(&rpc(Some(105), &[106, 108])));
+    }
 
     /// A large request holds elections off while it arrives, not once it stalls, and
     /// again once it moves on.
