@@ -1,7 +1,6 @@
 //! Enrollment end to end: a worker makes its own key and request, the CA signs it, the
 //! worker installs the answer and connects over real mutual-TLS QUIC.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,14 +10,9 @@ use swarm_transport::{
     CertName, CertSubject, Identity, Issuer, Role,
 };
 
-const ALPN: &[u8] = b"swarm-enroll-test/1";
+mod common;
 
-/// Safety net so a broken test fails instead of hanging; correctness never depends on it.
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), f)
-        .await
-        .expect("test timed out")
-}
+use common::{bounded, ALPN};
 
 #[tokio::test]
 async fn an_enrolled_worker_completes_an_mtls_handshake_with_a_coordinator() {

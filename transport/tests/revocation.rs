@@ -1,95 +1,22 @@
 //! The certificate deny list in real handshakes: QUIC over 127.0.0.1 and HTTPS (rustls
 //! over a loopback TCP socket), with certificates from `init_certs` / `issue_cert`.
 
-use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{any_local, bounded, client, server, Pki};
 use swarm_transport::endpoint::REVOKED_CODE;
 use swarm_transport::{
-    accept, client_config, client_endpoint, dial, https_client_config, https_server_config,
-    init_certs, is_peer_revoked, issue_cert, open_session, peer_serial, require_not_revoked,
-    server_config, server_endpoint, CertInfo, CertName, Identity, Revocations, Role,
-    TransportError,
+    accept, dial, https_client_config, https_server_config, is_peer_revoked, open_session,
+    peer_serial, require_not_revoked, CertInfo, Identity, Revocations, Role, TransportError,
 };
 
-const ALPN: &[u8] = b"swarm-test/1";
 /// QUIC CRYPTO_ERROR (0x100) carrying the TLS alert `certificate_revoked` (44).
 const CERTIFICATE_REVOKED: u64 = 0x100 + 44;
-
-/// A cluster certificate directory that lives as long as the value.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        init_certs(dir.path(), &[], false).unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn identity(&self, role: Role) -> Identity {
-        Identity::load(self.path(), role).unwrap()
-    }
-
-    /// The serial of the shared `role` certificate, as `swarm certs show` prints it.
-    fn serial(&self, role: Role) -> String {
-        let file = match role {
-            Role::Coordinator => "coordinator.pem",
-            Role::Worker => "worker.pem",
-        };
-        CertInfo::read(&self.path().join(file)).unwrap().serial
-    }
-
-    /// Issues a worker certificate for node `name` into its own directory.
-    fn issue_worker(&self, name: &str) -> PathBuf {
-        let out = self.path().join(name);
-        issue_cert(
-            self.path(),
-            &out,
-            Role::Worker,
-            &CertName::Node(name.into()),
-            &[],
-            swarm_transport::pki::DEFAULT_VALIDITY,
-            false,
-        )
-        .unwrap();
-        out
-    }
-}
-
-fn any_local() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-fn server(id: &Identity) -> (quinn::Endpoint, SocketAddr) {
-    let ep = server_endpoint(any_local(), server_config(id, &[ALPN]).unwrap()).unwrap();
-    let addr = ep.local_addr().unwrap();
-    (ep, addr)
-}
-
-/// A worker-side dialer of coordinators.
-fn client(id: &Identity) -> (quinn::Endpoint, quinn::ClientConfig) {
-    (
-        client_endpoint(any_local()).unwrap(),
-        client_config(id, ALPN, Role::Coordinator).unwrap(),
-    )
-}
-
-/// Safety net so a broken test fails instead of hanging; correctness never depends on it.
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), f)
-        .await
-        .expect("test timed out")
-}
 
 /// The QUIC error code a connection failure carries, raised locally or by the peer.
 fn error_code(e: &TransportError) -> Option<u64> {

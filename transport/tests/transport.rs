@@ -2,20 +2,19 @@
 
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+mod common;
+
+use common::{any_local, bounded, client, server, Pki, ALPN};
 use swarm_transport::endpoint::WRONG_ROLE_CODE;
 use swarm_transport::tls::CertFiles;
 use swarm_transport::{
     accept, client_config, client_endpoint, dial, init_certs, open_session, peer_role,
-    require_role, server_config, server_endpoint, Accepted, FrameError, FrameReader, FrameWriter,
-    Identity, Role, TransportError, DEFAULT_MAX_FRAME,
+    require_role, server_config, Accepted, FrameError, FrameReader, FrameWriter, Identity, Role,
+    TransportError, DEFAULT_MAX_FRAME,
 };
-
-const ALPN: &[u8] = b"swarm-test/1";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Msg {
@@ -28,69 +27,6 @@ fn hello(n: u32) -> Msg {
     Msg::Hello {
         worker: format!("worker-{n}"),
     }
-}
-
-/// A certificate directory that lives as long as the value.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        Self::with_sans(&[])
-    }
-
-    fn with_sans(sans: &[&str]) -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        init_certs(dir.path(), &sans, false).unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn files(&self) -> CertFiles {
-        CertFiles::in_dir(self.path())
-    }
-
-    fn identity(&self, role: Role) -> Identity {
-        Identity::load(self.path(), role).unwrap()
-    }
-
-    fn read(&self, path: PathBuf) -> String {
-        std::fs::read_to_string(path).unwrap()
-    }
-}
-
-fn any_local() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-fn server(id: &Identity) -> (quinn::Endpoint, SocketAddr) {
-    let ep = server_endpoint(any_local(), server_config(id, &[ALPN]).unwrap()).unwrap();
-    let addr = ep.local_addr().unwrap();
-    (ep, addr)
-}
-
-/// A client that expects to reach the other role (workers dial coordinators).
-fn client(id: &Identity) -> (quinn::Endpoint, quinn::ClientConfig) {
-    let server_role = match id.role() {
-        Role::Worker => Role::Coordinator,
-        Role::Coordinator => Role::Worker,
-    };
-    (
-        client_endpoint(any_local()).unwrap(),
-        client_config(id, ALPN, server_role).unwrap(),
-    )
-}
-
-/// Safety net so a broken test fails instead of hanging; correctness never depends on it.
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), f)
-        .await
-        .expect("test timed out")
 }
 
 /// Accepts one connection and returns it with its first stream, unauthenticated.
