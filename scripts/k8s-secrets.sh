@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make the Secrets the Kubernetes manifests (k8s/) mount: a cluster CA with coordinator
-# and worker certificates (`swarm certs init`) and a random API token.
+# certificates (`swarm certs init`), the CA key the coordinators sign enrolling workers'
+# certificates with, and random API and enrollment tokens.
 #
 # Usage: scripts/k8s-secrets.sh [--namespace NS] [--coordinators N] [--out DIR]
 #        kubectl apply -f DIR/secrets.yaml
@@ -10,8 +11,9 @@
 #                   from 3 without new certificates)
 #   --out           where to write (default ./swarm-k8s-secrets); must not exist yet
 #
-# DIR keeps ca-key.pem, which no pod needs: store it offline (you need it to issue
-# certificates for more coordinators later) and delete DIR afterwards.
+# DIR keeps a copy of ca-key.pem (the coordinators hold it in Secret swarm-ca-key, to
+# enroll workers): store it offline (it issues certificates for more coordinators later)
+# and delete DIR afterwards.
 # Runs the `swarm` binary from $SWARM (default: `swarm` on PATH), or else the image
 # $SWARM_IMAGE (default swarm:local) with Docker.
 set -euo pipefail
@@ -51,6 +53,7 @@ else
 fi
 umask 077
 od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$out/api-token"
+od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$out/enroll-token"
 
 b64() { base64 -w0 <"$1"; }
 secret() { # name component file-key=path...
@@ -68,15 +71,18 @@ secret() { # name component file-key=path...
     secret swarm-coordinator-tls coordinator \
         ca.pem="$out/certs/ca.pem" coordinator.pem="$out/certs/coordinator.pem" \
         coordinator-key.pem="$out/certs/coordinator-key.pem"
-    secret swarm-worker-tls worker \
-        ca.pem="$out/certs/ca.pem" worker.pem="$out/certs/worker.pem" \
-        worker-key.pem="$out/certs/worker-key.pem"
+    # Coordinators sign enrolling workers' certificates; workers get only the CA and
+    # the enrollment token, and make their own keys.
+    secret swarm-ca-key coordinator ca-key.pem="$out/certs/ca-key.pem"
+    secret swarm-enroll worker \
+        ca.pem="$out/certs/ca.pem" enroll-token="$out/enroll-token"
     secret swarm-api-token coordinator api-token="$out/api-token"
 } >"$out/secrets.yaml"
 
 cat <<EOF
-wrote $out/secrets.yaml (Secrets swarm-coordinator-tls, swarm-worker-tls, swarm-api-token
-in namespace $namespace; certificates for swarm-coordinator-0..$((coordinators - 1)))
+wrote $out/secrets.yaml (Secrets swarm-coordinator-tls, swarm-ca-key, swarm-enroll,
+swarm-api-token in namespace $namespace; certificates for
+swarm-coordinator-0..$((coordinators - 1)); worker pods enroll for their own)
   kubectl apply -f $out/secrets.yaml
-then move $out/certs/ca-key.pem offline and delete $out.
+then move $out/certs/ca-key.pem offline (a copy) and delete $out.
 EOF
