@@ -1,5 +1,5 @@
 //! Declares `cfg(tokio_unstable)`: the simulation replays exactly only when tokio is built
-//! with it (`RUSTFLAGS="--cfg tokio_unstable"`), and says so.
+//! with it (`.cargo/config.toml` sets it for the workspace), and says so when it is not.
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(tokio_unstable)");

@@ -23,7 +23,9 @@
 //! replayed exactly only in a fresh process, and that is how the batch runs it too.
 //! `tokio::select!` picks among ready branches at random; only with tokio built with
 //! `--cfg tokio_unstable` can turmoil seed that, so only then is an exact replay
-//! guaranteed (without it, runs have replayed exactly in every comparison made so far).
+//! guaranteed. The workspace builds with it (`.cargo/config.toml`); a `RUSTFLAGS` in the
+//! environment replaces that setting. With it, a task that panics inside a simulated
+//! host also fails the run (turmoil shuts that host's runtime down) instead of vanishing.
 //! A failure names the seed and the command that replays it.
 
 use std::process::Command;
@@ -127,19 +129,14 @@ fn replay_command(seed: u64) -> String {
         + &env_i64("SWARM_SIM_WORKER_CLOCK_SKEW_MS")
             .map(|n| format!("SWARM_SIM_WORKER_CLOCK_SKEW_MS={n} "))
             .unwrap_or_default();
-    let flags = if EXACT {
-        "RUSTFLAGS=\"--cfg tokio_unstable\" "
-    } else {
-        ""
-    };
     format!(
-        "SWARM_SIM_SEED={seed} {snapshots}{flags}cargo test -p swarm-sim --test simulation -- --exact seeded_faults --nocapture{}",
+        "SWARM_SIM_SEED={seed} {snapshots}cargo test -p swarm-sim --test simulation -- --exact seeded_faults --nocapture{}",
         if EXACT {
             ""
         } else {
-            "\n  (built without --cfg tokio_unstable: the replay is not guaranteed to interleave \
-             exactly as this run did; with RUSTFLAGS=\"--cfg tokio_unstable\" and a separate \
-             CARGO_TARGET_DIR it is)"
+            "\n  (built without --cfg tokio_unstable, which .cargo/config.toml sets unless \
+             RUSTFLAGS overrides it: the replay is not guaranteed to interleave exactly as \
+             this run did)"
         }
     )
 }
@@ -446,8 +443,8 @@ fn seeded_faults() {
 /// and final replicas (their checkpoints, byte for byte). Guards against nondeterminism
 /// creeping into the simulated system (a thread, a wall clock, hash map order that
 /// reaches the network). The seed's run installs snapshots on old and new nodes and
-/// changes the membership twice. Guaranteed only with `--cfg tokio_unstable` (see the
-/// module docs); this seed has replayed exactly without it in every run so far.
+/// changes the membership twice. Guaranteed with `--cfg tokio_unstable`, which the
+/// workspace sets (see the module docs).
 #[test]
 fn a_seed_replays_exactly() {
     let seed = env_u64("SWARM_SIM_REPLAY_SEED").unwrap_or(REPLAY_SEED);
