@@ -13,7 +13,8 @@ readOnlyRootFilesystem, dropped capabilities, no privilege escalation. Peers rea
 other by the pod DNS names the certificates carry (`swarm-coordinator-N.swarm-coordinator`,
 as Docker network aliases). Then it runs each container's readiness and liveness probe
 commands until they pass, checks `swarm status` (every replica a voter, a leader, every
-worker connected) and runs one task through a follower. Cleans up always.
+worker connected under its pod name, with the certificate it enrolled for) and runs one
+task through a follower. Cleans up always.
 
 Not simulated: the kubelet's probe timing, Services other than pod DNS, the HPA, the PDB.
 Needs Docker and PyYAML (or the venv scripts/validate-k8s.sh makes).
@@ -193,7 +194,13 @@ class Smoke:
                 raise SystemExit(f"k8s-docker-smoke: FAIL: leader {leader}, {len(voters)} voters, "
                                  f"{len(status['workers'])} of {workers} workers")
             time.sleep(1)
-        print(f"leader {leader}, {len(voters)} voters, {workers} workers connected")
+        ids = sorted(w["id"] for w in status["workers"])
+        pods = sorted(f"{dep['metadata']['name']}-{i}" for i in range(workers))
+        if ids != pods:
+            raise SystemExit(f"k8s-docker-smoke: FAIL: workers {ids} are not the pods {pods} "
+                             "(each enrolls for a certificate naming its pod)")
+        print(f"leader {leader}, {len(voters)} voters, {workers} workers connected, each under "
+              "its pod name with a certificate it enrolled for")
         follower = next(n for n, _ in coords if n != coords[leader - 1][0])
         out = run("docker", "exec", follower, "swarm", "submit", "--agent", "echo",
                   "--payload", "k8s-smoke", "--wait", "30s").stdout.strip()
