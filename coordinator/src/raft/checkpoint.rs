@@ -398,7 +398,9 @@ fn write_delta(
     meta.insert(KEY_APPLIED, &encode(&applied)?[..])?;
     meta.insert(KEY_MEMBERSHIP, &encode(membership)?[..])?;
     meta.insert(KEY_TABLE, &encode(&delta.meta)?[..])?;
-    meta.insert(KEY_ACCESS, &encode(&*delta.access)?[..])?;
+    if let Some(access) = &delta.access {
+        meta.insert(KEY_ACCESS, &encode(&**access)?[..])?;
+    }
     Ok(())
 }
 

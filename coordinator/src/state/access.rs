@@ -25,7 +25,7 @@ pub const MAX_REVOKED: usize = 100_000;
 /// Longest token name.
 pub const MAX_NAME: usize = 64;
 /// Most enrolled worker certificates valid at once.
-pub const MAX_ENROLLED: usize = 1_000_000;
+pub const MAX_ENROLLED: usize = 200_000;
 /// Most swarms one token may be limited to.
 pub const MAX_TOKEN_SWARMS: usize = 64;
 

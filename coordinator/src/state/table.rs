@@ -80,9 +80,13 @@ pub struct TaskTable {
     /// Ids of live tasks by state (queued, running).
     by_state: BTreeMap<TaskState, BTreeSet<TaskId>>,
     meta: TableMeta,
-    /// API tokens and revoked certificates: small, copied on change, stored whole by
-    /// every checkpoint.
+    /// API tokens, revoked certificates and enrolled names: copied on change, stored
+    /// whole by the next checkpoint after a change.
     access: Arc<Access>,
+    /// The access state the archive holds (`None`: unknown, so the next checkpoint
+    /// writes it), and the one the checkpoint being written carries.
+    access_stored: Option<Arc<Access>>,
+    access_flushing: Option<Arc<Access>>,
     changes: Changes,
     /// The changes a checkpoint is writing to the archive right now.
     flushing: Option<Arc<Changes>>,
@@ -98,7 +102,8 @@ pub struct CheckpointDelta {
     pub changes: Arc<Changes>,
     pub live: Vec<Arc<Task>>,
     pub meta: TableMeta,
-    pub access: Arc<Access>,
+    /// The access state, when it changed since the last checkpoint.
+    pub access: Option<Arc<Access>>,
 }
 
 impl TaskTable {
@@ -112,9 +117,11 @@ impl TaskTable {
         access: Access,
         live: Vec<Task>,
     ) -> anyhow::Result<Self> {
+        let access = Arc::new(access);
         let mut t = TaskTable {
             meta,
-            access: Arc::new(access),
+            access_stored: Some(access.clone()),
+            access,
             ..Default::default()
         };
         for task in live {
@@ -1015,22 +1022,33 @@ impl TaskTable {
             .filter_map(|id| self.live.get(id).cloned())
             .collect();
         self.flushing = Some(changes.clone());
+        let unchanged = self
+            .access_stored
+            .as_ref()
+            .is_some_and(|stored| Arc::ptr_eq(stored, &self.access));
+        self.access_flushing = (!unchanged).then(|| self.access.clone());
         Ok(CheckpointDelta {
             changes,
             live,
             meta: self.meta.clone(),
-            access: self.access.clone(),
+            access: self.access_flushing.clone(),
         })
     }
 
     /// The checkpoint begun last is in the archive now.
     pub fn checkpoint_written(&mut self) {
         self.flushing = None;
+        if let Some(a) = self.access_flushing.take() {
+            self.access_stored = Some(a);
+        }
     }
 
     /// The checkpoint begun last failed: its changes go back in front of the newer ones,
     /// to be written by the next checkpoint.
     pub fn checkpoint_failed(&mut self) {
+        // The archive holds what it held: the next checkpoint writes the access state
+        // if it differs from that.
+        self.access_flushing = None;
         let Some(failed) = self.flushing.take() else {
             return;
         };

@@ -54,7 +54,9 @@ impl MemArchive {
         }
         self.staged.extend(c.staged_memory.iter().cloned());
         self.meta = d.meta.clone();
-        self.access = (*d.access).clone();
+        if let Some(a) = &d.access {
+            self.access = (**a).clone();
+        }
     }
 
     /// A table restarted from this archive.
@@ -1555,4 +1557,39 @@ fn access_applies_in_order_and_survives_checkpoints() {
     assert_eq!(r.results, [OpResult::Access(Ok(()))]);
     assert!(t.access().tokens.is_empty());
     assert!(t.access().is_revoked("1f"));
+}
+
+#[test]
+fn the_access_state_is_written_only_by_the_checkpoint_after_a_change() {
+    use super::access::TokenRecord;
+    use super::AccessOp;
+    let mut t = TaskTable::new();
+    // A fresh table's archive holds none yet.
+    assert!(t.begin_checkpoint().unwrap().access.is_some());
+    t.checkpoint_written();
+    submit(&mut t, spec("x"));
+    assert!(t.begin_checkpoint().unwrap().access.is_none(), "unchanged");
+    t.checkpoint_written();
+    let r = t.apply(&Command {
+        ops: vec![Op::Access(AccessOp::TokenCreate {
+            record: TokenRecord {
+                id: "0a".into(),
+                name: "ci".into(),
+                scope: swarm_proto::api::Scope::Read,
+                swarms: vec![],
+                hash: [3; 32],
+                created_at_ms: 1,
+                expires_at_ms: None,
+            },
+            now_ms: 1,
+        })],
+    });
+    assert_eq!(r.results, [OpResult::Access(Ok(()))]);
+    let d = t.begin_checkpoint().unwrap();
+    assert!(d.access.as_ref().is_some_and(|a| a.token("0a").is_some()));
+    // A failed checkpoint leaves it for the next one.
+    t.checkpoint_failed();
+    assert!(t.begin_checkpoint().unwrap().access.is_some());
+    t.checkpoint_written();
+    assert!(t.begin_checkpoint().unwrap().access.is_none());
 }
