@@ -480,12 +480,17 @@ impl Core {
 
     fn take_queued(&mut self, max: usize, reply: oneshot::Sender<Vec<TaskAssignment>>) {
         // Newest first, and only attempts of this worker's mesh swarms: a queued attempt
-        // of a star or hierarchy swarm stays where the coordinator put it.
+        // of a star or hierarchy swarm stays where the coordinator put it. An attempt this
+        // worker stole stays too: lent on before the coordinator recorded the first move,
+        // the second `Stole` would name a holder the coordinator does not know yet, be
+        // refused, and the attempt given up and run again (seen in the mesh e2e test: 1 -> 2 -> 3
+        // within 3 ms).
         let mut out = Vec::with_capacity(max.min(self.queued.len()));
         let mut i = self.queued.len();
         while out.len() < max && i > 0 {
             i -= 1;
-            if !self.mesh_swarms.contains(&self.queued[i].swarm) {
+            let q = &self.queued[i];
+            if !self.mesh_swarms.contains(&q.swarm) || self.stolen.contains(&q.attempt) {
                 continue;
             }
             let Some(task) = self.queued.remove(i) else {
@@ -1267,6 +1272,25 @@ mod tests {
         // A Run for an attempt being lent is a duplicate, not a second copy.
         h.run(task(1, "sleep", "1"));
         assert_eq!(h.held().await, vec![attempt(1)]);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_stolen_here_is_never_lent_on() {
+        // One slot, busy: stolen attempts wait in the queue beside one of its own.
+        let mut h = start(1);
+        let _coord = h.connect();
+        h.run(task(1, "sleep", "600000"));
+        h.run(task(2, "sleep", "1"));
+        let (tx, rx) = oneshot::channel();
+        h.send(Command::Stolen {
+            from: "w-x".into(),
+            assignments: vec![task(7, "sleep", "1"), task(8, "sleep", "1")],
+            reply: tx,
+        });
+        rx.await.unwrap();
+        h.wait("queued", |s| s.queued == 3).await;
+        // A peer asking for everything gets only what the coordinator placed here.
+        assert_eq!(h.take(8).await, vec![attempt(2)]);
     }
 
     #[tokio::test]
