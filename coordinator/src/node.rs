@@ -276,6 +276,9 @@ pub(crate) const QUORUM_LOST_MS: u64 = 2 * crate::raft::ELECTION_TIMEOUT_MAX_MS;
 /// Shared state of one coordinator.
 pub struct Node {
     pub(crate) cfg: CoordinatorConfig,
+    /// The replicated revocation list's version this node's handshake deny list holds,
+    /// plus one (0: none yet); see [`crate::access::sync_revocations`].
+    pub(crate) revocations_synced: std::sync::atomic::AtomicU64,
     pub(crate) raft: Raft<TypeConfig>,
     pub(crate) table: TableHandle,
     pub(crate) proposer: Proposer,
@@ -319,6 +322,7 @@ impl Node {
         let proposer = Proposer::spawn(raft.clone());
         Arc::new(Node {
             identity,
+            revocations_synced: std::sync::atomic::AtomicU64::new(0),
             storage_probe: tokio::sync::Mutex::new(None),
             memory,
             data_dir: cfg.data_dir.clone(),

@@ -132,6 +132,9 @@ pub struct Access {
     pub revoked: BTreeMap<String, RevokedCert>,
     /// Names enrolled, with their certificates, until those expire.
     pub enrolled: BTreeMap<String, Enrolled>,
+    /// Bumped whenever `revoked` changes: nodes rebuild their handshake deny list only
+    /// then (equal versions of one log hold equal lists).
+    pub revoked_version: u64,
 }
 
 /// Checks a token name: 1 to [`MAX_NAME`] letters, digits, `.`, `_` or `-`.
@@ -230,6 +233,7 @@ impl Access {
                     ));
                 }
                 self.revoked.insert(cert.serial.clone(), cert.clone());
+                self.revoked_version += 1;
                 Ok(())
             }
             AccessOp::Enroll { name, cert, now_ms } => {
@@ -259,8 +263,12 @@ impl Access {
     /// Drop expired tokens and revocations of certificates that have expired themselves.
     fn prune(&mut self, now_ms: u64) {
         self.tokens.retain(|_, t| !t.expired(now_ms));
+        let before = self.revoked.len();
         self.revoked
             .retain(|_, c| c.not_after_ms.is_none_or(|t| t > now_ms));
+        if self.revoked.len() != before {
+            self.revoked_version += 1;
+        }
         self.enrolled.retain(|_, e| e.not_after_ms > now_ms);
     }
 
