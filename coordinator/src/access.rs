@@ -297,6 +297,7 @@ pub(crate) async fn enroll(node: &Node, req: EnrollRequest) -> Result<EnrollResp
             name: plain.clone(),
             cert: Enrolled {
                 serial: info.serial.clone(),
+                key_sha256: sha256(&info.public_key),
                 not_after_ms,
                 enrolled_at_ms: now,
             },

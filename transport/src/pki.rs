@@ -274,6 +274,8 @@ pub struct CertInfo {
     pub not_after_unix: i64,
     /// DNS names and IP addresses it is valid for, as text.
     pub sans: Vec<String>,
+    /// Its public key (SubjectPublicKeyInfo, DER): what two certificates of one key share.
+    pub public_key: Vec<u8>,
 }
 
 impl CertInfo {
@@ -313,6 +315,7 @@ impl CertInfo {
             serial: serial_of(&cert),
             not_after_unix: cert.validity().not_after.timestamp(),
             sans,
+            public_key: cert.public_key().raw.to_vec(),
         })
     }
 }

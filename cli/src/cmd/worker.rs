@@ -73,13 +73,29 @@ async fn enroll(
         .context("--id")?;
     let (key, csr) = swarm_transport::new_key_and_request(role, &name)?;
     let client = crate::client::Client::new(&apis.join(","), token.to_string(), Some(ca))?;
-    let answer = client
-        .enroll(&swarm_proto::api::EnrollRequest {
-            name: id.to_string(),
-            csr,
-        })
-        .await
-        .context("enrolling with the cluster")?;
+    let req = swarm_proto::api::EnrollRequest {
+        name: id.to_string(),
+        csr,
+    };
+    // The coordinators may not be up (or led) yet: try until one answers. A refusal is
+    // final; a retry after a lost answer is safe, as the same key is answered again.
+    let mut backoff = std::time::Duration::from_millis(200);
+    let answer = loop {
+        match client.enroll(&req).await {
+            Ok(a) => break a,
+            Err(e)
+                if e.downcast_ref::<crate::client::ApiError>()
+                    .is_some_and(|a| (400..500).contains(&a.status) && a.status != 429) =>
+            {
+                return Err(e.context("enrolling with the cluster"));
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot enroll yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    };
     let ca_pem =
         std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
     swarm_transport::install_enrolled(dir, role, &ca_pem, &answer.certificate, &key)?;

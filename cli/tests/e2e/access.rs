@@ -652,10 +652,24 @@ async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name
         "enroll-secret-0123456789",
         Method::POST,
         "/v1/certs/enroll",
-        Some(body),
+        Some(body.clone()),
     )
     .await;
     assert_eq!(status, 200, "{v}");
+    // The same key asking again (a retry whose answer was lost) is answered too.
+    let (status, again) = call(
+        &http,
+        &c.api,
+        "enroll-secret-0123456789",
+        Method::POST,
+        "/v1/certs/enroll",
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert!(again["certificate"]
+        .as_str()
+        .is_some_and(|c| c.contains("BEGIN CERTIFICATE")));
     assert!(
         v["certificate"]
             .as_str()
@@ -664,9 +678,50 @@ async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name
         "{v}"
     );
     let log = c.log_of("coordinator");
-    assert_eq!(log.matches("worker enrolled").count(), 2, "{log}");
+    assert_eq!(log.matches("worker enrolled").count(), 3, "{log}");
     assert!(c
         .log_of("pod-a1")
         .contains("enrolled: certificate installed"));
+    c.assert_coordinator_alive();
+}
+
+/// A worker pod may start before the coordinators: it keeps trying to enroll until one
+/// answers, then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_the_coordinators_enrolls_once_they_answer() {
+    let mut c = Cluster::new(&[]);
+    let enroll_token = c.dir.path().join("enroll-token");
+    std::fs::write(&enroll_token, "enroll-secret-abcdef0123").unwrap();
+    let ca_key = c.certs.join("ca-key.pem");
+    c.coordinator_args.extend(
+        [
+            "--enroll-ca-key",
+            ca_key.to_str().unwrap(),
+            "--enroll-token-file",
+            enroll_token.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let dir = c.dir.path().join("early-certs");
+    let args = [
+        "--enroll-api".to_string(),
+        c.api.clone(),
+        "--enroll-token-file".into(),
+        enroll_token.to_str().unwrap().into(),
+        "--ca".into(),
+        c.certs.join("ca.pem").to_str().unwrap().into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.start_worker_as("early", "early", 1, None, &dir, &args);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        c.log_of("early").contains("cannot enroll yet"),
+        "{}",
+        c.log_of("early")
+    );
+    c.start_coordinator();
+    c.wait_ready().await;
+    c.wait_workers(&["early"]).await;
+    assert!(dir.join("worker.pem").exists());
     c.assert_coordinator_alive();
 }

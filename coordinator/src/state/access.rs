@@ -86,6 +86,9 @@ impl RevokedCert {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrolled {
     pub serial: String,
+    /// SHA-256 of the certificate's public key: enrolling the same name with the same key
+    /// again (a retry whose answer was lost) is answered, not refused.
+    pub key_sha256: [u8; 32],
     pub not_after_ms: u64,
     pub enrolled_at_ms: u64,
 }
@@ -239,6 +242,11 @@ impl Access {
             AccessOp::Enroll { name, cert, now_ms } => {
                 self.prune(*now_ms);
                 if let Some(e) = self.enrolled.get(name) {
+                    if e.key_sha256 == cert.key_sha256 {
+                        // The same key asking again: its latest certificate counts.
+                        self.enrolled.insert(name.clone(), cert.clone());
+                        return Ok(());
+                    }
                     return Err(AccessFault::new(
                         "conflict",
                         format!(
@@ -384,6 +392,7 @@ mod tests {
             name: "worker-abc".into(),
             cert: Enrolled {
                 serial: serial.into(),
+                key_sha256: [serial.len() as u8 + now_ms as u8; 32],
                 not_after_ms: 1_000,
                 enrolled_at_ms: now_ms,
             },
@@ -391,6 +400,13 @@ mod tests {
         };
         a.apply(&enroll("01", 10)).unwrap();
         assert_eq!(a.apply(&enroll("02", 20)).unwrap_err().code, "conflict");
+        // The same key again (a retry): answered, the newest certificate recorded.
+        let mut retry = enroll("04", 10);
+        if let AccessOp::Enroll { cert, .. } = &mut retry {
+            cert.key_sha256 = [2 + 10; 32];
+        }
+        a.apply(&retry).unwrap();
+        assert_eq!(a.enrolled["worker-abc"].serial, "04");
         // Once the first certificate has expired, the name may be enrolled again.
         a.apply(&enroll("03", 1_000)).unwrap();
         assert_eq!(a.enrolled["worker-abc"].serial, "03");
