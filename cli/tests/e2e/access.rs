@@ -570,37 +570,28 @@ async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name
     assert_eq!(v["task"]["state"], "succeeded", "{v}");
     assert_eq!(v["task"]["attempts"][0]["worker"], "pod-a1", "{v}");
 
-    // The same name again (another machine, empty directory): refused, nothing written.
+    // The same name again (another machine, empty directory): refused, nothing written;
+    // a name without the prefix: refused. Each worker exits with the reason.
     let again = c.dir.path().join("again");
-    let out = std::process::Command::new(bin())
-        .arg("worker")
-        .args(enroll_args(Some(&again)))
-        .args([
-            "--id",
-            "pod-a1",
-            "--coordinator",
-            &format!("127.0.0.1:{}", c.quic_port),
-        ])
-        .output()
-        .expect("run worker");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = |id: &str| {
+        let out = std::process::Command::new(bin())
+            .arg("worker")
+            .args(enroll_args(Some(&again)))
+            .args([
+                "--id",
+                id,
+                "--coordinator",
+                &format!("127.0.0.1:{}", c.quic_port),
+            ])
+            .output()
+            .expect("run worker");
+        assert!(!out.status.success(), "{id} enrolled");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused("pod-a1");
     assert!(err.contains("enrolled already"), "{err}");
     assert!(!again.join("worker.pem").exists());
-    // A name without the prefix.
-    let out = std::process::Command::new(bin())
-        .arg("worker")
-        .args(enroll_args(Some(&again)))
-        .args([
-            "--id",
-            "w-other",
-            "--coordinator",
-            &format!("127.0.0.1:{}", c.quic_port),
-        ])
-        .output()
-        .expect("run worker");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("w-other");
     assert!(err.contains("start with \"pod-\""), "{err}");
 
     // The enrollment token opens nothing else; a wrong one does not enroll.
