@@ -32,5 +32,11 @@ pub const SNAPSHOT_CHUNK: usize = 4 << 20;
 /// disk.
 pub const RECORD_DECODE_LIMIT: usize = 1 << 20;
 
+/// Largest access record (tokens, revoked certificates, enrolled names) read back from a
+/// checkpoint. At its limits (10,000 tokens, 100,000 revocations, 200,000 enrolled names,
+/// names and subjects at their longest) it takes about 140 MiB; it must also fit one dump
+/// record ([`crate::raft::dump::MAX_RECORD`]).
+pub const ACCESS_DECODE_LIMIT: usize = 256 << 20;
+
 const _: () = assert!(ENTRY_DECODE_LIMIT + ENTRY_OVERHEAD < RAFT_MAX_FRAME);
 const _: () = assert!(SNAPSHOT_CHUNK + ENTRY_OVERHEAD < RAFT_MAX_FRAME);

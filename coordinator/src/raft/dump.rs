@@ -30,6 +30,7 @@ const PREAMBLE: usize = 12;
 /// Largest record body: a record holds one task of any size, or a batch of tasks and
 /// memory bytes up to [`BATCH_BYTES`].
 pub const MAX_RECORD: usize = 256 << 20;
+const _: () = assert!(crate::limits::ACCESS_DECODE_LIMIT <= MAX_RECORD);
 /// Tasks and memory bytes are batched into records of about this size.
 pub const BATCH_BYTES: usize = 1 << 20;
 
