@@ -344,14 +344,7 @@ async fn tokens_and_revocations_reach_every_node_and_cut_off_a_worker() {
     let token = out.trim().to_string();
     // Each node answers it (a follower forwards the submit to the leader).
     for id in 1..=3u64 {
-        let mut status = 0;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while status != 200 && tokio::time::Instant::now() < deadline {
-            status = call(&c.http, &base(id), &token, Method::GET, "/v1/status", None)
-                .await
-                .0;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let status = status_becomes(&c.http, &base(id), &token, 200).await;
         assert_eq!(status, 200, "node {id} does not know the token");
     }
     let (status, v) = call(
@@ -396,14 +389,7 @@ async fn tokens_and_revocations_reach_every_node_and_cut_off_a_worker() {
     );
     assert_eq!(code, 0, "{err}");
     for id in 1..=3u64 {
-        let mut status = 200;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while status != 401 && tokio::time::Instant::now() < deadline {
-            status = call(&c.http, &base(id), &token, Method::GET, "/v1/status", None)
-                .await
-                .0;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let status = status_becomes(&c.http, &base(id), &token, 401).await;
         assert_eq!(status, 401, "node {id} still takes the revoked token");
     }
 
@@ -462,6 +448,21 @@ async fn tokens_and_revocations_reach_every_node_and_cut_off_a_worker() {
             c.node_status(id).await.is_some(),
             "node {id} stopped answering"
         );
+    }
+}
+
+/// Asks `base`'s `/v1/status` with `token` until the answer is `want` (bounded); the last
+/// status seen.
+async fn status_becomes(http: &reqwest::Client, base: &str, token: &str, want: u16) -> u16 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = call(http, base, token, Method::GET, "/v1/status", None)
+            .await
+            .0;
+        if status == want || tokio::time::Instant::now() >= deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
