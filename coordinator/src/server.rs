@@ -230,6 +230,7 @@ where
     let network = raft::network::QuicRaftNetwork::new(
         endpoint.clone(),
         client_config(&identity, ALPN_RAFT, Role::Coordinator)?,
+        identity.revocations().clone(),
     );
     let handoff_network = network.clone();
     let mut raft_cfg = raft::raft_config("swarm", cfg.snapshot_every);
@@ -393,6 +394,11 @@ async fn accept_loop(
                         warn!(%remote, error = %e, "refused raft connection");
                         return;
                     }
+                    // A peer whose certificate is revoked later is cut off at once.
+                    tokio::spawn(raft::network::cut_when_revoked(
+                        accepted.conn.clone(),
+                        revocations,
+                    ));
                     raft::network::serve_raft_connection(
                         accepted.conn,
                         node.raft().clone(),

@@ -19,7 +19,9 @@ use swarm_proto::api::WorkerView;
 use swarm_proto::worker::{
     relay_proof_context, CoordinatorMsg, FailureKind, Hello, Outcome, TaskReport, WorkerMsg,
 };
-use swarm_proto::{protocol_supported, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use swarm_proto::{
+    protocol_supported, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, REVOCATIONS_PROTOCOL,
+};
 use swarm_transport::{
     peer_subject, Accepted, CertName, FrameReader, FrameWriter, IdentityProof, Role, TransportError,
 };
@@ -137,12 +139,8 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
 /// Close `conn` (and so every session on it, relayed ones included) as soon as its
 /// peer's certificate is revoked.
 async fn cut_when_revoked(conn: quinn::Connection, revocations: swarm_transport::Revocations) {
-    let mut changed = revocations.subscribe();
-    while changed.changed().await.is_ok() {
-        if swarm_transport::require_not_revoked(&conn, &revocations).is_err() {
-            metrics::counter!("swarm_sessions_revoked_total").increment(1);
-            return;
-        }
+    if swarm_transport::close_when_revoked(conn, revocations).await {
+        metrics::counter!("swarm_sessions_revoked_total", "peer" => "worker").increment(1);
     }
 }
 
@@ -363,6 +361,12 @@ async fn session(
     }
     info!(worker = %hello.worker_id, slots = hello.slots, zero_rtt, via = ?via, remote = %conn.remote_address(), "worker connected");
     let mut writer_task = tokio::spawn(write_loop(writer, rx, hello.protocol));
+    let push = (hello.protocol >= REVOCATIONS_PROTOCOL).then(|| {
+        tokio::spawn(push_revocations(
+            tx.clone(),
+            node.identity().revocations().clone(),
+        ))
+    });
     node.poke();
 
     let result = tokio::select! {
@@ -386,9 +390,31 @@ async fn session(
         )),
     };
     writer_task.abort();
+    if let Some(push) = push {
+        push.abort();
+    }
     unregister(node, &hello.worker_id, conn_id);
     info!(worker = %hello.worker_id, "worker disconnected");
     result
+}
+
+/// Send the worker the deny list now (after `Welcome`, which is already queued) and
+/// again whenever it changes, so it refuses revoked coordinators, leads and mesh peers
+/// too. The whole list each time: it changes rarely, and at its cap (100,000 serials)
+/// is some 4 MB, within a frame.
+async fn push_revocations(
+    tx: mpsc::UnboundedSender<CoordinatorMsg>,
+    revocations: swarm_transport::Revocations,
+) {
+    let mut changed = revocations.subscribe();
+    loop {
+        let mut serials = revocations.serials();
+        serials.sort_unstable();
+        if tx.send(CoordinatorMsg::Revoked { serials }).is_err() || changed.changed().await.is_err()
+        {
+            return;
+        }
+    }
 }
 
 /// A session's first frame, which must be `Hello` and arrive in time; `None` if the

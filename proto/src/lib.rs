@@ -27,7 +27,14 @@ pub mod worker;
 ///   answers its `Hello` with `CoordinatorMsg::Prove`, the member signs with its
 ///   certificate key (`WorkerMsg::Proof`). Direct sessions are unchanged; relayed
 ///   sessions of older members are refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// * 5: the coordinator sends `CoordinatorMsg::Revoked` (the cluster's deny list of
+///   certificate serials) after `Welcome` and whenever it changes; the worker refuses
+///   those certificates from then on (a revoked coordinator, lead or mesh peer). Older
+///   workers are never sent it; nothing a worker sends changed.
+pub const PROTOCOL_VERSION: u32 = 5;
+
+/// The first worker protocol that is sent the deny list ([`worker::CoordinatorMsg::Revoked`]).
+pub const REVOCATIONS_PROTOCOL: u32 = 5;
 
 /// The oldest worker protocol a coordinator still serves: what an older worker sends is
 /// a subset of what a current one sends, and the coordinator writes it the frames of its

@@ -265,6 +265,11 @@ pub enum CoordinatorMsg {
         #[serde(with = "serde_bytes")]
         nonce: Vec<u8>,
     },
+    /// The serials of every revoked certificate (protocol 5), as the cluster's replicated
+    /// deny list holds them; replaces any earlier list. Sent after `Welcome` and whenever
+    /// the list changes: the worker refuses these certificates at its next handshake
+    /// (coordinators, its lead, mesh peers) and closes live connections that use one.
+    Revoked { serials: Vec<String> },
 }
 
 /// A mesh peer: its worker id and where it accepts peer links.
@@ -394,6 +399,12 @@ pub mod legacy {
                 M::Prove { .. } => CoordinatorMsg::Rejected {
                     code: "identity_proof_required".into(),
                     message: "a relayed session must prove its identity (protocol 4)".into(),
+                },
+                // Never sent to workers before protocol 5 (see `REVOCATIONS_PROTOCOL`):
+                // they would fail to decode it.
+                M::Revoked { .. } => CoordinatorMsg::Rejected {
+                    code: "protocol_version".into(),
+                    message: "the deny list is sent only to workers of protocol 5".into(),
                 },
             }
         }

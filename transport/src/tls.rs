@@ -718,6 +718,43 @@ pub fn require_not_revoked(
     Ok(())
 }
 
+/// Close `conn` as soon as its peer's certificate is revoked, checking again at each
+/// change of `revocations`. Returns `true` when it closed it, `false` when the connection
+/// ended otherwise. Run it beside every long-lived connection: the handshake refuses a
+/// revoked certificate, but a connection made before the revocation would live on.
+///
+/// A peer certificate that cannot be read yet (a server's connection before the
+/// handshake completes) is checked again at the next change; the handshake's own
+/// verifier covers the time until then.
+pub async fn close_when_revoked(conn: quinn::Connection, revocations: Revocations) -> bool {
+    let mut changed = revocations.subscribe();
+    let closed_now = |conn: &quinn::Connection| {
+        matches!(
+            require_not_revoked(conn, &revocations),
+            Err(TransportError::Revoked { .. })
+        )
+    };
+    // A change between the handshake's check and this subscription is not lost.
+    if closed_now(&conn) {
+        return true;
+    }
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return false,
+            r = changed.changed() => {
+                if r.is_err() {
+                    // No change can come any more.
+                    conn.closed().await;
+                    return false;
+                }
+                if closed_now(&conn) {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
 /// The leaf certificate the peer of `conn` authenticated with.
 fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, TransportError> {
     let identity = conn

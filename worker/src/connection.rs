@@ -125,6 +125,10 @@ pub(crate) struct ConnLoop {
     pub(crate) shared: Arc<Shared>,
     /// `None`: `Parent` is ignored, sessions always go to a coordinator directly.
     pub(crate) relay: Option<RelayClient>,
+    /// The deny list every verifier of this worker checks (shared with its identity);
+    /// `Revoked` replaces it. `None`: a worker without an identity of its own ignores
+    /// `Revoked`.
+    pub(crate) revocations: Option<swarm_transport::Revocations>,
 }
 
 /// How one session ended.
@@ -402,6 +406,14 @@ impl ConnLoop {
             zero_rtt_accepted,
         } = session;
         self.shared.set_conn(Some(conn.clone()));
+        // A coordinator (or lead) whose certificate is revoked while this session is up
+        // is left at once; the handshake refuses it from then on.
+        if let Some(revocations) = &self.revocations {
+            tokio::spawn(swarm_transport::close_when_revoked(
+                conn.clone(),
+                revocations.clone(),
+            ));
+        }
 
         let end = self
             .serve(
@@ -565,6 +577,7 @@ impl ConnLoop {
                         let e = anyhow!("coordinator rejected this worker: {code}: {message}");
                         return if fatal_reject(&code) { End::Fatal(e) } else { End::Retry(e) };
                     }
+                    Ok(Some(CoordinatorMsg::Revoked { serials })) => self.revoked(serials),
                     Ok(Some(msg)) => {
                         if self.core.send(Command::Coordinator(msg)).is_err() {
                             return End::Fatal(anyhow!("worker core stopped"));
@@ -581,6 +594,22 @@ impl ConnLoop {
                     });
                 }
             }
+        }
+    }
+
+    /// Takes the cluster's deny list: every verifier of this worker (coordinators, leads,
+    /// mesh peers) refuses those certificates from its next handshake, and live
+    /// connections using one are closed (see `close_when_revoked`).
+    fn revoked(&self, serials: Vec<String>) {
+        let Some(revocations) = &self.revocations else {
+            return;
+        };
+        let n = serials.len();
+        if revocations.replace(serials) {
+            tracing::info!(
+                revoked = n,
+                "the cluster's deny list of certificates changed"
+            );
         }
     }
 

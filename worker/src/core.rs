@@ -688,8 +688,8 @@ impl Core {
                     tracing::warn!("DrainAck while not draining; ignored");
                 }
             }
-            // Handled by the connection loop, which never passes it on.
-            CoordinatorMsg::Parent { .. } => {}
+            // Handled by the connection loop, which never passes them on.
+            CoordinatorMsg::Parent { .. } | CoordinatorMsg::Revoked { .. } => {}
             CoordinatorMsg::Welcome { .. }
             | CoordinatorMsg::Rejected { .. }
             | CoordinatorMsg::NotLeader { .. }

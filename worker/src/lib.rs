@@ -367,6 +367,8 @@ pub struct Worker {
     jitter_seed: Option<u64>,
     peer: Option<peer::PeerSetup>,
     relay: Option<RelayClient>,
+    /// The deny list of the worker's identity, kept equal to the cluster's (protocol 5).
+    revocations: Option<swarm_transport::Revocations>,
     stats: watch::Sender<WorkerStats>,
     journal: Option<ExecutionJournal>,
 }
@@ -403,6 +405,11 @@ impl Worker {
                     .unwrap_or_else(|| "localhost".into()),
             }
         });
+        let revocations = p
+            .identity
+            .as_ref()
+            .or(p.peer_identity.as_ref())
+            .map(|i| i.revocations().clone());
         let peer = match (p.peer_listen, p.peer_identity) {
             (None, _) => None,
             (Some(_), None) => bail!("a peer listener needs the worker's identity"),
@@ -448,6 +455,7 @@ impl Worker {
             jitter_seed: p.jitter_seed,
             peer,
             relay,
+            revocations,
             stats: watch::Sender::new(WorkerStats::default()),
         })
     }
@@ -489,6 +497,7 @@ impl Worker {
             jitter_seed,
             peer,
             relay,
+            revocations,
             stats,
             journal,
         } = self;
@@ -540,6 +549,7 @@ impl Worker {
             core: core_tx.clone(),
             shared: shared.clone(),
             relay,
+            revocations,
         };
 
         let conn = conn_loop.run();

@@ -48,6 +48,7 @@ use swarm_proto::{
 use swarm_topology::{steal_decision, Member, StealPolicy};
 use swarm_transport::endpoint::WRONG_ROLE_CODE;
 use swarm_transport::tls::{client_config, require_role, server_config, Identity, Role};
+use swarm_transport::Revocations;
 use swarm_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -219,11 +220,18 @@ impl PeerService {
             coordinator,
             stats: stats.clone(),
         };
-        tokio::spawn(listen(endpoint.clone(), events_tx.clone(), relay));
+        let revocations = setup.identity.revocations().clone();
+        tokio::spawn(listen(
+            endpoint.clone(),
+            events_tx.clone(),
+            relay,
+            revocations.clone(),
+        ));
         let manager = Manager {
             me: setup.worker_id,
             server_name: setup.server_name,
             client,
+            revocations,
             endpoint: endpoint.clone(),
             backoff: setup.backoff,
             core: CoreTx(core.downgrade()),
@@ -269,10 +277,18 @@ impl PeerService {
 
 /// Accepts incoming connections until the endpoint closes: peer links (ALPN
 /// [`ALPN_PEER`]) and members' relay connections (ALPN [`ALPN_RELAY`]).
-async fn listen(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<Event>, relay: RelayCtx) {
+///
+/// A link or member whose certificate the cluster revokes later is cut off at once.
+async fn listen(
+    endpoint: quinn::Endpoint,
+    events: mpsc::UnboundedSender<Event>,
+    relay: RelayCtx,
+    revocations: Revocations,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let events = events.clone();
         let relay = relay.clone();
+        let revocations = revocations.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let accepted = match swarm_transport::accept(incoming).await {
@@ -282,6 +298,10 @@ async fn listen(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<Event>,
                     return;
                 }
             };
+            tokio::spawn(swarm_transport::close_when_revoked(
+                accepted.conn.clone(),
+                revocations,
+            ));
             let alpn = accepted
                 .conn
                 .handshake_data()
@@ -401,6 +421,8 @@ struct Manager {
     me: String,
     server_name: String,
     client: quinn::ClientConfig,
+    /// The identity's deny list: links to peers it names are closed.
+    revocations: Revocations,
     endpoint: quinn::Endpoint,
     backoff: Backoff,
     core: CoreTx,
@@ -561,6 +583,7 @@ impl Manager {
             let start = Start::Dial {
                 endpoint: self.endpoint.clone(),
                 client: self.client.clone(),
+                revocations: self.revocations.clone(),
                 addr: p.addr.clone(),
                 server_name: self.server_name.clone(),
             };
@@ -832,6 +855,7 @@ enum Start {
     Dial {
         endpoint: quinn::Endpoint,
         client: quinn::ClientConfig,
+        revocations: Revocations,
         addr: String,
         server_name: String,
     },
@@ -894,9 +918,19 @@ async fn run_link(
         Start::Dial {
             endpoint,
             client,
+            revocations,
             addr,
             server_name,
-        } => dial(ctx, &endpoint, &client, &addr, &server_name, &hello).await?,
+        } => {
+            let (conn, writer, reader) =
+                dial(ctx, &endpoint, &client, &addr, &server_name, &hello).await?;
+            // A peer whose certificate the cluster revokes later is cut off at once.
+            tokio::spawn(swarm_transport::close_when_revoked(
+                conn.clone(),
+                revocations,
+            ));
+            (conn, writer, reader)
+        }
         Start::Accept {
             conn,
             mut writer,

@@ -76,7 +76,9 @@ async fn next(reader: &mut FrameReader) -> CoordinatorMsg {
             .expect("the session is open");
         if !matches!(
             m,
-            CoordinatorMsg::Peers { .. } | CoordinatorMsg::Parent { .. }
+            CoordinatorMsg::Peers { .. }
+                | CoordinatorMsg::Parent { .. }
+                | CoordinatorMsg::Revoked { .. }
         ) {
             return m;
         }

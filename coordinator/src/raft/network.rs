@@ -33,7 +33,9 @@ use openraft::raft::{
 };
 use openraft::{EntryPayload, LogId, ServerState, Vote};
 use serde::{Deserialize, Serialize};
-use swarm_transport::{peer_role, FrameError, FrameReader, FrameWriter, Role, TransportError};
+use swarm_transport::{
+    peer_role, FrameError, FrameReader, FrameWriter, Revocations, Role, TransportError,
+};
 use tokio::sync::Semaphore;
 
 use super::sm_store::Arrivals;
@@ -138,16 +140,24 @@ fn network_error<E: StdError>(msg: String) -> RPCError<NodeId, NodeAddr, E> {
 pub struct QuicRaftNetwork {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
+    revocations: Revocations,
     peers: Arc<Mutex<HashMap<NodeId, Arc<PeerConn>>>>,
 }
 
 impl QuicRaftNetwork {
     /// Dial peers from `endpoint` (usually the coordinator's own server endpoint) with
     /// `client`, a client config offering ALPN `swarm-raft/1` with a coordinator identity.
-    pub fn new(endpoint: quinn::Endpoint, client: quinn::ClientConfig) -> Self {
+    /// A connection to a peer whose certificate is on `revocations` (the identity's deny
+    /// list) is closed, then and whenever the list changes.
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        client: quinn::ClientConfig,
+        revocations: Revocations,
+    ) -> Self {
         Self {
             endpoint,
             client,
+            revocations,
             peers: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -211,8 +221,17 @@ impl RaftNetworkFactory<TypeConfig> for QuicRaftNetwork {
         QuicRaftClient {
             endpoint: self.endpoint.clone(),
             client: self.client.clone(),
+            revocations: self.revocations.clone(),
             peer,
         }
+    }
+}
+
+/// Close a Raft connection (dialed or accepted) as soon as its peer's certificate is
+/// revoked.
+pub(crate) async fn cut_when_revoked(conn: quinn::Connection, revocations: Revocations) {
+    if swarm_transport::close_when_revoked(conn, revocations).await {
+        metrics::counter!("swarm_sessions_revoked_total", "peer" => "coordinator").increment(1);
     }
 }
 
@@ -411,6 +430,7 @@ async fn dial(
 pub struct QuicRaftClient {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
+    revocations: Revocations,
     peer: Arc<PeerConn>,
 }
 
@@ -428,9 +448,10 @@ impl QuicRaftClient {
         // a heartbeat), and a handshake abandoned at every deadline would never complete on a
         // loaded machine. The task finishes the handshake and stores the connection for the
         // next RPC even if this one gives up.
-        let (endpoint, client, peer) = (
+        let (endpoint, client, revocations, peer) = (
             self.endpoint.clone(),
             self.client.clone(),
+            self.revocations.clone(),
             self.peer.clone(),
         );
         let task = tokio::spawn(async move {
@@ -439,6 +460,11 @@ impl QuicRaftClient {
             let conn = tokio::time::timeout(DIAL_TIMEOUT, dial(&endpoint, &client, addr))
                 .await
                 .map_err(|_| format!("dialing {addr}: timed out after {DIAL_TIMEOUT:?}"))??;
+            // A resumed session skips certificate verification: check the deny list
+            // now, and again whenever it changes.
+            swarm_transport::require_not_revoked(&conn, &revocations)
+                .map_err(|e| format!("{addr}: {e}"))?;
+            tokio::spawn(cut_when_revoked(conn.clone(), revocations));
             tracing::debug!(target_node = peer.target, %addr, "raft connection established");
             peer.failures.store(0, Ordering::Relaxed);
             *peer.slot() = Some(conn.clone());
