@@ -298,7 +298,8 @@ pub struct WorkerArgs {
     pub id: Option<String>,
     /// Enroll first if --certs holds no worker certificate yet: send a new key's signing
     /// request to this coordinator API (comma-separated URLs of one cluster) and install
-    /// the certificate it signs for --id. Needs --enroll-token-file and --ca.
+    /// the certificate it signs for --id (default: the host name, e.g. a pod's or a
+    /// container's). Needs --enroll-token-file and --ca.
     #[arg(long, env = "SWARM_ENROLL_API", value_delimiter = ',')]
     pub enroll_api: Vec<String>,
     /// File holding the cluster's enrollment token.

@@ -43,7 +43,10 @@ pub use endpoint::{
     Accepted, Dialed, Handshake, Session,
 };
 pub use frame::{FrameError, FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
-pub use pki::{install_enrolled, new_key_and_request, Issuer, MAX_CSR_LEN};
+pub use pki::{
+    install_enrolled, install_renewed, new_key_and_request, request_for_existing_key, Issuer,
+    MAX_CSR_LEN,
+};
 pub use revocation::Revocations;
 /// The binary encoding of every frame (the `swarm-codec` crate).
 pub use swarm_codec as codec;

@@ -623,13 +623,56 @@ fn spki_of_cert(der: &[u8]) -> anyhow::Result<Vec<u8>> {
 pub fn new_key_and_request(role: Role, name: &CertName) -> anyhow::Result<(String, String)> {
     check_name(name)?;
     let key = KeyPair::generate().with_context(|| format!("generating {role} key"))?;
+    let csr = request_for(&key, role, name)?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// A certificate signing request (PEM) for the key a node already holds in `dir` (its
+/// `<role>-key.pem`), naming `name`: to renew an enrolled certificate, keeping the key
+/// the cluster enrolled the name for. Install the answer with [`install_renewed`].
+pub fn request_for_existing_key(dir: &Path, role: Role, name: &CertName) -> anyhow::Result<String> {
+    check_name(name)?;
+    let files = CertFiles::in_dir(dir);
+    let key_pem = fs::read_to_string(files.key(role))
+        .with_context(|| format!("reading {}", files.key(role).display()))?;
+    let key = KeyPair::from_pem(&key_pem)
+        .with_context(|| format!("{} holds no usable key", files.key(role).display()))?;
+    request_for(&key, role, name)
+}
+
+fn request_for(key: &KeyPair, role: Role, name: &CertName) -> anyhow::Result<String> {
     let mut params = CertificateParams::default();
     params.distinguished_name = leaf_dn(role, name);
-    let csr = params
-        .serialize_request(&key)
+    params
+        .serialize_request(key)
         .and_then(|csr| csr.pem())
-        .with_context(|| format!("making the {role} certificate request"))?;
-    Ok((key.serialize_pem(), csr))
+        .with_context(|| format!("making the {role} certificate request"))
+}
+
+/// Replaces `dir`'s `<role>.pem` with `cert_pem`, a renewal for the key `dir` already
+/// holds. Checks first that it is a `role` certificate valid now under `dir`'s CA, for
+/// that key, naming the same node as the one it replaces; on any failure the disk is
+/// untouched. Running nodes present it from their next handshake
+/// ([`crate::Identity::spawn_reload`]).
+pub fn install_renewed(dir: &Path, role: Role, cert_pem: &str) -> anyhow::Result<CertInfo> {
+    let files = CertFiles::in_dir(dir);
+    let read = |path: &Path| {
+        fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let (ca_pem, key_pem) = (read(&files.ca_cert)?, read(files.key(role))?);
+    let old = CertInfo::read(files.cert(role))?;
+    crate::tls::Identity::from_pem(&ca_pem, cert_pem, &key_pem, role)
+        .context("the renewed certificate is not usable")?;
+    let new = CertInfo::from_pem(cert_pem)?;
+    if new.subject.name != old.subject.name {
+        bail!(
+            "the renewed certificate names {}, not {} as the one it would replace",
+            new.subject.name,
+            old.subject.name
+        );
+    }
+    replace_file(files.cert(role), cert_pem, false)?;
+    Ok(new)
 }
 
 /// Stores an enrolled node's credentials in `dir` (created with mode 0700 if missing):
@@ -819,8 +862,33 @@ fn leaf_params(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    // A random serial: rcgen's default derives it from the public key, which would give
+    // a renewal (same key) the serial of the certificate it replaces.
+    params.serial_number = Some(random_serial());
     set_validity(&mut params, validity);
     params
+}
+
+/// 16 random bytes, positive and without a leading zero byte (RFC 5280 §4.1.2.2).
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes = [0u8; 16];
+    let filled = rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes);
+    if filled.is_err() {
+        // The system's random source failed: fall back to the clock and a counter,
+        // still unique per process (serials need to be unique, not secret).
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bytes[..8].copy_from_slice(&now.to_be_bytes());
+        bytes[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    bytes[0] = (bytes[0] & 0x7f).max(1);
+    rcgen::SerialNumber::from_slice(&bytes)
 }
 
 /// A node's subject: organization `swarm`, unit = role marker, common name = name.

@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use anyhow::bail;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
 
 use super::parse_labels;
 use crate::args::WorkerArgs;
@@ -18,14 +20,22 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let files = swarm_transport::CertFiles::in_dir(&a.certs);
     if !enroll_api.is_empty() && !files.cert(swarm_transport::Role::Worker).exists() {
-        let (Some(id), Some(token_file), Some(ca)) = (&a.id, &a.enroll_token_file, &a.ca) else {
-            bail!("--enroll-api needs --id, --enroll-token-file and --ca");
+        let (Some(token_file), Some(ca)) = (&a.enroll_token_file, &a.ca) else {
+            bail!("--enroll-api needs --enroll-token-file and --ca");
+        };
+        // Without --id the worker enrolls under its host name: a pod's or a
+        // container's, unique among the running ones.
+        let id = match &a.id {
+            Some(id) => id.clone(),
+            None => {
+                host_name().context("--enroll-api without --id: no host name to enroll under")?
+            }
         };
         enroll(
             &enroll_api,
             &super::read_token(token_file)?,
             ca,
-            id,
+            &id,
             &a.certs,
         )
         .await?;
@@ -34,6 +44,16 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     if a.slots == 0 {
         bail!("--slots must be at least 1");
     }
+    // An enrolled certificate is renewed before it expires, with the same key.
+    let renew = match (enroll_api.is_empty(), &a.enroll_token_file, &a.ca) {
+        (false, Some(token_file), Some(ca)) => Some(tokio::spawn(renew_enrolled(
+            enroll_api.clone(),
+            token_file.clone(),
+            ca.clone(),
+            a.certs.clone(),
+        ))),
+        _ => None,
+    };
     let cfg = swarm_worker::WorkerConfig {
         coordinators: a
             .coordinator
@@ -52,7 +72,11 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         drain_timeout: a.drain_timeout,
     };
     let signals = StopSignals::listen();
-    swarm_worker::run_worker(cfg, signals.nth(1), signals.nth(2)).await?;
+    let result = swarm_worker::run_worker(cfg, signals.nth(1), signals.nth(2)).await;
+    if let Some(renew) = renew {
+        renew.abort();
+    }
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -66,7 +90,6 @@ async fn enroll(
     id: &str,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     let role = swarm_transport::Role::Worker;
     let name = swarm_transport::CertName::parse(id)
         .map_err(anyhow::Error::msg)
@@ -77,25 +100,9 @@ async fn enroll(
         name: id.to_string(),
         csr,
     };
-    // The coordinators may not be up (or led) yet: try until one answers. A refusal is
-    // final; a retry after a lost answer is safe, as the same key is answered again.
-    let mut backoff = std::time::Duration::from_millis(200);
-    let answer = loop {
-        match client.enroll(&req).await {
-            Ok(a) => break a,
-            Err(e)
-                if e.downcast_ref::<crate::client::ApiError>()
-                    .is_some_and(|a| (400..500).contains(&a.status) && a.status != 429) =>
-            {
-                return Err(e.context("enrolling with the cluster"));
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot enroll yet");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-            }
-        }
-    };
+    let answer = ask_to_sign(&client, &req, "enroll", Duration::from_secs(5))
+        .await
+        .context("enrolling with the cluster")?;
     let ca_pem =
         std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
     swarm_transport::install_enrolled(dir, role, &ca_pem, &answer.certificate, &key)?;
@@ -121,15 +128,126 @@ fn worker_id(given: Option<String>, certs: &std::path::Path) -> anyhow::Result<S
                 Ok(swarm_transport::CertName::Pool(prefix)) => prefix,
                 _ => String::new(),
             };
-            let host = std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_default();
-            let host = if host.is_empty() {
-                "worker".to_string()
-            } else {
-                host
-            };
+            let host = host_name().unwrap_or_else(|| "worker".to_string());
             Ok(format!("{prefix}{host}-{}", std::process::id()))
         }
     }
+}
+
+/// This machine's (container's, pod's) host name, if it has one.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// Send `req` to the enrollment API until a coordinator answers: they may not be up (or
+/// led) yet. A refusal (4xx but 429) is final; a retry after a lost answer is safe, as
+/// the same key is answered again.
+async fn ask_to_sign(
+    client: &crate::client::Client,
+    req: &swarm_proto::api::EnrollRequest,
+    what: &str,
+    max_backoff: Duration,
+) -> anyhow::Result<swarm_proto::api::EnrollResponse> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match client.enroll(req).await {
+            Ok(a) => return Ok(a),
+            Err(e)
+                if e.downcast_ref::<crate::client::ApiError>()
+                    .is_some_and(|a| (400..500).contains(&a.status) && a.status != 429) =>
+            {
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot {what} yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+}
+
+/// Keep an enrolled certificate valid: once two thirds of the time from its
+/// installation to its expiry have passed, ask the cluster to sign the same key again
+/// and install the answer; the worker presents it from its next handshake. A refusal
+/// (say the certificate was revoked) stops the renewals, logged; the worker runs on
+/// until its certificate expires.
+async fn renew_enrolled(
+    apis: Vec<String>,
+    token_file: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    dir: std::path::PathBuf,
+) {
+    let role = swarm_transport::Role::Worker;
+    let cert = swarm_transport::CertFiles::in_dir(&dir)
+        .cert(role)
+        .to_path_buf();
+    loop {
+        let due = match renewal_due(&cert) {
+            Ok(Some(due)) => due,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot tell when to renew the certificate; retrying in a minute");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                continue;
+            }
+        };
+        if let Ok(wait) = due.duration_since(std::time::SystemTime::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        match renew_once(&apis, &token_file, &ca, &dir, role).await {
+            Ok(info) => tracing::info!(serial = %info.serial, "renewed the enrolled certificate"),
+            Err(e) if e.downcast_ref::<crate::client::ApiError>().is_some() => {
+                tracing::error!(error = %format!("{e:#}"), "the cluster refused to renew this worker's certificate; it stays valid until it expires");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "renewing the certificate failed; retrying in a minute");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        }
+    }
+}
+
+/// When the certificate at `path` is due for renewal: two thirds of the way from its
+/// installation (the file's mtime) to its expiry. `None`: not a certificate for one
+/// enrolled worker (a pool's), never renewed.
+fn renewal_due(path: &std::path::Path) -> anyhow::Result<Option<std::time::SystemTime>> {
+    let info = swarm_transport::CertInfo::read(path)?;
+    if !matches!(info.subject.name, swarm_transport::CertName::Node(_)) {
+        return Ok(None);
+    }
+    let installed = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("reading the time of {}", path.display()))?;
+    let expiry = std::time::UNIX_EPOCH + Duration::from_secs(info.not_after_unix.max(0) as u64);
+    let life = expiry.duration_since(installed).unwrap_or_default();
+    Ok(Some(installed + life * 2 / 3))
+}
+
+async fn renew_once(
+    apis: &[String],
+    token_file: &std::path::Path,
+    ca: &std::path::Path,
+    dir: &std::path::Path,
+    role: swarm_transport::Role,
+) -> anyhow::Result<swarm_transport::CertInfo> {
+    let files = swarm_transport::CertFiles::in_dir(dir);
+    let name = swarm_transport::CertInfo::read(files.cert(role))?
+        .subject
+        .name;
+    let csr = swarm_transport::request_for_existing_key(dir, role, &name)?;
+    // Read again each time: the token may have been rotated since the start.
+    let token = super::read_token(token_file)?;
+    let client = crate::client::Client::new(&apis.join(","), token, Some(ca))?;
+    let req = swarm_proto::api::EnrollRequest {
+        name: name.to_string(),
+        csr,
+    };
+    let answer = ask_to_sign(&client, &req, "renew", Duration::from_secs(30)).await?;
+    swarm_transport::install_renewed(dir, role, &answer.certificate)
 }

@@ -394,22 +394,7 @@ async fn tokens_and_revocations_reach_every_node_and_cut_off_a_worker() {
     }
 
     // A worker with a certificate of its own, connected, then revoked.
-    let ca_dir = c.certs.clone();
-    let wdir = c.dir.path().join("w-rev");
-    let out = std::process::Command::new(bin())
-        .args([
-            "certs", "issue", "--role", "worker", "--name", "w-rev", "--ca-dir",
-        ])
-        .arg(&ca_dir)
-        .arg("--out")
-        .arg(&wdir)
-        .output()
-        .expect("certs issue");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let wdir = c.issue("worker", "w-rev");
     c.start_worker_certs("w-rev", 1, None, &wdir);
     wait_worker(&c, leader, "w-rev", true).await;
     let (code, out, err) = swarm(
@@ -449,6 +434,213 @@ async fn tokens_and_revocations_reach_every_node_and_cut_off_a_worker() {
             "node {id} stopped answering"
         );
     }
+}
+
+/// Each coordinator with a certificate of its own; the leader's is revoked. Its peers cut
+/// their Raft connections to it and refuse it from then on, so the other two elect a
+/// leader between them; the worker, sent the deny list, leaves the revoked coordinator
+/// and refuses it, and runs tasks for the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_coordinator_is_cut_off_by_its_peers_and_by_workers() {
+    let mut c = RaftCluster::new(3, &[]);
+    for id in 1..=3u64 {
+        let dir = c.issue("coordinator", &format!("coordinator-{id}"));
+        c.node_certs.insert(id, dir);
+    }
+    c.start_all();
+    let old = c.wait_leader().await;
+    let wdir = c.issue("worker", "w-1");
+    c.start_worker_certs("w-1", 2, None, &wdir);
+    wait_worker(&c, old, "w-1", true).await;
+
+    let cert = c.node_certs[&old].join("coordinator.pem");
+    let (code, out, err) = swarm(
+        &c.nodes[&old].api(),
+        &c.token,
+        None,
+        &["certs", "revoke", cert.to_str().expect("path")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The other two agree on a leader between them.
+    let others: Vec<u64> = (1..=3).filter(|n| *n != old).collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let new = loop {
+        let mut seen = Vec::new();
+        for id in &others {
+            let s = c.node_status(*id).await;
+            seen.push(s.and_then(|s| s["leader"].as_u64()));
+        }
+        if let [Some(a), Some(b)] = seen[..] {
+            if a == b && a != old {
+                break a;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no leader among {others:?} after revoking node {old}: {seen:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The worker follows the new leader (the revoked one is refused in its handshake).
+    wait_worker(&c, new, "w-1", true).await;
+    let (status, v) = call(
+        &c.http,
+        &c.nodes[&new].api(),
+        &c.token,
+        Method::POST,
+        "/v1/tasks",
+        Some(json!({"agent": "echo", "payload": "after the revocation"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_u64().expect("id");
+    c.wait_for(new, &format!("/v1/tasks/{id}"), "the task succeeds", |t| {
+        t["state"] == "succeeded"
+    })
+    .await;
+    // The revoked node is out for good: its peers refuse every handshake it tries.
+    let log = c.log_of(new);
+    let peers_refuse = others
+        .iter()
+        .any(|id| c.log_of(*id).contains("certificate is revoked"));
+    assert!(
+        peers_refuse,
+        "no peer logged refusing the revoked node\n{log}"
+    );
+    let wlog = std::fs::read_to_string(c.dir.path().join("w-1.log")).unwrap_or_default();
+    assert!(
+        wlog.contains("deny list") && wlog.contains("certificate is revoked"),
+        "the worker never took the deny list or refused the revoked coordinator\n{wlog}"
+    );
+}
+
+/// An enrolled certificate is renewed before it expires, with the same key, and the
+/// worker runs on under it; a revoked one is not renewed. Without `--id` the worker
+/// enrolls under its host name (a pod's, a container's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_certificate_is_renewed_until_it_is_revoked() {
+    let mut c = Cluster::new(&[]);
+    let enroll_token = c.dir.path().join("enroll-token");
+    std::fs::write(&enroll_token, "enroll-secret-0123456789").unwrap();
+    let ca_key = c.certs.join("ca-key.pem");
+    c.coordinator_args.extend(
+        [
+            "--enroll-ca-key",
+            ca_key.to_str().unwrap(),
+            "--enroll-token-file",
+            enroll_token.to_str().unwrap(),
+            "--enroll-prefix",
+            "pod-",
+            // Renewed two thirds of the way: after some 8 s.
+            "--enroll-validity",
+            "12s",
+        ]
+        .map(String::from),
+    );
+    c.start_coordinator();
+    c.wait_ready().await;
+    let dir = c.dir.path().join("pod-r1-certs");
+    let log = c.dir.path().join("pod-r1.log");
+    let mut worker = std::process::Command::new(bin())
+        .arg("worker")
+        .args(["--coordinator", &format!("127.0.0.1:{}", c.quic_port)])
+        .args([
+            "--server-name",
+            "localhost",
+            "--slots",
+            "1",
+            "--enroll-api",
+            &c.api,
+        ])
+        .arg("--enroll-token-file")
+        .arg(&enroll_token)
+        .arg("--ca")
+        .arg(c.certs.join("ca.pem"))
+        .arg("--certs")
+        .arg(&dir)
+        .env("HOSTNAME", "pod-r1")
+        .env("SWARM_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn worker");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut worker);
+    c.wait_workers(&["pod-r1"]).await;
+    let cert = dir.join("worker.pem");
+    let first = swarm_transport::CertInfo::read(&cert).expect("enrolled");
+    assert_eq!(first.subject.name.to_string(), "pod-r1");
+
+    let renewed = |serial: String| {
+        let cert = cert.clone();
+        let log = log.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                if let Ok(info) = swarm_transport::CertInfo::read(&cert) {
+                    if info.serial != serial {
+                        return info;
+                    }
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the certificate was not renewed in time\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let second = renewed(first.serial.clone()).await;
+    assert_eq!(
+        second.public_key, first.public_key,
+        "renewed with the same key"
+    );
+    assert_eq!(second.subject, first.subject);
+    assert!(second.not_after_unix > first.not_after_unix);
+    let (_, v) = c
+        .post(
+            "/v1/tasks?wait=30s",
+            json!({"agent": "echo", "payload": "renewed"}),
+        )
+        .await;
+    assert_eq!(v["task"]["state"], "succeeded", "{v}");
+    assert_eq!(v["task"]["attempts"][0]["worker"], "pod-r1", "{v}");
+
+    // Revoked: cut off, and its next renewal is refused.
+    let (code, out, err) = swarm(
+        &c.api,
+        &c.token,
+        None,
+        &["certs", "revoke", cert.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("refused to renew") {
+            assert!(text.contains("revoked"), "{text}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the revoked worker's renewal was not refused in time\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let last = swarm_transport::CertInfo::read(&cert).unwrap();
+    assert_eq!(
+        last.serial, second.serial,
+        "a revoked certificate was renewed"
+    );
 }
 
 /// Asks `base`'s `/v1/status` with `token` until the answer is `want` (bounded); the last

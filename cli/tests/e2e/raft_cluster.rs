@@ -75,6 +75,8 @@ pub struct RaftCluster {
     pub nodes: BTreeMap<u64, NodeSpec>,
     /// Extra flags for every coordinator.
     pub coordinator_args: Vec<String>,
+    /// Certificates of a node's own (see [`RaftCluster::issue`]); others use `certs`.
+    pub node_certs: BTreeMap<u64, PathBuf>,
     procs: BTreeMap<u64, Child>,
     workers: Vec<(String, Child)>,
     pub http: reqwest::Client,
@@ -108,6 +110,7 @@ impl RaftCluster {
             token,
             nodes: BTreeMap::new(),
             coordinator_args: extra.iter().map(|s| s.to_string()).collect(),
+            node_certs: BTreeMap::new(),
             procs: BTreeMap::new(),
             workers: Vec::new(),
             http: http.build().expect("http client"),
@@ -158,7 +161,7 @@ impl RaftCluster {
             .arg("--data-dir")
             .arg(&spec.data_dir)
             .arg("--certs")
-            .arg(&self.certs)
+            .arg(self.node_certs.get(&id).unwrap_or(&self.certs))
             .args(["--listen", &format!("127.0.0.1:{}", spec.quic_port)])
             .args(["--advertise", &spec.raft_addr()])
             .args(["--api-listen", &spec.api_addr()])
@@ -191,6 +194,25 @@ impl RaftCluster {
         }
         let child = cmd.spawn().expect("spawn coordinator");
         self.procs.insert(id, child);
+    }
+
+    /// A certificate of its own for one node (`role` coordinator or worker) named
+    /// `name`, signed by the cluster CA, in a new directory (returned).
+    pub fn issue(&self, role: &str, name: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("certs-{name}"));
+        let done = Command::new(bin())
+            .args(["certs", "issue", "--role", role, "--name", name, "--ca-dir"])
+            .arg(&self.certs)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("run swarm certs issue");
+        assert!(
+            done.status.success(),
+            "certs issue: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        out
     }
 
     /// The process id of node `id`, while it runs.

@@ -185,6 +185,7 @@ impl From<AccessError> for ApiError {
                 let status = match f.code.as_str() {
                     "not_found" => StatusCode::NOT_FOUND,
                     "conflict" => StatusCode::CONFLICT,
+                    "revoked" => StatusCode::FORBIDDEN,
                     "limit" => StatusCode::INSUFFICIENT_STORAGE,
                     _ => StatusCode::BAD_REQUEST,
                 };

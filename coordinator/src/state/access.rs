@@ -242,6 +242,17 @@ impl Access {
             AccessOp::Enroll { name, cert, now_ms } => {
                 self.prune(*now_ms);
                 if let Some(e) = self.enrolled.get(name) {
+                    if self.revoked.contains_key(&e.serial) {
+                        // Else the holder of a revoked certificate could renew it.
+                        return Err(AccessFault::new(
+                            "revoked",
+                            format!(
+                                "worker {name:?}'s certificate {} is revoked; the name cannot \
+                                 be enrolled again while it would be valid",
+                                e.serial
+                            ),
+                        ));
+                    }
                     if e.key_sha256 == cert.key_sha256 {
                         // The same key asking again: its latest certificate counts.
                         self.enrolled.insert(name.clone(), cert.clone());
@@ -410,6 +421,39 @@ mod tests {
         // Once the first certificate has expired, the name may be enrolled again.
         a.apply(&enroll("03", 1_000)).unwrap();
         assert_eq!(a.enrolled["worker-abc"].serial, "03");
+    }
+
+    /// A revoked certificate cannot be renewed by its holder (the same key asking
+    /// again), nor the name taken by another key, until it would have expired.
+    #[test]
+    fn a_revoked_enrollment_is_not_renewed() {
+        let mut a = Access::default();
+        let enroll = |serial: &str, key: u8, now_ms| AccessOp::Enroll {
+            name: "worker-abc".into(),
+            cert: Enrolled {
+                serial: serial.into(),
+                key_sha256: [key; 32],
+                not_after_ms: 1_000,
+                enrolled_at_ms: now_ms,
+            },
+            now_ms,
+        };
+        a.apply(&enroll("01", 7, 10)).unwrap();
+        a.apply(&AccessOp::CertRevoke {
+            cert: RevokedCert {
+                serial: "01".into(),
+                subject: "worker worker-abc".into(),
+                not_after_ms: Some(1_000),
+                revoked_at_ms: 20,
+            },
+            now_ms: 20,
+        })
+        .unwrap();
+        assert_eq!(a.apply(&enroll("02", 7, 30)).unwrap_err().code, "revoked");
+        assert_eq!(a.apply(&enroll("03", 8, 30)).unwrap_err().code, "revoked");
+        assert_eq!(a.enrolled["worker-abc"].serial, "01");
+        a.apply(&enroll("04", 8, 1_000)).unwrap();
+        assert_eq!(a.enrolled["worker-abc"].serial, "04");
     }
 
     #[test]
