@@ -33,7 +33,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid swarm --home-dir /var/lib/swarm --shell /usr/sbin/nologin swarm \
  && install -d -o swarm -g swarm -m 0750 /var/lib/swarm /etc/swarm/certs /etc/swarm/token /etc/swarm/ca \
     /etc/swarm/issue/coordinator-1 /etc/swarm/issue/coordinator-2 /etc/swarm/issue/coordinator-3 \
-    /etc/swarm/issue/worker \
+    /etc/swarm/issue/enroll \
  && install -d -o swarm -g swarm -m 0755 /etc/swarm/issue/ca-public
 COPY --from=build /out/swarm /usr/local/bin/swarm
 

@@ -175,8 +175,7 @@ def check_overlay(rendered, adapter_path, secrets_path):
 
     secrets = {s["metadata"]["name"]: set(s["stringData"]) for s in load_all(secrets_path)}
     required_files = {
-        "swarm-coordinator-tls": {"ca.pem", "coordinator.pem", "coordinator-key.pem"},
-        "swarm-ca-key": {"ca-key.pem"},
+        "swarm-ca": {"ca.pem", "ca-key.pem"},
         "swarm-enroll": {"ca.pem", "enroll-token"},
         "swarm-api-token": {"api-token"},
     }

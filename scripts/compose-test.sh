@@ -5,8 +5,9 @@
 #   coordinators and 3 workers, submit tasks through a follower, kill the Raft leader's
 #   container (SIGKILL), keep submitting through the survivors, start it again, submit
 #   through it, then check that every acknowledged task succeeded on all three replicas,
-#   that `swarm status` shows 3 voters and every worker, and that `--scale worker=4`
-#   brings a fourth worker. Prometheus (the `observability` profile, from an image
+#   that `swarm status` shows 3 voters and every worker, that each worker enrolled for a
+#   certificate of its own named for its container, and that `--scale worker=4` brings a
+#   fourth worker, enrolled likewise. Prometheus (the `observability` profile, from an image
 #   base-images.sh makes of Debian's package) runs alongside: at the end it must scrape all
 #   three coordinators and have loaded the alert rules. Always tears down (`down -v`).
 #   Prints PASS or FAIL and timings.
@@ -148,6 +149,27 @@ wait_workers() { # count
 }
 wait_workers "$workers"
 log "$workers workers connected"
+
+# Each worker enrolled for a certificate of its own: its id is its container's host name,
+# and its certificate (a serial no other worker has) names exactly that.
+check_enrolled() { # count
+    local l ids hosts serials c
+    l=$(leader_seen_by 1)
+    ids=$(cli "$l" status --json | json '"\n".join(sorted(w["id"] for w in d["workers"]))')
+    hosts=$(for c in $("${compose[@]}" ps -q worker); do docker inspect -f '{{.Config.Hostname}}' "$c"; done | sort)
+    [[ $ids == "$hosts" ]] || fail "worker ids [$(echo $ids)] are not the workers' host names [$(echo $hosts)]"
+    serials=$(for c in $("${compose[@]}" ps -q worker); do
+        docker exec "$c" swarm certs show /etc/swarm/certs/worker.pem | grep -o 'serial [0-9a-f]*'
+    done | sort -u | wc -l)
+    ((serials == $1)) || fail "$1 workers hold $serials distinct certificates, expected one each"
+    for c in $("${compose[@]}" ps -q worker); do
+        docker exec "$c" swarm certs show /etc/swarm/certs/worker.pem |
+            grep -q "^worker certificate for $(docker inspect -f '{{.Config.Hostname}}' "$c"), " ||
+            fail "worker $c's certificate does not name its host"
+    done
+}
+check_enrolled "$workers"
+log "each worker enrolled: its own key and certificate, named for its container"
 "${compose[@]}" --profile observability up -d --no-build --no-deps prometheus >/dev/null 2>&1 ||
     fail "starting prometheus"
 phase cluster-up
@@ -251,7 +273,8 @@ log "scaling workers to 4"
 "${compose[@]}" up -d --no-build --no-recreate --scale worker=4 worker >/dev/null 2>&1 ||
     fail "compose up --scale worker=4"
 wait_workers 4
-log "4 workers connected"
+check_enrolled 4
+log "4 workers connected, the fourth enrolled for a certificate of its own"
 phase status-scale
 
 # --- Prometheus -------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ Schema validation says the manifests are well-formed; this says the pods they de
 work. It renders the overlay (scripts/kustomize-render.py), makes Secrets with
 scripts/k8s-secrets.sh, then starts every coordinator replica and worker replica with what
 the pod spec says: command and args (the ordinal entrypoint snippet), env and envFrom
-ConfigMaps (metadata.name from the pod name), Secret volumes (mode and fsGroup applied),
+ConfigMaps (metadata.name and metadata.namespace fieldRefs), Secret volumes (mode and fsGroup applied),
 emptyDirs as tmpfs, a Docker volume per volumeClaimTemplate, runAsUser/runAsGroup,
 readOnlyRootFilesystem, dropped capabilities, no privilege escalation. Peers reach each
 other by the pod DNS names the certificates carry (`swarm-coordinator-N.swarm-coordinator`,
-as Docker network aliases). Then it runs each container's readiness and liveness probe
+as Docker network aliases; each coordinator pod issues its own at start). Then it runs each container's readiness and liveness probe
 commands until they pass, checks `swarm status` (every replica a voter, a leader, every
 worker connected under its pod name, with the certificate it enrolled for) and runs one
 task through a follower. Cleans up always.
@@ -72,7 +72,7 @@ class Smoke:
         # `swarm` on PATH makes the certificates, or else the image does.
         env = dict(os.environ, SWARM_IMAGE=self.image)
         r = subprocess.run([str(REPO / "scripts/k8s-secrets.sh"), "--namespace", self.namespace,
-                            "--coordinators", str(replicas), "--out", str(out)],
+                            "--out", str(out)],
                            env=env, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise SystemExit(f"k8s-docker-smoke: FAIL: scripts/k8s-secrets.sh: {r.stderr.strip()}")
@@ -123,6 +123,8 @@ class Smoke:
                 env[e["name"]] = e["value"]
             elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
                 env[e["name"]] = pod_name
+            elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+                env[e["name"]] = self.namespace
             else:
                 raise SystemExit(f"k8s-docker-smoke: cannot simulate env {e}")
         for k, v in env.items():
