@@ -12,9 +12,10 @@ emptyDirs as tmpfs, a Docker volume per volumeClaimTemplate, runAsUser/runAsGrou
 readOnlyRootFilesystem, dropped capabilities, no privilege escalation. Peers reach each
 other by the pod DNS names the certificates carry (`swarm-coordinator-N.swarm-coordinator`,
 as Docker network aliases; each coordinator pod issues its own at start). Then it runs each container's readiness and liveness probe
-commands until they pass, checks `swarm status` (every replica a voter, a leader, every
-worker connected under its pod name, with the certificate it enrolled for) and runs one
-task through a follower. Cleans up always.
+commands until they pass, checks that each coordinator pod issued itself a certificate
+naming it, checks `swarm status` (every replica a voter, a leader, every worker connected
+under its pod name, with the certificate it enrolled for) and runs one task through a
+follower. Cleans up always.
 
 Not simulated: the kubelet's probe timing, Services other than pod DNS, the HPA, the PDB.
 Needs Docker and PyYAML (or the venv scripts/validate-k8s.sh makes).
@@ -183,6 +184,17 @@ class Smoke:
         for name, c in coords:
             self.probe_until_ok(name, c, deadline)
         print(f"{replicas} coordinators ready and live (swarm probe ready/live)")
+        serials = set()
+        for (name, _), i in zip(coords, range(replicas)):
+            pod = f"{sts['metadata']['name']}-{i}"
+            shown = run("docker", "exec", name, "swarm", "certs", "show",
+                        "/etc/swarm/certs/coordinator.pem").stdout
+            if not shown.startswith(f"coordinator certificate for {pod}, serial "):
+                raise SystemExit(f"k8s-docker-smoke: FAIL: {pod}'s certificate: {shown!r}")
+            serials.add(shown.split("serial ", 1)[1].split(",", 1)[0])
+        if len(serials) != replicas:
+            raise SystemExit(f"k8s-docker-smoke: FAIL: {replicas} coordinators share certificates")
+        print(f"each coordinator pod issued itself a certificate naming it ({len(serials)} serials)")
         while True:
             status = json.loads(run("docker", "exec", coords[0][0], "swarm", "status", "--json").stdout)
             leader = status["cluster"].get("leader")

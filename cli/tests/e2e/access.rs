@@ -521,24 +521,8 @@ async fn a_revoked_coordinator_is_cut_off_by_its_peers_and_by_workers() {
 /// enrolls under its host name (a pod's, a container's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enrolled_certificate_is_renewed_until_it_is_revoked() {
-    let mut c = Cluster::new(&[]);
-    let enroll_token = c.dir.path().join("enroll-token");
-    std::fs::write(&enroll_token, "enroll-secret-0123456789").unwrap();
-    let ca_key = c.certs.join("ca-key.pem");
-    c.coordinator_args.extend(
-        [
-            "--enroll-ca-key",
-            ca_key.to_str().unwrap(),
-            "--enroll-token-file",
-            enroll_token.to_str().unwrap(),
-            "--enroll-prefix",
-            "pod-",
-            // Renewed two thirds of the way: after some 8 s.
-            "--enroll-validity",
-            "12s",
-        ]
-        .map(String::from),
-    );
+    // Renewed two thirds of the way: after some 8 s.
+    let (mut c, enroll_token) = enrolling(&["--enroll-prefix", "pod-", "--enroll-validity", "12s"]);
     c.start_coordinator();
     c.wait_ready().await;
     let dir = c.dir.path().join("pod-r1-certs");
@@ -643,6 +627,30 @@ async fn an_enrolled_certificate_is_renewed_until_it_is_revoked() {
     );
 }
 
+/// The enrollment token of [`enrolling`] clusters.
+const ENROLL_SECRET: &str = "enroll-secret-0123456789";
+
+/// A one-coordinator cluster (not started yet) that enrolls workers with the token in
+/// the file returned ([`ENROLL_SECRET`]); `extra` are more coordinator flags.
+fn enrolling(extra: &[&str]) -> (Cluster, std::path::PathBuf) {
+    let mut c = Cluster::new(&[]);
+    let enroll_token = c.dir.path().join("enroll-token");
+    std::fs::write(&enroll_token, ENROLL_SECRET).unwrap();
+    let ca_key = c.certs.join("ca-key.pem");
+    c.coordinator_args.extend(
+        [
+            "--enroll-ca-key",
+            ca_key.to_str().unwrap(),
+            "--enroll-token-file",
+            enroll_token.to_str().unwrap(),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string()),
+    );
+    (c, enroll_token)
+}
+
 /// Asks `base`'s `/v1/status` with `token` until the answer is `want` (bounded); the last
 /// status seen.
 async fn status_becomes(http: &reqwest::Client, base: &str, token: &str, want: u16) -> u16 {
@@ -706,21 +714,7 @@ fn every_rule_names_a_route_once() {
 /// other route are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name() {
-    let mut c = Cluster::new(&[]);
-    let enroll_token = c.dir.path().join("enroll-token");
-    std::fs::write(&enroll_token, "enroll-secret-0123456789").unwrap();
-    let ca_key = c.certs.join("ca-key.pem");
-    c.coordinator_args.extend(
-        [
-            "--enroll-ca-key",
-            ca_key.to_str().unwrap(),
-            "--enroll-token-file",
-            enroll_token.to_str().unwrap(),
-            "--enroll-prefix",
-            "pod-",
-        ]
-        .map(String::from),
-    );
+    let (mut c, enroll_token) = enrolling(&["--enroll-prefix", "pod-"]);
     c.start_coordinator();
     c.wait_ready().await;
     let ca = c.certs.join("ca.pem");
@@ -792,7 +786,7 @@ async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name
     let (status, _) = call(
         &http,
         &c.api,
-        "enroll-secret-0123456789",
+        ENROLL_SECRET,
         Method::GET,
         "/v1/status",
         None,
@@ -827,13 +821,13 @@ async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name
     .await;
     assert_eq!(status, 401, "the admin token does not enroll either: {v}");
     // Garbage for a signing request: a clear 400.
-    let (status, v) = call(&http, &c.api, "enroll-secret-0123456789", Method::POST, "/v1/certs/enroll",
+    let (status, v) = call(&http, &c.api, ENROLL_SECRET, Method::POST, "/v1/certs/enroll",
         Some(json!({"name": "pod-y", "csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"}))).await;
     assert_eq!(status, 400, "{v}");
     let (status, v) = call(
         &http,
         &c.api,
-        "enroll-secret-0123456789",
+        ENROLL_SECRET,
         Method::POST,
         "/v1/certs/enroll",
         Some(body.clone()),
@@ -844,7 +838,7 @@ async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name
     let (status, again) = call(
         &http,
         &c.api,
-        "enroll-secret-0123456789",
+        ENROLL_SECRET,
         Method::POST,
         "/v1/certs/enroll",
         Some(body),
@@ -873,19 +867,7 @@ async fn a_worker_enrolls_once_with_the_enrollment_token_and_runs_under_its_name
 /// answers, then runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_the_coordinators_enrolls_once_they_answer() {
-    let mut c = Cluster::new(&[]);
-    let enroll_token = c.dir.path().join("enroll-token");
-    std::fs::write(&enroll_token, "enroll-secret-abcdef0123").unwrap();
-    let ca_key = c.certs.join("ca-key.pem");
-    c.coordinator_args.extend(
-        [
-            "--enroll-ca-key",
-            ca_key.to_str().unwrap(),
-            "--enroll-token-file",
-            enroll_token.to_str().unwrap(),
-        ]
-        .map(String::from),
-    );
+    let (mut c, enroll_token) = enrolling(&[]);
     let dir = c.dir.path().join("early-certs");
     let args = [
         "--enroll-api".to_string(),
