@@ -10,10 +10,13 @@
 //!   key on the node: [`pki::new_key_and_request`] makes a key and a signing request,
 //!   [`pki::Issuer::sign_request`] signs it at the CA and [`pki::install_enrolled`]
 //!   stores the answer.
-//! * [`tls`]: [`tls::Identity`] loads a node's certificate; [`tls::server_config`] /
-//!   [`tls::client_config`] turn it into quinn configs that *require* a certificate from
-//!   the cluster CA on both sides (a dialer also requires the role it wants to reach),
-//!   speak TLS 1.3 only and allow 0-RTT resumption. [`tls::peer_subject`] reads who the
+//! * [`tls`]: [`tls::Identity`] loads a node's certificate and the cluster CAs it
+//!   trusts, and takes new ones from disk while running ([`tls::Identity::reload`]: a
+//!   renewed certificate, or a new `ca.pem` to move the cluster to a new CA without a
+//!   restart); [`tls::server_config`] / [`tls::client_config`] turn it into quinn
+//!   configs that *require* a certificate from a trusted cluster CA on both sides (a
+//!   dialer also requires the role it wants to reach), speak TLS 1.3 only and allow
+//!   0-RTT resumption. [`tls::peer_subject`] reads who the
 //!   peer is; [`tls::Identity::prove`] / [`tls::Identity::verify_proof`] let a node prove
 //!   its identity across a relay.
 //! * [`revocation`]: a deny list of revoked certificate serials ([`Revocations`]). Each

@@ -9,7 +9,10 @@
 //!
 //! A node's certificate directory holds `ca.pem`, its `<role>.pem` and `<role>-key.pem`
 //! (see [`CertFiles`]); the CA directory also holds `ca-key.pem`, which only the machine
-//! that issues certificates needs.
+//! that issues certificates needs. `ca.pem` may hold several CA certificates: while a
+//! cluster moves to a new CA, its nodes trust the old and the new one (running nodes
+//! take a new `ca.pem` with [`crate::tls::Identity::reload`]), and an issuer signs with
+//! whichever of them its `ca-key.pem` belongs to ([`Issuer::load`]).
 
 use std::fmt;
 use std::fs;
@@ -490,7 +493,10 @@ struct Ca {
     key: KeyPair,
 }
 
-/// The CA certificate's PEM text and the CA, ready to sign.
+/// The CA certificate file's PEM text (all of it) and the CA, ready to sign.
+///
+/// The file may hold several CA certificates, a bundle (while a cluster moves to a new
+/// CA, the old and the new one): the CA is the one whose public key is the key's.
 fn read_ca(ca_cert: &Path, ca_key: &Path) -> anyhow::Result<(String, Ca)> {
     let ca_pem = fs::read_to_string(ca_cert)
         .with_context(|| format!("reading the CA certificate {}", ca_cert.display()))?;
@@ -502,9 +508,26 @@ fn read_ca(ca_cert: &Path, ca_key: &Path) -> anyhow::Result<(String, Ca)> {
     })?;
     let key = KeyPair::from_pem(&key_pem)
         .with_context(|| format!("{} holds no usable key", ca_key.display()))?;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: invalid PEM", ca_cert.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", ca_cert.display());
+    }
+    let Some(der) = certs.iter().find(|der| {
+        x509_parser::parse_x509_certificate(der)
+            .is_ok_and(|(_, cert)| cert.public_key().subject_public_key.data == key.der_bytes())
+    }) else {
+        bail!(
+            "{} does not belong to {}: none of its {} certificate(s) has that key",
+            ca_key.display(),
+            ca_cert.display(),
+            certs.len()
+        );
+    };
     // rcgen signs with a `Certificate`: rebuild the CA's from its parameters and key
     // (same name, same key, so the same key identifier the leaves point at).
-    let cert = CertificateParams::from_ca_cert_pem(&ca_pem)
+    let cert = CertificateParams::from_ca_cert_der(der)
         .with_context(|| format!("{} is not a usable CA certificate", ca_cert.display()))?
         .self_signed(&key)
         .with_context(|| format!("{} does not match {}", ca_key.display(), ca_cert.display()))?;
@@ -529,14 +552,17 @@ impl fmt::Debug for Issuer {
 
 impl Issuer {
     /// Loads the CA certificate and its private key (`ca.pem` and `ca-key.pem` of the
-    /// CA directory, see [`CertFiles`]). Fails if either is unreadable or they do not
-    /// belong together.
+    /// CA directory, see [`CertFiles`]). `ca.pem` may be a bundle of several CA
+    /// certificates (while a cluster moves to a new CA): the issuer signs as the one whose
+    /// public key is the key's. Fails if either file is unreadable or no certificate in
+    /// `ca.pem` belongs to the key.
     pub fn load(ca_cert: &Path, ca_key: &Path) -> anyhow::Result<Issuer> {
         let (ca_pem, ca) = read_ca(ca_cert, ca_key)?;
         Ok(Issuer { ca_pem, ca })
     }
 
-    /// The CA certificate, PEM, as read: what a node needs as its `ca.pem`.
+    /// The CA certificate file, PEM, as read (the whole bundle if it holds several CA
+    /// certificates): what a node needs as its `ca.pem`.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
     }

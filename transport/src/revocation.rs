@@ -13,10 +13,13 @@
 //! certificate verification: the peer's certificate is taken from the stored session.
 //! The session caches of configurations built from an identity are therefore emptied
 //! whenever its deny list changes, so after a revocation a peer must do a full handshake,
-//! which the verifier refuses. That still leaves a window: a handshake verified just
-//! before a change can store its session just after it. Changing the list also does
-//! nothing to connections already up. So the check after the handshake is the
-//! authoritative one: servers (and dialers) must check
+//! which the verifier refuses. (They are also emptied whenever the identity's trusted CAs
+//! change, see [`Identity::reload`](crate::tls::Identity::reload), so a peer whose CA is
+//! no longer trusted cannot resume either; that does not wake
+//! [`Revocations::subscribe`]rs, since the deny list did not change.) That still leaves a
+//! window: a handshake verified just before a change can store its session just after
+//! it. Changing the list also does nothing to connections already up. So the check
+//! after the handshake is the authoritative one: servers (and dialers) must check
 //! [`peer_serial`](crate::tls::peer_serial) with
 //! [`require_not_revoked`](crate::tls::require_not_revoked) once the handshake has
 //! completed, and [`Revocations::subscribe`] tells when live connections must be checked
@@ -37,6 +40,7 @@ use tokio::sync::watch;
 
 pub use crate::pki::serial_of_der;
 use crate::pki::CertSubject;
+use crate::tls::Trust;
 
 /// A shared, atomically replaceable set of revoked certificate serials: lower-case hex
 /// without separators, as in [`CertInfo::serial`](crate::pki::CertInfo::serial).
@@ -216,26 +220,43 @@ fn normalize(serial: &str) -> Cow<'_, str> {
     }
 }
 
-/// A client certificate verifier that refuses revoked certificates: `inner` decides
-/// everything (whether to ask for a certificate, the CA check, signatures), then a leaf
-/// it accepted is refused if its serial is in `revocations`.
+/// A client certificate verifier that refuses revoked certificates: the WebPKI verifier
+/// of the CAs `trust` holds at the time of the call (one requiring a client certificate,
+/// or letting a client without one in if `optional`) decides everything (whether to ask
+/// for a certificate, the CA check, signatures), then a leaf it accepted is refused if
+/// its serial is in `revocations`.
 #[derive(Debug)]
 pub(crate) struct DenyListClientVerifier {
-    pub(crate) inner: Arc<dyn ClientCertVerifier>,
+    pub(crate) trust: Arc<Trust>,
+    pub(crate) optional: bool,
     pub(crate) revocations: Revocations,
+}
+
+impl DenyListClientVerifier {
+    /// The WebPKI verifier of the CAs trusted now.
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        let set = self.trust.current();
+        if self.optional {
+            set.client_optional.clone()
+        } else {
+            set.client.clone()
+        }
+    }
 }
 
 impl ClientCertVerifier for DenyListClientVerifier {
     fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+        self.inner().offer_client_auth()
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        self.inner().client_auth_mandatory()
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // The hints are optional, and a borrow cannot outlive the look-up of the CAs
+        // trusted now (they may be replaced at any time): send none.
+        &[]
     }
 
     fn verify_client_cert(
@@ -245,7 +266,7 @@ impl ClientCertVerifier for DenyListClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
-            .inner
+            .inner()
             .verify_client_cert(end_entity, intermediates, now)?;
         self.revocations.check(end_entity, "client")?;
         Ok(verified)
@@ -257,7 +278,7 @@ impl ClientCertVerifier for DenyListClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.inner().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -266,79 +287,92 @@ impl ClientCertVerifier for DenyListClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.inner().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.inner().supported_verify_schemes()
     }
 
     fn requires_raw_public_keys(&self) -> bool {
-        self.inner.requires_raw_public_keys()
+        self.inner().requires_raw_public_keys()
     }
 }
 
-/// A cache that is emptied whenever a deny list changes (see the module docs), so no
-/// session stored before a revocation can be resumed after it.
+/// A cache that is emptied whenever a deny list or a set of trusted CAs changes (see
+/// the module docs), so no session stored before a revocation, or verified under CAs
+/// trusted no more, can be resumed after it.
 #[derive(Debug)]
 struct FlushedOnChange<C> {
     revocations: Revocations,
+    trust: Arc<Trust>,
     make: fn(usize) -> Arc<C>,
     capacity: usize,
-    /// The cache, and the deny list generation it was made under.
-    current: Mutex<(u64, Arc<C>)>,
+    /// The cache, and the generations (deny list, trusted CAs) it was made under.
+    current: Mutex<((u64, u64), Arc<C>)>,
 }
 
 impl<C> FlushedOnChange<C> {
-    fn new(revocations: Revocations, capacity: usize, make: fn(usize) -> Arc<C>) -> Self {
-        let generation = revocations.generation();
+    fn new(
+        revocations: Revocations,
+        trust: Arc<Trust>,
+        capacity: usize,
+        make: fn(usize) -> Arc<C>,
+    ) -> Self {
+        let generations = (revocations.generation(), trust.generation());
         FlushedOnChange {
             revocations,
+            trust,
             make,
             capacity,
-            current: Mutex::new((generation, make(capacity))),
+            current: Mutex::new((generations, make(capacity))),
         }
     }
 
-    /// The cache for the deny list as it is now.
+    /// The cache for the deny list and the trusted CAs as they are now.
     fn cache(&self) -> Arc<C> {
-        let generation = self.revocations.generation();
+        let generations = (self.revocations.generation(), self.trust.generation());
         let mut current = match self.current.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if current.0 != generation {
+        if current.0 != generations {
             tracing::debug!(
-                generation,
-                "deny list changed: forgetting resumable TLS sessions"
+                deny_list = generations.0,
+                trusted_cas = generations.1,
+                "deny list or trusted CAs changed: forgetting resumable TLS sessions"
             );
-            *current = (generation, (self.make)(self.capacity));
+            *current = (generations, (self.make)(self.capacity));
         }
         current.1.clone()
     }
 }
 
 /// Server-side session storage (stateful resumption, as 0-RTT requires) holding up to
-/// `capacity` sessions, emptied whenever `revocations` changes.
+/// `capacity` sessions, emptied whenever `revocations` or `trust` changes.
 pub(crate) fn server_sessions(
     revocations: &Revocations,
+    trust: &Arc<Trust>,
     capacity: usize,
 ) -> Arc<dyn StoresServerSessions> {
     Arc::new(ServerSessions(FlushedOnChange::new(
         revocations.clone(),
+        trust.clone(),
         capacity,
         ServerSessionMemoryCache::new,
     )))
 }
 
 /// Client-side session storage for up to `capacity` servers, emptied whenever
-/// `revocations` changes.
+/// `revocations` or `trust` changes.
 pub(crate) fn client_sessions(
     revocations: &Revocations,
+    trust: &Arc<Trust>,
     capacity: usize,
 ) -> Arc<dyn ClientSessionStore> {
     Arc::new(ClientSessions(FlushedOnChange::new(
         revocations.clone(),
+        trust.clone(),
         capacity,
         |n| Arc::new(ClientSessionMemoryCache::new(n)),
     )))

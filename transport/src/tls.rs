@@ -8,6 +8,13 @@
 //! fails unless the server's certificate states it; an acceptor checks the client's role
 //! after the handshake ([`require_role`], [`crate::Accepted::authenticate_as`]).
 //!
+//! The CAs a node trusts are not fixed at load: [`Identity::reload`] takes a changed
+//! `ca.pem` (one CA certificate or a bundle of several), and every configuration and
+//! verifier built from the identity, before or after, checks peers against the CAs
+//! trusted at the time of each handshake. That is how a cluster moves to a new CA
+//! without a restart: every node first trusts the old and the new CA (a bundle), then
+//! gets a certificate from the new one, and finally trusts the new CA only.
+//!
 //! Each identity also holds a deny list of revoked certificate serials
 //! ([`Identity::revocations`]): every verifier built from it refuses a revoked peer
 //! certificate in the handshake. Resumed sessions skip verification, so an acceptor (and
@@ -16,14 +23,16 @@
 
 use std::fmt;
 use std::fs;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
@@ -53,7 +62,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Concurrent streams each side lets its peer open.
 const MAX_STREAMS: u32 = 1024;
 
-/// A cluster member's credentials: the cluster CA to verify peers against, its own
+/// A cluster member's credentials: the cluster CAs to verify peers against, its own
 /// certificate chain and private key, and who its certificate says it is.
 ///
 /// Clones share the certificate: [`Identity::reload`] (or the loop of
@@ -61,11 +70,17 @@ const MAX_STREAMS: u32 = 1024;
 /// configuration built from any clone, and the next handshake presents it; connections
 /// already up keep theirs.
 ///
+/// Clones share the trusted CAs the same way: [`Identity::reload`] also takes a changed
+/// `ca.pem`, and every configuration and verifier built from any clone, before or after
+/// the change, verifies peers against the CAs trusted at the time of the handshake.
+/// Sessions stored under the CAs trusted before are not resumed after the change.
+/// Connections already up are not checked again.
+///
 /// Clones also share the deny list of revoked certificates ([`Identity::revocations`],
 /// empty when loaded), which every configuration built from the identity enforces.
 #[derive(Clone)]
 pub struct Identity {
-    roots: Arc<RootCertStore>,
+    trust: Arc<Trust>,
     slot: Arc<CertSlot>,
     subject: CertSubject,
     revocations: Revocations,
@@ -74,13 +89,20 @@ pub struct Identity {
 /// The certificate and key a node presents, swappable while configurations that use it
 /// serve handshakes.
 struct CertSlot {
-    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
-    /// The PEM files it was loaded from, when it was, and their modification times.
-    files: std::sync::Mutex<Option<(std::path::PathBuf, Role, FileStamp)>>,
+    current: RwLock<Arc<rustls::sign::CertifiedKey>>,
+    /// The directory the identity was loaded from, its role there, and the modification
+    /// times of its files when they were last taken. Its lock also keeps two reloads
+    /// from running at once.
+    files: Mutex<Option<(PathBuf, Role, FileStamp)>>,
 }
 
-/// Modification times of a certificate and its key.
-type FileStamp = (Option<std::time::SystemTime>, Option<std::time::SystemTime>);
+/// Modification times of a certificate directory's files that an identity uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    ca: Option<SystemTime>,
+    cert: Option<SystemTime>,
+    key: Option<SystemTime>,
+}
 
 impl fmt::Debug for CertSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -129,7 +151,134 @@ impl rustls::client::ResolvesClientCert for CertSlot {
 
 fn stamp(files: &CertFiles, role: Role) -> FileStamp {
     let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
-    (modified(files.cert(role)), modified(files.key(role)))
+    FileStamp {
+        ca: modified(&files.ca_cert),
+        cert: modified(files.cert(role)),
+        key: modified(files.key(role)),
+    }
+}
+
+/// The CA certificates an identity trusts, shared by its clones and by every
+/// configuration and verifier built from them, and replaceable while they serve
+/// handshakes ([`Identity::reload`]). Verifiers look up the current [`TrustSet`] on every
+/// call, so a replacement takes effect from the next handshake on.
+pub(crate) struct Trust {
+    current: RwLock<Arc<TrustSet>>,
+    /// Bumped (under the write lock of `current`) on every replacement; session caches
+    /// are emptied when it changes (see [`crate::revocation`]).
+    generation: AtomicU64,
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Trust")
+            .field("cas", &self.current().cas.len())
+            .field("generation", &self.generation())
+            .finish()
+    }
+}
+
+impl Trust {
+    fn new(set: TrustSet) -> Trust {
+        Trust {
+            current: RwLock::new(Arc::new(set)),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The CAs trusted now, with their verifiers.
+    pub(crate) fn current(&self) -> Arc<TrustSet> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Counts replacements: 0 when created, bumped by each [`Trust::replace`].
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn replace(&self, set: TrustSet) {
+        let mut current = match self.current.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *current = Arc::new(set);
+        // Still under the write lock: whoever sees the new generation sees the new set.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A set of trusted CA certificates and the WebPKI verifiers for it, built once per set.
+pub(crate) struct TrustSet {
+    /// The CA certificates, DER, in the order of the file.
+    cas: Vec<CertificateDer<'static>>,
+    roots: Arc<RootCertStore>,
+    /// Checks server certificates: chain to one of the CAs, validity, name.
+    pub(crate) server: Arc<WebPkiServerVerifier>,
+    /// Checks client certificates, which are required.
+    pub(crate) client: Arc<dyn ClientCertVerifier>,
+    /// Checks client certificates, letting a client without one in.
+    pub(crate) client_optional: Arc<dyn ClientCertVerifier>,
+}
+
+impl fmt::Debug for TrustSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustSet")
+            .field("cas", &self.cas.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrustSet {
+    /// Parses PEM text holding one or more CA certificates (`label` names it in errors)
+    /// and builds the verifiers for them.
+    fn from_pem(pem: &str, label: &str) -> anyhow::Result<TrustSet> {
+        let cas = parse_certs(pem, label)?;
+        let mut roots = RootCertStore::empty();
+        for ca in &cas {
+            roots
+                .add(ca.clone())
+                .with_context(|| format!("{label}: not a usable CA certificate"))?;
+        }
+        let roots = Arc::new(roots);
+        let provider = provider();
+        let unusable = || format!("{label}: cannot verify certificates with it");
+        let server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .with_context(unusable)?;
+        let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .with_context(unusable)?;
+        let client_optional = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+            .allow_unauthenticated()
+            .build()
+            .with_context(unusable)?;
+        Ok(TrustSet {
+            cas,
+            roots,
+            server,
+            client,
+            client_optional,
+        })
+    }
+
+    /// Fails unless `chain` (leaf first) is a certificate valid now under these CAs.
+    fn check(&self, chain: &[CertificateDer<'static>]) -> anyhow::Result<()> {
+        let (leaf, intermediates) = chain.split_first().context("the chain is empty")?;
+        self.client
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(anyhow::Error::new)
+    }
+}
+
+/// What [`Identity::reload`] changed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reloaded {
+    cas: bool,
+    cert: bool,
 }
 
 impl fmt::Debug for Identity {
@@ -137,26 +286,23 @@ impl fmt::Debug for Identity {
         // Never print the private key.
         f.debug_struct("Identity")
             .field("subject", &self.subject)
-            .field("roots", &self.roots.len())
+            .field("roots", &self.trust.current().cas.len())
             .field("revoked", &self.revocations.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Identity {
-    /// Loads the CA certificate and `role`'s certificate and key from a directory
+    /// Loads the CA certificate(s) and `role`'s certificate and key from a directory
     /// written by [`init_certs`]. Errors name the file that is missing or bad.
     pub fn load(dir: &Path, role: Role) -> anyhow::Result<Identity> {
         let files = CertFiles::in_dir(dir);
-        let read = |path: &Path| {
-            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-        };
         let (ca, cert, key) = (&files.ca_cert, files.cert(role), files.key(role));
         let before = stamp(&files, role);
         let id = Self::build(
-            (&read(ca)?, &ca.display().to_string()),
-            (&read(cert)?, &cert.display().to_string()),
-            (&read(key)?, &key.display().to_string()),
+            (&read_pem(ca)?, &ca.display().to_string()),
+            (&read_pem(cert)?, &cert.display().to_string()),
+            (&read_pem(key)?, &key.display().to_string()),
             role,
         )?;
         if let Ok(mut f) = id.slot.files.lock() {
@@ -165,49 +311,114 @@ impl Identity {
         Ok(id)
     }
 
-    /// Loads the certificate and key again from the directory this identity was loaded
-    /// from, if either file changed since, and presents them from the next handshake on.
-    /// The new certificate must be valid under the same CA and name the same node.
-    /// Returns whether it changed anything; on an error the current certificate stays.
+    /// Takes what changed in the directory this identity was loaded from, judging by the
+    /// files' modification times, for every configuration built from it or a clone:
+    ///
+    /// * The certificate and key: the next handshakes present the new ones. The new
+    ///   certificate must name the same node.
+    /// * The CA file, `ca.pem`, which may hold several CA certificates (during a CA
+    ///   rotation, the old and the new one): the next handshakes verify peers against
+    ///   those CAs, and sessions stored before are not resumed. A file holding the very
+    ///   CAs trusted already changes nothing.
+    ///
+    /// Either way the node's own certificate (the new one if it changed, else the
+    /// current) must be valid now under the CAs trusted afterwards (the new ones if
+    /// `ca.pem` changed), so a node never ends up refusing its own certificate. When both
+    /// changed, the new certificate is checked against the new CAs.
+    ///
+    /// Returns whether it changed anything. On an error nothing changes (neither the
+    /// certificate nor the CAs) and the next call tries the files again.
     pub fn reload(&self) -> anyhow::Result<bool> {
-        let Some((dir, role, seen)) = self.slot.files.lock().ok().and_then(|f| f.clone()) else {
+        self.reload_files().map(|r| r.cas || r.cert)
+    }
+
+    fn reload_files(&self) -> anyhow::Result<Reloaded> {
+        // Held to the end: reloads through clones run one at a time.
+        let mut loaded = match self.slot.files.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some((dir, role, seen)) = loaded.clone() else {
             bail!("this identity was not loaded from a directory");
         };
         let files = CertFiles::in_dir(&dir);
         let now = stamp(&files, role);
         if now == seen {
-            return Ok(false);
+            return Ok(Reloaded::default());
         }
-        let fresh = Identity::load(&dir, role)?;
-        if fresh.subject != self.subject {
-            bail!(
-                "{} names {}, not {}: a renewed certificate must name the same node",
-                files.cert(role).display(),
-                fresh.subject,
-                self.subject
-            );
+        let (ca, cert, key) = (&files.ca_cert, files.cert(role), files.key(role));
+
+        // The CAs first, so a new certificate is checked against the CAs it comes with.
+        let trusted = self.trust.current();
+        let new_trust = if now.ca != seen.ca {
+            let set = TrustSet::from_pem(&read_pem(ca)?, &ca.display().to_string())?;
+            (set.cas != trusted.cas).then_some(set)
+        } else {
+            None
+        };
+        let new_cert = if (now.cert, now.key) != (seen.cert, seen.key) {
+            let (certified, subject) = own_certificate(
+                (&read_pem(cert)?, &cert.display().to_string()),
+                (&read_pem(key)?, &key.display().to_string()),
+                role,
+            )?;
+            if subject != self.subject {
+                bail!(
+                    "{} names {subject}, not {}: a renewed certificate must name the same node",
+                    cert.display(),
+                    self.subject
+                );
+            }
+            Some(Arc::new(certified))
+        } else {
+            None
+        };
+
+        if new_trust.is_some() || new_cert.is_some() {
+            let trust = new_trust.as_ref().unwrap_or(&trusted);
+            let chain = match &new_cert {
+                Some(c) => c.cert.clone(),
+                None => self.slot.get().cert.clone(),
+            };
+            if let Err(e) = trust.check(&chain) {
+                let why = match (new_trust.is_some(), new_cert.is_some()) {
+                    (true, false) => format!(
+                        "{} is refused, the CAs trusted now stay: this node's own certificate \
+                         {} is not valid under it",
+                        ca.display(),
+                        cert.display()
+                    ),
+                    (true, true) => format!(
+                        "the new certificate {} is not valid under the new CAs in {}",
+                        cert.display(),
+                        ca.display()
+                    ),
+                    (false, _) => format!(
+                        "the new certificate {} is not valid under the cluster CAs this node \
+                         trusts",
+                        cert.display()
+                    ),
+                };
+                return Err(e.context(why));
+            }
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .context("building a verifier")?;
-        let certified = fresh.slot.get();
-        let (leaf, intermediates) = certified
-            .cert
-            .split_first()
-            .context("the new certificate chain is empty")?;
-        verifier
-            .verify_client_cert(leaf, intermediates, UnixTime::now())
-            .context("the new certificate is not valid under the cluster CA this node trusts")?;
-        self.slot.set(certified);
-        if let Ok(mut f) = self.slot.files.lock() {
-            *f = Some((dir, role, now));
+        let reloaded = Reloaded {
+            cas: new_trust.is_some(),
+            cert: new_cert.is_some(),
+        };
+        if let Some(set) = new_trust {
+            self.trust.replace(set);
         }
-        Ok(true)
+        if let Some(certified) = new_cert {
+            self.slot.set(certified);
+        }
+        *loaded = Some((dir, role, now));
+        Ok(reloaded)
     }
 
     /// Runs [`Identity::reload`] every `every` until the returned handle is aborted (or
-    /// the runtime stops), logging each renewal and each failure. Must be called within a
-    /// tokio runtime.
+    /// the runtime stops), logging each new certificate, each new set of trusted CAs and
+    /// each failure. Must be called within a tokio runtime.
     pub fn spawn_reload(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let id = self.clone();
         tokio::spawn(async move {
@@ -216,14 +427,22 @@ impl Identity {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                match id.reload() {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        tracing::info!(subject = %id.subject, "certificate reloaded; new handshakes present it")
+                match id.reload_files() {
+                    Ok(Reloaded { cas, cert }) => {
+                        if cas {
+                            tracing::info!(
+                                subject = %id.subject,
+                                cas = id.trust.current().cas.len(),
+                                "trusted CAs reloaded; new handshakes verify peers against them"
+                            );
+                        }
+                        if cert {
+                            tracing::info!(subject = %id.subject, "certificate reloaded; new handshakes present it");
+                        }
                     }
                     Err(e) => tracing::warn!(
                         subject = %id.subject,
-                        "certificate not reloaded, the current one stays: {e:#}"
+                        "certificate files not reloaded, the current certificate and CAs stay: {e:#}"
                     ),
                 }
             }
@@ -231,7 +450,8 @@ impl Identity {
     }
 
     /// Builds an identity from PEM text: the CA certificate(s), the own certificate
-    /// chain (leaf first) and the own private key.
+    /// chain (leaf first) and the own private key. Its CAs and certificate can be
+    /// replaced only when loaded from a directory ([`Identity::load`]).
     pub fn from_pem(
         ca_pem: &str,
         cert_pem: &str,
@@ -249,49 +469,22 @@ impl Identity {
     /// Parses and cross-checks the three inputs; each comes with a label for errors.
     fn build(
         (ca_pem, ca_label): (&str, &str),
-        (cert_pem, cert_label): (&str, &str),
-        (key_pem, key_label): (&str, &str),
+        cert: (&str, &str),
+        key: (&str, &str),
         role: Role,
     ) -> anyhow::Result<Identity> {
-        let mut roots = RootCertStore::empty();
-        for ca in parse_certs(ca_pem, ca_label)? {
-            roots
-                .add(ca)
-                .with_context(|| format!("{ca_label}: not a usable CA certificate"))?;
-        }
-        let roots = Arc::new(roots);
-        let chain = parse_certs(cert_pem, cert_label)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .with_context(|| format!("{key_label}: no usable private key"))?;
-
-        // Catch mixed-up files here, with a message naming them, instead of as an
-        // opaque handshake failure on some later connection.
-        let Some((leaf, intermediates)) = chain.split_first() else {
-            bail!("{cert_label}: no certificate found");
-        };
-        let subject = CertSubject::from_cert_der(leaf).with_context(|| cert_label.to_string())?;
-        if subject.role != role {
-            bail!(
-                "{cert_label} is a {} certificate, expected a {role} certificate",
-                subject.role
-            );
-        }
-        let provider = provider();
-        let certified =
-            rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider)
-                .with_context(|| format!("{key_label} does not belong to {cert_label}"))?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
-            .build()
-            .with_context(|| format!("{ca_label}: cannot verify certificates with it"))?;
-        verifier
-            .verify_client_cert(leaf, intermediates, UnixTime::now())
+        let trust = TrustSet::from_pem(ca_pem, ca_label)?;
+        let cert_label = cert.1;
+        let (certified, subject) = own_certificate(cert, key, role)?;
+        trust
+            .check(&certified.cert)
             .with_context(|| format!("{cert_label} is not valid under the CA in {ca_label}"))?;
 
         Ok(Identity {
-            roots,
+            trust: Arc::new(Trust::new(trust)),
             slot: Arc::new(CertSlot {
-                current: std::sync::RwLock::new(Arc::new(certified)),
-                files: std::sync::Mutex::new(None),
+                current: RwLock::new(Arc::new(certified)),
+                files: Mutex::new(None),
             }),
             subject,
             revocations: Revocations::new(),
@@ -343,7 +536,7 @@ impl Identity {
     }
 
     /// Checks a proof made with [`Identity::prove`] over `context`: its chain must be
-    /// valid under this identity's CA now, its leaf not revoked
+    /// valid now under the CAs this identity trusts now, its leaf not revoked
     /// ([`Identity::revocations`]; [`TransportError::Revoked`]), and its signature made by
     /// the chain's leaf key. Returns who the leaf certificate names.
     pub fn verify_proof(
@@ -360,12 +553,9 @@ impl Identity {
         let Some((leaf, intermediates)) = chain.split_first() else {
             return Err(bad("no certificate".into()));
         };
-        let provider = provider();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| bad(format!("no verifier: {e}")))?;
-        verifier
+        self.trust
+            .current()
+            .client
             .verify_client_cert(leaf, intermediates, UnixTime::now())
             .map_err(|e| bad(format!("certificate not valid under the cluster CA: {e}")))?;
         if self.revocations.check(leaf, "proof signer").is_err() {
@@ -377,7 +567,7 @@ impl Identity {
         if !PROOF_SCHEMES.contains(&scheme) {
             return Err(bad(format!("signature scheme {scheme:?} not accepted")));
         }
-        let alg = provider
+        let alg = provider()
             .signature_verification_algorithms
             .mapping
             .iter()
@@ -396,10 +586,44 @@ impl Identity {
         self.slot.get().cert.clone()
     }
 
-    /// The trusted cluster CA certificates.
-    pub fn roots(&self) -> &Arc<RootCertStore> {
-        &self.roots
+    /// The cluster CA certificates trusted now. [`Identity::reload`] may replace them
+    /// later; the store returned stays as it is.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.trust.current().roots.clone()
     }
+}
+
+/// Reads a PEM file, naming it in the error.
+fn read_pem(path: &Path) -> anyhow::Result<String> {
+    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Parses a node's own certificate chain (leaf first) and private key, each with a label
+/// for errors, and checks that the leaf states `role` and that the key is its key. Does
+/// not check the chain against any CA.
+fn own_certificate(
+    (cert_pem, cert_label): (&str, &str),
+    (key_pem, key_label): (&str, &str),
+    role: Role,
+) -> anyhow::Result<(rustls::sign::CertifiedKey, CertSubject)> {
+    let chain = parse_certs(cert_pem, cert_label)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .with_context(|| format!("{key_label}: no usable private key"))?;
+    // Catch mixed-up files here, with a message naming them, instead of as an opaque
+    // handshake failure on some later connection.
+    let Some(leaf) = chain.first() else {
+        bail!("{cert_label}: no certificate found");
+    };
+    let subject = CertSubject::from_cert_der(leaf).with_context(|| cert_label.to_string())?;
+    if subject.role != role {
+        bail!(
+            "{cert_label} is a {} certificate, expected a {role} certificate",
+            subject.role
+        );
+    }
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider())
+        .with_context(|| format!("{key_label} does not belong to {cert_label}"))?;
+    Ok((certified, subject))
 }
 
 /// Signature schemes an identity proof may use (the TLS 1.3 ones our keys can have).
@@ -483,22 +707,22 @@ pub fn set_server_liveness(config: &mut quinn::ServerConfig, keep_alive: Duratio
 }
 
 /// A quinn server configuration that accepts only clients presenting a certificate
-/// issued by `id`'s cluster CA and not on its deny list ([`Identity::revocations`]),
+/// issued by a cluster CA `id` trusts (at the time of the handshake: see
+/// [`Identity::reload`]) and not on its deny list ([`Identity::revocations`]),
 /// negotiates one of `alpns`, speaks TLS 1.3 only and accepts 0-RTT early data from
 /// resuming clients.
 ///
 /// A resuming client is not verified again: its certificate is the one of the session
-/// it resumes. Stored sessions are forgotten whenever the deny list changes, but a
-/// session stored by a handshake that raced a change may survive it, so check
-/// [`require_not_revoked`] once the handshake has completed.
+/// it resumes. Stored sessions are forgotten whenever the deny list or the trusted CAs
+/// change, but a session stored by a handshake that raced a change may survive it, so
+/// check [`require_not_revoked`] once the handshake has completed.
 pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> anyhow::Result<quinn::ServerConfig> {
     if alpns.is_empty() {
         // The ALPN is what versions the protocol; a server must insist on one.
         bail!("a server needs at least one ALPN protocol");
     }
-    let provider = provider();
-    let verifier = client_verifier(id, &provider, false)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let verifier = client_verifier(id, false);
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("enabling TLS 1.3")?
         .with_client_cert_verifier(verifier)
@@ -509,9 +733,10 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> anyhow::Result<quinn::Se
     // rustls accepts early data only with stateful resumption: sessions stay in this
     // cache (each usable once, which is rustls' replay defence) and the stateless
     // `ticketer` stays disabled. The tickets sent are lookup keys into this cache, which
-    // is emptied whenever the deny list changes, so a revoked client cannot skip the
-    // verifier by resuming a session from before its revocation.
-    tls.session_storage = server_sessions(&id.revocations, SERVER_SESSION_CACHE);
+    // is emptied whenever the deny list or the trusted CAs change, so a revoked client
+    // (or one whose CA is no longer trusted) cannot skip the verifier by resuming a
+    // session from before the change.
+    tls.session_storage = server_sessions(&id.revocations, &id.trust, SERVER_SESSION_CACHE);
     tls.send_tls13_tickets = 2;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
@@ -521,39 +746,40 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> anyhow::Result<quinn::Se
 }
 
 /// A quinn client configuration that presents `id`'s certificate, verifies the server's
-/// certificate (including its name) against `id`'s cluster CA, requires the server's
+/// certificate (including its name) against the cluster CAs `id` trusts at the time of
+/// the handshake ([`Identity::reload`] may change them), requires the server's
 /// certificate to state `server_role` (so a worker's certificate can never pass for a
 /// coordinator's, whatever names it holds), offers `alpn`, and attempts 0-RTT. Sessions
 /// are cached inside the configuration, so later connections made with it (or a clone
 /// of it) to a server it already talked to can resume; a resumed session was verified
 /// by this same check when it was first made. A server certificate on `id`'s deny list
 /// ([`Identity::revocations`]) is refused, and sessions are forgotten whenever the list
-/// changes.
+/// or the trusted CAs change.
 pub fn client_config(
     id: &Identity,
     alpn: &[u8],
     server_role: Role,
 ) -> anyhow::Result<quinn::ClientConfig> {
-    let provider = provider();
-    let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-        .build()
-        .context("building server certificate verifier")?;
     let verifier = Arc::new(RoleVerifier {
-        inner,
+        trust: id.trust.clone(),
         role: server_role,
         revocations: id.revocations.clone(),
     });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("enabling TLS 1.3")?
         .dangerous()
-        // Not a weakening: the CA and name checks are `inner`'s, the role check is added.
+        // Not a weakening: the CA and name checks are WebPKI's (for the CAs trusted at the
+        // time of the handshake), the role check is added.
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(id.slot.clone());
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.enable_early_data = true;
-    tls.resumption =
-        rustls::client::Resumption::store(client_sessions(&id.revocations, CLIENT_SESSION_CACHE));
+    tls.resumption = rustls::client::Resumption::store(client_sessions(
+        &id.revocations,
+        &id.trust,
+        CLIENT_SESSION_CACHE,
+    ));
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -561,34 +787,31 @@ pub fn client_config(
     Ok(config)
 }
 
-/// The cluster's client certificate check: `id`'s CA (client certificates required
-/// unless `optional`), then `id`'s deny list.
-fn client_verifier(
-    id: &Identity,
-    provider: &Arc<CryptoProvider>,
-    optional: bool,
-) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
-    let mut builder =
-        WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone());
-    if optional {
-        builder = builder.allow_unauthenticated();
-    }
-    let inner = builder
-        .build()
-        .context("building client certificate verifier")?;
-    Ok(Arc::new(DenyListClientVerifier {
-        inner,
+/// The cluster's client certificate check: the CAs `id` trusts at the time of each
+/// handshake (client certificates required unless `optional`), then `id`'s deny list.
+fn client_verifier(id: &Identity, optional: bool) -> Arc<dyn ClientCertVerifier> {
+    Arc::new(DenyListClientVerifier {
+        trust: id.trust.clone(),
+        optional,
         revocations: id.revocations.clone(),
-    }))
+    })
 }
 
-/// The standard WebPKI server check (chain to the cluster CA, name, validity) plus: the
-/// leaf certificate states the role the dialer wants to reach and is not revoked.
+/// The standard WebPKI server check (chain to a cluster CA trusted at the time of the
+/// handshake, name, validity) plus: the leaf certificate states the role the dialer
+/// wants to reach and is not revoked.
 #[derive(Debug)]
 struct RoleVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    trust: Arc<Trust>,
     role: Role,
     revocations: Revocations,
+}
+
+impl RoleVerifier {
+    /// The WebPKI verifier of the CAs trusted now.
+    fn inner(&self) -> Arc<WebPkiServerVerifier> {
+        self.trust.current().server.clone()
+    }
 }
 
 impl ServerCertVerifier for RoleVerifier {
@@ -600,7 +823,7 @@ impl ServerCertVerifier for RoleVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.inner.verify_server_cert(
+        let verified = self.inner().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
@@ -636,7 +859,7 @@ impl ServerCertVerifier for RoleVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.inner().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -645,19 +868,21 @@ impl ServerCertVerifier for RoleVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.inner().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.inner().supported_verify_schemes()
     }
 
     fn requires_raw_public_keys(&self) -> bool {
-        self.inner.requires_raw_public_keys()
+        self.inner().requires_raw_public_keys()
     }
 
     fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
-        self.inner.root_hint_subjects()
+        // The hints are optional, and a borrow cannot outlive the look-up of the CAs
+        // trusted now (they may be replaced at any time): send none.
+        None
     }
 }
 
@@ -772,52 +997,53 @@ fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, Transp
 }
 
 /// A TLS configuration for an HTTPS API served with `id`'s certificate: TLS 1.2 and
-/// 1.3, ALPN `http/1.1`, and optional client authentication against the cluster CA (an
-/// operator's client sends a token instead; a coordinator forwarding a request presents
-/// its certificate, which the server reads back from the connection). A client
-/// certificate on `id`'s deny list ([`Identity::revocations`]) fails the handshake.
+/// 1.3, ALPN `http/1.1`, and optional client authentication against the cluster CAs
+/// `id` trusts at the time of the handshake (an operator's client sends a token
+/// instead; a coordinator forwarding a request presents its certificate, which the
+/// server reads back from the connection). A client certificate on `id`'s deny list
+/// ([`Identity::revocations`]) fails the handshake.
 ///
 /// As with [`server_config`], a resumed session is not verified again and sessions
-/// stored just as the deny list changed may survive the change: check the leaf
+/// stored just as the deny list (or the trusted CAs) changed may survive the change:
+/// check the leaf
 /// certificate the connection reports ([`Revocations::is_revoked_der`]) before
 /// trusting it.
 pub fn https_server_config(id: &Identity) -> anyhow::Result<rustls::ServerConfig> {
-    let provider = provider();
-    let verifier = client_verifier(id, &provider, true)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let verifier = client_verifier(id, true);
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("enabling TLS")?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(id.slot.clone());
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tls.session_storage = server_sessions(&id.revocations, HTTPS_SERVER_SESSION_CACHE);
+    tls.session_storage = server_sessions(&id.revocations, &id.trust, HTTPS_SERVER_SESSION_CACHE);
     Ok(tls)
 }
 
 /// A TLS configuration for HTTPS requests from `id` to a server of `server_role` (e.g.
 /// a coordinator forwarding a request to the leader): verifies the server against the
-/// cluster CA, its role and `id`'s deny list, and presents `id`'s certificate.
+/// cluster CAs `id` trusts at the time of the handshake, its role and `id`'s deny list,
+/// and presents `id`'s certificate.
 pub fn https_client_config(
     id: &Identity,
     server_role: Role,
 ) -> anyhow::Result<rustls::ClientConfig> {
-    let provider = provider();
-    let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-        .build()
-        .context("building server certificate verifier")?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("enabling TLS")?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(RoleVerifier {
-            inner,
+            trust: id.trust.clone(),
             role: server_role,
             revocations: id.revocations.clone(),
         }))
         .with_client_cert_resolver(id.slot.clone());
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tls.resumption =
-        rustls::client::Resumption::store(client_sessions(&id.revocations, CLIENT_SESSION_CACHE));
+    tls.resumption = rustls::client::Resumption::store(client_sessions(
+        &id.revocations,
+        &id.trust,
+        CLIENT_SESSION_CACHE,
+    ));
     Ok(tls)
 }
 

@@ -458,7 +458,7 @@ fn https_server_refuses_a_revoked_client_certificate() {
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(server_id.roots().clone())
+    .with_root_certificates(server_id.roots())
     .with_no_client_auth();
     let (srv, cli) = https_exchange(&server, &Arc::new(anonymous));
     assert_eq!(srv.unwrap(), None);
