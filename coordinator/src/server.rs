@@ -238,6 +238,7 @@ where
         raft_cfg.snapshot_max_chunk_size = chunk.max(1);
     }
     let raft_cfg = Arc::new(raft_cfg.validate().context("raft config")?);
+    step_down_at_start(&log_store, cfg.node_id).await?;
     let raft = openraft::Raft::new(cfg.node_id, raft_cfg, network, log_store, sm)
         .await
         .context("start raft")?;
@@ -435,4 +436,31 @@ mod tests {
             .collect();
         assert!(many.iter().all(Option::is_some));
     }
+}
+
+/// A leader that restarts must not lead on in the same term, as openraft 0.9 would
+/// (it restores a committed vote for itself as leadership): the `Run`s its earlier
+/// process sent before their `Start` was on record would be sent again under the same
+/// execution ids, so one execution could run twice (found by the simulation, seed
+/// 3016). Its committed vote for itself is saved back as a plain vote in the same term:
+/// the node stays bound to it (it votes for nobody else in that term) and leads again
+/// only by winning an election, in a new term.
+async fn step_down_at_start(log_store: &RedbLogStore, node_id: u64) -> anyhow::Result<()> {
+    use openraft::storage::RaftLogStorage as _;
+    let mut store = log_store.clone();
+    let Some(vote) = store.read_vote().await.context("read the stored vote")? else {
+        return Ok(());
+    };
+    if vote.is_committed() && vote.leader_id().voted_for() == Some(node_id) {
+        let term = vote.leader_id().get_term();
+        store
+            .save_vote(&openraft::Vote::new(term, node_id))
+            .await
+            .context("save the vote")?;
+        info!(
+            term,
+            "this node led term {term} before it stopped: it leads again only after an election, in a new term"
+        );
+    }
+    Ok(())
 }
