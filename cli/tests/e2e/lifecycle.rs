@@ -260,3 +260,32 @@ async fn cli_submit_status_and_exit_codes() {
         "bad flag value is a usage error"
     );
 }
+
+/// A leader killed and started again leads again only in a new term (after an
+/// election), never in the term it led before: `Run`s it sent then without a `Start` on
+/// record would otherwise go out again under the same execution ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_leads_in_a_new_term() {
+    let mut c = Cluster::new(&[]);
+    c.start_coordinator();
+    c.wait_ready().await;
+    let (_, before) = c.get("/v1/node").await;
+    assert_eq!(before["role"], "leader", "{before}");
+    let term = before["term"].as_u64().expect("term");
+    c.kill_coordinator();
+    c.start_coordinator();
+    c.wait_ready().await;
+    let (_, after) = c.get("/v1/node").await;
+    assert_eq!(after["role"], "leader", "{after}");
+    assert!(
+        after["term"].as_u64().expect("term") > term,
+        "led term {term} again after a restart: {after}"
+    );
+    let (status, v) = c
+        .post(
+            "/v1/tasks",
+            serde_json::json!({"agent": "echo", "payload": "after the restart"}),
+        )
+        .await;
+    assert_eq!(status, 201, "the new term takes writes: {v}");
+}
