@@ -415,29 +415,6 @@ async fn accept_loop(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_address_gets_its_share_and_loopback_is_not_capped() {
-        let t = Arc::new(PerIp::default());
-        let ip: std::net::IpAddr = "10.0.0.7".parse().unwrap();
-        let held: Vec<_> = (0..MAX_CONNECTIONS_PER_IP)
-            .map(|_| t.try_acquire(ip).expect("within the cap"))
-            .collect();
-        assert!(t.try_acquire(ip).is_none());
-        assert!(t.try_acquire("10.0.0.8".parse().unwrap()).is_some());
-        drop(held);
-        assert!(t.try_acquire(ip).is_some());
-        let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-        let many: Vec<_> = (0..MAX_CONNECTIONS_PER_IP + 10)
-            .map(|_| t.try_acquire(lo))
-            .collect();
-        assert!(many.iter().all(Option::is_some));
-    }
-}
-
 /// A leader that restarts must not lead on in the same term, as openraft 0.9 would
 /// (it restores a committed vote for itself as leadership): the `Run`s its earlier
 /// process sent before their `Start` was on record would be sent again under the same
@@ -463,4 +440,27 @@ async fn step_down_at_start(log_store: &RedbLogStore, node_id: u64) -> anyhow::R
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_gets_its_share_and_loopback_is_not_capped() {
+        let t = Arc::new(PerIp::default());
+        let ip: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        let held: Vec<_> = (0..MAX_CONNECTIONS_PER_IP)
+            .map(|_| t.try_acquire(ip).expect("within the cap"))
+            .collect();
+        assert!(t.try_acquire(ip).is_none());
+        assert!(t.try_acquire("10.0.0.8".parse().unwrap()).is_some());
+        drop(held);
+        assert!(t.try_acquire(ip).is_some());
+        let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let many: Vec<_> = (0..MAX_CONNECTIONS_PER_IP + 10)
+            .map(|_| t.try_acquire(lo))
+            .collect();
+        assert!(many.iter().all(Option::is_some));
+    }
 }
