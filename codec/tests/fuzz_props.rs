@@ -4,16 +4,9 @@
 //! allocation out of proportion to the input. The coverage-guided version of these
 //! properties is `fuzz/` (`scripts/fuzz.sh`).
 
-// One test-only exception to the workspace's `unsafe_code = "deny"`: a counting global
-// allocator, the only way to see what a decode allocates. It forwards to `System`.
-#![allow(unsafe_code)]
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
-use proptest::sample::Index;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use swarm_codec::{decode, encode, encode_into, encoded_len, CodecError};
 use swarm_proto::peer::PeerMsg;
@@ -21,113 +14,23 @@ use swarm_proto::worker::{
     AttemptRef, CoordinatorMsg, FailureKind, Hello, Outcome, PatternHit, PeerInfo, TaskAssignment,
     TaskReport, WorkerMsg,
 };
+use swarm_testkit::alloc::largest_allocation;
+use swarm_testkit::bytes::{apply, varint, Edit};
+use swarm_testkit::config;
 
 /// The frame limit of worker, coordinator and peer streams.
 const MAX: usize = 16 << 20;
 
-// ---- allocation tracking -------------------------------------------------------------
-
-struct Tracking;
-
-thread_local! {
-    /// The largest single allocation on this thread while tracking is on.
-    static LARGEST: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|l| {
-        if let Some(m) = l.get() {
-            l.set(Some(m.max(size)));
-        }
-    });
-}
-
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
 #[global_allocator]
-static ALLOC: Tracking = Tracking;
-
-/// Runs `f` and returns its result with the largest single allocation it made.
-fn largest_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    LARGEST.with(|l| l.set(Some(0)));
-    let r = f();
-    let largest = LARGEST.with(|l| l.replace(None)).unwrap_or(0);
-    (r, largest)
-}
-
-// ---- mutations -----------------------------------------------------------------------
-
-/// One edit of an encoding.
-#[derive(Debug, Clone)]
-enum Edit {
-    Flip(Index, u8),
-    Set(Index, u8),
-    Insert(Index, u8),
-    Delete(Index),
-    Truncate(Index),
-    /// A varint (as postcard writes lengths and integers) spliced in: a lying length.
-    Varint(Index, u64),
-}
+static ALLOC: swarm_testkit::alloc::Tracking = swarm_testkit::alloc::Tracking;
 
 fn edit() -> impl Strategy<Value = Edit> {
-    prop_oneof![
-        (any::<Index>(), 0u8..8).prop_map(|(i, b)| Edit::Flip(i, b)),
-        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Set(i, b)),
-        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Insert(i, b)),
-        any::<Index>().prop_map(Edit::Delete),
-        any::<Index>().prop_map(Edit::Truncate),
-        (
-            any::<Index>(),
-            prop_oneof![Just(u64::MAX), Just(1 << 32), Just(1 << 20), any::<u64>()]
-        )
-            .prop_map(|(i, v)| Edit::Varint(i, v)),
-    ]
-}
-
-fn varint(mut v: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-    out
-}
-
-fn apply(bytes: &mut Vec<u8>, edits: &[Edit]) {
-    for e in edits {
-        let n = bytes.len();
-        match e {
-            Edit::Flip(i, bit) if n > 0 => bytes[i.index(n)] ^= 1 << bit,
-            Edit::Set(i, b) if n > 0 => bytes[i.index(n)] = *b,
-            Edit::Insert(i, b) => bytes.insert(i.index(n + 1), *b),
-            Edit::Delete(i) if n > 0 => {
-                bytes.remove(i.index(n));
-            }
-            Edit::Truncate(i) => bytes.truncate(i.index(n + 1)),
-            Edit::Varint(i, v) => {
-                let at = i.index(n + 1);
-                bytes.splice(at..at, varint(*v));
-            }
-            _ => {}
-        }
-    }
+    swarm_testkit::bytes::with_varints(prop_oneof![
+        Just(u64::MAX),
+        Just(1 << 32),
+        Just(1 << 20),
+        any::<u64>()
+    ])
 }
 
 /// Most a decode may allocate at once beyond what its input justifies: serde caps what
@@ -417,16 +320,6 @@ fn shape() -> impl Strategy<Value = Shape> {
                 },
             )
     })
-}
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 2000,
-        // Nothing written into the source tree; a failure prints its minimal input.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
 }
 
 proptest! {

@@ -33,31 +33,14 @@ use swarm_coordinator::raft::{RedbLogStore, TypeConfig};
 use swarm_coordinator::state::{Attempt, AttemptEnd, Command, Op, TableMeta, Task, TaskSpec};
 use swarm_proto::api::TaskState;
 use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
+use swarm_testkit::bytes::{apply, split, Edit};
+use swarm_testkit::config;
 
 // ---- mutations -----------------------------------------------------------------------
 
-/// One edit of an encoding.
-#[derive(Debug, Clone)]
-enum Edit {
-    Flip(Index, u8),
-    Set(Index, u8),
-    Insert(Index, u8),
-    Delete(Index),
-    Truncate(Index),
-    /// A LEB128 varint spliced in (postcard lengths and integers): a lying length.
-    Varint(Index, u64),
-    /// A 4-byte little-endian length written over the bytes (dump record framing).
-    Length(Index, u32),
-}
-
+/// Byte edits, varints that lie, and a 4-byte little-endian length (dump record
+/// framing) written over the bytes.
 fn edit() -> impl Strategy<Value = Edit> {
-    let big = prop_oneof![
-        Just(u64::MAX),
-        Just(1 << 32),
-        Just(0),
-        Just(1),
-        any::<u64>()
-    ];
     let len = prop_oneof![
         Just(u32::MAX),
         Just((256u32 << 20) + 1),
@@ -65,55 +48,9 @@ fn edit() -> impl Strategy<Value = Edit> {
         0u32..64
     ];
     prop_oneof![
-        (any::<Index>(), 0u8..8).prop_map(|(i, b)| Edit::Flip(i, b)),
-        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Set(i, b)),
-        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Insert(i, b)),
-        any::<Index>().prop_map(Edit::Delete),
-        any::<Index>().prop_map(Edit::Truncate),
-        (any::<Index>(), big).prop_map(|(i, v)| Edit::Varint(i, v)),
-        (any::<Index>(), len).prop_map(|(i, v)| Edit::Length(i, v)),
+        swarm_testkit::bytes::with_varints(swarm_testkit::bytes::hostile_varints()),
+        (any::<Index>(), len).prop_map(|(i, v)| Edit::LengthLe(i, v)),
     ]
-}
-
-fn apply(bytes: &mut Vec<u8>, edits: &[Edit]) {
-    for e in edits {
-        let n = bytes.len();
-        match e {
-            Edit::Flip(i, bit) if n > 0 => bytes[i.index(n)] ^= 1 << bit,
-            Edit::Set(i, b) if n > 0 => bytes[i.index(n)] = *b,
-            Edit::Insert(i, b) => bytes.insert(i.index(n + 1), *b),
-            Edit::Delete(i) if n > 0 => {
-                bytes.remove(i.index(n));
-            }
-            Edit::Truncate(i) => bytes.truncate(i.index(n + 1)),
-            Edit::Varint(i, v) => {
-                let (mut v, mut enc) = (*v, Vec::new());
-                while v >= 0x80 {
-                    enc.push((v as u8) | 0x80);
-                    v >>= 7;
-                }
-                enc.push(v as u8);
-                let at = i.index(n + 1);
-                bytes.splice(at..at, enc);
-            }
-            Edit::Length(i, len) => {
-                let at = i.index(n + 1);
-                let end = (at + 4).min(n);
-                bytes.splice(at..end, len.to_le_bytes());
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Splits `bytes` at `cuts`.
-fn split<'a>(bytes: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
-    let mut at: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
-    at.push(0);
-    at.push(bytes.len());
-    at.sort_unstable();
-    at.dedup();
-    at.windows(2).map(|w| &bytes[w[0]..w[1]]).collect()
 }
 
 // ---- valid values --------------------------------------------------------------------
@@ -357,16 +294,6 @@ fn install(bytes: &[u8]) -> Result<(), TestCaseError> {
         prop_assert!(!path.exists(), "a failed install left its file");
     }
     Ok(())
-}
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 1000,
-        // Nothing written into the source tree; a failure prints its minimal input.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
 }
 
 proptest! {

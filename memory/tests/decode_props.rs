@@ -7,12 +7,13 @@
 //! `fuzz/` (targets `memory_snapshot`, `memory_filter`; `scripts/fuzz.sh`).
 
 use proptest::prelude::*;
-use proptest::sample::Index;
 use serde_json::{json, Value};
 use swarm_memory::{
     decode_value, CollectionSpec, MemoryOp, MemoryStore, MetadataFilter, Metric, NewPattern,
     Outcome, PointWrite, StoreConfig, StoreSnapshot, SNAPSHOT_FORMAT_VERSION,
 };
+use swarm_testkit::bytes::{apply, Edit};
+use swarm_testkit::config;
 
 /// Header: magic, version u32 LE, payload length u64 LE, FNV-1a 64 of the payload.
 const HEADER: usize = 28;
@@ -36,64 +37,12 @@ fn reheader(version: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One edit of an encoding.
-#[derive(Debug, Clone)]
-enum Edit {
-    Flip(Index, u8),
-    Set(Index, u8),
-    Insert(Index, u8),
-    Delete(Index),
-    Truncate(Index),
-    /// A LEB128 varint spliced in (postcard lengths and integers): a lying length.
-    Varint(Index, u64),
-}
-
+/// Byte edits and varints that lie.
 fn edit() -> impl Strategy<Value = Edit> {
-    prop_oneof![
-        (any::<Index>(), 0u8..8).prop_map(|(i, b)| Edit::Flip(i, b)),
-        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Set(i, b)),
-        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Insert(i, b)),
-        any::<Index>().prop_map(Edit::Delete),
-        any::<Index>().prop_map(Edit::Truncate),
-        (
-            any::<Index>(),
-            prop_oneof![
-                Just(u64::MAX),
-                Just(1 << 32),
-                Just(0),
-                Just(1),
-                Just(4097),
-                any::<u64>()
-            ]
-        )
-            .prop_map(|(i, v)| Edit::Varint(i, v)),
-    ]
-}
-
-fn apply(bytes: &mut Vec<u8>, edits: &[Edit]) {
-    for e in edits {
-        let n = bytes.len();
-        match e {
-            Edit::Flip(i, bit) if n > 0 => bytes[i.index(n)] ^= 1 << bit,
-            Edit::Set(i, b) if n > 0 => bytes[i.index(n)] = *b,
-            Edit::Insert(i, b) => bytes.insert(i.index(n + 1), *b),
-            Edit::Delete(i) if n > 0 => {
-                bytes.remove(i.index(n));
-            }
-            Edit::Truncate(i) => bytes.truncate(i.index(n + 1)),
-            Edit::Varint(i, v) => {
-                let (mut v, mut enc) = (*v, Vec::new());
-                while v >= 0x80 {
-                    enc.push((v as u8) | 0x80);
-                    v >>= 7;
-                }
-                enc.push(v as u8);
-                let at = i.index(n + 1);
-                bytes.splice(at..at, enc);
-            }
-            _ => {}
-        }
-    }
+    swarm_testkit::bytes::with_varints(prop_oneof![
+        swarm_testkit::bytes::hostile_varints(),
+        Just(4097)
+    ])
 }
 
 /// A store's contents, drawn: a collection of points (some deleted, some with TTLs) and
@@ -209,16 +158,6 @@ fn check_restore(bytes: &[u8]) -> Result<(), TestCaseError> {
         prop_assert_eq!(back.snapshot_bytes().unwrap(), again);
     }
     Ok(())
-}
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 1000,
-        // Nothing written into the source tree; a failure prints its minimal input.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
 }
 
 proptest! {

@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use proptest::sample::Index;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
 use swarm_proto::api::{
     AddNode, CreateSwarm, ErrorBody, NodeStatus, StatusView, SubmitBatch, SubmitResponse,
     SubmitTask, SwarmList, TaskList, TaskState, TaskView,
 };
+use swarm_testkit::config;
+use swarm_testkit::text::{apply, Edit};
 
 /// Field names of the bodies, so that generated documents hit real fields with wrong
 /// values as well as unknown ones.
@@ -274,60 +275,12 @@ fn valid_body() -> impl Strategy<Value = String> {
     ]
 }
 
-/// One edit of a JSON text, at a char boundary.
-#[derive(Debug, Clone)]
-enum Edit {
-    Delete(Index),
-    Insert(Index, char),
-    Truncate(Index),
-    Duplicate(Index, Index),
-}
-
+/// Text edits with the characters a JSON parser trips on.
 fn edit() -> impl Strategy<Value = Edit> {
-    let special = prop::sample::select(vec![
+    swarm_testkit::text::edits(&[
         '{', '}', '[', ']', '"', ':', ',', '\\', '-', '0', '9', 'e', '.', 'n', 't', ' ', '\u{0}',
         '\u{feff}', 'é',
-    ]);
-    prop_oneof![
-        any::<Index>().prop_map(Edit::Delete),
-        (any::<Index>(), prop_oneof![special, any::<char>()]).prop_map(|(i, c)| Edit::Insert(i, c)),
-        any::<Index>().prop_map(Edit::Truncate),
-        (any::<Index>(), any::<Index>()).prop_map(|(a, b)| Edit::Duplicate(a, b)),
-    ]
-}
-
-fn apply(text: &str, edits: &[Edit]) -> String {
-    let mut chars: Vec<char> = text.chars().collect();
-    for e in edits {
-        let n = chars.len();
-        match e {
-            Edit::Delete(i) if n > 0 => {
-                chars.remove(i.index(n));
-            }
-            Edit::Insert(i, c) => chars.insert(i.index(n + 1), *c),
-            Edit::Truncate(i) => chars.truncate(i.index(n + 1)),
-            Edit::Duplicate(a, b) if n > 0 => {
-                // Copy a slice of the text elsewhere (repeated keys, nested bodies).
-                let (x, y) = (a.index(n), b.index(n));
-                let (lo, hi) = (x.min(y), x.max(y));
-                let piece: Vec<char> = chars[lo..=hi.min(lo + 32)].to_vec();
-                let at = b.index(n + 1);
-                chars.splice(at..at, piece);
-            }
-            _ => {}
-        }
-    }
-    chars.into_iter().collect()
-}
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 2000,
-        // Nothing written into the source tree; a failure prints its minimal input.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    ])
 }
 
 proptest! {

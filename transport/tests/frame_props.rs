@@ -5,12 +5,6 @@
 //! ([`decode_frames`]) is checked against a real `FrameReader` on QUIC streams.
 //! The coverage-guided version is `fuzz/` (`scripts/fuzz.sh`).
 
-// One test-only exception to the workspace's `unsafe_code = "deny"`: a counting global
-// allocator, the only way to see what the decoder allocates. It forwards to `System`.
-#![allow(unsafe_code)]
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -19,57 +13,17 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestRunner};
 use serde::{Deserialize, Serialize};
+use swarm_testkit::alloc::largest_allocation;
+use swarm_testkit::bytes::{apply, split, Edit};
+use swarm_testkit::config;
 use swarm_transport::frame::decode_frames;
 use swarm_transport::{
     accept, client_config, client_endpoint, codec, dial, init_certs, server_config,
     server_endpoint, FrameError, FrameReader, Identity, Role, DEFAULT_MAX_FRAME,
 };
 
-// ---- allocation tracking -------------------------------------------------------------
-
-struct Tracking;
-
-thread_local! {
-    /// The largest single allocation on this thread while tracking is on.
-    static LARGEST: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|l| {
-        if let Some(m) = l.get() {
-            l.set(Some(m.max(size)));
-        }
-    });
-}
-
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
 #[global_allocator]
-static ALLOC: Tracking = Tracking;
-
-/// Runs `f` and returns its result with the largest single allocation it made.
-fn largest_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    LARGEST.with(|l| l.set(Some(0)));
-    let r = f();
-    let largest = LARGEST.with(|l| l.replace(None)).unwrap_or(0);
-    (r, largest)
-}
+static ALLOC: swarm_testkit::alloc::Tracking = swarm_testkit::alloc::Tracking;
 
 /// Runs `f` on its own thread and fails if it takes longer than `limit`: a decoder that
 /// loops on some input fails the test instead of hanging the suite.
@@ -123,24 +77,12 @@ fn stream(msgs: &[Msg]) -> Vec<u8> {
     msgs.iter().flat_map(frame).collect()
 }
 
-/// One edit of a byte stream.
-#[derive(Debug, Clone)]
-enum Edit {
-    Flip(Index, u8),
-    Insert(Index, u8),
-    Delete(Index),
-    Truncate(Index),
-    /// A 4-byte big-endian length written over the stream at some point.
-    Length(Index, u32),
-}
-
+/// Byte edits, and a 4-byte big-endian length (the frame header) written over the
+/// stream at some point.
 fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
-        (any::<Index>(), 0u8..8).prop_map(|(i, b)| Edit::Flip(i, b)),
-        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Insert(i, b)),
-        any::<Index>().prop_map(Edit::Delete),
-        any::<Index>().prop_map(Edit::Truncate),
-        (any::<Index>(), hostile_len()).prop_map(|(i, l)| Edit::Length(i, l)),
+        swarm_testkit::bytes::plain(),
+        (any::<Index>(), hostile_len()).prop_map(|(i, l)| Edit::LengthBe(i, l)),
     ]
 }
 
@@ -152,36 +94,6 @@ fn hostile_len() -> impl Strategy<Value = u32> {
         (DEFAULT_MAX_FRAME as u32 + 1)..=u32::MAX,
         0u32..256,
     ]
-}
-
-fn apply(bytes: &mut Vec<u8>, edits: &[Edit]) {
-    for e in edits {
-        let n = bytes.len();
-        match e {
-            Edit::Flip(i, bit) if n > 0 => bytes[i.index(n)] ^= 1 << bit,
-            Edit::Insert(i, b) => bytes.insert(i.index(n + 1), *b),
-            Edit::Delete(i) if n > 0 => {
-                bytes.remove(i.index(n));
-            }
-            Edit::Truncate(i) => bytes.truncate(i.index(n + 1)),
-            Edit::Length(i, len) => {
-                let at = i.index(n + 1);
-                let end = (at + 4).min(n);
-                bytes.splice(at..end, len.to_be_bytes());
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Splits `bytes` at the (sorted, deduplicated) `cuts`.
-fn split<'a>(bytes: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
-    let mut at: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
-    at.push(0);
-    at.push(bytes.len());
-    at.sort_unstable();
-    at.dedup();
-    at.windows(2).map(|w| &bytes[w[0]..w[1]]).collect()
 }
 
 /// What a decode produced, comparable across splits.
@@ -228,16 +140,6 @@ fn check_stream(bytes: &[u8], cuts: &[Index], max: usize) -> Result<(), TestCase
     let whole = decode_frames::<Msg>([bytes], max);
     prop_assert_eq!(summary(&out), summary(&whole));
     Ok(())
-}
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 2000,
-        // Nothing written into the source tree; a failure prints its minimal input.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
 }
 
 proptest! {

@@ -7,7 +7,8 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use proptest::sample::Index;
+use swarm_testkit::config;
+use swarm_testkit::text::{apply, Edit};
 use swarm_worker::{Agent, Agents};
 
 const FILE: &str = "/etc/swarm/agents.toml";
@@ -180,58 +181,11 @@ fn agents_file() -> impl Strategy<Value = String> {
     })
 }
 
-/// One edit of a text, at a char boundary.
-#[derive(Debug, Clone)]
-enum Edit {
-    Delete(Index),
-    Insert(Index, char),
-    Truncate(Index),
-    Duplicate(Index, Index),
-}
-
+/// Text edits with the characters a TOML parser trips on.
 fn edit() -> impl Strategy<Value = Edit> {
-    let special = prop::sample::select(vec![
+    swarm_testkit::text::edits(&[
         '[', ']', '{', '}', '"', '\'', '=', ',', '.', '\n', '#', '\\', '0', '-', ' ', '\u{0}',
-    ]);
-    prop_oneof![
-        any::<Index>().prop_map(Edit::Delete),
-        (any::<Index>(), prop_oneof![special, any::<char>()]).prop_map(|(i, c)| Edit::Insert(i, c)),
-        any::<Index>().prop_map(Edit::Truncate),
-        (any::<Index>(), any::<Index>()).prop_map(|(a, b)| Edit::Duplicate(a, b)),
-    ]
-}
-
-fn apply(text: &str, edits: &[Edit]) -> String {
-    let mut chars: Vec<char> = text.chars().collect();
-    for e in edits {
-        let n = chars.len();
-        match e {
-            Edit::Delete(i) if n > 0 => {
-                chars.remove(i.index(n));
-            }
-            Edit::Insert(i, c) => chars.insert(i.index(n + 1), *c),
-            Edit::Truncate(i) => chars.truncate(i.index(n + 1)),
-            Edit::Duplicate(a, b) if n > 0 => {
-                let (x, y) = (a.index(n), b.index(n));
-                let (lo, hi) = (x.min(y), x.max(y));
-                let piece: Vec<char> = chars[lo..=hi.min(lo + 48)].to_vec();
-                let at = b.index(n + 1);
-                chars.splice(at..at, piece);
-            }
-            _ => {}
-        }
-    }
-    chars.into_iter().collect()
-}
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 2000,
-        // Nothing written into the source tree; a failure prints its minimal input.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    ])
 }
 
 proptest! {
