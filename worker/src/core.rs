@@ -137,6 +137,8 @@ struct Counts {
 
 struct Running {
     cancel: CancelHandle,
+    /// The attempt's agent, for its `max_concurrency`.
+    agent: String,
 }
 
 /// What happened to an execution on this worker, for an [`ExecutionJournal`].
@@ -562,10 +564,31 @@ impl Core {
         }
     }
 
-    /// Starts queued attempts while slots are free (none while draining).
+    /// Whether `agent` already runs as many attempts as its `max_concurrency` allows.
+    fn at_agent_limit(&self, agent: &str) -> bool {
+        let Some(max) = self
+            .executor
+            .agents()
+            .get(agent)
+            .and_then(|a| a.max_concurrency())
+        else {
+            return false;
+        };
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        self.running.values().filter(|r| r.agent == agent).count() >= max
+    }
+
+    /// Starts queued attempts, in queue order, while slots are free (none while
+    /// draining), skipping those whose agent is at its `max_concurrency`: they wait
+    /// without holding up the attempts of other agents behind them.
     fn fill_slots(&mut self) {
-        while !self.draining && self.running.len() < self.slots {
-            let Some(next) = self.queued.pop_front() else {
+        let mut i = 0;
+        while !self.draining && self.running.len() < self.slots && i < self.queued.len() {
+            if self.at_agent_limit(&self.queued[i].agent) {
+                i += 1;
+                continue;
+            }
+            let Some(next) = self.queued.remove(i) else {
                 break;
             };
             self.queued_set.remove(&next.attempt);
@@ -573,19 +596,21 @@ impl Core {
         }
     }
 
-    /// Runs `task` now if a slot is free, else queues it; hands it back while draining.
+    /// Runs `task` now if a slot is free and its agent is below its `max_concurrency`,
+    /// else queues it; hands it back while draining.
     fn accept_run(&mut self, task: TaskAssignment) {
         self.note_held(&task);
         if self.draining {
             tracing::debug!(attempt = ?task.attempt, "draining: attempt handed back unstarted");
             self.hand_back(task.attempt, HANDED_BACK);
-        } else if self.running.len() < self.slots {
+        } else if self.running.len() < self.slots && !self.at_agent_limit(&task.agent) {
             self.start(task);
         } else {
             tracing::debug!(
                 attempt = ?task.attempt,
+                agent = %task.agent,
                 queued = self.queued.len() + 1,
-                "all slots busy; queueing attempt"
+                "all slots busy, or the agent at its max_concurrency; queueing attempt"
             );
             self.queued_set.insert(task.attempt);
             self.queued.push_back(task);
@@ -705,6 +730,7 @@ impl Core {
         let executor = self.executor.clone();
         let max = self.max_output_bytes.min(FRAME_OUTPUT_LIMIT);
         let started_at_ms = now_ms();
+        let agent = task.agent.clone();
         tracing::debug!(?attempt, agent = %task.agent, "starting attempt");
         let retriever = self.retriever.clone();
         let handle = self.tasks.spawn(async move {
@@ -744,7 +770,7 @@ impl Core {
         });
         self.task_attempts
             .insert(handle.id(), (attempt, started_at_ms));
-        self.running.insert(attempt, Running { cancel });
+        self.running.insert(attempt, Running { cancel, agent });
         self.counts.started += 1;
         self.note(attempt, ExecutionEvent::Started);
     }
@@ -1442,6 +1468,61 @@ mod tests {
             .await
             .expect("drained")
             .unwrap();
+    }
+
+    /// An agent with `max_concurrency = 1` runs its attempts one after the other, whatever
+    /// the free slots, while an attempt of another agent queued behind them starts at once.
+    #[tokio::test]
+    async fn max_concurrency_queues_an_agent_without_blocking_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = dir.path().join("open");
+        let log = dir.path().join("log");
+        let file = dir.path().join("agents.toml");
+        let agents = format!(
+            "[agents.one]\ncommand = \"sh\"\nmax_concurrency = 1\nargs = [\"-c\", \"printf s >> '{log}'; while [ ! -e '{gate}' ]; do sleep 0.02; done; printf e >> '{log}'\"]\n",
+            log = log.display(),
+            gate = gate.display(),
+        );
+        std::fs::write(&file, agents).unwrap();
+        let mut h = start_with(4, Agents::load(&file).unwrap());
+        let mut coord = h.connect();
+        h.run(task(1, "one", ""));
+        h.run(task(2, "one", ""));
+        h.run(task(3, "sleep", "600000"));
+        // Two of four slots busy: the second `one` waits, the `sleep` behind it started.
+        h.wait("one of each running, the second `one` queued", |s| {
+            s.running == 2 && s.queued == 1 && s.started == 2
+        })
+        .await;
+        assert_eq!(h.held().await, vec![attempt(1), attempt(3), attempt(2)]);
+        tokio::time::timeout(LIMIT, async {
+            while std::fs::read(&log).unwrap_or_default() != b"s" {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the first `one` started");
+
+        // The first `one` ends: the second starts (and, the gate open, ends too).
+        std::fs::write(&gate, "").unwrap();
+        for id in [1, 2] {
+            match next(&mut coord).await {
+                WorkerMsg::Finished(r) => {
+                    assert_eq!(r.attempt, attempt(id));
+                    assert!(matches!(r.outcome, Outcome::Succeeded { .. }), "{r:?}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "sese",
+            "never both at once"
+        );
+        h.wait("the sleep still runs", |s| {
+            s.started == 3 && s.running == 1 && s.queued == 0
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -1,5 +1,24 @@
 //! Runs one [`TaskAssignment`] to an [`Outcome`].
 //!
+//! What an attempt does depends on its agent's kind (the agents file is described in
+//! [`crate::agents`]):
+//!
+//! * `echo` and `sleep` (built-ins): the payload is the output; sleep for the payload's
+//!   milliseconds.
+//! * `exec`: a local command, run once per attempt (below).
+//! * `http`: one HTTP request to an endpoint ([below](#http-agents)).
+//! * `llm`: one chat completion from an OpenAI-compatible server
+//!   ([below](#llm-agents)).
+//!
+//! For every kind the attempt's timeout is the smaller of the task's `timeout_ms` (0:
+//! none) and the agent's `timeout_ms`, and ends the attempt with
+//! [`FailureKind::Timeout`]; a cancel ends it at once with [`FailureKind::Cancelled`]; an
+//! output longer than `max_output_bytes` fails with [`FailureKind::OutputTooLarge`]. How
+//! many attempts of one agent run at once is bounded by its `max_concurrency` (enforced
+//! where the worker starts attempts, not here).
+//!
+//! # `exec` agents
+//!
 //! `exec` agents are started in their own process group (`setpgid(0, 0)`), with the
 //! payload on stdin and the result on stdout. Whenever an attempt ends — timeout,
 //! cancellation, oversized output, or simply the agent's main process exiting — the
@@ -55,6 +74,86 @@
 //! Without `run_as` the agent runs as the worker's user and can read whatever the worker
 //! can on disk (its key files included): the cleared environment keeps the worker's
 //! secrets out of the agent's environment, `run_as` keeps them out of its reach.
+//!
+//! # `http` agents
+//!
+//! Each attempt is one request, `method` to `url` ([`crate::agent_kinds::http`]), over
+//! HTTP/1.1 (TLS with the webpki roots for `https`; the worker's proxy variables apply;
+//! redirects are not followed). The agents of one [`Agents`] share one client and its
+//! connection pool.
+//!
+//! * **Request.** The body is the payload as it is (no body for GET). The headers are the
+//!   agent's `headers` and `secret_headers`, plus `X-Swarm-Task-Id`, `X-Swarm-Attempt`,
+//!   `X-Swarm-Execution-Id` (`<task>.<attempt>.<term>`, as `SWARM_EXECUTION_ID`) and, when
+//!   the task has one, `Idempotency-Key` (a key that cannot be a header value fails the
+//!   attempt with [`FailureKind::BadPayload`], unsent). Retrieved patterns are not sent.
+//! * **Success.** A 2xx response: its body is the output. The body is read as it arrives;
+//!   one longer than `max_output_bytes` fails with [`FailureKind::OutputTooLarge`] as soon
+//!   as that is known (from `Content-Length`, or once that many bytes came), and the rest
+//!   is never read: the connection is closed.
+//! * **Failures.** Any other status, 3xx included: [`FailureKind::Exit`], `HTTP 503
+//!   Service Unavailable: <the last 512 bytes of the body>`. No response (connection
+//!   refused, name resolution, TLS, a connect taking over 30 s, the connection closed
+//!   before a response): [`FailureKind::Spawn`], `cannot reach <url>: <why>`. A body that
+//!   breaks off: [`FailureKind::Exit`]. The timeout covers the whole exchange, body
+//!   included. A timeout or a cancel drops the request at once, which closes its
+//!   connection: the server sees the client go away. Nothing is retried within the
+//!   attempt (the coordinator retries `Exit`, `Timeout` and `Spawn` failures as its
+//!   policy says).
+//!
+//! # `llm` agents
+//!
+//! Each attempt is one chat completion, `POST {base_url}/chat/completions` with the
+//! OpenAI request format ([`crate::agent_kinds::llm`]), through the same client as `http`
+//! agents.
+//!
+//! * **Conversation.** The payload must be UTF-8 (else [`FailureKind::BadPayload`],
+//!   nothing sent). A JSON object holding only `messages`, an array of `{role, content}`
+//!   objects (`content` a string or an array of content parts; other fields pass
+//!   through), is the conversation; any other payload is the text of the one user
+//!   message. A malformed `messages` is a [`FailureKind::BadPayload`]. A system message
+//!   is put first: the agent's `system_prompt` with `{patterns}` replaced by the
+//!   strategies (below), left out if that renders empty. When the conversation already
+//!   starts with a system message, none is added and the strategies are appended to
+//!   that one (after a blank line, or as one more text part).
+//! * **Strategies.** The patterns retrieved for the task, best first, rendered as
+//!
+//!   ```text
+//!   Strategies retrieved from similar earlier tasks (use what fits; one learnt from a failure shows what to avoid):
+//!   - <title>: <description>
+//!     <content, every line indented>
+//!     (learnt from a success; confidence 0.75)
+//!   ```
+//!
+//!   (`a failure` for a pattern learnt from a failure); with no patterns, nothing at all.
+//! * **Request.** `{"model", "messages", "temperature"?, "max_tokens"?, "stream"}`, plus
+//!   `"stream_options": {"include_usage": true}` when streaming; `Authorization: Bearer
+//!   <key>` with `api_key_env`.
+//! * **Answer.** Streamed: Server-Sent Events (`data: {json}` events, `data: [DONE]`
+//!   last); the `choices[0].delta.content` pieces are joined, and `usage` is taken from
+//!   the chunk carrying it. Not streamed: `choices[0].message.content` and `usage`. The
+//!   response's `Content-Type` (`text/event-stream` or `application/json`) decides which
+//!   is read, whatever was asked. The answer text is the output; one longer than
+//!   `max_output_bytes` fails with [`FailureKind::OutputTooLarge`] (while streaming, as
+//!   soon as it gets there). The tokens used are logged (info, `llm usage`, with the
+//!   fields `agent`, `model`, `prompt_tokens`, `completion_tokens`) when the server
+//!   reports them.
+//! * **Retries within the attempt.** A 429 or 5xx, no response (as for `http`), and a
+//!   2xx whose body breaks off before the first byte of the answer are tried again, up to
+//!   `max_retries` times: after the response's `Retry-After` (seconds, or an HTTP date)
+//!   when it has one, else after an exponential backoff (500 ms, doubling up to 20 s,
+//!   each jittered down by up to half). A wait that would end past the attempt's timeout,
+//!   or a `Retry-After` over 10 minutes, ends the attempt at once with the last failure.
+//!   When the tries run out, the last failure is the attempt's, with the number of tries:
+//!   [`FailureKind::Exit`] `HTTP 429 Too Many Requests: <body tail> (5 tries)`, or
+//!   [`FailureKind::Spawn`] `cannot reach <url>: …`. Any other status (4xx, 3xx) fails at
+//!   once: [`FailureKind::Exit`], `HTTP 400 Bad Request: <the last 512 bytes of the
+//!   body>`.
+//! * **Other failures** ([`FailureKind::Exit`]): a stream that ends or breaks after part
+//!   of the answer (`the stream ended before [DONE]`; not retried, the pieces already
+//!   went out), an `error` object in the response or the stream, a malformed event, a
+//!   JSON answer without `content`, a refusal. Timeout and cancel are as for `http`: the
+//!   request is dropped at once, whichever try it is in.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -75,6 +174,7 @@ use swarm_proto::worker::{FailureKind, Outcome, PatternHit, TaskAssignment};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::agent_kinds::{run_http_agent, run_llm_agent};
 use crate::agents::{reserved_env_name, Agent, Agents, ExecSpec};
 use crate::cancel::CancelToken;
 
@@ -163,7 +263,8 @@ impl Executor {
 
     /// [`Executor::run`], handing `patterns` (ReasoningBank items retrieved for the task)
     /// to `exec` agents as a JSON file named by `SWARM_PATTERNS_FILE`, in the attempt's
-    /// private directory. Built-ins ignore them.
+    /// private directory, and to `llm` agents as strategies in the system prompt.
+    /// Built-ins and `http` agents ignore them.
     pub async fn run_with_patterns(
         &self,
         task: TaskAssignment,
@@ -183,6 +284,8 @@ impl Executor {
         };
         let cap = match agent {
             Agent::Exec(spec) => spec.timeout_ms,
+            Agent::Http(spec) => spec.timeout_ms,
+            Agent::Llm(spec) => spec.timeout_ms,
             Agent::Echo | Agent::Sleep => None,
         };
         let timeout = effective_timeout(task.timeout_ms, cap);
@@ -203,6 +306,21 @@ impl Executor {
                     task,
                     patterns,
                     &self.private_root(),
+                    max_output_bytes,
+                    timeout,
+                    cancel,
+                )
+                .await
+            }
+            Agent::Http(spec) => {
+                run_http_agent(&self.agents, spec, task, max_output_bytes, timeout, cancel).await
+            }
+            Agent::Llm(spec) => {
+                run_llm_agent(
+                    &self.agents,
+                    spec,
+                    task,
+                    patterns,
                     max_output_bytes,
                     timeout,
                     cancel,

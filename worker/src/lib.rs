@@ -13,9 +13,12 @@
 //!   the worker still holds. After `Welcome`, every report not yet acked is re-sent.
 //! * `Run` for an attempt that is running (or queued) is ignored; for an attempt that
 //!   finished but is not acked, its report is re-sent. An attempt never starts twice.
-//! * At most `slots` attempts run at once. If the coordinator assigns more, the extra
-//!   attempts are queued locally (in arrival order) and start as slots free up; they are
-//!   listed as running in `Hello` and heartbeats, since the worker has accepted them.
+//! * At most `slots` attempts run at once, and at most an agent's `max_concurrency` of
+//!   that agent. If the coordinator assigns more, the extra attempts are queued locally
+//!   and start as slots free up, in arrival order, except that an attempt whose agent is
+//!   at its `max_concurrency` waits without holding up later attempts of other agents;
+//!   they are listed as running in `Hello` and heartbeats, since the worker has accepted
+//!   them.
 //!   A `Cancel` of a queued attempt reports it `Cancelled` at once.
 //! * Attempts keep running while the connection is down; reconnects use exponential
 //!   backoff with jitter (see [`Backoff`]), reset by every `Welcome`.
@@ -123,6 +126,7 @@
 
 #![warn(missing_docs)]
 
+pub mod agent_kinds;
 pub mod agents;
 pub mod cancel;
 mod connection;
@@ -148,7 +152,8 @@ use swarm_transport::tls::{client_config, Role};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use crate::core::{set_clock, ExecutionEvent, ExecutionJournal};
-pub use agents::{Agent, Agents, AgentsError, ExecSpec};
+pub use agent_kinds::LlmUsage;
+pub use agents::{Agent, Agents, AgentsError, ExecSpec, HttpSpec, LlmSpec, Secret};
 pub use cancel::{cancel_pair, CancelHandle, CancelToken};
 pub use executor::Executor;
 pub use relay::{RELAY_CLOSE_NO_COORDINATOR, RELAY_STREAM_ABORTED};
