@@ -10,6 +10,7 @@ mod harness;
 mod identity;
 mod lifecycle;
 mod memory;
+mod python_client;
 mod raft_cluster;
 mod replication;
 mod scale;

@@ -1,0 +1,511 @@
+"""The client of the swarm coordinator's HTTP API (``/v1/*``).
+
+>>> from swarm_client import Client
+>>> c = Client("http://127.0.0.1:8080", token="...")        # doctest: +SKIP
+>>> t = c.submit("echo", "hello", wait=30)                    # doctest: +SKIP
+>>> t.state, t.text                                           # doctest: +SKIP
+('succeeded', 'hello')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+
+from ._http import Transport, parse_bases
+from .errors import SwarmClientError, SwarmConnectionError, SwarmError, WaitTimeout
+from .models import STATES, Payload, SubmitSpec, Task, TaskPage, spec_to_json
+
+__all__ = ["Client", "DEFAULT_API", "MAX_SERVER_WAIT_SECS", "WAIT_CHUNK_SECS"]
+
+#: The API address when neither ``api`` nor ``SWARM_API`` gives one (as the CLI).
+DEFAULT_API = "http://127.0.0.1:8080"
+
+#: The longest ``?wait=`` a coordinator accepts (its ``max_wait``).
+MAX_SERVER_WAIT_SECS = 300.0
+
+#: Longer waits are made of server-side waits of at most this long each, so no single
+#: request stays open for minutes (through proxies, or past a leader change).
+WAIT_CHUNK_SECS = 60.0
+
+#: The token file the CLI reads when none is named (``swarm up`` writes it).
+_DEFAULT_TOKEN_FILE = os.path.join("swarm-data", "api-token")
+
+
+def _read_token_file(path: str) -> str:
+    """The token in a token file, trimmed (an empty file is an error, as in the CLI)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the token file {path!r}: {e}") from e
+    if not token:
+        raise ValueError(f"token file {path!r} is empty")
+    return token
+
+
+def _ms(seconds: float) -> str:
+    """A duration for ``?wait=``: whole milliseconds, e.g. ``"1500ms"``."""
+    return f"{max(0, int(seconds * 1000))}ms"
+
+
+def _task_id(task_id: Union[int, str, Task]) -> int:
+    """A task id from an int, a decimal string or a :class:`Task`."""
+    if isinstance(task_id, Task):
+        return task_id.id
+    if isinstance(task_id, bool):
+        raise TypeError("a task id is an int, not a bool")
+    if isinstance(task_id, int):
+        return task_id
+    if isinstance(task_id, str) and task_id.strip().isdigit():
+        return int(task_id.strip())
+    raise TypeError(f"a task id is a non-negative int, got {task_id!r}")
+
+
+class Client:
+    """Talks to a swarm cluster through its coordinators' HTTP API.
+
+    Args:
+        api: base URL of a coordinator's API (``http://…`` or ``https://…``); several
+            nodes of one cluster may be given comma-separated, and are tried in turn
+            when one cannot be reached. Default: ``SWARM_API``, else
+            ``http://127.0.0.1:8080``.
+        token: the API bearer token. Default: ``SWARM_TOKEN``, else the file named by
+            ``token_file`` or ``SWARM_TOKEN_FILE``, else ``./swarm-data/api-token`` when
+            it exists (as the CLI). Pass ``""`` to send no token.
+        ca: the cluster CA certificate (``ca.pem``) an ``https://`` API is verified
+            against. Default: ``SWARM_CA``. Required for ``https://``.
+        timeout: seconds a request may take (server-side waits add their own length).
+        token_file: a file holding the token, used when ``token`` and ``SWARM_TOKEN``
+            are unset.
+
+    A client is safe to share between threads; each thread keeps its own connections.
+    Use it as a context manager, or call :meth:`close`, to close them.
+    """
+
+    def __init__(
+        self,
+        api: Optional[str] = None,
+        token: Optional[str] = None,
+        ca: Optional[str] = None,
+        timeout: float = 30.0,
+        *,
+        token_file: Optional[str] = None,
+    ) -> None:
+        api = api if api is not None else os.environ.get("SWARM_API") or DEFAULT_API
+        if token is None:
+            token = os.environ.get("SWARM_TOKEN") or None
+        if token is None:
+            path = token_file or os.environ.get("SWARM_TOKEN_FILE") or None
+            if path is not None:
+                token = _read_token_file(path)
+            elif os.path.exists(_DEFAULT_TOKEN_FILE):
+                token = _read_token_file(_DEFAULT_TOKEN_FILE)
+        if ca is None:
+            ca = os.environ.get("SWARM_CA") or None
+        self.api = api
+        self.ca = ca
+        self.timeout = float(timeout)
+        self._http = Transport(parse_bases(api), token, ca, self.timeout)
+
+    def __repr__(self) -> str:
+        return f"Client(api={self.api!r})"
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the kept-alive connections (the client can still be used after)."""
+        self._http.close()
+
+    def __del__(self) -> None:
+        # Do not leave sockets open until the interpreter exits.
+        http = getattr(self, "_http", None)
+        if http is not None:
+            try:
+                http.close()
+            except Exception:  # pragma: no cover - best effort at teardown
+                pass
+
+    # -- generic -----------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """Call any JSON route of the API (e.g. ``GET /v1/patterns``,
+        ``POST /v1/swarms``) and return its decoded JSON answer (``None`` for an empty
+        one). ``body`` is JSON-encoded; ``query`` values that are ``None`` are left out.
+
+        Raises:
+            SwarmError: the API refused the request.
+            SwarmConnectionError: no answer.
+        """
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        _, raw = self._http.request(method, path, query=query, body=data, timeout=timeout)
+        return self._decode(raw)
+
+    @staticmethod
+    def _decode(raw: bytes) -> Any:
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except ValueError as e:
+            snippet = raw[:200].decode("utf-8", errors="replace")
+            raise SwarmConnectionError(f"the API answered something that is not JSON: {snippet!r}") from e
+
+    # -- tasks -------------------------------------------------------------------
+
+    def submit(
+        self,
+        agent: Optional[str],
+        payload: Payload = None,
+        *,
+        priority: Optional[int] = None,
+        timeout_ms: Optional[int] = None,
+        max_attempts: Optional[int] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        swarm: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        patterns: Optional[int] = None,
+        retain_ms: Optional[int] = None,
+        wait: Optional[float] = None,
+    ) -> Task:
+        """Submit one task (``POST /v1/tasks``) and return it.
+
+        Args:
+            agent: the agent to run (``echo``, ``sleep``, or one of a worker's agents
+                file); ``None`` for a ring swarm, whose stages name the agents.
+            payload: the agent's stdin: ``bytes``/``str`` as they are, any other
+                JSON-serialisable value as its compact JSON text, ``None`` empty.
+            priority: higher runs first (default 0).
+            timeout_ms: per-attempt timeout (default: the coordinator's).
+            max_attempts: attempts before the task is given up (default: the
+                coordinator's).
+            labels: labels a worker must carry to run the task.
+            swarm: the swarm to run in (default ``default``).
+            idempotency_key: submitting twice with the same key yields one task.
+            patterns: hand the agent this many ReasoningBank patterns.
+            retain_ms: how long the finished task stays readable.
+            wait: seconds to wait for the task to be final; the task is returned as it
+                is when the wait ends (final or not). ``None``: return at once.
+
+        The task comes back in the submit's own answer (the API's ``?wait=``), so a
+        submit is one request. ``task.raw["duplicate"]`` is not set; use
+        :meth:`submit_raw` to see whether an idempotency key named an existing task.
+
+        Raises:
+            SwarmError: the API refused the task (e.g. ``400 bad_request``,
+                ``413 payload_too_large``, ``429 queue_full``).
+            SwarmConnectionError: no answer (``may_have_taken_effect`` says whether
+                the task may exist).
+        """
+        spec = SubmitSpec(
+            agent=agent,
+            payload=payload,
+            priority=priority,
+            timeout_ms=timeout_ms,
+            max_attempts=max_attempts,
+            labels=labels,
+            swarm=swarm,
+            idempotency_key=idempotency_key,
+            patterns=patterns,
+            retain_ms=retain_ms,
+        )
+        return self.submit_spec(spec, wait=wait)
+
+    def submit_spec(
+        self, spec: Union[SubmitSpec, Mapping[str, Any]], *, wait: Optional[float] = None
+    ) -> Task:
+        """:meth:`submit` from a :class:`SubmitSpec` or a mapping of the API's fields."""
+        answer = self.submit_raw(spec, wait=wait)
+        view = answer.get("task")
+        if not isinstance(view, dict):
+            # An API without the task in its answer: read it.
+            return self.get(int(answer["id"]))
+        task = Task.from_json(view)
+        # A wait longer than the API's longest goes on client-side.
+        beyond = 0.0 if wait is None else wait - MAX_SERVER_WAIT_SECS
+        if beyond > 0 and not task.is_final:
+            task = self.wait(task.id, timeout=beyond, raise_on_timeout=False)
+        return task
+
+    def submit_raw(
+        self, spec: Union[SubmitSpec, Mapping[str, Any]], *, wait: Optional[float] = None
+    ) -> Dict[str, Any]:
+        """``POST /v1/tasks`` with the API's answer as it is:
+        ``{"id", "duplicate", "task"}`` (``task`` is always present: the submit asks
+        the API to wait ``wait`` seconds, or 0)."""
+        body = spec_to_json(spec)
+        server_wait = 0.0 if wait is None else max(0.0, min(wait, MAX_SERVER_WAIT_SECS))
+        answer = self.request(
+            "POST",
+            "/v1/tasks",
+            body,
+            query={"wait": _ms(server_wait)},
+            timeout=self.timeout + server_wait,
+        )
+        if not isinstance(answer, dict) or "id" not in answer:
+            raise SwarmConnectionError(f"unexpected submit answer: {answer!r}")
+        return answer
+
+    def submit_batch(self, tasks: Iterable[Union[SubmitSpec, Mapping[str, Any]]]) -> List[Task]:
+        """Submit several tasks in one request and one commit (``POST /v1/tasks/batch``).
+
+        ``tasks`` are :class:`SubmitSpec` objects or mappings of the API's submit fields
+        (``{"agent": "echo", "payload": ...}``; a non-string ``payload`` is encoded as
+        in :meth:`submit`, other fields are passed on and checked by the API).
+
+        The batch is refused whole when the queue has no room for all of it (``429
+        queue_full``) or any task is invalid (``400``, naming ``tasks[i]``). The
+        coordinator takes at most 10,000 tasks per batch by default.
+
+        Returns:
+            the tasks, in request order, as read right after the commit (an
+            idempotency key that named an existing task gives that task).
+        """
+        bodies = [spec_to_json(t) for t in tasks]
+        if not bodies:
+            return []
+        answer = self.request("POST", "/v1/tasks/batch", {"tasks": bodies})
+        if not isinstance(answer, dict) or not isinstance(answer.get("tasks"), list):
+            raise SwarmConnectionError(f"unexpected batch answer: {answer!r}")
+        ids = [int(t["id"]) for t in answer["tasks"]]
+        found = self._fetch_many(ids)
+        return [found[i] for i in ids]
+
+    def _fetch_many(self, ids: List[int]) -> Dict[int, Task]:
+        """Tasks by id: runs of close ids are read a page at a time through
+        ``GET /v1/tasks?after=``, the rest one by one."""
+        want = sorted(set(ids))
+        found: Dict[int, Task] = {}
+        runs: List[List[int]] = []
+        for i in want:
+            if runs and i - runs[-1][-1] <= 64:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            if len(run) < 3:
+                continue
+            first, last = run[0], run[-1]
+            wanted = set(run)
+            after = first - 1
+            while after < last:
+                page = self.list_page(after=after, limit=min(1000, last - after))
+                for t in page.tasks:
+                    if t.id in wanted:
+                        found[t.id] = t
+                if page.next_after is None or not page.tasks:
+                    break
+                after = page.next_after
+        for i in want:
+            if i not in found:
+                found[i] = self.get(i)
+        return found
+
+    def get(self, task_id: Union[int, str, Task]) -> Task:
+        """One task, with its attempts and output (``GET /v1/tasks/{id}``).
+
+        Raises:
+            SwarmError: ``404 not_found`` for an unknown (or purged) task.
+        """
+        tid = _task_id(task_id)
+        return Task.from_json(self.request("GET", f"/v1/tasks/{tid}"))
+
+    def wait(
+        self,
+        task_id: Union[int, str, Task],
+        timeout: float = 60.0,
+        *,
+        raise_on_timeout: bool = True,
+    ) -> Task:
+        """Wait, at most ``timeout`` seconds, for a task to be final, and return it.
+
+        Uses the API's server-side wait (``GET /v1/tasks/{id}?wait=…``, answered as soon
+        as the task is final), in requests of at most :data:`WAIT_CHUNK_SECS`; should an
+        answer come back early with the task unfinished, the next request is delayed
+        with a growing backoff (50 ms to 1 s), so the loop never spins.
+
+        Raises:
+            WaitTimeout: the task was not final in time (``raise_on_timeout``; else
+                the unfinished task is returned). Its ``task`` is the last view.
+        """
+        tid = _task_id(task_id)
+        deadline = time.monotonic() + max(0.0, timeout)
+        backoff = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            chunk = max(0.0, min(left, WAIT_CHUNK_SECS))
+            asked = time.monotonic()
+            view = self.request(
+                "GET",
+                f"/v1/tasks/{tid}",
+                query={"wait": _ms(chunk)},
+                timeout=self.timeout + chunk,
+            )
+            task = Task.from_json(view)
+            if task.is_final:
+                return task
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if raise_on_timeout:
+                    raise WaitTimeout(
+                        f"task {tid} is still {task.state} after {timeout:g}s", task
+                    )
+                return task
+            if time.monotonic() - asked < chunk / 2:
+                time.sleep(min(backoff, left))
+                backoff = min(backoff * 2, 1.0)
+
+    def cancel(self, task_id: Union[int, str, Task]) -> Task:
+        """Cancel a task (``POST /v1/tasks/{id}/cancel``; idempotent: a final task stays
+        as it is) and return it. A running attempt's process group is killed."""
+        tid = _task_id(task_id)
+        return Task.from_json(self.request("POST", f"/v1/tasks/{tid}/cancel"))
+
+    def list_page(
+        self,
+        *,
+        state: Optional[str] = None,
+        after: Optional[int] = None,
+        limit: int = 100,
+    ) -> TaskPage:
+        """One page of tasks by id (``GET /v1/tasks?state=&after=&limit=``).
+
+        Args:
+            state: only tasks in this state (one of :data:`swarm_client.STATES`).
+            after: only tasks with a larger id (the previous page's ``next_after``).
+            limit: tasks per page, 1 to 1000 (the API clamps it).
+        """
+        if state is not None and state not in STATES:
+            # The API refuses it too (400); say so before asking.
+            raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+        answer = self.request(
+            "GET",
+            "/v1/tasks",
+            query={"state": state, "after": after, "limit": int(limit)},
+        )
+        tasks = [Task.from_json(t) for t in answer.get("tasks", [])]
+        next_after = answer.get("next_after")
+        return TaskPage(tasks=tasks, next_after=int(next_after) if next_after is not None else None)
+
+    def pages(
+        self,
+        *,
+        state: Optional[str] = None,
+        after: Optional[int] = None,
+        page_size: int = 100,
+    ) -> Iterator[TaskPage]:
+        """Every page of tasks from ``after`` on, following ``next_after``."""
+        cursor = after
+        while True:
+            page = self.list_page(state=state, after=cursor, limit=page_size)
+            yield page
+            if page.next_after is None:
+                return
+            cursor = page.next_after
+
+    def list(
+        self,
+        state: Optional[str] = None,
+        agent: Optional[str] = None,
+        swarm: Optional[str] = None,
+        *,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+        page_size: int = 100,
+    ) -> Iterator[Task]:
+        """Iterate over tasks by id, fetching pages as needed.
+
+        Args:
+            state: only tasks in this state (filtered by the API).
+            agent: only tasks of this agent.
+            swarm: only tasks of this swarm.
+            after: start after this task id.
+            limit: yield at most this many tasks (``None``: all).
+            page_size: tasks per request (1 to 1000).
+
+        The API filters by ``state`` only; ``agent`` and ``swarm`` are filtered here, on
+        the pages read.
+        """
+        if limit is not None and limit <= 0:
+            return
+        yielded = 0
+        for page in self.pages(state=state, after=after, page_size=page_size):
+            for t in page.tasks:
+                if agent is not None and t.agent != agent:
+                    continue
+                if swarm is not None and t.swarm != swarm:
+                    continue
+                yield t
+                yielded += 1
+                if limit is not None and yielded >= limit:
+                    return
+
+    # -- cluster -----------------------------------------------------------------
+
+    def status(self) -> Dict[str, Any]:
+        """``GET /v1/status``: every node's Raft state and health, the workers, queue
+        counts by state, the queue limit, throughput and swarms."""
+        answer = self.request("GET", "/v1/status")
+        if not isinstance(answer, dict):
+            raise SwarmConnectionError(f"unexpected status answer: {answer!r}")
+        return answer
+
+    def workers(self) -> List[Dict[str, Any]]:
+        """``GET /v1/workers``: the connected workers (slots, running, labels, agents,
+        draining)."""
+        answer = self.request("GET", "/v1/workers")
+        return list(answer.get("workers", [])) if isinstance(answer, dict) else []
+
+    def ready(self) -> bool:
+        """``GET /ready``: whether a leader exists and the node answering has applied its
+        log (no token needed). ``False`` when it answers ``503``."""
+        try:
+            self._http.request("GET", "/ready", auth=False)
+        except SwarmError as e:
+            if e.status == 503:
+                return False
+            raise
+        return True
+
+    def health(self) -> bool:
+        """``GET /health``: whether the node answering is up and its data dir takes a
+        durable write. ``False`` when it answers ``503``."""
+        try:
+            self._http.request("GET", "/health", auth=False)
+        except SwarmError as e:
+            if e.status == 503:
+                return False
+            raise
+        return True
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Poll :meth:`ready` (every 100 ms) until it holds, at most ``timeout`` seconds.
+
+        Raises:
+            SwarmClientError: not ready in time (with the last reason).
+        """
+        deadline = time.monotonic() + timeout
+        last: Optional[BaseException] = None
+        while time.monotonic() < deadline:
+            try:
+                if self.ready():
+                    return
+            except SwarmClientError as e:
+                last = e
+            time.sleep(0.1)
+        raise SwarmClientError(f"the API at {self.api} was not ready within {timeout:g}s: {last}")
+
