@@ -16,18 +16,38 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_swarm"))
 }
 
+/// A free TCP port on loopback, never one handed out before in this test process.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free tcp port")
+    unused_port("tcp", || {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+    })
 }
 
+/// A free UDP port on loopback, never one handed out before in this test process.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    unused_port("udp", || {
+        UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+    })
+}
+
+/// A port the OS says is free, skipping any this process handed out already: the socket
+/// that found it is closed before the port is used, so the OS may offer it again to the
+/// next caller (two nodes of one cluster were once given the same QUIC port).
+fn unused_port(proto: &'static str, probe: impl Fn() -> std::io::Result<u16>) -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<(&str, u16)>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let port = probe().unwrap_or_else(|e| panic!("free {proto} port: {e}"));
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&(proto, port)) {
+            given.push((proto, port));
+            return port;
+        }
+    }
+    panic!("no {proto} port not handed out before in 1000 tries")
 }
 
 /// Send SIGTERM to a child process (what Kubernetes, Docker and systemd send to stop it).
