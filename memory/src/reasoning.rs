@@ -18,11 +18,18 @@ use crate::store::StoreConfig;
 pub const PATTERN_COLLECTION: &str = "_patterns";
 
 /// Outcome of a task, and the polarity of an item distilled from one.
+///
+/// In JSON it is `"success"` or `"failure"`, as everywhere else in the API and in the
+/// patterns file agents read; `"Success"` and `"Failure"` (what the API wrote before) are
+/// still read. Binary encodings (postcard) name variants by index and are unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// The task succeeded ("what worked").
+    #[serde(alias = "Success")]
     Success,
     /// The task failed ("what to avoid").
+    #[serde(alias = "Failure")]
     Failure,
 }
 
@@ -869,5 +876,31 @@ impl ReasoningBank {
             items,
             next_seq: rec.next_seq,
         })
+    }
+}
+
+#[cfg(test)]
+mod outcome_json {
+    use super::Outcome;
+
+    #[test]
+    fn outcomes_are_lower_case_in_json_and_the_old_names_still_read() {
+        assert_eq!(
+            serde_json::to_string(&Outcome::Success).unwrap(),
+            r#""success""#
+        );
+        assert_eq!(
+            serde_json::to_string(&Outcome::Failure).unwrap(),
+            r#""failure""#
+        );
+        for (text, want) in [
+            (r#""success""#, Outcome::Success),
+            (r#""Success""#, Outcome::Success),
+            (r#""failure""#, Outcome::Failure),
+            (r#""Failure""#, Outcome::Failure),
+        ] {
+            assert_eq!(serde_json::from_str::<Outcome>(text).unwrap(), want);
+        }
+        assert!(serde_json::from_str::<Outcome>(r#""SUCCESS""#).is_err());
     }
 }
