@@ -230,7 +230,7 @@ where
     let network = raft::network::QuicRaftNetwork::new(
         endpoint.clone(),
         client_config(&identity, ALPN_RAFT, Role::Coordinator)?,
-        identity.revocations().clone(),
+        identity.clone(),
     );
     let handoff_network = network.clone();
     let mut raft_cfg = raft::raft_config("swarm", cfg.snapshot_every);
@@ -396,9 +396,9 @@ async fn accept_loop(
                         return;
                     }
                     // A peer whose certificate is revoked later is cut off at once.
-                    tokio::spawn(raft::network::cut_when_revoked(
+                    tokio::spawn(raft::network::cut_when_distrusted(
                         accepted.conn.clone(),
-                        revocations,
+                        node.identity().clone(),
                     ));
                     raft::network::serve_raft_connection(
                         accepted.conn,

@@ -126,10 +126,7 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
         conn.clone(),
         hello.worker_id.clone(),
     ));
-    let cut = tokio::spawn(cut_when_revoked(
-        conn.clone(),
-        node.identity().revocations().clone(),
-    ));
+    let cut = tokio::spawn(cut_when_distrusted(conn.clone(), node.identity().clone()));
     let result = session(node, &hello, cert, writer, reader, &conn, zero_rtt, None).await;
     relays.abort();
     cut.abort();
@@ -137,9 +134,9 @@ async fn run(node: &Arc<Node>, accepted: &mut Accepted) -> Result<(), SessionErr
 }
 
 /// Close `conn` (and so every session on it, relayed ones included) as soon as its
-/// peer's certificate is revoked.
-async fn cut_when_revoked(conn: quinn::Connection, revocations: swarm_transport::Revocations) {
-    if swarm_transport::close_when_revoked(conn, revocations).await {
+/// peer's certificate is revoked or no longer valid under the trusted CAs.
+async fn cut_when_distrusted(conn: quinn::Connection, identity: swarm_transport::Identity) {
+    if swarm_transport::close_when_distrusted(conn, identity).await {
         metrics::counter!("swarm_sessions_revoked_total", "peer" => "worker").increment(1);
     }
 }

@@ -537,7 +537,7 @@ mod network {
             let network = QuicRaftNetwork::new(
                 endpoint.clone(),
                 client_config(&identity, ALPN_RAFT, swarm_transport::Role::Coordinator).unwrap(),
-                identity.revocations().clone(),
+                identity.clone(),
             );
             let raft = Raft::new(id, config, network, log, sm.clone())
                 .await

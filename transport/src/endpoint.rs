@@ -299,6 +299,10 @@ pub const WRONG_ROLE_CODE: u32 = 0x5701;
 /// [`crate::tls::require_not_revoked`]).
 pub const REVOKED_CODE: u32 = 0x5702;
 
+/// Application close code used when a peer's certificate is no longer valid under the
+/// CAs this node trusts (after a CA rotation, see [`crate::tls::close_when_distrusted`]).
+pub const UNTRUSTED_CODE: u32 = 0x5706;
+
 /// Accepts the next bidirectional stream the peer of `conn` opens, as a framed pair.
 pub async fn accept_stream(
     conn: &quinn::Connection,

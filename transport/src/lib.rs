@@ -55,7 +55,7 @@ pub use revocation::Revocations;
 pub use swarm_codec as codec;
 pub use swarm_codec::CodecError;
 pub use tls::{
-    client_config, close_when_revoked, https_client_config, https_server_config, init_certs,
+    client_config, close_when_distrusted, https_client_config, https_server_config, init_certs,
     is_peer_revoked, issue_cert, peer_role, peer_serial, peer_subject, renew_cert,
     require_not_revoked, require_role, serial_of_der, server_config, set_liveness,
     set_server_liveness, CertFiles, CertInfo, CertName, CertSubject, Identity, IdentityProof, Role,

@@ -167,6 +167,9 @@ pub(crate) struct Trust {
     /// Bumped (under the write lock of `current`) on every replacement; session caches
     /// are emptied when it changes (see [`crate::revocation`]).
     generation: AtomicU64,
+    /// Told the new generation after each replacement, for live connections to be checked
+    /// again ([`close_when_distrusted`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl fmt::Debug for Trust {
@@ -183,6 +186,7 @@ impl Trust {
         Trust {
             current: RwLock::new(Arc::new(set)),
             generation: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -206,7 +210,8 @@ impl Trust {
         };
         *current = Arc::new(set);
         // Still under the write lock: whoever sees the new generation sees the new set.
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changes.send_replace(generation);
     }
 }
 
@@ -943,45 +948,84 @@ pub fn require_not_revoked(
     Ok(())
 }
 
-/// Close `conn` as soon as its peer's certificate is revoked, checking again at each
-/// change of `revocations`. Returns `true` when it closed it, `false` when the connection
+/// Close `conn` as soon as its peer's certificate is revoked or no longer valid under
+/// the CAs `id` trusts, checking again at each change of `id`'s deny list
+/// ([`Identity::revocations`]) and of its trusted CAs (a CA rotation,
+/// [`Identity::reload`]). Returns `true` when it closed it, `false` when the connection
 /// ended otherwise. Run it beside every long-lived connection: the handshake refuses a
-/// revoked certificate, but a connection made before the revocation would live on.
+/// revoked or untrusted certificate, but a connection made before the change would live
+/// on. A revoked peer is closed with [`REVOKED_CODE`], an untrusted one with
+/// [`crate::endpoint::UNTRUSTED_CODE`]. (Checked against the CAs, the peer's certificate
+/// must also still be within its validity: one that expired is closed at the next change
+/// too.)
 ///
 /// A peer certificate that cannot be read yet (a server's connection before the
 /// handshake completes) is checked again at the next change; the handshake's own
 /// verifier covers the time until then.
-pub async fn close_when_revoked(conn: quinn::Connection, revocations: Revocations) -> bool {
-    let mut changed = revocations.subscribe();
-    let closed_now = |conn: &quinn::Connection| {
-        matches!(
-            require_not_revoked(conn, &revocations),
-            Err(TransportError::Revoked { .. })
-        )
-    };
-    // A change between the handshake's check and this subscription is not lost.
-    if closed_now(&conn) {
+pub async fn close_when_distrusted(conn: quinn::Connection, id: Identity) -> bool {
+    let mut revoked = id.revocations.subscribe();
+    let mut trusted = id.trust.changes.subscribe();
+    // A change between the handshake's check and these subscriptions is not lost.
+    if distrusted(&conn, &id) {
         return true;
     }
     loop {
         tokio::select! {
             _ = conn.closed() => return false,
-            r = changed.changed() => {
+            r = revoked.changed() => {
                 if r.is_err() {
-                    // No change can come any more.
+                    // The deny list is gone (its identity dropped): no change can come.
                     conn.closed().await;
                     return false;
                 }
-                if closed_now(&conn) {
-                    return true;
+            }
+            r = trusted.changed() => {
+                if r.is_err() {
+                    conn.closed().await;
+                    return false;
                 }
             }
+        }
+        if distrusted(&conn, &id) {
+            return true;
         }
     }
 }
 
-/// The leaf certificate the peer of `conn` authenticated with.
-fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, TransportError> {
+/// Whether `conn`'s peer is revoked or no longer valid under `id`'s CAs; closes it if so.
+fn distrusted(conn: &quinn::Connection, id: &Identity) -> bool {
+    if matches!(
+        require_not_revoked(conn, &id.revocations),
+        Err(TransportError::Revoked { .. })
+    ) {
+        return true;
+    }
+    let Ok(chain) = peer_chain(conn) else {
+        return false;
+    };
+    match id.trust.current().check(&chain) {
+        Ok(()) => false,
+        Err(e) => {
+            let subject = chain
+                .first()
+                .and_then(|leaf| CertSubject::from_cert_der(leaf).ok())
+                .map_or_else(|| "(unreadable)".to_owned(), |s| s.to_string());
+            tracing::warn!(
+                %subject,
+                remote = %conn.remote_address(),
+                "closing a connection whose peer certificate is no longer valid under the trusted CAs: {e:#}"
+            );
+            conn.close(
+                quinn::VarInt::from_u32(crate::endpoint::UNTRUSTED_CODE),
+                b"certificate no longer trusted",
+            );
+            true
+        }
+    }
+}
+
+/// The certificate chain the peer of `conn` authenticated with, leaf first.
+fn peer_chain(conn: &quinn::Connection) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     let identity = conn
         .peer_identity()
         .ok_or_else(|| TransportError::Tls("peer presented no certificate".into()))?;
@@ -990,10 +1034,18 @@ fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, Transp
         .map_err(|_| {
             TransportError::Tls("peer identity is not an X.509 certificate chain".into())
         })?;
-    chain
-        .first()
-        .cloned()
-        .ok_or_else(|| TransportError::Tls("peer presented an empty certificate chain".into()))
+    if chain.is_empty() {
+        return Err(TransportError::Tls(
+            "peer presented an empty certificate chain".into(),
+        ));
+    }
+    Ok(*chain)
+}
+
+/// The leaf certificate the peer of `conn` authenticated with.
+fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, TransportError> {
+    let mut chain = peer_chain(conn)?;
+    Ok(chain.swap_remove(0))
 }
 
 /// A TLS configuration for an HTTPS API served with `id`'s certificate: TLS 1.2 and

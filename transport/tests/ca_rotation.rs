@@ -450,3 +450,79 @@ fn issuer_load_signs_with_the_ca_of_its_key_in_a_bundle() {
     assert!(err.contains("does not belong"), "{err}");
     assert!(err.contains("2 certificate"), "{err}");
 }
+
+/// A connection made under the old CA does not outlive a rotation that drops it: once a
+/// node trusts only the new CA, `close_when_distrusted` closes its live connection to a
+/// peer still on an old-CA certificate (with `UNTRUSTED_CODE`), while a connection to a
+/// peer with a new-CA certificate stays up.
+#[tokio::test]
+async fn live_connections_under_a_dropped_ca_are_closed() {
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let (ca_a, ca_b) = (root.join("ca-a"), root.join("ca-b"));
+        init_certs(&ca_a, &[], false).unwrap();
+        init_certs(&ca_b, &[], false).unwrap();
+        let s = Node::new(root, &ca_a, Role::Coordinator, "s1");
+        let old = Node::new(root, &ca_a, Role::Worker, "old");
+        let new = Node::new(root, &ca_b, Role::Worker, "new");
+        // Everyone trusts both CAs to begin with; S holds a certificate from B.
+        let both = bundle(&[&ca_a, &ca_b]);
+        for n in [&s, &old, &new] {
+            n.write_ca(&both);
+            assert!(n.id.reload().unwrap());
+        }
+        s.reissue(&ca_b, root);
+        assert!(s.id.reload().unwrap());
+
+        let sep = server_endpoint(any_local(), server_config(&s.id, &[ALPN]).unwrap()).unwrap();
+        let addr = sep.local_addr().unwrap();
+        let mut live = Vec::new();
+        for n in [&old, &new] {
+            let cep = client_endpoint(any_local()).unwrap();
+            let cfg = client_config(&n.id, ALPN, Role::Coordinator).unwrap();
+            let (accepted, dialed) = tokio::join!(
+                async {
+                    let mut acc = accept(sep.accept().await.expect("endpoint open"))
+                        .await
+                        .unwrap();
+                    acc.authenticate_as(Role::Worker).await.unwrap();
+                    acc.conn
+                },
+                async { dial(&cep, &cfg, addr, "localhost").await.unwrap() }
+            );
+            let mut dialed = dialed;
+            dialed.handshake().await.unwrap();
+            let watch = tokio::spawn(swarm_transport::close_when_distrusted(
+                accepted.clone(),
+                s.id.clone(),
+            ));
+            live.push((accepted, watch, cep, dialed.conn.clone()));
+        }
+
+        // S now trusts B only: the old-CA worker's connection is closed, the other stays.
+        s.write_ca(&bundle(&[&ca_b]));
+        assert!(s.id.reload().unwrap());
+        let (_, old_watch, _, old_client) = live.remove(0);
+        assert!(old_watch.await.unwrap(), "the old-CA peer was not cut off");
+        match old_client.closed().await {
+            quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(swarm_transport::endpoint::UNTRUSTED_CODE)
+            ),
+            other => panic!("the old-CA peer saw {other:?}"),
+        }
+        let (new_conn, new_watch, _, _) = live.remove(0);
+        assert!(
+            new_conn.close_reason().is_none(),
+            "the new-CA peer was cut off too"
+        );
+        assert!(!new_watch.is_finished());
+        new_conn.close(0u32.into(), b"done");
+        assert!(
+            !new_watch.await.unwrap(),
+            "closed for another reason, not distrust"
+        );
+    })
+    .await;
+}

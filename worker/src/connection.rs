@@ -125,10 +125,11 @@ pub(crate) struct ConnLoop {
     pub(crate) shared: Arc<Shared>,
     /// `None`: `Parent` is ignored, sessions always go to a coordinator directly.
     pub(crate) relay: Option<RelayClient>,
-    /// The deny list every verifier of this worker checks (shared with its identity);
-    /// `Revoked` replaces it. `None`: a worker without an identity of its own ignores
-    /// `Revoked`.
-    pub(crate) revocations: Option<swarm_transport::Revocations>,
+    /// The worker's identity: its deny list (which every verifier of this worker checks)
+    /// is what `Revoked` replaces, and live connections are cut when a peer is revoked or
+    /// no longer valid under its CAs. `None`: a worker without an identity of its own
+    /// ignores `Revoked`.
+    pub(crate) identity: Option<swarm_transport::Identity>,
 }
 
 /// How one session ended.
@@ -408,10 +409,10 @@ impl ConnLoop {
         self.shared.set_conn(Some(conn.clone()));
         // A coordinator (or lead) whose certificate is revoked while this session is up
         // is left at once; the handshake refuses it from then on.
-        if let Some(revocations) = &self.revocations {
-            tokio::spawn(swarm_transport::close_when_revoked(
+        if let Some(identity) = &self.identity {
+            tokio::spawn(swarm_transport::close_when_distrusted(
                 conn.clone(),
-                revocations.clone(),
+                identity.clone(),
             ));
         }
 
@@ -599,9 +600,9 @@ impl ConnLoop {
 
     /// Takes the cluster's deny list: every verifier of this worker (coordinators, leads,
     /// mesh peers) refuses those certificates from its next handshake, and live
-    /// connections using one are closed (see `close_when_revoked`).
+    /// connections using one are closed (see `close_when_distrusted`).
     fn revoked(&self, serials: Vec<String>) {
-        let Some(revocations) = &self.revocations else {
+        let Some(revocations) = self.identity.as_ref().map(|i| i.revocations()) else {
             return;
         };
         let n = serials.len();

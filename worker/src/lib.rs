@@ -372,8 +372,8 @@ pub struct Worker {
     jitter_seed: Option<u64>,
     peer: Option<peer::PeerSetup>,
     relay: Option<RelayClient>,
-    /// The deny list of the worker's identity, kept equal to the cluster's (protocol 5).
-    revocations: Option<swarm_transport::Revocations>,
+    /// The worker's identity, whose deny list is kept equal to the cluster's (protocol 5).
+    identity: Option<swarm_transport::Identity>,
     stats: watch::Sender<WorkerStats>,
     journal: Option<ExecutionJournal>,
 }
@@ -410,11 +410,7 @@ impl Worker {
                     .unwrap_or_else(|| "localhost".into()),
             }
         });
-        let revocations = p
-            .identity
-            .as_ref()
-            .or(p.peer_identity.as_ref())
-            .map(|i| i.revocations().clone());
+        let identity = p.identity.clone().or_else(|| p.peer_identity.clone());
         let peer = match (p.peer_listen, p.peer_identity) {
             (None, _) => None,
             (Some(_), None) => bail!("a peer listener needs the worker's identity"),
@@ -460,7 +456,7 @@ impl Worker {
             jitter_seed: p.jitter_seed,
             peer,
             relay,
-            revocations,
+            identity,
             stats: watch::Sender::new(WorkerStats::default()),
         })
     }
@@ -502,7 +498,7 @@ impl Worker {
             jitter_seed,
             peer,
             relay,
-            revocations,
+            identity,
             stats,
             journal,
         } = self;
@@ -554,7 +550,7 @@ impl Worker {
             core: core_tx.clone(),
             shared: shared.clone(),
             relay,
-            revocations,
+            identity,
         };
 
         let conn = conn_loop.run();

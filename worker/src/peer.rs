@@ -48,7 +48,6 @@ use swarm_proto::{
 use swarm_topology::{steal_decision, Member, StealPolicy};
 use swarm_transport::endpoint::WRONG_ROLE_CODE;
 use swarm_transport::tls::{client_config, require_role, server_config, Identity, Role};
-use swarm_transport::Revocations;
 use swarm_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -220,18 +219,17 @@ impl PeerService {
             coordinator,
             stats: stats.clone(),
         };
-        let revocations = setup.identity.revocations().clone();
         tokio::spawn(listen(
             endpoint.clone(),
             events_tx.clone(),
             relay,
-            revocations.clone(),
+            setup.identity.clone(),
         ));
         let manager = Manager {
             me: setup.worker_id,
             server_name: setup.server_name,
             client,
-            revocations,
+            identity: setup.identity.clone(),
             endpoint: endpoint.clone(),
             backoff: setup.backoff,
             core: CoreTx(core.downgrade()),
@@ -278,17 +276,18 @@ impl PeerService {
 /// Accepts incoming connections until the endpoint closes: peer links (ALPN
 /// [`ALPN_PEER`]) and members' relay connections (ALPN [`ALPN_RELAY`]).
 ///
-/// A link or member whose certificate the cluster revokes later is cut off at once.
+/// A link or member whose certificate the cluster revokes, or that the CAs this worker
+/// trusts no longer cover, is cut off at once.
 async fn listen(
     endpoint: quinn::Endpoint,
     events: mpsc::UnboundedSender<Event>,
     relay: RelayCtx,
-    revocations: Revocations,
+    identity: Identity,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let events = events.clone();
         let relay = relay.clone();
-        let revocations = revocations.clone();
+        let identity = identity.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let accepted = match swarm_transport::accept(incoming).await {
@@ -298,9 +297,9 @@ async fn listen(
                     return;
                 }
             };
-            tokio::spawn(swarm_transport::close_when_revoked(
+            tokio::spawn(swarm_transport::close_when_distrusted(
                 accepted.conn.clone(),
-                revocations,
+                identity,
             ));
             let alpn = accepted
                 .conn
@@ -421,8 +420,8 @@ struct Manager {
     me: String,
     server_name: String,
     client: quinn::ClientConfig,
-    /// The identity's deny list: links to peers it names are closed.
-    revocations: Revocations,
+    /// This worker's identity: links to peers it revokes or no longer trusts are closed.
+    identity: Identity,
     endpoint: quinn::Endpoint,
     backoff: Backoff,
     core: CoreTx,
@@ -583,7 +582,7 @@ impl Manager {
             let start = Start::Dial {
                 endpoint: self.endpoint.clone(),
                 client: self.client.clone(),
-                revocations: self.revocations.clone(),
+                identity: self.identity.clone(),
                 addr: p.addr.clone(),
                 server_name: self.server_name.clone(),
             };
@@ -855,7 +854,7 @@ enum Start {
     Dial {
         endpoint: quinn::Endpoint,
         client: quinn::ClientConfig,
-        revocations: Revocations,
+        identity: Identity,
         addr: String,
         server_name: String,
     },
@@ -918,16 +917,16 @@ async fn run_link(
         Start::Dial {
             endpoint,
             client,
-            revocations,
+            identity,
             addr,
             server_name,
         } => {
             let (conn, writer, reader) =
                 dial(ctx, &endpoint, &client, &addr, &server_name, &hello).await?;
             // A peer whose certificate the cluster revokes later is cut off at once.
-            tokio::spawn(swarm_transport::close_when_revoked(
+            tokio::spawn(swarm_transport::close_when_distrusted(
                 conn.clone(),
-                revocations,
+                identity,
             ));
             (conn, writer, reader)
         }

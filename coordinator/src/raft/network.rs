@@ -34,7 +34,7 @@ use openraft::raft::{
 use openraft::{EntryPayload, LogId, ServerState, Vote};
 use serde::{Deserialize, Serialize};
 use swarm_transport::{
-    peer_role, FrameError, FrameReader, FrameWriter, Revocations, Role, TransportError,
+    peer_role, FrameError, FrameReader, FrameWriter, Identity, Role, TransportError,
 };
 use tokio::sync::Semaphore;
 
@@ -140,24 +140,20 @@ fn network_error<E: StdError>(msg: String) -> RPCError<NodeId, NodeAddr, E> {
 pub struct QuicRaftNetwork {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
-    revocations: Revocations,
+    identity: Identity,
     peers: Arc<Mutex<HashMap<NodeId, Arc<PeerConn>>>>,
 }
 
 impl QuicRaftNetwork {
     /// Dial peers from `endpoint` (usually the coordinator's own server endpoint) with
     /// `client`, a client config offering ALPN `swarm-raft/1` with a coordinator identity.
-    /// A connection to a peer whose certificate is on `revocations` (the identity's deny
-    /// list) is closed, then and whenever the list changes.
-    pub fn new(
-        endpoint: quinn::Endpoint,
-        client: quinn::ClientConfig,
-        revocations: Revocations,
-    ) -> Self {
+    /// A connection to a peer whose certificate is on `identity`'s deny list, or no
+    /// longer valid under the CAs it trusts, is closed, then and whenever either changes.
+    pub fn new(endpoint: quinn::Endpoint, client: quinn::ClientConfig, identity: Identity) -> Self {
         Self {
             endpoint,
             client,
-            revocations,
+            identity,
             peers: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -221,16 +217,16 @@ impl RaftNetworkFactory<TypeConfig> for QuicRaftNetwork {
         QuicRaftClient {
             endpoint: self.endpoint.clone(),
             client: self.client.clone(),
-            revocations: self.revocations.clone(),
+            identity: self.identity.clone(),
             peer,
         }
     }
 }
 
 /// Close a Raft connection (dialed or accepted) as soon as its peer's certificate is
-/// revoked.
-pub(crate) async fn cut_when_revoked(conn: quinn::Connection, revocations: Revocations) {
-    if swarm_transport::close_when_revoked(conn, revocations).await {
+/// revoked or no longer trusted.
+pub(crate) async fn cut_when_distrusted(conn: quinn::Connection, identity: Identity) {
+    if swarm_transport::close_when_distrusted(conn, identity).await {
         metrics::counter!("swarm_sessions_revoked_total", "peer" => "coordinator").increment(1);
     }
 }
@@ -430,7 +426,7 @@ async fn dial(
 pub struct QuicRaftClient {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
-    revocations: Revocations,
+    identity: Identity,
     peer: Arc<PeerConn>,
 }
 
@@ -448,10 +444,10 @@ impl QuicRaftClient {
         // a heartbeat), and a handshake abandoned at every deadline would never complete on a
         // loaded machine. The task finishes the handshake and stores the connection for the
         // next RPC even if this one gives up.
-        let (endpoint, client, revocations, peer) = (
+        let (endpoint, client, identity, peer) = (
             self.endpoint.clone(),
             self.client.clone(),
-            self.revocations.clone(),
+            self.identity.clone(),
             self.peer.clone(),
         );
         let task = tokio::spawn(async move {
@@ -462,9 +458,9 @@ impl QuicRaftClient {
                 .map_err(|_| format!("dialing {addr}: timed out after {DIAL_TIMEOUT:?}"))??;
             // A resumed session skips certificate verification: check the deny list
             // now, and again whenever it changes.
-            swarm_transport::require_not_revoked(&conn, &revocations)
+            swarm_transport::require_not_revoked(&conn, identity.revocations())
                 .map_err(|e| format!("{addr}: {e}"))?;
-            tokio::spawn(cut_when_revoked(conn.clone(), revocations));
+            tokio::spawn(cut_when_distrusted(conn.clone(), identity));
             tracing::debug!(target_node = peer.target, %addr, "raft connection established");
             peer.failures.store(0, Ordering::Relaxed);
             *peer.slot() = Some(conn.clone());
