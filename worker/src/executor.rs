@@ -341,11 +341,11 @@ fn effective_timeout(task_ms: u64, cap_ms: Option<u64>) -> Option<Duration> {
     .map(Duration::from_millis)
 }
 
-fn failed(kind: FailureKind, message: String) -> Outcome {
+pub(crate) fn failed(kind: FailureKind, message: String) -> Outcome {
     Outcome::Failed { kind, message }
 }
 
-fn too_large(max: u64) -> Outcome {
+pub(crate) fn too_large(max: u64) -> Outcome {
     failed(
         FailureKind::OutputTooLarge,
         format!("output exceeds the limit of {max} bytes"),

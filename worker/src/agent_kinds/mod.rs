@@ -112,14 +112,9 @@ pub(crate) async fn run_http_agent(
     timeout: Option<Duration>,
     cancel: CancelToken,
 ) -> Outcome {
-    let client = match agents.client().get() {
+    let client = match shared_client(agents) {
         Ok(c) => c,
-        Err(e) => {
-            return failed(
-                FailureKind::Spawn,
-                format!("cannot make the HTTP client: {e}"),
-            )
-        }
+        Err(o) => return o,
     };
     let attempt = Attempt {
         client,
@@ -129,6 +124,16 @@ pub(crate) async fn run_http_agent(
         cancel,
     };
     http::run(spec, attempt, &mut |_| {}).await
+}
+
+/// The agents' HTTP client, or the attempt's failure when it cannot be made.
+fn shared_client(agents: &Agents) -> Result<&reqwest::Client, Outcome> {
+    agents.client().get().map_err(|e| {
+        failed(
+            FailureKind::Spawn,
+            format!("cannot make the HTTP client: {e}"),
+        )
+    })
 }
 
 /// Runs an attempt of the `llm` agent `spec` (what [`crate::executor::Executor`] does),
@@ -142,14 +147,9 @@ pub(crate) async fn run_llm_agent(
     timeout: Option<Duration>,
     cancel: CancelToken,
 ) -> Outcome {
-    let client = match agents.client().get() {
+    let client = match shared_client(agents) {
         Ok(c) => c,
-        Err(e) => {
-            return failed(
-                FailureKind::Spawn,
-                format!("cannot make the HTTP client: {e}"),
-            )
-        }
+        Err(o) => return o,
     };
     let agent = task.agent.clone();
     let attempt_ref = task.attempt;
@@ -174,16 +174,7 @@ pub(crate) async fn run_llm_agent(
     outcome
 }
 
-pub(crate) fn failed(kind: FailureKind, message: String) -> Outcome {
-    Outcome::Failed { kind, message }
-}
-
-pub(crate) fn too_large(max: u64) -> Outcome {
-    failed(
-        FailureKind::OutputTooLarge,
-        format!("output exceeds the limit of {max} bytes"),
-    )
-}
+pub(crate) use crate::executor::{failed, too_large};
 
 fn timed_out(timeout: Option<Duration>) -> Outcome {
     failed(
