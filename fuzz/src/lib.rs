@@ -739,6 +739,20 @@ pub fn dumps() -> Vec<Vec<u8>> {
         staged_bytes: 0,
     };
     let mut w = DumpWriter::new(Vec::new(), &header).expect("a dump");
+    // Format 3: the access record (tokens, revocations, enrollments) comes first.
+    let mut access = swarm_coordinator::state::Access::default();
+    access
+        .apply(&swarm_coordinator::state::AccessOp::CertRevoke {
+            cert: swarm_coordinator::state::access::RevokedCert {
+                serial: "7f0a".into(),
+                subject: "worker w-1".into(),
+                not_after_ms: Some(u64::MAX / 2),
+                revoked_at_ms: 1,
+            },
+            now_ms: 1,
+        })
+        .expect("a revocation");
+    w.write(&Record::Access(Box::new(access))).expect("a dump");
     w.write(&Record::Tasks(tasks[..2].to_vec()))
         .expect("a dump");
     w.write(&Record::Tasks(tasks[2..].to_vec()))
