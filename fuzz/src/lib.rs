@@ -438,9 +438,7 @@ pub fn coordinator_msgs() -> Vec<CoordinatorMsg> {
         },
         CoordinatorMsg::DrainAck,
         CoordinatorMsg::Parent { lead: Some(peer) },
-        CoordinatorMsg::Prove {
-            nonce: vec![7; 32],
-        },
+        CoordinatorMsg::Prove { nonce: vec![7; 32] },
         CoordinatorMsg::Revoked {
             serials: vec!["0a1b2c3d4e5f".into(), "7f00000000000001".into()],
         },
