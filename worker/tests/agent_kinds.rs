@@ -6,34 +6,21 @@
 mod mock_http;
 mod mock_llm;
 
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
 use mock_http::MockHttp;
 use mock_llm::MockLlm;
-use swarm_proto::worker::{AttemptRef, FailureKind, Outcome, PatternHit, TaskAssignment};
+use support::task;
+use swarm_proto::worker::{FailureKind, Outcome, PatternHit};
 use swarm_worker::agent_kinds::{build_client, llm, Attempt};
 use swarm_worker::{cancel_pair, Agent, Agents, CancelToken, Executor, LlmSpec, LlmUsage};
 
 /// Upper bound on any wait, so a broken test fails instead of hanging.
 const LIMIT: Duration = Duration::from_secs(20);
 const MAX: u64 = 1 << 20;
-
-fn task(agent: &str, payload: impl Into<Vec<u8>>, timeout_ms: u64) -> TaskAssignment {
-    TaskAssignment {
-        attempt: AttemptRef {
-            task_id: 42,
-            attempt: 3,
-        },
-        agent: agent.into(),
-        payload: payload.into(),
-        timeout_ms,
-        idempotency_key: None,
-        patterns: 0,
-        swarm: "default".into(),
-        term: 1,
-    }
-}
 
 /// The agents of `toml`, loaded from a real file.
 fn load(toml: &str) -> Agents {

@@ -1,28 +1,15 @@
 //! Executor behaviour against real processes (`sh`, `cat`, `sleep`, …).
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use swarm_proto::worker::{AttemptRef, FailureKind, Outcome, TaskAssignment};
+use support::task;
+use swarm_proto::worker::{FailureKind, Outcome};
 use swarm_worker::{cancel_pair, Agents, CancelToken, ExecSpec, Executor};
 
 const MAX: u64 = 16 * 1024 * 1024;
-
-fn task(agent: &str, payload: impl Into<Vec<u8>>, timeout_ms: u64) -> TaskAssignment {
-    TaskAssignment {
-        attempt: AttemptRef {
-            task_id: 42,
-            attempt: 3,
-        },
-        agent: agent.into(),
-        payload: payload.into(),
-        timeout_ms,
-        idempotency_key: None,
-        patterns: 0,
-        swarm: "default".into(),
-        term: 1,
-    }
-}
 
 fn sh(script: &str) -> ExecSpec {
     ExecSpec::new("sh", ["-c", script])

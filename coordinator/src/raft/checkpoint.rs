@@ -657,57 +657,34 @@ mod tests {
         let mut table =
             TaskTable::from_checkpoint(TableMeta::default(), access, Vec::new()).unwrap();
         // One change makes the next checkpoint write it whole.
-        let revoke = Op::Access(AccessOp::CertRevoke {
-            cert: RevokedCert {
-                serial: "ffff".into(),
-                subject: "worker last".into(),
-                not_after_ms: None,
-                revoked_at_ms: 2,
-            },
-            now_ms: 2,
-        });
-        let r = crate::state::apply_command(
-            &mut table,
-            &Command { ops: vec![revoke] },
-            &store.reader().unwrap(),
-        )
-        .unwrap();
-        assert_eq!(r.results, [crate::state::OpResult::Access(Ok(()))]);
-        let delta = table.begin_checkpoint().unwrap();
-        store
-            .write(&delta, None, &Membership::default(), None)
-            .unwrap();
-        table.checkpoint_written();
+        checkpoint_revocation(&store, &mut table, "ffff", 2);
         drop(store);
         let store = CheckpointStore::open(&dir.path().join("a.redb")).unwrap();
         let loaded = store.load().unwrap().table;
         assert_eq!(loaded.access(), table.access());
         assert_eq!(loaded.access().revoked.len(), MAX_REVOKED);
-        let mut dump = Vec::new();
-        store.reader().unwrap().write_dump(&mut dump).unwrap();
-        let (installed, _) =
-            CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
-        assert_eq!(installed.load().unwrap().table.access(), table.access());
+        assert_eq!(&installed_access(&store, dir.path()), table.access());
     }
 
-    /// Tokens and revoked certificates reach the checkpoint, a restart, a dump and the
-    /// store a follower builds from that dump (a snapshot install).
-    #[test]
-    fn access_survives_checkpoints_dumps_and_installs() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = CheckpointStore::open(&dir.path().join("a.redb")).unwrap();
-        let mut table = store.load().unwrap().table;
+    /// Revokes `serial` through the state machine at `now_ms` and checkpoints `table`
+    /// into `store`.
+    fn checkpoint_revocation(
+        store: &CheckpointStore,
+        table: &mut TaskTable,
+        serial: &str,
+        now_ms: u64,
+    ) {
         let revoke = Op::Access(AccessOp::CertRevoke {
             cert: RevokedCert {
-                serial: "0abc".into(),
-                subject: "worker w1".into(),
+                serial: serial.into(),
+                subject: format!("worker holding {serial}"),
                 not_after_ms: None,
-                revoked_at_ms: 1,
+                revoked_at_ms: now_ms,
             },
-            now_ms: 1,
+            now_ms,
         });
         let r = crate::state::apply_command(
-            &mut table,
+            table,
             &Command { ops: vec![revoke] },
             &store.reader().unwrap(),
         )
@@ -718,13 +695,29 @@ mod tests {
             .write(&delta, None, &Membership::default(), None)
             .unwrap();
         table.checkpoint_written();
-        let loaded = store.load().unwrap().table;
-        assert!(loaded.access().is_revoked("0abc"));
+    }
+
+    /// The access state a follower installs from `store`'s dump (built in `dir`).
+    fn installed_access(store: &CheckpointStore, dir: &std::path::Path) -> std::sync::Arc<Access> {
         let mut dump = Vec::new();
         store.reader().unwrap().write_dump(&mut dump).unwrap();
         let (installed, _) =
-            CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
-        assert_eq!(installed.load().unwrap().table.access(), loaded.access());
+            CheckpointStore::build_from_dump(&dir.join("b.redb"), &dump[..]).unwrap();
+        installed.load().unwrap().table.access().clone()
+    }
+
+    /// A revoked certificate reaches the checkpoint, a dump and the store a follower
+    /// builds from that dump (a snapshot install); tokens, enrollments and a restart at
+    /// the limits are `access_at_its_limits_survives_restart_and_install`'s.
+    #[test]
+    fn access_survives_checkpoints_dumps_and_installs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(&dir.path().join("a.redb")).unwrap();
+        let mut table = store.load().unwrap().table;
+        checkpoint_revocation(&store, &mut table, "0abc", 1);
+        let loaded = store.load().unwrap().table;
+        assert!(loaded.access().is_revoked("0abc"));
+        assert_eq!(&installed_access(&store, dir.path()), loaded.access());
     }
 
     #[test]
