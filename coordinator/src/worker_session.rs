@@ -1072,3 +1072,29 @@ fn on_report(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole deny list at its cap (100,000 serials of the longest form, 40 hex
+    /// digits) goes out as one `Revoked` frame, within the frame limit workers read.
+    #[test]
+    fn the_deny_list_at_its_cap_fits_one_frame() {
+        let serials: Vec<String> = (0..crate::state::access::MAX_REVOKED as u128)
+            .map(|i| format!("{:040x}", u128::MAX - i))
+            .collect();
+        let frame = swarm_transport::codec::encode(&CoordinatorMsg::Revoked { serials }).unwrap();
+        assert!(
+            frame.len() < swarm_transport::DEFAULT_MAX_FRAME,
+            "{} bytes",
+            frame.len()
+        );
+        let back: CoordinatorMsg =
+            swarm_transport::codec::decode(&frame, swarm_transport::DEFAULT_MAX_FRAME).unwrap();
+        let CoordinatorMsg::Revoked { serials } = back else {
+            panic!("not a Revoked frame");
+        };
+        assert_eq!(serials.len(), crate::state::access::MAX_REVOKED);
+    }
+}
