@@ -193,6 +193,10 @@ pub struct CoordinatorArgs {
     /// Largest stored task output in bytes.
     #[arg(long, env = "SWARM_MAX_OUTPUT_BYTES", default_value_t = 1 << 20)]
     pub max_output_bytes: u64,
+    /// Most bytes of an attempt's log tail stored with it (a worker's longer tail is cut
+    /// to its last bytes); 0 stores none.
+    #[arg(long, env = "SWARM_MAX_LOG_TAIL_BYTES", default_value_t = swarm_coordinator::node::DEFAULT_MAX_LOG_TAIL)]
+    pub max_log_tail_bytes: u64,
     /// Timeout of tasks that give none.
     #[arg(long, env = "SWARM_DEFAULT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub default_timeout: Duration,
@@ -329,6 +333,12 @@ pub struct WorkerArgs {
     /// a few seconds longer.
     #[arg(long, env = "SWARM_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Bytes of each attempt's output kept (its last bytes, all streams) and reported
+    /// with its end, where `swarm task logs` reads them; 0 keeps none. Coordinators store
+    /// at most their --max-log-tail-bytes of it.
+    #[arg(long, env = "SWARM_LOG_TAIL_BYTES", default_value_t = swarm_worker::DEFAULT_LOG_TAIL_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(0..=swarm_worker::MAX_LOG_TAIL_BYTES as u64))]
+    pub log_tail_bytes: u64,
 }
 
 #[derive(Subcommand)]
@@ -454,8 +464,12 @@ pub struct SubmitArgs {
     #[arg(long, value_parser = parse_duration)]
     pub retain: Option<Duration>,
     /// Wait for the result (optionally how long, default 60s).
-    #[arg(long, num_args = 0..=1, default_missing_value = "60s")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "60s", conflicts_with = "follow")]
     pub wait: Option<String>,
+    /// Show the task's output live (stdout and stderr as the agent writes them, an
+    /// `llm` agent's tokens) until it ends; exits like `--wait`.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
     /// Print the whole JSON response.
     #[arg(long)]
     pub json: bool,
@@ -491,6 +505,16 @@ pub enum TaskCmd {
         #[command(flatten)]
         api: ApiArgs,
         id: u64,
+    },
+    /// Show a task's output: what its attempts logged (the tail kept with each), or
+    /// with `-f` live as it is written, until the task ends.
+    Logs {
+        #[command(flatten)]
+        api: ApiArgs,
+        id: u64,
+        /// Follow: stream output as it comes, until the task is final.
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
 }
 

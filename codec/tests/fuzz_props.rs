@@ -11,8 +11,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use swarm_codec::{decode, encode, encode_into, encoded_len, CodecError};
 use swarm_proto::peer::PeerMsg;
 use swarm_proto::worker::{
-    AttemptRef, CoordinatorMsg, FailureKind, Hello, Outcome, PatternHit, PeerInfo, TaskAssignment,
-    TaskReport, WorkerMsg,
+    AttemptRef, CoordinatorMsg, FailureKind, Hello, LogPiece, LogTail, Outcome, OutputChunk,
+    OutputStream, PatternHit, PeerInfo, TaskAssignment, TaskReport, Usage, WorkerMsg,
 };
 use swarm_testkit::alloc::largest_allocation;
 use swarm_testkit::bytes::{apply, varint, Edit};
@@ -140,15 +140,48 @@ fn worker_msg() -> impl Strategy<Value = WorkerMsg> {
             outcome(),
             any::<u64>(),
             any::<u64>(),
-            prop::collection::vec(text(), 0..3)
+            prop::collection::vec(text(), 0..3),
+            any::<u64>(),
+            prop::collection::vec(text(), 0..3),
+            prop::option::of((text(), any::<u64>(), any::<u64>())),
         )
-            .prop_map(|(attempt, outcome, s, f, patterns_used)| {
-                WorkerMsg::Finished(TaskReport {
+            .prop_map(
+                |(attempt, outcome, s, f, patterns_used, offset, pieces, usage)| {
+                    WorkerMsg::Finished(TaskReport {
+                        attempt,
+                        outcome,
+                        started_at_ms: s,
+                        finished_at_ms: f,
+                        patterns_used,
+                        log: LogTail {
+                            offset,
+                            pieces: pieces
+                                .into_iter()
+                                .map(|t| LogPiece {
+                                    stream: OutputStream::Stderr,
+                                    data: t.into_bytes(),
+                                })
+                                .collect(),
+                        },
+                        usage: usage.map(|(model, p, c)| Usage {
+                            model,
+                            prompt_tokens: p,
+                            completion_tokens: c,
+                        }),
+                    })
+                }
+            ),
+        (
+            attempt(),
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(attempt, offset, data)| {
+                WorkerMsg::Output(OutputChunk {
                     attempt,
-                    outcome,
-                    started_at_ms: s,
-                    finished_at_ms: f,
-                    patterns_used,
+                    stream: OutputStream::Tokens,
+                    offset,
+                    data,
                 })
             }),
         (any::<u64>(), text(), any::<u32>()).prop_map(|(request_id, query, k)| {
@@ -233,6 +266,8 @@ fn coordinator_msg() -> impl Strategy<Value = CoordinatorMsg> {
             .prop_map(|(swarm, peers)| CoordinatorMsg::Peers { swarm, peers }),
         Just(CoordinatorMsg::DrainAck),
         prop::option::of(peer_info()).prop_map(|lead| CoordinatorMsg::Parent { lead }),
+        (attempt(), any::<bool>(), any::<u64>())
+            .prop_map(|(attempt, on, from)| CoordinatorMsg::Watch { attempt, on, from }),
     ]
 }
 

@@ -61,7 +61,22 @@ pub trait PeerHttp: Send + Sync + 'static {
         req: ::http::Request<Bytes>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<::http::Response<Bytes>, String>>;
+
+    /// Send `req` and return as soon as the answer's head arrived (within `timeout`),
+    /// with its body as the pieces come: for answers that do not end by themselves (an
+    /// event stream). The body ends with an `Err` if the connection breaks.
+    fn open(
+        &self,
+        req: ::http::Request<Bytes>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, OpenResult>;
 }
+
+/// A streamed answer: its head, and its body piece by piece.
+pub type OpenResult = Result<::http::Response<BodyStream>, String>;
+
+/// The body of an [`PeerHttp::open`] answer.
+pub type BodyStream = futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>;
 
 /// [`PeerHttp`] over a [`reqwest::Client`].
 pub struct ReqwestPeers(pub reqwest::Client);
@@ -118,6 +133,35 @@ impl PeerHttp for ReqwestPeers {
                 .await
                 .map_err(|e| format!("the answer did not finish: {e}"))?;
             let mut out = ::http::Response::new(bytes);
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            Ok(out)
+        })
+    }
+
+    fn open(
+        &self,
+        req: ::http::Request<Bytes>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, OpenResult> {
+        let (parts, body) = req.into_parts();
+        let rb = self
+            .0
+            .request(parts.method, parts.uri.to_string())
+            .headers(parts.headers)
+            .body(body);
+        Box::pin(async move {
+            let resp = tokio::time::timeout(timeout, rb.send())
+                .await
+                .map_err(|_| format!("no answer within {timeout:?}"))?
+                .map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body: BodyStream = Box::pin(futures::TryStreamExt::map_err(
+                resp.bytes_stream(),
+                std::io::Error::other,
+            ));
+            let mut out = ::http::Response::new(body);
             *out.status_mut() = status;
             *out.headers_mut() = headers;
             Ok(out)

@@ -26,6 +26,7 @@ pub mod commit;
 pub mod handoff;
 pub mod http;
 pub mod limits;
+pub mod live;
 pub mod memory;
 pub mod metrics;
 pub mod node;

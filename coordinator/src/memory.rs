@@ -1109,7 +1109,7 @@ fn result_for_memory(node: &Node, task_id: u64, attempt: u32) -> Option<ResultFo
         Some(prev) => t.stage_outputs.get(prev)?.clone(),
         None => t.spec.payload.clone(),
     };
-    let (succeeded, output, error) = match &rec.end {
+    let (succeeded, output, error) = match rec.outcome() {
         Some(crate::state::AttemptEnd::Succeeded) => (
             true,
             t.stage_outputs

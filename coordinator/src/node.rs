@@ -174,6 +174,9 @@ pub struct Limits {
     pub max_payload_bytes: u64,
     /// Largest task output stored, bytes; larger results fail with `output_too_large`.
     pub max_output_bytes: u64,
+    /// Most bytes of an attempt's log tail stored with it (a worker's longer tail is cut
+    /// to its last bytes).
+    pub max_log_tail_bytes: u64,
     /// Most tasks in one batch submit.
     pub max_batch: usize,
     /// Longest `?wait=` a client may ask for.
@@ -188,12 +191,16 @@ impl Default for Limits {
             queue_limit: 1_000_000,
             max_payload_bytes: 1 << 20,
             max_output_bytes: 1 << 20,
+            max_log_tail_bytes: DEFAULT_MAX_LOG_TAIL,
             max_batch: 10_000,
             max_wait: Duration::from_secs(300),
             ready_max_lag: 10_000,
         }
     }
 }
+
+/// Default of [`Limits::max_log_tail_bytes`].
+pub const DEFAULT_MAX_LOG_TAIL: u64 = 64 * 1024;
 
 /// Default retention of finished tasks.
 pub const DEFAULT_RETAIN_FINISHED: Duration = Duration::from_secs(3 * 24 * 3600);
@@ -243,6 +250,8 @@ pub(crate) struct SessionHandle {
     pub info: swarm_proto::api::WorkerView,
     /// Ends the session when sent to: a newer session of the same worker replaced it.
     pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The worker's protocol version (what it may be sent).
+    pub protocol: u32,
     /// Whom the worker's certificate names: a session of a pool certificate never
     /// replaces one of a certificate naming the worker.
     pub cert: swarm_transport::CertName,
@@ -284,6 +293,8 @@ pub struct Node {
     pub(crate) proposer: Proposer,
     pub(crate) dispatch: Mutex<Dispatch>,
     waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<()>>>>,
+    /// Watchers of tasks' live output (see [`crate::live`]).
+    pub(crate) live: crate::live::LiveHub,
     wake_dispatch: Notify,
     pub(crate) data_dir: PathBuf,
     /// HTTP to peers: forwarding to the leader and asking peers for their reports.
@@ -326,6 +337,7 @@ impl Node {
             storage_probe: tokio::sync::Mutex::new(None),
             memory,
             data_dir: cfg.data_dir.clone(),
+            live: Default::default(),
             dispatch: Mutex::new(Dispatch {
                 scheduler: Scheduler::new(cfg.scheduler),
                 sessions: BTreeMap::new(),
@@ -685,6 +697,7 @@ impl Node {
                     TableEvent::Queued(id, next) => {
                         d.scheduler.forget_before(*id, *next);
                     }
+                    TableEvent::Running(_) => {}
                 }
             }
             for f in cancels {
@@ -694,8 +707,16 @@ impl Node {
             }
         }
         for ev in events {
-            if let TableEvent::Finalized(id, _) = ev {
-                self.release_waiters(id);
+            let id = match ev {
+                TableEvent::Finalized(id, _) => {
+                    self.release_waiters(id);
+                    id
+                }
+                TableEvent::Queued(id, _) | TableEvent::Running(id) => id,
+            };
+            if leader && self.live.watched(id) {
+                self.live.changed(id);
+                crate::live::retarget(self, id);
             }
         }
         self.poke();

@@ -760,6 +760,7 @@ mod tests {
             conn_id,
             tx,
             stop: None,
+            protocol: swarm_proto::PROTOCOL_VERSION,
             cert: swarm_transport::CertName::Pool(String::new()),
             info: swarm_proto::api::WorkerView {
                 id: String::new(),

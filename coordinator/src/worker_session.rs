@@ -20,7 +20,8 @@ use swarm_proto::worker::{
     relay_proof_context, CoordinatorMsg, FailureKind, Hello, Outcome, TaskReport, WorkerMsg,
 };
 use swarm_proto::{
-    protocol_supported, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, REVOCATIONS_PROTOCOL,
+    protocol_supported, MIN_PROTOCOL_VERSION, OUTPUT_PROTOCOL, PROTOCOL_VERSION,
+    REVOCATIONS_PROTOCOL,
 };
 use swarm_transport::{
     peer_subject, Accepted, CertName, FrameReader, FrameWriter, IdentityProof, Role, TransportError,
@@ -365,9 +366,11 @@ async fn session(
         ))
     });
     node.poke();
+    // A new session starts with no watches: ask again for the watched attempts it runs.
+    crate::live::rewatch_worker(node, &hello.worker_id);
 
     let result = tokio::select! {
-        r = read_loop(node, &hello.worker_id, &mut reader, &tx) => r,
+        r = read_loop(node, &hello.worker_id, &mut reader, &tx, hello.protocol) => r,
         // A frame that cannot be written ends the session: left leased, every later
         // `Run`, `Ack` and `Cancel` to the worker would be dropped unseen. The worker
         // reconnects, and registration reconciles what it holds.
@@ -470,6 +473,7 @@ fn msg_name(m: &WorkerMsg) -> &'static str {
         WorkerMsg::PeerLost { .. } => "PeerLost",
         WorkerMsg::Draining => "Draining",
         WorkerMsg::Proof(_) => "Proof",
+        WorkerMsg::Output(_) => "Output",
     }
 }
 
@@ -585,6 +589,7 @@ fn register(
             id.to_string(),
             SessionHandle {
                 stop: Some(stop),
+                protocol: hello.protocol,
                 conn_id,
                 tx,
                 cert,
@@ -668,10 +673,32 @@ async fn read_loop(
     worker: &str,
     reader: &mut FrameReader,
     tx: &mpsc::UnboundedSender<CoordinatorMsg>,
+    protocol: u32,
 ) -> Result<(), SessionError> {
-    while let Some(msg) = reader.recv::<WorkerMsg>().await? {
+    loop {
+        // Workers before protocol 6 send reports without a log tail.
+        let msg = if protocol < OUTPUT_PROTOCOL {
+            reader
+                .recv::<swarm_proto::worker::legacy::WorkerMsg>()
+                .await?
+                .map(WorkerMsg::from)
+        } else {
+            reader.recv::<WorkerMsg>().await?
+        };
+        let Some(msg) = msg else { break };
         let now = now_ms();
         match msg {
+            WorkerMsg::Output(chunk) => {
+                let attempt = chunk.attempt;
+                if !node.live.output(chunk) {
+                    // Nobody watches it (any more): stop the stream.
+                    let _ = tx.send(CoordinatorMsg::Watch {
+                        attempt,
+                        on: false,
+                        from: 0,
+                    });
+                }
+            }
             WorkerMsg::Heartbeat { running } => on_heartbeat(node, worker, &running, tx, now),
             WorkerMsg::Finished(report) => on_report(node, worker, report, tx.clone(), now),
             WorkerMsg::Retrieve {
@@ -975,15 +1002,37 @@ fn on_report(
             now_ms: now,
         })
         .collect();
-    ops.push(Op::Finish {
-        attempt,
-        worker: worker.to_string(),
-        outcome,
-        started_at_ms: report.started_at_ms,
-        finished_at_ms: report.finished_at_ms,
-        now_ms: now,
-        retry_at_ms,
-    });
+    let mut log = report.log;
+    trim_log(&mut log, node.config().limits.max_log_tail_bytes);
+    if let Some(u) = &report.usage {
+        metrics::counter!("swarm_llm_tokens_total", "model" => u.model.clone(), "kind" => "prompt")
+            .increment(u.prompt_tokens);
+        metrics::counter!("swarm_llm_tokens_total", "model" => u.model.clone(), "kind" => "completion")
+            .increment(u.completion_tokens);
+    }
+    if log.is_empty() && log.offset == 0 && report.usage.is_none() {
+        ops.push(Op::Finish {
+            attempt,
+            worker: worker.to_string(),
+            outcome,
+            started_at_ms: report.started_at_ms,
+            finished_at_ms: report.finished_at_ms,
+            now_ms: now,
+            retry_at_ms,
+        });
+    } else {
+        ops.push(Op::Report(Box::new(crate::state::Report {
+            attempt,
+            worker: worker.to_string(),
+            outcome,
+            started_at_ms: report.started_at_ms,
+            finished_at_ms: report.finished_at_ms,
+            now_ms: now,
+            retry_at_ms,
+            log,
+            usage: report.usage,
+        })));
+    }
     if !drained && !patterns_used.is_empty() {
         ops.push(crate::memory::judge_op(
             attempt.task_id,
@@ -1071,6 +1120,24 @@ fn on_report(
             Err(e) => debug!(error = %e, "report not committed"),
         }
     });
+}
+
+/// Keep only the last `max` bytes of `log` (a worker configured with a longer tail than
+/// this coordinator stores).
+fn trim_log(log: &mut swarm_proto::worker::LogTail, max: u64) {
+    let mut excess = (log.len() as u64).saturating_sub(max);
+    while excess > 0 {
+        let Some(first) = log.pieces.first_mut() else {
+            break;
+        };
+        let cut = excess.min(first.data.len() as u64) as usize;
+        first.data.drain(..cut);
+        log.offset += cut as u64;
+        excess -= cut as u64;
+        if first.data.is_empty() {
+            log.pieces.remove(0);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -367,6 +367,24 @@ pub fn worker_msgs() -> Vec<WorkerMsg> {
             started_at_ms: 10,
             finished_at_ms: 20,
             patterns_used: vec!["p-1".into()],
+            log: swarm_proto::worker::LogTail {
+                offset: 3,
+                pieces: vec![swarm_proto::worker::LogPiece {
+                    stream: swarm_proto::worker::OutputStream::Stderr,
+                    data: b"warn\n".to_vec(),
+                }],
+            },
+            usage: Some(swarm_proto::worker::Usage {
+                model: "m".into(),
+                prompt_tokens: 12,
+                completion_tokens: 3,
+            }),
+        }),
+        WorkerMsg::Output(swarm_proto::worker::OutputChunk {
+            attempt: attempt(7, 1),
+            stream: swarm_proto::worker::OutputStream::Tokens,
+            offset: 40,
+            data: b"tok".to_vec(),
         }),
         WorkerMsg::Finished(TaskReport {
             attempt: attempt(8, 2),
@@ -377,6 +395,8 @@ pub fn worker_msgs() -> Vec<WorkerMsg> {
             started_at_ms: 0,
             finished_at_ms: 0,
             patterns_used: Vec::new(),
+            log: Default::default(),
+            usage: None,
         }),
         WorkerMsg::Retrieve {
             request_id: 9,
@@ -522,6 +542,23 @@ pub fn entries() -> Vec<Entry<TypeConfig>> {
             now_ms: 8,
             retry_at_ms: 0,
         },
+        Op::Report(Box::new(swarm_coordinator::state::Report {
+            attempt: attempt(3, 1),
+            worker: "w".into(),
+            outcome: Outcome::Succeeded { output: vec![2] },
+            started_at_ms: 6,
+            finished_at_ms: 7,
+            now_ms: 8,
+            retry_at_ms: 0,
+            log: swarm_proto::worker::LogTail {
+                offset: 0,
+                pieces: vec![swarm_proto::worker::LogPiece {
+                    stream: swarm_proto::worker::OutputStream::Stdout,
+                    data: b"line\n".to_vec(),
+                }],
+            },
+            usage: None,
+        })),
         Op::Cancel {
             task_id: 2,
             now_ms: 9,

@@ -159,6 +159,57 @@ pub struct AttemptView {
     pub outcome: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of output the attempt produced (all streams), as its worker reported at its
+    /// end; the last of them are kept (`GET /v1/tasks/{id}/logs`). 0 while running.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub output_bytes: u64,
+    /// Tokens an `llm` attempt used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageView>,
+}
+
+/// `GET /v1/tasks/{id}/logs`: the log tail stored with each attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskLogs {
+    pub id: TaskId,
+    pub state: TaskState,
+    pub attempts: Vec<AttemptLog>,
+}
+
+/// One attempt's stored log tail (empty while it runs: follow
+/// `GET /v1/tasks/{id}/events` for live output).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptLog {
+    pub attempt: u32,
+    #[serde(default)]
+    pub stage: u32,
+    pub worker: String,
+    pub running: bool,
+    /// Where the tail starts in the attempt's output: bytes before it were not kept.
+    pub offset: u64,
+    /// The attempt's whole output length.
+    pub output_bytes: u64,
+    pub pieces: Vec<LogPieceView>,
+}
+
+/// A run of output from one stream (`stdout`, `stderr`, `tokens`, `body`); bytes that
+/// are not UTF-8 are replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogPieceView {
+    pub stream: String,
+    pub text: String,
+}
+
+/// Tokens used, as a model's server counted them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageView {
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A task as the API shows it.

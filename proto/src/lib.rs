@@ -31,7 +31,17 @@ pub mod worker;
 ///   certificate serials) after `Welcome` and whenever it changes; the worker refuses
 ///   those certificates from then on (a revoked coordinator, lead or mesh peer). Older
 ///   workers are never sent it; nothing a worker sends changed.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// * 6: live output. The coordinator asks for an attempt's output with
+///   `CoordinatorMsg::Watch` while someone watches the task; the worker answers with
+///   `WorkerMsg::Output` chunks (what it holds of the attempt's output first, then each
+///   piece as it is produced) until unwatched or the attempt ends. `TaskReport` carries the
+///   attempt's log tail and, for LLM agents, the tokens used. Older workers are never sent
+///   `Watch`; the coordinator reads their frames as [`worker::legacy::WorkerMsg`].
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// The first worker protocol that streams output ([`worker::CoordinatorMsg::Watch`]) and
+/// reports log tails and usage.
+pub const OUTPUT_PROTOCOL: u32 = 6;
 
 /// The first worker protocol that is sent the deny list ([`worker::CoordinatorMsg::Revoked`]).
 pub const REVOCATIONS_PROTOCOL: u32 = 5;

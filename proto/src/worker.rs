@@ -100,6 +100,98 @@ pub enum WorkerMsg {
     /// The answer to [`CoordinatorMsg::Prove`] (protocol 4): the worker's certificate
     /// chain and its signature over [`relay_proof_context`].
     Proof(IdentityProof),
+    /// A piece of a watched attempt's output (protocol 6), sent while the coordinator
+    /// watches it ([`CoordinatorMsg::Watch`]). Never blocks the agent: a piece that finds
+    /// the session's queue full is dropped, and the next piece's `offset` shows the gap.
+    Output(OutputChunk),
+}
+
+/// Which of an attempt's output streams a piece comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutputStream {
+    /// An `exec` agent's standard output (its result, also shown live).
+    Stdout,
+    /// An `exec` agent's standard error.
+    Stderr,
+    /// Text an `llm` agent's model streamed (tokens).
+    Tokens,
+    /// A piece of an `http` agent's response body.
+    Body,
+}
+
+impl OutputStream {
+    /// Stable lower-case name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+            OutputStream::Tokens => "tokens",
+            OutputStream::Body => "body",
+        }
+    }
+}
+
+/// One piece of an attempt's output. All the streams of an attempt share one sequence of
+/// bytes: `offset` is where this piece starts in it, so a receiver sees a gap (pieces it
+/// never got) and drops a piece it has seen already.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    pub attempt: AttemptRef,
+    pub stream: OutputStream,
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl OutputChunk {
+    /// The offset just past this piece.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.data.len() as u64)
+    }
+}
+
+/// The last bytes of an attempt's output (all streams in the order produced), kept by the
+/// worker within its configured size and reported with the attempt's end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogTail {
+    /// Where `text` starts in the attempt's output: bytes before it were dropped.
+    pub offset: u64,
+    /// Pieces of the tail, oldest first, each with its stream.
+    pub pieces: Vec<LogPiece>,
+}
+
+/// A run of consecutive output bytes from one stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPiece {
+    pub stream: OutputStream,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl LogTail {
+    /// Bytes the tail holds.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(|p| p.data.len()).sum()
+    }
+
+    /// Whether the tail holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.iter().all(|p| p.data.is_empty())
+    }
+
+    /// The offset just past the tail: the attempt's whole output length.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.len() as u64)
+    }
+}
+
+/// Tokens an `llm` attempt used, as the model's server counted them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// The model that answered (as the server named it; else the one asked for).
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 /// A signature by a worker's certificate key, proving who it is across a lead's relay.
@@ -134,6 +226,10 @@ pub struct TaskReport {
     pub finished_at_ms: u64,
     /// ReasoningBank pattern ids handed to the agent; the outcome is judged against them.
     pub patterns_used: Vec<String>,
+    /// The last bytes of the attempt's output (protocol 6; empty for older workers).
+    pub log: LogTail,
+    /// Tokens used, for `llm` agents (protocol 6).
+    pub usage: Option<Usage>,
 }
 
 /// A ReasoningBank pattern as handed to an agent.
@@ -270,6 +366,15 @@ pub enum CoordinatorMsg {
     /// the list changes: the worker refuses these certificates at its next handshake
     /// (coordinators, its lead, mesh peers) and closes live connections that use one.
     Revoked { serials: Vec<String> },
+    /// Someone watches `attempt`'s output (protocol 6; `on: false`: nobody does any more).
+    /// The worker answers with what it holds of the output from `from` on (its tail), then
+    /// sends each new piece as [`WorkerMsg::Output`] until unwatched or the attempt ends.
+    /// Ignored for an attempt the worker does not hold.
+    Watch {
+        attempt: AttemptRef,
+        on: bool,
+        from: u64,
+    },
 }
 
 /// A mesh peer: its worker id and where it accepts peer links.
@@ -406,6 +511,78 @@ pub mod legacy {
                     code: "protocol_version".into(),
                     message: "the deny list is sent only to workers of protocol 5".into(),
                 },
+                // Never sent to workers before protocol 6 (see `OUTPUT_PROTOCOL`).
+                M::Watch { .. } => CoordinatorMsg::Rejected {
+                    code: "protocol_version".into(),
+                    message: "output is watched only on workers of protocol 6".into(),
+                },
+            }
+        }
+    }
+
+    /// [`super::WorkerMsg`] as protocols 1 to 5 encode it: the same variants up to
+    /// `Proof`, and a [`TaskReport`] without the log tail and usage.
+    #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+    pub enum WorkerMsg {
+        Hello(super::Hello),
+        Heartbeat {
+            running: Vec<AttemptRef>,
+        },
+        Finished(TaskReport),
+        Retrieve {
+            request_id: u64,
+            query: String,
+            k: u32,
+        },
+        Stole {
+            attempt: AttemptRef,
+            from: String,
+        },
+        PeerLost {
+            peer: String,
+        },
+        Draining,
+        Proof(super::IdentityProof),
+    }
+
+    /// [`super::TaskReport`] before protocol 6.
+    #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+    pub struct TaskReport {
+        pub attempt: AttemptRef,
+        pub outcome: super::Outcome,
+        pub started_at_ms: u64,
+        pub finished_at_ms: u64,
+        pub patterns_used: Vec<String>,
+    }
+
+    impl From<WorkerMsg> for super::WorkerMsg {
+        fn from(m: WorkerMsg) -> Self {
+            use super::WorkerMsg as M;
+            match m {
+                WorkerMsg::Hello(h) => M::Hello(h),
+                WorkerMsg::Heartbeat { running } => M::Heartbeat { running },
+                WorkerMsg::Finished(r) => M::Finished(super::TaskReport {
+                    attempt: r.attempt,
+                    outcome: r.outcome,
+                    started_at_ms: r.started_at_ms,
+                    finished_at_ms: r.finished_at_ms,
+                    patterns_used: r.patterns_used,
+                    log: super::LogTail::default(),
+                    usage: None,
+                }),
+                WorkerMsg::Retrieve {
+                    request_id,
+                    query,
+                    k,
+                } => M::Retrieve {
+                    request_id,
+                    query,
+                    k,
+                },
+                WorkerMsg::Stole { attempt, from } => M::Stole { attempt, from },
+                WorkerMsg::PeerLost { peer } => M::PeerLost { peer },
+                WorkerMsg::Draining => M::Draining,
+                WorkerMsg::Proof(p) => M::Proof(p),
             }
         }
     }
@@ -464,6 +641,36 @@ mod tests {
             let old = swarm_codec::encode(&legacy::CoordinatorMsg::from(m)).unwrap();
             assert_eq!(old, now);
         }
+    }
+
+    /// An older worker's report is the current one without its last three fields' bytes
+    /// (an empty tail: offset 0 and no pieces; no usage), and reads as the current one.
+    #[test]
+    fn legacy_reports_read_as_current_reports_without_a_tail() {
+        let report = TaskReport {
+            attempt: AttemptRef {
+                task_id: 1 << 33,
+                attempt: 3,
+            },
+            outcome: Outcome::Failed {
+                kind: FailureKind::Exit,
+                message: "boom".into(),
+            },
+            started_at_ms: 1 << 41,
+            finished_at_ms: (1 << 41) + 5,
+            patterns_used: vec!["p1".into()],
+            log: LogTail::default(),
+            usage: None,
+        };
+        let now = swarm_codec::encode(&WorkerMsg::Finished(report.clone())).unwrap();
+        let old = &now[..now.len() - 3];
+        let read: legacy::WorkerMsg = swarm_codec::decode(old, old.len()).unwrap();
+        assert_eq!(WorkerMsg::from(read), WorkerMsg::Finished(report));
+        // Every other message an old worker sends is byte for byte the same.
+        let hb = WorkerMsg::Heartbeat { running: vec![] };
+        let bytes = swarm_codec::encode(&hb).unwrap();
+        let read: legacy::WorkerMsg = swarm_codec::decode(&bytes, bytes.len()).unwrap();
+        assert_eq!(WorkerMsg::from(read), hb);
     }
 
     /// Byte fields are encoded as one byte string; in postcard that is the same bytes as

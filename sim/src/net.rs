@@ -15,11 +15,12 @@ use std::time::Duration;
 use axum::http;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::TryStreamExt as _;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use swarm_coordinator::cluster::PeerHttp;
+use swarm_coordinator::cluster::{BodyStream, OpenResult, PeerHttp};
 
 type Readable = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 
@@ -173,6 +174,21 @@ pub async fn http_exchange(
     addr: SocketAddr,
     req: http::Request<Bytes>,
 ) -> Result<http::Response<Bytes>, String> {
+    let (head, body) = http_open(addr, req).await?.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| format!("answer from {addr}: {e}"))?
+        .to_bytes();
+    Ok(http::Response::from_parts(head, bytes))
+}
+
+/// One HTTP/1 request to `addr` on a fresh simulated TCP connection: the answer once its
+/// head arrived, its body still coming.
+async fn http_open(
+    addr: SocketAddr,
+    req: http::Request<Bytes>,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
     let stream = turmoil::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
@@ -196,17 +212,10 @@ pub async fn http_exchange(
         http::header::HOST,
         http::HeaderValue::from_str(&addr.to_string()).map_err(|e| e.to_string())?,
     );
-    let resp = sender
+    sender
         .send_request(http::Request::from_parts(parts, Full::new(body)))
         .await
-        .map_err(|e| format!("request to {addr}: {e}"))?;
-    let (head, body) = resp.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map_err(|e| format!("answer from {addr}: {e}"))?
-        .to_bytes();
-    Ok(http::Response::from_parts(head, bytes))
+        .map_err(|e| format!("request to {addr}: {e}"))
 }
 
 /// [`PeerHttp`] over the simulated network: how coordinators forward to the leader.
@@ -220,17 +229,33 @@ impl PeerHttp for SimPeerHttp {
         timeout: Duration,
     ) -> BoxFuture<'static, Result<http::Response<Bytes>, String>> {
         Box::pin(async move {
-            let authority = req
-                .uri()
-                .authority()
-                .ok_or_else(|| format!("no host in {}", req.uri()))?;
-            let addr: SocketAddr = authority
-                .as_str()
-                .parse()
-                .map_err(|e| format!("{authority} is not an address: {e}"))?;
+            let addr = authority_addr(&req)?;
             tokio::time::timeout(timeout, http_exchange(addr, req))
                 .await
                 .map_err(|_| format!("no answer from {addr} within {timeout:?}"))?
         })
     }
+
+    fn open(&self, req: http::Request<Bytes>, timeout: Duration) -> BoxFuture<'static, OpenResult> {
+        Box::pin(async move {
+            let addr = authority_addr(&req)?;
+            let resp = tokio::time::timeout(timeout, http_open(addr, req))
+                .await
+                .map_err(|_| format!("no answer from {addr} within {timeout:?}"))??;
+            let (head, body) = resp.into_parts();
+            let body: BodyStream = Box::pin(body.into_data_stream().map_err(std::io::Error::other));
+            Ok(http::Response::from_parts(head, body))
+        })
+    }
+}
+
+fn authority_addr(req: &http::Request<Bytes>) -> Result<SocketAddr, String> {
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| format!("no host in {}", req.uri()))?;
+    authority
+        .as_str()
+        .parse()
+        .map_err(|e| format!("{authority} is not an address: {e}"))
 }

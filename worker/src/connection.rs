@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::core::Command;
+use crate::output::OutputBudget;
 use crate::{Backoff, WorkerStats};
 
 /// How long to wait for `Welcome` after `Hello`.
@@ -532,7 +533,9 @@ impl ConnLoop {
         );
 
         let (sink, rx) = mpsc::unbounded_channel();
-        let mut write_task = tokio::spawn(write_loop(writer, rx));
+        // This session's output bytes queued and not yet written (see `crate::output`).
+        let output_budget = Arc::new(OutputBudget::default());
+        let mut write_task = tokio::spawn(write_loop(writer, rx, output_budget.clone()));
         // Abort the writer however this function is left.
         struct AbortOnDrop(tokio::task::AbortHandle);
         impl Drop for AbortOnDrop {
@@ -545,6 +548,7 @@ impl ConnLoop {
             .core
             .send(Command::Connected {
                 sink,
+                output_budget,
                 heartbeat,
                 max_output_bytes,
                 term,
@@ -707,10 +711,14 @@ impl ConnLoop {
     }
 }
 
-/// The connection's only writer: sends whatever is queued as one batch per stream write.
+/// The connection's only writer: sends whatever is queued as one batch per stream write,
+/// and gives the bytes of the `Output` chunks it wrote back to the session's output
+/// budget (so output waits for the writer, not the other way round, at most
+/// [`crate::MAX_QUEUED_OUTPUT_BYTES`] of it).
 async fn write_loop(
     mut writer: FrameWriter,
     mut rx: mpsc::UnboundedReceiver<WorkerMsg>,
+    output_budget: Arc<OutputBudget>,
 ) -> Result<(), FrameError> {
     let mut batch = Vec::with_capacity(256);
     loop {
@@ -719,6 +727,7 @@ async fn write_loop(
             return Ok(());
         }
         writer.send_batch(&batch).await?;
+        output_budget.written(&batch);
         batch.clear();
     }
 }

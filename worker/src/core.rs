@@ -19,8 +19,15 @@
 //! running and reports them `Drained` too. [`Core::drained`] tells when the worker may
 //! leave: the coordinator acknowledged the drain on the current session (so no `Run` is
 //! on its way), nothing runs or waits, and every report is acknowledged.
+//!
+//! **Live output** (see [`crate::output`]): each running attempt of an agent that produces
+//! output has an [`OutputLog`]. `Watch` marks it watched on the current session (and
+//! replays its tail), a new session or a lost one unwatches every attempt, and the
+//! attempt's report carries the log's tail.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use swarm_proto::worker::{
@@ -31,8 +38,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+use crate::agents::Agent;
 use crate::cancel::{cancel_pair, CancelHandle};
 use crate::executor::Executor;
+use crate::output::{
+    OutputBudget, OutputLog, OutputSink, OutputTap, DEFAULT_LOG_TAIL_BYTES, MAX_LOG_TAIL_BYTES,
+};
 use crate::peer::Ctl as PeerCtl;
 use crate::retrieve::Retriever;
 
@@ -41,7 +52,8 @@ const RETRIEVE_TIMEOUT: Duration = Duration::from_secs(2);
 use crate::WorkerStats;
 
 /// Largest output a report may carry whatever the coordinator allows: a report must fit
-/// in one frame, with room to spare for the rest of the report.
+/// in one frame, with room to spare for the rest of the report (less the log tail's
+/// room, see [`Core::output_limit`]).
 const FRAME_OUTPUT_LIMIT: u64 = (swarm_transport::DEFAULT_MAX_FRAME - 64 * 1024) as u64;
 
 /// Smallest heartbeat interval honoured, whatever the coordinator asks for.
@@ -57,6 +69,9 @@ pub(crate) enum Command {
     /// A session is up: write frames to `sink`; heartbeat and output limit from Welcome.
     Connected {
         sink: mpsc::UnboundedSender<WorkerMsg>,
+        /// The session's output bytes queued on `sink` and not yet written (the
+        /// connection's writer gives them back as it writes).
+        output_budget: Arc<OutputBudget>,
         heartbeat: Duration,
         max_output_bytes: u64,
         /// The leader's term, from `Welcome`.
@@ -133,12 +148,15 @@ struct Counts {
     steals_out: u64,
     handed_back: u64,
     stale_runs: u64,
+    output_dropped: u64,
 }
 
 struct Running {
     cancel: CancelHandle,
     /// The attempt's agent, for its `max_concurrency`.
     agent: String,
+    /// Its output; `None` for an agent that produces none (the built-ins).
+    log: Option<Arc<OutputLog>>,
 }
 
 /// What happened to an execution on this worker, for an [`ExecutionJournal`].
@@ -207,6 +225,12 @@ pub(crate) struct Core {
     journal: Option<ExecutionJournal>,
     /// The term of each execution held, while a journal is kept.
     held_terms: HashMap<AttemptRef, u64>,
+    /// Where watched output goes on the current session.
+    output: Option<OutputSink>,
+    /// Output bytes dropped because a session's queue was full (all sessions).
+    output_dropped: Arc<AtomicU64>,
+    /// How much of each attempt's output is kept for its report.
+    log_tail_bytes: usize,
 }
 
 static CLOCK: std::sync::OnceLock<fn() -> u64> = std::sync::OnceLock::new();
@@ -272,7 +296,41 @@ impl Core {
             fence_term: 0,
             journal: None,
             held_terms: HashMap::new(),
+            output: None,
+            output_dropped: Arc::new(AtomicU64::new(0)),
+            log_tail_bytes: DEFAULT_LOG_TAIL_BYTES,
         }
+    }
+
+    /// Keep the last `bytes` of each attempt's output (at most [`MAX_LOG_TAIL_BYTES`]).
+    pub(crate) fn set_log_tail_bytes(&mut self, bytes: usize) {
+        self.log_tail_bytes = bytes.min(MAX_LOG_TAIL_BYTES);
+    }
+
+    /// The largest result an attempt may return: the coordinator's limit, and what fits
+    /// in a report's frame beside the log tail (each byte of which may cost up to three
+    /// when encoded, in pieces of one byte alternating between streams).
+    fn output_limit(&self) -> u64 {
+        let tail_room = 3 * self.log_tail_bytes as u64 + 64;
+        self.max_output_bytes
+            .min(FRAME_OUTPUT_LIMIT.saturating_sub(tail_room))
+    }
+
+    /// Stops sending the output of every running attempt.
+    fn unwatch_all(&self) {
+        for log in self.running.values().filter_map(|r| r.log.as_ref()) {
+            log.unwatch();
+        }
+    }
+
+    /// The log tail of `attempt` so far, ending its log: for a report made without the
+    /// attempt's own (its task was aborted).
+    fn take_tail(&self, attempt: &AttemptRef) -> swarm_proto::worker::LogTail {
+        self.running
+            .get(attempt)
+            .and_then(|r| r.log.as_ref())
+            .map(|l| l.finish())
+            .unwrap_or_default()
     }
 
     pub(crate) fn set_journal(&mut self, journal: Option<ExecutionJournal>) {
@@ -376,6 +434,8 @@ impl Core {
                         started_at_ms,
                         finished_at_ms: now_ms(),
                         patterns_used: Vec::new(),
+                        log: self.take_tail(&attempt),
+                        usage: None,
                     }
                 }
                 None => return,
@@ -388,6 +448,7 @@ impl Core {
         match cmd {
             Command::Connected {
                 sink,
+                output_budget,
                 heartbeat,
                 max_output_bytes,
                 term,
@@ -395,6 +456,13 @@ impl Core {
                 if term > self.fence_term {
                     self.fence_term = term;
                 }
+                // The new coordinator watches what it wants, afresh.
+                self.unwatch_all();
+                self.output = Some(OutputSink {
+                    tx: sink.clone(),
+                    budget: output_budget,
+                    dropped: self.output_dropped.clone(),
+                });
                 self.retriever.set_sink(Some(sink.clone()));
                 self.sink = Some(sink);
                 self.drain_acked = false;
@@ -431,6 +499,8 @@ impl Core {
                 }
             }
             Command::Disconnected => {
+                self.unwatch_all();
+                self.output = None;
                 self.retriever.set_sink(None);
                 self.sink = None;
                 self.drain_acked = false;
@@ -671,6 +741,8 @@ impl Core {
                         started_at_ms: now,
                         finished_at_ms: now,
                         patterns_used: Vec::new(),
+                        log: Default::default(),
+                        usage: None,
                     });
                 } else {
                     tracing::debug!(?attempt, "Cancel for an attempt not running here; ignored");
@@ -715,6 +787,7 @@ impl Core {
             }
             // Handled by the connection loop, which never passes them on.
             CoordinatorMsg::Parent { .. } | CoordinatorMsg::Revoked { .. } => {}
+            CoordinatorMsg::Watch { attempt, on, from } => self.watch(attempt, on, from),
             CoordinatorMsg::Welcome { .. }
             | CoordinatorMsg::Rejected { .. }
             | CoordinatorMsg::NotLeader { .. }
@@ -724,13 +797,52 @@ impl Core {
         }
     }
 
+    /// `Watch`: start (replaying the tail from `from`) or stop sending the output of a
+    /// running attempt on the current session.
+    fn watch(&mut self, attempt: AttemptRef, on: bool, from: u64) {
+        let Some(running) = self.running.get(&attempt) else {
+            tracing::debug!(
+                ?attempt,
+                on,
+                "Watch for an attempt not running here; ignored"
+            );
+            return;
+        };
+        let Some(log) = &running.log else {
+            tracing::debug!(
+                ?attempt,
+                on,
+                "Watch for an attempt whose agent has no output; ignored"
+            );
+            return;
+        };
+        match (on, &self.output) {
+            (true, Some(sink)) => {
+                tracing::debug!(?attempt, from, "attempt watched");
+                log.watch(sink.clone(), from);
+            }
+            (true, None) => {}
+            (false, _) => {
+                tracing::debug!(?attempt, "attempt no longer watched");
+                log.unwatch();
+            }
+        }
+    }
+
     fn start(&mut self, task: TaskAssignment) {
         let attempt = task.attempt;
         let (cancel, token) = cancel_pair();
         let executor = self.executor.clone();
-        let max = self.max_output_bytes.min(FRAME_OUTPUT_LIMIT);
+        let max = self.output_limit();
         let started_at_ms = now_ms();
         let agent = task.agent.clone();
+        let log = match self.executor.agents().get(&task.agent) {
+            Some(Agent::Exec(_) | Agent::Http(_) | Agent::Llm(_)) => {
+                Some(Arc::new(OutputLog::new(attempt, self.log_tail_bytes)))
+            }
+            Some(Agent::Echo | Agent::Sleep) | None => None,
+        };
+        let tap = log.clone().map(OutputTap::to).unwrap_or_default();
         tracing::debug!(?attempt, agent = %task.agent, "starting attempt");
         let retriever = self.retriever.clone();
         let handle = self.tasks.spawn(async move {
@@ -750,14 +862,15 @@ impl Core {
                 Vec::new()
             };
             // A cancel that came while the patterns were being retrieved: do not start.
-            let outcome = if token.is_cancelled() {
-                Outcome::Failed {
+            let (outcome, usage) = if token.is_cancelled() {
+                let outcome = Outcome::Failed {
                     kind: FailureKind::Cancelled,
                     message: "cancelled before it started".into(),
-                }
+                };
+                (outcome, None)
             } else {
                 executor
-                    .run_with_patterns(task, &patterns, max, token)
+                    .run_attempt(task, &patterns, max, token, tap.clone())
                     .await
             };
             TaskReport {
@@ -766,11 +879,13 @@ impl Core {
                 started_at_ms,
                 finished_at_ms: now_ms(),
                 patterns_used: patterns.into_iter().map(|p| p.id).collect(),
+                log: tap.finish(),
+                usage,
             }
         });
         self.task_attempts
             .insert(handle.id(), (attempt, started_at_ms));
-        self.running.insert(attempt, Running { cancel, agent });
+        self.running.insert(attempt, Running { cancel, agent, log });
         self.counts.started += 1;
         self.note(attempt, ExecutionEvent::Started);
     }
@@ -809,6 +924,8 @@ impl Core {
             started_at_ms: now,
             finished_at_ms: now,
             patterns_used: Vec::new(),
+            log: Default::default(),
+            usage: None,
         });
     }
 
@@ -837,6 +954,7 @@ impl Core {
         let now = now_ms();
         for attempt in cut {
             self.counts.handed_back += 1;
+            let log = self.take_tail(&attempt);
             self.finished(TaskReport {
                 attempt,
                 outcome: Outcome::Failed {
@@ -846,6 +964,8 @@ impl Core {
                 started_at_ms: started.get(&attempt).copied().unwrap_or(now),
                 finished_at_ms: now,
                 patterns_used: Vec::new(),
+                log,
+                usage: None,
             });
         }
     }
@@ -928,6 +1048,7 @@ impl Core {
                 // The writer is gone: the connection is going down; the connection loop
                 // will say so. Reports stay in `unacked`.
                 self.sink = None;
+                self.output = None;
                 self.heartbeat = None;
                 Some(e.0)
             }
@@ -947,6 +1068,7 @@ impl Core {
             running: self.running.len(),
             queued: self.queued.len(),
             unacked: self.unacked.len(),
+            output_dropped: self.output_dropped.load(Ordering::Relaxed),
             ..self.counts
         };
         let drained = self.draining
@@ -985,6 +1107,7 @@ impl Core {
                 steals_out: s.steals_out,
                 handed_back: s.handed_back,
                 stale_runs: s.stale_runs_refused,
+                output_dropped: s.output_dropped_bytes,
             };
             let was_draining = std::mem::replace(&mut s.draining, self.draining);
             s.started = c.started;
@@ -997,6 +1120,7 @@ impl Core {
             s.steals_out = c.steals_out;
             s.handed_back = c.handed_back;
             s.stale_runs_refused = c.stale_runs;
+            s.output_dropped_bytes = c.output_dropped;
             old != c || was_draining != self.draining
         });
     }
@@ -1014,6 +1138,7 @@ impl Core {
         self.stolen.clear();
         self.cancel_requested.clear();
         self.sink = None;
+        self.output = None;
         self.publish();
     }
 }
@@ -1041,9 +1166,24 @@ mod tests {
     }
 
     fn start_journaled(slots: u32, agents: Agents, journal: Option<ExecutionJournal>) -> Harness {
+        start_full(slots, agents, journal, DEFAULT_LOG_TAIL_BYTES)
+    }
+
+    /// A core keeping `tail` bytes of each attempt's output.
+    fn start_tail(slots: u32, agents: Agents, tail: usize) -> Harness {
+        start_full(slots, agents, None, tail)
+    }
+
+    fn start_full(
+        slots: u32,
+        agents: Agents,
+        journal: Option<ExecutionJournal>,
+        tail: usize,
+    ) -> Harness {
         let stats = watch::Sender::new(WorkerStats::default());
         let mut core = Core::new(Executor::new(agents), slots, stats.clone());
         core.set_journal(journal);
+        core.set_log_tail_bytes(tail);
         let load = core.load();
         let drained = core.drained();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -1103,6 +1243,7 @@ mod tests {
             let (sink, rx) = mpsc::unbounded_channel();
             self.send(Command::Connected {
                 sink,
+                output_budget: Default::default(),
                 heartbeat: Duration::from_secs(3600),
                 max_output_bytes: 1 << 20,
                 term,
@@ -1588,5 +1729,360 @@ mod tests {
             .await
             .expect("drained")
             .unwrap();
+    }
+
+    // ------------------------------------------------------------------ live output
+
+    use swarm_proto::worker::{LogPiece, LogTail, OutputChunk, OutputStream};
+
+    /// `exec` agents running `sh -c <script>`, one per `(name, script)`.
+    fn exec_agents(dir: &std::path::Path, scripts: &[(&str, &str)]) -> Agents {
+        let mut toml = String::new();
+        for (name, script) in scripts {
+            toml.push_str(&format!(
+                "[agents.{name}]\ncommand = \"sh\"\nargs = [\"-c\", '''{script}''']\n\n"
+            ));
+        }
+        let file = dir.join("agents.toml");
+        std::fs::write(&file, &toml).unwrap();
+        Agents::load(&file).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+    }
+
+    /// A script that prints `first`, touches `<dir>/<name>.half`, waits for
+    /// `<dir>/<name>.gate`, then prints `second`.
+    fn gated(dir: &std::path::Path, name: &str, first: &str, second: &str) -> String {
+        let d = dir.display();
+        format!(
+            "printf {first}; : > '{d}/{name}.half'; while [ ! -e '{d}/{name}.gate' ]; do sleep 0.02; done; printf {second}"
+        )
+    }
+
+    async fn wait_file(path: &std::path::Path) {
+        tokio::time::timeout(LIMIT, async {
+            while !path.exists() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} never appeared", path.display()));
+    }
+
+    fn open(path: std::path::PathBuf) {
+        std::fs::write(path, "").unwrap();
+    }
+
+    fn watch_msg(id: u64, on: bool, from: u64) -> Command {
+        Command::Coordinator(CoordinatorMsg::Watch {
+            attempt: attempt(id),
+            on,
+            from,
+        })
+    }
+
+    /// The output chunks a session got, checked as they come: all of one attempt, each
+    /// starting where the one before ended.
+    #[derive(Default)]
+    struct Seen {
+        chunks: Vec<OutputChunk>,
+    }
+
+    impl Seen {
+        fn take(&mut self, c: OutputChunk) {
+            if let Some(last) = self.chunks.last() {
+                assert_eq!(c.attempt, last.attempt);
+                assert_eq!(c.offset, last.end(), "chunks are contiguous");
+            }
+            self.chunks.push(c);
+        }
+
+        fn len(&self) -> usize {
+            self.chunks.iter().map(|c| c.data.len()).sum()
+        }
+
+        fn stream(&self, s: OutputStream) -> Vec<u8> {
+            self.chunks
+                .iter()
+                .filter(|c| c.stream == s)
+                .flat_map(|c| c.data.clone())
+                .collect()
+        }
+
+        /// Takes output chunks until they hold `n` bytes in all.
+        async fn until_len(&mut self, rx: &mut mpsc::UnboundedReceiver<WorkerMsg>, n: usize) {
+            while self.len() < n {
+                match next(rx).await {
+                    WorkerMsg::Output(c) => self.take(c),
+                    other => panic!("expected output, got {other:?}"),
+                }
+            }
+        }
+
+        /// Takes output chunks until the report comes.
+        async fn until_report(
+            &mut self,
+            rx: &mut mpsc::UnboundedReceiver<WorkerMsg>,
+        ) -> TaskReport {
+            loop {
+                match next(rx).await {
+                    WorkerMsg::Output(c) => self.take(c),
+                    WorkerMsg::Finished(r) => return r,
+                    other => panic!("expected output or a report, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    fn log_stream(log: &LogTail, s: OutputStream) -> Vec<u8> {
+        log.pieces
+            .iter()
+            .filter(|p| p.stream == s)
+            .flat_map(|p| p.data.clone())
+            .collect()
+    }
+
+    /// Watched mid-run, an `exec` attempt sends what it printed so far (its tail), then
+    /// each line as it is printed, stdout and stderr alike, in one contiguous sequence of
+    /// offsets; its report carries the whole output as its log.
+    #[tokio::test]
+    async fn a_watched_exec_attempt_sends_its_tail_then_each_piece_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let script = format!(
+            r#"i=1; while [ $i -le 10 ]; do if [ $i -eq 6 ]; then : > '{d}/half'; while [ ! -e '{d}/gate' ]; do sleep 0.02; done; fi; if [ $((i % 3)) -eq 0 ]; then echo "err $i" >&2; else echo "line $i"; fi; sleep 0.05; i=$((i+1)); done"#
+        );
+        let h = start_with(2, exec_agents(dir.path(), &[("talk", &script)]));
+        let mut coord = h.connect();
+        h.run(task(1, "talk", ""));
+        wait_file(&dir.path().join("half")).await;
+        h.send(watch_msg(1, true, 0));
+        // The first five lines, all printed before the watch: the agent now waits.
+        let mut seen = Seen::default();
+        let first_half = "line 1\nline 2\nerr 3\nline 4\nline 5\n".len();
+        seen.until_len(&mut coord, first_half).await;
+        assert_eq!(seen.len(), first_half);
+        assert_eq!(seen.chunks[0].offset, 0);
+        assert_eq!(seen.chunks[0].attempt, attempt(1));
+        // The rest comes as it is printed.
+        open(dir.path().join("gate"));
+        let report = seen.until_report(&mut coord).await;
+        // Each stream in the order printed (the two pipes are read apart, so how lines
+        // of different streams interleave depends on when each was read).
+        let stdout = "line 1\nline 2\nline 4\nline 5\nline 7\nline 8\nline 10\n";
+        let stderr = "err 3\nerr 6\nerr 9\n";
+        assert_eq!(
+            String::from_utf8(seen.stream(OutputStream::Stdout)).unwrap(),
+            stdout
+        );
+        assert_eq!(
+            String::from_utf8(seen.stream(OutputStream::Stderr)).unwrap(),
+            stderr
+        );
+        assert_eq!(seen.len(), stdout.len() + stderr.len());
+
+        assert_eq!(report.attempt, attempt(1));
+        assert_eq!(
+            report.outcome,
+            Outcome::Succeeded {
+                output: stdout.as_bytes().to_vec()
+            }
+        );
+        // The log is what was sent, piece for piece.
+        assert_eq!(report.log.offset, 0);
+        assert_eq!(report.log.end(), (stdout.len() + stderr.len()) as u64);
+        let sent: Vec<u8> = seen.chunks.iter().flat_map(|c| c.data.clone()).collect();
+        let logged: Vec<u8> = report
+            .log
+            .pieces
+            .iter()
+            .flat_map(|p| p.data.clone())
+            .collect();
+        assert_eq!(sent, logged);
+        assert_eq!(
+            log_stream(&report.log, OutputStream::Stdout),
+            stdout.as_bytes()
+        );
+        assert_eq!(
+            log_stream(&report.log, OutputStream::Stderr),
+            stderr.as_bytes()
+        );
+        // Runs of one stream are merged: no two neighbours share a stream.
+        assert!(report
+            .log
+            .pieces
+            .windows(2)
+            .all(|w| w[0].stream != w[1].stream));
+        assert_eq!(report.usage, None);
+    }
+
+    /// Nobody watches: not one output frame, and the report's log is the last
+    /// `log_tail_bytes` of the output, placed where they are in it.
+    #[tokio::test]
+    async fn an_unwatched_attempt_sends_no_output_and_reports_a_bounded_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = r#"i=0; while [ $i -lt 1000 ]; do printf '%099d\n' $i; i=$((i+1)); done"#;
+        let h = start_tail(1, exec_agents(dir.path(), &[("big", script)]), 4096);
+        let mut coord = h.connect();
+        h.run(task(1, "big", ""));
+        let report = match next(&mut coord).await {
+            WorkerMsg::Finished(r) => r,
+            other => panic!("expected the report and nothing before it, got {other:?}"),
+        };
+        let printed: String = (0..1000).map(|i| format!("{i:099}\n")).collect();
+        assert_eq!(printed.len(), 100_000);
+        assert_eq!(
+            report.outcome,
+            Outcome::Succeeded {
+                output: printed.clone().into_bytes()
+            }
+        );
+        assert!(report.log.len() <= 4096);
+        assert_eq!(report.log.end(), 100_000);
+        assert_eq!(
+            report.log.pieces,
+            vec![LogPiece {
+                stream: OutputStream::Stdout,
+                data: printed.as_bytes()[100_000 - 4096..].to_vec(),
+            }]
+        );
+        assert_eq!(report.log.offset, 100_000 - 4096);
+    }
+
+    /// `Watch { on: false }` stops the chunks; the report's log still holds everything.
+    #[tokio::test]
+    async fn an_unwatched_attempt_stops_sending() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = gated(dir.path(), "g", "A", "B");
+        let h = start_with(1, exec_agents(dir.path(), &[("gated", &script)]));
+        let mut coord = h.connect();
+        h.run(task(1, "gated", ""));
+        wait_file(&dir.path().join("g.half")).await;
+        h.send(watch_msg(1, true, 0));
+        let mut seen = Seen::default();
+        seen.until_len(&mut coord, 1).await;
+        assert_eq!(seen.stream(OutputStream::Stdout), b"A");
+        h.send(watch_msg(1, false, 0));
+        // Once the core has taken the unwatch, let the agent print the rest.
+        h.held().await;
+        open(dir.path().join("g.gate"));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => {
+                assert_eq!(
+                    r.outcome,
+                    Outcome::Succeeded {
+                        output: b"AB".to_vec()
+                    }
+                );
+                assert_eq!(
+                    r.log.pieces,
+                    vec![LogPiece {
+                        stream: OutputStream::Stdout,
+                        data: b"AB".to_vec()
+                    }]
+                );
+            }
+            other => panic!("expected the report and no more output, got {other:?}"),
+        }
+    }
+
+    /// A new session starts with nothing watched: the new coordinator asks for what it
+    /// wants, and the old session's queue gets nothing more.
+    #[tokio::test]
+    async fn a_new_session_clears_every_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = gated(dir.path(), "g", "A", "B");
+        let h = start_with(1, exec_agents(dir.path(), &[("gated", &script)]));
+        let mut old = h.connect();
+        h.run(task(1, "gated", ""));
+        wait_file(&dir.path().join("g.half")).await;
+        h.send(watch_msg(1, true, 0));
+        Seen::default().until_len(&mut old, 1).await;
+
+        let mut coord = h.connect();
+        h.held().await;
+        open(dir.path().join("g.gate"));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => {
+                assert_eq!(r.attempt, attempt(1));
+                assert_eq!(r.log.end(), 2);
+            }
+            other => panic!("expected the report and no output, got {other:?}"),
+        }
+        while let Ok(m) = old.try_recv() {
+            assert!(
+                !matches!(m, WorkerMsg::Output(_)),
+                "output on the old session: {m:?}"
+            );
+        }
+    }
+
+    /// A `Watch` for an attempt that is not running here (unknown, queued, finished) or
+    /// whose agent has no output (a built-in) is ignored.
+    #[tokio::test]
+    async fn watches_of_attempts_not_running_here_are_ignored() {
+        let h = start(1);
+        let mut coord = h.connect();
+        h.send(watch_msg(99, true, 0));
+        h.run(task(1, "sleep", "600000"));
+        h.run(task(2, "echo", "queued"));
+        h.send(watch_msg(1, true, 0));
+        h.send(watch_msg(2, true, 0));
+        h.send(Command::Coordinator(CoordinatorMsg::Cancel(attempt(1))));
+        for id in [1, 2] {
+            match next(&mut coord).await {
+                WorkerMsg::Finished(r) => {
+                    assert_eq!(r.attempt, attempt(id));
+                    assert_eq!(r.log, LogTail::default());
+                }
+                other => panic!("expected report {id}, got {other:?}"),
+            }
+        }
+        // Finished, not yet acknowledged: not running either.
+        h.send(watch_msg(2, true, 0));
+        h.run(task(3, "echo", "x"));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => assert_eq!(r.attempt, attempt(3)),
+            other => panic!("expected report 3, got {other:?}"),
+        }
+    }
+
+    /// An attempt cut short at the drain timeout reports the tail of what it printed.
+    #[tokio::test]
+    async fn an_attempt_cut_short_reports_its_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = gated(dir.path(), "g", "A", "B");
+        let mut h = start_with(1, exec_agents(dir.path(), &[("gated", &script)]));
+        let mut coord = h.connect();
+        h.run(task(1, "gated", ""));
+        wait_file(&dir.path().join("g.half")).await;
+        // Watched, so the test knows the piece reached the log.
+        h.send(watch_msg(1, true, 0));
+        Seen::default().until_len(&mut coord, 1).await;
+        h.send(Command::Drain);
+        assert_eq!(next(&mut coord).await, WorkerMsg::Draining);
+        h.send(Command::Coordinator(CoordinatorMsg::DrainAck));
+        h.send(Command::CutShort);
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => {
+                assert!(
+                    matches!(
+                        r.outcome,
+                        Outcome::Failed {
+                            kind: FailureKind::Drained,
+                            ..
+                        }
+                    ),
+                    "{r:?}"
+                );
+                assert_eq!(
+                    r.log.pieces,
+                    vec![LogPiece {
+                        stream: OutputStream::Stdout,
+                        data: b"A".to_vec()
+                    }]
+                );
+            }
+            other => panic!("expected the drained report, got {other:?}"),
+        }
+        h.wait("cut short", |s| s.handed_back == 1).await;
     }
 }

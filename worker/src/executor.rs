@@ -17,6 +17,16 @@
 //! many attempts of one agent run at once is bounded by its `max_concurrency` (enforced
 //! where the worker starts attempts, not here).
 //!
+//! # Live output
+//!
+//! In a worker, every piece of output an agent produces goes to the attempt's output log
+//! (`output.rs`) the moment it is read, tagged with its stream: an `exec` agent's
+//! stdout and stderr (each read takes whatever the pipe holds: no waiting for a line or
+//! for the end), an `http` agent's body pieces, an `llm` agent's token texts. The log
+//! keeps the output's tail for the report and sends the pieces to the coordinator while
+//! it watches the attempt. Built-ins produce none. The result is unchanged: stdout is
+//! still an `exec` agent's output, and stderr's tail its failure message.
+//!
 //! # `exec` agents
 //!
 //! `exec` agents are started in their own process group (`setpgid(0, 0)`), with the
@@ -170,13 +180,14 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use swarm_proto::worker::{FailureKind, Outcome, PatternHit, TaskAssignment};
+use swarm_proto::worker::{FailureKind, Outcome, OutputStream, PatternHit, TaskAssignment, Usage};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::agent_kinds::{run_http_agent, run_llm_agent};
 use crate::agents::{reserved_env_name, Agent, Agents, ExecSpec};
 use crate::cancel::CancelToken;
+use crate::output::OutputTap;
 
 /// The agent's `PATH` when the worker has none.
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -272,8 +283,30 @@ impl Executor {
         max_output_bytes: u64,
         cancel: CancelToken,
     ) -> Outcome {
+        self.run_attempt(
+            task,
+            patterns,
+            max_output_bytes,
+            cancel,
+            OutputTap::default(),
+        )
+        .await
+        .0
+    }
+
+    /// [`Executor::run_with_patterns`], passing every piece of output to `tap` as the
+    /// agent produces it (see [Live output](self#live-output)), and returning the tokens
+    /// an `llm` agent used.
+    pub(crate) async fn run_attempt(
+        &self,
+        task: TaskAssignment,
+        patterns: &[PatternHit],
+        max_output_bytes: u64,
+        cancel: CancelToken,
+        tap: OutputTap,
+    ) -> (Outcome, Option<Usage>) {
         let Some(agent) = self.agents.get(&task.agent) else {
-            return failed(
+            let outcome = failed(
                 FailureKind::UnknownAgent,
                 format!(
                     "unknown agent `{}`; this worker runs: {}",
@@ -281,6 +314,7 @@ impl Executor {
                     self.agents.names().join(", ")
                 ),
             );
+            return (outcome, None);
         };
         let cap = match agent {
             Agent::Exec(spec) => spec.timeout_ms,
@@ -289,7 +323,7 @@ impl Executor {
             Agent::Echo | Agent::Sleep => None,
         };
         let timeout = effective_timeout(task.timeout_ms, cap);
-        match agent {
+        let outcome = match agent {
             Agent::Echo => {
                 if task.payload.len() as u64 > max_output_bytes {
                     too_large(max_output_bytes)
@@ -309,14 +343,24 @@ impl Executor {
                     max_output_bytes,
                     timeout,
                     cancel,
+                    tap,
                 )
                 .await
             }
             Agent::Http(spec) => {
-                run_http_agent(&self.agents, spec, task, max_output_bytes, timeout, cancel).await
+                run_http_agent(
+                    &self.agents,
+                    spec,
+                    task,
+                    max_output_bytes,
+                    timeout,
+                    cancel,
+                    &tap,
+                )
+                .await
             }
             Agent::Llm(spec) => {
-                run_llm_agent(
+                return run_llm_agent(
                     &self.agents,
                     spec,
                     task,
@@ -324,10 +368,12 @@ impl Executor {
                     max_output_bytes,
                     timeout,
                     cancel,
+                    &tap,
                 )
                 .await
             }
-        }
+        };
+        (outcome, None)
     }
 }
 
@@ -423,8 +469,12 @@ impl Drop for GroupGuard {
 }
 
 /// Reads to end-of-file, or returns `None` as soon as more than `max` bytes arrived.
-/// Never reads more than `max + 1` bytes.
-async fn read_limited(mut r: impl AsyncRead + Unpin, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+/// Never reads more than `max + 1` bytes. Each read goes to `tap` too, as `stdout`.
+async fn read_limited(
+    mut r: impl AsyncRead + Unpin,
+    max: u64,
+    tap: OutputTap,
+) -> std::io::Result<Option<Vec<u8>>> {
     let limit = max.saturating_add(1);
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; READ_CHUNK];
@@ -435,6 +485,7 @@ async fn read_limited(mut r: impl AsyncRead + Unpin, max: u64) -> std::io::Resul
         if n == 0 {
             return Ok(Some(buf));
         }
+        tap.append(OutputStream::Stdout, &chunk[..n]);
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() as u64 > max {
             return Ok(None);
@@ -443,8 +494,8 @@ async fn read_limited(mut r: impl AsyncRead + Unpin, max: u64) -> std::io::Resul
 }
 
 /// Reads to end-of-file, keeping only the last `keep` bytes. Returns them and whether
-/// anything was dropped.
-async fn read_tail(mut r: impl AsyncRead + Unpin, keep: usize) -> (Vec<u8>, bool) {
+/// anything was dropped. Each read goes to `tap` too, as `stderr`.
+async fn read_tail(mut r: impl AsyncRead + Unpin, keep: usize, tap: OutputTap) -> (Vec<u8>, bool) {
     let mut buf = Vec::new();
     let mut truncated = false;
     let mut chunk = vec![0u8; READ_CHUNK];
@@ -452,6 +503,7 @@ async fn read_tail(mut r: impl AsyncRead + Unpin, keep: usize) -> (Vec<u8>, bool
         match r.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                tap.append(OutputStream::Stderr, &chunk[..n]);
                 buf.extend_from_slice(&chunk[..n]);
                 if buf.len() > 2 * keep.max(READ_CHUNK) {
                     buf.drain(..buf.len() - keep);
@@ -721,6 +773,7 @@ fn agent_cwd(spec: &ExecSpec, private_dir: &Path) -> Option<PathBuf> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_exec(
     spec: &ExecSpec,
     task: TaskAssignment,
@@ -729,6 +782,7 @@ async fn run_exec(
     max_output_bytes: u64,
     timeout: Option<Duration>,
     mut cancel: CancelToken,
+    tap: OutputTap,
 ) -> Outcome {
     let owner = spec.run_as.as_ref().map(|r| (r.uid, r.gid));
     // Declared first, so dropped last: after the process group is killed (GroupGuard),
@@ -837,8 +891,10 @@ async fn run_exec(
         }
         drop(stdin);
     });
-    let mut stdout_task = tokio::spawn(read_limited(stdout, max_output_bytes));
-    let mut stderr_task = tokio::spawn(read_tail(stderr, STDERR_TAIL_BYTES));
+    // Both read whatever is there as soon as it is there, so a watched attempt's output
+    // goes out as the agent writes it.
+    let mut stdout_task = tokio::spawn(read_limited(stdout, max_output_bytes, tap.clone()));
+    let mut stderr_task = tokio::spawn(read_tail(stderr, STDERR_TAIL_BYTES, tap));
 
     let deadline = sleep_opt(timeout);
     tokio::pin!(deadline);
@@ -1191,23 +1247,45 @@ mod tests {
     async fn read_limited_stops_after_limit_plus_one() {
         let data = vec![7u8; 1000];
         assert_eq!(
-            read_limited(&data[..], 1000).await.unwrap(),
+            read_limited(&data[..], 1000, OutputTap::default())
+                .await
+                .unwrap(),
             Some(data.clone())
         );
-        assert_eq!(read_limited(&data[..], 999).await.unwrap(), None);
-        assert_eq!(read_limited(&data[..], 0).await.unwrap(), None);
-        assert_eq!(read_limited(&b""[..], 0).await.unwrap(), Some(vec![]));
+        assert_eq!(
+            read_limited(&data[..], 999, OutputTap::default())
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            read_limited(&data[..], 0, OutputTap::default())
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            read_limited(&b""[..], 0, OutputTap::default())
+                .await
+                .unwrap(),
+            Some(vec![])
+        );
         // u64::MAX must not overflow.
-        assert_eq!(read_limited(&data[..], u64::MAX).await.unwrap(), Some(data));
+        assert_eq!(
+            read_limited(&data[..], u64::MAX, OutputTap::default())
+                .await
+                .unwrap(),
+            Some(data)
+        );
     }
 
     #[tokio::test]
     async fn read_tail_keeps_the_end() {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let (tail, truncated) = read_tail(&data[..], 4096).await;
+        let (tail, truncated) = read_tail(&data[..], 4096, OutputTap::default()).await;
         assert!(truncated);
         assert_eq!(tail, data[data.len() - 4096..]);
-        let (tail, truncated) = read_tail(&b"short"[..], 4096).await;
+        let (tail, truncated) = read_tail(&b"short"[..], 4096, OutputTap::default()).await;
         assert!(!truncated);
         assert_eq!(tail, b"short");
     }

@@ -40,6 +40,19 @@
 //!   report is acknowledged. At the drain timeout the attempts still running are killed
 //!   (process groups included) and reported `Drained`; the worker waits up to
 //!   [`DRAIN_REPORT_GRACE`] for those reports to be acknowledged, then leaves.
+//! * **Live output** (protocol 6): each attempt of an `exec`, `http` or `llm` agent keeps
+//!   the tail of its output, every stream in one byte sequence numbered from 0
+//!   ([`WorkerConfig::log_tail_bytes`], default [`DEFAULT_LOG_TAIL_BYTES`]), and reports
+//!   it with its end (`TaskReport::log`; an `llm` attempt also reports the tokens it used,
+//!   `TaskReport::usage`). `CoordinatorMsg::Watch { on: true, from }` for an attempt
+//!   running here is answered with what the tail holds from `from` on, then with every
+//!   new piece as it is produced, as `WorkerMsg::Output` chunks of at most
+//!   [`MAX_CHUNK_BYTES`], in offset order, until `on: false`, the attempt's end, or the
+//!   session's end (a new session starts unwatched). A `Watch` for an attempt not running
+//!   here is ignored. The agent never waits for the coordinator: at most
+//!   [`MAX_QUEUED_OUTPUT_BYTES`] of output wait for the connection's writer, and a chunk
+//!   beyond that is dropped ([`WorkerStats::output_dropped_bytes`]); the next one's offset
+//!   shows the gap.
 //! * A stop without a drain ([`Worker::run`]'s shutdown, or a second signal during a
 //!   drain) kills running attempts (process groups included) without reporting them: the
 //!   coordinator sees the worker leave and reschedules them after its lease.
@@ -132,6 +145,7 @@ pub mod cancel;
 mod connection;
 mod core;
 pub mod executor;
+mod output;
 mod peer;
 mod relay;
 mod retrieve;
@@ -156,6 +170,9 @@ pub use agent_kinds::LlmUsage;
 pub use agents::{Agent, Agents, AgentsError, ExecSpec, HttpSpec, LlmSpec, Secret};
 pub use cancel::{cancel_pair, CancelHandle, CancelToken};
 pub use executor::Executor;
+pub use output::{
+    DEFAULT_LOG_TAIL_BYTES, MAX_CHUNK_BYTES, MAX_LOG_TAIL_BYTES, MAX_QUEUED_OUTPUT_BYTES,
+};
 pub use relay::{RELAY_CLOSE_NO_COORDINATOR, RELAY_STREAM_ABORTED};
 
 use connection::{ConnLoop, Dest, RelayClient, Shared, Target, CLOSE_SHUTDOWN};
@@ -202,6 +219,11 @@ pub struct WorkerConfig {
     /// How long a drain lets running attempts finish before it cuts them short (see
     /// [`Worker::run_with_drain`]).
     pub drain_timeout: Duration,
+    /// How many of the last bytes of each attempt's output the worker keeps, for the
+    /// attempt's report and for a watcher joining late (see the crate docs, *Live
+    /// output*); [`DEFAULT_LOG_TAIL_BYTES`] by default, 0: none, at most
+    /// [`MAX_LOG_TAIL_BYTES`].
+    pub log_tail_bytes: usize,
 }
 
 /// Reconnect backoff: delays double from `initial` up to `max`, each one jittered down
@@ -275,6 +297,9 @@ pub struct WorkerParams {
     /// The worker's own credentials (its worker certificate): a session relayed by a lead
     /// proves with them who this worker is. `None`: `peer_identity` is used.
     pub identity: Option<Identity>,
+    /// How many of the last bytes of each attempt's output are kept (see
+    /// [`WorkerConfig::log_tail_bytes`]).
+    pub log_tail_bytes: usize,
 }
 
 impl WorkerParams {
@@ -304,6 +329,7 @@ impl WorkerParams {
             relay_client_config: None,
             journal: None,
             identity: None,
+            log_tail_bytes: DEFAULT_LOG_TAIL_BYTES,
         }
     }
 }
@@ -356,6 +382,10 @@ pub struct WorkerStats {
     pub relayed_sessions: usize,
     /// Members' sessions relayed so far.
     pub relayed_total: u64,
+    /// Bytes of watched output dropped instead of sent, because the session's queue
+    /// toward the coordinator held [`MAX_QUEUED_OUTPUT_BYTES`] already (published with
+    /// the worker's next event or heartbeat).
+    pub output_dropped_bytes: u64,
 }
 
 /// A worker, ready to [`run`](Worker::run).
@@ -376,6 +406,7 @@ pub struct Worker {
     identity: Option<swarm_transport::Identity>,
     stats: watch::Sender<WorkerStats>,
     journal: Option<ExecutionJournal>,
+    log_tail_bytes: usize,
 }
 
 impl Worker {
@@ -436,6 +467,7 @@ impl Worker {
         };
         Ok(Worker {
             journal: p.journal,
+            log_tail_bytes: p.log_tail_bytes,
             worker_id: p.worker_id,
             slots: p.slots,
             labels: p.labels,
@@ -501,11 +533,13 @@ impl Worker {
             identity,
             stats,
             journal,
+            log_tail_bytes,
         } = self;
         let agent_names = agents.names();
         let (core_tx, core_rx) = mpsc::unbounded_channel();
         let mut core = core::Core::new(Executor::new(agents), slots, stats.clone());
         core.set_journal(journal);
+        core.set_log_tail_bytes(log_tail_bytes);
         // The current direct coordinator connection, for relaying members' sessions.
         let coordinator = watch::Sender::new(None);
         let peers = match peer {
@@ -709,6 +743,7 @@ pub async fn run_worker(
         relay_client_config: Some(client_config(&identity, ALPN_RELAY, Role::Worker)?),
         journal: None,
         identity: Some(identity.clone()),
+        log_tail_bytes: cfg.log_tail_bytes,
     };
     // A renewed certificate (`swarm certs renew`) is presented from the next handshake.
     let reload = identity.spawn_reload(Duration::from_secs(10));

@@ -1,18 +1,27 @@
 //! The worker runtime against a tiny fake coordinator built on the real transport and
 //! real certificates.
 
+mod mock_http;
+mod mock_llm;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use mock_http::MockHttp;
+use mock_llm::MockLlm;
 use swarm_proto::worker::{
-    AttemptRef, CoordinatorMsg, FailureKind, Hello, Outcome, TaskAssignment, TaskReport, WorkerMsg,
+    AttemptRef, CoordinatorMsg, FailureKind, Hello, LogPiece, LogTail, Outcome, OutputChunk,
+    OutputStream, TaskAssignment, TaskReport, Usage, WorkerMsg,
 };
 use swarm_proto::{ALPN_WORKER, PROTOCOL_VERSION};
 use swarm_transport::tls::{client_config, init_certs, server_config, Identity, Role};
 use swarm_transport::{FrameReader, FrameWriter};
-use swarm_worker::{Agents, Backoff, ExecSpec, Worker, WorkerParams, WorkerStats};
+use swarm_worker::{
+    Agent, Agents, Backoff, ExecSpec, HttpSpec, LlmSpec, Worker, WorkerParams, WorkerStats,
+    MAX_QUEUED_OUTPUT_BYTES,
+};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -592,5 +601,200 @@ async fn many_tasks_each_reported_exactly_once() {
     let s = h.wait_stats("all acked", |s| s.acked == N).await;
     assert_eq!((s.started, s.finished, s.unacked, s.running), (N, N, 0, 0));
     drop(conn);
+    h.stop().await.unwrap();
+}
+
+// ------------------------------------------------------------------------ live output
+
+fn watch(a: AttemptRef, on: bool, from: u64) -> CoordinatorMsg {
+    CoordinatorMsg::Watch {
+        attempt: a,
+        on,
+        from,
+    }
+}
+
+/// Output chunks as a watcher gets them, checked as they come: each of `attempt`, each
+/// starting where the one before ended, the first at 0.
+struct Watched {
+    attempt: AttemptRef,
+    chunks: Vec<OutputChunk>,
+}
+
+impl Watched {
+    fn new(attempt: AttemptRef) -> Self {
+        Watched {
+            attempt,
+            chunks: Vec::new(),
+        }
+    }
+
+    fn take(&mut self, c: OutputChunk) {
+        assert_eq!(c.attempt, self.attempt);
+        let end = self.chunks.last().map_or(0, OutputChunk::end);
+        assert_eq!(c.offset, end, "no gap, no overlap");
+        self.chunks.push(c);
+    }
+
+    fn len(&self) -> usize {
+        self.chunks.iter().map(|c| c.data.len()).sum()
+    }
+
+    fn data(&self) -> Vec<u8> {
+        self.chunks.iter().flat_map(|c| c.data.clone()).collect()
+    }
+
+    /// Takes chunks until they hold `n` bytes.
+    async fn until_len(&mut self, p: &mut Peer, n: usize) {
+        while self.len() < n {
+            match p.recv().await {
+                WorkerMsg::Output(c) => self.take(c),
+                other => panic!("expected output, got {other:?}"),
+            }
+        }
+    }
+
+    /// Takes chunks until the attempt's report, which it returns.
+    async fn until_report(&mut self, p: &mut Peer) -> TaskReport {
+        loop {
+            match p.recv().await {
+                WorkerMsg::Output(c) => self.take(c),
+                WorkerMsg::Finished(r) if r.attempt == self.attempt => return r,
+                other => panic!("expected output or the report, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// An `llm` attempt watched over the wire: its token texts arrive as `tokens` chunks as
+/// the model streams them, and the report carries the answer as its log and the tokens
+/// used.
+#[tokio::test]
+async fn a_watched_llm_attempt_streams_its_tokens_and_reports_its_usage() {
+    let mock = MockLlm::start().await;
+    let spec = LlmSpec::new(mock.base_url().parse().unwrap(), mock_llm::GATED);
+    let agents = Agents::builtin().with_agent("w", Agent::Llm(spec));
+    let h = Harness::start(1, agents);
+    let mut p = h.coord.accept_welcome(60_000).await;
+    let a = attempt(21, 1);
+    p.send(run(a, "w", "hi")).await;
+    p.send(watch(a, true, 0)).await;
+    // The first delta comes while the model still holds back the rest.
+    let mut seen = Watched::new(a);
+    seen.until_len(&mut p, mock_llm::DELTAS[0].len()).await;
+    assert_eq!(seen.data(), mock_llm::DELTAS[0].as_bytes());
+    mock.open_gate();
+    let r = seen.until_report(&mut p).await;
+    assert_eq!(seen.data(), mock_llm::ANSWER.as_bytes());
+    assert!(seen.chunks.iter().all(|c| c.stream == OutputStream::Tokens));
+    assert_eq!(
+        r.outcome,
+        Outcome::Succeeded {
+            output: mock_llm::ANSWER.as_bytes().to_vec()
+        }
+    );
+    assert_eq!(
+        r.usage,
+        Some(Usage {
+            model: mock_llm::SERVED_MODEL.into(),
+            prompt_tokens: mock_llm::PROMPT_TOKENS,
+            completion_tokens: mock_llm::COMPLETION_TOKENS,
+        })
+    );
+    assert_eq!(
+        r.log,
+        LogTail {
+            offset: 0,
+            pieces: vec![LogPiece {
+                stream: OutputStream::Tokens,
+                data: mock_llm::ANSWER.as_bytes().to_vec(),
+            }],
+        }
+    );
+    h.stop().await.unwrap();
+}
+
+/// An `http` attempt's body pieces go out as `body` chunks while watched; cancelled, it
+/// reports what came as its log.
+#[tokio::test]
+async fn a_watched_http_attempt_streams_its_body() {
+    let mock = MockHttp::start().await;
+    let spec = HttpSpec::new(mock.url("/hang").parse().unwrap());
+    let agents = Agents::builtin().with_agent("fetch", Agent::Http(spec));
+    let h = Harness::start(1, agents);
+    let mut p = h.coord.accept_welcome(60_000).await;
+    let a = attempt(22, 1);
+    p.send(run(a, "fetch", "")).await;
+    p.send(watch(a, true, 0)).await;
+    let mut seen = Watched::new(a);
+    // `part;`, then a byte at a time.
+    seen.until_len(&mut p, "part;...".len()).await;
+    p.send(CoordinatorMsg::Cancel(a)).await;
+    let r = seen.until_report(&mut p).await;
+    assert!(
+        matches!(
+            r.outcome,
+            Outcome::Failed {
+                kind: FailureKind::Cancelled,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(seen.chunks.iter().all(|c| c.stream == OutputStream::Body));
+    assert!(seen.data().starts_with(b"part;..."));
+    // Everything sent is in the log, and nothing else.
+    assert_eq!(
+        r.log,
+        LogTail {
+            offset: 0,
+            pieces: vec![LogPiece {
+                stream: OutputStream::Body,
+                data: seen.data(),
+            }],
+        }
+    );
+    h.stop().await.unwrap();
+}
+
+/// The connection's writer gives the budget back as it writes: an agent printing more
+/// than [`MAX_QUEUED_OUTPUT_BYTES`] in all, while the coordinator keeps reading, loses
+/// none of it.
+#[tokio::test]
+async fn output_written_to_the_coordinator_frees_the_budget() {
+    const HALF: usize = 800 * 1024;
+    const { assert!(2 * HALF > MAX_QUEUED_OUTPUT_BYTES && HALF < MAX_QUEUED_OUTPUT_BYTES) };
+    let dir = tempfile::tempdir().unwrap();
+    let start = dir.path().join("start");
+    let gate = dir.path().join("gate");
+    let script = format!(
+        "while [ ! -e '{start}' ]; do sleep 0.02; done; head -c {HALF} /dev/zero >&2; \
+         while [ ! -e '{gate}' ]; do sleep 0.02; done; head -c {HALF} /dev/zero >&2",
+        start = start.display(),
+        gate = gate.display(),
+    );
+    let agents = Agents::builtin().with_exec("flood", ExecSpec::new("sh", ["-c", script.as_str()]));
+    let h = Harness::start(2, agents);
+    let mut p = h.coord.accept_welcome(60_000).await;
+    let a = attempt(23, 1);
+    p.send(run(a, "flood", "")).await;
+    p.send(watch(a, true, 0)).await;
+    // A report made after the watch: the watch is in place (the agent has printed nothing).
+    p.send(run(attempt(24, 1), "echo", "x")).await;
+    assert_eq!(p.finished().await.attempt, attempt(24, 1));
+    std::fs::write(&start, "").unwrap();
+    let mut seen = Watched::new(a);
+    seen.until_len(&mut p, HALF).await;
+    // A frame the worker makes only now is written after every chunk above, and the
+    // writer gives a batch's bytes back before it writes the next batch.
+    p.send(run(attempt(25, 1), "echo", "x")).await;
+    assert_eq!(p.finished().await.attempt, attempt(25, 1));
+    std::fs::write(&gate, "").unwrap();
+    let r = seen.until_report(&mut p).await;
+    assert_eq!(r.outcome, Outcome::Succeeded { output: vec![] });
+    assert_eq!(seen.len(), 2 * HALF, "nothing dropped");
+    assert!(seen.chunks.iter().all(|c| c.stream == OutputStream::Stderr));
+    assert_eq!(r.log.end(), 2 * HALF as u64);
+    assert_eq!(h.stats.borrow().output_dropped_bytes, 0);
     h.stop().await.unwrap();
 }

@@ -136,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
             peer_advertise: None,
             peer_server_name: None,
             drain_timeout: Duration::ZERO,
+            log_tail_bytes: swarm_worker::DEFAULT_LOG_TAIL_BYTES,
         };
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {

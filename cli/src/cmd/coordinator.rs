@@ -42,6 +42,7 @@ pub async fn run(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     for (flag, v) in [
         ("--max-payload-bytes", a.max_payload_bytes),
         ("--max-output-bytes", a.max_output_bytes),
+        ("--max-log-tail-bytes", a.max_log_tail_bytes),
     ] {
         if v > max_op {
             bail!(
@@ -71,6 +72,7 @@ pub async fn run(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             queue_limit: a.queue_limit,
             max_payload_bytes: a.max_payload_bytes,
             max_output_bytes: a.max_output_bytes,
+            max_log_tail_bytes: a.max_log_tail_bytes,
             ..Limits::default()
         },
         defaults: TaskDefaults {

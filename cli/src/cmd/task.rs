@@ -40,6 +40,18 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
         task.payload_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
     }
     let resp = client.submit(&task, a.wait.as_deref()).await?;
+    if a.follow {
+        if !a.json {
+            eprintln!("task {}", resp.id);
+        }
+        let end = super::logs::follow(&client, resp.id).await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&end)?);
+        } else {
+            print_end(&end);
+        }
+        return Ok(exit_for(&end));
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&resp)?);
     }
@@ -85,7 +97,15 @@ fn print_result(t: &TaskView) {
     }
 }
 
-fn exit_for(t: &TaskView) -> ExitCode {
+/// After a followed task's output: say how it ended, unless it succeeded (its output was
+/// shown as it came).
+pub(crate) fn print_end(t: &TaskView) {
+    if t.state != TaskState::Succeeded {
+        print_result(t);
+    }
+}
+
+pub(crate) fn exit_for(t: &TaskView) -> ExitCode {
     match t.state {
         TaskState::Succeeded => ExitCode::SUCCESS,
         st if st.is_final() => ExitCode::from(3),
@@ -93,9 +113,10 @@ fn exit_for(t: &TaskView) -> ExitCode {
     }
 }
 
-/// `swarm task get|list|cancel`.
+/// `swarm task get|list|cancel|logs`.
 pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        TaskCmd::Logs { api, id, follow } => super::logs::run(&api.client()?, id, follow).await,
         TaskCmd::Get { api, id, wait } => {
             let t = api.client()?.task(id, wait.as_deref()).await?;
             println!("{}", serde_json::to_string_pretty(&t)?);

@@ -49,6 +49,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             peer_advertise: None,
             peer_server_name: None,
             drain_timeout: Duration::ZERO,
+            log_tail_bytes: swarm_worker::DEFAULT_LOG_TAIL_BYTES,
         };
         let mut rx = stop_rx.clone();
         workers.push(tokio::spawn(async move {

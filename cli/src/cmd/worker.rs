@@ -70,6 +70,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         peer_advertise: a.peer_advertise,
         peer_server_name: a.peer_server_name,
         drain_timeout: a.drain_timeout,
+        log_tail_bytes: a.log_tail_bytes as usize,
     };
     let signals = StopSignals::listen();
     let result = swarm_worker::run_worker(cfg, signals.nth(1), signals.nth(2)).await;

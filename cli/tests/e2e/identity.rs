@@ -188,6 +188,8 @@ async fn a_worker_is_the_one_its_certificate_names_and_reports_only_what_it_hold
             started_at_ms: 1,
             finished_at_ms: 2,
             patterns_used: vec![],
+            log: Default::default(),
+            usage: None,
         }))
         .await
         .unwrap();
@@ -207,6 +209,8 @@ async fn a_worker_is_the_one_its_certificate_names_and_reports_only_what_it_hold
             started_at_ms: 1,
             finished_at_ms: 2,
             patterns_used: vec![],
+            log: Default::default(),
+            usage: None,
         }))
         .await
         .unwrap();

@@ -9,6 +9,7 @@ mod faults;
 mod harness;
 mod identity;
 mod lifecycle;
+mod live;
 mod memory;
 mod python_client;
 mod raft_cluster;

@@ -74,6 +74,8 @@ pub const RULES: &[Rule] = &[
     rule("POST", "/v1/tasks/batch", Submit, Checked),
     rule("GET", "/v1/tasks/{id}", Read, Checked),
     rule("POST", "/v1/tasks/{id}/cancel", Operate, Checked),
+    rule("GET", "/v1/tasks/{id}/events", Read, Checked),
+    rule("GET", "/v1/tasks/{id}/logs", Read, Checked),
     rule("GET", "/v1/swarms", Read, Checked),
     rule("POST", "/v1/swarms", Operate, Checked),
     rule("GET", "/v1/swarms/{name}", Read, Checked),

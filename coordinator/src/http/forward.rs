@@ -7,6 +7,8 @@
 //!   returned as is. A forwarded request is marked ([`FORWARDED_BY`]) and is never
 //!   forwarded twice: a node that receives one and is not the leader (leadership moved
 //!   meanwhile) answers `503 not_leader` with the leader it knows, and clients retry.
+//! * **Event streams** (`/v1/tasks/{id}/events`, see [`super::live`]): relayed piece by
+//!   piece through [`crate::cluster::PeerHttp::open`], never held whole.
 //! * **Streams** ([`leader_here`]): backups and restores are not forwarded (a forward
 //!   would hold the whole stream in this node's memory); a follower answers
 //!   `503 not_leader` naming the leader, and the client goes there itself.
@@ -80,6 +82,28 @@ pub(super) async fn forward_or_refuse(node: &Node, req: Request) -> Response {
     }
 }
 
+/// Who a request to the leader is for. The client was authenticated here: over HTTPS
+/// this node's certificate vouches for the principal it names and the client's token
+/// stays here; over plain HTTP (loopback only) the token goes along.
+pub(super) fn vouch(
+    node: &Node,
+    parts: &http::request::Parts,
+    mut rb: http::request::Builder,
+) -> http::request::Builder {
+    if !node.config().api.tls {
+        if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
+            rb = rb.header(header::AUTHORIZATION, v.clone());
+        }
+    } else if let Some(v) = parts
+        .extensions
+        .get::<crate::access::Principal>()
+        .and_then(super::auth::encode)
+    {
+        rb = rb.header(super::auth::PRINCIPAL, v);
+    }
+    rb
+}
+
 async fn forward(node: &Node, leader_api: &str, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let uri = parts
@@ -101,20 +125,7 @@ async fn forward(node: &Node, leader_api: &str, req: Request) -> Response {
         .method(parts.method.clone())
         .uri(&url)
         .header(FORWARDED_BY, node.id().to_string());
-    // The client was authenticated here. Over HTTPS this node's certificate vouches for
-    // the request and the client's token stays here; over plain HTTP (loopback only)
-    // the token goes along.
-    if !node.config().api.tls {
-        if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
-            rb = rb.header(header::AUTHORIZATION, v.clone());
-        }
-    } else if let Some(v) = parts
-        .extensions
-        .get::<crate::access::Principal>()
-        .and_then(super::auth::encode)
-    {
-        rb = rb.header(super::auth::PRINCIPAL, v);
-    }
+    rb = vouch(node, &parts, rb);
     for h in [header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(v) = parts.headers.get(&h) {
             rb = rb.header(h, v.clone());

@@ -25,6 +25,7 @@ mod cluster;
 mod error;
 mod forward;
 mod listen;
+mod live;
 mod memory;
 mod status;
 mod swarms;
@@ -64,6 +65,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/tasks/batch", post(tasks::submit_batch.layer(lead())))
         .route("/tasks/{id}", get(tasks::get_task.layer(lead())))
         .route("/tasks/{id}/cancel", post(tasks::cancel_task.layer(lead())))
+        .route("/tasks/{id}/events", get(live::events))
+        .route("/tasks/{id}/logs", get(live::logs))
         .route("/workers", get(status::workers.layer(lead())))
         .route("/cluster/nodes", post(cluster::add_node.layer(lead())))
         .route(

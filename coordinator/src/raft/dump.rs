@@ -22,8 +22,10 @@ use super::types::{LogId, NodeAddr, NodeId};
 use crate::state::{Access, TableMeta, Task};
 
 const MAGIC: &[u8; 8] = b"SWBACKUP";
-/// This format's version.
-pub const DUMP_FORMAT: u32 = 3;
+/// This format's version. Format 4 may hold attempts ended with their log tail and
+/// usage (`AttemptEnd::Logged`), which releases reading format 3 cannot decode; what
+/// formats 2 and 3 hold reads unchanged.
+pub const DUMP_FORMAT: u32 = 4;
 /// The oldest format this release reads (format 2 has no [`Record::Access`]).
 pub const OLDEST_DUMP_FORMAT: u32 = 2;
 const PREAMBLE: usize = 12;

@@ -41,7 +41,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use swarm_memory::{MemoryOp, MemoryStore, OpOutcome};
 use swarm_proto::api::{AttemptView, BytesView, TaskState, TaskView};
-use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
+use swarm_proto::worker::{AttemptRef, FailureKind, LogTail, Outcome, Usage};
 use swarm_proto::TaskId;
 use swarm_topology::{StageSpec, SwarmSpec};
 
@@ -181,6 +181,10 @@ pub enum Op {
         now_ms: u64,
         retry_at_ms: u64,
     },
+    /// [`Op::Finish`] of an attempt that logged output or used tokens (protocol 6
+    /// workers): the same, plus what is stored with the attempt. An op of its own, so
+    /// entries written before it keep their encoding.
+    Report(Box<Report>),
     /// An attempt was lost: its worker vanished or its lease expired.
     Lose {
         attempt: AttemptRef,
@@ -261,6 +265,17 @@ impl Op {
                         Outcome::Failed { message, .. } => message.len(),
                     }
             }
+            Op::Report(r) => {
+                SMALL
+                    + r.worker.len()
+                    + r.log.len()
+                    + 16 * r.log.pieces.len()
+                    + r.usage.as_ref().map_or(0, |u| 24 + u.model.len())
+                    + match &r.outcome {
+                        Outcome::Succeeded { output } => output.len(),
+                        Outcome::Failed { message, .. } => message.len(),
+                    }
+            }
             Op::Start { worker, .. } => SMALL + worker.len(),
             Op::Lose { reason, .. } => SMALL + reason.len(),
             Op::Move { from, to, .. } => SMALL + from.len() + to.len(),
@@ -280,6 +295,21 @@ impl Op {
             Op::Access(a) => SMALL + swarm_codec::encoded_len(a).unwrap_or(usize::MAX / 4),
         }
     }
+}
+
+/// What [`Op::Report`] records: an attempt's end, as [`Op::Finish`] carries it, with the
+/// attempt's log tail and token usage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub attempt: AttemptRef,
+    pub worker: String,
+    pub outcome: Outcome,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub now_ms: u64,
+    pub retry_at_ms: u64,
+    pub log: LogTail,
+    pub usage: Option<Usage>,
 }
 
 /// The table-wide facts a backup carries besides its tasks and memory.
@@ -438,10 +468,11 @@ pub fn apply_memory_command<G: std::ops::DerefMut<Target = TaskTable>>(
 /// `Finish` of that task in the same command that was not recorded (`results` holds the
 /// results of the ops before `i`): the op then belongs to a result that does not count.
 fn follows_an_unrecorded_finish(ops: &[Op], results: &[OpResult], i: usize, task: TaskId) -> bool {
-    let Some(prev) = ops[..i]
-        .iter()
-        .rposition(|op| matches!(op, Op::Finish { attempt, .. } if attempt.task_id == task))
-    else {
+    let Some(prev) = ops[..i].iter().rposition(|op| match op {
+        Op::Finish { attempt, .. } => attempt.task_id == task,
+        Op::Report(r) => r.attempt.task_id == task,
+        _ => false,
+    }) else {
         return false;
     };
     !matches!(results.get(prev), Some(OpResult::Applied { .. }))
@@ -517,6 +548,83 @@ pub enum AttemptEnd {
     Released {
         reason: String,
     },
+    /// One of the ends above, with what the attempt logged and the tokens it used
+    /// (reported by protocol 6 workers). A variant of its own, so that tasks recorded
+    /// before it keep their encoding; never nested (see [`LoggedEnd`]).
+    Logged(Box<LoggedEnd>),
+}
+
+/// An attempt's end with its log tail and usage ([`AttemptEnd::Logged`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "LoggedEndWire")]
+pub struct LoggedEnd {
+    /// How the attempt ended; never `Logged` itself.
+    pub end: AttemptEnd,
+    pub log: LogTail,
+    pub usage: Option<Usage>,
+}
+
+/// [`LoggedEnd`] as decoded: its end is read as a [`PlainEnd`], so no encoding can nest
+/// `Logged` ends (a deep nesting would take the decoder's stack).
+#[derive(Deserialize)]
+struct LoggedEndWire {
+    end: PlainEnd,
+    log: LogTail,
+    usage: Option<Usage>,
+}
+
+/// The variants of [`AttemptEnd`] before `Logged`, encoded the same.
+#[derive(Deserialize)]
+enum PlainEnd {
+    Succeeded,
+    Failed { kind: FailureKind, message: String },
+    Lost { reason: String },
+    Cancelled,
+    Released { reason: String },
+}
+
+impl From<LoggedEndWire> for LoggedEnd {
+    fn from(w: LoggedEndWire) -> Self {
+        let end = match w.end {
+            PlainEnd::Succeeded => AttemptEnd::Succeeded,
+            PlainEnd::Failed { kind, message } => AttemptEnd::Failed { kind, message },
+            PlainEnd::Lost { reason } => AttemptEnd::Lost { reason },
+            PlainEnd::Cancelled => AttemptEnd::Cancelled,
+            PlainEnd::Released { reason } => AttemptEnd::Released { reason },
+        };
+        LoggedEnd {
+            end,
+            log: w.log,
+            usage: w.usage,
+        }
+    }
+}
+
+impl AttemptEnd {
+    /// `end` with `log` and `usage` attached, when there is anything to attach.
+    pub fn with_log(self, log: Option<&LogTail>, usage: Option<&Usage>) -> AttemptEnd {
+        let log = log.filter(|l| !l.is_empty() || l.offset > 0);
+        if log.is_none() && usage.is_none() {
+            return self;
+        }
+        let end = match self {
+            AttemptEnd::Logged(l) => l.end,
+            plain => plain,
+        };
+        AttemptEnd::Logged(Box::new(LoggedEnd {
+            end,
+            log: log.cloned().unwrap_or_default(),
+            usage: usage.cloned(),
+        }))
+    }
+
+    /// How the attempt ended, whatever it logged.
+    pub fn plain(&self) -> &AttemptEnd {
+        match self {
+            AttemptEnd::Logged(l) => &l.end,
+            plain => plain,
+        }
+    }
 }
 
 /// One attempt of a task.
@@ -558,6 +666,29 @@ pub struct Task {
     pub stage_outputs: Vec<Vec<u8>>,
     /// Times the task's attempt moved between workers (mesh steals).
     pub moves: u32,
+}
+
+impl Attempt {
+    /// How the attempt ended (`None` while it runs), whatever it logged.
+    pub fn outcome(&self) -> Option<&AttemptEnd> {
+        self.end.as_ref().map(AttemptEnd::plain)
+    }
+
+    /// The tail of the attempt's output, when its worker reported one.
+    pub fn log(&self) -> Option<&LogTail> {
+        match &self.end {
+            Some(AttemptEnd::Logged(l)) => Some(&l.log),
+            _ => None,
+        }
+    }
+
+    /// The tokens the attempt used, when its agent reported them.
+    pub fn usage(&self) -> Option<&Usage> {
+        match &self.end {
+            Some(AttemptEnd::Logged(l)) => l.usage.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 impl Task {
@@ -609,7 +740,7 @@ impl Task {
             + self
                 .attempts
                 .iter()
-                .map(|a| 48 + a.worker.len())
+                .map(|a| 48 + a.worker.len() + a.log().map_or(0, |l| l.len() + 32))
                 .sum::<usize>()
             + self.stage_outputs.iter().map(Vec::len).sum::<usize>()
             + 96
@@ -647,9 +778,10 @@ impl Task {
     }
 }
 
-fn attempt_view(a: &Attempt) -> AttemptView {
-    let (outcome, error) = match &a.end {
+pub fn attempt_view(a: &Attempt) -> AttemptView {
+    let (outcome, error) = match a.outcome() {
         None => (None, None),
+        Some(AttemptEnd::Logged(_)) => (None, None),
         Some(AttemptEnd::Succeeded) => (Some("succeeded"), None),
         Some(AttemptEnd::Failed { kind, message }) => (
             Some("failed"),
@@ -667,5 +799,11 @@ fn attempt_view(a: &Attempt) -> AttemptView {
         finished_at_ms: a.finished_at_ms,
         outcome: outcome.map(str::to_string),
         error,
+        output_bytes: a.log().map_or(0, LogTail::end),
+        usage: a.usage().map(|u| swarm_proto::api::UsageView {
+            model: u.model.clone(),
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        }),
     }
 }

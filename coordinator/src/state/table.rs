@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use swarm_memory::MemoryStore;
 use swarm_proto::api::TaskState;
-use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
+use swarm_proto::worker::{AttemptRef, FailureKind, LogTail, Outcome, Usage};
 use swarm_proto::TaskId;
 use swarm_topology::DEFAULT_SWARM_NAME;
 
@@ -56,6 +56,9 @@ pub enum TableEvent {
     /// flight with a lower number has ended. (One planned at this number already was
     /// dispatched after this change applied, and stays.)
     Queued(TaskId, u32),
+    /// An attempt of the task started, or moved to another worker (live output follows
+    /// it).
+    Running(TaskId),
 }
 
 /// Events kept at most when nobody drains them (a bound, not a working size).
@@ -194,10 +197,21 @@ impl TaskTable {
                     worker,
                     outcome,
                     (*started_at_ms, *finished_at_ms),
-                    *now_ms,
-                    *retry_at_ms,
+                    (*now_ms, *retry_at_ms),
+                    (None, None),
                 ),
                 false => self.not_live(attempt.task_id, archive)?,
+            },
+            Op::Report(r) => match self.live.contains_key(&r.attempt.task_id) {
+                true => self.finish(
+                    r.attempt,
+                    &r.worker,
+                    &r.outcome,
+                    (r.started_at_ms, r.finished_at_ms),
+                    (r.now_ms, r.retry_at_ms),
+                    (Some(&r.log), r.usage.as_ref()),
+                ),
+                false => self.not_live(r.attempt.task_id, archive)?,
             },
             Op::Lose {
                 attempt,
@@ -344,6 +358,7 @@ impl TaskTable {
             }
             task.moves += 1;
         }
+        self.push_event(TableEvent::Running(id));
         OpResult::Applied { state }
     }
 
@@ -467,6 +482,7 @@ impl TaskTable {
             self.queue.remove(&key);
         }
         self.set_state(id, TaskState::Running);
+        self.push_event(TableEvent::Running(id));
         if let Some(task) = self.live_mut(id) {
             let stage = task.stage;
             // Most tasks make one attempt: room for one, not the four a first push makes.
@@ -491,8 +507,8 @@ impl TaskTable {
         worker: &str,
         outcome: &Outcome,
         (started_at_ms, finished_at_ms): (u64, u64),
-        now_ms: u64,
-        retry_at_ms: u64,
+        (now_ms, retry_at_ms): (u64, u64),
+        (log, usage): (Option<&LogTail>, Option<&Usage>),
     ) -> OpResult {
         let id = attempt.task_id;
         let Some(task) = self.live.get(&id) else {
@@ -545,7 +561,7 @@ impl TaskTable {
         rec.finished_at_ms = Some(finished_at_ms);
         match outcome {
             Outcome::Succeeded { output } => {
-                rec.end = Some(AttemptEnd::Succeeded);
+                rec.end = Some(AttemptEnd::Succeeded.with_log(log, usage));
                 task.error = None;
                 if task.stage + 1 < task.spec.stage_count() {
                     // A ring stage is done: its output is the next stage's input, and the
@@ -574,9 +590,12 @@ impl TaskTable {
             } if task.released < MAX_RELEASES_PER_STAGE => {
                 // Not the task's fault, nor a try at it: it queues again at once and the
                 // attempt is not counted.
-                rec.end = Some(AttemptEnd::Released {
-                    reason: message.clone(),
-                });
+                rec.end = Some(
+                    AttemptEnd::Released {
+                        reason: message.clone(),
+                    }
+                    .with_log(log, usage),
+                );
                 task.released += 1;
                 self.requeue(id, retry_at_ms);
                 OpResult::Applied {
@@ -584,14 +603,15 @@ impl TaskTable {
                 }
             }
             Outcome::Failed { kind, message } => {
-                rec.end = Some(if *kind == FailureKind::Cancelled {
+                let end = if *kind == FailureKind::Cancelled {
                     AttemptEnd::Cancelled
                 } else {
                     AttemptEnd::Failed {
                         kind: *kind,
                         message: message.clone(),
                     }
-                });
+                };
+                rec.end = Some(end.with_log(log, usage));
                 task.error = Some(format!("{}: {message}", kind.as_str()));
                 // A worker that cancels on its own did not run the task to an end: treat
                 // it like a lost attempt (so is a drain past the free ones).

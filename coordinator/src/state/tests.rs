@@ -242,6 +242,7 @@ fn happy_path_and_single_final_result() {
         events,
         vec![
             TableEvent::Queued(1, 1),
+            TableEvent::Running(1),
             TableEvent::Finalized(1, TaskState::Succeeded)
         ]
     );
@@ -1592,4 +1593,124 @@ fn the_access_state_is_written_only_by_the_checkpoint_after_a_change() {
     assert!(t.begin_checkpoint().unwrap().access.is_some());
     t.checkpoint_written();
     assert!(t.begin_checkpoint().unwrap().access.is_none());
+}
+
+fn log_of(text: &str) -> swarm_proto::worker::LogTail {
+    use swarm_proto::worker::{LogPiece, LogTail, OutputStream};
+    LogTail {
+        offset: 7,
+        pieces: vec![
+            LogPiece {
+                stream: OutputStream::Stdout,
+                data: text.as_bytes().to_vec(),
+            },
+            LogPiece {
+                stream: OutputStream::Stderr,
+                data: b"warn\n".to_vec(),
+            },
+        ],
+    }
+}
+
+/// A report's log tail and usage are kept with its attempt (whatever the outcome), read
+/// back through a checkpoint and a restart, and an attempt reported without them has
+/// none.
+#[test]
+fn log_tails_and_usage_are_stored_with_their_attempts() {
+    let usage = swarm_proto::worker::Usage {
+        model: "m".into(),
+        prompt_tokens: 10,
+        completion_tokens: 4,
+    };
+    let mut t = TaskTable::new();
+    let mut archive = MemArchive::default();
+    submit(&mut t, spec("a"));
+    start(&mut t, at(1, 1));
+    let report = |attempt: u32, outcome: Outcome, log, usage| {
+        Op::Report(Box::new(Report {
+            attempt: at(1, attempt),
+            worker: "w".into(),
+            outcome,
+            started_at_ms: 2,
+            finished_at_ms: 3,
+            now_ms: 3,
+            retry_at_ms: 3,
+            log,
+            usage,
+        }))
+    };
+    assert_eq!(
+        one(
+            &mut t,
+            report(1, fail(FailureKind::Exit), log_of("first\n"), None)
+        ),
+        OpResult::Applied {
+            state: TaskState::Queued
+        }
+    );
+    start(&mut t, at(1, 2));
+    assert_eq!(
+        one(
+            &mut t,
+            report(2, ok(b"done"), log_of("second\n"), Some(usage.clone()))
+        ),
+        OpResult::Applied {
+            state: TaskState::Succeeded
+        }
+    );
+    checkpoint(&mut t, &mut archive);
+    let t = archive.reload();
+    let Lookup::Found(task) = t.lookup(1, &archive).unwrap() else {
+        panic!("task 1 not found after the restart");
+    };
+    let a = &task.attempts;
+    assert_eq!(a[0].log(), Some(&log_of("first\n")));
+    assert_eq!(a[0].usage(), None);
+    assert!(matches!(
+        a[0].outcome(),
+        Some(AttemptEnd::Failed {
+            kind: FailureKind::Exit,
+            ..
+        })
+    ));
+    assert_eq!(a[1].log(), Some(&log_of("second\n")));
+    assert_eq!(a[1].usage(), Some(&usage));
+    assert_eq!(a[1].outcome(), Some(&AttemptEnd::Succeeded));
+    let view = task.view();
+    assert_eq!(view.attempts[1].outcome.as_deref(), Some("succeeded"));
+    assert_eq!(view.attempts[1].output_bytes, 7 + 7 + 5);
+    assert_eq!(view.attempts[1].usage.as_ref().unwrap().prompt_tokens, 10);
+    // The task round-trips through the codec as every store writes it.
+    let bytes = swarm_codec::encode(&*task).unwrap();
+    let back: Task = swarm_codec::decode(&bytes, bytes.len()).unwrap();
+    assert_eq!(back, *task);
+}
+
+/// A `Logged` end never holds another: an encoding that nests them is refused, not
+/// decoded recursively.
+#[test]
+fn nested_logged_ends_are_refused() {
+    let inner = AttemptEnd::Logged(Box::new(LoggedEnd {
+        end: AttemptEnd::Cancelled,
+        log: Default::default(),
+        usage: None,
+    }));
+    let nested = AttemptEnd::Logged(Box::new(LoggedEnd {
+        end: inner.clone(),
+        log: Default::default(),
+        usage: None,
+    }));
+    let ok = swarm_codec::encode(&inner).unwrap();
+    assert_eq!(
+        swarm_codec::decode::<AttemptEnd>(&ok, ok.len()).unwrap(),
+        inner
+    );
+    let bad = swarm_codec::encode(&nested).unwrap();
+    assert!(swarm_codec::decode::<AttemptEnd>(&bad, bad.len()).is_err());
+    // `with_log` never nests either.
+    let again = inner.clone().with_log(Some(&log_of("x")), None);
+    let AttemptEnd::Logged(l) = again else {
+        panic!("not logged")
+    };
+    assert_eq!(l.end, AttemptEnd::Cancelled);
 }

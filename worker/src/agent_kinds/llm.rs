@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde_json::{json, Map, Value};
-use swarm_proto::worker::{FailureKind, Outcome, PatternHit};
+use swarm_proto::worker::{FailureKind, Outcome, PatternHit, Usage};
 use tokio::time::Instant;
 
 use super::{body_tail, bounded, error_chain, failed, status_message, too_large, Attempt, OnChunk};
@@ -26,16 +26,10 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(20);
 /// A `Retry-After` asking for a longer wait than this ends the attempt instead.
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(600);
 
-/// The tokens an answer took, as the server reported them (`usage`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LlmUsage {
-    /// The model that answered (as the server named it; else the one asked for).
-    pub model: String,
-    /// Tokens of the prompt (every message sent).
-    pub prompt_tokens: u64,
-    /// Tokens of the answer.
-    pub completion_tokens: u64,
-}
+/// The tokens an answer took, as the server reported them (`usage`): the protocol's
+/// [`Usage`], which the attempt's report carries (`prompt_tokens`: every message sent;
+/// `completion_tokens`: the answer).
+pub type LlmUsage = Usage;
 
 /// Runs one attempt: builds the conversation from the payload and `patterns`, asks the
 /// server (retrying 429, 5xx and failures before any byte of the answer, within the
@@ -49,7 +43,7 @@ pub async fn run(
     attempt: Attempt<'_>,
     patterns: &[PatternHit],
     on_chunk: OnChunk<'_>,
-) -> (Outcome, Option<LlmUsage>) {
+) -> (Outcome, Option<Usage>) {
     let Attempt {
         client,
         task,
@@ -125,7 +119,7 @@ async fn converse(
     max_output_bytes: u64,
     deadline: Option<Instant>,
     on_chunk: OnChunk<'_>,
-) -> (Outcome, Option<LlmUsage>) {
+) -> (Outcome, Option<Usage>) {
     let url = spec.chat_completions_url();
     let mut tries = 0u32;
     loop {
@@ -220,7 +214,7 @@ fn build_request(
 /// How reading a 2xx response ended.
 enum Answer {
     /// For good: the answer, or a failure no retry can mend.
-    Done(Outcome, Option<LlmUsage>),
+    Done(Outcome, Option<Usage>),
     /// The body broke off before the first byte of the answer: worth another try.
     BrokeEarly(String),
 }
@@ -259,9 +253,9 @@ async fn read_answer(
     }
 }
 
-fn usage_of(v: &Value, model: Option<&str>, spec: &LlmSpec) -> Option<LlmUsage> {
+fn usage_of(v: &Value, model: Option<&str>, spec: &LlmSpec) -> Option<Usage> {
     let u = v.get("usage").filter(|u| u.is_object())?;
-    Some(LlmUsage {
+    Some(Usage {
         model: model.unwrap_or(&spec.model).to_owned(),
         prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
         completion_tokens: u
@@ -420,7 +414,7 @@ impl StreamState {
         Ok(())
     }
 
-    fn usage(&self, spec: &LlmSpec) -> Option<LlmUsage> {
+    fn usage(&self, spec: &LlmSpec) -> Option<Usage> {
         usage_of(self.usage.as_ref()?, self.model.as_deref(), spec)
     }
 }

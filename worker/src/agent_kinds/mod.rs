@@ -13,8 +13,9 @@
 //! token text (`choices[0].delta.content`) of a streamed `llm` answer, or the whole text of
 //! a non-streamed one. Only pieces that are part of the output are passed (never an
 //! error body, never more than `max_output_bytes` in all), but an attempt that fails
-//! later may already have passed some. [`crate::executor::Executor`] passes a no-op for
-//! now; live output streaming will plug in here.
+//! later may already have passed some. In a worker each piece goes to the attempt's
+//! output log (stream `body` for `http`, `tokens` for `llm`): its tail is reported with
+//! the attempt's end, and a watched attempt's pieces are sent to the coordinator live.
 
 pub mod http;
 pub mod llm;
@@ -23,10 +24,11 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use swarm_proto::worker::{FailureKind, Outcome, PatternHit, TaskAssignment};
+use swarm_proto::worker::{FailureKind, Outcome, OutputStream, PatternHit, TaskAssignment, Usage};
 
 use crate::agents::{Agents, HttpSpec, LlmSpec};
 use crate::cancel::CancelToken;
+use crate::output::OutputTap;
 
 pub use llm::LlmUsage;
 
@@ -103,7 +105,8 @@ impl std::fmt::Debug for SharedClient {
     }
 }
 
-/// Runs an attempt of the `http` agent `spec` (what [`crate::executor::Executor`] does).
+/// Runs an attempt of the `http` agent `spec` (what [`crate::executor::Executor`] does),
+/// its body's pieces going to `tap`.
 pub(crate) async fn run_http_agent(
     agents: &Agents,
     spec: &HttpSpec,
@@ -111,6 +114,7 @@ pub(crate) async fn run_http_agent(
     max_output_bytes: u64,
     timeout: Option<Duration>,
     cancel: CancelToken,
+    tap: &OutputTap,
 ) -> Outcome {
     let client = match shared_client(agents) {
         Ok(c) => c,
@@ -123,7 +127,10 @@ pub(crate) async fn run_http_agent(
         timeout,
         cancel,
     };
-    http::run(spec, attempt, &mut |_| {}).await
+    http::run(spec, attempt, &mut |piece| {
+        tap.append(OutputStream::Body, piece)
+    })
+    .await
 }
 
 /// The agents' HTTP client, or the attempt's failure when it cannot be made.
@@ -137,7 +144,8 @@ fn shared_client(agents: &Agents) -> Result<&reqwest::Client, Outcome> {
 }
 
 /// Runs an attempt of the `llm` agent `spec` (what [`crate::executor::Executor`] does),
-/// logging the tokens it used.
+/// its token texts going to `tap`; logs and returns the tokens it used.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_llm_agent(
     agents: &Agents,
     spec: &LlmSpec,
@@ -146,10 +154,11 @@ pub(crate) async fn run_llm_agent(
     max_output_bytes: u64,
     timeout: Option<Duration>,
     cancel: CancelToken,
-) -> Outcome {
+    tap: &OutputTap,
+) -> (Outcome, Option<Usage>) {
     let client = match shared_client(agents) {
         Ok(c) => c,
-        Err(o) => return o,
+        Err(o) => return (o, None),
     };
     let agent = task.agent.clone();
     let attempt_ref = task.attempt;
@@ -160,8 +169,11 @@ pub(crate) async fn run_llm_agent(
         timeout,
         cancel,
     };
-    let (outcome, usage) = llm::run(spec, attempt, patterns, &mut |_| {}).await;
-    if let Some(u) = usage {
+    let (outcome, usage) = llm::run(spec, attempt, patterns, &mut |piece| {
+        tap.append(OutputStream::Tokens, piece)
+    })
+    .await;
+    if let Some(u) = &usage {
         tracing::info!(
             agent = %agent,
             attempt = ?attempt_ref,
@@ -171,7 +183,7 @@ pub(crate) async fn run_llm_agent(
             "llm usage"
         );
     }
-    outcome
+    (outcome, usage)
 }
 
 pub(crate) use crate::executor::{failed, too_large};

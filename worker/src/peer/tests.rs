@@ -77,6 +77,7 @@ impl Node {
         core_tx
             .send(Command::Connected {
                 sink,
+                output_budget: Default::default(),
                 heartbeat: Duration::from_secs(3600),
                 max_output_bytes: 1 << 20,
                 term: 1,

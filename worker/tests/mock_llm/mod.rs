@@ -49,6 +49,9 @@ pub const HANG: &str = "hang";
 pub const BIG: &str = "big";
 /// Streams two deltas, then ends without `[DONE]`.
 pub const BROKEN: &str = "broken";
+/// Streams the first delta of [`ANSWER`], then the rest (with usage and `[DONE]`) once
+/// [`MockLlm::open_gate`] was called.
+pub const GATED: &str = "gated";
 
 /// One request as the server got it.
 #[derive(Debug, Clone)]
@@ -62,6 +65,7 @@ struct Inner {
     requests: Mutex<Vec<Recorded>>,
     hits: Mutex<HashMap<String, u32>>,
     dropped: watch::Sender<u32>,
+    gate: watch::Sender<bool>,
 }
 
 /// A running mock server (stops with the test's runtime).
@@ -103,6 +107,11 @@ impl MockLlm {
             .get(model)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Lets [`GATED`] answers go on.
+    pub fn open_gate(&self) {
+        self.inner.gate.send_replace(true);
     }
 
     /// Waits (at most `limit`) until `n` streams saw their client go away.
@@ -166,6 +175,19 @@ async fn chat(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) 
         BROKEN => {
             let text = format!("{}{}", sse_delta(DELTAS[0]), sse_delta(DELTAS[1]));
             sse_response(Body::from(text))
+        }
+        GATED if stream => {
+            let mut events = stream_events(&DELTAS);
+            // The role chunk and the first delta now, the rest once the gate opens.
+            let rest = events.split_off(2);
+            let mut gate = inner.gate.subscribe();
+            let later = async move {
+                let _ = gate.wait_for(|open| *open).await;
+                futures::stream::iter(rest.into_iter().map(ok_bytes))
+            };
+            let s = futures::stream::iter(events.into_iter().map(ok_bytes))
+                .chain(futures::stream::once(later).flatten());
+            sse_response(Body::from_stream(s))
         }
         _ => answer(stream, &DELTAS),
     }
@@ -237,6 +259,17 @@ fn answer(stream: bool, pieces: &[&str]) -> Response {
             .body(Body::from(body.to_string()))
             .unwrap();
     }
+    let s = futures::stream::iter(stream_events(pieces).into_iter().map(ok_bytes));
+    sse_response(Body::from_stream(s))
+}
+
+fn ok_bytes(e: String) -> Result<Bytes, std::io::Error> {
+    Ok(Bytes::from(e))
+}
+
+/// The events of a streamed answer made of `pieces`: a role-only first chunk, one chunk
+/// per piece, a usage chunk, `[DONE]`.
+fn stream_events(pieces: &[&str]) -> Vec<String> {
     let role = json!({
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
@@ -261,10 +294,5 @@ fn answer(stream: bool, pieces: &[&str]) -> Response {
     });
     events.push(format!("data: {last}\n\n"));
     events.push("data: [DONE]\n\n".to_owned());
-    let s = futures::stream::iter(
-        events
-            .into_iter()
-            .map(|e| Ok::<_, std::io::Error>(Bytes::from(e))),
-    );
-    sse_response(Body::from_stream(s))
+    events
 }
