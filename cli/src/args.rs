@@ -767,6 +767,27 @@ pub enum SwarmsCmd {
         api: ApiArgs,
         name: String,
     },
+    /// Set or clear a swarm's token budget: once its agents have spent this many tokens
+    /// in all, its token-using (`llm`) agents get no new attempt until it is raised.
+    Budget {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        /// The most tokens (prompt and completion) the swarm's agents may spend.
+        #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+        tokens: Option<u64>,
+        /// Remove the budget.
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Tokens LLM agents spent, by swarm, agent and model, with each swarm's budget.
+    Usage {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -300,7 +300,7 @@ where
             }
             // Tokens and revoked certificates are the old cluster's credentials, not its
             // data: this cluster keeps its own.
-            Record::Access(_) | Record::End { .. } => {}
+            Record::Access(_) | Record::Ledger(_) | Record::End { .. } => {}
         }
         if !*begun {
             return Err(BackupError::Invalid("the backup has no header".into()));

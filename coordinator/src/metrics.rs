@@ -199,6 +199,22 @@ fn describe() {
         "API requests this follower forwarded to the leader."
     );
     describe_counter!(
+        "swarm_llm_tokens_total",
+        "Tokens LLM agents reported, by agent, model and kind (prompt, completion)."
+    );
+    describe_counter!(
+        "swarm_live_output_bytes_total",
+        "Bytes of live output this leader received from workers for watchers."
+    );
+    describe_counter!(
+        "swarm_live_events_dropped_total",
+        "Live events dropped for watchers that fell a feed's ring behind."
+    );
+    describe_gauge!(
+        "swarm_live_watchers",
+        "Watchers of tasks' live events on this node."
+    );
+    describe_counter!(
         "swarm_worker_connections_total",
         "Worker connections accepted, by 0-RTT use."
     );

@@ -890,8 +890,12 @@ impl Node {
             let out = d.topologies.refresh(&d.scheduler, &table, &d.sessions);
             crate::swarms::deliver(d, out);
             let topologies = &d.topologies;
+            // Tasks of agents whose swarm spent its token budget wait (see `state::ledger`).
+            let ledger = table.ledger();
             let plan = d.scheduler.plan_by(
-                table.queued(),
+                table
+                    .queued()
+                    .filter(|t| !ledger.holds(&t.spec.swarm, t.current_agent())),
                 now,
                 topologies.max_queue_depth(),
                 |task, id, w| topologies.place(task, id, w),

@@ -58,5 +58,6 @@ pub(crate) fn status_view(node: &Node, cluster: ClusterView) -> StatusView {
                 .filter_map(|n| crate::swarms::swarm_view(node, n))
                 .collect()
         },
+        usage: node.read_table(|t| t.ledger().report().swarms),
     }
 }

@@ -600,6 +600,49 @@ fn route_of<'a>(wanted: &BTreeMap<&'a str, Option<&'a str>>, id: &str) -> Option
         .filter(|lead| wanted.get(lead).copied().flatten().is_none())
 }
 
+/// Set (`Some`) or clear (`None`) swarm `name`'s token budget
+/// (`PUT /v1/swarms/{name}/budget`); returns the swarm's usage and budget after it.
+/// Raising a spent budget releases the tasks it held at the next dispatch round.
+pub(crate) async fn set_budget(
+    node: &Node,
+    name: &str,
+    tokens: Option<u64>,
+) -> Result<swarm_proto::api::SwarmUsageView, SwarmError> {
+    if node.read_table(|t| t.swarm(name)).is_none() {
+        return Err(SwarmError::Unknown(name.to_string()));
+    }
+    let result = node
+        .propose_client(vec![Op::Ledger(crate::state::LedgerOp::Budget {
+            swarm: name.to_string(),
+            tokens,
+        })])
+        .await
+        .map_err(|e| CommitError::from_propose(node, e))?;
+    if !matches!(result.first(), Some(OpResult::Ledger)) {
+        return Err(SwarmError::Internal(format!(
+            "unexpected result {result:?}"
+        )));
+    }
+    info!(swarm = %name, ?tokens, "token budget set");
+    node.poke();
+    Ok(usage(node)
+        .swarms
+        .into_iter()
+        .find(|s| s.swarm == name)
+        .unwrap_or(swarm_proto::api::SwarmUsageView {
+            swarm: name.to_string(),
+            tokens: 0,
+            budget: None,
+            exhausted: false,
+            agents: Vec::new(),
+        }))
+}
+
+/// Tokens spent by swarm, agent and model, and the budgets (`GET /v1/usage`).
+pub(crate) fn usage(node: &Node) -> swarm_proto::api::UsageReport {
+    node.read_table(|t| t.ledger().report())
+}
+
 /// Every swarm's view (`GET /v1/swarms`), the default one included.
 pub(crate) fn list(node: &Node) -> SwarmList {
     let names: Vec<String> =

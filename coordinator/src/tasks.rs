@@ -203,11 +203,21 @@ const MAX_RETAIN_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 /// The API view of task `id`, wherever it is; [`TaskError::Expired`] once purged.
 pub(crate) fn task_view(node: &Node, id: TaskId) -> Result<TaskView, TaskError> {
     match node.table.lookup(id) {
-        Ok(Lookup::Found(t)) => Ok(t.view()),
+        Ok(Lookup::Found(t)) => Ok(view_of(node, &t)),
         Ok(Lookup::Expired) => Err(TaskError::Expired(id)),
         Ok(Lookup::Unknown) => Err(TaskError::Unknown(id)),
         Err(e) => Err(TaskError::Internal(e.to_string())),
     }
+}
+
+/// `t`'s view, saying why it waits if its swarm's token budget holds it.
+fn view_of(node: &Node, t: &crate::state::Task) -> TaskView {
+    let mut v = t.view();
+    if t.state == TaskState::Queued {
+        v.held =
+            node.read_table(|table| table.ledger().hold_reason(&t.spec.swarm, t.current_agent()));
+    }
+    v
 }
 
 /// Most ReasoningBank patterns one task may ask for.
@@ -426,7 +436,7 @@ pub(crate) async fn list(
         .list(state, after.unwrap_or(0), limit)
         .map_err(|e| TaskError::Internal(e.to_string()))?
         .iter()
-        .map(|t| t.view())
+        .map(|t| view_of(node, t))
         .collect();
     let next_after = if tasks.len() == limit {
         tasks.last().map(|t| t.id)

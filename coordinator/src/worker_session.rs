@@ -1005,10 +1005,19 @@ fn on_report(
     let mut log = report.log;
     trim_log(&mut log, node.config().limits.max_log_tail_bytes);
     if let Some(u) = &report.usage {
-        metrics::counter!("swarm_llm_tokens_total", "model" => u.model.clone(), "kind" => "prompt")
-            .increment(u.prompt_tokens);
-        metrics::counter!("swarm_llm_tokens_total", "model" => u.model.clone(), "kind" => "completion")
-            .increment(u.completion_tokens);
+        let agent = node
+            .read_table(|t| {
+                t.get(attempt.task_id)
+                    .map(|t| t.current_agent().to_string())
+            })
+            .unwrap_or_default();
+        for (kind, n) in [
+            ("prompt", u.prompt_tokens),
+            ("completion", u.completion_tokens),
+        ] {
+            metrics::counter!("swarm_llm_tokens_total", "agent" => agent.clone(), "model" => u.model.clone(), "kind" => kind)
+                .increment(n);
+        }
     }
     if log.is_empty() && log.offset == 0 && report.usage.is_none() {
         ops.push(Op::Finish {

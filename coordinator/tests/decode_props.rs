@@ -250,7 +250,7 @@ fn parse_pieces(pieces: &[&[u8]]) -> Result<bool, TestCaseError> {
                 }
             }
             Record::End { .. } => prop_assert!(parser.ended()),
-            Record::Memory(_) | Record::Staged(_) | Record::Access(_) => {}
+            Record::Memory(_) | Record::Staged(_) | Record::Access(_) | Record::Ledger(_) => {}
         }
         records += 1;
     }

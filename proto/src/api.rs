@@ -200,6 +200,45 @@ pub struct LogPieceView {
     pub text: String,
 }
 
+/// `GET /v1/usage`: tokens LLM agents spent, by swarm, agent and model, with each swarm's
+/// budget.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub swarms: Vec<SwarmUsageView>,
+}
+
+/// One swarm's token usage and budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmUsageView {
+    pub swarm: String,
+    /// Tokens spent in all (prompt and completion).
+    pub tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<u64>,
+    /// The budget is spent: the swarm's token-using agents get no new attempt.
+    #[serde(default)]
+    pub exhausted: bool,
+    pub agents: Vec<AgentUsageView>,
+}
+
+/// Tokens one agent spent with one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentUsageView {
+    pub agent: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub attempts: u64,
+}
+
+/// `PUT /v1/swarms/{name}/budget`: the most tokens the swarm's agents may spend in all;
+/// `null` clears it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetBudget {
+    pub tokens: Option<u64>,
+}
+
 /// Tokens used, as a model's server counted them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageView {
@@ -256,6 +295,12 @@ pub struct TaskView {
     /// Times a running attempt moved to another worker (mesh steals).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub moves: u32,
+    /// Tokens the task's attempts used in all (`llm` agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageView>,
+    /// Why a queued task is not dispatched now (its swarm's token budget is spent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 fn default_swarm() -> String {
@@ -500,6 +545,9 @@ pub struct StatusView {
     /// The defined swarms with their layouts (the default swarm is left out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub swarms: Vec<SwarmView>,
+    /// Tokens LLM agents spent, by swarm (only swarms with usage or a budget).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage: Vec<SwarmUsageView>,
 }
 
 /// Every error reply: `{"error": {"code": "...", "message": "..."}}`.

@@ -107,9 +107,33 @@ pub fn render(s: &StatusView) -> String {
         "throughput  {:.1} tasks/s ({} finished in the last minute)",
         s.throughput.per_second, s.throughput.finished_last_minute
     );
+    if !s.usage.is_empty() {
+        out.push_str(&render_usage(&s.usage));
+    }
     for sw in &s.swarms {
         out.push('\n');
         out.push_str(&render_swarm(sw));
+    }
+    out
+}
+
+/// Token usage and budgets, one line per swarm and one per agent and model.
+pub fn render_usage(swarms: &[swarm_proto::api::SwarmUsageView]) -> String {
+    let mut out = String::new();
+    for s in swarms {
+        let budget = match s.budget {
+            Some(b) if s.exhausted => format!(" of {b} (budget spent: its llm agents wait)"),
+            Some(b) => format!(" of {b}"),
+            None => String::new(),
+        };
+        let _ = writeln!(out, "tokens      {}: {}{budget}", s.swarm, s.tokens);
+        for a in &s.agents {
+            let _ = writeln!(
+                out,
+                "              {} {}: {} prompt + {} completion in {} attempts",
+                a.agent, a.model, a.prompt_tokens, a.completion_tokens, a.attempts
+            );
+        }
     }
     out
 }
@@ -367,6 +391,19 @@ mod tests {
             },
             queue_limit: 100,
             swarms: Vec::new(),
+            usage: vec![swarm_proto::api::SwarmUsageView {
+                swarm: "writers".into(),
+                tokens: 120,
+                budget: Some(100),
+                exhausted: true,
+                agents: vec![swarm_proto::api::AgentUsageView {
+                    agent: "writer".into(),
+                    model: "m1".into(),
+                    prompt_tokens: 100,
+                    completion_tokens: 20,
+                    attempts: 3,
+                }],
+            }],
             throughput: Throughput {
                 finished_last_minute: 60,
                 per_second: 1.0,
@@ -385,5 +422,10 @@ mod tests {
         assert!(text.contains("gpu=yes"), "{text}");
         assert!(text.contains("queued 3"), "{text}");
         assert!(text.contains("1.0 tasks/s"), "{text}");
+        assert!(text.contains("writers: 120 of 100 (budget spent"), "{text}");
+        assert!(
+            text.contains("writer m1: 100 prompt + 20 completion in 3 attempts"),
+            "{text}"
+        );
     }
 }

@@ -56,6 +56,35 @@ pub async fn run(c: SwarmsCmd) -> anyhow::Result<ExitCode> {
             api.client()?.delete_swarm(&name).await?;
             println!("deleted swarm {name}");
         }
+        SwarmsCmd::Budget {
+            api,
+            name,
+            tokens,
+            clear: _,
+        } => {
+            let v = api
+                .client()?
+                .json(
+                    reqwest::Method::PUT,
+                    &format!("/v1/swarms/{}/budget", crate::client::seg(&name)),
+                    Some(&serde_json::json!({ "tokens": tokens })),
+                )
+                .await?;
+            let v: swarm_proto::api::SwarmUsageView = serde_json::from_value(v)?;
+            print!("{}", status::render_usage(std::slice::from_ref(&v)));
+        }
+        SwarmsCmd::Usage { api, json } => {
+            let v = api
+                .client()?
+                .json(reqwest::Method::GET, "/v1/usage", None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let r: swarm_proto::api::UsageReport = serde_json::from_value(v)?;
+                print!("{}", status::render_usage(&r.swarms));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -311,3 +311,232 @@ async fn event_routes_refuse_bad_input() {
         .unwrap()
         .contains("Last-Event-ID"));
 }
+
+/// A mock OpenAI-compatible chat-completions server on loopback (the model is the one
+/// external thing): every request is answered with a stream of `TOKENS` deltas 100 ms
+/// apart, a usage chunk (50 prompt + `TOKENS` completion tokens) and `[DONE]`.
+const TOKENS: u64 = 10;
+
+async fn mock_llm() -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                // The request: headers, then Content-Length bytes of body.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body_start = loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..body_start]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < body_start + len {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+                for i in 0..TOKENS {
+                    let ev = json!({"model": "mock-1", "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}}]});
+                    if s.write_all(format!("data: {ev}\n\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let usage = json!({"model": "mock-1", "choices": [], "usage": {"prompt_tokens": 50, "completion_tokens": TOKENS, "total_tokens": 50 + TOKENS}});
+                let _ = s
+                    .write_all(format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// An `llm` agent against the mock: its tokens reach an SSE watcher before the task
+/// ends; the tokens used are recorded on the attempt, the task, `/v1/usage` and
+/// `/metrics`; a spent budget holds the swarm's next `llm` task (queued, saying why)
+/// while other agents run on, and raising it releases the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_tokens_stream_and_usage_is_counted_against_a_budget() {
+    let base = mock_llm().await;
+    let mut c = Cluster::new(&[]);
+    let agents = c.dir.path().join("agents.toml");
+    std::fs::write(
+        &agents,
+        format!("[agents.writer]\nkind = \"llm\"\nbase_url = \"{base}\"\nmodel = \"mock-1\"\n"),
+    )
+    .unwrap();
+    c.start_coordinator();
+    c.wait_ready().await;
+    c.start_worker("w1", 2, Some(&agents));
+    c.wait_workers(&["w1"]).await;
+    let http = reqwest::Client::new();
+
+    let id = c
+        .submit(json!({"agent": "writer", "payload": "write"}))
+        .await;
+    let resp = http
+        .get(format!("{}/v1/tasks/{id}/events", c.api))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let (mut tokens, mut first_token_running, mut end) = (String::new(), None, None);
+    while let Some(piece) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&piece.unwrap()));
+        while let Some(at) = buf.find("\n\n") {
+            let ev: String = buf.drain(..at + 2).collect();
+            let data = ev
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or("");
+            if ev.contains("event: output") {
+                let v: Value = serde_json::from_str(data).unwrap();
+                assert_eq!(v["stream"], "tokens");
+                tokens.push_str(v["text"].as_str().unwrap());
+                if first_token_running.is_none() {
+                    let (_, t) = c.get(&format!("/v1/tasks/{id}")).await;
+                    first_token_running = Some(t["state"] == "running");
+                }
+            } else if ev.contains("event: end") {
+                end = Some(serde_json::from_str::<Value>(data).unwrap());
+            }
+        }
+        if end.is_some() {
+            break;
+        }
+    }
+    let end = end.expect("the stream ended without `end`");
+    let want: String = (0..TOKENS).map(|i| format!("tok{i} ")).collect();
+    assert_eq!(tokens, want);
+    assert_eq!(
+        first_token_running,
+        Some(true),
+        "the first token came after the end"
+    );
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert_eq!(end["output"], want.as_str());
+    assert_eq!(end["usage"]["prompt_tokens"], 50, "{end}");
+    assert_eq!(end["usage"]["completion_tokens"], TOKENS);
+    assert_eq!(end["attempts"][0]["usage"]["model"], "mock-1");
+
+    let (_, usage) = c.get("/v1/usage").await;
+    assert_eq!(usage["swarms"][0]["swarm"], "default", "{usage}");
+    assert_eq!(usage["swarms"][0]["tokens"], 50 + TOKENS);
+    assert_eq!(usage["swarms"][0]["agents"][0]["agent"], "writer");
+    let metrics = http
+        .get(format!("{}/metrics", c.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("swarm_llm_tokens_total{")
+                && l.contains("agent=\"writer\"")
+                && l.contains("kind=\"prompt\"")
+                && l.ends_with(" 50")),
+        "{metrics}"
+    );
+
+    // A budget the next task spends: the one after it is held.
+    let (status, v) = c
+        .request(
+            reqwest::Method::PUT,
+            "/v1/swarms/default/budget",
+            Some(json!({"tokens": 100})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let second = c
+        .submit(json!({"agent": "writer", "payload": "again"}))
+        .await;
+    assert_eq!(c.wait_final(second).await["state"], "succeeded");
+    let held = c
+        .submit(json!({"agent": "writer", "payload": "held"}))
+        .await;
+    let other = c.submit(json!({"agent": "echo", "payload": "runs"})).await;
+    assert_eq!(c.wait_final(other).await["state"], "succeeded");
+    let (_, t) = c.get(&format!("/v1/tasks/{held}")).await;
+    assert_eq!(t["state"], "queued", "{t}");
+    assert!(
+        t["held"]
+            .as_str()
+            .unwrap()
+            .contains("token budget of swarm default spent: 120 of 100"),
+        "{t}"
+    );
+    let (_, usage) = c.get("/v1/usage").await;
+    assert_eq!(usage["swarms"][0]["exhausted"], true, "{usage}");
+    let status_out = std::process::Command::new(bin())
+        .args(["status", "--api", &c.api, "--token", &c.token])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status_out.stdout);
+    assert!(text.contains("default: 120 of 100 (budget spent"), "{text}");
+    // Raised: the held task runs.
+    let out = std::process::Command::new(bin())
+        .args(["swarms", "budget", "default", "--tokens", "1000"])
+        .args(["--api", &c.api, "--token", &c.token])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.wait_final(held).await["state"], "succeeded");
+    // Bad input: an unknown swarm, a malformed body.
+    let (status, v) = c
+        .request(
+            reqwest::Method::PUT,
+            "/v1/swarms/nope/budget",
+            Some(json!({"tokens": 1})),
+        )
+        .await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = c
+        .request(
+            reqwest::Method::PUT,
+            "/v1/swarms/default/budget",
+            Some(json!({"tokens": "many"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+}

@@ -1,8 +1,10 @@
 //! The Python client (`clients/python`) against real clusters: a coordinator and a worker
-//! whose agents file registers `clients/python/examples/echo_agent.py` as an `exec`
-//! agent, plus a second cluster serving its API over HTTPS; then the package's own test
-//! suite (`python3 -m unittest discover -s clients/python/tests`) runs against them and
-//! must pass with nothing skipped. Skipped, saying so, only when there is no `python3`.
+//! whose agents file registers `clients/python/examples/echo_agent.py` and
+//! `clients/python/examples/ticker_agent.py` (lines printed a little apart, for the live
+//! output tests) as `exec` agents, plus a second cluster serving its API over HTTPS; then
+//! the package's own test suite (`python3 -m unittest discover -s clients/python/tests`)
+//! runs against them and must pass with nothing skipped. Skipped, saying so, only when
+//! there is no `python3`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,21 +55,29 @@ async fn the_python_client_and_agent_helpers_pass_their_suite_against_real_clust
     let client_dir = repo_root().join("clients").join("python");
     let src = client_dir.join("src");
     let agent = client_dir.join("examples").join("echo_agent.py");
-    assert!(agent.is_file(), "missing {}", agent.display());
+    let ticker = client_dir.join("examples").join("ticker_agent.py");
+    for script in [&agent, &ticker] {
+        assert!(script.is_file(), "missing {}", script.display());
+    }
 
-    // A cluster with the Python echo agent.
+    // A cluster with the Python example agents.
     let mut c = Cluster::new(&[]);
     c.start_coordinator();
     let agents_dir = c.dir.path().join("agents");
     std::fs::create_dir_all(&agents_dir).expect("agents dir");
     std::fs::write(
         agents_dir.join("agents.toml"),
-        format!(
-            "[agents.py_echo]\ncommand = {}\nargs = [{}]\nenv_set = {{ PYTHONPATH = {} }}\n",
-            toml_literal(&python),
-            toml_literal(&agent),
-            toml_literal(&src),
-        ),
+        [("py_echo", &agent), ("py_ticker", &ticker)]
+            .iter()
+            .map(|(name, script)| {
+                format!(
+                    "[agents.{name}]\ncommand = {}\nargs = [{}]\nenv_set = {{ PYTHONPATH = {} }}\n\n",
+                    toml_literal(&python),
+                    toml_literal(script),
+                    toml_literal(&src),
+                )
+            })
+            .collect::<String>(),
     )
     .expect("agents file");
     c.wait_ready().await;

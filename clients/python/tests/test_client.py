@@ -6,8 +6,9 @@ Configured by the environment (every test here is skipped, saying why, without i
   worker connected (e.g. ``http://127.0.0.1:8080``);
 * ``SWARM_TEST_TOKEN`` — an ``admin`` (or ``operate``) token of that cluster;
 * ``SWARM_TEST_AGENTS_DIR`` — the directory holding the ``agents.toml`` that worker
-  runs, registering ``examples/echo_agent.py`` as an ``exec`` agent (its name is read
-  from the file). Without it the Python-agent tests are skipped.
+  runs, registering ``examples/echo_agent.py`` and ``examples/ticker_agent.py`` as
+  ``exec`` agents (their names are read from the file). Without it the Python-agent and
+  live-output tests are skipped.
 * ``SWARM_TEST_TLS_API``, ``SWARM_TEST_TLS_CA``, ``SWARM_TEST_OTHER_CA`` — optional: an
   ``https://`` API (same token, a worker connected), its cluster's ``ca.pem``, and
   another cluster's ``ca.pem``, for the TLS tests.
@@ -17,6 +18,7 @@ Configured by the environment (every test here is skipped, saying why, without i
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -29,6 +31,7 @@ from unittest import mock
 
 from swarm_client import (
     Client,
+    Event,
     SubmitSpec,
     SwarmConnectionError,
     SwarmError,
@@ -58,14 +61,14 @@ def _closed_port() -> int:
     return port
 
 
-def python_agent_name(agents_dir: str) -> Optional[str]:
+def python_agent_name(agents_dir: str, script: str = "echo_agent.py") -> Optional[str]:
     """The name under which ``agents.toml`` in ``agents_dir`` registers
-    ``examples/echo_agent.py``, or ``None``."""
+    ``examples/<script>``, or ``None``."""
     path = os.path.join(agents_dir, "agents.toml")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     for m in re.finditer(r"^\[agents\.([A-Za-z0-9_.-]+)\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S):
-        if "echo_agent.py" in m.group(2):
+        if script in m.group(2):
             return m.group(1)
     return None
 
@@ -383,6 +386,137 @@ class PythonAgentTest(unittest.TestCase):
         self.assertIn(title, out["pattern_titles"])
 
 
+def ticks(n: int) -> bytes:
+    """What ``examples/ticker_agent.py`` prints on stdout for ``n`` lines."""
+    return "".join(f"tick {i}/{n} \u2713\n" for i in range(1, n + 1)).encode("utf-8")
+
+
+@unittest.skipUnless(API and TOKEN, NEEDS_CLUSTER)
+@unittest.skipUnless(
+    AGENTS_DIR, "set SWARM_TEST_AGENTS_DIR to the directory of the worker's agents.toml"
+)
+class LiveOutputTest(unittest.TestCase):
+    """A task's output followed live (``events``, ``follow``) and read back (``logs``),
+    with examples/ticker_agent.py printing lines a little apart."""
+
+    client: Client
+    agent: str
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        name = python_agent_name(AGENTS_DIR, "ticker_agent.py")
+        if name is None:
+            raise AssertionError(f"{AGENTS_DIR}/agents.toml registers no ticker_agent.py")
+        cls.agent = name
+        cls.client = Client(API, token=TOKEN)
+        cls.client.wait_ready(WAIT)
+        deadline = time.monotonic() + WAIT
+        while not any(name in w.get("agents", []) for w in cls.client.workers()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no connected worker offers the agent {name!r}")
+            time.sleep(0.1)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.client.close()
+
+    def test_events_show_the_output_live_then_end_and_logs_keep_it(self) -> None:
+        n = 8
+        t = self.client.submit(self.agent, {"lines": n, "interval": 0.25}, max_attempts=1)
+        events: List[Event] = []
+        first_output_ms: Optional[float] = None
+        for ev in self.client.events(t.id, timeout=WAIT):
+            if ev.event == "output" and first_output_ms is None:
+                first_output_ms = time.time() * 1000
+            events.append(ev)
+        names = [e.event for e in events]
+        self.assertEqual(names[-1], "end", names)
+        self.assertEqual(names.count("end"), 1, names)
+        self.assertNotIn("gap", names)
+        outputs = [e for e in events if e.event == "output"]
+        self.assertGreater(len(outputs), 0, names)
+
+        # Exactly what the agent wrote, each stream apart; the offsets follow each other.
+        stdout = b"".join(e.output or b"" for e in outputs if e.stream == "stdout")
+        stderr = b"".join(e.output or b"" for e in outputs if e.stream == "stderr")
+        self.assertEqual(stdout, ticks(n))
+        self.assertEqual(stderr, b"ticker done\n")
+        offset = 0
+        for e in outputs:
+            self.assertEqual((e.attempt, e.data["offset"]), (1, offset), e)
+            self.assertEqual(e.data["len"], len(e.output or b""))
+            offset += e.data["len"]
+            self.assertEqual(e.id, f"1:{offset}")
+        total = len(stdout) + len(stderr)
+        self.assertEqual(offset, total)
+
+        # The attempt's start and end, and the task's state, came as events too.
+        attempts = [e.data for e in events if e.event == "attempt"]
+        self.assertEqual([a["event"] for a in attempts], ["started", "ended"])
+        self.assertTrue(attempts[0]["worker"])
+        self.assertEqual((attempts[1]["outcome"], attempts[1]["output_bytes"]), ("succeeded", total))
+        self.assertIn("running", [e.data["state"] for e in events if e.event == "state"])
+
+        # `end` carries the final task.
+        task = events[-1].task
+        assert task is not None
+        self.assertEqual((task.id, task.state), (t.id, "succeeded"))
+        self.assertEqual(task.output, ticks(n))
+        self.assertEqual(task.attempts[-1].output_bytes, total)
+        # Live: the first line arrived while the task still ran (it runs ~2 s).
+        assert first_output_ms is not None and task.finished_at_ms is not None
+        self.assertLess(first_output_ms, task.finished_at_ms, "the output came only at the end")
+
+        # The log tail stored with the attempt.
+        logs = self.client.logs(t.id)
+        self.assertEqual((logs["id"], logs["state"]), (t.id, "succeeded"))
+        (a,) = logs["attempts"]
+        self.assertEqual((a["attempt"], a["running"], a["offset"], a["output_bytes"]), (1, False, 0, total))
+        self.assertEqual(a["worker"], attempts[0]["worker"])
+        kept = {"stdout": "", "stderr": ""}
+        for piece in a["pieces"]:
+            kept[piece["stream"]] += piece["text"]
+        self.assertEqual(kept, {"stdout": ticks(n).decode("utf-8"), "stderr": "ticker done\n"})
+
+        # Resuming after an event's id gives the rest of the output, none of it twice.
+        all_bytes = b"".join(e.output or b"" for e in outputs)
+        middle = outputs[len(outputs) // 2]
+        assert middle.id is not None
+        after = int(middle.id.split(":")[1])
+        rest = list(self.client.events(t.id, last_event_id=middle.id, timeout=WAIT))
+        self.assertEqual(rest[-1].event, "end")
+        self.assertEqual(b"".join(e.output or b"" for e in rest if e.event == "output"), all_bytes[after:])
+
+    def test_follow_writes_the_output_and_returns_the_task(self) -> None:
+        t = self.client.submit(self.agent, {"lines": 4, "interval": 0.1}, max_attempts=1)
+        out, err = io.StringIO(), io.StringIO()
+        dead = f"http://127.0.0.1:{_closed_port()}"
+        # Through a client whose first address is down: the stream comes from the next.
+        with Client(f"{dead},{API}", token=TOKEN) as c:
+            done = c.follow(t, out, err, timeout=WAIT)
+        self.assertEqual((done.id, done.state), (t.id, "succeeded"))
+        self.assertEqual(out.getvalue(), ticks(4).decode("utf-8"))
+        self.assertEqual(err.getvalue(), "ticker done\n")
+        self.assertEqual(done.output, ticks(4))
+        # A final task's stream replays it and ends at once.
+        out2 = io.StringIO()
+        self.assertEqual(self.client.follow(t.id, out2, io.StringIO(), timeout=WAIT).state, "succeeded")
+        self.assertEqual(out2.getvalue(), out.getvalue())
+
+    def test_event_refusals(self) -> None:
+        with self.assertRaises(SwarmError) as cm:
+            next(self.client.events(10**15))
+        self.assertEqual((cm.exception.status, cm.exception.code), (404, "not_found"))
+        with self.assertRaises(SwarmError) as cm:
+            self.client.logs(10**15)
+        self.assertEqual(cm.exception.status, 404)
+        t = self.client.submit("echo", "x", wait=WAIT)
+        with self.assertRaises(SwarmError) as cm:
+            list(self.client.events(t.id, last_event_id="nonsense"))
+        self.assertEqual((cm.exception.status, cm.exception.code), (400, "bad_request"))
+        self.assertIn("Last-Event-ID", cm.exception.message)
+
+
 @unittest.skipUnless(TLS_API and TLS_CA and TOKEN, "set SWARM_TEST_TLS_API and SWARM_TEST_TLS_CA for the HTTPS tests")
 class TlsTest(unittest.TestCase):
     """The API over HTTPS, verified against the cluster CA."""
@@ -397,6 +531,12 @@ class TlsTest(unittest.TestCase):
             time.sleep(0.1)
         t = c.submit("echo", "over tls", wait=WAIT)
         self.assertEqual((t.state, t.text), ("succeeded", "over tls"))
+        # The event stream over TLS too.
+        evs = list(c.events(t.id, timeout=WAIT))
+        self.assertEqual(evs[-1].event, "end")
+        end = evs[-1].task
+        assert end is not None
+        self.assertEqual((end.state, end.text), ("succeeded", "over tls"))
         c.close()
         with mock.patch.dict(os.environ, {"SWARM_CA": TLS_CA, "SWARM_TOKEN": TOKEN}):
             with Client(TLS_API) as c:

@@ -1,20 +1,37 @@
-"""Tests of swarm_client that need no cluster: encodings, parsing, configuration, and
-the exec-agent helpers (run as a real subprocess, the way a worker runs an agent)."""
+"""Tests of swarm_client that need no cluster: encodings, parsing, configuration, the
+event-stream parser and the event client against a scripted local HTTP server, and the
+exec-agent helpers (run as a real subprocess, the way a worker runs an agent)."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import unittest
-from typing import Dict, Optional, Tuple
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from unittest import mock
 
-from swarm_client import Client, MemoryItem, SubmitSpec, SwarmError, Task, encode_payload
+from swarm_client import (
+    Client,
+    Event,
+    MemoryItem,
+    SubmitSpec,
+    SwarmConnectionError,
+    SwarmError,
+    Task,
+    WaitTimeout,
+    encode_payload,
+)
 from swarm_client._http import parse_bases, parse_error
+from swarm_client.events import SseParser
 from swarm_client.agent import encode_result
 from swarm_client.models import spec_to_json
 
@@ -22,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SRC = os.path.join(ROOT, "src")
 ECHO_AGENT = os.path.join(ROOT, "examples", "echo_agent.py")
+TICKER_AGENT = os.path.join(ROOT, "examples", "ticker_agent.py")
 
 
 def run_agent(
@@ -166,6 +184,390 @@ class ConfigTest(unittest.TestCase):
         self.assertIsInstance(e, SwarmError)
         self.assertEqual((e.status, e.code), (502, "http_error"))
         self.assertIn("bad gateway", e.message)
+
+
+# -- live events -------------------------------------------------------------------
+
+
+def feed_all(pieces: List[bytes]) -> List[Event]:
+    """The events a fresh parser makes of ``pieces``, fed one after the other."""
+    p = SseParser()
+    out: List[Event] = []
+    for piece in pieces:
+        out.extend(p.feed(piece))
+    return out
+
+
+class SseParserTest(unittest.TestCase):
+    # Every feature at once: a BOM, comments (keep-alives), LF, CRLF and lone-CR line
+    # ends, a multi-line data, a field without a space or a colon, an id carried over,
+    # an event without data (not dispatched), `retry`, text that is not JSON, and a
+    # character of several bytes.
+    STREAM = (
+        b"\xef\xbb\xbf: keep-alive\n\n"
+        b'event: state\nid: 0:0\ndata: {"state":"queued"}\n\n'
+        b'event: output\r\nid: 1:5\r\ndata: {"stream":"stdout","text":"h\xc3\xa9 \\u2713"}\r\n\r\n'
+        b"event: note\rdata:first\rdata: second\r\rretry: 1500\n"
+        b"event: nothing\nid: 1:9\n\n"
+        b": another comment\n"
+        b"event: gap\nignored\ndata: {\"from\": 1}\n\n"
+        b"data: plain text\n\n"
+        b'event: end\r\nid: 1:12\r\ndata: {"id": 3, "state": "succeeded"}\r\n\r\n'
+    )
+    WANT = [
+        ("state", "0:0", {"state": "queued"}),
+        ("output", "1:5", {"stream": "stdout", "text": "h\u00e9 \u2713"}),
+        ("note", "1:5", "first\nsecond"),
+        ("gap", "1:9", {"from": 1}),
+        ("message", "1:9", "plain text"),
+        ("end", "1:12", {"id": 3, "state": "succeeded"}),
+    ]
+
+    def check(self, events: List[Event], msg: str = "") -> None:
+        self.assertEqual([(e.event, e.id, e.data) for e in events], self.WANT, msg)
+
+    def test_a_whole_stream(self) -> None:
+        p = SseParser()
+        self.check(p.feed(self.STREAM))
+        self.assertEqual(p.retry_ms, 1500)
+        self.assertEqual(p.last_event_id, "1:12")
+
+    def test_split_anywhere_across_reads(self) -> None:
+        data = self.STREAM
+        for cut in range(len(data) + 1):
+            self.check(feed_all([data[:cut], data[cut:]]), f"cut at {cut}")
+        for a in range(0, len(data), 7):
+            for b in range(a, len(data), 13):
+                self.check(feed_all([data[:a], data[a:b], data[b:]]), f"cuts at {a}, {b}")
+
+    def test_byte_by_byte(self) -> None:
+        self.check(feed_all([bytes([b]) for b in self.STREAM]))
+
+    def test_crlf_split_between_reads_is_one_line_end(self) -> None:
+        # "\r" ends a piece, "\n" starts the next: one line end, not a blank line.
+        evs = feed_all([b"event: a\r", b"\ndata: 1\r", b"\n\r", b"\n"])
+        self.assertEqual([(e.event, e.data) for e in evs], [("a", 1)])
+        # Two CRs are a line end and a blank line.
+        evs = feed_all([b"data: 2\r", b"\r"])
+        self.assertEqual([(e.event, e.data) for e in evs], [("message", 2)])
+
+    def test_an_event_cut_short_by_the_end_of_the_stream_is_not_given(self) -> None:
+        self.assertEqual(feed_all([b'event: end\ndata: {"id": 1}\n']), [])
+        self.assertEqual(feed_all([b"data: x"]), [])
+
+    def test_multi_line_data_and_empty_data(self) -> None:
+        (ev,) = feed_all([b"data: {\ndata: \"a\":\ndata:  1}\n\n"])
+        self.assertEqual((ev.raw, ev.data), ('{\n"a":\n 1}', {"a": 1}))
+        (ev,) = feed_all([b"data\n\n"])  # no colon: the field's value is empty
+        self.assertEqual((ev.event, ev.raw, ev.data), ("message", "", ""))
+        self.assertEqual(feed_all([b"id: 5\nevent: x\n\n"]), [])  # no data: no event
+
+    def test_event_helpers(self) -> None:
+        text = Event.parse("output", "1:0", '{"attempt": 1, "stream": "stderr", "offset": 0, "len": 3, "text": "ab\\n"}')
+        self.assertEqual((text.stream, text.output, text.text, text.attempt), ("stderr", b"ab\n", "ab\n", 1))
+        raw = bytes([0xFF, 0x00, 0xC3])
+        b64 = Event.parse(
+            "output",
+            "1:3",
+            json.dumps({"stream": "stdout", "data": base64.b64encode(raw).decode(), "encoding": "base64"}),
+        )
+        self.assertEqual(b64.output, raw)
+        self.assertEqual(b64.text, raw.decode("utf-8", errors="replace"))
+        end = Event.parse("end", "1:3", json.dumps({"id": 9, "agent": "echo", "state": "succeeded", "output": "x"}))
+        self.assertIsInstance(end.task, Task)
+        self.assertEqual((end.task.id, end.task.text), (9, "x"))
+        state = Event.parse("state", "0:0", '{"state": "running", "attempt": 2}')
+        self.assertEqual((state.output, state.text, state.task, state.stream, state.attempt), (None, None, None, None, 2))
+
+
+def sse(event: str, id: str, data: Any) -> bytes:
+    """One event as the coordinator writes it."""
+    return f"event: {event}\nid: {id}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def out_event(attempt: int, offset: int, stream: str, data: bytes) -> bytes:
+    """An ``output`` event: text when UTF-8, else base64 (as the coordinator does)."""
+    v: Dict[str, Any] = {"task": 7, "attempt": attempt, "stream": stream, "offset": offset, "len": len(data)}
+    try:
+        v["text"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        v["data"] = base64.b64encode(data).decode()
+        v["encoding"] = "base64"
+    return sse("output", f"{attempt}:{offset + len(data)}", v)
+
+
+TASK_VIEW = {"id": 7, "agent": "py", "state": "succeeded", "output": "done", "attempts": []}
+END = sse("end", "1:99", TASK_VIEW)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Answers as its server's ``script`` says; records every request."""
+
+    protocol_version = "HTTP/1.1"
+    server: "FakeApi"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        with self.server.lock:
+            n = len(self.server.requests)
+            self.server.requests.append((self.path, dict(self.headers.items())))
+        self.server.script(self, n)
+
+    def send_json(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_stream(self, content_type: str = "text/event-stream") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def finish_chunks(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class FakeApi(ThreadingHTTPServer):
+    """A local HTTP server answering with ``script(handler, request_index)``."""
+
+    daemon_threads = True
+
+    def __init__(self, script: Callable[[Handler, int], None]) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.script = script
+        self.lock = threading.Lock()
+        self.requests: List[Tuple[str, Dict[str, str]]] = []
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that left early (as some tests do) is no error here
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class EventClientTest(unittest.TestCase):
+    """Client.events/follow/logs against a scripted server."""
+
+    def serve(self, script: Callable[[Handler, int], None]) -> FakeApi:
+        api = FakeApi(script)
+        self.addCleanup(api.stop)
+        return api
+
+    def client(self, api: FakeApi, **kwargs: Any) -> Client:
+        c = Client(api.url, token="tok", **kwargs)
+        self.addCleanup(c.close)
+        return c
+
+    def test_events_come_as_they_are_sent(self) -> None:
+        go = threading.Event()
+        waited: List[bool] = []
+
+        def script(h: Handler, n: int) -> None:
+            h.start_stream()
+            h.chunk(sse("state", "0:0", {"state": "running", "attempt": 1}))
+            h.chunk(out_event(1, 0, "stdout", b"first\n")[:20])  # half an event
+            # The client must have the state event before the rest is sent.
+            waited.append(go.wait(10))
+            h.chunk(out_event(1, 0, "stdout", b"first\n")[20:] + END)
+            h.finish_chunks()
+
+        api = self.serve(script)
+        seen = []
+        for ev in self.client(api).events(7):
+            seen.append(ev.event)
+            go.set()
+        self.assertEqual(seen, ["state", "output", "end"])
+        self.assertEqual(waited, [True])
+        path, headers = api.requests[0]
+        self.assertEqual(path, "/v1/tasks/7/events")
+        self.assertEqual(headers.get("Authorization"), "Bearer tok")
+        self.assertEqual(headers.get("Accept"), "text/event-stream")
+        self.assertNotIn("Last-Event-ID", headers)
+
+    def test_a_stream_ending_without_end_is_resumed_from_the_last_id(self) -> None:
+        def script(h: Handler, n: int) -> None:
+            h.start_stream()
+            if n == 0:
+                # Ends cleanly, without `end` (a node that lost the leadership).
+                h.chunk(sse("state", "0:0", {"state": "running", "attempt": 1}))
+                h.chunk(out_event(1, 0, "stdout", b"one\n"))
+                h.finish_chunks()
+            elif n == 1:
+                # Breaks off in the middle of an event (a crash).
+                h.chunk(out_event(1, 4, "stdout", b"two\n") + b"event: output\nid: 1:")
+            else:
+                h.chunk(out_event(1, 8, "stderr", b"three\n") + END)
+                h.finish_chunks()
+
+        api = self.serve(script)
+        got = [(e.event, e.id, e.text) for e in self.client(api).events("7")]
+        self.assertEqual(
+            got,
+            [
+                ("state", "0:0", None),
+                ("output", "1:4", "one\n"),
+                ("output", "1:8", "two\n"),
+                ("output", "1:14", "three\n"),
+                ("end", "1:99", None),
+            ],
+        )
+        self.assertEqual(
+            [h.get("Last-Event-ID") for _, h in api.requests], [None, "1:4", "1:8"]
+        )
+
+    def test_a_given_last_event_id_is_sent(self) -> None:
+        api = self.serve(lambda h, n: (h.start_stream(), h.chunk(END), h.finish_chunks()))
+        evs = list(self.client(api).events(7, last_event_id="2:40"))
+        self.assertEqual([e.event for e in evs], ["end"])
+        self.assertEqual(api.requests[0][1].get("Last-Event-ID"), "2:40")
+
+    def test_refusals_are_raised_at_once(self) -> None:
+        def script(h: Handler, n: int) -> None:
+            if "/7/" in h.path:
+                h.send_json(400, {"error": {"code": "bad_request", "message": "bad Last-Event-ID"}})
+            else:
+                h.send_json(404, {"error": {"code": "not_found", "message": "no task 8"}})
+
+        api = self.serve(script)
+        c = self.client(api)
+        with self.assertRaises(SwarmError) as cm:
+            next(c.events(8))
+        self.assertEqual((cm.exception.status, cm.exception.code), (404, "not_found"))
+        with self.assertRaises(SwarmError) as cm:
+            c.follow(7, io.StringIO(), io.StringIO(), last_event_id="nonsense")
+        self.assertEqual(cm.exception.code, "bad_request")
+        self.assertEqual(len(api.requests), 2)  # neither was retried
+
+    def test_a_stream_that_stays_broken_gives_up_after_resume_for(self) -> None:
+        api = self.serve(
+            lambda h, n: h.send_json(503, {"error": {"code": "unavailable", "message": "no leader"}})
+        )
+        started = time.monotonic()
+        with self.assertRaises(SwarmError) as cm:
+            list(self.client(api).events(7, resume_for=1.0))
+        self.assertEqual(cm.exception.code, "unavailable")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertGreater(len(api.requests), 2)
+
+    def test_failover_to_a_node_that_answers(self) -> None:
+        api = self.serve(lambda h, n: (h.start_stream(), h.chunk(END), h.finish_chunks()))
+        with Client(f"http://127.0.0.1:{closed_port()},{api.url}", token="tok") as c:
+            self.assertEqual(c.follow(7, io.StringIO(), io.StringIO()).id, 7)
+
+    def test_an_answer_that_is_not_an_event_stream_is_an_error(self) -> None:
+        api = self.serve(lambda h, n: (h.start_stream("text/html"), h.chunk(b"<html>"), h.finish_chunks()))
+        with self.assertRaises(SwarmConnectionError) as cm:
+            list(self.client(api).events(7, resume_for=0.5))
+        self.assertIn("not an event stream", str(cm.exception))
+
+    def test_timeout_raises_wait_timeout_with_the_task(self) -> None:
+        def script(h: Handler, n: int) -> None:
+            if h.path.endswith("/events"):
+                h.start_stream()
+                h.chunk(sse("state", "0:0", {"state": "running", "attempt": 1}))
+                try:
+                    for _ in range(100):  # keep-alives until the client leaves
+                        time.sleep(0.05)
+                        h.chunk(b": keep-alive\n\n")
+                except OSError:
+                    pass
+            else:
+                h.send_json(200, dict(TASK_VIEW, state="running"))
+
+        api = self.serve(script)
+        seen = []
+        started = time.monotonic()
+        with self.assertRaises(WaitTimeout) as cm:
+            for ev in self.client(api).events(7, timeout=0.6):
+                seen.append(ev.event)
+        self.assertEqual(seen, ["state"])
+        self.assertEqual(cm.exception.task.state, "running")
+        self.assertLess(time.monotonic() - started, 4)
+
+    def test_follow_writes_each_stream_where_it_belongs(self) -> None:
+        pieces = [
+            sse("state", "0:0", {"state": "running", "attempt": 1}),
+            sse("attempt", "1:0", {"attempt": 1, "event": "started", "stage": 0, "worker": "w1"}),
+            out_event(1, 0, "stdout", b"h\xc3"),  # a character split between two pieces
+            out_event(1, 2, "stdout", b"\xa9llo\n"),
+            out_event(1, 7, "stderr", b"warn\n"),
+            sse("attempt", "1:12", {"attempt": 1, "event": "ended", "outcome": "failed", "error": "boom", "output_bytes": 12}),
+            sse("attempt", "2:0", {"attempt": 2, "event": "started", "stage": 0, "worker": "w2"}),
+            sse("gap", "2:0", {"attempt": 2, "from": 0, "to": 10, "reason": "lagged"}),
+            out_event(2, 10, "tokens", "tök".encode()),
+            END,
+        ]
+        stream = b"".join(pieces)
+        api = self.serve(lambda h, n: (h.start_stream(), h.chunk(stream), h.finish_chunks()))
+        out, err = io.StringIO(), io.StringIO()
+        task = self.client(api).follow(7, out, err)
+        self.assertEqual((task.id, task.state, task.text), (7, "succeeded", "done"))
+        self.assertEqual(out.getvalue(), "h\u00e9llo\ntök")
+        self.assertEqual(err.getvalue(), "warn\n")
+
+        out, err = io.StringIO(), io.StringIO()
+        self.client(api).follow(7, out, err, notes=True)
+        self.assertEqual(out.getvalue(), "h\u00e9llo\ntök")
+        self.assertEqual(
+            err.getvalue(),
+            "warn\n== attempt 1 failed: boom\n== attempt 2 on w2\n"
+            "== 10 bytes of output not shown (lagged)\n",
+        )
+
+        bout, berr = io.BytesIO(), io.BytesIO()
+        self.client(api).follow(7, bout, berr)
+        self.assertEqual(bout.getvalue(), "h\u00e9llo\ntök".encode())
+        self.assertEqual(berr.getvalue(), b"warn\n")
+
+        # The defaults are the process's own streams, as they are when called.
+        with mock.patch.object(sys, "stdout", io.StringIO()) as o, mock.patch.object(sys, "stderr", io.StringIO()) as e:
+            self.client(api).follow(7)
+        self.assertEqual((o.getvalue(), e.getvalue()), ("h\u00e9llo\ntök", "warn\n"))
+
+    def test_logs(self) -> None:
+        body = {"id": 7, "state": "succeeded", "attempts": [
+            {"attempt": 1, "stage": 0, "worker": "w1", "running": False, "offset": 0,
+             "output_bytes": 3, "pieces": [{"stream": "stdout", "text": "hi\n"}]}]}
+        api = self.serve(lambda h, n: h.send_json(200, body))
+        self.assertEqual(self.client(api).logs(7), body)
+        self.assertEqual(api.requests[0][0], "/v1/tasks/7/logs")
+
+    def test_attempts_carry_output_bytes_and_usage(self) -> None:
+        t = Task.from_json({"id": 1, "agent": "llm", "state": "succeeded", "attempts": [
+            {"attempt": 1, "worker": "w", "started_at_ms": 1, "output_bytes": 42,
+             "usage": {"model": "m", "prompt_tokens": 3, "completion_tokens": 5}},
+            {"attempt": 2, "worker": "w", "started_at_ms": 2}]})
+        self.assertEqual(t.attempts[0].output_bytes, 42)
+        self.assertEqual(t.attempts[0].usage, {"model": "m", "prompt_tokens": 3, "completion_tokens": 5})
+        self.assertEqual((t.attempts[1].output_bytes, t.attempts[1].usage), (0, None))
 
 
 class AgentTest(unittest.TestCase):

@@ -79,6 +79,8 @@ pub const RULES: &[Rule] = &[
     rule("GET", "/v1/swarms", Read, Checked),
     rule("POST", "/v1/swarms", Operate, Checked),
     rule("GET", "/v1/swarms/{name}", Read, Checked),
+    rule("PUT", "/v1/swarms/{name}/budget", Operate, Checked),
+    rule("GET", "/v1/usage", Read, Checked),
     rule("DELETE", "/v1/swarms/{name}", Operate, Checked),
     rule("GET", "/v1/status", Read, Any),
     rule("GET", "/v1/node", Read, Any),

@@ -108,6 +108,11 @@ pub fn router(node: Arc<Node>) -> Router {
             "/swarms/{name}",
             get(swarms::get.layer(lead())).delete(swarms::delete.layer(lead())),
         )
+        .route(
+            "/swarms/{name}/budget",
+            axum::routing::put(swarms::set_budget.layer(lead())),
+        )
+        .route("/usage", get(swarms::usage.layer(lead())))
         .route("/backup", get(backup::backup.layer(here())))
         .route(
             "/restore",

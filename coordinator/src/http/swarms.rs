@@ -7,7 +7,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use swarm_proto::api::{CreateSwarm, SwarmList, SwarmView};
+use swarm_proto::api::{CreateSwarm, SetBudget, SwarmList, SwarmUsageView, SwarmView, UsageReport};
 
 use super::auth::check_swarm;
 use super::ApiError;
@@ -45,6 +45,28 @@ pub(super) async fn get(
 ) -> Result<Json<SwarmView>, ApiError> {
     check_swarm(&p, &name)?;
     Ok(Json(swarms::get(&node, &name)?))
+}
+
+/// `PUT /v1/swarms/{name}/budget`
+pub(super) async fn set_budget(
+    State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    body: Result<Json<SetBudget>, JsonRejection>,
+) -> Result<Json<SwarmUsageView>, ApiError> {
+    let Json(req) = body?;
+    check_swarm(&p, &name)?;
+    Ok(Json(swarms::set_budget(&node, &name, req.tokens).await?))
+}
+
+/// `GET /v1/usage`: a token limited to swarms sees only theirs.
+pub(super) async fn usage(
+    State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
+) -> Json<UsageReport> {
+    let mut report = swarms::usage(&node);
+    report.swarms.retain(|s| p.may_use_swarm(&s.swarm));
+    Json(report)
 }
 
 /// `DELETE /v1/swarms/{name}`

@@ -10,7 +10,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `format`, `applied`, `membership`, `table` | u32 LE; codec records |
+//! | `meta` | `format`, `applied`, `membership`, `table`, `access`, `ledger` | u32 LE; codec records |
 //! | `live` | task id | codec [`Task`] (queued, running) |
 //! | `done` | task id | codec [`Task`] (finished, retained) |
 //! | `done_by_state` | (state code, id) | () |
@@ -40,7 +40,9 @@ use swarm_proto::TaskId;
 use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
 use super::types::{LogId, NodeAddr, NodeId};
 use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT};
-use crate::state::{Access, Archive, ArchiveError, CheckpointDelta, TableMeta, Task, TaskTable};
+use crate::state::{
+    Access, Archive, ArchiveError, CheckpointDelta, Ledger, TableMeta, Task, TaskTable,
+};
 
 /// File name of the checkpoint store inside the Raft data directory.
 pub const STATE_DB_FILE: &str = "state.redb";
@@ -63,6 +65,7 @@ const KEY_TABLE: &str = "table";
 /// The API tokens and revoked certificates ([`Access`]); absent in checkpoints written
 /// before they existed (read as none).
 const KEY_ACCESS: &str = "access";
+const KEY_LEDGER: &str = "ledger";
 
 /// Largest stored task: a task is bounded by its ops (payload, outputs of each ring
 /// stage), each below the entry budget.
@@ -186,7 +189,8 @@ impl CheckpointStore {
             Ok(())
         })?;
         let access = r.access()?;
-        let table = TaskTable::from_checkpoint(meta, access, live)?;
+        let ledger = r.ledger()?;
+        let table = TaskTable::from_checkpoint(meta, access, ledger, live)?;
         let bytes = r.chunks(MEMORY)?;
         let memory = if bytes.is_empty() {
             None
@@ -249,10 +253,12 @@ impl CheckpointStore {
         txn.set_durability(Durability::None);
         let mut pending = 0usize;
         let mut access = Access::default();
+        let mut ledger = Ledger::default();
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Header(_) => anyhow::bail!("a second header"),
                 Record::Access(a) => access = *a,
+                Record::Ledger(l) => ledger = *l,
                 Record::Tasks(batch) => {
                     let mut live = txn.open_table(LIVE)?;
                     let mut done = txn.open_table(DONE)?;
@@ -307,6 +313,7 @@ impl CheckpointStore {
             meta.insert(KEY_MEMBERSHIP, &encode(&header.membership)?[..])?;
             meta.insert(KEY_TABLE, &encode(&header.meta)?[..])?;
             meta.insert(KEY_ACCESS, &encode(&access)?[..])?;
+            meta.insert(KEY_LEDGER, &encode(&ledger)?[..])?;
         }
         txn.set_durability(Durability::Immediate);
         // A crash then costs no walk of the whole file on the next open.
@@ -401,6 +408,9 @@ fn write_delta(
     if let Some(access) = &delta.access {
         meta.insert(KEY_ACCESS, &encode(&**access)?[..])?;
     }
+    if let Some(ledger) = &delta.ledger {
+        meta.insert(KEY_LEDGER, &encode(&**ledger)?[..])?;
+    }
     Ok(())
 }
 
@@ -438,6 +448,13 @@ impl StoreReader {
     fn access(&self) -> anyhow::Result<Access> {
         Ok(self
             .record_up_to::<Access>(KEY_ACCESS, ACCESS_DECODE_LIMIT)?
+            .unwrap_or_default())
+    }
+
+    /// The token ledger of this checkpoint (empty before any was written).
+    fn ledger(&self) -> anyhow::Result<Ledger> {
+        Ok(self
+            .record_up_to::<Ledger>(KEY_LEDGER, ACCESS_DECODE_LIMIT)?
             .unwrap_or_default())
     }
 
@@ -507,6 +524,7 @@ impl StoreReader {
         let mut w = DumpWriter::new(out, &header)?;
         let access = self.access()?;
         w.write(&Record::Access(Box::new(access)))?;
+        w.write(&Record::Ledger(Box::new(self.ledger()?)))?;
         let mut batch = Vec::new();
         let mut size = 0;
         for table in [LIVE, DONE] {
@@ -655,7 +673,8 @@ mod tests {
             );
         }
         let mut table =
-            TaskTable::from_checkpoint(TableMeta::default(), access, Vec::new()).unwrap();
+            TaskTable::from_checkpoint(TableMeta::default(), access, Ledger::default(), Vec::new())
+                .unwrap();
         // One change makes the next checkpoint write it whole.
         checkpoint_revocation(&store, &mut table, "ffff", 2);
         drop(store);
@@ -698,6 +717,85 @@ mod tests {
     }
 
     /// The access state a follower installs from `store`'s dump (built in `dir`).
+    /// The token ledger (usage and budgets) is stored by a checkpoint, loaded at restart,
+    /// written into dumps and installed from them; a checkpoint that did not change it
+    /// keeps it.
+    #[test]
+    fn the_ledger_survives_checkpoints_dumps_and_installs() {
+        use crate::state::{LedgerOp, Report};
+        use swarm_proto::worker::{AttemptRef, Outcome, Usage};
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(&dir.path().join("a.redb")).unwrap();
+        let mut table = store.load().unwrap().table;
+        let spec = crate::state::TaskSpec {
+            agent: "writer".into(),
+            payload: vec![],
+            priority: 0,
+            timeout_ms: 1000,
+            max_attempts: 1,
+            idempotency_key: None,
+            labels: Default::default(),
+            patterns: 0,
+            swarm: "default".into(),
+            stages: vec![],
+            retain_ms: 60_000,
+        };
+        let attempt = AttemptRef {
+            task_id: 1,
+            attempt: 1,
+        };
+        let ops = vec![
+            Op::Submit {
+                spec,
+                now_ms: 1,
+                queue_limit: 10,
+            },
+            Op::Start {
+                attempt,
+                worker: "w".into(),
+                now_ms: 2,
+            },
+            Op::Report(Box::new(Report {
+                attempt,
+                worker: "w".into(),
+                outcome: Outcome::Succeeded { output: vec![] },
+                started_at_ms: 2,
+                finished_at_ms: 3,
+                now_ms: 3,
+                retry_at_ms: 3,
+                log: Default::default(),
+                usage: Some(Usage {
+                    model: "m".into(),
+                    prompt_tokens: 7,
+                    completion_tokens: 5,
+                }),
+            })),
+            Op::Ledger(LedgerOp::Budget {
+                swarm: "default".into(),
+                tokens: Some(10),
+            }),
+        ];
+        crate::state::apply_command(&mut table, &Command { ops }, &store.reader().unwrap())
+            .unwrap();
+        let delta = table.begin_checkpoint().unwrap();
+        assert!(delta.ledger.is_some());
+        store
+            .write(&delta, None, &Membership::default(), None)
+            .unwrap();
+        table.checkpoint_written();
+        // A later checkpoint that leaves the ledger alone does not write it again.
+        checkpoint_revocation(&store, &mut table, "0abc", 4);
+        let loaded = store.load().unwrap().table;
+        assert_eq!(loaded.ledger().spent("default"), 12);
+        assert!(loaded.ledger().holds("default", "writer"));
+        assert_eq!(loaded.ledger(), table.ledger());
+        let mut dump = Vec::new();
+        store.reader().unwrap().write_dump(&mut dump).unwrap();
+        let (installed, _) =
+            CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
+        assert_eq!(installed.load().unwrap().table.ledger(), table.ledger());
+    }
+
     fn installed_access(store: &CheckpointStore, dir: &std::path::Path) -> std::sync::Arc<Access> {
         let mut dump = Vec::new();
         store.reader().unwrap().write_dump(&mut dump).unwrap();

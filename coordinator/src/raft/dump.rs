@@ -19,7 +19,7 @@ use openraft::StoredMembership;
 use serde::{Deserialize, Serialize};
 
 use super::types::{LogId, NodeAddr, NodeId};
-use crate::state::{Access, TableMeta, Task};
+use crate::state::{Access, Ledger, TableMeta, Task};
 
 const MAGIC: &[u8; 8] = b"SWBACKUP";
 /// This format's version. Format 4 may hold attempts ended with their log tail and
@@ -66,6 +66,8 @@ pub enum Record {
     },
     /// The API tokens and revoked certificates (format 3 on; absent: none).
     Access(Box<Access>),
+    /// Token usage and budgets (format 4 on; absent: none).
+    Ledger(Box<Ledger>),
 }
 
 /// A running integrity checksum (not a MAC): FNV-1a over 8-byte words, so any single
@@ -344,7 +346,7 @@ impl DumpParser {
                 self.ended = true;
             }
             Record::Tasks(t) => self.tasks += t.len() as u64,
-            Record::Memory(_) | Record::Staged(_) | Record::Access(_) => {}
+            Record::Memory(_) | Record::Staged(_) | Record::Access(_) | Record::Ledger(_) => {}
         }
         if !self.ended {
             let framed = &self.buf[self.at..self.at + 4 + len];

@@ -32,6 +32,7 @@
 
 pub mod access;
 mod layers;
+pub mod ledger;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,7 @@ use swarm_topology::{StageSpec, SwarmSpec};
 
 pub use access::{Access, AccessFault, AccessOp};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
+pub use ledger::{Ledger, LedgerOp};
 pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
 
 /// One Raft log entry's payload: a batch of operations applied in order.
@@ -235,6 +237,8 @@ pub enum Op {
     RestoreAbort { restore_id: u64 },
     /// A change to the API tokens or the revoked certificates.
     Access(AccessOp),
+    /// A change to the swarms' token budgets.
+    Ledger(LedgerOp),
 }
 
 impl Op {
@@ -293,6 +297,7 @@ impl Op {
                 SMALL + swarm_codec::encoded_len(meta).unwrap_or(usize::MAX / 4)
             }
             Op::Access(a) => SMALL + swarm_codec::encoded_len(a).unwrap_or(usize::MAX / 4),
+            Op::Ledger(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
         }
     }
 }
@@ -356,6 +361,8 @@ pub enum OpResult {
     Restoring,
     /// An access op took effect, or why it was refused.
     Access(Result<(), AccessFault>),
+    /// A ledger op took effect.
+    Ledger,
 }
 
 /// What a restore brought back (so far, for a chunk; in all, for the commit).
@@ -774,7 +781,23 @@ impl Task {
                 .map(|o| String::from_utf8_lossy(o).into_owned())
                 .collect(),
             moves: self.moves,
+            usage: self.usage_total(),
+            held: None,
         }
+    }
+
+    /// Tokens all attempts used (the model of the last that reported any).
+    pub fn usage_total(&self) -> Option<swarm_proto::api::UsageView> {
+        self.attempts.iter().filter_map(Attempt::usage).fold(
+            None,
+            |acc: Option<swarm_proto::api::UsageView>, u| {
+                let mut t = acc.unwrap_or_default();
+                t.model = u.model.clone();
+                t.prompt_tokens = t.prompt_tokens.saturating_add(u.prompt_tokens);
+                t.completion_tokens = t.completion_tokens.saturating_add(u.completion_tokens);
+                Some(t)
+            },
+        )
     }
 }
 

@@ -13,6 +13,7 @@ use swarm_topology::DEFAULT_SWARM_NAME;
 
 use super::access::Access;
 use super::layers::Layers;
+use super::ledger::Ledger;
 use super::{
     Archive, ArchiveError, Attempt, AttemptEnd, Changes, Op, OpResult, RestoreState,
     RestoreSummary, RestoredMeta, SwarmFault, SwarmRecord, TableMeta, Task, TaskSpec,
@@ -90,6 +91,10 @@ pub struct TaskTable {
     /// writes it), and the one the checkpoint being written carries.
     access_stored: Option<Arc<Access>>,
     access_flushing: Option<Arc<Access>>,
+    /// Token usage and budgets: copied on change, stored whole like `access`.
+    ledger: Arc<Ledger>,
+    ledger_stored: Option<Arc<Ledger>>,
+    ledger_flushing: Option<Arc<Ledger>>,
     changes: Changes,
     /// The changes a checkpoint is writing to the archive right now.
     flushing: Option<Arc<Changes>>,
@@ -107,6 +112,8 @@ pub struct CheckpointDelta {
     pub meta: TableMeta,
     /// The access state, when it changed since the last checkpoint.
     pub access: Option<Arc<Access>>,
+    /// The ledger, when it changed since the last checkpoint.
+    pub ledger: Option<Arc<Ledger>>,
 }
 
 impl TaskTable {
@@ -118,13 +125,17 @@ impl TaskTable {
     pub fn from_checkpoint(
         meta: TableMeta,
         access: Access,
+        ledger: Ledger,
         live: Vec<Task>,
     ) -> anyhow::Result<Self> {
         let access = Arc::new(access);
+        let ledger = Arc::new(ledger);
         let mut t = TaskTable {
             meta,
             access_stored: Some(access.clone()),
             access,
+            ledger_stored: Some(ledger.clone()),
+            ledger,
             ..Default::default()
         };
         for task in live {
@@ -239,6 +250,10 @@ impl TaskTable {
             Op::SwarmDelete { name } => OpResult::Swarm(self.delete_swarm(name)),
             Op::Purge { ids, now_ms } => self.purge(ids, *now_ms, archive)?,
             Op::Access(op) => OpResult::Access(Arc::make_mut(&mut self.access).apply(op)),
+            Op::Ledger(op) => {
+                Arc::make_mut(&mut self.ledger).apply(op);
+                OpResult::Ledger
+            }
             Op::RestoreChunk {
                 restore_id,
                 seq,
@@ -381,6 +396,11 @@ impl TaskTable {
     /// The API tokens and revoked certificates (a shared copy: cheap to keep).
     pub fn access(&self) -> &Arc<Access> {
         &self.access
+    }
+
+    /// Token usage and budgets.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
     }
 
     pub fn swarms_gen(&self) -> u64 {
@@ -531,6 +551,11 @@ impl TaskTable {
                 .any(|a| a.number == attempt.attempt && (a.end.is_some() || a.worker != worker))
         {
             return OpResult::Ignored { state: task.state };
+        }
+        // The report counts: so do the tokens it spent.
+        if let Some(u) = usage {
+            let (swarm, agent) = (task.spec.swarm.clone(), task.current_agent().to_string());
+            Arc::make_mut(&mut self.ledger).record(&swarm, &agent, u);
         }
         // The task leaves the queue whatever comes next (it may re-enter it below).
         if task.state == TaskState::Queued {
@@ -1047,11 +1072,17 @@ impl TaskTable {
             .as_ref()
             .is_some_and(|stored| Arc::ptr_eq(stored, &self.access));
         self.access_flushing = (!unchanged).then(|| self.access.clone());
+        let unchanged = self
+            .ledger_stored
+            .as_ref()
+            .is_some_and(|stored| Arc::ptr_eq(stored, &self.ledger));
+        self.ledger_flushing = (!unchanged).then(|| self.ledger.clone());
         Ok(CheckpointDelta {
             changes,
             live,
             meta: self.meta.clone(),
             access: self.access_flushing.clone(),
+            ledger: self.ledger_flushing.clone(),
         })
     }
 
@@ -1061,6 +1092,9 @@ impl TaskTable {
         if let Some(a) = self.access_flushing.take() {
             self.access_stored = Some(a);
         }
+        if let Some(l) = self.ledger_flushing.take() {
+            self.ledger_stored = Some(l);
+        }
     }
 
     /// The checkpoint begun last failed: its changes go back in front of the newer ones,
@@ -1069,6 +1103,7 @@ impl TaskTable {
         // The archive holds what it held: the next checkpoint writes the access state
         // if it differs from that.
         self.access_flushing = None;
+        self.ledger_flushing = None;
         let Some(failed) = self.flushing.take() else {
             return;
         };

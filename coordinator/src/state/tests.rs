@@ -21,6 +21,7 @@ struct MemArchive {
     staged: Vec<Vec<u8>>,
     meta: TableMeta,
     access: super::Access,
+    ledger: super::Ledger,
 }
 
 impl MemArchive {
@@ -57,6 +58,9 @@ impl MemArchive {
         if let Some(a) = &d.access {
             self.access = (**a).clone();
         }
+        if let Some(l) = &d.ledger {
+            self.ledger = (**l).clone();
+        }
     }
 
     /// A table restarted from this archive.
@@ -64,6 +68,7 @@ impl MemArchive {
         TaskTable::from_checkpoint(
             self.meta.clone(),
             self.access.clone(),
+            self.ledger.clone(),
             self.live.values().cloned().collect(),
         )
         .unwrap()

@@ -1,7 +1,8 @@
 """Python client for the swarm coordinator's HTTP API, and helpers for exec agents.
 
-* :class:`Client` — submit, batch-submit, read, wait for, cancel and list tasks; cluster
-  status; any other JSON route through :meth:`Client.request`.
+* :class:`Client` — submit, batch-submit, read, wait for, cancel and list tasks; follow
+  their live output (:meth:`Client.events`, :meth:`Client.follow`) and read their stored
+  logs; cluster status; any other JSON route through :meth:`Client.request`.
 * :mod:`swarm_client.agent` — for ``exec`` agents written in Python: read the payload
   and the ReasoningBank patterns, answer (teaching the bank with ``memory_items``), fail.
 
@@ -10,6 +11,7 @@ Standard library only; Python 3.9 or later.
 
 from .client import DEFAULT_API, Client
 from .errors import SwarmClientError, SwarmConnectionError, SwarmError, WaitTimeout
+from .events import Event
 from .models import (
     FINAL_STATES,
     STATES,
@@ -33,6 +35,7 @@ __all__ = [
     "WaitTimeout",
     "Task",
     "Attempt",
+    "Event",
     "TaskPage",
     "SubmitSpec",
     "Pattern",

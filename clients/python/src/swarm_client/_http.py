@@ -13,6 +13,9 @@ Behaves like the ``swarm`` CLI's client (``cli/src/client.rs``):
   ``https://`` API without a CA is an error, as in the CLI. Verification is never
   turned off.
 
+:meth:`Transport.open_stream` routes a ``GET`` the same way but hands back the answer
+unread (a :class:`Stream`, read as it arrives), for the event streams.
+
 Connections are kept alive and reused by the thread that made them, but only when idle
 for less than :data:`REUSE_IDLE_SECS` and not closed by the server (the coordinator
 closes idle keep-alive connections after its header timeout, 10 s by default).
@@ -29,11 +32,11 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import SwarmConnectionError, SwarmError
 
-__all__ = ["Base", "Transport", "parse_bases", "REUSE_IDLE_SECS"]
+__all__ = ["Base", "Stream", "Transport", "parse_bases", "REUSE_IDLE_SECS"]
 
 #: A kept-alive connection idle longer than this is not reused (a new one is opened).
 REUSE_IDLE_SECS = 2.0
@@ -150,6 +153,38 @@ def parse_error(status: int, data: bytes) -> SwarmError:
             body=body,
         )
     return SwarmError(status, "http_error", text.strip()[:2000] or f"HTTP {status}", body=text)
+
+
+class Stream:
+    """An answer being received (an event stream): :meth:`read` its body as it comes,
+    :meth:`close` it when done. Owns its connection."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, url: str) -> None:
+        self._conn = conn
+        self._resp = resp
+        #: The base URL of the node answering.
+        self.url = url
+
+    def read(self, timeout: float, size: int = 65536) -> bytes:
+        """The next bytes of the body as soon as there are any (at most ``size``);
+        ``b""`` at its end.
+
+        Raises:
+            OSError: nothing came for ``timeout`` seconds (``socket.timeout``), or the
+                connection broke.
+            http.client.HTTPException: the body is cut short or malformed.
+        """
+        sock = self._conn.sock
+        if sock is not None:
+            sock.settimeout(max(timeout, 0.001))
+        return self._resp.read1(size)
+
+    def close(self) -> None:
+        """Close the answer and its connection."""
+        try:
+            self._resp.close()
+        finally:
+            self._conn.close()
 
 
 class Transport:
@@ -286,7 +321,66 @@ class Transport:
             return resp.status, data
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _open_once(
+        self,
+        base: Base,
+        method: str,
+        target: str,
+        body: Optional[bytes],
+        headers: Mapping[str, str],
+        timeout: float,
+    ) -> Tuple[int, Any]:
+        """Like :meth:`_once`, but a 2xx answer is returned unread, as a :class:`Stream`
+        (its connection is then the stream's, never reused); any other answer is read
+        (its body, bytes)."""
+        for _ in range(2):
+            conn, reused = self._connect(base, timeout)
+            try:
+                conn.request(method, base.prefix + target, body=body, headers=dict(headers))
+                resp = conn.getresponse()
+                data = b"" if 200 <= resp.status < 300 else resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                stale = isinstance(
+                    e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+                )
+                if reused and stale and method in _READS:
+                    continue
+                raise _Lost(
+                    f"request to the swarm API at {base.url} failed: {_describe(e)}", base.url
+                ) from e
+            if 200 <= resp.status < 300:
+                kind = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+                if kind != "text/event-stream":
+                    conn.close()
+                    raise SwarmConnectionError(
+                        f"the swarm API at {base.url} answered {target} with "
+                        f"{kind or 'no content type'}, not an event stream",
+                        url=base.url,
+                    )
+                return resp.status, Stream(conn, resp, base.url)
+            if resp.will_close:
+                conn.close()
+            else:
+                self._pool()[base] = (conn, time.monotonic())
+            return resp.status, data
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # -- routing -----------------------------------------------------------------
+
+    def _headers(self, accept: str, auth: bool) -> Dict[str, str]:
+        headers = {"Accept": accept, "User-Agent": USER_AGENT}
+        if auth and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    @staticmethod
+    def _target(path: str, query: Optional[Mapping[str, Any]]) -> str:
+        if query:
+            q = {k: v for k, v in query.items() if v is not None}
+            if q:
+                return path + "?" + urllib.parse.urlencode(q)
+        return path
 
     def request(
         self,
@@ -306,18 +400,53 @@ class Transport:
             SwarmConnectionError: no node gave an answer.
         """
         method = method.upper()
-        target = path
-        if query:
-            q = {k: v for k, v in query.items() if v is not None}
-            if q:
-                target += "?" + urllib.parse.urlencode(q)
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        if auth and self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        headers = self._headers("application/json", auth)
         if body is not None:
             headers["Content-Type"] = content_type
         timeout = self.timeout if timeout is None else timeout
+        status, data = self._route(
+            method, self._target(path, query), body, headers, timeout, self._once
+        )
+        return status, data
 
+    def open_stream(
+        self,
+        path: str,
+        *,
+        query: Optional[Mapping[str, Any]] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        timeout: Optional[float] = None,
+    ) -> "Stream":
+        """``GET path?query`` for a ``text/event-stream`` answer, left unread: the
+        :class:`Stream` to read it from as it comes (close it when done). Routed as
+        any read (a node that cannot be reached, or is not the leader and cannot say
+        where it is, is skipped); ``timeout`` bounds the wait for the answer's head.
+
+        Raises:
+            SwarmError: the API answered with a status outside 2xx.
+            SwarmConnectionError: no node gave an answer, or the answer is not an event
+                stream.
+        """
+        all_headers = self._headers("text/event-stream", True)
+        all_headers["Cache-Control"] = "no-cache"
+        all_headers.update(headers or {})
+        timeout = self.timeout if timeout is None else timeout
+        _, stream = self._route(
+            "GET", self._target(path, query), None, all_headers, timeout, self._open_once
+        )
+        return stream
+
+    def _route(
+        self,
+        method: str,
+        target: str,
+        body: Optional[bytes],
+        headers: Mapping[str, str],
+        timeout: float,
+        send: Callable[..., Tuple[int, Any]],
+    ) -> Tuple[int, Any]:
+        """Send one request with ``send`` (:meth:`_once` or :meth:`_open_once`) to the
+        nodes in turn, as the module docs say; the first 2xx status and its result."""
         with self._lock:
             start = self._current % len(self.bases)
             bases = list(self.bases)
@@ -328,7 +457,7 @@ class Transport:
             base = order[tried]
             tried += 1
             try:
-                status, data = self._once(base, method, target, body, headers, timeout)
+                status, data = send(base, method, target, body, headers, timeout)
             except _NotSent as e:
                 last = SwarmConnectionError(str(e), url=e.url, may_have_taken_effect=False)
                 continue

@@ -9,16 +9,28 @@
 
 from __future__ import annotations
 
+import codecs
+import http.client
+import io
 import json
 import os
+import sys
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import IO, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 from ._http import Transport, parse_bases
 from .errors import SwarmClientError, SwarmConnectionError, SwarmError, WaitTimeout
+from .events import Event, SseParser
 from .models import STATES, Payload, SubmitSpec, Task, TaskPage, spec_to_json
 
-__all__ = ["Client", "DEFAULT_API", "MAX_SERVER_WAIT_SECS", "WAIT_CHUNK_SECS"]
+__all__ = [
+    "Client",
+    "DEFAULT_API",
+    "MAX_SERVER_WAIT_SECS",
+    "WAIT_CHUNK_SECS",
+    "RESUME_FOR_SECS",
+    "STREAM_IDLE_SECS",
+]
 
 #: The API address when neither ``api`` nor ``SWARM_API`` gives one (as the CLI).
 DEFAULT_API = "http://127.0.0.1:8080"
@@ -29,6 +41,17 @@ MAX_SERVER_WAIT_SECS = 300.0
 #: Longer waits are made of server-side waits of at most this long each, so no single
 #: request stays open for minutes (through proxies, or past a leader change).
 WAIT_CHUNK_SECS = 60.0
+
+#: How long :meth:`Client.events` keeps trying to resume a broken event stream (as the
+#: CLI's ``swarm task logs -f``).
+RESUME_FOR_SECS = 60.0
+
+#: An event stream silent this long is taken as broken, and resumed (the coordinator
+#: sends a keep-alive comment every 10 s).
+STREAM_IDLE_SECS = 35.0
+
+#: The first pause before resuming a broken stream (it doubles, up to 2 s).
+_RESUME_DELAY_SECS = 0.3
 
 #: The token file the CLI reads when none is named (``swarm up`` writes it).
 _DEFAULT_TOKEN_FILE = os.path.join("swarm-data", "api-token")
@@ -454,6 +477,214 @@ class Client:
                 if limit is not None and yielded >= limit:
                     return
 
+    # -- live output -------------------------------------------------------------
+
+    def events(
+        self,
+        task_id: Union[int, str, Task],
+        last_event_id: Optional[str] = None,
+        *,
+        timeout: Optional[float] = None,
+        resume_for: float = RESUME_FOR_SECS,
+    ) -> Iterator[Event]:
+        """A task's live events (``GET /v1/tasks/{id}/events``, Server-Sent Events), as
+        they come, until its ``end`` event (the last one yielded; its ``.task`` is the
+        final task). For a task that is already final the stream replays what is
+        stored and ends at once.
+
+        Events are :class:`swarm_client.Event` objects (``event``, ``id``, ``data``
+        parsed JSON): ``state``, ``attempt``, ``output`` (``.stream``, ``.output``
+        bytes, ``.text``), ``gap`` and ``end``. The body is read as it arrives (a
+        generator: nothing is asked until the first ``next()``; stopping early closes
+        the connection).
+
+        A stream that ends without ``end`` (its node lost the leadership or restarted,
+        the connection broke, or it was silent for :data:`STREAM_IDLE_SECS`) is resumed
+        with the last event's id as ``Last-Event-ID``, so no output is seen twice; a
+        stream that stays broken for ``resume_for`` seconds raises the last error. With
+        several API addresses the resumed stream may come from another node.
+
+        Args:
+            task_id: the task.
+            last_event_id: start after this event's id (``<attempt>:<offset>``, an
+                earlier :attr:`Event.id`) instead of from the beginning.
+            timeout: the longest to follow the task, in seconds (``None``: until it
+                ends).
+            resume_for: how long a broken stream is retried.
+
+        Raises:
+            SwarmError: the API refused (``404 not_found`` for an unknown task, ``400
+                bad_request`` for a malformed ``last_event_id``): not retried.
+            SwarmConnectionError: the stream stayed broken for ``resume_for`` seconds.
+            WaitTimeout: ``timeout`` passed before the task ended (``.task`` is the
+                task as it is then).
+        """
+        tid = _task_id(task_id)
+        path = f"/v1/tasks/{tid}/events"
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        last_id = last_event_id
+        broken_since: Optional[float] = None
+        #: The pause the stream asked for (``retry:``), if it did.
+        retry: Optional[float] = None
+        delay = _RESUME_DELAY_SECS
+
+        def left() -> float:
+            return float("inf") if deadline is None else deadline - time.monotonic()
+
+        def timed_out() -> WaitTimeout:
+            task = self.get(tid)
+            return WaitTimeout(f"task {tid} is still {task.state} after {timeout:g}s", task)
+
+        while True:
+            if left() <= 0:
+                raise timed_out()
+            got_any = False
+            error: SwarmClientError
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                stream = self._http.open_stream(
+                    path, headers=headers, timeout=min(self.timeout, max(left(), 0.001))
+                )
+            except SwarmError as e:
+                # A refusal (no such task, a bad id, a token that may not read it) is
+                # final; a node that cannot answer now is not.
+                if e.status < 500:
+                    raise
+                error = e
+            except SwarmConnectionError as e:
+                error = e
+            else:
+                parser = SseParser()
+                try:
+                    while True:
+                        wait = min(STREAM_IDLE_SECS, left())
+                        if wait <= 0:
+                            raise timed_out()
+                        try:
+                            chunk = stream.read(wait)
+                        except (OSError, http.client.HTTPException) as e:
+                            if left() <= 0:
+                                raise timed_out() from None
+                            error = SwarmConnectionError(
+                                f"the event stream of task {tid} from {stream.url} broke: "
+                                f"{type(e).__name__}: {e}",
+                                url=stream.url,
+                            )
+                            break
+                        if not chunk:
+                            error = SwarmConnectionError(
+                                f"the event stream of task {tid} from {stream.url} ended "
+                                "before the task did",
+                                url=stream.url,
+                            )
+                            break
+                        for ev in parser.feed(chunk):
+                            got_any = True
+                            if ev.id:
+                                last_id = ev.id
+                            yield ev
+                            if ev.event == "end":
+                                return
+                finally:
+                    stream.close()
+                if parser.retry_ms is not None:
+                    retry = parser.retry_ms / 1000.0
+            # Broken: resume after a pause, unless it has been broken for too long.
+            now = time.monotonic()
+            if got_any:
+                # This connection got somewhere: a new break starts now.
+                broken_since = now
+                delay = _RESUME_DELAY_SECS if retry is None else retry
+            elif broken_since is None:
+                broken_since = now
+            elif now - broken_since > resume_for:
+                raise error
+            time.sleep(max(0.0, min(delay, left())))
+            delay = min(max(delay, 0.05) * 2, 2.0)
+
+    def follow(
+        self,
+        task_id: Union[int, str, Task],
+        out: Optional[IO[Any]] = None,
+        err: Optional[IO[Any]] = None,
+        *,
+        last_event_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+        notes: bool = False,
+    ) -> Task:
+        """Show a task's output live (from :meth:`events`) until it ends, and return the
+        final task.
+
+        ``stderr`` output goes to ``err`` (default ``sys.stderr``); ``stdout``, an
+        ``llm`` agent's ``tokens`` and an ``http`` agent's ``body`` to ``out`` (default
+        ``sys.stdout``), each flushed as it comes. Text streams get the output decoded
+        as UTF-8 (a character split between two pieces is put together; bytes that are
+        not UTF-8 are replaced), binary streams (``sys.stdout.buffer``, ``BytesIO``)
+        the bytes. With ``notes``, a line about each retry, failed attempt and gap goes
+        to ``err``, as ``swarm task logs -f`` writes them.
+
+        Raises:
+            As :meth:`events`.
+        """
+        out = sys.stdout if out is None else out
+        err = sys.stderr if err is None else err
+        writers: Dict[int, _Writer] = {}
+
+        def writer(target: IO[Any]) -> "_Writer":
+            w = writers.get(id(target))
+            if w is None:
+                w = writers[id(target)] = _Writer(target)
+            return w
+
+        def flush_all() -> None:
+            for w in writers.values():
+                w.finish()
+
+        for ev in self.events(task_id, last_event_id, timeout=timeout):
+            data = ev.data if isinstance(ev.data, dict) else {}
+            if ev.event == "output":
+                target = err if ev.stream == "stderr" else out
+                writer(target).write(ev.output or b"")
+            elif ev.event == "attempt":
+                flush_all()  # a new attempt's output does not continue the last one's
+                if notes and data.get("event") == "started" and (ev.attempt or 0) > 1:
+                    writer(err).note(f"== attempt {ev.attempt} on {data.get('worker', '?')}\n")
+                elif notes and data.get("event") == "ended" and data.get("outcome") != "succeeded":
+                    why = f": {data['error']}" if data.get("error") else ""
+                    writer(err).note(
+                        f"== attempt {ev.attempt} {data.get('outcome') or 'ended'}{why}\n"
+                    )
+            elif ev.event == "gap" and notes:
+                lo, hi = data.get("from"), data.get("to")
+                size = str(hi - lo) if isinstance(lo, int) and isinstance(hi, int) else "some"
+                writer(err).note(
+                    f"== {size} bytes of output not shown ({data.get('reason') or 'gap'})\n"
+                )
+            elif ev.event == "end":
+                flush_all()
+                task = ev.task
+                if task is not None:
+                    return task
+        # events() only stops after `end`.
+        raise SwarmConnectionError(f"the event stream of task {_task_id(task_id)} ended without its end")
+
+    def logs(self, task_id: Union[int, str, Task]) -> Dict[str, Any]:
+        """The log tails stored with a task's attempts (``GET /v1/tasks/{id}/logs``):
+        ``{"id", "state", "attempts": [{"attempt", "stage", "worker", "running",
+        "offset", "output_bytes", "pieces": [{"stream", "text"}]}]}``. ``offset`` is
+        where the kept tail starts in the attempt's output (the bytes before it were not
+        kept); a running attempt's tail is empty until it ends (follow it with
+        :meth:`events`).
+
+        Raises:
+            SwarmError: ``404 not_found`` for an unknown (or purged) task.
+        """
+        tid = _task_id(task_id)
+        answer = self.request("GET", f"/v1/tasks/{tid}/logs")
+        if not isinstance(answer, dict):
+            raise SwarmConnectionError(f"unexpected logs answer: {answer!r}")
+        return answer
+
     # -- cluster -----------------------------------------------------------------
 
     def status(self) -> Dict[str, Any]:
@@ -509,3 +740,43 @@ class Client:
             time.sleep(0.1)
         raise SwarmClientError(f"the API at {self.api} was not ready within {timeout:g}s: {last}")
 
+
+
+class _Writer:
+    """Writes one output's pieces to a text stream (decoding UTF-8 across pieces) or a
+    binary one, flushing each."""
+
+    def __init__(self, target: IO[Any]) -> None:
+        self.target = target
+        self.binary = isinstance(target, (io.RawIOBase, io.BufferedIOBase))
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, data: bytes) -> None:
+        if self.binary:
+            self.target.write(data)
+        else:
+            text = self.decoder.decode(data)
+            if text:
+                self.target.write(text)
+        self._flush()
+
+    def note(self, line: str) -> None:
+        self.finish()
+        if self.binary:
+            self.target.write(line.encode("utf-8"))
+        else:
+            self.target.write(line)
+        self._flush()
+
+    def finish(self) -> None:
+        """Write out a character left incomplete (replaced)."""
+        if not self.binary:
+            text = self.decoder.decode(b"", final=True)
+            if text:
+                self.target.write(text)
+                self._flush()
+
+    def _flush(self) -> None:
+        flush = getattr(self.target, "flush", None)
+        if flush is not None:
+            flush()

@@ -100,6 +100,12 @@ class Attempt:
     #: ``succeeded``, ``failed``, ``lost``, ``cancelled`` or ``released``; ``None`` while running.
     outcome: Optional[str] = None
     error: Optional[str] = None
+    #: Bytes of output the attempt produced (all streams), as reported at its end (0
+    #: while it runs); its last bytes are kept (``Client.logs``).
+    output_bytes: int = 0
+    #: Tokens an ``llm`` attempt used: ``{"model", "prompt_tokens",
+    #: "completion_tokens"}``; ``None`` for other agents.
+    usage: Optional[Dict[str, Any]] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -113,6 +119,8 @@ class Attempt:
             finished_at_ms=_opt_int(d.get("finished_at_ms")),
             outcome=d.get("outcome"),
             error=d.get("error"),
+            output_bytes=int(d.get("output_bytes") or 0),
+            usage=dict(d["usage"]) if isinstance(d.get("usage"), dict) else None,
             raw=dict(d),
         )
 
