@@ -540,3 +540,90 @@ async fn llm_tokens_stream_and_usage_is_counted_against_a_budget() {
         .await;
     assert_eq!(status, 400, "{v}");
 }
+
+/// A watcher on a follower: `swarm task logs -f` given only a follower's address is
+/// relayed the leader's stream; when the leader is killed mid-task, the stream breaks,
+/// the CLI resumes from its last event id, the new leader has the worker replay its
+/// tail, and every line is shown exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_on_a_follower_follows_through_a_leader_kill() {
+    use crate::raft_cluster::RaftCluster;
+    let mut c = RaftCluster::new(3, &[]);
+    let agents = c.dir.path().join("agents.toml");
+    std::fs::write(
+        &agents,
+        r#"
+[agents.ticker]
+command = "sh"
+args = ["-c", "for i in $(seq 1 60); do echo \"tick $i\"; sleep 0.1; done"]
+"#,
+    )
+    .unwrap();
+    c.start_all();
+    let leader = c.wait_leader().await;
+    c.start_worker("w1", 2, Some(&agents));
+    c.wait_for(leader, "/v1/workers", "the worker on the leader", |v| {
+        v["workers"].as_array().map_or(0, |a| a.len()) == 1
+    })
+    .await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let (st, v) = c
+        .request(
+            leader,
+            reqwest::Method::POST,
+            "/v1/tasks",
+            Some(json!({"agent": "ticker", "payload": "", "timeout_ms": 120000})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let mut follow = Command::new(bin())
+        .args(["task", "logs", "-f", &id.to_string()])
+        .args(["--api", &c.nodes[&follower].api()])
+        .env("SWARM_TOKEN", &c.token)
+        .env("SWARM_CA", c.certs.join("ca.pem"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line.clone());
+            lines.push(line);
+        }
+        lines
+    });
+    // Some lines arrive through the follower, then the leader dies.
+    let first = tokio::task::spawn_blocking(move || {
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            got.push(
+                rx.recv_timeout(Duration::from_secs(30))
+                    .expect("no line through the follower"),
+            );
+        }
+        got
+    })
+    .await
+    .unwrap();
+    assert_eq!(first[0], "tick 1");
+    c.kill_node(leader);
+    let status = tokio::task::spawn_blocking(move || follow.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let lines = reader.join().unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr).into_owned();
+    assert!(
+        status.status.success(),
+        "logs -f failed: {stderr}\n{}",
+        c.logs()
+    );
+    let want: Vec<String> = (1..=60).map(|i| format!("tick {i}")).collect();
+    assert_eq!(lines, want, "stderr: {stderr}");
+}
