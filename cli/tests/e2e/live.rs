@@ -317,15 +317,21 @@ async fn event_routes_refuse_bad_input() {
 /// apart, a usage chunk (50 prompt + `TOKENS` completion tokens) and `[DONE]`.
 const TOKENS: u64 = 10;
 
-async fn mock_llm() -> String {
+/// Request bodies the mock received.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+async fn mock_llm() -> (String, Seen) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let bodies = seen.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
             };
+            let bodies = bodies.clone();
             tokio::spawn(async move {
                 // The request: headers, then Content-Length bytes of body.
                 let mut buf = Vec::new();
@@ -357,6 +363,9 @@ async fn mock_llm() -> String {
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
+                if let Ok(v) = serde_json::from_slice(&buf[body_start..body_start + len]) {
+                    bodies.lock().unwrap().push(v);
+                }
                 let _ = s
                     .write_all(
                         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
@@ -380,21 +389,22 @@ async fn mock_llm() -> String {
             });
         }
     });
-    format!("http://{addr}/v1")
+    (format!("http://{addr}/v1"), seen)
 }
 
-/// An `llm` agent against the mock: its tokens reach an SSE watcher before the task
+/// An `llm` agent against the mock: the pattern retrieved for the task is in its system
+/// prompt and is judged by the outcome; its tokens reach an SSE watcher before the task
 /// ends; the tokens used are recorded on the attempt, the task, `/v1/usage` and
 /// `/metrics`; a spent budget holds the swarm's next `llm` task (queued, saying why)
 /// while other agents run on, and raising it releases the task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_tokens_stream_and_usage_is_counted_against_a_budget() {
-    let base = mock_llm().await;
+    let (base, seen) = mock_llm().await;
     let mut c = Cluster::new(&[]);
     let agents = c.dir.path().join("agents.toml");
     std::fs::write(
         &agents,
-        format!("[agents.writer]\nkind = \"llm\"\nbase_url = \"{base}\"\nmodel = \"mock-1\"\n"),
+        format!("[agents.writer]\nkind = \"llm\"\nbase_url = \"{base}\"\nmodel = \"mock-1\"\nsystem_prompt = \"Strategies:\\n{{patterns}}\"\n"),
     )
     .unwrap();
     c.start_coordinator();
@@ -402,9 +412,16 @@ async fn llm_tokens_stream_and_usage_is_counted_against_a_budget() {
     c.start_worker("w1", 2, Some(&agents));
     c.wait_workers(&["w1"]).await;
     let http = reqwest::Client::new();
+    let (st, v) = c
+        .post(
+            "/v1/patterns",
+            json!({"items": [{"title": "Outline first", "content": "write the outline before the prose", "outcome": "success"}]}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
 
     let id = c
-        .submit(json!({"agent": "writer", "payload": "write"}))
+        .submit(json!({"agent": "writer", "payload": "write the release notes", "patterns": 1}))
         .await;
     let resp = http
         .get(format!("{}/v1/tasks/{id}/events", c.api))
@@ -452,6 +469,25 @@ async fn llm_tokens_stream_and_usage_is_counted_against_a_budget() {
     assert_eq!(end["usage"]["prompt_tokens"], 50, "{end}");
     assert_eq!(end["usage"]["completion_tokens"], TOKENS);
     assert_eq!(end["attempts"][0]["usage"]["model"], "mock-1");
+    // The retrieved pattern was in the system prompt, and the outcome was judged on it.
+    let request = seen.lock().unwrap()[0].clone();
+    assert_eq!(request["stream"], true, "{request}");
+    let system = request["messages"][0]["content"].as_str().unwrap_or("");
+    assert!(
+        request["messages"][0]["role"] == "system"
+            && system.contains("write the outline before the prose"),
+        "{request}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = c.get("/v1/patterns").await;
+        let p = &v["patterns"][0];
+        if p["use_count"] == 1 && p["success_count"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pattern was not judged: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let (_, usage) = c.get("/v1/usage").await;
     assert_eq!(usage["swarms"][0]["swarm"], "default", "{usage}");
