@@ -94,6 +94,9 @@ impl FeedState {
 #[derive(Debug, Default)]
 pub struct LiveHub {
     feeds: Mutex<HashMap<TaskId, Arc<Feed>>>,
+    /// How many feeds there are: with none, [`LiveHub::watched`] takes no lock (the
+    /// applied loop asks for every task that changes).
+    count: std::sync::atomic::AtomicUsize,
 }
 
 /// A watcher's hold on a feed; leaving (drop) lets the feed go when it was the last.
@@ -117,9 +120,11 @@ impl LiveHub {
     pub fn watch(&self, task: TaskId) -> Watcher {
         let feed = {
             let mut feeds = self.lock();
+            let count = &self.count;
             feeds
                 .entry(task)
                 .or_insert_with(|| {
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     Arc::new(Feed {
                         tx: broadcast::channel(FEED_EVENTS).0,
                         state: Mutex::new(FeedState::default()),
@@ -147,7 +152,7 @@ impl LiveHub {
 
     /// Whether anyone watches `task`.
     pub fn watched(&self, task: TaskId) -> bool {
-        self.feed(task).is_some()
+        self.count.load(std::sync::atomic::Ordering::Relaxed) > 0 && self.feed(task).is_some()
     }
 
     /// Hand a worker's output piece to the task's watchers. Returns false when nobody
@@ -185,6 +190,7 @@ impl LiveHub {
         }
         if feeds.get(&task).is_some_and(|f| Arc::ptr_eq(f, feed)) {
             feeds.remove(&task);
+            self.count.store(feeds.len(), std::sync::atomic::Ordering::Relaxed);
         }
         true
     }
@@ -202,6 +208,7 @@ impl LiveHub {
             unwatch.extend(st.streaming.clone());
             false
         });
+        self.count.store(feeds.len(), std::sync::atomic::Ordering::Relaxed);
         unwatch
     }
 
