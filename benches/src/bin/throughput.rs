@@ -13,14 +13,13 @@
 //! Run: `cargo run --release -p swarm-benches --bin throughput [-- --nodes 3]`
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use swarm_benches::processes::free_port;
-use swarm_coordinator::CoordinatorConfig;
-use tokio::sync::Semaphore;
+use swarm_benches::inproc::{
+    run_throughput, spawn_worker, start_cluster, wait_for_workers, ThroughputRun,
+};
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -64,49 +63,15 @@ impl Args {
             "default"
         }
     }
-}
 
-/// Start `n` coordinators forming one cluster; returns them and the leader's index.
-async fn start_cluster(
-    n: u64,
-    dir: &std::path::Path,
-    certs: &std::path::Path,
-    token: &str,
-) -> anyhow::Result<(Vec<swarm_coordinator::CoordinatorHandle>, usize)> {
-    use swarm_coordinator::raft::NodeAddr;
-    let ports: Vec<(u16, u16)> = (0..n)
-        .map(|_| Ok((free_port(true)?, free_port(false)?)))
-        .collect::<anyhow::Result<_>>()?;
-    let addr = |i: usize| NodeAddr {
-        raft_addr: format!("127.0.0.1:{}", ports[i].0),
-        api_addr: format!("127.0.0.1:{}", ports[i].1),
-    };
-    let mut handles = Vec::new();
-    for (i, (quic, api)) in ports.iter().enumerate() {
-        let mut cfg = CoordinatorConfig::single_node(
-            dir.join(format!("coordinator-{}", i + 1)),
-            certs.to_path_buf(),
-            format!("127.0.0.1:{quic}").parse()?,
-            format!("127.0.0.1:{api}").parse()?,
-            token.to_string(),
-        );
-        cfg.node_id = i as u64 + 1;
-        cfg.bootstrap = i == 0;
-        cfg.api_advertise = addr(i).api_addr;
-        if i == 0 {
-            cfg.peers = (1..n as usize).map(|j| (j as u64 + 1, addr(j))).collect();
+    /// The throughput run these arguments describe.
+    fn run(&self) -> ThroughputRun {
+        ThroughputRun {
+            tasks: self.tasks,
+            concurrency: self.concurrency,
+            batch: self.batch,
+            swarm: self.swarm(),
         }
-        handles.push(swarm_coordinator::start(cfg).await?);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(i) = handles.iter().position(|h| h.node().is_leader()) {
-            return Ok((handles, i));
-        }
-        if Instant::now() > deadline {
-            bail!("no leader elected");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -138,13 +103,7 @@ async fn main() -> anyhow::Result<()> {
             drain_timeout: Duration::ZERO,
             log_tail_bytes: swarm_worker::DEFAULT_LOG_TAIL_BYTES,
         };
-        let mut rx = stop_rx.clone();
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.changed().await;
-            };
-            let _ = swarm_worker::run_worker(wcfg, std::future::pending(), stop).await;
-        });
+        spawn_worker(wcfg, stop_rx.clone());
     }
     let api = format!("http://{}", coord.api_addr);
     let http = reqwest::Client::builder()
@@ -164,9 +123,9 @@ async fn main() -> anyhow::Result<()> {
         &http,
         &api,
         &token,
-        &Args {
+        &ThroughputRun {
             tasks: 500,
-            ..args.clone()
+            ..args.run()
         },
     )
     .await?;
@@ -177,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
         args.workers,
         args.slots
     );
-    let (elapsed, n) = run_throughput(&http, &api, &token, &args).await?;
+    let (elapsed, n) = run_throughput(&http, &api, &token, &args.run()).await?;
     println!(
         "throughput: {n} no-op tasks submitted (concurrency {}, {} per request) then awaited in {:.3} s = {:.0} tasks/s",
         args.concurrency,
@@ -229,113 +188,6 @@ async fn main() -> anyhow::Result<()> {
         c.shutdown().await;
     }
     Ok(())
-}
-
-async fn wait_for_workers(
-    http: &reqwest::Client,
-    api: &str,
-    token: &str,
-    n: usize,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v: serde_json::Value = http
-            .get(format!("{api}/v1/workers"))
-            .bearer_auth(token)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if v["workers"].as_array().map_or(0, |a| a.len()) == n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("workers did not connect: {v}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Submit `args.tasks` echo tasks, then wait for all; returns the wall time of both.
-async fn run_throughput(
-    http: &reqwest::Client,
-    api: &str,
-    token: &str,
-    args: &Args,
-) -> anyhow::Result<(Duration, usize)> {
-    let sem = Arc::new(Semaphore::new(args.concurrency));
-    let start = Instant::now();
-    let mut handles = Vec::new();
-    let per = args.batch.max(1);
-    for chunk_start in (0..args.tasks).step_by(per) {
-        let n = per.min(args.tasks - chunk_start);
-        let permit = sem.clone().acquire_owned().await?;
-        let http = http.clone();
-        let (api, token) = (api.to_string(), token.to_string());
-        let swarm = args.swarm();
-        handles.push(tokio::spawn(async move {
-            let _permit = permit;
-            let ids: Vec<u64> = if n == 1 {
-                let v: serde_json::Value = http
-                    .post(format!("{api}/v1/tasks"))
-                    .bearer_auth(&token)
-                    .json(&serde_json::json!({"agent": "echo", "swarm": swarm, "payload": chunk_start.to_string()}))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                vec![v["id"].as_u64().with_context(|| format!("submit failed: {v}"))?]
-            } else {
-                let tasks: Vec<_> = (0..n)
-                    .map(|i| serde_json::json!({"agent": "echo", "swarm": swarm, "payload": (chunk_start + i).to_string()}))
-                    .collect();
-                let v: serde_json::Value = http
-                    .post(format!("{api}/v1/tasks/batch"))
-                    .bearer_auth(&token)
-                    .json(&serde_json::json!({ "tasks": tasks }))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                v["tasks"]
-                    .as_array()
-                    .with_context(|| format!("batch failed: {v}"))?
-                    .iter()
-                    .map(|t| t["id"].as_u64().context("id"))
-                    .collect::<anyhow::Result<_>>()?
-            };
-            anyhow::Ok(ids)
-        }));
-    }
-    let mut ids = Vec::with_capacity(args.tasks);
-    for h in handles {
-        ids.extend(h.await??);
-    }
-    // Await every result.
-    let mut waits = Vec::new();
-    for &id in &ids {
-        let permit = sem.clone().acquire_owned().await?;
-        let http = http.clone();
-        let (api, token) = (api.to_string(), token.to_string());
-        waits.push(tokio::spawn(async move {
-            let _permit = permit;
-            let v: serde_json::Value = http
-                .get(format!("{api}/v1/tasks/{id}?wait=60s"))
-                .bearer_auth(&token)
-                .send()
-                .await?
-                .json()
-                .await?;
-            if v["state"] != "succeeded" {
-                bail!("task {id} ended {}", v["state"]);
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for w in waits {
-        w.await??;
-    }
-    Ok((start.elapsed(), ids.len()))
 }
 
 /// Create the hierarchical swarm and wait until every member's session is relayed by a
