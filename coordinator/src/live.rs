@@ -190,7 +190,8 @@ impl LiveHub {
         }
         if feeds.get(&task).is_some_and(|f| Arc::ptr_eq(f, feed)) {
             feeds.remove(&task);
-            self.count.store(feeds.len(), std::sync::atomic::Ordering::Relaxed);
+            self.count
+                .store(feeds.len(), std::sync::atomic::Ordering::Relaxed);
         }
         true
     }
@@ -208,7 +209,8 @@ impl LiveHub {
             unwatch.extend(st.streaming.clone());
             false
         });
-        self.count.store(feeds.len(), std::sync::atomic::Ordering::Relaxed);
+        self.count
+            .store(feeds.len(), std::sync::atomic::Ordering::Relaxed);
         unwatch
     }
 
