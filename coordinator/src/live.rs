@@ -1,10 +1,11 @@
 //! Live output: who watches which task, and what they see.
 //!
-//! The leader keeps one [`Feed`] per watched task. A feed is a bounded broadcast ring of
-//! [`FeedEvent`]s — output pieces from the worker, and "the task changed" from the applied
-//! log — that every watcher reads at its own pace: a watcher that falls a ring behind
-//! loses the oldest events and is told so ([`Item::Gap`]); nobody else waits for it, and
-//! the worker never does (drop-and-mark).
+//! The leader keeps one [`Feed`] per watched task. A feed is a ring of [`FeedEvent`]s —
+//! output pieces from the worker, and "the task changed" from the applied log — bounded
+//! in events and in bytes, that every watcher reads at its own pace: the oldest events
+//! leave the ring whoever has not read them, and a watcher that falls behind is told
+//! what it lost ([`Item::Gap`]); nobody else waits for it, and the worker never does
+//! (drop-and-mark). A stalled watcher pins no more than the ring.
 //!
 //! Output is not written through Raft piece by piece. While a task has watchers, the
 //! leader asks the worker running its attempt to stream it ([`CoordinatorMsg::Watch`]);
@@ -27,7 +28,6 @@ use std::time::Duration;
 use swarm_proto::api::{TaskState, TaskView};
 use swarm_proto::worker::{AttemptRef, CoordinatorMsg, LogTail, OutputChunk, OutputStream};
 use swarm_proto::TaskId;
-use tokio::sync::broadcast;
 
 use crate::node::Node;
 use crate::state::{Attempt, Lookup, Task};
@@ -36,12 +36,15 @@ use crate::state::{Attempt, Lookup, Task};
 /// events behind loses the oldest ([`Item::Gap`]).
 pub const FEED_EVENTS: usize = 1024;
 
+/// Bytes of output a feed's ring holds at most (the oldest events leave first).
+pub const FEED_RING_BYTES: usize = 4 << 20;
+
 /// Bytes of the running attempt's latest output a feed keeps for watchers that come
 /// later (they start with it, then read on in the ring).
 pub const FEED_TAIL_BYTES: usize = 64 * 1024;
 
 /// What a feed carries to its watchers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum FeedEvent {
     /// A piece of the running attempt's output, as its worker sent it.
     Output(Arc<OutputChunk>),
@@ -49,16 +52,37 @@ pub enum FeedEvent {
     Changed,
 }
 
+impl FeedEvent {
+    fn bytes(&self) -> usize {
+        match self {
+            FeedEvent::Output(c) => c.data.len(),
+            FeedEvent::Changed => 0,
+        }
+    }
+}
+
 /// One watched task: the ring its watchers read, and which execution streams to it.
 #[derive(Debug)]
 pub struct Feed {
-    tx: broadcast::Sender<FeedEvent>,
     state: Mutex<FeedState>,
+    /// The sequence number the next event will get: watchers wait for it to move.
+    next: tokio::sync::watch::Sender<u64>,
+}
+
+/// Why [`Watcher::recv`] returned no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missed {
+    /// This many events left the ring before this watcher read them.
+    Lagged(u64),
 }
 
 #[derive(Debug, Default)]
 struct FeedState {
     watchers: usize,
+    /// The ring: events `first..first + ring.len()` by sequence number.
+    ring: std::collections::VecDeque<FeedEvent>,
+    first: u64,
+    ring_bytes: usize,
     /// The attempt (and its worker) asked to stream here.
     streaming: Option<(AttemptRef, String)>,
     /// The latest pieces of output of the newest attempt that sent any, within
@@ -68,6 +92,22 @@ struct FeedState {
 }
 
 impl FeedState {
+    /// Add `ev` to the ring, dropping the oldest past its bounds; returns the sequence
+    /// number after it.
+    fn push(&mut self, ev: FeedEvent) -> u64 {
+        self.ring_bytes += ev.bytes();
+        self.ring.push_back(ev);
+        while self.ring.len() > FEED_EVENTS
+            || (self.ring_bytes > FEED_RING_BYTES && self.ring.len() > 1)
+        {
+            if let Some(old) = self.ring.pop_front() {
+                self.ring_bytes -= old.bytes();
+                self.first += 1;
+            }
+        }
+        self.first + self.ring.len() as u64
+    }
+
     fn keep(&mut self, chunk: Arc<OutputChunk>) {
         if self
             .tail
@@ -103,9 +143,38 @@ pub struct LiveHub {
 #[derive(Debug)]
 pub struct Watcher {
     feed: Arc<Feed>,
-    pub rx: broadcast::Receiver<FeedEvent>,
-    /// The feed's latest output when the watcher came; what follows is in `rx`.
+    /// The sequence number of the next event this watcher reads.
+    at: u64,
+    moved: tokio::sync::watch::Receiver<u64>,
+    /// The feed's latest output when the watcher came; what follows is in the ring.
     pub backlog: Vec<Arc<OutputChunk>>,
+}
+
+impl Watcher {
+    /// The next event, waiting for one; `Err` when events left the ring unread (the
+    /// watcher then reads on from the oldest still there).
+    pub async fn recv(&mut self) -> Result<FeedEvent, Missed> {
+        loop {
+            if let Some(r) = self.try_recv() {
+                return r;
+            }
+            // The sender lives in the feed this watcher holds: never closed.
+            let _ = self.moved.changed().await;
+        }
+    }
+
+    /// The next event if there is one now.
+    pub fn try_recv(&mut self) -> Option<Result<FeedEvent, Missed>> {
+        let st = self.feed.state.lock().unwrap_or_else(|p| p.into_inner());
+        if self.at < st.first {
+            let lost = st.first - self.at;
+            self.at = st.first;
+            return Some(Err(Missed::Lagged(lost)));
+        }
+        let ev = st.ring.get((self.at - st.first) as usize)?.clone();
+        self.at += 1;
+        Some(Ok(ev))
+    }
 }
 
 impl Drop for Watcher {
@@ -126,20 +195,29 @@ impl LiveHub {
                 .or_insert_with(|| {
                     count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     Arc::new(Feed {
-                        tx: broadcast::channel(FEED_EVENTS).0,
                         state: Mutex::new(FeedState::default()),
+                        next: tokio::sync::watch::channel(0).0,
                     })
                 })
                 .clone()
         };
         // Under the feed's lock, as `output` sends: every piece is in the backlog or in
         // the ring, never both, never neither.
-        let (rx, backlog) = {
+        let (at, backlog) = {
             let mut st = feed.state.lock().unwrap_or_else(|p| p.into_inner());
             st.watchers += 1;
-            (feed.tx.subscribe(), st.tail.iter().cloned().collect())
+            (
+                st.first + st.ring.len() as u64,
+                st.tail.iter().cloned().collect(),
+            )
         };
-        Watcher { feed, rx, backlog }
+        let moved = feed.next.subscribe();
+        Watcher {
+            feed,
+            at,
+            moved,
+            backlog,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<Feed>>> {
@@ -170,14 +248,17 @@ impl LiveHub {
         let chunk = Arc::new(chunk);
         let mut st = feed.state.lock().unwrap_or_else(|p| p.into_inner());
         st.keep(chunk.clone());
-        let _ = feed.tx.send(FeedEvent::Output(chunk));
+        let next = st.push(FeedEvent::Output(chunk));
+        feed.next.send_replace(next);
         true
     }
 
     /// Tell `task`'s watchers it changed.
     pub fn changed(&self, task: TaskId) {
         if let Some(feed) = self.feed(task) {
-            let _ = feed.tx.send(FeedEvent::Changed);
+            let mut st = feed.state.lock().unwrap_or_else(|p| p.into_inner());
+            let next = st.push(FeedEvent::Changed);
+            feed.next.send_replace(next);
         }
     }
 
@@ -563,7 +644,9 @@ pub(crate) fn follow(
     id: TaskId,
     mut cursor: Cursor,
 ) -> tokio::sync::mpsc::Receiver<(Item, String)> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Small: a stalled client holds at most this many items here (the rest of what it
+    // misses is the ring's to drop).
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
     let mut watcher = node.live.watch(id);
     tokio::spawn(async move {
         metrics::gauge!("swarm_live_watchers").increment(1.0);
@@ -590,7 +673,7 @@ pub(crate) fn follow(
                 }
             }
             let ev = tokio::select! {
-                ev = watcher.rx.recv() => ev,
+                ev = watcher.recv() => ev,
                 _ = tick.tick() => {
                     if !node.is_leader() {
                         break;
@@ -605,12 +688,11 @@ pub(crate) fn follow(
                     reread = true;
                     Vec::new()
                 }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
+                Err(Missed::Lagged(n)) => {
                     metrics::counter!("swarm_live_events_dropped_total").increment(n);
                     reread = true;
                     cursor.lagged()
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
             };
             for item in items {
                 if tx.send((item, cursor.id())).await.is_err() {
@@ -861,9 +943,11 @@ mod tests {
                 on(a1, "w2")
             ]
         );
-        let mut rx = w.rx.resubscribe();
+        let mut w = w;
         assert!(hub.output(chunk(1, 2, "x")));
-        assert!(matches!(rx.try_recv(), Ok(FeedEvent::Output(_))));
+        assert!(matches!(w.try_recv(), Some(Ok(FeedEvent::Output(_)))));
+        assert!(matches!(w.try_recv(), Some(Ok(FeedEvent::Output(_)))));
+        assert!(w.try_recv().is_none());
         drop(w);
         assert_eq!(hub.prune(), vec![(a1, "w2".to_string())]);
         assert!(!hub.watched(1));
@@ -879,13 +963,32 @@ mod tests {
         let mut reader = hub.watch(1);
         for i in 0..(FEED_EVENTS as u64 * 3) {
             assert!(hub.output(chunk(1, i, "x")));
-            assert!(matches!(reader.rx.try_recv(), Ok(FeedEvent::Output(_))));
+            assert!(matches!(reader.try_recv(), Some(Ok(FeedEvent::Output(_)))));
         }
-        match stalled.rx.try_recv() {
-            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                assert_eq!(n, FEED_EVENTS as u64 * 2)
-            }
-            other => panic!("expected a lag, got {other:?}"),
+        assert_eq!(
+            stalled.try_recv(),
+            Some(Err(Missed::Lagged(FEED_EVENTS as u64 * 2)))
+        );
+        assert!(matches!(stalled.try_recv(), Some(Ok(FeedEvent::Output(_)))));
+        // Bounded in bytes too: 64 KiB pieces, of which the ring keeps 4 MiB.
+        let big = "y".repeat(64 << 10);
+        for i in 0..200u64 {
+            assert!(hub.output(chunk(1, i << 16, &big)));
         }
+        let feed = hub.feed(1).unwrap();
+        let st = feed.state.lock().unwrap();
+        assert!(st.ring_bytes <= FEED_RING_BYTES, "{}", st.ring_bytes);
+        assert_eq!(st.ring.len(), FEED_RING_BYTES / (64 << 10));
+    }
+
+    /// A watcher waiting for an event wakes when one comes.
+    #[tokio::test]
+    async fn a_waiting_watcher_wakes_for_the_next_event() {
+        let hub = Arc::new(LiveHub::default());
+        let mut w = hub.watch(1);
+        let waiting = tokio::spawn(async move { w.recv().await });
+        tokio::task::yield_now().await;
+        hub.changed(1);
+        assert!(matches!(waiting.await.unwrap(), Ok(FeedEvent::Changed)));
     }
 }
