@@ -110,7 +110,10 @@ fn sample(arg: &Arg, i: usize) -> (toml::Value, String) {
 
 /// Flags a command needs that clap does not mark required (`required_unless_present`),
 /// unless the key tested is one of the listed.
-const ALSO_NEEDED: &[(&str, &str, &[&str])] = &[("memory upsert", "--id=p1", &["id", "file"])];
+const ALSO_NEEDED: &[(&str, &str, &[&str])] = &[
+    ("memory upsert", "--id=p1", &["id", "file"]),
+    ("swarms budget", "--tokens=5", &["tokens", "clear"]),
+];
 
 #[test]
 fn every_long_flag_of_every_command_is_a_config_key() {
