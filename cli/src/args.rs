@@ -525,8 +525,9 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-    /// Refresh every N seconds until interrupted.
-    #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+    /// Redraw whenever the cluster changes (from its event stream, `GET /v1/events`),
+    /// at most once every N seconds (default 1), until interrupted.
+    #[arg(long, num_args = 0..=1, default_missing_value = "1")]
     pub watch: Option<u64>,
 }
 

@@ -291,6 +291,20 @@ impl Client {
         self.call(Method::GET, "/v1/tasks", &q, None).await
     }
 
+    /// The cluster's event stream (`GET /v1/events`, Server-Sent Events), from the
+    /// position `last_event_id` names if given; the answer is returned unread.
+    pub async fn cluster_events(
+        &self,
+        last_event_id: Option<&str>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let q: Vec<(&str, String)> = last_event_id
+            .map(|l| ("last_event_id", l.to_string()))
+            .into_iter()
+            .collect();
+        self.route(&Method::GET, "/v1/events", &q, || Ok(None))
+            .await
+    }
+
     /// The log tails stored with task `id`'s attempts.
     pub async fn logs(&self, id: u64) -> anyhow::Result<swarm_proto::api::TaskLogs> {
         self.call(Method::GET, &format!("/v1/tasks/{id}/logs"), &[], None)

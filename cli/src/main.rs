@@ -12,6 +12,7 @@ mod client;
 mod cmd;
 mod config;
 mod signals;
+mod sse;
 
 use std::process::ExitCode;
 

@@ -23,6 +23,7 @@ pub mod access;
 pub mod backup;
 pub mod cluster;
 pub mod commit;
+pub mod events;
 pub mod handoff;
 pub mod http;
 pub mod limits;

@@ -295,6 +295,8 @@ pub struct Node {
     waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<()>>>>,
     /// Watchers of tasks' live output (see [`crate::live`]).
     pub(crate) live: crate::live::LiveHub,
+    /// Watchers of the cluster's changes (see [`crate::events`]).
+    pub(crate) cluster_feed: crate::events::ClusterFeed,
     wake_dispatch: Notify,
     pub(crate) data_dir: PathBuf,
     /// HTTP to peers: forwarding to the leader and asking peers for their reports.
@@ -338,6 +340,7 @@ impl Node {
             memory,
             data_dir: cfg.data_dir.clone(),
             live: Default::default(),
+            cluster_feed: Default::default(),
             dispatch: Mutex::new(Dispatch {
                 scheduler: Scheduler::new(cfg.scheduler),
                 sessions: BTreeMap::new(),
@@ -674,6 +677,7 @@ impl Node {
         if events.is_empty() {
             return;
         }
+        crate::events::on_applied(self, &events);
         let leader = self.leads_raft();
         let mut cancels = Vec::new();
         {

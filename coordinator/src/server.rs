@@ -300,6 +300,10 @@ where
             let (raft, receiving, rx) = (raft.clone(), receiving, shutdown_rx.clone());
             move || node::quiet_while_receiving(raft.clone(), receiving.clone(), rx.clone())
         }),
+        node::supervise(node.dead_loops.clone(), "status_events", {
+            let (node, rx) = (node.clone(), shutdown_rx.clone());
+            move || crate::events::status_loop(node.clone(), rx.clone())
+        }),
         node::supervise(node.dead_loops.clone(), "distill", {
             let (node, rx) = (node.clone(), shutdown_rx.clone());
             move || crate::memory::distill_loop(node.clone(), rx.clone())

@@ -8,31 +8,87 @@ use std::time::Duration;
 use swarm_proto::api::{ClusterView, StatusView, SwarmView};
 
 use crate::args::StatusArgs;
+use crate::client::Client;
+use crate::sse::SseParser;
 
-/// Print the status once, or redraw it every `--watch` seconds until Ctrl-C.
+/// Print the status once, or with `--watch` redraw it as the cluster changes until
+/// Ctrl-C.
 pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let client = a.api.client()?;
-    loop {
+    let Some(min_secs) = a.watch else {
         let s = client.status().await?;
-        let text = if a.json {
-            serde_json::to_string_pretty(&s)?
-        } else {
-            render(&s)
-        };
-        match a.watch {
-            None => {
-                println!("{text}");
-                return Ok(ExitCode::SUCCESS);
+        println!("{}", show(&s, a.json)?);
+        return Ok(ExitCode::SUCCESS);
+    };
+    tokio::select! {
+        r = watch(&client, a.json, Duration::from_secs(min_secs)) => r,
+        _ = tokio::signal::ctrl_c() => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn show(s: &StatusView, json: bool) -> anyhow::Result<String> {
+    Ok(if json {
+        serde_json::to_string_pretty(s)?
+    } else {
+        render(s)
+    })
+}
+
+/// Redraw on every `status` event of the cluster's stream (no more often than `min`),
+/// resuming the stream when it breaks; the first view comes from `GET /v1/status`.
+async fn watch(client: &Client, json: bool, min: Duration) -> anyhow::Result<ExitCode> {
+    use futures::StreamExt as _;
+    let draw = |s: &StatusView| -> anyhow::Result<()> {
+        // Clear the screen and home the cursor, then redraw.
+        print!("\x1b[2J\x1b[H{}", show(s, json)?);
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        Ok(())
+    };
+    draw(&client.status().await?)?;
+    let mut drawn = tokio::time::Instant::now();
+    let mut pending: Option<StatusView> = None;
+    let mut last_id: Option<String> = None;
+    loop {
+        let resp = match client.cluster_events(last_id.as_deref()).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("\nevent stream: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
-            Some(secs) => {
-                // Clear the screen and home the cursor, then redraw.
-                print!("\x1b[2J\x1b[H{text}");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(secs.max(1))) => {}
-                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        };
+        let mut body = resp.bytes_stream();
+        let mut parser = SseParser::default();
+        loop {
+            let wait = drawn + min;
+            let piece = tokio::select! {
+                p = body.next() => p,
+                _ = tokio::time::sleep_until(wait), if pending.is_some() => {
+                    if let Some(s) = pending.take() {
+                        draw(&s)?;
+                        drawn = tokio::time::Instant::now();
+                    }
+                    continue;
+                }
+            };
+            let Some(Ok(piece)) = piece else { break };
+            for ev in parser.push(&piece) {
+                if ev.id.is_some() {
+                    last_id = ev.id.clone();
+                }
+                if ev.event == "status" {
+                    pending = Some(serde_json::from_str(&ev.data)?);
+                }
+            }
+            if pending.is_some() && drawn.elapsed() >= min {
+                if let Some(s) = pending.take() {
+                    draw(&s)?;
+                    drawn = tokio::time::Instant::now();
                 }
             }
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 

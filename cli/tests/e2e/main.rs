@@ -5,6 +5,7 @@ mod backup;
 mod bad_input;
 mod drain;
 mod embedder;
+mod events;
 mod faults;
 mod harness;
 mod identity;

@@ -83,6 +83,8 @@ pub const RULES: &[Rule] = &[
     rule("GET", "/v1/usage", Read, Checked),
     rule("DELETE", "/v1/swarms/{name}", Operate, Checked),
     rule("GET", "/v1/status", Read, Any),
+    rule("GET", "/v1/events", Read, Checked),
+    rule("GET", "/v1/whoami", Read, Any),
     rule("GET", "/v1/node", Read, Any),
     rule("GET", "/v1/cluster", Read, Any),
     rule("GET", "/v1/workers", Read, Unlimited),

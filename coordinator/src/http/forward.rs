@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{OriginalUri, Request, State};
 use axum::http::{self, header};
 use axum::middleware::Next;
@@ -154,4 +154,61 @@ async fn forward(node: &Node, leader_api: &str, req: Request) -> Response {
         out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
     }
     out
+}
+
+/// Relay the leader's event stream for this request (SSE), piece by piece as it comes;
+/// this node holds nothing of it. Refused (`not_leader`) for a request that was relayed
+/// already.
+pub(super) async fn relay_stream(node: &Node, req: Request) -> Result<Response, ApiError> {
+    let Some((_, leader)) = node.leader().filter(|(l, _)| *l != node.id()) else {
+        return Err(ApiError::NotLeader { leader_api: None });
+    };
+    if req.headers().contains_key(FORWARDED_BY) {
+        return Err(ApiError::NotLeader {
+            leader_api: Some(leader.api_addr),
+        });
+    }
+    let (parts, _) = req.into_parts();
+    let uri = parts
+        .extensions
+        .get::<OriginalUri>()
+        .map_or_else(|| parts.uri.clone(), |o| o.0.clone());
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = node.peer_api_url(&leader.api_addr, path);
+    let mut rb = axum::http::Request::builder()
+        .method("GET")
+        .uri(&url)
+        .header(FORWARDED_BY, node.id().to_string());
+    rb = vouch(node, &parts, rb);
+    for h in [
+        header::ACCEPT,
+        header::HeaderName::from_static("last-event-id"),
+    ] {
+        if let Some(v) = parts.headers.get(&h) {
+            rb = rb.header(h, v.clone());
+        }
+    }
+    let fwd = rb
+        .body(Bytes::new())
+        .map_err(|e| ApiError::Internal(format!("cannot relay to {url}: {e}")))?;
+    metrics::counter!("swarm_api_forwarded_total").increment(1);
+    let resp = node
+        .peer_http()
+        .open(fwd, Duration::from_secs(10))
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!(
+                "this node is not the leader and relaying the leader's stream at {} failed: {e}",
+                leader.api_addr
+            ))
+        })?;
+    let (head, body) = resp.into_parts();
+    let mut out = Response::new(Body::from_stream(body));
+    *out.status_mut() = head.status;
+    for h in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+        if let Some(v) = head.headers.get(&h) {
+            out.headers_mut().insert(h, v.clone());
+        }
+    }
+    Ok(out)
 }

@@ -12,9 +12,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Extension, OriginalUri, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Extension, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,7 +23,6 @@ use swarm_proto::api::{AttemptLog, LogPieceView, TaskLogs};
 use swarm_proto::TaskId;
 
 use super::auth::check_swarm;
-use super::forward::FORWARDED_BY;
 use super::ApiError;
 use crate::access::Principal;
 use crate::live::{Cursor, Item};
@@ -55,7 +53,7 @@ pub(super) async fn events(
     let task = tasks::get(&node, id, None).await?;
     check_swarm(&p, &task.swarm)?;
     if !node.is_leader() {
-        return relay(&node, req).await;
+        return super::forward::relay_stream(&node, req).await;
     }
     let last = headers
         .get("last-event-id")
@@ -142,61 +140,6 @@ fn sse_event(task: TaskId, item: Item, pos: &str) -> Event {
         Item::End { task } => ("end", json!(task)),
     };
     Event::default().event(name).id(pos).data(data.to_string())
-}
-
-/// Relay the leader's event stream for this request, piece by piece as it comes.
-async fn relay(node: &Node, req: Request) -> Result<Response, ApiError> {
-    let Some((_, leader)) = node.leader().filter(|(l, _)| *l != node.id()) else {
-        return Err(ApiError::NotLeader { leader_api: None });
-    };
-    if req.headers().contains_key(FORWARDED_BY) {
-        return Err(ApiError::NotLeader {
-            leader_api: Some(leader.api_addr),
-        });
-    }
-    let (parts, _) = req.into_parts();
-    let uri = parts
-        .extensions
-        .get::<OriginalUri>()
-        .map_or_else(|| parts.uri.clone(), |o| o.0.clone());
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = node.peer_api_url(&leader.api_addr, path);
-    let mut rb = axum::http::Request::builder()
-        .method("GET")
-        .uri(&url)
-        .header(FORWARDED_BY, node.id().to_string());
-    rb = super::forward::vouch(node, &parts, rb);
-    for h in [
-        header::ACCEPT,
-        header::HeaderName::from_static("last-event-id"),
-    ] {
-        if let Some(v) = parts.headers.get(&h) {
-            rb = rb.header(h, v.clone());
-        }
-    }
-    let fwd = rb
-        .body(Bytes::new())
-        .map_err(|e| ApiError::Internal(format!("cannot relay to {url}: {e}")))?;
-    metrics::counter!("swarm_api_forwarded_total").increment(1);
-    let resp = node
-        .peer_http()
-        .open(fwd, Duration::from_secs(10))
-        .await
-        .map_err(|e| {
-            ApiError::Unavailable(format!(
-                "this node is not the leader and relaying the leader's stream at {} failed: {e}",
-                leader.api_addr
-            ))
-        })?;
-    let (head, body) = resp.into_parts();
-    let mut out = Response::new(Body::from_stream(body));
-    *out.status_mut() = head.status;
-    for h in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
-        if let Some(v) = head.headers.get(&h) {
-            out.headers_mut().insert(h, v.clone());
-        }
-    }
-    Ok(out)
 }
 
 /// `GET /v1/tasks/{id}/logs`: every attempt's stored log tail.

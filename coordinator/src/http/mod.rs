@@ -23,6 +23,7 @@ mod auth;
 mod backup;
 mod cluster;
 mod error;
+mod events;
 mod forward;
 mod listen;
 mod live;
@@ -76,6 +77,8 @@ pub fn router(node: Arc<Node>) -> Router {
         // Status and cluster views forward by themselves (and answer locally without a
         // leader); memory reads are served by this node's replica.
         .route("/status", get(status::status))
+        .route("/events", get(events::events))
+        .route("/whoami", get(events::whoami))
         .route("/node", get(cluster::get_node))
         .route("/cluster", get(cluster::get_cluster))
         .route("/memory", get(memory::list_collections))
