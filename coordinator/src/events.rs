@@ -65,8 +65,9 @@ pub struct ClusterFeed {
     ring: Mutex<Ring>,
     /// The sequence number the next change gets.
     next: watch::Sender<u64>,
-    /// The latest status view, as JSON.
+    /// The latest status view, as JSON, and what it was compared by.
     status: watch::Sender<Option<Arc<str>>>,
+    fingerprint: Mutex<String>,
     watchers: AtomicUsize,
     /// When the last watcher left (ms since `started`); recording goes on for
     /// [`RESUME_GRACE`] after it.
@@ -85,6 +86,7 @@ impl Default for ClusterFeed {
             ring: Mutex::default(),
             next: watch::channel(0).0,
             status: watch::channel(None).0,
+            fingerprint: Mutex::default(),
             watchers: AtomicUsize::new(0),
             last_left_ms: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
@@ -162,15 +164,15 @@ impl ClusterFeed {
         self.next.send_replace(next);
     }
 
-    /// Publish a status view if it differs from the last.
-    pub fn set_status(&self, json: String) {
-        self.status.send_if_modified(|cur| {
-            if cur.as_deref() == Some(json.as_str()) {
-                return false;
-            }
-            *cur = Some(json.into());
-            true
-        });
+    /// Publish a status view if it differs from the last in more than `fingerprint`
+    /// leaves out (heartbeat times, which move every beat).
+    pub fn set_status(&self, json: String, fingerprint: String) {
+        let mut last = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == fingerprint {
+            return;
+        }
+        *last = fingerprint;
+        self.status.send_replace(Some(json.into()));
     }
 
     /// The id of position `seq`.
@@ -261,10 +263,16 @@ pub(crate) async fn status_loop(node: Arc<Node>, mut shutdown: watch::Receiver<b
             continue;
         }
         let cluster = crate::cluster::cluster_view(&node).await;
-        let view = crate::status::status_view(&node, cluster);
-        match serde_json::to_string(&view) {
-            Ok(json) => node.cluster_feed.set_status(json),
-            Err(e) => tracing::warn!(error = %e, "encoding the status view failed"),
+        let mut view = crate::status::status_view(&node, cluster);
+        let json = serde_json::to_string(&view);
+        for w in &mut view.workers {
+            w.last_heartbeat_ms = 0;
+        }
+        match (json, serde_json::to_string(&view)) {
+            (Ok(json), Ok(fingerprint)) => node.cluster_feed.set_status(json, fingerprint),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "encoding the status view failed")
+            }
         }
     }
 }
@@ -433,12 +441,12 @@ mod tests {
     fn a_status_is_published_only_when_it_changed() {
         let feed = ClusterFeed::default();
         let mut rx = feed.status.subscribe();
-        feed.set_status("{\"a\":1}".into());
+        feed.set_status("{\"a\":1,\"t\":1}".into(), "{\"a\":1}".into());
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
-        feed.set_status("{\"a\":1}".into());
-        assert!(!rx.has_changed().unwrap());
-        feed.set_status("{\"a\":2}".into());
+        feed.set_status("{\"a\":1,\"t\":2}".into(), "{\"a\":1}".into());
+        assert!(!rx.has_changed().unwrap(), "only a heartbeat time moved");
+        feed.set_status("{\"a\":2,\"t\":2}".into(), "{\"a\":2}".into());
         assert!(rx.has_changed().unwrap());
     }
 }

@@ -70,6 +70,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
     println!("  API      {api}   (token in {})", token_file.display());
     println!("  QUIC     {quic}");
     println!("  metrics  {api}/metrics");
+    println!("  web UI   {api}/ui/   (paste the token once)");
     println!();
     println!("try, from this directory:");
     println!("  swarm status");

@@ -31,6 +31,7 @@ mod memory;
 mod status;
 mod swarms;
 mod tasks;
+mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -160,6 +161,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/health", get(status::health))
         .route("/ready", get(status::ready))
         .route("/metrics", metrics)
+        // The dashboard's static page (no token: it holds no data; every API call it
+        // makes carries the token the user gives it).
+        .merge(ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
