@@ -308,7 +308,7 @@ fn switches_and_optional_values() {
         Cmd::Status(s) => s.watch,
         _ => unreachable!(),
     };
-    assert_eq!(status("watch = true\n"), Some(2));
+    assert_eq!(status("watch = true\n"), Some(1));
     assert_eq!(status("watch = 9\n"), Some(9));
 }
 

@@ -24,12 +24,27 @@ use crate::access::Principal;
 use crate::events::Item;
 use crate::node::Node;
 
-/// How often an idle stream sends a comment, so proxies and clients see it alive.
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How often an idle event stream (this one, a task's) sends a comment, so proxies and
+/// clients see it alive.
+pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
+/// The query of an event stream: `last_event_id` as an alternative to the
+/// `Last-Event-ID` header (which wins).
 #[derive(Debug, serde::Deserialize)]
 pub(super) struct EventsQuery {
     last_event_id: Option<String>,
+}
+
+impl EventsQuery {
+    /// Where the client resumes from, if it says.
+    pub(super) fn last_event_id(self, headers: &HeaderMap) -> Option<String> {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or(self.last_event_id)
+            .filter(|v| !v.is_empty())
+    }
 }
 
 /// `GET /v1/events`
@@ -43,12 +58,7 @@ pub(super) async fn events(
     if !node.is_leader() {
         return super::forward::relay_stream(&node, req).await;
     }
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(q.last_event_id)
-        .filter(|v| !v.is_empty());
+    let last = q.last_event_id(&headers);
     let swarms = p.swarms.clone();
     let rx = crate::events::follow(node.clone(), last, move |swarm| {
         swarms.as_ref().is_none_or(|s| s.iter().any(|n| n == swarm))

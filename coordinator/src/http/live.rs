@@ -10,7 +10,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -23,21 +22,12 @@ use swarm_proto::api::{AttemptLog, LogPieceView, TaskLogs};
 use swarm_proto::TaskId;
 
 use super::auth::check_swarm;
+use super::events::{EventsQuery, KEEP_ALIVE};
 use super::ApiError;
 use crate::access::Principal;
 use crate::live::{Cursor, Item};
 use crate::node::Node;
 use crate::tasks;
-
-/// How often an idle stream sends a comment, so proxies and clients see it alive.
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
-
-/// The query of `/events`: `last_event_id` as an alternative to the `Last-Event-ID`
-/// header (which wins).
-#[derive(Debug, serde::Deserialize)]
-pub(super) struct EventsQuery {
-    last_event_id: Option<String>,
-}
 
 /// `GET /v1/tasks/{id}/events`
 pub(super) async fn events(
@@ -55,12 +45,7 @@ pub(super) async fn events(
     if !node.is_leader() {
         return super::forward::relay_stream(&node, req).await;
     }
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(q.last_event_id);
-    let cursor = match last.as_deref().filter(|v| !v.is_empty()) {
+    let cursor = match q.last_event_id(&headers).as_deref() {
         None => Cursor::default(),
         Some(v) => match Cursor::parse_id(v) {
             Some((attempt, offset)) => Cursor::resume(attempt, offset),
