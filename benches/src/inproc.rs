@@ -55,6 +55,31 @@ pub async fn start_cluster(
     }
 }
 
+/// The configuration of bench worker `bench-{i}`: `slots` slots, connected to
+/// `coordinators` with the certificates in `certs`, no agents file, no peer links, no
+/// drain; callers change what their run needs.
+pub fn worker_config(
+    coordinators: &[String],
+    certs: &std::path::Path,
+    i: u32,
+    slots: u32,
+) -> swarm_worker::WorkerConfig {
+    swarm_worker::WorkerConfig {
+        coordinators: coordinators.to_vec(),
+        server_name: Some("localhost".into()),
+        certs_dir: certs.to_path_buf(),
+        worker_id: format!("bench-{i}"),
+        slots,
+        labels: Default::default(),
+        agents_file: None,
+        peer_listen: None,
+        peer_advertise: None,
+        peer_server_name: None,
+        drain_timeout: Duration::ZERO,
+        log_tail_bytes: swarm_worker::DEFAULT_LOG_TAIL_BYTES,
+    }
+}
+
 /// Run a worker in this process until `stop` changes.
 pub fn spawn_worker(cfg: swarm_worker::WorkerConfig, stop: tokio::sync::watch::Receiver<bool>) {
     let mut rx = stop;

@@ -21,7 +21,7 @@
 //!
 //! Run: `cargo run --release -p swarm-benches --bin live_output [-- --tasks 2000 --runs 1]`
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::Parser;
 use swarm_benches::inproc::{
-    run_throughput, spawn_worker, start_cluster, wait_for_workers, ThroughputRun,
+    run_throughput, spawn_worker, start_cluster, wait_for_workers, worker_config, ThroughputRun,
 };
 use tokio::task::JoinHandle;
 
@@ -523,18 +523,8 @@ async fn main() -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for i in 0..args.workers {
         let wcfg = swarm_worker::WorkerConfig {
-            coordinators: quic.clone(),
-            server_name: Some("localhost".into()),
-            certs_dir: certs.clone(),
-            worker_id: format!("bench-{i}"),
-            slots: args.slots,
-            labels: BTreeMap::new(),
             agents_file: Some(agents.clone()),
-            peer_listen: None,
-            peer_advertise: None,
-            peer_server_name: None,
-            drain_timeout: Duration::ZERO,
-            log_tail_bytes: swarm_worker::DEFAULT_LOG_TAIL_BYTES,
+            ..worker_config(&quic, &certs, i, args.slots)
         };
         spawn_worker(wcfg, stop_rx.clone());
     }

@@ -12,13 +12,12 @@
 //!
 //! Run: `cargo run --release -p swarm-benches --bin throughput [-- --nodes 3]`
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use swarm_benches::inproc::{
-    run_throughput, spawn_worker, start_cluster, wait_for_workers, ThroughputRun,
+    run_throughput, spawn_worker, start_cluster, wait_for_workers, worker_config, ThroughputRun,
 };
 
 #[derive(Parser, Clone)]
@@ -88,20 +87,10 @@ async fn main() -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for i in 0..args.workers {
         let wcfg = swarm_worker::WorkerConfig {
-            coordinators: quic.clone(),
-            server_name: Some("localhost".into()),
-            certs_dir: certs.clone(),
-            worker_id: format!("bench-{i}"),
-            slots: args.slots,
-            labels: BTreeMap::new(),
-            agents_file: None,
             peer_listen: (args.topology == "hierarchical")
                 .then(|| "127.0.0.1:0".parse())
                 .transpose()?,
-            peer_advertise: None,
-            peer_server_name: None,
-            drain_timeout: Duration::ZERO,
-            log_tail_bytes: swarm_worker::DEFAULT_LOG_TAIL_BYTES,
+            ..worker_config(&quic, &certs, i, args.slots)
         };
         spawn_worker(wcfg, stop_rx.clone());
     }
