@@ -58,6 +58,10 @@ pub enum Cmd {
     /// Inspect and change the coordinator cluster's membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// The connected workers: list them, drain one (it takes no new work and stays),
+    /// resume it.
+    #[command(subcommand)]
+    Workers(WorkersCmd),
     /// Check a coordinator's liveness or readiness (for container health checks).
     Probe(ProbeArgs),
     /// Vector memory: collections of embeddings with metadata, searched by similarity.
@@ -486,7 +490,9 @@ pub enum TaskCmd {
         #[arg(long)]
         wait: Option<String>,
     },
-    /// List tasks.
+    /// List tasks by id, oldest first (newest first with --desc), one page at a time.
+    /// With filters, one request examines a bounded number of tasks: a page may then be
+    /// short, or empty, and still say where the next one starts.
     List {
         #[command(flatten)]
         api: ApiArgs,
@@ -496,9 +502,55 @@ pub enum TaskCmd {
         /// Most tasks to show.
         #[arg(long, default_value_t = 50)]
         limit: usize,
-        /// Show tasks with an id greater than this.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
+        /// Continue after this task id, the last of the previous page (with --desc: show
+        /// ids below it).
+        #[arg(long)]
+        after: Option<u64>,
+        /// Newest first.
+        #[arg(long)]
+        desc: bool,
+        /// Only tasks of this agent (for a ring task: any of its stages' agents).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only tasks of this swarm.
+        #[arg(long)]
+        swarm: Option<String>,
+        /// Only tasks carrying label k=v (repeatable: all of them).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Only tasks whose payload holds this text (ASCII case-insensitive, UTF-8
+        /// payloads only, at most 256 bytes).
+        #[arg(long)]
+        text: Option<String>,
+    },
+    /// Run a failed or dead-lettered task again (new attempts, its history kept): one by
+    /// id, or a page of them by filter (`--state failed|dead_lettered`, oldest first).
+    Retry {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The task to run again.
+        id: Option<u64>,
+        /// Retry by filter instead: tasks in this state (failed or dead_lettered).
+        #[arg(long)]
+        state: Option<String>,
+        /// With --state: only tasks of this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// With --state: only tasks of this swarm.
+        #[arg(long)]
+        swarm: Option<String>,
+        /// With --state: only tasks carrying label k=v (repeatable: all of them).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// With --state: only tasks whose payload holds this text.
+        #[arg(long)]
+        text: Option<String>,
+        /// With --state: continue after this task id (the previous run's last).
+        #[arg(long)]
+        after: Option<u64>,
+        /// With --state: most tasks to retry (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// Cancel a task (stops it on its worker if running).
     Cancel {
@@ -562,6 +614,41 @@ pub enum ClusterCmd {
         #[command(flatten)]
         api: ApiArgs,
         id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum WorkersCmd {
+    /// The connected workers: slots, attempts running, whether draining and why.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a worker without stopping it: it takes no new work (from the coordinator or
+    /// mesh peers), hands back what waits, finishes what it runs and stays connected,
+    /// until resumed. A restarted worker starts undrained. Needs scope `operate` and a
+    /// worker of protocol 7.
+    Drain {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The worker's id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a drained worker: it takes work again (not one being stopped).
+    Resume {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The worker's id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 

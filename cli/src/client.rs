@@ -28,6 +28,22 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// What [`Client::list`] asks for: a page of tasks, in which order, and the filters.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub limit: usize,
+    /// The last id of the previous page, in this order.
+    pub after: Option<u64>,
+    /// Newest first.
+    pub desc: bool,
+    pub state: Option<String>,
+    pub agent: Option<String>,
+    pub swarm: Option<String>,
+    /// `k=v` each (sent comma-separated: none may hold a comma).
+    pub labels: Vec<String>,
+    pub text: Option<String>,
+}
+
 /// Talks to a cluster through any of its nodes' APIs.
 pub struct Client {
     bases: Mutex<Vec<String>>,
@@ -278,15 +294,22 @@ impl Client {
             .await
     }
 
-    pub async fn list(
-        &self,
-        state: Option<&str>,
-        after: u64,
-        limit: usize,
-    ) -> anyhow::Result<TaskList> {
-        let mut q = vec![("after", after.to_string()), ("limit", limit.to_string())];
-        if let Some(s) = state {
-            q.push(("state", s.to_string()));
+    /// One page of tasks (`GET /v1/tasks`, see [`TaskList`] for the query).
+    pub async fn list(&self, query: &ListQuery) -> anyhow::Result<TaskList> {
+        let mut q = vec![("limit", query.limit.to_string())];
+        if query.desc {
+            q.push(("order", "desc".to_string()));
+        }
+        let text = [
+            ("after", query.after.map(|a| a.to_string())),
+            ("state", query.state.clone()),
+            ("agent", query.agent.clone()),
+            ("swarm", query.swarm.clone()),
+            ("text", query.text.clone()),
+        ];
+        q.extend(text.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        if !query.labels.is_empty() {
+            q.push(("label", query.labels.join(",")));
         }
         self.call(Method::GET, "/v1/tasks", &q, None).await
     }
@@ -330,6 +353,12 @@ impl Client {
 
     pub async fn cancel(&self, id: u64) -> anyhow::Result<TaskView> {
         self.call(Method::POST, &format!("/v1/tasks/{id}/cancel"), &[], None)
+            .await
+    }
+
+    /// `POST /v1/tasks/{id}/retry`.
+    pub async fn retry(&self, id: u64) -> anyhow::Result<TaskView> {
+        self.call(Method::POST, &format!("/v1/tasks/{id}/retry"), &[], None)
             .await
     }
 
@@ -499,6 +528,26 @@ impl Client {
 
     pub async fn status(&self) -> anyhow::Result<StatusView> {
         self.call(Method::GET, "/v1/status", &[], None).await
+    }
+
+    pub async fn workers(&self) -> anyhow::Result<swarm_proto::api::WorkerList> {
+        self.call(Method::GET, "/v1/workers", &[], None).await
+    }
+
+    /// `POST /v1/workers/{id}/drain` (`on`) or `/resume`: the worker's view.
+    pub async fn drain_worker(
+        &self,
+        id: &str,
+        on: bool,
+    ) -> anyhow::Result<swarm_proto::api::WorkerView> {
+        let action = if on { "drain" } else { "resume" };
+        self.call(
+            Method::POST,
+            &format!("/v1/workers/{}/{action}", seg(id)),
+            &[],
+            None,
+        )
+        .await
     }
 
     pub async fn cluster(&self) -> anyhow::Result<ClusterView> {

@@ -81,6 +81,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Task(t) => cmd::task::run(t).await,
         Cmd::Status(a) => cmd::status::run(a).await,
         Cmd::Cluster(c) => cmd::cluster::run(c).await,
+        Cmd::Workers(c) => cmd::workers::run(c).await,
         Cmd::Probe(a) => cmd::probe::run(a).await,
         Cmd::Memory(c) => cmd::memory::run(c).await,
         Cmd::Swarms(c) => cmd::swarms::run(c).await,

@@ -194,6 +194,7 @@ fn worker_msg() -> impl Strategy<Value = WorkerMsg> {
         (attempt(), text()).prop_map(|(attempt, from)| WorkerMsg::Stole { attempt, from }),
         text().prop_map(|peer| WorkerMsg::PeerLost { peer }),
         Just(WorkerMsg::Draining),
+        any::<bool>().prop_map(|on| WorkerMsg::Drain { on }),
     ]
 }
 
@@ -268,6 +269,7 @@ fn coordinator_msg() -> impl Strategy<Value = CoordinatorMsg> {
         prop::option::of(peer_info()).prop_map(|lead| CoordinatorMsg::Parent { lead }),
         (attempt(), any::<bool>(), any::<u64>())
             .prop_map(|(attempt, on, from)| CoordinatorMsg::Watch { attempt, on, from }),
+        any::<bool>().prop_map(|on| CoordinatorMsg::Drain { on }),
     ]
 }
 

@@ -50,6 +50,17 @@ pub struct TaskChange {
     pub worker: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A ring task's current stage (0-based); absent for other tasks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u32>,
+    /// Times the running attempt moved between workers (mesh steals): a change whose
+    /// `moves` grew, with the same attempt on another worker, is a steal.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub moves: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +79,9 @@ pub struct ClusterFeed {
     /// The latest status view, as JSON, and what it was compared by.
     status: watch::Sender<Option<Arc<str>>>,
     fingerprint: Mutex<String>,
+    /// When the status view was last rebuilt (ms since `started`; 0: never), published
+    /// or not: the rebuilds stop while nobody watches, so the latest may be stale.
+    status_at_ms: std::sync::atomic::AtomicU64,
     watchers: AtomicUsize,
     /// When the last watcher left (ms since `started`); recording goes on for
     /// [`RESUME_GRACE`] after it.
@@ -87,6 +101,7 @@ impl Default for ClusterFeed {
             next: watch::channel(0).0,
             status: watch::channel(None).0,
             fingerprint: Mutex::default(),
+            status_at_ms: std::sync::atomic::AtomicU64::new(0),
             watchers: AtomicUsize::new(0),
             last_left_ms: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
@@ -167,12 +182,35 @@ impl ClusterFeed {
     /// Publish a status view if it differs from the last in more than `fingerprint`
     /// leaves out (heartbeat times, which move every beat).
     pub fn set_status(&self, json: String, fingerprint: String) {
+        self.status_at_ms
+            .store(self.now_ms().max(1), Ordering::SeqCst);
         let mut last = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
         if *last == fingerprint {
             return;
         }
         *last = fingerprint;
         self.status.send_replace(Some(json.into()));
+    }
+
+    /// The latest status view for a watcher arriving now, if it is current (rebuilt
+    /// within two rounds). If it is not (nobody watched for a while), the next rebuild
+    /// is published whatever it holds, so the watcher gets a current one within a round
+    /// instead of an old one at once.
+    fn current_status(&self, latest: Option<Arc<str>>) -> Option<Arc<str>> {
+        self.current_status_at(latest, self.now_ms())
+    }
+
+    fn current_status_at(&self, latest: Option<Arc<str>>, now_ms: u64) -> Option<Arc<str>> {
+        let at = self.status_at_ms.load(Ordering::SeqCst);
+        let fresh = at > 0 && now_ms.saturating_sub(at) <= 2 * STATUS_EVERY.as_millis() as u64;
+        if !fresh {
+            self.fingerprint
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            return None;
+        }
+        latest
     }
 
     /// The id of position `seq`.
@@ -241,6 +279,8 @@ pub(crate) fn on_applied(node: &Node, events: &[TableEvent]) {
                     attempt: last.map(|a| a.number),
                     worker: last.map(|a| a.worker.clone()),
                     error: task.error.clone(),
+                    stage: (!task.spec.stages.is_empty()).then_some(task.stage),
+                    moves: task.moves,
                 })
             }
             _ => None,
@@ -303,9 +343,9 @@ pub(crate) fn follow(
                 }
             }
         }
-        // The latest status at once, if there is one yet (the loop makes one within
+        // The latest status at once, if it is current (the loop makes one within
         // `STATUS_EVERY` of the first watcher otherwise).
-        let latest = status.borrow_and_update().clone();
+        let latest = feed.current_status(status.borrow_and_update().clone());
         if let Some(s) = latest {
             if tx.send((Item::Status(s), feed.id(at))).await.is_err() {
                 return;
@@ -392,6 +432,8 @@ mod tests {
             attempt: None,
             worker: None,
             error: None,
+            stage: None,
+            moves: 0,
         }
     }
 
@@ -435,6 +477,28 @@ mod tests {
         feed.arrive_at(later);
         assert_eq!(feed.resume_at(&id), None);
         assert_eq!(feed.resume_at(&feed.id(5)), Some(5));
+    }
+
+    /// A watcher arriving after the rebuilds paused is not handed the old status: the
+    /// next rebuild is published even if it looks the same.
+    #[test]
+    fn a_stale_status_is_not_sent_and_the_next_is() {
+        let feed = ClusterFeed::default();
+        let mut rx = feed.status.subscribe();
+        assert_eq!(feed.current_status_at(None, 10), None, "none built yet");
+        feed.set_status("{\"q\":1}".into(), "{\"q\":1}".into());
+        let built = feed.status_at_ms.load(Ordering::SeqCst);
+        let latest = rx.borrow_and_update().clone();
+        assert_eq!(
+            feed.current_status_at(latest.clone(), built + 100)
+                .as_deref(),
+            Some("{\"q\":1}")
+        );
+        // Long after: not sent, and the same view rebuilt is published again.
+        let later = built + 60_000;
+        assert_eq!(feed.current_status_at(latest, later), None);
+        feed.set_status("{\"q\":1}".into(), "{\"q\":1}".into());
+        assert!(rx.has_changed().unwrap(), "published for the new watcher");
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //!   [`tasks`] (submit checks and admission, reads, cancel), [`status`] (workers and the
 //!   status view), [`cluster`] (node reports, cluster views, membership, joining, the
 //!   [`cluster::PeerHttp`] client), [`memory`] (vector memory and the ReasoningBank),
-//!   [`swarms`] (definitions, layouts, placement), [`backup`] (backups and restores), and
-//!   [`commit`] (the commit and read-barrier failures they share);
+//!   [`swarms`] (definitions, layouts, placement), [`backup`] (backups and restores),
+//!   [`workers`] (draining and resuming a worker remotely), and [`commit`] (the commit
+//!   and read-barrier failures they share);
 //! * [`node`] runs the loops: applied-entry events, dispatch, gauges;
 //! * [`handoff`] hands leadership to a caught-up voter when a leader stops;
 //! * [`proposer`] group-commits ops into Raft entries;
@@ -40,6 +41,7 @@ pub mod status;
 pub mod swarms;
 pub mod tasks;
 mod worker_session;
+pub mod workers;
 
 pub use node::{ApiEdges, CoordinatorConfig, Limits, Node, TaskDefaults};
 pub use server::{coordinator_server_config, start, start_with, CoordinatorHandle, Parts};

@@ -766,12 +766,31 @@ pub(crate) async fn add_patterns(node: &Node, b: AddPatterns) -> Result<OpOutcom
     .await
 }
 
-/// Every pattern of this replica's ReasoningBank, as JSON.
-pub(crate) fn list_patterns(node: &Node) -> Vec<Value> {
+/// The patterns of this replica's ReasoningBank as JSON, and how many there are in all:
+/// every one, or with `limit` the `limit` most trusted (highest confidence, then most
+/// used, then id), so a dashboard reads a page of a large bank instead of all of it.
+pub(crate) fn list_patterns(node: &Node, limit: Option<usize>) -> (Vec<Value>, usize) {
     node.table.memory(|m| {
-        m.patterns()
+        let total = m.pattern_count();
+        let mut items: Vec<&swarm_memory::MemoryItem> = m.patterns().collect();
+        if let Some(limit) = limit {
+            let by_trust = |a: &&swarm_memory::MemoryItem, b: &&swarm_memory::MemoryItem| {
+                b.confidence
+                    .total_cmp(&a.confidence)
+                    .then(b.use_count.cmp(&a.use_count))
+                    .then_with(|| a.id.cmp(&b.id))
+            };
+            if limit < items.len() {
+                items.select_nth_unstable_by(limit, by_trust);
+                items.truncate(limit);
+            }
+            items.sort_by(by_trust);
+        }
+        let json = items
+            .into_iter()
             .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
-            .collect()
+            .collect();
+        (json, total)
     })
 }
 

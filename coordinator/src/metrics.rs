@@ -32,6 +32,7 @@ const FIXED_COUNTERS: &[&str] = &[
     "swarm_tasks_retried_total",
     "swarm_tasks_dead_lettered_total",
     "swarm_tasks_cancelled_total",
+    "swarm_tasks_redriven_total",
     "swarm_tasks_purged_total",
     "swarm_api_forwarded_total",
     "swarm_relayed_sessions_total",
@@ -113,6 +114,10 @@ fn describe() {
         "Attempts that ended and were queued again."
     );
     describe_counter!(
+        "swarm_tasks_redriven_total",
+        "Failed or dead-lettered tasks run again on request (swarm task retry)."
+    );
+    describe_counter!(
         "swarm_tasks_dead_lettered_total",
         "Tasks whose every attempt was lost."
     );
@@ -156,6 +161,11 @@ fn describe() {
         "swarm_dispatch_latency_seconds",
         Unit::Seconds,
         "Submit (or retry due) to dispatch."
+    );
+    describe_histogram!(
+        "swarm_task_latency_seconds",
+        Unit::Seconds,
+        "Submit to final state, per finished task."
     );
     describe_histogram!(
         "swarm_task_duration_seconds",

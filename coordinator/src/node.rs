@@ -297,6 +297,8 @@ pub struct Node {
     pub(crate) live: crate::live::LiveHub,
     /// Watchers of the cluster's changes (see [`crate::events`]).
     pub(crate) cluster_feed: crate::events::ClusterFeed,
+    /// Latency of the last minute's finished tasks (see [`crate::status`]).
+    pub(crate) latency: Mutex<crate::status::LatencyWindow>,
     wake_dispatch: Notify,
     pub(crate) data_dir: PathBuf,
     /// HTTP to peers: forwarding to the leader and asking peers for their reports.
@@ -341,6 +343,7 @@ impl Node {
             data_dir: cfg.data_dir.clone(),
             live: Default::default(),
             cluster_feed: Default::default(),
+            latency: Default::default(),
             dispatch: Mutex::new(Dispatch {
                 scheduler: Scheduler::new(cfg.scheduler),
                 sessions: BTreeMap::new(),
@@ -678,6 +681,7 @@ impl Node {
             return;
         }
         crate::events::on_applied(self, &events);
+        crate::status::on_applied(self, &events);
         let leader = self.leads_raft();
         let mut cancels = Vec::new();
         {

@@ -10,7 +10,7 @@
 //! plan until the worker reports the attempt's end, which may be before the report is
 //! committed; the task stays in flight until then, so it is never planned twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use swarm_proto::worker::AttemptRef;
 use swarm_proto::TaskId;
@@ -84,6 +84,12 @@ impl WorkerEntry {
     pub fn has_labels(&self, wanted: &BTreeMap<String, String>) -> bool {
         wanted.iter().all(|(k, v)| self.labels.get(k) == Some(v))
     }
+
+    /// Whether the worker offers `agent`. A worker that named no agents (registered
+    /// without a list) is taken to offer every one.
+    pub fn offers(&self, agent: &str) -> bool {
+        self.agents.is_empty() || self.agents.contains(agent)
+    }
 }
 
 /// An attempt the scheduler is tracking.
@@ -145,6 +151,8 @@ pub struct Scheduler {
     cursor: usize,
     /// Bumped whenever a worker joins, leaves or is dropped: topologies re-plan then.
     membership_gen: u64,
+    /// The agents some connected worker offers, as of a membership generation.
+    offered: (u64, HashSet<String>),
 }
 
 impl Scheduler {
@@ -213,6 +221,20 @@ impl Scheduler {
         match self.workers.get_mut(id) {
             Some(w) if !w.draining => {
                 w.draining = true;
+                self.membership_gen += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The worker takes work again (an operator resumed it): the reverse of
+    /// [`Scheduler::worker_draining`], and it rejoins the swarm layouts. Returns whether
+    /// this changed anything.
+    pub fn worker_resumed(&mut self, id: &str) -> bool {
+        match self.workers.get_mut(id) {
+            Some(w) if w.draining => {
+                w.draining = false;
                 self.membership_gen += 1;
                 true
             }
@@ -440,7 +462,10 @@ impl Scheduler {
 
     /// Choose attempts for queued tasks, best first, until workers are full. `queued`
     /// must be in run order. Tasks in flight, waiting out a backoff, or matching no
-    /// connected worker's labels are skipped; draining workers get nothing.
+    /// connected worker's labels are skipped; draining workers get nothing. A task goes
+    /// only to a worker offering its agent while a connected worker does; while none
+    /// does, to any (which fails it `unknown_agent`, naming what it offers: a mistyped
+    /// agent is told at once rather than waiting for ever).
     pub fn plan<'a>(&mut self, queued: impl Iterator<Item = &'a Task>, now_ms: u64) -> Plan {
         self.plan_by(queued, now_ms, 0, |task, _, w| {
             w.has_labels(&task.spec.labels).then_some(w.slots)
@@ -469,6 +494,7 @@ impl Scheduler {
             return plan;
         }
         let ids: Vec<String> = self.workers.keys().cloned().collect();
+        self.refresh_offered();
         for task in queued {
             if free == 0 {
                 break;
@@ -483,7 +509,14 @@ impl Scheduler {
                 );
                 continue;
             }
-            let Some(worker) = self.pick_worker(&ids, |id, w| place(task, id, w)) else {
+            let agent = task.current_agent();
+            let strict = self.offered.1.contains(agent);
+            let Some(worker) = self.pick_worker(&ids, |id, w| {
+                if strict && !w.offers(agent) {
+                    return None;
+                }
+                place(task, id, w)
+            }) else {
                 continue;
             };
             let attempt = AttemptRef {
@@ -542,6 +575,20 @@ impl Scheduler {
 
     /// The least loaded connected worker with room that `place` allows; ties go
     /// round-robin so equal workers share the work.
+    /// Recompute which agents connected workers offer, if membership changed.
+    fn refresh_offered(&mut self) {
+        if self.offered.0 == self.membership_gen && self.membership_gen != 0 {
+            return;
+        }
+        let offered = self
+            .workers
+            .values()
+            .filter(|w| w.connected)
+            .flat_map(|w| w.agents.iter().cloned())
+            .collect();
+        self.offered = (self.membership_gen, offered);
+    }
+
     fn pick_worker(
         &mut self,
         ids: &[String],
@@ -888,6 +935,31 @@ mod tests {
         assert_eq!(s.in_flight_count(), 0);
     }
 
+    /// A task goes only to a worker offering its agent (one that named none offers all)
+    /// while a connected worker does.
+    #[test]
+    fn a_task_goes_only_to_a_worker_offering_its_agent() {
+        let t = table(6, &[]);
+        let mut s = Scheduler::new(cfg());
+        let offers = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        s.worker_joined("other", 8, labels(&[]), offers(&["work"]), None, 0);
+        s.worker_joined("echoes", 2, labels(&[]), offers(&["echo", "work"]), None, 0);
+        s.worker_connected("unlisted", 2, labels(&[]), 0);
+        let plan = s.plan(t.queued(), 0).dispatches;
+        assert_eq!(plan.len(), 4, "{plan:?}");
+        assert!(plan.iter().all(|d| d.worker != "other"), "{plan:?}");
+        // Once no connected worker offers it, anyone takes it (and fails it, saying what
+        // it offers) rather than the task waiting unexplained.
+        let t = table(2, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_joined("other", 8, labels(&[]), offers(&["work"]), None, 0);
+        s.worker_joined("echoes", 2, labels(&[]), offers(&["echo"]), None, 0);
+        s.worker_disconnected("echoes");
+        let plan = s.plan(t.queued(), 0).dispatches;
+        assert_eq!(plan.len(), 2);
+        assert!(plan.iter().all(|d| d.worker == "other"), "{plan:?}");
+    }
+
     #[test]
     fn fills_free_slots_fairly_and_never_twice() {
         let t = table(10, &[]);
@@ -1135,6 +1207,30 @@ mod tests {
         // A new session of the worker starts undrained (it says Draining again).
         s.worker_connected("a", 2, labels(&[]), 0);
         assert!(s.workers()["a"].takes_work());
+    }
+
+    #[test]
+    fn a_resumed_worker_takes_work_again() {
+        let t = table(4, &[]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("a", 2, labels(&[]), 0);
+        s.worker_connected("b", 2, labels(&[]), 0);
+        assert!(!s.worker_resumed("a"), "not drained: nothing to resume");
+        assert!(s.worker_draining("a"));
+        let drained = s.plan(t.queued(), 0).dispatches;
+        assert!(drained.iter().all(|d| d.worker == "b"), "{drained:?}");
+        for d in &drained {
+            s.reported("b", d.attempt);
+            s.forget(d.attempt.task_id);
+        }
+        let gen = s.membership_gen();
+        assert!(s.worker_resumed("a"));
+        assert!(!s.worker_resumed("a"), "resuming twice changes nothing");
+        assert!(!s.worker_resumed("nobody"));
+        assert!(s.membership_gen() > gen, "layouts re-plan with it");
+        assert!(s.workers()["a"].takes_work());
+        let next = s.plan(t.queued(), 0).dispatches;
+        assert!(next.iter().any(|d| d.worker == "a"), "{next:?}");
     }
 
     #[test]

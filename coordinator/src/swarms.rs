@@ -277,10 +277,9 @@ impl Topologies {
                 _ => false,
             });
         peers
-            && scheduler
-                .workers()
-                .get(thief)
-                .is_some_and(|w| self.place(task, thief, w).is_some())
+            && scheduler.workers().get(thief).is_some_and(|w| {
+                w.offers(task.current_agent()) && self.place(task, thief, w).is_some()
+            })
     }
 
     /// How many attempts worker `id` may hold when it takes `task`, or `None` if it may
@@ -682,7 +681,7 @@ pub(crate) fn swarm_view(node: &Node, name: &str) -> Option<SwarmView> {
     // Lock order: table, then dispatch.
     let table = node.table.read();
     let record = table.swarm(name)?;
-    let (queued, running) = table.swarm_load(name);
+    let ((queued, running), mut by_stage) = table.swarm_load(name);
     let mut d = node.lock_dispatch();
     let d = &mut *d;
     let (layout, problem) = if name == DEFAULT_SWARM_NAME {
@@ -723,6 +722,7 @@ pub(crate) fn swarm_view(node: &Node, name: &str) -> Option<SwarmView> {
             (None, None, stages.iter().map(|s| s.to_string()).collect())
         }
     };
+    let ring_stages = stages.len();
     Some(SwarmView {
         name: record.spec.name.clone(),
         topology: record.spec.topology.kind().to_string(),
@@ -733,6 +733,16 @@ pub(crate) fn swarm_view(node: &Node, name: &str) -> Option<SwarmView> {
         queue_depth: record.queue_depth,
         created_at_ms: record.created_at_ms,
         tasks: SwarmTaskCounts { queued, running },
+        stage_tasks: match ring_stages {
+            0 => Vec::new(),
+            n => {
+                by_stage.resize(n, (0, 0));
+                by_stage
+                    .into_iter()
+                    .map(|(queued, running)| SwarmTaskCounts { queued, running })
+                    .collect()
+            }
+        },
         layout: layout.map(|p| view(&record.spec, &p, &loads)),
         problem,
     })
@@ -817,6 +827,7 @@ mod tests {
                 zero_rtt: false,
                 via: via.map(String::from),
                 draining: false,
+                drain: None,
             },
         }
     }

@@ -5,17 +5,19 @@
 //! A refused submit changes nothing: every check here runs before anything is proposed,
 //! and the queue limit is checked again, authoritatively, when the submit applies.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use swarm_proto::api::{
-    SubmitBatch, SubmitBatchResponse, SubmitResponse, SubmitTask, TaskList, TaskState, TaskView,
+    SubmitBatch, SubmitBatchResponse, SubmitResponse, SubmitTask, TaskList, TaskOrder, TaskState,
+    TaskView,
 };
 use swarm_proto::TaskId;
 
 use crate::commit::{linearizable, CommitError};
 use crate::limits::{ENTRY_BUDGET, MAX_OP_BYTES};
 use crate::node::{now_ms, Node};
-use crate::state::{Lookup, Op, OpResult, TaskSpec};
+use crate::state::{Lookup, Op, OpResult, Task, TaskSpec};
 use crate::swarms::SwarmError;
 
 /// Why a task request was refused.
@@ -415,35 +417,445 @@ pub(crate) async fn get(
     task_view(node, id)
 }
 
-/// One page of tasks, in `state` if given, with ids after `after`, read linearizably.
-pub(crate) async fn list(
-    node: &Node,
-    state: Option<&str>,
-    after: Option<TaskId>,
-    limit: Option<usize>,
-) -> Result<TaskList, TaskError> {
-    let state = match state {
+/// Most tasks one `GET /v1/tasks` examines, whatever its filters: past it the page ends
+/// where the scan stopped (short, even empty, with `next_after` leading on).
+pub(crate) const LIST_SCAN_BUDGET: usize = 20_000;
+
+/// Tasks read from the table at a time while a filtered listing scans (the table lock
+/// is taken for each chunk, never across them).
+pub(crate) const LIST_CHUNK: usize = 1_000;
+
+/// Longest `text` a listing may search for, in bytes.
+pub(crate) const MAX_FILTER_TEXT: usize = 256;
+
+/// Most `label` pairs one listing may ask for (a task holds at most 32 labels).
+const MAX_FILTER_LABELS: usize = 32;
+
+/// What `GET /v1/tasks` asks, as the query gives it (strings unchecked).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ListParams {
+    pub state: Option<String>,
+    pub order: Option<String>,
+    pub after: Option<TaskId>,
+    pub limit: Option<usize>,
+    pub agent: Option<String>,
+    pub swarm: Option<String>,
+    pub label: Option<String>,
+    pub text: Option<String>,
+}
+
+/// The filters of a task listing besides its state, all of them optional, combined with
+/// AND. See [`TaskFilter::matches`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct TaskFilter {
+    /// The task's agent, or for a ring task any of its stages' agents.
+    agent: Option<String>,
+    /// The task's swarm, exactly.
+    swarm: Option<String>,
+    /// Labels the task must carry, each with this value.
+    labels: Vec<(String, String)>,
+    /// A substring of the payload, ASCII case-insensitive (UTF-8 payloads only).
+    text: Option<TextSearch>,
+}
+
+impl TaskFilter {
+    /// The filter the query parameters ask for; an empty parameter is no filter.
+    /// Refuses (`Invalid`) a `label` that is not `k=v[,k=v...]` and a `text` over
+    /// [`MAX_FILTER_TEXT`] bytes.
+    pub fn parse(
+        agent: Option<&str>,
+        swarm: Option<&str>,
+        label: Option<&str>,
+        text: Option<&str>,
+    ) -> Result<TaskFilter, TaskError> {
+        let given = |v: Option<&str>| v.filter(|s| !s.is_empty()).map(str::to_string);
+        let mut labels = Vec::new();
+        if let Some(list) = label.filter(|s| !s.is_empty()) {
+            for pair in list.split(',') {
+                let Some((k, v)) = pair.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+                    return Err(TaskError::Invalid(format!(
+                        "bad `label` filter {pair:?}: expected k=v (several comma-separated)"
+                    )));
+                };
+                labels.push((k.to_string(), v.to_string()));
+            }
+            if labels.len() > MAX_FILTER_LABELS {
+                return Err(TaskError::Invalid(format!(
+                    "at most {MAX_FILTER_LABELS} `label` filters, got {}",
+                    labels.len()
+                )));
+            }
+        }
+        let text = match text.filter(|s| !s.is_empty()) {
+            Some(t) if t.len() > MAX_FILTER_TEXT => {
+                return Err(TaskError::Invalid(format!(
+                    "`text` is at most {MAX_FILTER_TEXT} bytes, got {}",
+                    t.len()
+                )))
+            }
+            Some(t) => Some(TextSearch::new(t.as_bytes())),
+            None => None,
+        };
+        Ok(TaskFilter {
+            agent: given(agent),
+            swarm: given(swarm),
+            labels,
+            text,
+        })
+    }
+
+    /// Whether every task matches (no filter at all).
+    pub fn is_empty(&self) -> bool {
+        self.agent.is_none()
+            && self.swarm.is_none()
+            && self.labels.is_empty()
+            && self.text.is_none()
+    }
+
+    /// Whether `t` passes every filter given.
+    pub fn matches(&self, t: &Task) -> bool {
+        let spec = &t.spec;
+        if self.swarm.as_ref().is_some_and(|s| spec.swarm != *s) {
+            return false;
+        }
+        if let Some(a) = &self.agent {
+            if spec.agent != *a && !spec.stages.iter().any(|st| st.agent == *a) {
+                return false;
+            }
+        }
+        if !self
+            .labels
+            .iter()
+            .all(|(k, v)| spec.labels.get(k).is_some_and(|have| have == v))
+        {
+            return false;
+        }
+        match &self.text {
+            Some(needle) => {
+                needle.found_in(&spec.payload) && std::str::from_utf8(&spec.payload).is_ok()
+            }
+            None => true,
+        }
+    }
+}
+
+/// A search for one ASCII case-insensitive byte string (Knuth-Morris-Pratt over the
+/// lower-cased bytes): linear in the text searched, whatever the text and the needle.
+#[derive(Debug, Clone, PartialEq)]
+struct TextSearch {
+    /// The needle, lower-cased (ASCII), not empty.
+    needle: Vec<u8>,
+    /// `fail[i]`: the length of the longest proper border of `needle[..=i]`.
+    fail: Vec<usize>,
+}
+
+impl TextSearch {
+    fn new(needle: &[u8]) -> TextSearch {
+        let needle = needle.to_ascii_lowercase();
+        let mut fail = vec![0; needle.len()];
+        let mut k = 0;
+        for i in 1..needle.len() {
+            while k > 0 && needle[i] != needle[k] {
+                k = fail[k - 1];
+            }
+            if needle[i] == needle[k] {
+                k += 1;
+            }
+            fail[i] = k;
+        }
+        TextSearch { needle, fail }
+    }
+
+    fn found_in(&self, hay: &[u8]) -> bool {
+        let n = &self.needle;
+        if n.is_empty() {
+            return true;
+        }
+        let mut k = 0;
+        for &b in hay {
+            let b = b.to_ascii_lowercase();
+            while k > 0 && b != n[k] {
+                k = self.fail[k - 1];
+            }
+            if b == n[k] {
+                k += 1;
+                if k == n.len() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// One page of a listing being scanned: fed chunks of the table's listing in order
+/// (each asked for with [`ListScan::next_read`]) until [`ListScan::feed`] says it is
+/// done, examining at most its budget of tasks.
+#[derive(Debug)]
+pub(crate) struct ListScan<'f> {
+    filter: &'f TaskFilter,
+    limit: usize,
+    budget: usize,
+    /// The last id examined (the cursor of the next read).
+    cursor: Option<TaskId>,
+    examined: usize,
+    found: Vec<Arc<Task>>,
+    /// Set once done: the page's `next_after`.
+    next_after: Option<Option<TaskId>>,
+}
+
+impl<'f> ListScan<'f> {
+    /// A page of at most `limit` tasks passing `filter` after `after`, examining at most
+    /// `budget` tasks.
+    pub fn new(
+        filter: &'f TaskFilter,
+        after: Option<TaskId>,
+        limit: usize,
+        budget: usize,
+    ) -> ListScan<'f> {
+        let done = (limit == 0 || budget == 0).then_some(after);
+        ListScan {
+            filter,
+            limit,
+            budget,
+            cursor: after,
+            examined: 0,
+            found: Vec::new(),
+            next_after: done,
+        }
+    }
+
+    /// The next chunk to read: the tasks after this cursor, this many (`None`: done).
+    pub fn next_read(&self) -> Option<(Option<TaskId>, usize)> {
+        if self.next_after.is_some() {
+            return None;
+        }
+        let left = self.budget - self.examined;
+        let want = if self.filter.is_empty() {
+            self.limit - self.found.len()
+        } else {
+            LIST_CHUNK
+        };
+        Some((self.cursor, want.min(left).max(1)))
+    }
+
+    /// Take the chunk read as [`ListScan::next_read`] asked (`asked` tasks); returns
+    /// whether the page is done.
+    pub fn feed(&mut self, asked: usize, chunk: Vec<Arc<Task>>) -> bool {
+        let exhausted = chunk.len() < asked;
+        let total = chunk.len();
+        for (i, t) in chunk.into_iter().enumerate() {
+            self.examined += 1;
+            self.cursor = Some(t.id);
+            if self.filter.matches(&t) {
+                self.found.push(t);
+                if self.found.len() >= self.limit {
+                    // Full: the next page starts after its last task, unless nothing
+                    // follows it.
+                    let last = exhausted && i + 1 == total;
+                    self.next_after = Some(if last { None } else { self.cursor });
+                    return true;
+                }
+            }
+        }
+        if exhausted {
+            self.next_after = Some(None);
+        } else if self.examined >= self.budget {
+            self.next_after = Some(self.cursor);
+        }
+        self.next_after.is_some()
+    }
+
+    /// Tasks examined so far.
+    #[cfg(test)]
+    pub fn examined(&self) -> usize {
+        self.examined
+    }
+
+    /// The page: its tasks in order and `next_after` (`None`: the listing is exhausted).
+    pub fn finish(self) -> (Vec<Arc<Task>>, Option<TaskId>) {
+        (self.found, self.next_after.flatten())
+    }
+}
+
+/// One page of tasks (see [`TaskList`] for the query), read linearizably: chunks of the
+/// table's listing, each under the table lock for its own read only, filtered here,
+/// examining at most [`LIST_SCAN_BUDGET`] tasks.
+pub(crate) async fn list(node: &Node, q: ListParams) -> Result<TaskList, TaskError> {
+    let state = match q.state.as_deref() {
         None | Some("") => None,
         Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
             let names: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
             TaskError::Invalid(format!("unknown state {s:?}; one of {}", names.join(", ")))
         })?),
     };
-    let limit = limit.unwrap_or(100).clamp(1, 1000);
-    linearizable(node).await?;
-    let tasks: Vec<TaskView> = node
-        .table
-        .list(state, after.unwrap_or(0), limit)
-        .map_err(|e| TaskError::Internal(e.to_string()))?
-        .iter()
-        .map(|t| view_of(node, t))
-        .collect();
-    let next_after = if tasks.len() == limit {
-        tasks.last().map(|t| t.id)
-    } else {
-        None
+    let order = match q.order.as_deref() {
+        None | Some("") => TaskOrder::Asc,
+        Some(o) => TaskOrder::parse(o)
+            .ok_or_else(|| TaskError::Invalid(format!("unknown order {o:?}; one of asc, desc")))?,
     };
+    let filter = TaskFilter::parse(
+        q.agent.as_deref(),
+        q.swarm.as_deref(),
+        q.label.as_deref(),
+        q.text.as_deref(),
+    )?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    // No id is 0: descending "below 0" would always be empty, so it means "from the
+    // newest", like no `after`.
+    let after = q.after.filter(|&a| !(order == TaskOrder::Desc && a == 0));
+    linearizable(node).await?;
+    let mut scan = ListScan::new(&filter, after, limit, LIST_SCAN_BUDGET);
+    let mut first = true;
+    while let Some((cursor, want)) = scan.next_read() {
+        if !first {
+            // Let the runtime's other tasks in between chunks.
+            tokio::task::yield_now().await;
+        }
+        first = false;
+        let chunk = node
+            .table
+            .list(state, order, cursor, want)
+            .map_err(|e| TaskError::Internal(e.to_string()))?;
+        scan.feed(want, chunk);
+    }
+    let (found, next_after) = scan.finish();
+    let tasks: Vec<TaskView> = found.iter().map(|t| view_of(node, t)).collect();
     Ok(TaskList { tasks, next_after })
+}
+
+/// Run task `id` again (redrive): a `failed` or `dead_lettered` task is queued for a new
+/// attempt with a fresh `max_attempts`, its earlier attempts kept. A task in any other
+/// state is refused (`Conflict`), naming it.
+pub(crate) async fn retry(node: &Node, id: TaskId) -> Result<TaskView, TaskError> {
+    let result = node
+        .propose_client(vec![Op::Retry {
+            task_id: id,
+            now_ms: now_ms(),
+        }])
+        .await
+        .map_err(|e| CommitError::from_propose(node, e))?
+        .pop()
+        .ok_or_else(|| TaskError::Internal("empty retry result".into()))?;
+    match result {
+        OpResult::Applied { .. } => {
+            metrics::counter!("swarm_tasks_redriven_total").increment(1);
+            node.poke();
+            task_view(node, id)
+        }
+        OpResult::Ignored { state } => Err(TaskError::Conflict(format!(
+            "task {id} is {}: only failed or dead-lettered tasks are retried",
+            state.as_str()
+        ))),
+        OpResult::NotFound => Err(TaskError::Unknown(id)),
+        OpResult::Expired => Err(TaskError::Expired(id)),
+        OpResult::Restoring => Err(CommitError::Restoring.into()),
+        other => Err(TaskError::Internal(format!(
+            "unexpected retry result {other:?}"
+        ))),
+    }
+}
+
+/// Most tasks one bulk retry runs again.
+pub(crate) const MAX_BULK_RETRY: usize = 1000;
+
+/// `POST /v1/tasks/retry` body: which finished tasks to run again.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkRetry {
+    /// `failed` or `dead_lettered`.
+    pub state: String,
+    pub agent: Option<String>,
+    pub swarm: Option<String>,
+    pub label: Option<String>,
+    pub text: Option<String>,
+    /// Continue after this id (the previous answer's `next_after`).
+    pub after: Option<TaskId>,
+    /// At most this many (default 100, at most [`MAX_BULK_RETRY`]).
+    pub limit: Option<usize>,
+}
+
+/// What a bulk retry did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct BulkRetried {
+    /// The tasks queued again, oldest first.
+    pub retried: Vec<TaskId>,
+    /// Where to continue (more may match); absent when the listing is exhausted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<TaskId>,
+}
+
+/// Run again the `failed` or `dead_lettered` tasks a filter selects, oldest first: one
+/// page of them (as a listing finds it, within its scan budget) retried in one entry;
+/// `visible` leaves out tasks the caller may not act on.
+pub(crate) async fn retry_matching(
+    node: &Node,
+    b: BulkRetry,
+    visible: impl Fn(&str) -> bool,
+) -> Result<BulkRetried, TaskError> {
+    if !matches!(b.state.as_str(), "failed" | "dead_lettered") {
+        return Err(TaskError::Invalid(format!(
+            "state {:?}: only failed or dead_lettered tasks are retried",
+            b.state
+        )));
+    }
+    let limit = b.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_BULK_RETRY {
+        return Err(TaskError::Invalid(format!(
+            "limit {limit}: between 1 and {MAX_BULK_RETRY}"
+        )));
+    }
+    let page = list(
+        node,
+        ListParams {
+            state: Some(b.state),
+            order: Some("asc".into()),
+            after: b.after,
+            limit: Some(limit),
+            agent: b.agent,
+            swarm: b.swarm,
+            label: b.label,
+            text: b.text,
+        },
+    )
+    .await?;
+    let ids: Vec<TaskId> = page
+        .tasks
+        .iter()
+        .filter(|t| visible(&t.swarm))
+        .map(|t| t.id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(BulkRetried {
+            retried: Vec::new(),
+            next_after: page.next_after,
+        });
+    }
+    let now = now_ms();
+    let results = node
+        .propose_client(
+            ids.iter()
+                .map(|&task_id| Op::Retry {
+                    task_id,
+                    now_ms: now,
+                })
+                .collect(),
+        )
+        .await
+        .map_err(|e| CommitError::from_propose(node, e))?;
+    // A task retried (or purged) by someone else meanwhile is left out.
+    let retried: Vec<TaskId> = ids
+        .into_iter()
+        .zip(results)
+        .filter(|(_, r)| matches!(r, OpResult::Applied { .. }))
+        .map(|(id, _)| id)
+        .collect();
+    metrics::counter!("swarm_tasks_redriven_total").increment(retried.len() as u64);
+    node.poke();
+    Ok(BulkRetried {
+        retried,
+        next_after: page.next_after,
+    })
 }
 
 /// Cancel task `id` (idempotent: a final task stays as it is); the worker running it is
@@ -495,5 +907,522 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+}
+
+/// Listing at scale: a history of 200,000 tasks over the archive (real checkpoints into
+/// a redb file), a checkpoint being written, the changes since and the live tasks, read
+/// the way `list` reads it (chunks of `TaskTable::list` through a `ListScan`).
+#[cfg(test)]
+mod listing_tests {
+    use std::collections::BTreeMap;
+    use std::ops::RangeInclusive;
+    use std::sync::Arc;
+
+    use swarm_proto::api::{TaskOrder, TaskState};
+    use swarm_proto::worker::{AttemptRef, Outcome};
+    use swarm_proto::TaskId;
+    use swarm_topology::{StageSpec, SwarmSpec, TopologySpec};
+
+    use super::{ListScan, TaskError, TaskFilter, LIST_SCAN_BUDGET, MAX_FILTER_TEXT};
+    use crate::raft::checkpoint::{CheckpointStore, Membership, STATE_DB_FILE};
+    use crate::state::{Op, OpResult, SwarmRecord, Task, TaskSpec, TaskTable};
+
+    /// Tasks in the history.
+    const N: TaskId = 200_000;
+    const RARE_WORD: &str = "Zebra-Quartz";
+
+    /// What task `id` is submitted with: one in 1,000 carries each rare thing.
+    fn spec_of(id: TaskId) -> TaskSpec {
+        let mut labels = BTreeMap::new();
+        let team = ["red", "green", "blue"][(id % 3) as usize];
+        labels.insert("team".to_string(), team.to_string());
+        if id % 1000 == 333 {
+            labels.insert("rare".to_string(), "yes".to_string());
+        }
+        let payload = match id % 1000 {
+            // Queued ones and succeeded ones (see `History::finish`).
+            500 | 612 => format!("task {id}: look for the {RARE_WORD} here").into_bytes(),
+            // The word, but the payload is not UTF-8: never a text match.
+            501 => [&[0xff, 0xfe, b' '][..], RARE_WORD.as_bytes()].concat(),
+            _ => format!("task {id}: nothing to see, zebra quartz").into_bytes(),
+        };
+        let (agent, swarm, stages) = match id % 1000 {
+            7 => ("rare-agent", "default", vec![]),
+            // Ring tasks; the first's second stage runs the rare agent.
+            907 => ("planner", "pipeline", vec!["planner", "rare-agent"]),
+            908 => ("planner", "pipeline", vec!["planner", "reviewer"]),
+            _ => ("coder", "default", vec![]),
+        };
+        TaskSpec {
+            agent: agent.into(),
+            payload,
+            priority: 0,
+            timeout_ms: 1000,
+            max_attempts: 1,
+            idempotency_key: None,
+            labels,
+            patterns: 0,
+            swarm: swarm.into(),
+            stages: stages.into_iter().map(StageSpec::new).collect(),
+            retain_ms: 1000,
+        }
+    }
+
+    /// The table, its checkpoint store, and what every retained task should be.
+    struct History {
+        _dir: tempfile::TempDir,
+        store: CheckpointStore,
+        table: TaskTable,
+        /// The state of every retained task (purged ones are gone).
+        model: BTreeMap<TaskId, TaskState>,
+    }
+
+    impl History {
+        fn apply(&mut self, ops: &[Op]) -> Vec<OpResult> {
+            let reader = self.store.reader().unwrap();
+            let results = ops
+                .iter()
+                .map(|op| self.table.apply_op(op, &reader).unwrap())
+                .collect();
+            self.table.take_events();
+            results
+        }
+
+        fn submit(&mut self, ids: RangeInclusive<TaskId>) {
+            for chunk in ids.collect::<Vec<_>>().chunks(4096) {
+                let ops: Vec<Op> = chunk
+                    .iter()
+                    .map(|&id| Op::Submit {
+                        spec: spec_of(id),
+                        now_ms: 1,
+                        queue_limit: u64::MAX,
+                    })
+                    .collect();
+                for (id, r) in chunk.iter().zip(self.apply(&ops)) {
+                    assert_eq!(
+                        r,
+                        OpResult::Submitted {
+                            id: *id,
+                            duplicate: false
+                        }
+                    );
+                    self.model.insert(*id, TaskState::Queued);
+                }
+            }
+        }
+
+        /// Ends the tasks `ids` but one in 25: half of those stay queued, half start.
+        /// Even ids (but ring tasks) succeed, the others are cancelled.
+        fn finish(&mut self, ids: RangeInclusive<TaskId>) {
+            let mut ops = Vec::new();
+            for id in ids {
+                let attempt = AttemptRef {
+                    task_id: id,
+                    attempt: 1,
+                };
+                let start = Op::Start {
+                    attempt,
+                    worker: "w".into(),
+                    now_ms: 2,
+                };
+                let ring = matches!(id % 1000, 907 | 908);
+                let state = match id % 50 {
+                    0 => TaskState::Queued,
+                    25 => {
+                        ops.push(start);
+                        TaskState::Running
+                    }
+                    _ if id % 2 == 0 && !ring => {
+                        ops.push(start);
+                        ops.push(Op::Finish {
+                            attempt,
+                            worker: "w".into(),
+                            outcome: Outcome::Succeeded {
+                                output: b"done".to_vec(),
+                            },
+                            started_at_ms: 2,
+                            finished_at_ms: 3,
+                            now_ms: 3,
+                            retry_at_ms: 3,
+                        });
+                        TaskState::Succeeded
+                    }
+                    _ => {
+                        ops.push(Op::Cancel {
+                            task_id: id,
+                            now_ms: 3,
+                        });
+                        TaskState::Cancelled
+                    }
+                };
+                self.model.insert(id, state);
+            }
+            for chunk in ops.chunks(4096) {
+                self.apply(chunk);
+            }
+        }
+
+        /// Purges the finished tasks among `ids` that `pick` picks.
+        fn purge(&mut self, ids: RangeInclusive<TaskId>, pick: impl Fn(TaskId) -> bool) {
+            let gone: Vec<TaskId> = ids
+                .filter(|&id| pick(id) && self.model.get(&id).is_some_and(|s| s.is_final()))
+                .collect();
+            for chunk in gone.chunks(4096) {
+                let r = self.apply(&[Op::Purge {
+                    ids: chunk.to_vec(),
+                    now_ms: 1_000_000,
+                }]);
+                assert_eq!(
+                    r,
+                    [OpResult::Purged {
+                        purged: chunk.len() as u64
+                    }]
+                );
+            }
+            for id in gone {
+                self.model.remove(&id);
+            }
+        }
+
+        fn checkpoint(&mut self) {
+            let delta = self.table.begin_checkpoint().unwrap();
+            self.store
+                .write(&delta, None, &Membership::default(), None)
+                .unwrap();
+            self.table.checkpoint_written();
+        }
+
+        /// The ids the model holds, in `order`, in `state` if given, passing `pick`.
+        fn expected(
+            &self,
+            state: Option<TaskState>,
+            order: TaskOrder,
+            pick: impl Fn(TaskId) -> bool,
+        ) -> Vec<TaskId> {
+            let mut ids: Vec<TaskId> = self
+                .model
+                .iter()
+                .filter(|(id, s)| state.is_none_or(|want| **s == want) && pick(**id))
+                .map(|(id, _)| *id)
+                .collect();
+            if order == TaskOrder::Desc {
+                ids.reverse();
+            }
+            ids
+        }
+
+        /// One page as `tasks::list` reads it: (tasks, next_after, tasks examined).
+        fn page(
+            &self,
+            state: Option<TaskState>,
+            order: TaskOrder,
+            filter: &TaskFilter,
+            after: Option<TaskId>,
+            limit: usize,
+        ) -> (Vec<Arc<Task>>, Option<TaskId>, usize) {
+            let reader = self.store.reader().unwrap();
+            let mut scan = ListScan::new(filter, after, limit, LIST_SCAN_BUDGET);
+            while let Some((cursor, want)) = scan.next_read() {
+                let chunk = self
+                    .table
+                    .list(state, order, cursor, want, &reader)
+                    .unwrap();
+                assert!(chunk.len() <= want);
+                scan.feed(want, chunk);
+            }
+            let examined = scan.examined();
+            let (tasks, next_after) = scan.finish();
+            (tasks, next_after, examined)
+        }
+
+        /// Every page from the start, checking each: the ids found in order and the
+        /// number of pages.
+        fn all_pages(
+            &self,
+            state: Option<TaskState>,
+            order: TaskOrder,
+            filter: &TaskFilter,
+            limit: usize,
+        ) -> (Vec<TaskId>, usize) {
+            // A scan stops only when its page is full or its budget is spent.
+            let most_pages = self.model.len() / LIST_SCAN_BUDGET + self.model.len() / limit + 2;
+            let mut ids: Vec<TaskId> = Vec::new();
+            let mut after = None;
+            let mut pages = 0;
+            loop {
+                pages += 1;
+                assert!(pages <= most_pages, "more than {most_pages} pages");
+                let (tasks, next, examined) = self.page(state, order, filter, after, limit);
+                assert!(examined <= LIST_SCAN_BUDGET, "a page examined {examined}");
+                assert!(tasks.len() <= limit);
+                for t in &tasks {
+                    assert!(filter.matches(t) && state.is_none_or(|s| t.state == s));
+                    ids.push(t.id);
+                }
+                let Some(next) = next else {
+                    return (ids, pages);
+                };
+                if tasks.len() < limit {
+                    // Short but not the end: the budget ran out, at `next`.
+                    assert_eq!(examined, LIST_SCAN_BUDGET);
+                } else {
+                    assert_eq!(Some(next), tasks.last().map(|t| t.id));
+                }
+                // The cursor moves on.
+                if let Some(prev) = after {
+                    match order {
+                        TaskOrder::Asc => assert!(next > prev),
+                        TaskOrder::Desc => assert!(next < prev),
+                    }
+                }
+                after = Some(next);
+            }
+        }
+    }
+
+    /// The history: the archive written by three checkpoints (tasks 1 to 150,000, some
+    /// purged since), a checkpoint being written (150,001 to 180,000), the changes
+    /// since (180,001 to 200,000, and purges of tasks the older layers hold), with one
+    /// task in 25 still live throughout.
+    fn history() -> History {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(&dir.path().join(STATE_DB_FILE)).unwrap();
+        let table = store.load().unwrap().table;
+        let mut h = History {
+            _dir: dir,
+            store,
+            table,
+            model: BTreeMap::new(),
+        };
+        let ring = SwarmRecord {
+            spec: SwarmSpec::new(
+                "pipeline",
+                TopologySpec::Ring {
+                    stages: vec![StageSpec::new("planner"), StageSpec::new("reviewer")],
+                },
+                BTreeMap::new(),
+            )
+            .unwrap(),
+            queue_depth: 0,
+            created_at_ms: 1,
+        };
+        assert_eq!(
+            h.apply(&[Op::SwarmCreate { record: ring }]),
+            [OpResult::Swarm(Ok(()))]
+        );
+        for k in 0..3 {
+            let ids = k * 50_000 + 1..=(k + 1) * 50_000;
+            h.submit(ids.clone());
+            h.finish(ids);
+            h.checkpoint();
+        }
+        h.purge(1..=150_000, |id| id % 97 == 0);
+        h.submit(150_001..=180_000);
+        h.finish(150_001..=180_000);
+        // Written by nobody: the flushing layer from here on.
+        let flushing = h.table.begin_checkpoint().unwrap();
+        assert!(flushing.changes.finished.len() > 25_000);
+        h.submit(180_001..=N);
+        h.finish(180_001..=N);
+        h.purge(100_001..=180_000, |id| id % 89 == 0);
+        assert!(h.model.len() > 190_000, "{}", h.model.len());
+        h
+    }
+
+    fn ids_of(tasks: &[Arc<Task>]) -> Vec<TaskId> {
+        tasks.iter().map(|t| t.id).collect()
+    }
+
+    /// The history, built once for the tests that read it.
+    fn shared() -> &'static History {
+        static HISTORY: std::sync::OnceLock<History> = std::sync::OnceLock::new();
+        HISTORY.get_or_init(history)
+    }
+
+    #[test]
+    fn pages_of_a_large_history_hold_every_task_once_in_order() {
+        let h = shared();
+        let none = TaskFilter::default();
+        // Newest first, 1,000 a page: every retained id once, strictly descending.
+        let (desc, pages) = h.all_pages(None, TaskOrder::Desc, &none, 1000);
+        assert!(desc.windows(2).all(|w| w[0] > w[1]), "strictly descending");
+        assert_eq!(desc, h.expected(None, TaskOrder::Desc, |_| true));
+        assert_eq!(pages, h.model.len() / 1000 + 1);
+        let (asc, _) = h.all_pages(None, TaskOrder::Asc, &none, 1000);
+        assert_eq!(asc, h.expected(None, TaskOrder::Asc, |_| true));
+        // By state: the archive's state index read backwards, and the live index.
+        for state in [
+            TaskState::Succeeded,
+            TaskState::Cancelled,
+            TaskState::Running,
+        ] {
+            let (got, _) = h.all_pages(Some(state), TaskOrder::Desc, &none, 1000);
+            assert_eq!(got, h.expected(Some(state), TaskOrder::Desc, |_| true));
+        }
+        // From a cursor in each layer: the next ids below it.
+        for after in [50_001, 123_457, 170_000, 190_000, N + 1] {
+            let (page, next, _) = h.page(None, TaskOrder::Desc, &none, Some(after), 10);
+            let want: Vec<TaskId> = h
+                .model
+                .range(..after)
+                .rev()
+                .take(10)
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(ids_of(&page), want, "after {after}");
+            assert_eq!(next, want.last().copied());
+        }
+        let (page, next, _) = h.page(None, TaskOrder::Desc, &none, Some(3), 10);
+        assert_eq!((ids_of(&page), next), (vec![2, 1], None));
+    }
+
+    #[test]
+    fn filtered_pages_find_exactly_the_matches_within_the_scan_budget() {
+        let h = shared();
+        let f = |agent: Option<&str>, swarm: Option<&str>, label: Option<&str>, text| {
+            TaskFilter::parse(agent, swarm, label, text).unwrap()
+        };
+        type Pick = fn(TaskId) -> bool;
+        let cases: [(&str, TaskFilter, Pick); 6] = [
+            ("text", f(None, None, None, Some("zebra-QUARTZ")), |id| {
+                matches!(id % 1000, 500 | 612)
+            }),
+            ("label", f(None, None, Some("rare=yes"), None), |id| {
+                id % 1000 == 333
+            }),
+            ("agent", f(Some("rare-agent"), None, None, None), |id| {
+                matches!(id % 1000, 7 | 907)
+            }),
+            (
+                "swarm and agent",
+                f(Some("reviewer"), Some("pipeline"), None, None),
+                |id| id % 1000 == 908,
+            ),
+            (
+                "labels",
+                f(None, None, Some("rare=yes,team=red"), None),
+                |id| id % 1000 == 333 && id % 3 == 0,
+            ),
+            (
+                "nothing",
+                f(None, Some("default"), None, Some("no such words")),
+                |_| false,
+            ),
+        ];
+        for (i, (name, filter, pick)) in cases.iter().enumerate() {
+            // Each case in one order (a whole scan takes a while), the first in both.
+            let orders = match i {
+                0 => &[TaskOrder::Desc, TaskOrder::Asc][..],
+                _ if i % 2 == 0 => &[TaskOrder::Desc],
+                _ => &[TaskOrder::Asc],
+            };
+            for &order in orders {
+                let (got, pages) = h.all_pages(None, order, filter, 50);
+                let want = h.expected(None, order, pick);
+                assert!(!want.is_empty() || *name == "nothing");
+                assert_eq!(got, want, "{name} {order:?}");
+                // Each page ended at its budget (none filled): every task was examined
+                // once, so the scan took as many pages as the budget allows (and one
+                // that finds the end).
+                assert_eq!(
+                    pages,
+                    h.model.len() / LIST_SCAN_BUDGET + 1,
+                    "{name} {order:?}"
+                );
+            }
+        }
+        // A state and a filter; pages that fill before the budget runs out.
+        let text = f(None, None, None, Some(RARE_WORD));
+        let (got, _) = h.all_pages(Some(TaskState::Succeeded), TaskOrder::Desc, &text, 3);
+        let want = h.expected(Some(TaskState::Succeeded), TaskOrder::Desc, |id| {
+            matches!(id % 1000, 500 | 612)
+        });
+        assert!(want.len() > 50);
+        assert_eq!(got, want);
+        // An empty page that leads on: the budget ran out first.
+        let nothing = &cases[5].1;
+        let (page, next, examined) = h.page(None, TaskOrder::Desc, nothing, None, 100);
+        assert!(page.is_empty());
+        assert_eq!(examined, LIST_SCAN_BUDGET);
+        let last_examined = h.model.keys().rev().nth(LIST_SCAN_BUDGET - 1).copied();
+        assert_eq!(next, last_examined);
+    }
+
+    #[test]
+    fn filters_parse_and_match() {
+        let bad = |label: Option<&str>, text: Option<&str>| {
+            matches!(
+                TaskFilter::parse(None, None, label, text),
+                Err(TaskError::Invalid(_))
+            )
+        };
+        for label in ["rare", "=yes", "a=b,", "a=b,,c=d", ",a=b"] {
+            assert!(bad(Some(label), None), "{label:?}");
+        }
+        let many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        assert!(bad(Some(&many.join(",")), None));
+        assert!(bad(None, Some(&"x".repeat(MAX_FILTER_TEXT + 1))));
+        assert!(!bad(None, Some(&"x".repeat(MAX_FILTER_TEXT))));
+        // Empty parameters are no filter; a value may be empty or hold `=`.
+        let none = TaskFilter::parse(Some(""), Some(""), Some(""), Some("")).unwrap();
+        assert!(none.is_empty());
+        let f = TaskFilter::parse(None, None, Some("a=,b=c=d"), None).unwrap();
+        let mut t = Task {
+            id: 1,
+            spec: spec_of(1),
+            state: TaskState::Queued,
+            attempts: Vec::new(),
+            output: None,
+            error: None,
+            created_at_ms: 0,
+            finished_at_ms: None,
+            expires_at_ms: None,
+            not_before_ms: 0,
+            stage: 0,
+            stage_base: 0,
+            released: 0,
+            stage_outputs: Vec::new(),
+            moves: 0,
+        };
+        assert!(!f.matches(&t));
+        t.spec.labels.insert("a".into(), String::new());
+        t.spec.labels.insert("b".into(), "c=d".into());
+        assert!(f.matches(&t));
+        // Text: ASCII case-insensitive, anywhere, UTF-8 only.
+        let text = |s: &str| TaskFilter::parse(None, None, None, Some(s)).unwrap();
+        t.spec.payload = "Ünïcode and MiXeD case: aab aaab".as_bytes().to_vec();
+        for hit in ["mixed CASE", "Ünïcode AND", "aaab", "b aaab", "Ü"] {
+            assert!(text(hit).matches(&t), "{hit}");
+        }
+        // Only ASCII letters fold.
+        for miss in ["ünïcode", "ÜNÏCODE", "aaaab", "case:  aab", "mixed  case"] {
+            assert!(!text(miss).matches(&t), "{miss}");
+        }
+        t.spec.payload = vec![0xff, b'a', b'b'];
+        assert!(!text("ab").matches(&t));
+    }
+
+    /// The case-insensitive search agrees with a naive one on many small random texts
+    /// (overlapping prefixes are where a linear search goes wrong).
+    #[test]
+    fn text_search_agrees_with_a_naive_one() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let letters = b"aAbB";
+        for _ in 0..20_000 {
+            let hay: Vec<u8> = (0..rng.gen_range(0..24))
+                .map(|_| letters[rng.gen_range(0..4)])
+                .collect();
+            let needle: String = (0..rng.gen_range(1..6))
+                .map(|_| letters[rng.gen_range(0..4)] as char)
+                .collect();
+            let naive = hay
+                .windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()));
+            let f = TaskFilter::parse(None, None, None, Some(&needle)).unwrap();
+            let search = f.text.as_ref().unwrap();
+            assert_eq!(search.found_in(&hay), naive, "{needle:?} in {hay:?}");
+        }
     }
 }

@@ -9,13 +9,16 @@
 //!
 //! A worker that says `Draining` is marked so in the scheduler (nothing new is placed on
 //! it) and answered `DrainAck` behind every `Run` already sent; the attempts it hands
-//! back (`FailureKind::Drained`) queue again at once, without a retry backoff.
+//! back (`FailureKind::Drained`) queue again at once, without a retry backoff. A worker
+//! an operator drained (`crate::workers::drain_worker`, protocol 7) says
+//! `Drain { on: true }` and is handled alike, but shown as drained by the operator; its
+//! `Drain { on: false }` (resumed) un-marks it. Being stopped wins over both.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use swarm_proto::api::WorkerView;
+use swarm_proto::api::{DrainKind, WorkerView};
 use swarm_proto::worker::{
     relay_proof_context, CoordinatorMsg, FailureKind, Hello, Outcome, TaskReport, WorkerMsg,
 };
@@ -474,6 +477,7 @@ fn msg_name(m: &WorkerMsg) -> &'static str {
         WorkerMsg::Draining => "Draining",
         WorkerMsg::Proof(_) => "Proof",
         WorkerMsg::Output(_) => "Output",
+        WorkerMsg::Drain { .. } => "Drain",
     }
 }
 
@@ -605,6 +609,7 @@ fn register(
                     zero_rtt,
                     via,
                     draining: false,
+                    drain: None,
                 },
             },
         );
@@ -727,7 +732,9 @@ async fn read_loop(
                 metrics::counter!("swarm_peer_lost_total").increment(1);
                 debug!(worker, peer = %peer, "worker lost its peer link");
             }
-            WorkerMsg::Draining => on_draining(node, worker, tx),
+            WorkerMsg::Draining => on_draining(node, worker, tx, DrainKind::Stopping),
+            WorkerMsg::Drain { on: true } => on_draining(node, worker, tx, DrainKind::Operator),
+            WorkerMsg::Drain { on: false } => on_resumed(node, worker),
             WorkerMsg::Hello(_) => {
                 metrics::counter!("swarm_protocol_errors_total").increment(1);
                 return Err(SessionError::Protocol(
@@ -849,15 +856,24 @@ fn fit_frame(msg: CoordinatorMsg) -> CoordinatorMsg {
     }
 }
 
-/// The worker is draining: place nothing more on it, and tell it so behind every `Run`
-/// already queued for it (both under the dispatch lock, which dispatch holds while it
-/// queues a `Run`).
-fn on_draining(node: &Arc<Node>, worker: &str, tx: &mpsc::UnboundedSender<CoordinatorMsg>) {
+/// The worker is draining (`kind`: being stopped, or drained by an operator): place
+/// nothing more on it, and tell it so behind every `Run` already queued for it (both
+/// under the dispatch lock, which dispatch holds while it queues a `Run`). Being stopped
+/// wins: a worker shown stopping stays so.
+fn on_draining(
+    node: &Arc<Node>,
+    worker: &str,
+    tx: &mpsc::UnboundedSender<CoordinatorMsg>,
+    kind: DrainKind,
+) {
     let (newly, running) = {
         let mut d = node.lock_dispatch();
         let newly = d.scheduler.worker_draining(worker);
         if let Some(s) = d.sessions.get_mut(worker) {
             s.info.draining = true;
+            if s.info.drain != Some(DrainKind::Stopping) {
+                s.info.drain = Some(kind);
+            }
         }
         let _ = tx.send(CoordinatorMsg::DrainAck);
         let running = d.scheduler.workers().get(worker).map_or(0, |w| w.busy);
@@ -866,9 +882,33 @@ fn on_draining(node: &Arc<Node>, worker: &str, tx: &mpsc::UnboundedSender<Coordi
     if newly {
         info!(
             worker,
-            running, "worker draining: no new work goes to it; its swarms re-plan without it"
+            running,
+            drain = kind.as_str(),
+            "worker draining: no new work goes to it; its swarms re-plan without it"
         );
         // Layouts drop it at the next dispatch round.
+        node.poke();
+    }
+}
+
+/// The worker takes work again (an operator resumed it): un-mark it, unless it is being
+/// stopped (it never says so then; a stop wins).
+fn on_resumed(node: &Arc<Node>, worker: &str) {
+    let newly = {
+        let mut d = node.lock_dispatch();
+        let Some(s) = d.sessions.get_mut(worker) else {
+            return;
+        };
+        if s.info.drain == Some(DrainKind::Stopping) {
+            warn!(worker, "a stopping worker said it was resumed; ignored");
+            return;
+        }
+        s.info.draining = false;
+        s.info.drain = None;
+        d.scheduler.worker_resumed(worker)
+    };
+    if newly {
+        info!(worker, "worker resumed: it takes new work again");
         node.poke();
     }
 }

@@ -409,6 +409,7 @@ pub fn worker_msgs() -> Vec<WorkerMsg> {
         },
         WorkerMsg::PeerLost { peer: "w-3".into() },
         WorkerMsg::Draining,
+        WorkerMsg::Drain { on: true },
     ]
 }
 
@@ -462,6 +463,7 @@ pub fn coordinator_msgs() -> Vec<CoordinatorMsg> {
         CoordinatorMsg::Revoked {
             serials: vec!["0a1b2c3d4e5f".into(), "7f00000000000001".into()],
         },
+        CoordinatorMsg::Drain { on: false },
     ]
 }
 

@@ -387,12 +387,56 @@ impl<'de, F: BytesFieldNames> Deserialize<'de> for BytesView<F> {
 }
 
 /// `GET /v1/tasks` reply.
+///
+/// The query (every parameter optional; filters combine with AND):
+///
+/// * `order` — `asc` (default, oldest first) or `desc` (newest first), by id;
+/// * `after` — the last id of the previous page, in this listing's order: `asc` lists
+///   ids above it, `desc` ids below it (`desc` without `after`, or with `after=0`,
+///   starts from the newest);
+/// * `limit` — most tasks in the page, 1 to 1000 (default 100);
+/// * `state` — only tasks in this state;
+/// * `agent` — the task's agent, or for a ring task any of its stages' agents;
+/// * `swarm` — the task's swarm, exactly;
+/// * `label` — `k=v`, several comma-separated: each must be among the task's labels;
+/// * `text` — a substring of the payload, ASCII case-insensitive, UTF-8 payloads only
+///   (at most 256 bytes).
+///
+/// One request examines a bounded number of tasks: with filters, a page may hold fewer
+/// than `limit` tasks, or none, and still carry `next_after` (where the scan stopped).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskList {
     pub tasks: Vec<TaskView>,
-    /// Pass as `after` to get the next page; absent on the last page.
+    /// Pass as `after` (with the same `order` and filters) to get the next page; absent
+    /// only when the listing is exhausted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_after: Option<TaskId>,
+}
+
+/// The order of a task listing (`GET /v1/tasks?order=`), by task id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskOrder {
+    /// Oldest first.
+    #[default]
+    Asc,
+    /// Newest first.
+    Desc,
+}
+
+impl TaskOrder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskOrder::Asc => "asc",
+            TaskOrder::Desc => "desc",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskOrder> {
+        [TaskOrder::Asc, TaskOrder::Desc]
+            .into_iter()
+            .find(|o| o.as_str() == s)
+    }
 }
 
 /// A connected worker as the leader sees it.
@@ -412,10 +456,34 @@ pub struct WorkerView {
     /// connected to the coordinator directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
-    /// The worker is draining (being stopped): it gets no new work, finishes what it
-    /// runs and hands back what it has not started.
+    /// The worker is draining: it gets no new work, finishes what it runs and hands back
+    /// what it has not started (being stopped, or drained by an operator; see `drain`).
     #[serde(default)]
     pub draining: bool,
+    /// Why it is draining; absent when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainKind>,
+}
+
+/// Why a worker is draining (`WorkerView::drain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainKind {
+    /// It is being stopped (SIGTERM): it leaves once what it runs has ended.
+    Stopping,
+    /// An operator drained it (`POST /v1/workers/{id}/drain`): it stays connected, and
+    /// takes work again when resumed (`POST /v1/workers/{id}/resume`).
+    Operator,
+}
+
+impl DrainKind {
+    /// Stable lower-case name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainKind::Stopping => "stopping",
+            DrainKind::Operator => "operator",
+        }
+    }
 }
 
 /// `GET /v1/workers` reply.
@@ -534,6 +602,18 @@ pub struct Throughput {
     pub per_second: f64,
 }
 
+/// Submit-to-final latency of the tasks that finished in the last 60 s, read from a
+/// log-scale histogram: each figure is an upper bound at most 26% (and 1 ms) above the
+/// true one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyView {
+    /// Tasks measured.
+    pub tasks: u64,
+    pub p50_ms: u64,
+    pub p90_ms: u64,
+    pub p99_ms: u64,
+}
+
 /// `GET /v1/status` reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {
@@ -542,6 +622,9 @@ pub struct StatusView {
     pub queue: QueueCounts,
     pub queue_limit: u64,
     pub throughput: Throughput,
+    /// Latency of the last minute's finished tasks (absent when none finished).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<LatencyView>,
     /// The defined swarms with their layouts (the default swarm is left out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub swarms: Vec<SwarmView>,
@@ -669,6 +752,9 @@ pub struct SwarmView {
     pub queue_depth: u32,
     pub created_at_ms: u64,
     pub tasks: SwarmTaskCounts,
+    /// A ring: the unfinished tasks at each stage, in stage order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_tasks: Vec<SwarmTaskCounts>,
     /// The layout over the connected members; absent when it cannot be planned (see
     /// `problem`) or this node is not the leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]

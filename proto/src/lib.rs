@@ -37,7 +37,16 @@ pub mod worker;
 ///   piece as it is produced) until unwatched or the attempt ends. `TaskReport` carries the
 ///   attempt's log tail and, for LLM agents, the tokens used. Older workers are never sent
 ///   `Watch`; the coordinator reads their frames as [`worker::legacy::WorkerMsg`].
-pub const PROTOCOL_VERSION: u32 = 6;
+/// * 7: remote drain. The coordinator asks a worker to drain or resume with
+///   `CoordinatorMsg::Drain { on }` (an operator's request); the worker states its remote
+///   drain with `WorkerMsg::Drain { on }` when it changes and first on every session
+///   while on. Both are variants appended to their enums, so the frames of protocol 6
+///   read unchanged both ways; older workers are never sent `Drain`.
+pub const PROTOCOL_VERSION: u32 = 7;
+
+/// The first worker protocol that may be drained and resumed remotely
+/// ([`worker::CoordinatorMsg::Drain`]).
+pub const DRAIN_PROTOCOL: u32 = 7;
 
 /// The first worker protocol that streams output ([`worker::CoordinatorMsg::Watch`]) and
 /// reports log tails and usage.

@@ -104,6 +104,15 @@ pub enum WorkerMsg {
     /// watches it ([`CoordinatorMsg::Watch`]). Never blocks the agent: a piece that finds
     /// the session's queue full is dropped, and the next piece's `offset` shows the gap.
     Output(OutputChunk),
+    /// The worker's remote drain (protocol 7), as asked by [`CoordinatorMsg::Drain`].
+    /// `on: true`: it takes no new work (as for [`WorkerMsg::Draining`]: it hands back
+    /// what it has not started and finishes what it runs; answered by
+    /// [`CoordinatorMsg::DrainAck`]) but stays connected. `on: false`: it takes work
+    /// again. Sent when it changes, and `on: true` first on every session while drained,
+    /// as `Draining` is; a worker being stopped sends `Draining` instead, which wins.
+    Drain {
+        on: bool,
+    },
 }
 
 /// Which of an attempt's output streams a piece comes from.
@@ -375,6 +384,11 @@ pub enum CoordinatorMsg {
         on: bool,
         from: u64,
     },
+    /// An operator drains this worker (protocol 7; `on: false`: resumes it). Drained, it
+    /// starts nothing new, hands back what waits and steals from no mesh peer, lets what
+    /// runs finish, and stays; it answers with [`WorkerMsg::Drain`]. Resumed, it takes work
+    /// again. A worker being stopped ignores a resume. Never sent to older workers.
+    Drain { on: bool },
 }
 
 /// A mesh peer: its worker id and where it accepts peer links.
@@ -515,6 +529,11 @@ pub mod legacy {
                 M::Watch { .. } => CoordinatorMsg::Rejected {
                     code: "protocol_version".into(),
                     message: "output is watched only on workers of protocol 6".into(),
+                },
+                // Never sent to workers before protocol 7 (see `DRAIN_PROTOCOL`).
+                M::Drain { .. } => CoordinatorMsg::Rejected {
+                    code: "protocol_version".into(),
+                    message: "workers are drained remotely only from protocol 7".into(),
                 },
             }
         }
@@ -671,6 +690,253 @@ mod tests {
         let bytes = swarm_codec::encode(&hb).unwrap();
         let read: legacy::WorkerMsg = swarm_codec::decode(&bytes, bytes.len()).unwrap();
         assert_eq!(WorkerMsg::from(read), hb);
+    }
+
+    /// Protocol 7 appended `Drain` to both enums and changed nothing else: what a
+    /// protocol-6 worker sends reads unchanged as the current [`WorkerMsg`] (the
+    /// coordinator reads protocol 6 and 7 frames with one decoder), and every message a
+    /// protocol-6 worker may be sent is byte for byte the frame it knows. `Drain` is a
+    /// frame it cannot read, which is why it is never sent one.
+    #[test]
+    fn protocol_6_frames_read_unchanged_and_drain_is_new_in_7() {
+        /// The enums as protocol 6 had them (same variants, same order).
+        mod v6 {
+            use serde::{Deserialize, Serialize};
+
+            use super::super::*;
+
+            #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+            pub enum WorkerMsg {
+                Hello(Hello),
+                Heartbeat {
+                    running: Vec<AttemptRef>,
+                },
+                Finished(TaskReport),
+                Retrieve {
+                    request_id: u64,
+                    query: String,
+                    k: u32,
+                },
+                Stole {
+                    attempt: AttemptRef,
+                    from: String,
+                },
+                PeerLost {
+                    peer: String,
+                },
+                Draining,
+                Proof(IdentityProof),
+                Output(OutputChunk),
+            }
+
+            #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+            pub enum CoordinatorMsg {
+                Welcome {
+                    protocol: u32,
+                    heartbeat_interval_ms: u64,
+                    max_output_bytes: u64,
+                    term: u64,
+                },
+                Rejected {
+                    code: String,
+                    message: String,
+                },
+                Run(TaskAssignment),
+                Cancel(AttemptRef),
+                Ack(AttemptRef),
+                Retrieved {
+                    request_id: u64,
+                    result: Result<Vec<PatternHit>, String>,
+                },
+                NotLeader {
+                    leader: Option<String>,
+                    message: String,
+                },
+                Peers {
+                    swarm: String,
+                    peers: Vec<PeerInfo>,
+                },
+                DrainAck,
+                Parent {
+                    lead: Option<PeerInfo>,
+                },
+                Prove {
+                    #[serde(with = "serde_bytes")]
+                    nonce: Vec<u8>,
+                },
+                Revoked {
+                    serials: Vec<String>,
+                },
+                Watch {
+                    attempt: AttemptRef,
+                    on: bool,
+                    from: u64,
+                },
+            }
+        }
+
+        let a = AttemptRef {
+            task_id: 1 << 35,
+            attempt: 4,
+        };
+        let report = TaskReport {
+            attempt: a,
+            outcome: Outcome::Succeeded {
+                output: b"ok".to_vec(),
+            },
+            started_at_ms: 1 << 41,
+            finished_at_ms: (1 << 41) + 9,
+            patterns_used: vec!["p".into()],
+            log: LogTail {
+                offset: 2,
+                pieces: vec![LogPiece {
+                    stream: OutputStream::Stderr,
+                    data: b"warn".to_vec(),
+                }],
+            },
+            usage: Some(Usage {
+                model: "m".into(),
+                prompt_tokens: 7,
+                completion_tokens: 3,
+            }),
+        };
+        let chunk = OutputChunk {
+            attempt: a,
+            stream: OutputStream::Stdout,
+            offset: 5,
+            data: b"out".to_vec(),
+        };
+        let hello = Hello {
+            protocol: 6,
+            worker_id: "w".into(),
+            slots: 2,
+            labels: BTreeMap::from([("k".into(), "v".into())]),
+            agents: vec!["echo".into()],
+            running: vec![a],
+            peer_addr: Some("h:1".into()),
+        };
+        let proof = IdentityProof {
+            chain: vec![vec![1, 2]],
+            scheme: 0x0807,
+            signature: vec![3; 4],
+        };
+        // What a protocol-6 worker sends, and what a coordinator must read it as.
+        let sent = [
+            (v6::WorkerMsg::Hello(hello.clone()), WorkerMsg::Hello(hello)),
+            (
+                v6::WorkerMsg::Heartbeat { running: vec![a] },
+                WorkerMsg::Heartbeat { running: vec![a] },
+            ),
+            (
+                v6::WorkerMsg::Finished(report.clone()),
+                WorkerMsg::Finished(report),
+            ),
+            (
+                v6::WorkerMsg::Retrieve {
+                    request_id: 3,
+                    query: "q".into(),
+                    k: 2,
+                },
+                WorkerMsg::Retrieve {
+                    request_id: 3,
+                    query: "q".into(),
+                    k: 2,
+                },
+            ),
+            (
+                v6::WorkerMsg::Stole {
+                    attempt: a,
+                    from: "p".into(),
+                },
+                WorkerMsg::Stole {
+                    attempt: a,
+                    from: "p".into(),
+                },
+            ),
+            (
+                v6::WorkerMsg::PeerLost { peer: "p".into() },
+                WorkerMsg::PeerLost { peer: "p".into() },
+            ),
+            (v6::WorkerMsg::Draining, WorkerMsg::Draining),
+            (v6::WorkerMsg::Proof(proof.clone()), WorkerMsg::Proof(proof)),
+            (
+                v6::WorkerMsg::Output(chunk.clone()),
+                WorkerMsg::Output(chunk),
+            ),
+        ];
+        for (old, now) in sent {
+            let bytes = swarm_codec::encode(&old).unwrap();
+            assert_eq!(bytes, swarm_codec::encode(&now).unwrap(), "{now:?}");
+            let read: WorkerMsg = swarm_codec::decode(&bytes, bytes.len()).unwrap();
+            assert_eq!(read, now);
+        }
+
+        // What a protocol-6 worker may be sent reads as the frame it knows.
+        let assignment = TaskAssignment {
+            attempt: a,
+            agent: "echo".into(),
+            payload: b"hi".to_vec(),
+            timeout_ms: 1000,
+            idempotency_key: None,
+            patterns: 0,
+            swarm: "default".into(),
+            term: 9,
+        };
+        for m in [
+            CoordinatorMsg::Welcome {
+                protocol: 6,
+                heartbeat_interval_ms: 1000,
+                max_output_bytes: 1 << 20,
+                term: 9,
+            },
+            CoordinatorMsg::Run(assignment),
+            CoordinatorMsg::Cancel(a),
+            CoordinatorMsg::Ack(a),
+            CoordinatorMsg::Retrieved {
+                request_id: 1,
+                result: Err("none".into()),
+            },
+            CoordinatorMsg::Peers {
+                swarm: "mesh".into(),
+                peers: vec![PeerInfo {
+                    worker_id: "p".into(),
+                    addr: "h:2".into(),
+                }],
+            },
+            CoordinatorMsg::DrainAck,
+            CoordinatorMsg::Parent { lead: None },
+            CoordinatorMsg::Prove { nonce: vec![7; 32] },
+            CoordinatorMsg::Revoked {
+                serials: vec!["0a".into()],
+            },
+            CoordinatorMsg::Watch {
+                attempt: a,
+                on: true,
+                from: 3,
+            },
+        ] {
+            let bytes = swarm_codec::encode(&m).unwrap();
+            let old: v6::CoordinatorMsg = swarm_codec::decode(&bytes, bytes.len()).unwrap();
+            assert_eq!(swarm_codec::encode(&old).unwrap(), bytes, "{m:?}");
+        }
+
+        // The new variants come after every old one: a protocol-6 reader refuses them,
+        // and a protocol-7 reader takes them back as sent.
+        for on in [true, false] {
+            let drain = swarm_codec::encode(&CoordinatorMsg::Drain { on }).unwrap();
+            assert!(swarm_codec::decode::<v6::CoordinatorMsg>(&drain, drain.len()).is_err());
+            let back: CoordinatorMsg = swarm_codec::decode(&drain, drain.len()).unwrap();
+            assert_eq!(back, CoordinatorMsg::Drain { on });
+            let state = swarm_codec::encode(&WorkerMsg::Drain { on }).unwrap();
+            assert!(swarm_codec::decode::<v6::WorkerMsg>(&state, state.len()).is_err());
+            let back: WorkerMsg = swarm_codec::decode(&state, state.len()).unwrap();
+            assert_eq!(back, WorkerMsg::Drain { on });
+        }
+        // Written to a worker before protocol 3, it could only be a refusal (it never is).
+        assert!(matches!(
+            legacy::CoordinatorMsg::from(CoordinatorMsg::Drain { on: true }),
+            legacy::CoordinatorMsg::Rejected { .. }
+        ));
     }
 
     /// Byte fields are encoded as one byte string; in postcard that is the same bytes as

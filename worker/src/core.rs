@@ -20,6 +20,14 @@
 //! leave: the coordinator acknowledged the drain on the current session (so no `Run` is
 //! on its way), nothing runs or waits, and every report is acknowledged.
 //!
+//! **Remote drain** (`CoordinatorMsg::Drain`, protocol 7: an operator's request): the
+//! same refusal of new work — nothing starts, what waits and what still arrives is handed
+//! back, no steals — said with `WorkerMsg::Drain { on: true }` (again first on every
+//! later session), but the worker never leaves for it and no drain timeout applies:
+//! running attempts end as they end. `Drain { on: false }` takes work again and says so.
+//! A stopping worker ([`Command::Drain`]) ignores a resume, and says `Draining` instead.
+//! The remote drain lives in memory only: a restarted worker starts undrained.
+//!
 //! **Live output** (see [`crate::output`]): each running attempt of an agent that produces
 //! output has an [`OutputLog`]. `Watch` marks it watched on the current session (and
 //! replays its tail), a new session or a lost one unwatches every attempt, and the
@@ -131,7 +139,8 @@ pub(crate) struct LocalLoad {
     pub(crate) slots: u32,
     /// Whether a coordinator session is up.
     pub(crate) connected: bool,
-    /// Whether the worker is draining (it takes no new work, from peers neither).
+    /// Whether the worker takes no new work, from peers neither: it is draining, or an
+    /// operator drained it.
     pub(crate) draining: bool,
 }
 
@@ -215,6 +224,9 @@ pub(crate) struct Core {
     peer_ctl: Option<mpsc::UnboundedSender<PeerCtl>>,
     /// Draining: no attempt starts any more (see the module docs).
     draining: bool,
+    /// Drained by an operator (`CoordinatorMsg::Drain`): no attempt starts, as while
+    /// draining, but the worker stays.
+    remote_drain: bool,
     /// The coordinator answered `Draining` with `DrainAck` on the current session.
     drain_acked: bool,
     /// Whether the drain is complete (see [`Core::drained`]).
@@ -291,6 +303,7 @@ impl Core {
             }),
             peer_ctl: None,
             draining: false,
+            remote_drain: false,
             drain_acked: false,
             drained: watch::Sender::new(false),
             fence_term: 0,
@@ -300,6 +313,11 @@ impl Core {
             output_dropped: Arc::new(AtomicU64::new(0)),
             log_tail_bytes: DEFAULT_LOG_TAIL_BYTES,
         }
+    }
+
+    /// Whether attempts may start here: neither draining nor drained by an operator.
+    fn takes_work(&self) -> bool {
+        !self.draining && !self.remote_drain
     }
 
     /// Keep the last `bytes` of each attempt's output (at most [`MAX_LOG_TAIL_BYTES`]).
@@ -472,9 +490,12 @@ impl Core {
                 interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 self.heartbeat = Some(interval);
                 // A new session starts with a clean slate on the coordinator: say at once
-                // that nothing new may come here.
+                // that nothing new may come here (being stopped wins over an operator's
+                // drain).
                 if self.draining {
                     self.send(WorkerMsg::Draining);
+                } else if self.remote_drain {
+                    self.send(WorkerMsg::Drain { on: true });
                 }
                 // Steals and lost peers first: a `Stole` must reach the coordinator
                 // before the report of the attempt it announces.
@@ -600,7 +621,7 @@ impl Core {
         let mut back = 0usize;
         for a in attempts.iter().rev() {
             if let Some(task) = self.lending.remove(a) {
-                if self.draining {
+                if !self.takes_work() {
                     // Not handed over, and not to be run here: back to the coordinator.
                     self.hand_back(task.attempt, HANDED_BACK);
                     continue;
@@ -649,11 +670,11 @@ impl Core {
     }
 
     /// Starts queued attempts, in queue order, while slots are free (none while
-    /// draining), skipping those whose agent is at its `max_concurrency`: they wait
-    /// without holding up the attempts of other agents behind them.
+    /// draining or drained), skipping those whose agent is at its `max_concurrency`: they
+    /// wait without holding up the attempts of other agents behind them.
     fn fill_slots(&mut self) {
         let mut i = 0;
-        while !self.draining && self.running.len() < self.slots && i < self.queued.len() {
+        while self.takes_work() && self.running.len() < self.slots && i < self.queued.len() {
             if self.at_agent_limit(&self.queued[i].agent) {
                 i += 1;
                 continue;
@@ -667,10 +688,10 @@ impl Core {
     }
 
     /// Runs `task` now if a slot is free and its agent is below its `max_concurrency`,
-    /// else queues it; hands it back while draining.
+    /// else queues it; hands it back while draining or drained.
     fn accept_run(&mut self, task: TaskAssignment) {
         self.note_held(&task);
-        if self.draining {
+        if !self.takes_work() {
             tracing::debug!(attempt = ?task.attempt, "draining: attempt handed back unstarted");
             self.hand_back(task.attempt, HANDED_BACK);
         } else if self.running.len() < self.slots && !self.at_agent_limit(&task.agent) {
@@ -778,7 +799,7 @@ impl Core {
                 }
             }
             CoordinatorMsg::DrainAck => {
-                if self.draining {
+                if !self.takes_work() {
                     tracing::info!("the coordinator acknowledged the drain: no new work comes");
                     self.drain_acked = true;
                 } else {
@@ -788,6 +809,7 @@ impl Core {
             // Handled by the connection loop, which never passes them on.
             CoordinatorMsg::Parent { .. } | CoordinatorMsg::Revoked { .. } => {}
             CoordinatorMsg::Watch { attempt, on, from } => self.watch(attempt, on, from),
+            CoordinatorMsg::Drain { on } => self.remote_drain(on),
             CoordinatorMsg::Welcome { .. }
             | CoordinatorMsg::Rejected { .. }
             | CoordinatorMsg::NotLeader { .. }
@@ -896,6 +918,8 @@ impl Core {
             return;
         }
         self.draining = true;
+        // The `Draining` below is acknowledged afresh, even after an operator's drain was.
+        self.drain_acked = false;
         tracing::info!(
             running = self.running.len(),
             queued = self.queued.len(),
@@ -903,6 +927,46 @@ impl Core {
             "drain: queued attempts handed back, running ones go on"
         );
         self.send(WorkerMsg::Draining);
+        self.hand_back_queued();
+    }
+
+    /// An operator's drain (`on`) or resume, sent by the coordinator. Stated back to it
+    /// either way (`Drain { on }`), so the two agree even when the request repeats. A
+    /// worker being stopped ignores a resume and says `Draining` again, to be
+    /// acknowledged afresh behind any `Run` the coordinator sent meanwhile.
+    fn remote_drain(&mut self, on: bool) {
+        if self.draining {
+            self.remote_drain = on;
+            if !on {
+                tracing::warn!("resume ignored: the worker is being stopped");
+                self.drain_acked = false;
+                self.send(WorkerMsg::Draining);
+            }
+            return;
+        }
+        let was = std::mem::replace(&mut self.remote_drain, on);
+        if on {
+            if !was {
+                tracing::info!(
+                    running = self.running.len(),
+                    queued = self.queued.len(),
+                    "drained by the operator: queued attempts handed back, running ones go on; the worker stays"
+                );
+            }
+            self.send(WorkerMsg::Drain { on: true });
+            self.hand_back_queued();
+        } else {
+            if was {
+                tracing::info!("resumed by the operator: taking work again");
+            }
+            self.drain_acked = false;
+            self.send(WorkerMsg::Drain { on: false });
+            self.fill_slots();
+        }
+    }
+
+    /// Hand every attempt waiting for a slot back to the coordinator.
+    fn hand_back_queued(&mut self) {
         let queued: Vec<TaskAssignment> = self.queued.drain(..).collect();
         self.queued_set.clear();
         for task in queued {
@@ -1091,7 +1155,7 @@ impl Core {
             stealable: u32::try_from(stealable).unwrap_or(u32::MAX),
             slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
             connected: self.sink.is_some(),
-            draining: self.draining,
+            draining: !self.takes_work(),
         };
         self.load
             .send_if_modified(|l| std::mem::replace(l, load) != load);
@@ -1110,6 +1174,7 @@ impl Core {
                 output_dropped: s.output_dropped_bytes,
             };
             let was_draining = std::mem::replace(&mut s.draining, self.draining);
+            let was_remote = std::mem::replace(&mut s.remote_drain, self.remote_drain);
             s.started = c.started;
             s.finished = c.finished;
             s.acked = c.acked;
@@ -1121,7 +1186,7 @@ impl Core {
             s.handed_back = c.handed_back;
             s.stale_runs_refused = c.stale_runs;
             s.output_dropped_bytes = c.output_dropped;
-            old != c || was_draining != self.draining
+            old != c || was_draining != self.draining || was_remote != self.remote_drain
         });
     }
 
@@ -1729,6 +1794,125 @@ mod tests {
             .await
             .expect("drained")
             .unwrap();
+    }
+
+    fn remote(on: bool) -> Command {
+        Command::Coordinator(CoordinatorMsg::Drain { on })
+    }
+
+    /// An operator's drain: what waits and what still arrives is handed back, no steals,
+    /// what runs finishes and is reported as usual (the drain timeout does not apply), and
+    /// the worker never counts as drained for leaving. Said first on every new session;
+    /// a resume takes work again and says so.
+    #[tokio::test]
+    async fn a_remote_drain_refuses_new_work_but_the_worker_stays_until_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = gated(dir.path(), "g", "A", "B");
+        let mut h = start_with(1, exec_agents(dir.path(), &[("gated", &script)]));
+        let mut coord = h.connect();
+        h.run(task(1, "gated", ""));
+        h.run(task(2, "echo", "queued"));
+        wait_file(&dir.path().join("g.half")).await;
+        h.wait("one running, one queued", |s| {
+            s.running == 1 && s.queued == 1
+        })
+        .await;
+
+        h.send(remote(true));
+        assert_eq!(next(&mut coord).await, WorkerMsg::Drain { on: true });
+        assert_eq!(drained_report(&mut coord, 2).await, HANDED_BACK);
+        h.run(task(3, "echo", "late"));
+        assert_eq!(drained_report(&mut coord, 3).await, HANDED_BACK);
+        h.send(Command::Coordinator(CoordinatorMsg::DrainAck));
+        h.wait("drained remotely, not stopping", |s| {
+            s.remote_drain && !s.draining && s.handed_back == 2 && s.running == 1
+        })
+        .await;
+        assert!(h.load.borrow().draining, "no steals from peers");
+        // No drain timeout: cutting short does nothing, the attempt ends as it would.
+        h.send(Command::CutShort);
+        h.held().await;
+        open(dir.path().join("g.gate"));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => {
+                assert_eq!(r.attempt, attempt(1));
+                assert_eq!(
+                    r.outcome,
+                    Outcome::Succeeded {
+                        output: b"AB".to_vec()
+                    }
+                );
+            }
+            other => panic!("expected the report, got {other:?}"),
+        }
+        for id in 1..=3 {
+            h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(id))));
+        }
+        assert!(h.held().await.is_empty());
+        assert!(
+            !*h.drained.borrow(),
+            "a remote drain never lets the worker leave"
+        );
+
+        // A new session (another leader, say) hears it first.
+        h.send(Command::Disconnected);
+        let mut coord = h.connect();
+        assert_eq!(next(&mut coord).await, WorkerMsg::Drain { on: true });
+
+        // Resumed: said back, and work starts again.
+        h.send(remote(false));
+        assert_eq!(next(&mut coord).await, WorkerMsg::Drain { on: false });
+        h.wait("resumed", |s| !s.remote_drain).await;
+        assert!(!h.load.borrow().draining, "steals again");
+        h.run(task(4, "echo", "again"));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => {
+                assert_eq!(r.attempt, attempt(4));
+                assert!(matches!(r.outcome, Outcome::Succeeded { .. }), "{r:?}");
+            }
+            other => panic!("expected report 4, got {other:?}"),
+        }
+        // Nothing said on a new session once resumed.
+        h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(4))));
+        assert!(h.held().await.is_empty());
+        let mut coord = h.connect();
+        h.run(task(5, "echo", "fresh"));
+        match next(&mut coord).await {
+            WorkerMsg::Finished(r) => assert_eq!(r.attempt, attempt(5)),
+            other => panic!("expected report 5 first, got {other:?}"),
+        }
+    }
+
+    /// Being stopped wins: a drained worker that is stopped says `Draining` (and waits for
+    /// its acknowledgement before leaving); a resume then is ignored, and `Draining` said
+    /// again to be acknowledged afresh.
+    #[tokio::test]
+    async fn a_stopping_worker_ignores_a_resume() {
+        let mut h = start(1);
+        let mut coord = h.connect();
+        h.send(remote(true));
+        assert_eq!(next(&mut coord).await, WorkerMsg::Drain { on: true });
+        h.send(Command::Coordinator(CoordinatorMsg::DrainAck));
+        h.send(Command::Drain);
+        assert_eq!(next(&mut coord).await, WorkerMsg::Draining);
+        assert!(h.held().await.is_empty());
+        assert!(
+            !*h.drained.borrow(),
+            "the stop's own Draining is not acknowledged yet"
+        );
+        h.send(remote(false));
+        assert_eq!(next(&mut coord).await, WorkerMsg::Draining);
+        h.run(task(1, "echo", "late"));
+        assert_eq!(drained_report(&mut coord, 1).await, HANDED_BACK);
+        h.send(Command::Coordinator(CoordinatorMsg::DrainAck));
+        h.send(Command::Coordinator(CoordinatorMsg::Ack(attempt(1))));
+        tokio::time::timeout(LIMIT, h.drained.wait_for(|d| *d))
+            .await
+            .expect("drained")
+            .unwrap();
+        h.wait("stopping", |s| s.draining && s.started == 0).await;
+        let mut coord = h.connect();
+        assert_eq!(next(&mut coord).await, WorkerMsg::Draining);
     }
 
     // ------------------------------------------------------------------ live output

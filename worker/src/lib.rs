@@ -40,6 +40,17 @@
 //!   report is acknowledged. At the drain timeout the attempts still running are killed
 //!   (process groups included) and reported `Drained`; the worker waits up to
 //!   [`DRAIN_REPORT_GRACE`] for those reports to be acknowledged, then leaves.
+//! * **Remote drain** (protocol 7): `CoordinatorMsg::Drain { on: true }` (an operator's
+//!   `POST /v1/workers/{id}/drain`) makes the worker take no new work exactly as a drain
+//!   does (nothing starts; what waits and every `Run` or stolen attempt that still
+//!   arrives is handed back `Drained`; no steals), and it says so with
+//!   `WorkerMsg::Drain { on: true }`, again first on every later session so that a new
+//!   leader learns it. But it does not leave: running attempts go on to their end and are
+//!   reported as usual, with no drain timeout, and the worker stays connected.
+//!   `Drain { on: false }` (`.../resume`) takes work again, answered with
+//!   `WorkerMsg::Drain { on: false }`. A stop wins: once the worker drains to stop, a
+//!   resume is ignored (it says `Draining` again). The remote drain is kept in memory only:
+//!   a restarted worker starts undrained. [`WorkerStats::remote_drain`] shows it.
 //! * **Live output** (protocol 6): each attempt of an `exec`, `http` or `llm` agent keeps
 //!   the tail of its output, every stream in one byte sequence numbered from 0
 //!   ([`WorkerConfig::log_tail_bytes`], default [`DEFAULT_LOG_TAIL_BYTES`]), and reports
@@ -370,7 +381,10 @@ pub struct WorkerStats {
     /// Whether the worker is draining: it takes no new work and stops once what it runs
     /// is finished and reported (see [`Worker::run_with_drain`]).
     pub draining: bool,
-    /// Attempts handed back to the coordinator by the drain: never started here, or cut
+    /// Whether an operator drained the worker remotely (protocol 7): it takes no new
+    /// work, like a draining worker, but stays until resumed (see the crate docs).
+    pub remote_drain: bool,
+    /// Attempts handed back to the coordinator by a drain: never started here, or cut
     /// short at the drain timeout.
     pub handed_back: u64,
     /// `Run`s refused because a newer leader had already welcomed this worker.

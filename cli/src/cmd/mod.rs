@@ -16,6 +16,7 @@ pub mod tokens;
 pub mod transfer;
 pub mod up;
 pub mod worker;
+pub mod workers;
 
 use std::collections::BTreeMap;
 use std::path::Path;

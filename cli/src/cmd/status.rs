@@ -122,12 +122,7 @@ pub fn render(s: &StatusView) -> String {
         for w in &s.workers {
             let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             rows.push(vec![
-                // A draining worker gets no new work and leaves once its attempts end.
-                if w.draining {
-                    format!("{} (draining)", w.id)
-                } else {
-                    w.id.clone()
-                },
+                worker_label(w),
                 w.slots.to_string(),
                 w.running.to_string(),
                 load_bar(w.running, w.slots),
@@ -163,6 +158,13 @@ pub fn render(s: &StatusView) -> String {
         "throughput  {:.1} tasks/s ({} finished in the last minute)",
         s.throughput.per_second, s.throughput.finished_last_minute
     );
+    if let Some(l) = &s.latency {
+        let _ = writeln!(
+            out,
+            "latency     p50 {} ms  p90 {} ms  p99 {} ms  (submit to final, last minute)",
+            l.p50_ms, l.p90_ms, l.p99_ms
+        );
+    }
     if !s.usage.is_empty() {
         out.push_str(&render_usage(&s.usage));
     }
@@ -384,6 +386,18 @@ fn table(out: &mut String, rows: &[Vec<String>]) {
     }
 }
 
+/// A worker's id, marked when it is draining: it gets no new work, and leaves once its
+/// attempts end (being stopped) or stays until resumed (drained by an operator).
+fn worker_label(w: &swarm_proto::api::WorkerView) -> String {
+    match (w.draining, w.drain) {
+        (false, _) => w.id.clone(),
+        (true, Some(swarm_proto::api::DrainKind::Operator)) => {
+            format!("{} (drained by operator)", w.id)
+        }
+        (true, _) => format!("{} (draining)", w.id),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +439,7 @@ mod tests {
                     zero_rtt: true,
                     via: None,
                     draining: false,
+                    drain: None,
                 },
                 WorkerView {
                     id: "w2".into(),
@@ -438,6 +453,7 @@ mod tests {
                     zero_rtt: false,
                     via: None,
                     draining: true,
+                    drain: Some(DrainKind::Stopping),
                 },
             ],
             queue: QueueCounts {
@@ -464,8 +480,15 @@ mod tests {
                 finished_last_minute: 60,
                 per_second: 1.0,
             },
+            latency: Some(LatencyView {
+                tasks: 60,
+                p50_ms: 12,
+                p90_ms: 40,
+                p99_ms: 101,
+            }),
         };
         let text = render(&s);
+        assert!(text.contains("p50 12 ms  p90 40 ms  p99 101 ms"), "{text}");
         assert!(text.contains("node 1 is leader, term 2"), "{text}");
         assert!(text.contains("DOWN: unreachable"), "{text}");
         assert!(
@@ -474,6 +497,9 @@ mod tests {
         );
         assert!(text.contains("[#####.....]  50%"), "{text}");
         assert!(text.contains("w2 (draining)"), "{text}");
+        let mut drained = s.workers[1].clone();
+        drained.drain = Some(DrainKind::Operator);
+        assert_eq!(worker_label(&drained), "w2 (drained by operator)");
         assert!(!text.contains("w1 (draining)"), "{text}");
         assert!(text.contains("gpu=yes"), "{text}");
         assert!(text.contains("queued 3"), "{text}");

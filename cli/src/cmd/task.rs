@@ -7,6 +7,7 @@ use swarm_proto::api::{SubmitTask, TaskState, TaskView};
 
 use super::{ms, parse_labels};
 use crate::args::{SubmitArgs, TaskCmd};
+use crate::client::ListQuery;
 
 /// `swarm submit`, optionally waiting for the result.
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
@@ -131,8 +132,28 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             state,
             limit,
             after,
+            desc,
+            agent,
+            swarm,
+            labels,
+            text,
         } => {
-            let list = api.client()?.list(state.as_deref(), after, limit).await?;
+            // Checked here for a clear message; the API checks them too.
+            parse_labels(&labels)?;
+            if let Some(l) = labels.iter().find(|l| l.contains(',')) {
+                anyhow::bail!("label {l:?}: a label filter cannot hold a comma");
+            }
+            let query = ListQuery {
+                limit,
+                after,
+                desc,
+                state,
+                agent,
+                swarm,
+                labels: labels.into_iter().filter(|l| !l.is_empty()).collect(),
+                text,
+            };
+            let list = api.client()?.list(&query).await?;
             println!(
                 "{:<10} {:<14} {:<16} {:>8}  ERROR",
                 "ID", "STATE", "AGENT", "ATTEMPTS"
@@ -148,7 +169,76 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                 );
             }
             if let Some(next) = list.next_after {
-                println!("(more: --after {next})");
+                // With filters a page may be short, or empty, before the end.
+                let order = if query.desc { " --desc" } else { "" };
+                let filtered = query.state.is_some()
+                    || query.agent.is_some()
+                    || query.swarm.is_some()
+                    || !query.labels.is_empty()
+                    || query.text.is_some();
+                let same = if filtered {
+                    " and the same filters"
+                } else {
+                    ""
+                };
+                println!("(more: --after {next}{order}{same})");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCmd::Retry {
+            api,
+            id,
+            state,
+            agent,
+            swarm,
+            labels,
+            text,
+            after,
+            limit,
+        } => {
+            let client = api.client()?;
+            match (id, state) {
+                (Some(id), None) => {
+                    let t = client.retry(id).await?;
+                    println!("task {} is {} again", t.id, t.state.as_str());
+                }
+                (None, Some(state)) => {
+                    if labels.iter().any(|l| l.contains(',')) {
+                        anyhow::bail!("a --label holds one k=v (repeat --label for more)");
+                    }
+                    let mut body = serde_json::json!({ "state": state, "limit": limit });
+                    for (k, v) in [("agent", agent), ("swarm", swarm), ("text", text)] {
+                        if let Some(v) = v {
+                            body[k] = v.into();
+                        }
+                    }
+                    if !labels.is_empty() {
+                        body["label"] = labels.join(",").into();
+                    }
+                    if let Some(a) = after {
+                        body["after"] = a.into();
+                    }
+                    let r = client
+                        .json(reqwest::Method::POST, "/v1/tasks/retry", Some(&body))
+                        .await?;
+                    let ids: Vec<String> = r["retried"]
+                        .as_array()
+                        .map(|a| a.iter().map(|v| v.to_string()).collect())
+                        .unwrap_or_default();
+                    println!(
+                        "{} task{} queued again{}{}",
+                        ids.len(),
+                        if ids.len() == 1 { "" } else { "s" },
+                        if ids.is_empty() { "" } else { ": " },
+                        ids.join(" ")
+                    );
+                    if let Some(next) = r["next_after"].as_u64() {
+                        println!("(more may match: add --after {next})");
+                    }
+                }
+                _ => anyhow::bail!(
+                    "name a task (swarm task retry ID) or a filter (--state failed|dead_lettered), not both"
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }

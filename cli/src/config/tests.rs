@@ -205,6 +205,11 @@ fn every_long_flag_of_every_command_is_a_config_key() {
         "swarms create labels",
         "backup out",
         "probe api",
+        "task list desc",
+        "task list label",
+        "task list text",
+        "workers drain api",
+        "workers resume json",
     ] {
         assert!(
             checked.contains(must),

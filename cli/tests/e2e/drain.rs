@@ -1,6 +1,9 @@
 //! Graceful stops with real signals: a worker that gets SIGTERM drains (finishes what it
 //! runs, hands back what it has not started, exits 0), its drain timeout cuts the rest
-//! short, and a leader that gets SIGTERM hands leadership over before it exits.
+//! short, and a leader that gets SIGTERM hands leadership over before it exits. And an
+//! operator's remote drain (`POST /v1/workers/{id}/drain`, `swarm workers drain`): the
+//! worker takes no new work, finishes what it runs, stays, and takes work again once
+//! resumed; a new leader learns of the drain from the worker.
 //!
 //! The agents here wait for a gate file the test creates, so an attempt is surely still
 //! running when the signal comes; nothing depends on how fast anything is.
@@ -356,4 +359,246 @@ async fn a_leader_given_sigterm_hands_leadership_over_and_the_cluster_keeps_comm
     ]);
     assert_eq!(code, 0, "{out}{err}\n{}", c.logs());
     assert!(out.contains("after"), "{out}");
+}
+
+/// `swarm <args>` against `c` with `token`: (exit code, stdout, stderr).
+fn cli(c: &Cluster, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(crate::harness::bin())
+        .args(args)
+        .env("SWARM_API", &c.api)
+        .env("SWARM_TOKEN", token)
+        .env_remove("SWARM_CA")
+        .output()
+        .expect("run swarm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A new API token of `scope` (printed once by `swarm tokens create`).
+fn make_token(c: &Cluster, name: &str, scope: &str) -> String {
+    let (code, out, err) = cli(c, &c.token, &["tokens", "create", name, "--scope", scope]);
+    assert_eq!(code, 0, "{out}{err}");
+    out.trim().to_string()
+}
+
+/// `POST path` with `token` and no body: (status, JSON answer).
+async fn post_as(c: &Cluster, token: &str, path: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", c.api))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("API request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_drains_a_worker_which_finishes_its_attempt_stays_and_is_resumed() {
+    let (dir, gate, agents, mut c) = gated_cluster().await;
+    c.start_worker_with("w1", 1, Some(&agents), &["--labels", "node=a"]);
+    c.wait_workers(&["w1"]).await;
+    // An attempt running on w1 (it waits at the gate) when the drain comes.
+    let running = c
+        .submit(json!({"agent": "gate", "max_attempts": 1, "timeout_ms": 600_000}))
+        .await;
+    let pid = dir.path().join(format!("pid-{running}-1"));
+    wait_files(&c, "the attempt never started on w1", || pid.exists()).await;
+    c.start_worker_with("w2", 2, Some(&agents), &["--labels", "node=b"]);
+    c.wait_workers(&["w1", "w2"]).await;
+
+    // An unknown worker is not found; read and submit tokens may not drain or resume.
+    let (status, v) = post_as(&c, &c.token, "/v1/workers/nosuch/drain").await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    for scope in ["read", "submit"] {
+        let token = make_token(&c, &format!("t-{scope}"), scope);
+        for action in ["drain", "resume"] {
+            let (status, v) = post_as(&c, &token, &format!("/v1/workers/w1/{action}")).await;
+            assert_eq!(status, 403, "{action} with a {scope} token: {v}");
+            assert_eq!(v["error"]["code"], "forbidden", "{v}");
+            let msg = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains("needs scope operate"), "{v}");
+        }
+        let (code, _, err) = cli(&c, &token, &["workers", "drain", "w1"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("forbidden"), "{err}");
+    }
+    let (code, _, err) = cli(&c, &c.token, &["workers", "resume", "nosuch"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not_found"), "{err}");
+    let (_, workers) = c.get("/v1/workers").await;
+    assert_eq!(
+        worker(&workers, "w1").map(|w| w["draining"].clone()),
+        Some(json!(false)),
+        "refused requests changed nothing: {workers}"
+    );
+
+    // An operator token drains w1.
+    let operate = make_token(&c, "ops", "operate");
+    let (status, v) = post_as(&c, &operate, "/v1/workers/w1/drain").await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["id"], "w1", "{v}");
+    assert_eq!(v["draining"], true, "{v}");
+    assert_eq!(v["drain"], "operator", "{v}");
+    wait_files(&c, "w1 never heard of its drain", || {
+        c.log_of("w1").contains("drained by the operator")
+    })
+    .await;
+
+    // Everything submitted now runs on w2; a task only w1 can run waits.
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            c.submit(json!({"agent": "echo", "payload": format!("after drain {i}")}))
+                .await,
+        );
+    }
+    let pinned = c
+        .submit(json!({"agent": "echo", "payload": "pinned", "labels": {"node": "a"}}))
+        .await;
+    for id in &ids {
+        let t = c.wait_final(*id).await;
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert!(
+            attempts(&t).iter().all(|a| a["worker"] == "w2"),
+            "submitted after the drain, run on w2 only: {t}"
+        );
+    }
+
+    // The attempt w1 was running goes on to succeed there, once.
+    std::fs::write(&gate, "").unwrap();
+    let t = c.wait_final(running).await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let a = attempts(&t);
+    assert_eq!(a.len(), 1, "{t}");
+    assert_eq!(a[0]["worker"], "w1", "{t}");
+    assert_eq!(t["output"], format!("task {running} attempt 1"), "{t}");
+
+    // w1 has nothing left to run, and stays: alive, connected, drained.
+    wait_until(&c, "/v1/workers", "w1 idle, still drained", |v| {
+        worker(v, "w1")
+            .is_some_and(|w| w["draining"] == true && w["drain"] == "operator" && w["running"] == 0)
+    })
+    .await;
+    let (_, t) = c.get(&format!("/v1/tasks/{pinned}")).await;
+    assert_eq!(t["state"], "queued", "only w1 may run it: {t}");
+    assert!(attempts(&t).is_empty(), "{t}");
+    assert!(c.worker_alive("w1"), "w1 stays\n{}", c.logs());
+    let log = c.log_of("w1");
+    assert!(!log.contains("drain timeout"), "{log}");
+    assert!(!log.contains("shutting down"), "{log}");
+    let (code, out, err) = cli(&c, &c.token, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("w1 (drained by operator)"), "{out}");
+    assert!(out.contains("(1 draining)"), "{out}");
+    let (code, out, err) = cli(&c, &c.token, &["workers", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("w1 "))
+        .unwrap_or_default();
+    assert!(line.contains("drained (operator)"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("w2 "))
+        .unwrap_or_default();
+    assert!(line.contains("ready"), "{out}");
+
+    // Resumed with the CLI: w1 takes work again, starting with the task only it can run.
+    let (code, out, err) = cli(&c, &operate, &["workers", "resume", "w1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("w1 resumed"), "{out}");
+    let t = c.wait_final(pinned).await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(attempts(&t)[0]["worker"], "w1", "{t}");
+    let workers = wait_until(&c, "/v1/workers", "w1 resumed", |v| {
+        worker(v, "w1").is_some_and(|w| w["draining"] == false)
+    })
+    .await;
+    assert!(
+        worker(&workers, "w1").is_some_and(|w| w.get("drain").is_none()),
+        "{workers}"
+    );
+
+    // Drained again with the CLI (JSON), resumed again with the API.
+    let (code, out, err) = cli(&c, &c.token, &["workers", "drain", "w1", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("worker JSON");
+    assert_eq!((&v["id"], &v["drain"]), (&json!("w1"), &json!("operator")));
+    let (status, v) = post_as(&c, &operate, "/v1/workers/w1/resume").await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["draining"], false, "{v}");
+    let again = c
+        .submit(json!({"agent": "echo", "payload": "again", "labels": {"node": "a"}}))
+        .await;
+    let t = c.wait_final(again).await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(attempts(&t)[0]["worker"], "w1", "{t}");
+    assert!(c.worker_alive("w1"), "{}", c.logs());
+}
+
+/// A worker states its remote drain on every new session, so the leader elected after the
+/// one that drained it knows it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_learns_of_a_remote_drain_from_the_worker() {
+    let mut c = RaftCluster::new(3, &[]);
+    c.start_all();
+    let old = c.wait_leader().await;
+    c.start_worker("w1", 1, None);
+    c.wait_for(old, "/v1/workers", "w1 connected", |v| {
+        worker(v, "w1").is_some()
+    })
+    .await;
+    let (status, v) = c
+        .request(old, reqwest::Method::POST, "/v1/workers/w1/drain", None)
+        .await
+        .expect("the leader answers");
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["drain"], "operator", "{v}");
+    // The worker took it (and says so again to whichever leader comes next).
+    let log = c.dir.path().join("w1.log");
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("drained by the operator")
+    {
+        assert!(Instant::now() < deadline, "w1 never drained\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    c.kill_node(old);
+    let new = c.wait_leader().await;
+    assert_ne!(new, old);
+    c.wait_for(new, "/v1/workers", "w1 drained on the new leader", |v| {
+        worker(v, "w1").is_some_and(|w| w["draining"] == true && w["drain"] == "operator")
+    })
+    .await;
+    // And resumed there.
+    let (status, v) = c
+        .request(new, reqwest::Method::POST, "/v1/workers/w1/resume", None)
+        .await
+        .expect("the new leader answers");
+    assert_eq!(status, 202, "{v}");
+    let (code, out, err) = c.cli(&[
+        "submit",
+        "--api",
+        &c.api_list(),
+        "--agent",
+        "echo",
+        "--payload",
+        "resumed",
+        "--wait",
+        "30s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}\n{}", c.logs());
+    assert!(out.contains("resumed"), "{out}");
 }

@@ -262,6 +262,16 @@ impl Cluster {
         status
     }
 
+    /// Whether worker `id`'s process still runs (a worker that exited is reaped).
+    pub fn worker_alive(&mut self, id: &str) -> bool {
+        let (_, c) = self
+            .workers
+            .iter_mut()
+            .find(|(w, _)| w == id)
+            .expect("no such worker");
+        c.try_wait().expect("try_wait").is_none()
+    }
+
     /// The worker's log so far.
     pub fn log_of(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()

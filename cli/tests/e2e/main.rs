@@ -14,6 +14,8 @@ mod live;
 mod memory;
 mod python_client;
 mod raft_cluster;
+mod redrive;
 mod replication;
 mod scale;
+mod task_list;
 mod topology;

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from unittest import mock
@@ -559,6 +560,35 @@ class EventClientTest(unittest.TestCase):
         api = self.serve(lambda h, n: h.send_json(200, body))
         self.assertEqual(self.client(api).logs(7), body)
         self.assertEqual(api.requests[0][0], "/v1/tasks/7/logs")
+
+    def test_listing_asks_the_api_to_filter_and_follows_next_after(self) -> None:
+        pages = [
+            {"tasks": [dict(TASK_VIEW, id=9)], "next_after": 9},
+            # A filtered page may be empty before the end: the client goes on.
+            {"tasks": [], "next_after": 4},
+            {"tasks": [dict(TASK_VIEW, id=2)]},
+        ]
+        api = self.serve(lambda h, n: h.send_json(200, pages[n]))
+        got = self.client(api).list(
+            agent="py",
+            order="desc",
+            labels={"team": "red", "zone": "a=b"},
+            text="Needle",
+            page_size=1,
+        )
+        self.assertEqual([t.id for t in got], [9, 2])
+        queries = [urllib.parse.parse_qs(urllib.parse.urlsplit(p).query) for p, _ in api.requests]
+        self.assertEqual(
+            queries[0],
+            {"limit": ["1"], "order": ["desc"], "agent": ["py"],
+             "label": ["team=red,zone=a=b"], "text": ["Needle"]},
+        )
+        self.assertEqual([q.get("after") for q in queries], [None, ["9"], ["4"]])
+        with self.assertRaises(ValueError):
+            self.client(api).list_page(order="sideways")
+        with self.assertRaises(ValueError):
+            self.client(api).list_page(labels={"a,b": "c"})
+        self.assertEqual(len(api.requests), 3)
 
     def test_attempts_carry_output_bytes_and_usage(self) -> None:
         t = Task.from_json({"id": 1, "agent": "llm", "state": "succeeded", "attempts": [

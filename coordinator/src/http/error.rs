@@ -16,6 +16,7 @@ use crate::memory::{EmbedError, MemError};
 use crate::state::{MemoryFault, SwarmFault};
 use crate::swarms::SwarmError;
 use crate::tasks::TaskError;
+use crate::workers::WorkerError;
 
 /// Why a request failed; each variant has a stable code and HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +278,20 @@ impl From<BackupError> for ApiError {
     }
 }
 
+impl From<WorkerError> for ApiError {
+    fn from(e: WorkerError) -> Self {
+        match e {
+            e @ WorkerError::Unknown(_) => ApiError::NotFound(e.to_string()),
+            e @ WorkerError::TooOld { .. } => {
+                ApiError::coded(StatusCode::CONFLICT, "worker_protocol", e.to_string())
+            }
+            e @ WorkerError::Stopping(_) => {
+                ApiError::coded(StatusCode::CONFLICT, "worker_stopping", e.to_string())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +425,28 @@ mod tests {
             StatusCode::CONFLICT,
             "embedder_dimension_mismatch",
             "d",
+        );
+        check(
+            WorkerError::Unknown("w9".into()).into(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no worker \"w9\" is connected",
+        );
+        check(
+            WorkerError::TooOld {
+                id: "w1".into(),
+                protocol: 6,
+            }
+            .into(),
+            StatusCode::CONFLICT,
+            "worker_protocol",
+            "worker w1 speaks protocol 6; remote drain needs 7",
+        );
+        check(
+            WorkerError::Stopping("w1".into()).into(),
+            StatusCode::CONFLICT,
+            "worker_stopping",
+            "worker w1 is being stopped: it leaves once what it runs has ended, and cannot be resumed",
         );
         check(
             BackupError::Refused("not empty".into()).into(),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -112,9 +112,20 @@ pub(super) async fn add_patterns(
     Ok((StatusCode::CREATED, outcome_json(o)).into_response())
 }
 
-/// `GET /v1/patterns`
-pub(super) async fn list_patterns(State(node): State<Arc<Node>>) -> Json<Value> {
-    Json(json!({ "patterns": memory::list_patterns(&node) }))
+/// `GET /v1/patterns` query.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct PatternsQuery {
+    /// Only the `limit` most trusted patterns (all when absent).
+    limit: Option<usize>,
+}
+
+/// `GET /v1/patterns`: `{"patterns": [...], "total": n}`.
+pub(super) async fn list_patterns(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<PatternsQuery>,
+) -> Json<Value> {
+    let (patterns, total) = memory::list_patterns(&node, q.limit);
+    Json(json!({ "patterns": patterns, "total": total }))
 }
 
 /// `POST /v1/patterns/retrieve`

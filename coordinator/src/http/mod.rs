@@ -3,8 +3,9 @@
 //!
 //! The only module that knows axum (and HTTP statuses): each file here turns requests
 //! into calls of a domain module ([`crate::tasks`], [`crate::cluster`],
-//! [`crate::memory`], [`crate::swarms`], [`crate::backup`], [`crate::status`]) and their
-//! answers and errors into responses. The domain modules never call back into it.
+//! [`crate::memory`], [`crate::swarms`], [`crate::backup`], [`crate::status`],
+//! [`crate::workers`]) and their answers and errors into responses. The domain modules
+//! never call back into it.
 //!
 //! Every error is JSON `{"error": {"code", "message"}}` with a stable `code`
 //! ([`ApiError::code`]); bad JSON, oversize bodies and unknown fields are errors, never
@@ -67,9 +68,19 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/tasks/batch", post(tasks::submit_batch.layer(lead())))
         .route("/tasks/{id}", get(tasks::get_task.layer(lead())))
         .route("/tasks/{id}/cancel", post(tasks::cancel_task.layer(lead())))
+        .route("/tasks/{id}/retry", post(tasks::retry_task.layer(lead())))
+        .route("/tasks/retry", post(tasks::retry_tasks.layer(lead())))
         .route("/tasks/{id}/events", get(live::events))
         .route("/tasks/{id}/logs", get(live::logs))
         .route("/workers", get(status::workers.layer(lead())))
+        .route(
+            "/workers/{id}/drain",
+            post(status::drain_worker.layer(lead())),
+        )
+        .route(
+            "/workers/{id}/resume",
+            post(status::resume_worker.layer(lead())),
+        )
         .route("/cluster/nodes", post(cluster::add_node.layer(lead())))
         .route(
             "/cluster/nodes/{id}",

@@ -1,13 +1,14 @@
-//! What a node reports: `/v1/status`, `/v1/workers`, and for orchestrators and
-//! Prometheus `/health`, `/ready` and `/metrics` (outside `/v1`, no token).
+//! What a node reports: `/v1/status`, `/v1/workers` (and an operator's drain and resume
+//! of one worker), and for orchestrators and Prometheus `/health`, `/ready` and
+//! `/metrics` (outside `/v1`, no token).
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use swarm_proto::api::WorkerList;
+use swarm_proto::api::{WorkerList, WorkerView};
 
 use super::forward::{forward_or_refuse, leader_answers};
 use super::ApiError;
@@ -20,6 +21,30 @@ pub(super) async fn workers(State(node): State<Arc<Node>>) -> Result<Json<Worker
     Ok(Json(WorkerList {
         workers: worker_views(&node),
     }))
+}
+
+/// `POST /v1/workers/{id}/drain` (leader, scope `operate`): the worker takes no new work,
+/// finishes what it runs and stays connected (see [`crate::workers`]). `202 Accepted`
+/// with its view (`draining: true`, `drain: "operator"`): the worker acts on it
+/// asynchronously; `404` when no such worker is connected, `409` when it speaks a
+/// protocol older than 7.
+pub(super) async fn drain_worker(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<WorkerView>), ApiError> {
+    let view = crate::workers::drain_worker(&node, &id, true)?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// `POST /v1/workers/{id}/resume` (leader, scope `operate`): the drained worker takes
+/// work again. `202` with its view; `404`, `409` as for a drain, and `409` for a worker
+/// being stopped.
+pub(super) async fn resume_worker(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<WorkerView>), ApiError> {
+    let view = crate::workers::drain_worker(&node, &id, false)?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
 /// `GET /v1/status`: answered by the leader (forwarded there when one is known), since

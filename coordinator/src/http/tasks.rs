@@ -79,21 +79,81 @@ pub(super) async fn get_task(
 #[derive(Debug, Deserialize)]
 pub(super) struct ListQuery {
     state: Option<String>,
+    order: Option<String>,
     after: Option<TaskId>,
     limit: Option<usize>,
+    agent: Option<String>,
+    swarm: Option<String>,
+    label: Option<String>,
+    text: Option<String>,
 }
 
-/// `GET /v1/tasks`
-/// A token limited to swarms sees only their tasks: a page may then hold fewer than
-/// `limit` (`next_after` still leads on).
+/// `GET /v1/tasks?order=&after=&limit=&state=&agent=&swarm=&label=&text=` — one page
+/// of tasks by id, every parameter optional, the filters combined with AND:
+///
+/// * `order`: `asc` (default) or `desc` (newest first); anything else is a `400`;
+/// * `after`: the last id of the previous page in this order (`desc`: ids below it;
+///   without it, from the newest); `next_after` in the reply leads on the same way;
+/// * `limit`: 1 to 1000 (default 100);
+/// * `state`: one task state;
+/// * `agent`: the task's agent, or any stage agent of a ring task;
+/// * `swarm`: the task's swarm, exactly;
+/// * `label`: `k=v`, several comma-separated, each among the task's labels (malformed:
+///   `400`);
+/// * `text`: a substring of the payload, ASCII case-insensitive, UTF-8 payloads only, at
+///   most 256 bytes (longer: `400`).
+///
+/// One request examines at most [`tasks::LIST_SCAN_BUDGET`] tasks: with filters a page
+/// may hold fewer than `limit`, even none, and still carry `next_after` (where the scan
+/// stopped); `next_after` is absent only when the listing is exhausted. A token limited
+/// to swarms sees only their tasks: a page may then hold fewer too (`next_after` still
+/// leads on).
 pub(super) async fn list_tasks(
     State(node): State<Arc<Node>>,
     Extension(p): Extension<Principal>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<TaskList> {
-    let mut list = tasks::list(&node, q.state.as_deref(), q.after, q.limit).await?;
+    let params = tasks::ListParams {
+        state: q.state,
+        order: q.order,
+        after: q.after,
+        limit: q.limit,
+        agent: q.agent,
+        swarm: q.swarm,
+        label: q.label,
+        text: q.text,
+    };
+    let mut list = tasks::list(&node, params).await?;
     list.tasks.retain(|t| p.may_use_swarm(&t.swarm));
     Ok(Json(list))
+}
+
+/// `POST /v1/tasks/{id}/retry`: run a `failed` or `dead_lettered` task again (`409`
+/// for a task in another state).
+pub(super) async fn retry_task(
+    State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<TaskView> {
+    let id = tasks::parse_id(&id)?;
+    if p.swarms.is_some() {
+        check_swarm(&p, &tasks::get(&node, id, None).await?.swarm)?;
+    }
+    Ok(Json(tasks::retry(&node, id).await?))
+}
+
+/// `POST /v1/tasks/retry` with `{"state": "failed"|"dead_lettered", "agent", "swarm",
+/// "label", "text", "after", "limit"}`: run again one page (oldest first, at most 1000)
+/// of the tasks the filter selects; `{"retried": [ids], "next_after"}`.
+pub(super) async fn retry_tasks(
+    State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
+    body: Result<Json<tasks::BulkRetry>, JsonRejection>,
+) -> ApiResult<tasks::BulkRetried> {
+    let Json(b) = body?;
+    Ok(Json(
+        tasks::retry_matching(&node, b, |swarm| p.may_use_swarm(swarm)).await?,
+    ))
 }
 
 /// `POST /v1/tasks/{id}/cancel`

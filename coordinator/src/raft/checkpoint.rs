@@ -606,6 +606,45 @@ impl Archive for StoreReader {
         Ok(out)
     }
 
+    fn finished_before(
+        &self,
+        state: Option<TaskState>,
+        before: TaskId,
+        limit: usize,
+    ) -> Result<Vec<Task>, ArchiveError> {
+        let mut out = Vec::new();
+        if before == 0 || limit == 0 {
+            return Ok(out);
+        }
+        match state {
+            None => {
+                let t = self.txn.open_table(DONE).map_err(archive_err)?;
+                for item in t.range(..before).map_err(archive_err)?.rev().take(limit) {
+                    let (_, v) = item.map_err(archive_err)?;
+                    out.push(decode(v.value(), TASK_DECODE_LIMIT).map_err(archive_err)?);
+                }
+            }
+            Some(s) => {
+                let code = state_code(s);
+                let idx = self.txn.open_table(DONE_BY_STATE).map_err(archive_err)?;
+                let ids: Vec<TaskId> = idx
+                    .range((code, 0)..(code, before))
+                    .map_err(archive_err)?
+                    .rev()
+                    .take(limit)
+                    .map(|item| item.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()
+                    .map_err(archive_err)?;
+                for id in ids {
+                    if let Some(t) = self.finished(id)? {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError> {
         let t = self.txn.open_table(EXPIRY).map_err(archive_err)?;
         t.range((0, 0)..=(now_ms, u64::MAX))

@@ -53,7 +53,7 @@ use openraft::{
     AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
-use swarm_proto::api::TaskState;
+use swarm_proto::api::{TaskOrder, TaskState};
 use swarm_proto::TaskId;
 use tokio::sync::watch;
 
@@ -449,6 +449,15 @@ impl Archive for LazyArchive {
         self.get()?.finished_after(state, after, limit)
     }
 
+    fn finished_before(
+        &self,
+        state: Option<TaskState>,
+        before: TaskId,
+        limit: usize,
+    ) -> Result<Vec<Task>, ArchiveError> {
+        self.get()?.finished_before(state, before, limit)
+    }
+
     fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError> {
         self.get()?.expired(now_ms, limit)
     }
@@ -532,14 +541,17 @@ impl TableHandle {
         self.with_archive(|t, a| t.lookup(id, a))
     }
 
-    /// Up to `limit` tasks with ids above `after`, in id order, optionally in `state`.
+    /// Up to `limit` tasks after `after` in `order` (ids above it ascending, below it
+    /// descending; `None`: from the first, or the newest), optionally in `state` (see
+    /// [`TaskTable::list`]). Holds the table lock for this one call.
     pub fn list(
         &self,
         state: Option<TaskState>,
-        after: TaskId,
+        order: TaskOrder,
+        after: Option<TaskId>,
         limit: usize,
     ) -> Result<Vec<Arc<Task>>, ArchiveError> {
-        self.with_archive(|t, a| t.list(state, after, limit, a))
+        self.with_archive(|t, a| t.list(state, order, after, limit, a))
     }
 
     /// The retained task submitted under an idempotency key.

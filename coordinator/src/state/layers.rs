@@ -32,6 +32,14 @@ pub trait Archive {
         after: TaskId,
         limit: usize,
     ) -> Result<Vec<Task>, ArchiveError>;
+    /// Up to `limit` finished tasks with ids below `before`, newest (highest id) first,
+    /// only those in `state` if it is given.
+    fn finished_before(
+        &self,
+        state: Option<TaskState>,
+        before: TaskId,
+        limit: usize,
+    ) -> Result<Vec<Task>, ArchiveError>;
     /// Finished tasks whose retention ended by `now_ms`, up to `limit` ids, oldest
     /// expiry first.
     fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError>;
@@ -53,6 +61,15 @@ impl Archive for NoArchive {
     }
 
     fn finished_after(
+        &self,
+        _: Option<TaskState>,
+        _: TaskId,
+        _: usize,
+    ) -> Result<Vec<Task>, ArchiveError> {
+        Ok(Vec::new())
+    }
+
+    fn finished_before(
         &self,
         _: Option<TaskState>,
         _: TaskId,

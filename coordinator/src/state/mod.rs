@@ -239,6 +239,10 @@ pub enum Op {
     Access(AccessOp),
     /// A change to the swarms' token budgets.
     Ledger(LedgerOp),
+    /// Run a `failed` or `dead_lettered` task again (redrive): it is queued for a new
+    /// attempt with a fresh `max_attempts`, keeping its earlier attempts. Anything else
+    /// is `Ignored`. (Appended last: entries written before it read unchanged.)
+    Retry { task_id: TaskId, now_ms: u64 },
 }
 
 impl Op {
@@ -283,7 +287,10 @@ impl Op {
             Op::Start { worker, .. } => SMALL + worker.len(),
             Op::Lose { reason, .. } => SMALL + reason.len(),
             Op::Move { from, to, .. } => SMALL + from.len() + to.len(),
-            Op::Cancel { .. } | Op::RestoreBegin { .. } | Op::RestoreAbort { .. } => SMALL,
+            Op::Cancel { .. }
+            | Op::Retry { .. }
+            | Op::RestoreBegin { .. }
+            | Op::RestoreAbort { .. } => SMALL,
             Op::Memory(m) => SMALL + swarm_codec::encoded_len(m).unwrap_or(usize::MAX / 4),
             Op::SwarmCreate { record } => {
                 SMALL + swarm_codec::encoded_len(record).unwrap_or(usize::MAX / 4)

@@ -2,11 +2,12 @@
 //! checkpoint, and the rules every op follows.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use swarm_memory::MemoryStore;
-use swarm_proto::api::TaskState;
+use swarm_proto::api::{TaskOrder, TaskState};
 use swarm_proto::worker::{AttemptRef, FailureKind, LogTail, Outcome, Usage};
 use swarm_proto::TaskId;
 use swarm_topology::DEFAULT_SWARM_NAME;
@@ -246,6 +247,10 @@ impl TaskTable {
                 true => self.move_attempt(*attempt, from, to, *now_ms),
                 false => self.not_live(attempt.task_id, archive)?,
             },
+            Op::Retry { task_id, now_ms } => match self.live.get(task_id) {
+                Some(t) => OpResult::Ignored { state: t.state },
+                None => self.retry(*task_id, *now_ms, archive)?,
+            },
             Op::SwarmCreate { record } => OpResult::Swarm(self.create_swarm(record)),
             Op::SwarmDelete { name } => OpResult::Swarm(self.delete_swarm(name)),
             Op::Purge { ids, now_ms } => self.purge(ids, *now_ms, archive)?,
@@ -407,14 +412,31 @@ impl TaskTable {
         self.meta.swarms_gen
     }
 
-    /// Unfinished tasks of swarm `name`: (queued, running).
-    pub fn swarm_load(&self, name: &str) -> (u64, u64) {
-        let count = |state| {
-            self.ids_in(state)
-                .filter(|id| self.live.get(id).is_some_and(|t| t.spec.swarm == name))
-                .count() as u64
-        };
-        (count(TaskState::Queued), count(TaskState::Running))
+    /// Unfinished tasks of swarm `name`: (queued, running) in all, and by stage (index
+    /// = the stage a task is at; one entry for a swarm that is not a ring).
+    pub fn swarm_load(&self, name: &str) -> ((u64, u64), Vec<(u64, u64)>) {
+        let mut total = (0, 0);
+        let mut stages: Vec<(u64, u64)> = Vec::new();
+        for (state, running) in [(TaskState::Queued, false), (TaskState::Running, true)] {
+            for t in self.ids_in(state).filter_map(|id| self.live.get(&id)) {
+                if t.spec.swarm != name {
+                    continue;
+                }
+                let at = t.stage as usize;
+                if stages.len() <= at {
+                    stages.resize(at + 1, (0, 0));
+                }
+                let (q, r) = &mut stages[at];
+                if running {
+                    *r += 1;
+                    total.1 += 1;
+                } else {
+                    *q += 1;
+                    total.0 += 1;
+                }
+            }
+        }
+        (total, stages)
     }
 
     /// The defined swarms (without the default one), by name.
@@ -730,6 +752,49 @@ impl TaskTable {
         OpResult::Cancelled { running }
     }
 
+    /// Run finished task `id` again if it `failed` or was dead-lettered: it becomes live
+    /// and queued for its next attempt, with `max_attempts` counted afresh from it (a
+    /// ring task at the stage it failed in). Its earlier attempts stay. The finished copy
+    /// leaves the changes, and older layers' copies are hidden and dropped from the
+    /// archive by the next checkpoint, as a purge does; a later finish is a new copy.
+    fn retry(
+        &mut self,
+        id: TaskId,
+        now_ms: u64,
+        archive: &dyn Archive,
+    ) -> Result<OpResult, ArchiveError> {
+        let Some(done) = self.layers(archive).finished(id)? else {
+            return self.not_live(id, archive);
+        };
+        if !matches!(done.state, TaskState::Failed | TaskState::DeadLettered) {
+            return Ok(OpResult::Ignored { state: done.state });
+        }
+        if let Some(gone) = self.changes.finished.remove(&id) {
+            self.changes.bytes = self.changes.bytes.saturating_sub(gone.size_hint());
+        }
+        self.changes.purged.insert(id);
+        if let Some(n) = self.meta.finished.get_mut(&done.state) {
+            *n = n.saturating_sub(1);
+        }
+        let mut task = Arc::unwrap_or_clone(done);
+        task.state = TaskState::Queued;
+        task.error = None;
+        task.output = None;
+        task.finished_at_ms = None;
+        task.expires_at_ms = None;
+        task.not_before_ms = now_ms;
+        task.stage_base = task.next_attempt() - 1;
+        task.released = 0;
+        let next = task.next_attempt();
+        self.changes.live_gone.remove(&id);
+        self.changes.live_dirty.insert(id);
+        self.index_live(Arc::new(task));
+        self.push_event(TableEvent::Queued(id, next));
+        Ok(OpResult::Applied {
+            state: TaskState::Queued,
+        })
+    }
+
     /// Put a live task (not in the queue index) back in the queue.
     fn requeue(&mut self, id: TaskId, retry_at_ms: u64) {
         self.set_state(id, TaskState::Queued);
@@ -924,16 +989,23 @@ impl TaskTable {
             .flat_map(|s| s.iter().copied())
     }
 
-    /// Up to `limit` tasks with id greater than `after`, in id order, optionally only in
-    /// `state`: live ones from memory, finished ones from every layer.
+    /// Up to `limit` tasks following `after` in `order`, optionally only in `state`: live
+    /// ones from memory, finished ones from every layer. Ascending, ids above `after`
+    /// (`None`: from the first); descending, ids below it (`None`: from the newest).
     pub fn list(
         &self,
         state: Option<TaskState>,
-        after: TaskId,
+        order: TaskOrder,
+        after: Option<TaskId>,
         limit: usize,
         archive: &dyn Archive,
     ) -> Result<Vec<Arc<Task>>, ArchiveError> {
-        let from = after.saturating_add(1);
+        let range: (Bound<TaskId>, Bound<TaskId>) = match (order, after) {
+            (TaskOrder::Asc, None) => (Bound::Unbounded, Bound::Unbounded),
+            (TaskOrder::Asc, Some(a)) => (Bound::Excluded(a), Bound::Unbounded),
+            (TaskOrder::Desc, None) => (Bound::Unbounded, Bound::Unbounded),
+            (TaskOrder::Desc, Some(b)) => (Bound::Unbounded, Bound::Excluded(b)),
+        };
         let wanted = |t: &Task| state.is_none_or(|s| t.state == s);
         let mut found: BTreeMap<TaskId, Arc<Task>> = BTreeMap::new();
         if state.is_none_or(|s| !s.is_final()) {
@@ -942,21 +1014,26 @@ impl TaskTable {
                     self.by_state
                         .get(&s)
                         .into_iter()
-                        .flat_map(move |ids| ids.range(from..))
+                        .flat_map(move |ids| in_order(ids.range(range), order))
                         .filter_map(|id| self.live.get(id)),
                 ),
-                None => Box::new(self.live.range(from..).map(|(_, t)| t)),
+                None => Box::new(in_order(self.live.range(range), order).map(|(_, t)| t)),
             };
             found.extend(live.take(limit).map(|t| (t.id, t.clone())));
         }
+        // The first `limit` of `found` in the listing's order.
+        let first = |found: BTreeMap<TaskId, Arc<Task>>| -> Vec<Arc<Task>> {
+            match order {
+                TaskOrder::Asc => found.into_values().take(limit).collect(),
+                TaskOrder::Desc => found.into_values().rev().take(limit).collect(),
+            }
+        };
         if state.is_some_and(|s| !s.is_final()) {
-            return Ok(found.into_values().take(limit).collect());
+            return Ok(first(found));
         }
         let layers = self.layers(archive);
         found.extend(
-            self.changes
-                .finished
-                .range(from..)
+            in_order(self.changes.finished.range(range), order)
                 .filter(|(_, t)| wanted(t))
                 .take(limit)
                 .map(|(id, t)| (*id, t.clone())),
@@ -964,31 +1041,39 @@ impl TaskTable {
         for layer in layers.older() {
             // Skip what a newer layer purged since.
             found.extend(
-                layer
-                    .finished
-                    .range(from..)
+                in_order(layer.finished.range(range), order)
                     .filter(|(id, t)| wanted(t) && !self.changes.purged.contains(id))
                     .take(limit)
                     .map(|(id, t)| (*id, t.clone())),
             );
         }
-        // Archive pages until `limit` visible ones are found (purged ones are skipped).
+        // Archive pages until `limit` visible ones are found (purged ones are skipped):
+        // enough once `limit` found tasks lie no further than the archive was read.
         let mut cursor = after;
         loop {
-            let page = archive.finished_after(state, cursor, limit)?;
+            let page = match order {
+                TaskOrder::Asc => archive.finished_after(state, cursor.unwrap_or(0), limit)?,
+                TaskOrder::Desc => {
+                    archive.finished_before(state, cursor.unwrap_or(TaskId::MAX), limit)?
+                }
+            };
             let full = page.len() == limit;
             for t in page {
-                cursor = t.id;
+                cursor = Some(t.id);
                 if layers.archived_visible(t.id) {
                     found.entry(t.id).or_insert_with(|| Arc::new(t));
                 }
             }
-            let enough = found.range(..=cursor).count() >= limit;
+            let reached = cursor.unwrap_or(0);
+            let enough = match order {
+                TaskOrder::Asc => found.range(..=reached).count() >= limit,
+                TaskOrder::Desc => found.range(reached..).count() >= limit,
+            };
             if !full || enough {
                 break;
             }
         }
-        Ok(found.into_values().take(limit).collect())
+        Ok(first(found))
     }
 
     /// Finished tasks held in memory whose retention ended by `now_ms` (purge candidates
@@ -1333,6 +1418,17 @@ impl TaskTable {
             "queue index size disagrees"
         );
         Ok(())
+    }
+}
+
+/// `range` in `order`: as it is, or reversed.
+fn in_order<'a, I>(range: I, order: TaskOrder) -> Box<dyn Iterator<Item = I::Item> + 'a>
+where
+    I: DoubleEndedIterator + 'a,
+{
+    match order {
+        TaskOrder::Asc => Box::new(range),
+        TaskOrder::Desc => Box::new(range.rev()),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use swarm_proto::api::TaskOrder::{self, Asc, Desc};
 use swarm_proto::api::TaskState;
 use swarm_proto::worker::{AttemptRef, FailureKind, Outcome};
 use swarm_proto::TaskId;
@@ -100,6 +101,23 @@ impl Archive for MemArchive {
             .collect())
     }
 
+    fn finished_before(
+        &self,
+        state: Option<TaskState>,
+        before: TaskId,
+        limit: usize,
+    ) -> Result<Vec<Task>, ArchiveError> {
+        Ok(self
+            .done
+            .range(..before)
+            .rev()
+            .map(|(_, t)| t)
+            .filter(|t| state.is_none_or(|s| t.state == s))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError> {
         let mut by_expiry: Vec<(u64, TaskId)> = self
             .done
@@ -128,6 +146,37 @@ fn checkpoint(t: &mut TaskTable, archive: &mut MemArchive) {
     let delta = t.begin_checkpoint().unwrap();
     archive.write(&delta);
     t.checkpoint_written();
+}
+
+/// Every id of a listing, read in pages of `limit` (each page's last id is the next
+/// page's `after`), checking each page is in order.
+fn page_through(
+    t: &TaskTable,
+    state: Option<TaskState>,
+    order: TaskOrder,
+    limit: usize,
+    archive: &dyn Archive,
+) -> Vec<TaskId> {
+    let mut out: Vec<TaskId> = Vec::new();
+    let mut after = None;
+    loop {
+        let page = t.list(state, order, after, limit, archive).unwrap();
+        assert!(page.len() <= limit);
+        for task in &page {
+            if let Some(&prev) = out.last() {
+                match order {
+                    Asc => assert!(task.id > prev, "{order:?}: {} after {prev}", task.id),
+                    Desc => assert!(task.id < prev, "{order:?}: {} after {prev}", task.id),
+                }
+            }
+            assert!(state.is_none_or(|s| task.state == s));
+            out.push(task.id);
+        }
+        if page.len() < limit {
+            return out;
+        }
+        after = page.last().map(|t| t.id);
+    }
 }
 
 fn spec(agent: &str) -> TaskSpec {
@@ -336,6 +385,82 @@ fn retryable_failures_requeue_until_max_attempts_then_fail() {
         }
     );
     assert_eq!(t.get(1).unwrap().attempts.len(), 3);
+    t.check_indexes().unwrap();
+}
+
+/// A failed or dead-lettered task runs again on request with a fresh `max_attempts`,
+/// its earlier attempts kept; nothing else is retried.
+#[test]
+fn a_failed_task_is_retried_with_its_history() {
+    let mut t = TaskTable::new();
+    let mut s = spec("x");
+    s.max_attempts = 1;
+    submit(&mut t, s.clone());
+    start(&mut t, at(1, 1));
+    assert_eq!(
+        finish(&mut t, at(1, 1), fail(FailureKind::Exit)),
+        OpResult::Applied {
+            state: TaskState::Failed
+        }
+    );
+    assert_eq!(t.count(TaskState::Failed), 1);
+    let retry = |id| Op::Retry {
+        task_id: id,
+        now_ms: 50,
+    };
+    assert_eq!(
+        one(&mut t, retry(1)),
+        OpResult::Applied {
+            state: TaskState::Queued
+        }
+    );
+    let task = t.get(1).unwrap().clone();
+    assert_eq!(task.state, TaskState::Queued);
+    assert_eq!((task.error.as_deref(), task.finished_at_ms), (None, None));
+    assert_eq!(task.attempts.len(), 1, "history kept");
+    assert_eq!(task.next_attempt(), 2);
+    assert_eq!(t.count(TaskState::Failed), 0);
+    assert_eq!(t.queued().map(|t| t.id).collect::<Vec<_>>(), vec![1]);
+    // Live now: a second retry changes nothing. A fresh budget: attempt 2 may fail
+    // once more before the task fails again.
+    assert_eq!(
+        one(&mut t, retry(1)),
+        OpResult::Ignored {
+            state: TaskState::Queued
+        }
+    );
+    start(&mut t, at(1, 2));
+    assert_eq!(
+        finish(&mut t, at(1, 2), ok(b"second time")),
+        OpResult::Applied {
+            state: TaskState::Succeeded
+        }
+    );
+    let task = t.get(1).unwrap();
+    assert_eq!(task.output.as_deref(), Some(&b"second time"[..]));
+    assert_eq!(task.attempts.len(), 2);
+    // Succeeded and cancelled tasks are not retried; unknown ids are not found.
+    assert_eq!(
+        one(&mut t, retry(1)),
+        OpResult::Ignored {
+            state: TaskState::Succeeded
+        }
+    );
+    submit(&mut t, s);
+    one(
+        &mut t,
+        Op::Cancel {
+            task_id: 2,
+            now_ms: 3,
+        },
+    );
+    assert_eq!(
+        one(&mut t, retry(2)),
+        OpResult::Ignored {
+            state: TaskState::Cancelled
+        }
+    );
+    assert_eq!(one(&mut t, retry(99)), OpResult::NotFound);
     t.check_indexes().unwrap();
 }
 
@@ -577,14 +702,32 @@ fn checkpoint_round_trip_and_listing() {
     assert_eq!(back.count(TaskState::Queued), 4);
     assert_eq!(back.count(TaskState::Succeeded), 1);
     let ids = |tasks: Vec<std::sync::Arc<Task>>| tasks.iter().map(|t| t.id).collect::<Vec<_>>();
-    let page = back.list(Some(TaskState::Queued), 1, 2, &archive).unwrap();
+    let page = back
+        .list(Some(TaskState::Queued), Asc, Some(1), 2, &archive)
+        .unwrap();
     assert_eq!(ids(page), vec![3, 4]);
-    let all = back.list(None, 0, 10, &archive).unwrap();
+    let all = back.list(None, Asc, None, 10, &archive).unwrap();
     assert_eq!(ids(all), vec![1, 2, 3, 4, 5]);
     let done = back
-        .list(Some(TaskState::Succeeded), 0, 10, &archive)
+        .list(Some(TaskState::Succeeded), Asc, None, 10, &archive)
         .unwrap();
     assert_eq!(ids(done), vec![2]);
+    let newest = back.list(None, Desc, None, 10, &archive).unwrap();
+    assert_eq!(ids(newest), vec![5, 4, 3, 2, 1]);
+    let page = back.list(None, Desc, Some(4), 2, &archive).unwrap();
+    assert_eq!(ids(page), vec![3, 2], "ids below `after`, newest first");
+    let page = back
+        .list(Some(TaskState::Queued), Desc, Some(5), 2, &archive)
+        .unwrap();
+    assert_eq!(ids(page), vec![4, 3]);
+    let done = back
+        .list(Some(TaskState::Succeeded), Desc, Some(3), 10, &archive)
+        .unwrap();
+    assert_eq!(ids(done), vec![2]);
+    assert!(back
+        .list(None, Desc, Some(1), 10, &archive)
+        .unwrap()
+        .is_empty());
 }
 
 /// Random op sequences never break the indexes or change a final task.
@@ -649,7 +792,7 @@ fn random_histories_keep_invariants() {
                     "seed {seed}: final task {fid} changed"
                 );
             }
-            for task in t.list(None, 0, usize::MAX, &NoArchive).unwrap() {
+            for task in t.list(None, Asc, None, usize::MAX, &NoArchive).unwrap() {
                 if task.state.is_final() {
                     finals
                         .entry(task.id)
@@ -1021,12 +1164,13 @@ fn a_report_that_overtakes_its_steal_carries_the_move() {
 }
 
 /// A random op for the layered-history test: submits (some with idempotency keys),
-/// starts, finishes, losses, cancels, drains and purges over a few dozen ids.
+/// starts, finishes, losses, cancels, drains, retries of finished tasks and purges over
+/// a few dozen ids.
 fn random_op(rng: &mut rand::rngs::StdRng, step: u64) -> Op {
     use rand::Rng;
     let id = rng.gen_range(1..=40);
     let n = rng.gen_range(1..=4);
-    match rng.gen_range(0..9) {
+    match rng.gen_range(0..10) {
         0 | 1 => {
             let mut s = spec("x");
             s.retain_ms = rng.gen_range(0..400);
@@ -1064,6 +1208,10 @@ fn random_op(rng: &mut rand::rngs::StdRng, step: u64) -> Op {
             retry_at_ms: step,
         },
         6 => Op::Cancel {
+            task_id: id,
+            now_ms: step,
+        },
+        7 => Op::Retry {
             task_id: id,
             now_ms: step,
         },
@@ -1122,6 +1270,14 @@ fn checkpoints_and_restarts_are_invisible() {
             }
             t.check_indexes()
                 .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+            if step % 40 == 39 {
+                same_listings(
+                    &t,
+                    &reference,
+                    &archive,
+                    &format!("seed {seed} step {step}"),
+                );
+            }
         }
         for id in 0..=42 {
             assert_eq!(
@@ -1130,31 +1286,57 @@ fn checkpoints_and_restarts_are_invisible() {
                 "seed {seed}: task {id}"
             );
         }
-        for state in [None]
-            .into_iter()
-            .chain(TaskState::ALL.iter().copied().map(Some))
-        {
-            for (after, limit) in [(0, 1000), (3, 2), (10, 5)] {
-                let a = t.list(state, after, limit, &archive).unwrap();
-                let b = reference.list(state, after, limit, &NoArchive).unwrap();
-                let ids = |v: &[std::sync::Arc<Task>]| v.iter().map(|t| t.id).collect::<Vec<_>>();
-                assert_eq!(
-                    ids(&a),
-                    ids(&b),
-                    "seed {seed}: list {state:?} after {after} limit {limit}"
-                );
-                assert_eq!(a, b, "seed {seed}: list {state:?} after {after}");
-            }
-            if let Some(s) = state {
-                assert_eq!(t.count(s), reference.count(s), "seed {seed}: count {s:?}");
-            }
-        }
+        same_listings(&t, &reference, &archive, &format!("seed {seed}"));
         for k in 0..15 {
             let key = format!("k{k}");
             assert_eq!(
                 t.by_idempotency_key(&key, &archive).unwrap(),
                 reference.by_idempotency_key(&key, &NoArchive).unwrap()
             );
+        }
+    }
+}
+
+/// Every listing of `t` (with its archive) equals `reference`'s, in both orders, with and
+/// without a state, from several cursors; descending, paged with small limits, is the
+/// ascending listing reversed.
+fn same_listings(t: &TaskTable, reference: &TaskTable, archive: &MemArchive, at: &str) {
+    let ids = |v: &[std::sync::Arc<Task>]| v.iter().map(|t| t.id).collect::<Vec<_>>();
+    for state in [None]
+        .into_iter()
+        .chain(TaskState::ALL.iter().copied().map(Some))
+    {
+        for order in [Asc, Desc] {
+            for (after, limit) in [(None, 1000), (Some(3), 2), (Some(10), 5), (Some(30), 4)] {
+                let a = t.list(state, order, after, limit, archive).unwrap();
+                let b = reference
+                    .list(state, order, after, limit, &NoArchive)
+                    .unwrap();
+                assert_eq!(
+                    ids(&a),
+                    ids(&b),
+                    "{at}: list {state:?} {order:?} after {after:?} limit {limit}"
+                );
+                assert_eq!(a, b, "{at}: list {state:?} {order:?} after {after:?}");
+            }
+        }
+        let asc = ids(&t.list(state, Asc, None, usize::MAX, archive).unwrap());
+        let mut reversed = asc.clone();
+        reversed.reverse();
+        for limit in [1, 2, 3, 7] {
+            assert_eq!(
+                page_through(t, state, Desc, limit, archive),
+                reversed,
+                "{at}: {state:?} desc by {limit}"
+            );
+            assert_eq!(
+                page_through(t, state, Asc, limit, archive),
+                asc,
+                "{at}: {state:?} asc by {limit}"
+            );
+        }
+        if let Some(s) = state {
+            assert_eq!(t.count(s), reference.count(s), "{at}: count {s:?}");
         }
     }
 }

@@ -404,21 +404,54 @@ class Client:
         state: Optional[str] = None,
         after: Optional[int] = None,
         limit: int = 100,
+        order: str = "asc",
+        agent: Optional[str] = None,
+        swarm: Optional[str] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        text: Optional[str] = None,
     ) -> TaskPage:
-        """One page of tasks by id (``GET /v1/tasks?state=&after=&limit=``).
+        """One page of tasks by id (``GET /v1/tasks``), filtered by the API.
 
         Args:
             state: only tasks in this state (one of :data:`swarm_client.STATES`).
-            after: only tasks with a larger id (the previous page's ``next_after``).
+            after: the previous page's ``next_after``: ids above it (``order="asc"``)
+                or below it (``order="desc"``; ``None``: from the newest).
             limit: tasks per page, 1 to 1000 (the API clamps it).
+            order: ``"asc"`` (oldest first) or ``"desc"`` (newest first).
+            agent: only tasks of this agent (a ring task: any of its stages' agents).
+            swarm: only tasks of this swarm.
+            labels: only tasks carrying every one of these labels.
+            text: only tasks whose payload holds this text (ASCII case-insensitive,
+                UTF-8 payloads only, at most 256 bytes).
+
+        With filters, one request examines a bounded number of tasks: a page may be
+        short, or even empty, and still have a ``next_after`` (where the scan stopped);
+        ``next_after`` is ``None`` only at the end of the listing.
         """
         if state is not None and state not in STATES:
             # The API refuses it too (400); say so before asking.
             raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+        if order not in ("asc", "desc"):
+            raise ValueError(f"unknown order {order!r}; one of asc, desc")
+        label = None
+        if labels:
+            for k, v in labels.items():
+                if not k or "=" in k or "," in k or "," in v:
+                    raise ValueError(f"label filter {k!r}={v!r}: no empty key, no ',' or '=' in the key")
+            label = ",".join(f"{k}={v}" for k, v in labels.items())
         answer = self.request(
             "GET",
             "/v1/tasks",
-            query={"state": state, "after": after, "limit": int(limit)},
+            query={
+                "state": state,
+                "after": after,
+                "limit": int(limit),
+                "order": None if order == "asc" else order,
+                "agent": agent,
+                "swarm": swarm,
+                "label": label,
+                "text": text,
+            },
         )
         tasks = [Task.from_json(t) for t in answer.get("tasks", [])]
         next_after = answer.get("next_after")
@@ -430,11 +463,26 @@ class Client:
         state: Optional[str] = None,
         after: Optional[int] = None,
         page_size: int = 100,
+        order: str = "asc",
+        agent: Optional[str] = None,
+        swarm: Optional[str] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        text: Optional[str] = None,
     ) -> Iterator[TaskPage]:
-        """Every page of tasks from ``after`` on, following ``next_after``."""
+        """Every page of tasks from ``after`` on, following ``next_after`` (a filtered
+        page may be empty before the end)."""
         cursor = after
         while True:
-            page = self.list_page(state=state, after=cursor, limit=page_size)
+            page = self.list_page(
+                state=state,
+                after=cursor,
+                limit=page_size,
+                order=order,
+                agent=agent,
+                swarm=swarm,
+                labels=labels,
+                text=text,
+            )
             yield page
             if page.next_after is None:
                 return
@@ -449,29 +497,38 @@ class Client:
         after: Optional[int] = None,
         limit: Optional[int] = None,
         page_size: int = 100,
+        order: str = "asc",
+        labels: Optional[Mapping[str, str]] = None,
+        text: Optional[str] = None,
     ) -> Iterator[Task]:
-        """Iterate over tasks by id, fetching pages as needed.
+        """Iterate over tasks by id (oldest first, or newest with ``order="desc"``),
+        fetching pages as needed. Every filter is the API's (see :meth:`list_page`).
 
         Args:
-            state: only tasks in this state (filtered by the API).
-            agent: only tasks of this agent.
+            state: only tasks in this state.
+            agent: only tasks of this agent (a ring task: any of its stages' agents).
             swarm: only tasks of this swarm.
-            after: start after this task id.
+            after: start after this task id (in the listing's order).
             limit: yield at most this many tasks (``None``: all).
             page_size: tasks per request (1 to 1000).
-
-        The API filters by ``state`` only; ``agent`` and ``swarm`` are filtered here, on
-        the pages read.
+            order: ``"asc"`` or ``"desc"``.
+            labels: only tasks carrying every one of these labels.
+            text: only tasks whose payload holds this text (ASCII case-insensitive).
         """
         if limit is not None and limit <= 0:
             return
         yielded = 0
-        for page in self.pages(state=state, after=after, page_size=page_size):
+        for page in self.pages(
+            state=state,
+            after=after,
+            page_size=page_size,
+            order=order,
+            agent=agent,
+            swarm=swarm,
+            labels=labels,
+            text=text,
+        ):
             for t in page.tasks:
-                if agent is not None and t.agent != agent:
-                    continue
-                if swarm is not None and t.swarm != swarm:
-                    continue
                 yield t
                 yielded += 1
                 if limit is not None and yielded >= limit:
