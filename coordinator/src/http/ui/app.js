@@ -12,6 +12,7 @@
   const TOKEN_KEY = 'swarm.token';
   const PAGE = 50;
   const FINAL = new Set(['succeeded', 'failed', 'cancelled', 'dead_lettered']);
+  const RETRYABLE = new Set(['failed', 'dead_lettered']);
   const STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead_lettered'];
   const SCOPES = ['read', 'submit', 'operate', 'admin'];
   const SPARK_WINDOW_MS = 5 * 60 * 1000;
@@ -37,10 +38,10 @@
     spark: [], // [{t, v}] throughput samples from status events
     view: null,
   };
-  // The tasks view: one page of rows keyed by id, in id order.
+  // The tasks view: one page of rows keyed by id, newest first.
   const TV = {
-    loaded: false, filter: '', after: 0, rows: new Map(), firstId: 0, lastId: 0,
-    nextAfter: null, atHead: false, stack: [], maxId: 0, newer: 0, fetchingNew: false, pendingNew: false,
+    loaded: false, f: null, after: null, rows: new Map(), topId: 0, bottomId: 0,
+    nextAfter: null, atHead: true, short: false, stack: [], newer: 0, fetchingNew: false, pendingNew: false,
     known: new Map(), // id -> the latest task event, for rows still being read
     seq: 0,
   };
@@ -283,7 +284,7 @@
 
   // ---------------------------------------------------------------- session
   function showOnly(view) {
-    for (const v of ['login', 'overview', 'tasks', 'task']) $('view-' + v).hidden = v !== view;
+    for (const v of ['login', 'overview', 'tasks', 'task', 'swarms', 'memory']) $('view-' + v).hidden = v !== view;
     $('nav').hidden = view === 'login';
     $('bar-right').hidden = view === 'login';
     for (const a of document.querySelectorAll('#nav a')) {
@@ -412,13 +413,15 @@
     const box = $('submit-box');
     if (box.hidden && S.canSubmit && window.matchMedia('(max-width: 640px)').matches) box.open = false;
     box.hidden = !S.canSubmit;
+    for (const e of document.querySelectorAll('.op-only')) e.hidden = !S.canOperate;
+    if (S.view === 'overview') renderOverview();
     updateCancel();
   }
 
   function refused(what, e) {
     if (e.status !== 403) return false;
     if (what === 'submit') S.canSubmit = false;
-    if (what === 'cancel') S.canOperate = false;
+    if (what === 'cancel' || what === 'retry') S.canOperate = false;
     applyCaps();
     notice(`This token may not ${what} tasks (403 forbidden): ${e.message}`);
     return true;
@@ -468,6 +471,8 @@
   function onReset() {
     api('GET', '/v1/status').then(onStatus, () => {});
     if (TV.loaded) reloadTasksQuietly();
+    SW.tasks.clear();
+    if (S.view === 'swarms') loadSwarmTasks();
   }
 
   function onStatus(st) {
@@ -475,13 +480,16 @@
     S.status = st;
     const now = Date.now();
     const v = (st.throughput && st.throughput.per_second) || 0;
-    S.spark.push({ t: now, v });
+    const lat = st.latency || null;
+    S.spark.push({ t: now, v, p50: lat ? lat.p50_ms : null, p99: lat ? lat.p99_ms : null });
     while (S.spark.length > 2 && S.spark[1].t < now - SPARK_WINDOW_MS) S.spark.shift();
     const q = st.queue || {};
     const total = STATES.reduce((a, s) => a + (q[s] || 0), 0);
     S.totalTasks = total;
     updateAgents(st.workers || []);
+    updateSwarmNames(st.swarms || []);
     if (S.view === 'overview') renderOverview();
+    else if (S.view === 'swarms') renderSwarms();
   }
 
   function updateAgents(workers) {
@@ -491,6 +499,15 @@
     const have = Array.from(list.options).map((o) => o.value).join('\n');
     const want = Array.from(names).sort();
     if (have === want.join('\n')) return;
+    clear(list);
+    for (const n of want) list.append(el('option', { value: n }));
+  }
+
+  function updateSwarmNames(swarms) {
+    const list = $('swarm-list');
+    const want = swarms.map((s) => s.name).sort();
+    if (list.dataset.key === want.join('\n')) return;
+    list.dataset.key = want.join('\n');
     clear(list);
     for (const n of want) list.append(el('option', { value: n }));
   }
@@ -520,6 +537,11 @@
     const tp = st.throughput || {};
     $('tput').textContent = fmtRate(tp.per_second || 0);
     $('tput-minute').textContent = `${fmtNum(tp.finished_last_minute || 0)} finished in the last minute`;
+    const lat = st.latency;
+    $('lat').textContent = lat ? fmtNum(lat.p50_ms) : '–';
+    $('lat-detail').textContent = lat
+      ? `p90 ${fmtNum(lat.p90_ms)} ms · p99 ${fmtNum(lat.p99_ms)} ms · submit to final, ${fmtNum(lat.tasks)} tasks in the last minute`
+      : 'submit to final: no task finished in the last minute';
     renderSpark();
 
     const c = st.cluster;
@@ -549,7 +571,7 @@
     $('worker-count').textContent = `(${workers.length})`;
     $('workers-empty').hidden = workers.length > 0;
     const wb = $('workers');
-    const shown = workers.map((w) => [w.id, w.via, w.slots, w.running, w.draining, w.labels, w.agents, w.addr]);
+    const shown = [S.canOperate, workers.map((w) => [w.id, w.via, w.slots, w.running, w.draining, w.drain, w.labels, w.agents, w.addr])];
     if (changed(wb, shown)) for (const w of workers) {
       const meter = el('span', { class: 'meter', 'aria-hidden': 'true' }, el('span'));
       meter.firstChild.style.width = `${w.slots ? Math.min(100, (100 * w.running) / w.slots) : 0}%`;
@@ -560,7 +582,8 @@
         el('td', null, w.draining ? badge('draining', 'draining') : badge('ready', 'ok')),
         el('td', { class: 'wrap' }, tags(w.labels)),
         el('td', { class: 'wrap hide-narrow' }, (w.agents || []).join(', ') || '–'),
-        el('td', { class: 'mono hide-narrow' }, w.addr)));
+        el('td', { class: 'mono hide-narrow' }, w.addr),
+        S.canOperate ? el('td', null, workerAction(w)) : null));
     }
 
     const swarms = st.swarms || [];
@@ -570,7 +593,7 @@
     if (changed(sb, shownSwarms)) for (const s of swarms) {
       const t = s.tasks || {};
       sb.append(el('tr', { testid: 'swarm-row' },
-        el('td', null, s.name),
+        el('td', null, el('a', { href: '#/swarms' }, s.name)),
         el('td', null, s.topology),
         el('td', { class: 'wrap hide-narrow' }, tags(s.labels)),
         el('td', null, fmtNum(t.queued || 0)),
@@ -579,149 +602,144 @@
     }
   }
 
+  // Drain or resume, for an operate token: a worker stopping (SIGTERM) cannot be resumed.
+  function workerAction(w) {
+    if (w.draining && w.drain === 'stopping') return el('span', { class: 'muted small' }, 'stopping');
+    const action = w.draining ? 'resume' : 'drain';
+    return el('button', {
+      type: 'button', class: 'btn' + (w.draining ? '' : ' btn-danger'), testid: `worker-${action}`,
+      'aria-label': `${action === 'drain' ? 'Drain' : 'Resume'} worker ${w.id}`,
+      onclick: (e) => { e.currentTarget.disabled = true; onWorkerAction(w.id, action); },
+    }, action === 'drain' ? 'Drain' : 'Resume');
+  }
+
+  // The overview's two charts over the last minutes (at least one), from the status
+  // events seen since the page opened: throughput, and latency p50 (line) and p99
+  // (dashed).
   function renderSpark() {
-    const box = $('spark');
     const now = Date.now();
-    // The last 5 minutes, or less while fewer have been seen (at least one).
     const first = S.spark.length ? S.spark[0].t : now;
     const from = Math.max(now - SPARK_WINDOW_MS, Math.min(first, now - 60000));
-    const span = now - from;
+    const pts = S.spark.filter((p, i, a) => p.t >= from || (a[i + 1] && a[i + 1].t >= from));
+    const mins = Math.round((now - from) / 60000);
+    drawSpark($('spark'), pts, from, now, [['v', 'line']], 'sparkline',
+      (peak) => `Tasks finished per second (1-minute average) over the last ${mins} min; peak ${fmtRate(peak)}/s`);
+    drawSpark($('lat-spark'), pts, from, now, [['p99', 'line2'], ['p50', 'line']], 'latency-sparkline',
+      (peak) => `Latency from submit to final (p50, and p99 dashed) over the last ${mins} min; highest p99 ${fmtNum(peak)} ms`);
+  }
+
+  function drawSpark(box, pts, from, now, series, testid, describe) {
     const W = 300;
     const H = 56;
-    const pts = S.spark.filter((p, i, a) => p.t >= from || (a[i + 1] && a[i + 1].t >= from));
-    const max = Math.max(1, ...pts.map((p) => p.v));
+    const span = Math.max(1, now - from);
+    const vals = pts.flatMap((p) => series.map(([k]) => p[k])).filter((v) => v != null);
+    const max = Math.max(1, ...vals);
     const x = (t) => (Math.max(t, from) - from) / span * W;
     const y = (v) => H - 2 - (v / max) * (H - 6);
-    let d = '';
-    pts.forEach((p, i) => {
-      d += i === 0 ? `M${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}` : `H${x(p.t).toFixed(1)}V${y(p.v).toFixed(1)}`;
-    });
-    if (pts.length) d += `H${W}`;
-    const s = svg('svg', { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', role: 'img', 'data-testid': 'sparkline' });
-    const peak = pts.length ? Math.max(...pts.map((p) => p.v)) : 0;
+    const s = svg('svg', { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', role: 'img', 'data-testid': testid });
     const title = svg('title');
-    title.textContent = `Tasks finished per second (1-minute average) over the last ${Math.round(span / 60000)} min; peak ${fmtRate(peak)}/s`;
+    title.textContent = describe(vals.length ? Math.max(...vals) : 0);
     s.append(title);
     s.append(svg('line', { class: 'axis', x1: 0, y1: H - 1, x2: W, y2: H - 1 }));
-    if (d) {
-      s.append(svg('path', { class: 'area', d: `${d}V${H}H${x(pts[0].t).toFixed(1)}Z` }));
-      s.append(svg('path', { class: 'line', d }));
+    for (const [k, cls] of series) {
+      const ps = pts.filter((p) => p[k] != null);
+      let d = '';
+      ps.forEach((p, i) => {
+        d += i === 0 ? `M${x(p.t).toFixed(1)},${y(p[k]).toFixed(1)}` : `H${x(p.t).toFixed(1)}V${y(p[k]).toFixed(1)}`;
+      });
+      if (!d) continue;
+      d += `H${W}`;
+      if (cls === 'line') s.append(svg('path', { class: 'area', d: `${d}V${H}H${x(ps[0].t).toFixed(1)}Z` }));
+      s.append(svg('path', { class: cls, d }));
     }
     clear(box);
     box.append(s);
   }
 
   // ---------------------------------------------------------------- tasks view
-  function tasksHash(filter, after) {
+  // Newest first: GET /v1/tasks?order=desc with the filters. `after` is the cursor the
+  // server gave (`next_after`): the page holds tasks below it; none is the newest page.
+  const FILTER_KEYS = ['state', 'agent', 'swarm', 'label', 'text'];
+  function emptyFilter() { return { state: '', agent: '', swarm: '', label: '', text: '' }; }
+  function filterOf(params) {
+    const f = emptyFilter();
+    for (const k of FILTER_KEYS) f[k] = (params.get(k) || '').trim().slice(0, 256);
+    if (!STATES.includes(f.state)) f.state = '';
+    return f;
+  }
+  function filterShown(f) {
+    return FILTER_KEYS.filter((k) => f[k]).map((k) => `${k} ${k === 'text' ? JSON.stringify(f[k]) : f[k].replace('_', ' ')}`).join(', ');
+  }
+  function tasksHash(f, after) {
     const p = new URLSearchParams();
-    if (filter) p.set('state', filter);
+    for (const k of FILTER_KEYS) if (f[k]) p.set(k, f[k]);
     if (after != null) p.set('after', String(after));
     const q = p.toString();
     return '#/tasks' + (q ? `?${q}` : '');
   }
-
-  // The highest task id this token can see: from the queue counts (ids are dense unless
-  // tasks were purged), checked and widened with one-task pages.
-  async function findMaxId() {
-    const exists = async (after) => {
-      const r = await api('GET', `/v1/tasks?after=${after}&limit=1`);
-      return r.tasks.length ? r.tasks[0].id : null;
-    };
-    // lo: an id that exists (or 0); hi: no id is above it.
-    let lo = 0;
-    let hi = null;
-    let probes = 1;
-    let t = await exists(Math.max(0, (S.totalTasks || 0) - 1));
-    if (t === null) {
-      hi = Math.max(0, (S.totalTasks || 0) - 1);
-    } else {
-      lo = t;
-      let step = 1;
-      while (hi === null && probes < 40) {
-        t = await exists(lo + step - 1);
-        probes++;
-        if (t === null) hi = lo + step - 1;
-        else { lo = t; step *= 4; }
-      }
-    }
-    if (hi === null) return lo;
-    while (hi > lo && probes < 64) {
-      const mid = Math.floor((lo + hi) / 2);
-      t = await exists(mid);
-      probes++;
-      if (t === null) hi = mid; else lo = t;
-    }
-    return hi;
+  function listQuery(f, after, limit) {
+    const q = new URLSearchParams({ order: 'desc', limit: String(limit) });
+    for (const k of FILTER_KEYS) if (f[k]) q.set(k, f[k]);
+    if (after != null) q.set('after', String(after));
+    return q;
+  }
+  // Whether a task change may belong in the list: what a change says is checked here,
+  // the rest (labels, payload text, a ring's other agents) by the server on the re-read.
+  function mightMatch(t, f) {
+    return (!f.state || t.state === f.state) && (!f.swarm || (t.swarm || 'default') === f.swarm);
   }
 
   async function showTasks(params) {
     showOnly('tasks');
     document.title = 'Tasks · swarm';
-    const filter = STATES.includes(params.get('state')) ? params.get('state') : '';
-    $('tasks-filter').value = filter;
+    const f = filterOf(params);
+    for (const k of FILTER_KEYS) $(k === 'state' ? 'tasks-filter' : `filter-${k}`).value = f[k];
     let after = params.has('after') ? Number(params.get('after')) : null;
-    if (after !== null && !(after >= 0)) after = 0;
-    if (after === null) {
-      if (filter) after = 0;
-      else {
-        try {
-          TV.maxId = Math.max(TV.maxId, await findMaxId());
-        } catch (e) {
-          tasksError(e);
-          return;
-        }
-        after = Math.max(0, TV.maxId - PAGE);
-      }
-    }
-    await loadTasks(filter, after);
+    if (after !== null && !(after >= 0)) after = null;
+    await loadTasks(f, after);
   }
 
   function tasksError(e) {
     $('tasks-range').textContent = `Could not load tasks: ${e.message}`;
   }
 
-  async function loadTasks(filter, after) {
+  async function loadTasks(f, after) {
     const seq = ++TV.seq;
-    const q = new URLSearchParams({ after: String(after), limit: String(PAGE) });
-    if (filter) q.set('state', filter);
     let r;
     try {
-      r = await api('GET', `/v1/tasks?${q}`);
+      r = await api('GET', `/v1/tasks?${listQuery(f, after, PAGE)}`);
     } catch (e) {
-      if (seq === TV.seq) tasksError(e);
+      if (seq === TV.seq) {
+        if (e.status === 400) notice(`Filter refused: ${e.message}`, 8000);
+        tasksError(e);
+      }
       return;
     }
     if (seq !== TV.seq) return;
     TV.loaded = true;
-    TV.filter = filter;
+    TV.f = f;
     TV.after = after;
     TV.rows.clear();
     TV.newer = 0;
-    TV.firstId = 0;
-    TV.lastId = after;
-    const tb = $('tasks');
-    clear(tb);
-    for (const t of r.tasks) addRow(t, false);
+    TV.topId = 0;
+    TV.bottomId = 0;
+    clear($('tasks'));
+    for (const t of r.tasks) addRow(t, false, false);
     TV.nextAfter = r.next_after == null ? null : r.next_after;
-    // The newest page: new tasks are appended to it as they come.
-    TV.atHead = TV.nextAfter == null || TV.lastId >= TV.maxId;
+    TV.short = r.tasks.length < PAGE && TV.nextAfter != null;
+    TV.atHead = after == null;
     updatePager();
   }
 
   // A refresh of the page shown (after `reset`, or while polling), keeping its place.
   async function reloadTasksQuietly() {
-    const q = new URLSearchParams({ after: String(TV.after), limit: String(Math.max(PAGE, TV.rows.size)) });
-    if (TV.filter) q.set('state', TV.filter);
+    if (TV.atHead) { fetchNewRows(); return; }
     try {
-      const r = await api('GET', `/v1/tasks?${q}`);
+      const r = await api('GET', `/v1/tasks?${listQuery(TV.f, TV.after, Math.max(PAGE, TV.rows.size))}`);
       for (const t of r.tasks) {
         const row = TV.rows.get(t.id);
         if (row) updateRow(row, rowData(t), true);
-        else if (t.id > TV.lastId) addRow(t, true);
       }
-      TV.nextAfter = r.next_after == null ? null : r.next_after;
-      if (TV.nextAfter == null) TV.atHead = true;
-      updatePager();
     } catch (_) { /* the next event or poll tries again */ }
   }
 
@@ -736,7 +754,8 @@
   // How far along a state is: a page read may be older than the events seen meanwhile.
   function rank(state) { return FINAL.has(state) ? 2 : state === 'running' ? 1 : 0; }
 
-  function addRow(t, fresh) {
+  // A row for task `t`: appended (a page read, newest first) or put at the top (`top`).
+  function addRow(t, fresh, top) {
     const d = rowData(t);
     const k = TV.known.get(d.id);
     if (k && rank(k.state) > rank(d.state)) d.state = k.state;
@@ -748,11 +767,11 @@
       el('td', { class: 'hide-narrow' }, d.swarm || 'default'),
       el('td', { 'data-testid': 'task-attempts' }, String(d.attempts)),
       el('td', null, fmtTime(d.created)));
-    $('tasks').append(tr);
+    const tb = $('tasks');
+    if (top) tb.prepend(tr); else tb.append(tr);
     TV.rows.set(d.id, { tr, d });
-    if (!TV.firstId || d.id < TV.firstId) TV.firstId = d.id;
-    TV.lastId = Math.max(TV.lastId, d.id);
-    TV.maxId = Math.max(TV.maxId, d.id);
+    TV.topId = Math.max(TV.topId, d.id);
+    if (!TV.bottomId || d.id < TV.bottomId) TV.bottomId = d.id;
     $('tasks-empty').hidden = true;
   }
 
@@ -775,64 +794,83 @@
   }
 
   function updatePager() {
+    updateCancel();
     const n = TV.rows.size;
-    $('tasks-empty').hidden = n > 0;
-    $('page-prev').disabled = TV.stack.length === 0 && TV.after === 0;
-    $('page-oldest').disabled = TV.after === 0;
-    $('page-next').disabled = TV.nextAfter == null || (TV.atHead && TV.newer === 0);
-    const range = n ? `#${TV.firstId}–#${TV.lastId}` : 'none';
-    const filter = TV.filter ? ` ${TV.filter.replace('_', ' ')}` : '';
-    $('tasks-range').textContent = `${n}${filter} task${n === 1 ? '' : 's'} (${range}) after #${TV.after}` +
-      (TV.atHead ? ' · the newest: new tasks appear here as they come' : ' · more on the next page');
+    $('tasks-empty').hidden = n > 0 || TV.short;
+    $('page-prev').disabled = TV.atHead;
+    $('page-newest').disabled = TV.atHead && TV.newer === 0;
+    $('page-next').disabled = TV.nextAfter == null;
+    const range = n ? ` (#${TV.topId}–#${TV.bottomId})` : '';
+    const f = filterShown(TV.f);
+    let text = `${n} task${n === 1 ? '' : 's'}${range}${f ? ` matching ${f}` : ''}, newest first` +
+      (TV.atHead ? ' · new tasks appear at the top as they come' : ` · below #${TV.after}`);
+    if (TV.short) text += ' · the scan stopped at a bound: Older goes on searching';
+    $('tasks-range').textContent = text;
     const newer = $('tasks-newer');
     newer.hidden = TV.newer === 0;
-    if (TV.newer) newer.textContent = `${fmtNum(TV.newer)} newer task event${TV.newer === 1 ? '' : 's'} beyond this page: use Newest.`;
+    if (TV.newer) newer.textContent = `${fmtNum(TV.newer)} newer task event${TV.newer === 1 ? '' : 's'} above this page: use Newest.`;
   }
 
   function onTaskEvents(list) {
     let wantNew = false;
     for (const t of list) {
       if (!t || t.id == null) continue;
-      TV.maxId = Math.max(TV.maxId, t.id);
       TV.known.delete(t.id);
       TV.known.set(t.id, { state: t.state, attempts: t.attempt || 0 });
       if (TV.known.size > 5000) TV.known.delete(TV.known.keys().next().value);
+      trackSwarmTask(t);
       if (TP.id === t.id && TP.task && t.state && t.state !== TP.task.state) scheduleTaskRefresh();
       if (!TV.loaded) continue;
       const row = TV.rows.get(t.id);
       if (row) {
         updateRow(row, { state: t.state, attempts: t.attempt || 0 });
-      } else if (t.id > TV.lastId && (!TV.filter || TV.filter === t.state)) {
-        if (TV.atHead && TV.rows.size < 2 * PAGE) wantNew = true;
+      } else if (t.id > TV.topId && mightMatch(t, TV.f)) {
+        if (TV.atHead) wantNew = true;
         else TV.newer++;
       }
     }
+    if (S.view === 'swarms') renderSwarmTasks();
     if (wantNew) fetchNewRows();
     else if (TV.loaded) updatePager();
   }
 
-  // New tasks past the end of the newest page: read them (one request however many
-  // arrived meanwhile), so their rows are exact.
+  // New tasks above the newest page: read the head again (one request however many
+  // arrived meanwhile) and put the new ones on top, so their rows are exact.
   async function fetchNewRows() {
     if (TV.fetchingNew) { TV.pendingNew = true; return; }
     TV.fetchingNew = true;
     const seq = TV.seq;
     try {
-      const q = new URLSearchParams({ after: String(TV.lastId), limit: String(PAGE) });
-      if (TV.filter) q.set('state', TV.filter);
-      const r = await api('GET', `/v1/tasks?${q}`);
-      if (seq === TV.seq) {
-        for (const t of r.tasks) {
-          const row = TV.rows.get(t.id);
-          if (row) updateRow(row, rowData(t), true);
-          else if (TV.rows.size < 2 * PAGE) addRow(t, true);
-          else { TV.atHead = false; TV.newer++; }
+      const r = await api('GET', `/v1/tasks?${listQuery(TV.f, null, PAGE)}`);
+      if (seq === TV.seq && TV.atHead) {
+        const last = r.tasks.length ? r.tasks[r.tasks.length - 1].id : 0;
+        if (r.tasks.length === PAGE && last > TV.topId && TV.topId) {
+          // More arrived than a page: show the newest page as it is now.
+          TV.seq++;
+          clear($('tasks'));
+          TV.rows.clear();
+          TV.topId = 0;
+          TV.bottomId = 0;
+          for (const t of r.tasks) addRow(t, true, false);
+          TV.nextAfter = r.next_after == null ? null : r.next_after;
+        } else {
+          for (const t of r.tasks.slice().reverse()) {
+            const row = TV.rows.get(t.id);
+            if (row) updateRow(row, rowData(t), true);
+            else if (t.id > TV.topId) addRow(t, true, true);
+          }
+          // Keep the page bounded: the oldest rows leave, and Older starts below them.
+          while (TV.rows.size > 2 * PAGE) {
+            const tb = $('tasks');
+            const tr = tb.lastElementChild;
+            TV.rows.delete(Number(tr.dataset.taskId));
+            tb.removeChild(tr);
+            TV.nextAfter = Number(tb.lastElementChild.dataset.taskId);
+            TV.bottomId = TV.nextAfter;
+          }
+          if (TV.nextAfter == null && r.next_after != null && TV.rows.size >= PAGE) TV.nextAfter = TV.bottomId;
         }
-        if (r.next_after != null) {
-          if (TV.rows.size < 2 * PAGE) TV.pendingNew = true;
-          else TV.atHead = false;
-        }
-        TV.nextAfter = TV.lastId;
+        TV.short = false;
         updatePager();
       }
     } catch (_) {
@@ -841,6 +879,20 @@
       TV.fetchingNew = false;
       if (TV.pendingNew) { TV.pendingNew = false; fetchNewRows(); }
     }
+  }
+
+  function applyFilters(ev) {
+    if (ev) ev.preventDefault();
+    const f = emptyFilter();
+    f.state = $('tasks-filter').value;
+    for (const k of ['agent', 'swarm', 'label', 'text']) f[k] = $(`filter-${k}`).value.trim();
+    if (f.label && !/^[^=,\s]+=[^,]*(,[^=,\s]+=[^,]*)*$/.test(f.label)) {
+      notice('A label filter is k=v (several: k=v,k2=v2).', 6000);
+      $('filter-label').focus();
+      return;
+    }
+    TV.stack = [];
+    pageTo(f, null, false);
   }
 
   async function onSubmit(ev) {
@@ -869,9 +921,8 @@
       const r = await api('POST', '/v1/tasks', body);
       out.append(r.duplicate ? 'Already submitted: ' : 'Submitted ',
         el('a', { href: `#/tasks/${r.id}`, 'data-testid': 'submit-link' }, `task #${r.id}`));
-      TV.maxId = Math.max(TV.maxId, r.id);
-      if (TV.loaded && !TV.rows.has(r.id) && r.id > TV.lastId && (!TV.filter || TV.filter === 'queued')) {
-        if (TV.atHead && TV.rows.size < 2 * PAGE) fetchNewRows();
+      if (TV.loaded && !TV.rows.has(r.id) && r.id > TV.topId && mightMatch({ state: 'queued', swarm: swarm || 'default' }, TV.f)) {
+        if (TV.atHead) fetchNewRows();
         else { TV.newer++; updatePager(); }
       }
     } catch (e) {
@@ -884,9 +935,465 @@
     }
   }
 
-  function pageTo(filter, after, push) {
+  function pageTo(f, after, push) {
     if (push) TV.stack.push(TV.after);
-    location.hash = tasksHash(filter, after);
+    const h = tasksHash(f, after);
+    if (location.hash === h) loadTasks(f, after);
+    else location.hash = h;
+  }
+
+  // ---------------------------------------------------------------- swarms view
+  // Drawn from the status events (each swarm's layout over the connected workers, and
+  // its tasks by ring stage) and the task changes (which task is at which stage, and
+  // mesh steals: the same attempt seen running on another worker).
+  const SW_TASKS_MAX = 2000;
+  const STEAL_SHOW_MS = 4000;
+  const SW = { tasks: new Map(), steals: new Map(), stealCount: new Map(), loaded: false };
+
+  function trackSwarmTask(t) {
+    const name = t.swarm || 'default';
+    if (name === 'default') return;
+    let m = SW.tasks.get(name);
+    if (!m) SW.tasks.set(name, (m = new Map()));
+    const prev = m.get(t.id);
+    if (prev && t.state === 'running' && prev.state === 'running' && prev.attempt === t.attempt &&
+        prev.worker && t.worker && prev.worker !== t.worker) {
+      addSteal(name, { id: t.id, from: prev.worker, to: t.worker, at: Date.now() });
+    }
+    if (FINAL.has(t.state)) { m.delete(t.id); return; }
+    m.delete(t.id);
+    m.set(t.id, { state: t.state, stage: t.stage || 0, worker: t.worker, attempt: t.attempt, moves: t.moves || 0 });
+    if (m.size > SW_TASKS_MAX) m.delete(m.keys().next().value);
+  }
+
+  function addSteal(name, s) {
+    let l = SW.steals.get(name);
+    if (!l) SW.steals.set(name, (l = []));
+    l.unshift(s);
+    if (l.length > 8) l.length = 8;
+    SW.stealCount.set(name, (SW.stealCount.get(name) || 0) + 1);
+    if (S.view === 'swarms') drawSteal(name, s);
+  }
+
+  // The unfinished tasks of every defined swarm, read once when the view opens (and
+  // after a reset); task changes keep them current from then on.
+  async function loadSwarmTasks() {
+    const swarms = ((S.status && S.status.swarms) || []).filter((s) => s.name !== 'default');
+    await Promise.all(swarms.flatMap((s) => ['running', 'queued'].map(async (state) => {
+      try {
+        const r = await api('GET', `/v1/tasks?${new URLSearchParams({ order: 'desc', swarm: s.name, state, limit: '200' })}`);
+        let m = SW.tasks.get(s.name);
+        if (!m) SW.tasks.set(s.name, (m = new Map()));
+        for (const t of r.tasks) {
+          if (t.swarm !== s.name || m.has(t.id)) continue;
+          const a = (t.attempts || [])[t.attempts.length - 1];
+          m.set(t.id, { state: t.state, stage: t.stage || 0, worker: a && a.worker, attempt: a && a.attempt, moves: t.moves || 0 });
+        }
+      } catch (_) { /* drawn from the events alone */ }
+    })));
+    SW.loaded = true;
+    renderSwarmTasks();
+  }
+
+  function showSwarms() {
+    showOnly('swarms');
+    document.title = 'Swarms · swarm';
+    renderSwarms();
+    loadSwarmTasks();
+  }
+
+  function workerChip(id, load, gone) {
+    const chip = el('span', { class: 'wk' + (gone ? ' gone' : ''), 'data-worker-id': id, testid: 'swarm-worker' }, id);
+    if (load) {
+      const meter = el('span', { class: 'meter', 'aria-hidden': 'true' }, el('span'));
+      meter.firstChild.style.width = `${load.slots ? Math.min(100, (100 * load.running) / load.slots) : 0}%`;
+      chip.append(meter);
+      chip.title = `${id}: ${load.running} of ${load.slots} slots held`;
+    } else if (gone) {
+      chip.title = `${id}: not connected`;
+    }
+    return chip;
+  }
+
+  function renderSwarms() {
+    const box = $('swarm-cards');
+    const all = ((S.status && S.status.swarms) || []).slice();
+    // Defined swarms by name, the default (every worker, a star) last.
+    all.sort((a, b) => (a.name === 'default') - (b.name === 'default') || a.name.localeCompare(b.name));
+    $('swarms-empty').hidden = all.some((s) => s.name !== 'default');
+    const names = all.map((s) => s.name);
+    for (const card of Array.from(box.children)) if (!names.includes(card.dataset.swarm)) card.remove();
+    let prev = null;
+    for (const s of all) {
+      let card = box.querySelector(`[data-swarm="${CSS.escape(s.name)}"]`);
+      if (!card) {
+        card = el('section', { class: 'card swarm', testid: 'swarm-card', 'data-swarm': s.name, 'aria-label': `Swarm ${s.name}` },
+          el('div', { class: 'swarm-head' }), el('div', { class: 'swarm-body' }));
+      }
+      if (prev ? prev.nextSibling !== card : box.firstChild !== card) {
+        if (prev) prev.after(card); else box.prepend(card);
+      }
+      prev = card;
+      card.dataset.topology = s.topology;
+      renderSwarmCard(card, s);
+    }
+    renderSwarmTasks();
+  }
+
+  function renderSwarmCard(card, s) {
+    const head = card.firstChild;
+    const t = s.tasks || {};
+    if (changed(head, [s.name, s.topology, s.labels, t, s.fan_out, s.max_degree, s.queue_depth])) {
+      const extra = s.topology === 'hierarchical' ? ` · fan-out ${s.fan_out}`
+        : s.topology === 'mesh' ? ` · degree ≤ ${s.max_degree} · queue depth ${s.queue_depth}` : '';
+      head.append(el('h2', null, s.name === 'default' ? 'default' : s.name),
+        badge(s.topology, 'idle', 'swarm-topology'),
+        el('span', { class: 'counts-inline', testid: 'swarm-counts' }, `${fmtNum(t.queued || 0)} queued · ${fmtNum(t.running || 0)} running${extra}`),
+        el('span', { class: 'grow' }),
+        Object.keys(s.labels || {}).length ? el('span', null, 'workers with ', tags(s.labels)) : null,
+        el('a', { href: tasksHash(Object.assign(emptyFilter(), { swarm: s.name }), null) }, 'tasks'));
+    }
+    const body = card.lastChild;
+    const layout = s.layout;
+    const key = [s.problem, layout, s.stage_tasks];
+    if (!changed(body, key)) return;
+    if (!layout) {
+      body.append(el('p', { class: 'problem', testid: 'swarm-problem' },
+        s.problem ? `No layout: ${s.problem}` : 'No layout (no matching worker is connected).'));
+      return;
+    }
+    const loads = new Map((layout.workers || []).map((w) => [w.id, w.load]));
+    const chip = (id) => workerChip(id, loads.get(id), !loads.get(id));
+    const lay = layout.layout || {};
+    if (lay.topology === 'hierarchical') body.append(drawTree(lay, layout, chip));
+    else if (lay.topology === 'mesh') {
+      body.append(drawMesh(s.name, lay, loads));
+      // Steals still being shown survive a redraw.
+      for (const st of SW.steals.get(s.name) || []) if (Date.now() - st.at < STEAL_SHOW_MS) drawSteal(s.name, st);
+    }
+    else if (lay.topology === 'ring') body.append(drawRing(s, lay, chip));
+    else {
+      const ids = (layout.workers || []).map((w) => w.id);
+      body.append(el('ul', { class: 'tree', role: 'tree', 'aria-label': `${s.name}: the coordinator and its workers` },
+        el('li', { role: 'treeitem', 'aria-expanded': 'true' }, el('span', { class: 'coord' }, 'coordinator'),
+          el('span', { class: 'role' }, `${ids.length} worker${ids.length === 1 ? '' : 's'}, each connected directly`),
+          el('div', { class: 'members' }, ids.map(chip)))));
+    }
+  }
+
+  function drawTree(lay, layout, chip) {
+    const leads = lay.leads || [];
+    const members = leads.reduce((a, l) => a + (l.children || []).length, 0);
+    return el('ul', { class: 'tree', role: 'tree', testid: 'hier-tree', 'aria-label': 'The coordinator, its leads and their members' },
+      el('li', { role: 'treeitem', 'aria-expanded': 'true' },
+        el('span', { class: 'coord' }, 'coordinator'),
+        el('span', { class: 'role' }, `${leads.length} lead${leads.length === 1 ? '' : 's'} connected directly, ${members} member${members === 1 ? '' : 's'} relayed by them`),
+        el('ul', { role: 'group' }, leads.map((l) => el('li', { role: 'treeitem', 'aria-expanded': 'true', testid: 'hier-lead', 'data-worker-id': l.id },
+          chip(l.id), el('span', { class: 'role' }, `lead · relays ${(l.children || []).length}`),
+          (l.children || []).length ? el('ul', { role: 'group' }, l.children.map((c) => el('li', { role: 'treeitem', testid: 'hier-member', 'data-worker-id': c }, chip(c), el('span', { class: 'role' }, `via ${l.id}`)))) : null)))));
+  }
+
+  function drawMesh(name, lay, loads) {
+    const peers = lay.peers || [];
+    const n = peers.length;
+    const W = 420;
+    const H = n > 8 ? 380 : 300;
+    const R = Math.min(W, H) / 2 - 34;
+    const pos = new Map();
+    peers.forEach((p, i) => {
+      const a = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(1, n);
+      pos.set(p.id, { x: W / 2 + R * Math.cos(a), y: H / 2 + R * Math.sin(a) });
+    });
+    const g = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'group', 'aria-label': `Mesh of ${n} workers, ${lay.links} links${lay.connected ? '' : ', not connected'}`, 'data-testid': 'mesh-graph', 'data-swarm': name });
+    const defs = svg('defs');
+    const marker = svg('marker', { id: 'steal-arrow', viewBox: '0 0 10 10', refX: 9, refY: 5, markerWidth: 6, markerHeight: 6, orient: 'auto-start-reverse' });
+    marker.append(svg('path', { d: 'M0,0 L10,5 L0,10 z' }));
+    defs.append(marker);
+    g.append(defs);
+    const links = svg('g', { class: 'links' });
+    const seen = new Set();
+    for (const p of peers) for (const q of p.peers || []) {
+      const k = p.id < q ? `${p.id}\n${q}` : `${q}\n${p.id}`;
+      if (seen.has(k) || !pos.has(q)) continue;
+      seen.add(k);
+      const a = pos.get(p.id);
+      const b = pos.get(q);
+      links.append(svg('line', { class: 'link', x1: a.x.toFixed(1), y1: a.y.toFixed(1), x2: b.x.toFixed(1), y2: b.y.toFixed(1), 'data-testid': 'mesh-link' }));
+    }
+    g.append(links);
+    g.append(svg('g', { class: 'steal-layer' }));
+    for (const p of peers) {
+      const { x, y } = pos.get(p.id);
+      const load = loads.get(p.id);
+      const frac = load && load.slots ? Math.min(1, load.running / load.slots) : 0;
+      const node = svg('g', { class: 'node', tabindex: 0, role: 'img', 'data-testid': 'mesh-node', 'data-worker-id': p.id });
+      const title = svg('title');
+      title.textContent = `${p.id}: ${load ? `${load.running} of ${load.slots} slots held` : 'not connected'}; ${p.degree} peer${p.degree === 1 ? '' : 's'} (${(p.peers || []).join(', ')})`;
+      node.setAttribute('aria-label', title.textContent);
+      node.append(title, svg('circle', { cx: x.toFixed(1), cy: y.toFixed(1), r: 20 }));
+      if (frac > 0) node.append(svg('circle', { class: 'fill', cx: x.toFixed(1), cy: y.toFixed(1), r: (4 + 14 * frac).toFixed(1) }));
+      const label = svg('text', { x: x.toFixed(1), y: (y + (y < H / 2 ? -26 : 34)).toFixed(1) });
+      label.textContent = p.id.length > 14 ? `…${p.id.slice(-13)}` : p.id;
+      node.append(label);
+      g.append(node);
+    }
+    const side = el('div', null,
+      el('h3', { class: 'small' }, 'Steals ', el('span', { class: 'count', testid: 'steal-count' }, `(${fmtNum(SW.stealCount.get(name) || 0)} seen)`)),
+      el('ul', { class: 'steals', testid: 'mesh-steals', 'aria-live': 'polite' }),
+      el('p', { class: 'muted small' }, 'An idle member takes attempts queued on a busy peer; each steal is drawn as an arrow from the peer it was taken from.'));
+    const wrap = el('div', { class: 'mesh', 'data-swarm': name }, el('div', null, g), side);
+    wrap._pos = pos;
+    fillSteals(name, side.querySelector('.steals'));
+    return wrap;
+  }
+
+  function fillSteals(name, ul) {
+    clear(ul);
+    const l = SW.steals.get(name) || [];
+    if (!l.length) ul.append(el('li', { class: 'muted' }, 'none yet'));
+    for (const s of l) {
+      ul.append(el('li', { testid: 'mesh-steal' }, el('a', { href: `#/tasks/${s.id}` }, `#${s.id}`), ` ${s.from} → ${s.to} `, el('span', { class: 'muted' }, fmtTime(s.at))));
+    }
+  }
+
+  function drawSteal(name, s) {
+    const wrap = document.querySelector(`.mesh[data-swarm="${CSS.escape(name)}"]`);
+    if (!wrap) return;
+    fillSteals(name, wrap.querySelector('.steals'));
+    const count = wrap.querySelector('[data-testid=steal-count]');
+    if (count) count.textContent = `(${fmtNum(SW.stealCount.get(name) || 0)} seen)`;
+    const a = wrap._pos && wrap._pos.get(s.from);
+    const b = wrap._pos && wrap._pos.get(s.to);
+    if (!a || !b) return;
+    const dx = b.x - a.x;
+    const dy = b.y - a.y;
+    const len = Math.hypot(dx, dy) || 1;
+    const k = 22 / len;
+    const line = svg('line', {
+      class: 'steal', 'data-testid': 'mesh-steal-arrow',
+      x1: (a.x + dx * k).toFixed(1), y1: (a.y + dy * k).toFixed(1), x2: (b.x - dx * k).toFixed(1), y2: (b.y - dy * k).toFixed(1),
+    });
+    wrap.querySelector('.steal-layer').append(line);
+    setTimeout(() => line.remove(), STEAL_SHOW_MS);
+  }
+
+  function drawRing(s, lay, chip) {
+    const stages = lay.stages || [];
+    const counts = s.stage_tasks || [];
+    const ring = el('ol', { class: 'ring', testid: 'ring-pipeline', 'aria-label': `Pipeline of ${stages.length} stages` });
+    stages.forEach((st, i) => {
+      const c = counts[i] || {};
+      if (i > 0) ring.append(el('li', { class: 'arrow', 'aria-hidden': 'true' }, '→'));
+      ring.append(el('li', { class: 'stage', testid: 'ring-stage', 'data-stage': i },
+        el('h3', null, el('span', { class: 'num' }, `${i + 1}.`), st.agent),
+        Object.keys(st.labels || {}).length ? el('div', null, tags(st.labels)) : null,
+        el('div', null, chip(st.worker)),
+        el('div', { class: 'muted small', testid: 'ring-stage-counts' }, `${fmtNum(c.queued || 0)} queued · ${fmtNum(c.running || 0)} running`),
+        el('div', { class: 'tasks-at', testid: 'ring-stage-tasks', 'aria-label': `Tasks at stage ${i + 1}` })));
+    });
+    ring.append(el('li', { class: 'ring-done', 'aria-hidden': 'true' }, '→ done'));
+    return ring;
+  }
+
+  // Which task is at which ring stage: from the tasks read and the changes since.
+  function renderSwarmTasks() {
+    if (S.view !== 'swarms') return;
+    for (const ring of document.querySelectorAll('[data-testid=ring-pipeline]')) {
+      const name = ring.closest('[data-swarm]').dataset.swarm;
+      const m = SW.tasks.get(name) || new Map();
+      const by = new Map();
+      for (const [id, t] of m) {
+        if (!by.has(t.stage)) by.set(t.stage, []);
+        by.get(t.stage).push([id, t]);
+      }
+      for (const box of ring.querySelectorAll('[data-testid=ring-stage-tasks]')) {
+        const stage = Number(box.closest('[data-stage]').dataset.stage);
+        const list = (by.get(stage) || []).sort((a, b) => a[0] - b[0]);
+        const shown = list.map(([id, t]) => [id, t.state]);
+        if (!changed(box, shown)) continue;
+        for (const [id, t] of list.slice(0, 12)) {
+          box.append(el('a', { href: `#/tasks/${id}`, class: `badge st-${t.state}`, testid: 'ring-task', 'data-task-id': id, title: `task #${id}, ${t.state}${t.worker ? ` on ${t.worker}` : ''}` }, `#${id}`));
+        }
+        if (list.length > 12) box.append(el('span', { class: 'muted small' }, `+${list.length - 12} more`));
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- memory view
+  // Read when opened and on Refresh (memory changes are not in the event stream).
+  const PATTERNS_SHOWN = 200;
+
+  function showMemory() {
+    showOnly('memory');
+    document.title = 'Memory · swarm';
+    loadMemory();
+  }
+
+  async function loadMemory() {
+    const [cols, pats] = await Promise.allSettled([
+      api('GET', '/v1/memory'),
+      api('GET', `/v1/patterns?limit=${PATTERNS_SHOWN}`),
+    ]);
+    const tb = $('collections');
+    clear(tb);
+    if (cols.status === 'fulfilled') {
+      const list = (cols.value && cols.value.collections) || [];
+      $('collections-count').textContent = `(${list.length})`;
+      $('collections-empty').hidden = list.length > 0;
+      const sel = $('search-collection');
+      const was = sel.value;
+      clear(sel);
+      for (const c of list) {
+        const sp = c.spec || {};
+        tb.append(el('tr', { testid: 'collection-row', 'data-collection': c.name },
+          el('td', { class: 'mono' }, c.name),
+          el('td', null, String(sp.dimension)),
+          el('td', null, String(sp.metric || '')),
+          el('td', null, fmtNum(c.live)),
+          el('td', { class: 'hide-narrow' }, fmtNum(c.tombstones)),
+          el('td', { class: 'hide-narrow' }, c.rebuilding ? 'rebuilding' : c.unindexed ? `${fmtNum(c.unindexed)} unindexed` : `generation ${c.generation}`)));
+        sel.append(el('option', { value: c.name }, c.name));
+      }
+      if (list.some((c) => c.name === was)) sel.value = was;
+      $('search-form').hidden = list.length === 0;
+    } else {
+      $('collections-count').textContent = '';
+      tb.append(el('tr', null, el('td', { colspan: 6, class: 'error' }, `Could not read collections: ${cols.reason.message}`)));
+    }
+    const pb = $('patterns');
+    clear(pb);
+    if (pats.status === 'fulfilled') {
+      const list = ((pats.value && pats.value.patterns) || []).slice()
+        .sort((a, b) => b.confidence - a.confidence || b.use_count - a.use_count);
+      const total = pats.value && pats.value.total != null ? pats.value.total : list.length;
+      $('patterns-count').textContent = total > list.length ? `(${fmtNum(list.length)} of ${fmtNum(total)})` : `(${fmtNum(list.length)})`;
+      $('patterns-empty').hidden = list.length > 0;
+      for (const p of list.slice(0, PATTERNS_SHOWN)) {
+        pb.append(el('tr', { testid: 'pattern-row', 'data-pattern-id': p.id },
+          el('td', { class: 'wrap' }, el('strong', null, p.title), el('div', { class: 'muted small' }, p.description)),
+          el('td', null, badge(p.outcome, p.outcome === 'success' ? 'succeeded' : 'failed'),
+            p.source_task != null ? el('div', null, el('a', { href: `#/tasks/${p.source_task}` }, `task #${p.source_task}`)) : null),
+          el('td', { testid: 'pattern-confidence' }, `${Math.round((p.confidence || 0) * 100)}%`),
+          el('td', null, fmtNum(p.use_count)),
+          el('td', { class: 'hide-narrow' }, `${fmtNum(p.success_count)} / ${fmtNum(p.failure_count)}`),
+          el('td', { class: 'hide-narrow' }, fmtTime(p.last_used_ms))));
+      }
+    } else {
+      $('patterns-count').textContent = '';
+      pb.append(el('tr', null, el('td', { colspan: 6, class: 'error' }, `Could not read patterns: ${pats.reason.message}`)));
+    }
+  }
+
+  async function onSearch(ev) {
+    ev.preventDefault();
+    const name = $('search-collection').value;
+    const text = $('search-text').value.trim();
+    const k = Math.max(1, Math.min(100, Number($('search-k').value) || 10));
+    const status = $('search-status');
+    const tb = $('search-hits');
+    if (!name || !text) { status.textContent = 'Choose a collection and type a query.'; return; }
+    status.textContent = 'searching…';
+    status.className = 'result';
+    try {
+      const started = performance.now();
+      const r = await api('POST', `/v1/memory/${encodeURIComponent(name)}/search`, { text, k });
+      const hits = (r && r.hits) || [];
+      clear(tb);
+      for (const h of hits) {
+        tb.append(el('tr', { testid: 'search-hit' },
+          el('td', { class: 'mono' }, h.id),
+          el('td', null, Number(h.distance).toFixed(4)),
+          el('td', { class: 'wrap mono small' }, h.metadata == null ? '–' : JSON.stringify(h.metadata))));
+      }
+      $('search-table').hidden = hits.length === 0;
+      status.textContent = `${hits.length} nearest point${hits.length === 1 ? '' : 's'} in ${name} (${Math.round(performance.now() - started)} ms)`;
+    } catch (e) {
+      $('search-table').hidden = true;
+      status.textContent = `Search refused: ${e.message}`;
+      status.className = 'result error';
+    }
+  }
+
+  async function onRetrieve(ev) {
+    ev.preventDefault();
+    const query = $('retrieve-text').value.trim();
+    const k = Math.max(1, Math.min(50, Number($('retrieve-k').value) || 5));
+    const status = $('retrieve-status');
+    const ol = $('retrieve-hits');
+    if (!query) { status.textContent = 'Describe a task.'; return; }
+    status.textContent = 'retrieving…';
+    status.className = 'result';
+    try {
+      const r = await api('POST', '/v1/patterns/retrieve', { query, k });
+      const items = (r && r.items) || [];
+      clear(ol);
+      for (const it of items) {
+        const p = it.item || {};
+        ol.append(el('li', { testid: 'retrieve-hit', 'data-pattern-id': p.id },
+          el('strong', null, p.title), ' ', badge(p.outcome, p.outcome === 'success' ? 'succeeded' : 'failed'),
+          el('div', { class: 'meta' }, `similarity ${Number(it.similarity).toFixed(3)} · confidence ${Math.round((p.confidence || 0) * 100)}% · score ${Number(it.score).toFixed(3)} · used ${fmtNum(p.use_count)}×`),
+          el('div', null, p.description),
+          p.content ? el('div', { class: 'muted small' }, p.content.length > 400 ? `${p.content.slice(0, 400)}…` : p.content) : null));
+      }
+      status.textContent = items.length ? `${items.length} pattern${items.length === 1 ? '' : 's'} an agent would be handed for this` : 'No pattern fits.';
+    } catch (e) {
+      clear(ol);
+      status.textContent = `Retrieve refused: ${e.message}`;
+      status.className = 'result error';
+    }
+  }
+
+  // ---------------------------------------------------------------- workers: drain
+  async function onWorkerAction(id, action) {
+    try {
+      await api('POST', `/v1/workers/${encodeURIComponent(id)}/${action}`);
+      notice(action === 'drain'
+        ? `Worker ${id} is draining: it finishes what it runs and takes no new work.`
+        : `Worker ${id} takes work again.`, 6000);
+    } catch (e) {
+      if (e.status === 403) {
+        S.canOperate = false;
+        applyCaps();
+        notice(`This token may not ${action} workers (403 forbidden): ${e.message}`);
+      } else notice(`Could not ${action} worker ${id}: ${e.message}`, 8000);
+    }
+  }
+
+  // ---------------------------------------------------------------- theme and keys
+  const THEMES = ['auto', 'light', 'dark'];
+  function applyTheme(t) {
+    if (t === 'light' || t === 'dark') document.documentElement.dataset.theme = t;
+    else delete document.documentElement.dataset.theme;
+    const b = $('theme');
+    b.textContent = `Theme: ${t}`;
+    b.setAttribute('aria-label', t === 'auto' ? 'Colour theme: follows the system. Change' : `Colour theme: ${t}. Change`);
+  }
+  function cycleTheme() {
+    let t = 'auto';
+    try { t = localStorage.getItem('swarm.theme') || 'auto'; } catch (_) { /* storage off */ }
+    t = THEMES[(THEMES.indexOf(t) + 1) % THEMES.length];
+    try { localStorage.setItem('swarm.theme', t); } catch (_) { /* storage off */ }
+    applyTheme(t);
+  }
+
+  // `/` filters tasks; `g` then `o`, `t`, `s` or `m` opens a view.
+  let goPending = 0;
+  function onKey(e) {
+    if (e.ctrlKey || e.metaKey || e.altKey || !S.token) return;
+    const tag = (e.target && e.target.tagName) || '';
+    if (/^(INPUT|TEXTAREA|SELECT)$/.test(tag) || (e.target && e.target.isContentEditable)) return;
+    if (e.key === '/') {
+      e.preventDefault();
+      if (S.view !== 'tasks') location.hash = '#/tasks';
+      setTimeout(() => $('filter-text').focus(), 0);
+      return;
+    }
+    if (e.key === 'g') { goPending = Date.now(); return; }
+    if (goPending && Date.now() - goPending < 1500) {
+      const to = { o: '#/', t: '#/tasks', s: '#/swarms', m: '#/memory' }[e.key];
+      goPending = 0;
+      if (to) { e.preventDefault(); location.hash = to; }
+    }
   }
 
   // ---------------------------------------------------------------- task page
@@ -1045,7 +1552,7 @@
       dl.append(el('dt', null, k), el('dd', { testid }, v));
     };
     row('Agent', t.agent || '–', 'detail-agent');
-    row('Swarm', t.swarm || 'default');
+    row('Swarm', t.swarm && t.swarm !== 'default' ? el('a', { href: '#/swarms' }, t.swarm) : 'default');
     if (t.stages && t.stages.length) row('Stages', `${t.stages.join(' → ')} (at stage ${(t.stage || 0) + 1})`);
     row('Priority', String(t.priority));
     row('Created', fmtTime(t.created_at_ms));
@@ -1054,7 +1561,8 @@
     row('Max attempts', String(t.max_attempts));
     if (t.idempotency_key) row('Idempotency key', t.idempotency_key);
     if (t.labels && Object.keys(t.labels).length) row('Labels', el('span', null, tags(t.labels)));
-    if (t.moves) row('Moves', String(t.moves));
+    if (t.moves) row('Moves', `${t.moves} (mesh steals)`);
+    if (t.patterns) row('Patterns', `up to ${t.patterns} ReasoningBank pattern${t.patterns === 1 ? '' : 's'} handed to the agent before it ran`, 'detail-patterns');
     if (t.usage) row('Tokens', `${fmtNum(t.usage.prompt_tokens)} prompt + ${fmtNum(t.usage.completion_tokens)} completion (${t.usage.model})`);
     if (t.held) row('Held', t.held);
     if (t.expires_at_ms) row('Expires', fmtTime(t.expires_at_ms));
@@ -1090,6 +1598,49 @@
     const b = $('cancel');
     const t = TP.task;
     b.hidden = !(S.canOperate && t && !FINAL.has(t.state) && S.view === 'task');
+    $('retry').hidden = !(S.canOperate && t && RETRYABLE.has(t.state) && S.view === 'task');
+    const f = TV.f;
+    $('retry-matching').hidden = !(S.canOperate && f && RETRYABLE.has(f.state) && S.view === 'tasks');
+  }
+
+  // Redrive: a failed or dead-lettered task runs again (new attempts, history kept).
+  async function onRetry() {
+    const t = TP.task;
+    if (!t) return;
+    const b = $('retry');
+    b.disabled = true;
+    try {
+      const v = await api('POST', `/v1/tasks/${t.id}/retry`);
+      if (TP.id === t.id && v && v.id != null) {
+        renderTask(v);
+        if (!TP.stream) { delete $('live').dataset.ended; followTask(t.id); }
+      }
+      notice(`Task #${t.id} is queued again.`, 5000);
+    } catch (e) {
+      if (!refused('retry', e)) notice(`Could not retry task #${t.id}: ${e.message}`, 8000);
+    } finally {
+      b.disabled = false;
+    }
+  }
+
+  // Every task the filter selects, a page (up to 1000, oldest first) per click.
+  async function onRetryMatching() {
+    const f = TV.f;
+    if (!f || !RETRYABLE.has(f.state)) return;
+    const body = { state: f.state, limit: 1000 };
+    for (const k of ['agent', 'swarm', 'label', 'text']) if (f[k]) body[k] = f[k];
+    const b = $('retry-matching');
+    b.disabled = true;
+    try {
+      const r = await api('POST', '/v1/tasks/retry', body);
+      const n = (r.retried || []).length;
+      notice(`${fmtNum(n)} task${n === 1 ? '' : 's'} queued again${r.next_after != null ? '; more may match: click again' : ''}.`, 8000);
+      loadTasks(TV.f, TV.after);
+    } catch (e) {
+      if (!refused('retry', e)) notice(`Could not retry: ${e.message}`, 8000);
+    } finally {
+      b.disabled = false;
+    }
   }
 
   let cancelArmed = null;
@@ -1128,6 +1679,10 @@
       showTask(Number(m[1]));
     } else if (path === '/tasks') {
       showTasks(params);
+    } else if (path === '/swarms') {
+      showSwarms();
+    } else if (path === '/memory') {
+      showMemory();
     } else {
       showOnly('overview');
       document.title = 'Overview · swarm';
@@ -1141,20 +1696,26 @@
     $('signout').addEventListener('click', () => signOut('Signed out.'));
     $('submit-form').addEventListener('submit', onSubmit);
     $('cancel').addEventListener('click', onCancel);
-    $('tasks-filter').addEventListener('change', (e) => { TV.stack = []; pageTo(e.target.value, null, false); });
-    $('page-next').addEventListener('click', () => { if (TV.nextAfter != null) pageTo(TV.filter, TV.nextAfter, true); });
-    $('page-prev').addEventListener('click', () => {
-      const a = TV.stack.length ? TV.stack.pop() : Math.max(0, TV.after - PAGE);
-      pageTo(TV.filter, a, false);
+    $('retry').addEventListener('click', onRetry);
+    $('retry-matching').addEventListener('click', onRetryMatching);
+    $('tasks-filters').addEventListener('submit', applyFilters);
+    $('tasks-filter').addEventListener('change', () => applyFilters());
+    $('filter-clear').addEventListener('click', () => {
+      for (const k of ['agent', 'swarm', 'label', 'text']) $(`filter-${k}`).value = '';
+      $('tasks-filter').value = '';
+      applyFilters();
     });
-    $('page-oldest').addEventListener('click', () => { TV.stack = []; pageTo(TV.filter, 0, false); });
-    $('page-newest').addEventListener('click', async () => {
-      TV.stack = [];
-      try { TV.maxId = Math.max(TV.maxId, await findMaxId()); } catch (_) { /* keep what we know */ }
-      const after = Math.max(0, TV.maxId - PAGE);
-      if (location.hash === tasksHash(TV.filter, after)) loadTasks(TV.filter, after);
-      else pageTo(TV.filter, after, false);
-    });
+    $('page-next').addEventListener('click', () => { if (TV.nextAfter != null) pageTo(TV.f, TV.nextAfter, true); });
+    $('page-prev').addEventListener('click', () => pageTo(TV.f, TV.stack.length ? TV.stack.pop() : null, false));
+    $('page-newest').addEventListener('click', () => { TV.stack = []; pageTo(TV.f, null, false); });
+    $('search-form').addEventListener('submit', onSearch);
+    $('retrieve-form').addEventListener('submit', onRetrieve);
+    $('memory-refresh').addEventListener('click', loadMemory);
+    $('theme').addEventListener('click', cycleTheme);
+    document.addEventListener('keydown', onKey);
+    let theme = 'auto';
+    try { theme = localStorage.getItem('swarm.theme') || 'auto'; } catch (_) { /* storage off */ }
+    applyTheme(THEMES.includes(theme) ? theme : 'auto');
     window.addEventListener('hashchange', () => route(true));
     setInterval(() => { if (S.view === 'overview' && S.status) renderSpark(); }, 5000);
 
