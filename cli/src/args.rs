@@ -509,19 +509,8 @@ pub enum TaskCmd {
         /// Newest first.
         #[arg(long)]
         desc: bool,
-        /// Only tasks of this agent (for a ring task: any of its stages' agents).
-        #[arg(long)]
-        agent: Option<String>,
-        /// Only tasks of this swarm.
-        #[arg(long)]
-        swarm: Option<String>,
-        /// Only tasks carrying label k=v (repeatable: all of them).
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        /// Only tasks whose payload holds this text (ASCII case-insensitive, UTF-8
-        /// payloads only, at most 256 bytes).
-        #[arg(long)]
-        text: Option<String>,
+        #[command(flatten)]
+        filter: TaskFilterArgs,
     },
     /// Run a failed or dead-lettered task again (new attempts, its history kept): one by
     /// id, or a page of them by filter (`--state failed|dead_lettered`, oldest first).
@@ -530,21 +519,12 @@ pub enum TaskCmd {
         api: ApiArgs,
         /// The task to run again.
         id: Option<u64>,
-        /// Retry by filter instead: tasks in this state (failed or dead_lettered).
+        /// Retry by filter instead: tasks in this state (failed or dead_lettered), narrowed
+        /// by the filters below.
         #[arg(long)]
         state: Option<String>,
-        /// With --state: only tasks of this agent.
-        #[arg(long)]
-        agent: Option<String>,
-        /// With --state: only tasks of this swarm.
-        #[arg(long)]
-        swarm: Option<String>,
-        /// With --state: only tasks carrying label k=v (repeatable: all of them).
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        /// With --state: only tasks whose payload holds this text.
-        #[arg(long)]
-        text: Option<String>,
+        #[command(flatten)]
+        filter: TaskFilterArgs,
         /// With --state: continue after this task id (the previous run's last).
         #[arg(long)]
         after: Option<u64>,
@@ -568,6 +548,24 @@ pub enum TaskCmd {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+}
+
+/// Which tasks a listing (or a bulk retry) selects, besides their state.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TaskFilterArgs {
+    /// Only tasks of this agent (for a ring task: any of its stages' agents).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only tasks of this swarm.
+    #[arg(long)]
+    pub swarm: Option<String>,
+    /// Only tasks carrying label k=v (repeatable: all of them).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Only tasks whose payload holds this text (ASCII case-insensitive, UTF-8 payloads
+    /// only, at most 256 bytes).
+    #[arg(long)]
+    pub text: Option<String>,
 }
 
 #[derive(Args)]

@@ -133,25 +133,18 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             limit,
             after,
             desc,
-            agent,
-            swarm,
-            labels,
-            text,
+            filter,
         } => {
-            // Checked here for a clear message; the API checks them too.
-            parse_labels(&labels)?;
-            if let Some(l) = labels.iter().find(|l| l.contains(',')) {
-                anyhow::bail!("label {l:?}: a label filter cannot hold a comma");
-            }
+            let labels = filter_labels(&filter.labels)?;
             let query = ListQuery {
                 limit,
                 after,
                 desc,
                 state,
-                agent,
-                swarm,
-                labels: labels.into_iter().filter(|l| !l.is_empty()).collect(),
-                text,
+                agent: filter.agent,
+                swarm: filter.swarm,
+                labels,
+                text: filter.text,
             };
             let list = api.client()?.list(&query).await?;
             println!(
@@ -189,10 +182,7 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             api,
             id,
             state,
-            agent,
-            swarm,
-            labels,
-            text,
+            filter,
             after,
             limit,
         } => {
@@ -203,11 +193,13 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                     println!("task {} is {} again", t.id, t.state.as_str());
                 }
                 (None, Some(state)) => {
-                    if labels.iter().any(|l| l.contains(',')) {
-                        anyhow::bail!("a --label holds one k=v (repeat --label for more)");
-                    }
+                    let labels = filter_labels(&filter.labels)?;
                     let mut body = serde_json::json!({ "state": state, "limit": limit });
-                    for (k, v) in [("agent", agent), ("swarm", swarm), ("text", text)] {
+                    for (k, v) in [
+                        ("agent", filter.agent),
+                        ("swarm", filter.swarm),
+                        ("text", filter.text),
+                    ] {
                         if let Some(v) = v {
                             body[k] = v.into();
                         }
@@ -248,4 +240,15 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The `--label` filters as the API takes them (each one `k=v`, none holding a comma,
+/// since the API reads them comma-separated); checked here for a clear message, and by
+/// the API too.
+fn filter_labels(labels: &[String]) -> anyhow::Result<Vec<String>> {
+    parse_labels(labels)?;
+    if let Some(l) = labels.iter().find(|l| l.contains(',')) {
+        anyhow::bail!("label {l:?}: a label filter cannot hold a comma (repeat --label for more)");
+    }
+    Ok(labels.iter().filter(|l| !l.is_empty()).cloned().collect())
 }

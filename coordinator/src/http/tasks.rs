@@ -67,13 +67,20 @@ pub(super) async fn get_task(
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> ApiResult<TaskView> {
-    let id = tasks::parse_id(&id)?;
     let wait = tasks::wait_of(&node, q.wait.as_deref())?;
-    if p.swarms.is_some() {
-        // Not a wait on a task this token may not see.
-        check_swarm(&p, &tasks::get(&node, id, None).await?.swarm)?;
-    }
+    // Not a wait on a task this token may not see.
+    let id = task_of(&node, &p, &id).await?;
     Ok(Json(tasks::get(&node, id, wait).await?))
+}
+
+/// The task `id` names, if the caller may act on its swarm (`403` otherwise): a token
+/// limited to swarms costs a read of the task first.
+async fn task_of(node: &Node, p: &Principal, id: &str) -> Result<TaskId, ApiError> {
+    let id = tasks::parse_id(id)?;
+    if p.swarms.is_some() {
+        check_swarm(p, &tasks::get(node, id, None).await?.swarm)?;
+    }
+    Ok(id)
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,10 +142,7 @@ pub(super) async fn retry_task(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<TaskView> {
-    let id = tasks::parse_id(&id)?;
-    if p.swarms.is_some() {
-        check_swarm(&p, &tasks::get(&node, id, None).await?.swarm)?;
-    }
+    let id = task_of(&node, &p, &id).await?;
     Ok(Json(tasks::retry(&node, id).await?))
 }
 
@@ -162,9 +166,6 @@ pub(super) async fn cancel_task(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<TaskView> {
-    let id = tasks::parse_id(&id)?;
-    if p.swarms.is_some() {
-        check_swarm(&p, &tasks::get(&node, id, None).await?.swarm)?;
-    }
+    let id = task_of(&node, &p, &id).await?;
     Ok(Json(tasks::cancel(&node, id).await?))
 }

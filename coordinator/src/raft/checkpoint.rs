@@ -34,14 +34,14 @@ use redb::{
 };
 use swarm_codec::{decode, encode};
 use swarm_memory::MemoryStore;
-use swarm_proto::api::TaskState;
+use swarm_proto::api::{TaskOrder, TaskState};
 use swarm_proto::TaskId;
 
 use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
 use super::types::{LogId, NodeAddr, NodeId};
 use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT};
 use crate::state::{
-    Access, Archive, ArchiveError, CheckpointDelta, Ledger, TableMeta, Task, TaskTable,
+    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, TableMeta, Task, TaskTable,
 };
 
 /// File name of the checkpoint store inside the Raft data directory.
@@ -426,6 +426,51 @@ impl std::fmt::Debug for StoreReader {
 }
 
 impl StoreReader {
+    /// Up to `limit` finished tasks with ids in `ids`, in `order`, only those in `state`
+    /// if it is given (through `DONE_BY_STATE`).
+    fn finished_page(
+        &self,
+        state: Option<TaskState>,
+        ids: std::ops::RangeInclusive<TaskId>,
+        order: TaskOrder,
+        limit: usize,
+    ) -> Result<Vec<Task>, ArchiveError> {
+        let (lo, hi) = (*ids.start(), *ids.end());
+        if lo > hi || limit == 0 {
+            return Ok(Vec::new());
+        }
+        match state {
+            None => {
+                let t = self.txn.open_table(DONE).map_err(archive_err)?;
+                let range = t.range(lo..=hi).map_err(archive_err)?;
+                in_order(range, order)
+                    .take(limit)
+                    .map(|item| {
+                        let (_, v) = item.map_err(archive_err)?;
+                        decode(v.value(), TASK_DECODE_LIMIT).map_err(archive_err)
+                    })
+                    .collect()
+            }
+            Some(s) => {
+                let code = state_code(s);
+                let idx = self.txn.open_table(DONE_BY_STATE).map_err(archive_err)?;
+                let range = idx.range((code, lo)..=(code, hi)).map_err(archive_err)?;
+                let ids: Vec<TaskId> = in_order(range, order)
+                    .take(limit)
+                    .map(|item| item.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()
+                    .map_err(archive_err)?;
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(t) = self.finished(id)? {
+                        out.push(t);
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
     fn record<T: serde::de::DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
         self.record_up_to(key, RECORD_DECODE_LIMIT)
     }
@@ -576,34 +621,12 @@ impl Archive for StoreReader {
         after: TaskId,
         limit: usize,
     ) -> Result<Vec<Task>, ArchiveError> {
-        let from = after.saturating_add(1);
-        let mut out = Vec::new();
-        match state {
-            None => {
-                let t = self.txn.open_table(DONE).map_err(archive_err)?;
-                for item in t.range(from..).map_err(archive_err)?.take(limit) {
-                    let (_, v) = item.map_err(archive_err)?;
-                    out.push(decode(v.value(), TASK_DECODE_LIMIT).map_err(archive_err)?);
-                }
-            }
-            Some(s) => {
-                let code = state_code(s);
-                let idx = self.txn.open_table(DONE_BY_STATE).map_err(archive_err)?;
-                let ids: Vec<TaskId> = idx
-                    .range((code, from)..=(code, u64::MAX))
-                    .map_err(archive_err)?
-                    .take(limit)
-                    .map(|item| item.map(|(k, _)| k.value().1))
-                    .collect::<Result<_, _>>()
-                    .map_err(archive_err)?;
-                for id in ids {
-                    if let Some(t) = self.finished(id)? {
-                        out.push(t);
-                    }
-                }
-            }
-        }
-        Ok(out)
+        self.finished_page(
+            state,
+            after.saturating_add(1)..=TaskId::MAX,
+            TaskOrder::Asc,
+            limit,
+        )
     }
 
     fn finished_before(
@@ -612,37 +635,10 @@ impl Archive for StoreReader {
         before: TaskId,
         limit: usize,
     ) -> Result<Vec<Task>, ArchiveError> {
-        let mut out = Vec::new();
-        if before == 0 || limit == 0 {
-            return Ok(out);
+        match before {
+            0 => Ok(Vec::new()),
+            b => self.finished_page(state, 1..=b - 1, TaskOrder::Desc, limit),
         }
-        match state {
-            None => {
-                let t = self.txn.open_table(DONE).map_err(archive_err)?;
-                for item in t.range(..before).map_err(archive_err)?.rev().take(limit) {
-                    let (_, v) = item.map_err(archive_err)?;
-                    out.push(decode(v.value(), TASK_DECODE_LIMIT).map_err(archive_err)?);
-                }
-            }
-            Some(s) => {
-                let code = state_code(s);
-                let idx = self.txn.open_table(DONE_BY_STATE).map_err(archive_err)?;
-                let ids: Vec<TaskId> = idx
-                    .range((code, 0)..(code, before))
-                    .map_err(archive_err)?
-                    .rev()
-                    .take(limit)
-                    .map(|item| item.map(|(k, _)| k.value().1))
-                    .collect::<Result<_, _>>()
-                    .map_err(archive_err)?;
-                for id in ids {
-                    if let Some(t) = self.finished(id)? {
-                        out.push(t);
-                    }
-                }
-            }
-        }
-        Ok(out)
     }
 
     fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<TaskId>, ArchiveError> {

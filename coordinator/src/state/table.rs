@@ -1422,7 +1422,7 @@ impl TaskTable {
 }
 
 /// `range` in `order`: as it is, or reversed.
-fn in_order<'a, I>(range: I, order: TaskOrder) -> Box<dyn Iterator<Item = I::Item> + 'a>
+pub(crate) fn in_order<'a, I>(range: I, order: TaskOrder) -> Box<dyn Iterator<Item = I::Item> + 'a>
 where
     I: DoubleEndedIterator + 'a,
 {

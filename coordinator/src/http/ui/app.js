@@ -1575,7 +1575,7 @@
     for (const a of atts) {
       const outcome = a.outcome || 'running';
       const when = a.finished_at_ms
-        ? `${fmtTime(a.started_at_ms)} → ${fmtTime(a.finished_at_ms)} (${fmtDur(a.finished_at_ms - a.started_at_ms)})`
+        ? `${fmtTime(a.started_at_ms)} → ${fmtTime(a.finished_at_ms)} (${fmtDur(Math.max(0, a.finished_at_ms - a.started_at_ms))})`
         : `started ${fmtTime(a.started_at_ms)}`;
       ol.append(el('li', { class: `o-${outcome}`, testid: 'attempt-item', 'data-attempt': a.attempt },
         el('div', null, el('strong', null, `Attempt ${a.attempt}`), ' on ',
@@ -1613,7 +1613,14 @@
       const v = await api('POST', `/v1/tasks/${t.id}/retry`);
       if (TP.id === t.id && v && v.id != null) {
         renderTask(v);
-        if (!TP.stream) { delete $('live').dataset.ended; followTask(t.id); }
+        if (!TP.stream) {
+          // The new stream replays the stored output from the first attempt on.
+          clear($('live'));
+          delete $('live').dataset.ended;
+          TP.chars = 0;
+          TP.attempt = null;
+          followTask(t.id);
+        }
       }
       notice(`Task #${t.id} is queued again.`, 5000);
     } catch (e) {
