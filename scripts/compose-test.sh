@@ -162,10 +162,15 @@ check_enrolled() { # count
         docker exec "$c" swarm certs show /etc/swarm/certs/worker.pem | grep -o 'serial [0-9a-f]*'
     done | sort -u | wc -l)
     ((serials == $1)) || fail "$1 workers hold $serials distinct certificates, expected one each"
+    local shown host
     for c in $("${compose[@]}" ps -q worker); do
-        docker exec "$c" swarm certs show /etc/swarm/certs/worker.pem |
-            grep -q "^worker certificate for $(docker inspect -f '{{.Config.Hostname}}' "$c"), " ||
-            fail "worker $c's certificate does not name its host"
+        # Read the whole output first: `grep -q` stops reading at its first match, and the
+        # writer's broken pipe would fail the pipeline (pipefail) although it matched.
+        shown=$(docker exec "$c" swarm certs show /etc/swarm/certs/worker.pem) ||
+            fail "swarm certs show failed in worker $c"
+        host=$(docker inspect -f '{{.Config.Hostname}}' "$c")
+        grep -q "^worker certificate for $host, " <<<"$shown" ||
+            fail "worker $c's certificate does not name its host $host: $shown"
     done
 }
 check_enrolled "$workers"

@@ -121,6 +121,7 @@ fn task(id: u64, state: TaskState, payload: Vec<u8>) -> Task {
         released: 0,
         stage_outputs: Vec::new(),
         moves: 0,
+        flow: None,
     }
 }
 
@@ -230,6 +231,11 @@ fn parse_pieces(pieces: &[&[u8]]) -> Result<bool, TestCaseError> {
         };
         let Some(record) = record else {
             if parser.ended() {
+                // Whatever pieces are left must be empty: bytes after the end record
+                // make the dump invalid, as they do for a reader.
+                if pieces.any(|p| parser.push(p).is_err()) {
+                    return Ok(false);
+                }
                 break;
             }
             match pieces.next() {
