@@ -467,6 +467,17 @@ pub struct SubmitArgs {
     /// --retain-finished); its idempotency key dedupes as long.
     #[arg(long, value_parser = parse_duration)]
     pub retain: Option<Duration>,
+    /// Run after these tasks (repeatable, or comma-separated): the task waits until all
+    /// have succeeded, and its agent receives `{"payload": …, "parents": {"<id>": …}}`;
+    /// a parent that ends otherwise cancels it (`dependency_failed`).
+    #[arg(long = "depends-on", value_delimiter = ',')]
+    pub depends_on: Vec<u64>,
+    /// Tasks with the same key share the key's limit on running tasks.
+    #[arg(long)]
+    pub concurrency_key: Option<String>,
+    /// The named rate limit each start of the task draws from.
+    #[arg(long)]
+    pub rate_limit: Option<String>,
     /// Wait for the result (optionally how long, default 60s).
     #[arg(long, num_args = 0..=1, default_missing_value = "60s", conflicts_with = "follow")]
     pub wait: Option<String>,
@@ -481,6 +492,17 @@ pub struct SubmitArgs {
 
 #[derive(Subcommand)]
 pub enum TaskCmd {
+    /// Submit a task graph from a JSON file (`-` for stdin): `{"steps": [{"name": "a",
+    /// "after": [], "task": {"agent": "echo", "payload": …}}, …]}`. Every step commits,
+    /// or none; prints each step's task id.
+    Graph {
+        #[command(flatten)]
+        api: ApiArgs,
+        file: PathBuf,
+        /// Print the whole JSON response.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one task.
     Get {
         #[command(flatten)]

@@ -346,7 +346,7 @@ async fn flush(
     let n = tasks.len() as u64;
     propose_restore(
         node,
-        Op::RestoreChunk {
+        Op::RestoreTasks {
             restore_id,
             seq: *seq,
             tasks,

@@ -753,6 +753,7 @@ mod tests {
             released: 0,
             stage_outputs: vec![],
             moves: 0,
+            flow: None,
         }
     }
 

@@ -919,10 +919,19 @@ impl Node {
                     metrics::counter!("swarm_swarm_dispatched_total", "swarm" => task.spec.swarm.clone())
                         .increment(1);
                 }
+                let payload = match table.input_of(task) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Not sent (a failing disk): the attempt is lost when its lease
+                        // runs out, and tried again.
+                        warn!(task = task.id, error = %e, "reading a dependant's input");
+                        continue;
+                    }
+                };
                 let msg = CoordinatorMsg::Run(TaskAssignment {
                     attempt: p.attempt,
                     agent: task.current_agent().to_string(),
-                    payload: task.current_input().to_vec(),
+                    payload,
                     timeout_ms: task.spec.timeout_ms,
                     idempotency_key: task.spec.idempotency_key.clone(),
                     patterns: task.spec.patterns,

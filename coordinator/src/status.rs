@@ -155,6 +155,7 @@ pub(crate) fn status_view(node: &Node, cluster: ClusterView) -> StatusView {
     let (queue, finished) = node.read_table(|t| {
         (
             QueueCounts {
+                waiting: t.count(TaskState::Waiting),
                 queued: t.count(TaskState::Queued),
                 running: t.count(TaskState::Running),
                 succeeded: t.count(TaskState::Succeeded),

@@ -9,15 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use swarm_proto::api::{
-    SubmitBatch, SubmitBatchResponse, SubmitResponse, SubmitTask, TaskList, TaskOrder, TaskState,
-    TaskView,
+    SubmitBatch, SubmitBatchResponse, SubmitGraph, SubmitGraphResponse, SubmitResponse, SubmitTask,
+    TaskList, TaskOrder, TaskState, TaskView,
 };
 use swarm_proto::TaskId;
 
 use crate::commit::{linearizable, CommitError};
 use crate::limits::{ENTRY_BUDGET, MAX_OP_BYTES};
 use crate::node::{now_ms, Node};
-use crate::state::{Lookup, Op, OpResult, Task, TaskSpec};
+use crate::state::flow::{self, check_step_name};
+use crate::state::{Flow, FlowFault, GraphStep, Lookup, Op, OpResult, SwarmFault, Task, TaskSpec};
 use crate::swarms::SwarmError;
 
 /// Why a task request was refused.
@@ -56,6 +57,10 @@ pub enum TaskError {
     /// The change was not committed, or the read could not be confirmed.
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// A flow control refused the task when it applied (an unknown or failed parent,
+    /// too many dependants): nothing was submitted.
+    #[error("{}", .0.message)]
+    Flow(FlowFault),
     /// A result this code does not expect, or a storage failure.
     #[error("{0}")]
     Internal(String),
@@ -99,7 +104,58 @@ pub(crate) fn wait_of(node: &Node, wait: Option<&str>) -> Result<Option<Duration
     Ok(Some(d))
 }
 
-/// Turn a submit body into a spec, applying defaults and limits.
+/// A submit body's spec and its flow controls (`None` when it has none).
+struct Submission {
+    spec: TaskSpec,
+    flow: Option<Flow>,
+}
+
+/// Longest concurrency key.
+const MAX_KEY_BYTES: usize = 128;
+
+/// Turn a submit body into a spec and flow, applying defaults and limits.
+fn to_submission(node: &Node, mut t: SubmitTask) -> Result<Submission, TaskError> {
+    let depends_on = std::mem::take(&mut t.depends_on);
+    let concurrency_key = t.concurrency_key.take();
+    let rate_limit = t.rate_limit.take();
+    if depends_on.len() > flow::MAX_PARENTS {
+        return Err(TaskError::Invalid(format!(
+            "`depends_on` names at most {} tasks, got {}",
+            flow::MAX_PARENTS,
+            depends_on.len()
+        )));
+    }
+    if concurrency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_BYTES)
+    {
+        return Err(TaskError::Invalid(format!(
+            "`concurrency_key` must be 1 to {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    if let Some(name) = &rate_limit {
+        check_step_name(name).map_err(|_| {
+            TaskError::Invalid(format!(
+                "`rate_limit` {name:?}: 1 to {} letters, digits, '-', '_' or '.'",
+                flow::MAX_STEP_NAME
+            ))
+        })?;
+    }
+    let spec = to_spec(node, t)?;
+    let flow = Flow {
+        parents: depends_on,
+        concurrency_key,
+        rate_limit,
+        ..Flow::default()
+    };
+    Ok(Submission {
+        spec,
+        flow: (!flow.is_empty()).then_some(flow),
+    })
+}
+
+/// Turn a submit body (without its flow fields) into a spec, applying defaults and
+/// limits.
 fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, TaskError> {
     let limits = node.config().limits;
     let defaults = node.config().defaults;
@@ -225,17 +281,30 @@ fn view_of(node: &Node, t: &crate::state::Task) -> TaskView {
 /// Most ReasoningBank patterns one task may ask for.
 const MAX_TASK_PATTERNS: u32 = 64;
 
-fn submit_ops(node: &Node, specs: Vec<TaskSpec>) -> Vec<Op> {
+fn submit_ops(node: &Node, subs: Vec<Submission>) -> Vec<Op> {
     let now = now_ms();
     let queue_limit = node.config().limits.queue_limit;
-    specs
-        .into_iter()
-        .map(|spec| Op::Submit {
-            spec,
-            now_ms: now,
-            queue_limit,
+    subs.into_iter()
+        .map(|Submission { spec, flow }| match flow {
+            None => Op::Submit {
+                spec,
+                now_ms: now,
+                queue_limit,
+            },
+            Some(flow) => Op::SubmitFlow {
+                spec,
+                flow: Box::new(flow),
+                now_ms: now,
+                queue_limit,
+            },
         })
         .collect()
+}
+
+impl Submission {
+    fn size_hint(&self) -> usize {
+        self.spec.size_hint() + self.flow.as_ref().map_or(0, Flow::size_hint)
+    }
 }
 
 /// Refuses `n` submits (`QueueFull`, before anything is proposed) when the queue has no
@@ -287,13 +356,13 @@ pub(crate) async fn submit(
     task: SubmitTask,
     wait: Option<Duration>,
 ) -> Result<SubmitResponse, TaskError> {
-    let spec = to_spec(node, task)?;
-    if spec.idempotency_key.is_none() {
+    let sub = to_submission(node, task)?;
+    if sub.spec.idempotency_key.is_none() {
         admit_to_queue(node, 1)?;
     }
     wait_for_checkpoints(node).await?;
     let results = node
-        .propose_client(submit_ops(node, vec![spec]))
+        .propose_client(submit_ops(node, vec![sub]))
         .await
         .map_err(|e| CommitError::from_propose(node, e))?;
     node.count_results(&results);
@@ -301,6 +370,7 @@ pub(crate) async fn submit(
         Some(OpResult::Submitted { id, duplicate }) => (*id, *duplicate),
         Some(OpResult::QueueFull { limit }) => return Err(TaskError::QueueFull { limit: *limit }),
         Some(OpResult::Swarm(Err(f))) => return Err(SwarmError::Fault(f.clone()).into()),
+        Some(OpResult::Refused(f)) => return Err(TaskError::Flow(f.clone())),
         Some(OpResult::Restoring) => return Err(CommitError::Restoring.into()),
         other => {
             return Err(TaskError::Internal(format!(
@@ -338,7 +408,7 @@ pub(crate) async fn submit_batch(
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
-            to_spec(node, t).map_err(|e| match e {
+            to_submission(node, t).map_err(|e| match e {
                 TaskError::Invalid(m) => TaskError::Invalid(format!("tasks[{i}]: {m}")),
                 TaskError::TooLarge(m) => TaskError::TooLarge(format!("tasks[{i}]: {m}")),
                 other => other,
@@ -346,7 +416,7 @@ pub(crate) async fn submit_batch(
         })
         .collect::<Result<Vec<_>, _>>()?;
     // One batch is one Raft entry (all or nothing), so it must fit one.
-    let bytes: usize = specs.iter().map(TaskSpec::size_hint).sum();
+    let bytes: usize = specs.iter().map(Submission::size_hint).sum();
     if bytes > MAX_OP_BYTES {
         return Err(TaskError::TooLarge(format!(
             "the batch takes {bytes} bytes; a batch is at most {MAX_OP_BYTES} bytes (one Raft entry holds {ENTRY_BUDGET}): split it"
@@ -369,12 +439,13 @@ pub(crate) async fn submit_batch(
                 task: None,
             }),
             OpResult::Restoring => return Err(CommitError::Restoring.into()),
-            // The swarm was deleted between the check and the commit.
-            OpResult::Swarm(Err(f)) => {
+            // The swarm was deleted between the check and the commit, or a flow control
+            // refused the task (a parent failed meanwhile).
+            OpResult::Swarm(Err(SwarmFault { message, .. }))
+            | OpResult::Refused(FlowFault { message, .. }) => {
                 let committed: Vec<String> = out.iter().map(|r| r.id.to_string()).collect();
                 return Err(TaskError::Conflict(format!(
-                    "{} part-way through the batch; committed before it: [{}]",
-                    f.message,
+                    "{message} part-way through the batch; committed before it: [{}]",
                     committed.join(",")
                 )));
             }
@@ -396,6 +467,168 @@ pub(crate) async fn submit_batch(
         }
     }
     Ok(SubmitBatchResponse { tasks: out })
+}
+
+/// Submit a graph in one entry: every step or none. Steps are ordered so each comes
+/// after those it names (a cycle or an unknown step name is refused here, before anything
+/// is proposed); the replicated apply checks the shape again.
+pub(crate) async fn submit_graph(
+    node: &Node,
+    graph: SubmitGraph,
+) -> Result<SubmitGraphResponse, TaskError> {
+    let n = graph.steps.len();
+    if n == 0 || n > flow::MAX_GRAPH_STEPS {
+        return Err(TaskError::Invalid(format!(
+            "a graph holds 1 to {} steps, got {n}",
+            flow::MAX_GRAPH_STEPS
+        )));
+    }
+    let mut index = std::collections::BTreeMap::new();
+    for (i, s) in graph.steps.iter().enumerate() {
+        check_step_name(&s.name).map_err(|f| TaskError::Invalid(f.message))?;
+        if index.insert(s.name.clone(), i).is_some() {
+            return Err(TaskError::Invalid(format!(
+                "step {:?} appears twice",
+                s.name
+            )));
+        }
+    }
+    let mut after: Vec<Vec<usize>> = Vec::with_capacity(n);
+    for s in &graph.steps {
+        let mut edges = Vec::with_capacity(s.after.len());
+        for a in &s.after {
+            let Some(&i) = index.get(a) else {
+                return Err(TaskError::Invalid(format!(
+                    "step {:?} runs after {a:?}, which is not a step of the graph",
+                    s.name
+                )));
+            };
+            if edges.contains(&i) {
+                return Err(TaskError::Invalid(format!(
+                    "step {:?} names {a:?} twice",
+                    s.name
+                )));
+            }
+            edges.push(i);
+        }
+        after.push(edges);
+    }
+    let order = topological_order(&after).map_err(|cycle| {
+        let names: Vec<&str> = cycle
+            .iter()
+            .map(|&i| graph.steps[i].name.as_str())
+            .collect();
+        TaskError::Invalid(format!("the graph has a cycle: {}", names.join(" -> ")))
+    })?;
+    let mut position = vec![0u32; n];
+    for (pos, &i) in order.iter().enumerate() {
+        position[i] = pos as u32;
+    }
+    let mut requests: Vec<Option<swarm_proto::api::GraphStepRequest>> =
+        graph.steps.into_iter().map(Some).collect();
+    let mut steps = Vec::with_capacity(n);
+    for &i in &order {
+        let Some(req) = requests[i].take() else {
+            return Err(TaskError::Internal("a step ordered twice".into()));
+        };
+        let name = req.name.clone();
+        let sub = to_submission(node, req.task).map_err(|e| match e {
+            TaskError::Invalid(m) => TaskError::Invalid(format!("step {name:?}: {m}")),
+            TaskError::TooLarge(m) => TaskError::TooLarge(format!("step {name:?}: {m}")),
+            other => other,
+        })?;
+        let mut flow = sub.flow.unwrap_or_default();
+        flow.step = Some(name);
+        steps.push(GraphStep {
+            spec: sub.spec,
+            flow,
+            after: after[i].iter().map(|&a| position[a]).collect(),
+        });
+    }
+    flow::check_graph(&steps).map_err(|f| TaskError::Invalid(f.message))?;
+    let bytes: usize = steps
+        .iter()
+        .map(|s| s.spec.size_hint() + s.flow.size_hint())
+        .sum();
+    if bytes > MAX_OP_BYTES {
+        return Err(TaskError::TooLarge(format!(
+            "the graph takes {bytes} bytes; a graph is at most {MAX_OP_BYTES} bytes (one Raft entry holds {ENTRY_BUDGET})"
+        )));
+    }
+    admit_to_queue(node, n)?;
+    wait_for_checkpoints(node).await?;
+    let names: Vec<String> = steps
+        .iter()
+        .map(|s| s.flow.step.clone().unwrap_or_default())
+        .collect();
+    let op = Op::Graph {
+        steps,
+        now_ms: now_ms(),
+        queue_limit: node.config().limits.queue_limit,
+    };
+    let results = node
+        .propose_client(vec![op])
+        .await
+        .map_err(|e| CommitError::from_propose(node, e))?;
+    node.count_results(&results);
+    match results.into_iter().next() {
+        Some(OpResult::Graph { ids, duplicate }) => Ok(SubmitGraphResponse {
+            steps: names.into_iter().zip(ids).collect(),
+            duplicate,
+        }),
+        Some(OpResult::QueueFull { limit }) => Err(TaskError::QueueFull { limit }),
+        Some(OpResult::Swarm(Err(f))) => Err(SwarmError::Fault(f).into()),
+        Some(OpResult::Refused(f)) => Err(TaskError::Flow(f)),
+        Some(OpResult::Restoring) => Err(CommitError::Restoring.into()),
+        other => Err(TaskError::Internal(format!(
+            "unexpected graph submit result {other:?}"
+        ))),
+    }
+}
+
+/// An order of the nodes `0..after.len()` in which each comes after the nodes it names
+/// (Kahn's algorithm, stable: among ready nodes the earliest listed first); or a cycle.
+fn topological_order(after: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
+    let n = after.len();
+    let mut pending: Vec<usize> = after.iter().map(Vec::len).collect();
+    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, edges) in after.iter().enumerate() {
+        for &a in edges {
+            dependants[a].push(i);
+        }
+    }
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..n).filter(|&i| pending[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &d in &dependants[i] {
+            pending[d] -= 1;
+            if pending[d] == 0 {
+                ready.insert(d);
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Walk back along unfinished edges from a node left over until one repeats.
+    let mut at = (0..n).find(|&i| pending[i] > 0).unwrap_or(0);
+    let mut seen = vec![usize::MAX; n];
+    let mut path = Vec::new();
+    while seen[at] == usize::MAX {
+        seen[at] = path.len();
+        path.push(at);
+        at = after[at]
+            .iter()
+            .copied()
+            .find(|&a| pending[a] > 0)
+            .unwrap_or(at);
+    }
+    let mut cycle: Vec<usize> = path[seen[at]..].to_vec();
+    cycle.reverse();
+    cycle.push(cycle[0]);
+    Err(cycle)
 }
 
 /// A task id as a client writes it.
@@ -1384,6 +1617,7 @@ mod listing_tests {
             released: 0,
             stage_outputs: Vec::new(),
             moves: 0,
+            flow: None,
         };
         assert!(!f.matches(&t));
         t.spec.labels.insert("a".into(), String::new());

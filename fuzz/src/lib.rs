@@ -683,6 +683,7 @@ fn task(id: u64, state: TaskState) -> Task {
         released: 0,
         stage_outputs: Vec::new(),
         moves: 0,
+        flow: None,
     }
 }
 

@@ -52,6 +52,46 @@ pub struct SubmitTask {
     /// before it is purged. Default: the coordinator's `--retain-finished`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retain_ms: Option<u64>,
+    /// Tasks this one runs after: it waits (`waiting`) until all have succeeded, and is
+    /// cancelled with `dependency_failed` if one ends otherwise. Its agent then receives
+    /// `{"payload": …, "parents": {"<step or id>": <output>, …}}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<TaskId>,
+    /// Tasks with the same key share the key's limit on running tasks (a tenant, an LLM
+    /// provider).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// The named rate limit each start of this task draws from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+}
+
+/// `POST /v1/graphs` body: named steps with edges, committed together (all or none).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitGraph {
+    pub steps: Vec<GraphStepRequest>,
+}
+
+/// One step of a [`SubmitGraph`]: a task, its step name and the steps it runs after.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphStepRequest {
+    /// The step's name, unique in the graph (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// Names of the steps this one runs after (the graph must have no cycle).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// The step's task (its `depends_on` may name existing tasks too).
+    pub task: SubmitTask,
+}
+
+/// Reply to a graph submit: each step's task id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitGraphResponse {
+    pub steps: BTreeMap<String, TaskId>,
+    /// True when every step already existed under its idempotency key.
+    pub duplicate: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -109,10 +149,14 @@ pub enum TaskState {
     Cancelled,
     /// Every allowed attempt was lost to infrastructure (worker lost, lease expired).
     DeadLettered,
+    /// Waiting for its graph parents to succeed; then it is queued. (Appended: states
+    /// recorded before it keep their encoding.)
+    Waiting,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 6] = [
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Waiting,
         TaskState::Queued,
         TaskState::Running,
         TaskState::Succeeded,
@@ -123,7 +167,10 @@ impl TaskState {
 
     /// True for states a task never leaves.
     pub fn is_final(self) -> bool {
-        !matches!(self, TaskState::Queued | TaskState::Running)
+        !matches!(
+            self,
+            TaskState::Waiting | TaskState::Queued | TaskState::Running
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -134,6 +181,7 @@ impl TaskState {
             TaskState::Failed => "failed",
             TaskState::Cancelled => "cancelled",
             TaskState::DeadLettered => "dead_lettered",
+            TaskState::Waiting => "waiting",
         }
     }
 
@@ -301,6 +349,22 @@ pub struct TaskView {
     /// Why a queued task is not dispatched now (its swarm's token budget is spent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
+    /// Tasks this one runs after (graph parents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<TaskId>,
+    /// Tasks that run after this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<TaskId>,
+    /// Parents that have not succeeded yet (a `waiting` task).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub waiting_on: u32,
+    /// The task's step name in its graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
 }
 
 fn default_swarm() -> String {
@@ -585,6 +649,9 @@ pub struct ClusterView {
 /// Task counts by state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueCounts {
+    /// Tasks waiting for their graph parents.
+    #[serde(default)]
+    pub waiting: u64,
     pub queued: u64,
     pub running: u64,
     pub succeeded: u64,

@@ -190,19 +190,32 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
         any::<u32>(),
         prop::option::of(any::<u64>()),
     )
+        .prop_flat_map(|fields| {
+            (
+                Just(fields),
+                prop::collection::vec(any::<u64>(), 0..3),
+                prop::option::of(short()),
+                prop::option::of(short()),
+            )
+        })
         .prop_map(
             |(
-                agent,
-                swarm,
-                payload,
-                payload_base64,
-                priority,
-                timeout_ms,
-                max_attempts,
-                idempotency_key,
-                labels,
-                patterns,
-                retain_ms,
+                (
+                    agent,
+                    swarm,
+                    payload,
+                    payload_base64,
+                    priority,
+                    timeout_ms,
+                    max_attempts,
+                    idempotency_key,
+                    labels,
+                    patterns,
+                    retain_ms,
+                ),
+                depends_on,
+                concurrency_key,
+                rate_limit,
             )| SubmitTask {
                 agent,
                 swarm,
@@ -216,6 +229,9 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
                 labels,
                 patterns,
                 retain_ms,
+                depends_on,
+                concurrency_key,
+                rate_limit,
             },
         )
 }

@@ -11,7 +11,10 @@
 //!   the table holds at most one task per key;
 //! * **integrity** — every task in the table was submitted by some client (its key was
 //!   sent), has at most one successful attempt, and a succeeded echo task's output is its
-//!   payload;
+//!   payload (a dependant's: its payload and its parents' outputs);
+//! * **dependencies** — a task submitted with `depends_on` started only after each parent
+//!   had succeeded, and one whose parent ended otherwise was cancelled
+//!   (`dependency_failed`) without running;
 //! * **linearizable reads** — a read invoked after a submit was acknowledged finds the
 //!   task, and once a read returned a final state, every read invoked after that read
 //!   completed (the audit included) returns the same state;
@@ -104,6 +107,9 @@ pub struct TaskRecord {
     pub succeeded_attempts: usize,
     /// Every attempt as the table recorded it, in order.
     pub attempt_log: Vec<AttemptRecord>,
+    /// The tasks it runs after (graph parents).
+    pub parents: Vec<u64>,
+    pub error: Option<String>,
 }
 
 /// One attempt of a task as the final audit found it (times on the leader's clock, which
@@ -257,6 +263,9 @@ pub enum Violation {
         payload: Option<String>,
         output: Option<String>,
     },
+    /// A dependant ran before a parent succeeded, or was not cancelled when a parent
+    /// ended otherwise.
+    Dependency { id: u64, parent: u64, why: String },
     /// A read invoked after the task's submit was acknowledged did not find it.
     ReadMissedAck { id: u64, acked_at: At, read: Read },
     /// A read invoked after another read saw a final state saw something else.
@@ -338,6 +347,9 @@ impl fmt::Display for Violation {
                 f,
                 "echo task {id} succeeded with output {output:?} for payload {payload:?}"
             ),
+            Violation::Dependency { id, parent, why } => {
+                write!(f, "task {id}, a dependant of task {parent}: {why}")
+            }
             Violation::ReadMissedAck { id, acked_at, read } => write!(
                 f,
                 "task {id} acknowledged at {acked_at:?}, but a read invoked at {:?} by {} got {:?}",
@@ -711,6 +723,80 @@ fn check_membership(h: &History, out: &mut Vec<Violation>) {
 }
 
 /// The audit's table against the acknowledgements and the submitted keys.
+/// Whether a succeeded echo task answered its input: its payload, or for a dependant
+/// `{"payload": <payload>, "parents": …}`.
+fn echoed(t: &TaskRecord) -> bool {
+    if t.parents.is_empty() {
+        return t.output == t.payload;
+    }
+    let out: Option<serde_json::Value> = t
+        .output
+        .as_deref()
+        .and_then(|o| serde_json::from_str(o).ok());
+    let payload: Option<serde_json::Value> = t
+        .payload
+        .as_deref()
+        .map(|p| serde_json::from_str(p).unwrap_or_else(|_| p.into()));
+    match (out, payload) {
+        (Some(o), Some(p)) => o["payload"] == p && o["parents"].is_object(),
+        _ => false,
+    }
+}
+
+/// The graph rule: a dependant runs only after every parent succeeded (its first attempt
+/// starts after each parent's successful one ended), and a parent that ended otherwise
+/// leaves it cancelled with `dependency_failed`, never run.
+fn check_dependencies(
+    t: &TaskRecord,
+    by_id: &BTreeMap<u64, &TaskRecord>,
+    out: &mut Vec<Violation>,
+) {
+    for &p in &t.parents {
+        let Some(parent) = by_id.get(&p) else {
+            // Purged after its retention; nothing to compare.
+            continue;
+        };
+        let mut fail = |why: String| {
+            out.push(Violation::Dependency {
+                id: t.id,
+                parent: p,
+                why,
+            })
+        };
+        if let Some(first) = t.attempt_log.first() {
+            match parent
+                .attempt_log
+                .iter()
+                .find(|a| a.outcome.as_deref() == Some("succeeded"))
+            {
+                Some(done) if parent.state == "succeeded" => {
+                    if done.finished_ms.is_some_and(|f| first.started_ms < f) {
+                        fail(format!(
+                            "started at {} ms, before the parent's success ended at {:?} ms",
+                            first.started_ms, done.finished_ms
+                        ));
+                    }
+                }
+                _ => fail(format!(
+                    "ran (attempt {} on {}) although the parent is {}",
+                    first.number, first.worker, parent.state
+                )),
+            }
+        } else if is_final(&parent.state) && parent.state != "succeeded" {
+            let cancelled = t.state == "cancelled"
+                && t.error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("dependency_failed"));
+            if !cancelled {
+                fail(format!(
+                    "is {} ({:?}) although the parent is {}",
+                    t.state, t.error, parent.state
+                ));
+            }
+        }
+    }
+}
+
 fn check_table(
     h: &History,
     acked: &BTreeMap<&str, BTreeSet<u64>>,
@@ -737,13 +823,14 @@ fn check_table(
                 succeeded_attempts: t.succeeded_attempts,
             });
         }
-        if t.state == "succeeded" && t.agent == "echo" && t.output != t.payload {
+        if t.state == "succeeded" && t.agent == "echo" && !echoed(t) {
             out.push(Violation::WrongResult {
                 id: t.id,
                 payload: t.payload.clone(),
                 output: t.output.clone(),
             });
         }
+        check_dependencies(t, &by_id, out);
     }
     for (key, ids) in &by_key {
         if ids.len() > 1 {

@@ -998,13 +998,31 @@ async fn submitter(
         } else {
             format!("s{}-{n}", i + 1)
         };
-        let body = if rng.gen_bool(0.8) {
+        let mut body = if rng.gen_bool(0.8) {
             json!({"agent": "echo", "payload": {"key": key}, "idempotency_key": key,
                    "timeout_ms": 8000, "max_attempts": 6})
         } else {
             json!({"agent": "sleep", "payload": {"ms": rng.gen_range(50..2000)},
                    "idempotency_key": key, "timeout_ms": 8000, "max_attempts": 6})
         };
+        // Now and then a dependant of one or two recently acknowledged tasks (a graph
+        // edge): it must wait for them, or be cancelled if one does not succeed. (A
+        // `sleep` dependant fails, its input being the graph's JSON rather than `{"ms"}`:
+        // so its own dependants take the cancel path.)
+        if !key.starts_with("shared-") && rng.gen_bool(0.25) {
+            let parents: Vec<u64> = {
+                let s = lock(&shared);
+                let recent = &s.acked[s.acked.len().saturating_sub(20)..];
+                (0..rng.gen_range(1..=2))
+                    .filter_map(|_| recent.get(rng.gen_range(0..recent.len().max(1))).copied())
+                    .collect::<BTreeSet<u64>>()
+                    .into_iter()
+                    .collect()
+            };
+            if !parents.is_empty() {
+                body["depends_on"] = json!(parents);
+            }
+        }
         let mut tries = 0u32;
         loop {
             tries += 1;
@@ -1253,5 +1271,10 @@ fn record(t: &Value) -> Result<TaskRecord, String> {
                 outcome: a["outcome"].as_str().map(str::to_string),
             })
             .collect(),
+        parents: t["parents"]
+            .as_array()
+            .map(|p| p.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default(),
+        error: t["error"].as_str().map(str::to_string),
     })
 }

@@ -71,6 +71,8 @@ fn task(id: u64, key: &str) -> TaskRecord {
             finished_ms: Some(3400),
             outcome: Some("succeeded".into()),
         }],
+        parents: Vec::new(),
+        error: None,
     }
 }
 
@@ -498,4 +500,100 @@ fn members_that_never_caught_up_or_wrong_voters_are_caught() {
         *expected_voters = None;
     }
     assert_eq!(check(&h), vec![]);
+}
+
+/// Task 3 (key "c", acknowledged) depends on task 2.
+fn with_dependant(dependant: TaskRecord) -> History {
+    let mut h = good();
+    h.submits.push(acked("c", 3050, 3060, 3));
+    h.audit = audit(vec![task(1, "a"), task(2, "b"), dependant]);
+    h
+}
+
+fn dependant() -> TaskRecord {
+    let mut t = task(3, "c");
+    t.parents = vec![2];
+    t.output = Some(r#"{"payload":{"key":"c"},"parents":{"2":{"key":"b"}}}"#.into());
+    t
+}
+
+#[test]
+fn a_dependant_that_ran_after_its_parent_passes_and_one_that_ran_early_is_caught() {
+    let mut t = dependant();
+    // Task 2 succeeded at 3400 ms; this one started at 3500 ms.
+    t.attempt_log[0].started_ms = 3500;
+    t.attempt_log[0].finished_ms = Some(3600);
+    assert_eq!(check(&with_dependant(t.clone())), vec![]);
+    t.attempt_log[0].started_ms = 3350;
+    let v = check(&with_dependant(t));
+    assert!(
+        v.iter().any(|v| matches!(
+            v,
+            Violation::Dependency {
+                id: 3,
+                parent: 2,
+                ..
+            }
+        )),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_dependant_of_a_failed_parent_must_be_cancelled_without_running() {
+    let mut failed = task(2, "b");
+    failed.state = "failed".into();
+    failed.succeeded_attempts = 0;
+    failed.attempt_log[0].outcome = Some("failed".into());
+    failed.output = None;
+    let mut t = dependant();
+    t.state = "cancelled".into();
+    t.attempts = 0;
+    t.succeeded_attempts = 0;
+    t.attempt_log.clear();
+    t.output = None;
+    t.error = Some("dependency_failed: parent 2 is failed".into());
+    let history = |t: TaskRecord| {
+        let mut h = with_dependant(t);
+        h.audit = audit(vec![task(1, "a"), failed.clone(), h_task(&h, 3)]);
+        h
+    };
+    fn h_task(h: &History, id: u64) -> TaskRecord {
+        match &h.audit {
+            Some(Audit::Complete { tasks, .. }) => {
+                tasks.iter().find(|t| t.id == id).cloned().unwrap()
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!(check(&history(t.clone())), vec![]);
+    // It ran anyway: caught.
+    let mut ran = dependant();
+    ran.attempt_log[0].started_ms = 3500;
+    let v = check(&history(ran));
+    assert!(
+        v.iter().any(|v| matches!(
+            v,
+            Violation::Dependency {
+                id: 3,
+                parent: 2,
+                ..
+            }
+        )),
+        "{v:?}"
+    );
+    // Cancelled for another reason (or not at all): caught.
+    t.error = Some("cancelled on request".into());
+    let v = check(&history(t));
+    assert!(
+        v.iter().any(|v| matches!(
+            v,
+            Violation::Dependency {
+                id: 3,
+                parent: 2,
+                ..
+            }
+        )),
+        "{v:?}"
+    );
 }

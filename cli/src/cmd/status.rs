@@ -148,9 +148,15 @@ pub fn render(s: &StatusView) -> String {
         }
     }
     let q = &s.queue;
+    // Waiting (graph) tasks only when there are any: most clusters run none.
+    let waiting = if q.waiting > 0 {
+        format!("waiting {}  ", q.waiting)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "queue       queued {}  running {}  succeeded {}  failed {}  cancelled {}  dead-lettered {}  (limit {})",
+        "queue       {waiting}queued {}  running {}  succeeded {}  failed {}  cancelled {}  dead-lettered {}  (limit {})",
         q.queued, q.running, q.succeeded, q.failed, q.cancelled, q.dead_lettered, s.queue_limit
     );
     let _ = writeln!(

@@ -1,9 +1,10 @@
-//! `swarm submit` and `swarm task`: submit tasks, show, list and cancel them.
+//! `swarm submit` and `swarm task`: submit tasks and graphs, show, list, retry and cancel
+//! them.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
-use swarm_proto::api::{SubmitTask, TaskState, TaskView};
+use swarm_proto::api::{SubmitGraph, SubmitGraphResponse, SubmitTask, TaskState, TaskView};
 
 use super::{ms, parse_labels};
 use crate::args::{SubmitArgs, TaskCmd};
@@ -22,6 +23,9 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
         patterns: a.patterns,
         swarm: a.swarm,
         retain_ms: a.retain.map(ms),
+        depends_on: a.depends_on,
+        concurrency_key: a.concurrency_key,
+        rate_limit: a.rate_limit,
         ..Default::default()
     };
     if let Some(p) = a.payload {
@@ -118,6 +122,35 @@ pub(crate) fn exit_for(t: &TaskView) -> ExitCode {
 pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         TaskCmd::Logs { api, id, follow } => super::logs::run(&api.client()?, id, follow).await,
+        TaskCmd::Graph { api, file, json } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("read the graph from stdin")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("read graph file {}", file.display()))?
+            };
+            let graph: SubmitGraph = serde_json::from_str(&text)
+                .with_context(|| format!("graph file {}", file.display()))?;
+            let body = serde_json::to_value(&graph)?;
+            let r = api
+                .client()?
+                .json(reqwest::Method::POST, "/v1/graphs", Some(&body))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let r: SubmitGraphResponse = serde_json::from_value(r)?;
+            for s in &graph.steps {
+                if let Some(id) = r.steps.get(&s.name) {
+                    println!("{:<24} {id}", s.name);
+                }
+            }
+            if r.duplicate {
+                println!("(existing tasks: every step's idempotency key was known)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         TaskCmd::Get { api, id, wait } => {
             let t = api.client()?.task(id, wait.as_deref()).await?;
             println!("{}", serde_json::to_string_pretty(&t)?);

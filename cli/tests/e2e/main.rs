@@ -7,6 +7,7 @@ mod drain;
 mod embedder;
 mod events;
 mod faults;
+mod graphs;
 mod harness;
 mod identity;
 mod lifecycle;

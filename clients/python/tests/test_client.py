@@ -115,6 +115,23 @@ class LiveTest(unittest.TestCase):
         t2 = self.client.submit("echo", "waited", wait=WAIT)
         self.assertEqual((t2.state, t2.text), ("succeeded", "waited"))
 
+    def test_a_graph_and_a_dependant_run_after_their_parents(self) -> None:
+        ids = self.client.submit_graph(
+            [
+                ("a", [], {"agent": "echo", "payload": "A"}),
+                ("b", ["a"], SubmitSpec(agent="echo", payload={"n": 2})),
+            ]
+        )
+        self.assertEqual(sorted(ids), ["a", "b"])
+        b = self.client.wait(ids["b"], timeout=30)
+        self.assertEqual(b.state, "succeeded")
+        self.assertEqual(b.parents, [ids["a"]])
+        self.assertEqual(b.step, "b")
+        self.assertEqual(b.json(), {"payload": {"n": 2}, "parents": {"a": "A"}})
+        after = self.client.submit("echo", "z", depends_on=[ids["b"]], wait=30)
+        self.assertEqual(after.json()["parents"]["b"]["parents"]["a"], "A")
+        self.assertIn(after.id, self.client.get(ids["b"]).children)
+
     def test_payload_encodings_round_trip(self) -> None:
         binary = bytes(range(256))
         t = self.client.submit("echo", binary, wait=WAIT)

@@ -72,6 +72,7 @@ pub const RULES: &[Rule] = &[
     rule("GET", "/v1/tasks", Read, Checked),
     rule("POST", "/v1/tasks", Submit, Checked),
     rule("POST", "/v1/tasks/batch", Submit, Checked),
+    rule("POST", "/v1/graphs", Submit, Checked),
     rule("GET", "/v1/tasks/{id}", Read, Checked),
     rule("POST", "/v1/tasks/{id}/cancel", Operate, Checked),
     rule("POST", "/v1/tasks/{id}/retry", Operate, Checked),

@@ -162,6 +162,17 @@ impl From<TaskError> for ApiError {
             TaskError::Conflict(m) => ApiError::Conflict(m),
             TaskError::Unavailable(m) => ApiError::Unavailable(m),
             TaskError::Commit(e) => e.into(),
+            TaskError::Flow(f) => ApiError::Coded {
+                status: match f.code.as_str() {
+                    "unknown_parent" => StatusCode::NOT_FOUND,
+                    "dependency_failed" | "graph_conflict" | "too_many_children" => {
+                        StatusCode::CONFLICT
+                    }
+                    _ => StatusCode::BAD_REQUEST,
+                },
+                code: f.code,
+                message: f.message,
+            },
             TaskError::Internal(m) => ApiError::Internal(m),
         }
     }

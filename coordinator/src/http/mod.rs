@@ -66,6 +66,7 @@ pub fn router(node: Arc<Node>) -> Router {
             post(tasks::submit.layer(lead())).get(tasks::list_tasks.layer(lead())),
         )
         .route("/tasks/batch", post(tasks::submit_batch.layer(lead())))
+        .route("/graphs", post(tasks::submit_graph.layer(lead())))
         .route("/tasks/{id}", get(tasks::get_task.layer(lead())))
         .route("/tasks/{id}/cancel", post(tasks::cancel_task.layer(lead())))
         .route("/tasks/{id}/retry", post(tasks::retry_task.layer(lead())))

@@ -1,5 +1,5 @@
-//! `/v1/tasks*`: submit (one or a batch), read, list and cancel tasks (the logic is
-//! [`crate::tasks`]).
+//! `/v1/tasks*` and `/v1/graphs`: submit (one, a batch or a graph), read, list and cancel
+//! tasks (the logic is [`crate::tasks`]).
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use swarm_proto::api::{SubmitBatch, SubmitTask, TaskList, TaskView};
+use swarm_proto::api::{SubmitBatch, SubmitGraph, SubmitTask, TaskList, TaskView};
 use swarm_proto::TaskId;
 
 use super::auth::check_swarm;
@@ -36,6 +36,7 @@ pub(super) async fn submit(
 ) -> Result<Response, ApiError> {
     let Json(task) = body?;
     check_swarm(&p, task.swarm.as_deref().unwrap_or_default())?;
+    check_parents(&node, &p, &task.depends_on).await?;
     let wait = tasks::wait_of(&node, q.wait.as_deref())?;
     let submitted = tasks::submit(&node, task, wait).await?;
     let status = if submitted.duplicate {
@@ -55,9 +56,43 @@ pub(super) async fn submit_batch(
     let Json(batch) = body?;
     for t in &batch.tasks {
         check_swarm(&p, t.swarm.as_deref().unwrap_or_default())?;
+        check_parents(&node, &p, &t.depends_on).await?;
     }
     let submitted = tasks::submit_batch(&node, batch).await?;
     Ok((StatusCode::CREATED, Json(submitted)).into_response())
+}
+
+/// `POST /v1/graphs`: named steps with edges, committed together (`201`; `200` when
+/// every step existed already under its idempotency key).
+pub(super) async fn submit_graph(
+    State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
+    body: Result<Json<SubmitGraph>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(graph) = body?;
+    for s in &graph.steps {
+        check_swarm(&p, s.task.swarm.as_deref().unwrap_or_default())?;
+        check_parents(&node, &p, &s.task.depends_on).await?;
+    }
+    let submitted = tasks::submit_graph(&node, graph).await?;
+    let status = if submitted.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(submitted)).into_response())
+}
+
+/// A token limited to swarms may name as parents only tasks of those swarms: a
+/// dependant receives its parents' outputs.
+async fn check_parents(node: &Node, p: &Principal, parents: &[TaskId]) -> Result<(), ApiError> {
+    if p.swarms.is_none() {
+        return Ok(());
+    }
+    for id in parents {
+        task_of(node, p, &id.to_string()).await?;
+    }
+    Ok(())
 }
 
 /// `GET /v1/tasks/{id}`

@@ -46,8 +46,9 @@ use crate::state::{
 
 /// File name of the checkpoint store inside the Raft data directory.
 pub const STATE_DB_FILE: &str = "state.redb";
-/// Version of the tables and records this module writes.
-pub const STATE_FORMAT: u32 = 1;
+/// Version of the tables and records this module writes. Format 2 added `Task::flow`;
+/// a store of format 1 is migrated when opened ([`migrate_tasks`]).
+pub const STATE_FORMAT: u32 = 2;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const LIVE: TableDefinition<u64, &[u8]> = TableDefinition::new("live");
@@ -87,6 +88,7 @@ fn state_code(s: TaskState) -> u8 {
         TaskState::Failed => 3,
         TaskState::Cancelled => 4,
         TaskState::DeadLettered => 5,
+        TaskState::Waiting => 6,
     }
 }
 
@@ -130,6 +132,7 @@ impl CheckpointStore {
         txn.set_durability(Durability::Immediate);
         // A crash then costs no walk of the whole file on the next open.
         txn.set_quick_repair(true);
+        let mut migrating = false;
         {
             let mut meta = txn.open_table(META)?;
             let stamp = meta.get(KEY_FORMAT)?.map(|v| v.value().to_vec());
@@ -139,10 +142,11 @@ impl CheckpointStore {
                         .map(u32::from_le_bytes)
                         .map_err(|_| anyhow::anyhow!("corrupt format stamp"))?;
                     anyhow::ensure!(
-                        version == STATE_FORMAT,
-                        "{} is state format {version}; this release reads format {STATE_FORMAT}",
+                        version == STATE_FORMAT || version == 1,
+                        "{} is state format {version}; this release reads formats 1 and {STATE_FORMAT}",
                         path.display()
                     );
+                    migrating = version == 1;
                 }
                 None => {
                     meta.insert(KEY_FORMAT, &STATE_FORMAT.to_le_bytes()[..])?;
@@ -158,6 +162,9 @@ impl CheckpointStore {
             txn.open_table(STAGED)?;
         }
         txn.commit()?;
+        if migrating {
+            migrate_tasks(&db, path)?;
+        }
         Ok(CheckpointStore {
             db,
             path: path.to_path_buf(),
@@ -321,6 +328,76 @@ impl CheckpointStore {
         txn.commit()?;
         Ok((store, header))
     }
+}
+
+/// Tasks rewritten per transaction by [`migrate_tasks`].
+const MIGRATE_BATCH: usize = 20_000;
+/// Where a migration got to (the last task id rewritten in `live`, then `done`).
+const KEY_MIGRATED_LIVE: &str = "migrated_live";
+const KEY_MIGRATED_DONE: &str = "migrated_done";
+
+/// Rewrite every task of a format 1 store in the format 2 encoding, then stamp the store
+/// format 2. Batches of [`MIGRATE_BATCH`] tasks, each committed (fsynced) with how far it
+/// got, so a crash resumes where it stopped and no transaction holds a whole history.
+fn migrate_tasks(db: &Database, path: &Path) -> anyhow::Result<()> {
+    use crate::state::format1::TaskV1;
+    let started = std::time::Instant::now();
+    let mut migrated = 0u64;
+    for (table, progress) in [(LIVE, KEY_MIGRATED_LIVE), (DONE, KEY_MIGRATED_DONE)] {
+        loop {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate);
+            txn.set_quick_repair(true);
+            let done_batch = {
+                let mut meta = txn.open_table(META)?;
+                let after = match meta.get(progress)? {
+                    Some(v) => Some(decode::<u64>(v.value(), 16)?),
+                    None => None,
+                };
+                let mut t = txn.open_table(table)?;
+                let range = match after {
+                    Some(a) => t.range(a + 1..)?,
+                    None => t.range(0..)?,
+                };
+                let mut batch = Vec::with_capacity(MIGRATE_BATCH);
+                for row in range.take(MIGRATE_BATCH) {
+                    let (k, v) = row?;
+                    let old: TaskV1 = decode(v.value(), TASK_DECODE_LIMIT)
+                        .with_context(|| format!("task {} of format 1", k.value()))?;
+                    batch.push((k.value(), encode(&Task::from(old))?));
+                }
+                for (id, bytes) in &batch {
+                    t.insert(*id, &bytes[..])?;
+                }
+                if let Some((last, _)) = batch.last() {
+                    meta.insert(progress, &encode(last)?[..])?;
+                }
+                migrated += batch.len() as u64;
+                batch.len() < MIGRATE_BATCH
+            };
+            txn.commit()?;
+            if done_batch {
+                break;
+            }
+            tracing::info!(migrated, "migrating the checkpoint store to state format 2");
+        }
+    }
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate);
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(KEY_FORMAT, &STATE_FORMAT.to_le_bytes()[..])?;
+        meta.remove(KEY_MIGRATED_LIVE)?;
+        meta.remove(KEY_MIGRATED_DONE)?;
+    }
+    txn.commit()?;
+    tracing::info!(
+        tasks = migrated,
+        ms = started.elapsed().as_millis() as u64,
+        path = %path.display(),
+        "checkpoint store migrated from state format 1 to {STATE_FORMAT}"
+    );
+    Ok(())
 }
 
 fn clear<K: redb::Key + 'static, V: redb::Value + 'static>(
@@ -869,5 +946,107 @@ mod tests {
         }
         let err = CheckpointStore::open(&path).unwrap_err().to_string();
         assert!(err.contains("state format 9"), "{err}");
+    }
+
+    /// A store of format 1 (tasks without `flow`) is migrated when opened, in batches,
+    /// and resumes a migration a crash cut short: every task reads back whole.
+    #[test]
+    fn a_format_1_store_is_migrated_and_a_cut_migration_resumes() {
+        use crate::state::format1::TaskV1;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_DB_FILE);
+        drop(CheckpointStore::open(&path).unwrap());
+        let n_live = 3 * MIGRATE_BATCH as u64 / 2;
+        let n_done = 2 * MIGRATE_BATCH as u64 + 7;
+        let old = |id: u64, state: TaskState| TaskV1 {
+            id,
+            spec: crate::state::TaskSpec {
+                agent: "echo".into(),
+                payload: id.to_le_bytes().to_vec(),
+                priority: 0,
+                timeout_ms: 1000,
+                max_attempts: 3,
+                idempotency_key: None,
+                labels: Default::default(),
+                patterns: 0,
+                swarm: "default".into(),
+                stages: Vec::new(),
+                retain_ms: 60_000,
+            },
+            state,
+            attempts: Vec::new(),
+            output: state.is_final().then(|| b"done".to_vec()),
+            error: None,
+            created_at_ms: id,
+            finished_at_ms: state.is_final().then_some(id),
+            expires_at_ms: None,
+            not_before_ms: 0,
+            stage: 0,
+            stage_base: 0,
+            released: 0,
+            stage_outputs: Vec::new(),
+            moves: 1,
+        };
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert(KEY_FORMAT, &1u32.to_le_bytes()[..]).unwrap();
+                // A migration cut short after the first live batch: those are format 2.
+                meta.insert(
+                    KEY_MIGRATED_LIVE,
+                    &encode(&(MIGRATE_BATCH as u64)).unwrap()[..],
+                )
+                .unwrap();
+                let mut live = txn.open_table(LIVE).unwrap();
+                for id in 1..=n_live {
+                    let t = old(id, TaskState::Queued);
+                    let bytes = if id <= MIGRATE_BATCH as u64 {
+                        encode(&Task::from(t)).unwrap()
+                    } else {
+                        encode(&t).unwrap()
+                    };
+                    live.insert(id, &bytes[..]).unwrap();
+                }
+                let mut done = txn.open_table(DONE).unwrap();
+                for id in n_live + 1..=n_live + n_done {
+                    done.insert(id, &encode(&old(id, TaskState::Succeeded)).unwrap()[..])
+                        .unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = CheckpointStore::open(&path).unwrap();
+        let r = store.reader().unwrap();
+        let mut live = 0;
+        r.for_each_task(LIVE, |t| {
+            assert_eq!(t.payload_id(), t.id);
+            assert_eq!((t.moves, t.flow.is_none()), (1, true));
+            live += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(live, n_live);
+        for id in [n_live + 1, n_live + MIGRATE_BATCH as u64, n_live + n_done] {
+            let t = r.finished(id).unwrap().unwrap();
+            assert_eq!((t.id, t.output.as_deref()), (id, Some(&b"done"[..])));
+        }
+        assert_eq!(r.count(DONE).unwrap(), n_done);
+        drop(r);
+        drop(store);
+        // Stamped format 2, with no progress left behind: a second open migrates nothing.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        let stamp = meta.get(KEY_FORMAT).unwrap().unwrap().value().to_vec();
+        assert_eq!(stamp, STATE_FORMAT.to_le_bytes());
+        assert!(meta.get(KEY_MIGRATED_LIVE).unwrap().is_none());
+    }
+
+    impl Task {
+        fn payload_id(&self) -> u64 {
+            u64::from_le_bytes(self.spec.payload[..8].try_into().unwrap())
+        }
     }
 }

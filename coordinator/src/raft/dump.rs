@@ -19,13 +19,15 @@ use openraft::StoredMembership;
 use serde::{Deserialize, Serialize};
 
 use super::types::{LogId, NodeAddr, NodeId};
+use crate::state::format1::TaskV1;
 use crate::state::{Access, Ledger, TableMeta, Task};
 
 const MAGIC: &[u8; 8] = b"SWBACKUP";
-/// This format's version. Format 4 may hold attempts ended with their log tail and
-/// usage (`AttemptEnd::Logged`), which releases reading format 3 cannot decode; what
-/// formats 2 and 3 hold reads unchanged.
-pub const DUMP_FORMAT: u32 = 4;
+/// This format's version. Format 5 encodes tasks with their flow (`Task::flow`: graph
+/// parents and children, flow controls); formats 2 to 4 hold tasks without it and read
+/// as [`RecordV4`]. Format 4 may hold attempts ended with their log tail and usage
+/// (`AttemptEnd::Logged`), which releases reading format 3 cannot decode.
+pub const DUMP_FORMAT: u32 = 5;
 /// The oldest format this release reads (format 2 has no [`Record::Access`]).
 pub const OLDEST_DUMP_FORMAT: u32 = 2;
 const PREAMBLE: usize = 12;
@@ -68,6 +70,45 @@ pub enum Record {
     Access(Box<Access>),
     /// Token usage and budgets (format 4 on; absent: none).
     Ledger(Box<Ledger>),
+}
+
+/// A record of formats 2 to 4: tasks of state format 1 ([`TaskV1`]). Variants as
+/// [`Record`]'s were then, in the same order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RecordV4 {
+    Header(Box<Header>),
+    Tasks(Vec<TaskV1>),
+    Memory(Vec<u8>),
+    Staged(Vec<u8>),
+    End {
+        records: u64,
+        tasks: u64,
+        checksum: u64,
+    },
+    Access(Box<Access>),
+    Ledger(Box<Ledger>),
+}
+
+impl From<RecordV4> for Record {
+    fn from(r: RecordV4) -> Record {
+        match r {
+            RecordV4::Header(h) => Record::Header(h),
+            RecordV4::Tasks(t) => Record::Tasks(t.into_iter().map(Task::from).collect()),
+            RecordV4::Memory(m) => Record::Memory(m),
+            RecordV4::Staged(m) => Record::Staged(m),
+            RecordV4::End {
+                records,
+                tasks,
+                checksum,
+            } => Record::End {
+                records,
+                tasks,
+                checksum,
+            },
+            RecordV4::Access(a) => Record::Access(a),
+            RecordV4::Ledger(l) => Record::Ledger(l),
+        }
+    }
 }
 
 /// A running integrity checksum (not a MAC): FNV-1a over 8-byte words, so any single
@@ -252,6 +293,8 @@ pub struct DumpParser {
     /// Start of unparsed bytes in `buf`.
     at: usize,
     started: bool,
+    /// The dump's format, once the preamble was read.
+    format: u32,
     records: u64,
     tasks: u64,
     sum: Checksum,
@@ -299,6 +342,7 @@ impl DumpParser {
             self.sum.update(&pre);
             self.at += PREAMBLE;
             self.started = true;
+            self.format = version;
         }
         let Some(head) = self.buf.get(self.at..self.at + 4) else {
             return Ok(None);
@@ -313,11 +357,15 @@ impl DumpParser {
         let Some(body) = self.buf.get(self.at + 4..self.at + 4 + len) else {
             return Ok(None);
         };
-        let record: Record =
-            swarm_codec::decode(body, MAX_RECORD).map_err(|e| DumpError::Malformed {
-                record: self.records,
-                reason: e.to_string(),
-            })?;
+        let record = if self.format < 5 {
+            swarm_codec::decode::<RecordV4>(body, MAX_RECORD).map(Record::from)
+        } else {
+            swarm_codec::decode::<Record>(body, MAX_RECORD)
+        }
+        .map_err(|e| DumpError::Malformed {
+            record: self.records,
+            reason: e.to_string(),
+        })?;
         match &record {
             Record::Header(_) if self.records != 0 => {
                 return Err(DumpError::Malformed {
@@ -490,6 +538,103 @@ mod tests {
             let bytes = w.finish().unwrap().0;
             assert_eq!(read_all(&bytes).is_ok(), ok, "format {format}");
         }
+    }
+
+    /// A format 4 dump (tasks of state format 1) reads with its tasks whole, without
+    /// flow; a format 5 dump carries a task's flow.
+    #[test]
+    fn format_4_tasks_read_without_flow_and_format_5_keeps_it() {
+        let task = Task {
+            id: 3,
+            spec: crate::state::TaskSpec {
+                agent: "echo".into(),
+                payload: b"in".to_vec(),
+                priority: 2,
+                timeout_ms: 10,
+                max_attempts: 1,
+                idempotency_key: Some("k".into()),
+                labels: Default::default(),
+                patterns: 0,
+                swarm: "default".into(),
+                stages: Vec::new(),
+                retain_ms: 9,
+            },
+            state: swarm_proto::api::TaskState::Succeeded,
+            attempts: Vec::new(),
+            output: Some(b"out".to_vec()),
+            error: None,
+            created_at_ms: 1,
+            finished_at_ms: Some(2),
+            expires_at_ms: Some(11),
+            not_before_ms: 0,
+            stage: 0,
+            stage_base: 0,
+            released: 0,
+            stage_outputs: Vec::new(),
+            moves: 4,
+            flow: None,
+        };
+        let v1 = TaskV1 {
+            id: task.id,
+            spec: task.spec.clone(),
+            state: task.state,
+            attempts: task.attempts.clone(),
+            output: task.output.clone(),
+            error: task.error.clone(),
+            created_at_ms: task.created_at_ms,
+            finished_at_ms: task.finished_at_ms,
+            expires_at_ms: task.expires_at_ms,
+            not_before_ms: task.not_before_ms,
+            stage: task.stage,
+            stage_base: task.stage_base,
+            released: task.released,
+            stage_outputs: task.stage_outputs.clone(),
+            moves: task.moves,
+        };
+        // Format 4, framed and summed by hand as a release of then wrote it.
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&4u32.to_le_bytes());
+        let mut sum = Checksum::default();
+        sum.update(&bytes);
+        let mut h = header();
+        h.tasks = 1;
+        for rec in [
+            RecordV4::Header(Box::new(h.clone())),
+            RecordV4::Tasks(vec![v1]),
+        ] {
+            let body = swarm_codec::encode(&rec).unwrap();
+            let mut framed = (body.len() as u32).to_le_bytes().to_vec();
+            framed.extend_from_slice(&body);
+            sum.update(&framed);
+            bytes.extend_from_slice(&framed);
+        }
+        let end = swarm_codec::encode(&RecordV4::End {
+            records: 2,
+            tasks: 1,
+            checksum: sum.value(),
+        })
+        .unwrap();
+        bytes.extend_from_slice(&(end.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&end);
+        let read = read_all(&bytes).unwrap();
+        let Record::Tasks(tasks) = &read[1] else {
+            panic!("{read:?}")
+        };
+        let mut want = task.clone();
+        want.flow = None;
+        assert_eq!(tasks, &vec![want]);
+
+        let mut flowing = task;
+        flowing.flow = Some(Box::new(crate::state::Flow {
+            parents: vec![1, 2],
+            step: Some("d".into()),
+            ..Default::default()
+        }));
+        let mut w = DumpWriter::new(Vec::new(), &h).unwrap();
+        w.write(&Record::Tasks(vec![flowing.clone()])).unwrap();
+        let bytes = w.finish().unwrap().0;
+        let read = read_all(&bytes).unwrap();
+        assert!(matches!(&read[1], Record::Tasks(t) if t == &vec![flowing]));
     }
 
     #[test]

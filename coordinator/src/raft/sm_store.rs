@@ -477,7 +477,7 @@ pub struct TableHandle {
 
 /// A read lock on the task table. Holding it blocks the state machine from applying
 /// entries, so keep it short.
-pub struct TableGuard<'a>(RwLockReadGuard<'a, Applied>);
+pub struct TableGuard<'a>(RwLockReadGuard<'a, Applied>, &'a SmInner);
 
 impl Deref for TableGuard<'_> {
     type Target = TaskTable;
@@ -490,6 +490,14 @@ impl TableGuard<'_> {
     /// The id of the last log entry reflected in the table.
     pub fn last_applied(&self) -> Option<LogId> {
         self.0.last_applied
+    }
+
+    /// The input the next attempt of `task` receives (its graph parents' outputs are
+    /// read from the table and the checkpoint store of this moment).
+    pub fn input_of(&self, task: &Task) -> Result<Vec<u8>, ArchiveError> {
+        // The store is taken under the table lock: an install swaps both under it.
+        let archive = LazyArchive::new(self.1.store());
+        self.0.table.input_of(task, &archive)
     }
 }
 
@@ -522,7 +530,7 @@ impl TableHandle {
 
     /// Lock the table for reading.
     pub fn read(&self) -> TableGuard<'_> {
-        TableGuard(self.inner.read_applied())
+        TableGuard(self.inner.read_applied(), &self.inner)
     }
 
     /// Run `f` on the table with the archive of the same moment.

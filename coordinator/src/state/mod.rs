@@ -31,6 +31,8 @@
 //!   with the retained finished tasks.
 
 pub mod access;
+pub mod flow;
+pub mod format1;
 mod layers;
 pub mod ledger;
 mod table;
@@ -47,6 +49,7 @@ use swarm_proto::TaskId;
 use swarm_topology::{StageSpec, SwarmSpec};
 
 pub use access::{Access, AccessFault, AccessOp};
+pub use flow::{Flow, FlowFault, GraphStep};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use ledger::{Ledger, LedgerOp};
 pub(crate) use table::in_order;
@@ -220,10 +223,11 @@ pub enum Op {
     /// every other change.
     RestoreBegin { restore_id: u64, now_ms: u64 },
     /// One piece of the backup, in order (`seq` from 0).
+    /// (Tasks of format 1; this release proposes [`Op::RestoreTasks`].)
     RestoreChunk {
         restore_id: u64,
         seq: u64,
-        tasks: Vec<Task>,
+        tasks: Vec<format1::TaskV1>,
         memory: Vec<u8>,
     },
     /// The backup arrived whole (`chunks` pieces, `tasks` tasks): the memory store is
@@ -244,6 +248,29 @@ pub enum Op {
     /// attempt with a fresh `max_attempts`, keeping its earlier attempts. Anything else
     /// is `Ignored`. (Appended last: entries written before it read unchanged.)
     Retry { task_id: TaskId, now_ms: u64 },
+    /// [`Op::Submit`] of a task with flow controls: graph parents, a step name, a
+    /// concurrency key or a rate limit. Refused (`OpResult::Refused`) if a parent is
+    /// unknown, purged or already ended other than `succeeded`.
+    SubmitFlow {
+        spec: TaskSpec,
+        flow: Box<Flow>,
+        now_ms: u64,
+        queue_limit: u64,
+    },
+    /// Submit a graph: every step, or none (`OpResult::Graph` or `Refused`).
+    Graph {
+        steps: Vec<GraphStep>,
+        now_ms: u64,
+        queue_limit: u64,
+    },
+    /// [`Op::RestoreChunk`] with tasks of the current format (what this release
+    /// proposes; the older op is still applied when a log holds it).
+    RestoreTasks {
+        restore_id: u64,
+        seq: u64,
+        tasks: Vec<Task>,
+        memory: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -264,6 +291,11 @@ impl Op {
         const SMALL: usize = 96;
         match self {
             Op::Submit { spec, .. } => spec.size_hint(),
+            Op::SubmitFlow { spec, flow, .. } => spec.size_hint() + flow.size_hint(),
+            Op::Graph { steps, .. } => steps
+                .iter()
+                .map(|s| s.spec.size_hint() + s.flow.size_hint() + 4 * s.after.len())
+                .sum::<usize>(),
             Op::Finish {
                 outcome, worker, ..
             } => {
@@ -299,6 +331,14 @@ impl Op {
             Op::SwarmDelete { name } => SMALL + name.len(),
             Op::Purge { ids, .. } => SMALL + 10 * ids.len(),
             Op::RestoreChunk { tasks, memory, .. } => {
+                SMALL
+                    + memory.len()
+                    + tasks
+                        .iter()
+                        .map(|t| t.spec.size_hint() + 256)
+                        .sum::<usize>()
+            }
+            Op::RestoreTasks { tasks, memory, .. } => {
                 SMALL + memory.len() + tasks.iter().map(Task::size_hint).sum::<usize>()
             }
             Op::RestoreCommit { meta, .. } => {
@@ -371,6 +411,11 @@ pub enum OpResult {
     Access(Result<(), AccessFault>),
     /// A ledger op took effect.
     Ledger,
+    /// A graph was submitted: its tasks' ids, step by step; `duplicate` when every step
+    /// already existed under its idempotency key.
+    Graph { ids: Vec<TaskId>, duplicate: bool },
+    /// A submit with flow controls was refused (a bad parent, too many dependants, ...).
+    Refused(FlowFault),
 }
 
 /// What a restore brought back (so far, for a chunk; in all, for the commit).
@@ -681,6 +726,9 @@ pub struct Task {
     pub stage_outputs: Vec<Vec<u8>>,
     /// Times the task's attempt moved between workers (mesh steals).
     pub moves: u32,
+    /// Its place in a task graph and its flow controls; `None` when it uses none (state
+    /// format 2 on; older tasks read as `None`, see [`format1`]).
+    pub flow: Option<Box<Flow>>,
 }
 
 impl Attempt {
@@ -758,6 +806,7 @@ impl Task {
                 .map(|a| 48 + a.worker.len() + a.log().map_or(0, |l| l.len() + 32))
                 .sum::<usize>()
             + self.stage_outputs.iter().map(Vec::len).sum::<usize>()
+            + self.flow.as_ref().map_or(0, |f| f.size_hint())
             + 96
     }
 
@@ -791,6 +840,20 @@ impl Task {
             moves: self.moves,
             usage: self.usage_total(),
             held: None,
+            parents: self
+                .flow
+                .as_ref()
+                .map(|f| f.parents.clone())
+                .unwrap_or_default(),
+            children: self
+                .flow
+                .as_ref()
+                .map(|f| f.children.clone())
+                .unwrap_or_default(),
+            waiting_on: self.flow.as_ref().map_or(0, |f| f.waiting_on),
+            step: self.flow.as_ref().and_then(|f| f.step.clone()),
+            concurrency_key: self.flow.as_ref().and_then(|f| f.concurrency_key.clone()),
+            rate_limit: self.flow.as_ref().and_then(|f| f.rate_limit.clone()),
         }
     }
 

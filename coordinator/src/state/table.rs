@@ -13,6 +13,7 @@ use swarm_proto::TaskId;
 use swarm_topology::DEFAULT_SWARM_NAME;
 
 use super::access::Access;
+use super::flow::{self, Flow, FlowAttr, FlowFault, GraphStep};
 use super::layers::Layers;
 use super::ledger::Ledger;
 use super::{
@@ -178,7 +179,12 @@ impl TaskTable {
     /// for finished tasks and idempotency keys; it is never written.
     pub fn apply_op(&mut self, op: &Op, archive: &dyn Archive) -> Result<OpResult, ArchiveError> {
         // Credentials stay manageable while a restore runs.
-        if self.meta.restore.is_some() && !matches!(op, Op::RestoreChunk { .. } | Op::Access(_)) {
+        if self.meta.restore.is_some()
+            && !matches!(
+                op,
+                Op::RestoreChunk { .. } | Op::RestoreTasks { .. } | Op::Access(_)
+            )
+        {
             return Ok(OpResult::Restoring);
         }
         Ok(match op {
@@ -251,6 +257,17 @@ impl TaskTable {
                 Some(t) => OpResult::Ignored { state: t.state },
                 None => self.retry(*task_id, *now_ms, archive)?,
             },
+            Op::SubmitFlow {
+                spec,
+                flow,
+                now_ms,
+                queue_limit,
+            } => self.submit_flow(spec, flow, *now_ms, *queue_limit, archive)?,
+            Op::Graph {
+                steps,
+                now_ms,
+                queue_limit,
+            } => self.submit_graph(steps, *now_ms, *queue_limit, archive)?,
             Op::SwarmCreate { record } => OpResult::Swarm(self.create_swarm(record)),
             Op::SwarmDelete { name } => OpResult::Swarm(self.delete_swarm(name)),
             Op::Purge { ids, now_ms } => self.purge(ids, *now_ms, archive)?,
@@ -260,6 +277,15 @@ impl TaskTable {
                 OpResult::Ledger
             }
             Op::RestoreChunk {
+                restore_id,
+                seq,
+                tasks,
+                memory,
+            } => {
+                let tasks: Vec<Task> = tasks.iter().cloned().map(Task::from).collect();
+                OpResult::Restored(self.restore_chunk(*restore_id, *seq, &tasks, memory))
+            }
+            Op::RestoreTasks {
                 restore_id,
                 seq,
                 tasks,
@@ -459,21 +485,255 @@ impl TaskTable {
                 });
             }
         }
-        if spec.swarm != DEFAULT_SWARM_NAME && !self.meta.swarms.contains_key(&spec.swarm) {
-            return Ok(OpResult::Swarm(Err(SwarmFault::new(
-                "unknown_swarm",
-                format!("no swarm named {:?}", spec.swarm),
-            ))));
+        if let Some(refused) = self.unknown_swarm(spec) {
+            return Ok(refused);
         }
         if self.unfinished() >= queue_limit {
             return Ok(OpResult::QueueFull { limit: queue_limit });
         }
+        let id = self.insert_task(spec, None, now_ms);
+        Ok(OpResult::Submitted {
+            id,
+            duplicate: false,
+        })
+    }
+
+    /// The refusal of a task that names a swarm that does not exist.
+    fn unknown_swarm(&self, spec: &TaskSpec) -> Option<OpResult> {
+        (spec.swarm != DEFAULT_SWARM_NAME && !self.meta.swarms.contains_key(&spec.swarm)).then(
+            || {
+                OpResult::Swarm(Err(SwarmFault::new(
+                    "unknown_swarm",
+                    format!("no swarm named {:?}", spec.swarm),
+                )))
+            },
+        )
+    }
+
+    /// [`Op::SubmitFlow`]: a submit that may name parents (see [`super::flow`]).
+    fn submit_flow(
+        &mut self,
+        spec: &TaskSpec,
+        flow: &Flow,
+        now_ms: u64,
+        queue_limit: u64,
+        archive: &dyn Archive,
+    ) -> Result<OpResult, ArchiveError> {
+        if let Some(key) = &spec.idempotency_key {
+            if let Some(id) = self.layers(archive).key(key)? {
+                return Ok(OpResult::Submitted {
+                    id,
+                    duplicate: true,
+                });
+            }
+        }
+        if let Some(refused) = self.unknown_swarm(spec) {
+            return Ok(refused);
+        }
+        if let Err(fault) = self.check_parents(&flow.parents, 1, archive)? {
+            return Ok(OpResult::Refused(fault));
+        }
+        if self.unfinished() >= queue_limit {
+            return Ok(OpResult::QueueFull { limit: queue_limit });
+        }
+        let id = self.insert_task(spec, Some(flow), now_ms);
+        self.link_parents(id, &flow.parents, archive)?;
+        Ok(OpResult::Submitted {
+            id,
+            duplicate: false,
+        })
+    }
+
+    /// [`Op::Graph`]: every step or none. Steps name earlier steps by index.
+    fn submit_graph(
+        &mut self,
+        steps: &[GraphStep],
+        now_ms: u64,
+        queue_limit: u64,
+        archive: &dyn Archive,
+    ) -> Result<OpResult, ArchiveError> {
+        if let Err(fault) = flow::check_graph(steps) {
+            return Ok(OpResult::Refused(fault));
+        }
+        // Idempotency: all steps known under their keys is a replay; some is a conflict.
+        let mut known = Vec::new();
+        for s in steps {
+            if let Some(key) = &s.spec.idempotency_key {
+                if let Some(id) = self.layers(archive).key(key)? {
+                    known.push(id);
+                }
+            }
+        }
+        if !known.is_empty() {
+            if known.len() == steps.len() {
+                return Ok(OpResult::Graph {
+                    ids: known,
+                    duplicate: true,
+                });
+            }
+            return Ok(OpResult::Refused(FlowFault::new(
+                "graph_conflict",
+                format!(
+                    "{} of the graph's {} steps exist already under their idempotency keys",
+                    known.len(),
+                    steps.len()
+                ),
+            )));
+        }
+        for s in steps {
+            if let Some(refused) = self.unknown_swarm(&s.spec) {
+                return Ok(refused);
+            }
+        }
+        // External parents: each one's new dependants all count against its limit.
+        let mut external: BTreeMap<TaskId, usize> = BTreeMap::new();
+        for s in steps {
+            for &p in &s.flow.parents {
+                *external.entry(p).or_default() += 1;
+            }
+        }
+        for (&p, &n) in &external {
+            if let Err(fault) = self.check_parents(&[p], n, archive)? {
+                return Ok(OpResult::Refused(fault));
+            }
+        }
+        if self.unfinished().saturating_add(steps.len() as u64) > queue_limit {
+            return Ok(OpResult::QueueFull { limit: queue_limit });
+        }
+        let mut ids: Vec<TaskId> = Vec::with_capacity(steps.len());
+        for s in steps {
+            let mut flow = s.flow.clone();
+            flow.parents
+                .extend(s.after.iter().map(|&i| ids[i as usize]));
+            let id = self.insert_task(&s.spec, Some(&flow), now_ms);
+            self.link_parents(id, &flow.parents, archive)?;
+            ids.push(id);
+        }
+        Ok(OpResult::Graph {
+            ids,
+            duplicate: false,
+        })
+    }
+
+    /// Whether `parents` may each take `adding` more dependants: known, retained, not
+    /// ended other than `succeeded`, below [`flow::MAX_CHILDREN`].
+    fn check_parents(
+        &self,
+        parents: &[TaskId],
+        adding: usize,
+        archive: &dyn Archive,
+    ) -> Result<Result<(), FlowFault>, ArchiveError> {
+        if parents.len() > flow::MAX_PARENTS {
+            return Ok(Err(FlowFault::new(
+                "too_many_parents",
+                format!("a task may name at most {} parents", flow::MAX_PARENTS),
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for &p in parents {
+            if !seen.insert(p) {
+                return Ok(Err(FlowFault::new(
+                    "bad_parent",
+                    format!("parent {p} is named twice"),
+                )));
+            }
+            let task = match self.lookup(p, archive)? {
+                Lookup::Found(t) => t,
+                Lookup::Expired => {
+                    return Ok(Err(FlowFault::new(
+                        "unknown_parent",
+                        format!("parent {p} finished and was purged after its retention"),
+                    )))
+                }
+                Lookup::Unknown => {
+                    return Ok(Err(FlowFault::new(
+                        "unknown_parent",
+                        format!("no task {p}"),
+                    )))
+                }
+            };
+            if task.state.is_final() && task.state != TaskState::Succeeded {
+                return Ok(Err(FlowFault::new(
+                    "dependency_failed",
+                    format!("parent {p} is {}", task.state.as_str()),
+                )));
+            }
+            let children = task.flow.as_ref().map_or(0, |f| f.children.len());
+            if children + adding > flow::MAX_CHILDREN {
+                return Ok(Err(FlowFault::new(
+                    "too_many_children",
+                    format!(
+                        "parent {p} has {children} dependants; the limit is {}",
+                        flow::MAX_CHILDREN
+                    ),
+                )));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Record new task `id` as a dependant of each of `parents` (checked by
+    /// [`Self::check_parents`]); it waits for those not yet succeeded.
+    fn link_parents(
+        &mut self,
+        id: TaskId,
+        parents: &[TaskId],
+        archive: &dyn Archive,
+    ) -> Result<(), ArchiveError> {
+        let mut waiting = 0u32;
+        for &p in parents {
+            if let Some(parent) = self.live_mut(p) {
+                parent.flow.get_or_insert_default().children.push(id);
+                waiting += 1;
+                continue;
+            }
+            // A finished (succeeded) parent: its copy in the changes gains the dependant.
+            if let Some(done) = self.layers(archive).finished(p)? {
+                let mut done = Arc::unwrap_or_clone(done);
+                done.flow.get_or_insert_default().children.push(id);
+                let done = Arc::new(done);
+                let old = self.changes.finished.insert(p, done.clone());
+                self.changes.bytes = self
+                    .changes
+                    .bytes
+                    .saturating_sub(old.map_or(0, |o| o.size_hint()))
+                    .saturating_add(done.size_hint());
+            }
+        }
+        if waiting > 0 {
+            if let Some(task) = self.live_mut(id) {
+                task.flow.get_or_insert_default().waiting_on = waiting;
+            }
+        } else if self
+            .live
+            .get(&id)
+            .is_some_and(|t| t.state == TaskState::Waiting)
+        {
+            self.requeue(id, 0);
+        }
+        Ok(())
+    }
+
+    /// Add a new task, waiting if it names parents (linked by the caller), else queued.
+    fn insert_task(&mut self, spec: &TaskSpec, flow: Option<&Flow>, now_ms: u64) -> TaskId {
         self.meta.next_id += 1;
         let id = self.meta.next_id;
+        let flow = flow.filter(|f| !f.is_empty()).map(|f| {
+            Box::new(Flow {
+                children: Vec::new(),
+                waiting_on: 0,
+                ..f.clone()
+            })
+        });
+        let state = if flow.as_ref().is_some_and(|f| !f.parents.is_empty()) {
+            TaskState::Waiting
+        } else {
+            TaskState::Queued
+        };
         let task = Task {
             id,
             spec: spec.clone(),
-            state: TaskState::Queued,
+            state,
             attempts: Vec::new(),
             output: None,
             error: None,
@@ -486,17 +746,17 @@ impl TaskTable {
             released: 0,
             stage_outputs: Vec::new(),
             moves: 0,
+            flow,
         };
         if let Some(key) = &spec.idempotency_key {
             self.changes.keys.insert(key.clone(), Some(id));
         }
         self.changes.live_dirty.insert(id);
         self.index_live(Arc::new(task));
-        self.push_event(TableEvent::Queued(id, 1));
-        Ok(OpResult::Submitted {
-            id,
-            duplicate: false,
-        })
+        if state == TaskState::Queued {
+            self.push_event(TableEvent::Queued(id, 1));
+        }
+        id
     }
 
     fn start(&mut self, attempt: AttemptRef, worker: &str, now_ms: u64) -> OpResult {
@@ -808,10 +1068,46 @@ impl TaskTable {
         self.push_event(TableEvent::Queued(id, next));
     }
 
-    /// Move a live task (already out of the queue index) to the finished layer.
+    /// Move a live task (already out of the queue index) to the finished layer, and
+    /// tell its dependants: each one waiting is queued once its last parent succeeded, or
+    /// cancelled (`dependency_failed`) when a parent ended otherwise — and so on down the
+    /// graph, iteratively.
     fn finalize(&mut self, id: TaskId, state: TaskState, now_ms: u64) {
+        let mut ended = vec![(id, state)];
+        while let Some((id, state)) = ended.pop() {
+            let children = self.finalize_one(id, state, now_ms);
+            for child in children {
+                let waiting = self
+                    .live
+                    .get(&child)
+                    .is_some_and(|t| t.state == TaskState::Waiting);
+                if !waiting {
+                    continue;
+                }
+                if state == TaskState::Succeeded {
+                    let Some(task) = self.live_mut(child) else {
+                        continue;
+                    };
+                    let flow = task.flow.get_or_insert_default();
+                    flow.waiting_on = flow.waiting_on.saturating_sub(1);
+                    if flow.waiting_on == 0 {
+                        self.requeue(child, 0);
+                    }
+                } else if let Some(task) = self.live_mut(child) {
+                    task.error = Some(format!(
+                        "dependency_failed: parent {id} is {}",
+                        state.as_str()
+                    ));
+                    ended.push((child, TaskState::Cancelled));
+                }
+            }
+        }
+    }
+
+    /// [`Self::finalize`] of one task; returns its dependants.
+    fn finalize_one(&mut self, id: TaskId, state: TaskState, now_ms: u64) -> Vec<TaskId> {
         let Some(mut task) = self.live.remove(&id) else {
-            return;
+            return Vec::new();
         };
         if let Some(set) = self.by_state.get_mut(&task.state) {
             set.remove(&id);
@@ -823,10 +1119,16 @@ impl TaskTable {
         self.changes.bytes += t.size_hint();
         self.changes.live_dirty.remove(&id);
         self.changes.live_gone.insert(id);
-        self.changes.finished.insert(id, task);
         *self.meta.finished.entry(state).or_default() += 1;
         self.meta.rate.record(now_ms);
+        let children = task
+            .flow
+            .as_ref()
+            .map(|f| f.children.clone())
+            .unwrap_or_default();
+        self.changes.finished.insert(id, task);
         self.push_event(TableEvent::Finalized(id, state));
+        children
     }
 
     /// Change the state of a live task between queued and running (indexes included,
@@ -862,6 +1164,7 @@ impl TaskTable {
                     self.changes.keys.insert(key.clone(), None);
                 }
             }
+            self.keep_output_for_dependants(&task);
             if let Some(gone) = self.changes.finished.remove(&id) {
                 self.changes.bytes = self.changes.bytes.saturating_sub(gone.size_hint());
             }
@@ -873,6 +1176,86 @@ impl TaskTable {
             purged += 1;
         }
         Ok(OpResult::Purged { purged })
+    }
+
+    /// A parent is being purged: dependants that have not started yet keep its output
+    /// (see [`super::flow`]).
+    fn keep_output_for_dependants(&mut self, parent: &Task) {
+        let Some(flow) = &parent.flow else {
+            return;
+        };
+        let (Some(output), TaskState::Succeeded) = (&parent.output, parent.state) else {
+            return;
+        };
+        let key = Flow::key_of(parent.id, flow.step.as_deref());
+        for &child in &flow.children {
+            let waits = self
+                .live
+                .get(&child)
+                .is_some_and(|t| matches!(t.state, TaskState::Waiting | TaskState::Queued));
+            if !waits {
+                continue;
+            }
+            if let Some(t) = self.live_mut(child) {
+                t.flow
+                    .get_or_insert_default()
+                    .more
+                    .push(FlowAttr::ParentOutput {
+                        parent: parent.id,
+                        key: key.clone(),
+                        output: output.clone(),
+                    });
+            }
+        }
+    }
+
+    /// The input the next attempt of `task` receives: for a task with parents, its payload
+    /// and their outputs ([`flow::graph_input`]), read now; otherwise
+    /// [`Task::current_input`].
+    pub fn input_of(&self, task: &Task, archive: &dyn Archive) -> Result<Vec<u8>, ArchiveError> {
+        let Some(flow) = task.flow.as_ref().filter(|f| !f.parents.is_empty()) else {
+            return Ok(task.current_input().to_vec());
+        };
+        if task.stage > 0 {
+            return Ok(task.current_input().to_vec());
+        }
+        // Each parent's key, and its output: kept with the dependant, or on the parent.
+        type Parent<'a> = (String, Option<Arc<Task>>, Option<&'a [u8]>);
+        let mut parents: Vec<Parent> = Vec::new();
+        for &p in &flow.parents {
+            let kept = flow.more.iter().find_map(|a| match a {
+                FlowAttr::ParentOutput {
+                    parent,
+                    key,
+                    output,
+                } if *parent == p => Some((key.clone(), &output[..])),
+                _ => None,
+            });
+            match kept {
+                Some((key, output)) => parents.push((key, None, Some(output))),
+                None => {
+                    let found = match self.lookup(p, archive)? {
+                        Lookup::Found(t) => Some(t),
+                        _ => None,
+                    };
+                    let key = Flow::key_of(
+                        p,
+                        found
+                            .as_ref()
+                            .and_then(|t| t.flow.as_ref())
+                            .and_then(|f| f.step.as_deref()),
+                    );
+                    parents.push((key, found, None));
+                }
+            }
+        }
+        Ok(flow::graph_input(
+            &task.spec.payload,
+            parents.iter().map(|(key, found, kept)| {
+                let output = kept.or_else(|| found.as_ref().and_then(|t| t.output.as_deref()));
+                (key.clone(), output)
+            }),
+        ))
     }
 
     fn push_event(&mut self, ev: TableEvent) {

@@ -1460,6 +1460,7 @@ fn restored_task(id: TaskId, state: TaskState) -> Task {
         released: 0,
         stage_outputs: Vec::new(),
         moves: 0,
+        flow: None,
     }
 }
 
@@ -1493,7 +1494,7 @@ fn a_restore_is_all_or_nothing_across_checkpoints() {
         run(&mut t, &mut memory, &archive, begin),
         OpResult::Restored(Err(_))
     ));
-    let chunk = |seq, tasks, memory: &[u8]| Op::RestoreChunk {
+    let chunk = |seq, tasks, memory: &[u8]| Op::RestoreTasks {
         restore_id: 7,
         seq,
         tasks,
@@ -1901,3 +1902,5 @@ fn nested_logged_ends_are_refused() {
     };
     assert_eq!(l.end, AttemptEnd::Cancelled);
 }
+
+mod graph;

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import IO, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import IO, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 from ._http import Transport, parse_bases
 from .errors import SwarmClientError, SwarmConnectionError, SwarmError, WaitTimeout
@@ -203,6 +203,7 @@ class Client:
         idempotency_key: Optional[str] = None,
         patterns: Optional[int] = None,
         retain_ms: Optional[int] = None,
+        depends_on: Optional[List[int]] = None,
         wait: Optional[float] = None,
     ) -> Task:
         """Submit one task (``POST /v1/tasks``) and return it.
@@ -221,6 +222,8 @@ class Client:
             idempotency_key: submitting twice with the same key yields one task.
             patterns: hand the agent this many ReasoningBank patterns.
             retain_ms: how long the finished task stays readable.
+            depends_on: tasks to run after; the task is ``waiting`` until they all
+                succeeded, and is cancelled (``dependency_failed``) if one does not.
             wait: seconds to wait for the task to be final; the task is returned as it
                 is when the wait ends (final or not). ``None``: return at once.
 
@@ -245,8 +248,34 @@ class Client:
             idempotency_key=idempotency_key,
             patterns=patterns,
             retain_ms=retain_ms,
+            depends_on=depends_on,
         )
         return self.submit_spec(spec, wait=wait)
+
+    def submit_graph(
+        self, steps: Iterable[Tuple[str, Iterable[str], Union[SubmitSpec, Mapping[str, Any]]]]
+    ) -> Dict[str, int]:
+        """Submit a task graph in one commit (``POST /v1/graphs``): every step, or none.
+
+        ``steps`` are ``(name, after, task)``: a unique step name, the names of the
+        steps it runs after, and the task as for :meth:`submit_spec`. A step waits until
+        its parents succeeded; its agent receives
+        ``{"payload": ..., "parents": {"<step>": <output>, ...}}``. A cycle, an unknown
+        step name or a bad task is refused with ``400`` before anything is submitted.
+
+        Returns:
+            each step's task id, by name.
+        """
+        body = {
+            "steps": [
+                {"name": name, "after": list(after), "task": spec_to_json(task)}
+                for name, after, task in steps
+            ]
+        }
+        answer = self.request("POST", "/v1/graphs", body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("steps"), dict):
+            raise SwarmConnectionError(f"unexpected graph answer: {answer!r}")
+        return {str(k): int(v) for k, v in answer["steps"].items()}
 
     def submit_spec(
         self, spec: Union[SubmitSpec, Mapping[str, Any]], *, wait: Optional[float] = None

@@ -30,6 +30,7 @@ __all__ = [
 
 #: Every task state, in lifecycle order.
 STATES: Tuple[str, ...] = (
+    "waiting",
     "queued",
     "running",
     "succeeded",
@@ -190,6 +191,13 @@ class Task:
     stage: int = 0
     stage_outputs: List[str] = field(default_factory=list)
     moves: int = 0
+    #: Tasks this one runs after (graph parents), and tasks that run after it.
+    parents: List[int] = field(default_factory=list)
+    children: List[int] = field(default_factory=list)
+    #: Parents that have not succeeded yet (a ``waiting`` task).
+    waiting_on: int = 0
+    #: The task's step name in its graph.
+    step: Optional[str] = None
     #: The API's JSON object, unchanged.
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -219,6 +227,10 @@ class Task:
             stage=int(d.get("stage", 0)),
             stage_outputs=list(d.get("stage_outputs") or []),
             moves=int(d.get("moves", 0)),
+            parents=[int(p) for p in d.get("parents") or []],
+            children=[int(c) for c in d.get("children") or []],
+            waiting_on=int(d.get("waiting_on", 0)),
+            step=d.get("step"),
             raw=dict(d),
         )
 
@@ -293,6 +305,13 @@ class SubmitSpec:
     idempotency_key: Optional[str] = None
     patterns: Optional[int] = None
     retain_ms: Optional[int] = None
+    #: Tasks this one runs after: it waits until all succeeded, and its agent receives
+    #: ``{"payload": ..., "parents": {"<step or id>": <output>}}``.
+    depends_on: Optional[List[int]] = None
+    #: Tasks with the same key share the key's limit on running tasks.
+    concurrency_key: Optional[str] = None
+    #: The named rate limit each start of the task draws from.
+    rate_limit: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON body the API takes (only the fields that are set)."""
@@ -308,10 +327,14 @@ class SubmitSpec:
             "idempotency_key",
             "patterns",
             "retain_ms",
+            "concurrency_key",
+            "rate_limit",
         ):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
+        if self.depends_on:
+            body["depends_on"] = [int(p) for p in self.depends_on]
         if self.labels:
             body["labels"] = dict(self.labels)
         return body

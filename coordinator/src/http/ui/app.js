@@ -13,7 +13,7 @@
   const PAGE = 50;
   const FINAL = new Set(['succeeded', 'failed', 'cancelled', 'dead_lettered']);
   const RETRYABLE = new Set(['failed', 'dead_lettered']);
-  const STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead_lettered'];
+  const STATES = ['waiting', 'queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead_lettered'];
   const SCOPES = ['read', 'submit', 'operate', 'admin'];
   const SPARK_WINDOW_MS = 5 * 60 * 1000;
   const LOG_MAX_CHARS = 512 * 1024;
@@ -1562,6 +1562,14 @@
     if (t.idempotency_key) row('Idempotency key', t.idempotency_key);
     if (t.labels && Object.keys(t.labels).length) row('Labels', el('span', null, tags(t.labels)));
     if (t.moves) row('Moves', `${t.moves} (mesh steals)`);
+    // Graph: the tasks this one runs after and those that run after it, as links.
+    const links = (ids) => el('span', null, ...ids.flatMap((id, i) => [i ? ', ' : null, el('a', { href: `#/tasks/${id}` }, `#${id}`)]));
+    if (t.step) row('Step', t.step, 'detail-step');
+    if (t.parents && t.parents.length) {
+      row('Runs after', links(t.parents), 'detail-parents');
+      if (t.waiting_on) row('Waiting on', `${t.waiting_on} of ${t.parents.length} parent${t.parents.length === 1 ? '' : 's'} to succeed`);
+    }
+    if (t.children && t.children.length) row('Runs before', links(t.children), 'detail-children');
     if (t.patterns) row('Patterns', `up to ${t.patterns} ReasoningBank pattern${t.patterns === 1 ? '' : 's'} handed to the agent before it ran`, 'detail-patterns');
     if (t.usage) row('Tokens', `${fmtNum(t.usage.prompt_tokens)} prompt + ${fmtNum(t.usage.completion_tokens)} completion (${t.usage.model})`);
     if (t.held) row('Held', t.held);
