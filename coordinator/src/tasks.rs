@@ -100,7 +100,7 @@ pub(crate) fn wait_of(node: &Node, wait: Option<&str>) -> Result<Option<Duration
 }
 
 /// Turn a submit body into a spec, applying defaults and limits.
-fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, TaskError> {
+pub(crate) fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, TaskError> {
     let limits = node.config().limits;
     let defaults = node.config().defaults;
     let swarm = t

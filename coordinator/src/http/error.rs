@@ -14,6 +14,7 @@ use crate::cluster::ClusterError;
 use crate::commit::CommitError;
 use crate::memory::{EmbedError, MemError};
 use crate::state::{MemoryFault, SwarmFault};
+use crate::schedules::ScheduleError;
 use crate::swarms::SwarmError;
 use crate::tasks::TaskError;
 use crate::workers::WorkerError;
@@ -163,6 +164,33 @@ impl From<TaskError> for ApiError {
             TaskError::Unavailable(m) => ApiError::Unavailable(m),
             TaskError::Commit(e) => e.into(),
             TaskError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<ScheduleError> for ApiError {
+    fn from(e: ScheduleError) -> Self {
+        match e {
+            ScheduleError::Invalid(m) => {
+                ApiError::coded(StatusCode::BAD_REQUEST, "invalid_schedule", m)
+            }
+            ScheduleError::Task(e) => e.into(),
+            e @ ScheduleError::Unknown(_) => {
+                ApiError::coded(StatusCode::NOT_FOUND, "unknown_schedule", e.to_string())
+            }
+            ScheduleError::Fault(f) => {
+                let status = match f.code.as_str() {
+                    "unknown_schedule" | "unknown_swarm" => StatusCode::NOT_FOUND,
+                    "schedule_exists" | "too_many_schedules" | "no_restore" => {
+                        StatusCode::CONFLICT
+                    }
+                    "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                ApiError::coded(status, f.code, f.message)
+            }
+            ScheduleError::Commit(e) => e.into(),
+            ScheduleError::Internal(m) => ApiError::Internal(m),
         }
     }
 }

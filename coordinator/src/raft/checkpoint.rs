@@ -10,7 +10,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `format`, `applied`, `membership`, `table`, `access`, `ledger` | u32 LE; codec records |
+//! | `meta` | `format`, `applied`, `membership`, `table`, `access`, `ledger`, `schedules` | u32 LE; codec records |
 //! | `live` | task id | codec [`Task`] (queued, running) |
 //! | `done` | task id | codec [`Task`] (finished, retained) |
 //! | `done_by_state` | (state code, id) | () |
@@ -39,9 +39,10 @@ use swarm_proto::TaskId;
 
 use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
 use super::types::{LogId, NodeAddr, NodeId};
-use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT};
+use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT, SCHEDULES_DECODE_LIMIT};
 use crate::state::{
-    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, TableMeta, Task, TaskTable,
+    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, Schedules, TableMeta, Task,
+    TaskTable,
 };
 
 /// File name of the checkpoint store inside the Raft data directory.
@@ -66,6 +67,9 @@ const KEY_TABLE: &str = "table";
 /// before they existed (read as none).
 const KEY_ACCESS: &str = "access";
 const KEY_LEDGER: &str = "ledger";
+/// The schedules ([`Schedules`]); absent in checkpoints written before them (read as
+/// none).
+const KEY_SCHEDULES: &str = "schedules";
 
 /// Largest stored task: a task is bounded by its ops (payload, outputs of each ring
 /// stage), each below the entry budget.
@@ -190,7 +194,8 @@ impl CheckpointStore {
         })?;
         let access = r.access()?;
         let ledger = r.ledger()?;
-        let table = TaskTable::from_checkpoint(meta, access, ledger, live)?;
+        let schedules = r.schedules()?;
+        let table = TaskTable::from_checkpoint(meta, access, ledger, schedules, live)?;
         let bytes = r.chunks(MEMORY)?;
         let memory = if bytes.is_empty() {
             None
@@ -254,11 +259,13 @@ impl CheckpointStore {
         let mut pending = 0usize;
         let mut access = Access::default();
         let mut ledger = Ledger::default();
+        let mut schedules = Schedules::default();
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Header(_) => anyhow::bail!("a second header"),
                 Record::Access(a) => access = *a,
                 Record::Ledger(l) => ledger = *l,
+                Record::Schedules(s) => schedules = *s,
                 Record::Tasks(batch) => {
                     let mut live = txn.open_table(LIVE)?;
                     let mut done = txn.open_table(DONE)?;
@@ -314,6 +321,7 @@ impl CheckpointStore {
             meta.insert(KEY_TABLE, &encode(&header.meta)?[..])?;
             meta.insert(KEY_ACCESS, &encode(&access)?[..])?;
             meta.insert(KEY_LEDGER, &encode(&ledger)?[..])?;
+            meta.insert(KEY_SCHEDULES, &encode(&schedules)?[..])?;
         }
         txn.set_durability(Durability::Immediate);
         // A crash then costs no walk of the whole file on the next open.
@@ -411,6 +419,9 @@ fn write_delta(
     if let Some(ledger) = &delta.ledger {
         meta.insert(KEY_LEDGER, &encode(&**ledger)?[..])?;
     }
+    if let Some(schedules) = &delta.schedules {
+        meta.insert(KEY_SCHEDULES, &encode(&**schedules)?[..])?;
+    }
     Ok(())
 }
 
@@ -503,6 +514,13 @@ impl StoreReader {
             .unwrap_or_default())
     }
 
+    /// The schedules of this checkpoint (none before any was written).
+    fn schedules(&self) -> anyhow::Result<Schedules> {
+        Ok(self
+            .record_up_to::<Schedules>(KEY_SCHEDULES, SCHEDULES_DECODE_LIMIT)?
+            .unwrap_or_default())
+    }
+
     /// The log position, membership and table metadata of this checkpoint.
     pub fn header_parts(&self) -> anyhow::Result<(Option<LogId>, Membership, TableMeta)> {
         Ok((
@@ -570,6 +588,7 @@ impl StoreReader {
         let access = self.access()?;
         w.write(&Record::Access(Box::new(access)))?;
         w.write(&Record::Ledger(Box::new(self.ledger()?)))?;
+        w.write(&Record::Schedules(Box::new(self.schedules()?)))?;
         let mut batch = Vec::new();
         let mut size = 0;
         for table in [LIVE, DONE] {
@@ -708,8 +727,14 @@ mod tests {
             );
         }
         let mut table =
-            TaskTable::from_checkpoint(TableMeta::default(), access, Ledger::default(), Vec::new())
-                .unwrap();
+            TaskTable::from_checkpoint(
+                TableMeta::default(),
+                access,
+                Ledger::default(),
+                Schedules::default(),
+                Vec::new(),
+            )
+            .unwrap();
         // One change makes the next checkpoint write it whole.
         checkpoint_revocation(&store, &mut table, "ffff", 2);
         drop(store);

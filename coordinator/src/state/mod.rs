@@ -33,6 +33,9 @@
 pub mod access;
 mod layers;
 pub mod ledger;
+pub mod schedules;
+#[cfg(test)]
+mod schedules_tests;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -49,6 +52,9 @@ use swarm_topology::{StageSpec, SwarmSpec};
 pub use access::{Access, AccessFault, AccessOp};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use ledger::{Ledger, LedgerOp};
+pub use schedules::{
+    Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules,
+};
 pub(crate) use table::in_order;
 pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
 
@@ -244,6 +250,10 @@ pub enum Op {
     /// attempt with a fresh `max_attempts`, keeping its earlier attempts. Anything else
     /// is `Ignored`. (Appended last: entries written before it read unchanged.)
     Retry { task_id: TaskId, now_ms: u64 },
+    /// A change to the schedules, or a tick of one ([`ScheduleOp::Fire`]: submits a task
+    /// as [`Op::Submit`] does). (Appended last: entries written before it read
+    /// unchanged.)
+    Schedule(ScheduleOp),
 }
 
 impl Op {
@@ -306,6 +316,7 @@ impl Op {
             }
             Op::Access(a) => SMALL + swarm_codec::encoded_len(a).unwrap_or(usize::MAX / 4),
             Op::Ledger(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
+            Op::Schedule(s) => SMALL + swarm_codec::encoded_len(s).unwrap_or(usize::MAX / 4),
         }
     }
 }
@@ -371,6 +382,8 @@ pub enum OpResult {
     Access(Result<(), AccessFault>),
     /// A ledger op took effect.
     Ledger,
+    /// What a schedule op did, or why it was refused (identically on every replica).
+    Schedule(Result<ScheduleOutcome, ScheduleFault>),
 }
 
 /// What a restore brought back (so far, for a chunk; in all, for the commit).
