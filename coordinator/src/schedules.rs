@@ -18,7 +18,9 @@ use tracing::{debug, info};
 use crate::commit::CommitError;
 use crate::node::{now_ms, Node};
 use crate::state::schedules::{Cadence, CatchUp, DEFAULT_CATCH_UP};
-use crate::state::{Op, OpResult, Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome};
+use crate::state::{
+    Op, OpResult, Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome,
+};
 use crate::tasks::{parse_duration, TaskError};
 
 /// How often the leader looks for due ticks: a tick fires at most this late (plus a
@@ -70,9 +72,7 @@ fn to_def(node: &Node, req: CreateSchedule) -> Result<ScheduleDef, ScheduleError
             ))
         }
     };
-    cadence
-        .check(now_ms())
-        .map_err(ScheduleError::Invalid)?;
+    cadence.check(now_ms()).map_err(ScheduleError::Invalid)?;
     let catch_up = match (req.catch_up.as_deref(), req.max_catch_up) {
         (None | Some("skip"), None) => CatchUp::Skip,
         (Some("skip"), Some(_)) | (None, Some(_)) => {

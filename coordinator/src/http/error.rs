@@ -13,8 +13,8 @@ use crate::backup::BackupError;
 use crate::cluster::ClusterError;
 use crate::commit::CommitError;
 use crate::memory::{EmbedError, MemError};
-use crate::state::{MemoryFault, SwarmFault};
 use crate::schedules::ScheduleError;
+use crate::state::{MemoryFault, SwarmFault};
 use crate::swarms::SwarmError;
 use crate::tasks::TaskError;
 use crate::workers::WorkerError;
@@ -181,9 +181,7 @@ impl From<ScheduleError> for ApiError {
             ScheduleError::Fault(f) => {
                 let status = match f.code.as_str() {
                     "unknown_schedule" | "unknown_swarm" => StatusCode::NOT_FOUND,
-                    "schedule_exists" | "too_many_schedules" | "no_restore" => {
-                        StatusCode::CONFLICT
-                    }
+                    "schedule_exists" | "too_many_schedules" | "no_restore" => StatusCode::CONFLICT,
                     "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
                     _ => StatusCode::BAD_REQUEST,
                 };

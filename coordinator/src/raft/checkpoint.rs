@@ -726,15 +726,14 @@ mod tests {
                 },
             );
         }
-        let mut table =
-            TaskTable::from_checkpoint(
-                TableMeta::default(),
-                access,
-                Ledger::default(),
-                Schedules::default(),
-                Vec::new(),
-            )
-            .unwrap();
+        let mut table = TaskTable::from_checkpoint(
+            TableMeta::default(),
+            access,
+            Ledger::default(),
+            Schedules::default(),
+            Vec::new(),
+        )
+        .unwrap();
         // One change makes the next checkpoint write it whole.
         checkpoint_revocation(&store, &mut table, "ffff", 2);
         drop(store);
@@ -854,6 +853,96 @@ mod tests {
         let (installed, _) =
             CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
         assert_eq!(installed.load().unwrap().table.ledger(), table.ledger());
+    }
+
+    /// Schedules are stored by a checkpoint, loaded at restart, written into dumps and
+    /// installed from them (a snapshot, or the records a backup carries), and a
+    /// checkpoint that did not change them keeps them.
+    #[test]
+    fn schedules_survive_checkpoints_dumps_and_installs() {
+        use crate::state::schedules::{Cadence, CatchUp};
+        use crate::state::{ScheduleDef, ScheduleOp};
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(&dir.path().join("a.redb")).unwrap();
+        let mut table = store.load().unwrap().table;
+        let def = |name: &str, cadence| ScheduleDef {
+            name: name.into(),
+            cadence,
+            catch_up: CatchUp::All { max: 3 },
+            template: crate::state::TaskSpec {
+                agent: "echo".into(),
+                payload: b"tick".to_vec(),
+                priority: 2,
+                timeout_ms: 1000,
+                max_attempts: 1,
+                idempotency_key: None,
+                labels: Default::default(),
+                patterns: 0,
+                swarm: "default".into(),
+                stages: vec![],
+                retain_ms: 60_000,
+            },
+            paused: false,
+        };
+        let t0 = 1_700_000_000_000;
+        let ops = vec![
+            Op::Schedule(ScheduleOp::Create {
+                def: Box::new(def(
+                    "every",
+                    Cadence::Every {
+                        every_ms: 2000,
+                        anchor_ms: 0,
+                    },
+                )),
+                now_ms: t0,
+            }),
+            Op::Schedule(ScheduleOp::Create {
+                def: Box::new(def(
+                    "cron",
+                    Cadence::Cron {
+                        expr: "*/5 * * * *".into(),
+                    },
+                )),
+                now_ms: t0,
+            }),
+            Op::Schedule(ScheduleOp::Fire {
+                name: "every".into(),
+                tick_ms: t0 + 2000,
+                now_ms: t0 + 2001,
+                queue_limit: 10,
+            }),
+        ];
+        crate::state::apply_command(&mut table, &Command { ops }, &store.reader().unwrap())
+            .unwrap();
+        assert_eq!(table.schedules().get("every").unwrap().fired, 1);
+        let delta = table.begin_checkpoint().unwrap();
+        assert!(delta.schedules.is_some());
+        store
+            .write(&delta, None, &Membership::default(), None)
+            .unwrap();
+        table.checkpoint_written();
+        // A later checkpoint that leaves them alone does not write them again.
+        checkpoint_revocation(&store, &mut table, "0abc", t0 + 3000);
+        let loaded = store.load().unwrap().table;
+        assert_eq!(loaded.schedules(), table.schedules());
+        assert_eq!(loaded.schedules().len(), 2);
+        let mut dump = Vec::new();
+        store.reader().unwrap().write_dump(&mut dump).unwrap();
+        let (installed, _) =
+            CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
+        assert_eq!(
+            installed.load().unwrap().table.schedules(),
+            table.schedules()
+        );
+        let mut records = DumpReader::new(&dump[..]);
+        records.header().unwrap();
+        let mut carried = None;
+        while let Some(r) = records.next_record().unwrap() {
+            if let Record::Schedules(s) = r {
+                carried = Some(s);
+            }
+        }
+        assert_eq!(carried.as_deref(), Some(&**table.schedules()));
     }
 
     fn installed_access(store: &CheckpointStore, dir: &std::path::Path) -> std::sync::Arc<Access> {

@@ -52,9 +52,7 @@ use swarm_topology::{StageSpec, SwarmSpec};
 pub use access::{Access, AccessFault, AccessOp};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use ledger::{Ledger, LedgerOp};
-pub use schedules::{
-    Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules,
-};
+pub use schedules::{Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 pub(crate) use table::in_order;
 pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
 

@@ -257,9 +257,7 @@ impl Cadence {
         match self {
             Cadence::Every { every_ms, .. } => {
                 if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(every_ms) {
-                    return Err(format!(
-                        "an interval is 1s to 366d, got {every_ms} ms"
-                    ));
+                    return Err(format!("an interval is 1s to 366d, got {every_ms} ms"));
                 }
             }
             Cadence::Cron { expr } => {
@@ -540,8 +538,13 @@ impl Schedules {
             check_name(&s.def.name).map_err(invalid)?;
             // A backup's cadence is checked as a create's is (not whether it still ticks).
             match &s.def.cadence {
-                Cadence::Every { every_ms, .. } if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(every_ms) => {
-                    return Err(invalid(format!("schedule {:?}: an interval of {every_ms} ms", s.def.name)));
+                Cadence::Every { every_ms, .. }
+                    if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(every_ms) =>
+                {
+                    return Err(invalid(format!(
+                        "schedule {:?}: an interval of {every_ms} ms",
+                        s.def.name
+                    )));
                 }
                 Cadence::Cron { expr } => {
                     parse_cron(expr).map_err(invalid)?;

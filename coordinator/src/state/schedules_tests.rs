@@ -77,25 +77,35 @@ fn next_tick(t: &TaskTable, name: &str) -> u64 {
 /// The ticks of the tasks `name` submitted, from their idempotency keys, in id order.
 fn ticks_submitted(t: &TaskTable, name: &str) -> Vec<u64> {
     let prefix = format!("schedule:{name}:");
-    t.list(None, swarm_proto::api::TaskOrder::Asc, None, 100_000, &NoArchive)
-        .unwrap()
-        .iter()
-        .filter_map(|task| {
-            task.spec
-                .idempotency_key
-                .as_deref()?
-                .strip_prefix(&prefix)?
-                .parse()
-                .ok()
-        })
-        .collect()
+    t.list(
+        None,
+        swarm_proto::api::TaskOrder::Asc,
+        None,
+        100_000,
+        &NoArchive,
+    )
+    .unwrap()
+    .iter()
+    .filter_map(|task| {
+        task.spec
+            .idempotency_key
+            .as_deref()?
+            .strip_prefix(&prefix)?
+            .parse()
+            .ok()
+    })
+    .collect()
 }
 
 #[test]
 fn a_tick_fires_once_and_moves_on() {
     let mut t = TaskTable::new();
     create(&mut t, every("nightly", 2 * S, CatchUp::Skip), T0).unwrap();
-    assert_eq!(next_tick(&t, "nightly"), T0 + 2 * S, "first tick one interval after create");
+    assert_eq!(
+        next_tick(&t, "nightly"),
+        T0 + 2 * S,
+        "first tick one interval after create"
+    );
     assert_eq!(fire_due(&mut t, "nightly", T0 + S), None, "not due yet");
 
     let first = fire(&mut t, "nightly", T0 + 2 * S, T0 + 2 * S + 5);
@@ -109,7 +119,11 @@ fn a_tick_fires_once_and_moves_on() {
         panic!("{first:?}")
     };
     assert_eq!(tick_ms, T0 + 2 * S);
-    assert_eq!(next_tick(&t, "nightly"), T0 + 4 * S, "on the grid, not from now");
+    assert_eq!(
+        next_tick(&t, "nightly"),
+        T0 + 4 * S,
+        "on the grid, not from now"
+    );
     let Lookup::Found(task) = t.lookup(task, &NoArchive).unwrap() else {
         panic!("the tick's task is not there")
     };
@@ -127,9 +141,18 @@ fn a_tick_fires_once_and_moves_on() {
         ScheduleOutcome::Ignored
     );
     // Nor does a Fire of a tick that is not the next one, or one not due by its own time.
-    assert_eq!(fire(&mut t, "nightly", T0 + 6 * S, T0 + 7 * S), ScheduleOutcome::Ignored);
-    assert_eq!(fire(&mut t, "nightly", T0 + 4 * S, T0 + 3 * S), ScheduleOutcome::Ignored);
-    assert_eq!(fire(&mut t, "other", T0 + 4 * S, T0 + 5 * S), ScheduleOutcome::Ignored);
+    assert_eq!(
+        fire(&mut t, "nightly", T0 + 6 * S, T0 + 7 * S),
+        ScheduleOutcome::Ignored
+    );
+    assert_eq!(
+        fire(&mut t, "nightly", T0 + 4 * S, T0 + 3 * S),
+        ScheduleOutcome::Ignored
+    );
+    assert_eq!(
+        fire(&mut t, "other", T0 + 4 * S, T0 + 5 * S),
+        ScheduleOutcome::Ignored
+    );
     assert_eq!(t.len(), 1);
 
     for k in 2..10 {
@@ -236,8 +259,15 @@ fn pause_stops_ticks_and_resume_does_not_fire_what_the_pause_missed() {
         },
     )
     .unwrap();
-    assert_eq!(next_tick(&t, "s"), T0 + 62 * S, "the next grid tick after the resume");
-    assert_eq!(fire(&mut t, "s", T0 + 4 * S, T0 + 62 * S), ScheduleOutcome::Ignored);
+    assert_eq!(
+        next_tick(&t, "s"),
+        T0 + 62 * S,
+        "the next grid tick after the resume"
+    );
+    assert_eq!(
+        fire(&mut t, "s", T0 + 4 * S, T0 + 62 * S),
+        ScheduleOutcome::Ignored
+    );
     fire_due(&mut t, "s", T0 + 62 * S).unwrap();
     assert_eq!(ticks_submitted(&t, "s"), vec![T0 + 2 * S, T0 + 62 * S]);
     assert_eq!(t.schedules().get("s").unwrap().skipped, 0);
@@ -246,7 +276,11 @@ fn pause_stops_ticks_and_resume_does_not_fire_what_the_pause_missed() {
     let mut def = every("later", S, CatchUp::Skip);
     def.paused = true;
     create(&mut t, def, T0).unwrap();
-    assert!(t.schedules().due(T0 + 100 * S, 10).iter().all(|(n, _)| n != "later"));
+    assert!(t
+        .schedules()
+        .due(T0 + 100 * S, 10)
+        .iter()
+        .all(|(n, _)| n != "later"));
 }
 
 #[test]
@@ -254,15 +288,30 @@ fn create_delete_and_their_refusals() {
     let mut t = TaskTable::new();
     create(&mut t, every("a", S, CatchUp::Skip), T0).unwrap();
     let code = |r: Result<(), ScheduleFault>| r.unwrap_err().code;
-    assert_eq!(code(create(&mut t, every("a", S, CatchUp::Skip), T0)), "schedule_exists");
-    assert_eq!(code(create(&mut t, every("b", 999, CatchUp::Skip), T0)), "invalid_schedule");
-    assert_eq!(code(create(&mut t, every("Bad!", S, CatchUp::Skip), T0)), "invalid_schedule");
+    assert_eq!(
+        code(create(&mut t, every("a", S, CatchUp::Skip), T0)),
+        "schedule_exists"
+    );
+    assert_eq!(
+        code(create(&mut t, every("b", 999, CatchUp::Skip), T0)),
+        "invalid_schedule"
+    );
+    assert_eq!(
+        code(create(&mut t, every("Bad!", S, CatchUp::Skip), T0)),
+        "invalid_schedule"
+    );
     assert_eq!(
         code(create(&mut t, every("b", S, CatchUp::All { max: 0 }), T0)),
         "invalid_schedule"
     );
-    assert_eq!(code(create(&mut t, cron("b", "61 * * * *", CatchUp::Skip), T0)), "invalid_schedule");
-    assert_eq!(code(create(&mut t, cron("b", "0 0 31 2 *", CatchUp::Skip), T0)), "invalid_schedule");
+    assert_eq!(
+        code(create(&mut t, cron("b", "61 * * * *", CatchUp::Skip), T0)),
+        "invalid_schedule"
+    );
+    assert_eq!(
+        code(create(&mut t, cron("b", "0 0 31 2 *", CatchUp::Skip), T0)),
+        "invalid_schedule"
+    );
     let mut keyed = every("b", S, CatchUp::Skip);
     keyed.template.idempotency_key = Some("k".into());
     assert_eq!(code(create(&mut t, keyed, T0)), "invalid_schedule");
@@ -275,10 +324,19 @@ fn create_delete_and_their_refusals() {
 
     let err = apply(&mut t, ScheduleOp::Delete { name: "b".into() }).unwrap_err();
     assert_eq!(err.code, "unknown_schedule");
-    assert_eq!(apply(&mut t, ScheduleOp::Pause { name: "b".into() }).unwrap_err().code, "unknown_schedule");
+    assert_eq!(
+        apply(&mut t, ScheduleOp::Pause { name: "b".into() })
+            .unwrap_err()
+            .code,
+        "unknown_schedule"
+    );
     apply(&mut t, ScheduleOp::Delete { name: "a".into() }).unwrap();
     assert!(t.schedules().is_empty());
-    assert_eq!(fire(&mut t, "a", T0 + S, T0 + S), ScheduleOutcome::Ignored, "deleted");
+    assert_eq!(
+        fire(&mut t, "a", T0 + S, T0 + S),
+        ScheduleOutcome::Ignored,
+        "deleted"
+    );
     assert!(t.is_empty());
 }
 
@@ -331,7 +389,12 @@ fn cron_ticks_are_evaluated_in_utc_from_the_tick() {
     fire_due(&mut t, "q", q0 + 3 * S).unwrap();
     assert_eq!(next_tick(&t, "q"), q0 + 900 * S);
     // Six fields: seconds first.
-    create(&mut t, cron("sec", "*/5 * * * * *", CatchUp::All { max: 10 }), T0 + 1).unwrap();
+    create(
+        &mut t,
+        cron("sec", "*/5 * * * * *", CatchUp::All { max: 10 }),
+        T0 + 1,
+    )
+    .unwrap();
     assert_eq!(next_tick(&t, "sec"), T0 + 5 * S);
     // Catch up after 31 s away: six ticks due (+5 .. +30), all fired in order.
     while fire_due(&mut t, "sec", T0 + 31 * S).is_some() {}
@@ -352,7 +415,10 @@ fn cron_ticks_are_evaluated_in_utc_from_the_tick() {
         expr: "7 3 * * *".into(),
     };
     assert_eq!(c.next_after(T0), c.next_after(T0));
-    assert_eq!(c.next_after(T0).unwrap() % (86_400 * S), (3 * 3600 + 7 * 60) * S);
+    assert_eq!(
+        c.next_after(T0).unwrap() % (86_400 * S),
+        (3 * 3600 + 7 * 60) * S
+    );
 }
 
 #[test]
@@ -430,7 +496,10 @@ fn a_restore_brings_schedules_back_and_an_abort_takes_them_away() {
     t.restore_commit(&RestoredMeta::default());
     assert_eq!(t.schedules(), source.schedules());
     // A cluster holding schedules is not empty: no restore into it.
-    assert!(t.restore_begin(9, T0, &memory).unwrap_err().contains("1 schedules"));
+    assert!(t
+        .restore_begin(9, T0, &memory)
+        .unwrap_err()
+        .contains("1 schedules"));
 }
 
 #[test]
@@ -461,7 +530,10 @@ fn a_random_sequence_of_fires_submits_each_tick_once() {
         }
         while fire_due(&mut t, "s", now).is_some() {}
         let ticks = ticks_submitted(&t, "s");
-        let want: Vec<u64> = (1..).map(|k| T0 + k * S).take_while(|x| *x <= now).collect();
+        let want: Vec<u64> = (1..)
+            .map(|k| T0 + k * S)
+            .take_while(|x| *x <= now)
+            .collect();
         assert_eq!(ticks, want, "seed {seed}");
     }
 }

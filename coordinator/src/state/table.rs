@@ -193,9 +193,7 @@ impl TaskTable {
         if self.meta.restore.is_some()
             && !matches!(
                 op,
-                Op::RestoreChunk { .. }
-                    | Op::Access(_)
-                    | Op::Schedule(ScheduleOp::Restore { .. })
+                Op::RestoreChunk { .. } | Op::Access(_) | Op::Schedule(ScheduleOp::Restore { .. })
             )
         {
             return Ok(OpResult::Restoring);
