@@ -880,59 +880,63 @@ pub enum SwarmsCmd {
     },
 }
 
+/// `swarm schedules create`.
+#[derive(Args)]
+pub struct ScheduleCreateArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// 1 to 63 characters from a-z, 0-9, `-` and `_`.
+    pub name: String,
+    /// Agent to run (omit for a ring swarm: its stages name the agents).
+    #[arg(long, default_value = "")]
+    pub agent: String,
+    /// Payload: JSON if it parses as JSON, else text.
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// Tick every this long (at least 1s), from the creation on.
+    #[arg(long, value_parser = parse_duration, required_unless_present = "cron", conflicts_with = "cron")]
+    pub every: Option<Duration>,
+    /// Tick on this cron expression (UTC): five fields, or six with seconds first.
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// Ticks missed during an outage: `skip` fires only the latest, `all` fires each
+    /// (up to --max-catch-up).
+    #[arg(long, value_parser = ["skip", "all"], default_value = "skip")]
+    pub catch_up: String,
+    /// With `--catch-up all`: most missed ticks fired (default 10).
+    #[arg(long)]
+    pub max_catch_up: Option<u32>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Per-attempt timeout (e.g. 30s).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Attempts before giving up.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Required worker label k=v (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Run in this swarm (default: `default`).
+    #[arg(long)]
+    pub swarm: Option<String>,
+    /// Keep each finished task readable this long (default: --retain-finished).
+    #[arg(long, value_parser = parse_duration)]
+    pub retain: Option<Duration>,
+    /// Create it paused.
+    #[arg(long)]
+    pub paused: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Subcommand)]
 pub enum SchedulesCmd {
     /// Define a schedule: its task is submitted on every tick (`--every 2s` or `--cron
     /// '*/5 * * * *'`, in UTC), with the idempotency key `schedule:<name>:<tick_ms>`.
-    Create {
-        #[command(flatten)]
-        api: ApiArgs,
-        /// 1 to 63 characters from a-z, 0-9, `-` and `_`.
-        name: String,
-        /// Agent to run (omit for a ring swarm: its stages name the agents).
-        #[arg(long, default_value = "")]
-        agent: String,
-        /// Payload: JSON if it parses as JSON, else text.
-        #[arg(long)]
-        payload: Option<String>,
-        /// Tick every this long (at least 1s), from the creation on.
-        #[arg(long, value_parser = parse_duration, required_unless_present = "cron", conflicts_with = "cron")]
-        every: Option<Duration>,
-        /// Tick on this cron expression (UTC): five fields, or six with seconds first.
-        #[arg(long)]
-        cron: Option<String>,
-        /// Ticks missed during an outage: `skip` fires only the latest, `all` fires each
-        /// (up to --max-catch-up).
-        #[arg(long, value_parser = ["skip", "all"], default_value = "skip")]
-        catch_up: String,
-        /// With `--catch-up all`: most missed ticks fired (default 10).
-        #[arg(long)]
-        max_catch_up: Option<u32>,
-        /// Higher runs first.
-        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-        priority: i32,
-        /// Per-attempt timeout (e.g. 30s).
-        #[arg(long, value_parser = parse_duration)]
-        timeout: Option<Duration>,
-        /// Attempts before giving up.
-        #[arg(long)]
-        max_attempts: Option<u32>,
-        /// Required worker label k=v (repeatable).
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        /// Run in this swarm (default: `default`).
-        #[arg(long)]
-        swarm: Option<String>,
-        /// Keep each finished task readable this long (default: --retain-finished).
-        #[arg(long, value_parser = parse_duration)]
-        retain: Option<Duration>,
-        /// Create it paused.
-        #[arg(long)]
-        paused: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Create(Box<ScheduleCreateArgs>),
     /// List schedules: cadence, next tick, ticks fired, skipped and refused.
     List {
         #[command(flatten)]

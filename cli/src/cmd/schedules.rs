@@ -9,24 +9,25 @@ use crate::args::SchedulesCmd;
 
 pub async fn run(c: SchedulesCmd) -> anyhow::Result<ExitCode> {
     match c {
-        SchedulesCmd::Create {
-            api,
-            name,
-            agent,
-            payload,
-            every,
-            cron,
-            catch_up,
-            max_catch_up,
-            priority,
-            timeout,
-            max_attempts,
-            labels,
-            swarm,
-            retain,
-            paused,
-            json,
-        } => {
+        SchedulesCmd::Create(a) => {
+            let crate::args::ScheduleCreateArgs {
+                api,
+                name,
+                agent,
+                payload,
+                every,
+                cron,
+                catch_up,
+                max_catch_up,
+                priority,
+                timeout,
+                max_attempts,
+                labels,
+                swarm,
+                retain,
+                paused,
+                json,
+            } = *a;
             let task = SubmitTask {
                 agent,
                 payload: payload
