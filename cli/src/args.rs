@@ -73,6 +73,10 @@ pub enum Cmd {
     /// Swarms: named groups of workers with a topology (star, mesh, ring).
     #[command(subcommand)]
     Swarms(SwarmsCmd),
+    /// Schedules: a task submitted on every tick of an interval or a cron expression,
+    /// exactly once per tick across leader changes.
+    #[command(subcommand)]
+    Schedules(SchedulesCmd),
     /// API tokens: scoped credentials for people and programs (`read`, `submit`,
     /// `operate`, `admin`), optionally limited to swarms.
     #[command(subcommand)]
@@ -892,6 +896,107 @@ pub enum SwarmsCmd {
     Usage {
         #[command(flatten)]
         api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `swarm schedules create`.
+#[derive(Args)]
+pub struct ScheduleCreateArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// 1 to 63 characters from a-z, 0-9, `-` and `_`.
+    pub name: String,
+    /// Agent to run (omit for a ring swarm: its stages name the agents).
+    #[arg(long, default_value = "")]
+    pub agent: String,
+    /// Payload: JSON if it parses as JSON, else text.
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// Tick every this long (at least 1s), from the creation on.
+    #[arg(long, value_parser = parse_duration, required_unless_present = "cron", conflicts_with = "cron")]
+    pub every: Option<Duration>,
+    /// Tick on this cron expression (UTC): five fields, or six with seconds first.
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// Ticks missed during an outage: `skip` fires only the latest, `all` fires each
+    /// (up to --max-catch-up).
+    #[arg(long, value_parser = ["skip", "all"], default_value = "skip")]
+    pub catch_up: String,
+    /// With `--catch-up all`: most missed ticks fired (default 10).
+    #[arg(long)]
+    pub max_catch_up: Option<u32>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Per-attempt timeout (e.g. 30s).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Attempts before giving up.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Required worker label k=v (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Run in this swarm (default: `default`).
+    #[arg(long)]
+    pub swarm: Option<String>,
+    /// Keep each finished task readable this long (default: --retain-finished).
+    #[arg(long, value_parser = parse_duration)]
+    pub retain: Option<Duration>,
+    /// Create it paused.
+    #[arg(long)]
+    pub paused: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum SchedulesCmd {
+    /// Define a schedule: its task is submitted on every tick (`--every 2s` or `--cron
+    /// '*/5 * * * *'`, in UTC), with the idempotency key `schedule:<name>:<tick_ms>`.
+    Create(Box<ScheduleCreateArgs>),
+    /// List schedules: cadence, next tick, ticks fired, skipped and refused.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one schedule.
+    Get {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a schedule (the tasks it submitted stay).
+    Delete {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+    },
+    /// Stop a schedule's ticks until it is resumed.
+    Pause {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused schedule from its next tick after now (ticks missed while paused
+    /// are not fired).
+    Resume {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,

@@ -466,6 +466,51 @@ impl Client {
             .await
     }
 
+    pub async fn schedules(&self) -> anyhow::Result<swarm_proto::api::ScheduleList> {
+        self.call(Method::GET, "/v1/schedules", &[], None).await
+    }
+
+    pub async fn schedule(&self, name: &str) -> anyhow::Result<swarm_proto::api::ScheduleView> {
+        self.call(
+            Method::GET,
+            &format!("/v1/schedules/{}", seg(name)),
+            &[],
+            None,
+        )
+        .await
+    }
+
+    pub async fn create_schedule(
+        &self,
+        req: &swarm_proto::api::CreateSchedule,
+    ) -> anyhow::Result<swarm_proto::api::ScheduleView> {
+        self.call(Method::POST, "/v1/schedules", &[], Self::encode(req)?)
+            .await
+    }
+
+    /// Pause (`pause`) or resume a schedule.
+    pub async fn pause_schedule(
+        &self,
+        name: &str,
+        pause: bool,
+    ) -> anyhow::Result<swarm_proto::api::ScheduleView> {
+        let verb = if pause { "pause" } else { "resume" };
+        let path = format!("/v1/schedules/{}/{verb}", seg(name));
+        self.call(Method::POST, &path, &[], None).await
+    }
+
+    pub async fn delete_schedule(&self, name: &str) -> anyhow::Result<()> {
+        self.call_raw(
+            Method::DELETE,
+            &format!("/v1/schedules/{}", seg(name)),
+            &[],
+            None,
+            "application/json",
+        )
+        .await
+        .map(|_| ())
+    }
+
     pub async fn delete_swarm(&self, name: &str) -> anyhow::Result<()> {
         self.call_raw(
             Method::DELETE,

@@ -85,6 +85,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Probe(a) => cmd::probe::run(a).await,
         Cmd::Memory(c) => cmd::memory::run(c).await,
         Cmd::Swarms(c) => cmd::swarms::run(c).await,
+        Cmd::Schedules(c) => cmd::schedules::run(c).await,
         Cmd::Tokens(c) => cmd::tokens::run(c).await,
         Cmd::Patterns(c) => cmd::patterns::run(c).await,
         Cmd::Backup { api, out } => cmd::transfer::backup(&api.client()?, &out).await,

@@ -9,7 +9,8 @@
 //!
 //! A restore arrives as a stream and is proposed as it is parsed: `RestoreBegin` (refused
 //! unless the cluster is empty), `RestoreChunk`s of tasks and memory bytes, each at most
-//! one op's size, then `RestoreCommit` once the dump's end record and checksum are
+//! one op's size, the backup's schedules (`ScheduleOp::Restore`, as many ops as their
+//! size takes), then `RestoreCommit` once the dump's end record and checksum are
 //! verified. Until the commit the cluster refuses every other change and dispatches
 //! nothing. If the stream breaks, the dump is damaged, or leadership moves, the restore is
 //! aborted (by the leader that finds it undriven, see [`Node`]'s maintenance loop): the
@@ -29,7 +30,10 @@ use crate::commit::CommitError;
 use crate::limits::MAX_OP_BYTES;
 use crate::node::{now_ms, Node};
 use crate::raft::dump::{DumpParser, Record};
-use crate::state::{Op, OpResult, RestoreSummary, RestoredMeta, Task};
+use crate::state::{
+    Op, OpResult, RestoreSummary, RestoredMeta, Schedule, ScheduleOp, ScheduleOutcome, Schedules,
+    Task,
+};
 
 /// How long a backup waits for the checkpoint it needs.
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(120);
@@ -298,6 +302,7 @@ where
                     "the backup holds a restore in progress; it is not complete".into(),
                 ))
             }
+            Record::Schedules(s) => restore_schedules(node, restore_id, *s).await?,
             // Tokens and revoked certificates are the old cluster's credentials, not its
             // data: this cluster keeps its own.
             Record::Access(_) | Record::Ledger(_) | Record::End { .. } => {}
@@ -328,6 +333,47 @@ where
         "restore committed"
     );
     Ok(summary)
+}
+
+/// Propose the backup's schedules, in ops of at most one op's size.
+async fn restore_schedules(
+    node: &Node,
+    restore_id: u64,
+    schedules: Schedules,
+) -> Result<(), BackupError> {
+    let mut batch: Vec<Schedule> = Vec::new();
+    let mut bytes = 0;
+    let mut rest = schedules.by_name.into_values().peekable();
+    while let Some(s) = rest.next() {
+        bytes += Schedules::size_hint_of(&s);
+        batch.push(s);
+        let full = rest
+            .peek()
+            .is_some_and(|n| bytes + Schedules::size_hint_of(n) > MAX_OP_BYTES);
+        if full || rest.peek().is_none() {
+            bytes = 0;
+            let op = Op::Schedule(ScheduleOp::Restore {
+                restore_id,
+                schedules: std::mem::take(&mut batch),
+            });
+            let r = node
+                .proposer
+                .propose_one(op)
+                .await
+                .map_err(|e| CommitError::from_propose(node, e))?;
+            match r {
+                OpResult::Schedule(Ok(ScheduleOutcome::Done)) => {}
+                OpResult::Schedule(Err(f)) => return Err(BackupError::Refused(f.message)),
+                OpResult::Restoring => return Err(CommitError::Restoring.into()),
+                other => {
+                    return Err(BackupError::Internal(format!(
+                        "unexpected schedule restore result {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Propose the pending tasks (and `memory`) as the next chunk, if there is anything.

@@ -10,7 +10,8 @@
 //!   [`tasks`] (submit checks and admission, reads, cancel), [`status`] (workers and the
 //!   status view), [`cluster`] (node reports, cluster views, membership, joining, the
 //!   [`cluster::PeerHttp`] client), [`memory`] (vector memory and the ReasoningBank),
-//!   [`swarms`] (definitions, layouts, placement), [`backup`] (backups and restores),
+//!   [`swarms`] (definitions, layouts, placement), [`schedules`] (schedules and the
+//!   leader's loop that fires their ticks), [`backup`] (backups and restores),
 //!   [`workers`] (draining and resuming a worker remotely), and [`commit`] (the commit
 //!   and read-barrier failures they share);
 //! * [`node`] runs the loops: applied-entry events, dispatch, gauges;
@@ -35,6 +36,7 @@ pub mod node;
 pub mod proposer;
 pub mod raft;
 pub mod scheduler;
+pub mod schedules;
 mod server;
 pub mod state;
 pub mod status;

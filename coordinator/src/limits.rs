@@ -38,5 +38,10 @@ pub const RECORD_DECODE_LIMIT: usize = 1 << 20;
 /// record ([`crate::raft::dump::MAX_RECORD`]).
 pub const ACCESS_DECODE_LIMIT: usize = 256 << 20;
 
+/// Largest schedules record read back from a checkpoint: their templates are at most
+/// [`crate::state::schedules::MAX_TOTAL_TEMPLATE_BYTES`] (16 MiB) in all, plus at most
+/// 10,000 names, cadences and counters.
+pub const SCHEDULES_DECODE_LIMIT: usize = 64 << 20;
+
 const _: () = assert!(ENTRY_DECODE_LIMIT + ENTRY_OVERHEAD < RAFT_MAX_FRAME);
 const _: () = assert!(SNAPSHOT_CHUNK + ENTRY_OVERHEAD < RAFT_MAX_FRAME);

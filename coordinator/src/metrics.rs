@@ -123,6 +123,10 @@ fn describe() {
     );
     describe_counter!("swarm_tasks_cancelled_total", "Tasks cancelled on request.");
     describe_counter!("swarm_submit_rejected_total", "Submits refused, by reason.");
+    describe_counter!(
+        "swarm_schedule_ticks_total",
+        "Schedule ticks by outcome: fired (a task submitted), skipped (missed, not fired), refused (queue full, swarm gone)."
+    );
     describe_gauge!("swarm_queue_depth", "Tasks by state on this replica.");
     describe_gauge!(
         "swarm_tasks_running",

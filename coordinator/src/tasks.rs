@@ -154,9 +154,15 @@ fn to_submission(node: &Node, mut t: SubmitTask) -> Result<Submission, TaskError
     })
 }
 
-/// Turn a submit body (without its flow fields) into a spec, applying defaults and
-/// limits.
-fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, TaskError> {
+/// Turn a submit body into a spec, applying defaults and limits. Flow fields are not
+/// taken here (a submit takes them out first, through [`to_submission`]; a schedule's
+/// template has none).
+pub(crate) fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, TaskError> {
+    if !t.depends_on.is_empty() || t.concurrency_key.is_some() || t.rate_limit.is_some() {
+        return Err(TaskError::Invalid(
+            "`depends_on`, `concurrency_key` and `rate_limit` are not taken here".into(),
+        ));
+    }
     let limits = node.config().limits;
     let defaults = node.config().defaults;
     let swarm = t

@@ -47,7 +47,11 @@ fn restore(body: &[u8], step: u8) {
                     let _ = t.size_hint();
                 }
             }
-            Record::Memory(_) | Record::Staged(_) | Record::Access(_) | Record::Ledger(_) => {}
+            Record::Memory(_)
+            | Record::Staged(_)
+            | Record::Access(_)
+            | Record::Ledger(_)
+            | Record::Schedules(_) => {}
             Record::End { .. } => assert!(parser.ended()),
         }
         records += 1;

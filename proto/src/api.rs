@@ -977,3 +977,75 @@ pub struct EnrollResponse {
     pub serial: String,
     pub not_after_ms: u64,
 }
+
+/// `POST /v1/schedules` body: a task submitted on every tick of an interval or a cron
+/// expression.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    /// 1 to 63 characters from `a-z`, `0-9`, `-` and `_`.
+    pub name: String,
+    /// An interval: `2s`, `5m`, `1h` (at least 1 s); exclusive with `cron`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<String>,
+    /// A cron expression, evaluated in UTC: five fields (`*/5 * * * *`) or six with
+    /// seconds first; exclusive with `every`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// Ticks missed during an outage: `skip` (default: fire the latest only) or `all`
+    /// (fire each, up to `max_catch_up`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<String>,
+    /// With `catch_up: all`, most missed ticks fired (default 10, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_catch_up: Option<u32>,
+    /// Create it paused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// The task each tick submits (no `idempotency_key`: each tick's is
+    /// `schedule:<name>:<tick_ms>`).
+    pub task: SubmitTask,
+}
+
+/// One schedule as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    pub name: String,
+    /// The interval in ms, for an interval schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    /// The cron expression, for a cron schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// `skip` or `all`.
+    pub catch_up: String,
+    /// With `catch_up: all`, most missed ticks fired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_catch_up: Option<u32>,
+    pub paused: bool,
+    pub agent: String,
+    pub swarm: String,
+    pub priority: i32,
+    pub created_at_ms: u64,
+    /// The next tick (absent when paused, or when the cadence has no further tick).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_tick_ms: Option<u64>,
+    /// Ticks that submitted their task.
+    pub fired: u64,
+    /// Missed ticks not fired (catch-up policy).
+    pub skipped: u64,
+    /// Ticks whose task was refused (queue full, swarm deleted).
+    pub refused: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tick_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_task: Option<TaskId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// `GET /v1/schedules` answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleView>,
+}

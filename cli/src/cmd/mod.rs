@@ -9,6 +9,7 @@ pub mod logs;
 pub mod memory;
 pub mod patterns;
 pub mod probe;
+pub mod schedules;
 pub mod status;
 pub mod swarms;
 pub mod task;

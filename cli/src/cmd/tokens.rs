@@ -87,7 +87,7 @@ fn describe(t: &TokenView) -> String {
 }
 
 /// A time in ms since the epoch, as RFC 3339 (UTC, seconds).
-fn when(ms: u64) -> String {
+pub(crate) fn when(ms: u64) -> String {
     let secs = (ms / 1000) as i64;
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);

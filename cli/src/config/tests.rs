@@ -113,6 +113,7 @@ fn sample(arg: &Arg, i: usize) -> (toml::Value, String) {
 const ALSO_NEEDED: &[(&str, &str, &[&str])] = &[
     ("memory upsert", "--id=p1", &["id", "file"]),
     ("swarms budget", "--tokens=5", &["tokens", "clear"]),
+    ("schedules create", "--every=2s", &["every", "cron"]),
 ];
 
 #[test]

@@ -62,6 +62,15 @@ async fn backup_and_restore_bring_back_every_task_and_memory_item() {
         )
         .await;
     assert_eq!(st, 201, "{v}");
+    // A schedule (paused, so that it adds no task meanwhile) is carried too.
+    let (st, v) = a
+        .post(
+            "/v1/schedules",
+            json!({"name": "nightly", "cron": "0 2 * * *", "catch_up": "all",
+                   "max_catch_up": 3, "paused": true, "task": {"agent": "echo", "payload": "n"}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
 
     let file = a.dir.path().join("swarm.backup");
     let file_s = file.to_str().expect("path");
@@ -102,6 +111,13 @@ async fn backup_and_restore_bring_back_every_task_and_memory_item() {
         .await;
     assert_eq!(search_b, search_a);
     assert_eq!(search_b["hits"][0]["id"], "d7");
+    let (_, schedules_a) = a.get("/v1/schedules").await;
+    let (_, schedules_b) = b.get("/v1/schedules").await;
+    assert_eq!(
+        schedules_b["schedules"][0]["name"], "nightly",
+        "{schedules_b}"
+    );
+    assert_eq!(schedules_b, schedules_a);
 
     // The restored cluster carries on: new tasks run, their ids follow the old ones.
     b.start_worker("w2", 2, None);

@@ -18,5 +18,6 @@ mod raft_cluster;
 mod redrive;
 mod replication;
 mod scale;
+mod schedules;
 mod task_list;
 mod topology;

@@ -13,6 +13,7 @@ use crate::backup::BackupError;
 use crate::cluster::ClusterError;
 use crate::commit::CommitError;
 use crate::memory::{EmbedError, MemError};
+use crate::schedules::ScheduleError;
 use crate::state::{MemoryFault, SwarmFault};
 use crate::swarms::SwarmError;
 use crate::tasks::TaskError;
@@ -174,6 +175,31 @@ impl From<TaskError> for ApiError {
                 message: f.message,
             },
             TaskError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<ScheduleError> for ApiError {
+    fn from(e: ScheduleError) -> Self {
+        match e {
+            ScheduleError::Invalid(m) => {
+                ApiError::coded(StatusCode::BAD_REQUEST, "invalid_schedule", m)
+            }
+            ScheduleError::Task(e) => e.into(),
+            e @ ScheduleError::Unknown(_) => {
+                ApiError::coded(StatusCode::NOT_FOUND, "unknown_schedule", e.to_string())
+            }
+            ScheduleError::Fault(f) => {
+                let status = match f.code.as_str() {
+                    "unknown_schedule" | "unknown_swarm" => StatusCode::NOT_FOUND,
+                    "schedule_exists" | "too_many_schedules" | "no_restore" => StatusCode::CONFLICT,
+                    "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                ApiError::coded(status, f.code, f.message)
+            }
+            ScheduleError::Commit(e) => e.into(),
+            ScheduleError::Internal(m) => ApiError::Internal(m),
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! The only module that knows axum (and HTTP statuses): each file here turns requests
 //! into calls of a domain module ([`crate::tasks`], [`crate::cluster`],
-//! [`crate::memory`], [`crate::swarms`], [`crate::backup`], [`crate::status`],
+//! [`crate::memory`], [`crate::swarms`], [`crate::schedules`], [`crate::backup`], [`crate::status`],
 //! [`crate::workers`]) and their answers and errors into responses. The domain modules
 //! never call back into it.
 //!
@@ -16,8 +16,8 @@
 //!   route needs ([`auth::RULES`]);
 //! * `forward.rs` — `leader_only` (followers forward to the leader, marked
 //!   [`FORWARDED_BY`]) and `leader_here` (streams: followers name the leader);
-//! * `tasks.rs`, `status.rs`, `cluster.rs`, `memory.rs`, `swarms.rs`, `backup.rs`,
-//!   `access.rs` — the handlers of each resource.
+//! * `tasks.rs`, `status.rs`, `cluster.rs`, `memory.rs`, `swarms.rs`, `schedules.rs`,
+//!   `backup.rs`, `access.rs` — the handlers of each resource.
 
 mod access;
 mod auth;
@@ -29,6 +29,7 @@ mod forward;
 mod listen;
 mod live;
 mod memory;
+mod schedules;
 mod status;
 mod swarms;
 mod tasks;
@@ -129,6 +130,22 @@ pub fn router(node: Arc<Node>) -> Router {
             axum::routing::put(swarms::set_budget.layer(lead())),
         )
         .route("/usage", get(swarms::usage.layer(lead())))
+        .route(
+            "/schedules",
+            get(schedules::list.layer(lead())).post(schedules::create.layer(lead())),
+        )
+        .route(
+            "/schedules/{name}",
+            get(schedules::get.layer(lead())).delete(schedules::delete.layer(lead())),
+        )
+        .route(
+            "/schedules/{name}/pause",
+            post(schedules::pause.layer(lead())),
+        )
+        .route(
+            "/schedules/{name}/resume",
+            post(schedules::resume.layer(lead())),
+        )
         .route("/backup", get(backup::backup.layer(here())))
         .route(
             "/restore",

@@ -10,7 +10,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | `format`, `applied`, `membership`, `table`, `access`, `ledger` | u32 LE; codec records |
+//! | `meta` | `format`, `applied`, `membership`, `table`, `access`, `ledger`, `schedules` | u32 LE; codec records |
 //! | `live` | task id | codec [`Task`] (queued, running) |
 //! | `done` | task id | codec [`Task`] (finished, retained) |
 //! | `done_by_state` | (state code, id) | () |
@@ -39,9 +39,10 @@ use swarm_proto::TaskId;
 
 use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
 use super::types::{LogId, NodeAddr, NodeId};
-use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT};
+use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT, SCHEDULES_DECODE_LIMIT};
 use crate::state::{
-    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, TableMeta, Task, TaskTable,
+    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, Schedules, TableMeta, Task,
+    TaskTable,
 };
 
 /// File name of the checkpoint store inside the Raft data directory.
@@ -67,6 +68,9 @@ const KEY_TABLE: &str = "table";
 /// before they existed (read as none).
 const KEY_ACCESS: &str = "access";
 const KEY_LEDGER: &str = "ledger";
+/// The schedules ([`Schedules`]); absent in checkpoints written before them (read as
+/// none).
+const KEY_SCHEDULES: &str = "schedules";
 
 /// Largest stored task: a task is bounded by its ops (payload, outputs of each ring
 /// stage), each below the entry budget.
@@ -197,7 +201,8 @@ impl CheckpointStore {
         })?;
         let access = r.access()?;
         let ledger = r.ledger()?;
-        let table = TaskTable::from_checkpoint(meta, access, ledger, live)?;
+        let schedules = r.schedules()?;
+        let table = TaskTable::from_checkpoint(meta, access, ledger, schedules, live)?;
         let bytes = r.chunks(MEMORY)?;
         let memory = if bytes.is_empty() {
             None
@@ -261,11 +266,13 @@ impl CheckpointStore {
         let mut pending = 0usize;
         let mut access = Access::default();
         let mut ledger = Ledger::default();
+        let mut schedules = Schedules::default();
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Header(_) => anyhow::bail!("a second header"),
                 Record::Access(a) => access = *a,
                 Record::Ledger(l) => ledger = *l,
+                Record::Schedules(s) => schedules = *s,
                 Record::Tasks(batch) => {
                     let mut live = txn.open_table(LIVE)?;
                     let mut done = txn.open_table(DONE)?;
@@ -321,6 +328,7 @@ impl CheckpointStore {
             meta.insert(KEY_TABLE, &encode(&header.meta)?[..])?;
             meta.insert(KEY_ACCESS, &encode(&access)?[..])?;
             meta.insert(KEY_LEDGER, &encode(&ledger)?[..])?;
+            meta.insert(KEY_SCHEDULES, &encode(&schedules)?[..])?;
         }
         txn.set_durability(Durability::Immediate);
         // A crash then costs no walk of the whole file on the next open.
@@ -488,6 +496,9 @@ fn write_delta(
     if let Some(ledger) = &delta.ledger {
         meta.insert(KEY_LEDGER, &encode(&**ledger)?[..])?;
     }
+    if let Some(schedules) = &delta.schedules {
+        meta.insert(KEY_SCHEDULES, &encode(&**schedules)?[..])?;
+    }
     Ok(())
 }
 
@@ -580,6 +591,13 @@ impl StoreReader {
             .unwrap_or_default())
     }
 
+    /// The schedules of this checkpoint (none before any was written).
+    fn schedules(&self) -> anyhow::Result<Schedules> {
+        Ok(self
+            .record_up_to::<Schedules>(KEY_SCHEDULES, SCHEDULES_DECODE_LIMIT)?
+            .unwrap_or_default())
+    }
+
     /// The log position, membership and table metadata of this checkpoint.
     pub fn header_parts(&self) -> anyhow::Result<(Option<LogId>, Membership, TableMeta)> {
         Ok((
@@ -647,6 +665,7 @@ impl StoreReader {
         let access = self.access()?;
         w.write(&Record::Access(Box::new(access)))?;
         w.write(&Record::Ledger(Box::new(self.ledger()?)))?;
+        w.write(&Record::Schedules(Box::new(self.schedules()?)))?;
         let mut batch = Vec::new();
         let mut size = 0;
         for table in [LIVE, DONE] {
@@ -784,9 +803,14 @@ mod tests {
                 },
             );
         }
-        let mut table =
-            TaskTable::from_checkpoint(TableMeta::default(), access, Ledger::default(), Vec::new())
-                .unwrap();
+        let mut table = TaskTable::from_checkpoint(
+            TableMeta::default(),
+            access,
+            Ledger::default(),
+            Schedules::default(),
+            Vec::new(),
+        )
+        .unwrap();
         // One change makes the next checkpoint write it whole.
         checkpoint_revocation(&store, &mut table, "ffff", 2);
         drop(store);
@@ -906,6 +930,96 @@ mod tests {
         let (installed, _) =
             CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
         assert_eq!(installed.load().unwrap().table.ledger(), table.ledger());
+    }
+
+    /// Schedules are stored by a checkpoint, loaded at restart, written into dumps and
+    /// installed from them (a snapshot, or the records a backup carries), and a
+    /// checkpoint that did not change them keeps them.
+    #[test]
+    fn schedules_survive_checkpoints_dumps_and_installs() {
+        use crate::state::schedules::{Cadence, CatchUp};
+        use crate::state::{ScheduleDef, ScheduleOp};
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(&dir.path().join("a.redb")).unwrap();
+        let mut table = store.load().unwrap().table;
+        let def = |name: &str, cadence| ScheduleDef {
+            name: name.into(),
+            cadence,
+            catch_up: CatchUp::All { max: 3 },
+            template: crate::state::TaskSpec {
+                agent: "echo".into(),
+                payload: b"tick".to_vec(),
+                priority: 2,
+                timeout_ms: 1000,
+                max_attempts: 1,
+                idempotency_key: None,
+                labels: Default::default(),
+                patterns: 0,
+                swarm: "default".into(),
+                stages: vec![],
+                retain_ms: 60_000,
+            },
+            paused: false,
+        };
+        let t0 = 1_700_000_000_000;
+        let ops = vec![
+            Op::Schedule(ScheduleOp::Create {
+                def: Box::new(def(
+                    "every",
+                    Cadence::Every {
+                        every_ms: 2000,
+                        anchor_ms: 0,
+                    },
+                )),
+                now_ms: t0,
+            }),
+            Op::Schedule(ScheduleOp::Create {
+                def: Box::new(def(
+                    "cron",
+                    Cadence::Cron {
+                        expr: "*/5 * * * *".into(),
+                    },
+                )),
+                now_ms: t0,
+            }),
+            Op::Schedule(ScheduleOp::Fire {
+                name: "every".into(),
+                tick_ms: t0 + 2000,
+                now_ms: t0 + 2001,
+                queue_limit: 10,
+            }),
+        ];
+        crate::state::apply_command(&mut table, &Command { ops }, &store.reader().unwrap())
+            .unwrap();
+        assert_eq!(table.schedules().get("every").unwrap().fired, 1);
+        let delta = table.begin_checkpoint().unwrap();
+        assert!(delta.schedules.is_some());
+        store
+            .write(&delta, None, &Membership::default(), None)
+            .unwrap();
+        table.checkpoint_written();
+        // A later checkpoint that leaves them alone does not write them again.
+        checkpoint_revocation(&store, &mut table, "0abc", t0 + 3000);
+        let loaded = store.load().unwrap().table;
+        assert_eq!(loaded.schedules(), table.schedules());
+        assert_eq!(loaded.schedules().len(), 2);
+        let mut dump = Vec::new();
+        store.reader().unwrap().write_dump(&mut dump).unwrap();
+        let (installed, _) =
+            CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
+        assert_eq!(
+            installed.load().unwrap().table.schedules(),
+            table.schedules()
+        );
+        let mut records = DumpReader::new(&dump[..]);
+        records.header().unwrap();
+        let mut carried = None;
+        while let Some(r) = records.next_record().unwrap() {
+            if let Record::Schedules(s) = r {
+                carried = Some(s);
+            }
+        }
+        assert_eq!(carried.as_deref(), Some(&**table.schedules()));
     }
 
     fn installed_access(store: &CheckpointStore, dir: &std::path::Path) -> std::sync::Arc<Access> {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{LogId, NodeAddr, NodeId};
 use crate::state::format1::TaskV1;
-use crate::state::{Access, Ledger, TableMeta, Task};
+use crate::state::{Access, Ledger, Schedules, TableMeta, Task};
 
 const MAGIC: &[u8; 8] = b"SWBACKUP";
 /// This format's version. Format 5 encodes tasks with their flow (`Task::flow`: graph
@@ -35,6 +35,7 @@ const PREAMBLE: usize = 12;
 /// memory bytes up to [`BATCH_BYTES`].
 pub const MAX_RECORD: usize = 256 << 20;
 const _: () = assert!(crate::limits::ACCESS_DECODE_LIMIT <= MAX_RECORD);
+const _: () = assert!(crate::limits::SCHEDULES_DECODE_LIMIT <= MAX_RECORD);
 /// Tasks and memory bytes are batched into records of about this size.
 pub const BATCH_BYTES: usize = 1 << 20;
 
@@ -70,6 +71,8 @@ pub enum Record {
     Access(Box<Access>),
     /// Token usage and budgets (format 4 on; absent: none).
     Ledger(Box<Ledger>),
+    /// The schedules (absent: none).
+    Schedules(Box<Schedules>),
 }
 
 /// A record of formats 2 to 4: tasks of state format 1 ([`TaskV1`]). Variants as
@@ -394,7 +397,11 @@ impl DumpParser {
                 self.ended = true;
             }
             Record::Tasks(t) => self.tasks += t.len() as u64,
-            Record::Memory(_) | Record::Staged(_) | Record::Access(_) | Record::Ledger(_) => {}
+            Record::Memory(_)
+            | Record::Staged(_)
+            | Record::Access(_)
+            | Record::Ledger(_)
+            | Record::Schedules(_) => {}
         }
         if !self.ended {
             let framed = &self.buf[self.at..self.at + 4 + len];

@@ -35,6 +35,9 @@ pub mod flow;
 pub mod format1;
 mod layers;
 pub mod ledger;
+pub mod schedules;
+#[cfg(test)]
+mod schedules_tests;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -52,6 +55,7 @@ pub use access::{Access, AccessFault, AccessOp};
 pub use flow::{Flow, FlowFault, GraphStep};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use ledger::{Ledger, LedgerOp};
+pub use schedules::{Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 pub(crate) use table::in_order;
 pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
 
@@ -271,6 +275,10 @@ pub enum Op {
         tasks: Vec<Task>,
         memory: Vec<u8>,
     },
+    /// A change to the schedules, or a tick of one ([`ScheduleOp::Fire`]: submits a task
+    /// as [`Op::Submit`] does). (Appended last: entries written before it read
+    /// unchanged.)
+    Schedule(ScheduleOp),
 }
 
 impl Op {
@@ -346,6 +354,7 @@ impl Op {
             }
             Op::Access(a) => SMALL + swarm_codec::encoded_len(a).unwrap_or(usize::MAX / 4),
             Op::Ledger(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
+            Op::Schedule(s) => SMALL + swarm_codec::encoded_len(s).unwrap_or(usize::MAX / 4),
         }
     }
 }
@@ -416,6 +425,8 @@ pub enum OpResult {
     Graph { ids: Vec<TaskId>, duplicate: bool },
     /// A submit with flow controls was refused (a bad parent, too many dependants, ...).
     Refused(FlowFault),
+    /// What a schedule op did, or why it was refused (identically on every replica).
+    Schedule(Result<ScheduleOutcome, ScheduleFault>),
 }
 
 /// What a restore brought back (so far, for a chunk; in all, for the commit).

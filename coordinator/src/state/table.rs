@@ -16,6 +16,7 @@ use super::access::Access;
 use super::flow::{self, Flow, FlowAttr, FlowFault, GraphStep};
 use super::layers::Layers;
 use super::ledger::Ledger;
+use super::schedules::{ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 use super::{
     Archive, ArchiveError, Attempt, AttemptEnd, Changes, Op, OpResult, RestoreState,
     RestoreSummary, RestoredMeta, SwarmFault, SwarmRecord, TableMeta, Task, TaskSpec,
@@ -97,6 +98,10 @@ pub struct TaskTable {
     ledger: Arc<Ledger>,
     ledger_stored: Option<Arc<Ledger>>,
     ledger_flushing: Option<Arc<Ledger>>,
+    /// The schedules: copied on change, stored whole like `access`.
+    schedules: Arc<Schedules>,
+    schedules_stored: Option<Arc<Schedules>>,
+    schedules_flushing: Option<Arc<Schedules>>,
     changes: Changes,
     /// The changes a checkpoint is writing to the archive right now.
     flushing: Option<Arc<Changes>>,
@@ -116,6 +121,8 @@ pub struct CheckpointDelta {
     pub access: Option<Arc<Access>>,
     /// The ledger, when it changed since the last checkpoint.
     pub ledger: Option<Arc<Ledger>>,
+    /// The schedules, when they changed since the last checkpoint.
+    pub schedules: Option<Arc<Schedules>>,
 }
 
 impl TaskTable {
@@ -128,16 +135,20 @@ impl TaskTable {
         meta: TableMeta,
         access: Access,
         ledger: Ledger,
+        schedules: Schedules,
         live: Vec<Task>,
     ) -> anyhow::Result<Self> {
         let access = Arc::new(access);
         let ledger = Arc::new(ledger);
+        let schedules = Arc::new(schedules);
         let mut t = TaskTable {
             meta,
             access_stored: Some(access.clone()),
             access,
             ledger_stored: Some(ledger.clone()),
             ledger,
+            schedules_stored: Some(schedules.clone()),
+            schedules,
             ..Default::default()
         };
         for task in live {
@@ -178,11 +189,15 @@ impl TaskTable {
     /// Apply one task-table op. Deterministic: same ops, same table. `archive` is read
     /// for finished tasks and idempotency keys; it is never written.
     pub fn apply_op(&mut self, op: &Op, archive: &dyn Archive) -> Result<OpResult, ArchiveError> {
-        // Credentials stay manageable while a restore runs.
+        // Credentials stay manageable while a restore runs; the backup's schedules arrive
+        // meanwhile.
         if self.meta.restore.is_some()
             && !matches!(
                 op,
-                Op::RestoreChunk { .. } | Op::RestoreTasks { .. } | Op::Access(_)
+                Op::RestoreChunk { .. }
+                    | Op::RestoreTasks { .. }
+                    | Op::Access(_)
+                    | Op::Schedule(ScheduleOp::Restore { .. })
             )
         {
             return Ok(OpResult::Restoring);
@@ -276,6 +291,7 @@ impl TaskTable {
                 Arc::make_mut(&mut self.ledger).apply(op);
                 OpResult::Ledger
             }
+            Op::Schedule(op) => OpResult::Schedule(self.apply_schedule(op, archive)?),
             Op::RestoreChunk {
                 restore_id,
                 seq,
@@ -432,6 +448,69 @@ impl TaskTable {
     /// Token usage and budgets.
     pub fn ledger(&self) -> &Arc<Ledger> {
         &self.ledger
+    }
+
+    /// The schedules.
+    pub fn schedules(&self) -> &Arc<Schedules> {
+        &self.schedules
+    }
+
+    fn apply_schedule(
+        &mut self,
+        op: &ScheduleOp,
+        archive: &dyn Archive,
+    ) -> Result<Result<ScheduleOutcome, ScheduleFault>, ArchiveError> {
+        let done = |r: Result<(), ScheduleFault>| r.map(|()| ScheduleOutcome::Done);
+        Ok(match op {
+            ScheduleOp::Create { def, now_ms } => {
+                if def.template.swarm != DEFAULT_SWARM_NAME
+                    && !self.meta.swarms.contains_key(&def.template.swarm)
+                {
+                    return Ok(Err(ScheduleFault::new(
+                        "unknown_swarm",
+                        format!("no swarm named {:?}", def.template.swarm),
+                    )));
+                }
+                done(Arc::make_mut(&mut self.schedules).create(def, *now_ms))
+            }
+            ScheduleOp::Delete { name } => done(Arc::make_mut(&mut self.schedules).delete(name)),
+            ScheduleOp::Pause { name } => done(Arc::make_mut(&mut self.schedules).pause(name)),
+            ScheduleOp::Resume { name, now_ms } => {
+                done(Arc::make_mut(&mut self.schedules).resume(name, *now_ms))
+            }
+            ScheduleOp::Fire {
+                name,
+                tick_ms,
+                now_ms,
+                queue_limit,
+            } => {
+                let Some(plan) = self.schedules.plan_fire(name, *tick_ms, *now_ms) else {
+                    return Ok(Ok(ScheduleOutcome::Ignored));
+                };
+                // The tick's task goes in exactly as a client's submit would.
+                let submitted = match self.submit(&plan.spec, *now_ms, *queue_limit, archive)? {
+                    OpResult::Submitted { id, duplicate } => Ok((id, duplicate)),
+                    OpResult::QueueFull { limit } => {
+                        Err(format!("queue full: {limit} unfinished tasks"))
+                    }
+                    OpResult::Swarm(Err(f)) => Err(f.message),
+                    other => Err(format!("submit refused: {other:?}")),
+                };
+                Ok(Arc::make_mut(&mut self.schedules).record_fire(name, &plan, submitted))
+            }
+            ScheduleOp::Restore {
+                restore_id,
+                schedules,
+            } => match &self.meta.restore {
+                Some(r) if r.restore_id == *restore_id => {
+                    done(Arc::make_mut(&mut self.schedules).restore(schedules))
+                }
+                _ => Err(ScheduleFault::new(
+                    "no_restore",
+                    format!("restore {restore_id:x} is not in progress"),
+                )),
+            },
+        })
     }
 
     pub fn swarms_gen(&self) -> u64 {
@@ -1545,12 +1624,18 @@ impl TaskTable {
             .as_ref()
             .is_some_and(|stored| Arc::ptr_eq(stored, &self.ledger));
         self.ledger_flushing = (!unchanged).then(|| self.ledger.clone());
+        let unchanged = self
+            .schedules_stored
+            .as_ref()
+            .is_some_and(|stored| Arc::ptr_eq(stored, &self.schedules));
+        self.schedules_flushing = (!unchanged).then(|| self.schedules.clone());
         Ok(CheckpointDelta {
             changes,
             live,
             meta: self.meta.clone(),
             access: self.access_flushing.clone(),
             ledger: self.ledger_flushing.clone(),
+            schedules: self.schedules_flushing.clone(),
         })
     }
 
@@ -1563,6 +1648,9 @@ impl TaskTable {
         if let Some(l) = self.ledger_flushing.take() {
             self.ledger_stored = Some(l);
         }
+        if let Some(s) = self.schedules_flushing.take() {
+            self.schedules_stored = Some(s);
+        }
     }
 
     /// The checkpoint begun last failed: its changes go back in front of the newer ones,
@@ -1572,6 +1660,7 @@ impl TaskTable {
         // if it differs from that.
         self.access_flushing = None;
         self.ledger_flushing = None;
+        self.schedules_flushing = None;
         let Some(failed) = self.flushing.take() else {
             return;
         };
@@ -1606,12 +1695,17 @@ impl TaskTable {
                 r.restore_id
             ));
         }
-        if !self.is_empty() || memory.pattern_count() > 0 || !memory.list_collections().is_empty() {
+        if !self.is_empty()
+            || memory.pattern_count() > 0
+            || !memory.list_collections().is_empty()
+            || !self.schedules.is_empty()
+        {
             return Err(format!(
-                "the cluster already holds {} tasks, {} collections and {} patterns; restore seeds an empty cluster",
+                "the cluster already holds {} tasks, {} collections, {} patterns and {} schedules; restore seeds an empty cluster",
                 self.len(),
                 memory.list_collections().len(),
-                memory.pattern_count()
+                memory.pattern_count(),
+                self.schedules.len()
             ));
         }
         self.meta.restore = Some(RestoreState {
@@ -1769,6 +1863,10 @@ impl TaskTable {
         };
         if let Ok(empty) = MemoryStore::new(memory.config().clone()) {
             *memory = empty;
+        }
+        // The backup's schedules, if some arrived, go with the rest of it.
+        if !self.schedules.is_empty() {
+            self.schedules = Arc::new(Schedules::default());
         }
         Ok(RestoreSummary::default())
     }

@@ -15,7 +15,7 @@ use super::*;
 /// The archive as the checkpoint store keeps it, in memory: what a checkpoint writes, it
 /// holds (the same rules as `raft/sm_store.rs`'s redb tables).
 #[derive(Debug, Default, Clone)]
-struct MemArchive {
+pub(super) struct MemArchive {
     live: BTreeMap<TaskId, Task>,
     done: BTreeMap<TaskId, Task>,
     keys: BTreeMap<String, TaskId>,
@@ -23,10 +23,11 @@ struct MemArchive {
     meta: TableMeta,
     access: super::Access,
     ledger: super::Ledger,
+    schedules: super::Schedules,
 }
 
 impl MemArchive {
-    fn write(&mut self, d: &CheckpointDelta) {
+    pub(super) fn write(&mut self, d: &CheckpointDelta) {
         let c = &d.changes;
         if c.reset {
             self.live.clear();
@@ -62,14 +63,18 @@ impl MemArchive {
         if let Some(l) = &d.ledger {
             self.ledger = (**l).clone();
         }
+        if let Some(s) = &d.schedules {
+            self.schedules = (**s).clone();
+        }
     }
 
     /// A table restarted from this archive.
-    fn reload(&self) -> TaskTable {
+    pub(super) fn reload(&self) -> TaskTable {
         TaskTable::from_checkpoint(
             self.meta.clone(),
             self.access.clone(),
             self.ledger.clone(),
+            self.schedules.clone(),
             self.live.values().cloned().collect(),
         )
         .unwrap()
@@ -142,7 +147,7 @@ impl Archive for MemArchive {
 }
 
 /// Write a whole checkpoint.
-fn checkpoint(t: &mut TaskTable, archive: &mut MemArchive) {
+pub(super) fn checkpoint(t: &mut TaskTable, archive: &mut MemArchive) {
     let delta = t.begin_checkpoint().unwrap();
     archive.write(&delta);
     t.checkpoint_written();
@@ -179,7 +184,7 @@ fn page_through(
     }
 }
 
-fn spec(agent: &str) -> TaskSpec {
+pub(super) fn spec(agent: &str) -> TaskSpec {
     TaskSpec {
         agent: agent.into(),
         payload: b"p".to_vec(),
