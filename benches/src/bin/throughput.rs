@@ -10,6 +10,9 @@
 //! `--nodes 3` runs the same against a three-coordinator Raft cluster (all in this
 //! process, so on a small machine the replicas compete with the leader for CPU).
 //!
+//! `--pending-graph 10000` first parks that many graph tasks, `waiting` on a parent that
+//! runs for the whole measurement (what many pending graph tasks cost dispatch).
+//!
 //! Run: `cargo run --release -p swarm-benches --bin throughput [-- --nodes 3]`
 
 use std::time::{Duration, Instant};
@@ -51,6 +54,10 @@ struct Args {
     /// Hierarchical: workers per lead.
     #[arg(long, default_value_t = 4)]
     fan_out: u32,
+    /// Before measuring, submit this many graph tasks (at most 10,000) that wait on a
+    /// running parent, so they sit in the table, `waiting`, for the whole run.
+    #[arg(long, default_value_t = 0)]
+    pending_graph: usize,
 }
 
 impl Args {
@@ -119,6 +126,14 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
 
+    if args.pending_graph > 0 {
+        let parent = pending_graph(&http, &api, &token, args.pending_graph).await?;
+        println!(
+            "# {} graph tasks waiting (dependants of task {parent}, running for the whole run)",
+            args.pending_graph
+        );
+    }
+
     println!(
         "# swarm end-to-end benchmark ({} coordinator(s) in one Raft cluster, {} workers x {} slots, loopback, fsync'd Raft log)",
         args.nodes.max(1),
@@ -177,6 +192,57 @@ async fn main() -> anyhow::Result<()> {
         c.shutdown().await;
     }
     Ok(())
+}
+
+/// Submit a parent that runs for an hour and `n` dependants of it (batches of 1,000);
+/// returns the parent's id once every dependant is committed, `waiting`.
+async fn pending_graph(
+    http: &reqwest::Client,
+    api: &str,
+    token: &str,
+    n: usize,
+) -> anyhow::Result<u64> {
+    let hour = 3_600_000u64;
+    let resp: serde_json::Value = http
+        .post(format!("{api}/v1/tasks"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"agent": "sleep", "payload": {"ms": hour}, "timeout_ms": hour}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let Some(parent) = resp["id"].as_u64() else {
+        bail!("submitting the parent: {resp}");
+    };
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(1000);
+        let tasks: Vec<serde_json::Value> = (0..k)
+            .map(|i| serde_json::json!({"agent": "echo", "payload": i.to_string(), "depends_on": [parent]}))
+            .collect();
+        let resp = http
+            .post(format!("{api}/v1/tasks/batch"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "tasks": tasks }))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("submitting dependants: {}", resp.text().await?);
+        }
+        left -= k;
+    }
+    let status: serde_json::Value = http
+        .get(format!("{api}/v1/status"))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let waiting = status["queue"]["waiting"].as_u64().unwrap_or(0);
+    if waiting != n as u64 {
+        bail!("{waiting} tasks waiting, expected {n}: {status}");
+    }
+    Ok(parent)
 }
 
 /// Create the hierarchical swarm and wait until every member's session is relayed by a

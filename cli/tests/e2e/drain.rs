@@ -361,25 +361,9 @@ async fn a_leader_given_sigterm_hands_leadership_over_and_the_cluster_keeps_comm
     assert!(out.contains("after"), "{out}");
 }
 
-/// `swarm <args>` against `c` with `token`: (exit code, stdout, stderr).
-fn cli(c: &Cluster, token: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(crate::harness::bin())
-        .args(args)
-        .env("SWARM_API", &c.api)
-        .env("SWARM_TOKEN", token)
-        .env_remove("SWARM_CA")
-        .output()
-        .expect("run swarm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// A new API token of `scope` (printed once by `swarm tokens create`).
 fn make_token(c: &Cluster, name: &str, scope: &str) -> String {
-    let (code, out, err) = cli(c, &c.token, &["tokens", "create", name, "--scope", scope]);
+    let (code, out, err) = c.cli_as(&c.token, &["tokens", "create", name, "--scope", scope]);
     assert_eq!(code, 0, "{out}{err}");
     out.trim().to_string()
 }
@@ -428,11 +412,11 @@ async fn an_operator_drains_a_worker_which_finishes_its_attempt_stays_and_is_res
             let msg = v["error"]["message"].as_str().unwrap_or_default();
             assert!(msg.contains("needs scope operate"), "{v}");
         }
-        let (code, _, err) = cli(&c, &token, &["workers", "drain", "w1"]);
+        let (code, _, err) = c.cli_as(&token, &["workers", "drain", "w1"]);
         assert_eq!(code, 1, "{err}");
         assert!(err.contains("forbidden"), "{err}");
     }
-    let (code, _, err) = cli(&c, &c.token, &["workers", "resume", "nosuch"]);
+    let (code, _, err) = c.cli_as(&c.token, &["workers", "resume", "nosuch"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not_found"), "{err}");
     let (_, workers) = c.get("/v1/workers").await;
@@ -496,11 +480,11 @@ async fn an_operator_drains_a_worker_which_finishes_its_attempt_stays_and_is_res
     let log = c.log_of("w1");
     assert!(!log.contains("drain timeout"), "{log}");
     assert!(!log.contains("shutting down"), "{log}");
-    let (code, out, err) = cli(&c, &c.token, &["status"]);
+    let (code, out, err) = c.cli_as(&c.token, &["status"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("w1 (drained by operator)"), "{out}");
     assert!(out.contains("(1 draining)"), "{out}");
-    let (code, out, err) = cli(&c, &c.token, &["workers", "list"]);
+    let (code, out, err) = c.cli_as(&c.token, &["workers", "list"]);
     assert_eq!(code, 0, "{err}");
     let line = out
         .lines()
@@ -514,7 +498,7 @@ async fn an_operator_drains_a_worker_which_finishes_its_attempt_stays_and_is_res
     assert!(line.contains("ready"), "{out}");
 
     // Resumed with the CLI: w1 takes work again, starting with the task only it can run.
-    let (code, out, err) = cli(&c, &operate, &["workers", "resume", "w1"]);
+    let (code, out, err) = c.cli_as(&operate, &["workers", "resume", "w1"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("w1 resumed"), "{out}");
     let t = c.wait_final(pinned).await;
@@ -530,7 +514,7 @@ async fn an_operator_drains_a_worker_which_finishes_its_attempt_stays_and_is_res
     );
 
     // Drained again with the CLI (JSON), resumed again with the API.
-    let (code, out, err) = cli(&c, &c.token, &["workers", "drain", "w1", "--json"]);
+    let (code, out, err) = c.cli_as(&c.token, &["workers", "drain", "w1", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let v: Value = serde_json::from_str(&out).expect("worker JSON");
     assert_eq!((&v["id"], &v["drain"]), (&json!("w1"), &json!("operator")));

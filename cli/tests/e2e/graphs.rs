@@ -4,22 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{bin, Cluster};
-
-/// `swarm ARGS` against the cluster: (exit code, stdout, stderr).
-fn swarm(c: &Cluster, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(bin())
-        .args(args)
-        .env("SWARM_API", &c.api)
-        .env("SWARM_TOKEN", &c.token)
-        .output()
-        .expect("run swarm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::harness::Cluster;
 
 fn output_json(t: &Value) -> Value {
     serde_json::from_str(t["output"].as_str().unwrap_or_default())
@@ -276,7 +261,7 @@ async fn bad_graphs_are_refused_with_clear_errors_and_the_cli_submits_them() {
             .to_string(),
     )
     .unwrap();
-    let (code, out, err) = swarm(&c, &["task", "graph", file.to_str().unwrap()]);
+    let (code, out, err) = c.cli(&["task", "graph", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     let ids: std::collections::BTreeMap<&str, u64> = out
         .lines()
@@ -286,20 +271,17 @@ async fn bad_graphs_are_refused_with_clear_errors_and_the_cli_submits_them() {
         })
         .collect();
     let summarise = ids["summarise"];
-    let (code, out, err) = swarm(
-        &c,
-        &[
-            "submit",
-            "--agent",
-            "echo",
-            "--payload",
-            "after",
-            "--depends-on",
-            &summarise.to_string(),
-            "--wait",
-            "30s",
-        ],
-    );
+    let (code, out, err) = c.cli(&[
+        "submit",
+        "--agent",
+        "echo",
+        "--payload",
+        "after",
+        "--depends-on",
+        &summarise.to_string(),
+        "--wait",
+        "30s",
+    ]);
     assert_eq!(code, 0, "{out}{err}");
     let out: Value = serde_json::from_str(out.trim()).unwrap();
     // A parent that is a graph step goes under its step name.
@@ -307,7 +289,7 @@ async fn bad_graphs_are_refused_with_clear_errors_and_the_cli_submits_them() {
         out["parents"]["summarise"]["parents"]["fetch"], "page",
         "{out}"
     );
-    let (code, got, err) = swarm(&c, &["task", "get", &summarise.to_string()]);
+    let (code, got, err) = c.cli(&["task", "get", &summarise.to_string()]);
     assert_eq!(code, 0, "{err}");
     let got: Value = serde_json::from_str(&got).unwrap();
     assert_eq!(got["parents"], json!([ids["fetch"]]), "{got}");

@@ -327,6 +327,28 @@ impl Cluster {
         (v["id"].as_u64().expect("task id"), output)
     }
 
+    /// `swarm <args>` against this cluster's API with its token: (exit code, stdout,
+    /// stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_as(&self.token, args)
+    }
+
+    /// `swarm <args>` against this cluster's API with `token`.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin())
+            .args(args)
+            .env("SWARM_API", &self.api)
+            .env("SWARM_TOKEN", token)
+            .env_remove("SWARM_CA")
+            .output()
+            .expect("run swarm");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Submit and return the task id, asserting the submit was accepted.
     pub async fn submit(&self, body: Value) -> u64 {
         let (status, v) = self.post("/v1/tasks", body).await;

@@ -4,22 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{bin, Cluster};
-
-/// `swarm ARGS` against the cluster: (exit code, stdout, stderr).
-fn swarm(c: &Cluster, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(bin())
-        .args(args)
-        .env("SWARM_API", &c.api)
-        .env("SWARM_TOKEN", &c.token)
-        .output()
-        .expect("run swarm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::harness::Cluster;
 
 fn outcomes(t: &Value) -> Vec<String> {
     t["attempts"]
@@ -93,7 +78,7 @@ async fn failed_tasks_are_retried_one_by_one_and_in_bulk_with_their_history() {
     // Fixed: one retried by id through the CLI; it succeeds on its second attempt.
     std::fs::write(&marker, b"").unwrap();
     let first = ids[0].to_string();
-    let (code, out, err) = swarm(&c, &["task", "retry", &first]);
+    let (code, out, err) = c.cli(&["task", "retry", &first]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("queued again"), "{out}");
     let t = c.wait_final(ids[0]).await;
@@ -117,13 +102,10 @@ async fn failed_tasks_are_retried_one_by_one_and_in_bulk_with_their_history() {
         .collect();
     assert_eq!(retried, ids[1..201].to_vec(), "oldest first");
     let after = v["next_after"].as_u64().expect("more to retry").to_string();
-    let (code, out, err) = swarm(
-        &c,
-        &[
-            "task", "retry", "--state", "failed", "--agent", "flaky", "--after", &after, "--limit",
-            "1000",
-        ],
-    );
+    let (code, out, err) = c.cli(&[
+        "task", "retry", "--state", "failed", "--agent", "flaky", "--after", &after, "--limit",
+        "1000",
+    ]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.starts_with(&format!("{} tasks queued again", n - 201)),
@@ -138,10 +120,10 @@ async fn failed_tasks_are_retried_one_by_one_and_in_bulk_with_their_history() {
     assert_eq!(v["queue"]["failed"], 0, "{v}");
     assert_eq!(v["queue"]["succeeded"], n + 1, "{v}");
     // Nothing left: a bulk retry finds nothing and says so.
-    let (code, out, _) = swarm(&c, &["task", "retry", "--state", "failed"]);
+    let (code, out, _) = c.cli(&["task", "retry", "--state", "failed"]);
     assert_eq!((code, out.trim()), (0, "0 tasks queued again"));
     // Neither an id nor a filter, or both: a clear refusal.
-    let (code, _, err) = swarm(&c, &["task", "retry"]);
+    let (code, _, err) = c.cli(&["task", "retry"]);
     assert_eq!(code, 1);
     assert!(err.contains("name a task"), "{err}");
 }

@@ -207,7 +207,7 @@ impl TaskTable {
                 spec,
                 now_ms,
                 queue_limit,
-            } => self.submit(spec, *now_ms, *queue_limit, archive)?,
+            } => self.submit(spec, None, *now_ms, *queue_limit, archive)?,
             Op::Start {
                 attempt,
                 worker,
@@ -277,7 +277,7 @@ impl TaskTable {
                 flow,
                 now_ms,
                 queue_limit,
-            } => self.submit_flow(spec, flow, *now_ms, *queue_limit, archive)?,
+            } => self.submit(spec, Some(flow), *now_ms, *queue_limit, archive)?,
             Op::Graph {
                 steps,
                 now_ms,
@@ -488,14 +488,15 @@ impl TaskTable {
                     return Ok(Ok(ScheduleOutcome::Ignored));
                 };
                 // The tick's task goes in exactly as a client's submit would.
-                let submitted = match self.submit(&plan.spec, *now_ms, *queue_limit, archive)? {
-                    OpResult::Submitted { id, duplicate } => Ok((id, duplicate)),
-                    OpResult::QueueFull { limit } => {
-                        Err(format!("queue full: {limit} unfinished tasks"))
-                    }
-                    OpResult::Swarm(Err(f)) => Err(f.message),
-                    other => Err(format!("submit refused: {other:?}")),
-                };
+                let submitted =
+                    match self.submit(&plan.spec, None, *now_ms, *queue_limit, archive)? {
+                        OpResult::Submitted { id, duplicate } => Ok((id, duplicate)),
+                        OpResult::QueueFull { limit } => {
+                            Err(format!("queue full: {limit} unfinished tasks"))
+                        }
+                        OpResult::Swarm(Err(f)) => Err(f.message),
+                        other => Err(format!("submit refused: {other:?}")),
+                    };
                 Ok(Arc::make_mut(&mut self.schedules).record_fire(name, &plan, submitted))
             }
             ScheduleOp::Restore {
@@ -549,9 +550,13 @@ impl TaskTable {
         &self.meta.swarms
     }
 
+    /// [`Op::Submit`] (`flow` `None`) and [`Op::SubmitFlow`]: a new task, unless its
+    /// idempotency key names one; a flow's parents are checked and linked (see
+    /// [`super::flow`]).
     fn submit(
         &mut self,
         spec: &TaskSpec,
+        flow: Option<&Flow>,
         now_ms: u64,
         queue_limit: u64,
         archive: &dyn Archive,
@@ -567,10 +572,15 @@ impl TaskTable {
         if let Some(refused) = self.unknown_swarm(spec) {
             return Ok(refused);
         }
+        let parents = flow.map_or(&[][..], |f| &f.parents[..]);
+        if let Err(fault) = self.check_parents(parents, 1, archive)? {
+            return Ok(OpResult::Refused(fault));
+        }
         if self.unfinished() >= queue_limit {
             return Ok(OpResult::QueueFull { limit: queue_limit });
         }
-        let id = self.insert_task(spec, None, now_ms);
+        let id = self.insert_task(spec, flow, now_ms);
+        self.link_parents(id, parents, archive)?;
         Ok(OpResult::Submitted {
             id,
             duplicate: false,
@@ -587,40 +597,6 @@ impl TaskTable {
                 )))
             },
         )
-    }
-
-    /// [`Op::SubmitFlow`]: a submit that may name parents (see [`super::flow`]).
-    fn submit_flow(
-        &mut self,
-        spec: &TaskSpec,
-        flow: &Flow,
-        now_ms: u64,
-        queue_limit: u64,
-        archive: &dyn Archive,
-    ) -> Result<OpResult, ArchiveError> {
-        if let Some(key) = &spec.idempotency_key {
-            if let Some(id) = self.layers(archive).key(key)? {
-                return Ok(OpResult::Submitted {
-                    id,
-                    duplicate: true,
-                });
-            }
-        }
-        if let Some(refused) = self.unknown_swarm(spec) {
-            return Ok(refused);
-        }
-        if let Err(fault) = self.check_parents(&flow.parents, 1, archive)? {
-            return Ok(OpResult::Refused(fault));
-        }
-        if self.unfinished() >= queue_limit {
-            return Ok(OpResult::QueueFull { limit: queue_limit });
-        }
-        let id = self.insert_task(spec, Some(flow), now_ms);
-        self.link_parents(id, &flow.parents, archive)?;
-        Ok(OpResult::Submitted {
-            id,
-            duplicate: false,
-        })
     }
 
     /// [`Op::Graph`]: every step or none. Steps name earlier steps by index.
@@ -759,6 +735,9 @@ impl TaskTable {
         parents: &[TaskId],
         archive: &dyn Archive,
     ) -> Result<(), ArchiveError> {
+        if parents.is_empty() {
+            return Ok(());
+        }
         let mut waiting = 0u32;
         for &p in parents {
             if let Some(parent) = self.live_mut(p) {
