@@ -650,6 +650,10 @@ impl Node {
                 OpResult::Submitted {
                     duplicate: false, ..
                 } => metrics::counter!("swarm_tasks_submitted_total").increment(1),
+                OpResult::Graph {
+                    ids,
+                    duplicate: false,
+                } => metrics::counter!("swarm_tasks_submitted_total").increment(ids.len() as u64),
                 OpResult::QueueFull { .. } => {
                     metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full")
                         .increment(1)
