@@ -35,6 +35,7 @@ pub mod flow;
 pub mod format1;
 mod layers;
 pub mod ledger;
+pub mod limits;
 pub mod schedules;
 #[cfg(test)]
 mod schedules_tests;
@@ -55,6 +56,7 @@ pub use access::{Access, AccessFault, AccessOp};
 pub use flow::{Flow, FlowFault, GraphStep};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use ledger::{Ledger, LedgerOp};
+pub use limits::{LimitDef, Limits, LimitsFault, LimitsOp, Rate};
 pub use schedules::{Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 pub(crate) use table::in_order;
 pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
@@ -279,6 +281,8 @@ pub enum Op {
     /// as [`Op::Submit`] does). (Appended last: entries written before it read
     /// unchanged.)
     Schedule(ScheduleOp),
+    /// A change to the named limits (concurrency and rate limits). (Appended last.)
+    Limits(LimitsOp),
 }
 
 impl Op {
@@ -355,6 +359,7 @@ impl Op {
             Op::Access(a) => SMALL + swarm_codec::encoded_len(a).unwrap_or(usize::MAX / 4),
             Op::Ledger(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
             Op::Schedule(s) => SMALL + swarm_codec::encoded_len(s).unwrap_or(usize::MAX / 4),
+            Op::Limits(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
         }
     }
 }
@@ -427,6 +432,8 @@ pub enum OpResult {
     Refused(FlowFault),
     /// What a schedule op did, or why it was refused (identically on every replica).
     Schedule(Result<ScheduleOutcome, ScheduleFault>),
+    /// A limits op took effect, or why it was refused.
+    Limits(Result<(), LimitsFault>),
 }
 
 /// What a restore brought back (so far, for a chunk; in all, for the commit).

@@ -16,6 +16,7 @@ use super::access::Access;
 use super::flow::{self, Flow, FlowAttr, FlowFault, GraphStep};
 use super::layers::Layers;
 use super::ledger::Ledger;
+use super::limits::{Limits, LimitsFault, LimitsOp};
 use super::schedules::{ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 use super::{
     Archive, ArchiveError, Attempt, AttemptEnd, Changes, Op, OpResult, RestoreState,
@@ -90,18 +91,16 @@ pub struct TaskTable {
     /// API tokens, revoked certificates and enrolled names: copied on change, stored
     /// whole by the next checkpoint after a change.
     access: Arc<Access>,
-    /// The access state the archive holds (`None`: unknown, so the next checkpoint
-    /// writes it), and the one the checkpoint being written carries.
-    access_stored: Option<Arc<Access>>,
-    access_flushing: Option<Arc<Access>>,
+    access_flush: Flush<Access>,
     /// Token usage and budgets: copied on change, stored whole like `access`.
     ledger: Arc<Ledger>,
-    ledger_stored: Option<Arc<Ledger>>,
-    ledger_flushing: Option<Arc<Ledger>>,
+    ledger_flush: Flush<Ledger>,
     /// The schedules: copied on change, stored whole like `access`.
     schedules: Arc<Schedules>,
-    schedules_stored: Option<Arc<Schedules>>,
-    schedules_flushing: Option<Arc<Schedules>>,
+    schedules_flush: Flush<Schedules>,
+    /// The named limits: copied on change, stored whole like `access`.
+    limits: Arc<Limits>,
+    limits_flush: Flush<Limits>,
     changes: Changes,
     /// The changes a checkpoint is writing to the archive right now.
     flushing: Option<Arc<Changes>>,
@@ -123,6 +122,58 @@ pub struct CheckpointDelta {
     pub ledger: Option<Arc<Ledger>>,
     /// The schedules, when they changed since the last checkpoint.
     pub schedules: Option<Arc<Schedules>>,
+    /// The limits, when they changed since the last checkpoint.
+    pub limits: Option<Arc<Limits>>,
+}
+
+/// Which value of a record stored whole (like [`Access`]) the archive holds, and which
+/// one the checkpoint being written carries: a checkpoint writes the record only when
+/// it changed (a change replaces the `Arc`).
+#[derive(Debug)]
+struct Flush<T> {
+    /// `None`: unknown, so the next checkpoint writes it.
+    stored: Option<Arc<T>>,
+    flushing: Option<Arc<T>>,
+}
+
+impl<T> Default for Flush<T> {
+    fn default() -> Self {
+        Flush {
+            stored: None,
+            flushing: None,
+        }
+    }
+}
+
+impl<T> Flush<T> {
+    fn stored(value: &Arc<T>) -> Self {
+        Flush {
+            stored: Some(value.clone()),
+            flushing: None,
+        }
+    }
+
+    /// A checkpoint begins: what it must write of `current` (`None`: unchanged).
+    fn begin(&mut self, current: &Arc<T>) -> Option<Arc<T>> {
+        let unchanged = self
+            .stored
+            .as_ref()
+            .is_some_and(|stored| Arc::ptr_eq(stored, current));
+        self.flushing = (!unchanged).then(|| current.clone());
+        self.flushing.clone()
+    }
+
+    fn written(&mut self) {
+        if let Some(v) = self.flushing.take() {
+            self.stored = Some(v);
+        }
+    }
+
+    /// The archive holds what it held: the next checkpoint writes the record if it
+    /// differs from that.
+    fn failed(&mut self) {
+        self.flushing = None;
+    }
 }
 
 impl TaskTable {
@@ -136,19 +187,23 @@ impl TaskTable {
         access: Access,
         ledger: Ledger,
         schedules: Schedules,
+        limits: Limits,
         live: Vec<Task>,
     ) -> anyhow::Result<Self> {
         let access = Arc::new(access);
         let ledger = Arc::new(ledger);
         let schedules = Arc::new(schedules);
+        let limits = Arc::new(limits);
         let mut t = TaskTable {
             meta,
-            access_stored: Some(access.clone()),
+            access_flush: Flush::stored(&access),
             access,
-            ledger_stored: Some(ledger.clone()),
+            ledger_flush: Flush::stored(&ledger),
             ledger,
-            schedules_stored: Some(schedules.clone()),
+            schedules_flush: Flush::stored(&schedules),
             schedules,
+            limits_flush: Flush::stored(&limits),
+            limits,
             ..Default::default()
         };
         for task in live {
@@ -198,6 +253,7 @@ impl TaskTable {
                     | Op::RestoreTasks { .. }
                     | Op::Access(_)
                     | Op::Schedule(ScheduleOp::Restore { .. })
+                    | Op::Limits(_)
             )
         {
             return Ok(OpResult::Restoring);
@@ -292,6 +348,7 @@ impl TaskTable {
                 OpResult::Ledger
             }
             Op::Schedule(op) => OpResult::Schedule(self.apply_schedule(op, archive)?),
+            Op::Limits(op) => OpResult::Limits(self.apply_limits(op)),
             Op::RestoreChunk {
                 restore_id,
                 seq,
@@ -440,6 +497,20 @@ impl TaskTable {
     }
 
     /// Changes whenever a swarm is created or deleted.
+    /// The named limits (a shared copy: cheap to keep).
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    fn apply_limits(&mut self, op: &LimitsOp) -> Result<(), LimitsFault> {
+        // Checked on a copy: a refused op leaves the shared value (and the next
+        // checkpoint) alone.
+        let mut next = (*self.limits).clone();
+        next.apply(op)?;
+        self.limits = Arc::new(next);
+        Ok(())
+    }
+
     /// The API tokens and revoked certificates (a shared copy: cheap to keep).
     pub fn access(&self) -> &Arc<Access> {
         &self.access
@@ -1593,53 +1664,33 @@ impl TaskTable {
             .filter_map(|id| self.live.get(id).cloned())
             .collect();
         self.flushing = Some(changes.clone());
-        let unchanged = self
-            .access_stored
-            .as_ref()
-            .is_some_and(|stored| Arc::ptr_eq(stored, &self.access));
-        self.access_flushing = (!unchanged).then(|| self.access.clone());
-        let unchanged = self
-            .ledger_stored
-            .as_ref()
-            .is_some_and(|stored| Arc::ptr_eq(stored, &self.ledger));
-        self.ledger_flushing = (!unchanged).then(|| self.ledger.clone());
-        let unchanged = self
-            .schedules_stored
-            .as_ref()
-            .is_some_and(|stored| Arc::ptr_eq(stored, &self.schedules));
-        self.schedules_flushing = (!unchanged).then(|| self.schedules.clone());
         Ok(CheckpointDelta {
             changes,
             live,
             meta: self.meta.clone(),
-            access: self.access_flushing.clone(),
-            ledger: self.ledger_flushing.clone(),
-            schedules: self.schedules_flushing.clone(),
+            access: self.access_flush.begin(&self.access),
+            ledger: self.ledger_flush.begin(&self.ledger),
+            schedules: self.schedules_flush.begin(&self.schedules),
+            limits: self.limits_flush.begin(&self.limits),
         })
     }
 
     /// The checkpoint begun last is in the archive now.
     pub fn checkpoint_written(&mut self) {
         self.flushing = None;
-        if let Some(a) = self.access_flushing.take() {
-            self.access_stored = Some(a);
-        }
-        if let Some(l) = self.ledger_flushing.take() {
-            self.ledger_stored = Some(l);
-        }
-        if let Some(s) = self.schedules_flushing.take() {
-            self.schedules_stored = Some(s);
-        }
+        self.access_flush.written();
+        self.ledger_flush.written();
+        self.schedules_flush.written();
+        self.limits_flush.written();
     }
 
     /// The checkpoint begun last failed: its changes go back in front of the newer ones,
     /// to be written by the next checkpoint.
     pub fn checkpoint_failed(&mut self) {
-        // The archive holds what it held: the next checkpoint writes the access state
-        // if it differs from that.
-        self.access_flushing = None;
-        self.ledger_flushing = None;
-        self.schedules_flushing = None;
+        self.access_flush.failed();
+        self.ledger_flush.failed();
+        self.schedules_flush.failed();
+        self.limits_flush.failed();
         let Some(failed) = self.flushing.take() else {
             return;
         };
