@@ -32,8 +32,7 @@ use crate::node::{now_ms, Node};
 use crate::raft::dump::{DumpParser, Record};
 use crate::state::{
     Limits, LimitsOp, Op, OpResult, RestoreSummary, RestoredMeta, Schedule, ScheduleOp,
-    ScheduleOutcome, Schedules,
-    Task,
+    ScheduleOutcome, Schedules, Task,
 };
 
 /// How long a backup waits for the checkpoint it needs.

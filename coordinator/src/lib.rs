@@ -22,6 +22,7 @@
 //!   no I/O: everything that decides is testable without sockets or clocks.
 
 pub mod access;
+pub mod admission;
 pub mod backup;
 pub mod cluster;
 pub mod commit;

@@ -41,8 +41,8 @@ use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
 use super::types::{LogId, NodeAddr, NodeId};
 use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT, SCHEDULES_DECODE_LIMIT};
 use crate::state::{
-    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, Limits, Schedules, TableMeta, Task,
-    TaskTable,
+    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, Limits, Schedules, TableMeta,
+    Task, TaskTable,
 };
 
 /// File name of the checkpoint store inside the Raft data directory.

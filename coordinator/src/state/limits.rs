@@ -104,8 +104,13 @@ pub struct LimitDef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LimitsOp {
     /// Create or replace a limit.
-    Set { name: String, def: LimitDef },
-    Delete { name: String },
+    Set {
+        name: String,
+        def: LimitDef,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 /// Why a limits op was refused.
@@ -137,7 +142,9 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
         return Err(format!("a {what} is 1 to {MAX_NAME} bytes"));
     }
     if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("{what} {name:?} holds a space or a control character"));
+        return Err(format!(
+            "{what} {name:?} holds a space or a control character"
+        ));
     }
     Ok(())
 }
@@ -220,7 +227,11 @@ mod tests {
         assert_eq!(l.concurrency_of("tenant:big"), Some(10));
         assert_eq!(l.concurrency_of("tenant"), Some(2));
         assert_eq!(l.concurrency_of("other:x"), None);
-        assert_eq!(l.concurrency_of("openai"), None, "a rate-only limit caps nothing");
+        assert_eq!(
+            l.concurrency_of("openai"),
+            None,
+            "a rate-only limit caps nothing"
+        );
         assert_eq!(
             l.rate_of("openai"),
             Some(Rate {
@@ -254,13 +265,34 @@ mod tests {
         assert!(Rate::parse("5/s", 0).is_err());
         let mut l = Limits::default();
         for (name, def) in [
-            ("", LimitDef { concurrency: Some(1), rate: None }),
-            ("a b", LimitDef { concurrency: Some(1), rate: None }),
+            (
+                "",
+                LimitDef {
+                    concurrency: Some(1),
+                    rate: None,
+                },
+            ),
+            (
+                "a b",
+                LimitDef {
+                    concurrency: Some(1),
+                    rate: None,
+                },
+            ),
             ("ok", LimitDef::default()),
-            ("ok", LimitDef { concurrency: Some(0), rate: None }),
+            (
+                "ok",
+                LimitDef {
+                    concurrency: Some(0),
+                    rate: None,
+                },
+            ),
         ] {
             assert!(matches!(
-                l.apply(&LimitsOp::Set { name: name.into(), def }),
+                l.apply(&LimitsOp::Set {
+                    name: name.into(),
+                    def
+                }),
                 Err(LimitsFault::Invalid(_))
             ));
         }

@@ -36,6 +36,7 @@ pub mod format1;
 mod layers;
 pub mod ledger;
 pub mod limits;
+pub mod run_queue;
 pub mod schedules;
 #[cfg(test)]
 mod schedules_tests;
@@ -57,9 +58,10 @@ pub use flow::{Flow, FlowFault, GraphStep};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use ledger::{Ledger, LedgerOp};
 pub use limits::{LimitDef, Limits, LimitsFault, LimitsOp, Rate};
+pub use run_queue::{Lane, RunQueue};
 pub use schedules::{Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 pub(crate) use table::in_order;
-pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
+pub use table::{CheckpointDelta, Lookup, TableEvent, TaskTable, MAX_PURGE_PER_OP};
 
 /// One Raft log entry's payload: a batch of operations applied in order.
 ///
@@ -794,6 +796,23 @@ impl Task {
         self.attempts
             .last()
             .map_or(1, |a| a.number.saturating_add(1))
+    }
+
+    /// The concurrency key the task runs under, if any.
+    pub fn concurrency_key(&self) -> Option<&str> {
+        self.flow.as_ref()?.concurrency_key.as_deref()
+    }
+
+    /// The rate limit a start of the task draws from, if any.
+    pub fn rate_limit(&self) -> Option<&str> {
+        self.flow.as_ref()?.rate_limit.as_deref()
+    }
+
+    /// Whether the task is under a flow control whose count must survive a leader
+    /// change: its attempts are recorded as started before they are sent (see
+    /// `scheduler::Dispatch::record_first`).
+    pub fn is_limited(&self) -> bool {
+        self.concurrency_key().is_some() || self.rate_limit().is_some()
     }
 
     /// The agent the next (or current) attempt runs: the current stage's for a ring task.

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use swarm_memory::MemoryStore;
 use swarm_proto::api::{TaskOrder, TaskState};
 use swarm_proto::worker::{AttemptRef, FailureKind, LogTail, Outcome, Usage};
@@ -17,6 +16,7 @@ use super::flow::{self, Flow, FlowAttr, FlowFault, GraphStep};
 use super::layers::Layers;
 use super::ledger::Ledger;
 use super::limits::{Limits, LimitsFault, LimitsOp};
+use super::run_queue::RunQueue;
 use super::schedules::{ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 use super::{
     Archive, ArchiveError, Attempt, AttemptEnd, Changes, Op, OpResult, RestoreState,
@@ -30,27 +30,6 @@ pub const MAX_RELEASES_PER_STAGE: u32 = 100;
 
 /// Most task ids one [`Op::Purge`] carries.
 pub const MAX_PURGE_PER_OP: usize = 4096;
-
-/// Order of the run queue: higher priority first, then older first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct QueueKey {
-    neg_priority: i64,
-    id: TaskId,
-}
-
-impl QueueKey {
-    fn of(task: &Task) -> Self {
-        QueueKey {
-            neg_priority: -(task.spec.priority as i64),
-            id: task.id,
-        }
-    }
-
-    /// The task this key orders.
-    pub fn id(&self) -> TaskId {
-        self.id
-    }
-}
 
 /// Something a non-Raft component should react to, produced while applying.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,7 +63,7 @@ pub enum Lookup {
 #[derive(Debug, Default)]
 pub struct TaskTable {
     live: BTreeMap<TaskId, Arc<Task>>,
-    queue: BTreeSet<QueueKey>,
+    queue: RunQueue,
     /// Ids of live tasks by state (queued, running).
     by_state: BTreeMap<TaskState, BTreeSet<TaskId>>,
     meta: TableMeta,
@@ -227,7 +206,7 @@ impl TaskTable {
 
     fn index_live(&mut self, task: Arc<Task>) {
         if task.state == TaskState::Queued {
-            self.queue.insert(QueueKey::of(&task));
+            self.queue.insert(&task);
         }
         self.by_state.entry(task.state).or_default().insert(task.id);
         self.live.insert(task.id, task);
@@ -909,8 +888,7 @@ impl TaskTable {
     fn run_next_attempt(&mut self, attempt: AttemptRef, worker: &str, now_ms: u64) {
         let id = attempt.task_id;
         if let Some(task) = self.live.get(&id) {
-            let key = QueueKey::of(task);
-            self.queue.remove(&key);
+            self.queue.remove(task);
         }
         self.set_state(id, TaskState::Running);
         self.push_event(TableEvent::Running(id));
@@ -970,8 +948,7 @@ impl TaskTable {
         }
         // The task leaves the queue whatever comes next (it may re-enter it below).
         if task.state == TaskState::Queued {
-            let key = QueueKey::of(task);
-            self.queue.remove(&key);
+            self.queue.remove(task);
         }
         self.changes.live_dirty.insert(id);
         let Some(task) = self.live.get_mut(&id).map(Arc::make_mut) else {
@@ -1119,8 +1096,7 @@ impl TaskTable {
             return OpResult::NotFound;
         };
         if task.state == TaskState::Queued {
-            let key = QueueKey::of(task);
-            self.queue.remove(&key);
+            self.queue.remove(task);
         }
         let mut running = None;
         if let Some(task) = self.live_mut(task_id) {
@@ -1191,8 +1167,9 @@ impl TaskTable {
         if let Some(task) = self.live_mut(id) {
             task.not_before_ms = retry_at_ms;
             next = task.next_attempt();
-            let key = QueueKey::of(task);
-            self.queue.insert(key);
+        }
+        if let Some(task) = self.live.get(&id) {
+            self.queue.insert(task);
         }
         self.push_event(TableEvent::Queued(id, next));
     }
@@ -1479,12 +1456,17 @@ impl TaskTable {
         self.layers(archive).key(key)
     }
 
-    /// Queued tasks in run order (priority, then age), including ones waiting out a
-    /// retry backoff: callers check [`Task::not_before_ms`].
+    /// The run queue: queued tasks by priority and lane, including ones waiting out a
+    /// retry backoff (callers check [`Task::not_before_ms`]).
+    pub fn run_queue(&self) -> &RunQueue {
+        &self.queue
+    }
+
+    /// Queued tasks by priority, then lane, then age.
     pub fn queued(&self) -> impl Iterator<Item = &Task> {
         self.queue
-            .iter()
-            .filter_map(|k| self.live.get(&k.id).map(|t| &**t))
+            .ids()
+            .filter_map(|id| self.live.get(&id).map(|t| &**t))
     }
 
     /// Running tasks with their current attempt.
@@ -1843,11 +1825,8 @@ impl TaskTable {
         self.changes.staging_cleared = true;
         let queued: Vec<(TaskId, u32)> = self
             .queue
-            .iter()
-            .map(|k| {
-                let id = k.id();
-                (id, self.live.get(&id).map_or(1, |t| t.next_attempt()))
-            })
+            .ids()
+            .map(|id| (id, self.live.get(&id).map_or(1, |t| t.next_attempt())))
             .collect();
         for (id, next) in queued {
             self.push_event(TableEvent::Queued(id, next));
@@ -1912,7 +1891,7 @@ impl TaskTable {
                 .get(&task.state)
                 .is_some_and(|s| s.contains(id));
             anyhow::ensure!(indexed, "task {id} is {:?} but not indexed so", task.state);
-            let queued = self.queue.contains(&QueueKey::of(task));
+            let queued = self.queue.contains(task);
             anyhow::ensure!(
                 queued == (task.state == TaskState::Queued),
                 "task {id}: queue index disagrees"
