@@ -121,6 +121,11 @@ impl Admission {
         self.running.get(key).copied().unwrap_or(0)
     }
 
+    /// Every key with attempts in flight, and how many.
+    pub fn running_keys(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.running.iter().map(|(k, n)| (k.as_str(), *n))
+    }
+
     /// An attempt with `key` is in flight.
     pub fn track(&mut self, key: Option<&str>) {
         if let Some(k) = key {
@@ -174,7 +179,10 @@ mod tests {
     use super::*;
     use crate::state::{LimitDef, LimitsOp};
 
-    fn limits(ops: &[(&str, Option<u32>, Option<(&str, u32)>)]) -> Limits {
+    /// (name, concurrency, (rate, burst)) of each limit.
+    type Spec<'a> = (&'a str, Option<u32>, Option<(&'a str, u32)>);
+
+    fn limits(ops: &[Spec]) -> Limits {
         let mut l = Limits::default();
         for (name, concurrency, rate) in ops {
             l.apply(&LimitsOp::Set {

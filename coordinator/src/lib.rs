@@ -27,6 +27,7 @@ pub mod backup;
 pub mod cluster;
 pub mod commit;
 pub mod events;
+pub mod flow_limits;
 pub mod handoff;
 pub mod http;
 pub mod limits;

@@ -317,6 +317,11 @@ impl Scheduler {
         Some(f)
     }
 
+    /// Concurrency keys in flight and token buckets.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
     /// Number of attempts in flight.
     pub fn in_flight_count(&self) -> usize {
         self.in_flight.len()
