@@ -128,6 +128,20 @@ pub struct ThroughputRun {
     pub batch: usize,
     /// The swarm the tasks name.
     pub swarm: &'static str,
+    /// Task `i` carries concurrency key `k:{i % keys}` (0: no key).
+    pub keys: usize,
+}
+
+impl ThroughputRun {
+    /// Task `i`'s submit body.
+    pub fn task(&self, i: usize) -> serde_json::Value {
+        let mut t =
+            serde_json::json!({"agent": "echo", "swarm": self.swarm, "payload": i.to_string()});
+        if self.keys > 0 {
+            t["concurrency_key"] = format!("k:{}", i % self.keys).into();
+        }
+        t
+    }
 }
 
 /// Submit `run.tasks` echo tasks, then wait for all; returns the wall time of both and
@@ -147,23 +161,23 @@ pub async fn run_throughput(
         let permit = sem.clone().acquire_owned().await?;
         let http = http.clone();
         let (api, token) = (api.to_string(), token.to_string());
-        let swarm = run.swarm;
+        let run = *run;
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             let ids: Vec<u64> = if n == 1 {
                 let v: serde_json::Value = http
                     .post(format!("{api}/v1/tasks"))
                     .bearer_auth(&token)
-                    .json(&serde_json::json!({"agent": "echo", "swarm": swarm, "payload": chunk_start.to_string()}))
+                    .json(&run.task(chunk_start))
                     .send()
                     .await?
                     .json()
                     .await?;
-                vec![v["id"].as_u64().with_context(|| format!("submit failed: {v}"))?]
+                vec![v["id"]
+                    .as_u64()
+                    .with_context(|| format!("submit failed: {v}"))?]
             } else {
-                let tasks: Vec<_> = (0..n)
-                    .map(|i| serde_json::json!({"agent": "echo", "swarm": swarm, "payload": (chunk_start + i).to_string()}))
-                    .collect();
+                let tasks: Vec<_> = (0..n).map(|i| run.task(chunk_start + i)).collect();
                 let v: serde_json::Value = http
                     .post(format!("{api}/v1/tasks/batch"))
                     .bearer_auth(&token)

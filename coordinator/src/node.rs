@@ -810,6 +810,7 @@ impl Node {
         });
         let mut d = self.lock_dispatch();
         d.term = term;
+        d.scheduler.hold_limited(true);
         for (worker, attempt, timeout, key) in running {
             let tracked = d
                 .scheduler
@@ -840,6 +841,15 @@ impl Node {
             let _ = s.tx.send(not_leader_msg(self.cfg.node_id, leader.as_ref()));
         }
         info!(node = self.cfg.node_id, "no longer leader");
+    }
+
+    /// Whether this node's state machine has applied an entry of `term` (its leader's
+    /// blank entry at least): then every entry of an earlier term that will ever commit
+    /// is applied.
+    fn applied_own_term(&self, term: u64) -> bool {
+        let m = self.raft.metrics();
+        let applied = m.borrow().last_applied;
+        applied.is_some_and(|l| l.leader_id.term == term)
     }
 
     /// Record the `Start` of attempts of limited tasks, then send those that were
@@ -900,6 +910,12 @@ impl Node {
             // restart) adopted only the attempts it knew of then; attempts recorded as
             // running later must get a lease too, or a dead worker's attempt would stay
             // `running` forever. Found by the simulation (sim/, seed 1795236407001).
+            if d.scheduler.limited_held() && self.applied_own_term(d.term) {
+                // Every earlier `Start` is applied now: adopt what they started, then
+                // dispatch limited tasks again.
+                d.last_reconcile_ms = 0;
+                d.scheduler.hold_limited(false);
+            }
             if now.saturating_sub(d.last_reconcile_ms) >= RECONCILE_EVERY_MS {
                 d.last_reconcile_ms = now;
                 let mut adopted = 0;

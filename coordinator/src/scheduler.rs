@@ -164,6 +164,10 @@ pub struct Scheduler {
     offered: (u64, HashSet<String>),
     /// Concurrency keys in flight, token buckets, and the round-robin over lanes.
     admission: Admission,
+    /// Lanes with a key or a rate limit are dispatched only while this is set: a new
+    /// leader sets it once its table holds every attempt an earlier leader recorded
+    /// and it has adopted them (see [`Scheduler::hold_limited`]).
+    limited_held: bool,
 }
 
 impl Scheduler {
@@ -315,6 +319,19 @@ impl Scheduler {
         self.deadlines.remove(&(f.deadline_ms, task));
         self.admission.untrack(f.key.as_deref());
         Some(f)
+    }
+
+    /// Hold (`true`) or release lanes with a key or a rate limit. A new leader holds them
+    /// until its state machine has applied an entry of its own term (so every `Start`
+    /// of an earlier term that will ever commit is in its table) and it has adopted the
+    /// attempts running there: otherwise a `Start` committed late would run beside this
+    /// leader's own dispatches of the same key.
+    pub fn hold_limited(&mut self, held: bool) {
+        self.limited_held = held;
+    }
+
+    pub fn limited_held(&self) -> bool {
+        self.limited_held
     }
 
     /// Concurrency keys in flight and token buckets.
@@ -595,6 +612,9 @@ impl Scheduler {
         place: &mut impl FnMut(&Task, &str, &WorkerEntry) -> Option<u32>,
         plan: &mut Plan,
     ) -> bool {
+        if self.limited_held && (lane.key.is_some() || lane.rate_limit.is_some()) {
+            return false;
+        }
         match self.admission.check(lane, limits, now_ms) {
             Ok(()) => {}
             Err(Blocked::Key) => return false,
@@ -1642,5 +1662,23 @@ mod tests {
             [1_200, 1_400, 1_600, 1_800, 2_000, 2_200, 2_400, 2_600, 2_800, 3_000]
         );
         assert_eq!(s.workers()["w"].busy, 12);
+    }
+
+    /// A new leader holds limited lanes until it has adopted what earlier leaders
+    /// started: unlimited work runs meanwhile.
+    #[test]
+    fn held_limited_lanes_wait_and_others_run() {
+        let mut t = TaskTable::new();
+        submit_flows(&mut t, &[(Some("k"), None, 9), (None, None, 0)]);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("w", 10, labels(&[]), 0);
+        s.hold_limited(true);
+        let plan = s.plan(&t, 0).dispatches;
+        assert_eq!(plan.len(), 1);
+        assert_eq!(key_of(&t, &plan[0]), None);
+        s.hold_limited(false);
+        let plan = s.plan(&t, 1).dispatches;
+        assert_eq!(plan.len(), 1);
+        assert_eq!(key_of(&t, &plan[0]).as_deref(), Some("k"));
     }
 }

@@ -542,6 +542,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency,
         batch: 1,
         swarm: "default",
+        keys: 0,
     };
     let throughput = |r: ThroughputRun| {
         let (http, api, token) = (http.clone(), api.clone(), token.clone());

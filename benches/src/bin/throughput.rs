@@ -13,6 +13,10 @@
 //! `--pending-graph 10000` first parks that many graph tasks, `waiting` on a parent that
 //! runs for the whole measurement (what many pending graph tasks cost dispatch).
 //!
+//! `--keys 1000` gives task `i` the concurrency key `k:{i % 1000}` (fair dispatch across
+//! 1,000 lanes; each attempt's start is recorded before it is sent); `--key-limit N`
+//! also caps each key at N running tasks.
+//!
 //! Run: `cargo run --release -p swarm-benches --bin throughput [-- --nodes 3]`
 
 use std::time::{Duration, Instant};
@@ -58,6 +62,12 @@ struct Args {
     /// running parent, so they sit in the table, `waiting`, for the whole run.
     #[arg(long, default_value_t = 0)]
     pending_graph: usize,
+    /// Give task `i` (and each round trip) concurrency key `k:{i % keys}`.
+    #[arg(long, default_value_t = 0)]
+    keys: usize,
+    /// With `--keys`: at most this many running tasks per key (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    key_limit: u32,
 }
 
 impl Args {
@@ -77,6 +87,7 @@ impl Args {
             concurrency: self.concurrency,
             batch: self.batch,
             swarm: self.swarm(),
+            keys: self.keys,
         }
     }
 }
@@ -126,6 +137,21 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
 
+    if args.key_limit > 0 {
+        let r = http
+            .put(format!("{api}/v1/limits/k"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"concurrency": args.key_limit}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("setting the key limit: {}", r.text().await?);
+        }
+        println!(
+            "# each of {} keys limited to {} running",
+            args.keys, args.key_limit
+        );
+    }
     if args.pending_graph > 0 {
         let parent = pending_graph(&http, &api, &token, args.pending_graph).await?;
         println!(
@@ -155,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
         let resp: serde_json::Value = http
             .post(format!("{api}/v1/tasks?wait=10s"))
             .bearer_auth(&token)
-            .json(&serde_json::json!({"agent": "echo", "swarm": args.swarm(), "payload": i.to_string()}))
+            .json(&args.run().task(i))
             .send()
             .await?
             .json()
