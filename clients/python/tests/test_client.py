@@ -132,6 +132,36 @@ class LiveTest(unittest.TestCase):
         self.assertEqual(after.json()["parents"]["b"]["parents"]["a"], "A")
         self.assertIn(after.id, self.client.get(ids["b"]).children)
 
+    def test_limits_keys_and_buckets(self) -> None:
+        view = self.client.set_limit("pytenant", concurrency=1)
+        self.assertEqual(view["concurrency"], 1)
+        self.client.set_limit("pyrate", rate="20/s", burst=2)
+        names = [l["name"] for l in self.client.limits()]
+        self.assertIn("pytenant", names)
+        self.assertIn("pyrate", names)
+        tasks = [
+            self.client.submit("sleep", {"ms": 20}, concurrency_key="pytenant:a", rate_limit="pyrate")
+            for _ in range(6)
+        ]
+        spans = []
+        for t in tasks:
+            done = self.client.wait(t.id, timeout=30)
+            self.assertEqual(done.state, "succeeded")
+            self.assertEqual(done.concurrency_key, "pytenant:a")
+            self.assertEqual(done.rate_limit, "pyrate")
+            spans.extend((a.started_at_ms, a.finished_at_ms) for a in done.attempts)
+        # One at a time: no two attempts of the key overlap.
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            self.assertLessEqual(end, start)
+        with self.assertRaises(SwarmError) as e:
+            self.client.submit("echo", "x", rate_limit="no-such-limit")
+        self.assertEqual(e.exception.status, 404)
+        self.assertEqual(e.exception.code, "unknown_limit")
+        self.client.delete_limit("pyrate")
+        self.client.delete_limit("pytenant")
+        self.assertNotIn("pyrate", [l["name"] for l in self.client.limits()])
+
     def test_payload_encodings_round_trip(self) -> None:
         binary = bytes(range(256))
         t = self.client.submit("echo", binary, wait=WAIT)

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from urllib.parse import quote
 from typing import IO, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 from ._http import Transport, parse_bases
@@ -204,6 +205,8 @@ class Client:
         patterns: Optional[int] = None,
         retain_ms: Optional[int] = None,
         depends_on: Optional[List[int]] = None,
+        concurrency_key: Optional[str] = None,
+        rate_limit: Optional[str] = None,
         wait: Optional[float] = None,
     ) -> Task:
         """Submit one task (``POST /v1/tasks``) and return it.
@@ -224,6 +227,10 @@ class Client:
             retain_ms: how long the finished task stays readable.
             depends_on: tasks to run after; the task is ``waiting`` until they all
                 succeeded, and is cancelled (``dependency_failed``) if one does not.
+            concurrency_key: tasks with the same key share the key's limit on running
+                tasks (see :meth:`set_limit`), and dispatch takes keys in turns.
+            rate_limit: the named rate limit (:meth:`set_limit` with ``rate``) each
+                start of the task draws a token from.
             wait: seconds to wait for the task to be final; the task is returned as it
                 is when the wait ends (final or not). ``None``: return at once.
 
@@ -249,6 +256,8 @@ class Client:
             patterns=patterns,
             retain_ms=retain_ms,
             depends_on=depends_on,
+            concurrency_key=concurrency_key,
+            rate_limit=rate_limit,
         )
         return self.submit_spec(spec, wait=wait)
 
@@ -770,6 +779,40 @@ class Client:
         if not isinstance(answer, dict):
             raise SwarmConnectionError(f"unexpected logs answer: {answer!r}")
         return answer
+
+    # -- limits ------------------------------------------------------------------
+
+    def set_limit(
+        self,
+        name: str,
+        *,
+        concurrency: Optional[int] = None,
+        rate: Optional[str] = None,
+        burst: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """Create or replace limit ``name`` (``PUT /v1/limits/{name}``).
+
+        ``concurrency``: most running tasks per concurrency key ``name`` or
+        ``name:...`` (a key's own limit overrides its class's). ``rate``: ``"N/s"``,
+        ``"N/min"``, ``"N/h"``, the starts of tasks whose ``rate_limit`` is ``name``,
+        with at most ``burst`` at once (default 1). Returns the limit's view.
+        """
+        body: Dict[str, Any] = {}
+        if concurrency is not None:
+            body["concurrency"] = concurrency
+        if rate is not None:
+            body["rate"] = rate
+        if burst is not None:
+            body["burst"] = burst
+        return self.request("PUT", f"/v1/limits/{quote(name, safe='')}", body)
+
+    def limits(self) -> List[Dict[str, Any]]:
+        """Every limit, with the keys running under it and the tasks queued on it."""
+        return list(self.request("GET", "/v1/limits").get("limits", []))
+
+    def delete_limit(self, name: str) -> None:
+        """Delete limit ``name``: tasks naming it run unlimited from then on."""
+        self.request("DELETE", f"/v1/limits/{quote(name, safe='')}")
 
     # -- cluster -----------------------------------------------------------------
 

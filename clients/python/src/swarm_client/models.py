@@ -198,6 +198,9 @@ class Task:
     waiting_on: int = 0
     #: The task's step name in its graph.
     step: Optional[str] = None
+    #: Its concurrency key and the rate limit it draws from, if any.
+    concurrency_key: Optional[str] = None
+    rate_limit: Optional[str] = None
     #: The API's JSON object, unchanged.
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -231,6 +234,8 @@ class Task:
             children=[int(c) for c in d.get("children") or []],
             waiting_on=int(d.get("waiting_on", 0)),
             step=d.get("step"),
+            concurrency_key=d.get("concurrency_key"),
+            rate_limit=d.get("rate_limit"),
             raw=dict(d),
         )
 
