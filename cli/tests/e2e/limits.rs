@@ -1,13 +1,15 @@
 //! Concurrency keys and rate limits against a real coordinator and worker: ten tenants'
 //! backlogs under a key limit of 2 start interleaved and never run more than 2 at once
 //! per key; a 5/s bucket spaces 50 starts over more than 9 s, never 6 within a second;
-//! a key limit and a bucket together finish without deadlock; refusals; the CLI.
+//! a key limit and a bucket together finish without deadlock; refusals; the CLI; and
+//! both across a SIGKILL of the leader of a three-coordinator cluster.
 
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
 use crate::harness::Cluster;
+use crate::raft_cluster::RaftCluster;
 
 /// (first attempt's start, last attempt's end) of every attempt of a task.
 fn intervals(t: &Value) -> Vec<(u64, u64)> {
@@ -219,4 +221,108 @@ async fn a_bucket_spaces_starts_and_composes_with_a_key_limit() {
     let (_, v) = c.get("/v1/limits").await;
     assert_eq!(v["limits"][0]["name"], "five", "{v}");
     assert_eq!(v["limits"][0]["rate"], "5/s", "{v}");
+}
+
+/// A task from node `id`, once final.
+async fn final_from(c: &RaftCluster, id: u64, task: u64) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Some((200, v)) = c.get(id, &format!("/v1/tasks/{task}?wait=10s")).await {
+            if !matches!(v["state"].as_str(), Some("waiting" | "queued" | "running")) {
+                return v;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {task} not final in time\n{}",
+            c.logs()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_and_buckets_hold_across_a_leader_kill() {
+    use reqwest::Method;
+    let mut c = RaftCluster::new(3, &[]);
+    c.start_all();
+    let leader = c.wait_leader().await;
+    c.start_worker("w1", 16, None);
+    c.start_worker("w2", 16, None);
+    c.wait_for(leader, "/v1/workers", "both workers", |v| {
+        v["workers"].as_array().map_or(0, |a| a.len()) == 2
+    })
+    .await;
+    for (name, body) in [
+        ("tenant", json!({"concurrency": 2})),
+        ("five", json!({"rate": "5/s"})),
+    ] {
+        let (st, v) = c
+            .request(
+                leader,
+                Method::PUT,
+                &format!("/v1/limits/{name}"),
+                Some(body),
+            )
+            .await
+            .expect("answers");
+        assert_eq!(st, 200, "{v}");
+    }
+    let mut tasks: Vec<Value> = (0..120)
+        .map(|i| json!({"agent": "sleep", "payload": 300, "concurrency_key": format!("tenant:{}", i % 4)}))
+        .collect();
+    tasks.extend((0..40).map(|i| json!({"agent": "echo", "payload": i, "rate_limit": "five"})));
+    let (st, v) = c
+        .request(
+            leader,
+            Method::POST,
+            "/v1/tasks/batch",
+            Some(json!({ "tasks": tasks })),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(st, 201, "{v}");
+    let ids: Vec<u64> = v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+
+    // Kill the leader while keys run at their limit and the bucket is draining.
+    c.wait_for(leader, "/v1/limits/tenant", "keys running", |v| {
+        v["running"].as_object().is_some_and(|r| r.len() == 4)
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    c.kill_node(leader);
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+
+    let mut by_key: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    let mut starts = Vec::new();
+    for &id in &ids {
+        let t = final_from(&c, new_leader, id).await;
+        assert_eq!(t["state"], "succeeded", "{t}");
+        let spans = intervals(&t);
+        match t["concurrency_key"].as_str() {
+            Some(k) => by_key.entry(k.to_string()).or_default().extend(spans),
+            None => starts.extend(spans.into_iter().map(|(s, _)| s)),
+        }
+    }
+    assert_eq!(by_key.len(), 4);
+    for (key, spans) in by_key {
+        let most = most_at_once(spans);
+        assert!(
+            most <= 2,
+            "{key} ran {most} attempts at once across the failover"
+        );
+    }
+    starts.sort();
+    assert!(starts.len() >= 40);
+    for w in starts.windows(6) {
+        assert!(
+            w[5] - w[0] >= 1_000,
+            "6 starts within a second across the failover: {w:?}"
+        );
+    }
 }
