@@ -162,6 +162,26 @@ class LiveTest(unittest.TestCase):
         self.client.delete_limit("pytenant")
         self.assertNotIn("pyrate", [l["name"] for l in self.client.limits()])
 
+    def test_a_schedule_ticks_pauses_and_is_deleted(self) -> None:
+        name = f"py-{uuid.uuid4().hex[:8]}"
+        view = self.client.create_schedule(name, {"agent": "echo", "payload": "tick"}, every="1s")
+        self.assertEqual(view["every_ms"], 1000)
+        deadline = time.monotonic() + 30
+        while self.client.schedule(name)["fired"] < 2:
+            self.assertLess(time.monotonic(), deadline, "the schedule did not tick twice")
+            time.sleep(0.2)
+        view = self.client.pause_schedule(name)
+        self.assertTrue(view["paused"])
+        task = self.client.wait(view["last_task"], timeout=30)
+        self.assertEqual(task.output, b"tick")
+        self.assertTrue(task.idempotency_key.startswith(f"schedule:{name}:"))
+        self.assertIn(name, [s["name"] for s in self.client.schedules()])
+        self.assertFalse(self.client.pause_schedule(name, paused=False)["paused"])
+        self.client.delete_schedule(name)
+        with self.assertRaises(SwarmError) as e:
+            self.client.schedule(name)
+        self.assertEqual(e.exception.code, "unknown_schedule")
+
     def test_payload_encodings_round_trip(self) -> None:
         binary = bytes(range(256))
         t = self.client.submit("echo", binary, wait=WAIT)

@@ -780,6 +780,54 @@ class Client:
             raise SwarmConnectionError(f"unexpected logs answer: {answer!r}")
         return answer
 
+    # -- schedules ---------------------------------------------------------------
+
+    def create_schedule(
+        self,
+        name: str,
+        task: Union[SubmitSpec, Mapping[str, Any]],
+        *,
+        every: Optional[str] = None,
+        cron: Optional[str] = None,
+        catch_up: Optional[str] = None,
+        max_catch_up: Optional[int] = None,
+        paused: bool = False,
+    ) -> Dict[str, Any]:
+        """Define a schedule (``POST /v1/schedules``): ``task`` is submitted on every
+        tick of ``every`` (e.g. ``"2s"``) or ``cron`` (e.g. ``"*/5 * * * *"``, UTC),
+        exactly once per tick, under the idempotency key ``schedule:<name>:<tick_ms>``.
+        ``catch_up``: ``"skip"`` (default: only the latest missed tick) or ``"all"`` (up
+        to ``max_catch_up``). Returns the schedule's view."""
+        body: Dict[str, Any] = {"name": name, "task": spec_to_json(task), "paused": paused}
+        for key, value in (
+            ("every", every),
+            ("cron", cron),
+            ("catch_up", catch_up),
+            ("max_catch_up", max_catch_up),
+        ):
+            if value is not None:
+                body[key] = value
+        return self.request("POST", "/v1/schedules", body)
+
+    def schedules(self) -> List[Dict[str, Any]]:
+        """Every schedule: cadence, ``next_tick_ms``, ``fired``, ``skipped``,
+        ``refused``, ``last_task``."""
+        return list(self.request("GET", "/v1/schedules").get("schedules", []))
+
+    def schedule(self, name: str) -> Dict[str, Any]:
+        """One schedule's view."""
+        return self.request("GET", f"/v1/schedules/{quote(name, safe='')}")
+
+    def pause_schedule(self, name: str, paused: bool = True) -> Dict[str, Any]:
+        """Pause a schedule, or resume it (``paused=False``) from its next tick after
+        now."""
+        verb = "pause" if paused else "resume"
+        return self.request("POST", f"/v1/schedules/{quote(name, safe='')}/{verb}")
+
+    def delete_schedule(self, name: str) -> None:
+        """Delete a schedule; the tasks it submitted stay."""
+        self.request("DELETE", f"/v1/schedules/{quote(name, safe='')}")
+
     # -- limits ------------------------------------------------------------------
 
     def set_limit(
