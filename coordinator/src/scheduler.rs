@@ -896,20 +896,11 @@ mod tests {
     fn table(n: usize, labels: &[(&str, &str)]) -> TaskTable {
         let mut t = TaskTable::new();
         let spec = TaskSpec {
-            agent: "echo".into(),
-            payload: vec![],
-            priority: 0,
-            timeout_ms: 500,
-            max_attempts: 3,
-            idempotency_key: None,
             labels: labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            patterns: 0,
-            swarm: swarm_topology::DEFAULT_SWARM_NAME.to_string(),
-            stages: Vec::new(),
-            retain_ms: 60_000,
+            ..table_spec()
         };
         let ops = (0..n)
             .map(|_| Op::Submit {

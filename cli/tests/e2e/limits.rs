@@ -46,6 +46,11 @@ fn most_at_once(mut spans: Vec<(u64, u64)>) -> usize {
 async fn submit_batch(c: &Cluster, tasks: Vec<Value>) -> Vec<u64> {
     let (status, v) = c.post("/v1/tasks/batch", json!({ "tasks": tasks })).await;
     assert_eq!(status, 201, "{v}");
+    batch_ids(&v)
+}
+
+/// The ids a batch submit answered with, in order.
+fn batch_ids(v: &Value) -> Vec<u64> {
     v["tasks"]
         .as_array()
         .unwrap()
@@ -281,12 +286,7 @@ async fn keys_and_buckets_hold_across_a_leader_kill() {
         .await
         .expect("answers");
     assert_eq!(st, 201, "{v}");
-    let ids: Vec<u64> = v["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_u64().unwrap())
-        .collect();
+    let ids = batch_ids(&v);
 
     // Kill the leader while keys run at their limit and the bucket is draining.
     c.wait_for(leader, "/v1/limits/tenant", "keys running", |v| {
