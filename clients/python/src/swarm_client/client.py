@@ -204,6 +204,8 @@ class Client:
         patterns: Optional[int] = None,
         retain_ms: Optional[int] = None,
         depends_on: Optional[List[int]] = None,
+        requires_approval: bool = False,
+        approval_timeout_ms: Optional[int] = None,
         wait: Optional[float] = None,
     ) -> Task:
         """Submit one task (``POST /v1/tasks``) and return it.
@@ -224,6 +226,11 @@ class Client:
             retain_ms: how long the finished task stays readable.
             depends_on: tasks to run after; the task is ``waiting`` until they all
                 succeeded, and is cancelled (``dependency_failed``) if one does not.
+            requires_approval: hold the task in ``awaiting_approval`` (after its
+                parents) until :meth:`approve` queues it or :meth:`reject` cancels it.
+            approval_timeout_ms: fail the task (``approval_timeout``) if no decision
+                came this long after it began awaiting approval (implies
+                ``requires_approval``).
             wait: seconds to wait for the task to be final; the task is returned as it
                 is when the wait ends (final or not). ``None``: return at once.
 
@@ -249,6 +256,8 @@ class Client:
             patterns=patterns,
             retain_ms=retain_ms,
             depends_on=depends_on,
+            requires_approval=requires_approval,
+            approval_timeout_ms=approval_timeout_ms,
         )
         return self.submit_spec(spec, wait=wait)
 
@@ -426,6 +435,28 @@ class Client:
         as it is) and return it. A running attempt's process group is killed."""
         tid = _task_id(task_id)
         return Task.from_json(self.request("POST", f"/v1/tasks/{tid}/cancel"))
+
+    def approve(self, task_id: Union[int, str, Task], comment: Optional[str] = None) -> Task:
+        """Approve a task awaiting approval (``POST /v1/tasks/{id}/approve``): it is
+        queued. The token's name, the time and ``comment`` are recorded
+        (:attr:`Task.approval`). Needs the ``operate`` scope.
+
+        Raises:
+            SwarmError: ``409 not_awaiting_approval`` for a task in another state
+                (already decided, cancelled, expired), ``404`` for an unknown one.
+        """
+        return self._decide(task_id, "approve", comment)
+
+    def reject(self, task_id: Union[int, str, Task], comment: Optional[str] = None) -> Task:
+        """Reject a task awaiting approval (``POST /v1/tasks/{id}/reject``): it is
+        cancelled, its error naming the rejection and ``comment``, and its graph
+        dependants are cancelled (``dependency_failed``). Refusals as :meth:`approve`."""
+        return self._decide(task_id, "reject", comment)
+
+    def _decide(self, task_id: Union[int, str, Task], verb: str, comment: Optional[str]) -> Task:
+        tid = _task_id(task_id)
+        body = {} if comment is None else {"comment": comment}
+        return Task.from_json(self.request("POST", f"/v1/tasks/{tid}/{verb}", body))
 
     def list_page(
         self,
