@@ -42,11 +42,12 @@ pub(crate) async fn decide(
             "`comment` is at most {MAX_DECISION_COMMENT} bytes"
         )));
     }
-    let by: String = if by.len() > MAX_DECIDER_NAME {
-        by.chars().take(MAX_DECIDER_NAME / 4).collect()
-    } else {
-        by.to_string()
-    };
+    // Token names are short; a longer principal name is cut at a character boundary.
+    let mut cut = by.len().min(MAX_DECIDER_NAME);
+    while !by.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let by = by[..cut].to_string();
     let result = node
         .propose_client(vec![Op::Decide {
             task_id: id,
