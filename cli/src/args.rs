@@ -77,6 +77,11 @@ pub enum Cmd {
     /// exactly once per tick across leader changes.
     #[command(subcommand)]
     Schedules(SchedulesCmd),
+    /// Limits: concurrency limits for concurrency keys (`--concurrency 2` caps each
+    /// `tenant:…` key of limit `tenant`) and rate limits tasks draw from (`--rate
+    /// 60/min`).
+    #[command(subcommand)]
+    Limits(LimitsCmd),
     /// API tokens: scoped credentials for people and programs (`read`, `submit`,
     /// `operate`, `admin`), optionally limited to swarms.
     #[command(subcommand)]
@@ -1027,6 +1032,42 @@ pub enum SchedulesCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LimitsCmd {
+    /// Create or replace a limit: `--concurrency N` (most running tasks per key named
+    /// NAME or NAME:…), `--rate N/s|N/min|N/h` with `--burst` (starts of tasks whose
+    /// `rate_limit` is NAME), or both.
+    Set {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
+        #[arg(long)]
+        concurrency: Option<u32>,
+        #[arg(long)]
+        rate: Option<String>,
+        /// Most starts at once after a quiet spell (default 1: evenly spaced).
+        #[arg(long, requires = "rate")]
+        burst: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List limits with the keys running under them and the tasks waiting on them.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a limit: tasks naming it run unlimited from then on.
+    Delete {
+        #[command(flatten)]
+        api: ApiArgs,
+        name: String,
     },
 }
 

@@ -479,6 +479,26 @@ impl Client {
             .await
     }
 
+    pub async fn limits(&self) -> anyhow::Result<swarm_proto::api::LimitList> {
+        self.call(Method::GET, "/v1/limits", &[], None).await
+    }
+
+    pub async fn set_limit(
+        &self,
+        name: &str,
+        req: &swarm_proto::api::SetLimit,
+    ) -> anyhow::Result<swarm_proto::api::LimitView> {
+        let path = format!("/v1/limits/{}", seg(name));
+        self.call(Method::PUT, &path, &[], Self::encode(req)?).await
+    }
+
+    pub async fn delete_limit(&self, name: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/limits/{}", seg(name));
+        self.call_raw(Method::DELETE, &path, &[], None, "application/json")
+            .await
+            .map(|_| ())
+    }
+
     pub async fn schedules(&self) -> anyhow::Result<swarm_proto::api::ScheduleList> {
         self.call(Method::GET, "/v1/schedules", &[], None).await
     }

@@ -86,6 +86,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Memory(c) => cmd::memory::run(c).await,
         Cmd::Swarms(c) => cmd::swarms::run(c).await,
         Cmd::Schedules(c) => cmd::schedules::run(c).await,
+        Cmd::Limits(c) => cmd::limits::run(c).await,
         Cmd::Tokens(c) => cmd::tokens::run(c).await,
         Cmd::Patterns(c) => cmd::patterns::run(c).await,
         Cmd::Backup { api, out } => cmd::transfer::backup(&api.client()?, &out).await,

@@ -31,8 +31,8 @@ use crate::limits::MAX_OP_BYTES;
 use crate::node::{now_ms, Node};
 use crate::raft::dump::{DumpParser, Record};
 use crate::state::{
-    Op, OpResult, RestoreSummary, RestoredMeta, Schedule, ScheduleOp, ScheduleOutcome, Schedules,
-    Task,
+    Limits, LimitsOp, Op, OpResult, RestoreSummary, RestoredMeta, Schedule, ScheduleOp,
+    ScheduleOutcome, Schedules, Task,
 };
 
 /// How long a backup waits for the checkpoint it needs.
@@ -303,6 +303,7 @@ where
                 ))
             }
             Record::Schedules(s) => restore_schedules(node, restore_id, *s).await?,
+            Record::Limits(l) => restore_limits(node, *l).await?,
             // Tokens and revoked certificates are the old cluster's credentials, not its
             // data: this cluster keeps its own.
             Record::Access(_) | Record::Ledger(_) | Record::End { .. } => {}
@@ -368,6 +369,34 @@ async fn restore_schedules(
                 other => {
                     return Err(BackupError::Internal(format!(
                         "unexpected schedule restore result {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Set the backup's limits (a limit this cluster has under the same name is replaced),
+/// up to 1,000 in one entry.
+async fn restore_limits(node: &Node, limits: Limits) -> Result<(), BackupError> {
+    let ops: Vec<Op> = limits
+        .by_name
+        .into_iter()
+        .map(|(name, def)| Op::Limits(LimitsOp::Set { name, def }))
+        .collect();
+    for chunk in ops.chunks(1_000) {
+        let results = node
+            .propose(chunk.to_vec())
+            .await
+            .map_err(|e| CommitError::from_propose(node, e))?;
+        for r in results {
+            match r {
+                OpResult::Limits(Ok(())) => {}
+                OpResult::Limits(Err(f)) => return Err(BackupError::Refused(f.to_string())),
+                other => {
+                    return Err(BackupError::Internal(format!(
+                        "unexpected limit restore result {other:?}"
                     )))
                 }
             }

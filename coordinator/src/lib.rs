@@ -23,11 +23,13 @@
 //!   no I/O: everything that decides is testable without sockets or clocks.
 
 pub mod access;
+pub mod admission;
 pub mod approvals;
 pub mod backup;
 pub mod cluster;
 pub mod commit;
 pub mod events;
+pub mod flow_limits;
 pub mod handoff;
 pub mod http;
 pub mod limits;

@@ -792,7 +792,8 @@ impl Node {
     /// down).
     fn adopt_running(&self, term: u64) {
         let now = now_ms();
-        let running: Vec<(String, AttemptRef, u64)> = self.read_table(|t| {
+        type Running = (String, AttemptRef, u64, Option<String>);
+        let running: Vec<Running> = self.read_table(|t| {
             t.running()
                 .map(|(task, a)| {
                     (
@@ -802,19 +803,21 @@ impl Node {
                             attempt: a.number,
                         },
                         task.spec.timeout_ms,
+                        task.concurrency_key().map(str::to_string),
                     )
                 })
                 .collect()
         });
         let mut d = self.lock_dispatch();
         d.term = term;
-        for (worker, attempt, timeout) in running {
+        for (worker, attempt, timeout, key) in running {
             let tracked = d
                 .scheduler
                 .in_flight(attempt.task_id)
                 .is_some_and(|f| f.attempt == attempt);
             if !tracked {
-                d.scheduler.adopt(&worker, attempt, timeout, now);
+                d.scheduler
+                    .adopt(&worker, attempt, timeout, key.as_deref(), now);
             }
         }
         info!(
@@ -839,10 +842,51 @@ impl Node {
         info!(node = self.cfg.node_id, "no longer leader");
     }
 
+    /// Record the `Start` of attempts of limited tasks, then send those that were
+    /// recorded (see `scheduler::Dispatch::record_first`). One that was not (the task
+    /// was cancelled meanwhile, or this node lost leadership) is not sent: the table's
+    /// events or the attempt's lease free its slot.
+    async fn send_when_started(self: Arc<Self>, gated: Vec<(Op, String, CoordinatorMsg)>) {
+        let (ops, sends): (Vec<Op>, Vec<(String, CoordinatorMsg)>) =
+            gated.into_iter().map(|(op, w, m)| (op, (w, m))).unzip();
+        let results = match self.propose(ops).await {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::counter!("swarm_dispatch_proposals_failed_total").increment(1);
+                warn!(error = %e, "recording the start of limited attempts failed; they are not sent");
+                return;
+            }
+        };
+        let mut d = self.lock_dispatch();
+        for (result, (worker, msg)) in results.iter().zip(sends) {
+            let CoordinatorMsg::Run(run) = &msg else {
+                continue;
+            };
+            let still_ours = d
+                .scheduler
+                .in_flight(run.attempt.task_id)
+                .is_some_and(|f| f.attempt == run.attempt && f.worker == worker);
+            if !matches!(result, OpResult::Applied { .. }) || !still_ours {
+                debug!(
+                    task = run.attempt.task_id,
+                    ?result,
+                    "limited attempt not sent"
+                );
+                continue;
+            }
+            if let Some(s) = d.sessions.get_mut(&worker) {
+                let _ = s.tx.send(msg);
+                s.info.running += 1;
+            }
+        }
+    }
+
     /// One round of dispatch on the leader. Returns when the next round is due.
     fn dispatch_round(self: &Arc<Self>) -> Option<u64> {
         let now = now_ms();
         let mut ops = Vec::new();
+        // Attempts of limited tasks: sent once their `Start` committed.
+        let mut gated: Vec<(Op, String, CoordinatorMsg)> = Vec::new();
         let next_due;
         {
             let table = self.table.read();
@@ -869,8 +913,13 @@ impl Node {
                         .in_flight(task.id)
                         .is_some_and(|f| f.attempt == attempt);
                     if !tracked {
-                        d.scheduler
-                            .adopt(&a.worker, attempt, task.spec.timeout_ms, now);
+                        d.scheduler.adopt(
+                            &a.worker,
+                            attempt,
+                            task.spec.timeout_ms,
+                            task.concurrency_key(),
+                            now,
+                        );
                         adopted += 1;
                     }
                 }
@@ -905,11 +954,10 @@ impl Node {
             // Tasks of agents whose swarm spent its token budget wait (see `state::ledger`).
             let ledger = table.ledger();
             let plan = d.scheduler.plan_by(
-                table
-                    .queued()
-                    .filter(|t| !ledger.holds(&t.spec.swarm, t.current_agent())),
+                &table,
                 now,
                 topologies.max_queue_depth(),
+                |t| ledger.holds(&t.spec.swarm, t.current_agent()),
                 |task, id, w| topologies.place(task, id, w),
             );
             for p in plan.dispatches {
@@ -942,6 +990,15 @@ impl Node {
                     swarm: task.spec.swarm.clone(),
                     term: d.term,
                 });
+                if p.record_first {
+                    let start = Op::Start {
+                        attempt: p.attempt,
+                        worker: p.worker.clone(),
+                        now_ms: now,
+                    };
+                    gated.push((start, p.worker, msg));
+                    continue;
+                }
                 if let Some(s) = d.sessions.get_mut(&p.worker) {
                     let _ = s.tx.send(msg);
                     s.info.running += 1;
@@ -961,6 +1018,10 @@ impl Node {
                 .into_iter()
                 .flatten()
                 .min();
+        }
+        if !gated.is_empty() {
+            let node = self.clone();
+            tokio::spawn(async move { node.send_when_started(gated).await });
         }
         if !ops.is_empty() {
             let node = self.clone();

@@ -11,11 +11,13 @@
 //! committed; the task stays in flight until then, so it is never planned twice.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
 
 use swarm_proto::worker::AttemptRef;
 use swarm_proto::TaskId;
 
-use crate::state::Task;
+use crate::admission::{Admission, Blocked};
+use crate::state::{Lane, Task, TaskTable};
 
 /// Timing knobs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -108,6 +110,8 @@ pub struct InFlight {
     /// proposal repeats their `Op::Move`s before its `Op::Finish`, so a report that
     /// overtakes a steal's own proposal still finds the attempt on its worker.
     pub moves: Vec<(String, String)>,
+    /// The task's concurrency key (counted by [`Admission`] while in flight).
+    pub key: Option<String>,
 }
 
 /// "Send this attempt to this worker."
@@ -115,6 +119,11 @@ pub struct InFlight {
 pub struct Dispatch {
     pub worker: String,
     pub attempt: AttemptRef,
+    /// Record the attempt's `Start` first and send it only once that committed: the
+    /// task is under a concurrency key or a rate limit (see [`crate::admission`]).
+    /// Other attempts are sent at once and their `Start` recorded after
+    /// [`SchedulerConfig::start_record_delay_ms`], if they still run.
+    pub record_first: bool,
 }
 
 /// The result of [`Scheduler::plan`].
@@ -153,6 +162,8 @@ pub struct Scheduler {
     membership_gen: u64,
     /// The agents some connected worker offers, as of a membership generation.
     offered: (u64, HashSet<String>),
+    /// Concurrency keys in flight, token buckets, and the round-robin over lanes.
+    admission: Admission,
 }
 
 impl Scheduler {
@@ -288,6 +299,7 @@ impl Scheduler {
         if !f.reported {
             self.deadlines.insert((f.deadline_ms, task));
         }
+        self.admission.track(f.key.as_deref());
         self.in_flight.insert(task, f);
     }
 
@@ -301,7 +313,13 @@ impl Scheduler {
             }
         }
         self.deadlines.remove(&(f.deadline_ms, task));
+        self.admission.untrack(f.key.as_deref());
         Some(f)
+    }
+
+    /// Concurrency keys in flight and token buckets.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// Number of attempts in flight.
@@ -311,7 +329,14 @@ impl Scheduler {
 
     /// Track an attempt the scheduler did not plan: one a reconnecting worker reports, or
     /// one the task table says is running after this node became leader.
-    pub fn adopt(&mut self, worker: &str, attempt: AttemptRef, timeout_ms: u64, now_ms: u64) {
+    pub fn adopt(
+        &mut self,
+        worker: &str,
+        attempt: AttemptRef,
+        timeout_ms: u64,
+        key: Option<&str>,
+        now_ms: u64,
+    ) {
         if self
             .in_flight
             .get(&attempt.task_id)
@@ -330,6 +355,7 @@ impl Scheduler {
                 reported: false,
                 unlisted_since_ms: None,
                 moves: Vec::new(),
+                key: key.map(str::to_string),
             },
         );
         // A worker this leader has not heard from yet (the attempt was adopted from the
@@ -460,27 +486,35 @@ impl Scheduler {
         }
     }
 
-    /// Choose attempts for queued tasks, best first, until workers are full. `queued`
-    /// must be in run order. Tasks in flight, waiting out a backoff, or matching no
-    /// connected worker's labels are skipped; draining workers get nothing. A task goes
-    /// only to a worker offering its agent while a connected worker does; while none
-    /// does, to any (which fails it `unknown_agent`, naming what it offers: a mistyped
-    /// agent is told at once rather than waiting for ever).
-    pub fn plan<'a>(&mut self, queued: impl Iterator<Item = &'a Task>, now_ms: u64) -> Plan {
-        self.plan_by(queued, now_ms, 0, |task, _, w| {
-            w.has_labels(&task.spec.labels).then_some(w.slots)
-        })
+    /// Choose attempts for queued tasks, best first, until workers are full: priorities
+    /// highest first; within one, round-robin across the run queue's lanes (one task
+    /// from each lane in turn, starting after the lane served last), oldest first in a
+    /// lane. A lane whose key is at its limit or whose bucket is empty is skipped whole.
+    /// Tasks in flight, waiting out a backoff, held (`hold`), or matching no connected
+    /// worker's labels are skipped; draining workers get nothing. A task goes only to a
+    /// worker offering its agent while a connected worker does; while none does, to any
+    /// (which fails it `unknown_agent`, naming what it offers: a mistyped agent is told
+    /// at once rather than waiting for ever).
+    pub fn plan(&mut self, table: &TaskTable, now_ms: u64) -> Plan {
+        self.plan_by(
+            table,
+            now_ms,
+            0,
+            |_| false,
+            |task, _, w| w.has_labels(&task.spec.labels).then_some(w.slots),
+        )
     }
 
     /// [`Scheduler::plan`] with placement decided by `place(task, worker id, worker)`:
     /// how many attempts the worker may hold when it takes this task (its slots, plus a
     /// queue it holds locally), or `None` if it may not take it. `max_extra` bounds what
     /// any worker holds beyond its slots.
-    pub fn plan_by<'a>(
+    pub fn plan_by(
         &mut self,
-        queued: impl Iterator<Item = &'a Task>,
+        table: &TaskTable,
         now_ms: u64,
         max_extra: u32,
+        hold: impl Fn(&Task) -> bool,
         mut place: impl FnMut(&Task, &str, &WorkerEntry) -> Option<u32>,
     ) -> Plan {
         let mut free: u64 = self
@@ -495,11 +529,85 @@ impl Scheduler {
         }
         let ids: Vec<String> = self.workers.keys().cloned().collect();
         self.refresh_offered();
-        for task in queued {
+        let limits = table.limits().clone();
+        self.admission.prune(&limits);
+        for (level, lanes) in table.run_queue().levels() {
             if free == 0 {
                 break;
             }
-            if self.in_flight.contains_key(&task.id) {
+            // The lanes in turn, starting after the one served last.
+            let after = self.admission.cursor(level).cloned();
+            let order: Box<dyn Iterator<Item = (&Lane, &BTreeSet<TaskId>)>> = match &after {
+                Some(c) => Box::new(
+                    lanes
+                        .range::<Lane, _>((Bound::Excluded(c), Bound::Unbounded))
+                        .chain(lanes.range::<Lane, _>((Bound::Unbounded, Bound::Included(c)))),
+                ),
+                None => Box::new(lanes.iter()),
+            };
+            // Lanes that started a task this pass, with where they stopped.
+            let mut again = Vec::new();
+            for (lane, queued) in order {
+                if free == 0 {
+                    break;
+                }
+                let mut rest = queued.iter();
+                if self.take_from_lane(
+                    table, lane, &mut rest, &limits, now_ms, &ids, &hold, &mut place, &mut plan,
+                ) {
+                    self.admission.served(level, lane);
+                    free -= 1;
+                    again.push((lane, rest));
+                }
+            }
+            // Further passes over the lanes that still start tasks.
+            while free > 0 && !again.is_empty() {
+                again.retain_mut(|(lane, rest)| {
+                    if free == 0 {
+                        return true;
+                    }
+                    let took = self.take_from_lane(
+                        table, lane, rest, &limits, now_ms, &ids, &hold, &mut place, &mut plan,
+                    );
+                    if took {
+                        self.admission.served(level, lane);
+                        free -= 1;
+                    }
+                    took
+                });
+            }
+        }
+        plan
+    }
+
+    /// Start the first task of `rest` (a lane's queued ids, oldest first) that can start
+    /// now, if the lane may start one: true if it did.
+    #[allow(clippy::too_many_arguments)]
+    fn take_from_lane<'q>(
+        &mut self,
+        table: &TaskTable,
+        lane: &Lane,
+        rest: &mut impl Iterator<Item = &'q TaskId>,
+        limits: &crate::state::Limits,
+        now_ms: u64,
+        ids: &[String],
+        hold: &impl Fn(&Task) -> bool,
+        place: &mut impl FnMut(&Task, &str, &WorkerEntry) -> Option<u32>,
+        plan: &mut Plan,
+    ) -> bool {
+        match self.admission.check(lane, limits, now_ms) {
+            Ok(()) => {}
+            Err(Blocked::Key) => return false,
+            Err(Blocked::Rate { ready_ms }) => {
+                plan.next_ready_ms = Some(plan.next_ready_ms.map_or(ready_ms, |t| t.min(ready_ms)));
+                return false;
+            }
+        }
+        for id in rest {
+            let Some(task) = table.get(*id) else {
+                continue;
+            };
+            if self.in_flight.contains_key(&task.id) || hold(task) {
                 continue;
             }
             if task.not_before_ms > now_ms {
@@ -511,7 +619,7 @@ impl Scheduler {
             }
             let agent = task.current_agent();
             let strict = self.offered.1.contains(agent);
-            let Some(worker) = self.pick_worker(&ids, |id, w| {
+            let Some(worker) = self.pick_worker(ids, |id, w| {
                 if strict && !w.offers(agent) {
                     return None;
                 }
@@ -519,6 +627,7 @@ impl Scheduler {
             }) else {
                 continue;
             };
+            self.admission.started(lane, limits, now_ms);
             let attempt = AttemptRef {
                 task_id: task.id,
                 attempt: task.next_attempt(),
@@ -537,17 +646,25 @@ impl Scheduler {
                     reported: false,
                     unlisted_since_ms: None,
                     moves: Vec::new(),
+                    key: task.concurrency_key().map(str::to_string),
                 },
             );
-            free -= 1;
-            let d = Dispatch { worker, attempt };
-            self.pending_starts.push_back((
-                now_ms.saturating_add(self.cfg.start_record_delay_ms),
-                d.clone(),
-            ));
+            let record_first = task.is_limited();
+            let d = Dispatch {
+                worker,
+                attempt,
+                record_first,
+            };
+            if !record_first {
+                self.pending_starts.push_back((
+                    now_ms.saturating_add(self.cfg.start_record_delay_ms),
+                    d.clone(),
+                ));
+            }
             plan.dispatches.push(d);
+            return true;
         }
-        plan
+        false
     }
 
     /// Dispatched attempts whose `Start` should be recorded now: due, still in flight and
@@ -839,7 +956,7 @@ mod tests {
             let pick = on_w.get((x >> 16) as usize % on_w.len().max(1)).cloned();
             match x % 7 {
                 0 | 1 => {
-                    s.plan(t.queued(), now);
+                    s.plan(&t, now);
                 }
                 2 => {
                     if let Some(f) = pick {
@@ -896,7 +1013,7 @@ mod tests {
             task_id: 1,
             attempt: 1,
         };
-        s.adopt("w", a, 60_000, 100);
+        s.adopt("w", a, 60_000, None, 100);
         assert!(
             s.expire(200).is_empty(),
             "the worker has a lease to come back"
@@ -909,7 +1026,7 @@ mod tests {
         assert_eq!(lost.len(), 1);
         assert_eq!(lost[0].attempt, a);
         // A worker that never comes back loses them a lease after the adoption.
-        s.adopt("gone", a, 60_000, 2_000);
+        s.adopt("gone", a, 60_000, None, 2_000);
         assert!(s.expire(3_000).is_empty());
         assert_eq!(s.expire(3_001).len(), 1);
     }
@@ -922,14 +1039,11 @@ mod tests {
         let t = table(1, &[]);
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 2, labels(&[]), 0);
-        let d = s.plan(t.queued(), 0).dispatches.remove(0);
+        let d = s.plan(&t, 0).dispatches.remove(0);
         assert_eq!(d.attempt.attempt, 1);
         // The submit's event, drained after the dispatch: the attempt stays in flight.
         assert!(s.forget_before(1, 1).is_none());
-        assert!(
-            s.plan(t.queued(), 0).dispatches.is_empty(),
-            "not sent twice"
-        );
+        assert!(s.plan(&t, 0).dispatches.is_empty(), "not sent twice");
         // Queued again for attempt 2: attempt 1 has ended.
         assert_eq!(s.forget_before(1, 2).map(|f| f.attempt), Some(d.attempt));
         assert_eq!(s.in_flight_count(), 0);
@@ -945,7 +1059,7 @@ mod tests {
         s.worker_joined("other", 8, labels(&[]), offers(&["work"]), None, 0);
         s.worker_joined("echoes", 2, labels(&[]), offers(&["echo", "work"]), None, 0);
         s.worker_connected("unlisted", 2, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 0).dispatches;
+        let plan = s.plan(&t, 0).dispatches;
         assert_eq!(plan.len(), 4, "{plan:?}");
         assert!(plan.iter().all(|d| d.worker != "other"), "{plan:?}");
         // Once no connected worker offers it, anyone takes it (and fails it, saying what
@@ -955,7 +1069,7 @@ mod tests {
         s.worker_joined("other", 8, labels(&[]), offers(&["work"]), None, 0);
         s.worker_joined("echoes", 2, labels(&[]), offers(&["echo"]), None, 0);
         s.worker_disconnected("echoes");
-        let plan = s.plan(t.queued(), 0).dispatches;
+        let plan = s.plan(&t, 0).dispatches;
         assert_eq!(plan.len(), 2);
         assert!(plan.iter().all(|d| d.worker == "other"), "{plan:?}");
     }
@@ -966,14 +1080,14 @@ mod tests {
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 2, labels(&[]), 0);
         s.worker_connected("b", 2, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 0).dispatches;
+        let plan = s.plan(&t, 0).dispatches;
         assert_eq!(plan.len(), 4);
         let on_a = plan.iter().filter(|d| d.worker == "a").count();
         assert_eq!(on_a, 2, "work is spread: {plan:?}");
         // Nothing more fits, and nothing already planned is planned again.
-        assert!(s.plan(t.queued(), 0).dispatches.is_empty());
+        assert!(s.plan(&t, 0).dispatches.is_empty());
         s.reported("a", plan[0].attempt);
-        let again = s.plan(t.queued(), 0).dispatches;
+        let again = s.plan(&t, 0).dispatches;
         assert_eq!(again.len(), 1);
         assert_ne!(again[0].attempt.task_id, plan[0].attempt.task_id);
     }
@@ -987,7 +1101,7 @@ mod tests {
         let t = table(3, &[]);
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 3, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 0).dispatches;
+        let plan = s.plan(&t, 0).dispatches;
         let [x, y, z] = [plan[0].attempt, plan[1].attempt, plan[2].attempt];
         // The first heartbeat was sent before the Runs arrived: nothing is lost yet.
         assert!(s.heartbeat("a", &[], 100).is_empty());
@@ -1025,17 +1139,17 @@ mod tests {
         let mut s = Scheduler::new(cfg());
         s.worker_connected("cpu", 4, labels(&[]), 0);
         assert!(
-            s.plan(t.queued(), 0).dispatches.is_empty(),
+            s.plan(&t, 0).dispatches.is_empty(),
             "no worker has the label"
         );
         s.worker_connected("gpu", 1, labels(&[("gpu", "yes"), ("zone", "x")]), 0);
         s.worker_disconnected("gpu");
         assert!(
-            s.plan(t.queued(), 0).dispatches.is_empty(),
+            s.plan(&t, 0).dispatches.is_empty(),
             "disconnected workers get nothing"
         );
         s.worker_connected("gpu", 1, labels(&[("gpu", "yes")]), 0);
-        let plan = s.plan(t.queued(), 0).dispatches;
+        let plan = s.plan(&t, 0).dispatches;
         assert_eq!(
             plan,
             vec![Dispatch {
@@ -1043,7 +1157,8 @@ mod tests {
                 attempt: AttemptRef {
                     task_id: 1,
                     attempt: 1
-                }
+                },
+                record_first: false,
             }]
         );
         // The attempt fails and the task is queued again with a backoff.
@@ -1064,10 +1179,10 @@ mod tests {
             ],
         });
         s.forget(1);
-        let waiting = s.plan(t.queued(), retry_at - 1);
+        let waiting = s.plan(&t, retry_at - 1);
         assert!(waiting.dispatches.is_empty(), "backoff is honoured");
         assert_eq!(waiting.next_ready_ms, Some(retry_at));
-        let plan = s.plan(t.queued(), retry_at).dispatches;
+        let plan = s.plan(&t, retry_at).dispatches;
         assert_eq!(plan[0].attempt.attempt, 2);
     }
 
@@ -1098,7 +1213,7 @@ mod tests {
         }
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 1, labels(&[]), 0);
-        assert_eq!(s.plan(t.queued(), 0).dispatches[0].attempt.task_id, 2);
+        assert_eq!(s.plan(&t, 0).dispatches[0].attempt.task_id, 2);
     }
 
     #[test]
@@ -1107,7 +1222,7 @@ mod tests {
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 1, labels(&[]), 0);
         s.worker_connected("b", 1, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 0).dispatches;
+        let plan = s.plan(&t, 0).dispatches;
         assert_eq!(plan.len(), 2);
         s.worker_disconnected("a");
         s.worker_seen("b", 900);
@@ -1126,7 +1241,7 @@ mod tests {
         let t = table(1, &[]);
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 1, labels(&[]), 0);
-        s.plan(t.queued(), 0);
+        s.plan(&t, 0);
         // timeout 500 + lease 1000
         for now in (100..=1500).step_by(100) {
             s.worker_seen("a", now);
@@ -1144,7 +1259,7 @@ mod tests {
         let t = table(1, &[]);
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 1, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 0).dispatches;
+        let plan = s.plan(&t, 0).dispatches;
         s.reported("a", plan[0].attempt);
         assert!(s.expire(10_000).is_empty());
         let mut s = Scheduler::new(cfg());
@@ -1153,11 +1268,11 @@ mod tests {
             task_id: 1,
             attempt: 1,
         };
-        s.adopt("a", at, 100, 0);
-        s.adopt("a", at, 100, 0);
+        s.adopt("a", at, 100, None, 0);
+        s.adopt("a", at, 100, None, 0);
         assert_eq!(s.workers()["a"].busy, 1);
         assert!(
-            s.plan(t.queued(), 0).dispatches.is_empty(),
+            s.plan(&t, 0).dispatches.is_empty(),
             "adopted task is in flight"
         );
         assert_eq!(t.get(1).map(|t| t.state), Some(TaskState::Queued));
@@ -1169,7 +1284,7 @@ mod tests {
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 2, labels(&[]), 0);
         s.worker_connected("b", 2, labels(&[]), 0);
-        let first = s.plan(t.queued(), 0).dispatches;
+        let first = s.plan(&t, 0).dispatches;
         let on_a: Vec<AttemptRef> = first
             .iter()
             .filter(|d| d.worker == "a")
@@ -1194,12 +1309,12 @@ mod tests {
         for a in &b_done {
             s.reported("b", *a);
         }
-        let next = s.plan(t.queued(), 0).dispatches;
+        let next = s.plan(&t, 0).dispatches;
         assert!(!next.is_empty());
         assert!(next.iter().all(|d| d.worker == "b"), "{next:?}");
         // Queueing beyond slots (plan_by) never picks it either.
         assert!(s
-            .plan_by(t.queued(), 0, 8, |_, _, w| Some(w.slots + 8))
+            .plan_by(&t, 0, 8, |_| false, |_, _, w| Some(w.slots + 8))
             .dispatches
             .iter()
             .all(|d| d.worker == "b"));
@@ -1217,7 +1332,7 @@ mod tests {
         s.worker_connected("b", 2, labels(&[]), 0);
         assert!(!s.worker_resumed("a"), "not drained: nothing to resume");
         assert!(s.worker_draining("a"));
-        let drained = s.plan(t.queued(), 0).dispatches;
+        let drained = s.plan(&t, 0).dispatches;
         assert!(drained.iter().all(|d| d.worker == "b"), "{drained:?}");
         for d in &drained {
             s.reported("b", d.attempt);
@@ -1229,7 +1344,7 @@ mod tests {
         assert!(!s.worker_resumed("nobody"));
         assert!(s.membership_gen() > gen, "layouts re-plan with it");
         assert!(s.workers()["a"].takes_work());
-        let next = s.plan(t.queued(), 0).dispatches;
+        let next = s.plan(&t, 0).dispatches;
         assert!(next.iter().any(|d| d.worker == "a"), "{next:?}");
     }
 
@@ -1254,7 +1369,7 @@ mod tests {
         let t = table(3, &[]);
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 3, labels(&[]), 0);
-        let plan = s.plan(t.queued(), 100).dispatches;
+        let plan = s.plan(&t, 100).dispatches;
         assert_eq!(plan.len(), 3);
         assert_eq!(s.next_expiry(), Some(110));
         assert!(s.due_starts(109).is_empty());
@@ -1276,7 +1391,7 @@ mod tests {
         for i in 0..10 {
             s.worker_connected(&format!("w{i}"), 100, labels(&[]), 0);
         }
-        let plan = s.plan(t.queued(), 0).dispatches;
+        let plan = s.plan(&t, 0).dispatches;
         assert_eq!(plan.len(), 1000);
         for w in s.workers().values() {
             assert_eq!(w.busy, 100);
@@ -1290,15 +1405,24 @@ mod tests {
         s.worker_connected("a", 2, labels(&[]), 0);
         s.worker_connected("b", 2, labels(&[]), 0);
         // Only "a" may take work, and may hold 3 beyond its 2 slots.
-        let plan = s.plan_by(t.queued(), 0, 3, |_, id, w| {
-            (id == "a").then_some(w.slots + 3)
-        });
+        let plan = s.plan_by(
+            &t,
+            0,
+            3,
+            |_| false,
+            |_, id, w| (id == "a").then_some(w.slots + 3),
+        );
         assert_eq!(plan.dispatches.len(), 5);
         assert!(plan.dispatches.iter().all(|d| d.worker == "a"));
         assert_eq!(s.workers()["a"].busy, 5);
         assert!(s
-            .plan_by(t.queued(), 0, 3, |_, id, w| (id == "a")
-                .then_some(w.slots + 3))
+            .plan_by(
+                &t,
+                0,
+                3,
+                |_| false,
+                |_, id, w| (id == "a").then_some(w.slots + 3)
+            )
             .dispatches
             .is_empty());
     }
@@ -1309,7 +1433,7 @@ mod tests {
         let mut s = Scheduler::new(cfg());
         s.worker_connected("a", 1, labels(&[]), 0);
         s.worker_connected("b", 1, labels(&[]), 0);
-        let d = s.plan(t.queued(), 0).dispatches.remove(0);
+        let d = s.plan(&t, 0).dispatches.remove(0);
         let (from, to) = if d.worker == "a" {
             ("a", "b")
         } else {
@@ -1335,5 +1459,188 @@ mod tests {
         let gen = s.membership_gen();
         s.worker_connected("c", 1, labels(&[]), 2_000);
         assert!(s.membership_gen() > gen);
+    }
+
+    /// Submit tasks with flow controls: (concurrency key, rate limit, priority) each.
+    fn submit_flows(t: &mut TaskTable, tasks: &[(Option<&str>, Option<&str>, i32)]) {
+        let ops = tasks
+            .iter()
+            .map(|(key, rate, priority)| {
+                let mut spec = table_spec();
+                spec.priority = *priority;
+                let flow = crate::state::Flow {
+                    concurrency_key: key.map(str::to_string),
+                    rate_limit: rate.map(str::to_string),
+                    ..Default::default()
+                };
+                if flow.is_empty() {
+                    Op::Submit {
+                        spec,
+                        now_ms: 0,
+                        queue_limit: 100_000,
+                    }
+                } else {
+                    Op::SubmitFlow {
+                        spec,
+                        flow: Box::new(flow),
+                        now_ms: 0,
+                        queue_limit: 100_000,
+                    }
+                }
+            })
+            .collect();
+        t.apply(&Command { ops });
+    }
+
+    fn table_spec() -> TaskSpec {
+        TaskSpec {
+            agent: "echo".into(),
+            payload: vec![],
+            priority: 0,
+            timeout_ms: 500,
+            max_attempts: 3,
+            idempotency_key: None,
+            labels: BTreeMap::new(),
+            patterns: 0,
+            swarm: swarm_topology::DEFAULT_SWARM_NAME.to_string(),
+            stages: Vec::new(),
+            retain_ms: 60_000,
+        }
+    }
+
+    fn set_limit(t: &mut TaskTable, name: &str, concurrency: Option<u32>, rate: Option<&str>) {
+        use crate::state::{LimitDef, LimitsOp, Rate};
+        t.apply(&Command {
+            ops: vec![Op::Limits(LimitsOp::Set {
+                name: name.into(),
+                def: LimitDef {
+                    concurrency,
+                    rate: rate.map(|r| Rate::parse(r, 1).unwrap()),
+                },
+            })],
+        });
+    }
+
+    fn key_of(t: &TaskTable, d: &Dispatch) -> Option<String> {
+        t.get(d.attempt.task_id)
+            .and_then(|task| task.concurrency_key().map(str::to_string))
+    }
+
+    /// Within a priority, lanes take turns: three tenants' backlogs, submitted one
+    /// after the other, start interleaved; a key at its limit is skipped whole; a
+    /// higher priority still goes first.
+    #[test]
+    fn keys_take_turns_and_never_pass_their_limit() {
+        let mut t = TaskTable::new();
+        set_limit(&mut t, "tenant", Some(2), None);
+        let mut tasks = Vec::new();
+        for key in ["tenant:a", "tenant:b", "tenant:c"] {
+            tasks.extend(std::iter::repeat_n((Some(key), None, 0), 10));
+        }
+        tasks.extend(std::iter::repeat_n((None, None, 0), 3));
+        tasks.push((Some("tenant:c"), None, 5));
+        submit_flows(&mut t, &tasks);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("w", 100, labels(&[]), 0);
+        let plan = s.plan(&t, 0).dispatches;
+        let keys: Vec<Option<String>> = plan.iter().map(|d| key_of(&t, d)).collect();
+        let k = |k: &str| Some(k.to_string());
+        // The priority-5 task first; then a, b, c (at its limit: 2 with the first) and
+        // the default lane in turns.
+        assert_eq!(
+            keys,
+            vec![
+                k("tenant:c"),
+                None,
+                k("tenant:a"),
+                k("tenant:b"),
+                k("tenant:c"),
+                None,
+                k("tenant:a"),
+                k("tenant:b"),
+                None,
+            ]
+        );
+        assert!(plan
+            .iter()
+            .all(|d| d.record_first == key_of(&t, d).is_some()));
+        assert_eq!(
+            s.pending_starts.len(),
+            3,
+            "only unlimited attempts start late"
+        );
+        // Full keys stay full until an attempt ends.
+        assert!(s.plan(&t, 1).dispatches.is_empty());
+        let a = plan
+            .iter()
+            .find(|d| key_of(&t, d) == k("tenant:a"))
+            .unwrap();
+        s.forget(a.attempt.task_id);
+        let next = s.plan(&t, 2).dispatches;
+        assert_eq!(next.len(), 1);
+        assert_eq!(key_of(&t, &next[0]), k("tenant:a"));
+        // A new leader adopting the running attempts counts them against their keys.
+        let mut fresh = Scheduler::new(cfg());
+        fresh.worker_connected("w", 100, labels(&[]), 0);
+        let running = plan.iter().filter(|d| d.attempt != a.attempt).chain(&next);
+        for d in running {
+            let task = t.get(d.attempt.task_id).unwrap();
+            fresh.adopt("w", d.attempt, 500, task.concurrency_key(), 3);
+        }
+        assert!(fresh.plan(&t, 3).dispatches.is_empty());
+    }
+
+    /// With one free slot per round, the turn passes on between rounds.
+    #[test]
+    fn the_turn_carries_over_between_rounds() {
+        let mut t = TaskTable::new();
+        let mut tasks = Vec::new();
+        for key in ["x", "y", "z"] {
+            tasks.extend(std::iter::repeat_n((Some(key), None, 0), 5));
+        }
+        submit_flows(&mut t, &tasks);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("w", 1, labels(&[]), 0);
+        let mut order = Vec::new();
+        for now in 0..6 {
+            let plan = s.plan(&t, now).dispatches;
+            assert_eq!(plan.len(), 1);
+            order.push(key_of(&t, &plan[0]).unwrap());
+            s.forget(plan[0].attempt.task_id);
+        }
+        assert_eq!(order, ["x", "y", "z", "x", "y", "z"]);
+    }
+
+    /// A lane whose bucket is empty waits, holds no slot, and says when to look again;
+    /// other lanes run meanwhile.
+    #[test]
+    fn an_empty_bucket_holds_its_lane_and_no_slot() {
+        let mut t = TaskTable::new();
+        set_limit(&mut t, "five", None, Some("5/s"));
+        let mut tasks = vec![(None, Some("five"), 0); 10];
+        tasks.extend([(None, None, 0); 2]);
+        submit_flows(&mut t, &tasks);
+        let mut s = Scheduler::new(cfg());
+        s.worker_connected("w", 100, labels(&[]), 1_000);
+        let plan = s.plan(&t, 1_000);
+        assert_eq!(plan.dispatches.len(), 2, "only the unlimited tasks");
+        assert!(plan.dispatches.iter().all(|d| t
+            .get(d.attempt.task_id)
+            .unwrap()
+            .rate_limit()
+            .is_none()));
+        assert_eq!(plan.next_ready_ms, Some(1_200));
+        let mut started = Vec::new();
+        for now in (1_000..=3_000).step_by(50) {
+            for d in s.plan(&t, now).dispatches {
+                assert!(d.record_first);
+                started.push(now);
+            }
+        }
+        assert_eq!(
+            started,
+            [1_200, 1_400, 1_600, 1_800, 2_000, 2_200, 2_400, 2_600, 2_800, 3_000]
+        );
+        assert_eq!(s.workers()["w"].busy, 12);
     }
 }

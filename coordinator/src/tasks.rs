@@ -154,6 +154,16 @@ fn to_submission(node: &Node, mut t: SubmitTask) -> Result<Submission, TaskError
             ))
         })?;
     }
+    if let Some(name) = &rate_limit {
+        // Checked against the limits of now: one deleted later lets its tasks run
+        // unlimited rather than wait for ever.
+        if node.read_table(|t| t.limits().rate_of(name).is_none()) {
+            return Err(TaskError::Flow(FlowFault::new(
+                "unknown_limit",
+                format!("no rate limit named {name:?}; create it first (swarm limits set {name} --rate N/s)"),
+            )));
+        }
+    }
     let spec = to_spec(node, t)?;
     let mut flow = Flow {
         parents: depends_on,

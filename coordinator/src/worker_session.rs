@@ -502,7 +502,8 @@ fn register(
     // Which of the attempts the worker holds may carry on: `Some(timeout)` when the task
     // still wants that attempt (read before locking dispatch: lock order is table, then
     // dispatch).
-    let held: Vec<(swarm_proto::worker::AttemptRef, Option<u64>)> = node.read_table(|t| {
+    type Keep = Option<(u64, Option<String>)>;
+    let held: Vec<(swarm_proto::worker::AttemptRef, Keep)> = node.read_table(|t| {
         hello
             .running
             .iter()
@@ -513,7 +514,15 @@ fn register(
                             .running_attempt()
                             .is_some_and(|r| r.number == a.attempt)
                 });
-                (*a, keep.map(|task| task.spec.timeout_ms))
+                (
+                    *a,
+                    keep.map(|task| {
+                        (
+                            task.spec.timeout_ms,
+                            task.concurrency_key().map(str::to_string),
+                        )
+                    }),
+                )
             })
             .collect()
     });
@@ -556,14 +565,15 @@ fn register(
         );
         for (attempt, keep) in &held {
             match keep {
-                Some(timeout) => {
+                Some((timeout, key)) => {
                     let tracked = d
                         .scheduler
                         .in_flight(attempt.task_id)
                         .is_some_and(|f| f.attempt == *attempt);
                     if !tracked {
                         // Dispatched by an earlier leader, or before our records caught up.
-                        d.scheduler.adopt(id, *attempt, *timeout, now);
+                        d.scheduler
+                            .adopt(id, *attempt, *timeout, key.as_deref(), now);
                         start_ops.push(Op::Start {
                             attempt: *attempt,
                             worker: id.to_string(),

@@ -263,7 +263,11 @@ fn parse_pieces(pieces: &[&[u8]]) -> Result<bool, TestCaseError> {
                     let _ = s.def.cadence.check(s.created_at_ms);
                 }
             }
-            Record::Memory(_) | Record::Staged(_) | Record::Access(_) | Record::Ledger(_) => {}
+            Record::Memory(_)
+            | Record::Staged(_)
+            | Record::Access(_)
+            | Record::Ledger(_)
+            | Record::Limits(_) => {}
         }
         records += 1;
     }

@@ -1104,6 +1104,47 @@ pub struct ScheduleView {
     pub last_error: Option<String>,
 }
 
+/// `PUT /v1/limits/{name}` body: a concurrency limit, a rate, or both.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetLimit {
+    /// Most tasks of one concurrency key running at once: of key `{name}`, and of each
+    /// key `{name}:…` that has no limit of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Starts allowed: `N/s`, `N/min`, `N/h` or `N/<ms>ms`, drawn by tasks whose
+    /// `rate_limit` is `{name}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// Most starts at once after a quiet spell (default 1: starts evenly spaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// A named limit, as `GET /v1/limits` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LimitView {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Attempts in flight now by key under this limit's concurrency (on the leader).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub running: BTreeMap<String, u32>,
+    /// Queued tasks waiting on this limit's keys or rate.
+    #[serde(default)]
+    pub queued: u64,
+}
+
+/// `GET /v1/limits` answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LimitList {
+    pub limits: Vec<LimitView>,
+}
+
 /// `GET /v1/schedules` answer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleList {

@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod cluster;
 pub mod coordinator;
+pub mod limits;
 pub mod logs;
 pub mod memory;
 pub mod patterns;

@@ -114,6 +114,7 @@ const ALSO_NEEDED: &[(&str, &str, &[&str])] = &[
     ("memory upsert", "--id=p1", &["id", "file"]),
     ("swarms budget", "--tokens=5", &["tokens", "clear"]),
     ("schedules create", "--every=2s", &["every", "cron"]),
+    ("limits set", "--rate=5/s", &["rate"]),
 ];
 
 #[test]

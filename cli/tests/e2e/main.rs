@@ -12,6 +12,7 @@ mod graphs;
 mod harness;
 mod identity;
 mod lifecycle;
+mod limits;
 mod live;
 mod memory;
 mod python_client;

@@ -12,6 +12,7 @@ use crate::access::AccessError;
 use crate::backup::BackupError;
 use crate::cluster::ClusterError;
 use crate::commit::CommitError;
+use crate::flow_limits::LimitError;
 use crate::memory::{EmbedError, MemError};
 use crate::schedules::ScheduleError;
 use crate::state::{MemoryFault, SwarmFault};
@@ -165,7 +166,7 @@ impl From<TaskError> for ApiError {
             TaskError::Commit(e) => e.into(),
             TaskError::Flow(f) => ApiError::Coded {
                 status: match f.code.as_str() {
-                    "unknown_parent" => StatusCode::NOT_FOUND,
+                    "unknown_parent" | "unknown_limit" => StatusCode::NOT_FOUND,
                     "dependency_failed"
                     | "graph_conflict"
                     | "too_many_children"
@@ -201,6 +202,19 @@ impl From<ScheduleError> for ApiError {
             }
             ScheduleError::Commit(e) => e.into(),
             ScheduleError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        match e {
+            LimitError::Invalid(m) => ApiError::coded(StatusCode::BAD_REQUEST, "invalid_limit", m),
+            e @ LimitError::Unknown(_) => {
+                ApiError::coded(StatusCode::NOT_FOUND, "unknown_limit", e.to_string())
+            }
+            LimitError::Commit(e) => e.into(),
+            LimitError::Internal(m) => ApiError::Internal(m),
         }
     }
 }

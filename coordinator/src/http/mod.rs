@@ -26,6 +26,7 @@ mod cluster;
 mod error;
 mod events;
 mod forward;
+mod limits;
 mod listen;
 mod live;
 mod memory;
@@ -150,6 +151,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(
             "/schedules/{name}/resume",
             post(schedules::resume.layer(lead())),
+        )
+        .route("/limits", get(limits::list.layer(lead())))
+        .route(
+            "/limits/{name}",
+            get(limits::get.layer(lead()))
+                .put(limits::set.layer(lead()))
+                .delete(limits::delete.layer(lead())),
         )
         .route("/backup", get(backup::backup.layer(here())))
         .route(

@@ -41,8 +41,8 @@ use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
 use super::types::{LogId, NodeAddr, NodeId};
 use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT, SCHEDULES_DECODE_LIMIT};
 use crate::state::{
-    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, Schedules, TableMeta, Task,
-    TaskTable,
+    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, Limits, Schedules, TableMeta,
+    Task, TaskTable,
 };
 
 /// File name of the checkpoint store inside the Raft data directory.
@@ -71,6 +71,9 @@ const KEY_LEDGER: &str = "ledger";
 /// The schedules ([`Schedules`]); absent in checkpoints written before them (read as
 /// none).
 const KEY_SCHEDULES: &str = "schedules";
+/// The named limits ([`Limits`]); absent in checkpoints written before them (read as
+/// none).
+const KEY_LIMITS: &str = "limits";
 
 /// Largest stored task: a task is bounded by its ops (payload, outputs of each ring
 /// stage), each below the entry budget.
@@ -203,7 +206,8 @@ impl CheckpointStore {
         let access = r.access()?;
         let ledger = r.ledger()?;
         let schedules = r.schedules()?;
-        let table = TaskTable::from_checkpoint(meta, access, ledger, schedules, live)?;
+        let limits = r.limits()?;
+        let table = TaskTable::from_checkpoint(meta, access, ledger, schedules, limits, live)?;
         let bytes = r.chunks(MEMORY)?;
         let memory = if bytes.is_empty() {
             None
@@ -268,12 +272,14 @@ impl CheckpointStore {
         let mut access = Access::default();
         let mut ledger = Ledger::default();
         let mut schedules = Schedules::default();
+        let mut limits = Limits::default();
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Header(_) => anyhow::bail!("a second header"),
                 Record::Access(a) => access = *a,
                 Record::Ledger(l) => ledger = *l,
                 Record::Schedules(s) => schedules = *s,
+                Record::Limits(l) => limits = *l,
                 Record::Tasks(batch) => {
                     let mut live = txn.open_table(LIVE)?;
                     let mut done = txn.open_table(DONE)?;
@@ -330,6 +336,7 @@ impl CheckpointStore {
             meta.insert(KEY_ACCESS, &encode(&access)?[..])?;
             meta.insert(KEY_LEDGER, &encode(&ledger)?[..])?;
             meta.insert(KEY_SCHEDULES, &encode(&schedules)?[..])?;
+            meta.insert(KEY_LIMITS, &encode(&limits)?[..])?;
         }
         txn.set_durability(Durability::Immediate);
         // A crash then costs no walk of the whole file on the next open.
@@ -500,6 +507,9 @@ fn write_delta(
     if let Some(schedules) = &delta.schedules {
         meta.insert(KEY_SCHEDULES, &encode(&**schedules)?[..])?;
     }
+    if let Some(limits) = &delta.limits {
+        meta.insert(KEY_LIMITS, &encode(&**limits)?[..])?;
+    }
     Ok(())
 }
 
@@ -599,6 +609,13 @@ impl StoreReader {
             .unwrap_or_default())
     }
 
+    /// The named limits of this checkpoint (none before any was written).
+    fn limits(&self) -> anyhow::Result<Limits> {
+        Ok(self
+            .record_up_to::<Limits>(KEY_LIMITS, ACCESS_DECODE_LIMIT)?
+            .unwrap_or_default())
+    }
+
     /// The log position, membership and table metadata of this checkpoint.
     pub fn header_parts(&self) -> anyhow::Result<(Option<LogId>, Membership, TableMeta)> {
         Ok((
@@ -667,6 +684,7 @@ impl StoreReader {
         w.write(&Record::Access(Box::new(access)))?;
         w.write(&Record::Ledger(Box::new(self.ledger()?)))?;
         w.write(&Record::Schedules(Box::new(self.schedules()?)))?;
+        w.write(&Record::Limits(Box::new(self.limits()?)))?;
         let mut batch = Vec::new();
         let mut size = 0;
         for table in [LIVE, DONE] {
@@ -809,6 +827,7 @@ mod tests {
             access,
             Ledger::default(),
             Schedules::default(),
+            Limits::default(),
             Vec::new(),
         )
         .unwrap();
@@ -937,9 +956,9 @@ mod tests {
     /// installed from them (a snapshot, or the records a backup carries), and a
     /// checkpoint that did not change them keeps them.
     #[test]
-    fn schedules_survive_checkpoints_dumps_and_installs() {
+    fn schedules_and_limits_survive_checkpoints_dumps_and_installs() {
         use crate::state::schedules::{Cadence, CatchUp};
-        use crate::state::{ScheduleDef, ScheduleOp};
+        use crate::state::{LimitDef, LimitsOp, Rate, ScheduleDef, ScheduleOp};
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(&dir.path().join("a.redb")).unwrap();
         let mut table = store.load().unwrap().table;
@@ -989,12 +1008,21 @@ mod tests {
                 now_ms: t0 + 2001,
                 queue_limit: 10,
             }),
+            Op::Limits(LimitsOp::Set {
+                name: "openai".into(),
+                def: LimitDef {
+                    concurrency: Some(3),
+                    rate: Some(Rate::parse("60/min", 10).unwrap()),
+                },
+            }),
         ];
         crate::state::apply_command(&mut table, &Command { ops }, &store.reader().unwrap())
             .unwrap();
         assert_eq!(table.schedules().get("every").unwrap().fired, 1);
+        assert_eq!(table.limits().concurrency_of("openai"), Some(3));
         let delta = table.begin_checkpoint().unwrap();
         assert!(delta.schedules.is_some());
+        assert!(delta.limits.is_some());
         store
             .write(&delta, None, &Membership::default(), None)
             .unwrap();
@@ -1004,23 +1032,26 @@ mod tests {
         let loaded = store.load().unwrap().table;
         assert_eq!(loaded.schedules(), table.schedules());
         assert_eq!(loaded.schedules().len(), 2);
+        assert_eq!(loaded.limits(), table.limits());
         let mut dump = Vec::new();
         store.reader().unwrap().write_dump(&mut dump).unwrap();
         let (installed, _) =
             CheckpointStore::build_from_dump(&dir.path().join("b.redb"), &dump[..]).unwrap();
-        assert_eq!(
-            installed.load().unwrap().table.schedules(),
-            table.schedules()
-        );
+        let installed = installed.load().unwrap().table;
+        assert_eq!(installed.schedules(), table.schedules());
+        assert_eq!(installed.limits(), table.limits());
         let mut records = DumpReader::new(&dump[..]);
         records.header().unwrap();
-        let mut carried = None;
+        let (mut carried, mut limits) = (None, None);
         while let Some(r) = records.next_record().unwrap() {
-            if let Record::Schedules(s) = r {
-                carried = Some(s);
+            match r {
+                Record::Schedules(s) => carried = Some(s),
+                Record::Limits(l) => limits = Some(l),
+                _ => {}
             }
         }
         assert_eq!(carried.as_deref(), Some(&**table.schedules()));
+        assert_eq!(limits.as_deref(), Some(&**table.limits()));
     }
 
     fn installed_access(store: &CheckpointStore, dir: &std::path::Path) -> std::sync::Arc<Access> {

@@ -35,6 +35,8 @@ pub mod flow;
 pub mod format1;
 mod layers;
 pub mod ledger;
+pub mod limits;
+pub mod run_queue;
 pub mod schedules;
 #[cfg(test)]
 mod schedules_tests;
@@ -55,9 +57,11 @@ pub use access::{Access, AccessFault, AccessOp};
 pub use flow::{Flow, FlowFault, GraphStep};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use ledger::{Ledger, LedgerOp};
+pub use limits::{LimitDef, Limits, LimitsFault, LimitsOp, Rate};
+pub use run_queue::{Lane, RunQueue};
 pub use schedules::{Schedule, ScheduleDef, ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 pub(crate) use table::in_order;
-pub use table::{CheckpointDelta, Lookup, QueueKey, TableEvent, TaskTable, MAX_PURGE_PER_OP};
+pub use table::{CheckpointDelta, Lookup, TableEvent, TaskTable, MAX_PURGE_PER_OP};
 
 /// One Raft log entry's payload: a batch of operations applied in order.
 ///
@@ -279,6 +283,8 @@ pub enum Op {
     /// as [`Op::Submit`] does). (Appended last: entries written before it read
     /// unchanged.)
     Schedule(ScheduleOp),
+    /// A change to the named limits (concurrency and rate limits). (Appended last.)
+    Limits(LimitsOp),
     /// An operator approves (`approve`) or rejects a task awaiting approval; `by` is the
     /// token's name. Approved: queued; rejected: cancelled, with its dependants. Anything
     /// else is `Ignored` (a replay, or a task decided, cancelled or expired meanwhile).
@@ -370,6 +376,7 @@ impl Op {
             Op::Access(a) => SMALL + swarm_codec::encoded_len(a).unwrap_or(usize::MAX / 4),
             Op::Ledger(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
             Op::Schedule(s) => SMALL + swarm_codec::encoded_len(s).unwrap_or(usize::MAX / 4),
+            Op::Limits(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
             Op::Decide { by, comment, .. } => {
                 SMALL + by.len() + comment.as_ref().map_or(0, String::len)
             }
@@ -446,6 +453,8 @@ pub enum OpResult {
     Refused(FlowFault),
     /// What a schedule op did, or why it was refused (identically on every replica).
     Schedule(Result<ScheduleOutcome, ScheduleFault>),
+    /// A limits op took effect, or why it was refused.
+    Limits(Result<(), LimitsFault>),
     /// How many of an [`Op::ExpireApprovals`]' tasks failed with `approval_timeout`.
     ApprovalsExpired { expired: u64 },
 }
@@ -808,6 +817,23 @@ impl Task {
         self.attempts
             .last()
             .map_or(1, |a| a.number.saturating_add(1))
+    }
+
+    /// The concurrency key the task runs under, if any.
+    pub fn concurrency_key(&self) -> Option<&str> {
+        self.flow.as_ref()?.concurrency_key.as_deref()
+    }
+
+    /// The rate limit a start of the task draws from, if any.
+    pub fn rate_limit(&self) -> Option<&str> {
+        self.flow.as_ref()?.rate_limit.as_deref()
+    }
+
+    /// Whether the task is under a flow control whose count must survive a leader
+    /// change: its attempts are recorded as started before they are sent (see
+    /// `scheduler::Dispatch::record_first`).
+    pub fn is_limited(&self) -> bool {
+        self.concurrency_key().is_some() || self.rate_limit().is_some()
     }
 
     /// The agent the next (or current) attempt runs: the current stage's for a ring task.

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use swarm_memory::MemoryStore;
 use swarm_proto::api::{TaskOrder, TaskState};
 use swarm_proto::worker::{AttemptRef, FailureKind, LogTail, Outcome, Usage};
@@ -16,6 +15,8 @@ use super::access::Access;
 use super::flow::{self, Flow, FlowAttr, FlowFault, GraphStep};
 use super::layers::Layers;
 use super::ledger::Ledger;
+use super::limits::{Limits, LimitsFault, LimitsOp};
+use super::run_queue::RunQueue;
 use super::schedules::{ScheduleFault, ScheduleOp, ScheduleOutcome, Schedules};
 use super::{
     Archive, ArchiveError, Attempt, AttemptEnd, Changes, Op, OpResult, RestoreState,
@@ -29,27 +30,6 @@ pub const MAX_RELEASES_PER_STAGE: u32 = 100;
 
 /// Most task ids one [`Op::Purge`] carries.
 pub const MAX_PURGE_PER_OP: usize = 4096;
-
-/// Order of the run queue: higher priority first, then older first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct QueueKey {
-    neg_priority: i64,
-    id: TaskId,
-}
-
-impl QueueKey {
-    fn of(task: &Task) -> Self {
-        QueueKey {
-            neg_priority: -(task.spec.priority as i64),
-            id: task.id,
-        }
-    }
-
-    /// The task this key orders.
-    pub fn id(&self) -> TaskId {
-        self.id
-    }
-}
 
 /// Something a non-Raft component should react to, produced while applying.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,25 +63,23 @@ pub enum Lookup {
 #[derive(Debug, Default)]
 pub struct TaskTable {
     live: BTreeMap<TaskId, Arc<Task>>,
-    queue: BTreeSet<QueueKey>,
+    queue: RunQueue,
     /// Ids of live tasks by state (queued, running).
     by_state: BTreeMap<TaskState, BTreeSet<TaskId>>,
     meta: TableMeta,
     /// API tokens, revoked certificates and enrolled names: copied on change, stored
     /// whole by the next checkpoint after a change.
     access: Arc<Access>,
-    /// The access state the archive holds (`None`: unknown, so the next checkpoint
-    /// writes it), and the one the checkpoint being written carries.
-    access_stored: Option<Arc<Access>>,
-    access_flushing: Option<Arc<Access>>,
+    access_flush: Flush<Access>,
     /// Token usage and budgets: copied on change, stored whole like `access`.
     ledger: Arc<Ledger>,
-    ledger_stored: Option<Arc<Ledger>>,
-    ledger_flushing: Option<Arc<Ledger>>,
+    ledger_flush: Flush<Ledger>,
     /// The schedules: copied on change, stored whole like `access`.
     schedules: Arc<Schedules>,
-    schedules_stored: Option<Arc<Schedules>>,
-    schedules_flushing: Option<Arc<Schedules>>,
+    schedules_flush: Flush<Schedules>,
+    /// The named limits: copied on change, stored whole like `access`.
+    limits: Arc<Limits>,
+    limits_flush: Flush<Limits>,
     changes: Changes,
     /// The changes a checkpoint is writing to the archive right now.
     flushing: Option<Arc<Changes>>,
@@ -123,6 +101,58 @@ pub struct CheckpointDelta {
     pub ledger: Option<Arc<Ledger>>,
     /// The schedules, when they changed since the last checkpoint.
     pub schedules: Option<Arc<Schedules>>,
+    /// The limits, when they changed since the last checkpoint.
+    pub limits: Option<Arc<Limits>>,
+}
+
+/// Which value of a record stored whole (like [`Access`]) the archive holds, and which
+/// one the checkpoint being written carries: a checkpoint writes the record only when
+/// it changed (a change replaces the `Arc`).
+#[derive(Debug)]
+struct Flush<T> {
+    /// `None`: unknown, so the next checkpoint writes it.
+    stored: Option<Arc<T>>,
+    flushing: Option<Arc<T>>,
+}
+
+impl<T> Default for Flush<T> {
+    fn default() -> Self {
+        Flush {
+            stored: None,
+            flushing: None,
+        }
+    }
+}
+
+impl<T> Flush<T> {
+    fn stored(value: &Arc<T>) -> Self {
+        Flush {
+            stored: Some(value.clone()),
+            flushing: None,
+        }
+    }
+
+    /// A checkpoint begins: what it must write of `current` (`None`: unchanged).
+    fn begin(&mut self, current: &Arc<T>) -> Option<Arc<T>> {
+        let unchanged = self
+            .stored
+            .as_ref()
+            .is_some_and(|stored| Arc::ptr_eq(stored, current));
+        self.flushing = (!unchanged).then(|| current.clone());
+        self.flushing.clone()
+    }
+
+    fn written(&mut self) {
+        if let Some(v) = self.flushing.take() {
+            self.stored = Some(v);
+        }
+    }
+
+    /// The archive holds what it held: the next checkpoint writes the record if it
+    /// differs from that.
+    fn failed(&mut self) {
+        self.flushing = None;
+    }
 }
 
 impl TaskTable {
@@ -136,19 +166,23 @@ impl TaskTable {
         access: Access,
         ledger: Ledger,
         schedules: Schedules,
+        limits: Limits,
         live: Vec<Task>,
     ) -> anyhow::Result<Self> {
         let access = Arc::new(access);
         let ledger = Arc::new(ledger);
         let schedules = Arc::new(schedules);
+        let limits = Arc::new(limits);
         let mut t = TaskTable {
             meta,
-            access_stored: Some(access.clone()),
+            access_flush: Flush::stored(&access),
             access,
-            ledger_stored: Some(ledger.clone()),
+            ledger_flush: Flush::stored(&ledger),
             ledger,
-            schedules_stored: Some(schedules.clone()),
+            schedules_flush: Flush::stored(&schedules),
             schedules,
+            limits_flush: Flush::stored(&limits),
+            limits,
             ..Default::default()
         };
         for task in live {
@@ -172,7 +206,7 @@ impl TaskTable {
 
     fn index_live(&mut self, task: Arc<Task>) {
         if task.state == TaskState::Queued {
-            self.queue.insert(QueueKey::of(&task));
+            self.queue.insert(&task);
         }
         self.by_state.entry(task.state).or_default().insert(task.id);
         self.live.insert(task.id, task);
@@ -198,6 +232,7 @@ impl TaskTable {
                     | Op::RestoreTasks { .. }
                     | Op::Access(_)
                     | Op::Schedule(ScheduleOp::Restore { .. })
+                    | Op::Limits(_)
             )
         {
             return Ok(OpResult::Restoring);
@@ -292,6 +327,7 @@ impl TaskTable {
                 OpResult::Ledger
             }
             Op::Schedule(op) => OpResult::Schedule(self.apply_schedule(op, archive)?),
+            Op::Limits(op) => OpResult::Limits(self.apply_limits(op)),
             Op::Decide {
                 task_id,
                 approve,
@@ -451,6 +487,20 @@ impl TaskTable {
     }
 
     /// Changes whenever a swarm is created or deleted.
+    /// The named limits (a shared copy: cheap to keep).
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    fn apply_limits(&mut self, op: &LimitsOp) -> Result<(), LimitsFault> {
+        // Checked on a copy: a refused op leaves the shared value (and the next
+        // checkpoint) alone.
+        let mut next = (*self.limits).clone();
+        next.apply(op)?;
+        self.limits = Arc::new(next);
+        Ok(())
+    }
+
     /// The API tokens and revoked certificates (a shared copy: cheap to keep).
     pub fn access(&self) -> &Arc<Access> {
         &self.access
@@ -853,8 +903,7 @@ impl TaskTable {
     fn run_next_attempt(&mut self, attempt: AttemptRef, worker: &str, now_ms: u64) {
         let id = attempt.task_id;
         if let Some(task) = self.live.get(&id) {
-            let key = QueueKey::of(task);
-            self.queue.remove(&key);
+            self.queue.remove(task);
         }
         self.set_state(id, TaskState::Running);
         self.push_event(TableEvent::Running(id));
@@ -914,8 +963,7 @@ impl TaskTable {
         }
         // The task leaves the queue whatever comes next (it may re-enter it below).
         if task.state == TaskState::Queued {
-            let key = QueueKey::of(task);
-            self.queue.remove(&key);
+            self.queue.remove(task);
         }
         self.changes.live_dirty.insert(id);
         let Some(task) = self.live.get_mut(&id).map(Arc::make_mut) else {
@@ -1063,8 +1111,7 @@ impl TaskTable {
             return OpResult::NotFound;
         };
         if task.state == TaskState::Queued {
-            let key = QueueKey::of(task);
-            self.queue.remove(&key);
+            self.queue.remove(task);
         }
         let mut running = None;
         if let Some(task) = self.live_mut(task_id) {
@@ -1267,8 +1314,9 @@ impl TaskTable {
         if let Some(task) = self.live_mut(id) {
             task.not_before_ms = retry_at_ms;
             next = task.next_attempt();
-            let key = QueueKey::of(task);
-            self.queue.insert(key);
+        }
+        if let Some(task) = self.live.get(&id) {
+            self.queue.insert(task);
         }
         self.push_event(TableEvent::Queued(id, next));
     }
@@ -1557,12 +1605,17 @@ impl TaskTable {
         self.layers(archive).key(key)
     }
 
-    /// Queued tasks in run order (priority, then age), including ones waiting out a
-    /// retry backoff: callers check [`Task::not_before_ms`].
+    /// The run queue: queued tasks by priority and lane, including ones waiting out a
+    /// retry backoff (callers check [`Task::not_before_ms`]).
+    pub fn run_queue(&self) -> &RunQueue {
+        &self.queue
+    }
+
+    /// Queued tasks by priority, then lane, then age.
     pub fn queued(&self) -> impl Iterator<Item = &Task> {
         self.queue
-            .iter()
-            .filter_map(|k| self.live.get(&k.id).map(|t| &**t))
+            .ids()
+            .filter_map(|id| self.live.get(&id).map(|t| &**t))
     }
 
     /// Running tasks with their current attempt.
@@ -1742,53 +1795,33 @@ impl TaskTable {
             .filter_map(|id| self.live.get(id).cloned())
             .collect();
         self.flushing = Some(changes.clone());
-        let unchanged = self
-            .access_stored
-            .as_ref()
-            .is_some_and(|stored| Arc::ptr_eq(stored, &self.access));
-        self.access_flushing = (!unchanged).then(|| self.access.clone());
-        let unchanged = self
-            .ledger_stored
-            .as_ref()
-            .is_some_and(|stored| Arc::ptr_eq(stored, &self.ledger));
-        self.ledger_flushing = (!unchanged).then(|| self.ledger.clone());
-        let unchanged = self
-            .schedules_stored
-            .as_ref()
-            .is_some_and(|stored| Arc::ptr_eq(stored, &self.schedules));
-        self.schedules_flushing = (!unchanged).then(|| self.schedules.clone());
         Ok(CheckpointDelta {
             changes,
             live,
             meta: self.meta.clone(),
-            access: self.access_flushing.clone(),
-            ledger: self.ledger_flushing.clone(),
-            schedules: self.schedules_flushing.clone(),
+            access: self.access_flush.begin(&self.access),
+            ledger: self.ledger_flush.begin(&self.ledger),
+            schedules: self.schedules_flush.begin(&self.schedules),
+            limits: self.limits_flush.begin(&self.limits),
         })
     }
 
     /// The checkpoint begun last is in the archive now.
     pub fn checkpoint_written(&mut self) {
         self.flushing = None;
-        if let Some(a) = self.access_flushing.take() {
-            self.access_stored = Some(a);
-        }
-        if let Some(l) = self.ledger_flushing.take() {
-            self.ledger_stored = Some(l);
-        }
-        if let Some(s) = self.schedules_flushing.take() {
-            self.schedules_stored = Some(s);
-        }
+        self.access_flush.written();
+        self.ledger_flush.written();
+        self.schedules_flush.written();
+        self.limits_flush.written();
     }
 
     /// The checkpoint begun last failed: its changes go back in front of the newer ones,
     /// to be written by the next checkpoint.
     pub fn checkpoint_failed(&mut self) {
-        // The archive holds what it held: the next checkpoint writes the access state
-        // if it differs from that.
-        self.access_flushing = None;
-        self.ledger_flushing = None;
-        self.schedules_flushing = None;
+        self.access_flush.failed();
+        self.ledger_flush.failed();
+        self.schedules_flush.failed();
+        self.limits_flush.failed();
         let Some(failed) = self.flushing.take() else {
             return;
         };
@@ -1941,11 +1974,8 @@ impl TaskTable {
         self.changes.staging_cleared = true;
         let queued: Vec<(TaskId, u32)> = self
             .queue
-            .iter()
-            .map(|k| {
-                let id = k.id();
-                (id, self.live.get(&id).map_or(1, |t| t.next_attempt()))
-            })
+            .ids()
+            .map(|id| (id, self.live.get(&id).map_or(1, |t| t.next_attempt())))
             .collect();
         for (id, next) in queued {
             self.push_event(TableEvent::Queued(id, next));
@@ -2010,7 +2040,7 @@ impl TaskTable {
                 .get(&task.state)
                 .is_some_and(|s| s.contains(id));
             anyhow::ensure!(indexed, "task {id} is {:?} but not indexed so", task.state);
-            let queued = self.queue.contains(&QueueKey::of(task));
+            let queued = self.queue.contains(task);
             anyhow::ensure!(
                 queued == (task.state == TaskState::Queued),
                 "task {id}: queue index disagrees"

@@ -24,6 +24,7 @@ pub(super) struct MemArchive {
     access: super::Access,
     ledger: super::Ledger,
     schedules: super::Schedules,
+    limits: super::Limits,
 }
 
 impl MemArchive {
@@ -66,6 +67,9 @@ impl MemArchive {
         if let Some(s) = &d.schedules {
             self.schedules = (**s).clone();
         }
+        if let Some(l) = &d.limits {
+            self.limits = (**l).clone();
+        }
     }
 
     /// A table restarted from this archive.
@@ -75,6 +79,7 @@ impl MemArchive {
             self.access.clone(),
             self.ledger.clone(),
             self.schedules.clone(),
+            self.limits.clone(),
             self.live.values().cloned().collect(),
         )
         .unwrap()
