@@ -17,7 +17,8 @@ temporary directory on loopback ports. Then:
      hierarchy as a tree of leads and members, the mesh's links and its steals;
   8. task filters (agent, swarm, label, payload text), newest first; the memory view's
      collection search and pattern retrieval; draining and resuming a worker; retrying
-     failed tasks, one and a filtered page; the theme switch and keyboard shortcuts;
+     failed tasks, one and a filtered page; approving and rejecting tasks awaiting
+     approval; the theme switch and keyboard shortcuts;
   9. screenshots of each view at 1280x800 and at phone width;
   10. the first load with 10,000 tasks stored: bytes transferred and time to
      interactive (until the overview shows the workers), and the tasks view's.
@@ -632,6 +633,63 @@ def check_retry(br, base, cluster, ops_token, ro_token, folder, shots):
           f"task #{ids[0]}: {attempts} attempts; bulk: {states}; read token sees no Retry: {ro_hidden}")
 
 
+def check_approval(br, base, cluster, ops_token, ro_token, folder, shots):
+    """Approvals from the page: a task awaiting approval shows Approve and Reject with a
+    comment field (operate token; none for a read token); Approve queues it and it
+    succeeds, Reject cancels it; the decision records the token's name and the comment;
+    the state filter lists awaiting_approval."""
+    ids = []
+    for what in ("approve me", "reject me"):
+        st, v = cluster.call("POST", "/v1/tasks", {"agent": "echo", "payload": what, "requires_approval": True})
+        if st != 201:
+            raise RuntimeError(f"submit with approval: {st} {v}")
+        ids.append(v["id"])
+    awaiting = [cluster.call("GET", f"/v1/tasks/{i}")[1]["state"] for i in ids]
+    ro = br.context()
+    rpage = ro.new_page()
+    login(rpage, base, ro_token)
+    rpage.get_by_test_id("view-overview").wait_for(state="visible")
+    rpage.goto(f"{base}/ui/#/tasks/{ids[0]}")
+    rpage.get_by_test_id("task-state").filter(has_text="awaiting").wait_for(timeout=10000)
+    rpage.wait_for_timeout(500)
+    ro_hidden = not rpage.get_by_test_id("approve-button").is_visible()
+    ro.close()
+    ops = br.context()
+    page = ops.new_page()
+    login(page, base, ops_token)
+    page.get_by_test_id("view-overview").wait_for(state="visible")
+    listed = page.locator('#tasks-filter option[value="awaiting_approval"]').count() == 1
+    approved = rejected = False
+    detail = ""
+    try:
+        page.goto(f"{base}/ui/#/tasks/{ids[0]}")
+        page.get_by_test_id("approval-box").wait_for(state="visible", timeout=10000)
+        page.get_by_test_id("approval-comment").fill("looks good")
+        shots.append((shot(page, folder, "26-task-awaiting-approval.png"), f"task #{ids[0]} awaiting approval: Approve, Reject and a comment"))
+        page.get_by_test_id("approve-button").click(timeout=10000)
+        page.wait_for_function("() => document.querySelector('[data-testid=task-state]').textContent === 'succeeded'", timeout=20000)
+        t = cluster.call("GET", f"/v1/tasks/{ids[0]}")[1]
+        d = (t.get("approval") or {}).get("decision") or {}
+        approved = t["state"] == "succeeded" and d.get("approved") is True and d.get("by") == "ops" and d.get("comment") == "looks good"
+        detail = f"approved: {t['state']} {d}"
+        page.goto(f"{base}/ui/#/tasks/{ids[1]}")
+        page.get_by_test_id("approval-box").wait_for(state="visible", timeout=10000)
+        page.get_by_test_id("approval-comment").fill("no thanks")
+        page.get_by_test_id("reject-button").click(timeout=10000)
+        page.wait_for_function("() => document.querySelector('[data-testid=task-state]').textContent === 'cancelled'", timeout=20000)
+        t = cluster.call("GET", f"/v1/tasks/{ids[1]}")[1]
+        rejected = t["state"] == "cancelled" and t.get("error") == "rejected by ops: no thanks"
+        detail += f"; rejected: {t['state']} {t.get('error')!r}"
+        hidden_after = not page.get_by_test_id("approval-box").is_visible()
+        rejected = rejected and hidden_after
+    except Exception as e:  # noqa: BLE001 - a timeout
+        detail += f"; {str(e)[:120]}"
+    ops.close()
+    check("a task awaiting approval is approved (and runs) and another rejected from its page, with comments; a read token sees no Approve",
+          awaiting == ["awaiting_approval"] * 2 and approved and rejected and ro_hidden and listed,
+          f"{detail}; read token sees no Approve: {ro_hidden}; filter lists awaiting_approval: {listed}")
+
+
 def check_theme_and_keys(page, folder, shots):
     page.goto(page.url.split("#")[0] + "#/")
     page.get_by_test_id("view-overview").wait_for(state="visible")
@@ -947,6 +1005,7 @@ def run(args):
 
                 check_drain(br, base, cluster, ops_token, ro_token, folder, shots)
                 check_retry(br, base, cluster, ops_token, ro_token, folder, shots)
+                check_approval(br, base, cluster, ops_token, ro_token, folder, shots)
 
                 # 7. Phone width.
                 phone = br.context(width=390, height=844, token=cluster.token, mobile=True)

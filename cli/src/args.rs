@@ -487,6 +487,14 @@ pub struct SubmitArgs {
     /// The named rate limit each start of the task draws from.
     #[arg(long)]
     pub rate_limit: Option<String>,
+    /// Hold the task in `awaiting_approval` (after its parents, with --depends-on) until
+    /// `swarm task approve` queues it or `swarm task reject` cancels it.
+    #[arg(long)]
+    pub requires_approval: bool,
+    /// Fail the task (`approval_timeout`) if it is not approved this long after it began
+    /// awaiting approval (e.g. 1h; at most 30d). Implies --requires-approval.
+    #[arg(long, value_parser = parse_duration)]
+    pub approval_timeout: Option<Duration>,
     /// Wait for the result (optionally how long, default 60s).
     #[arg(long, num_args = 0..=1, default_missing_value = "60s", conflicts_with = "follow")]
     pub wait: Option<String>,
@@ -562,6 +570,25 @@ pub enum TaskCmd {
         /// With --state: most tasks to retry (at most 1000).
         #[arg(long, default_value_t = 100)]
         limit: usize,
+    },
+    /// Approve a task awaiting approval: it is queued. Your token's name is recorded.
+    Approve {
+        #[command(flatten)]
+        api: ApiArgs,
+        id: u64,
+        /// Recorded with the decision.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Reject a task awaiting approval: it is cancelled (and its graph dependants with
+    /// it), the error naming the rejection and the comment.
+    Reject {
+        #[command(flatten)]
+        api: ApiArgs,
+        id: u64,
+        /// Recorded with the decision (and in the task's error).
+        #[arg(long)]
+        comment: Option<String>,
     },
     /// Cancel a task (stops it on its worker if running).
     Cancel {

@@ -356,6 +356,19 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/tasks/{id}/approve` (`approve`) or `/reject`, with an optional comment.
+    pub async fn decide(
+        &self,
+        id: u64,
+        approve: bool,
+        comment: Option<String>,
+    ) -> anyhow::Result<TaskView> {
+        let verb = if approve { "approve" } else { "reject" };
+        let body = Self::encode(&swarm_proto::api::ApprovalDecision { comment })?;
+        self.call(Method::POST, &format!("/v1/tasks/{id}/{verb}"), &[], body)
+            .await
+    }
+
     /// `POST /v1/tasks/{id}/retry`.
     pub async fn retry(&self, id: u64) -> anyhow::Result<TaskView> {
         self.call(Method::POST, &format!("/v1/tasks/{id}/retry"), &[], None)

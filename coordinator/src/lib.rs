@@ -7,7 +7,8 @@
 //!   calls of the domain modules and answers; `http` is the only module that knows the
 //!   HTTP server framework and status codes, and nothing depends on it but [`start`];
 //! * the domain modules, which return their own errors and know nothing of the HTTP API:
-//!   [`tasks`] (submit checks and admission, reads, cancel), [`status`] (workers and the
+//!   [`tasks`] (submit checks and admission, reads, cancel), [`approvals`] (approve,
+//!   reject, and the leader's loop that expires approvals past their deadline), [`status`] (workers and the
 //!   status view), [`cluster`] (node reports, cluster views, membership, joining, the
 //!   [`cluster::PeerHttp`] client), [`memory`] (vector memory and the ReasoningBank),
 //!   [`swarms`] (definitions, layouts, placement), [`schedules`] (schedules and the
@@ -23,6 +24,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod approvals;
 pub mod backup;
 pub mod cluster;
 pub mod commit;

@@ -54,6 +54,9 @@ pub(crate) fn keep_alive<'a>(swarms: impl IntoIterator<Item = &'a String>) {
         metrics::counter!(*name).increment(0);
     }
     metrics::counter!("swarm_submit_rejected_total", "reason" => "queue_full").increment(0);
+    for decision in ["approved", "rejected", "expired"] {
+        metrics::counter!("swarm_approvals_total", "decision" => decision).increment(0);
+    }
     for swarm in swarms {
         for name in SWARM_COUNTERS {
             metrics::counter!(*name, "swarm" => swarm.clone()).increment(0);
@@ -122,6 +125,10 @@ fn describe() {
         "Tasks whose every attempt was lost."
     );
     describe_counter!("swarm_tasks_cancelled_total", "Tasks cancelled on request.");
+    describe_counter!(
+        "swarm_approvals_total",
+        "Tasks awaiting approval that were approved, rejected, or expired at their deadline."
+    );
     describe_counter!("swarm_submit_rejected_total", "Submits refused, by reason.");
     describe_counter!(
         "swarm_schedule_ticks_total",

@@ -162,6 +162,7 @@ pub(crate) fn status_view(node: &Node, cluster: ClusterView) -> StatusView {
                 failed: t.count(TaskState::Failed),
                 cancelled: t.count(TaskState::Cancelled),
                 dead_lettered: t.count(TaskState::DeadLettered),
+                awaiting_approval: t.count(TaskState::AwaitingApproval),
             },
             t.finished_since(now),
         )

@@ -17,7 +17,7 @@ use swarm_proto::TaskId;
 use crate::commit::{linearizable, CommitError};
 use crate::limits::{ENTRY_BUDGET, MAX_OP_BYTES};
 use crate::node::{now_ms, Node};
-use crate::state::flow::{self, check_step_name};
+use crate::state::flow::{self, check_step_name, FlowAttr};
 use crate::state::{Flow, FlowFault, GraphStep, Lookup, Op, OpResult, SwarmFault, Task, TaskSpec};
 use crate::swarms::SwarmError;
 
@@ -118,6 +118,19 @@ fn to_submission(node: &Node, mut t: SubmitTask) -> Result<Submission, TaskError
     let depends_on = std::mem::take(&mut t.depends_on);
     let concurrency_key = t.concurrency_key.take();
     let rate_limit = t.rate_limit.take();
+    let requires_approval = std::mem::take(&mut t.requires_approval);
+    let approval_timeout_ms = t.approval_timeout_ms.take();
+    if approval_timeout_ms.is_some() && !requires_approval {
+        return Err(TaskError::Invalid(
+            "`approval_timeout_ms` needs `requires_approval: true`".into(),
+        ));
+    }
+    if approval_timeout_ms.is_some_and(|t| t == 0 || t > flow::MAX_APPROVAL_TIMEOUT_MS) {
+        return Err(TaskError::Invalid(format!(
+            "`approval_timeout_ms` must be between 1 and {} (30 days)",
+            flow::MAX_APPROVAL_TIMEOUT_MS
+        )));
+    }
     if depends_on.len() > flow::MAX_PARENTS {
         return Err(TaskError::Invalid(format!(
             "`depends_on` names at most {} tasks, got {}",
@@ -152,12 +165,18 @@ fn to_submission(node: &Node, mut t: SubmitTask) -> Result<Submission, TaskError
         }
     }
     let spec = to_spec(node, t)?;
-    let flow = Flow {
+    let mut flow = Flow {
         parents: depends_on,
         concurrency_key,
         rate_limit,
         ..Flow::default()
     };
+    if requires_approval {
+        flow.more.push(FlowAttr::Approval {
+            timeout_ms: approval_timeout_ms,
+            deadline_ms: None,
+        });
+    }
     Ok(Submission {
         spec,
         flow: (!flow.is_empty()).then_some(flow),
@@ -168,9 +187,16 @@ fn to_submission(node: &Node, mut t: SubmitTask) -> Result<Submission, TaskError
 /// taken here (a submit takes them out first, through [`to_submission`]; a schedule's
 /// template has none).
 pub(crate) fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, TaskError> {
-    if !t.depends_on.is_empty() || t.concurrency_key.is_some() || t.rate_limit.is_some() {
+    if !t.depends_on.is_empty()
+        || t.concurrency_key.is_some()
+        || t.rate_limit.is_some()
+        || t.requires_approval
+        || t.approval_timeout_ms.is_some()
+    {
         return Err(TaskError::Invalid(
-            "`depends_on`, `concurrency_key` and `rate_limit` are not taken here".into(),
+            "`depends_on`, `concurrency_key`, `rate_limit`, `requires_approval` and \
+             `approval_timeout_ms` are not taken here"
+                .into(),
         ));
     }
     let limits = node.config().limits;

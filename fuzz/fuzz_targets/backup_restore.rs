@@ -51,7 +51,8 @@ fn restore(body: &[u8], step: u8) {
             | Record::Staged(_)
             | Record::Access(_)
             | Record::Ledger(_)
-            | Record::Schedules(_) => {}
+            | Record::Schedules(_)
+            | Record::Limits(_) => {}
             Record::End { .. } => assert!(parser.ended()),
         }
         records += 1;

@@ -64,6 +64,52 @@ pub struct SubmitTask {
     /// The named rate limit each start of this task draws from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// Hold the task in `awaiting_approval` (a graph step: once its parents have
+    /// succeeded) until `POST /v1/tasks/{id}/approve` queues it or `/reject` cancels it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub requires_approval: bool,
+    /// With `requires_approval`: fail the task (`approval_timeout`) if no decision came
+    /// this long after it began awaiting approval. Default: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_timeout_ms: Option<u64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `POST /v1/tasks/{id}/approve` and `/reject` body (optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalDecision {
+    /// Recorded with the decision (at most 1,024 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// A task's approval (`TaskView::approval`): its deadline and the decision, once made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalView {
+    /// How long it may await approval (absent: no deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// When it fails unless decided (set once it awaits approval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// The decision, once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionView>,
+}
+
+/// Who approved or rejected a task, when, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionView {
+    pub approved: bool,
+    /// The name of the token (principal) that decided.
+    pub by: String,
+    pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
 }
 
 /// `POST /v1/graphs` body: named steps with edges, committed together (all or none).
@@ -152,11 +198,15 @@ pub enum TaskState {
     /// Waiting for its graph parents to succeed; then it is queued. (Appended: states
     /// recorded before it keep their encoding.)
     Waiting,
+    /// Held until an operator approves it (then queued) or rejects it (then cancelled);
+    /// fails with `approval_timeout` past its deadline. (Appended, like `Waiting`.)
+    AwaitingApproval,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 7] = [
+    pub const ALL: [TaskState; 8] = [
         TaskState::Waiting,
+        TaskState::AwaitingApproval,
         TaskState::Queued,
         TaskState::Running,
         TaskState::Succeeded,
@@ -169,7 +219,10 @@ impl TaskState {
     pub fn is_final(self) -> bool {
         !matches!(
             self,
-            TaskState::Waiting | TaskState::Queued | TaskState::Running
+            TaskState::Waiting
+                | TaskState::AwaitingApproval
+                | TaskState::Queued
+                | TaskState::Running
         )
     }
 
@@ -182,6 +235,7 @@ impl TaskState {
             TaskState::Cancelled => "cancelled",
             TaskState::DeadLettered => "dead_lettered",
             TaskState::Waiting => "waiting",
+            TaskState::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -365,6 +419,9 @@ pub struct TaskView {
     pub concurrency_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// The task requires approval: its deadline and the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalView>,
 }
 
 fn default_swarm() -> String {
@@ -658,6 +715,9 @@ pub struct QueueCounts {
     pub failed: u64,
     pub cancelled: u64,
     pub dead_lettered: u64,
+    /// Tasks held until an operator approves or rejects them.
+    #[serde(default)]
+    pub awaiting_approval: u64,
 }
 
 /// Recent throughput measured by the answering node.

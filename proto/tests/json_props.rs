@@ -196,6 +196,8 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
                 prop::collection::vec(any::<u64>(), 0..3),
                 prop::option::of(short()),
                 prop::option::of(short()),
+                any::<bool>(),
+                prop::option::of(any::<u64>()),
             )
         })
         .prop_map(
@@ -216,6 +218,8 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
                 depends_on,
                 concurrency_key,
                 rate_limit,
+                requires_approval,
+                approval_timeout_ms,
             )| SubmitTask {
                 agent,
                 swarm,
@@ -232,6 +236,8 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
                 depends_on,
                 concurrency_key,
                 rate_limit,
+                requires_approval,
+                approval_timeout_ms,
             },
         )
 }

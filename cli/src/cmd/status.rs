@@ -149,11 +149,15 @@ pub fn render(s: &StatusView) -> String {
     }
     let q = &s.queue;
     // Waiting (graph) tasks only when there are any: most clusters run none.
-    let waiting = if q.waiting > 0 {
+    let mut waiting = if q.waiting > 0 {
         format!("waiting {}  ", q.waiting)
     } else {
         String::new()
     };
+    // Likewise tasks awaiting an operator's approval.
+    if q.awaiting_approval > 0 {
+        waiting.push_str(&format!("awaiting approval {}  ", q.awaiting_approval));
+    }
     let _ = writeln!(
         out,
         "queue       {waiting}queued {}  running {}  succeeded {}  failed {}  cancelled {}  dead-lettered {}  (limit {})",
@@ -509,6 +513,14 @@ mod tests {
         assert!(!text.contains("w1 (draining)"), "{text}");
         assert!(text.contains("gpu=yes"), "{text}");
         assert!(text.contains("queued 3"), "{text}");
+        assert!(!text.contains("awaiting approval"), "{text}");
+        let mut awaiting = s.clone();
+        awaiting.queue.awaiting_approval = 2;
+        assert!(
+            render(&awaiting).contains("awaiting approval 2  queued 3"),
+            "{}",
+            render(&awaiting)
+        );
         assert!(text.contains("1.0 tasks/s"), "{text}");
         assert!(text.contains("writers: 120 of 100 (budget spent"), "{text}");
         assert!(

@@ -1,5 +1,5 @@
-//! `swarm submit` and `swarm task`: submit tasks and graphs, show, list, retry and cancel
-//! them.
+//! `swarm submit` and `swarm task`: submit tasks and graphs, show, list, retry, approve,
+//! reject and cancel them.
 
 use std::process::ExitCode;
 
@@ -26,6 +26,8 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
         depends_on: a.depends_on,
         concurrency_key: a.concurrency_key,
         rate_limit: a.rate_limit,
+        requires_approval: a.requires_approval || a.approval_timeout.is_some(),
+        approval_timeout_ms: a.approval_timeout.map(ms),
         ..Default::default()
     };
     if let Some(p) = a.payload {
@@ -118,7 +120,7 @@ pub(crate) fn exit_for(t: &TaskView) -> ExitCode {
     }
 }
 
-/// `swarm task get|list|cancel|logs`.
+/// `swarm task graph|get|list|retry|approve|reject|cancel|logs`.
 pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         TaskCmd::Logs { api, id, follow } => super::logs::run(&api.client()?, id, follow).await,
@@ -265,6 +267,21 @@ pub async fn run(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                     "name a task (swarm task retry ID) or a filter (--state failed|dead_lettered), not both"
                 ),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCmd::Approve { api, id, comment } => {
+            let t = api.client()?.decide(id, true, comment).await?;
+            println!("task {} approved: {}", t.id, t.state.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCmd::Reject { api, id, comment } => {
+            let t = api.client()?.decide(id, false, comment).await?;
+            println!(
+                "task {} rejected: {} ({})",
+                t.id,
+                t.state.as_str(),
+                t.error.as_deref().unwrap_or("")
+            );
             Ok(ExitCode::SUCCESS)
         }
         TaskCmd::Cancel { api, id } => {

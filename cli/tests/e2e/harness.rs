@@ -363,7 +363,10 @@ impl Cluster {
             let (status, v) = self.get(&format!("/v1/tasks/{id}?wait=10s")).await;
             assert_eq!(status, 200, "get task {id}: {v}");
             let state = v["state"].as_str().unwrap_or("");
-            if !matches!(state, "waiting" | "queued" | "running") {
+            if !matches!(
+                state,
+                "waiting" | "awaiting_approval" | "queued" | "running"
+            ) {
                 return v;
             }
             assert!(

@@ -1,6 +1,7 @@
 //! End-to-end tests: real `swarm` processes on loopback.
 
 mod access;
+mod approvals;
 mod backup;
 mod bad_input;
 mod drain;

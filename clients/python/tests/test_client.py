@@ -182,6 +182,32 @@ class LiveTest(unittest.TestCase):
             self.client.schedule(name)
         self.assertEqual(e.exception.code, "unknown_schedule")
 
+    def test_approve_and_reject_tasks_awaiting_approval(self) -> None:
+        t = self.client.submit("echo", "gated", requires_approval=True)
+        self.assertEqual(t.state, "awaiting_approval")
+        self.assertEqual(t.approval, {})
+        self.assertFalse(t.is_final)
+        approved = self.client.approve(t, comment="fine by me")
+        self.assertEqual(approved.state, "queued")
+        done = self.client.wait(t.id, timeout=WAIT)
+        self.assertEqual((done.state, done.text), ("succeeded", "gated"))
+        decision = done.approval["decision"]
+        self.assertEqual((decision["approved"], decision["comment"]), (True, "fine by me"))
+        self.assertTrue(decision["by"])
+        # Deciding again is refused, naming the state.
+        e = self.assertRefused(409, "not_awaiting_approval", self.client.approve, t.id)
+        self.assertIn("succeeded", e.message)
+        self.assertRefused(404, "not_found", self.client.reject, 987654321)
+
+        spec = SubmitSpec(agent="echo", payload="no", requires_approval=True, approval_timeout_ms=600_000)
+        r = self.client.submit_spec(spec)
+        self.assertEqual(r.approval["timeout_ms"], 600_000)
+        self.assertIsInstance(r.approval["deadline_ms"], int)
+        rejected = self.client.reject(r.id, "not this one")
+        self.assertEqual(rejected.state, "cancelled")
+        self.assertIn("not this one", rejected.error)
+        self.assertIs(rejected.approval["decision"]["approved"], False)
+
     def test_payload_encodings_round_trip(self) -> None:
         binary = bytes(range(256))
         t = self.client.submit("echo", binary, wait=WAIT)

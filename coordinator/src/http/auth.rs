@@ -76,6 +76,8 @@ pub const RULES: &[Rule] = &[
     rule("GET", "/v1/tasks/{id}", Read, Checked),
     rule("POST", "/v1/tasks/{id}/cancel", Operate, Checked),
     rule("POST", "/v1/tasks/{id}/retry", Operate, Checked),
+    rule("POST", "/v1/tasks/{id}/approve", Operate, Checked),
+    rule("POST", "/v1/tasks/{id}/reject", Operate, Checked),
     rule("POST", "/v1/tasks/retry", Operate, Checked),
     rule("GET", "/v1/tasks/{id}/events", Read, Checked),
     rule("GET", "/v1/tasks/{id}/logs", Read, Checked),

@@ -167,9 +167,10 @@ impl From<TaskError> for ApiError {
             TaskError::Flow(f) => ApiError::Coded {
                 status: match f.code.as_str() {
                     "unknown_parent" | "unknown_limit" => StatusCode::NOT_FOUND,
-                    "dependency_failed" | "graph_conflict" | "too_many_children" => {
-                        StatusCode::CONFLICT
-                    }
+                    "dependency_failed"
+                    | "graph_conflict"
+                    | "too_many_children"
+                    | "not_awaiting_approval" => StatusCode::CONFLICT,
                     _ => StatusCode::BAD_REQUEST,
                 },
                 code: f.code,

@@ -72,6 +72,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/tasks/{id}", get(tasks::get_task.layer(lead())))
         .route("/tasks/{id}/cancel", post(tasks::cancel_task.layer(lead())))
         .route("/tasks/{id}/retry", post(tasks::retry_task.layer(lead())))
+        .route(
+            "/tasks/{id}/approve",
+            post(tasks::approve_task.layer(lead())),
+        )
+        .route("/tasks/{id}/reject", post(tasks::reject_task.layer(lead())))
         .route("/tasks/retry", post(tasks::retry_tasks.layer(lead())))
         .route("/tasks/{id}/events", get(live::events))
         .route("/tasks/{id}/logs", get(live::logs))

@@ -1,5 +1,6 @@
-//! `/v1/tasks*` and `/v1/graphs`: submit (one, a batch or a graph), read, list and cancel
-//! tasks (the logic is [`crate::tasks`]).
+//! `/v1/tasks*` and `/v1/graphs`: submit (one, a batch or a graph), read, list, cancel,
+//! retry, approve and reject tasks (the logic is [`crate::tasks`] and
+//! [`crate::approvals`]).
 
 use std::sync::Arc;
 
@@ -9,7 +10,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use swarm_proto::api::{SubmitBatch, SubmitGraph, SubmitTask, TaskList, TaskView};
+use swarm_proto::api::{
+    ApprovalDecision, SubmitBatch, SubmitGraph, SubmitTask, TaskList, TaskView,
+};
 use swarm_proto::TaskId;
 
 use super::auth::check_swarm;
@@ -203,4 +206,47 @@ pub(super) async fn cancel_task(
 ) -> ApiResult<TaskView> {
     let id = task_of(&node, &p, &id).await?;
     Ok(Json(tasks::cancel(&node, id).await?))
+}
+
+/// `POST /v1/tasks/{id}/approve` with an optional `{"comment": "…"}`: queue a task
+/// awaiting approval (`409 not_awaiting_approval` for a task in another state). The
+/// caller's token name is recorded as who decided.
+pub(super) async fn approve_task(
+    State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<TaskView> {
+    decide(&node, &p, &id, true, &body).await
+}
+
+/// `POST /v1/tasks/{id}/reject` with an optional `{"comment": "…"}`: cancel a task
+/// awaiting approval (its error names the rejection and the comment; its dependants are
+/// cancelled with `dependency_failed`).
+pub(super) async fn reject_task(
+    State(node): State<Arc<Node>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<TaskView> {
+    decide(&node, &p, &id, false, &body).await
+}
+
+/// A decision: the body is empty or an [`ApprovalDecision`].
+async fn decide(
+    node: &Node,
+    p: &Principal,
+    id: &str,
+    approve: bool,
+    body: &[u8],
+) -> ApiResult<TaskView> {
+    let decision: ApprovalDecision = if body.iter().all(u8::is_ascii_whitespace) {
+        ApprovalDecision::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?
+    };
+    let id = task_of(node, p, id).await?;
+    Ok(Json(
+        crate::approvals::decide(node, id, approve, &p.name, decision.comment).await?,
+    ))
 }

@@ -96,6 +96,7 @@ fn state_code(s: TaskState) -> u8 {
         TaskState::Cancelled => 4,
         TaskState::DeadLettered => 5,
         TaskState::Waiting => 6,
+        TaskState::AwaitingApproval => 7,
     }
 }
 

@@ -17,6 +17,16 @@
 //!   retention ends before a dependant ran is its output copied into that dependant
 //!   ([`FlowAttr::ParentOutput`]), as the parent is purged: a purge is never held up.
 //!
+//! # Approval rules (applied in `table.rs`)
+//! * A task carrying [`FlowAttr::Approval`] enters `awaiting_approval` where it would
+//!   otherwise be queued: at submit, or (a graph step) once its last parent succeeded.
+//!   Its deadline, if it has one, runs from then ([`FlowAttr::Approval::deadline_ms`]).
+//! * `Op::Decide` approves (queued) or rejects (cancelled, `rejected: …`, the cascade
+//!   cancels its dependants) a task awaiting approval, and records a
+//!   [`FlowAttr::Decision`]; on any other task it changes nothing (`Ignored`).
+//! * `Op::ExpireApprovals` fails (`approval_timeout: …`) the tasks it names that still
+//!   await approval and whose deadline is at or before the op's own time; others are left.
+//!
 //! # Encoding
 //! `Task::flow` is `None` for a task that uses none of this (one byte). The struct ends
 //! with `more`, a list of an enum whose variants are only ever appended: a later control
@@ -66,7 +76,28 @@ pub enum FlowAttr {
         #[serde(with = "serde_bytes")]
         output: Vec<u8>,
     },
+    /// The task requires approval before it is queued. `timeout_ms` is fixed at submit;
+    /// `deadline_ms` is set when the task begins awaiting approval (`None` before, or
+    /// without a timeout).
+    Approval {
+        timeout_ms: Option<u64>,
+        deadline_ms: Option<u64>,
+    },
+    /// An operator's approval or rejection: who (the token's name), when, and why.
+    Decision {
+        approved: bool,
+        by: String,
+        comment: Option<String>,
+        at_ms: u64,
+    },
 }
+
+/// Longest approval timeout a task may ask for (30 days).
+pub const MAX_APPROVAL_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Longest comment recorded with a decision.
+pub const MAX_DECISION_COMMENT: usize = 1024;
+/// Longest decider name recorded.
+pub const MAX_DECIDER_NAME: usize = 256;
 
 impl Flow {
     /// Whether the flow carries nothing (a task stores `None` then).
@@ -85,8 +116,55 @@ impl Flow {
                 .iter()
                 .map(|a| match a {
                     FlowAttr::ParentOutput { key, output, .. } => 16 + key.len() + output.len(),
+                    FlowAttr::Approval { .. } => 24,
+                    FlowAttr::Decision { by, comment, .. } => {
+                        16 + by.len() + comment.as_ref().map_or(0, String::len)
+                    }
                 })
                 .sum::<usize>()
+    }
+
+    /// The task's approval requirement: (timeout, deadline), if it requires approval.
+    pub fn approval(&self) -> Option<(Option<u64>, Option<u64>)> {
+        self.more.iter().find_map(|a| match a {
+            FlowAttr::Approval {
+                timeout_ms,
+                deadline_ms,
+            } => Some((*timeout_ms, *deadline_ms)),
+            _ => None,
+        })
+    }
+
+    /// The decision made on the task's approval, if any: (approved, by, comment, at).
+    pub fn decision(&self) -> Option<(bool, &str, Option<&str>, u64)> {
+        self.more.iter().find_map(|a| match a {
+            FlowAttr::Decision {
+                approved,
+                by,
+                comment,
+                at_ms,
+            } => Some((*approved, by.as_str(), comment.as_deref(), *at_ms)),
+            _ => None,
+        })
+    }
+
+    /// Whether the task must await approval before it is queued: it requires approval and
+    /// no decision was made yet.
+    pub fn needs_approval(&self) -> bool {
+        self.approval().is_some() && self.decision().is_none()
+    }
+
+    /// Start the approval deadline clock at `now_ms` (a task entering `awaiting_approval`).
+    pub fn start_deadline(&mut self, now_ms: u64) {
+        for a in &mut self.more {
+            if let FlowAttr::Approval {
+                timeout_ms: Some(t),
+                deadline_ms,
+            } = a
+            {
+                *deadline_ms = Some(now_ms.saturating_add(*t));
+            }
+        }
     }
 
     /// The name a parent's output goes under in a dependant's input: its step name, or

@@ -285,6 +285,21 @@ pub enum Op {
     Schedule(ScheduleOp),
     /// A change to the named limits (concurrency and rate limits). (Appended last.)
     Limits(LimitsOp),
+    /// An operator approves (`approve`) or rejects a task awaiting approval; `by` is the
+    /// token's name. Approved: queued; rejected: cancelled, with its dependants. Anything
+    /// else is `Ignored` (a replay, or a task decided, cancelled or expired meanwhile).
+    /// (Appended last.)
+    Decide {
+        task_id: TaskId,
+        approve: bool,
+        by: String,
+        comment: Option<String>,
+        now_ms: u64,
+    },
+    /// Fail (`approval_timeout`) the named tasks still awaiting approval whose deadline
+    /// is at or before `now_ms` (the leader lists candidates; each replica checks every
+    /// one itself). At most [`MAX_PURGE_PER_OP`] ids. (Appended last.)
+    ExpireApprovals { ids: Vec<TaskId>, now_ms: u64 },
 }
 
 impl Op {
@@ -362,6 +377,10 @@ impl Op {
             Op::Ledger(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
             Op::Schedule(s) => SMALL + swarm_codec::encoded_len(s).unwrap_or(usize::MAX / 4),
             Op::Limits(l) => SMALL + swarm_codec::encoded_len(l).unwrap_or(usize::MAX / 4),
+            Op::Decide { by, comment, .. } => {
+                SMALL + by.len() + comment.as_ref().map_or(0, String::len)
+            }
+            Op::ExpireApprovals { ids, .. } => SMALL + 10 * ids.len(),
         }
     }
 }
@@ -436,6 +455,8 @@ pub enum OpResult {
     Schedule(Result<ScheduleOutcome, ScheduleFault>),
     /// A limits op took effect, or why it was refused.
     Limits(Result<(), LimitsFault>),
+    /// How many of an [`Op::ExpireApprovals`]' tasks failed with `approval_timeout`.
+    ApprovalsExpired { expired: u64 },
 }
 
 /// What a restore brought back (so far, for a chunk; in all, for the commit).
@@ -891,6 +912,7 @@ impl Task {
             step: self.flow.as_ref().and_then(|f| f.step.clone()),
             concurrency_key: self.flow.as_ref().and_then(|f| f.concurrency_key.clone()),
             rate_limit: self.flow.as_ref().and_then(|f| f.rate_limit.clone()),
+            approval: self.flow.as_ref().and_then(|f| approval_view(f)),
         }
     }
 
@@ -907,6 +929,23 @@ impl Task {
             },
         )
     }
+}
+
+/// A task's approval as the API shows it (`None` when it requires none).
+fn approval_view(f: &Flow) -> Option<swarm_proto::api::ApprovalView> {
+    let (timeout_ms, deadline_ms) = f.approval()?;
+    Some(swarm_proto::api::ApprovalView {
+        timeout_ms,
+        deadline_ms,
+        decision: f.decision().map(|(approved, by, comment, at_ms)| {
+            swarm_proto::api::DecisionView {
+                approved,
+                by: by.to_string(),
+                at_ms,
+                comment: comment.map(str::to_string),
+            }
+        }),
+    })
 }
 
 pub fn attempt_view(a: &Attempt) -> AttemptView {

@@ -328,6 +328,17 @@ impl TaskTable {
             }
             Op::Schedule(op) => OpResult::Schedule(self.apply_schedule(op, archive)?),
             Op::Limits(op) => OpResult::Limits(self.apply_limits(op)),
+            Op::Decide {
+                task_id,
+                approve,
+                by,
+                comment,
+                now_ms,
+            } => match self.live.contains_key(task_id) {
+                true => self.decide(*task_id, *approve, by, comment.as_deref(), *now_ms),
+                false => self.not_live(*task_id, archive)?,
+            },
+            Op::ExpireApprovals { ids, now_ms } => self.expire_approvals(ids, *now_ms),
             Op::RestoreChunk {
                 restore_id,
                 seq,
@@ -630,7 +641,7 @@ impl TaskTable {
             return Ok(OpResult::QueueFull { limit: queue_limit });
         }
         let id = self.insert_task(spec, flow, now_ms);
-        self.link_parents(id, parents, archive)?;
+        self.link_parents(id, parents, now_ms, archive)?;
         Ok(OpResult::Submitted {
             id,
             duplicate: false,
@@ -711,7 +722,7 @@ impl TaskTable {
             flow.parents
                 .extend(s.after.iter().map(|&i| ids[i as usize]));
             let id = self.insert_task(&s.spec, Some(&flow), now_ms);
-            self.link_parents(id, &flow.parents, archive)?;
+            self.link_parents(id, &flow.parents, now_ms, archive)?;
             ids.push(id);
         }
         Ok(OpResult::Graph {
@@ -783,6 +794,7 @@ impl TaskTable {
         &mut self,
         id: TaskId,
         parents: &[TaskId],
+        now_ms: u64,
         archive: &dyn Archive,
     ) -> Result<(), ArchiveError> {
         if parents.is_empty() {
@@ -817,7 +829,7 @@ impl TaskTable {
             .get(&id)
             .is_some_and(|t| t.state == TaskState::Waiting)
         {
-            self.requeue(id, 0);
+            self.release(id, now_ms);
         }
         Ok(())
     }
@@ -826,17 +838,20 @@ impl TaskTable {
     fn insert_task(&mut self, spec: &TaskSpec, flow: Option<&Flow>, now_ms: u64) -> TaskId {
         self.meta.next_id += 1;
         let id = self.meta.next_id;
-        let flow = flow.filter(|f| !f.is_empty()).map(|f| {
+        let mut flow = flow.filter(|f| !f.is_empty()).map(|f| {
             Box::new(Flow {
                 children: Vec::new(),
                 waiting_on: 0,
                 ..f.clone()
             })
         });
-        let state = if flow.as_ref().is_some_and(|f| !f.parents.is_empty()) {
-            TaskState::Waiting
-        } else {
-            TaskState::Queued
+        let state = match flow.as_deref_mut() {
+            Some(f) if !f.parents.is_empty() => TaskState::Waiting,
+            Some(f) if f.needs_approval() => {
+                f.start_deadline(now_ms);
+                TaskState::AwaitingApproval
+            }
+            _ => TaskState::Queued,
         };
         let task = Task {
             id,
@@ -1142,7 +1157,20 @@ impl TaskTable {
             *n = n.saturating_sub(1);
         }
         let mut task = Arc::unwrap_or_clone(done);
-        task.state = TaskState::Queued;
+        // A task that was never approved (its approval timed out) awaits approval again,
+        // with a fresh deadline; anything else is queued.
+        let awaits = match task.flow.as_deref_mut() {
+            Some(f) if f.needs_approval() => {
+                f.start_deadline(now_ms);
+                true
+            }
+            _ => false,
+        };
+        task.state = if awaits {
+            TaskState::AwaitingApproval
+        } else {
+            TaskState::Queued
+        };
         task.error = None;
         task.output = None;
         task.finished_at_ms = None;
@@ -1154,10 +1182,129 @@ impl TaskTable {
         self.changes.live_gone.remove(&id);
         self.changes.live_dirty.insert(id);
         self.index_live(Arc::new(task));
+        if awaits {
+            return Ok(OpResult::Applied {
+                state: TaskState::AwaitingApproval,
+            });
+        }
         self.push_event(TableEvent::Queued(id, next));
         Ok(OpResult::Applied {
             state: TaskState::Queued,
         })
+    }
+
+    /// A live task whose parents have all succeeded (or that has none) moves on: it
+    /// awaits approval if it requires one not yet given (its deadline running from
+    /// `now_ms`), else it is queued.
+    fn release(&mut self, id: TaskId, now_ms: u64) {
+        let awaits = self
+            .live
+            .get(&id)
+            .and_then(|t| t.flow.as_ref())
+            .is_some_and(|f| f.needs_approval());
+        if !awaits {
+            self.requeue(id, 0);
+            return;
+        }
+        self.set_state(id, TaskState::AwaitingApproval);
+        if let Some(task) = self.live_mut(id) {
+            task.flow.get_or_insert_default().start_deadline(now_ms);
+        }
+    }
+
+    /// [`Op::Decide`]: approve (queued) or reject (cancelled, its dependants with it) a
+    /// task awaiting approval, recording who decided, when and why. Any other task is
+    /// left as it is (`Ignored`: a replay, or decided, cancelled or expired meanwhile).
+    fn decide(
+        &mut self,
+        id: TaskId,
+        approve: bool,
+        by: &str,
+        comment: Option<&str>,
+        now_ms: u64,
+    ) -> OpResult {
+        let Some(task) = self.live.get(&id) else {
+            return OpResult::NotFound;
+        };
+        if task.state != TaskState::AwaitingApproval {
+            return OpResult::Ignored { state: task.state };
+        }
+        if let Some(task) = self.live_mut(id) {
+            task.flow
+                .get_or_insert_default()
+                .more
+                .push(FlowAttr::Decision {
+                    approved: approve,
+                    by: by.to_string(),
+                    comment: comment.map(str::to_string),
+                    at_ms: now_ms,
+                });
+            if !approve {
+                task.error = Some(match comment {
+                    Some(c) => format!("rejected by {by}: {c}"),
+                    None => format!("rejected by {by}"),
+                });
+            }
+        }
+        if approve {
+            self.requeue(id, 0);
+            OpResult::Applied {
+                state: TaskState::Queued,
+            }
+        } else {
+            self.finalize(id, TaskState::Cancelled, now_ms);
+            OpResult::Applied {
+                state: TaskState::Cancelled,
+            }
+        }
+    }
+
+    /// [`Op::ExpireApprovals`]: fail (`approval_timeout`) each named task that still
+    /// awaits approval and whose deadline is at or before `now_ms`; its dependants are
+    /// cancelled as for any failed parent. Others are left. At most
+    /// [`MAX_PURGE_PER_OP`] ids.
+    fn expire_approvals(&mut self, ids: &[TaskId], now_ms: u64) -> OpResult {
+        let mut expired = 0;
+        for &id in ids.iter().take(MAX_PURGE_PER_OP) {
+            let Some(task) = self.live.get(&id) else {
+                continue;
+            };
+            if task.state != TaskState::AwaitingApproval {
+                continue;
+            }
+            let Some((timeout, Some(deadline))) = task.flow.as_ref().and_then(|f| f.approval())
+            else {
+                continue;
+            };
+            if deadline > now_ms {
+                continue;
+            }
+            if let Some(task) = self.live_mut(id) {
+                task.error = Some(format!(
+                    "approval_timeout: not approved within {} ms",
+                    timeout.unwrap_or(0)
+                ));
+            }
+            self.finalize(id, TaskState::Failed, now_ms);
+            expired += 1;
+        }
+        OpResult::ApprovalsExpired { expired }
+    }
+
+    /// Up to `limit` tasks awaiting approval whose deadline is at or before `now_ms`
+    /// (what the leader proposes to expire).
+    pub fn approvals_due(&self, now_ms: u64, limit: usize) -> Vec<TaskId> {
+        self.ids_in(TaskState::AwaitingApproval)
+            .filter(|id| {
+                self.live
+                    .get(id)
+                    .and_then(|t| t.flow.as_ref())
+                    .and_then(|f| f.approval())
+                    .and_then(|(_, deadline)| deadline)
+                    .is_some_and(|d| d <= now_ms)
+            })
+            .take(limit)
+            .collect()
     }
 
     /// Put a live task (not in the queue index) back in the queue.
@@ -1197,7 +1344,7 @@ impl TaskTable {
                     let flow = task.flow.get_or_insert_default();
                     flow.waiting_on = flow.waiting_on.saturating_sub(1);
                     if flow.waiting_on == 0 {
-                        self.requeue(child, 0);
+                        self.release(child, now_ms);
                     }
                 } else if let Some(task) = self.live_mut(child) {
                     task.error = Some(format!(
@@ -1295,10 +1442,12 @@ impl TaskTable {
         };
         let key = Flow::key_of(parent.id, flow.step.as_deref());
         for &child in &flow.children {
-            let waits = self
-                .live
-                .get(&child)
-                .is_some_and(|t| matches!(t.state, TaskState::Waiting | TaskState::Queued));
+            let waits = self.live.get(&child).is_some_and(|t| {
+                matches!(
+                    t.state,
+                    TaskState::Waiting | TaskState::AwaitingApproval | TaskState::Queued
+                )
+            });
             if !waits {
                 continue;
             }

@@ -1913,4 +1913,5 @@ fn nested_logged_ends_are_refused() {
     assert_eq!(l.end, AttemptEnd::Cancelled);
 }
 
+mod approvals;
 mod graph;

@@ -207,6 +207,8 @@ class Client:
         depends_on: Optional[List[int]] = None,
         concurrency_key: Optional[str] = None,
         rate_limit: Optional[str] = None,
+        requires_approval: bool = False,
+        approval_timeout_ms: Optional[int] = None,
         wait: Optional[float] = None,
     ) -> Task:
         """Submit one task (``POST /v1/tasks``) and return it.
@@ -231,6 +233,11 @@ class Client:
                 tasks (see :meth:`set_limit`), and dispatch takes keys in turns.
             rate_limit: the named rate limit (:meth:`set_limit` with ``rate``) each
                 start of the task draws a token from.
+            requires_approval: hold the task in ``awaiting_approval`` (after its
+                parents) until :meth:`approve` queues it or :meth:`reject` cancels it.
+            approval_timeout_ms: fail the task (``approval_timeout``) if no decision
+                came this long after it began awaiting approval (implies
+                ``requires_approval``).
             wait: seconds to wait for the task to be final; the task is returned as it
                 is when the wait ends (final or not). ``None``: return at once.
 
@@ -258,6 +265,8 @@ class Client:
             depends_on=depends_on,
             concurrency_key=concurrency_key,
             rate_limit=rate_limit,
+            requires_approval=requires_approval,
+            approval_timeout_ms=approval_timeout_ms,
         )
         return self.submit_spec(spec, wait=wait)
 
@@ -435,6 +444,28 @@ class Client:
         as it is) and return it. A running attempt's process group is killed."""
         tid = _task_id(task_id)
         return Task.from_json(self.request("POST", f"/v1/tasks/{tid}/cancel"))
+
+    def approve(self, task_id: Union[int, str, Task], comment: Optional[str] = None) -> Task:
+        """Approve a task awaiting approval (``POST /v1/tasks/{id}/approve``): it is
+        queued. The token's name, the time and ``comment`` are recorded
+        (:attr:`Task.approval`). Needs the ``operate`` scope.
+
+        Raises:
+            SwarmError: ``409 not_awaiting_approval`` for a task in another state
+                (already decided, cancelled, expired), ``404`` for an unknown one.
+        """
+        return self._decide(task_id, "approve", comment)
+
+    def reject(self, task_id: Union[int, str, Task], comment: Optional[str] = None) -> Task:
+        """Reject a task awaiting approval (``POST /v1/tasks/{id}/reject``): it is
+        cancelled, its error naming the rejection and ``comment``, and its graph
+        dependants are cancelled (``dependency_failed``). Refusals as :meth:`approve`."""
+        return self._decide(task_id, "reject", comment)
+
+    def _decide(self, task_id: Union[int, str, Task], verb: str, comment: Optional[str]) -> Task:
+        tid = _task_id(task_id)
+        body = {} if comment is None else {"comment": comment}
+        return Task.from_json(self.request("POST", f"/v1/tasks/{tid}/{verb}", body))
 
     def list_page(
         self,

@@ -31,6 +31,7 @@ __all__ = [
 #: Every task state, in lifecycle order.
 STATES: Tuple[str, ...] = (
     "waiting",
+    "awaiting_approval",
     "queued",
     "running",
     "succeeded",
@@ -151,6 +152,7 @@ _TASK_KEYS = frozenset(
         "stage",
         "stage_outputs",
         "moves",
+        "approval",
     }
 )
 
@@ -201,6 +203,10 @@ class Task:
     #: Its concurrency key and the rate limit it draws from, if any.
     concurrency_key: Optional[str] = None
     rate_limit: Optional[str] = None
+    #: A task that requires approval: ``{"timeout_ms", "deadline_ms", "decision":
+    #: {"approved", "by", "at_ms", "comment"}}`` (keys absent when unset); ``None``
+    #: otherwise.
+    approval: Optional[Dict[str, Any]] = None
     #: The API's JSON object, unchanged.
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -236,6 +242,7 @@ class Task:
             step=d.get("step"),
             concurrency_key=d.get("concurrency_key"),
             rate_limit=d.get("rate_limit"),
+            approval=dict(d["approval"]) if isinstance(d.get("approval"), dict) else None,
             raw=dict(d),
         )
 
@@ -317,6 +324,12 @@ class SubmitSpec:
     concurrency_key: Optional[str] = None
     #: The named rate limit each start of the task draws from.
     rate_limit: Optional[str] = None
+    #: Hold the task in ``awaiting_approval`` until :meth:`Client.approve` queues it
+    #: or :meth:`Client.reject` cancels it.
+    requires_approval: bool = False
+    #: With ``requires_approval``: fail the task (``approval_timeout``) if no decision
+    #: came this long after it began awaiting approval.
+    approval_timeout_ms: Optional[int] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON body the API takes (only the fields that are set)."""
@@ -334,12 +347,15 @@ class SubmitSpec:
             "retain_ms",
             "concurrency_key",
             "rate_limit",
+            "approval_timeout_ms",
         ):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
         if self.depends_on:
             body["depends_on"] = [int(p) for p in self.depends_on]
+        if self.requires_approval or self.approval_timeout_ms is not None:
+            body["requires_approval"] = True
         if self.labels:
             body["labels"] = dict(self.labels)
         return body

@@ -13,7 +13,7 @@
   const PAGE = 50;
   const FINAL = new Set(['succeeded', 'failed', 'cancelled', 'dead_lettered']);
   const RETRYABLE = new Set(['failed', 'dead_lettered']);
-  const STATES = ['waiting', 'queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead_lettered'];
+  const STATES = ['waiting', 'awaiting_approval', 'queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead_lettered'];
   const SCOPES = ['read', 'submit', 'operate', 'admin'];
   const SPARK_WINDOW_MS = 5 * 60 * 1000;
   const LOG_MAX_CHARS = 512 * 1024;
@@ -421,7 +421,7 @@
   function refused(what, e) {
     if (e.status !== 403) return false;
     if (what === 'submit') S.canSubmit = false;
-    if (what === 'cancel' || what === 'retry') S.canOperate = false;
+    if (what === 'cancel' || what === 'retry' || what === 'approve' || what === 'reject') S.canOperate = false;
     applyCaps();
     notice(`This token may not ${what} tasks (403 forbidden): ${e.message}`);
     return true;
@@ -1573,6 +1573,15 @@
     if (t.patterns) row('Patterns', `up to ${t.patterns} ReasoningBank pattern${t.patterns === 1 ? '' : 's'} handed to the agent before it ran`, 'detail-patterns');
     if (t.usage) row('Tokens', `${fmtNum(t.usage.prompt_tokens)} prompt + ${fmtNum(t.usage.completion_tokens)} completion (${t.usage.model})`);
     if (t.held) row('Held', t.held);
+    if (t.approval) {
+      const a = t.approval;
+      const d = a.decision;
+      const deadline = a.deadline_ms ? `fails unless decided by ${fmtTime(a.deadline_ms)}`
+        : a.timeout_ms ? `may await a decision for ${fmtDur(a.timeout_ms)}` : 'no deadline';
+      row('Approval', d
+        ? `${d.approved ? 'approved' : 'rejected'} by ${d.by} at ${fmtTime(d.at_ms)}${d.comment ? `: ${d.comment}` : ''}`
+        : `required (${deadline})`, 'detail-approval');
+    }
     if (t.expires_at_ms) row('Expires', fmtTime(t.expires_at_ms));
     if (t.error) row('Error', el('span', { class: 'mono' }, t.error), 'detail-error');
 
@@ -1607,6 +1616,16 @@
     const t = TP.task;
     b.hidden = !(S.canOperate && t && !FINAL.has(t.state) && S.view === 'task');
     $('retry').hidden = !(S.canOperate && t && RETRYABLE.has(t.state) && S.view === 'task');
+    const awaiting = S.canOperate && t && t.state === 'awaiting_approval' && S.view === 'task';
+    const box = $('approval-box');
+    if (box.hidden === awaiting) $('approval-comment').value = '';
+    box.hidden = !awaiting;
+    if (awaiting) {
+      const a = t.approval || {};
+      $('approval-deadline').textContent = a.deadline_ms
+        ? `Fails with approval_timeout unless approved by ${fmtTime(a.deadline_ms)}.`
+        : 'No deadline: the task waits until someone decides.';
+    }
     const f = TV.f;
     $('retry-matching').hidden = !(S.canOperate && f && RETRYABLE.has(f.state) && S.view === 'tasks');
   }
@@ -1655,6 +1674,26 @@
       if (!refused('retry', e)) notice(`Could not retry: ${e.message}`, 8000);
     } finally {
       b.disabled = false;
+    }
+  }
+
+  // Approvals: queue (approve) or cancel (reject) a task awaiting approval, with the
+  // comment typed; the token's name is recorded as who decided.
+  async function onDecide(approve) {
+    const t = TP.task;
+    if (!t) return;
+    const verb = approve ? 'approve' : 'reject';
+    const comment = $('approval-comment').value.trim();
+    const body = comment ? { comment } : {};
+    for (const id of ['approve', 'reject']) $(id).disabled = true;
+    try {
+      const v = await api('POST', `/v1/tasks/${t.id}/${verb}`, body);
+      if (TP.id === t.id && v && v.id != null) renderTask(v);
+      notice(`Task #${t.id} ${approve ? 'approved: it is queued' : 'rejected: it is cancelled'}.`, 5000);
+    } catch (e) {
+      if (!refused(verb, e)) notice(`Could not ${verb} task #${t.id}: ${e.message}`, 8000);
+    } finally {
+      for (const id of ['approve', 'reject']) $(id).disabled = false;
     }
   }
 
@@ -1712,6 +1751,8 @@
     $('submit-form').addEventListener('submit', onSubmit);
     $('cancel').addEventListener('click', onCancel);
     $('retry').addEventListener('click', onRetry);
+    $('approval-box').addEventListener('submit', (e) => { e.preventDefault(); onDecide(true); });
+    $('reject').addEventListener('click', () => onDecide(false));
     $('retry-matching').addEventListener('click', onRetryMatching);
     $('tasks-filters').addEventListener('submit', applyFilters);
     $('tasks-filter').addEventListener('change', () => applyFilters());
