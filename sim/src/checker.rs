@@ -13,8 +13,9 @@
 //!   sent), has at most one successful attempt, and a succeeded echo task's output is its
 //!   payload (a dependant's: its payload and its parents' outputs);
 //! * **dependencies** — a task submitted with `depends_on` started only after each parent
-//!   had succeeded, and one whose parent ended otherwise was cancelled
-//!   (`dependency_failed`) without running;
+//!   had succeeded (allowing for the workers' clock skew: a parent's end is its worker's
+//!   time), and one whose parent ended otherwise was cancelled (`dependency_failed`)
+//!   without running;
 //! * **linearizable reads** — a read invoked after a submit was acknowledged finds the
 //!   task, and once a read returned a final state, every read invoked after that read
 //!   completed (the audit included) returns the same state;
@@ -988,8 +989,14 @@ fn echoed(t: &TaskRecord) -> bool {
 
 /// The graph rule: a dependant runs only after every parent succeeded (its first attempt
 /// starts after each parent's successful one ended), and a parent that ended otherwise
-/// leaves it cancelled with `dependency_failed`, never run.
+/// leaves it cancelled with `dependency_failed`, never run. The parent's end is its
+/// worker's time; the dependant's start is the leader's when it recorded the start
+/// before the result, else the worker's (an attempt of a task with neither concurrency
+/// key nor rate limit may be recorded by its result first), and the audit does not say
+/// which: it counts as early only if it is under both readings, against the parent's end
+/// corrected for the workers' clock skew and as reported.
 fn check_dependencies(
+    h: &History,
     t: &TaskRecord,
     by_id: &BTreeMap<u64, &TaskRecord>,
     out: &mut Vec<Violation>,
@@ -1013,10 +1020,14 @@ fn check_dependencies(
                 .find(|a| a.outcome.as_deref() == Some("succeeded"))
             {
                 Some(done) if parent.state == "succeeded" => {
-                    if done.finished_ms.is_some_and(|f| first.started_ms < f) {
+                    let ended = done
+                        .finished_ms
+                        .zip(attempt_end(h, done))
+                        .map(|(a, b)| a.min(b));
+                    if ended.is_some_and(|f| first.started_ms < f) {
                         fail(format!(
-                            "started at {} ms, before the parent's success ended at {:?} ms",
-                            first.started_ms, done.finished_ms
+                            "started at {} ms, before the parent's success ended at {:?} ms (the earlier of its reported and skew-corrected ends)",
+                            first.started_ms, ended
                         ));
                     }
                 }
@@ -1073,7 +1084,7 @@ fn check_table(
                 output: t.output.clone(),
             });
         }
-        check_dependencies(t, &by_id, out);
+        check_dependencies(h, t, &by_id, out);
     }
     for (key, ids) in &by_key {
         if ids.len() > 1 {

@@ -553,6 +553,54 @@ fn a_dependant_that_ran_after_its_parent_passes_and_one_that_ran_early_is_caught
 }
 
 #[test]
+fn a_parent_end_on_a_skewed_worker_clock_is_corrected() {
+    // Task 2's success ended at 3400 ms as its worker, 200 ms ahead, reported it: 3200 ms
+    // on the leader's clock, before the dependant started at 3300 ms (if that is the
+    // leader's time; if it is the worker's, 3100 ms: early either way without skew).
+    let mut t = dependant();
+    t.attempt_log[0].started_ms = 3300;
+    let mut h = with_dependant(t);
+    assert!(
+        matches!(
+            &check(&h)[..],
+            [Violation::Dependency {
+                id: 3,
+                parent: 2,
+                ..
+            }]
+        ),
+        "unskewed, it started early"
+    );
+    h.worker_clock_skew_ms = 200;
+    assert_eq!(check(&h), vec![]);
+    // A worker 200 ms behind the leader: the start may be on that worker's clock too, so
+    // only a start before the end as reported is early.
+    h.worker_clock_skew_ms = -200;
+    assert!(
+        matches!(
+            &check(&h)[..],
+            [Violation::Dependency {
+                id: 3,
+                parent: 2,
+                ..
+            }]
+        ),
+        "{:?}",
+        check(&h)
+    );
+    let mut t = dependant();
+    t.attempt_log[0].started_ms = 3450;
+    t.attempt_log[0].finished_ms = Some(3500);
+    let mut h = with_dependant(t);
+    h.worker_clock_skew_ms = -200;
+    assert_eq!(check(&h), vec![]);
+    h.worker_clock_skew_ms = 0;
+    assert_eq!(check(&h), vec![]);
+    h.worker_clock_skew_ms = 100;
+    assert_eq!(check(&h), vec![]);
+}
+
+#[test]
 fn a_dependant_of_a_failed_parent_must_be_cancelled_without_running() {
     let mut failed = task(2, "b");
     failed.state = "failed".into();
