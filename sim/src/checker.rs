@@ -13,8 +13,9 @@
 //!   sent), has at most one successful attempt, and a succeeded echo task's output is its
 //!   payload (a dependant's: its payload and its parents' outputs);
 //! * **dependencies** — a task submitted with `depends_on` started only after each parent
-//!   had succeeded, and one whose parent ended otherwise was cancelled
-//!   (`dependency_failed`) without running;
+//!   had succeeded (allowing for the workers' clock skew: a parent's end is its worker's
+//!   time), and one whose parent ended otherwise was cancelled (`dependency_failed`)
+//!   without running;
 //! * **linearizable reads** — a read invoked after a submit was acknowledged finds the
 //!   task, and once a read returned a final state, every read invoked after that read
 //!   completed (the audit included) returns the same state;
@@ -27,6 +28,19 @@
 //!   running on a worker that did not hold it for longer than a lease (plus a heartbeat
 //!   and a second of slack) under the leader that gave it up: heartbeat reconciliation
 //!   loses such an attempt within one lease (while no leader is in office nobody can);
+//! * **concurrency keys** — an attempt of a task with `concurrency_key` K (limit L: the
+//!   limit named K, else the one named by K's part before its first `:`) started only
+//!   while fewer than L other attempts of K's tasks that started before it (by start
+//!   time, then task id and attempt number) had not yet ended. Starts are the leader's
+//!   times; an end is the leader's time for a lost or cancelled attempt, else the
+//!   worker's report less the workers' clock skew; an attempt with no end runs for ever.
+//!   (The leader starts an attempt only while fewer than L of K's attempts are in its
+//!   scheduler, and one leaves it only once its end is committed, after its recorded
+//!   end; a new leader adopts the recorded attempts before it starts any of K's.)
+//! * **rate limits** — the attempts of tasks with `rate_limit` N started no faster than
+//!   N's bucket allows: in every window `[s_i, s_j]` of their (sorted) start times at most
+//!   `burst + tokens × (s_j − s_i) / per_ms` starts (buckets start empty at an election,
+//!   and an old leader can record no start after one);
 //! * **identical replicas** — at the end, every member of the cluster has applied the
 //!   leader's whole log and checkpointed it, and all their checkpoints hold the same state
 //!   (byte-equal dumps, read from each member's data dir after the run).
@@ -107,6 +121,9 @@ pub struct TaskRecord {
     pub succeeded_attempts: usize,
     /// Every attempt as the table recorded it, in order.
     pub attempt_log: Vec<AttemptRecord>,
+    /// The task's concurrency key and rate limit, if any.
+    pub concurrency_key: Option<String>,
+    pub rate_limit: Option<String>,
     /// The tasks it runs after (graph parents).
     pub parents: Vec<u64>,
     pub error: Option<String>,
@@ -213,6 +230,14 @@ pub enum Replicas {
     Unsettled { reason: String },
 }
 
+/// A token bucket as the run defined it: `tokens` every `per_ms`, at most `burst` held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    pub tokens: u32,
+    pub per_ms: u64,
+    pub burst: u32,
+}
+
 /// Everything the clients saw in one run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct History {
@@ -230,6 +255,14 @@ pub struct History {
     /// The coordinators' worker lease and heartbeat interval (ms), for the phantom check.
     pub lease_ms: u64,
     pub heartbeat_ms: u64,
+    /// Concurrency limits the run set before submitting tasks with concurrency keys, by
+    /// name (a key's limit is the one named by the key, else by its part before `:`).
+    pub key_limits: BTreeMap<String, u32>,
+    /// Rate limits the run set before submitting tasks that name them, by name.
+    pub rate_limits: BTreeMap<String, RateLimit>,
+    /// How far the workers' clocks ran ahead of the coordinators' (ms): the end times
+    /// workers report are that far off.
+    pub worker_clock_skew_ms: i64,
 }
 
 /// A broken guarantee, with what shows it.
@@ -301,6 +334,25 @@ pub enum Violation {
         /// up, in ms since the run began.
         from: u64,
         lost: u64,
+    },
+    /// An attempt of a task with a concurrency key started while `running` (task,
+    /// attempt) of that key's attempts, as many as its limit or more, had started and
+    /// not ended.
+    KeyLimit {
+        key: String,
+        limit: u32,
+        id: u64,
+        attempt: u32,
+        /// Its start, on the leader's clock (ms since the epoch).
+        at_ms: u64,
+        running: Vec<(u64, u32)>,
+    },
+    /// More attempts of a rate limit's tasks started within a window than its bucket
+    /// allows: `starts` (ms since the epoch, task, attempt), the window's first to last.
+    Bucket {
+        limit: String,
+        rate: RateLimit,
+        starts: Vec<(u64, u64, u32)>,
     },
 }
 
@@ -416,6 +468,32 @@ impl fmt::Display for Violation {
             } => write!(
                 f,
                 "attempt {attempt} of task {id} stayed recorded as running on {worker} for {unheld_ms} ms while {worker} did not hold it, longer than a lease ({from} ms to {lost} ms into the run)"
+            ),
+            Violation::KeyLimit {
+                key,
+                limit,
+                id,
+                attempt,
+                at_ms,
+                running,
+            } => write!(
+                f,
+                "attempt {attempt} of task {id} (concurrency key {key}, limit {limit}) started at {at_ms} ms while {} attempts of the key ran: {running:?} (task, attempt)",
+                running.len()
+            ),
+            Violation::Bucket {
+                limit,
+                rate,
+                starts,
+            } => write!(
+                f,
+                "rate limit {limit} ({} per {} ms, burst {}) started {} attempts from {} ms to {} ms: {starts:?} (ms, task, attempt)",
+                rate.tokens,
+                rate.per_ms,
+                rate.burst,
+                starts.len(),
+                starts.first().map_or(0, |s| s.0),
+                starts.last().map_or(0, |s| s.0),
             ),
         }
     }
@@ -613,6 +691,8 @@ pub fn check(h: &History) -> Vec<Violation> {
         }) => {
             check_table(h, &acked, tasks, &mut out);
             check_phantoms(h, tasks, &mut out);
+            check_keys(h, tasks, &mut out);
+            check_buckets(h, tasks, &mut out);
             let listed: BTreeSet<u64> = tasks.iter().map(|t| t.id).collect();
             for t in tasks {
                 reads.entry(t.id).or_default().push(Read {
@@ -676,6 +756,170 @@ pub fn check(h: &History) -> Vec<Violation> {
         }
     }
     out
+}
+
+/// The limit of concurrency key `key`: the one named by it, else by its part before `:`.
+fn key_limit(h: &History, key: &str) -> Option<u32> {
+    h.key_limits.get(key).copied().or_else(|| {
+        let (class, _) = key.split_once(':')?;
+        h.key_limits.get(class).copied()
+    })
+}
+
+/// When an attempt ended on the leader's clock (`None`: not yet). The leader stamps lost
+/// and cancelled attempts; the others carry the time the worker reported, on its clock.
+fn attempt_end(h: &History, a: &AttemptRecord) -> Option<u64> {
+    let f = a.finished_ms?;
+    match a.outcome.as_deref() {
+        Some("lost") | Some("cancelled") => Some(f),
+        _ => Some(f.saturating_add_signed(h.worker_clock_skew_ms.saturating_neg())),
+    }
+}
+
+/// An attempt's start (ms since the epoch), task and attempt number.
+type Start = (u64, u64, u32);
+
+/// Every start of an attempt of a task with a limited concurrency key, in order: `f(key,
+/// limit, (start, task, attempt), running)` with the key's earlier attempts (task,
+/// attempt) that had not ended by then.
+fn walk_keys(
+    h: &History,
+    tasks: &[TaskRecord],
+    mut f: impl FnMut(&str, u32, Start, Vec<(u64, u32)>),
+) {
+    // key -> (start, task, attempt, end).
+    let mut by_key: BTreeMap<&str, Vec<(Start, Option<u64>)>> = BTreeMap::new();
+    for t in tasks {
+        let Some(key) = t.concurrency_key.as_deref() else {
+            continue;
+        };
+        for a in &t.attempt_log {
+            by_key
+                .entry(key)
+                .or_default()
+                .push(((a.started_ms, t.id, a.number), attempt_end(h, a)));
+        }
+    }
+    for (key, mut attempts) in by_key {
+        let Some(limit) = key_limit(h, key) else {
+            continue;
+        };
+        attempts.sort();
+        for (i, &(start, _)) in attempts.iter().enumerate() {
+            let running: Vec<(u64, u32)> = attempts[..i]
+                .iter()
+                .filter(|(_, end)| end.is_none_or(|end| end > start.0))
+                .map(|((_, id, attempt), _)| (*id, *attempt))
+                .collect();
+            f(key, limit, start, running);
+        }
+    }
+}
+
+/// The concurrency-key rule (see the module docs).
+fn check_keys(h: &History, tasks: &[TaskRecord], out: &mut Vec<Violation>) {
+    walk_keys(h, tasks, |key, limit, (s, id, attempt), running| {
+        if running.len() >= limit as usize {
+            out.push(Violation::KeyLimit {
+                key: key.to_string(),
+                limit,
+                id,
+                attempt,
+                at_ms: s,
+                running,
+            });
+        }
+    });
+}
+
+/// Every rate limit the run defined with the starts of its tasks' attempts, sorted
+/// (ms since the epoch, task, attempt).
+fn bucket_starts(h: &History, tasks: &[TaskRecord]) -> Vec<(String, RateLimit, Vec<Start>)> {
+    let mut by_limit: BTreeMap<&str, Vec<Start>> = BTreeMap::new();
+    for t in tasks {
+        let Some(limit) = t.rate_limit.as_deref() else {
+            continue;
+        };
+        for a in &t.attempt_log {
+            by_limit
+                .entry(limit)
+                .or_default()
+                .push((a.started_ms, t.id, a.number));
+        }
+    }
+    by_limit
+        .into_iter()
+        .filter_map(|(limit, mut starts)| {
+            let rate = h.rate_limits.get(limit).copied()?;
+            starts.sort();
+            Some((limit.to_string(), rate, starts))
+        })
+        .collect()
+}
+
+/// Whether `n` starts from `from` to `to` (ms) overdraw `rate`:
+/// `n > burst + tokens × (to − from) / per_ms`, in integers.
+fn overdrawn(rate: RateLimit, n: usize, from: u64, to: u64) -> bool {
+    let allowed = u128::from(rate.burst) * u128::from(rate.per_ms)
+        + u128::from(rate.tokens) * u128::from(to.saturating_sub(from));
+    n as u128 * u128::from(rate.per_ms) > allowed
+}
+
+/// The rate-limit rule (see the module docs): one violation per bucket at most, its
+/// longest overdrawn window from the earliest start that has one.
+fn check_buckets(h: &History, tasks: &[TaskRecord], out: &mut Vec<Violation>) {
+    for (limit, rate, starts) in bucket_starts(h, tasks) {
+        let over = |i: usize, j: usize| overdrawn(rate, j - i + 1, starts[i].0, starts[j].0);
+        let window = (0..starts.len()).find_map(|i| {
+            (i..starts.len())
+                .rev()
+                .find(|&j| over(i, j))
+                .map(|j| (i, j))
+        });
+        if let Some((i, j)) = window {
+            out.push(Violation::Bucket {
+                limit,
+                rate,
+                starts: starts[i..=j].to_vec(),
+            });
+        }
+    }
+}
+
+/// How hard a run pressed its limits, as the final audit shows (zero without one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitStats {
+    /// Attempts of tasks with a limited concurrency key (what the key rule checked).
+    pub keyed: usize,
+    /// Of those, attempts that started with their key's limit less one running: they
+    /// filled the key.
+    pub keyed_full: usize,
+    /// Attempts of tasks with a rate limit (what the bucket rule checked).
+    pub bucketed: usize,
+    /// Of those, attempts after which one more start at the same time would have
+    /// overdrawn the bucket: they emptied it.
+    pub bucket_emptied: usize,
+}
+
+/// [`LimitStats`] of `h`.
+pub fn limit_stats(h: &History) -> LimitStats {
+    let mut st = LimitStats::default();
+    let Some(Audit::Complete { tasks, .. }) = &h.audit else {
+        return st;
+    };
+    walk_keys(h, tasks, |_, limit, _, running| {
+        st.keyed += 1;
+        if running.len() + 1 >= limit as usize {
+            st.keyed_full += 1;
+        }
+    });
+    for (_, rate, starts) in bucket_starts(h, tasks) {
+        st.bucketed += starts.len();
+        st.bucket_emptied += (0..starts.len())
+            .filter(|&j| (0..=j).any(|i| overdrawn(rate, j - i + 2, starts[i].0, starts[j].0)))
+            .count();
+    }
+    st
 }
 
 /// Membership changes completed, the voters they leave, and identical replicas.
@@ -745,8 +989,14 @@ fn echoed(t: &TaskRecord) -> bool {
 
 /// The graph rule: a dependant runs only after every parent succeeded (its first attempt
 /// starts after each parent's successful one ended), and a parent that ended otherwise
-/// leaves it cancelled with `dependency_failed`, never run.
+/// leaves it cancelled with `dependency_failed`, never run. The parent's end is its
+/// worker's time; the dependant's start is the leader's when it recorded the start
+/// before the result, else the worker's (an attempt of a task with neither concurrency
+/// key nor rate limit may be recorded by its result first), and the audit does not say
+/// which: it counts as early only if it is under both readings, against the parent's end
+/// corrected for the workers' clock skew and as reported.
 fn check_dependencies(
+    h: &History,
     t: &TaskRecord,
     by_id: &BTreeMap<u64, &TaskRecord>,
     out: &mut Vec<Violation>,
@@ -770,10 +1020,14 @@ fn check_dependencies(
                 .find(|a| a.outcome.as_deref() == Some("succeeded"))
             {
                 Some(done) if parent.state == "succeeded" => {
-                    if done.finished_ms.is_some_and(|f| first.started_ms < f) {
+                    let ended = done
+                        .finished_ms
+                        .zip(attempt_end(h, done))
+                        .map(|(a, b)| a.min(b));
+                    if ended.is_some_and(|f| first.started_ms < f) {
                         fail(format!(
-                            "started at {} ms, before the parent's success ended at {:?} ms",
-                            first.started_ms, done.finished_ms
+                            "started at {} ms, before the parent's success ended at {:?} ms (the earlier of its reported and skew-corrected ends)",
+                            first.started_ms, ended
                         ));
                     }
                 }
@@ -830,7 +1084,7 @@ fn check_table(
                 output: t.output.clone(),
             });
         }
-        check_dependencies(t, &by_id, out);
+        check_dependencies(h, t, &by_id, out);
     }
     for (key, ids) in &by_key {
         if ids.len() > 1 {

@@ -49,8 +49,8 @@ use swarm_transport::{client_config, Identity, Role};
 use swarm_worker::{Backoff, ExecutionEvent, ExecutionJournal, Worker, WorkerParams};
 
 use crate::checker::{
-    self, AttemptRecord, Audit, ExecEvent, ExecRecord, History, Read, ReadResult, Submit,
-    SubmitResult, TaskRecord,
+    self, AttemptRecord, Audit, ExecEvent, ExecRecord, History, RateLimit, Read, ReadResult,
+    Submit, SubmitResult, TaskRecord,
 };
 use crate::driver::{Driver, Hosts};
 use crate::faults::{self, Episode};
@@ -85,6 +85,26 @@ pub const SNAPSHOT_BYTES: u64 = 2 << 10;
 /// Default snapshot chunk: a run's snapshots are 5–15 KiB, so each travels in 5 to 15
 /// InstallSnapshot RPCs.
 pub const SNAPSHOT_CHUNK: u64 = 1024;
+
+/// The concurrency limits every run sets (`PUT /v1/limits/{name}`) before its submitters
+/// give tasks concurrency keys: each key `tenant:…` runs at most 2 attempts at a time.
+pub const KEY_LIMITS: &[(&str, u32)] = &[("tenant", 2)];
+/// The concurrency keys submitters pick from (`tenant:0` to `tenant:3`).
+pub const KEYS: u32 = 4;
+/// The share of tasks (not under a shared idempotency key) given a concurrency key.
+pub const KEYED: f64 = 0.35;
+/// The share given the rate limit (independently: some have both).
+pub const RATE_LIMITED: f64 = 0.2;
+/// The token buckets every run sets before its submitters name them: a start a second,
+/// at most 2 at once (a run's submitters ask for about 0.6 a second, in bursts).
+pub const RATE_LIMITS: &[(&str, RateLimit)] = &[(
+    "bucket",
+    RateLimit {
+        tokens: 1,
+        per_ms: 1000,
+        burst: 2,
+    },
+)];
 
 /// The shape of a run; the seed decides everything else.
 #[derive(Debug, Clone)]
@@ -191,6 +211,12 @@ impl Report {
         self.snapshots.values().map(|s| s.built.len()).sum()
     }
 
+    /// How hard the run pressed its limits (the attempts the key and bucket rules
+    /// checked).
+    pub fn limits(&self) -> checker::LimitStats {
+        checker::limit_stats(&self.history)
+    }
+
     /// One line of figures.
     pub fn summary(&self) -> String {
         let acked = self
@@ -234,11 +260,16 @@ impl Report {
             Some(checker::Replicas::Unsettled { .. }) => "replicas unsettled".into(),
             None => "replicas not compared".into(),
         };
+        let limits = self.limits();
         format!(
-            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, {} executions started, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
+            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, limited attempts: {} with a concurrency key ({} filling it), {} with a rate limit ({} emptying it), {} executions started, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
             self.seed,
             self.history.submits.len(),
             self.history.reads.len(),
+            limits.keyed,
+            limits.keyed_full,
+            limits.bucketed,
+            limits.bucket_emptied,
             self.history
                 .executions
                 .iter()
@@ -539,6 +570,15 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
         let mut s = lock(&shared);
         s.history.lease_ms = base.scheduler.lease_ms;
         s.history.heartbeat_ms = base.heartbeat_interval_ms;
+        s.history.worker_clock_skew_ms = opts.worker_clock_skew_ms;
+        s.history.key_limits = KEY_LIMITS
+            .iter()
+            .map(|(name, n)| (name.to_string(), *n))
+            .collect();
+        s.history.rate_limits = RATE_LIMITS
+            .iter()
+            .map(|(name, r)| (name.to_string(), *r))
+            .collect();
     }
     let initial: Vec<(u64, NodeAddr)> = (0..opts.coordinators)
         .map(|j| {
@@ -974,8 +1014,57 @@ pub(crate) async fn call(
     Ok((status, v))
 }
 
+/// Set [`KEY_LIMITS`] and [`RATE_LIMITS`] through random members, each retried until a
+/// 2xx (a PUT sets a limit whole, so a repeat is harmless), or until `stop`: whether all
+/// were set.
+async fn set_limits(
+    apis: &[SocketAddr],
+    shared: &SharedRef,
+    rng: &mut StdRng,
+    stop: Duration,
+) -> bool {
+    let bodies = KEY_LIMITS
+        .iter()
+        .map(|(name, n)| (*name, json!({"concurrency": n})))
+        .chain(RATE_LIMITS.iter().map(|(name, r)| {
+            (
+                *name,
+                json!({"rate": format!("{}/{}ms", r.tokens, r.per_ms), "burst": r.burst}),
+            )
+        }));
+    for (name, body) in bodies {
+        let mut tries = 0u32;
+        loop {
+            if now() >= stop {
+                return false;
+            }
+            tries += 1;
+            let api = pick_api(shared, apis, rng);
+            let path = format!("/v1/limits/{name}");
+            match call(api, Method::PUT, &path, Some(body.clone())).await {
+                Ok((st, _)) if st.is_success() => break,
+                Ok((st, v))
+                    if st == StatusCode::BAD_REQUEST
+                        || st == StatusCode::UNAUTHORIZED
+                        || st == StatusCode::FORBIDDEN
+                        || st == StatusCode::UNPROCESSABLE_ENTITY =>
+                {
+                    // Such a refusal is the scenario's mistake, not a fault.
+                    panic!("PUT {path} {body} refused: {st} {v}");
+                }
+                _ => {}
+            }
+            let backoff = 50u64 << tries.min(5);
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(backoff / 2..=backoff))).await;
+        }
+    }
+    true
+}
+
 /// Submit tasks from `start` to `stop`, each retried with its key until acknowledged
-/// (or `give_up`).
+/// (or `give_up`). Once it has set the run's limits, a submitter gives some of its tasks
+/// a concurrency key (`tenant:0` to `tenant:3`, mostly on sleeps) or the rate limit
+/// `bucket`, or both.
 async fn submitter(
     i: usize,
     apis: Vec<SocketAddr>,
@@ -987,7 +1076,10 @@ async fn submitter(
 ) {
     let client = format!("submitter{}", i + 1);
     let mut rng = StdRng::seed_from_u64(sub_seed(seed, 100 + i as u64));
+    // Its own generator for the limits, so the other draws stay as they were.
+    let mut lrng = StdRng::seed_from_u64(sub_seed(seed, 150 + i as u64));
     tokio::time::sleep(start.saturating_sub(now())).await;
+    let limited = set_limits(&apis, &shared, &mut lrng, stop).await;
     let mut n = 0u64;
     while now() < stop {
         n += 1;
@@ -1021,6 +1113,20 @@ async fn submitter(
             };
             if !parents.is_empty() {
                 body["depends_on"] = json!(parents);
+            }
+        }
+        if limited && !key.starts_with("shared-") {
+            if lrng.gen_bool(KEYED) {
+                body["concurrency_key"] = json!(format!("tenant:{}", lrng.gen_range(0..KEYS)));
+                // Mostly sleeps, so that a key's attempts overlap and its limit binds
+                // (an echo ends at once). Not a dependant: its input would be the graph's.
+                if body["agent"] == "echo" && body["depends_on"].is_null() && lrng.gen_bool(0.5) {
+                    body["agent"] = json!("sleep");
+                    body["payload"] = json!({"ms": lrng.gen_range(200..2500)});
+                }
+            }
+            if lrng.gen_bool(RATE_LIMITED) {
+                body["rate_limit"] = json!(RATE_LIMITS[0].0);
             }
         }
         let mut tries = 0u32;
@@ -1271,6 +1377,8 @@ fn record(t: &Value) -> Result<TaskRecord, String> {
                 outcome: a["outcome"].as_str().map(str::to_string),
             })
             .collect(),
+        concurrency_key: t["concurrency_key"].as_str().map(str::to_string),
+        rate_limit: t["rate_limit"].as_str().map(str::to_string),
         parents: t["parents"]
             .as_array()
             .map(|p| p.iter().filter_map(Value::as_u64).collect())

@@ -1,9 +1,10 @@
 //! The checker catches fabricated violations, and accepts what is allowed.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use swarm_sim::checker::{
-    check, AttemptRecord, Audit, ExecEvent, ExecRecord, History, MembershipChange, Read,
+    check, AttemptRecord, Audit, ExecEvent, ExecRecord, History, MembershipChange, RateLimit, Read,
     ReadResult, ReplicaState, Replicas, Submit, SubmitResult, TaskRecord, Violation,
 };
 
@@ -71,6 +72,8 @@ fn task(id: u64, key: &str) -> TaskRecord {
             finished_ms: Some(3400),
             outcome: Some("succeeded".into()),
         }],
+        concurrency_key: None,
+        rate_limit: None,
         parents: Vec::new(),
         error: None,
     }
@@ -163,6 +166,16 @@ fn good() -> History {
         elections: vec![0],
         lease_ms: 5000,
         heartbeat_ms: 1000,
+        key_limits: BTreeMap::from([("tenant".to_string(), 2)]),
+        rate_limits: BTreeMap::from([(
+            "bucket".to_string(),
+            RateLimit {
+                tokens: 5,
+                per_ms: 1000,
+                burst: 2,
+            },
+        )]),
+        worker_clock_skew_ms: 0,
     }
 }
 
@@ -540,6 +553,54 @@ fn a_dependant_that_ran_after_its_parent_passes_and_one_that_ran_early_is_caught
 }
 
 #[test]
+fn a_parent_end_on_a_skewed_worker_clock_is_corrected() {
+    // Task 2's success ended at 3400 ms as its worker, 200 ms ahead, reported it: 3200 ms
+    // on the leader's clock, before the dependant started at 3300 ms (if that is the
+    // leader's time; if it is the worker's, 3100 ms: early either way without skew).
+    let mut t = dependant();
+    t.attempt_log[0].started_ms = 3300;
+    let mut h = with_dependant(t);
+    assert!(
+        matches!(
+            &check(&h)[..],
+            [Violation::Dependency {
+                id: 3,
+                parent: 2,
+                ..
+            }]
+        ),
+        "unskewed, it started early"
+    );
+    h.worker_clock_skew_ms = 200;
+    assert_eq!(check(&h), vec![]);
+    // A worker 200 ms behind the leader: the start may be on that worker's clock too, so
+    // only a start before the end as reported is early.
+    h.worker_clock_skew_ms = -200;
+    assert!(
+        matches!(
+            &check(&h)[..],
+            [Violation::Dependency {
+                id: 3,
+                parent: 2,
+                ..
+            }]
+        ),
+        "{:?}",
+        check(&h)
+    );
+    let mut t = dependant();
+    t.attempt_log[0].started_ms = 3450;
+    t.attempt_log[0].finished_ms = Some(3500);
+    let mut h = with_dependant(t);
+    h.worker_clock_skew_ms = -200;
+    assert_eq!(check(&h), vec![]);
+    h.worker_clock_skew_ms = 0;
+    assert_eq!(check(&h), vec![]);
+    h.worker_clock_skew_ms = 100;
+    assert_eq!(check(&h), vec![]);
+}
+
+#[test]
 fn a_dependant_of_a_failed_parent_must_be_cancelled_without_running() {
     let mut failed = task(2, "b");
     failed.state = "failed".into();
@@ -596,4 +657,154 @@ fn a_dependant_of_a_failed_parent_must_be_cancelled_without_running() {
         )),
         "{v:?}"
     );
+}
+
+/// `good()` plus tasks 10, 11, … (acknowledged, succeeded echo tasks), one per
+/// `(started, finished)`, each with concurrency key `key` and rate limit `limit`.
+fn limited(
+    key: Option<&str>,
+    limit: Option<&str>,
+    attempts: &[(u64, Option<u64>, &str)],
+) -> History {
+    let mut h = good();
+    let mut tasks = vec![task(1, "a"), task(2, "b")];
+    for (i, &(started, finished, outcome)) in attempts.iter().enumerate() {
+        let id = 10 + i as u64;
+        let k = format!("l{id}");
+        h.submits.push(acked(&k, 3000, 3010, id));
+        let mut t = task(id, &k);
+        t.concurrency_key = key.map(str::to_string);
+        t.rate_limit = limit.map(str::to_string);
+        t.attempt_log[0].started_ms = started;
+        t.attempt_log[0].finished_ms = finished;
+        t.attempt_log[0].outcome = Some(outcome.into());
+        if outcome != "succeeded" {
+            t.state = "dead_lettered".into();
+            t.succeeded_attempts = 0;
+            t.output = None;
+        }
+        tasks.push(t);
+    }
+    h.audit = audit(tasks);
+    h
+}
+
+#[test]
+fn a_key_over_its_limit_is_caught_and_one_at_its_limit_is_not() {
+    // Limit 2 (by the class `tenant`): two overlapping attempts, and a third that starts
+    // as the first ends, are fine.
+    let ok = [
+        (4000, Some(5000), "succeeded"),
+        (4100, Some(6000), "succeeded"),
+        (5000, Some(5500), "succeeded"),
+        (5600, None, "succeeded"),
+    ];
+    assert_eq!(check(&limited(Some("tenant:1"), None, &ok)), vec![]);
+    // A third while both still run: caught, naming them.
+    let mut over = ok;
+    over[2].0 = 4900;
+    let v = check(&limited(Some("tenant:1"), None, &over));
+    assert_eq!(
+        v,
+        vec![Violation::KeyLimit {
+            key: "tenant:1".into(),
+            limit: 2,
+            id: 12,
+            attempt: 1,
+            at_ms: 4900,
+            running: vec![(10, 1), (11, 1)],
+        }],
+    );
+    // An attempt with no end runs for ever; a lost one ends when it was given up.
+    let forever = [
+        (4000, None, "succeeded"),
+        (4100, Some(4500), "lost"),
+        (4600, Some(9000), "succeeded"),
+        (9500, Some(9600), "succeeded"),
+    ];
+    assert_eq!(check(&limited(Some("tenant:1"), None, &forever)), vec![]);
+    let mut forever_over = forever;
+    forever_over[1].1 = Some(4700);
+    let v = check(&limited(Some("tenant:1"), None, &forever_over));
+    assert!(
+        matches!(&v[..], [Violation::KeyLimit { id: 12, .. }]),
+        "{v:?}"
+    );
+    // A key with no limit, or the same starts on other keys, are not limited.
+    assert_eq!(check(&limited(Some("other:1"), None, &over)), vec![]);
+    // A limit named by the key itself overrides its class.
+    let mut h = limited(Some("tenant:1"), None, &over);
+    h.key_limits.insert("tenant:1".into(), 3);
+    assert_eq!(check(&h), vec![]);
+}
+
+#[test]
+fn an_end_on_a_skewed_worker_clock_is_corrected() {
+    // Workers 700 ms ahead: attempt 10 reported its end at 5700 ms, 5000 ms on the
+    // leader's clock, so the third attempt starting at 5000 ms did not pass the limit.
+    let attempts = [
+        (4000, Some(5700), "succeeded"),
+        (4100, Some(6700), "succeeded"),
+        (5000, Some(6000), "succeeded"),
+    ];
+    let mut h = limited(Some("tenant:2"), None, &attempts);
+    assert!(
+        matches!(&check(&h)[..], [Violation::KeyLimit { id: 12, .. }]),
+        "unskewed, it overlaps"
+    );
+    h.worker_clock_skew_ms = 700;
+    assert_eq!(check(&h), vec![]);
+    // A worker behind the leader: its ends are later than they read.
+    let attempts = [
+        (4000, Some(4800), "succeeded"),
+        (4100, Some(6000), "succeeded"),
+        (5000, Some(6000), "succeeded"),
+    ];
+    let mut h = limited(Some("tenant:2"), None, &attempts);
+    assert_eq!(check(&h), vec![]);
+    h.worker_clock_skew_ms = -300;
+    assert!(
+        matches!(&check(&h)[..], [Violation::KeyLimit { id: 12, .. }]),
+        "{:?}",
+        check(&h)
+    );
+    // A lost attempt's end is the leader's: not corrected.
+    let attempts = [
+        (4000, Some(4800), "lost"),
+        (4100, Some(6000), "succeeded"),
+        (5000, Some(6000), "succeeded"),
+    ];
+    let mut h = limited(Some("tenant:2"), None, &attempts);
+    h.worker_clock_skew_ms = -300;
+    assert_eq!(check(&h), vec![]);
+}
+
+#[test]
+fn an_overdrawn_bucket_is_caught_and_a_spaced_one_is_not() {
+    // 5 a second, burst 2: two at once, then one every 200 ms.
+    let spaced: Vec<(u64, Option<u64>, &str)> = [4000, 4000, 4200, 4400, 4600, 4800, 6000, 6000]
+        .iter()
+        .map(|&s| (s, Some(s + 100), "succeeded"))
+        .collect();
+    assert_eq!(check(&limited(None, Some("bucket"), &spaced)), vec![]);
+    // Three at once.
+    let mut burst = spaced.clone();
+    burst[2].0 = 4000;
+    let v = check(&limited(None, Some("bucket"), &burst));
+    assert!(
+        matches!(&v[..], [Violation::Bucket { limit, starts, .. }]
+            if limit == "bucket" && starts.len() >= 3 && starts[0].0 == 4000),
+        "{v:?}"
+    );
+    // One too early over a longer window: 2 + 5 × 0.79 s < 6 starts in 4000..=4790.
+    let mut early = spaced.clone();
+    early[5].0 = 4790;
+    let v = check(&limited(None, Some("bucket"), &early));
+    assert!(
+        matches!(&v[..], [Violation::Bucket { starts, .. }] if starts.len() == 6),
+        "{v:?}"
+    );
+    // Retries draw tokens too, and other buckets (or none) are not limited.
+    assert_eq!(check(&limited(None, Some("other"), &burst)), vec![]);
+    assert_eq!(check(&limited(None, None, &burst)), vec![]);
 }

@@ -263,6 +263,14 @@ fn calm_cluster_serves_and_the_history_checks() {
         "{started} executions journaled for {succeeded} succeeded tasks: {}",
         report.summary()
     );
+    // The run set its limits, and limited tasks ran under them: the key and bucket
+    // rules had attempts to check.
+    let limits = report.limits();
+    assert!(
+        limits.keyed > 5 && limits.bucketed > 2,
+        "too few limited attempts: {}",
+        report.summary()
+    );
     // Snapshots are on: every node checkpointed several times.
     assert_eq!(report.snapshots.len(), 3, "{}", report.summary());
     for (node, s) in &report.snapshots {
