@@ -104,18 +104,11 @@ fn not_awaiting(node: &Node, id: TaskId, state: TaskState) -> TaskError {
 
 /// On the leader, every [`EXPIRE_EVERY`]: propose the expiry of the approvals whose
 /// deadline has passed. Runs until shutdown.
-pub(crate) async fn expire_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(EXPIRE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if node.is_leader() {
-            expire_due(&node).await;
-        }
-    }
+pub(crate) async fn expire_loop(node: Arc<Node>, shutdown: watch::Receiver<bool>) {
+    crate::node::every_while_leading(node, shutdown, EXPIRE_EVERY, |n| async move {
+        expire_due(&n).await
+    })
+    .await
 }
 
 /// One [`Op::ExpireApprovals`] of the tasks due now (each replica checks them again

@@ -1152,6 +1152,31 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
     }
 }
 
+/// Run `round` every `period` (a late tick waits, none are bunched) while this node
+/// leads, until shutdown: the shape of the leader's periodic proposers (schedule ticks,
+/// approval deadlines).
+pub(crate) async fn every_while_leading<F, Fut>(
+    node: Arc<Node>,
+    mut shutdown: watch::Receiver<bool>,
+    period: Duration,
+    round: F,
+) where
+    F: Fn(Arc<Node>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if node.is_leader() {
+            round(node.clone()).await;
+        }
+    }
+}
+
 /// Dispatch whenever poked or due; acts only while this node leads.
 pub(crate) async fn dispatch_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     loop {

@@ -221,18 +221,14 @@ pub(crate) async fn set_paused(
 
 /// On the leader, every [`FIRE_EVERY`]: propose a Fire for each schedule whose next tick
 /// has come. Runs until shutdown.
-pub(crate) async fn fire_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(FIRE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if node.is_leader() {
-            fire_due(&node).await;
-        }
-    }
+pub(crate) async fn fire_loop(node: Arc<Node>, shutdown: watch::Receiver<bool>) {
+    crate::node::every_while_leading(
+        node,
+        shutdown,
+        FIRE_EVERY,
+        |n| async move { fire_due(&n).await },
+    )
+    .await
 }
 
 /// Propose the due ticks, one Fire each, in one request (so in one entry).
