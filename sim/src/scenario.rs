@@ -143,6 +143,9 @@ pub struct Options {
     /// How far the workers' clocks run ahead of the coordinators' (negative: behind), ms.
     /// Workers stamp the attempts they report with their own clock.
     pub worker_clock_skew_ms: i64,
+    /// Submitters set [`KEY_LIMITS`] and [`RATE_LIMITS`] and give some tasks a
+    /// concurrency key or the rate limit.
+    pub limited_tasks: bool,
 }
 
 impl Default for Options {
@@ -165,6 +168,7 @@ impl Default for Options {
             snapshot_bytes: SNAPSHOT_BYTES,
             snapshot_chunk: SNAPSHOT_CHUNK,
             worker_clock_skew_ms: 0,
+            limited_tasks: true,
         }
     }
 }
@@ -644,7 +648,15 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
     {
         let writers = (0..opts.submitters).map(|i| {
             let (apis, shared) = (apis.clone(), shared.clone());
-            submitter(i, apis, shared, seed, opts.warmup, heal_at, drain_until)
+            let limited = opts.limited_tasks;
+            submitter(
+                i,
+                apis,
+                shared,
+                seed,
+                (opts.warmup, heal_at, drain_until),
+                limited,
+            )
         });
         let writers = futures::future::join_all(writers.collect::<Vec<_>>());
         let operator = Operator::new(
@@ -1070,16 +1082,15 @@ async fn submitter(
     apis: Vec<SocketAddr>,
     shared: SharedRef,
     seed: u64,
-    start: Duration,
-    stop: Duration,
-    give_up: Duration,
+    (start, stop, give_up): (Duration, Duration, Duration),
+    limited_tasks: bool,
 ) {
     let client = format!("submitter{}", i + 1);
     let mut rng = StdRng::seed_from_u64(sub_seed(seed, 100 + i as u64));
     // Its own generator for the limits, so the other draws stay as they were.
     let mut lrng = StdRng::seed_from_u64(sub_seed(seed, 150 + i as u64));
     tokio::time::sleep(start.saturating_sub(now())).await;
-    let limited = set_limits(&apis, &shared, &mut lrng, stop).await;
+    let limited = limited_tasks && set_limits(&apis, &shared, &mut lrng, stop).await;
     let mut n = 0u64;
     while now() < stop {
         n += 1;
