@@ -1913,5 +1913,18 @@ fn nested_logged_ends_are_refused() {
     assert_eq!(l.end, AttemptEnd::Cancelled);
 }
 
+/// Task `id` was cancelled because a parent did not succeed (`dependency_failed`).
+fn assert_cancelled_by_a_parent(t: &TaskTable, id: TaskId) {
+    let task = t.get(id).unwrap();
+    assert_eq!(task.state, TaskState::Cancelled, "task {id}");
+    assert!(
+        task.error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("dependency_failed")),
+        "task {id}: {:?}",
+        task.error
+    );
+}
+
 mod approvals;
 mod graph;

@@ -222,16 +222,7 @@ fn a_rejected_task_is_cancelled_and_its_dependants_cascade() {
     let d = gate.view().approval.unwrap().decision.unwrap();
     assert!(!d.approved);
     for id in [2, 3] {
-        let task = t.get(id).unwrap();
-        assert_eq!(task.state, TaskState::Cancelled, "task {id}");
-        assert!(
-            task.error
-                .as_deref()
-                .unwrap()
-                .starts_with("dependency_failed"),
-            "{:?}",
-            task.error
-        );
+        assert_cancelled_by_a_parent(&t, id);
     }
     assert_eq!(t.unfinished(), 0);
     t.check_indexes().unwrap();

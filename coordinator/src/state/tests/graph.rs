@@ -141,17 +141,8 @@ fn a_failed_parent_cancels_its_dependants_down_the_graph() {
         }
     );
     for id in [4, 5] {
-        let task = t.get(id).unwrap();
-        assert_eq!(task.state, TaskState::Cancelled, "task {id}");
-        assert!(
-            task.error
-                .as_deref()
-                .unwrap()
-                .starts_with("dependency_failed"),
-            "{:?}",
-            task.error
-        );
-        assert!(task.attempts.is_empty());
+        assert_cancelled_by_a_parent(&t, id);
+        assert!(t.get(id).unwrap().attempts.is_empty());
     }
     assert_eq!(state(&t, 3), TaskState::Queued);
     succeed(&mut t, 3, b"3");
