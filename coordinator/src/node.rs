@@ -952,12 +952,13 @@ impl Node {
                     let _ = s.tx.send(CoordinatorMsg::Cancel(e.attempt));
                 }
                 let retry_at_ms = d.scheduler.retry_at(now, e.attempt);
-                ops.push(Op::Lose {
-                    attempt: e.attempt,
-                    reason: e.reason,
-                    now_ms: now,
+                ops.extend(Op::give_up(
+                    e.attempt,
+                    &e.worker,
+                    e.reason,
+                    now,
                     retry_at_ms,
-                });
+                ));
             }
             let d = &mut *d;
             if table.restoring().is_some() {

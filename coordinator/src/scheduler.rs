@@ -101,8 +101,11 @@ pub struct InFlight {
     pub attempt: AttemptRef,
     /// Past this time the attempt is given up even if its worker is alive.
     pub deadline_ms: u64,
-    /// The worker reported the end; waiting for the report to commit.
+    /// Its slot is free: the worker reported the end, or the attempt was given up
+    /// (`given_up`); it stays in flight until the end commits.
     pub reported: bool,
+    /// Given up ([`Scheduler::give_up`]): its `Lose` is on its way to commit.
+    pub given_up: bool,
     /// Since when the worker's heartbeats have not listed it (see
     /// [`Scheduler::heartbeat`]).
     pub unlisted_since_ms: Option<u64>,
@@ -370,6 +373,7 @@ impl Scheduler {
                 attempt,
                 deadline_ms,
                 reported: false,
+                given_up: false,
                 unlisted_since_ms: None,
                 moves: Vec::new(),
                 key: key.map(str::to_string),
@@ -420,7 +424,7 @@ impl Scheduler {
 
     /// A heartbeat of `worker` listed the attempts it holds, `running`. An attempt in
     /// flight there that its heartbeats have not listed for longer than a lease is given
-    /// up: it leaves the in-flight set and is returned (the caller proposes `Op::Lose`).
+    /// up ([`Scheduler::give_up`]) and returned (the caller proposes its `Lose`).
     /// The lease of grace covers a `Run` still on its way and a hand-over to a mesh peer
     /// not yet reported by the taker; an attempt listed again is cleared.
     pub fn heartbeat(
@@ -458,12 +462,13 @@ impl Scheduler {
             }
         }
         for a in &gone {
-            self.forget(a.task_id);
+            self.give_up(a.task_id);
         }
         gone
     }
 
-    /// Of the attempts `worker` says it holds, those not in flight on it here.
+    /// Of the attempts `worker` says it holds, those not in flight on it here (or given
+    /// up).
     pub fn untracked(&self, worker: &str, running: &[AttemptRef]) -> Vec<AttemptRef> {
         running
             .iter()
@@ -471,10 +476,41 @@ impl Scheduler {
                 !self
                     .in_flight
                     .get(&a.task_id)
-                    .is_some_and(|f| f.attempt == **a && f.worker == worker)
+                    .is_some_and(|f| f.attempt == **a && f.worker == worker && !f.given_up)
             })
             .copied()
             .collect()
+    }
+
+    /// Give up the attempt in flight for `task`: its worker lost it, is lost, or may not
+    /// run it. Its slot and deadline are freed at once, but it stays in flight, so
+    /// [`Scheduler::plan`] does not send the task again under the same attempt number
+    /// while its end is uncommitted, until the table says the task moved on
+    /// ([`Scheduler::forget`]). The caller proposes [`Op::give_up`]'s ops. Returns what
+    /// was given up; `None` if nothing was in flight or its slot was already free.
+    ///
+    /// [`Op::give_up`]: crate::state::Op::give_up
+    pub fn give_up(&mut self, task: TaskId) -> Option<InFlight> {
+        let f = self.in_flight.get_mut(&task)?;
+        if f.reported {
+            return None;
+        }
+        f.reported = true;
+        f.given_up = true;
+        let (deadline, worker) = (f.deadline_ms, f.worker.clone());
+        let out = f.clone();
+        self.deadlines.remove(&(deadline, task));
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.busy = w.busy.saturating_sub(1);
+        }
+        Some(out)
+    }
+
+    /// Whether the attempt in flight for `attempt`'s task is `attempt`, given up.
+    pub fn is_given_up(&self, attempt: AttemptRef) -> bool {
+        self.in_flight
+            .get(&attempt.task_id)
+            .is_some_and(|f| f.attempt == attempt && f.given_up)
     }
 
     /// The task table says the task moved on (final, or queued for another attempt).
@@ -664,6 +700,7 @@ impl Scheduler {
                     attempt,
                     deadline_ms,
                     reported: false,
+                given_up: false,
                     unlisted_since_ms: None,
                     moves: Vec::new(),
                     key: task.concurrency_key().map(str::to_string),
@@ -784,7 +821,7 @@ impl Scheduler {
 
     /// Attempts to give up at `now_ms`: those of workers whose lease ran out, and those
     /// past their deadline. Expired workers are dropped. Each attempt is returned once
-    /// (it leaves the in-flight set); the caller proposes `Op::Lose` for it.
+    /// (it is given up, see [`Scheduler::give_up`]); the caller proposes its `Lose`.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Expired> {
         let lease = self.cfg.lease_ms;
         let lost: Vec<String> = self
@@ -836,7 +873,7 @@ impl Scheduler {
             }
         }
         for task in gone {
-            self.forget(task);
+            self.give_up(task);
         }
         for id in lost {
             // A worker still connected but silent is dropped too; if it comes back it
@@ -1124,9 +1161,10 @@ mod tests {
             "z unlisted for 800 ms"
         );
         assert_eq!(s.heartbeat("a", &[x], 901), vec![z]);
-        assert!(s.in_flight(z.task_id).is_none(), "given up");
+        assert!(s.is_given_up(z), "given up");
         assert_eq!(s.workers()["a"].busy, 2);
-        // y went unlisted at 900; listed again at 1500, it is kept.
+        // y went unlisted at 900; listed again at 1500, it is kept (and z, given up, is
+        // not given up twice).
         assert!(s.heartbeat("a", &[x, y], 1500).is_empty());
         assert!(s.heartbeat("a", &[x, y], 3000).is_empty());
         // A reported attempt is not expected in the list.
@@ -1244,7 +1282,17 @@ mod tests {
         assert!(expired[0].reason.contains("lost"));
         assert!(!s.workers().contains_key("a"));
         assert!(s.expire(1002).is_empty(), "each attempt expires once");
-        assert_eq!(s.in_flight_count(), 1);
+        let lost = expired[0].attempt;
+        assert!(s.is_given_up(lost));
+        // Until its `Lose` commits, the task is not sent again under the same number,
+        // though the table (which has not applied it) still shows it queued.
+        s.worker_connected("c", 1, labels(&[]), 1002);
+        assert!(s.plan(&t, 1002).dispatches.is_empty());
+        // The `Lose` committed: the task queued for attempt 2, which goes out.
+        assert!(s.forget_before(lost.task_id, 2).is_some());
+        let again = s.plan(&t, 1003).dispatches;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].attempt.task_id, lost.task_id);
     }
 
     #[test]

@@ -370,8 +370,8 @@ pub(crate) fn deliver(d: &Dispatch, out: Outbox) {
 /// `from`, its task belongs to a mesh swarm in which the two are peers, and the thief may
 /// run it: then the scheduler moves it and the move is recorded ([`Op::Move`]).
 /// Otherwise the thief is told to drop it, and — since `from` gave it away and no longer
-/// holds it — an attempt still in flight on `from` is given up at once ([`Op::Lose`]) so
-/// it runs again where it belongs.
+/// holds it — an attempt still in flight on `from` is given up at once ([`Op::give_up`])
+/// so it runs again where it belongs.
 pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from: &str) {
     let now = now_ms();
     let table = node.table.read();
@@ -384,7 +384,7 @@ pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from:
         .scheduler
         .in_flight(attempt.task_id)
         .is_some_and(|f| f.attempt == attempt && f.worker == from && !f.reported);
-    let op = if allowed && d.scheduler.moved(attempt, from, thief) {
+    let ops = if allowed && d.scheduler.moved(attempt, from, thief) {
         if let Some(s) = d.sessions.get_mut(from) {
             s.info.running = s.info.running.saturating_sub(1);
         }
@@ -392,12 +392,12 @@ pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from:
             s.info.running += 1;
         }
         metrics::counter!("swarm_swarm_steals_total", "swarm" => swarm).increment(1);
-        Some(Op::Move {
+        vec![Op::Move {
             attempt,
             from: from.to_string(),
             to: thief.to_string(),
             now_ms: now,
-        })
+        }]
     } else {
         if let Some(s) = d.sessions.get(thief) {
             let _ = s.tx.send(CoordinatorMsg::Cancel(attempt));
@@ -407,23 +407,23 @@ pub(crate) fn on_stole(node: &Arc<Node>, thief: &str, attempt: AttemptRef, from:
             task = attempt.task_id,
             thief, from, allowed, "steal refused"
         );
-        in_flight_on_from.then(|| {
-            d.scheduler.forget(attempt.task_id);
-            Op::Lose {
-                attempt,
-                reason: format!(
-                    "worker {from} handed it to {thief}, which may not run it; running it again"
-                ),
-                now_ms: now,
-                retry_at_ms: now,
-            }
-        })
+        if !in_flight_on_from {
+            return;
+        }
+        d.scheduler.give_up(attempt.task_id);
+        Op::give_up(
+            attempt,
+            from,
+            format!("worker {from} handed it to {thief}, which may not run it; running it again"),
+            now,
+            now,
+        )
+        .to_vec()
     };
     drop(table);
-    let Some(op) = op else { return };
     let node = node.clone();
     tokio::spawn(async move {
-        match node.propose(vec![op]).await {
+        match node.propose(ops).await {
             Ok(r) => node.count_results(&r),
             Err(e) => warn!(error = %e, "steal outcome (Move/Lose) not committed"),
         }

@@ -565,6 +565,10 @@ fn register(
         );
         for (attempt, keep) in &held {
             match keep {
+                    Some(_) if d.scheduler.is_given_up(*attempt) => {
+                    // Given up while the worker was away; its `Lose` is on its way.
+                    let _ = tx.send(CoordinatorMsg::Cancel(*attempt));
+                }
                 Some((timeout, key)) => {
                     let tracked = d
                         .scheduler
@@ -596,7 +600,7 @@ fn register(
         }
         lost.sort();
         for a in &lost {
-            d.scheduler.forget(a.task_id);
+            d.scheduler.give_up(a.task_id);
         }
         let running = d.scheduler.workers().get(id).map_or(0, |w| w.busy);
         d.sessions.insert(
@@ -625,12 +629,13 @@ fn register(
         );
         for a in &lost {
             let retry_at_ms = d.scheduler.retry_at(now, *a);
-            start_ops.push(Op::Lose {
-                attempt: *a,
-                reason: format!("worker {id} reconnected without it (restarted)"),
-                now_ms: now,
+            start_ops.extend(Op::give_up(
+                *a,
+                id,
+                format!("worker {id} reconnected without it (restarted)"),
+                now,
                 retry_at_ms,
-            });
+            ));
         }
     }
     if !start_ops.is_empty() {
@@ -818,19 +823,20 @@ fn on_heartbeat(
     }
     let ops: Vec<Op> = lost
         .iter()
-        .map(|(a, retry_at_ms)| {
+        .flat_map(|(a, retry_at_ms)| {
             warn!(
                 worker,
                 task = a.task_id,
                 attempt = a.attempt,
                 "attempt lost: the worker's heartbeats have not listed it for over a lease"
             );
-            Op::Lose {
-                attempt: *a,
-                reason: format!("worker {worker} no longer holds it"),
-                now_ms: now,
-                retry_at_ms: *retry_at_ms,
-            }
+            Op::give_up(
+                *a,
+                worker,
+                format!("worker {worker} no longer holds it"),
+                now,
+                *retry_at_ms,
+            )
         })
         .collect();
     let node = node.clone();

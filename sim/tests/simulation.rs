@@ -11,8 +11,6 @@
 //! * `SWARM_SIM_SEED=s` runs only seed `s` (a replay) and prints its fault log;
 //! * `SWARM_SIM_SNAPSHOT_EVERY=n` makes coordinators snapshot every `n` entries instead of
 //!   every [`scenario::SNAPSHOT_EVERY`];
-//! * `SWARM_SIM_LIMITED=1` gives the seeded runs limited tasks too (the other tests
-//!   always have them);
 //! * `SWARM_SIM_WORKER_CLOCK_SKEW_MS=ms` runs the workers' clocks that far ahead of the
 //!   coordinators' (negative: behind);
 //! * `SWARM_SIM_LOG=<filter>` turns on tracing (e.g. `info`, `swarm_coordinator=debug`),
@@ -399,14 +397,7 @@ fn seeded_faults() {
     init_tracing();
     if let Some(seed) = env_u64("SWARM_SIM_SEED") {
         let started = Instant::now();
-        // Limited tasks (concurrency keys, a bucket) only with `SWARM_SIM_LIMITED=1`: with
-        // them seed 1012 finds a known bug (an isolated leader re-sends an attempt whose
-        // worker restarted under the same execution id; see issue 18's note), which the
-        // fixed seeds must not fail on until it is fixed. The other tests run them.
-        let opts = Options {
-            limited_tasks: env_u64("SWARM_SIM_LIMITED") == Some(1),
-            ..options()
-        };
+        let opts = options();
         match run_checked(seed, &opts) {
             Ok(report) => {
                 if std::env::var("SWARM_SIM_CHILD").is_err() {

@@ -303,6 +303,33 @@ pub enum Op {
 }
 
 impl Op {
+    /// The ops that give up `attempt` on `worker`: its `Start`, then its `Lose`. The
+    /// `Start` is ignored when the attempt is already recorded; when it is not (sent with
+    /// its `Start` still delayed, see `SchedulerConfig::start_record_delay_ms`), it
+    /// records it, so the `Lose` counts the attempt (the worker may have run it) and the
+    /// task's next attempt carries a new number: no execution id is ever sent twice.
+    pub fn give_up(
+        attempt: AttemptRef,
+        worker: &str,
+        reason: String,
+        now_ms: u64,
+        retry_at_ms: u64,
+    ) -> [Op; 2] {
+        [
+            Op::Start {
+                attempt,
+                worker: worker.to_string(),
+                now_ms,
+            },
+            Op::Lose {
+                attempt,
+                reason,
+                now_ms,
+                retry_at_ms,
+            },
+        ]
+    }
+
     /// Whether applying this op needs the memory store.
     pub fn touches_memory(&self) -> bool {
         matches!(

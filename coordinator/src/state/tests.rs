@@ -563,6 +563,54 @@ fn lost_attempts_retry_then_dead_letter() {
     t.check_indexes().unwrap();
 }
 
+/// Giving up an attempt records it if its `Start` was not (still delayed), so the task's
+/// next attempt carries a new number; an attempt already recorded is lost as it is.
+#[test]
+fn giving_up_an_unrecorded_attempt_records_it_and_moves_the_number_on() {
+    let mut t = TaskTable::new();
+    let mut s = spec("x");
+    s.max_attempts = 3;
+    submit(&mut t, s.clone());
+    submit(&mut t, s);
+    // Task 1's attempt 1 was sent but its `Start` never proposed.
+    let give_up = |id, n| Op::give_up(at(id, n), "w1", "worker w1 restarted".into(), 5, 6).to_vec();
+    let r = many(&mut t, give_up(1, 1));
+    assert_eq!(
+        r,
+        vec![
+            OpResult::Applied {
+                state: TaskState::Running
+            },
+            OpResult::Applied {
+                state: TaskState::Queued
+            }
+        ]
+    );
+    let task = t.get(1).unwrap();
+    assert_eq!(task.next_attempt(), 2, "attempt 1 is never sent again");
+    assert_eq!(task.attempts[0].worker, "w1");
+    assert!(matches!(task.attempts[0].end, Some(AttemptEnd::Lost { .. })));
+    // Task 2's attempt was recorded: the `Start` is ignored, the `Lose` applies.
+    start(&mut t, at(2, 1));
+    let r = many(&mut t, give_up(2, 1));
+    assert_eq!(
+        r,
+        vec![
+            OpResult::Ignored {
+                state: TaskState::Running
+            },
+            OpResult::Applied {
+                state: TaskState::Queued
+            }
+        ]
+    );
+    assert_eq!(t.get(2).unwrap().attempts.len(), 1);
+    // Given up again (a replay): both ignored.
+    let r = many(&mut t, give_up(2, 1));
+    assert!(r.iter().all(|r| matches!(r, OpResult::Ignored { .. })));
+    t.check_indexes().unwrap();
+}
+
 #[test]
 fn late_reports_of_a_lost_attempt_are_ignored() {
     let mut t = TaskTable::new();
