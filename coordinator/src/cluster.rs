@@ -516,6 +516,76 @@ pub(crate) async fn remove_node(node: &Node, id: &str) -> Result<ClusterView, Cl
     Ok(local_cluster_view(node))
 }
 
+/// How often the leader looks for a membership change left joint.
+const FINISH_JOINT_EVERY: Duration = Duration::from_secs(1);
+/// Longest the leader waits for the change that leaves a joint configuration.
+const FINISH_JOINT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// On the leader, every [`FINISH_JOINT_EVERY`]: finish a membership change that a former
+/// leader left half done. A change is two entries, the joint configuration (old and new
+/// voters) and then the new one alone; a leader deposed between them leaves the cluster
+/// joint, where every decision needs a majority of both sets, and nothing finishes it
+/// (openraft does not; an operator's retried request would). So a leader that has seen
+/// the same committed joint configuration on two rounds in a row moves to its newest
+/// voter set, as the change intended (etcd's auto-leave). The round of grace lets a
+/// change under way on this leader finish by itself. Found by the simulation (seed
+/// 1004: a leader replaced while promoting its replacement). Runs until shutdown.
+pub(crate) async fn finish_joint_loop(
+    node: std::sync::Arc<Node>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    crate::node::every_while_leading(node, shutdown, FINISH_JOINT_EVERY, move |n| {
+        let seen = seen.clone();
+        async move { finish_joint(&n, &seen).await }
+    })
+    .await
+}
+
+async fn finish_joint(
+    node: &Node,
+    seen: &std::sync::Mutex<Option<openraft::LogId<NodeId>>>,
+) {
+    let m = node.raft().metrics().borrow().clone();
+    let stored = &m.membership_config;
+    let joint = stored.membership().get_joint_config();
+    let committed = stored.log_id().is_some() && stored.log_id() <= &m.last_applied;
+    let goal = {
+        let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.state != openraft::ServerState::Leader || joint.len() < 2 || !committed {
+            *seen = None;
+            return;
+        }
+        if *seen != *stored.log_id() {
+            *seen = *stored.log_id();
+            return;
+        }
+        let Some(goal) = joint.last().cloned() else {
+            return;
+        };
+        goal
+    };
+    tracing::warn!(
+        voters = ?goal,
+        joint = ?joint,
+        "finishing a membership change a former leader left joint"
+    );
+    // `retain = false`, as `add_node` and `remove_node` ask: a voter the change dropped
+    // does not stay on as a learner.
+    match tokio::time::timeout(
+        FINISH_JOINT_TIMEOUT,
+        node.raft().change_membership(goal, false),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {
+            metrics::counter!("swarm_membership_joint_finished_total").increment(1);
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "leaving the joint configuration failed; retrying"),
+        Err(_) => tracing::warn!("leaving the joint configuration timed out; retrying"),
+    }
+}
+
 /// Ask the cluster behind `apis` (any member) to add this node; retried until it
 /// succeeds or `shutdown` fires. Used by `swarm coordinator --join`. A refusal that no
 /// retry can change (the node's embedder disagrees with the cluster's) is returned.

@@ -1155,7 +1155,7 @@ pub(crate) async fn applied_loop(node: Arc<Node>, mut shutdown: watch::Receiver<
 
 /// Run `round` every `period` (a late tick waits, none are bunched) while this node
 /// leads, until shutdown: the shape of the leader's periodic proposers (schedule ticks,
-/// approval deadlines).
+/// approval deadlines, leaving a joint membership).
 pub(crate) async fn every_while_leading<F, Fut>(
     node: Arc<Node>,
     mut shutdown: watch::Receiver<bool>,

@@ -316,6 +316,10 @@ where
             let (node, rx) = (node.clone(), shutdown_rx.clone());
             move || crate::approvals::expire_loop(node.clone(), rx.clone())
         }),
+        node::supervise(node.dead_loops.clone(), "finish_joint", {
+            let (node, rx) = (node.clone(), shutdown_rx.clone());
+            move || crate::cluster::finish_joint_loop(node.clone(), rx.clone())
+        }),
         node::supervise(node.dead_loops.clone(), "maintenance", {
             let (node, log, rx) = (node.clone(), log_for_maintenance, shutdown_rx.clone());
             move || node::maintenance_loop(node.clone(), log.clone(), rx.clone())
