@@ -361,8 +361,10 @@
     TV.loaded = false;
     TV.rows.clear();
     clear($('tasks'));
+    LV.seq++; // a read still under way is for the old session
     LV.list = null;
     LV.error = null;
+    LV.armed = null;
     clear($('limits'));
     delete $('limits').dataset.key;
     notice('');
