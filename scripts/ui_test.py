@@ -724,6 +724,8 @@ def check_limits(br, base, cluster, ops_token, ro_token, folder, shots):
     page = ops.new_page()
     login(page, base, ops_token)
     page.get_by_test_id("view-overview").wait_for(state="visible")
+    # The stream is up before anything changes: what follows reaches the page as events.
+    page.wait_for_function("() => document.querySelector('[data-testid=conn-status]').textContent === 'live'", timeout=15000)
     page.get_by_test_id("nav-limits").click()
     page.get_by_test_id("view-limits").wait_for(state="visible")
     empty = True
@@ -860,6 +862,13 @@ def check_theme_and_keys(page, folder, shots):
         page.get_by_test_id("view-swarms").wait_for(state="visible", timeout=5000)
     except Exception:  # noqa: BLE001 - a timeout
         swarms = False
+    page.keyboard.press("g")
+    page.keyboard.press("l")
+    limits = True
+    try:
+        page.get_by_test_id("view-limits").wait_for(state="visible", timeout=5000)
+    except Exception:  # noqa: BLE001 - a timeout
+        limits = False
     page.keyboard.press("/")
     focused = False
     try:
@@ -867,8 +876,8 @@ def check_theme_and_keys(page, folder, shots):
         focused = True
     except Exception:  # noqa: BLE001 - a timeout
         pass
-    check("keyboard shortcuts: g s opens the swarms view, / focuses the task text filter", swarms and focused,
-          f"swarms: {swarms}, filter focused: {focused}")
+    check("keyboard shortcuts: g s opens the swarms view, g l the limits view, / focuses the task text filter",
+          swarms and limits and focused, f"swarms: {swarms}, limits: {limits}, filter focused: {focused}")
     button = page.get_by_test_id("theme-button")
     labels = []
     for _ in range(2):
