@@ -18,7 +18,9 @@ temporary directory on loopback ports. Then:
   8. task filters (agent, swarm, label, payload text), newest first; the memory view's
      collection search and pattern retrieval; draining and resuming a worker; retrying
      failed tasks, one and a filtered page; approving and rejecting tasks awaiting
-     approval; the theme switch and keyboard shortcuts;
+     approval; the limits view (limits and the keys running under them, live; setting,
+     refusing and deleting limits from the page; a task's key and rate limit); the theme
+     switch and keyboard shortcuts;
   9. screenshots of each view at 1280x800 and at phone width;
   10. the first load with 10,000 tasks stored: bytes transferred and time to
      interactive (until the overview shows the workers), and the tasks view's.
@@ -690,6 +692,165 @@ def check_approval(br, base, cluster, ops_token, ro_token, folder, shots):
           f"{detail}; read token sees no Approve: {ro_hidden}; filter lists awaiting_approval: {listed}")
 
 
+def limit_row(page, name):
+    """What the limits view shows of limit `name`: None when it has no row."""
+    return page.evaluate(
+        """(n) => { const r = Array.from(document.querySelectorAll('[data-testid="limit-row"]')).find((x) => x.dataset.limit === n);
+                    if (!r) return null;
+                    const keys = {};
+                    for (const k of r.querySelectorAll('[data-testid=limit-key]')) keys[k.dataset.key] = Number(k.dataset.running);
+                    const t = (id) => r.querySelector(`[data-testid=${id}]`).textContent;
+                    return { concurrency: t('limit-concurrency'), rate: t('limit-rate'), queued: t('limit-queued'), keys }; }""",
+        name)
+
+
+def wait_limit_row(page, name, js_test, timeout):
+    """Waits until limit `name`'s row passes `js_test` (a JS function of the row element)."""
+    page.wait_for_function(
+        """(n) => { const r = Array.from(document.querySelectorAll('[data-testid="limit-row"]')).find((x) => x.dataset.limit === n);
+                   return (%s)(r); }""" % js_test,
+        arg=name, timeout=timeout,
+    )
+
+
+def check_limits(br, base, cluster, ops_token, ro_token, folder, shots):
+    """The limits view: empty at first; limits set through the API listed with their
+    definitions, and the keys running under one shown live as tasks start (no reload);
+    a task's page shows its concurrency key and rate limit; an operate token sets a limit
+    from the page, sees the server's refusal of a bad one, and deletes one; a read token
+    gets no form and no Delete. The tasks it started are cancelled at the end; the two
+    limits set through the API stay (they hold nothing back) for the phone view."""
+    ops = br.context()
+    page = ops.new_page()
+    login(page, base, ops_token)
+    page.get_by_test_id("view-overview").wait_for(state="visible")
+    # The stream is up before anything changes: what follows reaches the page as events.
+    page.wait_for_function("() => document.querySelector('[data-testid=conn-status]').textContent === 'live'", timeout=15000)
+    page.get_by_test_id("nav-limits").click()
+    page.get_by_test_id("view-limits").wait_for(state="visible")
+    empty = True
+    try:
+        page.get_by_test_id("limits-empty").wait_for(state="visible", timeout=10000)
+    except Exception:  # noqa: BLE001 - a timeout
+        empty = False
+    for name, body in (("tenant", {"concurrency": 1}), ("api", {"rate": "60/min", "burst": 10})):
+        st, v = cluster.call("PUT", f"/v1/limits/{name}", body)
+        if st != 200:
+            raise RuntimeError(f"limit {name}: {st} {v}")
+    # Tasks under the limit while the page is open: their events bring the limits (set
+    # after the page read them) and the keys running under them.
+    ids = []
+    for key in ("tenant:a", "tenant:a", "tenant:b"):
+        st, v = cluster.call("POST", "/v1/tasks", {"agent": "sleep", "payload": 60000, "concurrency_key": key})
+        if st != 201:
+            raise RuntimeError(f"submit under {key}: {st} {v}")
+        ids.append(v["id"])
+    st, v = cluster.call("POST", "/v1/tasks", {"agent": "echo", "payload": "rate limited", "rate_limit": "api"})
+    rated_id = v["id"]
+    live = True
+    try:
+        wait_limit_row(page, "tenant", """(r) => {
+            if (!r) return false;
+            const k = (key) => { const e = Array.from(r.querySelectorAll('[data-testid=limit-key]')).find((x) => x.dataset.key === key);
+                                 return e ? e.dataset.running : null; };
+            return k('tenant:a') === '1' && k('tenant:b') === '1' && r.querySelector('[data-testid=limit-queued]').textContent === '1'; }""", 20000)
+        wait_limit_row(page, "api", "(r) => !!r", 5000)
+    except Exception:  # noqa: BLE001 - a timeout
+        live = False
+    tenant = limit_row(page, "tenant")
+    api_row = limit_row(page, "api")
+    _, lv = cluster.call("GET", "/v1/limits/tenant")
+    agrees = bool(tenant) and tenant["keys"] == (lv or {}).get("running") and tenant["queued"] == str((lv or {}).get("queued"))
+    shots.append((shot(page, folder, "27-limits.png"), "limits view: tenant (1 per key) with keys tenant:a and tenant:b running and one task queued; api at 60/min, burst 10"))
+    check("the limits view lists limits set through the API and, live, the keys running under one and the tasks queued on it",
+          empty and live and agrees and tenant["concurrency"] == "1 per key" and api_row
+          and api_row["rate"] == "60/min, burst 10" and api_row["concurrency"] == "–",
+          f"empty state shown first: {empty}; tenant {tenant}; api {api_row}; the API says running {(lv or {}).get('running')}, queued {(lv or {}).get('queued')}")
+
+    # The task's page names its key and its rate limit.
+    key_shown = rate_shown = ""
+    try:
+        page.goto(f"{base}/ui/#/tasks/{ids[0]}")
+        page.get_by_test_id("detail-concurrency-key").wait_for(timeout=10000)
+        key_shown = page.get_by_test_id("detail-concurrency-key").text_content()
+        page.goto(f"{base}/ui/#/tasks/{rated_id}")
+        page.get_by_test_id("detail-rate-limit").wait_for(timeout=10000)
+        rate_shown = page.get_by_test_id("detail-rate-limit").text_content()
+    except Exception:  # noqa: BLE001 - a timeout
+        pass
+    check("a task's page shows its concurrency key and its rate limit", key_shown == "tenant:a" and rate_shown == "api",
+          f"task #{ids[0]}: key {key_shown!r}; task #{rated_id}: rate limit {rate_shown!r}")
+
+    # Set from the page; a bad definition is refused with the server's words; delete.
+    page.goto(f"{base}/ui/#/limits")
+    page.get_by_test_id("view-limits").wait_for(state="visible")
+    made = refused = deleted = False
+    detail = ""
+    try:
+        page.get_by_test_id("limit-form").wait_for(state="visible", timeout=10000)
+        page.get_by_test_id("limit-input-name").fill("ui-made")
+        page.get_by_test_id("limit-input-concurrency").fill("3")
+        page.get_by_test_id("limit-input-rate").fill("5/s")
+        page.get_by_test_id("limit-input-burst").fill("2")
+        page.get_by_test_id("limit-save").click()
+        wait_limit_row(page, "ui-made", "(r) => !!r", 10000)
+        page.wait_for_function("() => document.querySelector('[data-testid=limit-result]').textContent.startsWith('Saved')", timeout=10000)
+        row = limit_row(page, "ui-made")
+        st, v = cluster.call("GET", "/v1/limits/ui-made")
+        made = (st == 200 and v.get("concurrency") == 3 and v.get("rate") == "5/s" and v.get("burst") == 2
+                and row["concurrency"] == "3 per key" and row["rate"] == "5/s, burst 2")
+        detail = f"made: row {row}, API {st} {v}"
+
+        before = len(br.problems)
+        page.get_by_test_id("limit-input-name").fill("ui-bad")
+        page.get_by_test_id("limit-input-rate").fill("ten/min")
+        page.get_by_test_id("limit-save").click()
+        page.wait_for_function("() => document.querySelector('[data-testid=limit-result]').classList.contains('error')", timeout=10000)
+        # Chromium logs the refused request (400) as an error: expected here.
+        br.problems[before:] = [p for p in br.problems[before:] if "status of 400" not in p]
+        shown = page.get_by_test_id("limit-result").text_content()
+        shots.append((shot(page, folder, "28-limits-refused.png"), "limits view: a bad rate refused, the server's message shown under the form"))
+        st, v = cluster.call("PUT", "/v1/limits/ui-bad", {"rate": "ten/min"})
+        said = ((v or {}).get("error") or {}).get("message") if isinstance(v, dict) else None
+        absent = cluster.call("GET", "/v1/limits/ui-bad")[0] == 404
+        refused = st == 400 and bool(said) and shown == f"Refused: {said}" and absent and limit_row(page, "ui-bad") is None
+        detail += f"; bad: shown {shown!r}, the API says {st} {said!r}"
+
+        row = page.locator('[data-testid="limit-row"][data-limit="ui-made"]')
+        row.get_by_test_id("limit-delete").click()
+        row.get_by_test_id("limit-delete").filter(has_text="Confirm").wait_for(timeout=5000)
+        row.get_by_test_id("limit-delete").click()  # the second click confirms
+        row.wait_for(state="detached", timeout=10000)
+        gone = cluster.call("GET", "/v1/limits/ui-made")[0]
+        deleted = gone == 404
+        detail += f"; after Delete the API answers {gone}"
+    except Exception as e:  # noqa: BLE001 - a timeout
+        detail += f"; {type(e).__name__}: {str(e)[:160]}"
+    ops.close()
+    check("an operate token sets a limit from the page, sees the server's refusal of a bad definition, and deletes a limit",
+          made and refused and deleted, detail)
+
+    ro = br.context()
+    rpage = ro.new_page()
+    login(rpage, base, ro_token)
+    rpage.get_by_test_id("view-overview").wait_for(state="visible")
+    rpage.wait_for_function("() => document.querySelector('[data-testid=scope-badge]').textContent.includes('read')", timeout=10000)
+    rpage.get_by_test_id("nav-limits").click()
+    listed = True
+    try:
+        wait_limit_row(rpage, "tenant", "(r) => !!r", 10000)
+    except Exception:  # noqa: BLE001 - a timeout
+        listed = False
+    no_form = not rpage.get_by_test_id("limit-form").is_visible()
+    no_delete = rpage.locator('[data-testid="limit-delete"]').count() == 0
+    ro.close()
+    check("a read token sees the limits but no form and no Delete", listed and no_form and no_delete,
+          f"listed: {listed}, form hidden: {no_form}, no Delete: {no_delete}")
+
+    for i in ids:
+        cluster.call("POST", f"/v1/tasks/{i}/cancel")
+
+
 def check_theme_and_keys(page, folder, shots):
     page.goto(page.url.split("#")[0] + "#/")
     page.get_by_test_id("view-overview").wait_for(state="visible")
@@ -701,6 +862,13 @@ def check_theme_and_keys(page, folder, shots):
         page.get_by_test_id("view-swarms").wait_for(state="visible", timeout=5000)
     except Exception:  # noqa: BLE001 - a timeout
         swarms = False
+    page.keyboard.press("g")
+    page.keyboard.press("l")
+    limits = True
+    try:
+        page.get_by_test_id("view-limits").wait_for(state="visible", timeout=5000)
+    except Exception:  # noqa: BLE001 - a timeout
+        limits = False
     page.keyboard.press("/")
     focused = False
     try:
@@ -708,8 +876,8 @@ def check_theme_and_keys(page, folder, shots):
         focused = True
     except Exception:  # noqa: BLE001 - a timeout
         pass
-    check("keyboard shortcuts: g s opens the swarms view, / focuses the task text filter", swarms and focused,
-          f"swarms: {swarms}, filter focused: {focused}")
+    check("keyboard shortcuts: g s opens the swarms view, g l the limits view, / focuses the task text filter",
+          swarms and limits and focused, f"swarms: {swarms}, limits: {limits}, filter focused: {focused}")
     button = page.get_by_test_id("theme-button")
     labels = []
     for _ in range(2):
@@ -1006,6 +1174,7 @@ def run(args):
                 check_drain(br, base, cluster, ops_token, ro_token, folder, shots)
                 check_retry(br, base, cluster, ops_token, ro_token, folder, shots)
                 check_approval(br, base, cluster, ops_token, ro_token, folder, shots)
+                check_limits(br, base, cluster, ops_token, ro_token, folder, shots)
 
                 # 7. Phone width.
                 phone = br.context(width=390, height=844, token=cluster.token, mobile=True)
@@ -1023,6 +1192,10 @@ def run(args):
                 ppage.goto(f"{base}/ui/#/swarms")
                 ppage.locator('[data-testid="ring-stage"]').first.wait_for(timeout=10000)
                 shots.append((shot(ppage, folder, "24-phone-swarms.png"), "swarms view at 390x844 (phone): the ring's stages stacked"))
+                wide = wide and ppage.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+                ppage.goto(f"{base}/ui/#/limits")
+                ppage.locator('[data-testid="limit-row"]').first.wait_for(timeout=10000)
+                shots.append((shot(ppage, folder, "29-phone-limits.png"), "limits view at 390x844 (phone)"))
                 wide = wide and ppage.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
                 check("the pages fit a phone's width (no sideways scrolling of the page)", wide)
                 phone.close()

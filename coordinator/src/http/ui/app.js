@@ -2,7 +2,8 @@
 // coordinator binary under /ui/ with a strict Content-Security-Policy.
 //
 // Data flow: after sign-in, one GET /v1/status paints the overview, then one stream of
-// GET /v1/events keeps everything current (`status`, `tasks`, `reset`). A task's page
+// GET /v1/events keeps everything current (`status`, `tasks`, `reset`; the limits
+// view reads GET /v1/limits again when those say something changed). A task's page
 // follows GET /v1/tasks/{id}/events. Streams are read with fetch() (EventSource cannot
 // send the Authorization header, and the token must never be in a URL), parsed here,
 // and resumed with Last-Event-ID after a backoff. All data goes into the page as text
@@ -284,7 +285,7 @@
 
   // ---------------------------------------------------------------- session
   function showOnly(view) {
-    for (const v of ['login', 'overview', 'tasks', 'task', 'swarms', 'memory']) $('view-' + v).hidden = v !== view;
+    for (const v of ['login', 'overview', 'tasks', 'task', 'swarms', 'memory', 'limits']) $('view-' + v).hidden = v !== view;
     $('nav').hidden = view === 'login';
     $('bar-right').hidden = view === 'login';
     for (const a of document.querySelectorAll('#nav a')) {
@@ -360,6 +361,12 @@
     TV.loaded = false;
     TV.rows.clear();
     clear($('tasks'));
+    LV.seq++; // a read still under way is for the old session
+    LV.list = null;
+    LV.error = null;
+    LV.armed = null;
+    clear($('limits'));
+    delete $('limits').dataset.key;
     notice('');
     if (location.hash && location.hash !== '#/') history.replaceState(null, '', '#/');
     showLogin(message);
@@ -415,6 +422,7 @@
     box.hidden = !S.canSubmit;
     for (const e of document.querySelectorAll('.op-only')) e.hidden = !S.canOperate;
     if (S.view === 'overview') renderOverview();
+    if (S.view === 'limits') renderLimits();
     updateCancel();
   }
 
@@ -440,6 +448,7 @@
         if (opened++ > 0) {
           if (TV.loaded) reloadTasksQuietly();
           if (TP.id != null) scheduleTaskRefresh();
+          scheduleLimitsRefresh();
         }
       },
       onEvent(type, data) {
@@ -464,6 +473,7 @@
     }, 2000);
     const tasks = setInterval(() => {
       if (S.view === 'tasks' && TV.loaded) reloadTasksQuietly();
+      if (S.view === 'limits') loadLimits();
     }, 3000);
     S.polling = [status, tasks];
   }
@@ -473,6 +483,7 @@
     if (TV.loaded) reloadTasksQuietly();
     SW.tasks.clear();
     if (S.view === 'swarms') loadSwarmTasks();
+    scheduleLimitsRefresh();
   }
 
   function onStatus(st) {
@@ -490,6 +501,7 @@
     updateSwarmNames(st.swarms || []);
     if (S.view === 'overview') renderOverview();
     else if (S.view === 'swarms') renderSwarms();
+    else if (S.view === 'limits') scheduleLimitsRefresh();
   }
 
   function updateAgents(workers) {
@@ -830,6 +842,7 @@
       }
     }
     if (S.view === 'swarms') renderSwarmTasks();
+    scheduleLimitsRefresh();
     if (wantNew) fetchNewRows();
     else if (TV.loaded) updatePager();
   }
@@ -1343,6 +1356,177 @@
     }
   }
 
+  // ---------------------------------------------------------------- limits view
+  // GET /v1/limits when the view opens, and again as the event stream says tasks
+  // started, finished or queued (task changes and status changes), at most once a
+  // second and one read at a time: limits are not in the stream themselves.
+  const LIMIT_KEYS_SHOWN = 24;
+  const LV = { loading: false, again: false, timer: null, last: 0, list: null, error: null, seq: 0, armed: null };
+
+  function showLimits() {
+    showOnly('limits');
+    document.title = 'Limits · swarm';
+    renderLimits();
+    loadLimits();
+  }
+
+  // A read soon, if the view is shown: from the cluster's events.
+  function scheduleLimitsRefresh() {
+    if (S.view !== 'limits' || LV.timer) return;
+    const wait = Math.max(200, LV.last + 1000 - Date.now());
+    LV.timer = setTimeout(() => { LV.timer = null; loadLimits(); }, wait);
+  }
+
+  async function loadLimits() {
+    if (LV.loading) { LV.again = true; return; }
+    LV.loading = true;
+    LV.last = Date.now();
+    const seq = ++LV.seq;
+    try {
+      const r = await api('GET', '/v1/limits');
+      if (seq === LV.seq) {
+        LV.list = (r && Array.isArray(r.limits)) ? r.limits : [];
+        LV.error = null;
+      }
+    } catch (e) {
+      if (seq === LV.seq) LV.error = e.status === 403 ? `This token may not read limits (403 forbidden): ${e.message}` : `Could not load limits: ${e.message}`;
+    } finally {
+      LV.loading = false;
+    }
+    if (S.view === 'limits') renderLimits();
+    if (LV.again) { LV.again = false; scheduleLimitsRefresh(); }
+  }
+
+  // `60/min, burst 10`: the server's rate as it prints it, with the bucket's size.
+  function fmtLimitRate(l) {
+    if (!l.rate) return '–';
+    const m = /^(\d+)\/(\d+)ms$/.exec(l.rate);
+    const rate = m ? `${fmtNum(Number(m[1]))} per ${fmtDur(Number(m[2]))}` : l.rate;
+    return `${rate}, burst ${l.burst == null ? 1 : l.burst}`;
+  }
+
+  function renderLimits() {
+    const err = $('limits-error');
+    err.textContent = LV.error || '';
+    err.hidden = !LV.error;
+    const list = LV.list;
+    $('limits-empty').hidden = !(list && list.length === 0);
+    $('limits-count').textContent = list ? `(${fmtNum(list.length)})` : '';
+    const tb = $('limits');
+    if (!list) return;
+    const armed = LV.armed && LV.armed.until > Date.now() ? LV.armed.name : null;
+    if (!changed(tb, [S.canOperate, armed, list])) return;
+    for (const l of list) {
+      const keys = Object.entries(l.running || {}).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
+      const total = keys.reduce((a, [, n]) => a + n, 0);
+      const keyCell = keys.length
+        ? [el('div', { class: 'muted small', testid: 'limit-running' }, `${fmtNum(total)} running in ${fmtNum(keys.length)} key${keys.length === 1 ? '' : 's'}`),
+          ...keys.slice(0, LIMIT_KEYS_SHOWN).map(([k, n]) => el('span', { class: 'tag', testid: 'limit-key', 'data-key': k, 'data-running': n, title: `${n} running under key ${k}` }, `${k} ×${n}`)),
+          keys.length > LIMIT_KEYS_SHOWN ? el('span', { class: 'muted small' }, `+${fmtNum(keys.length - LIMIT_KEYS_SHOWN)} more keys`) : null]
+        : (l.concurrency != null ? 'none running' : '–');
+      tb.append(el('tr', { testid: 'limit-row', 'data-limit': l.name },
+        el('td', { class: 'mono' }, l.name),
+        el('td', { testid: 'limit-concurrency' }, l.concurrency != null ? `${fmtNum(l.concurrency)} per key` : '–'),
+        el('td', { testid: 'limit-rate' }, fmtLimitRate(l)),
+        el('td', { class: 'wrap', testid: 'limit-keys' }, keyCell),
+        el('td', { testid: 'limit-queued' }, fmtNum(l.queued || 0)),
+        S.canOperate ? el('td', null,
+          el('button', { type: 'button', class: 'btn', testid: 'limit-edit', 'aria-label': `Edit limit ${l.name}`, onclick: () => editLimit(l) }, 'Edit'), ' ',
+          el('button', { type: 'button', class: 'btn btn-danger', testid: 'limit-delete', 'aria-label': `Delete limit ${l.name}`, onclick: (e) => onDeleteLimit(l.name, e.currentTarget) },
+            armed === l.name ? `Confirm: delete ${l.name}` : 'Delete')) : null));
+    }
+  }
+
+  function editLimit(l) {
+    $('limit-name').value = l.name;
+    $('limit-concurrency').value = l.concurrency != null ? String(l.concurrency) : '';
+    $('limit-rate').value = l.rate || '';
+    $('limit-burst').value = l.rate && l.burst != null ? String(l.burst) : '';
+    clear($('limit-result'));
+    $('limit-form').scrollIntoView({ block: 'nearest' });
+    $('limit-name').focus();
+  }
+
+  function limitRefused(verb, e) {
+    if (e.status !== 403) return false;
+    S.canOperate = false;
+    applyCaps();
+    notice(`This token may not ${verb} limits (403 forbidden): ${e.message}`);
+    return true;
+  }
+
+  // Create or replace: PUT /v1/limits/{name}; the server judges the definition and its
+  // refusal (400) is shown as it says it.
+  async function onSaveLimit(ev) {
+    ev.preventDefault();
+    const out = $('limit-result');
+    out.className = 'result';
+    out.textContent = '';
+    const name = $('limit-name').value.trim();
+    if (!name) {
+      out.textContent = 'Name the limit.';
+      out.className = 'result error';
+      $('limit-name').focus();
+      return;
+    }
+    const body = {};
+    const num = (id) => {
+      const input = $(id);
+      if (input.value.trim() === '') return input.validity && input.validity.badInput ? NaN : undefined;
+      return Number(input.value);
+    };
+    const conc = num('limit-concurrency');
+    const burst = num('limit-burst');
+    const rate = $('limit-rate').value.trim();
+    if (Number.isNaN(conc) || Number.isNaN(burst)) {
+      out.textContent = 'Concurrency and burst are whole numbers.';
+      out.className = 'result error';
+      return;
+    }
+    if (conc !== undefined) body.concurrency = conc;
+    if (rate) body.rate = rate;
+    if (burst !== undefined) body.burst = burst;
+    const btn = $('limit-save');
+    btn.disabled = true;
+    try {
+      const v = await api('PUT', `/v1/limits/${encodeURIComponent(name)}`, body);
+      const what = [v && v.concurrency != null ? `${v.concurrency} per key` : null, v && v.rate ? fmtLimitRate(v) : null].filter(Boolean).join('; ');
+      out.textContent = `Saved limit ${name}${what ? `: ${what}` : ''}.`;
+      for (const id of ['limit-name', 'limit-concurrency', 'limit-rate', 'limit-burst']) $(id).value = '';
+      loadLimits();
+    } catch (e) {
+      if (!limitRefused('set', e)) {
+        out.textContent = `Refused: ${e.message}`;
+        out.className = 'result error';
+      }
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  // Delete asks for a second click, like Cancel task; the armed button survives the
+  // table being redrawn meanwhile.
+  async function onDeleteLimit(name, b) {
+    if (!(LV.armed && LV.armed.name === name && LV.armed.until > Date.now())) {
+      LV.armed = { name, until: Date.now() + 4000 };
+      b.textContent = `Confirm: delete ${name}`;
+      setTimeout(() => { if (LV.armed && LV.armed.until <= Date.now()) { LV.armed = null; renderLimits(); } }, 4100);
+      return;
+    }
+    LV.armed = null;
+    b.disabled = true;
+    try {
+      await api('DELETE', `/v1/limits/${encodeURIComponent(name)}`);
+      notice(`Limit ${name} deleted: tasks naming it are no longer held by it.`, 6000);
+    } catch (e) {
+      if (!limitRefused('delete', e)) notice(`Could not delete limit ${name}: ${e.message}`, 8000);
+    } finally {
+      b.disabled = false;
+      b.textContent = 'Delete';
+    }
+    loadLimits();
+  }
+
   // ---------------------------------------------------------------- workers: drain
   async function onWorkerAction(id, action) {
     try {
@@ -1376,7 +1560,7 @@
     applyTheme(t);
   }
 
-  // `/` filters tasks; `g` then `o`, `t`, `s` or `m` opens a view.
+  // `/` filters tasks; `g` then `o`, `t`, `s`, `m` or `l` opens a view.
   let goPending = 0;
   function onKey(e) {
     if (e.ctrlKey || e.metaKey || e.altKey || !S.token) return;
@@ -1390,7 +1574,7 @@
     }
     if (e.key === 'g') { goPending = Date.now(); return; }
     if (goPending && Date.now() - goPending < 1500) {
-      const to = { o: '#/', t: '#/tasks', s: '#/swarms', m: '#/memory' }[e.key];
+      const to = { o: '#/', t: '#/tasks', s: '#/swarms', m: '#/memory', l: '#/limits' }[e.key];
       goPending = 0;
       if (to) { e.preventDefault(); location.hash = to; }
     }
@@ -1573,6 +1757,8 @@
     if (t.patterns) row('Patterns', `up to ${t.patterns} ReasoningBank pattern${t.patterns === 1 ? '' : 's'} handed to the agent before it ran`, 'detail-patterns');
     if (t.usage) row('Tokens', `${fmtNum(t.usage.prompt_tokens)} prompt + ${fmtNum(t.usage.completion_tokens)} completion (${t.usage.model})`);
     if (t.held) row('Held', t.held);
+    if (t.concurrency_key) row('Concurrency key', el('a', { href: '#/limits', title: 'The limits view' }, t.concurrency_key), 'detail-concurrency-key');
+    if (t.rate_limit) row('Rate limit', el('a', { href: '#/limits', title: 'The limits view' }, t.rate_limit), 'detail-rate-limit');
     if (t.approval) {
       const a = t.approval;
       const d = a.decision;
@@ -1737,6 +1923,8 @@
       showSwarms();
     } else if (path === '/memory') {
       showMemory();
+    } else if (path === '/limits') {
+      showLimits();
     } else {
       showOnly('overview');
       document.title = 'Overview · swarm';
@@ -1767,6 +1955,8 @@
     $('search-form').addEventListener('submit', onSearch);
     $('retrieve-form').addEventListener('submit', onRetrieve);
     $('memory-refresh').addEventListener('click', loadMemory);
+    $('limits-refresh').addEventListener('click', loadLimits);
+    $('limit-form').addEventListener('submit', onSaveLimit);
     $('theme').addEventListener('click', cycleTheme);
     document.addEventListener('keydown', onKey);
     let theme = 'auto';
