@@ -176,6 +176,10 @@ pub struct CoordinatorArgs {
     /// File holding the token new workers enroll with (it opens no other route).
     #[arg(long, env = "SWARM_ENROLL_TOKEN_FILE")]
     pub enroll_token_file: Option<PathBuf>,
+    /// File holding the secret task callbacks are signed with (HMAC-SHA256, the same
+    /// file on every coordinator). Without it, tasks with a callback_url are refused.
+    #[arg(long, env = "SWARM_CALLBACK_SECRET_FILE")]
+    pub callback_secret_file: Option<PathBuf>,
     /// Names of enrolled workers must start with this.
     #[arg(long, env = "SWARM_ENROLL_PREFIX", default_value = "")]
     pub enroll_prefix: String,
@@ -495,6 +499,10 @@ pub struct SubmitArgs {
     /// awaiting approval (e.g. 1h; at most 30d). Implies --requires-approval.
     #[arg(long, value_parser = parse_duration)]
     pub approval_timeout: Option<Duration>,
+    /// POST the finished task's view to this http(s) URL, signed with the cluster's
+    /// callback secret and retried until it answers 2xx.
+    #[arg(long)]
+    pub callback_url: Option<String>,
     /// Wait for the result (optionally how long, default 60s).
     #[arg(long, num_args = 0..=1, default_missing_value = "60s", conflicts_with = "follow")]
     pub wait: Option<String>,

@@ -305,8 +305,10 @@ where
             Record::Schedules(s) => restore_schedules(node, restore_id, *s).await?,
             Record::Limits(l) => restore_limits(node, *l).await?,
             // Tokens and revoked certificates are the old cluster's credentials, not its
-            // data: this cluster keeps its own.
-            Record::Access(_) | Record::Ledger(_) | Record::End { .. } => {}
+            // data: this cluster keeps its own. Callbacks still waiting in the old
+            // cluster are its notifications to send, not this one's: a restored task
+            // does not notify again.
+            Record::Access(_) | Record::Ledger(_) | Record::Callbacks(_) | Record::End { .. } => {}
         }
         if !*begun {
             return Err(BackupError::Invalid("the backup has no header".into()));

@@ -542,16 +542,15 @@ pub(crate) async fn finish_joint_loop(
     .await
 }
 
-async fn finish_joint(
-    node: &Node,
-    seen: &std::sync::Mutex<Option<openraft::LogId<NodeId>>>,
-) {
+async fn finish_joint(node: &Node, seen: &std::sync::Mutex<Option<openraft::LogId<NodeId>>>) {
     let m = node.raft().metrics().borrow().clone();
     let stored = &m.membership_config;
     let joint = stored.membership().get_joint_config();
     let committed = stored.log_id().is_some() && stored.log_id() <= &m.last_applied;
     let goal = {
-        let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if m.state != openraft::ServerState::Leader || joint.len() < 2 || !committed {
             *seen = None;
             return;
@@ -581,7 +580,9 @@ async fn finish_joint(
         Ok(Ok(_)) => {
             metrics::counter!("swarm_membership_joint_finished_total").increment(1);
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "leaving the joint configuration failed; retrying"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "leaving the joint configuration failed; retrying")
+        }
         Err(_) => tracing::warn!("leaving the joint configuration timed out; retrying"),
     }
 }

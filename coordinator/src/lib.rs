@@ -26,6 +26,7 @@ pub mod access;
 pub mod admission;
 pub mod approvals;
 pub mod backup;
+pub mod callbacks;
 pub mod cluster;
 pub mod commit;
 pub mod events;

@@ -77,6 +77,10 @@ pub struct CoordinatorConfig {
     /// Sign worker certificates for new workers (`POST /v1/certs/enroll`); `None`: this
     /// node does not enroll.
     pub enroll: Option<EnrollConfig>,
+    /// The key callbacks are signed with (HMAC-SHA256); the same on every coordinator,
+    /// so a receiver checks any leader's deliveries. `None`: tasks with a
+    /// `callback_url` are refused, and this node, leading, delivers none.
+    pub callback_secret: Option<String>,
 }
 
 /// Enrollment: a new worker sends a key's signing request with this token and gets a
@@ -161,6 +165,7 @@ impl CoordinatorConfig {
             embedder: crate::memory::EmbedderConfig::default(),
             api: ApiEdges::default(),
             enroll: None,
+            callback_secret: None,
         }
     }
 }

@@ -700,7 +700,7 @@ impl Scheduler {
                     attempt,
                     deadline_ms,
                     reported: false,
-                given_up: false,
+                    given_up: false,
                     unlisted_since_ms: None,
                     moves: Vec::new(),
                     key: task.concurrency_key().map(str::to_string),

@@ -316,6 +316,10 @@ where
             let (node, rx) = (node.clone(), shutdown_rx.clone());
             move || crate::approvals::expire_loop(node.clone(), rx.clone())
         }),
+        node::supervise(node.dead_loops.clone(), "callbacks", {
+            let (node, rx) = (node.clone(), shutdown_rx.clone());
+            move || crate::callbacks::deliver_loop(node.clone(), rx.clone())
+        }),
         node::supervise(node.dead_loops.clone(), "finish_joint", {
             let (node, rx) = (node.clone(), shutdown_rx.clone());
             move || crate::cluster::finish_joint_loop(node.clone(), rx.clone())

@@ -17,6 +17,7 @@ use swarm_proto::TaskId;
 use crate::commit::{linearizable, CommitError};
 use crate::limits::{ENTRY_BUDGET, MAX_OP_BYTES};
 use crate::node::{now_ms, Node};
+use crate::state::callbacks;
 use crate::state::flow::{self, check_step_name, FlowAttr};
 use crate::state::{Flow, FlowFault, GraphStep, Lookup, Op, OpResult, SwarmFault, Task, TaskSpec};
 use crate::swarms::SwarmError;
@@ -120,6 +121,10 @@ fn to_submission(node: &Node, mut t: SubmitTask) -> Result<Submission, TaskError
     let rate_limit = t.rate_limit.take();
     let requires_approval = std::mem::take(&mut t.requires_approval);
     let approval_timeout_ms = t.approval_timeout_ms.take();
+    let callback_url = t.callback_url.take();
+    if let Some(url) = &callback_url {
+        check_callback_url(node, url)?;
+    }
     if approval_timeout_ms.is_some() && !requires_approval {
         return Err(TaskError::Invalid(
             "`approval_timeout_ms` needs `requires_approval: true`".into(),
@@ -177,10 +182,49 @@ fn to_submission(node: &Node, mut t: SubmitTask) -> Result<Submission, TaskError
             deadline_ms: None,
         });
     }
+    if let Some(url) = callback_url {
+        flow.more.push(FlowAttr::Callback { url });
+    }
     Ok(Submission {
         spec,
         flow: (!flow.is_empty()).then_some(flow),
     })
+}
+
+/// A callback URL must be an absolute `http` or `https` URL with a host, no credentials
+/// (they would show in every view of the task: a receiver checks the signature instead),
+/// at most [`callbacks::MAX_URL_BYTES`]; and this coordinator must have a secret to sign
+/// with.
+fn check_callback_url(node: &Node, url: &str) -> Result<(), TaskError> {
+    let bad = |why: &str| TaskError::Invalid(format!("`callback_url` {url:?}: {why}"));
+    if url.len() > callbacks::MAX_URL_BYTES {
+        return Err(bad(&format!(
+            "longer than {} bytes",
+            callbacks::MAX_URL_BYTES
+        )));
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("only http and https URLs are called"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(bad(
+            "credentials in the URL would show in every view of the task; check the \
+             Swarm-Signature header instead",
+        ));
+    }
+    if node.config().callback_secret.is_none() {
+        return Err(TaskError::Flow(FlowFault::new(
+            "callbacks_disabled",
+            "this cluster signs no callbacks: start its coordinators with \
+             --callback-secret-file"
+                .to_string(),
+        )));
+    }
+    Ok(())
 }
 
 /// Turn a submit body into a spec, applying defaults and limits. Flow fields are not
@@ -192,10 +236,11 @@ pub(crate) fn to_spec(node: &Node, t: SubmitTask) -> Result<TaskSpec, TaskError>
         || t.rate_limit.is_some()
         || t.requires_approval
         || t.approval_timeout_ms.is_some()
+        || t.callback_url.is_some()
     {
         return Err(TaskError::Invalid(
-            "`depends_on`, `concurrency_key`, `rate_limit`, `requires_approval` and \
-             `approval_timeout_ms` are not taken here"
+            "`depends_on`, `concurrency_key`, `rate_limit`, `requires_approval`, \
+             `approval_timeout_ms` and `callback_url` are not taken here"
                 .into(),
         ));
     }

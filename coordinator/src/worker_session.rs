@@ -565,7 +565,7 @@ fn register(
         );
         for (attempt, keep) in &held {
             match keep {
-                    Some(_) if d.scheduler.is_given_up(*attempt) => {
+                Some(_) if d.scheduler.is_given_up(*attempt) => {
                     // Given up while the worker was away; its `Lose` is on its way.
                     let _ = tx.send(CoordinatorMsg::Cancel(*attempt));
                 }

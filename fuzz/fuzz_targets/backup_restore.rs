@@ -52,7 +52,8 @@ fn restore(body: &[u8], step: u8) {
             | Record::Access(_)
             | Record::Ledger(_)
             | Record::Schedules(_)
-            | Record::Limits(_) => {}
+            | Record::Limits(_)
+            | Record::Callbacks(_) => {}
             Record::End { .. } => assert!(parser.ended()),
         }
         records += 1;

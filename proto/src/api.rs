@@ -72,6 +72,11 @@ pub struct SubmitTask {
     /// this long after it began awaiting approval. Default: no deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_timeout_ms: Option<u64>,
+    /// POST the task's view (`{"event": "task.finished", "task": …}`) to this `http` or
+    /// `https` URL when it reaches a final state, signed with the cluster's callback
+    /// secret (`Swarm-Signature`) and retried with backoff until a 2xx answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -422,6 +427,30 @@ pub struct TaskView {
     /// The task requires approval: its deadline and the decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalView>,
+    /// The task's callback and how its delivery went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackView>,
+}
+
+/// A task's callback (`TaskView::callback`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallbackView {
+    pub url: String,
+    /// `pending` (the task has not finished, or the delivery is under way),
+    /// `delivered` or `failed` (given up).
+    pub state: String,
+    /// Attempts made, once the delivery ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// The receiver's last answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the delivery ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 fn default_swarm() -> String {

@@ -198,6 +198,7 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
                 prop::option::of(short()),
                 any::<bool>(),
                 prop::option::of(any::<u64>()),
+                prop::option::of(short()),
             )
         })
         .prop_map(
@@ -220,6 +221,7 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
                 rate_limit,
                 requires_approval,
                 approval_timeout_ms,
+                callback_url,
             )| SubmitTask {
                 agent,
                 swarm,
@@ -238,6 +240,7 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
                 rate_limit,
                 requires_approval,
                 approval_timeout_ms,
+                callback_url,
             },
         )
 }

@@ -123,6 +123,10 @@ pub async fn run(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             (None, None) => None,
             _ => bail!("--enroll-ca-key and --enroll-token-file go together"),
         },
+        callback_secret: match &a.callback_secret_file {
+            Some(f) => Some(super::read_token(f)?),
+            None => None,
+        },
     };
     let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();
     let signals = StopSignals::listen();

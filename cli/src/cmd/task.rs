@@ -28,6 +28,7 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
         rate_limit: a.rate_limit,
         requires_approval: a.requires_approval || a.approval_timeout.is_some(),
         approval_timeout_ms: a.approval_timeout.map(ms),
+        callback_url: a.callback_url,
         ..Default::default()
     };
     if let Some(p) = a.payload {

@@ -25,13 +25,15 @@ pub async fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let token_file = a.data_dir.join("api-token");
     let token = ensure_token(&token_file)?;
-    let cfg = CoordinatorConfig::single_node(
+    let secret_file = a.data_dir.join("callback-secret");
+    let mut cfg = CoordinatorConfig::single_node(
         a.data_dir.join("coordinator"),
         certs.clone(),
         a.listen,
         a.api_listen,
         token,
     );
+    cfg.callback_secret = Some(ensure_token(&secret_file)?);
     let coord = swarm_coordinator::start(cfg).await?;
     let quic = coord.quic_addr;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -70,6 +72,10 @@ pub async fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
     println!("  API      {api}   (token in {})", token_file.display());
     println!("  QUIC     {quic}");
     println!("  metrics  {api}/metrics");
+    println!(
+        "  callbacks signed with the secret in {}",
+        secret_file.display()
+    );
     println!("  web UI   {api}/ui/   (paste the token once)");
     println!();
     println!("try, from this directory:");

@@ -4,6 +4,7 @@ mod access;
 mod approvals;
 mod backup;
 mod bad_input;
+mod callbacks;
 mod drain;
 mod embedder;
 mod events;

@@ -41,8 +41,8 @@ use super::dump::{DumpReader, DumpWriter, Header, Record, BATCH_BYTES};
 use super::types::{LogId, NodeAddr, NodeId};
 use crate::limits::{ACCESS_DECODE_LIMIT, RECORD_DECODE_LIMIT, SCHEDULES_DECODE_LIMIT};
 use crate::state::{
-    in_order, Access, Archive, ArchiveError, CheckpointDelta, Ledger, Limits, Schedules, TableMeta,
-    Task, TaskTable,
+    in_order, Access, Archive, ArchiveError, Callbacks, CheckpointDelta, Ledger, Limits, Schedules,
+    TableMeta, Task, TaskTable,
 };
 
 /// File name of the checkpoint store inside the Raft data directory.
@@ -74,6 +74,9 @@ const KEY_SCHEDULES: &str = "schedules";
 /// The named limits ([`Limits`]); absent in checkpoints written before them (read as
 /// none).
 const KEY_LIMITS: &str = "limits";
+/// The callback outbox ([`Callbacks`]); absent in checkpoints written before it (read
+/// as empty).
+const KEY_CALLBACKS: &str = "callbacks";
 
 /// Largest stored task: a task is bounded by its ops (payload, outputs of each ring
 /// stage), each below the entry budget.
@@ -207,7 +210,9 @@ impl CheckpointStore {
         let ledger = r.ledger()?;
         let schedules = r.schedules()?;
         let limits = r.limits()?;
-        let table = TaskTable::from_checkpoint(meta, access, ledger, schedules, limits, live)?;
+        let callbacks = r.callbacks()?;
+        let table =
+            TaskTable::from_checkpoint(meta, access, ledger, schedules, limits, callbacks, live)?;
         let bytes = r.chunks(MEMORY)?;
         let memory = if bytes.is_empty() {
             None
@@ -273,6 +278,7 @@ impl CheckpointStore {
         let mut ledger = Ledger::default();
         let mut schedules = Schedules::default();
         let mut limits = Limits::default();
+        let mut callbacks = Callbacks::default();
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Header(_) => anyhow::bail!("a second header"),
@@ -280,6 +286,7 @@ impl CheckpointStore {
                 Record::Ledger(l) => ledger = *l,
                 Record::Schedules(s) => schedules = *s,
                 Record::Limits(l) => limits = *l,
+                Record::Callbacks(c) => callbacks = *c,
                 Record::Tasks(batch) => {
                     let mut live = txn.open_table(LIVE)?;
                     let mut done = txn.open_table(DONE)?;
@@ -337,6 +344,7 @@ impl CheckpointStore {
             meta.insert(KEY_LEDGER, &encode(&ledger)?[..])?;
             meta.insert(KEY_SCHEDULES, &encode(&schedules)?[..])?;
             meta.insert(KEY_LIMITS, &encode(&limits)?[..])?;
+            meta.insert(KEY_CALLBACKS, &encode(&callbacks)?[..])?;
         }
         txn.set_durability(Durability::Immediate);
         // A crash then costs no walk of the whole file on the next open.
@@ -510,6 +518,9 @@ fn write_delta(
     if let Some(limits) = &delta.limits {
         meta.insert(KEY_LIMITS, &encode(&**limits)?[..])?;
     }
+    if let Some(callbacks) = &delta.callbacks {
+        meta.insert(KEY_CALLBACKS, &encode(&**callbacks)?[..])?;
+    }
     Ok(())
 }
 
@@ -616,6 +627,13 @@ impl StoreReader {
             .unwrap_or_default())
     }
 
+    /// The callback outbox of this checkpoint (empty before any was written).
+    fn callbacks(&self) -> anyhow::Result<Callbacks> {
+        Ok(self
+            .record_up_to::<Callbacks>(KEY_CALLBACKS, ACCESS_DECODE_LIMIT)?
+            .unwrap_or_default())
+    }
+
     /// The log position, membership and table metadata of this checkpoint.
     pub fn header_parts(&self) -> anyhow::Result<(Option<LogId>, Membership, TableMeta)> {
         Ok((
@@ -685,6 +703,7 @@ impl StoreReader {
         w.write(&Record::Ledger(Box::new(self.ledger()?)))?;
         w.write(&Record::Schedules(Box::new(self.schedules()?)))?;
         w.write(&Record::Limits(Box::new(self.limits()?)))?;
+        w.write(&Record::Callbacks(Box::new(self.callbacks()?)))?;
         let mut batch = Vec::new();
         let mut size = 0;
         for table in [LIVE, DONE] {
@@ -774,7 +793,7 @@ impl Archive for StoreReader {
 mod tests {
     use super::*;
     use crate::state::access::RevokedCert;
-    use crate::state::{AccessOp, Command, Op};
+    use crate::state::{AccessOp, Command, Op, OpResult};
 
     /// The access state at its limits of count (10,000 tokens, 100,000 revocations,
     /// 200,000 enrolled names, realistic lengths: about 30 MB encoded) survives a
@@ -828,6 +847,7 @@ mod tests {
             Ledger::default(),
             Schedules::default(),
             Limits::default(),
+            Callbacks::default(),
             Vec::new(),
         )
         .unwrap();
@@ -952,11 +972,11 @@ mod tests {
         assert_eq!(installed.load().unwrap().table.ledger(), table.ledger());
     }
 
-    /// Schedules are stored by a checkpoint, loaded at restart, written into dumps and
-    /// installed from them (a snapshot, or the records a backup carries), and a
-    /// checkpoint that did not change them keeps them.
+    /// Schedules, limits and the callback outbox are stored by a checkpoint, loaded at
+    /// restart, written into dumps and installed from them (a snapshot, or the records a
+    /// backup carries), and a checkpoint that did not change them keeps them.
     #[test]
-    fn schedules_and_limits_survive_checkpoints_dumps_and_installs() {
+    fn schedules_limits_and_callbacks_survive_checkpoints_dumps_and_installs() {
         use crate::state::schedules::{Cadence, CatchUp};
         use crate::state::{LimitDef, LimitsOp, Rate, ScheduleDef, ScheduleOp};
         let dir = tempfile::tempdir().unwrap();
@@ -1020,9 +1040,42 @@ mod tests {
             .unwrap();
         assert_eq!(table.schedules().get("every").unwrap().fired, 1);
         assert_eq!(table.limits().concurrency_of("openai"), Some(3));
+        // A task with a callback, cancelled: its delivery waits in the outbox.
+        let flow = crate::state::Flow {
+            more: vec![crate::state::flow::FlowAttr::Callback {
+                url: "http://127.0.0.1:9/cb".into(),
+            }],
+            ..Default::default()
+        };
+        let submit = Op::SubmitFlow {
+            spec: def(
+                "x",
+                Cadence::Cron {
+                    expr: String::new(),
+                },
+            )
+            .template,
+            flow: Box::new(flow),
+            now_ms: t0,
+            queue_limit: 10,
+        };
+        let reader = store.reader().unwrap();
+        let r = crate::state::apply_command(&mut table, &Command { ops: vec![submit] }, &reader)
+            .unwrap();
+        let [OpResult::Submitted { id, .. }] = r.results[..] else {
+            panic!("{r:?}");
+        };
+        let cancel = Op::Cancel {
+            task_id: id,
+            now_ms: t0 + 1,
+        };
+        crate::state::apply_command(&mut table, &Command { ops: vec![cancel] }, &reader).unwrap();
+        drop(reader);
+        assert_eq!(table.callbacks().due(t0 + 1, 10), vec![(id, 1)]);
         let delta = table.begin_checkpoint().unwrap();
         assert!(delta.schedules.is_some());
         assert!(delta.limits.is_some());
+        assert!(delta.callbacks.is_some());
         store
             .write(&delta, None, &Membership::default(), None)
             .unwrap();
@@ -1033,6 +1086,8 @@ mod tests {
         assert_eq!(loaded.schedules(), table.schedules());
         assert_eq!(loaded.schedules().len(), 2);
         assert_eq!(loaded.limits(), table.limits());
+        assert_eq!(loaded.callbacks(), table.callbacks());
+        assert_eq!(loaded.callbacks().len(), 1);
         let mut dump = Vec::new();
         store.reader().unwrap().write_dump(&mut dump).unwrap();
         let (installed, _) =
@@ -1040,6 +1095,7 @@ mod tests {
         let installed = installed.load().unwrap().table;
         assert_eq!(installed.schedules(), table.schedules());
         assert_eq!(installed.limits(), table.limits());
+        assert_eq!(installed.callbacks(), table.callbacks());
         let mut records = DumpReader::new(&dump[..]);
         records.header().unwrap();
         let (mut carried, mut limits) = (None, None);

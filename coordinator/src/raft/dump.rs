@@ -20,15 +20,16 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{LogId, NodeAddr, NodeId};
 use crate::state::format1::TaskV1;
-use crate::state::{Access, Ledger, Limits, Schedules, TableMeta, Task};
+use crate::state::{Access, Callbacks, Ledger, Limits, Schedules, TableMeta, Task};
 
 const MAGIC: &[u8; 8] = b"SWBACKUP";
 /// This format's version. Format 5 encodes tasks with their flow (`Task::flow`: graph
 /// parents and children, flow controls); formats 2 to 4 hold tasks without it and read
 /// as [`RecordV4`]. Format 4 may hold attempts ended with their log tail and usage
 /// (`AttemptEnd::Logged`), which releases reading format 3 cannot decode. Format 6 adds
-/// a [`Record::Limits`] (format 5 reads as [`Record`] too: it is a prefix of it).
-pub const DUMP_FORMAT: u32 = 6;
+/// a [`Record::Limits`] (format 5 reads as [`Record`] too: it is a prefix of it), and
+/// format 7 a [`Record::Callbacks`] (likewise).
+pub const DUMP_FORMAT: u32 = 7;
 /// The oldest format this release reads (format 2 has no [`Record::Access`]).
 pub const OLDEST_DUMP_FORMAT: u32 = 2;
 const PREAMBLE: usize = 12;
@@ -76,6 +77,8 @@ pub enum Record {
     Schedules(Box<Schedules>),
     /// The named limits (format 6 on; absent: none).
     Limits(Box<Limits>),
+    /// The callback outbox (format 7 on; absent: empty).
+    Callbacks(Box<Callbacks>),
 }
 
 /// A record of formats 2 to 4: tasks of state format 1 ([`TaskV1`]). Variants as
@@ -405,7 +408,8 @@ impl DumpParser {
             | Record::Access(_)
             | Record::Ledger(_)
             | Record::Schedules(_)
-            | Record::Limits(_) => {}
+            | Record::Limits(_)
+            | Record::Callbacks(_) => {}
         }
         if !self.ended {
             let framed = &self.buf[self.at..self.at + 4 + len];

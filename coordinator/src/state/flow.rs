@@ -1,6 +1,7 @@
 //! What a task carries for flow control beyond its [`TaskSpec`](super::TaskSpec): its
 //! place in a task graph (parents, children, the step it is), and the controls later
 //! parts of flow control read (concurrency key, rate limit, approval, callback).
+//! The callback outbox and its rules are in [`super::callbacks`].
 //!
 //! # Graph rules (applied in `table.rs`)
 //! * A task with parents is `waiting` until every parent has succeeded; then it is queued
@@ -90,6 +91,18 @@ pub enum FlowAttr {
         comment: Option<String>,
         at_ms: u64,
     },
+    /// POST the task's view to `url` when it reaches a final state (see
+    /// [`super::callbacks`]).
+    Callback { url: String },
+    /// How the callback's delivery ended (set once it left the outbox; a retried task
+    /// drops it and delivers again when it finishes again).
+    CallbackResult {
+        delivered: bool,
+        attempts: u32,
+        status: Option<u16>,
+        error: Option<String>,
+        at_ms: u64,
+    },
 }
 
 /// Longest approval timeout a task may ask for (30 days).
@@ -120,6 +133,10 @@ impl Flow {
                     FlowAttr::Decision { by, comment, .. } => {
                         16 + by.len() + comment.as_ref().map_or(0, String::len)
                     }
+                    FlowAttr::Callback { url } => 8 + url.len(),
+                    FlowAttr::CallbackResult { error, .. } => {
+                        24 + error.as_ref().map_or(0, String::len)
+                    }
                 })
                 .sum::<usize>()
     }
@@ -133,6 +150,39 @@ impl Flow {
             } => Some((*timeout_ms, *deadline_ms)),
             _ => None,
         })
+    }
+
+    /// The URL the task's final state is POSTed to, if any.
+    pub fn callback_url(&self) -> Option<&str> {
+        self.more.iter().find_map(|a| match a {
+            FlowAttr::Callback { url } => Some(url.as_str()),
+            _ => None,
+        })
+    }
+
+    /// How the callback's delivery ended, if it has.
+    pub fn callback_result(&self) -> Option<&FlowAttr> {
+        self.more
+            .iter()
+            .find(|a| matches!(a, FlowAttr::CallbackResult { .. }))
+    }
+
+    /// Record how the callback's delivery ended (replacing an earlier result).
+    pub fn set_callback_result(&mut self, o: &super::callbacks::Outcome) {
+        self.clear_callback_result();
+        self.more.push(FlowAttr::CallbackResult {
+            delivered: o.delivered,
+            attempts: o.attempts,
+            status: o.status,
+            error: o.error.clone(),
+            at_ms: o.at_ms,
+        });
+    }
+
+    /// Forget how an earlier delivery ended (the task runs again).
+    pub fn clear_callback_result(&mut self) {
+        self.more
+            .retain(|a| !matches!(a, FlowAttr::CallbackResult { .. }));
     }
 
     /// The decision made on the task's approval, if any: (approved, by, comment, at).

@@ -31,6 +31,7 @@
 //!   with the retained finished tasks.
 
 pub mod access;
+pub mod callbacks;
 pub mod flow;
 pub mod format1;
 mod layers;
@@ -54,6 +55,7 @@ use swarm_proto::TaskId;
 use swarm_topology::{StageSpec, SwarmSpec};
 
 pub use access::{Access, AccessFault, AccessOp};
+pub use callbacks::{CallbackOp, Callbacks};
 pub use flow::{Flow, FlowFault, GraphStep};
 pub use layers::{Archive, ArchiveError, Changes, FinishRate, NoArchive, RestoreState, TableMeta};
 pub use ledger::{Ledger, LedgerOp};
@@ -300,6 +302,9 @@ pub enum Op {
     /// is at or before `now_ms` (the leader lists candidates; each replica checks every
     /// one itself). At most [`MAX_PURGE_PER_OP`] ids. (Appended last.)
     ExpireApprovals { ids: Vec<TaskId>, now_ms: u64 },
+    /// What came of an attempt to deliver a task's callback (see [`callbacks`]).
+    /// (Appended last.)
+    Callback(CallbackOp),
 }
 
 impl Op {
@@ -408,6 +413,8 @@ impl Op {
                 SMALL + by.len() + comment.as_ref().map_or(0, String::len)
             }
             Op::ExpireApprovals { ids, .. } => SMALL + 10 * ids.len(),
+            Op::Callback(CallbackOp::Failed { error, .. }) => SMALL + error.len(),
+            Op::Callback(CallbackOp::Delivered { .. }) => SMALL,
         }
     }
 }
@@ -484,6 +491,8 @@ pub enum OpResult {
     Limits(Result<(), LimitsFault>),
     /// How many of an [`Op::ExpireApprovals`]' tasks failed with `approval_timeout`.
     ApprovalsExpired { expired: u64 },
+    /// What an [`Op::Callback`] did to the outbox.
+    Callback(callbacks::Applied),
 }
 
 /// What a restore brought back (so far, for a chunk; in all, for the commit).
@@ -940,6 +949,7 @@ impl Task {
             concurrency_key: self.flow.as_ref().and_then(|f| f.concurrency_key.clone()),
             rate_limit: self.flow.as_ref().and_then(|f| f.rate_limit.clone()),
             approval: self.flow.as_ref().and_then(|f| approval_view(f)),
+            callback: self.flow.as_ref().and_then(|f| callback_view(f)),
         }
     }
 
@@ -973,6 +983,34 @@ fn approval_view(f: &Flow) -> Option<swarm_proto::api::ApprovalView> {
             }
         }),
     })
+}
+
+/// A task's callback as the API shows it (`None` when it has none).
+fn callback_view(f: &Flow) -> Option<swarm_proto::api::CallbackView> {
+    let url = f.callback_url()?.to_string();
+    let mut v = swarm_proto::api::CallbackView {
+        url,
+        state: "pending".into(),
+        attempts: None,
+        status: None,
+        error: None,
+        at_ms: None,
+    };
+    if let Some(flow::FlowAttr::CallbackResult {
+        delivered,
+        attempts,
+        status,
+        error,
+        at_ms,
+    }) = f.callback_result()
+    {
+        v.state = if *delivered { "delivered" } else { "failed" }.into();
+        v.attempts = Some(*attempts);
+        v.status = *status;
+        v.error = error.clone();
+        v.at_ms = Some(*at_ms);
+    }
+    Some(v)
 }
 
 pub fn attempt_view(a: &Attempt) -> AttemptView {

@@ -12,6 +12,7 @@ use swarm_proto::TaskId;
 use swarm_topology::DEFAULT_SWARM_NAME;
 
 use super::access::Access;
+use super::callbacks::{self, CallbackOp, Callbacks};
 use super::flow::{self, Flow, FlowAttr, FlowFault, GraphStep};
 use super::layers::Layers;
 use super::ledger::Ledger;
@@ -80,6 +81,10 @@ pub struct TaskTable {
     /// The named limits: copied on change, stored whole like `access`.
     limits: Arc<Limits>,
     limits_flush: Flush<Limits>,
+    /// The callback outbox: changed in place (copied once after a checkpoint takes it),
+    /// stored whole like `access`.
+    callbacks: Arc<Callbacks>,
+    callbacks_flush: Flush<Callbacks>,
     changes: Changes,
     /// The changes a checkpoint is writing to the archive right now.
     flushing: Option<Arc<Changes>>,
@@ -103,6 +108,8 @@ pub struct CheckpointDelta {
     pub schedules: Option<Arc<Schedules>>,
     /// The limits, when they changed since the last checkpoint.
     pub limits: Option<Arc<Limits>>,
+    /// The callback outbox, when it changed since the last checkpoint.
+    pub callbacks: Option<Arc<Callbacks>>,
 }
 
 /// Which value of a record stored whole (like [`Access`]) the archive holds, and which
@@ -167,12 +174,14 @@ impl TaskTable {
         ledger: Ledger,
         schedules: Schedules,
         limits: Limits,
+        callbacks: Callbacks,
         live: Vec<Task>,
     ) -> anyhow::Result<Self> {
         let access = Arc::new(access);
         let ledger = Arc::new(ledger);
         let schedules = Arc::new(schedules);
         let limits = Arc::new(limits);
+        let callbacks = Arc::new(callbacks);
         let mut t = TaskTable {
             meta,
             access_flush: Flush::stored(&access),
@@ -183,6 +192,8 @@ impl TaskTable {
             schedules,
             limits_flush: Flush::stored(&limits),
             limits,
+            callbacks_flush: Flush::stored(&callbacks),
+            callbacks,
             ..Default::default()
         };
         for task in live {
@@ -339,6 +350,7 @@ impl TaskTable {
                 false => self.not_live(*task_id, archive)?,
             },
             Op::ExpireApprovals { ids, now_ms } => self.expire_approvals(ids, *now_ms),
+            Op::Callback(op) => OpResult::Callback(self.apply_callback(op, archive)?),
             Op::RestoreChunk {
                 restore_id,
                 seq,
@@ -499,6 +511,39 @@ impl TaskTable {
         next.apply(op)?;
         self.limits = Arc::new(next);
         Ok(())
+    }
+
+    /// The callback outbox (a shared copy: cheap to keep).
+    pub fn callbacks(&self) -> &Arc<Callbacks> {
+        &self.callbacks
+    }
+
+    /// What came of a callback delivery: the outbox moves on, and a delivery that ended
+    /// is recorded on its (finished) task.
+    fn apply_callback(
+        &mut self,
+        op: &CallbackOp,
+        archive: &dyn Archive,
+    ) -> Result<callbacks::Applied, ArchiveError> {
+        if self.callbacks.get(op.task_id()).is_none() {
+            return Ok(callbacks::Applied::Ignored);
+        }
+        let applied = Arc::make_mut(&mut self.callbacks).apply(op);
+        if let callbacks::Applied::Ended(outcome) = &applied {
+            let id = op.task_id();
+            if let Some(done) = self.layers(archive).finished(id)? {
+                let mut task = Arc::unwrap_or_clone(done);
+                task.flow
+                    .get_or_insert_default()
+                    .set_callback_result(outcome);
+                let task = Arc::new(task);
+                self.changes.bytes += task.size_hint();
+                if let Some(old) = self.changes.finished.insert(id, task) {
+                    self.changes.bytes = self.changes.bytes.saturating_sub(old.size_hint());
+                }
+            }
+        }
+        Ok(applied)
     }
 
     /// The API tokens and revoked certificates (a shared copy: cheap to keep).
@@ -1157,6 +1202,13 @@ impl TaskTable {
             *n = n.saturating_sub(1);
         }
         let mut task = Arc::unwrap_or_clone(done);
+        // It finishes again, and its callback is delivered then.
+        if self.callbacks.get(id).is_some() {
+            Arc::make_mut(&mut self.callbacks).remove(id);
+        }
+        if let Some(f) = task.flow.as_deref_mut() {
+            f.clear_callback_result();
+        }
         // A task that was never approved (its approval timed out) awaits approval again,
         // with a fresh deadline; anything else is queued.
         let awaits = match task.flow.as_deref_mut() {
@@ -1369,6 +1421,22 @@ impl TaskTable {
         t.state = state;
         t.finished_at_ms = Some(now_ms);
         t.expires_at_ms = Some(now_ms.saturating_add(t.spec.retain_ms));
+        if t.flow.as_ref().and_then(|f| f.callback_url()).is_some()
+            && !Arc::make_mut(&mut self.callbacks).enqueue(id, now_ms)
+        {
+            t.flow
+                .get_or_insert_default()
+                .set_callback_result(&callbacks::Outcome {
+                    delivered: false,
+                    attempts: 0,
+                    status: None,
+                    error: Some(format!(
+                        "outbox full: {} callbacks were waiting",
+                        callbacks::MAX_PENDING
+                    )),
+                    at_ms: now_ms,
+                });
+        }
         self.changes.bytes += t.size_hint();
         self.changes.live_dirty.remove(&id);
         self.changes.live_gone.insert(id);
@@ -1418,6 +1486,9 @@ impl TaskTable {
                 }
             }
             self.keep_output_for_dependants(&task);
+            if self.callbacks.get(id).is_some() {
+                Arc::make_mut(&mut self.callbacks).remove(id);
+            }
             if let Some(gone) = self.changes.finished.remove(&id) {
                 self.changes.bytes = self.changes.bytes.saturating_sub(gone.size_hint());
             }
@@ -1803,6 +1874,7 @@ impl TaskTable {
             ledger: self.ledger_flush.begin(&self.ledger),
             schedules: self.schedules_flush.begin(&self.schedules),
             limits: self.limits_flush.begin(&self.limits),
+            callbacks: self.callbacks_flush.begin(&self.callbacks),
         })
     }
 
@@ -1813,6 +1885,7 @@ impl TaskTable {
         self.ledger_flush.written();
         self.schedules_flush.written();
         self.limits_flush.written();
+        self.callbacks_flush.written();
     }
 
     /// The checkpoint begun last failed: its changes go back in front of the newer ones,
@@ -1822,6 +1895,7 @@ impl TaskTable {
         self.ledger_flush.failed();
         self.schedules_flush.failed();
         self.limits_flush.failed();
+        self.callbacks_flush.failed();
         let Some(failed) = self.flushing.take() else {
             return;
         };
@@ -2025,6 +2099,9 @@ impl TaskTable {
         // The backup's schedules, if some arrived, go with the rest of it.
         if !self.schedules.is_empty() {
             self.schedules = Arc::new(Schedules::default());
+        }
+        if !self.callbacks.is_empty() {
+            self.callbacks = Arc::new(Callbacks::default());
         }
         Ok(RestoreSummary::default())
     }

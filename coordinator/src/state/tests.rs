@@ -25,6 +25,7 @@ pub(super) struct MemArchive {
     ledger: super::Ledger,
     schedules: super::Schedules,
     limits: super::Limits,
+    callbacks: super::Callbacks,
 }
 
 impl MemArchive {
@@ -70,6 +71,9 @@ impl MemArchive {
         if let Some(l) = &d.limits {
             self.limits = (**l).clone();
         }
+        if let Some(c) = &d.callbacks {
+            self.callbacks = (**c).clone();
+        }
     }
 
     /// A table restarted from this archive.
@@ -80,6 +84,7 @@ impl MemArchive {
             self.ledger.clone(),
             self.schedules.clone(),
             self.limits.clone(),
+            self.callbacks.clone(),
             self.live.values().cloned().collect(),
         )
         .unwrap()
@@ -589,7 +594,10 @@ fn giving_up_an_unrecorded_attempt_records_it_and_moves_the_number_on() {
     let task = t.get(1).unwrap();
     assert_eq!(task.next_attempt(), 2, "attempt 1 is never sent again");
     assert_eq!(task.attempts[0].worker, "w1");
-    assert!(matches!(task.attempts[0].end, Some(AttemptEnd::Lost { .. })));
+    assert!(matches!(
+        task.attempts[0].end,
+        Some(AttemptEnd::Lost { .. })
+    ));
     // Task 2's attempt was recorded: the `Start` is ignored, the `Lose` applies.
     start(&mut t, at(2, 1));
     let r = many(&mut t, give_up(2, 1));
@@ -1976,3 +1984,101 @@ fn assert_cancelled_by_a_parent(t: &TaskTable, id: TaskId) {
 
 mod approvals;
 mod graph;
+
+/// A task with a callback enters the outbox when it finishes (any final state), and
+/// leaves it when the delivery ends (recorded on the task), when it is purged, or when it
+/// is retried (it will notify again when it finishes again).
+#[test]
+fn finished_tasks_with_a_callback_wait_in_the_outbox_until_delivered() {
+    use super::callbacks::{Applied, CallbackOp};
+    use super::flow::FlowAttr;
+    let mut t = TaskTable::new();
+    let with_callback = |t: &mut TaskTable, payload: &str| {
+        let mut s = spec(payload);
+        s.max_attempts = 1;
+        s.retain_ms = 10;
+        let flow = Flow {
+            more: vec![FlowAttr::Callback {
+                url: "http://127.0.0.1:9/cb".into(),
+            }],
+            ..Flow::default()
+        };
+        match one(
+            t,
+            Op::SubmitFlow {
+                spec: s,
+                flow: Box::new(flow),
+                now_ms: 1,
+                queue_limit: 100,
+            },
+        ) {
+            OpResult::Submitted { id, .. } => id,
+            other => panic!("{other:?}"),
+        }
+    };
+    let a = with_callback(&mut t, "a");
+    let b = with_callback(&mut t, "b");
+    submit(&mut t, spec("no callback"));
+    assert!(t.callbacks().is_empty(), "nothing finished yet");
+    start(&mut t, at(a, 1));
+    finish(&mut t, at(a, 1), ok(b"out"));
+    start(&mut t, at(b, 1));
+    finish(&mut t, at(b, 1), fail(FailureKind::Exit));
+    start(&mut t, at(3, 1));
+    finish(&mut t, at(3, 1), ok(b"x"));
+    assert_eq!(
+        t.callbacks().len(),
+        2,
+        "the task without a callback is not there"
+    );
+    // Delivered: it leaves the outbox, and the task says so.
+    let delivered = Op::Callback(CallbackOp::Delivered {
+        task_id: a,
+        attempt: 1,
+        status: 200,
+        now_ms: 50,
+    });
+    assert!(matches!(
+        one(&mut t, delivered.clone()),
+        OpResult::Callback(Applied::Ended(_))
+    ));
+    assert_eq!(
+        one(&mut t, delivered),
+        OpResult::Callback(Applied::Ignored),
+        "a replay"
+    );
+    let view = t.get(a).unwrap().view();
+    let cb = view.callback.unwrap();
+    assert_eq!(
+        (cb.state.as_str(), cb.attempts, cb.status),
+        ("delivered", Some(1), Some(200))
+    );
+    // Retried (redrive): b's pending delivery is dropped; it notifies when it ends again.
+    assert_eq!(
+        one(
+            &mut t,
+            Op::Retry {
+                task_id: b,
+                now_ms: 60
+            }
+        ),
+        OpResult::Applied {
+            state: TaskState::Queued
+        }
+    );
+    assert!(t.callbacks().get(b).is_none());
+    start(&mut t, at(b, 2));
+    finish(&mut t, at(b, 2), fail(FailureKind::Exit));
+    assert_eq!(t.callbacks().get(b).map(|p| p.attempts), Some(0));
+    // Purged after its retention: gone from the outbox too.
+    let r = one(
+        &mut t,
+        Op::Purge {
+            ids: vec![b],
+            now_ms: 10_000,
+        },
+    );
+    assert_eq!(r, OpResult::Purged { purged: 1 });
+    assert!(t.callbacks().is_empty());
+    t.check_indexes().unwrap();
+}

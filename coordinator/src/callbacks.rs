@@ -1,0 +1,249 @@
+//! Delivering task callbacks. On the leader, [`deliver_loop`] POSTs each finished task's
+//! view to its `callback_url` and proposes what came of the attempt ([`Op::Callback`]);
+//! the outbox and its rules (which attempt counts, backoff, giving up) are replicated
+//! state, in [`crate::state::callbacks`], so a new leader carries on where the old one
+//! stopped.
+//!
+//! # What a receiver gets
+//! `POST <callback_url>` with `Content-Type: application/json` and the body
+//! `{"event": "task.finished", "task": <the task's view, as GET /v1/tasks/{id}>}`, and:
+//! * `Swarm-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`: the
+//!   receiver recomputes it with the cluster's callback secret (constant-time compare)
+//!   and may refuse an old `t` (replays);
+//! * `Swarm-Task-Id` and `Swarm-Delivery-Attempt`: delivery is at least once (a leader
+//!   change may repeat an attempt whose answer was not recorded), so a receiver dedupes
+//!   by the task id.
+//!
+//! A 2xx answer delivers it. No answer, a 408, 429 or 5xx is retried with backoff; any
+//! other answer (a 3xx too: redirects are not followed) gives it up at once, recorded on
+//! the task with the status.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ring::hmac;
+use swarm_proto::TaskId;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::node::{now_ms, Node};
+use crate::state::{CallbackOp, Op};
+use crate::tasks::{task_view, TaskError};
+
+/// How often the leader looks for deliveries due.
+const DELIVER_EVERY: Duration = Duration::from_millis(200);
+/// Most deliveries under way at once.
+const MAX_IN_FLIGHT: usize = 64;
+/// Longest wait for a receiver's answer.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest answer body read (for the error recorded on a refusal).
+const MAX_ANSWER_EXCERPT: usize = 200;
+
+/// On the leader, every [`DELIVER_EVERY`]: start the deliveries due (at most
+/// [`MAX_IN_FLIGHT`] at once). Runs until shutdown.
+pub(crate) async fn deliver_loop(node: Arc<Node>, shutdown: watch::Receiver<bool>) {
+    let http = match reqwest::Client::builder()
+        .timeout(ATTEMPT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("swarm-coordinator/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "no HTTP client for callbacks; none will be delivered");
+            return;
+        }
+    };
+    let under_way: Arc<Mutex<HashSet<TaskId>>> = Arc::default();
+    crate::node::every_while_leading(node, shutdown, DELIVER_EVERY, move |n| {
+        let (http, under_way) = (http.clone(), under_way.clone());
+        async move { start_due(n, http, under_way) }
+    })
+    .await
+}
+
+fn start_due(node: Arc<Node>, http: reqwest::Client, under_way: Arc<Mutex<HashSet<TaskId>>>) {
+    let Some(secret) = node.config().callback_secret.clone() else {
+        let waiting = node.read_table(|t| t.callbacks().len());
+        if waiting > 0 {
+            warn!(
+                waiting,
+                "callbacks are waiting but this coordinator has no --callback-secret-file"
+            );
+        }
+        return;
+    };
+    let now = now_ms();
+    let due = node.read_table(|t| match t.restoring() {
+        Some(_) => Vec::new(),
+        None => t.callbacks().due(now, 2 * MAX_IN_FLIGHT),
+    });
+    for (id, attempt) in due {
+        {
+            let mut u = under_way.lock().unwrap_or_else(PoisonError::into_inner);
+            if u.len() >= MAX_IN_FLIGHT || !u.insert(id) {
+                continue;
+            }
+        }
+        let (node, http, under_way, secret) = (
+            node.clone(),
+            http.clone(),
+            under_way.clone(),
+            secret.clone(),
+        );
+        tokio::spawn(async move {
+            let op = attempt_delivery(&node, &http, secret.as_bytes(), id, attempt).await;
+            if let Some(op) = op {
+                match node.propose(vec![Op::Callback(op)]).await {
+                    Ok(_) => {}
+                    Err(e) => debug!(task = id, error = %e, "callback outcome not committed"),
+                }
+            }
+            under_way
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        });
+    }
+}
+
+/// Make attempt `attempt` of task `id`'s delivery; what came of it (`None`: the task is
+/// gone, and so is its entry, with the purge that removed it).
+async fn attempt_delivery(
+    node: &Node,
+    http: &reqwest::Client,
+    secret: &[u8],
+    id: TaskId,
+    attempt: u32,
+) -> Option<CallbackOp> {
+    let view = match task_view(node, id) {
+        Ok(v) => v,
+        Err(TaskError::Expired(_) | TaskError::Unknown(_)) => return None,
+        Err(e) => {
+            warn!(task = id, error = %e, "reading a task to deliver its callback");
+            return None;
+        }
+    };
+    let url = view.callback.as_ref()?.url.clone();
+    let body = match serde_json::to_vec(&serde_json::json!({
+        "event": "task.finished",
+        "task": view,
+    })) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(task = id, error = %e, "encoding a callback");
+            return None;
+        }
+    };
+    let at = now_ms();
+    let signature = sign(secret, at, &body);
+    let sent = http
+        .post(&url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("Swarm-Signature", signature)
+        .header("Swarm-Task-Id", id.to_string())
+        .header("Swarm-Delivery-Attempt", attempt.to_string())
+        .body(body)
+        .send()
+        .await;
+    let now_ms = now_ms();
+    let op = match sent {
+        Ok(r) if r.status().is_success() => {
+            metrics::counter!("swarm_callbacks_delivered_total").increment(1);
+            CallbackOp::Delivered {
+                task_id: id,
+                attempt,
+                status: r.status().as_u16(),
+                now_ms,
+            }
+        }
+        Ok(r) => {
+            let status = r.status();
+            let retry = status.is_server_error()
+                || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+            let excerpt = r
+                .text()
+                .await
+                .map(|t| t.chars().take(MAX_ANSWER_EXCERPT).collect::<String>())
+                .unwrap_or_default();
+            metrics::counter!("swarm_callbacks_failed_attempts_total").increment(1);
+            debug!(task = id, attempt, %status, "callback refused");
+            CallbackOp::Failed {
+                task_id: id,
+                attempt,
+                status: Some(status.as_u16()),
+                error: format!("{status}: {excerpt}"),
+                retry,
+                now_ms,
+            }
+        }
+        Err(e) => {
+            metrics::counter!("swarm_callbacks_failed_attempts_total").increment(1);
+            debug!(task = id, attempt, error = %e, "callback not delivered");
+            CallbackOp::Failed {
+                task_id: id,
+                attempt,
+                status: None,
+                error: error_chain(&e),
+                retry: true,
+                now_ms,
+            }
+        }
+    };
+    Some(op)
+}
+
+/// `t=<at>,v1=<hex HMAC-SHA256(secret, "<at>.<body>")>`.
+pub fn sign(secret: &[u8], at_ms: u64, body: &[u8]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(at_ms.to_string().as_bytes());
+    ctx.update(b".");
+    ctx.update(body);
+    let tag = ctx.sign();
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={at_ms},v1={hex}")
+}
+
+/// An error and its causes, `: `-joined (reqwest's own message leaves out the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signature is the HMAC of `t.body`, checkable with ring's own verify; another
+    /// time, body or secret does not verify.
+    #[test]
+    fn signatures_verify_with_the_secret_only() {
+        let body = br#"{"event":"task.finished"}"#;
+        let sig = sign(b"s3cret", 1_700_000_000_000, body);
+        let (t, v1) = sig.split_once(',').unwrap();
+        assert_eq!(t, "t=1700000000000");
+        let hex = v1.strip_prefix("v1=").unwrap();
+        let tag: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let verify = |secret: &[u8], signed: &[u8]| {
+            hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, secret), signed, &tag).is_ok()
+        };
+        let mut signed = b"1700000000000.".to_vec();
+        signed.extend_from_slice(body);
+        assert!(verify(b"s3cret", &signed));
+        assert!(!verify(b"other", &signed));
+        signed[0] = b'2';
+        assert!(!verify(b"s3cret", &signed));
+    }
+}
