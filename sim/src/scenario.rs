@@ -5,17 +5,18 @@
 //!
 //! Time line of a run (simulated time):
 //! * `0 ..` — coordinators start (node 1 bootstraps the cluster), workers dial them;
-//! * `warmup ..` — clients submit (each key retried until acknowledged) and read;
-//!   faults start; membership changes start after the log has been compacted, and the
-//!   operator carries them out one at a time while the other faults go on;
+//! * `warmup ..` — clients submit (each key retried until acknowledged) and read, and
+//!   one creates the run's [`SCHEDULES`], which tick until the end; faults start;
+//!   membership changes start after the log has been compacted, and the operator
+//!   carries them out one at a time while the other faults go on;
 //! * `warmup + load` — every fault heals: links repaired, held messages delivered,
 //!   crashed hosts restarted (not those removed from the cluster); a membership change in
 //!   progress goes on; clients stop starting new submits and finish the ones in progress
 //!   (giving up `drain` later); readers go on for a few seconds more;
-//! * once the submitters are done, the auditor lists the whole table through the API
-//!   until every task is final (giving up `audit_deadline` after the drain); once the
-//!   operator is done too, every member of the cluster applies the whole log and
-//!   checkpoints it, and the run ends. Each member's checkpoint is then read from its
+//! * once the submitters are done, the auditor reads every schedule, then lists the
+//!   whole table through the API, until every task is final (giving up
+//!   `audit_deadline` after the drain); once the operator is done too, every member of
+//!   the cluster applies the whole log and checkpoints it, and the run ends. Each member's checkpoint is then read from its
 //!   data dir and the checker compares them.
 //!
 //! Snapshots are on: every node checkpoints every [`Options::snapshot_every`] entries,
