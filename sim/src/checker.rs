@@ -1049,7 +1049,14 @@ struct TickCount {
     due: u64,
     /// Of those, ticks with a task.
     fired: u64,
+    /// Of those, ticks whose task first started [`LATE_TICK_MS`] or more after the tick.
+    late: u64,
 }
+
+/// A tick whose task first started this long after it (ms) was fired late: a catch-up
+/// after an outage, or its task waited for a worker. (Without either, a leader fires a
+/// tick within 200 ms and its task starts at once.)
+pub const LATE_TICK_MS: u64 = 1000;
 
 /// The schedule rule (see the module docs) for every schedule a client created; what it
 /// counted, by schedule.
@@ -1162,6 +1169,15 @@ fn check_schedules(
         let first = anchor + every;
         let due = (next - first) / every;
         let fired: Vec<u64> = by_tick.range(..next).map(|(t, _)| *t).collect();
+        let late = tasks
+            .iter()
+            .filter_map(|t| {
+                let tick = t.key.as_deref().and_then(|k| tick_of(&c.name, k))??;
+                let start = t.attempt_log.first()?.started_ms;
+                (tick < next && start >= tick + LATE_TICK_MS).then_some(tick)
+            })
+            .collect::<BTreeSet<u64>>()
+            .len() as u64;
         let missing: Vec<u64> = (0..due)
             .map(|k| first + k * every)
             .filter(|t| !by_tick.contains_key(t))
@@ -1171,6 +1187,7 @@ fn check_schedules(
             TickCount {
                 due,
                 fired: fired.len() as u64,
+                late,
             },
         );
         let counters = |why: String| Violation::ScheduleCounters {
@@ -1228,6 +1245,9 @@ pub struct ScheduleStats {
     pub ticks: u64,
     /// Of those, ticks with a task.
     pub fired: u64,
+    /// Of those, ticks fired late (their task first started [`LATE_TICK_MS`] or more
+    /// after the tick): caught up after an outage, or their task waited for a worker.
+    pub late: u64,
 }
 
 /// [`ScheduleStats`] of `h`.
@@ -1243,6 +1263,7 @@ pub fn schedule_stats(h: &History) -> ScheduleStats {
         schedules: counts.len(),
         ticks: counts.values().map(|c| c.due).sum(),
         fired: counts.values().map(|c| c.fired).sum(),
+        late: counts.values().map(|c| c.late).sum(),
     }
 }
 

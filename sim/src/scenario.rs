@@ -285,7 +285,7 @@ impl Report {
         let limits = self.limits();
         let ticks = self.schedule_ticks();
         format!(
-            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, limited attempts: {} with a concurrency key ({} filling it), {} with a rate limit ({} emptying it), schedule ticks checked: {} of {} schedules ({} with a task), {} executions started, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
+            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, limited attempts: {} with a concurrency key ({} filling it), {} with a rate limit ({} emptying it), schedule ticks checked: {} of {} schedules ({} with a task, {} started 1 s late or more), {} executions started, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
             self.seed,
             self.history.submits.len(),
             self.history.reads.len(),
@@ -296,6 +296,7 @@ impl Report {
             ticks.ticks,
             ticks.schedules,
             ticks.fired,
+            ticks.late,
             self.history
                 .executions
                 .iter()

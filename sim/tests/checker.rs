@@ -877,9 +877,18 @@ fn a_schedule_that_fired_every_tick_once_passes_and_its_ticks_are_counted() {
         ScheduleStats {
             schedules: 1,
             ticks: 5,
-            fired: 5
+            fired: 5,
+            late: 0
         }
     );
+    // A tick whose task started a second or more after it counts as late (tick 6 is
+    // after the schedule's next tick as the audit read it: not counted).
+    let mut h = scheduled(1000);
+    for t in audit_parts(&mut h).0.iter_mut().filter(|t| t.id >= 14) {
+        t.attempt_log[0].started_ms = ANCHOR + (t.id - 10) * EVERY + 1000;
+    }
+    assert_eq!(check(&h), vec![]);
+    assert_eq!(schedule_stats(&h).late, 2);
 }
 
 #[test]
