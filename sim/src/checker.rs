@@ -41,6 +41,16 @@
 //!   N's bucket allows: in every window `[s_i, s_j]` of their (sorted) start times at most
 //!   `burst + tokens × (s_j − s_i) / per_ms` starts (buckets start empty at an election,
 //!   and an old leader can record no start after one);
+//! * **schedules** — for every schedule a client created (an interval, catching up all
+//!   missed ticks up to a bound; read in the audit just before the listing): it exists at
+//!   the end as defined, created (by the leader's clock) while its create was in flight;
+//!   each of its tasks' keys `schedule:<name>:<tick_ms>` names a tick of its grid
+//!   `created_at + k × every` (`k ≥ 1`), no tick has two tasks; every tick from the first
+//!   up to its final next tick (exclusive: later ones may have fired after the read)
+//!   submitted exactly one task, except as many as it counts skipped or refused, and it
+//!   counts none skipped unless more ticks than its catch-up bound were ever due at once;
+//!   its `fired` counter is the number of those ticks with a task, and its last tick is
+//!   the one before its next;
 //! * **identical replicas** — at the end, every member of the cluster has applied the
 //!   leader's whole log and checkpointed it, and all their checkpoints hold the same state
 //!   (byte-equal dumps, read from each member's data dir after the run).
@@ -176,9 +186,49 @@ pub enum Audit {
         invoked: At,
         completed: At,
         tasks: Vec<TaskRecord>,
+        /// Every schedule, as read (from the leader) just before the listing was invoked.
+        schedules: Vec<ScheduleStatus>,
     },
     /// The cluster never answered with a table in which every acknowledged task is final.
     Incomplete { reason: String },
+}
+
+/// A schedule as the API showed it (`GET /v1/schedules`) in the final audit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScheduleStatus {
+    pub name: String,
+    /// The interval (`None`: a cron schedule).
+    pub every_ms: Option<u64>,
+    /// `skip` or `all`, and with `all` the most missed ticks one catch-up fires.
+    pub catch_up: String,
+    pub max_catch_up: Option<u32>,
+    pub paused: bool,
+    pub agent: String,
+    /// The creation time as committed: an interval schedule's grid is
+    /// `created_at_ms + k × every_ms`, `k ≥ 1`.
+    pub created_at_ms: u64,
+    /// The tick the next Fire must name (`None`: paused, or no further tick).
+    pub next_tick_ms: Option<u64>,
+    pub fired: u64,
+    pub skipped: u64,
+    pub refused: u64,
+    pub last_tick_ms: Option<u64>,
+}
+
+/// A schedule a client created (`POST /v1/schedules`, retried until it was confirmed).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScheduleCreation {
+    pub name: String,
+    /// What the client asked for: its interval, catch-up bound (`catch_up: all`) and agent.
+    pub every_ms: u64,
+    pub max_catch_up: u32,
+    pub agent: String,
+    /// When the first create was invoked, on the coordinators' clock (ms since the epoch).
+    pub invoked_ms: u64,
+    /// Once confirmed (a create answered 201, or 409 `schedule_exists`, then read back
+    /// with GET): when the read completed (ms since the epoch) and the creation time it
+    /// showed. `None`: never confirmed (the schedule may or may not exist).
+    pub confirmed: Option<(u64, u64)>,
 }
 
 /// A membership change as the run's operator carried it out.
@@ -263,6 +313,8 @@ pub struct History {
     /// How far the workers' clocks ran ahead of the coordinators' (ms): the end times
     /// workers report are that far off.
     pub worker_clock_skew_ms: i64,
+    /// Schedules clients created, in the order they were first asked for.
+    pub schedules: Vec<ScheduleCreation>,
 }
 
 /// A broken guarantee, with what shows it.
@@ -354,6 +406,35 @@ pub enum Violation {
         rate: RateLimit,
         starts: Vec<(u64, u64, u32)>,
     },
+    /// A schedule a client created (or that fired) is not in the final audit.
+    ScheduleLost { name: String },
+    /// A schedule in the final audit is not what its client created (definition,
+    /// creation time outside the create's window), or has no next tick.
+    ScheduleDiffers { name: String, why: String },
+    /// A task of a schedule whose key names no tick of the schedule's grid.
+    ScheduleOffGrid {
+        name: String,
+        id: u64,
+        key: Option<String>,
+    },
+    /// One tick of a schedule submitted several tasks.
+    ScheduleTickTwice {
+        name: String,
+        tick_ms: u64,
+        ids: Vec<u64>,
+    },
+    /// Ticks before the schedule's next one with no task, not all accounted for by its
+    /// skipped and refused counters.
+    ScheduleTicksMissing {
+        name: String,
+        /// How many, and the first few (ms since the epoch).
+        missing: usize,
+        first: Vec<u64>,
+        skipped: u64,
+        refused: u64,
+    },
+    /// A schedule's counters disagree with the tasks its ticks submitted.
+    ScheduleCounters { name: String, why: String },
 }
 
 impl fmt::Display for Violation {
@@ -495,6 +576,32 @@ impl fmt::Display for Violation {
                 starts.first().map_or(0, |s| s.0),
                 starts.last().map_or(0, |s| s.0),
             ),
+            Violation::ScheduleLost { name } => write!(
+                f,
+                "schedule {name} was created (or fired) but is missing from the final audit"
+            ),
+            Violation::ScheduleDiffers { name, why } => write!(f, "schedule {name}: {why}"),
+            Violation::ScheduleOffGrid { name, id, key } => write!(
+                f,
+                "task {id} (key {key:?}) of schedule {name} names no tick of its grid"
+            ),
+            Violation::ScheduleTickTwice { name, tick_ms, ids } => write!(
+                f,
+                "tick {tick_ms} of schedule {name} submitted several tasks: {ids:?}"
+            ),
+            Violation::ScheduleTicksMissing {
+                name,
+                missing,
+                first,
+                skipped,
+                refused,
+            } => write!(
+                f,
+                "schedule {name}: {missing} ticks before its next one submitted no task (first: {first:?}), but it counts {skipped} skipped and {refused} refused"
+            ),
+            Violation::ScheduleCounters { name, why } => {
+                write!(f, "schedule {name}'s counters: {why}")
+            }
         }
     }
 }
@@ -688,8 +795,10 @@ pub fn check(h: &History) -> Vec<Violation> {
             invoked,
             completed,
             tasks,
+            schedules,
         }) => {
             check_table(h, &acked, tasks, &mut out);
+            check_schedules(h, tasks, schedules, &mut out);
             check_phantoms(h, tasks, &mut out);
             check_keys(h, tasks, &mut out);
             check_buckets(h, tasks, &mut out);
@@ -922,6 +1031,242 @@ pub fn limit_stats(h: &History) -> LimitStats {
     st
 }
 
+/// The tick a task's idempotency key names if it is one of schedule `name`'s
+/// (`schedule:<name>:<tick_ms>`): `Some(None)` when the key has the schedule's prefix but
+/// no tick after it.
+fn tick_of(name: &str, key: &str) -> Option<Option<u64>> {
+    let rest = key
+        .strip_prefix("schedule:")?
+        .strip_prefix(name)?
+        .strip_prefix(':')?;
+    Some(rest.parse().ok())
+}
+
+/// What the schedule rule found for one schedule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct TickCount {
+    /// Ticks of its grid before its final next tick.
+    due: u64,
+    /// Of those, ticks with a task.
+    fired: u64,
+    /// Of those, ticks whose task first started [`LATE_TICK_MS`] or more after the tick.
+    late: u64,
+}
+
+/// A tick whose task first started this long after it (ms) was fired late: a catch-up
+/// after an outage, or its task waited for a worker. (Without either, a leader fires a
+/// tick within 200 ms and its task starts at once.)
+pub const LATE_TICK_MS: u64 = 1000;
+
+/// The schedule rule (see the module docs) for every schedule a client created; what it
+/// counted, by schedule.
+fn check_schedules(
+    h: &History,
+    tasks: &[TaskRecord],
+    statuses: &[ScheduleStatus],
+    out: &mut Vec<Violation>,
+) -> BTreeMap<String, TickCount> {
+    let mut counts = BTreeMap::new();
+    for c in &h.schedules {
+        // Its tasks by tick; keys of its prefix that name no tick.
+        let mut by_tick: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        let mut bad_keys = Vec::new();
+        for t in tasks {
+            match t.key.as_deref().and_then(|k| tick_of(&c.name, k)) {
+                None => {}
+                Some(Some(tick)) => by_tick.entry(tick).or_default().push(t.id),
+                Some(None) => bad_keys.push(t),
+            }
+        }
+        let Some(st) = statuses.iter().find(|s| s.name == c.name) else {
+            if c.confirmed.is_some() || !by_tick.is_empty() || !bad_keys.is_empty() {
+                out.push(Violation::ScheduleLost {
+                    name: c.name.clone(),
+                });
+            }
+            continue;
+        };
+        let differs = |why: String| Violation::ScheduleDiffers {
+            name: c.name.clone(),
+            why,
+        };
+        let asked = (
+            Some(c.every_ms),
+            "all",
+            Some(c.max_catch_up),
+            c.agent.as_str(),
+        );
+        let shown = (
+            st.every_ms,
+            st.catch_up.as_str(),
+            st.max_catch_up,
+            st.agent.as_str(),
+        );
+        if asked != shown {
+            out.push(differs(format!(
+                "created as (every_ms, catch_up, max_catch_up, agent) {asked:?}, the audit shows {shown:?}"
+            )));
+            continue;
+        }
+        // Created by the leader's clock while a create was in flight: after the first
+        // was invoked, before the read that confirmed it completed.
+        let window_end = c.confirmed.map_or(u64::MAX, |(done, _)| done);
+        if !(c.invoked_ms..=window_end).contains(&st.created_at_ms) {
+            out.push(differs(format!(
+                "created at {} ms, outside the window of its creation ({} ms to {window_end} ms)",
+                st.created_at_ms, c.invoked_ms
+            )));
+        }
+        if let Some((_, anchor)) = c.confirmed {
+            if anchor != st.created_at_ms {
+                out.push(differs(format!(
+                    "read back as created at {anchor} ms, the audit shows {} ms",
+                    st.created_at_ms
+                )));
+            }
+        }
+        let (anchor, every) = (st.created_at_ms, c.every_ms.max(1));
+        let on_grid = |t: u64| t > anchor && (t - anchor).is_multiple_of(every);
+        for t in bad_keys {
+            out.push(Violation::ScheduleOffGrid {
+                name: c.name.clone(),
+                id: t.id,
+                key: t.key.clone(),
+            });
+        }
+        for (tick, ids) in &by_tick {
+            if !on_grid(*tick) {
+                for id in ids {
+                    out.push(Violation::ScheduleOffGrid {
+                        name: c.name.clone(),
+                        id: *id,
+                        key: Some(format!("schedule:{}:{tick}", c.name)),
+                    });
+                }
+            }
+            if ids.len() > 1 {
+                out.push(Violation::ScheduleTickTwice {
+                    name: c.name.clone(),
+                    tick_ms: *tick,
+                    ids: ids.clone(),
+                });
+            }
+        }
+        let next = match st.next_tick_ms {
+            Some(n) if on_grid(n) => n,
+            other => {
+                out.push(differs(format!(
+                    "its next tick is {other:?} (paused: {}), not a tick of its grid {anchor} + k × {every} ms",
+                    st.paused
+                )));
+                continue;
+            }
+        };
+        // Every tick from the first up to the next one (exclusive) was handled: it
+        // submitted its task, or its task was refused, or a later tick's catch-up
+        // skipped it. Ticks from `next` on may have fired after the audit read the
+        // schedule; they were checked for the grid and for duplicates above.
+        let first = anchor + every;
+        let due = (next - first) / every;
+        let fired: Vec<u64> = by_tick.range(..next).map(|(t, _)| *t).collect();
+        let late = tasks
+            .iter()
+            .filter_map(|t| {
+                let tick = t.key.as_deref().and_then(|k| tick_of(&c.name, k))??;
+                let start = t.attempt_log.first()?.started_ms;
+                (tick < next && start >= tick + LATE_TICK_MS).then_some(tick)
+            })
+            .collect::<BTreeSet<u64>>()
+            .len() as u64;
+        let missing: Vec<u64> = (0..due)
+            .map(|k| first + k * every)
+            .filter(|t| !by_tick.contains_key(t))
+            .collect();
+        counts.insert(
+            c.name.clone(),
+            TickCount {
+                due,
+                fired: fired.len() as u64,
+                late,
+            },
+        );
+        let counters = |why: String| Violation::ScheduleCounters {
+            name: c.name.clone(),
+            why,
+        };
+        if st.fired != fired.len() as u64 {
+            out.push(counters(format!(
+                "{} fired, but {} of its ticks before {next} ms submitted a task",
+                st.fired,
+                fired.len()
+            )));
+        }
+        // A catch-up skips only when more than `max_catch_up` ticks are due at once, and
+        // no more than `due` ever were (those it skips and fires are all before `next`).
+        let keep = match (st.catch_up.as_str(), st.max_catch_up) {
+            ("all", Some(max)) => u64::from(max),
+            _ => 1,
+        };
+        if due <= keep && st.skipped > 0 {
+            out.push(counters(format!(
+                "{} skipped, but only {due} ticks were ever due and a catch-up fires up to {keep}",
+                st.skipped
+            )));
+        }
+        if missing.len() as u64 != st.skipped.saturating_add(st.refused) {
+            out.push(Violation::ScheduleTicksMissing {
+                name: c.name.clone(),
+                missing: missing.len(),
+                first: missing.iter().take(10).copied().collect(),
+                skipped: st.skipped,
+                refused: st.refused,
+            });
+        }
+        // The tick before the next one is the last one fired or refused (a skip comes
+        // with a later tick fired or refused).
+        let last = (due > 0).then(|| next - every);
+        if st.last_tick_ms != last {
+            out.push(counters(format!(
+                "its last tick is {:?}, but the tick before its next one ({next} ms) is {last:?}",
+                st.last_tick_ms
+            )));
+        }
+    }
+    counts
+}
+
+/// What the schedule rule checked in a run (zero without an audit or a schedule).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScheduleStats {
+    /// Schedules in the final audit that clients created.
+    pub schedules: usize,
+    /// Ticks due before their schedule's final next tick (each checked to have
+    /// submitted exactly one task, or to be accounted for by the counters).
+    pub ticks: u64,
+    /// Of those, ticks with a task.
+    pub fired: u64,
+    /// Of those, ticks fired late (their task first started [`LATE_TICK_MS`] or more
+    /// after the tick): caught up after an outage, or their task waited for a worker.
+    pub late: u64,
+}
+
+/// [`ScheduleStats`] of `h`.
+pub fn schedule_stats(h: &History) -> ScheduleStats {
+    let Some(Audit::Complete {
+        tasks, schedules, ..
+    }) = &h.audit
+    else {
+        return ScheduleStats::default();
+    };
+    let counts = check_schedules(h, tasks, schedules, &mut Vec::new());
+    ScheduleStats {
+        schedules: counts.len(),
+        ticks: counts.values().map(|c| c.due).sum(),
+        fired: counts.values().map(|c| c.fired).sum(),
+        late: counts.values().map(|c| c.late).sum(),
+    }
+}
+
 /// Membership changes completed, the voters they leave, and identical replicas.
 fn check_membership(h: &History, out: &mut Vec<Violation>) {
     for c in &h.membership {
@@ -1063,6 +1408,8 @@ fn check_table(
     for t in tasks {
         match t.key.as_deref() {
             Some(k) if submitted.contains(k) => by_key.entry(k).or_default().push(t.id),
+            // A tick of a schedule a client created: the schedule rule judges it.
+            Some(k) if h.schedules.iter().any(|c| tick_of(&c.name, k).is_some()) => {}
             _ => out.push(Violation::Unsubmitted {
                 id: t.id,
                 key: t.key.clone(),

@@ -7,7 +7,7 @@
 //! thread), and the cluster's membership changes while the faults run: a node replaced by
 //! a brand-new one, a node wiped and added back. Clients submit and read through the HTTP
 //! API and record what they saw (some tasks under a concurrency key or a rate limit the
-//! run sets first); at the end every member's checkpoint is read from its
+//! run sets first, and schedules that submit a task a tick); at the end every member's checkpoint is read from its
 //! data dir; the [`checker`] judges the history and compares the replicas.
 //!
 //! * [`net`]: quinn over turmoil UDP, axum and hyper over turmoil TCP.
@@ -19,7 +19,8 @@
 //! * [`scenario`]: one run of one seed.
 //! * [`checker`]: the history model and the checker (durability, idempotency,
 //!   integrity, dependencies, linearizable reads, membership, unique executions, no
-//!   phantom attempts, concurrency keys, rate limits, identical replicas).
+//!   phantom attempts, concurrency keys, rate limits, schedule ticks, identical
+//!   replicas).
 
 pub mod certs;
 pub mod checker;

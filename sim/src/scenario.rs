@@ -5,17 +5,18 @@
 //!
 //! Time line of a run (simulated time):
 //! * `0 ..` — coordinators start (node 1 bootstraps the cluster), workers dial them;
-//! * `warmup ..` — clients submit (each key retried until acknowledged) and read;
-//!   faults start; membership changes start after the log has been compacted, and the
-//!   operator carries them out one at a time while the other faults go on;
+//! * `warmup ..` — clients submit (each key retried until acknowledged) and read, and
+//!   one creates the run's [`SCHEDULES`], which tick until the end; faults start;
+//!   membership changes start after the log has been compacted, and the operator
+//!   carries them out one at a time while the other faults go on;
 //! * `warmup + load` — every fault heals: links repaired, held messages delivered,
 //!   crashed hosts restarted (not those removed from the cluster); a membership change in
 //!   progress goes on; clients stop starting new submits and finish the ones in progress
 //!   (giving up `drain` later); readers go on for a few seconds more;
-//! * once the submitters are done, the auditor lists the whole table through the API
-//!   until every task is final (giving up `audit_deadline` after the drain); once the
-//!   operator is done too, every member of the cluster applies the whole log and
-//!   checkpoints it, and the run ends. Each member's checkpoint is then read from its
+//! * once the submitters are done, the auditor reads every schedule, then lists the
+//!   whole table through the API, until every task is final (giving up
+//!   `audit_deadline` after the drain); once the operator is done too, every member of
+//!   the cluster applies the whole log and checkpoints it, and the run ends. Each member's checkpoint is then read from its
 //!   data dir and the checker compares them.
 //!
 //! Snapshots are on: every node checkpoints every [`Options::snapshot_every`] entries,
@@ -50,7 +51,7 @@ use swarm_worker::{Backoff, ExecutionEvent, ExecutionJournal, Worker, WorkerPara
 
 use crate::checker::{
     self, AttemptRecord, Audit, ExecEvent, ExecRecord, History, RateLimit, Read, ReadResult,
-    Submit, SubmitResult, TaskRecord,
+    ScheduleCreation, ScheduleStatus, Submit, SubmitResult, TaskRecord,
 };
 use crate::driver::{Driver, Hosts};
 use crate::faults::{self, Episode};
@@ -106,6 +107,14 @@ pub const RATE_LIMITS: &[(&str, RateLimit)] = &[(
     },
 )];
 
+/// The schedules every run creates (name, interval in ms) as it starts, each submitting
+/// an echo task a tick.
+pub const SCHEDULES: &[(&str, u64)] = &[("every-1s", 1000), ("every-2s", 2000)];
+/// Their catch-up policy is `all`, up to this many missed ticks at once: the most there
+/// is. A run lasts under two minutes of simulated time, so fewer ticks than that are
+/// ever due at once, and none may be skipped (the checker holds them to it).
+pub const SCHEDULE_CATCH_UP: u32 = swarm_coordinator::state::schedules::MAX_CATCH_UP;
+
 /// The shape of a run; the seed decides everything else.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -146,6 +155,8 @@ pub struct Options {
     /// Submitters set [`KEY_LIMITS`] and [`RATE_LIMITS`] and give some tasks a
     /// concurrency key or the rate limit.
     pub limited_tasks: bool,
+    /// A client creates [`SCHEDULES`] as the load starts.
+    pub schedules: bool,
 }
 
 impl Default for Options {
@@ -169,6 +180,7 @@ impl Default for Options {
             snapshot_chunk: SNAPSHOT_CHUNK,
             worker_clock_skew_ms: 0,
             limited_tasks: true,
+            schedules: true,
         }
     }
 }
@@ -221,6 +233,12 @@ impl Report {
         checker::limit_stats(&self.history)
     }
 
+    /// What the schedule rule checked (the ticks due before each schedule's last next
+    /// tick).
+    pub fn schedule_ticks(&self) -> checker::ScheduleStats {
+        checker::schedule_stats(&self.history)
+    }
+
     /// One line of figures.
     pub fn summary(&self) -> String {
         let acked = self
@@ -265,8 +283,9 @@ impl Report {
             None => "replicas not compared".into(),
         };
         let limits = self.limits();
+        let ticks = self.schedule_ticks();
         format!(
-            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, limited attempts: {} with a concurrency key ({} filling it), {} with a rate limit ({} emptying it), {} executions started, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
+            "seed {}: {} submits ({acked} acked, {unknown} unknown), {} reads, {tasks} tasks {states}, {retried} with several attempts, limited attempts: {} with a concurrency key ({} filling it), {} with a rate limit ({} emptying it), schedule ticks checked: {} of {} schedules ({} with a task, {} started 1 s late or more), {} executions started, {membership}/{} membership changes, snapshots built/installed [{}], {replicas}, {} log lines, {:.1}s simulated, digest {:016x}",
             self.seed,
             self.history.submits.len(),
             self.history.reads.len(),
@@ -274,6 +293,10 @@ impl Report {
             limits.keyed_full,
             limits.bucketed,
             limits.bucket_emptied,
+            ticks.ticks,
+            ticks.schedules,
+            ticks.fired,
+            ticks.late,
             self.history
                 .executions
                 .iter()
@@ -659,6 +682,14 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
             )
         });
         let writers = futures::future::join_all(writers.collect::<Vec<_>>());
+        let schedules = create_schedules(
+            apis.clone(),
+            shared.clone(),
+            seed,
+            opts.warmup,
+            heal_at,
+            opts.schedules,
+        );
         let operator = Operator::new(
             shared.clone(),
             quic.clone(),
@@ -667,7 +698,7 @@ fn run_inner(seed: u64, opts: &Options) -> Result<Report, String> {
             drain_until,
         );
         sim.client("writers", async move {
-            futures::join!(writers, operator.run());
+            futures::join!(writers, schedules, operator.run());
             Ok(())
         });
     }
@@ -1073,6 +1104,88 @@ async fn set_limits(
     true
 }
 
+/// Create [`SCHEDULES`] from `start` (when `enabled`), one after the other, each retried
+/// through random members until confirmed, or until `stop`. A create is refused as a
+/// conflict (`schedule_exists`) if an earlier try that looked lost did create it; either
+/// way the schedule is then read back (its creation time as committed), and the checker
+/// compares the audit's view with what was asked.
+async fn create_schedules(
+    apis: Vec<SocketAddr>,
+    shared: SharedRef,
+    seed: u64,
+    start: Duration,
+    stop: Duration,
+    enabled: bool,
+) {
+    if !enabled {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(sub_seed(seed, 400));
+    tokio::time::sleep(start.saturating_sub(now())).await;
+    for &(name, every_ms) in SCHEDULES {
+        let agent = "echo";
+        let body = json!({
+            "name": name,
+            "every": format!("{}ms", every_ms),
+            "catch_up": "all",
+            "max_catch_up": SCHEDULE_CATCH_UP,
+            "task": {"agent": agent, "payload": {"schedule": name},
+                     "timeout_ms": 8000, "max_attempts": 6},
+        });
+        let slot = {
+            let mut s = lock(&shared);
+            s.history.schedules.push(ScheduleCreation {
+                name: name.to_string(),
+                every_ms,
+                max_catch_up: SCHEDULE_CATCH_UP,
+                agent: agent.to_string(),
+                invoked_ms: sim_clock_ms(),
+                confirmed: None,
+            });
+            s.history.schedules.len() - 1
+        };
+        let mut created = false;
+        let mut tries = 0u32;
+        while now() < stop {
+            tries += 1;
+            let api = pick_api(&shared, &apis, &mut rng);
+            if !created {
+                match call(api, Method::POST, "/v1/schedules", Some(body.clone())).await {
+                    Ok((st, _)) if st.is_success() => created = true,
+                    Ok((st, v))
+                        if st == StatusCode::CONFLICT
+                            && v["error"]["code"] == "schedule_exists" =>
+                    {
+                        created = true
+                    }
+                    Ok((st, v))
+                        if st.is_client_error()
+                            && st != StatusCode::REQUEST_TIMEOUT
+                            && st != StatusCode::TOO_MANY_REQUESTS =>
+                    {
+                        // Such a refusal is the scenario's mistake, not a fault.
+                        panic!("POST /v1/schedules {body} refused: {st} {v}");
+                    }
+                    _ => {}
+                }
+            }
+            if created {
+                // A 404 here is a deposed leader's stale answer: read again.
+                let path = format!("/v1/schedules/{name}");
+                if let Ok((StatusCode::OK, v)) = call(api, Method::GET, &path, None).await {
+                    if let Some(at) = v["created_at_ms"].as_u64() {
+                        lock(&shared).history.schedules[slot].confirmed =
+                            Some((sim_clock_ms(), at));
+                        break;
+                    }
+                }
+            }
+            let backoff = 50u64 << tries.min(5);
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(backoff / 2..=backoff))).await;
+        }
+    }
+}
+
 /// Submit tasks from `start` to `stop`, each retried with its key until acknowledged
 /// (or `give_up`). Once it has set the run's limits, a submitter gives some of its tasks
 /// a concurrency key (`tenant:0` to `tenant:3`, mostly on sleeps) or the rate limit
@@ -1282,8 +1395,8 @@ async fn auditor(
             };
         }
         let api = pick_api(&shared, &apis, &mut rng);
-        match list_all(api).await {
-            Ok((invoked, completed, tasks)) => {
+        match audit_once(api).await {
+            Ok((invoked, completed, tasks, schedules)) => {
                 let open: Vec<&TaskRecord> = tasks
                     .iter()
                     .filter(|t| !checker::is_final(&t.state))
@@ -1293,6 +1406,7 @@ async fn auditor(
                         invoked,
                         completed,
                         tasks,
+                        schedules,
                     };
                 }
                 last = format!(
@@ -1333,6 +1447,50 @@ async fn auditor(
         }
     };
     lock(&shared).settled = Some(settled);
+}
+
+/// Every schedule, then every task, from `api`: the schedules are read before the
+/// (linearizable) listing is invoked, so it holds every task their ticks had submitted.
+async fn audit_once(
+    api: SocketAddr,
+) -> Result<(Duration, Duration, Vec<TaskRecord>, Vec<ScheduleStatus>), String> {
+    let (st, v) = call(api, Method::GET, "/v1/schedules", None).await?;
+    if st != StatusCode::OK {
+        return Err(format!("schedules from {api}: {st} {v}"));
+    }
+    let schedules = v["schedules"]
+        .as_array()
+        .ok_or_else(|| format!("schedules from {api}: no list in {v}"))?
+        .iter()
+        .map(schedule_status)
+        .collect::<Result<Vec<_>, _>>()?;
+    let (invoked, completed, tasks) = list_all(api).await?;
+    Ok((invoked, completed, tasks, schedules))
+}
+
+fn schedule_status(v: &Value) -> Result<ScheduleStatus, String> {
+    let num = |field: &str| {
+        v[field]
+            .as_u64()
+            .ok_or_else(|| format!("schedule without {field}: {v}"))
+    };
+    Ok(ScheduleStatus {
+        name: v["name"]
+            .as_str()
+            .ok_or_else(|| format!("schedule without a name: {v}"))?
+            .to_string(),
+        every_ms: v["every_ms"].as_u64(),
+        catch_up: v["catch_up"].as_str().unwrap_or_default().to_string(),
+        max_catch_up: v["max_catch_up"].as_u64().map(|m| m as u32),
+        paused: v["paused"].as_bool().unwrap_or_default(),
+        agent: v["agent"].as_str().unwrap_or_default().to_string(),
+        created_at_ms: num("created_at_ms")?,
+        next_tick_ms: v["next_tick_ms"].as_u64(),
+        fired: num("fired")?,
+        skipped: num("skipped")?,
+        refused: num("refused")?,
+        last_tick_ms: v["last_tick_ms"].as_u64(),
+    })
 }
 
 /// Every task, page by page, from `api`.

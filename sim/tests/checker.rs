@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use swarm_sim::checker::{
-    check, AttemptRecord, Audit, ExecEvent, ExecRecord, History, MembershipChange, RateLimit, Read,
-    ReadResult, ReplicaState, Replicas, Submit, SubmitResult, TaskRecord, Violation,
+    check, schedule_stats, AttemptRecord, Audit, ExecEvent, ExecRecord, History, MembershipChange,
+    RateLimit, Read, ReadResult, ReplicaState, Replicas, ScheduleCreation, ScheduleStats,
+    ScheduleStatus, Submit, SubmitResult, TaskRecord, Violation,
 };
 
 fn ms(n: u64) -> Duration {
@@ -111,6 +112,7 @@ fn audit(tasks: Vec<TaskRecord>) -> Option<Audit> {
         invoked: ms(100_000),
         completed: ms(100_100),
         tasks,
+        schedules: Vec::new(),
     })
 }
 
@@ -176,6 +178,7 @@ fn good() -> History {
             },
         )]),
         worker_clock_skew_ms: 0,
+        schedules: Vec::new(),
     }
 }
 
@@ -807,4 +810,213 @@ fn an_overdrawn_bucket_is_caught_and_a_spaced_one_is_not() {
     // Retries draw tokens too, and other buckets (or none) are not limited.
     assert_eq!(check(&limited(None, Some("other"), &burst)), vec![]);
     assert_eq!(check(&limited(None, None, &burst)), vec![]);
+}
+
+/// Schedule `tick`'s creation time and interval in [`scheduled`].
+const ANCHOR: u64 = 1_000_000;
+const EVERY: u64 = 1000;
+
+/// The task of schedule `tick`'s `k`-th tick.
+fn tick_task(id: u64, k: u64) -> TaskRecord {
+    task(id, &format!("schedule:tick:{}", ANCHOR + k * EVERY))
+}
+
+/// [`good`] with schedule `tick` (every second, catching up to `max` missed ticks),
+/// created at [`ANCHOR`] while its create was in flight; its ticks 1 to 5 submitted tasks
+/// 11 to 15, the audit read it with tick 6 next, and tick 6 fired before the listing.
+fn scheduled(max: u32) -> History {
+    let mut h = good();
+    h.schedules = vec![ScheduleCreation {
+        name: "tick".into(),
+        every_ms: EVERY,
+        max_catch_up: max,
+        agent: "echo".into(),
+        invoked_ms: ANCHOR - 200,
+        confirmed: Some((ANCHOR + 300, ANCHOR)),
+    }];
+    let Some(Audit::Complete {
+        tasks, schedules, ..
+    }) = &mut h.audit
+    else {
+        unreachable!()
+    };
+    tasks.extend((1..=6).map(|k| tick_task(10 + k, k)));
+    schedules.push(ScheduleStatus {
+        name: "tick".into(),
+        every_ms: Some(EVERY),
+        catch_up: "all".into(),
+        max_catch_up: Some(max),
+        paused: false,
+        agent: "echo".into(),
+        created_at_ms: ANCHOR,
+        next_tick_ms: Some(ANCHOR + 6 * EVERY),
+        fired: 5,
+        skipped: 0,
+        refused: 0,
+        last_tick_ms: Some(ANCHOR + 5 * EVERY),
+    });
+    h
+}
+
+fn audit_parts(h: &mut History) -> (&mut Vec<TaskRecord>, &mut ScheduleStatus) {
+    let Some(Audit::Complete {
+        tasks, schedules, ..
+    }) = &mut h.audit
+    else {
+        unreachable!()
+    };
+    (tasks, &mut schedules[0])
+}
+
+#[test]
+fn a_schedule_that_fired_every_tick_once_passes_and_its_ticks_are_counted() {
+    let h = scheduled(1000);
+    assert_eq!(check(&h), vec![]);
+    assert_eq!(
+        schedule_stats(&h),
+        ScheduleStats {
+            schedules: 1,
+            ticks: 5,
+            fired: 5,
+            late: 0
+        }
+    );
+    // A tick whose task started a second or more after it counts as late (tick 6 is
+    // after the schedule's next tick as the audit read it: not counted).
+    let mut h = scheduled(1000);
+    for t in audit_parts(&mut h).0.iter_mut().filter(|t| t.id >= 14) {
+        t.attempt_log[0].started_ms = ANCHOR + (t.id - 10) * EVERY + 1000;
+    }
+    assert_eq!(check(&h), vec![]);
+    assert_eq!(schedule_stats(&h).late, 2);
+}
+
+#[test]
+fn a_tick_with_two_tasks_is_caught() {
+    let mut h = scheduled(1000);
+    audit_parts(&mut h).0.push(tick_task(30, 3));
+    let v = check(&h);
+    assert!(
+        v.contains(&Violation::ScheduleTickTwice {
+            name: "tick".into(),
+            tick_ms: ANCHOR + 3 * EVERY,
+            ids: vec![13, 30],
+        }),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_missing_tick_is_caught_and_so_are_counters_that_hide_it() {
+    let mut h = scheduled(1000);
+    audit_parts(&mut h).0.retain(|t| t.id != 13);
+    let v = check(&h);
+    assert!(
+        v.contains(&Violation::ScheduleTicksMissing {
+            name: "tick".into(),
+            missing: 1,
+            first: vec![ANCHOR + 3 * EVERY],
+            skipped: 0,
+            refused: 0,
+        }),
+        "{v:?}"
+    );
+    assert!(
+        v.iter().any(
+            |v| matches!(v, Violation::ScheduleCounters { why, .. } if why.contains("5 fired"))
+        ),
+        "{v:?}"
+    );
+    // Counted as skipped: the tasks agree with the counters, but with at most 5 ticks
+    // ever due and a catch-up of up to 1000, no tick may be skipped.
+    let (_, st) = audit_parts(&mut h);
+    st.fired = 4;
+    st.skipped = 1;
+    let v = check(&h);
+    assert!(
+        matches!(&v[..], [Violation::ScheduleCounters { why, .. }] if why.contains("1 skipped")),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn ticks_skipped_by_a_catch_up_bound_are_accounted_for_exactly() {
+    // With a catch-up of up to 2 missed ticks, ticks 1 and 2 skipped (counted) pass.
+    let mut h = scheduled(2);
+    let (tasks, st) = audit_parts(&mut h);
+    tasks.retain(|t| t.id != 11 && t.id != 12);
+    st.fired = 3;
+    st.skipped = 2;
+    assert_eq!(check(&h), vec![]);
+    // Counting one fewer skipped than ticks are missing is caught.
+    audit_parts(&mut h).1.skipped = 1;
+    let v = check(&h);
+    assert!(
+        v.contains(&Violation::ScheduleTicksMissing {
+            name: "tick".into(),
+            missing: 2,
+            first: vec![ANCHOR + EVERY, ANCHOR + 2 * EVERY],
+            skipped: 1,
+            refused: 0,
+        }),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_task_off_the_schedule_grid_is_caught() {
+    let mut h = scheduled(1000);
+    audit_parts(&mut h)
+        .0
+        .push(task(40, &format!("schedule:tick:{}", ANCHOR + 2500)));
+    audit_parts(&mut h).0.push(task(41, "schedule:tick:soon"));
+    let v = check(&h);
+    assert_eq!(
+        v.iter()
+            .filter(|v| matches!(v, Violation::ScheduleOffGrid { id: 40 | 41, .. }))
+            .count(),
+        2,
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_lost_changed_or_unknown_schedule_is_caught() {
+    // Missing from the audit although its create was confirmed.
+    let mut h = scheduled(1000);
+    let Some(Audit::Complete { schedules, .. }) = &mut h.audit else {
+        unreachable!()
+    };
+    schedules.clear();
+    assert!(check(&h).contains(&Violation::ScheduleLost {
+        name: "tick".into()
+    }));
+    // Created before anyone asked for it.
+    let mut h = scheduled(1000);
+    h.schedules[0].invoked_ms = ANCHOR + 1;
+    let v = check(&h);
+    assert!(
+        v.iter().any(
+            |v| matches!(v, Violation::ScheduleDiffers { why, .. } if why.contains("outside"))
+        ),
+        "{v:?}"
+    );
+    // Paused: no next tick to judge by.
+    let mut h = scheduled(1000);
+    audit_parts(&mut h).1.next_tick_ms = None;
+    assert!(matches!(
+        &check(&h)[..],
+        [Violation::ScheduleDiffers { .. }]
+    ));
+    // Tasks of a schedule no client created were never submitted.
+    let mut h = scheduled(1000);
+    h.schedules.clear();
+    let v = check(&h);
+    assert_eq!(
+        v.iter()
+            .filter(|v| matches!(v, Violation::Unsubmitted { .. }))
+            .count(),
+        6,
+        "{v:?}"
+    );
 }

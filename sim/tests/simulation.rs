@@ -1,6 +1,7 @@
 //! Seeded simulations of a 3-coordinator cluster with workers and clients under faults,
 //! snapshots on, and membership changes (a node replaced by a new one, a node wiped and
-//! added back) while the faults run.
+//! added back) while the faults run; two schedules submit a task a tick throughout, and
+//! each run's summary says how many of their ticks the checker held to exactly one task.
 //!
 //! * by default `seeded_faults` runs the seeds of [`SEEDS`], chosen from the runs' fault
 //!   logs to cover crashes, partitions, snapshot installs and membership changes, the
@@ -269,6 +270,15 @@ fn calm_cluster_serves_and_the_history_checks() {
     assert!(
         limits.keyed > 5 && limits.bucketed > 2,
         "too few limited attempts: {}",
+        report.summary()
+    );
+    // Both schedules were created and ticked all along: the schedule rule had ticks to
+    // check (the audit comes about 10 s after their creation: the 1 s schedule alone
+    // ticks about ten times by then, the 2 s one half as often).
+    let ticks = report.schedule_ticks();
+    assert!(
+        ticks.schedules == scenario::SCHEDULES.len() && ticks.ticks >= 12,
+        "too few schedule ticks checked: {}",
         report.summary()
     );
     // Snapshots are on: every node checkpointed several times.
