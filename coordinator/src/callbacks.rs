@@ -229,6 +229,12 @@ mod tests {
     fn signatures_verify_with_the_secret_only() {
         let body = br#"{"event":"task.finished"}"#;
         let sig = sign(b"s3cret", 1_700_000_000_000, body);
+        // The same value Python's hmac module computes (the client's
+        // `verify_callback`): the format is what receivers in any language expect.
+        assert_eq!(
+            sig,
+            "t=1700000000000,v1=821bc611644634e77d1958873f12c8749f57446f70041f4351704c552094126c"
+        );
         let (t, v1) = sig.split_once(',').unwrap();
         assert_eq!(t, "t=1700000000000");
         let hex = v1.strip_prefix("v1=").unwrap();

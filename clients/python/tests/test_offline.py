@@ -68,6 +68,28 @@ class PayloadTest(unittest.TestCase):
         with self.assertRaises(TypeError):
             encode_payload(object())
 
+    def test_callback_signatures_verify_with_the_secret_only(self) -> None:
+        import hashlib
+        import hmac
+
+        from swarm_client import verify_callback
+
+        body = b'{"event":"task.finished","task":{"id":7}}'
+        t = 1_700_000_000_000
+        tag = hmac.new(b"s3cret", f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+        sig = f"t={t},v1={tag}"
+        self.assertTrue(verify_callback("s3cret\n", sig, body, now_ms=t + 1000))
+        self.assertFalse(verify_callback("other", sig, body, now_ms=t))
+        self.assertFalse(verify_callback("s3cret", sig, body + b" ", now_ms=t))
+        self.assertFalse(verify_callback("s3cret", sig, body, now_ms=t + 10 * 60 * 1000))
+        self.assertTrue(verify_callback("s3cret", sig, body, tolerance_ms=None))
+        self.assertFalse(verify_callback("s3cret", "v1=" + tag, body, tolerance_ms=None))
+        self.assertFalse(verify_callback("s3cret", "garbage", body, tolerance_ms=None))
+        self.assertEqual(
+            SubmitSpec(agent="echo", callback_url="http://h/cb").to_json(),
+            {"agent": "echo", "callback_url": "http://h/cb"},
+        )
+
     def test_submit_specs_send_only_what_is_set(self) -> None:
         self.assertEqual(SubmitSpec(agent="echo").to_json(), {"agent": "echo"})
         body = SubmitSpec(

@@ -9,6 +9,7 @@
 Standard library only; Python 3.9 or later.
 """
 
+from .callbacks import verify_callback
 from .client import DEFAULT_API, Client
 from .errors import SwarmClientError, SwarmConnectionError, SwarmError, WaitTimeout
 from .events import Event
@@ -27,6 +28,7 @@ from .models import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "verify_callback",
     "Client",
     "DEFAULT_API",
     "SwarmClientError",

@@ -209,6 +209,7 @@ class Client:
         rate_limit: Optional[str] = None,
         requires_approval: bool = False,
         approval_timeout_ms: Optional[int] = None,
+        callback_url: Optional[str] = None,
         wait: Optional[float] = None,
     ) -> Task:
         """Submit one task (``POST /v1/tasks``) and return it.
@@ -238,6 +239,8 @@ class Client:
             approval_timeout_ms: fail the task (``approval_timeout``) if no decision
                 came this long after it began awaiting approval (implies
                 ``requires_approval``).
+            callback_url: POST the finished task's view here, signed (see
+                :func:`verify_callback`), retried until a 2xx answer.
             wait: seconds to wait for the task to be final; the task is returned as it
                 is when the wait ends (final or not). ``None``: return at once.
 
@@ -267,6 +270,7 @@ class Client:
             rate_limit=rate_limit,
             requires_approval=requires_approval,
             approval_timeout_ms=approval_timeout_ms,
+            callback_url=callback_url,
         )
         return self.submit_spec(spec, wait=wait)
 

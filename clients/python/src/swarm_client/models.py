@@ -153,6 +153,7 @@ _TASK_KEYS = frozenset(
         "stage_outputs",
         "moves",
         "approval",
+        "callback",
     }
 )
 
@@ -207,6 +208,10 @@ class Task:
     #: {"approved", "by", "at_ms", "comment"}}`` (keys absent when unset); ``None``
     #: otherwise.
     approval: Optional[Dict[str, Any]] = None
+    #: A task with a callback: ``{"url", "state": "pending" | "delivered" | "failed",
+    #: "attempts", "status", "error", "at_ms"}`` (keys absent when unset); ``None``
+    #: otherwise.
+    callback: Optional[Dict[str, Any]] = None
     #: The API's JSON object, unchanged.
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -243,6 +248,7 @@ class Task:
             concurrency_key=d.get("concurrency_key"),
             rate_limit=d.get("rate_limit"),
             approval=dict(d["approval"]) if isinstance(d.get("approval"), dict) else None,
+            callback=dict(d["callback"]) if isinstance(d.get("callback"), dict) else None,
             raw=dict(d),
         )
 
@@ -330,6 +336,9 @@ class SubmitSpec:
     #: With ``requires_approval``: fail the task (``approval_timeout``) if no decision
     #: came this long after it began awaiting approval.
     approval_timeout_ms: Optional[int] = None
+    #: POST the finished task's view to this http(s) URL, signed with the cluster's
+    #: callback secret (``Swarm-Signature``) and retried until it answers 2xx.
+    callback_url: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON body the API takes (only the fields that are set)."""
@@ -348,6 +357,7 @@ class SubmitSpec:
             "concurrency_key",
             "rate_limit",
             "approval_timeout_ms",
+            "callback_url",
         ):
             value = getattr(self, key)
             if value is not None:

@@ -1768,6 +1768,12 @@
         ? `${d.approved ? 'approved' : 'rejected'} by ${d.by} at ${fmtTime(d.at_ms)}${d.comment ? `: ${d.comment}` : ''}`
         : `required (${deadline})`, 'detail-approval');
     }
+    if (t.callback) {
+      const c = t.callback;
+      const ended = c.state === 'pending' ? 'pending'
+        : `${c.state} after ${c.attempts} attempt${c.attempts === 1 ? '' : 's'}${c.status ? ` (HTTP ${c.status})` : ''} at ${fmtTime(c.at_ms)}${c.error ? `: ${c.error}` : ''}`;
+      row('Callback', el('span', null, el('span', { class: 'mono' }, c.url), ` — ${ended}`), 'detail-callback');
+    }
     if (t.expires_at_ms) row('Expires', fmtTime(t.expires_at_ms));
     if (t.error) row('Error', el('span', { class: 'mono' }, t.error), 'detail-error');
 
