@@ -177,7 +177,7 @@ def check_overlay(rendered, adapter_path, secrets_path):
     required_files = {
         "swarm-ca": {"ca.pem", "ca-key.pem"},
         "swarm-enroll": {"ca.pem", "enroll-token"},
-        "swarm-api-token": {"api-token"},
+        "swarm-api-token": {"api-token", "callback-secret"},
     }
     for workload in (sts, dep):
         spec = workload["spec"]["template"]["spec"]

@@ -42,6 +42,7 @@ fi
 find "$out/certs" -type f ! -name ca.pem ! -name ca-key.pem -delete
 umask 077
 od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$out/api-token"
+od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$out/callback-secret"
 od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$out/enroll-token"
 
 b64() { base64 -w0 <"$1"; }
@@ -64,7 +65,10 @@ secret() { # name component file-key=path...
         ca.pem="$out/certs/ca.pem" ca-key.pem="$out/certs/ca-key.pem"
     secret swarm-enroll worker \
         ca.pem="$out/certs/ca.pem" enroll-token="$out/enroll-token"
-    secret swarm-api-token coordinator api-token="$out/api-token"
+    # The API token, and the secret task callbacks are signed with (the same on every
+    # coordinator).
+    secret swarm-api-token coordinator api-token="$out/api-token" \
+        callback-secret="$out/callback-secret"
 } >"$out/secrets.yaml"
 
 cat <<EOF

@@ -157,6 +157,17 @@ fn verified(r: &Received, task: u64, attempt: u32) -> Value {
     body
 }
 
+/// [`callback_ended`], checked to have ended as (state, attempts, last status).
+async fn ended_as(c: &Cluster, id: u64, (state, attempts, status): (&str, u32, u16)) -> Value {
+    let cb = callback_ended(c, id).await;
+    assert_eq!(
+        (&cb["state"], &cb["attempts"], &cb["status"]),
+        (&json!(state), &json!(attempts), &json!(status)),
+        "{cb}"
+    );
+    cb
+}
+
 /// Poll task `id` until its callback is no longer pending (a minute at most).
 async fn callback_ended(c: &Cluster, id: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -211,32 +222,14 @@ async fn callbacks_are_signed_retried_given_up_and_survive_a_restart() {
     let body = verified(&got[0], ok, 1);
     assert_eq!(body["task"]["state"], "succeeded", "{body}");
     assert_eq!(body["task"]["output"], "hello", "{body}");
-    let cb = callback_ended(&c, ok).await;
-    assert_eq!(
-        (
-            cb["state"].clone(),
-            cb["attempts"].clone(),
-            cb["status"].clone()
-        ),
-        (json!("delivered"), json!(1), json!(200)),
-        "{cb}"
-    );
+    let cb = ended_as(&c, ok, ("delivered", 1, 200)).await;
     assert_eq!(cb["url"], receiver.url("/ok"));
 
     // A 503, then 204: retried after the backoff, delivered on attempt 2.
     let flaky = c
         .submit(json!({"agent": "echo", "payload": "x", "callback_url": receiver.url("/flaky")}))
         .await;
-    let cb = callback_ended(&c, flaky).await;
-    assert_eq!(
-        (
-            cb["state"].clone(),
-            cb["attempts"].clone(),
-            cb["status"].clone()
-        ),
-        (json!("delivered"), json!(2), json!(204)),
-        "{cb}"
-    );
+    ended_as(&c, flaky, ("delivered", 2, 204)).await;
     let got = receiver.requests_to("/flaky");
     assert_eq!(got.len(), 2);
     verified(&got[0], flaky, 1);
@@ -246,16 +239,7 @@ async fn callbacks_are_signed_retried_given_up_and_survive_a_restart() {
     let refused = c
         .submit(json!({"agent": "echo", "payload": "x", "callback_url": receiver.url("/refuses")}))
         .await;
-    let cb = callback_ended(&c, refused).await;
-    assert_eq!(
-        (
-            cb["state"].clone(),
-            cb["attempts"].clone(),
-            cb["status"].clone()
-        ),
-        (json!("failed"), json!(1), json!(400)),
-        "{cb}"
-    );
+    let cb = ended_as(&c, refused, ("failed", 1, 400)).await;
     assert!(cb["error"].as_str().unwrap().contains("nope"), "{cb}");
     assert_eq!(receiver.requests_to("/refuses").len(), 1);
 
