@@ -180,6 +180,10 @@ pub struct CoordinatorArgs {
     /// file on every coordinator). Without it, tasks with a callback_url are refused.
     #[arg(long, env = "SWARM_CALLBACK_SECRET_FILE")]
     pub callback_secret_file: Option<PathBuf>,
+    /// Hosts task callbacks may call: names (`hooks.example.com`), name suffixes
+    /// (`*.example.com`), IP addresses and networks (`10.1.0.0/16`). Empty: any.
+    #[arg(long, env = "SWARM_CALLBACK_ALLOW", value_delimiter = ',')]
+    pub callback_allow: Vec<String>,
     /// Names of enrolled workers must start with this.
     #[arg(long, env = "SWARM_ENROLL_PREFIX", default_value = "")]
     pub enroll_prefix: String,

@@ -126,6 +126,21 @@ async fn attempt_delivery(
         }
     };
     let url = view.callback.as_ref()?.url.clone();
+    let host = reqwest::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    if !node.config().callback_allow.allows(&host) {
+        // Allowed at submit; the coordinators' list changed since.
+        return Some(CallbackOp::Failed {
+            task_id: id,
+            attempt,
+            status: None,
+            error: format!("host {host:?} is not among the coordinators' --callback-allow"),
+            retry: false,
+            now_ms: now_ms(),
+        });
+    }
     let body = match serde_json::to_vec(&serde_json::json!({
         "event": "task.finished",
         "task": view,
@@ -195,6 +210,85 @@ async fn attempt_delivery(
     Some(op)
 }
 
+/// The hosts callbacks may call (`--callback-allow`): names, name suffixes (`*.x.com`:
+/// any name ending in `.x.com`), IP addresses and networks (`10.0.0.0/8`). Empty: any
+/// host. A name is matched as written in the URL (so a network entry does not admit a
+/// name that resolves into it); a literal IP address in the URL, by the networks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowList {
+    names: Vec<String>,
+    suffixes: Vec<String>,
+    nets: Vec<(std::net::IpAddr, u8)>,
+}
+
+impl AllowList {
+    /// Parse `--callback-allow` entries.
+    pub fn parse<'a>(entries: impl IntoIterator<Item = &'a String>) -> Result<Self, String> {
+        let mut list = AllowList::default();
+        for e in entries {
+            let e = e.trim().to_ascii_lowercase();
+            if let Some(suffix) = e.strip_prefix("*.") {
+                if suffix.is_empty() || suffix.contains('*') {
+                    return Err(format!("{e:?}: expected *.domain"));
+                }
+                list.suffixes.push(format!(".{suffix}"));
+            } else if let Some((ip, bits)) = e.split_once('/') {
+                let ip: std::net::IpAddr = ip
+                    .parse()
+                    .map_err(|_| format!("{e:?}: not an IP network"))?;
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                let bits: u8 = bits
+                    .parse()
+                    .ok()
+                    .filter(|b| *b <= max)
+                    .ok_or_else(|| format!("{e:?}: a prefix length is 0 to {max}"))?;
+                list.nets.push((ip, bits));
+            } else if let Ok(ip) = e.parse::<std::net::IpAddr>() {
+                list.nets.push((ip, if ip.is_ipv4() { 32 } else { 128 }));
+            } else if e.is_empty() || e.contains(['*', '/', ':', ' ']) {
+                return Err(format!(
+                    "{e:?}: expected a host name, *.domain, an IP or a network"
+                ));
+            } else {
+                list.names.push(e);
+            }
+        }
+        Ok(list)
+    }
+
+    /// Whether callbacks may call `host` (a URL's host: a name, or an IP address,
+    /// IPv6 in brackets).
+    pub fn allows(&self, host: &str) -> bool {
+        if self.names.is_empty() && self.suffixes.is_empty() && self.nets.is_empty() {
+            return true;
+        }
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return self.nets.iter().any(|(net, bits)| in_net(ip, *net, *bits));
+        }
+        self.names.contains(&host) || self.suffixes.iter().any(|s| host.ends_with(s.as_str()))
+    }
+}
+
+/// Whether `ip` is in the network `net`/`bits` (an IPv4 network holds no IPv6 address).
+fn in_net(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u8) -> bool {
+    let (a, b, width) = match (ip, net) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            (u128::from(u32::from(a)), u128::from(u32::from(b)), 32)
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return false,
+    };
+    let shift = width - u32::from(bits);
+    if shift >= 128 {
+        return true;
+    }
+    a >> shift == b >> shift
+}
+
 /// `t=<at>,v1=<hex HMAC-SHA256(secret, "<at>.<body>")>`.
 pub fn sign(secret: &[u8], at_ms: u64, body: &[u8]) -> String {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
@@ -222,6 +316,60 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_allow_list_admits_names_suffixes_and_networks_only() {
+        let list = |entries: &[&str]| {
+            AllowList::parse(
+                entries
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .iter(),
+            )
+        };
+        let any = list(&[]).unwrap();
+        assert!(any.allows("169.254.169.254") && any.allows("example.com"));
+        let l = list(&[
+            "hooks.example.com",
+            "*.corp.test",
+            "10.1.0.0/16",
+            "127.0.0.1",
+            "::1",
+        ])
+        .unwrap();
+        for ok in [
+            "hooks.example.com",
+            "HOOKS.example.com",
+            "a.corp.test",
+            "b.a.corp.test",
+        ] {
+            assert!(l.allows(ok), "{ok}");
+        }
+        for ok in ["10.1.255.3", "127.0.0.1", "[::1]"] {
+            assert!(l.allows(ok), "{ok}");
+        }
+        for no in [
+            "example.com",
+            "corp.test",
+            "evilcorp.test",
+            "hooks.example.com.evil",
+            "10.2.0.1",
+            "127.0.0.2",
+            "169.254.169.254",
+            "[::2]",
+        ] {
+            assert!(!l.allows(no), "{no}");
+        }
+        assert!(list(&["0.0.0.0/0"]).unwrap().allows("8.8.8.8"));
+        assert!(
+            !list(&["0.0.0.0/0"]).unwrap().allows("[::1]"),
+            "v4 nets hold no v6"
+        );
+        for bad in ["*.", "a*b.com", "10.0.0.0/33", "x/8", "h h", ""] {
+            assert!(list(&[bad]).is_err(), "{bad}");
+        }
+    }
 
     /// The signature is the HMAC of `t.body`, checkable with ring's own verify; another
     /// time, body or secret does not verify.

@@ -81,6 +81,8 @@ pub struct CoordinatorConfig {
     /// so a receiver checks any leader's deliveries. `None`: tasks with a
     /// `callback_url` are refused, and this node, leading, delivers none.
     pub callback_secret: Option<String>,
+    /// The hosts callbacks may call (empty: any).
+    pub callback_allow: crate::callbacks::AllowList,
 }
 
 /// Enrollment: a new worker sends a key's signing request with this token and gets a
@@ -166,6 +168,7 @@ impl CoordinatorConfig {
             api: ApiEdges::default(),
             enroll: None,
             callback_secret: None,
+            callback_allow: crate::callbacks::AllowList::default(),
         }
     }
 }

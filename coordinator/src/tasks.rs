@@ -207,8 +207,14 @@ fn check_callback_url(node: &Node, url: &str) -> Result<(), TaskError> {
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(bad("only http and https URLs are called"));
     }
-    if parsed.host_str().is_none_or(str::is_empty) {
+    let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) else {
         return Err(bad("no host"));
+    };
+    if !node.config().callback_allow.allows(host) {
+        return Err(TaskError::Flow(FlowFault::new(
+            "callback_not_allowed",
+            format!("`callback_url` host {host:?} is not among the coordinators' --callback-allow"),
+        )));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(bad(

@@ -127,6 +127,10 @@ pub async fn run(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             Some(f) => Some(super::read_token(f)?),
             None => None,
         },
+        callback_allow: swarm_coordinator::callbacks::AllowList::parse(
+            a.callback_allow.iter().filter(|s| !s.is_empty()),
+        )
+        .map_err(|e| anyhow::anyhow!("--callback-allow: {e}"))?,
     };
     let join: Vec<String> = a.join.into_iter().filter(|j| !j.is_empty()).collect();
     let signals = StopSignals::listen();

@@ -200,6 +200,7 @@ async fn callbacks_are_signed_retried_given_up_and_survive_a_restart() {
     c.coordinator_args.extend([
         "--callback-secret-file".to_string(),
         secret.display().to_string(),
+        "--callback-allow=127.0.0.1,*.example.test".to_string(),
     ]);
     c.start_coordinator();
     c.wait_ready().await;
@@ -276,6 +277,27 @@ async fn callbacks_are_signed_retried_given_up_and_survive_a_restart() {
             "{v}"
         );
     }
+    // Hosts outside --callback-allow (a cloud's metadata address, say) are refused.
+    for host in ["169.254.169.254", "localhost", "example.test"] {
+        let (status, v) = c
+            .post(
+                "/v1/tasks",
+                json!({"agent": "echo", "callback_url": format!("http://{host}/x")}),
+            )
+            .await;
+        assert_eq!(status, 400, "{host}: {v}");
+        assert_eq!(v["error"]["code"], "callback_not_allowed", "{v}");
+    }
+    let (status, v) = c
+        .post(
+            "/v1/tasks",
+            json!({"agent": "echo", "callback_url": "https://hooks.example.test/x", "requires_approval": true}),
+        )
+        .await;
+    assert!(
+        status == 201 || status == 200,
+        "an allowed suffix: {status} {v}"
+    );
 
     // Due when the coordinator is SIGKILLed (after two refused attempts): delivered
     // after the restart, the attempts counted across it.
