@@ -22,7 +22,7 @@
 //! Stored whole by every checkpoint (`callbacks` key) and every dump (a `Callbacks`
 //! record, dump format 7; older ones read as empty).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use swarm_proto::TaskId;
@@ -59,10 +59,34 @@ pub struct Pending {
     pub next_at_ms: u64,
 }
 
-/// The outbox: deliveries waiting, by task.
+/// The outbox: deliveries waiting, by task, and by when they are due.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Stored")]
 pub struct Callbacks {
     pending: BTreeMap<TaskId, Pending>,
+    /// `(next_at_ms, task)` of every entry: derived, rebuilt when decoded.
+    #[serde(skip)]
+    due: BTreeSet<(u64, TaskId)>,
+}
+
+/// What a checkpoint or dump stores of [`Callbacks`] (its `Serialize` writes the same).
+#[derive(Deserialize)]
+struct Stored {
+    pending: BTreeMap<TaskId, Pending>,
+}
+
+impl From<Stored> for Callbacks {
+    fn from(s: Stored) -> Self {
+        let due = s
+            .pending
+            .iter()
+            .map(|(id, p)| (p.next_at_ms, *id))
+            .collect();
+        Callbacks {
+            pending: s.pending,
+            due,
+        }
+    }
 }
 
 /// What came of a delivery attempt, as the leader proposes it.
@@ -138,6 +162,7 @@ impl Callbacks {
         if self.pending.len() >= MAX_PENDING && !self.pending.contains_key(&task) {
             return false;
         }
+        self.remove(task);
         self.pending.insert(
             task,
             Pending {
@@ -145,31 +170,34 @@ impl Callbacks {
                 next_at_ms: now_ms,
             },
         );
+        self.due.insert((now_ms, task));
         true
     }
 
     /// Drop the delivery of `task` (purged, or retried).
     pub fn remove(&mut self, task: TaskId) -> bool {
-        self.pending.remove(&task).is_some()
+        match self.pending.remove(&task) {
+            Some(p) => {
+                self.due.remove(&(p.next_at_ms, task));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Up to `limit` deliveries due by `now_ms` (task, the attempt to make), earliest
-    /// due first.
+    /// due first. Costs what it returns, not what waits.
     pub fn due(&self, now_ms: u64, limit: usize) -> Vec<(TaskId, u32)> {
-        let mut due: Vec<(u64, TaskId, u32)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.next_at_ms <= now_ms)
-            .map(|(id, p)| (p.next_at_ms, *id, p.attempts + 1))
-            .collect();
-        due.sort_unstable();
-        due.truncate(limit);
-        due.into_iter().map(|(_, id, n)| (id, n)).collect()
+        self.due
+            .range(..=(now_ms, TaskId::MAX))
+            .take(limit)
+            .filter_map(|(_, id)| Some((*id, self.pending.get(id)?.attempts + 1)))
+            .collect()
     }
 
     /// When the earliest waiting delivery is due.
     pub fn next_due_ms(&self) -> Option<u64> {
-        self.pending.values().map(|p| p.next_at_ms).min()
+        self.due.first().map(|(at, _)| *at)
     }
 
     /// Apply what came of an attempt (see the module docs).
@@ -205,8 +233,12 @@ impl Callbacks {
                 ..
             } => {
                 if *retry && attempt < MAX_ATTEMPTS {
+                    let was = p.next_at_ms;
                     p.next_at_ms = now_ms.saturating_add(retry_delay_ms(attempt));
-                    return Applied::Retry(p.next_at_ms);
+                    let next = p.next_at_ms;
+                    self.due.remove(&(was, id));
+                    self.due.insert((next, id));
+                    return Applied::Retry(next);
                 }
                 Outcome {
                     delivered: false,
@@ -217,7 +249,7 @@ impl Callbacks {
                 }
             }
         };
-        self.pending.remove(&id);
+        self.remove(id);
         Applied::Ended(ended)
     }
 }
@@ -335,5 +367,12 @@ mod tests {
         assert_eq!(c.next_due_ms(), Some(0));
         assert!(c.remove(0));
         assert!(!c.remove(0));
+        // A full outbox survives encoding (a checkpoint, a dump) with its due order.
+        let bytes = swarm_codec::encode(&c).unwrap();
+        assert!(bytes.len() < 4 << 20, "{} bytes", bytes.len());
+        let back: Callbacks = swarm_codec::decode(&bytes, bytes.len()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.due(2, 3), vec![(5, 1), (1, 1), (2, 1)]);
+        assert_eq!(back.next_due_ms(), Some(0));
     }
 }
