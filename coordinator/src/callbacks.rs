@@ -19,6 +19,7 @@
 //! the task with the status.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -56,17 +57,26 @@ pub(crate) async fn deliver_loop(node: Arc<Node>, shutdown: watch::Receiver<bool
         }
     };
     let under_way: Arc<Mutex<HashSet<TaskId>>> = Arc::default();
+    let warned_at = Arc::new(AtomicU64::new(0));
     crate::node::every_while_leading(node, shutdown, DELIVER_EVERY, move |n| {
-        let (http, under_way) = (http.clone(), under_way.clone());
-        async move { start_due(n, http, under_way) }
+        let (http, under_way, warned_at) = (http.clone(), under_way.clone(), warned_at.clone());
+        async move { start_due(n, http, under_way, &warned_at) }
     })
     .await
 }
 
-fn start_due(node: Arc<Node>, http: reqwest::Client, under_way: Arc<Mutex<HashSet<TaskId>>>) {
+fn start_due(
+    node: Arc<Node>,
+    http: reqwest::Client,
+    under_way: Arc<Mutex<HashSet<TaskId>>>,
+    warned_at: &AtomicU64,
+) {
+    let now = now_ms();
     let Some(secret) = node.config().callback_secret.clone() else {
         let waiting = node.read_table(|t| t.callbacks().len());
-        if waiting > 0 {
+        // Once a minute: this loop runs five times a second.
+        if waiting > 0 && now.saturating_sub(warned_at.load(Ordering::Relaxed)) >= 60_000 {
+            warned_at.store(now, Ordering::Relaxed);
             warn!(
                 waiting,
                 "callbacks are waiting but this coordinator has no --callback-secret-file"
@@ -74,7 +84,6 @@ fn start_due(node: Arc<Node>, http: reqwest::Client, under_way: Arc<Mutex<HashSe
         }
         return;
     };
-    let now = now_ms();
     let due = node.read_table(|t| match t.restoring() {
         Some(_) => Vec::new(),
         None => t.callbacks().due(now, 2 * MAX_IN_FLIGHT),
