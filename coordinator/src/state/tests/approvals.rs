@@ -467,6 +467,13 @@ fn approvals_survive_checkpoints_and_restarts() {
         assert_eq!(swarm_codec::decode::<Op>(&bytes, bytes.len()).unwrap(), op);
     }
     // After the restart: the deadline still holds, and decisions still apply.
+    let approve_at_30 = |task_id| Op::Decide {
+        task_id,
+        approve: true,
+        by: "bob".into(),
+        comment: None,
+        now_ms: 30,
+    };
     assert_eq!(t.approvals_due(20, 10), vec![expires]);
     assert_eq!(
         t.apply_op(
@@ -480,33 +487,13 @@ fn approvals_survive_checkpoints_and_restarts() {
         OpResult::ApprovalsExpired { expired: 1 }
     );
     assert_eq!(
-        t.apply_op(
-            &Op::Decide {
-                task_id: waits,
-                approve: true,
-                by: "bob".into(),
-                comment: None,
-                now_ms: 30,
-            },
-            &archive
-        )
-        .unwrap(),
+        t.apply_op(&approve_at_30(waits), &archive).unwrap(),
         OpResult::Applied {
             state: TaskState::Queued
         }
     );
     assert_eq!(
-        t.apply_op(
-            &Op::Decide {
-                task_id: rejected,
-                approve: true,
-                by: "bob".into(),
-                comment: None,
-                now_ms: 30,
-            },
-            &archive
-        )
-        .unwrap(),
+        t.apply_op(&approve_at_30(rejected), &archive).unwrap(),
         OpResult::Ignored {
             state: TaskState::Cancelled
         }
