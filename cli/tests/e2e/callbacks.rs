@@ -330,3 +330,71 @@ async fn callbacks_are_signed_retried_given_up_and_survive_a_restart() {
     }
     c.assert_coordinator_alive();
 }
+
+/// 5,000 tasks with callbacks, submitted in five batches: every one is delivered once,
+/// signed, and the rate (printed, not asserted) is bounded by the receiver and the
+/// commits, not by the delivery loop's period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_callbacks_are_each_delivered() {
+    const N: usize = 5_000;
+    let receiver = Receiver::start(&[]).await;
+    let mut c = Cluster::new(&[]);
+    let secret = c.dir.path().join("callback-secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    c.coordinator_args.extend([
+        "--callback-secret-file".to_string(),
+        secret.display().to_string(),
+    ]);
+    c.start_coordinator();
+    c.wait_ready().await;
+    c.start_worker("w1", 64, None);
+    c.wait_workers(&["w1"]).await;
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for b in 0..5 {
+        let tasks: Vec<Value> = (0..N / 5)
+            .map(|i| {
+                json!({"agent": "echo", "payload": format!("{b}-{i}"),
+                       "callback_url": receiver.url("/many")})
+            })
+            .collect();
+        let (status, v) = c.post("/v1/tasks/batch", json!({ "tasks": tasks })).await;
+        assert!(status == 200 || status == 201, "{status} {v}");
+        ids.extend(
+            v["tasks"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{v}"))
+                .iter()
+                .map(|t| t["id"].as_u64().unwrap()),
+        );
+    }
+    assert_eq!(ids.len(), N);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while receiver.requests_to("/many").len() < N {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} delivered",
+            receiver.requests_to("/many").len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    let got = receiver.requests_to("/many");
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &got {
+        let id: u64 = r.headers["swarm-task-id"].parse().unwrap();
+        let body = verified(r, id, 1);
+        assert_eq!(body["task"]["state"], "succeeded", "{body}");
+        assert!(seen.insert(id), "task {id} delivered twice");
+    }
+    assert_eq!(seen, ids.iter().copied().collect());
+    eprintln!(
+        "{N} tasks run and their callbacks delivered in {:.1} s ({:.0}/s, debug build)",
+        took.as_secs_f64(),
+        N as f64 / took.as_secs_f64()
+    );
+    // The outbox empties: the last delivery's outcome commits.
+    let last = *ids.last().unwrap();
+    assert_eq!(callback_ended(&c, last).await["state"], "delivered");
+    c.assert_coordinator_alive();
+}
